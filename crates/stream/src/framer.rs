@@ -1,0 +1,398 @@
+//! Cuts an XMPP byte stream into frames: the stream header, whole top-level stanzas, and the
+//! stream close.
+//!
+//! Written by hand on purpose: the XML crates either build a tree (minidom, xso: unbounded
+//! depth aborts the process), have no depth or size limit (rxml), or buffer a whole token
+//! before returning it (quick-xml's async reader: one huge start tag is held whole). This
+//! scanner only tracks markup boundaries, quotes and depth, so it can refuse a stanza the
+//! moment it crosses a limit, resumes across reads, and costs about one `memchr` per tag.
+//! Well-formedness of a complete stanza is checked afterwards by [`crate::validate`], which
+//! uses quick-xml.
+
+use bytes::{Bytes, BytesMut};
+
+use crate::errors::{StreamError, StreamErrorCondition};
+use crate::Limits;
+
+/// One unit cut from the stream.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Frame {
+    /// The opening `<stream:stream ...>` tag, with any XML declaration before it.
+    StreamOpen(Bytes),
+    /// One complete top-level element (a stanza or a stream-level element), leading
+    /// whitespace removed.
+    Element(Bytes),
+    /// `</stream:stream>`: the peer closed its stream.
+    StreamClose,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    /// Character data (or whitespace between stanzas).
+    Text,
+    /// Just read `<`; the next byte decides what follows.
+    Lt,
+    /// Inside a start tag; `quote` is the open quote character, if any.
+    StartTag { quote: u8 },
+    /// Inside an end tag.
+    EndTag,
+    /// Read `<!`, matched `matched` bytes of `[CDATA[` so far.
+    Bang { matched: u8 },
+    /// Inside a CDATA section; `brackets` counts consecutive `]` just read.
+    CData { brackets: u8 },
+    /// Inside the XML declaration `<?xml ...?>` (only allowed before the stream header).
+    Declaration { question: bool },
+}
+
+const CDATA_OPEN: &[u8] = b"[CDATA[";
+
+/// What a completed scan step produced.
+enum Done {
+    Header,
+    Element,
+    Close,
+}
+
+/// Incremental, resumable stanza framer with limits. Feed it the connection's read buffer
+/// after every read; it returns frames as they complete and splits them off the buffer.
+#[derive(Debug)]
+pub struct Framer {
+    limits: Limits,
+    state: State,
+    /// 0 before the stream header, 1 at stream level, 2+ inside a stanza.
+    depth: u32,
+    /// Bytes of the buffer already scanned.
+    scan: usize,
+    /// Where the frame being scanned starts in the buffer (first byte that is not
+    /// inter-stanza whitespace).
+    start: usize,
+    /// Whether anything but whitespace has been seen (an XML declaration must come first).
+    started: bool,
+}
+
+impl Framer {
+    pub fn new(limits: Limits) -> Self {
+        Framer {
+            limits,
+            state: State::Text,
+            depth: 0,
+            scan: 0,
+            start: 0,
+            started: false,
+        }
+    }
+
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// Starts over for a new stream on the same connection (after STARTTLS or SASL).
+    pub fn reset(&mut self) {
+        *self = Framer::new(self.limits);
+    }
+
+    /// Whether the stream header has been read.
+    pub fn stream_open(&self) -> bool {
+        self.depth >= 1
+    }
+
+    /// Scans newly read bytes. Returns the next complete frame, `Ok(None)` when more bytes
+    /// are needed, or the stream error to send when the input breaks a rule.
+    pub fn next_frame(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, StreamError> {
+        let result = self.scan_until_done(buf);
+        match result {
+            Ok(Some(done)) => {
+                let end = self.scan;
+                let mut frame = buf.split_to(end);
+                let frame = frame.split_off(self.start).freeze();
+                self.scan = 0;
+                self.start = 0;
+                Ok(Some(match done {
+                    Done::Header => Frame::StreamOpen(frame),
+                    Done::Element => Frame::Element(frame),
+                    Done::Close => Frame::StreamClose,
+                }))
+            }
+            Ok(None) => {
+                if self.in_frame() && self.scan - self.start > self.limits.max_stanza_bytes {
+                    return Err(too_large(self.limits));
+                }
+                if !self.in_frame() {
+                    // Only whitespace so far: drop it so keepalives never accumulate.
+                    let _ = buf.split_to(self.scan);
+                    self.scan = 0;
+                    self.start = 0;
+                }
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Whether the scanner is inside a frame (as opposed to whitespace between frames).
+    fn in_frame(&self) -> bool {
+        !(self.state == State::Text && self.depth <= 1)
+    }
+
+    fn scan_until_done(&mut self, buf: &[u8]) -> Result<Option<Done>, StreamError> {
+        while self.scan < buf.len() {
+            if self.in_frame() && self.scan - self.start > self.limits.max_stanza_bytes {
+                return Err(too_large(self.limits));
+            }
+            match self.state {
+                State::Text if self.depth >= 2 => {
+                    // Character data inside a stanza: jump to the next tag.
+                    match memchr::memchr(b'<', &buf[self.scan..]) {
+                        Some(i) => {
+                            self.scan += i + 1;
+                            self.state = State::Lt;
+                        }
+                        None => self.scan = buf.len(),
+                    }
+                }
+                State::Text => {
+                    // Between frames: only whitespace may appear here.
+                    let b = buf[self.scan];
+                    match b {
+                        b' ' | b'\t' | b'\r' | b'\n' => {
+                            self.scan += 1;
+                            self.start = self.scan;
+                        }
+                        b'<' => {
+                            self.start = self.scan;
+                            self.scan += 1;
+                            self.state = State::Lt;
+                        }
+                        _ => {
+                            return Err(StreamError::new(
+                                StreamErrorCondition::NotWellFormed,
+                                "text outside of any stanza",
+                            ))
+                        }
+                    }
+                }
+                State::Lt => {
+                    let b = buf[self.scan];
+                    self.scan += 1;
+                    self.state = match b {
+                        b'/' => State::EndTag,
+                        b'!' if self.depth >= 2 => State::Bang { matched: 0 },
+                        b'!' => return Err(restricted("comments and DTDs are not allowed")),
+                        b'?' if !self.started && self.depth == 0 => {
+                            State::Declaration { question: false }
+                        }
+                        b'?' => return Err(restricted("processing instructions are not allowed")),
+                        _ => State::StartTag { quote: 0 },
+                    };
+                    self.started = true;
+                    if self.state == State::EndTag && self.depth == 0 {
+                        return Err(not_well_formed("end tag before the stream header"));
+                    }
+                }
+                State::StartTag { quote } => {
+                    let rest = &buf[self.scan..];
+                    if quote != 0 {
+                        match memchr::memchr(quote, rest) {
+                            Some(i) => {
+                                self.scan += i + 1;
+                                self.state = State::StartTag { quote: 0 };
+                            }
+                            None => self.scan = buf.len(),
+                        }
+                        continue;
+                    }
+                    match memchr::memchr3(b'>', b'"', b'\'', rest) {
+                        Some(i) => {
+                            let b = rest[i];
+                            self.scan += i + 1;
+                            if b != b'>' {
+                                self.state = State::StartTag { quote: b };
+                                continue;
+                            }
+                            let empty = buf[self.scan - 2] == b'/';
+                            self.state = State::Text;
+                            if empty {
+                                if self.depth == 0 {
+                                    return Err(not_well_formed("the stream header closes itself"));
+                                }
+                                if self.depth == 1 {
+                                    return Ok(Some(Done::Element));
+                                }
+                                if self.depth > self.limits.max_depth {
+                                    return Err(too_deep(self.limits));
+                                }
+                            } else {
+                                self.depth += 1;
+                                if self.depth == 1 {
+                                    return Ok(Some(Done::Header));
+                                }
+                                if self.depth - 1 > self.limits.max_depth {
+                                    return Err(too_deep(self.limits));
+                                }
+                            }
+                        }
+                        None => self.scan = buf.len(),
+                    }
+                }
+                State::EndTag => match memchr::memchr(b'>', &buf[self.scan..]) {
+                    Some(i) => {
+                        self.scan += i + 1;
+                        self.state = State::Text;
+                        self.depth -= 1;
+                        match self.depth {
+                            0 => return Ok(Some(Done::Close)),
+                            1 => return Ok(Some(Done::Element)),
+                            _ => {}
+                        }
+                    }
+                    None => self.scan = buf.len(),
+                },
+                State::Bang { matched } => {
+                    let b = buf[self.scan];
+                    self.scan += 1;
+                    if b != CDATA_OPEN[matched as usize] {
+                        return Err(restricted("comments and DTDs are not allowed"));
+                    }
+                    self.state = if matched as usize + 1 == CDATA_OPEN.len() {
+                        State::CData { brackets: 0 }
+                    } else {
+                        State::Bang { matched: matched + 1 }
+                    };
+                }
+                State::CData { brackets } => {
+                    let b = buf[self.scan];
+                    self.scan += 1;
+                    self.state = match b {
+                        b']' => State::CData { brackets: (brackets + 1).min(2) },
+                        b'>' if brackets == 2 => State::Text,
+                        _ => State::CData { brackets: 0 },
+                    };
+                }
+                State::Declaration { question } => {
+                    let b = buf[self.scan];
+                    self.scan += 1;
+                    self.state = match b {
+                        b'>' if question => State::Text,
+                        b'?' => State::Declaration { question: true },
+                        _ => State::Declaration { question: false },
+                    };
+                    if self.state == State::Text && !buf[self.start..].starts_with(b"<?xml") {
+                        return Err(restricted("processing instructions are not allowed"));
+                    }
+                }
+            }
+        }
+        Ok(None)
+    }
+}
+
+fn too_large(limits: Limits) -> StreamError {
+    StreamError::new(
+        StreamErrorCondition::PolicyViolation,
+        format!("stanza larger than the limit of {} bytes", limits.max_stanza_bytes),
+    )
+}
+
+fn too_deep(limits: Limits) -> StreamError {
+    StreamError::new(
+        StreamErrorCondition::PolicyViolation,
+        format!("elements nested deeper than the limit of {}", limits.max_depth),
+    )
+}
+
+fn restricted(text: &str) -> StreamError {
+    StreamError::new(StreamErrorCondition::RestrictedXml, text)
+}
+
+fn not_well_formed(text: &str) -> StreamError {
+    StreamError::new(StreamErrorCondition::NotWellFormed, text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HEADER: &[u8] = b"<?xml version='1.0'?><stream:stream xmlns='jabber:component:accept' xmlns:stream='http://etherx.jabber.org/streams' to='c'>";
+
+    fn frames(input: &[u8], chunk: usize, limits: Limits) -> Result<Vec<Frame>, StreamError> {
+        let mut f = Framer::new(limits);
+        let mut buf = BytesMut::new();
+        let mut out = vec![];
+        for piece in input.chunks(chunk) {
+            buf.extend_from_slice(piece);
+            while let Some(frame) = f.next_frame(&mut buf)? {
+                out.push(frame);
+            }
+        }
+        Ok(out)
+    }
+
+    #[test]
+    fn cuts_stanzas_in_any_chunking() {
+        let mut input = HEADER.to_vec();
+        input.extend_from_slice(b" \n<message to='a'><body a='>'>x &amp; <![CDATA[</body>]]></body></message> <presence/><iq type=\"get\"><q xmlns='x'/></iq></stream:stream>");
+        for chunk in [1, 2, 3, 7, 64, 10_000] {
+            let out = frames(&input, chunk, Limits::default()).unwrap();
+            assert_eq!(out.len(), 5, "chunk {chunk}: {out:?}");
+            assert!(matches!(&out[0], Frame::StreamOpen(b) if b.starts_with(b"<?xml") || b.starts_with(b"<stream")));
+            assert_eq!(out[1], Frame::Element(Bytes::from_static(b"<message to='a'><body a='>'>x &amp; <![CDATA[</body>]]></body></message>")));
+            assert_eq!(out[2], Frame::Element(Bytes::from_static(b"<presence/>")));
+            assert_eq!(out[3], Frame::Element(Bytes::from_static(b"<iq type=\"get\"><q xmlns='x'/></iq>")));
+            assert_eq!(out[4], Frame::StreamClose);
+        }
+    }
+
+    #[test]
+    fn enforces_size_before_the_stanza_ends() {
+        let limits = Limits { max_stanza_bytes: 100, max_depth: 10 };
+        let mut input = HEADER.to_vec();
+        input.extend_from_slice(b"<message>");
+        input.extend(std::iter::repeat_n(b'a', 1000));
+        let e = frames(&input, 10, limits).unwrap_err();
+        assert_eq!(e.condition, StreamErrorCondition::PolicyViolation);
+        // One huge start tag counts too.
+        let mut input = HEADER.to_vec();
+        input.extend_from_slice(b"<message a='");
+        input.extend(std::iter::repeat_n(b'a', 1000));
+        assert!(frames(&input, 10, limits).is_err());
+    }
+
+    #[test]
+    fn enforces_depth() {
+        let limits = Limits { max_stanza_bytes: 1 << 20, max_depth: 5 };
+        let mut input = HEADER.to_vec();
+        input.extend_from_slice(&b"<a>".repeat(5));
+        input.extend_from_slice(&b"</a>".repeat(5));
+        assert_eq!(frames(&input, 4, limits).unwrap().len(), 2);
+        let mut input = HEADER.to_vec();
+        input.extend_from_slice(&b"<a>".repeat(100_000));
+        let e = frames(&input, 4096, limits).unwrap_err();
+        assert_eq!(e.condition, StreamErrorCondition::PolicyViolation);
+    }
+
+    #[test]
+    fn refuses_dtd_comments_pis_and_text() {
+        for bad in [
+            &b"<!DOCTYPE x [<!ENTITY a 'b'>]><stream:stream>"[..],
+            b"<stream:stream><!-- hi --><message/>",
+            b"<stream:stream><?pi x?>",
+            b"<stream:stream><m><!ENTITY x></m>",
+            b"<stream:stream>hello",
+            b"<stream:stream/>",
+        ] {
+            assert!(frames(bad, 3, Limits::default()).is_err(), "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn drops_whitespace_keepalives() {
+        let mut f = Framer::new(Limits::default());
+        let mut buf = BytesMut::from(HEADER);
+        assert!(matches!(f.next_frame(&mut buf).unwrap(), Some(Frame::StreamOpen(_))));
+        for _ in 0..1000 {
+            buf.extend_from_slice(b"  \n");
+            assert!(f.next_frame(&mut buf).unwrap().is_none());
+        }
+        assert!(buf.is_empty());
+    }
+}

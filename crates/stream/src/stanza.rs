@@ -1,0 +1,303 @@
+//! A top-level element as received: its bytes plus the location of its name and addressing
+//! attributes. Nothing below the top-level start tag is parsed, so a router can forward
+//! `bytes` unchanged.
+
+use std::ops::Range;
+
+use bytes::{Bytes, BytesMut};
+use quick_xml::events::Event;
+use quick_xml::Reader;
+
+use crate::errors::StanzaErrorCondition;
+
+/// Why a top-level element could not be read.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct StanzaError(pub String);
+
+type Span = Range<u32>;
+
+/// One top-level element and where its addressing lives inside its bytes.
+#[derive(Clone, Debug)]
+pub struct Stanza {
+    bytes: Bytes,
+    name: Span,
+    /// One past the `>` of the start tag.
+    head_end: u32,
+    empty: bool,
+    to: Option<Span>,
+    from: Option<Span>,
+    kind: Option<Span>,
+    id: Option<Span>,
+    xmlns: Option<Span>,
+}
+
+impl Stanza {
+    /// Reads the start tag of a complete element (as cut by the framer).
+    pub fn parse(bytes: Bytes) -> Result<Stanza, StanzaError> {
+        let base = bytes.as_ptr() as usize;
+        let span_of = |s: &str| -> Span {
+            let start = (s.as_ptr() as usize - base) as u32;
+            start..start + s.len() as u32
+        };
+        let mut reader = Reader::from_reader(&bytes[..]);
+        let (start, empty) = match reader.read_event() {
+            Ok(Event::Start(e)) => (e, false),
+            Ok(Event::Empty(e)) => (e, true),
+            Ok(_) => return Err(StanzaError("expected an element".into())),
+            Err(e) => return Err(StanzaError(format!("bad start tag: {e}"))),
+        };
+        let head_end = reader.buffer_position() as u32;
+        let name = span_of(start.name().into_inner());
+        let (mut to, mut from, mut kind, mut id, mut xmlns) = (None, None, None, None, None);
+        for attr in start.attributes().with_checks(false) {
+            let attr = attr.map_err(|e| StanzaError(format!("bad attribute: {e}")))?;
+            let slot = match attr.key.as_ref() {
+                "to" => &mut to,
+                "from" => &mut from,
+                "type" => &mut kind,
+                "id" => &mut id,
+                "xmlns" => &mut xmlns,
+                _ => continue,
+            };
+            // The reader borrows from `bytes`, so the raw value is a slice of it.
+            *slot = Some(span_of(&attr.value));
+        }
+        drop(start);
+        Ok(Stanza {
+            bytes,
+            name,
+            head_end,
+            empty,
+            to,
+            from,
+            kind,
+            id,
+            xmlns,
+        })
+    }
+
+    fn text(&self, span: &Span) -> &str {
+        // Validated UTF-8 or not, the attribute bytes of interest are ASCII-delimited; fall
+        // back to an empty string rather than panic on a peer's garbage.
+        std::str::from_utf8(&self.bytes[span.start as usize..span.end as usize]).unwrap_or("")
+    }
+
+    /// The element's qualified name, as written (`message`, `iq`, `stream:error`, ...).
+    pub fn name(&self) -> &str {
+        self.text(&self.name)
+    }
+
+    /// The raw (still escaped) `to` attribute.
+    pub fn to(&self) -> Option<&str> {
+        self.to.as_ref().map(|s| self.text(s))
+    }
+
+    /// The raw (still escaped) `from` attribute.
+    pub fn from(&self) -> Option<&str> {
+        self.from.as_ref().map(|s| self.text(s))
+    }
+
+    /// The raw `type` attribute.
+    pub fn kind(&self) -> Option<&str> {
+        self.kind.as_ref().map(|s| self.text(s))
+    }
+
+    /// The raw `id` attribute.
+    pub fn id(&self) -> Option<&str> {
+        self.id.as_ref().map(|s| self.text(s))
+    }
+
+    /// The `xmlns` attribute of the top-level element, if it declares one.
+    pub fn xmlns(&self) -> Option<&str> {
+        self.xmlns.as_ref().map(|s| self.text(s))
+    }
+
+    /// Any other attribute of the top-level element, unescaped.
+    pub fn attr(&self, name: &str) -> Option<String> {
+        let mut reader = Reader::from_reader(&self.bytes[..self.head_end as usize]);
+        let start = match reader.read_event() {
+            Ok(Event::Start(e)) | Ok(Event::Empty(e)) => e,
+            _ => return None,
+        };
+        let found = start
+            .attributes()
+            .flatten()
+            .find(|a| a.key.as_ref() == name)?;
+        quick_xml::escape::unescape(&found.value).ok().map(|v| v.into_owned())
+    }
+
+    /// The bytes exactly as received.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
+
+    /// Whether the element was written as `<name/>`.
+    pub fn is_empty_element(&self) -> bool {
+        self.empty
+    }
+
+    /// The content between the start and the end tag (empty for `<name/>`).
+    pub fn inner(&self) -> &[u8] {
+        if self.empty {
+            return &[];
+        }
+        let end = memchr::memrchr(b'<', &self.bytes).unwrap_or(self.bytes.len());
+        &self.bytes[self.head_end as usize..end.max(self.head_end as usize)]
+    }
+
+    /// The same element with new `to` and/or `from` (unescaped text; `None` keeps the
+    /// attribute as received). Used by the edges that stamp authenticated addresses.
+    pub fn with_addresses(&self, to: Option<&str>, from: Option<&str>) -> Bytes {
+        self.rewrite_head(
+            |out| {
+                for (key, new, raw) in [("from", from, self.from()), ("to", to, self.to())] {
+                    match (new, raw) {
+                        (Some(text), _) => push_raw_attr(out, key, &crate::xml::escape(text)),
+                        (None, Some(raw)) => push_raw_attr(out, key, raw),
+                        (None, None) => {}
+                    }
+                }
+                if let Some(kind) = self.kind() {
+                    push_raw_attr(out, "type", kind);
+                }
+            },
+            None,
+        )
+    }
+
+    /// The error reply to this element (RFC 6120 8.3): addresses swapped, `type='error'`,
+    /// the original content kept and an `<error/>` child added. Returns `None` when the
+    /// element must not be answered with an error: it is itself an error, or an IQ result
+    /// (RFC 6120 8.2.3), which would risk loops.
+    pub fn error_reply(&self, condition: StanzaErrorCondition, text: &str) -> Option<Bytes> {
+        match self.kind() {
+            Some("error") => return None,
+            Some("result") if self.name() == "iq" => return None,
+            _ => {}
+        }
+        let error = condition.to_xml(text);
+        Some(self.rewrite_head(
+            |out| {
+                if let Some(to) = self.to() {
+                    push_raw_attr(out, "from", to);
+                }
+                if let Some(from) = self.from() {
+                    push_raw_attr(out, "to", from);
+                }
+                push_raw_attr(out, "type", "error");
+            },
+            Some(error.as_bytes()),
+        ))
+    }
+
+    /// Copies the element, replacing `to`, `from` and `type` with what `addressing` writes
+    /// and appending `extra` as the last child.
+    fn rewrite_head(&self, addressing: impl FnOnce(&mut BytesMut), extra: Option<&[u8]>) -> Bytes {
+        let name = self.name();
+        let mut out = BytesMut::with_capacity(self.bytes.len() + extra.map_or(0, <[u8]>::len) + 64);
+        out.extend_from_slice(b"<");
+        out.extend_from_slice(name.as_bytes());
+        let mut reader = Reader::from_reader(&self.bytes[..self.head_end as usize]);
+        if let Ok(Event::Start(e)) | Ok(Event::Empty(e)) = reader.read_event() {
+            for attr in e.attributes().with_checks(false).flatten() {
+                if matches!(attr.key.as_ref(), "to" | "from" | "type") {
+                    continue;
+                }
+                push_raw_attr(&mut out, attr.key.as_ref(), &attr.value);
+            }
+        }
+        addressing(&mut out);
+        let inner = self.inner();
+        if inner.is_empty() && extra.is_none() {
+            out.extend_from_slice(b"/>");
+            return out.freeze();
+        }
+        out.extend_from_slice(b">");
+        out.extend_from_slice(inner);
+        if let Some(extra) = extra {
+            out.extend_from_slice(extra);
+        }
+        out.extend_from_slice(b"</");
+        out.extend_from_slice(name.as_bytes());
+        out.extend_from_slice(b">");
+        out.freeze()
+    }
+}
+
+/// Appends ` key='value'` where `value` is already escaped XML attribute text. Picks the
+/// quote that does not occur in the value (escaped text contains at most one kind raw).
+fn push_raw_attr(out: &mut BytesMut, key: &str, raw: &str) {
+    let quote = if raw.contains('\'') { b'"' } else { b'\'' };
+    out.extend_from_slice(b" ");
+    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(&[b'=', quote]);
+    out.extend_from_slice(raw.as_bytes());
+    out.extend_from_slice(&[quote]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_addressing() {
+        let s = Stanza::parse(Bytes::from_static(
+            b"<message to='a@b/c' from=\"x.y\" type='chat' id='1'><body>hi</body></message>",
+        ))
+        .unwrap();
+        assert_eq!(s.name(), "message");
+        assert_eq!(s.to(), Some("a@b/c"));
+        assert_eq!(s.from(), Some("x.y"));
+        assert_eq!(s.kind(), Some("chat"));
+        assert_eq!(s.id(), Some("1"));
+        assert_eq!(s.inner(), b"<body>hi</body>");
+    }
+
+    #[test]
+    fn error_reply_swaps_addresses_and_keeps_content() {
+        let s = Stanza::parse(Bytes::from_static(
+            b"<iq to='a.example' from='b.example' type='get' id='q1'><ping xmlns='urn:xmpp:ping'/></iq>",
+        ))
+        .unwrap();
+        let reply = s
+            .error_reply(StanzaErrorCondition::ServiceUnavailable, "no route")
+            .unwrap();
+        let r = Stanza::parse(reply).unwrap();
+        assert_eq!(r.to(), Some("b.example"));
+        assert_eq!(r.from(), Some("a.example"));
+        assert_eq!(r.kind(), Some("error"));
+        assert_eq!(r.id(), Some("q1"));
+        let inner = std::str::from_utf8(r.inner()).unwrap();
+        assert!(inner.starts_with("<ping xmlns='urn:xmpp:ping'/><error type='cancel'>"));
+        assert!(inner.contains("service-unavailable"));
+    }
+
+    #[test]
+    fn errors_are_never_answered() {
+        let s = Stanza::parse(Bytes::from_static(b"<message to='a' from='b' type='error'/>")).unwrap();
+        assert!(s.error_reply(StanzaErrorCondition::ServiceUnavailable, "").is_none());
+        let s = Stanza::parse(Bytes::from_static(b"<iq to='a' from='b' type='result' id='1'/>")).unwrap();
+        assert!(s.error_reply(StanzaErrorCondition::ServiceUnavailable, "").is_none());
+    }
+
+    #[test]
+    fn empty_element_reply_gets_content() {
+        let s = Stanza::parse(Bytes::from_static(b"<presence to='a' from='b'/>")).unwrap();
+        let r = s.error_reply(StanzaErrorCondition::RemoteServerNotFound, "").unwrap();
+        assert!(r.ends_with(b"</error></presence>"));
+    }
+
+    #[test]
+    fn rewrites_addresses() {
+        let s = Stanza::parse(Bytes::from_static(b"<message to='a' from='forged' type='chat'><body/></message>")).unwrap();
+        let r = Stanza::parse(s.with_addresses(None, Some("real&me"))).unwrap();
+        assert_eq!(r.from(), Some("real&amp;me"));
+        assert_eq!(r.to(), Some("a"));
+        assert_eq!(r.inner(), b"<body/>");
+    }
+}
