@@ -1,0 +1,16 @@
+//! The component protocol between the router and every other process (XEP-0114 plus the
+//! project's bind extension, specified in `docs/protocol.md`), and a client for it.
+//!
+//! - [`protocol`]: packet types, element names, the bind extension, the handshake digest.
+//! - [`io`]: a framed reader over any async byte stream, used by the router and clients.
+//! - [`transport`]: TCP, Unix socket or TLS links to the router.
+//! - [`client`]: connect, handshake, bind; then read stanzas and send bytes.
+
+pub mod client;
+pub mod io;
+pub mod protocol;
+pub mod transport;
+
+pub use client::{BindError, Component, ComponentReader, ComponentWriter};
+pub use io::{FramedReader, ReadError};
+pub use protocol::{PacketType, TopLevel};

@@ -1,0 +1,229 @@
+//! The component side of the protocol: what xdb-file, sm, c2s, s2s, the bench and the tests
+//! use to talk to the router.
+
+use std::collections::VecDeque;
+
+use anyhow::{anyhow, bail, Context};
+use bytes::Bytes;
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::sync::mpsc;
+
+use jrs_config::RouterLink;
+use jrs_stream::header::{open_stream, StreamHeader};
+use jrs_stream::{Frame, Limits, Stanza, NS_COMPONENT_ACCEPT};
+
+use crate::io::{FramedReader, ReadError};
+use crate::protocol::{bind_request, handshake_digest, PacketType};
+use crate::transport::{self, BoxIo};
+
+/// The router refused a bind.
+#[derive(Debug, thiserror::Error)]
+#[error("bind of {route} for '{host}' refused: {condition}")]
+pub struct BindError {
+    pub route: PacketType,
+    pub host: String,
+    pub condition: String,
+}
+
+/// An authenticated link to the router, before it is split for reading and writing.
+pub struct Component {
+    pub name: String,
+    reader: FramedReader<ReadHalf<BoxIo>>,
+    writer: WriteHalf<BoxIo>,
+    /// Stanzas that arrived while waiting for a bind answer.
+    early: VecDeque<Stanza>,
+    next_id: u32,
+}
+
+impl Component {
+    /// Connects, opens the stream and authenticates with the handshake.
+    pub async fn connect(link: &RouterLink, limits: Limits) -> anyhow::Result<Component> {
+        let io = transport::connect(link).await?;
+        Component::handshake(io, &link.name, &link.secret, limits).await
+    }
+
+    /// Runs the XEP-0114 opening and handshake over an already connected stream.
+    pub async fn handshake(io: BoxIo, name: &str, secret: &str, limits: Limits) -> anyhow::Result<Component> {
+        let (r, mut writer) = tokio::io::split(io);
+        let mut reader = FramedReader::new(r, limits);
+        writer
+            .write_all(open_stream(NS_COMPONENT_ACCEPT, &[("to", name)]).as_bytes())
+            .await?;
+        writer.flush().await?;
+        let header = match reader.next_frame().await.context("reading the router's stream header")? {
+            Frame::StreamOpen(b) => StreamHeader::parse(&b, Some(NS_COMPONENT_ACCEPT))?,
+            other => bail!("expected a stream header from the router, got {other:?}"),
+        };
+        let id = header.id.ok_or_else(|| anyhow!("the router sent no stream id"))?;
+        let digest = handshake_digest(&id, secret);
+        writer
+            .write_all(format!("<handshake>{digest}</handshake>").as_bytes())
+            .await?;
+        writer.flush().await?;
+        match next_element(&mut reader).await? {
+            s if s.name() == "handshake" => {}
+            s => bail!("handshake refused: {}", describe_error(&s)),
+        }
+        Ok(Component {
+            name: name.to_owned(),
+            reader,
+            writer,
+            early: VecDeque::new(),
+            next_id: 0,
+        })
+    }
+
+    /// Asks the router for one more route and waits for its answer.
+    pub async fn bind(&mut self, route: PacketType, host: &str, shared: bool) -> anyhow::Result<()> {
+        self.request("bind", route, host, shared).await
+    }
+
+    pub async fn unbind(&mut self, route: PacketType, host: &str) -> anyhow::Result<()> {
+        self.request("unbind", route, host, false).await
+    }
+
+    async fn request(&mut self, element: &str, route: PacketType, host: &str, shared: bool) -> anyhow::Result<()> {
+        self.next_id += 1;
+        let id = format!("b{}", self.next_id);
+        self.writer
+            .write_all(bind_request(element, &id, route, host, shared).as_bytes())
+            .await?;
+        self.writer.flush().await?;
+        loop {
+            let s = next_element(&mut self.reader).await?;
+            if s.name() == element && s.id() == Some(id.as_str()) {
+                if s.kind() == Some("result") {
+                    return Ok(());
+                }
+                return Err(BindError {
+                    route,
+                    host: host.to_owned(),
+                    condition: error_condition(&s),
+                }
+                .into());
+            }
+            if s.name() == "stream:error" {
+                bail!("the router closed the stream: {}", describe_error(&s));
+            }
+            self.early.push_back(s);
+        }
+    }
+
+    /// Sends raw bytes before splitting (for tests and simple tools).
+    pub async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
+        self.writer.write_all(bytes).await?;
+        self.writer.flush().await?;
+        Ok(())
+    }
+
+    pub fn split(self) -> (ComponentReader, ComponentWriter) {
+        (
+            ComponentReader {
+                reader: self.reader,
+                early: self.early,
+            },
+            ComponentWriter { writer: self.writer },
+        )
+    }
+}
+
+/// Reads stanzas from the router.
+pub struct ComponentReader {
+    reader: FramedReader<ReadHalf<BoxIo>>,
+    early: VecDeque<Stanza>,
+}
+
+impl ComponentReader {
+    /// The next stanza. A stream error or close from the router ends the link with an error.
+    pub async fn next(&mut self) -> anyhow::Result<Stanza> {
+        if let Some(s) = self.early.pop_front() {
+            return Ok(s);
+        }
+        let s = next_element(&mut self.reader).await?;
+        if s.name() == "stream:error" {
+            bail!("the router closed the stream: {}", describe_error(&s));
+        }
+        Ok(s)
+    }
+}
+
+/// Writes to the router.
+pub struct ComponentWriter {
+    writer: WriteHalf<BoxIo>,
+}
+
+impl ComponentWriter {
+    pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.writer.write_all(bytes).await?;
+        self.writer.flush().await
+    }
+
+    /// Moves the writer into a task fed by a channel, so many tasks can send. Stanzas
+    /// queued together are written with one system call.
+    pub fn spawn(mut self) -> Outbox {
+        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        tokio::spawn(async move {
+            let mut batch = Vec::with_capacity(64 * 1024);
+            while let Some(first) = rx.recv().await {
+                batch.clear();
+                batch.extend_from_slice(&first);
+                while batch.len() < 64 * 1024 {
+                    match rx.try_recv() {
+                        Ok(more) => batch.extend_from_slice(&more),
+                        Err(_) => break,
+                    }
+                }
+                if self.send(&batch).await.is_err() {
+                    break;
+                }
+            }
+            let _ = self.writer.shutdown().await;
+        });
+        Outbox(tx)
+    }
+
+    /// Closes our stream politely.
+    pub async fn close(mut self) {
+        let _ = self.writer.write_all(b"</stream:stream>").await;
+        let _ = self.writer.shutdown().await;
+    }
+}
+
+/// A cloneable handle that queues bytes for the router link.
+#[derive(Clone)]
+pub struct Outbox(mpsc::UnboundedSender<Bytes>);
+
+impl Outbox {
+    /// Queues bytes; false when the link is gone.
+    pub fn send(&self, bytes: impl Into<Bytes>) -> bool {
+        self.0.send(bytes.into()).is_ok()
+    }
+}
+
+async fn next_element(reader: &mut FramedReader<ReadHalf<BoxIo>>) -> anyhow::Result<Stanza> {
+    match reader.next_frame().await {
+        Ok(Frame::Element(b)) => Ok(Stanza::parse(b)?),
+        Ok(Frame::StreamClose) => bail!("the router closed the stream"),
+        Ok(Frame::StreamOpen(_)) => bail!("unexpected second stream header"),
+        Err(ReadError::Closed) => bail!("the router closed the connection"),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// The first child's name of an error element (the condition), e.g. `not-allowed`.
+pub fn error_condition(s: &Stanza) -> String {
+    let inner = String::from_utf8_lossy(s.inner()).into_owned();
+    // `<error type='..'><CONDITION xmlns=.../>` or `<CONDITION xmlns=.../>` (stream errors).
+    let body = inner.strip_prefix("<error").map_or(inner.as_str(), |rest| {
+        rest.split_once('>').map_or("", |(_, after)| after)
+    });
+    body.trim_start_matches('<')
+        .split(|c: char| c.is_whitespace() || c == '/' || c == '>')
+        .next()
+        .unwrap_or("")
+        .to_owned()
+}
+
+fn describe_error(s: &Stanza) -> String {
+    format!("{} ({})", error_condition(s), String::from_utf8_lossy(s.bytes()))
+}

@@ -1,0 +1,65 @@
+//! A framed reader: bytes from any async stream in, [`Frame`]s out, limits enforced as the
+//! bytes arrive.
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+use jrs_stream::{Frame, Framer, Limits, StreamError};
+
+/// Bytes asked of the socket per read. Large enough to batch many small stanzas per
+/// system call, small enough that the framer sees an oversize stanza early.
+const READ_CHUNK: usize = 64 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("i/o error: {0}")]
+    Io(#[from] std::io::Error),
+    /// The peer broke a stream rule; send this error and close.
+    #[error("{0}")]
+    Stream(#[from] StreamError),
+    /// The peer closed the connection without closing its stream.
+    #[error("connection closed")]
+    Closed,
+}
+
+pub struct FramedReader<R> {
+    io: R,
+    buf: BytesMut,
+    framer: Framer,
+}
+
+impl<R: AsyncRead + Unpin> FramedReader<R> {
+    pub fn new(io: R, limits: Limits) -> Self {
+        FramedReader {
+            io,
+            buf: BytesMut::with_capacity(READ_CHUNK),
+            framer: Framer::new(limits),
+        }
+    }
+
+    /// The next frame; reads from the stream only when no complete frame is buffered.
+    pub async fn next_frame(&mut self) -> Result<Frame, ReadError> {
+        loop {
+            if let Some(frame) = self.framer.next_frame(&mut self.buf)? {
+                return Ok(frame);
+            }
+            self.buf.reserve(READ_CHUNK);
+            if self.io.read_buf(&mut self.buf).await? == 0 {
+                return Err(ReadError::Closed);
+            }
+        }
+    }
+
+    /// Whether a complete frame may already be buffered (no read needed to make progress).
+    pub fn has_buffered(&self) -> bool {
+        !self.buf.is_empty()
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.io
+    }
+
+    pub fn into_inner(self) -> R {
+        self.io
+    }
+}

@@ -1,0 +1,107 @@
+//! Configuration sections shared by several processes.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::{Node, Result};
+
+/// How a component reaches the router: `<router .../>` in every component's file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RouterLink {
+    /// TCP address of the router, when `unix` is not set.
+    pub address: String,
+    pub port: u16,
+    /// Unix socket path; used instead of TCP when set.
+    pub unix: Option<PathBuf>,
+    /// Component name used in the handshake (the stream's `to`). With `--instance N` the
+    /// process connects as `NAME-N`.
+    pub name: String,
+    pub secret: String,
+    /// Wrap the link in TLS (for routers on other hosts).
+    pub tls: bool,
+    /// PEM file with the CA (or self-signed certificate) that signs the router's certificate;
+    /// the system roots are not used for router links.
+    pub ca_file: Option<PathBuf>,
+    /// Name to verify in the router's certificate (default: `address`).
+    pub server_name: Option<String>,
+    /// Delay before reconnecting after the link drops; doubles up to 10 s.
+    pub reconnect: Duration,
+}
+
+impl RouterLink {
+    pub fn from_node(node: &Node) -> Result<RouterLink> {
+        node.allow(
+            &["address", "port", "unix", "name", "secret", "tls", "ca-file", "server-name", "reconnect"],
+            &[],
+        )?;
+        let tls = node.bool_attr("tls", false)?;
+        let ca_file: Option<PathBuf> = node.attr("ca-file").map(PathBuf::from);
+        if tls && ca_file.is_none() {
+            return Err(node.error("tls='true' needs ca-file: the certificate that signs the router's"));
+        }
+        Ok(RouterLink {
+            address: node.attr("address").unwrap_or("127.0.0.1").to_owned(),
+            port: node.parse_attr("port", "a port number (1-65535)")?.unwrap_or(5347),
+            unix: node.attr("unix").map(PathBuf::from),
+            name: node.required_attr("name")?.to_owned(),
+            secret: node.required_attr("secret")?.to_owned(),
+            tls,
+            ca_file,
+            server_name: node.attr("server-name").map(str::to_owned),
+            reconnect: node.seconds_attr("reconnect")?.unwrap_or(Duration::from_millis(200)),
+        })
+    }
+
+    /// The link for instance `n` of a program that runs several: name `NAME-n`.
+    pub fn for_instance(mut self, instance: Option<u32>) -> RouterLink {
+        if let Some(n) = instance {
+            self.name = format!("{}-{n}", self.name);
+        }
+        self
+    }
+}
+
+/// A certificate chain and its private key, both PEM files.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl TlsFiles {
+    pub fn from_node(node: &Node) -> Result<TlsFiles> {
+        node.allow(&["cert", "key"], &[])?;
+        Ok(TlsFiles {
+            cert: PathBuf::from(node.required_attr("cert")?),
+            key: PathBuf::from(node.required_attr("key")?),
+        })
+    }
+}
+
+/// `<log level="info"/>`: the default log filter (RUST_LOG overrides it).
+#[derive(Debug, Clone, PartialEq)]
+pub struct LogConfig {
+    pub level: String,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig { level: "info".into() }
+    }
+}
+
+impl LogConfig {
+    pub fn from_node(node: Option<&Node>) -> Result<LogConfig> {
+        let Some(node) = node else {
+            return Ok(LogConfig::default());
+        };
+        node.allow(&["level"], &[])?;
+        let level = node.attr("level").unwrap_or("info");
+        if !["error", "warn", "info", "debug", "trace"].contains(&level) {
+            return Err(node.error(format!(
+                "attribute 'level' = '{level}': expected error, warn, info, debug or trace"
+            )));
+        }
+        Ok(LogConfig { level: level.to_owned() })
+    }
+}
