@@ -100,15 +100,22 @@ class Env:
             f'  <process name="c2s" program="c2s" config="etc/c2s.xml" {c2s_attrs}/>\n'
             '  <process name="s2s" program="s2s" config="etc/s2s.xml"/>\n')
 
-    def jabberd(self, *args, timeout=30):
-        env = dict(os.environ, JABBERD_BIN_DIR=str(self.bin))
-        return subprocess.run([str(SCRIPT), *args, "-f", str(self.xml)], env=env,
+    def jabberd(self, *args, timeout=30, script=SCRIPT, extra_env=None):
+        env = dict(os.environ, JABBERD_BIN_DIR=str(self.bin), **(extra_env or {}))
+        return subprocess.run([str(script), *args, "-f", str(self.xml)], env=env,
                               capture_output=True, text=True, timeout=timeout)
 
     def start(self):
         result = self.jabberd("start", "--daemon", "--no-build")
         assert result.returncode == 0, result.stderr
+        self.wait_ready()
         return result
+
+    def wait_ready(self):
+        # The supervisor returns once everything is spawned; the fakes need a
+        # moment more to log START and install their signal handlers.
+        for name in NAMES:
+            wait_for(lambda: self.events(name, "START"), f"{name} to start")
 
     def status(self):
         """{name: (pid or None, state, restarts)} from `jabberd status`."""
@@ -199,10 +206,11 @@ def test_start_daemon_brings_everything_up_in_order(running):
         assert info["cwd"] == str(ROOT)  # children run in the repository root
     # The router was listening before anything else was started ...
     listening = running.events("router", "LISTENING")[0][0]
-    starts = [running.events(name, "START")[0][0] for name in NAMES]
-    assert all(listening < t for t in starts[1:])
-    # ... and the rest started in list order.
-    assert starts == sorted(starts)
+    assert all(listening < running.events(name, "START")[0][0] for name in NAMES[1:])
+    # ... and the supervisor started them in list order.
+    started = [line.split("started ")[1].split()[0]
+               for line in running.supervisor_log().splitlines() if "INFO: started " in line]
+    assert started == NAMES
     assert (running.run_dir / "jabberd.pid").exists()
 
 
@@ -244,6 +252,33 @@ def test_missing_executable_without_build(env):
     result = env.jabberd("start", "--daemon", "--no-build")
     assert result.returncode == 1
     assert "s2s" in result.stderr and "missing" in result.stderr
+
+
+def test_missing_executable_triggers_cargo_build(env):
+    # A copy of the script in a fake repository with a Cargo.toml, and a fake
+    # cargo on PATH that "builds" the missing executable.
+    repo = env.root / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    (repo / "Cargo.toml").write_text("[workspace]\n")
+    script = repo / "scripts" / "jabberd"
+    shutil.copy(SCRIPT, script)
+    tools = env.root / "tools"
+    tools.mkdir()
+    cargo = tools / "cargo"
+    cargo.write_text('#!/bin/sh\necho "$PWD $*" > "$CARGO_LOG"\n'
+                     'cp "$JABBERD_BIN_DIR/c2s" "$JABBERD_BIN_DIR/s2s"\n')
+    cargo.chmod(0o755)
+    (env.bin / "s2s").unlink()
+    cargo_log = env.root / "cargo.log"
+    extra = {"PATH": f"{tools}:{os.environ['PATH']}", "CARGO_LOG": str(cargo_log)}
+
+    result = env.jabberd("start", "--daemon", script=script, extra_env=extra)
+    assert result.returncode == 0, result.stderr
+    assert "building" in result.stderr
+    assert cargo_log.read_text().split() == [str(repo), "build", "--release"]
+    env.wait_ready()
+    assert env.start_info("s2s")["cwd"] == str(repo)  # base dir follows the script
+    assert env.jabberd("stop", script=script).returncode == 0
 
 
 # --- restarts ---------------------------------------------------------------
@@ -324,6 +359,7 @@ def test_foreground_stops_on_sigterm(env):
                             stdout=out, stderr=subprocess.STDOUT)
     try:
         wait_for(lambda: env.jabberd("status").returncode == 0, "foreground supervisor")
+        env.wait_ready()
         pids = env.pids()
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0

@@ -8,6 +8,7 @@
 
 pub mod client;
 pub mod io;
+pub mod logging;
 pub mod protocol;
 pub mod transport;
 

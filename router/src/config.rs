@@ -1,0 +1,201 @@
+//! `router.xml` and `router-users.xml`, loaded into typed structs.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jrs_component::PacketType;
+use jrs_config::{LogConfig, Node, Result, TlsFiles};
+use jrs_stream::Limits;
+
+/// Where the router accepts component links.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Listen {
+    Tcp { address: String, port: u16, tls: bool },
+    Unix { path: PathBuf },
+}
+
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    pub id: String,
+    pub listen: Vec<Listen>,
+    pub tls: Option<TlsFiles>,
+    pub users_file: PathBuf,
+    pub limits: Limits,
+    /// Bytes queued for one link before it counts as stuck and is disconnected.
+    pub max_queue_bytes: usize,
+    /// How long a stream may take to authenticate.
+    pub handshake_timeout: Duration,
+    /// How long packets for a vanished component are held for its return.
+    pub grace: Duration,
+    /// How many packets are held per route during the grace period.
+    pub grace_max_packets: usize,
+    /// Idle time after which a whitespace keepalive is sent.
+    pub keepalive: Duration,
+    pub log: LogConfig,
+}
+
+impl RouterConfig {
+    pub fn load(path: &Path) -> Result<RouterConfig> {
+        let root = Node::load(path, "router")?;
+        root.allow(
+            &[],
+            &["id", "listen", "tls", "users", "limits", "grace", "keepalive", "log"],
+        )?;
+        let mut listen = vec![];
+        for node in root.children("listen") {
+            node.allow(&["address", "port", "tls", "unix"], &[])?;
+            listen.push(match node.attr("unix") {
+                Some(path) => Listen::Unix { path: PathBuf::from(path) },
+                None => Listen::Tcp {
+                    address: node.attr("address").unwrap_or("127.0.0.1").to_owned(),
+                    port: node
+                        .parse_attr("port", "a port number (0-65535)")?
+                        .unwrap_or(5347),
+                    tls: node.bool_attr("tls", false)?,
+                },
+            });
+        }
+        if listen.is_empty() {
+            return Err(root.error("at least one <listen/> is required"));
+        }
+        let tls = root.child("tls")?.map(TlsFiles::from_node).transpose()?;
+        if tls.is_none() && listen.iter().any(|l| matches!(l, Listen::Tcp { tls: true, .. })) {
+            return Err(root.error("a <listen tls='true'/> needs <tls cert='...' key='...'/>"));
+        }
+        let users = root.required_child("users")?;
+        users.allow(&["file"], &[])?;
+        let mut limits = Limits::default();
+        let mut max_queue_bytes = 8 * 1024 * 1024;
+        let mut handshake_timeout = Duration::from_secs(10);
+        if let Some(node) = root.child("limits")? {
+            node.allow(
+                &["max-stanza-bytes", "max-depth", "max-queue-bytes", "handshake-timeout"],
+                &[],
+            )?;
+            limits.max_stanza_bytes = node
+                .parse_attr("max-stanza-bytes", "a number of bytes")?
+                .unwrap_or(limits.max_stanza_bytes);
+            limits.max_depth = node
+                .parse_attr("max-depth", "a nesting depth (a whole number)")?
+                .unwrap_or(limits.max_depth);
+            max_queue_bytes = node
+                .parse_attr("max-queue-bytes", "a number of bytes")?
+                .unwrap_or(max_queue_bytes);
+            handshake_timeout = node.seconds_attr("handshake-timeout")?.unwrap_or(handshake_timeout);
+        }
+        let (mut grace, mut grace_max_packets) = (Duration::from_secs(5), 10_000);
+        if let Some(node) = root.child("grace")? {
+            node.allow(&["seconds", "max-packets"], &[])?;
+            grace = node.seconds_attr("seconds")?.unwrap_or(grace);
+            grace_max_packets = node
+                .parse_attr("max-packets", "a number of packets")?
+                .unwrap_or(grace_max_packets);
+        }
+        let mut keepalive = Duration::from_secs(60);
+        if let Some(node) = root.child("keepalive")? {
+            node.allow(&["seconds"], &[])?;
+            keepalive = node.seconds_attr("seconds")?.unwrap_or(keepalive);
+        }
+        Ok(RouterConfig {
+            id: root.child_text("id")?.unwrap_or("router").to_owned(),
+            listen,
+            tls,
+            users_file: PathBuf::from(users.required_attr("file")?),
+            limits,
+            max_queue_bytes,
+            handshake_timeout,
+            grace,
+            grace_max_packets,
+            keepalive,
+            log: LogConfig::from_node(root.child("log")?)?,
+        })
+    }
+}
+
+/// One `<component>` of `router-users.xml`: a name, its secret and what it may bind.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ComponentUser {
+    pub name: String,
+    pub secret: String,
+    /// The component validates its own input; the router only frames its stanzas.
+    pub trusted: bool,
+    /// `(type, host)` pairs it may bind: a host name, `any` (every host name) or `*` (the
+    /// wildcard route).
+    pub allow: Vec<(PacketType, String)>,
+}
+
+impl ComponentUser {
+    pub fn may_bind(&self, route: PacketType, host: &str) -> bool {
+        self.allow
+            .iter()
+            .any(|(t, h)| *t == route && (h == host || (h == "any" && host != "*")))
+    }
+}
+
+/// All component accounts, by name.
+#[derive(Debug, Clone, Default)]
+pub struct Users {
+    by_name: HashMap<String, ComponentUser>,
+}
+
+impl Users {
+    pub fn load(path: &Path) -> Result<Users> {
+        let root = Node::load(path, "users")?;
+        root.allow(&[], &["component"])?;
+        let mut by_name = HashMap::new();
+        for node in root.children("component") {
+            node.allow(&["name", "secret", "trusted"], &["allow"])?;
+            let name = node.required_attr("name")?.to_ascii_lowercase();
+            let mut allow = vec![];
+            for a in node.children("allow") {
+                a.allow(&["type", "host"], &[])?;
+                let t = a.required_attr("type")?;
+                let route = PacketType::parse(t).ok_or_else(|| {
+                    a.error(format!(
+                        "attribute 'type' = '{t}': expected normal, session, xdb or log"
+                    ))
+                })?;
+                allow.push((route, a.required_attr("host")?.to_ascii_lowercase()));
+            }
+            let user = ComponentUser {
+                name: name.clone(),
+                secret: node.required_attr("secret")?.to_owned(),
+                trusted: node.bool_attr("trusted", false)?,
+                allow,
+            };
+            if by_name.insert(name.clone(), user).is_some() {
+                return Err(node.error(format!("component '{name}' is listed twice")));
+            }
+        }
+        Ok(Users { by_name })
+    }
+
+    /// The account a handshake name authenticates against: the exact name, or for an
+    /// instance name `NAME-N` (N a number) the account `NAME`.
+    pub fn find(&self, name: &str) -> Option<&ComponentUser> {
+        self.by_name.get(name).or_else(|| {
+            let (base, n) = name.rsplit_once('-')?;
+            if n.is_empty() || !n.bytes().all(|b| b.is_ascii_digit()) {
+                return None;
+            }
+            self.by_name.get(base)
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shipped_configs_load() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let c = RouterConfig::load(&root.join("etc/router.xml")).unwrap();
+        assert_eq!(c.users_file, PathBuf::from("etc/router-users.xml"));
+        let users = Users::load(&root.join(&c.users_file)).unwrap();
+        assert!(users.find("sm-2").is_some());
+        assert!(users.find("s2s").unwrap().may_bind(PacketType::Normal, "*"));
+        assert!(users.find("nobody").is_none());
+    }
+}

@@ -1,0 +1,233 @@
+//! One component link: XEP-0114 handshake, then a loop that frames, checks and routes
+//! every packet the component sends.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use rand::Rng;
+use tokio::io::{AsyncRead, AsyncWriteExt};
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use jrs_component::protocol::handshake_digest;
+use jrs_component::transport::BoxIo;
+use jrs_component::{FramedReader, ReadError, TopLevel};
+use jrs_stream::header::open_stream;
+use jrs_stream::validate::validate_stanza;
+use jrs_stream::{
+    Frame, Stanza, StanzaErrorCondition, StreamError, StreamErrorCondition, StreamHeader,
+    NS_COMPONENT_ACCEPT,
+};
+
+use crate::outbox::{run_writer, Outbox};
+use crate::router::Router;
+use crate::tree::ConnId;
+
+/// How a link ended.
+enum End {
+    /// The component closed its stream (or the connection): close ours.
+    Closed,
+    /// The component broke a rule: send this stream error and close.
+    Error(StreamError),
+    /// The writer stopped (the link was killed as stuck, or a write failed).
+    WriterGone,
+}
+
+/// Serves one accepted connection until it ends.
+pub async fn serve(router: Arc<Router>, io: BoxIo, peer: String) {
+    let conn = router.next_conn_id();
+    let span = info_span!("link", conn, %peer, component = tracing::field::Empty);
+    async move {
+        debug!("accepted");
+        let (r, w) = tokio::io::split(io);
+        let outbox = Arc::new(Outbox::new(router.config.max_queue_bytes));
+        let keepalive = router.config.keepalive;
+        let mut writer = tokio::spawn({
+            let outbox = outbox.clone();
+            async move { run_writer(&outbox, w, keepalive).await }.in_current_span()
+        });
+        let mut reader = FramedReader::new(r, router.config.limits);
+
+        let authenticated = match tokio::time::timeout(
+            router.config.handshake_timeout,
+            authenticate(&router, conn, &mut reader, &outbox),
+        )
+        .await
+        {
+            Ok(Ok((name, trusted))) => Some((name, trusted)),
+            Ok(Err(e)) => {
+                warn!(error = %e, "refused");
+                outbox.close_with(Bytes::from(e.to_xml()));
+                None
+            }
+            Err(_) => {
+                warn!("no handshake in time");
+                outbox.close_with(Bytes::from(
+                    StreamError::new(StreamErrorCondition::ConnectionTimeout, "no handshake in time").to_xml(),
+                ));
+                None
+            }
+        };
+        let Some((name, trusted)) = authenticated else {
+            // The writer drains the header and the error, then closes.
+            let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
+            writer.abort();
+            return;
+        };
+        tracing::Span::current().record("component", name.as_str());
+        info!(trusted, "component connected");
+
+        let end = tokio::select! {
+            end = read_packets(&router, conn, &mut reader, trusted) => end,
+            _ = &mut writer => End::WriterGone,
+        };
+        // Unbind first: from now on packets for this component are held for its return.
+        router.unregister(conn);
+        let last: Vec<u8> = match &end {
+            End::Closed => {
+                info!("component closed its stream");
+                b"</stream:stream>".to_vec()
+            }
+            End::Error(e) => {
+                warn!(error = %e, "closing the link with a stream error");
+                e.to_xml().into_bytes()
+            }
+            End::WriterGone => {
+                warn!("link write side gone; disconnected");
+                vec![]
+            }
+        };
+        if let Ok(Ok(mut w)) = tokio::time::timeout(Duration::from_secs(5), writer).await {
+            let _ = tokio::time::timeout(Duration::from_secs(5), async {
+                w.write_all(&last).await?;
+                w.shutdown().await
+            })
+            .await;
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Reads the stream header and the handshake; on success the link is registered and bound
+/// to its name. Returns the component's name and whether it is trusted.
+async fn authenticate<R: AsyncRead + Unpin>(
+    router: &Router,
+    conn: ConnId,
+    reader: &mut FramedReader<R>,
+    outbox: &Arc<Outbox>,
+) -> Result<(String, bool), StreamError> {
+    let header = match reader.next_frame().await {
+        Ok(Frame::StreamOpen(bytes)) => StreamHeader::parse(&bytes, None),
+        Ok(_) => Err(StreamError::new(StreamErrorCondition::NotWellFormed, "expected a stream header")),
+        Err(ReadError::Stream(e)) => Err(e),
+        Err(e) => Err(StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string())),
+    };
+    let stream_id = format!("{:016x}", rand::rng().random::<u64>());
+    let name = header
+        .as_ref()
+        .ok()
+        .and_then(|h| h.to.as_deref())
+        .unwrap_or("")
+        .to_ascii_lowercase();
+    // RFC 6120 4.9.1.2: a stream error is preceded by our stream header.
+    let _ = outbox.push(Bytes::from(open_stream(
+        NS_COMPONENT_ACCEPT,
+        &[("from", &name), ("id", &stream_id)],
+    )));
+    let header = header?;
+    if header.xmlns.as_deref() != Some(NS_COMPONENT_ACCEPT) {
+        return Err(StreamError::new(
+            StreamErrorCondition::InvalidNamespace,
+            format!("component streams use the namespace {NS_COMPONENT_ACCEPT}"),
+        ));
+    }
+    let users = router.users();
+    let Some(user) = users.find(&name) else {
+        return Err(StreamError::new(
+            StreamErrorCondition::HostUnknown,
+            format!("no component named '{name}' is configured"),
+        ));
+    };
+    let handshake = match reader.next_frame().await {
+        Ok(Frame::Element(bytes)) => Stanza::parse(bytes)
+            .map_err(|e| StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string()))?,
+        Ok(_) => return Err(StreamError::new(StreamErrorCondition::NotAuthorized, "expected <handshake>")),
+        Err(ReadError::Stream(e)) => return Err(e),
+        Err(e) => return Err(StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string())),
+    };
+    let expected = handshake_digest(&stream_id, &user.secret);
+    let given = String::from_utf8_lossy(handshake.inner()).trim().to_ascii_lowercase();
+    if handshake.name() != "handshake" || !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
+        // A short pause makes guessing secrets slow without holding up honest peers.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        return Err(StreamError::new(StreamErrorCondition::NotAuthorized, "wrong handshake"));
+    }
+    let _ = outbox.push(Bytes::from_static(b"<handshake/>"));
+    router
+        .register(conn, &name, outbox.clone())
+        .map_err(|e| StreamError::new(StreamErrorCondition::Conflict, e))?;
+    Ok((name, user.trusted))
+}
+
+/// Frames, checks and routes packets until the stream ends.
+async fn read_packets<R: AsyncRead + Unpin>(
+    router: &Router,
+    conn: ConnId,
+    reader: &mut FramedReader<R>,
+    trusted: bool,
+) -> End {
+    loop {
+        let bytes = match reader.next_frame().await {
+            Ok(Frame::Element(bytes)) => bytes,
+            Ok(Frame::StreamClose) => return End::Closed,
+            Ok(Frame::StreamOpen(_)) => unreachable!("the framer opens a stream once"),
+            Err(ReadError::Stream(e)) => return End::Error(e),
+            Err(ReadError::Closed) => return End::Closed,
+            Err(ReadError::Io(e)) => {
+                debug!(error = %e, "read failed");
+                return End::Closed;
+            }
+        };
+        if !trusted {
+            if let Err(e) = validate_stanza(&bytes) {
+                return End::Error(e);
+            }
+        }
+        let stanza = match Stanza::parse(bytes) {
+            Ok(s) => s,
+            Err(e) => return End::Error(StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string())),
+        };
+        match TopLevel::classify(stanza.name()) {
+            TopLevel::Packet(route) => {
+                if stanza.to().is_none() && route != jrs_component::PacketType::Log {
+                    // Addressed to the router itself, which offers no services.
+                    if let Some(reply) = stanza.error_reply(
+                        StanzaErrorCondition::ServiceUnavailable,
+                        "the router offers no services; set 'to'",
+                    ) {
+                        router.reply_to_sender(conn, reply);
+                    }
+                    continue;
+                }
+                router.route_from(conn, route, stanza);
+            }
+            TopLevel::Bind => router.handle_bind(conn, &stanza, false),
+            TopLevel::Unbind => router.handle_bind(conn, &stanza, true),
+            TopLevel::StreamError => {
+                warn!(error = %String::from_utf8_lossy(stanza.bytes()), "component sent a stream error");
+                return End::Closed;
+            }
+            TopLevel::Handshake | TopLevel::Unknown => {
+                return End::Error(StreamError::new(
+                    StreamErrorCondition::UnsupportedStanzaType,
+                    format!("<{}> is not a packet the router handles", stanza.name()),
+                ))
+            }
+        }
+    }
+}
+
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}

@@ -1,0 +1,86 @@
+//! Accept loops for TCP, TLS and Unix socket listeners.
+
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::{TcpListener, UnixListener};
+use tracing::{info, warn};
+
+use jrs_component::transport::{load_certs, load_key};
+
+use crate::config::Listen;
+use crate::link;
+use crate::router::Router;
+
+/// Binds every configured listener (failing at start if one cannot be bound) and spawns
+/// their accept loops.
+pub async fn start_all(router: &Arc<Router>) -> anyhow::Result<()> {
+    let tls = match &router.config.tls {
+        Some(files) => {
+            let config = rustls::ServerConfig::builder()
+                .with_no_client_auth()
+                .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
+                .context("loading the router's TLS certificate")?;
+            Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
+        }
+        None => None,
+    };
+    for listen in router.config.listen.clone() {
+        match listen {
+            Listen::Tcp { address, port, tls: use_tls } => {
+                let listener = TcpListener::bind((address.as_str(), port))
+                    .await
+                    .with_context(|| format!("listening on {address}:{port}"))?;
+                info!(addr = %listener.local_addr()?, tls = use_tls, "listening");
+                let acceptor = if use_tls { tls.clone() } else { None };
+                let router = router.clone();
+                tokio::spawn(async move {
+                    loop {
+                        let (socket, peer) = match listener.accept().await {
+                            Ok(x) => x,
+                            Err(e) => {
+                                warn!(error = %e, "accept failed");
+                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                                continue;
+                            }
+                        };
+                        let _ = socket.set_nodelay(true);
+                        let router = router.clone();
+                        let acceptor = acceptor.clone();
+                        tokio::spawn(async move {
+                            match acceptor {
+                                None => link::serve(router, Box::new(socket), peer.to_string()).await,
+                                Some(acceptor) => match acceptor.accept(socket).await {
+                                    Ok(tls) => link::serve(router, Box::new(tls), peer.to_string()).await,
+                                    Err(e) => warn!(%peer, error = %e, "TLS handshake failed"),
+                                },
+                            }
+                        });
+                    }
+                });
+            }
+            Listen::Unix { path } => {
+                // A socket file left by a previous run would make bind fail.
+                let _ = std::fs::remove_file(&path);
+                let listener = UnixListener::bind(&path)
+                    .with_context(|| format!("listening on {}", path.display()))?;
+                info!(path = %path.display(), "listening");
+                let router = router.clone();
+                tokio::spawn(async move {
+                    loop {
+                        match listener.accept().await {
+                            Ok((socket, _)) => {
+                                tokio::spawn(link::serve(router.clone(), Box::new(socket), "unix".into()));
+                            }
+                            Err(e) => {
+                                warn!(error = %e, "accept failed");
+                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                            }
+                        }
+                    }
+                });
+            }
+        }
+    }
+    Ok(())
+}

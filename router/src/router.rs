@@ -1,0 +1,403 @@
+//! The router's shared state and the routing decision for every packet.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use bytes::Bytes;
+use tracing::{debug, info, warn};
+
+use jrs_component::protocol::{bind_error, bind_result};
+use jrs_component::PacketType;
+use jrs_stream::{Stanza, StanzaErrorCondition};
+
+use crate::config::{RouterConfig, Users};
+use crate::outbox::{Outbox, PushError};
+use crate::tree::{BindRefusal, ConnId, Instance, Target, Tree};
+
+/// What the router knows of one authenticated link.
+struct LinkInfo {
+    name: Arc<str>,
+    outbox: Arc<Outbox>,
+    /// Routes this link bound, including the automatic ones for its own name.
+    bound: HashSet<(PacketType, String)>,
+}
+
+impl LinkInfo {
+    /// Whether this link may send packets of `route` from `domain`.
+    fn may_send_from(&self, route: PacketType, domain: &str, tree: &Tree) -> bool {
+        if domain == &*self.name || self.bound.iter().any(|(_, h)| h == domain) {
+            return true;
+        }
+        // The default route (s2s) speaks for every remote domain: any domain no local
+        // component serves.
+        route != PacketType::Log
+            && self.bound.contains(&(PacketType::Normal, "*".to_owned()))
+            && !tree.serves(PacketType::Normal, domain)
+    }
+}
+
+struct State {
+    tree: Tree,
+    links: HashMap<ConnId, LinkInfo>,
+    /// Connected component names, for conflict detection.
+    names: HashMap<Arc<str>, ConnId>,
+}
+
+/// A packet that could not be delivered and must be answered with an error.
+struct Bounce {
+    packet: Bytes,
+    condition: StanzaErrorCondition,
+    text: String,
+}
+
+pub struct Router {
+    pub config: RouterConfig,
+    users: RwLock<Arc<Users>>,
+    state: Mutex<State>,
+    next_conn: AtomicU64,
+}
+
+/// Routes a component gets for its own name, so replies addressed to it arrive whatever
+/// their type (a plain XEP-0114 component only ever sees `normal`).
+const OWN_NAME_ROUTES: [PacketType; 3] = [PacketType::Normal, PacketType::Session, PacketType::Xdb];
+
+/// The domain part of a JID as written in an attribute: between the first `@` (before any
+/// `/`) and the first `/`.
+pub fn jid_domain(jid: &str) -> &str {
+    let bare = jid.split_once('/').map_or(jid, |(b, _)| b);
+    bare.split_once('@').map_or(bare, |(_, d)| d)
+}
+
+/// The bare JID (everything before the first `/`).
+pub fn jid_bare(jid: &str) -> &str {
+    jid.split_once('/').map_or(jid, |(b, _)| b)
+}
+
+fn lower(s: &str) -> std::borrow::Cow<'_, str> {
+    if s.bytes().any(|b| b.is_ascii_uppercase()) {
+        s.to_ascii_lowercase().into()
+    } else {
+        s.into()
+    }
+}
+
+impl Router {
+    pub fn new(config: RouterConfig, users: Users) -> Router {
+        Router {
+            users: RwLock::new(Arc::new(users)),
+            state: Mutex::new(State {
+                tree: Tree::new(config.grace, config.grace_max_packets),
+                links: HashMap::new(),
+                names: HashMap::new(),
+            }),
+            config,
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_conn_id(&self) -> ConnId {
+        self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub fn users(&self) -> Arc<Users> {
+        self.users.read().expect("users lock").clone()
+    }
+
+    pub fn replace_users(&self, users: Users) {
+        *self.users.write().expect("users lock") = Arc::new(users);
+    }
+
+    /// Registers an authenticated link and binds its own name. Fails if a component of
+    /// that name is connected already.
+    pub fn register(&self, conn: ConnId, name: &str, outbox: Arc<Outbox>) -> Result<(), String> {
+        let name: Arc<str> = name.into();
+        let mut st = self.state.lock().expect("router lock");
+        if let Some(other) = st.names.get(&name) {
+            return Err(format!("a component named '{name}' is already connected (link {other})"));
+        }
+        st.names.insert(name.clone(), conn);
+        st.links.insert(
+            conn,
+            LinkInfo {
+                name: name.clone(),
+                outbox: outbox.clone(),
+                bound: HashSet::new(),
+            },
+        );
+        for route in OWN_NAME_ROUTES {
+            // Cannot conflict: the name is unique among connected links, and nobody else
+            // may bind another component's name (see `bind`).
+            let _ = bind_locked(&mut st, conn, route, &name, false);
+        }
+        Ok(())
+    }
+
+    /// Handles a `<bind/>` or `<unbind/>` request and answers it on the link.
+    pub fn handle_bind(&self, conn: ConnId, request: &Stanza, unbind: bool) {
+        let element = if unbind { "unbind" } else { "bind" };
+        let id = request.id().unwrap_or("");
+        let route = request.attr("route").and_then(|r| PacketType::parse(&r));
+        let host = request.attr("host").map(|h| h.to_ascii_lowercase());
+        let shared = request.attr("shared").is_some_and(|s| s == "true" || s == "1");
+        let users = self.users();
+        let mut st = self.state.lock().expect("router lock");
+        let Some(link) = st.links.get(&conn) else { return };
+        let (outbox, name) = (link.outbox.clone(), link.name.clone());
+        let answer = match (route, host) {
+            (None, _) | (_, None) => bind_error(
+                element,
+                id,
+                StanzaErrorCondition::BadRequest,
+                "route must be normal, session, xdb or log, and host is required",
+            ),
+            (Some(route), Some(host)) => {
+                let allowed = users.find(&name).is_some_and(|u| u.may_bind(route, &host));
+                let someone_elses_name = host != *name && st.names.contains_key(host.as_str());
+                if unbind {
+                    let now = Instant::now();
+                    if let Some(link) = st.links.get_mut(&conn) {
+                        link.bound.remove(&(route, host.clone()));
+                    }
+                    if st.tree.unbind(route, &host, conn, now) {
+                        info!(%route, %host, "unbound");
+                        bind_result(element, id)
+                    } else {
+                        bind_error(element, id, StanzaErrorCondition::ItemNotFound, "not bound")
+                    }
+                } else if !allowed || someone_elses_name {
+                    warn!(%route, %host, "bind refused by the ACL");
+                    bind_error(
+                        element,
+                        id,
+                        StanzaErrorCondition::NotAllowed,
+                        &format!("component '{name}' may not bind {route} for '{host}'"),
+                    )
+                } else {
+                    match bind_locked(&mut st, conn, route, &host, shared) {
+                        Ok(()) => {
+                            info!(%route, %host, shared, "bound");
+                            bind_result(element, id)
+                        }
+                        Err(BindRefusal::Conflict(holder)) => bind_error(
+                            element,
+                            id,
+                            StanzaErrorCondition::Conflict,
+                            &format!("{route} for '{host}' is held by '{holder}' and not shared"),
+                        ),
+                    }
+                }
+            }
+        };
+        // Pushed under the lock so the answer precedes any packet the new route brings.
+        let _ = outbox.push(Bytes::from(answer));
+    }
+
+    /// Routes one packet sent by link `conn`.
+    pub fn route_from(&self, conn: ConnId, route: PacketType, stanza: Stanza) {
+        let mut bounces = vec![];
+        {
+            let mut st = self.state.lock().expect("router lock");
+            let State { tree, links, .. } = &mut *st;
+            let Some(link) = links.get(&conn) else { return };
+            let domain = lower(jid_domain(stanza.from().unwrap_or("")));
+            if domain.is_empty() || !link.may_send_from(route, &domain, tree) {
+                let (condition, text) = if domain.is_empty() {
+                    (StanzaErrorCondition::BadRequest, "a component must set 'from'".to_owned())
+                } else {
+                    (
+                        StanzaErrorCondition::NotAllowed,
+                        format!("'{domain}' is not an address this component bound"),
+                    )
+                };
+                warn!(%route, from = stanza.from().unwrap_or(""), "forged or missing from: bounced");
+                // The reply goes straight back on the sender's link: its `to` is forged.
+                if let Some(reply) = stanza.error_reply(condition, &text) {
+                    let _ = link.outbox.push(reply);
+                }
+                return;
+            }
+            route_locked(&mut st, route, stanza.into_bytes(), &mut bounces);
+        }
+        self.bounce_all(bounces);
+    }
+
+    /// Routes an error reply produced by the router itself.
+    fn bounce_all(&self, mut bounces: Vec<Bounce>) {
+        // Bounces of bounces are impossible (errors are never answered), so this ends.
+        while !bounces.is_empty() {
+            let mut next = vec![];
+            for b in bounces {
+                let Ok(stanza) = Stanza::parse(b.packet) else { continue };
+                let Some(reply) = stanza.error_reply(b.condition, &b.text) else {
+                    warn!(element = stanza.name(), to = stanza.to().unwrap_or(""), reason = %b.text,
+                        "undeliverable packet dropped (an error or result is never answered with an error)");
+                    continue;
+                };
+                let Some(route) = packet_type(&stanza) else { continue };
+                let mut st = self.state.lock().expect("router lock");
+                route_locked(&mut st, route, reply, &mut next);
+            }
+            bounces = next;
+        }
+    }
+
+    /// Removes a link: unbinds everything (starting the grace period for routes it held
+    /// alone) and re-routes or bounces the packets still queued for it.
+    pub fn unregister(&self, conn: ConnId) {
+        let mut bounces = vec![];
+        {
+            let mut st = self.state.lock().expect("router lock");
+            let Some(link) = st.links.remove(&conn) else { return };
+            st.names.remove(&link.name);
+            let now = Instant::now();
+            for (route, host) in &link.bound {
+                st.tree.unbind(*route, host, conn, now);
+            }
+            // Killing under the lock: no packet can slip in between, and those queued keep
+            // their order, held for the component's return or passed to another instance.
+            let queued = link.outbox.kill();
+            if !queued.is_empty() {
+                info!(component = %link.name, packets = queued.len(), "re-routing packets queued for a closed link");
+            }
+            for packet in queued {
+                if let Some(route) = Stanza::parse(packet.clone()).ok().as_ref().and_then(packet_type) {
+                    route_locked(&mut st, route, packet, &mut bounces);
+                }
+            }
+        }
+        self.bounce_all(bounces);
+    }
+
+    /// Bounces what routes held past their grace period.
+    pub fn expire_held(&self) {
+        let held = self.state.lock().expect("router lock").tree.expire(Instant::now());
+        for h in held {
+            warn!(component = %h.component, packets = h.packets.len(),
+                "component did not come back within the grace period: bouncing held packets");
+            let text = format!("component '{}' is unavailable", h.component);
+            self.bounce_all(
+                h.packets
+                    .into_iter()
+                    .map(|packet| Bounce {
+                        packet,
+                        condition: StanzaErrorCondition::ServiceUnavailable,
+                        text: text.clone(),
+                    })
+                    .collect(),
+            );
+        }
+    }
+
+    /// Answers a stanza addressed to no one (no `to`) on the sender's link.
+    pub fn reply_to_sender(&self, conn: ConnId, reply: Bytes) {
+        let st = self.state.lock().expect("router lock");
+        if let Some(link) = st.links.get(&conn) {
+            let _ = link.outbox.push(reply);
+        }
+    }
+}
+
+/// The packet type of a parsed top-level element, if it is a packet.
+pub fn packet_type(stanza: &Stanza) -> Option<PacketType> {
+    match jrs_component::TopLevel::classify(stanza.name()) {
+        jrs_component::TopLevel::Packet(t) => Some(t),
+        _ => None,
+    }
+}
+
+fn bind_locked(st: &mut State, conn: ConnId, route: PacketType, host: &str, shared: bool) -> Result<(), BindRefusal> {
+    let link = st.links.get_mut(&conn).expect("bind on a registered link");
+    let instance = Instance::new(conn, link.name.clone(), link.outbox.clone());
+    let held = st.tree.bind(route, host, instance, shared)?;
+    link.bound.insert((route, host.to_owned()));
+    if !held.is_empty() {
+        info!(%route, %host, packets = held.len(), "delivering packets held during the grace period");
+    }
+    for packet in held {
+        if let Err(PushError::Overflow(p) | PushError::Closed(p)) = link.outbox.push(packet) {
+            warn!(%route, %host, "held packet could not be queued; dropped with the link");
+            drop(p);
+        }
+    }
+    Ok(())
+}
+
+/// The routing decision. Called with the state locked; undeliverable packets are added to
+/// `bounces` to be answered once the lock is released.
+fn route_locked(st: &mut State, route: PacketType, packet: Bytes, bounces: &mut Vec<Bounce>) {
+    // Re-parsing only the start tag: cheap, and keeps `packet` as the received bytes.
+    let Ok(stanza) = Stanza::parse(packet.clone()) else { return };
+    if route == PacketType::Log {
+        let host = lower(jid_domain(stanza.from().unwrap_or("")));
+        let targets = st.tree.log_targets(&host);
+        if targets.is_empty() {
+            debug!(from = %host, "log record with no log component bound");
+        }
+        for t in targets {
+            let _ = t.outbox.push(packet.clone());
+        }
+        return;
+    }
+    let to = stanza.to().unwrap_or("");
+    let host = lower(jid_domain(to));
+    let key = lower(jid_bare(to));
+    let target = st.tree.target(route, &host, &key);
+    let overflow = match target {
+        Target::Deliver(instance) => match instance.outbox.push(packet) {
+            Ok(()) => return,
+            Err(PushError::Closed(packet)) => {
+                bounces.push(Bounce {
+                    packet,
+                    condition: StanzaErrorCondition::ServiceUnavailable,
+                    text: format!("component '{}' is closing", instance.name),
+                });
+                return;
+            }
+            Err(PushError::Overflow(packet)) => (instance.conn, instance.name.clone(), packet),
+        },
+        Target::Hold(held) => {
+            // Bounded by packets: each was already bounded in bytes by the stanza limit.
+            if held.packets.len() < held.max_packets {
+                held.packets.push_back(packet);
+            } else {
+                bounces.push(Bounce {
+                    packet,
+                    condition: StanzaErrorCondition::ServiceUnavailable,
+                    text: format!("component '{}' is unavailable and its queue is full", held.component),
+                });
+            }
+            return;
+        }
+        Target::NoRoute => {
+            let known = OWN_NAME_ROUTES.iter().any(|t| st.tree.serves(*t, &host));
+            let condition = if route == PacketType::Normal && !known {
+                StanzaErrorCondition::RemoteServerNotFound
+            } else {
+                StanzaErrorCondition::ServiceUnavailable
+            };
+            debug!(%route, to, "no route");
+            bounces.push(Bounce {
+                packet,
+                condition,
+                text: format!("no route for {route} packets to '{host}'"),
+            });
+            return;
+        }
+    };
+    // A link that stopped reading: kill it (its own task then unregisters it and bounces
+    // its queue) and bounce the packet that did not fit.
+    let (conn, name, packet) = overflow;
+    warn!(component = %name, conn, "outbound queue full: the component is not reading; disconnecting it");
+    if let Some(link) = st.links.get(&conn) {
+        let queued = link.outbox.kill();
+        for p in queued.into_iter().chain(std::iter::once(packet)) {
+            bounces.push(Bounce {
+                packet: p,
+                condition: StanzaErrorCondition::ServiceUnavailable,
+                text: format!("component '{name}' stopped reading and was disconnected"),
+            });
+        }
+    }
+}

@@ -1,0 +1,299 @@
+//! The delivery tree: packet type -> host -> instances, plus the packets held for routes
+//! whose last instance went away (the grace period).
+//!
+//! Pure data structure: no I/O, no locking. The router keeps it behind one mutex.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use jrs_component::PacketType;
+
+use crate::outbox::Outbox;
+
+/// Identifies one accepted link for its lifetime.
+pub type ConnId = u64;
+
+/// One component connection bound on a route.
+#[derive(Clone)]
+pub struct Instance {
+    pub conn: ConnId,
+    pub name: Arc<str>,
+    pub outbox: Arc<Outbox>,
+    /// Hash of `name`: rendezvous weights depend on the instance's name, not its
+    /// connection, so an instance that reconnects gets back the same users.
+    seed: u64,
+}
+
+impl Instance {
+    pub fn new(conn: ConnId, name: Arc<str>, outbox: Arc<Outbox>) -> Instance {
+        let seed = fnv1a(name.as_bytes());
+        Instance { conn, name, outbox, seed }
+    }
+}
+
+/// Packets waiting for a vanished component to come back.
+pub struct Held {
+    /// The component that held the route last (for logs and error texts).
+    pub component: Arc<str>,
+    pub deadline: Instant,
+    pub packets: VecDeque<Bytes>,
+    /// Packets beyond this many are bounced at once.
+    pub max_packets: usize,
+}
+
+#[derive(Default)]
+struct Route {
+    instances: Vec<Instance>,
+    shared: bool,
+    held: Option<Held>,
+}
+
+/// Why a bind was refused.
+#[derive(Debug, PartialEq, Eq)]
+pub enum BindRefusal {
+    /// Another component holds the route and it is not shared by both.
+    Conflict(String),
+}
+
+/// Where a packet goes.
+pub enum Target<'a> {
+    Deliver(&'a Instance),
+    /// The route's last instance left less than the grace period ago.
+    Hold(&'a mut Held),
+    NoRoute,
+}
+
+pub struct Tree {
+    routes: HashMap<(PacketType, Box<str>), Route>,
+    grace: Duration,
+    max_held: usize,
+}
+
+impl Tree {
+    pub fn new(grace: Duration, max_held: usize) -> Tree {
+        Tree {
+            routes: HashMap::new(),
+            grace,
+            max_held,
+        }
+    }
+
+    /// Adds `instance` to the route. Returns the packets held for the route, which the
+    /// caller must deliver to the instance before anything else.
+    pub fn bind(
+        &mut self,
+        route: PacketType,
+        host: &str,
+        instance: Instance,
+        shared: bool,
+    ) -> Result<VecDeque<Bytes>, BindRefusal> {
+        let r = self.routes.entry((route, host.into())).or_default();
+        if r.instances.iter().any(|i| i.conn == instance.conn) {
+            return Ok(VecDeque::new());
+        }
+        if let Some(holder) = r.instances.first() {
+            if !(r.shared && shared) {
+                return Err(BindRefusal::Conflict(holder.name.to_string()));
+            }
+        }
+        r.shared = shared;
+        r.instances.push(instance);
+        Ok(r.held.take().map(|h| h.packets).unwrap_or_default())
+    }
+
+    /// Removes a connection from one route. When it was the last instance, the route
+    /// starts holding packets for `grace`.
+    pub fn unbind(&mut self, route: PacketType, host: &str, conn: ConnId, now: Instant) -> bool {
+        let key = (route, Box::<str>::from(host));
+        let Some(r) = self.routes.get_mut(&key) else {
+            return false;
+        };
+        let Some(pos) = r.instances.iter().position(|i| i.conn == conn) else {
+            return false;
+        };
+        let gone = r.instances.remove(pos);
+        if r.instances.is_empty() {
+            if self.grace.is_zero() || route == PacketType::Log {
+                self.routes.remove(&key);
+            } else {
+                r.held = Some(Held {
+                    component: gone.name,
+                    deadline: now + self.grace,
+                    packets: VecDeque::new(),
+                    max_packets: self.max_held,
+                });
+            }
+        }
+        true
+    }
+
+    /// Finds where a `route` packet for `host` goes: the exact host first, then `*`;
+    /// among several instances, the one `key` (the bare JID) hashes to.
+    pub fn target(&mut self, route: PacketType, host: &str, key: &str) -> Target<'_> {
+        let exact_live = self
+            .routes
+            .get(&(route, host.into()))
+            .is_some_and(|r| !r.instances.is_empty() || r.held.is_some());
+        let lookup: Box<str> = if exact_live { host.into() } else { "*".into() };
+        match self.routes.get_mut(&(route, lookup)) {
+            Some(r) if !r.instances.is_empty() => Target::Deliver(pick(&r.instances, key)),
+            Some(Route { held: Some(h), .. }) => Target::Hold(h),
+            _ => Target::NoRoute,
+        }
+    }
+
+    /// Every instance bound for `log` at `host` or `*`, each once.
+    pub fn log_targets(&self, host: &str) -> Vec<Instance> {
+        let mut out: Vec<Instance> = vec![];
+        for h in [host, "*"] {
+            if let Some(r) = self.routes.get(&(PacketType::Log, h.into())) {
+                for i in &r.instances {
+                    if !out.iter().any(|o| o.conn == i.conn) {
+                        out.push(i.clone());
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    /// Whether some component serves `host` for normal traffic (or is held for it).
+    pub fn serves(&self, route: PacketType, host: &str) -> bool {
+        host != "*" && self.routes.contains_key(&(route, host.into()))
+    }
+
+    /// Ends the grace period of every route whose deadline passed; returns what they held.
+    pub fn expire(&mut self, now: Instant) -> Vec<Held> {
+        let expired: Vec<_> = self
+            .routes
+            .iter()
+            .filter(|(_, r)| r.instances.is_empty() && r.held.as_ref().is_some_and(|h| h.deadline <= now))
+            .map(|(k, _)| k.clone())
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|k| self.routes.remove(&k).and_then(|r| r.held))
+            .collect()
+    }
+}
+
+/// Rendezvous (highest random weight) hashing: each key goes to the instance with the
+/// highest hash of (key, instance). Adding an instance moves only the keys it now wins,
+/// about 1/(n+1) of them; removing one moves only its own keys.
+fn pick<'a>(instances: &'a [Instance], key: &str) -> &'a Instance {
+    if instances.len() == 1 {
+        return &instances[0];
+    }
+    let k = fnv1a(key.as_bytes());
+    instances
+        .iter()
+        .max_by_key(|i| weight(k, i.seed))
+        .expect("routes with no instance are never picked")
+}
+
+/// The choice [`pick`] makes, over names: for tests that measure the distribution.
+#[cfg(test)]
+fn rendezvous_owner<'a>(names: &'a [&'a str], key: &str) -> &'a str {
+    let k = fnv1a(key.as_bytes());
+    names
+        .iter()
+        .max_by_key(|n| weight(k, fnv1a(n.as_bytes())))
+        .expect("at least one name")
+}
+
+/// The weight of an instance (by its name's hash) for a key (by its hash); the seed breaks
+/// ties so the choice never depends on the order of instances.
+fn weight(key_hash: u64, seed: u64) -> (u64, u64) {
+    (mix(key_hash ^ seed), seed)
+}
+
+/// FNV-1a: a fixed, documented hash so routing is stable across builds and restarts
+/// (std's hashers are randomly keyed or unspecified).
+fn fnv1a(bytes: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for &b in bytes {
+        h ^= b.to_ascii_lowercase() as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// The splitmix64 finaliser: spreads FNV's weak low bits over the whole word.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn inst(conn: ConnId, name: &str) -> Instance {
+        Instance::new(conn, name.into(), Arc::new(Outbox::new(1 << 20)))
+    }
+
+    #[test]
+    fn exact_host_then_wildcard() {
+        let mut t = Tree::new(Duration::from_secs(5), 100);
+        t.bind(PacketType::Normal, "a.example", inst(1, "a"), false).unwrap();
+        t.bind(PacketType::Normal, "*", inst(2, "s2s"), false).unwrap();
+        assert!(matches!(t.target(PacketType::Normal, "a.example", "x@a.example"), Target::Deliver(i) if i.conn == 1));
+        assert!(matches!(t.target(PacketType::Normal, "remote.example", "x@remote.example"), Target::Deliver(i) if i.conn == 2));
+        assert!(matches!(t.target(PacketType::Xdb, "a.example", "x@a.example"), Target::NoRoute));
+    }
+
+    #[test]
+    fn exclusive_routes_conflict() {
+        let mut t = Tree::new(Duration::from_secs(5), 100);
+        t.bind(PacketType::Xdb, "h", inst(1, "a"), false).unwrap();
+        assert_eq!(t.bind(PacketType::Xdb, "h", inst(2, "b"), true).unwrap_err(), BindRefusal::Conflict("a".into()));
+        t.bind(PacketType::Session, "h", inst(1, "sm-1"), true).unwrap();
+        t.bind(PacketType::Session, "h", inst(2, "sm-2"), true).unwrap();
+    }
+
+    #[test]
+    fn holds_then_flushes_on_rebind() {
+        let now = Instant::now();
+        let mut t = Tree::new(Duration::from_secs(5), 100);
+        t.bind(PacketType::Normal, "c", inst(1, "c"), false).unwrap();
+        t.bind(PacketType::Normal, "*", inst(9, "s2s"), false).unwrap();
+        t.unbind(PacketType::Normal, "c", 1, now);
+        match t.target(PacketType::Normal, "c", "c") {
+            Target::Hold(h) => h.packets.push_back(Bytes::from_static(b"<message/>")),
+            _ => panic!("a held route must not fall through to *"),
+        }
+        let held = t.bind(PacketType::Normal, "c", inst(2, "c"), false).unwrap();
+        assert_eq!(held.len(), 1);
+        t.unbind(PacketType::Normal, "c", 2, now);
+        assert!(t.expire(now + Duration::from_secs(1)).is_empty());
+        assert_eq!(t.expire(now + Duration::from_secs(6)).len(), 1);
+        assert!(matches!(t.target(PacketType::Normal, "c", "c"), Target::Deliver(i) if i.conn == 9));
+    }
+
+    #[test]
+    fn rendezvous_moves_few_keys_when_an_instance_is_added() {
+        let keys: Vec<String> = (0..10_000).map(|i| format!("user{i}@localhost")).collect();
+        let three = ["sm-1", "sm-2", "sm-3"];
+        let four = ["sm-1", "sm-2", "sm-3", "sm-4"];
+        let mut per = HashMap::new();
+        let mut moved = 0;
+        for k in &keys {
+            let a = rendezvous_owner(&three, k);
+            let b = rendezvous_owner(&four, k);
+            *per.entry(b).or_insert(0) += 1;
+            if a != b {
+                assert_eq!(b, "sm-4", "keys only move to the new instance");
+                moved += 1;
+            }
+        }
+        // Ideal: 1/4 of the keys move. Allow sampling noise.
+        assert!((2000..3000).contains(&moved), "moved {moved}");
+        for n in four {
+            assert!((2000..3000).contains(&per[n]), "{n} got {}", per[n]);
+        }
+    }
+}
