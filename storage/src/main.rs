@@ -1,1 +1,143 @@
-fn main() {}
+//! xdb-file: the storage component. Answers `xdb` requests (get, set, delete, append,
+//! take, list) from files under a spool directory. See `docs/protocol.md` and
+//! `docs/storage.md`.
+
+mod config;
+mod spool;
+
+use std::sync::mpsc;
+
+use clap::Parser;
+use tracing::{debug, info, warn};
+
+use jrs_component::service::{exit_code, run_component, Bind, CommonArgs};
+use jrs_component::{Outbox, PacketType};
+use jrs_stream::Stanza;
+use jrs_xdb::{Op, Refusal, Request};
+
+use crate::config::StorageConfig;
+use crate::spool::{Owner, Spool};
+
+/// The jabberd-rs file storage component.
+#[derive(Parser, Debug)]
+#[command(name = "xdb-file", version, about)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    exit_code(run(args), "xdb-file")
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = StorageConfig::load(&args.common.config)?;
+    if args.common.check {
+        println!("{}: ok", args.common.config.display());
+        return Ok(());
+    }
+    jrs_component::logging::init(&config.log);
+    jrs_component::transport::install_crypto_provider();
+    let link = config.router.clone().for_instance(args.common.instance);
+    let binds: Vec<Bind> = config
+        .hosts
+        .iter()
+        .map(|h| Bind { route: PacketType::Xdb, host: h.clone(), shared: false })
+        .collect();
+
+    // File operations block; they run on one thread, in arrival order, so requests for
+    // one owner are applied in the order they were sent.
+    let (jobs, queue) = mpsc::channel::<(Stanza, Outbox)>();
+    let mut spool = Spool::new(config.spool.clone(), config.cache_entries);
+    let hosts = config.hosts.clone();
+    std::thread::Builder::new()
+        .name("spool".into())
+        .spawn(move || {
+            for (request, outbox) in queue {
+                let reply = answer(&mut spool, &hosts, &request);
+                outbox.send(reply);
+            }
+        })?;
+    info!(spool = %config.spool.display(), hosts = ?config.hosts, "xdb-file starting");
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_component(link, config.limits, binds, |mut reader, outbox| {
+        let jobs = jobs.clone();
+        async move {
+            loop {
+                let stanza = reader.next().await?;
+                if stanza.name() != "xdb" {
+                    // Not ours to answer with data, but never silence.
+                    if let Some(reply) = stanza.error_reply(
+                        jrs_stream::StanzaErrorCondition::ServiceUnavailable,
+                        "xdb-file only answers storage requests",
+                    ) {
+                        outbox.send(reply);
+                    }
+                    continue;
+                }
+                if matches!(stanza.kind(), Some("result" | "error")) {
+                    debug!("ignoring an xdb answer sent to storage");
+                    continue;
+                }
+                jobs.send((stanza, outbox.clone()))?;
+            }
+        }
+    }))
+}
+
+/// Serves one request; always returns an answer (result or error).
+fn answer(spool: &mut Spool, hosts: &[String], stanza: &Stanza) -> bytes::Bytes {
+    match serve(spool, hosts, stanza) {
+        Ok((request, content)) => request.result(&content),
+        Err(refusal) => {
+            warn!(from = stanza.from().unwrap_or(""), to = stanza.to().unwrap_or(""),
+                condition = refusal.condition.name(), "{}", refusal.text);
+            stanza
+                .error_reply(refusal.condition, &refusal.text)
+                .expect("requests are never errors or results")
+        }
+    }
+}
+
+fn serve(spool: &mut Spool, hosts: &[String], stanza: &Stanza) -> Result<(Request, bytes::Bytes), Refusal> {
+    let request = Request::parse(stanza)?;
+    let owner = Owner::parse(&request.owner)?;
+    if !hosts.iter().any(|h| h == "*" || *h == owner.host) {
+        return Err(Refusal::new(
+            jrs_stream::StanzaErrorCondition::NotAllowed,
+            format!("this storage does not serve '{}'", owner.host),
+        ));
+    }
+    let ns = request.ns.as_str();
+    let content = match request.op {
+        Op::Get => spool.get(&owner, ns)?,
+        Op::Set => {
+            spool.set(&owner, ns, &request.content)?;
+            bytes::Bytes::new()
+        }
+        Op::Delete => {
+            spool.delete(&owner, ns)?;
+            bytes::Bytes::new()
+        }
+        Op::Append => {
+            spool.append(&owner, ns, &request.content, request.max_items)?;
+            bytes::Bytes::new()
+        }
+        Op::Take => spool.take(&owner, ns)?,
+        Op::List => {
+            let items: String = spool
+                .list(&owner.host)?
+                .iter()
+                .map(|jid| format!("<owner jid='{}'/>", jrs_stream::xml::escape(jid)))
+                .collect();
+            bytes::Bytes::from(items)
+        }
+    };
+    debug!(op = request.op.name(), owner = %request.owner, ns, "done");
+    Ok((request, content))
+}

@@ -25,6 +25,12 @@ pub struct BindError {
     pub condition: String,
 }
 
+/// The router refused the handshake (unknown name, wrong secret, name in use): retrying
+/// will not help until the configuration changes.
+#[derive(Debug, thiserror::Error)]
+#[error("the router refused the handshake: {0}")]
+pub struct HandshakeRefused(pub String);
+
 /// An authenticated link to the router, before it is split for reading and writing.
 pub struct Component {
     pub name: String,
@@ -50,7 +56,7 @@ impl Component {
             .write_all(open_stream(NS_COMPONENT_ACCEPT, &[("to", name)]).as_bytes())
             .await?;
         writer.flush().await?;
-        let header = match reader.next_frame().await.context("reading the router's stream header")? {
+        let header = match next_frame(&mut reader).await? {
             Frame::StreamOpen(b) => StreamHeader::parse(&b, Some(NS_COMPONENT_ACCEPT))?,
             other => bail!("expected a stream header from the router, got {other:?}"),
         };
@@ -62,7 +68,7 @@ impl Component {
         writer.flush().await?;
         match next_element(&mut reader).await? {
             s if s.name() == "handshake" => {}
-            s => bail!("handshake refused: {}", describe_error(&s)),
+            s => return Err(HandshakeRefused(describe_error(&s)).into()),
         }
         Ok(Component {
             name: name.to_owned(),
@@ -198,6 +204,10 @@ impl Outbox {
     pub fn send(&self, bytes: impl Into<Bytes>) -> bool {
         self.0.send(bytes.into()).is_ok()
     }
+}
+
+async fn next_frame(reader: &mut FramedReader<ReadHalf<BoxIo>>) -> anyhow::Result<Frame> {
+    reader.next_frame().await.context("reading from the router")
 }
 
 async fn next_element(reader: &mut FramedReader<ReadHalf<BoxIo>>) -> anyhow::Result<Stanza> {

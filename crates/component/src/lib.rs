@@ -10,8 +10,9 @@ pub mod client;
 pub mod io;
 pub mod logging;
 pub mod protocol;
+pub mod service;
 pub mod transport;
 
-pub use client::{BindError, Component, ComponentReader, ComponentWriter};
+pub use client::{BindError, Component, ComponentReader, ComponentWriter, HandshakeRefused, Outbox};
 pub use io::{FramedReader, ReadError};
 pub use protocol::{PacketType, TopLevel};

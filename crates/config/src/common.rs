@@ -105,3 +105,19 @@ impl LogConfig {
         Ok(LogConfig { level: level.to_owned() })
     }
 }
+
+/// `<limits max-stanza-bytes=".." max-depth=".."/>`: limits on what a process parses.
+pub fn limits_from_node(node: Option<&Node>, default: jrs_stream::Limits) -> Result<jrs_stream::Limits> {
+    let Some(node) = node else {
+        return Ok(default);
+    };
+    node.allow(&["max-stanza-bytes", "max-depth"], &[])?;
+    Ok(jrs_stream::Limits {
+        max_stanza_bytes: node
+            .parse_attr("max-stanza-bytes", "a number of bytes")?
+            .unwrap_or(default.max_stanza_bytes),
+        max_depth: node
+            .parse_attr("max-depth", "a nesting depth (a whole number)")?
+            .unwrap_or(default.max_depth),
+    })
+}

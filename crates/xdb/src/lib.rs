@@ -1,0 +1,186 @@
+//! Storage requests and results (the `xdb` packet type), specified in `docs/protocol.md`.
+//!
+//! ```xml
+//! <xdb xmlns='urn:jabberd-rs:xdb:0' type='get' to='alice@localhost' from='sm-1'
+//!      ns='jabber:iq:roster' id='7'/>
+//! <xdb xmlns='urn:jabberd-rs:xdb:0' type='result' to='sm-1' from='alice@localhost'
+//!      ns='jabber:iq:roster' id='7'>...stored fragment...</xdb>
+//! ```
+//! The owner is the `to` of a request: a bare JID, or a domain for data of the host. The
+//! router routes requests by the owner's domain, so one storage component per domain.
+
+use bytes::Bytes;
+
+use jrs_component::protocol::NS_XDB;
+use jrs_stream::xml::escape;
+use jrs_stream::{Stanza, StanzaErrorCondition};
+
+/// What a request asks of the storage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// Return the stored fragment (empty when nothing is stored).
+    Get,
+    /// Replace the fragment with the request's content.
+    Set,
+    /// Remove the fragment; with `ns='*'`, everything stored for the owner.
+    Delete,
+    /// Add the request's content after the stored fragment (lists such as offline
+    /// messages); `max-items` refuses the append with `resource-constraint` when the
+    /// result would hold more top-level elements.
+    Append,
+    /// Return the fragment and remove it, in one durable step.
+    Take,
+    /// For a domain owner: the bare JIDs that have data stored, as `<owner jid='..'/>`.
+    List,
+}
+
+impl Op {
+    pub fn name(self) -> &'static str {
+        match self {
+            Op::Get => "get",
+            Op::Set => "set",
+            Op::Delete => "delete",
+            Op::Append => "append",
+            Op::Take => "take",
+            Op::List => "list",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Op> {
+        [Op::Get, Op::Set, Op::Delete, Op::Append, Op::Take, Op::List]
+            .into_iter()
+            .find(|o| o.name() == s)
+    }
+}
+
+/// A parsed storage request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Request {
+    pub op: Op,
+    pub owner: String,
+    pub ns: String,
+    pub id: String,
+    pub from: String,
+    pub max_items: Option<usize>,
+    pub content: Bytes,
+}
+
+/// A request that cannot be served, with the error condition to answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub condition: StanzaErrorCondition,
+    pub text: String,
+}
+
+impl Refusal {
+    pub fn new(condition: StanzaErrorCondition, text: impl Into<String>) -> Refusal {
+        Refusal {
+            condition,
+            text: text.into(),
+        }
+    }
+}
+
+impl Request {
+    pub fn parse(stanza: &Stanza) -> Result<Request, Refusal> {
+        let bad = |t: &str| Refusal::new(StanzaErrorCondition::BadRequest, t);
+        let op = stanza
+            .kind()
+            .and_then(Op::parse)
+            .ok_or_else(|| bad("type must be get, set, delete, append, take or list"))?;
+        let owner = stanza.attr("to").filter(|s| !s.is_empty()).ok_or_else(|| bad("'to' (the owner) is required"))?;
+        let ns = stanza.attr("ns").unwrap_or_default();
+        if ns.is_empty() && op != Op::List {
+            return Err(bad("'ns' is required"));
+        }
+        let max_items = match stanza.attr("max-items") {
+            None => None,
+            Some(v) => Some(v.parse().map_err(|_| bad("max-items must be a whole number"))?),
+        };
+        Ok(Request {
+            op,
+            owner,
+            ns,
+            id: stanza.attr("id").unwrap_or_default(),
+            from: stanza.attr("from").unwrap_or_default(),
+            max_items,
+            content: Bytes::copy_from_slice(stanza.inner()),
+        })
+    }
+
+    /// The request as sent on the wire.
+    pub fn to_xml(&self) -> String {
+        let mut s = format!(
+            "<xdb xmlns='{NS_XDB}' type='{}' to='{}' from='{}' ns='{}' id='{}'",
+            self.op.name(),
+            escape(&self.owner),
+            escape(&self.from),
+            escape(&self.ns),
+            escape(&self.id)
+        );
+        if let Some(max) = self.max_items {
+            s.push_str(&format!(" max-items='{max}'"));
+        }
+        if self.content.is_empty() {
+            s.push_str("/>");
+        } else {
+            s.push('>');
+            s.push_str(&String::from_utf8_lossy(&self.content));
+            s.push_str("</xdb>");
+        }
+        s
+    }
+
+    /// The successful answer, carrying `content` (may be empty).
+    pub fn result(&self, content: &[u8]) -> Bytes {
+        let head = format!(
+            "<xdb xmlns='{NS_XDB}' type='result' to='{}' from='{}' ns='{}' id='{}'",
+            escape(&self.from),
+            escape(&self.owner),
+            escape(&self.ns),
+            escape(&self.id)
+        );
+        let mut out = Vec::with_capacity(head.len() + content.len() + 8);
+        out.extend_from_slice(head.as_bytes());
+        if content.is_empty() {
+            out.extend_from_slice(b"/>");
+        } else {
+            out.push(b'>');
+            out.extend_from_slice(content);
+            out.extend_from_slice(b"</xdb>");
+        }
+        Bytes::from(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip() {
+        let req = Request {
+            op: Op::Append,
+            owner: "alice@localhost".into(),
+            ns: "msgoffline".into(),
+            id: "9".into(),
+            from: "sm-1".into(),
+            max_items: Some(100),
+            content: Bytes::from_static(b"<message to='alice@localhost'/>"),
+        };
+        let parsed = Request::parse(&Stanza::parse(Bytes::from(req.to_xml())).unwrap()).unwrap();
+        assert_eq!(parsed, req);
+        let result = Stanza::parse(req.result(b"<x/>")).unwrap();
+        assert_eq!(result.kind(), Some("result"));
+        assert_eq!(result.to(), Some("sm-1"));
+        assert_eq!(result.inner(), b"<x/>");
+    }
+
+    #[test]
+    fn refuses_incomplete_requests() {
+        let s = Stanza::parse(Bytes::from_static(b"<xdb type='get' to='a@b' from='sm' id='1'/>")).unwrap();
+        assert_eq!(Request::parse(&s).unwrap_err().condition, StanzaErrorCondition::BadRequest);
+        let s = Stanza::parse(Bytes::from_static(b"<xdb type='frob' to='a@b' ns='x' id='1'/>")).unwrap();
+        assert!(Request::parse(&s).is_err());
+    }
+}

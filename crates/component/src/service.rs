@@ -1,0 +1,191 @@
+//! What every component executable does the same way: command line, logging, the
+//! connect-authenticate-bind loop with backoff, and stopping on SIGTERM.
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use tokio::signal::unix::{signal, SignalKind};
+use tracing::{error, info, warn};
+
+use jrs_config::RouterLink;
+use jrs_stream::Limits;
+
+use crate::client::{BindError, Component, ComponentReader, HandshakeRefused, Outbox};
+use crate::protocol::PacketType;
+
+/// Command-line options shared by every component executable.
+#[derive(clap::Args, Debug, Clone)]
+pub struct CommonArgs {
+    /// Configuration file.
+    #[arg(short = 'c', long = "config")]
+    pub config: PathBuf,
+    /// Instance number when the supervisor runs several copies: the component connects
+    /// to the router as NAME-N.
+    #[arg(long)]
+    pub instance: Option<u32>,
+    /// Check the configuration and exit.
+    #[arg(long)]
+    pub check: bool,
+}
+
+/// One route to bind after the handshake.
+#[derive(Debug, Clone)]
+pub struct Bind {
+    pub route: PacketType,
+    pub host: String,
+    pub shared: bool,
+}
+
+/// Connects to the router, authenticates and binds, retrying with backoff while the
+/// router is unreachable. A refusal (wrong secret, ACL) is final: it needs the operator.
+pub async fn connect_and_bind(link: &RouterLink, limits: Limits, binds: &[Bind]) -> anyhow::Result<Component> {
+    let mut delay = link.reconnect;
+    loop {
+        match try_connect(link, limits, binds).await {
+            Ok(c) => {
+                info!(name = %link.name, routes = binds.len(), "connected to the router");
+                return Ok(c);
+            }
+            Err(e) if e.is::<HandshakeRefused>() || e.is::<BindError>() => return Err(e),
+            Err(e) => {
+                warn!("router not reachable, retrying in {delay:?}: {e:#}");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(10));
+            }
+        }
+    }
+}
+
+async fn try_connect(link: &RouterLink, limits: Limits, binds: &[Bind]) -> anyhow::Result<Component> {
+    let mut c = Component::connect(link, limits).await?;
+    for b in binds {
+        c.bind(b.route, &b.host, b.shared).await?;
+    }
+    Ok(c)
+}
+
+/// Runs a component until SIGTERM/SIGINT: connect and bind, hand the link to `serve`,
+/// and reconnect whenever `serve` returns (the link dropped).
+pub async fn run_component<F, Fut>(link: RouterLink, limits: Limits, binds: Vec<Bind>, mut serve: F) -> anyhow::Result<()>
+where
+    F: FnMut(ComponentReader, Outbox) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+{
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let work = async {
+        loop {
+            let component = connect_and_bind(&link, limits, &binds).await?;
+            let (reader, writer) = component.split();
+            match serve(reader, writer.spawn()).await {
+                Ok(()) => warn!("router link closed; reconnecting"),
+                Err(e) => warn!("router link lost: {e:#}; reconnecting"),
+            }
+            tokio::time::sleep(link.reconnect).await;
+        }
+    };
+    tokio::select! {
+        r = work => {
+            let r: anyhow::Result<()> = r;
+            if let Err(e) = &r {
+                error!("{e:#}");
+            }
+            r
+        }
+        _ = term.recv() => { info!("stopping"); Ok(()) }
+        _ = int.recv() => { info!("stopping"); Ok(()) }
+    }
+}
+
+/// Builds the runtime and runs `main`, mapping errors to exit codes: 2 for configuration
+/// errors (printed as FILE:LINE), 1 for failures.
+pub fn exit_code(result: anyhow::Result<()>, program: &str) -> std::process::ExitCode {
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) if e.is::<jrs_config::ConfigError>() => {
+            eprintln!("{program}: {e}");
+            std::process::ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("{program}: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// Answers every packet with an error reply: what a component does for traffic it does
+/// not implement yet (errors and results are never answered).
+pub async fn refuse_all(
+    mut reader: ComponentReader,
+    outbox: Outbox,
+    condition: jrs_stream::StanzaErrorCondition,
+    text: &str,
+) -> anyhow::Result<()> {
+    loop {
+        let stanza = reader.next().await?;
+        if let Some(reply) = stanza.error_reply(condition, text) {
+            outbox.send(reply);
+        }
+    }
+}
+
+/// Loads the `<router>`, `<host>`, `<limits>` and `<log>` sections that every thin
+/// component file has; `root` names the file's root element.
+pub struct BasicConfig {
+    pub router: RouterLink,
+    pub hosts: Vec<String>,
+    pub limits: Limits,
+    pub log: jrs_config::LogConfig,
+}
+
+impl BasicConfig {
+    pub fn load(path: &std::path::Path, root: &str, needs_hosts: bool) -> jrs_config::Result<BasicConfig> {
+        let node = jrs_config::Node::load(path, root)?;
+        node.allow(&[], &["router", "host", "limits", "log"])?;
+        let hosts: Vec<String> = node.children("host").map(|h| h.text.to_ascii_lowercase()).collect();
+        if needs_hosts && (hosts.is_empty() || hosts.iter().any(String::is_empty)) {
+            return Err(node.error("at least one non-empty <host>DOMAIN</host> is required"));
+        }
+        if !needs_hosts && !hosts.is_empty() {
+            return Err(node.children("host").next().expect("non-empty").error("not used by this program"));
+        }
+        Ok(BasicConfig {
+            router: RouterLink::from_node(node.required_child("router")?)?,
+            hosts,
+            limits: jrs_config::limits_from_node(node.child("limits")?, Limits::default())?,
+            log: jrs_config::LogConfig::from_node(node.child("log")?)?,
+        })
+    }
+}
+
+/// The whole `main` of a component that only connects, binds and refuses traffic.
+pub fn run_thin(
+    program: &str,
+    args: CommonArgs,
+    needs_hosts: bool,
+    binds: impl Fn(&[String]) -> Vec<Bind>,
+    condition: jrs_stream::StanzaErrorCondition,
+    text: &'static str,
+) -> std::process::ExitCode {
+    let result = (|| -> anyhow::Result<()> {
+        let config = BasicConfig::load(&args.config, program, needs_hosts)?;
+        if args.check {
+            println!("{}: ok", args.config.display());
+            return Ok(());
+        }
+        crate::logging::init(&config.log);
+        crate::transport::install_crypto_provider();
+        let link = config.router.clone().for_instance(args.instance);
+        let binds = binds(&config.hosts);
+        info!(name = %link.name, "{program} starting");
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()?
+            .block_on(run_component(link, config.limits, binds, |reader, outbox| {
+                refuse_all(reader, outbox, condition, text)
+            }))
+    })();
+    exit_code(result, program)
+}

@@ -1,0 +1,45 @@
+//! `xdb-file.xml`.
+
+use std::path::{Path, PathBuf};
+
+use jrs_config::{limits_from_node, LogConfig, Node, Result, RouterLink};
+use jrs_stream::Limits;
+
+#[derive(Debug, Clone)]
+pub struct StorageConfig {
+    pub router: RouterLink,
+    /// Domains whose data this instance stores; `*` takes every domain nobody else binds.
+    pub hosts: Vec<String>,
+    pub spool: PathBuf,
+    pub cache_entries: usize,
+    pub limits: Limits,
+    pub log: LogConfig,
+}
+
+impl StorageConfig {
+    pub fn load(path: &Path) -> Result<StorageConfig> {
+        let root = Node::load(path, "xdb-file")?;
+        root.allow(&[], &["router", "host", "spool", "cache", "limits", "log"])?;
+        let hosts: Vec<String> = root.children("host").map(|h| h.text.to_ascii_lowercase()).collect();
+        if hosts.is_empty() || hosts.iter().any(String::is_empty) {
+            return Err(root.error("at least one non-empty <host>DOMAIN</host> is required (or <host>*</host>)"));
+        }
+        let spool = root.required_child("spool")?;
+        spool.allow(&["dir"], &[])?;
+        let mut cache_entries = 10_000;
+        if let Some(cache) = root.child("cache")? {
+            cache.allow(&["max-entries"], &[])?;
+            cache_entries = cache.parse_attr("max-entries", "a number of entries")?.unwrap_or(cache_entries);
+        }
+        Ok(StorageConfig {
+            router: RouterLink::from_node(root.required_child("router")?)?,
+            hosts,
+            spool: PathBuf::from(spool.required_attr("dir")?),
+            cache_entries,
+            // Storage requests carry whole rosters and offline lists: allow more than a
+            // client stanza.
+            limits: limits_from_node(root.child("limits")?, Limits { max_stanza_bytes: 4 << 20, max_depth: 64 })?,
+            log: LogConfig::from_node(root.child("log")?)?,
+        })
+    }
+}

@@ -1,0 +1,373 @@
+//! The file spool: one directory per host, one per user, one file per namespace.
+//!
+//! ```text
+//! SPOOL/localhost/alice/jabber%3Aiq%3Aroster.xml     data of alice@localhost
+//! SPOOL/localhost/@host/...                          data of the host itself
+//! ```
+//! Every write is durable before it is acknowledged: write a temporary file, fsync it,
+//! rename it over the old one, fsync the directory (and the parents it created).
+
+use std::fs::{self, File};
+use std::io::{self, Write};
+use std::num::NonZeroUsize;
+use std::path::{Path, PathBuf};
+
+use bytes::Bytes;
+use lru::LruCache;
+use tracing::error;
+
+use jrs_stream::validate::validate_stanza;
+use jrs_stream::StanzaErrorCondition;
+use jrs_xdb::Refusal;
+
+/// Directory holding a host's own data; '@' never appears in an escaped user name.
+const HOST_DIR: &str = "@host";
+const OPEN: &[u8] = b"<stored>";
+const CLOSE: &[u8] = b"</stored>";
+
+/// Who data belongs to, normalised (nodeprep / nameprep by the `jid` crate).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Owner {
+    pub host: String,
+    pub user: Option<String>,
+}
+
+impl Owner {
+    pub fn parse(owner: &str) -> Result<Owner, Refusal> {
+        let jid = jid::BareJid::new(owner).map_err(|e| {
+            Refusal::new(StanzaErrorCondition::JidMalformed, format!("owner '{owner}': {e}"))
+        })?;
+        Ok(Owner {
+            host: jid.domain().as_str().to_owned(),
+            user: jid.node().map(|n| n.as_str().to_owned()),
+        })
+    }
+}
+
+pub struct Spool {
+    root: PathBuf,
+    /// Fragments by file path; `None` caches "no file".
+    cache: LruCache<PathBuf, Option<Bytes>>,
+}
+
+fn internal(text: String) -> Refusal {
+    error!("{text}");
+    Refusal::new(StanzaErrorCondition::InternalServerError, text)
+}
+
+impl Spool {
+    pub fn new(root: PathBuf, cache_entries: usize) -> Spool {
+        Spool {
+            root,
+            cache: LruCache::new(NonZeroUsize::new(cache_entries.max(1)).expect("max(1)")),
+        }
+    }
+
+    fn owner_dir(&self, owner: &Owner) -> PathBuf {
+        let host = self.root.join(escape_name(&owner.host));
+        match &owner.user {
+            Some(user) => host.join(escape_name(user)),
+            None => host.join(HOST_DIR),
+        }
+    }
+
+    fn file(&self, owner: &Owner, ns: &str) -> PathBuf {
+        self.owner_dir(owner).join(format!("{}.xml", escape_name(ns)))
+    }
+
+    /// The stored fragment (empty when nothing is stored). A file that is not what this
+    /// program writes is reported and left untouched.
+    pub fn get(&mut self, owner: &Owner, ns: &str) -> Result<Bytes, Refusal> {
+        let path = self.file(owner, ns);
+        Ok(self.read(&path)?.unwrap_or_default())
+    }
+
+    fn read(&mut self, path: &Path) -> Result<Option<Bytes>, Refusal> {
+        if let Some(hit) = self.cache.get(path) {
+            return Ok(hit.clone());
+        }
+        let data = match fs::read(path) {
+            Ok(d) => d,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                self.cache.put(path.to_owned(), None);
+                return Ok(None);
+            }
+            Err(e) => return Err(internal(format!("reading {}: {e}", path.display()))),
+        };
+        let fragment = parse_file(&data).ok_or_else(|| {
+            internal(format!(
+                "{} is corrupt (not a <stored> document); left in place for the operator",
+                path.display()
+            ))
+        })?;
+        let fragment = Bytes::copy_from_slice(fragment);
+        self.cache.put(path.to_owned(), Some(fragment.clone()));
+        Ok(Some(fragment))
+    }
+
+    /// Replaces the fragment; an empty fragment removes the file.
+    pub fn set(&mut self, owner: &Owner, ns: &str, content: &[u8]) -> Result<(), Refusal> {
+        let path = self.file(owner, ns);
+        // Refuse to replace a file we cannot read: it may hold data the operator wants.
+        self.read(&path)?;
+        self.write(&path, content)
+    }
+
+    fn write(&mut self, path: &Path, content: &[u8]) -> Result<(), Refusal> {
+        if content.iter().all(u8::is_ascii_whitespace) {
+            return self.remove(path);
+        }
+        let mut doc = Vec::with_capacity(OPEN.len() + content.len() + CLOSE.len());
+        doc.extend_from_slice(OPEN);
+        doc.extend_from_slice(content);
+        doc.extend_from_slice(CLOSE);
+        if let Err(e) = validate_stanza(&doc) {
+            return Err(Refusal::new(
+                StanzaErrorCondition::BadRequest,
+                format!("content is not well-formed XML: {}", e.text),
+            ));
+        }
+        write_durable(path, &doc).map_err(|e| internal(format!("writing {}: {e}", path.display())))?;
+        self.cache.put(path.to_owned(), Some(Bytes::copy_from_slice(content)));
+        Ok(())
+    }
+
+    fn remove(&mut self, path: &Path) -> Result<(), Refusal> {
+        match fs::remove_file(path) {
+            Ok(()) => sync_dir(path.parent().expect("spool files have a parent"))
+                .map_err(|e| internal(format!("syncing the directory of {}: {e}", path.display())))?,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(internal(format!("removing {}: {e}", path.display()))),
+        }
+        self.cache.put(path.to_owned(), None);
+        Ok(())
+    }
+
+    pub fn delete(&mut self, owner: &Owner, ns: &str) -> Result<(), Refusal> {
+        if ns == "*" {
+            return self.delete_owner(owner);
+        }
+        let path = self.file(owner, ns);
+        self.read(&path)?;
+        self.remove(&path)
+    }
+
+    /// Removes everything stored for an owner (account removal).
+    fn delete_owner(&mut self, owner: &Owner) -> Result<(), Refusal> {
+        let dir = self.owner_dir(owner);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(internal(format!("removing {}: {e}", dir.display()))),
+        }
+        if let Some(parent) = dir.parent() {
+            let _ = sync_dir(parent);
+        }
+        self.cache.clear();
+        Ok(())
+    }
+
+    /// Adds `items` after the stored fragment. With `max_items`, refuses when the list
+    /// would grow past it.
+    pub fn append(&mut self, owner: &Owner, ns: &str, items: &[u8], max_items: Option<usize>) -> Result<(), Refusal> {
+        let path = self.file(owner, ns);
+        let old = self.read(&path)?.unwrap_or_default();
+        if let Some(max) = max_items {
+            if count_elements(&old) + count_elements(items) > max {
+                return Err(Refusal::new(
+                    StanzaErrorCondition::ResourceConstraint,
+                    format!("the list holds at most {max} items"),
+                ));
+            }
+        }
+        let mut content = Vec::with_capacity(old.len() + items.len());
+        content.extend_from_slice(&old);
+        content.extend_from_slice(items);
+        self.write(&path, &content)
+    }
+
+    /// Returns the fragment and removes it.
+    pub fn take(&mut self, owner: &Owner, ns: &str) -> Result<Bytes, Refusal> {
+        let path = self.file(owner, ns);
+        let data = self.read(&path)?.unwrap_or_default();
+        self.remove(&path)?;
+        Ok(data)
+    }
+
+    /// Bare JIDs with data on `host`.
+    pub fn list(&self, host: &str) -> Result<Vec<String>, Refusal> {
+        let dir = self.root.join(escape_name(host));
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(vec![]),
+            Err(e) => return Err(internal(format!("listing {}: {e}", dir.display()))),
+        };
+        let mut users: Vec<String> = entries
+            .flatten()
+            .filter_map(|e| e.file_name().to_str().and_then(unescape_name))
+            .filter(|u| u != HOST_DIR)
+            .map(|u| format!("{u}@{host}"))
+            .collect();
+        users.sort();
+        Ok(users)
+    }
+}
+
+/// The fragment inside a spool file, or `None` if the file is not a valid `<stored>`
+/// document.
+fn parse_file(data: &[u8]) -> Option<&[u8]> {
+    let inner = data.strip_prefix(OPEN)?.strip_suffix(CLOSE)?;
+    validate_stanza(data).ok()?;
+    Some(inner)
+}
+
+/// Counts top-level elements of a fragment.
+fn count_elements(fragment: &[u8]) -> usize {
+    let mut reader = quick_xml::Reader::from_reader(fragment);
+    let mut depth = 0usize;
+    let mut count = 0;
+    loop {
+        match reader.read_event() {
+            Ok(quick_xml::events::Event::Start(_)) => {
+                if depth == 0 {
+                    count += 1;
+                }
+                depth += 1;
+            }
+            Ok(quick_xml::events::Event::Empty(_)) if depth == 0 => count += 1,
+            Ok(quick_xml::events::Event::End(_)) => depth = depth.saturating_sub(1),
+            Ok(quick_xml::events::Event::Eof) | Err(_) => return count,
+            _ => {}
+        }
+    }
+}
+
+/// Writes `data` to `path` durably: temp file, fsync, rename, fsync the directory. Parent
+/// directories created on the way are synced into their own parents too.
+fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
+    let dir = path.parent().expect("spool files have a parent");
+    create_dir_durable(dir)?;
+    let tmp = dir.join(format!(
+        ".{}.tmp",
+        path.file_name().and_then(|n| n.to_str()).unwrap_or("data")
+    ));
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(data)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+fn create_dir_durable(dir: &Path) -> io::Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = dir.parent() {
+        create_dir_durable(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
+        Err(e) => return Err(e),
+    }
+    sync_dir(dir.parent().unwrap_or(Path::new(".")))
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// Escapes a JID part or namespace into one safe file name: ASCII letters, digits, `-`,
+/// `_` and non-leading `.` stay; every other byte becomes `%XX`. So no name can be `.`,
+/// `..`, contain `/`, or start with `@` (reserved for [`HOST_DIR`]).
+pub fn escape_name(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for (i, b) in s.bytes().enumerate() {
+        let keep = b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || (b == b'.' && i > 0);
+        if keep {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+fn unescape_name(s: &str) -> Option<String> {
+    let mut bytes = vec![];
+    let mut it = s.bytes();
+    while let Some(b) = it.next() {
+        if b == b'%' {
+            let hex = [it.next()?, it.next()?];
+            bytes.push(u8::from_str_radix(std::str::from_utf8(&hex).ok()?, 16).ok()?);
+        } else {
+            bytes.push(b);
+        }
+    }
+    String::from_utf8(bytes).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spool() -> (Spool, PathBuf) {
+        let dir = std::env::temp_dir().join(format!("jrs-spool-{}-{}", std::process::id(), rand_suffix()));
+        (Spool::new(dir.clone(), 16), dir)
+    }
+
+    fn rand_suffix() -> u64 {
+        use std::time::{SystemTime, UNIX_EPOCH};
+        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+    }
+
+    #[test]
+    fn escaping_blocks_traversal() {
+        for evil in ["..", ".", "../../etc", "a/b", "@host", "x\0y"] {
+            let e = escape_name(evil);
+            assert!(!e.contains('/') && e != "." && e != ".." && !e.starts_with('@') && !e.starts_with('.'), "{evil} -> {e}");
+            assert_eq!(unescape_name(&e).as_deref(), Some(evil));
+        }
+        assert_eq!(escape_name("john.doe"), "john.doe");
+    }
+
+    #[test]
+    fn set_get_append_take_delete() {
+        let (mut s, dir) = spool();
+        let alice = Owner::parse("Alice@LocalHost").unwrap();
+        assert_eq!(alice.user.as_deref(), Some("alice"));
+        assert!(s.get(&alice, "jabber:iq:roster").unwrap().is_empty());
+        s.set(&alice, "jabber:iq:roster", b"<query xmlns='jabber:iq:roster'/>").unwrap();
+        s.cache.clear();
+        assert_eq!(&s.get(&alice, "jabber:iq:roster").unwrap()[..], b"<query xmlns='jabber:iq:roster'/>");
+        s.append(&alice, "offline", b"<message id='1'/>", Some(2)).unwrap();
+        s.append(&alice, "offline", b"<message id='2'><body>x</body></message>", Some(2)).unwrap();
+        assert_eq!(
+            s.append(&alice, "offline", b"<message id='3'/>", Some(2)).unwrap_err().condition,
+            StanzaErrorCondition::ResourceConstraint
+        );
+        assert_eq!(count_elements(&s.take(&alice, "offline").unwrap()), 2);
+        assert!(s.get(&alice, "offline").unwrap().is_empty());
+        assert_eq!(s.list("localhost").unwrap(), vec!["alice@localhost".to_owned()]);
+        s.delete(&alice, "*").unwrap();
+        assert!(s.get(&alice, "jabber:iq:roster").unwrap().is_empty());
+        assert!(s.set(&alice, "x", b"<a><b></a>").is_err());
+        fs::remove_dir_all(dir).unwrap();
+    }
+
+    #[test]
+    fn corrupt_files_are_reported_and_kept() {
+        let (mut s, dir) = spool();
+        let bob = Owner::parse("bob@localhost").unwrap();
+        let path = s.file(&bob, "vcard-temp");
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(&path, b"<stored><vCard>trunc").unwrap();
+        assert_eq!(s.get(&bob, "vcard-temp").unwrap_err().condition, StanzaErrorCondition::InternalServerError);
+        assert!(s.set(&bob, "vcard-temp", b"<vCard/>").is_err());
+        assert!(s.append(&bob, "vcard-temp", b"<x/>", None).is_err());
+        assert_eq!(fs::read(&path).unwrap(), b"<stored><vCard>trunc");
+        fs::remove_dir_all(dir).unwrap();
+    }
+}
