@@ -49,7 +49,9 @@ fn run(args: Args) -> anyhow::Result<()> {
     // File operations block; they run on one thread, in arrival order, so requests for
     // one owner are applied in the order they were sent.
     let (jobs, queue) = mpsc::channel::<(Stanza, Outbox)>();
-    let mut spool = Spool::new(config.spool.clone(), config.cache_entries);
+    // Absolute, so logs and errors name the real place.
+    let spool_dir = std::env::current_dir()?.join(&config.spool);
+    let mut spool = Spool::new(spool_dir.clone(), config.cache_entries);
     let hosts = config.hosts.clone();
     std::thread::Builder::new()
         .name("spool".into())
@@ -59,7 +61,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 outbox.send(reply);
             }
         })?;
-    info!(spool = %config.spool.display(), hosts = ?config.hosts, "xdb-file starting");
+    info!(spool = %spool_dir.display(), hosts = ?config.hosts, "xdb-file starting");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -261,7 +261,7 @@ fn write_durable(path: &Path, data: &[u8]) -> io::Result<()> {
 }
 
 fn create_dir_durable(dir: &Path) -> io::Result<()> {
-    if dir.is_dir() {
+    if dir.as_os_str().is_empty() || dir.is_dir() {
         return Ok(());
     }
     if let Some(parent) = dir.parent() {
@@ -272,7 +272,10 @@ fn create_dir_durable(dir: &Path) -> io::Result<()> {
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Ok(()),
         Err(e) => return Err(e),
     }
-    sync_dir(dir.parent().unwrap_or(Path::new(".")))
+    match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => sync_dir(p),
+        _ => sync_dir(Path::new(".")),
+    }
 }
 
 fn sync_dir(dir: &Path) -> io::Result<()> {
