@@ -55,6 +55,11 @@ pub async fn serve(router: Arc<Router>, io: BoxIo, peer: String) {
         .await
         {
             Ok(Ok((name, trusted))) => Some((name, trusted)),
+            Ok(Err(e)) if e.text == "connection closed" => {
+                debug!("closed before authenticating (a port probe?)");
+                outbox.close_with(Bytes::new());
+                None
+            }
             Ok(Err(e)) => {
                 warn!(error = %e, "refused");
                 outbox.close_with(Bytes::from(e.to_xml()));
@@ -163,9 +168,8 @@ async fn authenticate<R: AsyncRead + Unpin>(
         tokio::time::sleep(Duration::from_millis(200)).await;
         return Err(StreamError::new(StreamErrorCondition::NotAuthorized, "wrong handshake"));
     }
-    let _ = outbox.push(Bytes::from_static(b"<handshake/>"));
     router
-        .register(conn, &name, outbox.clone())
+        .register(conn, &name, outbox.clone(), Bytes::from_static(b"<handshake/>"))
         .map_err(|e| StreamError::new(StreamErrorCondition::Conflict, e))?;
     Ok((name, user.trusted))
 }

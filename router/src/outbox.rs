@@ -62,11 +62,23 @@ impl Outbox {
     }
 
     pub fn push(&self, packet: Bytes) -> Result<(), PushError> {
+        self.push_within(packet, self.max_bytes)
+    }
+
+    /// Queues an error reply. Errors get twice the bound: when a stuck link is cut off,
+    /// its whole queue comes back to the senders as bounces at once, and that burst must
+    /// not cut off a healthy sender too. A sender that does not read its errors at all is
+    /// still cut off, at twice the bound.
+    pub fn push_error(&self, packet: Bytes) -> Result<(), PushError> {
+        self.push_within(packet, self.max_bytes.saturating_mul(2))
+    }
+
+    fn push_within(&self, packet: Bytes, max_bytes: usize) -> Result<(), PushError> {
         let mut inner = self.inner.lock().expect("outbox lock");
         if inner.state != State::Open {
             return Err(PushError::Closed(packet));
         }
-        if inner.bytes + packet.len() > self.max_bytes {
+        if inner.bytes + packet.len() > max_bytes {
             return Err(PushError::Overflow(packet));
         }
         inner.bytes += packet.len();

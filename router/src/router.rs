@@ -110,13 +110,15 @@ impl Router {
     }
 
     /// Registers an authenticated link and binds its own name. Fails if a component of
-    /// that name is connected already.
-    pub fn register(&self, conn: ConnId, name: &str, outbox: Arc<Outbox>) -> Result<(), String> {
+    /// that name is connected already. `accepted` (the `<handshake/>`) is queued first,
+    /// under the lock, so it precedes any packet held for the name.
+    pub fn register(&self, conn: ConnId, name: &str, outbox: Arc<Outbox>, accepted: Bytes) -> Result<(), String> {
         let name: Arc<str> = name.into();
         let mut st = self.state.lock().expect("router lock");
         if let Some(other) = st.names.get(&name) {
             return Err(format!("a component named '{name}' is already connected (link {other})"));
         }
+        let _ = outbox.push(accepted);
         st.names.insert(name.clone(), conn);
         st.links.insert(
             conn,
@@ -343,9 +345,14 @@ fn route_locked(st: &mut State, route: PacketType, packet: Bytes, bounces: &mut 
     let to = stanza.to().unwrap_or("");
     let host = lower(jid_domain(to));
     let key = lower(jid_bare(to));
+    let is_error = stanza.kind() == Some("error");
     let target = st.tree.target(route, &host, &key);
     let overflow = match target {
-        Target::Deliver(instance) => match instance.outbox.push(packet) {
+        Target::Deliver(instance) => match if is_error {
+            instance.outbox.push_error(packet)
+        } else {
+            instance.outbox.push(packet)
+        } {
             Ok(()) => return,
             Err(PushError::Closed(packet)) => {
                 bounces.push(Bounce {

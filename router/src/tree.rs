@@ -94,6 +94,8 @@ impl Tree {
         if r.instances.iter().any(|i| i.conn == instance.conn) {
             return Ok(VecDeque::new());
         }
+        // Log routes copy to every instance, so any number may bind them.
+        let shared = shared || route == PacketType::Log;
         if let Some(holder) = r.instances.first() {
             if !(r.shared && shared) {
                 return Err(BindRefusal::Conflict(holder.name.to_string()));

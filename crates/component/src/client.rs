@@ -220,14 +220,18 @@ async fn next_element(reader: &mut FramedReader<ReadHalf<BoxIo>>) -> anyhow::Res
     }
 }
 
-/// The first child's name of an error element (the condition), e.g. `not-allowed`.
+/// The condition of an error stanza (the first element inside its `<error/>` child) or of
+/// a stream error (its first child), e.g. `not-allowed`.
 pub fn error_condition(s: &Stanza) -> String {
     let inner = String::from_utf8_lossy(s.inner()).into_owned();
-    // `<error type='..'><CONDITION xmlns=.../>` or `<CONDITION xmlns=.../>` (stream errors).
-    let body = inner.strip_prefix("<error").map_or(inner.as_str(), |rest| {
-        rest.split_once('>').map_or("", |(_, after)| after)
-    });
-    body.trim_start_matches('<')
+    let body = match inner.find("<error") {
+        Some(at) if s.name() != "stream:error" => {
+            inner[at..].split_once('>').map_or("", |(_, after)| after)
+        }
+        _ => inner.as_str(),
+    };
+    body.trim_start()
+        .trim_start_matches('<')
         .split(|c: char| c.is_whitespace() || c == '/' || c == '>')
         .next()
         .unwrap_or("")
