@@ -220,7 +220,7 @@ impl Router {
                 }
                 return;
             }
-            route_locked(&mut st, route, stanza.into_bytes(), &mut bounces);
+            route_locked(&mut st, route, stanza, &mut bounces);
         }
         self.bounce_all(bounces);
     }
@@ -238,6 +238,7 @@ impl Router {
                     continue;
                 };
                 let Some(route) = packet_type(&stanza) else { continue };
+                let Ok(reply) = Stanza::parse(reply) else { continue };
                 let mut st = self.state.lock().expect("router lock");
                 route_locked(&mut st, route, reply, &mut next);
             }
@@ -264,8 +265,9 @@ impl Router {
                 info!(component = %link.name, packets = queued.len(), "re-routing packets queued for a closed link");
             }
             for packet in queued {
-                if let Some(route) = Stanza::parse(packet.clone()).ok().as_ref().and_then(packet_type) {
-                    route_locked(&mut st, route, packet, &mut bounces);
+                let Ok(stanza) = Stanza::parse(packet) else { continue };
+                if let Some(route) = packet_type(&stanza) {
+                    route_locked(&mut st, route, stanza, &mut bounces);
                 }
             }
         }
@@ -328,9 +330,9 @@ fn bind_locked(st: &mut State, conn: ConnId, route: PacketType, host: &str, shar
 
 /// The routing decision. Called with the state locked; undeliverable packets are added to
 /// `bounces` to be answered once the lock is released.
-fn route_locked(st: &mut State, route: PacketType, packet: Bytes, bounces: &mut Vec<Bounce>) {
-    // Re-parsing only the start tag: cheap, and keeps `packet` as the received bytes.
-    let Ok(stanza) = Stanza::parse(packet.clone()) else { return };
+fn route_locked(st: &mut State, route: PacketType, stanza: Stanza, bounces: &mut Vec<Bounce>) {
+    // `packet` shares the received bytes: forwarding copies nothing.
+    let packet = stanza.bytes().clone();
     if route == PacketType::Log {
         let host = lower(jid_domain(stanza.from().unwrap_or("")));
         let targets = st.tree.log_targets(&host);

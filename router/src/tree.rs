@@ -67,7 +67,9 @@ pub enum Target<'a> {
 }
 
 pub struct Tree {
-    routes: HashMap<(PacketType, Box<str>), Route>,
+    /// One map per packet type (indexed by [`slot`]), keyed by host: lookups by `&str`
+    /// need no allocation.
+    routes: [HashMap<Box<str>, Route>; 4],
     grace: Duration,
     max_held: usize,
 }
@@ -75,7 +77,7 @@ pub struct Tree {
 impl Tree {
     pub fn new(grace: Duration, max_held: usize) -> Tree {
         Tree {
-            routes: HashMap::new(),
+            routes: Default::default(),
             grace,
             max_held,
         }
@@ -90,7 +92,7 @@ impl Tree {
         instance: Instance,
         shared: bool,
     ) -> Result<VecDeque<Bytes>, BindRefusal> {
-        let r = self.routes.entry((route, host.into())).or_default();
+        let r = self.routes[slot(route)].entry(host.into()).or_default();
         if r.instances.iter().any(|i| i.conn == instance.conn) {
             return Ok(VecDeque::new());
         }
@@ -109,8 +111,8 @@ impl Tree {
     /// Removes a connection from one route. When it was the last instance, the route
     /// starts holding packets for `grace`.
     pub fn unbind(&mut self, route: PacketType, host: &str, conn: ConnId, now: Instant) -> bool {
-        let key = (route, Box::<str>::from(host));
-        let Some(r) = self.routes.get_mut(&key) else {
+        let routes = &mut self.routes[slot(route)];
+        let Some(r) = routes.get_mut(host) else {
             return false;
         };
         let Some(pos) = r.instances.iter().position(|i| i.conn == conn) else {
@@ -119,7 +121,7 @@ impl Tree {
         let gone = r.instances.remove(pos);
         if r.instances.is_empty() {
             if self.grace.is_zero() || route == PacketType::Log {
-                self.routes.remove(&key);
+                routes.remove(host);
             } else {
                 r.held = Some(Held {
                     component: gone.name,
@@ -135,12 +137,11 @@ impl Tree {
     /// Finds where a `route` packet for `host` goes: the exact host first, then `*`;
     /// among several instances, the one `key` (the bare JID) hashes to.
     pub fn target(&mut self, route: PacketType, host: &str, key: &str) -> Target<'_> {
-        let exact_live = self
-            .routes
-            .get(&(route, host.into()))
+        let routes = &mut self.routes[slot(route)];
+        let exact_live = routes
+            .get(host)
             .is_some_and(|r| !r.instances.is_empty() || r.held.is_some());
-        let lookup: Box<str> = if exact_live { host.into() } else { "*".into() };
-        match self.routes.get_mut(&(route, lookup)) {
+        match routes.get_mut(if exact_live { host } else { "*" }) {
             Some(r) if !r.instances.is_empty() => Target::Deliver(pick(&r.instances, key)),
             Some(Route { held: Some(h), .. }) => Target::Hold(h),
             _ => Target::NoRoute,
@@ -151,7 +152,7 @@ impl Tree {
     pub fn log_targets(&self, host: &str) -> Vec<Instance> {
         let mut out: Vec<Instance> = vec![];
         for h in [host, "*"] {
-            if let Some(r) = self.routes.get(&(PacketType::Log, h.into())) {
+            if let Some(r) = self.routes[slot(PacketType::Log)].get(h) {
                 for i in &r.instances {
                     if !out.iter().any(|o| o.conn == i.conn) {
                         out.push(i.clone());
@@ -164,21 +165,30 @@ impl Tree {
 
     /// Whether some component serves `host` for normal traffic (or is held for it).
     pub fn serves(&self, route: PacketType, host: &str) -> bool {
-        host != "*" && self.routes.contains_key(&(route, host.into()))
+        host != "*" && self.routes[slot(route)].contains_key(host)
     }
 
     /// Ends the grace period of every route whose deadline passed; returns what they held.
     pub fn expire(&mut self, now: Instant) -> Vec<Held> {
-        let expired: Vec<_> = self
-            .routes
-            .iter()
-            .filter(|(_, r)| r.instances.is_empty() && r.held.as_ref().is_some_and(|h| h.deadline <= now))
-            .map(|(k, _)| k.clone())
-            .collect();
-        expired
-            .into_iter()
-            .filter_map(|k| self.routes.remove(&k).and_then(|r| r.held))
-            .collect()
+        let mut out = vec![];
+        for routes in &mut self.routes {
+            let expired: Vec<Box<str>> = routes
+                .iter()
+                .filter(|(_, r)| r.instances.is_empty() && r.held.as_ref().is_some_and(|h| h.deadline <= now))
+                .map(|(k, _)| k.clone())
+                .collect();
+            out.extend(expired.iter().filter_map(|k| routes.remove(k).and_then(|r| r.held)));
+        }
+        out
+    }
+}
+
+fn slot(route: PacketType) -> usize {
+    match route {
+        PacketType::Normal => 0,
+        PacketType::Session => 1,
+        PacketType::Xdb => 2,
+        PacketType::Log => 3,
     }
 }
 
