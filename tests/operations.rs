@@ -181,6 +181,20 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
     for name in ["router", "xdb-file", "sm-1", "sm-2", "c2s", "s2s"] {
         assert!(status_pid(&dir, name).is_some(), "{name} running");
     }
+    // SIGHUP reaches every process; none of them dies of it.
+    let pids: Vec<_> = ["router", "xdb-file", "sm-1", "sm-2", "c2s", "s2s"].map(|n| status_pid(&dir, n)).to_vec();
+    assert!(jabberd(&dir, &["reload"]).status.success());
+    for (name, marker) in [("router", "SIGHUP: component users reloaded"), ("xdb-file", "SIGHUP"), ("sm-1", "SIGHUP"), ("s2s", "SIGHUP")] {
+        let log = dir.join(format!("log/{name}.log"));
+        jrs_harness::wait_for(&format!("{name} to log the SIGHUP"), Duration::from_secs(5), || {
+            std::fs::read_to_string(&log).ok().filter(|l| l.contains(marker))
+        })
+        .await
+        .unwrap();
+    }
+    let after: Vec<_> = ["router", "xdb-file", "sm-1", "sm-2", "c2s", "s2s"].map(|n| status_pid(&dir, n)).to_vec();
+    assert_eq!(pids, after, "no process restarted after SIGHUP");
+
     let old = status_pid(&dir, "xdb-file").unwrap();
     let _ = Command::new("kill").args(["-9", &old.to_string()]).status();
     let new = jrs_harness::wait_for("the supervisor to restart xdb-file", Duration::from_secs(10), || {

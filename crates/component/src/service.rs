@@ -74,6 +74,8 @@ where
 {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    // The supervisor forwards SIGHUP to every process; its default action would kill us.
+    let mut hup = signal(SignalKind::hangup())?;
     let work = async {
         loop {
             let component = connect_and_bind(&link, limits, &binds).await?;
@@ -85,16 +87,23 @@ where
             tokio::time::sleep(link.reconnect).await;
         }
     };
-    tokio::select! {
-        r = work => {
-            let r: anyhow::Result<()> = r;
-            if let Err(e) = &r {
-                error!("{e:#}");
+    tokio::pin!(work);
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {
+                info!("SIGHUP: this component reads its configuration at start only; restart it to apply changes");
+                continue;
             }
-            r
+            r = &mut work => {
+                let r: anyhow::Result<()> = r;
+                if let Err(e) = &r {
+                    error!("{e:#}");
+                }
+                return r;
+            }
+            _ = term.recv() => { info!("stopping"); return Ok(()) }
+            _ = int.recv() => { info!("stopping"); return Ok(()) }
         }
-        _ = term.recv() => { info!("stopping"); Ok(()) }
-        _ = int.recv() => { info!("stopping"); Ok(()) }
     }
 }
 
