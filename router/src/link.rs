@@ -1,6 +1,7 @@
 //! One component link: XEP-0114 handshake, then a loop that frames, checks and routes
 //! every packet the component sends.
 
+use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -11,11 +12,11 @@ use tracing::{debug, info, info_span, warn, Instrument};
 
 use jrs_component::protocol::handshake_digest;
 use jrs_component::transport::BoxIo;
-use jrs_component::{FramedReader, ReadError, TopLevel};
+use jrs_component::{FramedReader, PacketType, ReadError, TopLevel};
 use jrs_stream::header::open_stream;
 use jrs_stream::validate::validate_stanza;
 use jrs_stream::{
-    Frame, Stanza, StanzaErrorCondition, StreamError, StreamErrorCondition, StreamHeader,
+    Frame, FrameKind, Stanza, StanzaErrorCondition, StreamError, StreamErrorCondition, StreamHeader,
     NS_COMPONENT_ACCEPT,
 };
 
@@ -57,19 +58,21 @@ pub async fn serve(router: Arc<Router>, io: BoxIo, peer: String) {
             Ok(Ok((name, trusted))) => Some((name, trusted)),
             Ok(Err(e)) if e.text == "connection closed" => {
                 debug!("closed before authenticating (a port probe?)");
-                outbox.close_with(Bytes::new());
+                outbox.close_with(b"");
                 None
             }
             Ok(Err(e)) => {
                 warn!(error = %e, "refused");
-                outbox.close_with(Bytes::from(e.to_xml()));
+                outbox.close_with(e.to_xml().as_bytes());
                 None
             }
             Err(_) => {
                 warn!("no handshake in time");
-                outbox.close_with(Bytes::from(
-                    StreamError::new(StreamErrorCondition::ConnectionTimeout, "no handshake in time").to_xml(),
-                ));
+                outbox.close_with(
+                    StreamError::new(StreamErrorCondition::ConnectionTimeout, "no handshake in time")
+                        .to_xml()
+                        .as_bytes(),
+                );
                 None
             }
         };
@@ -83,7 +86,7 @@ pub async fn serve(router: Arc<Router>, io: BoxIo, peer: String) {
         info!(trusted, "component connected");
 
         let end = tokio::select! {
-            end = read_packets(&router, conn, &mut reader, trusted) => end,
+            end = read_packets(&router, conn, &mut reader, &outbox, trusted) => end,
             _ = &mut writer => End::WriterGone,
         };
         // Unbind first: from now on packets for this component are held for its return.
@@ -136,10 +139,7 @@ async fn authenticate<R: AsyncRead + Unpin>(
         .unwrap_or("")
         .to_ascii_lowercase();
     // RFC 6120 4.9.1.2: a stream error is preceded by our stream header.
-    let _ = outbox.push(Bytes::from(open_stream(
-        NS_COMPONENT_ACCEPT,
-        &[("from", &name), ("id", &stream_id)],
-    )));
+    let _ = outbox.push(open_stream(NS_COMPONENT_ACCEPT, &[("from", &name), ("id", &stream_id)]).as_bytes());
     let header = header?;
     if header.xmlns.as_deref() != Some(NS_COMPONENT_ACCEPT) {
         return Err(StreamError::new(
@@ -174,62 +174,108 @@ async fn authenticate<R: AsyncRead + Unpin>(
     Ok((name, user.trusted))
 }
 
-/// Frames, checks and routes packets until the stream ends.
+/// Frames, checks and routes packets until the stream ends. Every stanza of one read is
+/// routed as one batch, straight from the read buffer.
 async fn read_packets<R: AsyncRead + Unpin>(
     router: &Router,
     conn: ConnId,
     reader: &mut FramedReader<R>,
+    outbox: &Outbox,
     trusted: bool,
 ) -> End {
+    let mut frames = Vec::new();
     loop {
-        let bytes = match reader.next_frame().await {
-            Ok(Frame::Element(bytes)) => bytes,
-            Ok(Frame::StreamClose) => return End::Closed,
-            Ok(Frame::StreamOpen(_)) => unreachable!("the framer opens a stream once"),
+        frames.clear();
+        let mut broken = None;
+        loop {
+            match reader.next_range() {
+                Ok(Some(frame)) => frames.push(frame),
+                Ok(None) => break,
+                Err(e) => {
+                    broken = Some(e);
+                    break;
+                }
+            }
+        }
+        if let Some(end) = handle_frames(router, conn, reader.buffer(), &frames, trusted) {
+            return end;
+        }
+        if let Some(e) = broken {
+            return End::Error(e);
+        }
+        outbox.wait_drained().await;
+        match reader.fill().await {
+            Ok(()) => {}
             Err(ReadError::Stream(e)) => return End::Error(e),
             Err(ReadError::Closed) => return End::Closed,
             Err(ReadError::Io(e)) => {
                 debug!(error = %e, "read failed");
                 return End::Closed;
             }
-        };
+        }
+    }
+}
+
+/// Handles the frames of one read in order; returns how the stream ends, if it does.
+fn handle_frames(router: &Router, conn: ConnId, buf: &[u8], frames: &[(FrameKind, Range<usize>)], trusted: bool) -> Option<End> {
+    let mut batch: Vec<(PacketType, Stanza<&[u8]>)> = Vec::with_capacity(frames.len());
+    let mut end = None;
+    for (kind, range) in frames {
+        let bytes = &buf[range.clone()];
+        match kind {
+            FrameKind::StreamClose => {
+                end = Some(End::Closed);
+                break;
+            }
+            FrameKind::StreamOpen => unreachable!("the framer opens a stream once"),
+            FrameKind::Element => {}
+        }
         if !trusted {
-            if let Err(e) = validate_stanza(&bytes) {
-                return End::Error(e);
+            if let Err(e) = validate_stanza(bytes) {
+                end = Some(End::Error(e));
+                break;
             }
         }
-        let stanza = match Stanza::parse(bytes) {
+        let stanza = match Stanza::parse_slice(bytes) {
             Ok(s) => s,
-            Err(e) => return End::Error(StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string())),
+            Err(e) => {
+                end = Some(End::Error(StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string())));
+                break;
+            }
         };
         match TopLevel::classify(stanza.name()) {
-            TopLevel::Packet(route) => {
-                if stanza.to().is_none() && route != jrs_component::PacketType::Log {
-                    // Addressed to the router itself, which offers no services.
-                    if let Some(reply) = stanza.error_reply(
-                        StanzaErrorCondition::ServiceUnavailable,
-                        "the router offers no services; set 'to'",
-                    ) {
-                        router.reply_to_sender(conn, reply);
-                    }
-                    continue;
+            TopLevel::Packet(route) if stanza.to().is_none() && route != PacketType::Log => {
+                // Addressed to the router itself, which offers no services.
+                if let Some(reply) = stanza.error_reply(
+                    StanzaErrorCondition::ServiceUnavailable,
+                    "the router offers no services; set 'to'",
+                ) {
+                    router.reply_to_sender(conn, reply);
                 }
-                router.route_from(conn, route, stanza);
             }
-            TopLevel::Bind => router.handle_bind(conn, &stanza, false),
-            TopLevel::Unbind => router.handle_bind(conn, &stanza, true),
+            TopLevel::Packet(route) => batch.push((route, stanza)),
+            TopLevel::Bind | TopLevel::Unbind => {
+                // In order: what was sent before the bind is routed before it.
+                router.route_batch(conn, &batch);
+                batch.clear();
+                router.handle_bind(conn, &stanza, stanza.name() == "unbind");
+            }
             TopLevel::StreamError => {
-                warn!(error = %String::from_utf8_lossy(stanza.bytes()), "component sent a stream error");
-                return End::Closed;
+                warn!(error = %String::from_utf8_lossy(bytes), "component sent a stream error");
+                end = Some(End::Closed);
+                break;
             }
             TopLevel::Handshake | TopLevel::Unknown => {
-                return End::Error(StreamError::new(
+                end = Some(End::Error(StreamError::new(
                     StreamErrorCondition::UnsupportedStanzaType,
                     format!("<{}> is not a packet the router handles", stanza.name()),
-                ))
+                )));
+                break;
             }
         }
     }
+    router.route_batch(conn, &batch);
+    end
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

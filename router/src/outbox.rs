@@ -4,10 +4,10 @@
 //! and its packets are bounced.
 
 use std::collections::VecDeque;
-use std::sync::Mutex;
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 
@@ -29,9 +29,11 @@ enum State {
     Killed,
 }
 
+/// Queued packets, stored back to back (one copy in, no per-packet allocation or
+/// reference count), with their lengths so they can be taken apart again when a link dies.
 struct Inner {
-    queue: VecDeque<Bytes>,
-    bytes: usize,
+    data: BytesMut,
+    lens: VecDeque<u32>,
     state: State,
 }
 
@@ -41,74 +43,99 @@ pub struct Outbox {
     wake: Notify,
     /// Wakes a writer blocked in a write when the link is killed.
     killed: Notify,
+    /// Wakes the link's reader waiting for the queue to drain (back-pressure).
+    drained: Notify,
     max_bytes: usize,
 }
 
 /// How much the writer copies into one write call.
 const BATCH_BYTES: usize = 64 * 1024;
 
+/// The outbox locked for several pushes in a row; wakes the writer once when dropped.
+pub struct Pusher<'a> {
+    inner: MutexGuard<'a, Inner>,
+    outbox: &'a Outbox,
+    pushed: bool,
+}
+
+impl Pusher<'_> {
+    /// Queues a packet. Errors get twice the bound: when a stuck link is cut off, its
+    /// whole queue comes back to the senders as bounces at once, and that burst must not
+    /// cut off a healthy sender too. A sender that does not read its errors at all is
+    /// still cut off, at twice the bound.
+    pub fn push(&mut self, packet: &[u8], is_error: bool) -> Result<(), PushError> {
+        if self.inner.state != State::Open {
+            return Err(PushError::Closed(Bytes::copy_from_slice(packet)));
+        }
+        let max = if is_error { self.outbox.max_bytes.saturating_mul(2) } else { self.outbox.max_bytes };
+        if self.inner.data.len() + packet.len() > max {
+            return Err(PushError::Overflow(Bytes::copy_from_slice(packet)));
+        }
+        self.inner.data.extend_from_slice(packet);
+        self.inner.lens.push_back(packet.len() as u32);
+        self.pushed = true;
+        Ok(())
+    }
+}
+
+impl Drop for Pusher<'_> {
+    fn drop(&mut self) {
+        if self.pushed {
+            self.outbox.wake.notify_one();
+        }
+    }
+}
+
 impl Outbox {
     pub fn new(max_bytes: usize) -> Outbox {
         Outbox {
             inner: Mutex::new(Inner {
-                queue: VecDeque::new(),
-                bytes: 0,
+                data: BytesMut::new(),
+                lens: VecDeque::new(),
                 state: State::Open,
             }),
             wake: Notify::new(),
             killed: Notify::new(),
+            drained: Notify::new(),
             max_bytes,
         }
     }
 
-    pub fn push(&self, packet: Bytes) -> Result<(), PushError> {
-        self.push_within(packet, self.max_bytes)
+    /// Locks the outbox for a run of pushes.
+    pub fn pusher(&self) -> Pusher<'_> {
+        Pusher {
+            inner: self.inner.lock().expect("outbox lock"),
+            outbox: self,
+            pushed: false,
+        }
     }
 
-    /// Queues an error reply. Errors get twice the bound: when a stuck link is cut off,
-    /// its whole queue comes back to the senders as bounces at once, and that burst must
-    /// not cut off a healthy sender too. A sender that does not read its errors at all is
-    /// still cut off, at twice the bound.
-    pub fn push_error(&self, packet: Bytes) -> Result<(), PushError> {
-        self.push_within(packet, self.max_bytes.saturating_mul(2))
-    }
-
-    fn push_within(&self, packet: Bytes, max_bytes: usize) -> Result<(), PushError> {
-        let mut inner = self.inner.lock().expect("outbox lock");
-        if inner.state != State::Open {
-            return Err(PushError::Closed(packet));
-        }
-        if inner.bytes + packet.len() > max_bytes {
-            return Err(PushError::Overflow(packet));
-        }
-        inner.bytes += packet.len();
-        inner.queue.push_back(packet);
-        drop(inner);
-        self.wake.notify_one();
-        Ok(())
+    pub fn push(&self, packet: &[u8]) -> Result<(), PushError> {
+        self.pusher().push(packet, false)
     }
 
     /// Queues the last bytes of the stream (a stream error or close tag): they are
     /// written after everything queued, then the socket is closed.
-    pub fn close_with(&self, last: Bytes) {
+    pub fn close_with(&self, last: &[u8]) {
         let mut inner = self.inner.lock().expect("outbox lock");
         if inner.state == State::Open {
-            inner.bytes += last.len();
-            inner.queue.push_back(last);
+            inner.data.extend_from_slice(last);
+            inner.lens.push_back(last.len() as u32);
             inner.state = State::Closing;
         }
         drop(inner);
         self.wake.notify_one();
     }
 
-    /// Stops the writer at once and returns every packet not yet handed to it.
+    /// Stops the writer at once and returns every packet not yet written.
     pub fn kill(&self) -> Vec<Bytes> {
         let mut inner = self.inner.lock().expect("outbox lock");
         inner.state = State::Killed;
-        inner.bytes = 0;
-        let rest = inner.queue.drain(..).collect();
+        let mut data = std::mem::take(&mut inner.data).freeze();
+        let rest = inner.lens.drain(..).map(|len| data.split_to(len as usize)).collect();
         drop(inner);
         self.killed.notify_waiters();
+        self.drained.notify_waiters();
         self.wake.notify_one();
         rest
     }
@@ -124,15 +151,16 @@ impl Outbox {
                 if inner.state == State::Killed {
                     return None;
                 }
-                if !inner.queue.is_empty() {
-                    let mut count = 0;
-                    for p in &inner.queue {
-                        if count > 0 && buf.len() + p.len() > BATCH_BYTES {
+                if !inner.lens.is_empty() {
+                    let (mut count, mut size) = (0, 0);
+                    for &len in &inner.lens {
+                        if count > 0 && size + len as usize > BATCH_BYTES {
                             break;
                         }
-                        buf.extend_from_slice(p);
+                        size += len as usize;
                         count += 1;
                     }
+                    buf.extend_from_slice(&inner.data[..size]);
                     return Some(count);
                 }
                 if inner.state == State::Closing {
@@ -149,10 +177,25 @@ impl Outbox {
         if inner.state == State::Killed {
             return;
         }
-        for _ in 0..count {
-            if let Some(p) = inner.queue.pop_front() {
-                inner.bytes -= p.len();
+        let size: usize = inner.lens.drain(..count).map(|l| l as usize).sum();
+        bytes::Buf::advance(&mut inner.data, size);
+        drop(inner);
+        self.drained.notify_waiters();
+    }
+
+    /// Back-pressure: waits while more than the bound is queued for this link. The link's
+    /// reader calls it before reading more, so a component that sends faster than it
+    /// reads its own replies (bounces, results) is slowed down instead of cut off.
+    pub async fn wait_drained(&self) {
+        loop {
+            let drained = self.drained.notified();
+            {
+                let inner = self.inner.lock().expect("outbox lock");
+                if inner.data.len() <= self.max_bytes || inner.state != State::Open {
+                    return;
+                }
             }
+            drained.await;
         }
     }
 

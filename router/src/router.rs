@@ -118,7 +118,7 @@ impl Router {
         if let Some(other) = st.names.get(&name) {
             return Err(format!("a component named '{name}' is already connected (link {other})"));
         }
-        let _ = outbox.push(accepted);
+        let _ = outbox.push(&accepted);
         st.names.insert(name.clone(), conn);
         st.links.insert(
             conn,
@@ -137,7 +137,7 @@ impl Router {
     }
 
     /// Handles a `<bind/>` or `<unbind/>` request and answers it on the link.
-    pub fn handle_bind(&self, conn: ConnId, request: &Stanza, unbind: bool) {
+    pub fn handle_bind<B: AsRef<[u8]>>(&self, conn: ConnId, request: &Stanza<B>, unbind: bool) {
         let element = if unbind { "unbind" } else { "bind" };
         let id = request.id().unwrap_or("");
         let route = request.attr("route").and_then(|r| PacketType::parse(&r));
@@ -193,34 +193,46 @@ impl Router {
             }
         };
         // Pushed under the lock so the answer precedes any packet the new route brings.
-        let _ = outbox.push(Bytes::from(answer));
+        let _ = outbox.push(answer.as_bytes());
     }
 
-    /// Routes one packet sent by link `conn`.
-    pub fn route_from(&self, conn: ConnId, route: PacketType, stanza: Stanza) {
+    /// Routes the packets one link sent in one read, under one lock: from checks, the
+    /// routing decision, and one push per destination.
+    pub fn route_batch(&self, conn: ConnId, packets: &[(PacketType, Stanza<&[u8]>)]) {
+        if packets.is_empty() {
+            return;
+        }
         let mut bounces = vec![];
         {
             let mut st = self.state.lock().expect("router lock");
             let State { tree, links, .. } = &mut *st;
             let Some(link) = links.get(&conn) else { return };
-            let domain = lower(jid_domain(stanza.from().unwrap_or("")));
-            if domain.is_empty() || !link.may_send_from(route, &domain, tree) {
-                let (condition, text) = if domain.is_empty() {
-                    (StanzaErrorCondition::BadRequest, "a component must set 'from'".to_owned())
-                } else {
-                    (
-                        StanzaErrorCondition::NotAllowed,
-                        format!("'{domain}' is not an address this component bound"),
-                    )
-                };
-                warn!(%route, from = stanza.from().unwrap_or(""), "forged or missing from: bounced");
-                // The reply goes straight back on the sender's link: its `to` is forged.
-                if let Some(reply) = stanza.error_reply(condition, &text) {
-                    let _ = link.outbox.push(reply);
+            let mut plan = Plan::default();
+            let mut refused = vec![];
+            for (route, stanza) in packets {
+                let domain = lower(jid_domain(stanza.from().unwrap_or("")));
+                if domain.is_empty() || !link.may_send_from(*route, &domain, tree) {
+                    let (condition, text) = if domain.is_empty() {
+                        (StanzaErrorCondition::BadRequest, "a component must set 'from'".to_owned())
+                    } else {
+                        (
+                            StanzaErrorCondition::NotAllowed,
+                            format!("'{domain}' is not an address this component bound"),
+                        )
+                    };
+                    warn!(%route, from = stanza.from().unwrap_or(""), "forged or missing from: bounced");
+                    // The reply goes straight back on the sender's link: its `to` is forged.
+                    refused.extend(stanza.error_reply(condition, &text));
+                    continue;
                 }
-                return;
+                plan.decide(tree, *route, stanza, &mut bounces);
             }
-            route_locked(&mut st, route, stanza, &mut bounces);
+            let sender = link.outbox.clone();
+            plan.execute(links, &mut bounces);
+            let mut pusher = sender.pusher();
+            for reply in refused {
+                let _ = pusher.push(&reply, true);
+            }
         }
         self.bounce_all(bounces);
     }
@@ -240,7 +252,7 @@ impl Router {
                 let Some(route) = packet_type(&stanza) else { continue };
                 let Ok(reply) = Stanza::parse(reply) else { continue };
                 let mut st = self.state.lock().expect("router lock");
-                route_locked(&mut st, route, reply, &mut next);
+                route_locked(&mut st, route, &reply, &mut next);
             }
             bounces = next;
         }
@@ -267,7 +279,7 @@ impl Router {
             for packet in queued {
                 let Ok(stanza) = Stanza::parse(packet) else { continue };
                 if let Some(route) = packet_type(&stanza) {
-                    route_locked(&mut st, route, stanza, &mut bounces);
+                    route_locked(&mut st, route, &stanza, &mut bounces);
                 }
             }
         }
@@ -298,13 +310,13 @@ impl Router {
     pub fn reply_to_sender(&self, conn: ConnId, reply: Bytes) {
         let st = self.state.lock().expect("router lock");
         if let Some(link) = st.links.get(&conn) {
-            let _ = link.outbox.push(reply);
+            let _ = link.outbox.pusher().push(&reply, true);
         }
     }
 }
 
 /// The packet type of a parsed top-level element, if it is a packet.
-pub fn packet_type(stanza: &Stanza) -> Option<PacketType> {
+pub fn packet_type<B: AsRef<[u8]>>(stanza: &Stanza<B>) -> Option<PacketType> {
     match jrs_component::TopLevel::classify(stanza.name()) {
         jrs_component::TopLevel::Packet(t) => Some(t),
         _ => None,
@@ -319,94 +331,140 @@ fn bind_locked(st: &mut State, conn: ConnId, route: PacketType, host: &str, shar
     if !held.is_empty() {
         info!(%route, %host, packets = held.len(), "delivering packets held during the grace period");
     }
+    let mut pusher = link.outbox.pusher();
     for packet in held {
-        if let Err(PushError::Overflow(p) | PushError::Closed(p)) = link.outbox.push(packet) {
+        if pusher.push(&packet, false).is_err() {
             warn!(%route, %host, "held packet could not be queued; dropped with the link");
-            drop(p);
         }
     }
     Ok(())
 }
 
-/// The routing decision. Called with the state locked; undeliverable packets are added to
-/// `bounces` to be answered once the lock is released.
-fn route_locked(st: &mut State, route: PacketType, stanza: Stanza, bounces: &mut Vec<Bounce>) {
-    // `packet` shares the received bytes: forwarding copies nothing.
-    let packet = stanza.bytes().clone();
-    if route == PacketType::Log {
-        let host = lower(jid_domain(stanza.from().unwrap_or("")));
-        let targets = st.tree.log_targets(&host);
-        if targets.is_empty() {
-            debug!(from = %host, "log record with no log component bound");
+/// Routes one packet with the state locked (bounces, re-routed and held packets).
+fn route_locked<B: AsRef<[u8]>>(st: &mut State, route: PacketType, stanza: &Stanza<B>, bounces: &mut Vec<Bounce>) {
+    let State { tree, links, .. } = st;
+    let mut plan = Plan::default();
+    plan.decide(tree, route, stanza, bounces);
+    plan.execute(links, bounces);
+}
+
+/// Packets to push, grouped by destination link, in order.
+#[derive(Default)]
+struct Plan<'a> {
+    groups: Vec<Group<'a>>,
+}
+
+struct Group<'a> {
+    conn: ConnId,
+    name: Arc<str>,
+    outbox: Arc<Outbox>,
+    /// Packet bytes and whether each is an error reply.
+    packets: Vec<(&'a [u8], bool)>,
+}
+
+impl<'a> Plan<'a> {
+    fn add(&mut self, instance: &Instance, packet: &'a [u8], is_error: bool) {
+        match self.groups.iter_mut().find(|g| g.conn == instance.conn) {
+            Some(g) => g.packets.push((packet, is_error)),
+            None => self.groups.push(Group {
+                conn: instance.conn,
+                name: instance.name.clone(),
+                outbox: instance.outbox.clone(),
+                packets: vec![(packet, is_error)],
+            }),
         }
-        for t in targets {
-            let _ = t.outbox.push(packet.clone());
-        }
-        return;
     }
-    let to = stanza.to().unwrap_or("");
-    let host = lower(jid_domain(to));
-    let key = lower(jid_bare(to));
-    let is_error = stanza.kind() == Some("error");
-    let target = st.tree.target(route, &host, &key);
-    let overflow = match target {
-        Target::Deliver(instance) => match if is_error {
-            instance.outbox.push_error(packet)
-        } else {
-            instance.outbox.push(packet)
-        } {
-            Ok(()) => return,
-            Err(PushError::Closed(packet)) => {
-                bounces.push(Bounce {
-                    packet,
-                    condition: StanzaErrorCondition::ServiceUnavailable,
-                    text: format!("component '{}' is closing", instance.name),
-                });
-                return;
+
+    /// The routing decision for one packet: a destination, the grace queue, or a bounce.
+    fn decide<B: AsRef<[u8]>>(&mut self, tree: &mut Tree, route: PacketType, stanza: &'a Stanza<B>, bounces: &mut Vec<Bounce>) {
+        let packet = stanza.as_slice();
+        if route == PacketType::Log {
+            let host = lower(jid_domain(stanza.from().unwrap_or("")));
+            let targets = tree.log_targets(&host);
+            if targets.is_empty() {
+                debug!(from = %host, "log record with no log component bound");
             }
-            Err(PushError::Overflow(packet)) => (instance.conn, instance.name.clone(), packet),
-        },
-        Target::Hold(held) => {
-            // Bounded by packets: each was already bounded in bytes by the stanza limit.
-            if held.packets.len() < held.max_packets {
-                held.packets.push_back(packet);
-            } else {
-                bounces.push(Bounce {
-                    packet,
-                    condition: StanzaErrorCondition::ServiceUnavailable,
-                    text: format!("component '{}' is unavailable and its queue is full", held.component),
-                });
+            for t in &targets {
+                self.add(t, packet, false);
             }
             return;
         }
-        Target::NoRoute => {
-            let known = OWN_NAME_ROUTES.iter().any(|t| st.tree.serves(*t, &host));
-            let condition = if route == PacketType::Normal && !known {
-                StanzaErrorCondition::RemoteServerNotFound
-            } else {
-                StanzaErrorCondition::ServiceUnavailable
+        let to = stanza.to().unwrap_or("");
+        let host = lower(jid_domain(to));
+        let key = lower(jid_bare(to));
+        let is_error = stanza.kind() == Some("error");
+        match tree.target(route, &host, &key) {
+            Target::Deliver(instance) => self.add(instance, packet, is_error),
+            Target::Hold(held) => {
+                // Bounded by packets: each was already bounded in bytes by the stanza limit.
+                if held.packets.len() < held.max_packets {
+                    held.packets.push_back(Bytes::copy_from_slice(packet));
+                } else {
+                    bounces.push(Bounce {
+                        packet: Bytes::copy_from_slice(packet),
+                        condition: StanzaErrorCondition::ServiceUnavailable,
+                        text: format!("component '{}' is unavailable and its queue is full", held.component),
+                    });
+                }
+            }
+            Target::NoRoute => {
+                let known = OWN_NAME_ROUTES.iter().any(|t| tree.serves(*t, &host));
+                let condition = if route == PacketType::Normal && !known {
+                    StanzaErrorCondition::RemoteServerNotFound
+                } else {
+                    StanzaErrorCondition::ServiceUnavailable
+                };
+                debug!(%route, to, "no route");
+                bounces.push(Bounce {
+                    packet: Bytes::copy_from_slice(packet),
+                    condition,
+                    text: format!("no route for {route} packets to '{host}'"),
+                });
+            }
+        }
+    }
+
+    /// Pushes every group with one lock of its outbox. A link whose queue overflows is
+    /// killed (its own task then unregisters it): its queue and the packets that did not
+    /// fit are bounced.
+    fn execute(self, links: &HashMap<ConnId, LinkInfo>, bounces: &mut Vec<Bounce>) {
+        for group in self.groups {
+            let mut pusher = group.outbox.pusher();
+            let mut rest = group.packets.into_iter();
+            let mut overflow = None;
+            for (packet, is_error) in rest.by_ref() {
+                match pusher.push(packet, is_error) {
+                    Ok(()) => {}
+                    Err(PushError::Closed(packet)) => bounces.push(Bounce {
+                        packet,
+                        condition: StanzaErrorCondition::ServiceUnavailable,
+                        text: format!("component '{}' is closing", group.name),
+                    }),
+                    Err(PushError::Overflow(packet)) => {
+                        overflow = Some(packet);
+                        break;
+                    }
+                }
+            }
+            drop(pusher);
+            let Some(first) = overflow else { continue };
+            warn!(component = %group.name, conn = group.conn, "outbound queue full: the component is not reading; disconnecting it");
+            let queued = match links.get(&group.conn) {
+                Some(link) => link.outbox.kill(),
+                None => group.outbox.kill(),
             };
-            debug!(%route, to, "no route");
-            bounces.push(Bounce {
-                packet,
-                condition,
-                text: format!("no route for {route} packets to '{host}'"),
-            });
-            return;
-        }
-    };
-    // A link that stopped reading: kill it (its own task then unregisters it and bounces
-    // its queue) and bounce the packet that did not fit.
-    let (conn, name, packet) = overflow;
-    warn!(component = %name, conn, "outbound queue full: the component is not reading; disconnecting it");
-    if let Some(link) = st.links.get(&conn) {
-        let queued = link.outbox.kill();
-        for p in queued.into_iter().chain(std::iter::once(packet)) {
-            bounces.push(Bounce {
-                packet: p,
-                condition: StanzaErrorCondition::ServiceUnavailable,
-                text: format!("component '{name}' stopped reading and was disconnected"),
-            });
+            let text = format!("component '{}' stopped reading and was disconnected", group.name);
+            for packet in queued
+                .into_iter()
+                .chain(std::iter::once(first))
+                .chain(rest.map(|(p, _)| Bytes::copy_from_slice(p)))
+            {
+                bounces.push(Bounce {
+                    packet,
+                    condition: StanzaErrorCondition::ServiceUnavailable,
+                    text: text.clone(),
+                });
+            }
         }
     }
 }

@@ -4,7 +4,9 @@
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt};
 
-use jrs_stream::{Frame, Framer, Limits, StreamError};
+use std::ops::Range;
+
+use jrs_stream::{Frame, FrameKind, Framer, Limits, StreamError};
 
 /// Bytes asked of the socket per read. Large enough to batch many small stanzas per
 /// system call, small enough that the framer sees an oversize stanza early.
@@ -48,6 +50,26 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
                 return Err(ReadError::Closed);
             }
         }
+    }
+
+    /// Finds the next complete frame in the buffer without removing it (see
+    /// [`Framer::next_range`]); the range indexes [`FramedReader::buffer`].
+    pub fn next_range(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, StreamError> {
+        self.framer.next_range(&self.buf)
+    }
+
+    pub fn buffer(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Drops the frames found so far and reads more bytes.
+    pub async fn fill(&mut self) -> Result<(), ReadError> {
+        self.framer.compact(&mut self.buf);
+        self.buf.reserve(READ_CHUNK);
+        if self.io.read_buf(&mut self.buf).await? == 0 {
+            return Err(ReadError::Closed);
+        }
+        Ok(())
     }
 
     /// Whether a complete frame may already be buffered (no read needed to make progress).

@@ -9,6 +9,8 @@
 //! Well-formedness of a complete stanza is checked afterwards by [`crate::validate`], which
 //! uses quick-xml.
 
+use std::ops::Range;
+
 use bytes::{Bytes, BytesMut};
 
 use crate::errors::{StreamError, StreamErrorCondition};
@@ -45,6 +47,14 @@ enum State {
 }
 
 const CDATA_OPEN: &[u8] = b"[CDATA[";
+
+/// The kind of a frame found by [`Framer::next_range`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FrameKind {
+    StreamOpen,
+    Element,
+    StreamClose,
+}
 
 /// What a completed scan step produced.
 enum Done {
@@ -97,36 +107,63 @@ impl Framer {
     }
 
     /// Scans newly read bytes. Returns the next complete frame, `Ok(None)` when more bytes
-    /// are needed, or the stream error to send when the input breaks a rule.
+    /// are needed, or the stream error to send when the input breaks a rule. The frame is
+    /// split off `buf`.
     pub fn next_frame(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, StreamError> {
-        let result = self.scan_until_done(buf);
-        match result {
-            Ok(Some(done)) => {
-                let end = self.scan;
-                let mut frame = buf.split_to(end);
-                let frame = frame.split_off(self.start).freeze();
-                self.scan = 0;
-                self.start = 0;
-                Ok(Some(match done {
-                    Done::Header => Frame::StreamOpen(frame),
-                    Done::Element => Frame::Element(frame),
-                    Done::Close => Frame::StreamClose,
-                }))
+        let found = self.next_range(buf);
+        let next = match found {
+            Ok(Some((kind, range))) => {
+                let mut frame = buf.split_to(range.end);
+                let frame = frame.split_off(range.start).freeze();
+                self.scan -= range.end;
+                self.start -= range.end;
+                Some(match kind {
+                    FrameKind::StreamOpen => Frame::StreamOpen(frame),
+                    FrameKind::Element => Frame::Element(frame),
+                    FrameKind::StreamClose => Frame::StreamClose,
+                })
             }
             Ok(None) => {
+                self.compact(buf);
+                None
+            }
+            Err(e) => return Err(e),
+        };
+        Ok(next)
+    }
+
+    /// Finds the next complete frame in `buf` without removing it: its kind and where it
+    /// lies in `buf`. Call [`Framer::compact`] once the frames found so far are handled
+    /// (before reading more into `buf`) to drop them. Lets a reader handle every stanza of
+    /// one read without splitting the buffer per stanza.
+    pub fn next_range(&mut self, buf: &[u8]) -> Result<Option<(FrameKind, Range<usize>)>, StreamError> {
+        match self.scan_until_done(buf)? {
+            Some(done) => {
+                let range = self.start..self.scan;
+                self.start = self.scan;
+                let kind = match done {
+                    Done::Header => FrameKind::StreamOpen,
+                    Done::Element => FrameKind::Element,
+                    Done::Close => FrameKind::StreamClose,
+                };
+                Ok(Some((kind, range)))
+            }
+            None => {
                 if self.in_frame() && self.scan - self.start > self.limits.max_stanza_bytes {
                     return Err(too_large(self.limits));
                 }
-                if !self.in_frame() {
-                    // Only whitespace so far: drop it so keepalives never accumulate.
-                    let _ = buf.split_to(self.scan);
-                    self.scan = 0;
-                    self.start = 0;
-                }
                 Ok(None)
             }
-            Err(e) => Err(e),
         }
+    }
+
+    /// Drops from `buf` every frame returned by [`Framer::next_range`] and any whitespace
+    /// after them, keeping only the frame being scanned.
+    pub fn compact(&mut self, buf: &mut BytesMut) {
+        let keep_from = if self.in_frame() { self.start } else { self.scan };
+        bytes::Buf::advance(buf, keep_from);
+        self.scan -= keep_from;
+        self.start = self.start.saturating_sub(keep_from);
     }
 
     /// Whether the scanner is inside a frame (as opposed to whitespace between frames).
@@ -327,6 +364,26 @@ mod tests {
         Ok(out)
     }
 
+    /// The same as `frames`, through `next_range` and `compact`.
+    fn frames_by_range(input: &[u8], chunk: usize) -> Vec<Frame> {
+        let mut f = Framer::new(Limits::default());
+        let mut buf = BytesMut::new();
+        let mut out = vec![];
+        for piece in input.chunks(chunk) {
+            f.compact(&mut buf);
+            buf.extend_from_slice(piece);
+            while let Some((kind, range)) = f.next_range(&buf).unwrap() {
+                let bytes = Bytes::copy_from_slice(&buf[range]);
+                out.push(match kind {
+                    FrameKind::StreamOpen => Frame::StreamOpen(bytes),
+                    FrameKind::Element => Frame::Element(bytes),
+                    FrameKind::StreamClose => Frame::StreamClose,
+                });
+            }
+        }
+        out
+    }
+
     #[test]
     fn cuts_stanzas_in_any_chunking() {
         let mut input = HEADER.to_vec();
@@ -339,6 +396,8 @@ mod tests {
             assert_eq!(out[2], Frame::Element(Bytes::from_static(b"<presence/>")));
             assert_eq!(out[3], Frame::Element(Bytes::from_static(b"<iq type=\"get\"><q xmlns='x'/></iq>")));
             assert_eq!(out[4], Frame::StreamClose);
+            let by_range = frames_by_range(&input, chunk);
+            assert_eq!(by_range[1..], out[1..], "chunk {chunk}");
         }
     }
 

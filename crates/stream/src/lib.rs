@@ -19,7 +19,7 @@ pub mod validate;
 pub mod xml;
 
 pub use errors::{StanzaErrorCondition, StreamError, StreamErrorCondition};
-pub use framer::{Frame, Framer};
+pub use framer::{Frame, FrameKind, Framer};
 pub use header::StreamHeader;
 pub use limits::Limits;
 pub use stanza::{Stanza, StanzaError};

@@ -17,10 +17,11 @@ pub struct StanzaError(pub String);
 
 type Span = Range<u32>;
 
-/// One top-level element and where its addressing lives inside its bytes.
+/// One top-level element and where its addressing lives inside its bytes. `B` is
+/// `Bytes` for an owned stanza, `&[u8]` for one still in a read buffer.
 #[derive(Clone, Debug)]
-pub struct Stanza {
-    bytes: Bytes,
+pub struct Stanza<B = Bytes> {
+    bytes: B,
     name: Span,
     /// One past the `>` of the start tag.
     head_end: u32,
@@ -32,15 +33,53 @@ pub struct Stanza {
     xmlns: Option<Span>,
 }
 
-impl Stanza {
+impl Stanza<Bytes> {
     /// Reads the start tag of a complete element (as cut by the framer).
     pub fn parse(bytes: Bytes) -> Result<Stanza, StanzaError> {
-        let base = bytes.as_ptr() as usize;
+        Stanza::<Bytes>::parse_as(bytes)
+    }
+
+    /// The bytes exactly as received.
+    pub fn bytes(&self) -> &Bytes {
+        &self.bytes
+    }
+
+    pub fn into_bytes(self) -> Bytes {
+        self.bytes
+    }
+}
+
+impl<'a> Stanza<&'a [u8]> {
+    /// Reads the start tag of a complete element still inside a read buffer.
+    pub fn parse_slice(bytes: &'a [u8]) -> Result<Stanza<&'a [u8]>, StanzaError> {
+        Stanza::parse_as(bytes)
+    }
+
+    /// A copy that owns its bytes.
+    pub fn to_owned(&self) -> Stanza {
+        Stanza {
+            bytes: Bytes::copy_from_slice(self.bytes),
+            name: self.name.clone(),
+            head_end: self.head_end,
+            empty: self.empty,
+            to: self.to.clone(),
+            from: self.from.clone(),
+            kind: self.kind.clone(),
+            id: self.id.clone(),
+            xmlns: self.xmlns.clone(),
+        }
+    }
+}
+
+impl<B: AsRef<[u8]>> Stanza<B> {
+    fn parse_as(bytes: B) -> Result<Stanza<B>, StanzaError> {
+        let slice = bytes.as_ref();
+        let base = slice.as_ptr() as usize;
         let span_of = |s: &str| -> Span {
             let start = (s.as_ptr() as usize - base) as u32;
             start..start + s.len() as u32
         };
-        let mut reader = Reader::from_reader(&bytes[..]);
+        let mut reader = Reader::from_reader(slice);
         let (start, empty) = match reader.read_event() {
             Ok(Event::Start(e)) => (e, false),
             Ok(Event::Empty(e)) => (e, true),
@@ -80,7 +119,12 @@ impl Stanza {
     fn text(&self, span: &Span) -> &str {
         // Validated UTF-8 or not, the attribute bytes of interest are ASCII-delimited; fall
         // back to an empty string rather than panic on a peer's garbage.
-        std::str::from_utf8(&self.bytes[span.start as usize..span.end as usize]).unwrap_or("")
+        std::str::from_utf8(&self.bytes.as_ref()[span.start as usize..span.end as usize]).unwrap_or("")
+    }
+
+    /// The element's bytes as received.
+    pub fn as_slice(&self) -> &[u8] {
+        self.bytes.as_ref()
     }
 
     /// The element's qualified name, as written (`message`, `iq`, `stream:error`, ...).
@@ -115,7 +159,7 @@ impl Stanza {
 
     /// Any other attribute of the top-level element, unescaped.
     pub fn attr(&self, name: &str) -> Option<String> {
-        let mut reader = Reader::from_reader(&self.bytes[..self.head_end as usize]);
+        let mut reader = Reader::from_reader(&self.bytes.as_ref()[..self.head_end as usize]);
         let start = match reader.read_event() {
             Ok(Event::Start(e)) | Ok(Event::Empty(e)) => e,
             _ => return None,
@@ -125,15 +169,6 @@ impl Stanza {
             .flatten()
             .find(|a| a.key.as_ref() == name)?;
         quick_xml::escape::unescape(&found.value).ok().map(|v| v.into_owned())
-    }
-
-    /// The bytes exactly as received.
-    pub fn bytes(&self) -> &Bytes {
-        &self.bytes
-    }
-
-    pub fn into_bytes(self) -> Bytes {
-        self.bytes
     }
 
     /// Whether the element was written as `<name/>`.
@@ -146,8 +181,9 @@ impl Stanza {
         if self.empty {
             return &[];
         }
-        let end = memchr::memrchr(b'<', &self.bytes).unwrap_or(self.bytes.len());
-        &self.bytes[self.head_end as usize..end.max(self.head_end as usize)]
+        let bytes = self.bytes.as_ref();
+        let end = memchr::memrchr(b'<', bytes).unwrap_or(bytes.len());
+        &bytes[self.head_end as usize..end.max(self.head_end as usize)]
     }
 
     /// The same element with new `to` and/or `from` (unescaped text; `None` keeps the
@@ -199,10 +235,10 @@ impl Stanza {
     /// and appending `extra` as the last child.
     fn rewrite_head(&self, addressing: impl FnOnce(&mut BytesMut), extra: Option<&[u8]>) -> Bytes {
         let name = self.name();
-        let mut out = BytesMut::with_capacity(self.bytes.len() + extra.map_or(0, <[u8]>::len) + 64);
+        let mut out = BytesMut::with_capacity(self.bytes.as_ref().len() + extra.map_or(0, <[u8]>::len) + 64);
         out.extend_from_slice(b"<");
         out.extend_from_slice(name.as_bytes());
-        let mut reader = Reader::from_reader(&self.bytes[..self.head_end as usize]);
+        let mut reader = Reader::from_reader(&self.bytes.as_ref()[..self.head_end as usize]);
         if let Ok(Event::Start(e)) | Ok(Event::Empty(e)) = reader.read_event() {
             for attr in e.attributes().with_checks(false).flatten() {
                 if matches!(attr.key.as_ref(), "to" | "from" | "type") {
