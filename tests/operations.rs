@@ -31,7 +31,10 @@ fn every_shipped_config_loads() {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let out = Command::new(bin_dir().join("router")).arg("--help").output().unwrap();
+    let out = Command::new(bin_dir().join("router"))
+        .arg("--help")
+        .output()
+        .unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).contains("-c, --config"));
 }
 
@@ -51,14 +54,24 @@ fn a_broken_config_names_file_and_line() {
     for (i, (program, text, line, message)) in cases.iter().enumerate() {
         let path = dir.join(format!("broken{i}.xml"));
         std::fs::write(&path, text).unwrap();
-        let out = Command::new(bin_dir().join(program)).arg("-c").arg(&path).output().unwrap();
+        let out = Command::new(bin_dir().join(program))
+            .arg("-c")
+            .arg(&path)
+            .output()
+            .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(2), "{program} case {i}: {stderr}");
         let expected = format!("{}:{line}:", path.display());
-        assert!(stderr.contains(&expected) && stderr.contains(message), "{program} case {i}: wanted '{expected}' and '{message}' in: {stderr}");
+        assert!(
+            stderr.contains(&expected) && stderr.contains(message),
+            "{program} case {i}: wanted '{expected}' and '{message}' in: {stderr}"
+        );
     }
     // A missing file too.
-    let out = Command::new(bin_dir().join("router")).args(["-c", "/nonexistent/router.xml"]).output().unwrap();
+    let out = Command::new(bin_dir().join("router"))
+        .args(["-c", "/nonexistent/router.xml"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/router.xml"));
     let _ = std::fs::remove_dir_all(dir);
@@ -91,7 +104,8 @@ impl Drop for Stop<'_> {
         let out = jabberd(self.0, &["stop"]);
         if std::thread::panicking() {
             for name in ["supervisor", "router", "xdb-file", "sm", "c2s", "s2s"] {
-                let log = std::fs::read_to_string(self.0.join(format!("log/{name}.log"))).unwrap_or_default();
+                let log = std::fs::read_to_string(self.0.join(format!("log/{name}.log")))
+                    .unwrap_or_default();
                 eprintln!("--- {name}.log ---\n{log}");
             }
             eprintln!("stop: {}", String::from_utf8_lossy(&out.stderr));
@@ -112,7 +126,11 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
         format!("<router address='127.0.0.1' port='{port}' name='{name}' secret='{secret}' reconnect='0.05'/>")
     };
     // The shipped users file, with this test's router port and paths.
-    std::fs::copy(repo_root().join("etc/router-users.xml"), dir.join("router-users.xml")).unwrap();
+    std::fs::copy(
+        repo_root().join("etc/router-users.xml"),
+        dir.join("router-users.xml"),
+    )
+    .unwrap();
     let files = [
         ("router.xml", format!("<router><listen address='127.0.0.1' port='{port}'/><users file='{}'/><grace seconds='5'/></router>", p("router-users.xml"))),
         ("xdb-file.xml", format!("<xdb-file>{}<host>localhost</host><spool dir='{}'/></xdb-file>", router_el("xdb-file", "xdb-secret"), p("spool"))),
@@ -132,7 +150,12 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
         std::fs::write(dir.join(name), text).unwrap();
     }
     let out = jabberd(&dir, &["start", "--daemon", "--no-build"]);
-    assert!(out.status.success(), "start: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "start: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
     let _stop = Stop(&dir);
 
     let link = |name: &str, secret: &str| jrs_config::RouterLink {
@@ -147,10 +170,11 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
         reconnect: Duration::from_millis(50),
     };
     let limits = jrs_stream::Limits::default();
-    let (mut r, mut w) = jrs_component::service::connect_and_bind(&link("admin", "admin-secret"), limits, &[])
-        .await
-        .unwrap()
-        .split();
+    let (mut r, mut w) =
+        jrs_component::service::connect_and_bind(&link("admin", "admin-secret"), limits, &[])
+            .await
+            .unwrap()
+            .split();
     let get = |id: &str| {
         Request {
             op: Op::Get,
@@ -168,7 +192,10 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
     let mut answered = false;
     for attempt in 0..100 {
         w.send(&get(&format!("a{attempt}"))).await.unwrap();
-        let s = tokio::time::timeout(Duration::from_secs(5), r.next()).await.unwrap().unwrap();
+        let s = tokio::time::timeout(Duration::from_secs(5), r.next())
+            .await
+            .unwrap()
+            .unwrap();
         if s.kind() == Some("result") {
             answered = true;
             break;
@@ -182,30 +209,50 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
         assert!(status_pid(&dir, name).is_some(), "{name} running");
     }
     // SIGHUP reaches every process; none of them dies of it.
-    let pids: Vec<_> = ["router", "xdb-file", "sm-1", "sm-2", "c2s", "s2s"].map(|n| status_pid(&dir, n)).to_vec();
+    let pids: Vec<_> = ["router", "xdb-file", "sm-1", "sm-2", "c2s", "s2s"]
+        .map(|n| status_pid(&dir, n))
+        .to_vec();
     assert!(jabberd(&dir, &["reload"]).status.success());
-    for (name, marker) in [("router", "SIGHUP: component users reloaded"), ("xdb-file", "SIGHUP"), ("sm-1", "SIGHUP"), ("s2s", "SIGHUP")] {
+    for (name, marker) in [
+        ("router", "SIGHUP: component users reloaded"),
+        ("xdb-file", "SIGHUP"),
+        ("sm-1", "SIGHUP"),
+        ("s2s", "SIGHUP"),
+    ] {
         let log = dir.join(format!("log/{name}.log"));
-        jrs_harness::wait_for(&format!("{name} to log the SIGHUP"), Duration::from_secs(5), || {
-            std::fs::read_to_string(&log).ok().filter(|l| l.contains(marker))
-        })
+        jrs_harness::wait_for(
+            &format!("{name} to log the SIGHUP"),
+            Duration::from_secs(5),
+            || {
+                std::fs::read_to_string(&log)
+                    .ok()
+                    .filter(|l| l.contains(marker))
+            },
+        )
         .await
         .unwrap();
     }
-    let after: Vec<_> = ["router", "xdb-file", "sm-1", "sm-2", "c2s", "s2s"].map(|n| status_pid(&dir, n)).to_vec();
+    let after: Vec<_> = ["router", "xdb-file", "sm-1", "sm-2", "c2s", "s2s"]
+        .map(|n| status_pid(&dir, n))
+        .to_vec();
     assert_eq!(pids, after, "no process restarted after SIGHUP");
 
     let old = status_pid(&dir, "xdb-file").unwrap();
     let _ = Command::new("kill").args(["-9", &old.to_string()]).status();
-    let new = jrs_harness::wait_for("the supervisor to restart xdb-file", Duration::from_secs(10), || {
-        status_pid(&dir, "xdb-file").filter(|p| *p != old)
-    })
+    let new = jrs_harness::wait_for(
+        "the supervisor to restart xdb-file",
+        Duration::from_secs(10),
+        || status_pid(&dir, "xdb-file").filter(|p| *p != old),
+    )
     .await
     .unwrap();
     assert_ne!(new, old);
     // The request sent while it was down is held by the router and answered after the
     // restart: no manual step.
     w.send(&get("after-restart")).await.unwrap();
-    let s = tokio::time::timeout(Duration::from_secs(10), r.next()).await.unwrap().unwrap();
+    let s = tokio::time::timeout(Duration::from_secs(10), r.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!((s.id(), s.kind()), (Some("after-restart"), Some("result")));
 }

@@ -40,8 +40,16 @@ fn condition_of(s: &Stanza) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn routes_by_host_then_wildcard_and_answers_no_route() {
     let server = start(&["a.localhost", "sender.localhost"]).await;
-    let (mut a, _aw) = server.component("a.localhost", "a.localhost-secret").await.unwrap().split();
-    let (mut sender, mut sw) = server.component("sender.localhost", "sender.localhost-secret").await.unwrap().split();
+    let (mut a, _aw) = server
+        .component("a.localhost", "a.localhost-secret")
+        .await
+        .unwrap()
+        .split();
+    let (mut sender, mut sw) = server
+        .component("sender.localhost", "sender.localhost-secret")
+        .await
+        .unwrap()
+        .split();
 
     // No default route yet: a remote domain is unknown.
     sw.send(b"<message to='bob@remote.example' from='u@sender.localhost' id='r1'><body>x</body></message>").await.unwrap();
@@ -49,7 +57,9 @@ async fn routes_by_host_then_wildcard_and_answers_no_route() {
     assert_eq!(bounce.kind(), Some("error"));
     assert_eq!(bounce.id(), Some("r1"));
     assert_eq!(condition_of(&bounce), "remote-server-not-found");
-    assert!(std::str::from_utf8(bounce.inner()).unwrap().contains(STANZA_ERRORS));
+    assert!(std::str::from_utf8(bounce.inner())
+        .unwrap()
+        .contains(STANZA_ERRORS));
 
     // No storage bound: an xdb request gets an error result.
     sw.send(b"<xdb xmlns='urn:jabberd-rs:xdb:0' type='get' to='alice@localhost' from='sender.localhost' ns='x' id='x1'/>").await.unwrap();
@@ -58,29 +68,51 @@ async fn routes_by_host_then_wildcard_and_answers_no_route() {
     assert_eq!(condition_of(&bounce), "service-unavailable");
 
     // Exact host.
-    sw.send(b"<message to='bot@a.localhost' from='u@sender.localhost' id='m1'/>").await.unwrap();
+    sw.send(b"<message to='bot@a.localhost' from='u@sender.localhost' id='m1'/>")
+        .await
+        .unwrap();
     let got = recv(&mut a).await;
-    assert_eq!((got.id(), got.from()), (Some("m1"), Some("u@sender.localhost")));
+    assert_eq!(
+        (got.id(), got.from()),
+        (Some("m1"), Some("u@sender.localhost"))
+    );
 
     // Default route: s2s binds `*` and gets every remote domain, but not local hosts.
     let mut s2s = server.component("s2s", "s2s-secret").await.unwrap();
     s2s.bind(PacketType::Normal, "*", false).await.unwrap();
     let (mut s2s, mut s2s_w) = s2s.split();
-    sw.send(b"<message to='bob@remote.example' from='u@sender.localhost' id='r2'/>").await.unwrap();
+    sw.send(b"<message to='bob@remote.example' from='u@sender.localhost' id='r2'/>")
+        .await
+        .unwrap();
     assert_eq!(recv(&mut s2s).await.id(), Some("r2"));
-    sw.send(b"<message to='bot@a.localhost' from='u@sender.localhost' id='m2'/>").await.unwrap();
+    sw.send(b"<message to='bot@a.localhost' from='u@sender.localhost' id='m2'/>")
+        .await
+        .unwrap();
     assert_eq!(recv(&mut a).await.id(), Some("m2"));
 
     // The default route may speak for remote domains, not for local ones.
-    s2s_w.send(b"<message to='u@sender.localhost' from='bob@remote.example' id='in1'/>").await.unwrap();
+    s2s_w
+        .send(b"<message to='u@sender.localhost' from='bob@remote.example' id='in1'/>")
+        .await
+        .unwrap();
     assert_eq!(recv(&mut sender).await.id(), Some("in1"));
-    s2s_w.send(b"<message to='u@sender.localhost' from='eve@a.localhost' id='in2'/>").await.unwrap();
+    s2s_w
+        .send(b"<message to='u@sender.localhost' from='eve@a.localhost' id='in2'/>")
+        .await
+        .unwrap();
     let bounce = recv(&mut s2s).await;
-    assert_eq!((bounce.id(), condition_of(&bounce).as_str()), (Some("in2"), "not-allowed"));
+    assert_eq!(
+        (bounce.id(), condition_of(&bounce).as_str()),
+        (Some("in2"), "not-allowed")
+    );
 
     // Errors are never answered with errors.
-    sw.send(b"<message to='bob@nowhere.example' from='u@sender.localhost' type='error' id='e1'/>").await.unwrap();
-    sw.send(b"<message to='bot@a.localhost' from='u@sender.localhost' id='after'/>").await.unwrap();
+    sw.send(b"<message to='bob@nowhere.example' from='u@sender.localhost' type='error' id='e1'/>")
+        .await
+        .unwrap();
+    sw.send(b"<message to='bot@a.localhost' from='u@sender.localhost' id='after'/>")
+        .await
+        .unwrap();
     assert_eq!(recv(&mut a).await.id(), Some("after"));
 }
 
@@ -92,28 +124,56 @@ async fn bind_acl_refusals() {
     })
     .await
     .unwrap();
-    let mut plain = server.component("plain.localhost", "plain.localhost-secret").await.unwrap();
-    for (route, host) in [(PacketType::Xdb, "localhost"), (PacketType::Normal, "*"), (PacketType::Log, "*")] {
-        let e = plain.bind(route, host, false).await.unwrap_err().to_string();
+    let mut plain = server
+        .component("plain.localhost", "plain.localhost-secret")
+        .await
+        .unwrap();
+    for (route, host) in [
+        (PacketType::Xdb, "localhost"),
+        (PacketType::Normal, "*"),
+        (PacketType::Log, "*"),
+    ] {
+        let e = plain
+            .bind(route, host, false)
+            .await
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not-allowed"), "{route} {host}: {e}");
     }
     // sm may bind any host, but not another connected component's name.
     let mut sm1 = server.component("sm-1", "sm-secret").await.unwrap();
-    let e = sm1.bind(PacketType::Normal, "plain.localhost", false).await.unwrap_err().to_string();
+    let e = sm1
+        .bind(PacketType::Normal, "plain.localhost", false)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("not-allowed"), "{e}");
     // Nor the default route.
     assert!(sm1.bind(PacketType::Normal, "*", false).await.is_err());
     // Shared routes take several instances; exclusive ones refuse a second holder.
-    sm1.bind(PacketType::Session, "localhost", true).await.unwrap();
+    sm1.bind(PacketType::Session, "localhost", true)
+        .await
+        .unwrap();
     let mut sm2 = server.component("sm-2", "sm-secret").await.unwrap();
-    sm2.bind(PacketType::Session, "localhost", true).await.unwrap();
+    sm2.bind(PacketType::Session, "localhost", true)
+        .await
+        .unwrap();
     let mut x1 = server.component("xdb-file-1", "xdb-secret").await.unwrap();
     x1.bind(PacketType::Xdb, "localhost", false).await.unwrap();
     let mut x2 = server.component("xdb-file-2", "xdb-secret").await.unwrap();
-    let e = x2.bind(PacketType::Xdb, "localhost", false).await.unwrap_err().to_string();
+    let e = x2
+        .bind(PacketType::Xdb, "localhost", false)
+        .await
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("conflict"), "{e}");
     // A second link with a connected name is refused at the handshake.
-    let e = server.component("xdb-file-1", "xdb-secret").await.err().unwrap().to_string();
+    let e = server
+        .component("xdb-file-1", "xdb-secret")
+        .await
+        .err()
+        .unwrap()
+        .to_string();
     assert!(e.contains("conflict"), "{e}");
     // Unbind then bind again works.
     x1.unbind(PacketType::Xdb, "localhost").await.unwrap();
@@ -123,35 +183,56 @@ async fn bind_acl_refusals() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn handshake_refusals() {
     let server = start(&["a.localhost"]).await;
-    let mut c = RawComponent::connect(server.port, "a.localhost").await.unwrap();
-    c.send("<handshake>0000000000000000000000000000000000000000</handshake>").await.unwrap();
+    let mut c = RawComponent::connect(server.port, "a.localhost")
+        .await
+        .unwrap();
+    c.send("<handshake>0000000000000000000000000000000000000000</handshake>")
+        .await
+        .unwrap();
     let got = c.read_to_close().await.unwrap();
-    assert!(got.contains("<not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"), "{got}");
+    assert!(
+        got.contains("<not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"),
+        "{got}"
+    );
 
-    let mut c = RawComponent::connect(server.port, "nobody.localhost").await.unwrap();
+    let mut c = RawComponent::connect(server.port, "nobody.localhost")
+        .await
+        .unwrap();
     let got = c.read_to_close().await.unwrap();
     assert!(got.contains("<host-unknown"), "{got}");
 
     // The right secret works (and a different name's secret does not).
-    assert!(server.raw("a.localhost", "a.localhost-secret").await.is_ok());
+    assert!(server
+        .raw("a.localhost", "a.localhost-secret")
+        .await
+        .is_ok());
     assert!(server.raw("sm", "a.localhost-secret").await.is_err());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shared_instances_split_users_stably() {
     let server = start(&[]).await;
-    let (mut _admin_r, mut admin) = server.component("admin", "admin-secret").await.unwrap().split();
+    let (mut _admin_r, mut admin) = server
+        .component("admin", "admin-secret")
+        .await
+        .unwrap()
+        .split();
     let owners: Arc<Mutex<HashMap<String, String>>> = Arc::default();
     let mut writers = vec![];
     let join = |name: &'static str, owners: Arc<Mutex<HashMap<String, String>>>| {
         let server = &server;
         async move {
             let mut c = server.component(name, "sm-secret").await.unwrap();
-            c.bind(PacketType::Session, "localhost", true).await.unwrap();
+            c.bind(PacketType::Session, "localhost", true)
+                .await
+                .unwrap();
             let (mut r, w) = c.split();
             tokio::spawn(async move {
                 while let Ok(s) = r.next().await {
-                    owners.lock().unwrap().insert(s.to().unwrap().to_owned(), name.to_owned());
+                    owners
+                        .lock()
+                        .unwrap()
+                        .insert(s.to().unwrap().to_owned(), name.to_owned());
                 }
             });
             w
@@ -162,22 +243,34 @@ async fn shared_instances_split_users_stably() {
     }
     const USERS: usize = 3000;
     let batch: String = (0..USERS)
-        .map(|i| format!("<session xmlns='urn:jabberd-rs:session:0' to='user{i}@localhost' from='admin'/>"))
+        .map(|i| {
+            format!(
+                "<session xmlns='urn:jabberd-rs:session:0' to='user{i}@localhost' from='admin'/>"
+            )
+        })
         .collect();
     admin.send(batch.as_bytes()).await.unwrap();
-    let before = jrs_harness::wait_for("3 instances to get every user", Duration::from_secs(10), || {
-        let o = owners.lock().unwrap();
-        (o.len() == USERS).then(|| o.clone())
-    })
+    let before = jrs_harness::wait_for(
+        "3 instances to get every user",
+        Duration::from_secs(10),
+        || {
+            let o = owners.lock().unwrap();
+            (o.len() == USERS).then(|| o.clone())
+        },
+    )
     .await
     .unwrap();
     owners.lock().unwrap().clear();
     writers.push(join("sm-4", owners.clone()).await);
     admin.send(batch.as_bytes()).await.unwrap();
-    let after = jrs_harness::wait_for("4 instances to get every user", Duration::from_secs(10), || {
-        let o = owners.lock().unwrap();
-        (o.len() == USERS).then(|| o.clone())
-    })
+    let after = jrs_harness::wait_for(
+        "4 instances to get every user",
+        Duration::from_secs(10),
+        || {
+            let o = owners.lock().unwrap();
+            (o.len() == USERS).then(|| o.clone())
+        },
+    )
     .await
     .unwrap();
     let moved: Vec<_> = before.iter().filter(|(k, v)| after[*k] != **v).collect();
@@ -190,8 +283,15 @@ async fn shared_instances_split_users_stably() {
         moved.len(),
         100.0 * moved.len() as f64 / USERS as f64
     );
-    assert!(moved.iter().all(|(k, _)| after[*k] == "sm-4"), "users only move to the new instance");
-    assert!((USERS * 18 / 100..USERS * 32 / 100).contains(&moved.len()), "moved {}", moved.len());
+    assert!(
+        moved.iter().all(|(k, _)| after[*k] == "sm-4"),
+        "users only move to the new instance"
+    );
+    assert!(
+        (USERS * 18 / 100..USERS * 32 / 100).contains(&moved.len()),
+        "moved {}",
+        moved.len()
+    );
     // Every instance has a fair share.
     assert!(per.values().all(|&n| n > USERS / 8), "{per:?}");
 }
@@ -199,7 +299,9 @@ async fn shared_instances_split_users_stably() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn logs_fan_out_to_every_log_instance() {
     let server = Server::start(Options {
-        extra_users: "<component name='logger' secret='log-secret'><allow type='log' host='*'/></component>".into(),
+        extra_users:
+            "<component name='logger' secret='log-secret'><allow type='log' host='*'/></component>"
+                .into(),
         ..Options::default()
     })
     .await
@@ -210,7 +312,11 @@ async fn logs_fan_out_to_every_log_instance() {
         c.bind(PacketType::Log, "*", false).await.unwrap();
         readers.push(c.split().0);
     }
-    let (_r, mut admin) = server.component("admin", "admin-secret").await.unwrap().split();
+    let (_r, mut admin) = server
+        .component("admin", "admin-secret")
+        .await
+        .unwrap()
+        .split();
     admin
         .send(b"<log xmlns='urn:jabberd-rs:log:0' from='admin' level='notice'>user alice logged in</log>")
         .await
@@ -225,25 +331,57 @@ async fn logs_fan_out_to_every_log_instance() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn forged_from_is_bounced_not_delivered() {
     let server = start(&["a.localhost", "b.localhost"]).await;
-    let mut a = server.raw("a.localhost", "a.localhost-secret").await.unwrap();
-    let (mut b, _bw) = server.component("b.localhost", "b.localhost-secret").await.unwrap().split();
+    let mut a = server
+        .raw("a.localhost", "a.localhost-secret")
+        .await
+        .unwrap();
+    let (mut b, _bw) = server
+        .component("b.localhost", "b.localhost-secret")
+        .await
+        .unwrap()
+        .split();
     a.send("<message to='u@b.localhost' from='boss@b.localhost' id='forged'><body>pay</body></message>")
         .await
         .unwrap();
-    let got = a.expect("the bounce", |s| s.contains("</message>")).await.unwrap();
-    assert!(got.contains("id='forged'") && got.contains("type='error'") && got.contains("<not-allowed"), "{got}");
-    a.send("<message to='u@b.localhost' from='me@a.localhost' id='honest'/>").await.unwrap();
-    assert_eq!(recv(&mut b).await.id(), Some("honest"), "the forged stanza never arrived");
+    let got = a
+        .expect("the bounce", |s| s.contains("</message>"))
+        .await
+        .unwrap();
+    assert!(
+        got.contains("id='forged'") && got.contains("type='error'") && got.contains("<not-allowed"),
+        "{got}"
+    );
+    a.send("<message to='u@b.localhost' from='me@a.localhost' id='honest'/>")
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut b).await.id(),
+        Some("honest"),
+        "the forged stanza never arrived"
+    );
     // A missing from is refused too.
-    a.send("<message to='u@b.localhost' id='nofrom'/>").await.unwrap();
-    let got = a.expect("the bounce", |s| s.contains("</message>")).await.unwrap();
+    a.send("<message to='u@b.localhost' id='nofrom'/>")
+        .await
+        .unwrap();
+    let got = a
+        .expect("the bounce", |s| s.contains("</message>"))
+        .await
+        .unwrap();
     assert!(got.contains("<bad-request"), "{got}");
 }
 
 /// A pair of components that keeps exchanging stanzas while others misbehave.
 async fn assert_pair_still_talks(server: &Server, round: u32) {
-    let (mut b, _bw) = server.component("b.localhost", "b.localhost-secret").await.unwrap().split();
-    let (_cr, mut c) = server.component("c.localhost", "c.localhost-secret").await.unwrap().split();
+    let (mut b, _bw) = server
+        .component("b.localhost", "b.localhost-secret")
+        .await
+        .unwrap()
+        .split();
+    let (_cr, mut c) = server
+        .component("c.localhost", "c.localhost-secret")
+        .await
+        .unwrap()
+        .split();
     c.send(format!("<message to='u@b.localhost' from='v@c.localhost' id='ok{round}'/>").as_bytes())
         .await
         .unwrap();
@@ -254,14 +392,24 @@ async fn assert_pair_still_talks(server: &Server, round: u32) {
 async fn bad_input_ends_only_the_offending_link() {
     let server = start(&["a.localhost", "b.localhost", "c.localhost"]).await;
     // A healthy pair connected through the whole test.
-    let (mut b, _bw) = server.component("b.localhost", "b.localhost-secret").await.unwrap().split();
-    let (_cr, mut c) = server.component("c.localhost", "c.localhost-secret").await.unwrap().split();
+    let (mut b, _bw) = server
+        .component("b.localhost", "b.localhost-secret")
+        .await
+        .unwrap()
+        .split();
+    let (_cr, mut c) = server
+        .component("c.localhost", "c.localhost-secret")
+        .await
+        .unwrap()
+        .split();
     let mut round = 0;
     let mut exchange = async || {
         round += 1;
-        c.send(format!("<message to='u@b.localhost' from='v@c.localhost' id='ok{round}'/>").as_bytes())
-            .await
-            .unwrap();
+        c.send(
+            format!("<message to='u@b.localhost' from='v@c.localhost' id='ok{round}'/>").as_bytes(),
+        )
+        .await
+        .unwrap();
         assert_eq!(recv(&mut b).await.id(), Some(format!("ok{round}").as_str()));
     };
     exchange().await;
@@ -274,16 +422,35 @@ async fn bad_input_ends_only_the_offending_link() {
     };
     let deep = b"<a>".repeat(100_000);
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
-        ("mismatched tags", b"<message to='u@b.localhost' from='v@a.localhost'><body>x</bod></message>".to_vec(), "not-well-formed"),
-        ("undeclared entity", b"<message to='u@b.localhost' from='v@a.localhost'>&xxe;</message>".to_vec(), "restricted-xml"),
-        ("comment", b"<message to='u@b.localhost' from='v@a.localhost'><!-- x --></message>".to_vec(), "restricted-xml"),
+        (
+            "mismatched tags",
+            b"<message to='u@b.localhost' from='v@a.localhost'><body>x</bod></message>".to_vec(),
+            "not-well-formed",
+        ),
+        (
+            "undeclared entity",
+            b"<message to='u@b.localhost' from='v@a.localhost'>&xxe;</message>".to_vec(),
+            "restricted-xml",
+        ),
+        (
+            "comment",
+            b"<message to='u@b.localhost' from='v@a.localhost'><!-- x --></message>".to_vec(),
+            "restricted-xml",
+        ),
         ("text at stream level", b"hello".to_vec(), "not-well-formed"),
         ("10 MB stanza", ten_mb, "policy-violation"),
         ("100 000 levels deep", deep, "policy-violation"),
-        ("unknown element", b"<frobnicate/>".to_vec(), "unsupported-stanza-type"),
+        (
+            "unknown element",
+            b"<frobnicate/>".to_vec(),
+            "unsupported-stanza-type",
+        ),
     ];
     for (what, bytes, condition) in cases {
-        let mut offender = server.raw("a.localhost", "a.localhost-secret").await.unwrap();
+        let mut offender = server
+            .raw("a.localhost", "a.localhost-secret")
+            .await
+            .unwrap();
         // Write from a task: the router may close the link before all bytes are written.
         let RawComponent { stream, .. } = &mut offender;
         let (mut rd, mut wr) = stream.split();
@@ -299,14 +466,22 @@ async fn bad_input_ends_only_the_offending_link() {
         };
         let (_, got) = tokio::join!(write, read);
         assert!(
-            got.contains(&format!("<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>")),
+            got.contains(&format!(
+                "<{condition} xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>"
+            )),
             "{what}: expected {condition}, got {got}"
         );
-        assert!(got.ends_with("</stream:stream>"), "{what}: stream closed after the error: {got}");
+        assert!(
+            got.ends_with("</stream:stream>"),
+            "{what}: stream closed after the error: {got}"
+        );
         exchange().await;
     }
     // The offender's name is free again.
-    assert!(server.raw("a.localhost", "a.localhost-secret").await.is_ok());
+    assert!(server
+        .raw("a.localhost", "a.localhost-secret")
+        .await
+        .is_ok());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -318,24 +493,43 @@ async fn grace_period_holds_packets_then_bounces_them() {
     })
     .await
     .unwrap();
-    let (mut sender, mut sw) = server.component("s.localhost", "s.localhost-secret").await.unwrap().split();
-    let c = server.component("c.localhost", "c.localhost-secret").await.unwrap();
+    let (mut sender, mut sw) = server
+        .component("s.localhost", "s.localhost-secret")
+        .await
+        .unwrap()
+        .split();
+    let c = server
+        .component("c.localhost", "c.localhost-secret")
+        .await
+        .unwrap();
     drop(c);
     // The router notices the close; packets sent now are held.
     tokio::time::sleep(Duration::from_millis(100)).await;
     for i in 0..3 {
-        sw.send(format!("<message to='bot@c.localhost' from='u@s.localhost' id='held{i}'/>").as_bytes())
-            .await
-            .unwrap();
+        sw.send(
+            format!("<message to='bot@c.localhost' from='u@s.localhost' id='held{i}'/>").as_bytes(),
+        )
+        .await
+        .unwrap();
     }
-    let (mut c, _cw) = server.component("c.localhost", "c.localhost-secret").await.unwrap().split();
+    let (mut c, _cw) = server
+        .component("c.localhost", "c.localhost-secret")
+        .await
+        .unwrap()
+        .split();
     for i in 0..3 {
-        assert_eq!(recv(&mut c).await.id(), Some(format!("held{i}").as_str()), "delivered in order");
+        assert_eq!(
+            recv(&mut c).await.id(),
+            Some(format!("held{i}").as_str()),
+            "delivered in order"
+        );
     }
     drop(c);
     drop(_cw);
     tokio::time::sleep(Duration::from_millis(100)).await;
-    sw.send(b"<message to='bot@c.localhost' from='u@s.localhost' id='late'/>").await.unwrap();
+    sw.send(b"<message to='bot@c.localhost' from='u@s.localhost' id='late'/>")
+        .await
+        .unwrap();
     sw.send(b"<iq to='bot@c.localhost' from='u@s.localhost' id='late-iq' type='get'><ping xmlns='urn:xmpp:ping'/></iq>").await.unwrap();
     // Past the grace period (1 s) the sender gets errors: nothing is dropped silently.
     let started = std::time::Instant::now();
@@ -343,28 +537,43 @@ async fn grace_period_holds_packets_then_bounces_them() {
     assert_eq!((bounce.id(), bounce.kind()), (Some("late"), Some("error")));
     assert_eq!(condition_of(&bounce), "service-unavailable");
     assert_eq!(recv(&mut sender).await.id(), Some("late-iq"));
-    assert!(started.elapsed() >= Duration::from_millis(700), "bounced only after the grace period");
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "bounced only after the grace period"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_component_that_stops_reading_is_cut_off() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let server = Server::start(Options {
-        extra_users: plain_users(&["slow.localhost", "s.localhost", "b.localhost", "c.localhost"]),
+        extra_users: plain_users(&[
+            "slow.localhost",
+            "s.localhost",
+            "b.localhost",
+            "c.localhost",
+        ]),
         max_queue_bytes: 1 << 20,
         ..Options::default()
     })
     .await
     .unwrap();
     // Authenticated, then never reads again.
-    let _slow = server.raw("slow.localhost", "slow.localhost-secret").await.unwrap();
-    let sender = server.raw("s.localhost", "s.localhost-secret").await.unwrap();
+    let _slow = server
+        .raw("slow.localhost", "slow.localhost-secret")
+        .await
+        .unwrap();
+    let sender = server
+        .raw("s.localhost", "s.localhost-secret")
+        .await
+        .unwrap();
     let (mut rd, mut wr) = sender.stream.into_split();
     // Count our bounces without parsing them, so we keep up with the router.
     let reader = tokio::spawn(async move {
         let (mut errors, mut cut_off, mut tail) = (0usize, false, Vec::new());
         let mut buf = vec![0u8; 1 << 16];
-        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), rd.read(&mut buf)).await {
+        while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(1), rd.read(&mut buf)).await
+        {
             if n == 0 {
                 break;
             }
@@ -391,7 +600,10 @@ async fn a_component_that_stops_reading_is_cut_off() {
     assert_pair_still_talks(&server, 1).await;
     let log = server.log("router");
     assert!(log.contains("disconnecting it component=slow.localhost"));
-    assert!(!log.contains("disconnecting it component=s.localhost"), "the sender was cut off");
+    assert!(
+        !log.contains("disconnecting it component=s.localhost"),
+        "the sender was cut off"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -434,10 +646,17 @@ async fn tls_and_unix_socket_links() {
         secret: "u.localhost-secret".into(),
         ..base.clone()
     };
-    let (mut u, mut uw) = Component::connect(&unix_link, limits).await.unwrap().split();
-    tw.send(b"<message to='x@u.localhost' from='y@t.localhost' id='over-tls'/>").await.unwrap();
+    let (mut u, mut uw) = Component::connect(&unix_link, limits)
+        .await
+        .unwrap()
+        .split();
+    tw.send(b"<message to='x@u.localhost' from='y@t.localhost' id='over-tls'/>")
+        .await
+        .unwrap();
     assert_eq!(recv(&mut u).await.id(), Some("over-tls"));
-    uw.send(b"<message to='y@t.localhost' from='x@u.localhost' id='over-unix'/>").await.unwrap();
+    uw.send(b"<message to='y@t.localhost' from='x@u.localhost' id='over-unix'/>")
+        .await
+        .unwrap();
     assert_eq!(recv(&mut t).await.id(), Some("over-unix"));
     // A certificate for another name is refused by the component.
     let wrong = jrs_config::RouterLink {
@@ -451,8 +670,19 @@ async fn tls_and_unix_socket_links() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn packets_without_to_are_answered_by_the_router() {
     let server = start(&["a.localhost"]).await;
-    let mut a = server.raw("a.localhost", "a.localhost-secret").await.unwrap();
-    a.send("<iq type='get' from='a.localhost' id='q'><ping xmlns='urn:xmpp:ping'/></iq>").await.unwrap();
-    let got = a.expect("the error", |s| s.contains("</iq>")).await.unwrap();
-    assert!(got.contains("type='error'") && got.contains("service-unavailable"), "{got}");
+    let mut a = server
+        .raw("a.localhost", "a.localhost-secret")
+        .await
+        .unwrap();
+    a.send("<iq type='get' from='a.localhost' id='q'><ping xmlns='urn:xmpp:ping'/></iq>")
+        .await
+        .unwrap();
+    let got = a
+        .expect("the error", |s| s.contains("</iq>"))
+        .await
+        .unwrap();
+    assert!(
+        got.contains("type='error'") && got.contains("service-unavailable"),
+        "{got}"
+    );
 }

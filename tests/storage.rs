@@ -34,13 +34,20 @@ async fn recv(reader: &mut ComponentReader) -> Stanza {
 }
 
 async fn admin(server: &Server) -> (ComponentReader, ComponentWriter) {
-    server.component("admin", "admin-secret").await.unwrap().split()
+    server
+        .component("admin", "admin-secret")
+        .await
+        .unwrap()
+        .split()
 }
 
 /// Waits until xdb-file has bound its route (its log says so).
 async fn storage_ready(server: &Server) {
     jrs_harness::wait_for("xdb-file to connect", Duration::from_secs(10), || {
-        server.log("xdb-file").contains("connected to the router").then_some(())
+        server
+            .log("xdb-file")
+            .contains("connected to the router")
+            .then_some(())
     })
     .await
     .unwrap();
@@ -53,31 +60,104 @@ async fn set_get_append_take_delete_through_the_router() {
     storage_ready(&server).await;
     let (mut r, mut w) = admin(&server).await;
 
-    w.send(&request(Op::Set, "alice@localhost", "jabber:iq:roster", "1", "<query xmlns='jabber:iq:roster'><item jid='bob@localhost'/></query>")).await.unwrap();
+    w.send(&request(
+        Op::Set,
+        "alice@localhost",
+        "jabber:iq:roster",
+        "1",
+        "<query xmlns='jabber:iq:roster'><item jid='bob@localhost'/></query>",
+    ))
+    .await
+    .unwrap();
     let a = recv(&mut r).await;
-    assert_eq!((a.id(), a.kind(), a.from()), (Some("1"), Some("result"), Some("alice@localhost")));
-    w.send(&request(Op::Get, "alice@localhost", "jabber:iq:roster", "2", "")).await.unwrap();
+    assert_eq!(
+        (a.id(), a.kind(), a.from()),
+        (Some("1"), Some("result"), Some("alice@localhost"))
+    );
+    w.send(&request(
+        Op::Get,
+        "alice@localhost",
+        "jabber:iq:roster",
+        "2",
+        "",
+    ))
+    .await
+    .unwrap();
     let a = recv(&mut r).await;
-    assert_eq!(a.inner(), b"<query xmlns='jabber:iq:roster'><item jid='bob@localhost'/></query>");
-    w.send(&request(Op::Append, "alice@localhost", "offline", "3", "<message id='o1'/>")).await.unwrap();
-    w.send(&request(Op::Append, "alice@localhost", "offline", "4", "<message id='o2'/>")).await.unwrap();
-    w.send(&request(Op::Take, "alice@localhost", "offline", "5", "")).await.unwrap();
+    assert_eq!(
+        a.inner(),
+        b"<query xmlns='jabber:iq:roster'><item jid='bob@localhost'/></query>"
+    );
+    w.send(&request(
+        Op::Append,
+        "alice@localhost",
+        "offline",
+        "3",
+        "<message id='o1'/>",
+    ))
+    .await
+    .unwrap();
+    w.send(&request(
+        Op::Append,
+        "alice@localhost",
+        "offline",
+        "4",
+        "<message id='o2'/>",
+    ))
+    .await
+    .unwrap();
+    w.send(&request(Op::Take, "alice@localhost", "offline", "5", ""))
+        .await
+        .unwrap();
     assert_eq!(recv(&mut r).await.kind(), Some("result"));
     assert_eq!(recv(&mut r).await.kind(), Some("result"));
-    assert_eq!(recv(&mut r).await.inner(), b"<message id='o1'/><message id='o2'/>");
-    w.send(&request(Op::Get, "alice@localhost", "offline", "6", "")).await.unwrap();
+    assert_eq!(
+        recv(&mut r).await.inner(),
+        b"<message id='o1'/><message id='o2'/>"
+    );
+    w.send(&request(Op::Get, "alice@localhost", "offline", "6", ""))
+        .await
+        .unwrap();
     assert!(recv(&mut r).await.inner().is_empty());
-    w.send(&request(Op::Delete, "alice@localhost", "jabber:iq:roster", "7", "")).await.unwrap();
+    w.send(&request(
+        Op::Delete,
+        "alice@localhost",
+        "jabber:iq:roster",
+        "7",
+        "",
+    ))
+    .await
+    .unwrap();
     assert_eq!(recv(&mut r).await.kind(), Some("result"));
-    w.send(&request(Op::Get, "alice@localhost", "jabber:iq:roster", "8", "")).await.unwrap();
+    w.send(&request(
+        Op::Get,
+        "alice@localhost",
+        "jabber:iq:roster",
+        "8",
+        "",
+    ))
+    .await
+    .unwrap();
     assert!(recv(&mut r).await.inner().is_empty());
 
     // Errors name the problem.
-    w.send(b"<xdb xmlns='urn:jabberd-rs:xdb:0' type='get' to='alice@localhost' from='admin' id='9'/>").await.unwrap();
+    w.send(
+        b"<xdb xmlns='urn:jabberd-rs:xdb:0' type='get' to='alice@localhost' from='admin' id='9'/>",
+    )
+    .await
+    .unwrap();
     let e = recv(&mut r).await;
     assert_eq!(e.kind(), Some("error"));
     assert!(String::from_utf8_lossy(e.inner()).contains("ns&apos; is required"));
-    w.send(&request(Op::Set, "mallory@other.example", "x", "10", "<x/>")).await.unwrap();
+    w.send(&request(
+        Op::Set,
+        "mallory@other.example",
+        "x",
+        "10",
+        "<x/>",
+    ))
+    .await
+    .unwrap();
     let e = recv(&mut r).await;
     assert_eq!(e.kind(), Some("error"), "no storage for other.example");
 
@@ -85,12 +165,25 @@ async fn set_get_append_take_delete_through_the_router() {
     let path = server.path("spool/localhost/carol/vcard-temp.xml");
     std::fs::create_dir_all(path.parent().unwrap()).unwrap();
     std::fs::write(&path, "<stored><vCard>").unwrap();
-    w.send(&request(Op::Get, "carol@localhost", "vcard-temp", "11", "")).await.unwrap();
+    w.send(&request(Op::Get, "carol@localhost", "vcard-temp", "11", ""))
+        .await
+        .unwrap();
     let e = recv(&mut r).await;
     assert_eq!(e.kind(), Some("error"));
     let text = String::from_utf8_lossy(e.inner()).into_owned();
-    assert!(text.contains("internal-server-error") && text.contains("corrupt"), "{text}");
-    w.send(&request(Op::Set, "carol@localhost", "vcard-temp", "12", "<vCard xmlns='vcard-temp'/>")).await.unwrap();
+    assert!(
+        text.contains("internal-server-error") && text.contains("corrupt"),
+        "{text}"
+    );
+    w.send(&request(
+        Op::Set,
+        "carol@localhost",
+        "vcard-temp",
+        "12",
+        "<vCard xmlns='vcard-temp'/>",
+    ))
+    .await
+    .unwrap();
     assert_eq!(recv(&mut r).await.kind(), Some("error"));
     assert_eq!(std::fs::read_to_string(&path).unwrap(), "<stored><vCard>");
 }
@@ -111,11 +204,16 @@ async fn acknowledged_writes_survive_kill_9() {
         let acked = acked.clone();
         async move {
             loop {
-                let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(10), r.next()).await else {
+                let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(10), r.next()).await
+                else {
                     return r;
                 };
                 if s.kind() == Some("result") && s.name() == "xdb" {
-                    if let Some(i) = s.id().and_then(|id| id.strip_prefix('w')).and_then(|n| n.parse().ok()) {
+                    if let Some(i) = s
+                        .id()
+                        .and_then(|id| id.strip_prefix('w'))
+                        .and_then(|n| n.parse().ok())
+                    {
                         acked.lock().unwrap().insert(i);
                     }
                 }
@@ -132,9 +230,15 @@ async fn acknowledged_writes_survive_kill_9() {
         while i as usize >= acked.lock().unwrap().len() + 20 && !killed {
             tokio::time::sleep(Duration::from_millis(1)).await;
         }
-        w.send(&request(Op::Set, &format!("user{}@localhost", i % 37), &format!("k{i}"), &format!("w{i}"), &format!("<v n='{i}'/>")))
-            .await
-            .unwrap();
+        w.send(&request(
+            Op::Set,
+            &format!("user{}@localhost", i % 37),
+            &format!("k{i}"),
+            &format!("w{i}"),
+            &format!("<v n='{i}'/>"),
+        ))
+        .await
+        .unwrap();
         if !killed && acked.lock().unwrap().len() >= 150 {
             server.kill9("xdb-file");
             killed = true;
@@ -144,7 +248,9 @@ async fn acknowledged_writes_survive_kill_9() {
     let acked_at_kill = acked.lock().unwrap().len();
     // Restart within the grace period: the writes sent meanwhile were held, not lost.
     server.start_storage().await.unwrap();
-    w.send(&request(Op::Get, "user0@localhost", "k0", "done", "")).await.unwrap();
+    w.send(&request(Op::Get, "user0@localhost", "k0", "done", ""))
+        .await
+        .unwrap();
     let mut r = reader.await.unwrap();
     let acked = acked.lock().unwrap().clone();
     // Requests already written to the killed process's socket die with it, unanswered (the
@@ -153,14 +259,27 @@ async fn acknowledged_writes_survive_kill_9() {
         "kill -9 after {acked_at_kill} acknowledged writes; {} of {WRITES} acknowledged in all",
         acked.len()
     );
-    assert!(acked.len() > acked_at_kill, "writes held during the restart were answered");
+    assert!(
+        acked.len() > acked_at_kill,
+        "writes held during the restart were answered"
+    );
     for &i in &acked {
-        w.send(&request(Op::Get, &format!("user{}@localhost", i % 37), &format!("k{i}"), &format!("g{i}"), ""))
-            .await
-            .unwrap();
+        w.send(&request(
+            Op::Get,
+            &format!("user{}@localhost", i % 37),
+            &format!("k{i}"),
+            &format!("g{i}"),
+            "",
+        ))
+        .await
+        .unwrap();
         let got = recv(&mut r).await;
         assert_eq!(got.id(), Some(format!("g{i}").as_str()));
-        assert_eq!(got.inner(), format!("<v n='{i}'/>").as_bytes(), "write {i} lost");
+        assert_eq!(
+            got.inner(),
+            format!("<v n='{i}'/>").as_bytes(),
+            "write {i} lost"
+        );
     }
 }
 
@@ -177,7 +296,9 @@ async fn storage_down_past_the_grace_period_gives_errors() {
     let (mut r, mut w) = admin(&server).await;
     server.kill9("xdb-file");
     tokio::time::sleep(Duration::from_millis(100)).await;
-    w.send(&request(Op::Get, "alice@localhost", "x", "late", "")).await.unwrap();
+    w.send(&request(Op::Get, "alice@localhost", "x", "late", ""))
+        .await
+        .unwrap();
     let e = recv(&mut r).await;
     assert_eq!((e.id(), e.kind()), (Some("late"), Some("error")));
     assert!(String::from_utf8_lossy(e.inner()).contains("service-unavailable"));

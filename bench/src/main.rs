@@ -25,7 +25,9 @@ use jrs_harness::{Options, RawComponent, Server};
 const STANZA_BYTES: usize = 200;
 
 #[derive(Parser, Debug)]
-#[command(about = "Router throughput: stanzas/s and router CPU per stanza, beside a plain TCP relay")]
+#[command(
+    about = "Router throughput: stanzas/s and router CPU per stanza, beside a plain TCP relay"
+)]
 struct Args {
     /// Stanzas per run.
     #[arg(long, default_value_t = 1_000_000)]
@@ -40,7 +42,10 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
     if let Some(port) = args.relay {
         return rt.block_on(relay(port));
     }
@@ -62,7 +67,12 @@ fn stanza(i: u64) -> Vec<u8> {
 fn cpu_micros(pid: u32) -> anyhow::Result<u64> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the command name (which may hold spaces) start after the last ')'.
-    let fields: Vec<&str> = stat.rsplit_once(')').context("stat format")?.1.split_whitespace().collect();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .context("stat format")?
+        .1
+        .split_whitespace()
+        .collect();
     let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
     let hz: u64 = std::process::Command::new("getconf")
         .arg("CLK_TCK")
@@ -80,7 +90,13 @@ struct Figures {
 }
 
 /// Sends `n` stanzas on `tx` and counts them arriving on `rx`, at most `window` in flight.
-async fn pump(tx: TcpStream, mut rx: TcpStream, n: u64, window: u64, pid: u32) -> anyhow::Result<Figures> {
+async fn pump(
+    tx: TcpStream,
+    mut rx: TcpStream,
+    n: u64,
+    window: u64,
+    pid: u32,
+) -> anyhow::Result<Figures> {
     let received = Arc::new(AtomicU64::new(0));
     let counter = received.clone();
     let total = n * STANZA_BYTES as u64;
@@ -176,9 +192,15 @@ async fn run_router(args: &Args, trusted: bool) -> anyhow::Result<Figures> {
 fn router_pid(server: &Server) -> anyhow::Result<u32> {
     for entry in std::fs::read_dir("/proc")? {
         let entry = entry?;
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else { continue };
-        let Ok(cmd) = std::fs::read_to_string(entry.path().join("comm")) else { continue };
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(cwd) = std::fs::read_link(entry.path().join("cwd")) else {
+            continue;
+        };
+        let Ok(cmd) = std::fs::read_to_string(entry.path().join("comm")) else {
+            continue;
+        };
         if cmd.trim() == "router" && cwd == server.dir {
             return Ok(pid);
         }

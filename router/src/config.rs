@@ -11,8 +11,14 @@ use jrs_stream::Limits;
 /// Where the router accepts component links.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Listen {
-    Tcp { address: String, port: u16, tls: bool },
-    Unix { path: PathBuf },
+    Tcp {
+        address: String,
+        port: u16,
+        tls: bool,
+    },
+    Unix {
+        path: PathBuf,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -40,13 +46,24 @@ impl RouterConfig {
         let root = Node::load(path, "router")?;
         root.allow(
             &[],
-            &["id", "listen", "tls", "users", "limits", "grace", "keepalive", "log"],
+            &[
+                "id",
+                "listen",
+                "tls",
+                "users",
+                "limits",
+                "grace",
+                "keepalive",
+                "log",
+            ],
         )?;
         let mut listen = vec![];
         for node in root.children("listen") {
             node.allow(&["address", "port", "tls", "unix"], &[])?;
             listen.push(match node.attr("unix") {
-                Some(path) => Listen::Unix { path: PathBuf::from(path) },
+                Some(path) => Listen::Unix {
+                    path: PathBuf::from(path),
+                },
                 None => Listen::Tcp {
                     address: node.attr("address").unwrap_or("127.0.0.1").to_owned(),
                     port: node
@@ -60,7 +77,11 @@ impl RouterConfig {
             return Err(root.error("at least one <listen/> is required"));
         }
         let tls = root.child("tls")?.map(TlsFiles::from_node).transpose()?;
-        if tls.is_none() && listen.iter().any(|l| matches!(l, Listen::Tcp { tls: true, .. })) {
+        if tls.is_none()
+            && listen
+                .iter()
+                .any(|l| matches!(l, Listen::Tcp { tls: true, .. }))
+        {
             return Err(root.error("a <listen tls='true'/> needs <tls cert='...' key='...'/>"));
         }
         let users = root.required_child("users")?;
@@ -70,7 +91,12 @@ impl RouterConfig {
         let mut handshake_timeout = Duration::from_secs(10);
         if let Some(node) = root.child("limits")? {
             node.allow(
-                &["max-stanza-bytes", "max-depth", "max-queue-bytes", "handshake-timeout"],
+                &[
+                    "max-stanza-bytes",
+                    "max-depth",
+                    "max-queue-bytes",
+                    "handshake-timeout",
+                ],
                 &[],
             )?;
             limits.max_stanza_bytes = node
@@ -82,7 +108,9 @@ impl RouterConfig {
             max_queue_bytes = node
                 .parse_attr("max-queue-bytes", "a number of bytes")?
                 .unwrap_or(max_queue_bytes);
-            handshake_timeout = node.seconds_attr("handshake-timeout")?.unwrap_or(handshake_timeout);
+            handshake_timeout = node
+                .seconds_attr("handshake-timeout")?
+                .unwrap_or(handshake_timeout);
         }
         let (mut grace, mut grace_max_packets) = (Duration::from_secs(5), 10_000);
         if let Some(node) = root.child("grace")? {

@@ -16,8 +16,8 @@ use jrs_component::{FramedReader, PacketType, ReadError, TopLevel};
 use jrs_stream::header::open_stream;
 use jrs_stream::validate::validate_stanza;
 use jrs_stream::{
-    Frame, FrameKind, Stanza, StanzaErrorCondition, StreamError, StreamErrorCondition, StreamHeader,
-    NS_COMPONENT_ACCEPT,
+    Frame, FrameKind, Stanza, StanzaErrorCondition, StreamError, StreamErrorCondition,
+    StreamHeader, NS_COMPONENT_ACCEPT,
 };
 
 use crate::outbox::{run_writer, Outbox};
@@ -69,9 +69,12 @@ pub async fn serve(router: Arc<Router>, io: BoxIo, peer: String) {
             Err(_) => {
                 warn!("no handshake in time");
                 outbox.close_with(
-                    StreamError::new(StreamErrorCondition::ConnectionTimeout, "no handshake in time")
-                        .to_xml()
-                        .as_bytes(),
+                    StreamError::new(
+                        StreamErrorCondition::ConnectionTimeout,
+                        "no handshake in time",
+                    )
+                    .to_xml()
+                    .as_bytes(),
                 );
                 None
             }
@@ -127,9 +130,15 @@ async fn authenticate<R: AsyncRead + Unpin>(
 ) -> Result<(String, bool), StreamError> {
     let header = match reader.next_frame().await {
         Ok(Frame::StreamOpen(bytes)) => StreamHeader::parse(&bytes, None),
-        Ok(_) => Err(StreamError::new(StreamErrorCondition::NotWellFormed, "expected a stream header")),
+        Ok(_) => Err(StreamError::new(
+            StreamErrorCondition::NotWellFormed,
+            "expected a stream header",
+        )),
         Err(ReadError::Stream(e)) => Err(e),
-        Err(e) => Err(StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string())),
+        Err(e) => Err(StreamError::new(
+            StreamErrorCondition::NotWellFormed,
+            e.to_string(),
+        )),
     };
     let stream_id = format!("{:016x}", rand::rng().random::<u64>());
     let name = header
@@ -139,7 +148,8 @@ async fn authenticate<R: AsyncRead + Unpin>(
         .unwrap_or("")
         .to_ascii_lowercase();
     // RFC 6120 4.9.1.2: a stream error is preceded by our stream header.
-    let _ = outbox.push(open_stream(NS_COMPONENT_ACCEPT, &[("from", &name), ("id", &stream_id)]).as_bytes());
+    let _ = outbox
+        .push(open_stream(NS_COMPONENT_ACCEPT, &[("from", &name), ("id", &stream_id)]).as_bytes());
     let header = header?;
     if header.xmlns.as_deref() != Some(NS_COMPONENT_ACCEPT) {
         return Err(StreamError::new(
@@ -157,19 +167,39 @@ async fn authenticate<R: AsyncRead + Unpin>(
     let handshake = match reader.next_frame().await {
         Ok(Frame::Element(bytes)) => Stanza::parse(bytes)
             .map_err(|e| StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string()))?,
-        Ok(_) => return Err(StreamError::new(StreamErrorCondition::NotAuthorized, "expected <handshake>")),
+        Ok(_) => {
+            return Err(StreamError::new(
+                StreamErrorCondition::NotAuthorized,
+                "expected <handshake>",
+            ))
+        }
         Err(ReadError::Stream(e)) => return Err(e),
-        Err(e) => return Err(StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string())),
+        Err(e) => {
+            return Err(StreamError::new(
+                StreamErrorCondition::NotWellFormed,
+                e.to_string(),
+            ))
+        }
     };
     let expected = handshake_digest(&stream_id, &user.secret);
-    let given = String::from_utf8_lossy(handshake.inner()).trim().to_ascii_lowercase();
+    let given = String::from_utf8_lossy(handshake.inner())
+        .trim()
+        .to_ascii_lowercase();
     if handshake.name() != "handshake" || !constant_time_eq(given.as_bytes(), expected.as_bytes()) {
         // A short pause makes guessing secrets slow without holding up honest peers.
         tokio::time::sleep(Duration::from_millis(200)).await;
-        return Err(StreamError::new(StreamErrorCondition::NotAuthorized, "wrong handshake"));
+        return Err(StreamError::new(
+            StreamErrorCondition::NotAuthorized,
+            "wrong handshake",
+        ));
     }
     router
-        .register(conn, &name, outbox.clone(), Bytes::from_static(b"<handshake/>"))
+        .register(
+            conn,
+            &name,
+            outbox.clone(),
+            Bytes::from_static(b"<handshake/>"),
+        )
         .map_err(|e| StreamError::new(StreamErrorCondition::Conflict, e))?;
     Ok((name, user.trusted))
 }
@@ -217,7 +247,13 @@ async fn read_packets<R: AsyncRead + Unpin>(
 }
 
 /// Handles the frames of one read in order; returns how the stream ends, if it does.
-fn handle_frames(router: &Router, conn: ConnId, buf: &[u8], frames: &[(FrameKind, Range<usize>)], trusted: bool) -> Option<End> {
+fn handle_frames(
+    router: &Router,
+    conn: ConnId,
+    buf: &[u8],
+    frames: &[(FrameKind, Range<usize>)],
+    trusted: bool,
+) -> Option<End> {
     let mut batch: Vec<(PacketType, Stanza<&[u8]>)> = Vec::with_capacity(frames.len());
     let mut end = None;
     for (kind, range) in frames {
@@ -239,7 +275,10 @@ fn handle_frames(router: &Router, conn: ConnId, buf: &[u8], frames: &[(FrameKind
         let stanza = match Stanza::parse_slice(bytes) {
             Ok(s) => s,
             Err(e) => {
-                end = Some(End::Error(StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string())));
+                end = Some(End::Error(StreamError::new(
+                    StreamErrorCondition::NotWellFormed,
+                    e.to_string(),
+                )));
                 break;
             }
         };

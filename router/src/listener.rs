@@ -27,7 +27,11 @@ pub async fn start_all(router: &Arc<Router>) -> anyhow::Result<()> {
     };
     for listen in router.config.listen.clone() {
         match listen {
-            Listen::Tcp { address, port, tls: use_tls } => {
+            Listen::Tcp {
+                address,
+                port,
+                tls: use_tls,
+            } => {
                 let listener = TcpListener::bind((address.as_str(), port))
                     .await
                     .with_context(|| format!("listening on {address}:{port}"))?;
@@ -49,9 +53,13 @@ pub async fn start_all(router: &Arc<Router>) -> anyhow::Result<()> {
                         let acceptor = acceptor.clone();
                         tokio::spawn(async move {
                             match acceptor {
-                                None => link::serve(router, Box::new(socket), peer.to_string()).await,
+                                None => {
+                                    link::serve(router, Box::new(socket), peer.to_string()).await
+                                }
                                 Some(acceptor) => match acceptor.accept(socket).await {
-                                    Ok(tls) => link::serve(router, Box::new(tls), peer.to_string()).await,
+                                    Ok(tls) => {
+                                        link::serve(router, Box::new(tls), peer.to_string()).await
+                                    }
                                     Err(e) => warn!(%peer, error = %e, "TLS handshake failed"),
                                 },
                             }
@@ -70,7 +78,11 @@ pub async fn start_all(router: &Arc<Router>) -> anyhow::Result<()> {
                     loop {
                         match listener.accept().await {
                             Ok((socket, _)) => {
-                                tokio::spawn(link::serve(router.clone(), Box::new(socket), "unix".into()));
+                                tokio::spawn(link::serve(
+                                    router.clone(),
+                                    Box::new(socket),
+                                    "unix".into(),
+                                ));
                             }
                             Err(e) => {
                                 warn!(error = %e, "accept failed");

@@ -67,7 +67,11 @@ impl Pusher<'_> {
         if self.inner.state != State::Open {
             return Err(PushError::Closed(Bytes::copy_from_slice(packet)));
         }
-        let max = if is_error { self.outbox.max_bytes.saturating_mul(2) } else { self.outbox.max_bytes };
+        let max = if is_error {
+            self.outbox.max_bytes.saturating_mul(2)
+        } else {
+            self.outbox.max_bytes
+        };
         if self.inner.data.len() + packet.len() > max {
             return Err(PushError::Overflow(Bytes::copy_from_slice(packet)));
         }
@@ -132,7 +136,11 @@ impl Outbox {
         let mut inner = self.inner.lock().expect("outbox lock");
         inner.state = State::Killed;
         let mut data = std::mem::take(&mut inner.data).freeze();
-        let rest = inner.lens.drain(..).map(|len| data.split_to(len as usize)).collect();
+        let rest = inner
+            .lens
+            .drain(..)
+            .map(|len| data.split_to(len as usize))
+            .collect();
         drop(inner);
         self.killed.notify_waiters();
         self.drained.notify_waiters();
@@ -213,7 +221,11 @@ impl Outbox {
 /// Drains `outbox` into `io` until the outbox is closed (everything written) or killed,
 /// or a write fails. Sends a single space after `keepalive` of silence. Gives the socket
 /// back so the caller can write a final stream error.
-pub async fn run_writer<W: AsyncWrite + Unpin>(outbox: &Outbox, mut io: W, keepalive: Duration) -> W {
+pub async fn run_writer<W: AsyncWrite + Unpin>(
+    outbox: &Outbox,
+    mut io: W,
+    keepalive: Duration,
+) -> W {
     let mut buf = Vec::with_capacity(BATCH_BYTES);
     loop {
         buf.clear();

@@ -112,11 +112,19 @@ impl Router {
     /// Registers an authenticated link and binds its own name. Fails if a component of
     /// that name is connected already. `accepted` (the `<handshake/>`) is queued first,
     /// under the lock, so it precedes any packet held for the name.
-    pub fn register(&self, conn: ConnId, name: &str, outbox: Arc<Outbox>, accepted: Bytes) -> Result<(), String> {
+    pub fn register(
+        &self,
+        conn: ConnId,
+        name: &str,
+        outbox: Arc<Outbox>,
+        accepted: Bytes,
+    ) -> Result<(), String> {
         let name: Arc<str> = name.into();
         let mut st = self.state.lock().expect("router lock");
         if let Some(other) = st.names.get(&name) {
-            return Err(format!("a component named '{name}' is already connected (link {other})"));
+            return Err(format!(
+                "a component named '{name}' is already connected (link {other})"
+            ));
         }
         let _ = outbox.push(&accepted);
         st.names.insert(name.clone(), conn);
@@ -142,10 +150,14 @@ impl Router {
         let id = request.id().unwrap_or("");
         let route = request.attr("route").and_then(|r| PacketType::parse(&r));
         let host = request.attr("host").map(|h| h.to_ascii_lowercase());
-        let shared = request.attr("shared").is_some_and(|s| s == "true" || s == "1");
+        let shared = request
+            .attr("shared")
+            .is_some_and(|s| s == "true" || s == "1");
         let users = self.users();
         let mut st = self.state.lock().expect("router lock");
-        let Some(link) = st.links.get(&conn) else { return };
+        let Some(link) = st.links.get(&conn) else {
+            return;
+        };
         let (outbox, name) = (link.outbox.clone(), link.name.clone());
         let answer = match (route, host) {
             (None, _) | (_, None) => bind_error(
@@ -213,7 +225,10 @@ impl Router {
                 let domain = lower(jid_domain(stanza.from().unwrap_or("")));
                 if domain.is_empty() || !link.may_send_from(*route, &domain, tree) {
                     let (condition, text) = if domain.is_empty() {
-                        (StanzaErrorCondition::BadRequest, "a component must set 'from'".to_owned())
+                        (
+                            StanzaErrorCondition::BadRequest,
+                            "a component must set 'from'".to_owned(),
+                        )
                     } else {
                         (
                             StanzaErrorCondition::NotAllowed,
@@ -243,14 +258,20 @@ impl Router {
         while !bounces.is_empty() {
             let mut next = vec![];
             for b in bounces {
-                let Ok(stanza) = Stanza::parse(b.packet) else { continue };
+                let Ok(stanza) = Stanza::parse(b.packet) else {
+                    continue;
+                };
                 let Some(reply) = stanza.error_reply(b.condition, &b.text) else {
                     warn!(element = stanza.name(), to = stanza.to().unwrap_or(""), reason = %b.text,
                         "undeliverable packet dropped (an error or result is never answered with an error)");
                     continue;
                 };
-                let Some(route) = packet_type(&stanza) else { continue };
-                let Ok(reply) = Stanza::parse(reply) else { continue };
+                let Some(route) = packet_type(&stanza) else {
+                    continue;
+                };
+                let Ok(reply) = Stanza::parse(reply) else {
+                    continue;
+                };
                 let mut st = self.state.lock().expect("router lock");
                 route_locked(&mut st, route, &reply, &mut next);
             }
@@ -264,7 +285,9 @@ impl Router {
         let mut bounces = vec![];
         {
             let mut st = self.state.lock().expect("router lock");
-            let Some(link) = st.links.remove(&conn) else { return };
+            let Some(link) = st.links.remove(&conn) else {
+                return;
+            };
             st.names.remove(&link.name);
             let now = Instant::now();
             for (route, host) in &link.bound {
@@ -277,7 +300,9 @@ impl Router {
                 info!(component = %link.name, packets = queued.len(), "re-routing packets queued for a closed link");
             }
             for packet in queued {
-                let Ok(stanza) = Stanza::parse(packet) else { continue };
+                let Ok(stanza) = Stanza::parse(packet) else {
+                    continue;
+                };
                 if let Some(route) = packet_type(&stanza) {
                     route_locked(&mut st, route, &stanza, &mut bounces);
                 }
@@ -288,7 +313,12 @@ impl Router {
 
     /// Bounces what routes held past their grace period.
     pub fn expire_held(&self) {
-        let held = self.state.lock().expect("router lock").tree.expire(Instant::now());
+        let held = self
+            .state
+            .lock()
+            .expect("router lock")
+            .tree
+            .expire(Instant::now());
         for h in held {
             warn!(component = %h.component, packets = h.packets.len(),
                 "component did not come back within the grace period: bouncing held packets");
@@ -323,7 +353,13 @@ pub fn packet_type<B: AsRef<[u8]>>(stanza: &Stanza<B>) -> Option<PacketType> {
     }
 }
 
-fn bind_locked(st: &mut State, conn: ConnId, route: PacketType, host: &str, shared: bool) -> Result<(), BindRefusal> {
+fn bind_locked(
+    st: &mut State,
+    conn: ConnId,
+    route: PacketType,
+    host: &str,
+    shared: bool,
+) -> Result<(), BindRefusal> {
     let link = st.links.get_mut(&conn).expect("bind on a registered link");
     let instance = Instance::new(conn, link.name.clone(), link.outbox.clone());
     let held = st.tree.bind(route, host, instance, shared)?;
@@ -341,7 +377,12 @@ fn bind_locked(st: &mut State, conn: ConnId, route: PacketType, host: &str, shar
 }
 
 /// Routes one packet with the state locked (bounces, re-routed and held packets).
-fn route_locked<B: AsRef<[u8]>>(st: &mut State, route: PacketType, stanza: &Stanza<B>, bounces: &mut Vec<Bounce>) {
+fn route_locked<B: AsRef<[u8]>>(
+    st: &mut State,
+    route: PacketType,
+    stanza: &Stanza<B>,
+    bounces: &mut Vec<Bounce>,
+) {
     let State { tree, links, .. } = st;
     let mut plan = Plan::default();
     plan.decide(tree, route, stanza, bounces);
@@ -376,7 +417,13 @@ impl<'a> Plan<'a> {
     }
 
     /// The routing decision for one packet: a destination, the grace queue, or a bounce.
-    fn decide<B: AsRef<[u8]>>(&mut self, tree: &mut Tree, route: PacketType, stanza: &'a Stanza<B>, bounces: &mut Vec<Bounce>) {
+    fn decide<B: AsRef<[u8]>>(
+        &mut self,
+        tree: &mut Tree,
+        route: PacketType,
+        stanza: &'a Stanza<B>,
+        bounces: &mut Vec<Bounce>,
+    ) {
         let packet = stanza.as_slice();
         if route == PacketType::Log {
             let host = lower(jid_domain(stanza.from().unwrap_or("")));
@@ -403,7 +450,10 @@ impl<'a> Plan<'a> {
                     bounces.push(Bounce {
                         packet: Bytes::copy_from_slice(packet),
                         condition: StanzaErrorCondition::ServiceUnavailable,
-                        text: format!("component '{}' is unavailable and its queue is full", held.component),
+                        text: format!(
+                            "component '{}' is unavailable and its queue is full",
+                            held.component
+                        ),
                     });
                 }
             }
@@ -453,7 +503,10 @@ impl<'a> Plan<'a> {
                 Some(link) => link.outbox.kill(),
                 None => group.outbox.kill(),
             };
-            let text = format!("component '{}' stopped reading and was disconnected", group.name);
+            let text = format!(
+                "component '{}' stopped reading and was disconnected",
+                group.name
+            );
             for packet in queued
                 .into_iter()
                 .chain(std::iter::once(first))

@@ -30,7 +30,12 @@ pub struct Instance {
 impl Instance {
     pub fn new(conn: ConnId, name: Arc<str>, outbox: Arc<Outbox>) -> Instance {
         let seed = fnv1a(name.as_bytes());
-        Instance { conn, name, outbox, seed }
+        Instance {
+            conn,
+            name,
+            outbox,
+            seed,
+        }
     }
 }
 
@@ -174,10 +179,16 @@ impl Tree {
         for routes in &mut self.routes {
             let expired: Vec<Box<str>> = routes
                 .iter()
-                .filter(|(_, r)| r.instances.is_empty() && r.held.as_ref().is_some_and(|h| h.deadline <= now))
+                .filter(|(_, r)| {
+                    r.instances.is_empty() && r.held.as_ref().is_some_and(|h| h.deadline <= now)
+                })
                 .map(|(k, _)| k.clone())
                 .collect();
-            out.extend(expired.iter().filter_map(|k| routes.remove(k).and_then(|r| r.held)));
+            out.extend(
+                expired
+                    .iter()
+                    .filter_map(|k| routes.remove(k).and_then(|r| r.held)),
+            );
         }
         out
     }
@@ -251,39 +262,60 @@ mod tests {
     #[test]
     fn exact_host_then_wildcard() {
         let mut t = Tree::new(Duration::from_secs(5), 100);
-        t.bind(PacketType::Normal, "a.example", inst(1, "a"), false).unwrap();
-        t.bind(PacketType::Normal, "*", inst(2, "s2s"), false).unwrap();
-        assert!(matches!(t.target(PacketType::Normal, "a.example", "x@a.example"), Target::Deliver(i) if i.conn == 1));
-        assert!(matches!(t.target(PacketType::Normal, "remote.example", "x@remote.example"), Target::Deliver(i) if i.conn == 2));
-        assert!(matches!(t.target(PacketType::Xdb, "a.example", "x@a.example"), Target::NoRoute));
+        t.bind(PacketType::Normal, "a.example", inst(1, "a"), false)
+            .unwrap();
+        t.bind(PacketType::Normal, "*", inst(2, "s2s"), false)
+            .unwrap();
+        assert!(
+            matches!(t.target(PacketType::Normal, "a.example", "x@a.example"), Target::Deliver(i) if i.conn == 1)
+        );
+        assert!(
+            matches!(t.target(PacketType::Normal, "remote.example", "x@remote.example"), Target::Deliver(i) if i.conn == 2)
+        );
+        assert!(matches!(
+            t.target(PacketType::Xdb, "a.example", "x@a.example"),
+            Target::NoRoute
+        ));
     }
 
     #[test]
     fn exclusive_routes_conflict() {
         let mut t = Tree::new(Duration::from_secs(5), 100);
         t.bind(PacketType::Xdb, "h", inst(1, "a"), false).unwrap();
-        assert_eq!(t.bind(PacketType::Xdb, "h", inst(2, "b"), true).unwrap_err(), BindRefusal::Conflict("a".into()));
-        t.bind(PacketType::Session, "h", inst(1, "sm-1"), true).unwrap();
-        t.bind(PacketType::Session, "h", inst(2, "sm-2"), true).unwrap();
+        assert_eq!(
+            t.bind(PacketType::Xdb, "h", inst(2, "b"), true)
+                .unwrap_err(),
+            BindRefusal::Conflict("a".into())
+        );
+        t.bind(PacketType::Session, "h", inst(1, "sm-1"), true)
+            .unwrap();
+        t.bind(PacketType::Session, "h", inst(2, "sm-2"), true)
+            .unwrap();
     }
 
     #[test]
     fn holds_then_flushes_on_rebind() {
         let now = Instant::now();
         let mut t = Tree::new(Duration::from_secs(5), 100);
-        t.bind(PacketType::Normal, "c", inst(1, "c"), false).unwrap();
-        t.bind(PacketType::Normal, "*", inst(9, "s2s"), false).unwrap();
+        t.bind(PacketType::Normal, "c", inst(1, "c"), false)
+            .unwrap();
+        t.bind(PacketType::Normal, "*", inst(9, "s2s"), false)
+            .unwrap();
         t.unbind(PacketType::Normal, "c", 1, now);
         match t.target(PacketType::Normal, "c", "c") {
             Target::Hold(h) => h.packets.push_back(Bytes::from_static(b"<message/>")),
             _ => panic!("a held route must not fall through to *"),
         }
-        let held = t.bind(PacketType::Normal, "c", inst(2, "c"), false).unwrap();
+        let held = t
+            .bind(PacketType::Normal, "c", inst(2, "c"), false)
+            .unwrap();
         assert_eq!(held.len(), 1);
         t.unbind(PacketType::Normal, "c", 2, now);
         assert!(t.expire(now + Duration::from_secs(1)).is_empty());
         assert_eq!(t.expire(now + Duration::from_secs(6)).len(), 1);
-        assert!(matches!(t.target(PacketType::Normal, "c", "c"), Target::Deliver(i) if i.conn == 9));
+        assert!(
+            matches!(t.target(PacketType::Normal, "c", "c"), Target::Deliver(i) if i.conn == 9)
+        );
     }
 
     #[test]

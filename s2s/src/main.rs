@@ -21,7 +21,13 @@ fn main() -> std::process::ExitCode {
         "s2s",
         args.common,
         false,
-        |_| vec![Bind { route: PacketType::Normal, host: "*".into(), shared: false }],
+        |_| {
+            vec![Bind {
+                route: PacketType::Normal,
+                host: "*".into(),
+                shared: false,
+            }]
+        },
         StanzaErrorCondition::RemoteServerNotFound,
         "federation with remote servers is not enabled yet",
     )

@@ -20,16 +20,23 @@ impl StorageConfig {
     pub fn load(path: &Path) -> Result<StorageConfig> {
         let root = Node::load(path, "xdb-file")?;
         root.allow(&[], &["router", "host", "spool", "cache", "limits", "log"])?;
-        let hosts: Vec<String> = root.children("host").map(|h| h.text.to_ascii_lowercase()).collect();
+        let hosts: Vec<String> = root
+            .children("host")
+            .map(|h| h.text.to_ascii_lowercase())
+            .collect();
         if hosts.is_empty() || hosts.iter().any(String::is_empty) {
-            return Err(root.error("at least one non-empty <host>DOMAIN</host> is required (or <host>*</host>)"));
+            return Err(root.error(
+                "at least one non-empty <host>DOMAIN</host> is required (or <host>*</host>)",
+            ));
         }
         let spool = root.required_child("spool")?;
         spool.allow(&["dir"], &[])?;
         let mut cache_entries = 10_000;
         if let Some(cache) = root.child("cache")? {
             cache.allow(&["max-entries"], &[])?;
-            cache_entries = cache.parse_attr("max-entries", "a number of entries")?.unwrap_or(cache_entries);
+            cache_entries = cache
+                .parse_attr("max-entries", "a number of entries")?
+                .unwrap_or(cache_entries);
         }
         Ok(StorageConfig {
             router: RouterLink::from_node(root.required_child("router")?)?,
@@ -38,7 +45,13 @@ impl StorageConfig {
             cache_entries,
             // Storage requests carry whole rosters and offline lists: allow more than a
             // client stanza.
-            limits: limits_from_node(root.child("limits")?, Limits { max_stanza_bytes: 4 << 20, max_depth: 64 })?,
+            limits: limits_from_node(
+                root.child("limits")?,
+                Limits {
+                    max_stanza_bytes: 4 << 20,
+                    max_depth: 64,
+                },
+            )?,
             log: LogConfig::from_node(root.child("log")?)?,
         })
     }

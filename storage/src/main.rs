@@ -43,7 +43,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     let binds: Vec<Bind> = config
         .hosts
         .iter()
-        .map(|h| Bind { route: PacketType::Xdb, host: h.clone(), shared: false })
+        .map(|h| Bind {
+            route: PacketType::Xdb,
+            host: h.clone(),
+            shared: false,
+        })
         .collect();
 
     // File operations block; they run on one thread, in arrival order, so requests for
@@ -67,29 +71,34 @@ fn run(args: Args) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(run_component(link, config.limits, binds, |mut reader, outbox| {
-        let jobs = jobs.clone();
-        async move {
-            loop {
-                let stanza = reader.next().await?;
-                if stanza.name() != "xdb" {
-                    // Not ours to answer with data, but never silence.
-                    if let Some(reply) = stanza.error_reply(
-                        jrs_stream::StanzaErrorCondition::ServiceUnavailable,
-                        "xdb-file only answers storage requests",
-                    ) {
-                        outbox.send(reply);
+    runtime.block_on(run_component(
+        link,
+        config.limits,
+        binds,
+        |mut reader, outbox| {
+            let jobs = jobs.clone();
+            async move {
+                loop {
+                    let stanza = reader.next().await?;
+                    if stanza.name() != "xdb" {
+                        // Not ours to answer with data, but never silence.
+                        if let Some(reply) = stanza.error_reply(
+                            jrs_stream::StanzaErrorCondition::ServiceUnavailable,
+                            "xdb-file only answers storage requests",
+                        ) {
+                            outbox.send(reply);
+                        }
+                        continue;
                     }
-                    continue;
+                    if matches!(stanza.kind(), Some("result" | "error")) {
+                        debug!("ignoring an xdb answer sent to storage");
+                        continue;
+                    }
+                    jobs.send((stanza, outbox.clone()))?;
                 }
-                if matches!(stanza.kind(), Some("result" | "error")) {
-                    debug!("ignoring an xdb answer sent to storage");
-                    continue;
-                }
-                jobs.send((stanza, outbox.clone()))?;
             }
-        }
-    }))
+        },
+    ))
 }
 
 /// Serves one request; always returns an answer (result or error).
@@ -97,8 +106,13 @@ fn answer(spool: &mut Spool, hosts: &[String], stanza: &Stanza) -> bytes::Bytes 
     match serve(spool, hosts, stanza) {
         Ok((request, content)) => request.result(&content),
         Err(refusal) => {
-            warn!(from = stanza.from().unwrap_or(""), to = stanza.to().unwrap_or(""),
-                condition = refusal.condition.name(), "{}", refusal.text);
+            warn!(
+                from = stanza.from().unwrap_or(""),
+                to = stanza.to().unwrap_or(""),
+                condition = refusal.condition.name(),
+                "{}",
+                refusal.text
+            );
             stanza
                 .error_reply(refusal.condition, &refusal.text)
                 .expect("requests are never errors or results")
@@ -106,7 +120,11 @@ fn answer(spool: &mut Spool, hosts: &[String], stanza: &Stanza) -> bytes::Bytes 
     }
 }
 
-fn serve(spool: &mut Spool, hosts: &[String], stanza: &Stanza) -> Result<(Request, bytes::Bytes), Refusal> {
+fn serve(
+    spool: &mut Spool,
+    hosts: &[String],
+    stanza: &Stanza,
+) -> Result<(Request, bytes::Bytes), Refusal> {
     let request = Request::parse(stanza)?;
     let owner = Owner::parse(&request.owner)?;
     if !hosts.iter().any(|h| h == "*" || *h == owner.host) {

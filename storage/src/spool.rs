@@ -35,7 +35,10 @@ pub struct Owner {
 impl Owner {
     pub fn parse(owner: &str) -> Result<Owner, Refusal> {
         let jid = jid::BareJid::new(owner).map_err(|e| {
-            Refusal::new(StanzaErrorCondition::JidMalformed, format!("owner '{owner}': {e}"))
+            Refusal::new(
+                StanzaErrorCondition::JidMalformed,
+                format!("owner '{owner}': {e}"),
+            )
         })?;
         Ok(Owner {
             host: jid.domain().as_str().to_owned(),
@@ -72,7 +75,8 @@ impl Spool {
     }
 
     fn file(&self, owner: &Owner, ns: &str) -> PathBuf {
-        self.owner_dir(owner).join(format!("{}.xml", escape_name(ns)))
+        self.owner_dir(owner)
+            .join(format!("{}.xml", escape_name(ns)))
     }
 
     /// The stored fragment (empty when nothing is stored). A file that is not what this
@@ -127,15 +131,18 @@ impl Spool {
                 format!("content is not well-formed XML: {}", e.text),
             ));
         }
-        write_durable(path, &doc).map_err(|e| internal(format!("writing {}: {e}", path.display())))?;
-        self.cache.put(path.to_owned(), Some(Bytes::copy_from_slice(content)));
+        write_durable(path, &doc)
+            .map_err(|e| internal(format!("writing {}: {e}", path.display())))?;
+        self.cache
+            .put(path.to_owned(), Some(Bytes::copy_from_slice(content)));
         Ok(())
     }
 
     fn remove(&mut self, path: &Path) -> Result<(), Refusal> {
         match fs::remove_file(path) {
-            Ok(()) => sync_dir(path.parent().expect("spool files have a parent"))
-                .map_err(|e| internal(format!("syncing the directory of {}: {e}", path.display())))?,
+            Ok(()) => sync_dir(path.parent().expect("spool files have a parent")).map_err(|e| {
+                internal(format!("syncing the directory of {}: {e}", path.display()))
+            })?,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(internal(format!("removing {}: {e}", path.display()))),
         }
@@ -169,7 +176,13 @@ impl Spool {
 
     /// Adds `items` after the stored fragment. With `max_items`, refuses when the list
     /// would grow past it.
-    pub fn append(&mut self, owner: &Owner, ns: &str, items: &[u8], max_items: Option<usize>) -> Result<(), Refusal> {
+    pub fn append(
+        &mut self,
+        owner: &Owner,
+        ns: &str,
+        items: &[u8],
+        max_items: Option<usize>,
+    ) -> Result<(), Refusal> {
         let path = self.file(owner, ns);
         let old = self.read(&path)?.unwrap_or_default();
         if let Some(max) = max_items {
@@ -317,20 +330,34 @@ mod tests {
     use super::*;
 
     fn spool() -> (Spool, PathBuf) {
-        let dir = std::env::temp_dir().join(format!("jrs-spool-{}-{}", std::process::id(), rand_suffix()));
+        let dir = std::env::temp_dir().join(format!(
+            "jrs-spool-{}-{}",
+            std::process::id(),
+            rand_suffix()
+        ));
         (Spool::new(dir.clone(), 16), dir)
     }
 
     fn rand_suffix() -> u64 {
         use std::time::{SystemTime, UNIX_EPOCH};
-        SystemTime::now().duration_since(UNIX_EPOCH).unwrap().as_nanos() as u64
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos() as u64
     }
 
     #[test]
     fn escaping_blocks_traversal() {
         for evil in ["..", ".", "../../etc", "a/b", "@host", "x\0y"] {
             let e = escape_name(evil);
-            assert!(!e.contains('/') && e != "." && e != ".." && !e.starts_with('@') && !e.starts_with('.'), "{evil} -> {e}");
+            assert!(
+                !e.contains('/')
+                    && e != "."
+                    && e != ".."
+                    && !e.starts_with('@')
+                    && !e.starts_with('.'),
+                "{evil} -> {e}"
+            );
             assert_eq!(unescape_name(&e).as_deref(), Some(evil));
         }
         assert_eq!(escape_name("john.doe"), "john.doe");
@@ -342,18 +369,38 @@ mod tests {
         let alice = Owner::parse("Alice@LocalHost").unwrap();
         assert_eq!(alice.user.as_deref(), Some("alice"));
         assert!(s.get(&alice, "jabber:iq:roster").unwrap().is_empty());
-        s.set(&alice, "jabber:iq:roster", b"<query xmlns='jabber:iq:roster'/>").unwrap();
+        s.set(
+            &alice,
+            "jabber:iq:roster",
+            b"<query xmlns='jabber:iq:roster'/>",
+        )
+        .unwrap();
         s.cache.clear();
-        assert_eq!(&s.get(&alice, "jabber:iq:roster").unwrap()[..], b"<query xmlns='jabber:iq:roster'/>");
-        s.append(&alice, "offline", b"<message id='1'/>", Some(2)).unwrap();
-        s.append(&alice, "offline", b"<message id='2'><body>x</body></message>", Some(2)).unwrap();
         assert_eq!(
-            s.append(&alice, "offline", b"<message id='3'/>", Some(2)).unwrap_err().condition,
+            &s.get(&alice, "jabber:iq:roster").unwrap()[..],
+            b"<query xmlns='jabber:iq:roster'/>"
+        );
+        s.append(&alice, "offline", b"<message id='1'/>", Some(2))
+            .unwrap();
+        s.append(
+            &alice,
+            "offline",
+            b"<message id='2'><body>x</body></message>",
+            Some(2),
+        )
+        .unwrap();
+        assert_eq!(
+            s.append(&alice, "offline", b"<message id='3'/>", Some(2))
+                .unwrap_err()
+                .condition,
             StanzaErrorCondition::ResourceConstraint
         );
         assert_eq!(count_elements(&s.take(&alice, "offline").unwrap()), 2);
         assert!(s.get(&alice, "offline").unwrap().is_empty());
-        assert_eq!(s.list("localhost").unwrap(), vec!["alice@localhost".to_owned()]);
+        assert_eq!(
+            s.list("localhost").unwrap(),
+            vec!["alice@localhost".to_owned()]
+        );
         s.delete(&alice, "*").unwrap();
         assert!(s.get(&alice, "jabber:iq:roster").unwrap().is_empty());
         assert!(s.set(&alice, "x", b"<a><b></a>").is_err());
@@ -367,7 +414,10 @@ mod tests {
         let path = s.file(&bob, "vcard-temp");
         fs::create_dir_all(path.parent().unwrap()).unwrap();
         fs::write(&path, b"<stored><vCard>trunc").unwrap();
-        assert_eq!(s.get(&bob, "vcard-temp").unwrap_err().condition, StanzaErrorCondition::InternalServerError);
+        assert_eq!(
+            s.get(&bob, "vcard-temp").unwrap_err().condition,
+            StanzaErrorCondition::InternalServerError
+        );
         assert!(s.set(&bob, "vcard-temp", b"<vCard/>").is_err());
         assert!(s.append(&bob, "vcard-temp", b"<x/>", None).is_err());
         assert_eq!(fs::read(&path).unwrap(), b"<stored><vCard>trunc");

@@ -49,7 +49,12 @@ impl Component {
     }
 
     /// Runs the XEP-0114 opening and handshake over an already connected stream.
-    pub async fn handshake(io: BoxIo, name: &str, secret: &str, limits: Limits) -> anyhow::Result<Component> {
+    pub async fn handshake(
+        io: BoxIo,
+        name: &str,
+        secret: &str,
+        limits: Limits,
+    ) -> anyhow::Result<Component> {
         let (r, mut writer) = tokio::io::split(io);
         let mut reader = FramedReader::new(r, limits);
         writer
@@ -60,7 +65,9 @@ impl Component {
             Frame::StreamOpen(b) => StreamHeader::parse(&b, Some(NS_COMPONENT_ACCEPT))?,
             other => bail!("expected a stream header from the router, got {other:?}"),
         };
-        let id = header.id.ok_or_else(|| anyhow!("the router sent no stream id"))?;
+        let id = header
+            .id
+            .ok_or_else(|| anyhow!("the router sent no stream id"))?;
         let digest = handshake_digest(&id, secret);
         writer
             .write_all(format!("<handshake>{digest}</handshake>").as_bytes())
@@ -80,7 +87,12 @@ impl Component {
     }
 
     /// Asks the router for one more route and waits for its answer.
-    pub async fn bind(&mut self, route: PacketType, host: &str, shared: bool) -> anyhow::Result<()> {
+    pub async fn bind(
+        &mut self,
+        route: PacketType,
+        host: &str,
+        shared: bool,
+    ) -> anyhow::Result<()> {
         self.request("bind", route, host, shared).await
     }
 
@@ -88,7 +100,13 @@ impl Component {
         self.request("unbind", route, host, false).await
     }
 
-    async fn request(&mut self, element: &str, route: PacketType, host: &str, shared: bool) -> anyhow::Result<()> {
+    async fn request(
+        &mut self,
+        element: &str,
+        route: PacketType,
+        host: &str,
+        shared: bool,
+    ) -> anyhow::Result<()> {
         self.next_id += 1;
         let id = format!("b{}", self.next_id);
         self.writer
@@ -128,7 +146,9 @@ impl Component {
                 reader: self.reader,
                 early: self.early,
             },
-            ComponentWriter { writer: self.writer },
+            ComponentWriter {
+                writer: self.writer,
+            },
         )
     }
 }
@@ -239,5 +259,9 @@ pub fn error_condition(s: &Stanza) -> String {
 }
 
 fn describe_error(s: &Stanza) -> String {
-    format!("{} ({})", error_condition(s), String::from_utf8_lossy(s.bytes()))
+    format!(
+        "{} ({})",
+        error_condition(s),
+        String::from_utf8_lossy(s.bytes())
+    )
 }

@@ -13,6 +13,8 @@ pub mod protocol;
 pub mod service;
 pub mod transport;
 
-pub use client::{BindError, Component, ComponentReader, ComponentWriter, HandshakeRefused, Outbox};
+pub use client::{
+    BindError, Component, ComponentReader, ComponentWriter, HandshakeRefused, Outbox,
+};
 pub use io::{FramedReader, ReadError};
 pub use protocol::{PacketType, TopLevel};

@@ -91,7 +91,13 @@ pub fn handshake_digest(stream_id: &str, secret: &str) -> String {
 }
 
 /// A bind (or unbind) request: `<bind xmlns=NS id= route= host= shared=/>`.
-pub fn bind_request(element: &str, id: &str, route: PacketType, host: &str, shared: bool) -> String {
+pub fn bind_request(
+    element: &str,
+    id: &str,
+    route: PacketType,
+    host: &str,
+    shared: bool,
+) -> String {
     format!(
         "<{element} xmlns='{NS_ROUTER}' id='{}' route='{}' host='{}'{}/>",
         escape(id),
@@ -103,7 +109,10 @@ pub fn bind_request(element: &str, id: &str, route: PacketType, host: &str, shar
 
 /// The router's success answer to a bind or unbind.
 pub fn bind_result(element: &str, id: &str) -> String {
-    format!("<{element} xmlns='{NS_ROUTER}' id='{}' type='result'/>", escape(id))
+    format!(
+        "<{element} xmlns='{NS_ROUTER}' id='{}' type='result'/>",
+        escape(id)
+    )
 }
 
 /// The router's refusal of a bind or unbind.
@@ -121,6 +130,9 @@ mod tests {
 
     #[test]
     fn handshake_is_hex_sha1_of_id_and_secret() {
-        assert_eq!(handshake_digest("3BF96D32", "secret"), "b09ea9b3b7f586be8a08d0a3dd7466f110aeb136");
+        assert_eq!(
+            handshake_digest("3BF96D32", "secret"),
+            "b09ea9b3b7f586be8a08d0a3dd7466f110aeb136"
+        );
     }
 }

@@ -39,7 +39,11 @@ pub struct Bind {
 
 /// Connects to the router, authenticates and binds, retrying with backoff while the
 /// router is unreachable. A refusal (wrong secret, ACL) is final: it needs the operator.
-pub async fn connect_and_bind(link: &RouterLink, limits: Limits, binds: &[Bind]) -> anyhow::Result<Component> {
+pub async fn connect_and_bind(
+    link: &RouterLink,
+    limits: Limits,
+    binds: &[Bind],
+) -> anyhow::Result<Component> {
     let mut delay = link.reconnect;
     loop {
         match try_connect(link, limits, binds).await {
@@ -57,7 +61,11 @@ pub async fn connect_and_bind(link: &RouterLink, limits: Limits, binds: &[Bind])
     }
 }
 
-async fn try_connect(link: &RouterLink, limits: Limits, binds: &[Bind]) -> anyhow::Result<Component> {
+async fn try_connect(
+    link: &RouterLink,
+    limits: Limits,
+    binds: &[Bind],
+) -> anyhow::Result<Component> {
     let mut c = Component::connect(link, limits).await?;
     for b in binds {
         c.bind(b.route, &b.host, b.shared).await?;
@@ -67,7 +75,12 @@ async fn try_connect(link: &RouterLink, limits: Limits, binds: &[Bind]) -> anyho
 
 /// Runs a component until SIGTERM/SIGINT: connect and bind, hand the link to `serve`,
 /// and reconnect whenever `serve` returns (the link dropped).
-pub async fn run_component<F, Fut>(link: RouterLink, limits: Limits, binds: Vec<Bind>, mut serve: F) -> anyhow::Result<()>
+pub async fn run_component<F, Fut>(
+    link: RouterLink,
+    limits: Limits,
+    binds: Vec<Bind>,
+    mut serve: F,
+) -> anyhow::Result<()>
 where
     F: FnMut(ComponentReader, Outbox) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
@@ -149,15 +162,26 @@ pub struct BasicConfig {
 }
 
 impl BasicConfig {
-    pub fn load(path: &std::path::Path, root: &str, needs_hosts: bool) -> jrs_config::Result<BasicConfig> {
+    pub fn load(
+        path: &std::path::Path,
+        root: &str,
+        needs_hosts: bool,
+    ) -> jrs_config::Result<BasicConfig> {
         let node = jrs_config::Node::load(path, root)?;
         node.allow(&[], &["router", "host", "limits", "log"])?;
-        let hosts: Vec<String> = node.children("host").map(|h| h.text.to_ascii_lowercase()).collect();
+        let hosts: Vec<String> = node
+            .children("host")
+            .map(|h| h.text.to_ascii_lowercase())
+            .collect();
         if needs_hosts && (hosts.is_empty() || hosts.iter().any(String::is_empty)) {
             return Err(node.error("at least one non-empty <host>DOMAIN</host> is required"));
         }
         if !needs_hosts && !hosts.is_empty() {
-            return Err(node.children("host").next().expect("non-empty").error("not used by this program"));
+            return Err(node
+                .children("host")
+                .next()
+                .expect("non-empty")
+                .error("not used by this program"));
         }
         Ok(BasicConfig {
             router: RouterLink::from_node(node.required_child("router")?)?,
@@ -192,9 +216,12 @@ pub fn run_thin(
             .worker_threads(1)
             .enable_all()
             .build()?
-            .block_on(run_component(link, config.limits, binds, |reader, outbox| {
-                refuse_all(reader, outbox, condition, text)
-            }))
+            .block_on(run_component(
+                link,
+                config.limits,
+                binds,
+                |reader, outbox| refuse_all(reader, outbox, condition, text),
+            ))
     })();
     exit_code(result, program)
 }

@@ -52,7 +52,10 @@ pub async fn connect(link: &RouterLink) -> anyhow::Result<BoxIo> {
     if !link.tls {
         return Ok(Box::new(tcp));
     }
-    let ca = link.ca_file.as_deref().ok_or_else(|| anyhow!("tls needs ca-file"))?;
+    let ca = link
+        .ca_file
+        .as_deref()
+        .ok_or_else(|| anyhow!("tls needs ca-file"))?;
     let mut roots = rustls::RootCertStore::empty();
     for cert in load_certs(ca)? {
         roots.add(cert).context("adding the router CA")?;
@@ -60,7 +63,10 @@ pub async fn connect(link: &RouterLink) -> anyhow::Result<BoxIo> {
     let config = rustls::ClientConfig::builder()
         .with_root_certificates(roots)
         .with_no_client_auth();
-    let name = link.server_name.clone().unwrap_or_else(|| link.address.clone());
+    let name = link
+        .server_name
+        .clone()
+        .unwrap_or_else(|| link.address.clone());
     let server_name = ServerName::try_from(name.clone())
         .map_err(|_| anyhow!("'{name}' is not a valid TLS server name"))?;
     let tls = tokio_rustls::TlsConnector::from(Arc::new(config))

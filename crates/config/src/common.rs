@@ -31,24 +31,40 @@ pub struct RouterLink {
 impl RouterLink {
     pub fn from_node(node: &Node) -> Result<RouterLink> {
         node.allow(
-            &["address", "port", "unix", "name", "secret", "tls", "ca-file", "server-name", "reconnect"],
+            &[
+                "address",
+                "port",
+                "unix",
+                "name",
+                "secret",
+                "tls",
+                "ca-file",
+                "server-name",
+                "reconnect",
+            ],
             &[],
         )?;
         let tls = node.bool_attr("tls", false)?;
         let ca_file: Option<PathBuf> = node.attr("ca-file").map(PathBuf::from);
         if tls && ca_file.is_none() {
-            return Err(node.error("tls='true' needs ca-file: the certificate that signs the router's"));
+            return Err(
+                node.error("tls='true' needs ca-file: the certificate that signs the router's")
+            );
         }
         Ok(RouterLink {
             address: node.attr("address").unwrap_or("127.0.0.1").to_owned(),
-            port: node.parse_attr("port", "a port number (1-65535)")?.unwrap_or(5347),
+            port: node
+                .parse_attr("port", "a port number (1-65535)")?
+                .unwrap_or(5347),
             unix: node.attr("unix").map(PathBuf::from),
             name: node.required_attr("name")?.to_owned(),
             secret: node.required_attr("secret")?.to_owned(),
             tls,
             ca_file,
             server_name: node.attr("server-name").map(str::to_owned),
-            reconnect: node.seconds_attr("reconnect")?.unwrap_or(Duration::from_millis(200)),
+            reconnect: node
+                .seconds_attr("reconnect")?
+                .unwrap_or(Duration::from_millis(200)),
         })
     }
 
@@ -86,7 +102,9 @@ pub struct LogConfig {
 
 impl Default for LogConfig {
     fn default() -> Self {
-        LogConfig { level: "info".into() }
+        LogConfig {
+            level: "info".into(),
+        }
     }
 }
 
@@ -102,12 +120,17 @@ impl LogConfig {
                 "attribute 'level' = '{level}': expected error, warn, info, debug or trace"
             )));
         }
-        Ok(LogConfig { level: level.to_owned() })
+        Ok(LogConfig {
+            level: level.to_owned(),
+        })
     }
 }
 
 /// `<limits max-stanza-bytes=".." max-depth=".."/>`: limits on what a process parses.
-pub fn limits_from_node(node: Option<&Node>, default: jrs_stream::Limits) -> Result<jrs_stream::Limits> {
+pub fn limits_from_node(
+    node: Option<&Node>,
+    default: jrs_stream::Limits,
+) -> Result<jrs_stream::Limits> {
     let Some(node) = node else {
         return Ok(default);
     };

@@ -73,7 +73,10 @@ impl Node {
     pub fn parse_str(text: &str, file: Arc<PathBuf>) -> Result<Node> {
         let line_of = |pos: u64| -> u32 {
             let pos = (pos as usize).min(text.len());
-            1 + text.as_bytes()[..pos].iter().filter(|&&b| b == b'\n').count() as u32
+            1 + text.as_bytes()[..pos]
+                .iter()
+                .filter(|&&b| b == b'\n')
+                .count() as u32
         };
         let error_at = |pos: u64, message: String| ConfigError {
             file: file.as_ref().clone(),
@@ -96,7 +99,8 @@ impl Node {
                     }
                     let mut attrs = vec![];
                     for attr in e.attributes().with_checks(true) {
-                        let attr = attr.map_err(|e| error_at(pos, format!("bad attribute: {e}")))?;
+                        let attr =
+                            attr.map_err(|e| error_at(pos, format!("bad attribute: {e}")))?;
                         let value = quick_xml::escape::unescape(&attr.value)
                             .map_err(|e| error_at(pos, format!("bad attribute value: {e}")))?;
                         attrs.push((attr.key.as_ref().to_owned(), value.into_owned()));
@@ -140,13 +144,19 @@ impl Node {
                 }
                 Event::Eof => break,
                 Event::DocType(_) => {
-                    return Err(error_at(pos, "DTDs are not allowed in configuration".into()))
+                    return Err(error_at(
+                        pos,
+                        "DTDs are not allowed in configuration".into(),
+                    ))
                 }
                 Event::Comment(_) | Event::Decl(_) | Event::PI(_) => {}
             }
         }
         if !stack.is_empty() {
-            return Err(error_at(text.len() as u64, format!("<{}> is not closed", stack[0].name)));
+            return Err(error_at(
+                text.len() as u64,
+                format!("<{}> is not closed", stack[0].name),
+            ));
         }
         root.ok_or_else(|| error_at(0, "the file has no root element".into()))
     }
@@ -175,7 +185,12 @@ impl Node {
                 return Err(child.error(format!(
                     "unknown element inside <{}> (expected {})",
                     self.name,
-                    one_of(&children.iter().map(|c| format!("<{c}>")).collect::<Vec<_>>())
+                    one_of(
+                        &children
+                            .iter()
+                            .map(|c| format!("<{c}>"))
+                            .collect::<Vec<_>>()
+                    )
                 )));
             }
         }
@@ -289,7 +304,10 @@ mod tests {
         assert_eq!(n.children[0].line, 3);
         assert_eq!(n.children[1].text, "text & more");
         let e = n.allow(&[], &["b"]).unwrap_err();
-        assert_eq!(e.to_string(), "t.xml:4: <c>: unknown element inside <a> (expected <b>)");
+        assert_eq!(
+            e.to_string(),
+            "t.xml:4: <c>: unknown element inside <a> (expected <b>)"
+        );
         let e = n.children[0].parse_attr::<u16>("x", "a port").unwrap();
         assert_eq!(e, Some(1));
     }
@@ -303,7 +321,9 @@ mod tests {
     #[test]
     fn bad_values_name_what_was_expected() {
         let n = parse("<a>\n<listen port='x'/></a>").unwrap();
-        let e = n.children[0].parse_attr::<u16>("port", "a port number (1-65535)").unwrap_err();
+        let e = n.children[0]
+            .parse_attr::<u16>("port", "a port number (1-65535)")
+            .unwrap_err();
         assert_eq!(
             e.to_string(),
             "t.xml:2: <listen>: attribute 'port' = 'x': expected a port number (1-65535)"

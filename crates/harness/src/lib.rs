@@ -28,7 +28,11 @@ pub fn bin_dir() -> PathBuf {
     }
     let exe = std::env::current_exe().expect("current_exe");
     let deps = exe.parent().expect("deps dir");
-    let dir = if deps.ends_with("deps") { deps.parent().expect("profile dir") } else { deps };
+    let dir = if deps.ends_with("deps") {
+        deps.parent().expect("profile dir")
+    } else {
+        deps
+    };
     dir.to_path_buf()
 }
 
@@ -46,7 +50,11 @@ pub fn free_port() -> u16 {
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or fails after `timeout`.
-pub async fn wait_for<T, F: FnMut() -> Option<T>>(what: &str, timeout: Duration, mut f: F) -> anyhow::Result<T> {
+pub async fn wait_for<T, F: FnMut() -> Option<T>>(
+    what: &str,
+    timeout: Duration,
+    mut f: F,
+) -> anyhow::Result<T> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(v) = f() {
@@ -229,7 +237,9 @@ impl Server {
 
     /// The exit status of a process, if it has exited.
     pub fn exited(&mut self, name: &str) -> Option<std::process::ExitStatus> {
-        self.children.get_mut(name).and_then(|c| c.try_wait().ok().flatten())
+        self.children
+            .get_mut(name)
+            .and_then(|c| c.try_wait().ok().flatten())
     }
 
     pub fn log(&self, name: &str) -> String {
@@ -253,7 +263,14 @@ impl Server {
             server_name: None,
             reconnect: Duration::from_millis(50),
         };
-        Component::connect(&link, Limits { max_stanza_bytes: 16 << 20, max_depth: 64 }).await
+        Component::connect(
+            &link,
+            Limits {
+                max_stanza_bytes: 16 << 20,
+                max_depth: 64,
+            },
+        )
+        .await
     }
 
     /// A byte-level component link to this router, already authenticated.
@@ -314,7 +331,11 @@ impl RawComponent {
             received: String::new(),
             stream_id: String::new(),
         };
-        let header = c.expect("stream header", |s| s.contains("<stream:stream") && s.contains('>')).await?;
+        let header = c
+            .expect("stream header", |s| {
+                s.contains("<stream:stream") && s.contains('>')
+            })
+            .await?;
         let id = header
             .split("id='")
             .nth(1)
@@ -322,15 +343,23 @@ impl RawComponent {
             .ok_or_else(|| anyhow!("no stream id in {header}"))?;
         c.stream_id = id.to_owned();
         // Keep anything after the header (a stream error, say) for the caller.
-        let after = header.split_once("'>").map(|(_, a)| a.to_owned()).unwrap_or_default();
+        let after = header
+            .split_once("'>")
+            .map(|(_, a)| a.to_owned())
+            .unwrap_or_default();
         c.received = after + &c.received;
         Ok(c)
     }
 
     pub async fn handshake(&mut self, secret: &str) -> anyhow::Result<()> {
         let digest = jrs_component::protocol::handshake_digest(&self.stream_id, secret);
-        self.send(&format!("<handshake>{digest}</handshake>")).await?;
-        let got = self.expect("handshake answer", |s| s.contains("<handshake/>") || s.contains("stream:error")).await?;
+        self.send(&format!("<handshake>{digest}</handshake>"))
+            .await?;
+        let got = self
+            .expect("handshake answer", |s| {
+                s.contains("<handshake/>") || s.contains("stream:error")
+            })
+            .await?;
         if !got.contains("<handshake/>") {
             bail!("handshake refused: {got}");
         }
@@ -347,22 +376,36 @@ impl RawComponent {
 
     /// Reads until `done` holds for the received text (within 5 s); returns the text and
     /// clears it.
-    pub async fn expect(&mut self, what: &str, done: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+    pub async fn expect(
+        &mut self,
+        what: &str,
+        done: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
         self.expect_within(what, Duration::from_secs(5), done).await
     }
 
-    pub async fn expect_within(&mut self, what: &str, timeout: Duration, done: impl Fn(&str) -> bool) -> anyhow::Result<String> {
+    pub async fn expect_within(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        done: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut buf = vec![0u8; 65536];
         while !done(&self.received) {
             let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))
                 .await
-                .map_err(|_| anyhow!("timed out waiting for {what}; received: {}", self.received))??;
+                .map_err(|_| {
+                    anyhow!("timed out waiting for {what}; received: {}", self.received)
+                })??;
             if n == 0 {
                 if done(&self.received) {
                     break;
                 }
-                bail!("connection closed while waiting for {what}; received: {}", self.received);
+                bail!(
+                    "connection closed while waiting for {what}; received: {}",
+                    self.received
+                );
             }
             self.received.push_str(&String::from_utf8_lossy(&buf[..n]));
         }
@@ -374,7 +417,10 @@ impl RawComponent {
         let mut buf = vec![0u8; 65536];
         loop {
             match tokio::time::timeout(Duration::from_secs(5), self.stream.read(&mut buf)).await {
-                Err(_) => bail!("the router did not close the link; received: {}", self.received),
+                Err(_) => bail!(
+                    "the router did not close the link; received: {}",
+                    self.received
+                ),
                 Ok(Ok(0)) | Ok(Err(_)) => return Ok(std::mem::take(&mut self.received)),
                 Ok(Ok(n)) => self.received.push_str(&String::from_utf8_lossy(&buf[..n])),
             }
@@ -385,7 +431,10 @@ impl RawComponent {
 /// Writes a self-signed certificate for `name` and its key as PEM files in `dir`.
 pub fn self_signed(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
     let cert = rcgen::generate_simple_self_signed(vec![name.to_owned()])?;
-    let (c, k) = (dir.join(format!("{name}.crt")), dir.join(format!("{name}.key")));
+    let (c, k) = (
+        dir.join(format!("{name}.crt")),
+        dir.join(format!("{name}.key")),
+    );
     std::fs::write(&c, cert.cert.pem())?;
     std::fs::write(&k, cert.signing_key.serialize_pem())?;
     Ok((c, k))

@@ -136,7 +136,10 @@ impl Framer {
     /// lies in `buf`. Call [`Framer::compact`] once the frames found so far are handled
     /// (before reading more into `buf`) to drop them. Lets a reader handle every stanza of
     /// one read without splitting the buffer per stanza.
-    pub fn next_range(&mut self, buf: &[u8]) -> Result<Option<(FrameKind, Range<usize>)>, StreamError> {
+    pub fn next_range(
+        &mut self,
+        buf: &[u8],
+    ) -> Result<Option<(FrameKind, Range<usize>)>, StreamError> {
         match self.scan_until_done(buf)? {
             Some(done) => {
                 let range = self.start..self.scan;
@@ -160,7 +163,11 @@ impl Framer {
     /// Drops from `buf` every frame returned by [`Framer::next_range`] and any whitespace
     /// after them, keeping only the frame being scanned.
     pub fn compact(&mut self, buf: &mut BytesMut) {
-        let keep_from = if self.in_frame() { self.start } else { self.scan };
+        let keep_from = if self.in_frame() {
+            self.start
+        } else {
+            self.scan
+        };
         bytes::Buf::advance(buf, keep_from);
         self.scan -= keep_from;
         self.start = self.start.saturating_sub(keep_from);
@@ -293,14 +300,18 @@ impl Framer {
                     self.state = if matched as usize + 1 == CDATA_OPEN.len() {
                         State::CData { brackets: 0 }
                     } else {
-                        State::Bang { matched: matched + 1 }
+                        State::Bang {
+                            matched: matched + 1,
+                        }
                     };
                 }
                 State::CData { brackets } => {
                     let b = buf[self.scan];
                     self.scan += 1;
                     self.state = match b {
-                        b']' => State::CData { brackets: (brackets + 1).min(2) },
+                        b']' => State::CData {
+                            brackets: (brackets + 1).min(2),
+                        },
                         b'>' if brackets == 2 => State::Text,
                         _ => State::CData { brackets: 0 },
                     };
@@ -326,14 +337,20 @@ impl Framer {
 fn too_large(limits: Limits) -> StreamError {
     StreamError::new(
         StreamErrorCondition::PolicyViolation,
-        format!("stanza larger than the limit of {} bytes", limits.max_stanza_bytes),
+        format!(
+            "stanza larger than the limit of {} bytes",
+            limits.max_stanza_bytes
+        ),
     )
 }
 
 fn too_deep(limits: Limits) -> StreamError {
     StreamError::new(
         StreamErrorCondition::PolicyViolation,
-        format!("elements nested deeper than the limit of {}", limits.max_depth),
+        format!(
+            "elements nested deeper than the limit of {}",
+            limits.max_depth
+        ),
     )
 }
 
@@ -391,10 +408,20 @@ mod tests {
         for chunk in [1, 2, 3, 7, 64, 10_000] {
             let out = frames(&input, chunk, Limits::default()).unwrap();
             assert_eq!(out.len(), 5, "chunk {chunk}: {out:?}");
-            assert!(matches!(&out[0], Frame::StreamOpen(b) if b.starts_with(b"<?xml") || b.starts_with(b"<stream")));
-            assert_eq!(out[1], Frame::Element(Bytes::from_static(b"<message to='a'><body a='>'>x &amp; <![CDATA[</body>]]></body></message>")));
+            assert!(
+                matches!(&out[0], Frame::StreamOpen(b) if b.starts_with(b"<?xml") || b.starts_with(b"<stream"))
+            );
+            assert_eq!(
+                out[1],
+                Frame::Element(Bytes::from_static(
+                    b"<message to='a'><body a='>'>x &amp; <![CDATA[</body>]]></body></message>"
+                ))
+            );
             assert_eq!(out[2], Frame::Element(Bytes::from_static(b"<presence/>")));
-            assert_eq!(out[3], Frame::Element(Bytes::from_static(b"<iq type=\"get\"><q xmlns='x'/></iq>")));
+            assert_eq!(
+                out[3],
+                Frame::Element(Bytes::from_static(b"<iq type=\"get\"><q xmlns='x'/></iq>"))
+            );
             assert_eq!(out[4], Frame::StreamClose);
             let by_range = frames_by_range(&input, chunk);
             assert_eq!(by_range[1..], out[1..], "chunk {chunk}");
@@ -403,7 +430,10 @@ mod tests {
 
     #[test]
     fn enforces_size_before_the_stanza_ends() {
-        let limits = Limits { max_stanza_bytes: 100, max_depth: 10 };
+        let limits = Limits {
+            max_stanza_bytes: 100,
+            max_depth: 10,
+        };
         let mut input = HEADER.to_vec();
         input.extend_from_slice(b"<message>");
         input.extend(std::iter::repeat_n(b'a', 1000));
@@ -418,7 +448,10 @@ mod tests {
 
     #[test]
     fn enforces_depth() {
-        let limits = Limits { max_stanza_bytes: 1 << 20, max_depth: 5 };
+        let limits = Limits {
+            max_stanza_bytes: 1 << 20,
+            max_depth: 5,
+        };
         let mut input = HEADER.to_vec();
         input.extend_from_slice(&b"<a>".repeat(5));
         input.extend_from_slice(&b"</a>".repeat(5));
@@ -439,7 +472,11 @@ mod tests {
             b"<stream:stream>hello",
             b"<stream:stream/>",
         ] {
-            assert!(frames(bad, 3, Limits::default()).is_err(), "{}", String::from_utf8_lossy(bad));
+            assert!(
+                frames(bad, 3, Limits::default()).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
         }
     }
 
@@ -447,7 +484,10 @@ mod tests {
     fn drops_whitespace_keepalives() {
         let mut f = Framer::new(Limits::default());
         let mut buf = BytesMut::from(HEADER);
-        assert!(matches!(f.next_frame(&mut buf).unwrap(), Some(Frame::StreamOpen(_))));
+        assert!(matches!(
+            f.next_frame(&mut buf).unwrap(),
+            Some(Frame::StreamOpen(_))
+        ));
         for _ in 0..1000 {
             buf.extend_from_slice(b"  \n");
             assert!(f.next_frame(&mut buf).unwrap().is_none());

@@ -24,9 +24,8 @@ impl StreamHeader {
     /// Parses the bytes of a `Frame::StreamOpen` and checks the stream namespace and, when
     /// given, the default namespace.
     pub fn parse(bytes: &Bytes, expected_ns: Option<&str>) -> Result<StreamHeader, StreamError> {
-        let text = std::str::from_utf8(bytes).map_err(|_| {
-            StreamError::new(StreamErrorCondition::NotWellFormed, "invalid UTF-8")
-        })?;
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| StreamError::new(StreamErrorCondition::NotWellFormed, "invalid UTF-8"))?;
         let mut reader = Reader::from_str(text);
         let start = loop {
             match reader.read_event() {
@@ -53,11 +52,17 @@ impl StreamHeader {
         let mut stream_ns = None;
         for attr in start.attributes().with_checks(true) {
             let attr = attr.map_err(|e| {
-                StreamError::new(StreamErrorCondition::NotWellFormed, format!("bad attribute: {e}"))
+                StreamError::new(
+                    StreamErrorCondition::NotWellFormed,
+                    format!("bad attribute: {e}"),
+                )
             })?;
             let value = quick_xml::escape::unescape(&attr.value)
                 .map_err(|e| {
-                    StreamError::new(StreamErrorCondition::NotWellFormed, format!("bad attribute: {e}"))
+                    StreamError::new(
+                        StreamErrorCondition::NotWellFormed,
+                        format!("bad attribute: {e}"),
+                    )
                 })?
                 .into_owned();
             let key = attr.key.as_ref();
@@ -129,10 +134,14 @@ mod tests {
     fn rejects_wrong_namespaces() {
         let b = Bytes::from_static(b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>");
         assert_eq!(
-            StreamHeader::parse(&b, Some("jabber:component:accept")).unwrap_err().condition,
+            StreamHeader::parse(&b, Some("jabber:component:accept"))
+                .unwrap_err()
+                .condition,
             StreamErrorCondition::InvalidNamespace
         );
-        let b = Bytes::from_static(b"<stream:stream xmlns='jabber:component:accept' xmlns:stream='urn:wrong'>");
+        let b = Bytes::from_static(
+            b"<stream:stream xmlns='jabber:component:accept' xmlns:stream='urn:wrong'>",
+        );
         assert!(StreamHeader::parse(&b, None).is_err());
     }
 }

@@ -119,7 +119,8 @@ impl<B: AsRef<[u8]>> Stanza<B> {
     fn text(&self, span: &Span) -> &str {
         // Validated UTF-8 or not, the attribute bytes of interest are ASCII-delimited; fall
         // back to an empty string rather than panic on a peer's garbage.
-        std::str::from_utf8(&self.bytes.as_ref()[span.start as usize..span.end as usize]).unwrap_or("")
+        std::str::from_utf8(&self.bytes.as_ref()[span.start as usize..span.end as usize])
+            .unwrap_or("")
     }
 
     /// The element's bytes as received.
@@ -168,7 +169,9 @@ impl<B: AsRef<[u8]>> Stanza<B> {
             .attributes()
             .flatten()
             .find(|a| a.key.as_ref() == name)?;
-        quick_xml::escape::unescape(&found.value).ok().map(|v| v.into_owned())
+        quick_xml::escape::unescape(&found.value)
+            .ok()
+            .map(|v| v.into_owned())
     }
 
     /// Whether the element was written as `<name/>`.
@@ -235,7 +238,8 @@ impl<B: AsRef<[u8]>> Stanza<B> {
     /// and appending `extra` as the last child.
     fn rewrite_head(&self, addressing: impl FnOnce(&mut BytesMut), extra: Option<&[u8]>) -> Bytes {
         let name = self.name();
-        let mut out = BytesMut::with_capacity(self.bytes.as_ref().len() + extra.map_or(0, <[u8]>::len) + 64);
+        let mut out =
+            BytesMut::with_capacity(self.bytes.as_ref().len() + extra.map_or(0, <[u8]>::len) + 64);
         out.extend_from_slice(b"<");
         out.extend_from_slice(name.as_bytes());
         let mut reader = Reader::from_reader(&self.bytes.as_ref()[..self.head_end as usize]);
@@ -315,22 +319,37 @@ mod tests {
 
     #[test]
     fn errors_are_never_answered() {
-        let s = Stanza::parse(Bytes::from_static(b"<message to='a' from='b' type='error'/>")).unwrap();
-        assert!(s.error_reply(StanzaErrorCondition::ServiceUnavailable, "").is_none());
-        let s = Stanza::parse(Bytes::from_static(b"<iq to='a' from='b' type='result' id='1'/>")).unwrap();
-        assert!(s.error_reply(StanzaErrorCondition::ServiceUnavailable, "").is_none());
+        let s = Stanza::parse(Bytes::from_static(
+            b"<message to='a' from='b' type='error'/>",
+        ))
+        .unwrap();
+        assert!(s
+            .error_reply(StanzaErrorCondition::ServiceUnavailable, "")
+            .is_none());
+        let s = Stanza::parse(Bytes::from_static(
+            b"<iq to='a' from='b' type='result' id='1'/>",
+        ))
+        .unwrap();
+        assert!(s
+            .error_reply(StanzaErrorCondition::ServiceUnavailable, "")
+            .is_none());
     }
 
     #[test]
     fn empty_element_reply_gets_content() {
         let s = Stanza::parse(Bytes::from_static(b"<presence to='a' from='b'/>")).unwrap();
-        let r = s.error_reply(StanzaErrorCondition::RemoteServerNotFound, "").unwrap();
+        let r = s
+            .error_reply(StanzaErrorCondition::RemoteServerNotFound, "")
+            .unwrap();
         assert!(r.ends_with(b"</error></presence>"));
     }
 
     #[test]
     fn rewrites_addresses() {
-        let s = Stanza::parse(Bytes::from_static(b"<message to='a' from='forged' type='chat'><body/></message>")).unwrap();
+        let s = Stanza::parse(Bytes::from_static(
+            b"<message to='a' from='forged' type='chat'><body/></message>",
+        ))
+        .unwrap();
         let r = Stanza::parse(s.with_addresses(None, Some("real&me"))).unwrap();
         assert_eq!(r.from(), Some("real&amp;me"));
         assert_eq!(r.to(), Some("a"));

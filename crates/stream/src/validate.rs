@@ -36,11 +36,10 @@ pub fn validate_stanza(stanza: &[u8]) -> Result<(), StreamError> {
             .map_err(|e| bad(format!("at byte {}: {e}", reader.error_position())))?;
         match event {
             Event::Start(ref e) | Event::Empty(ref e) => {
-                if let (ResolveResult::Unknown(prefix), _) = reader.resolver().resolve_element(e.name()) {
-                    return Err(bad(format!(
-                        "undeclared namespace prefix '{}'",
-                        prefix
-                    )));
+                if let (ResolveResult::Unknown(prefix), _) =
+                    reader.resolver().resolve_element(e.name())
+                {
+                    return Err(bad(format!("undeclared namespace prefix '{}'", prefix)));
                 }
                 for attr in e.attributes().with_checks(true) {
                     let attr = attr.map_err(|e| bad(format!("bad attribute: {e}")))?;
@@ -51,11 +50,10 @@ pub fn validate_stanza(stanza: &[u8]) -> Result<(), StreamError> {
                         .map_err(|e| bad(format!("bad attribute value: {e}")))?;
                     let key = attr.key;
                     if key.prefix().is_some_and(|p| p.into_inner() != "xmlns") {
-                        if let (ResolveResult::Unknown(prefix), _) = reader.resolver().resolve_attribute(key) {
-                            return Err(bad(format!(
-                                "undeclared namespace prefix '{}'",
-                                prefix
-                            )));
+                        if let (ResolveResult::Unknown(prefix), _) =
+                            reader.resolver().resolve_attribute(key)
+                        {
+                            return Err(bad(format!("undeclared namespace prefix '{}'", prefix)));
                         }
                     }
                 }
@@ -73,15 +71,16 @@ pub fn validate_stanza(stanza: &[u8]) -> Result<(), StreamError> {
             }
             Event::Text(_) | Event::CData(_) => {}
             Event::GeneralRef(r) => {
-                let known = r.is_char_ref()
-                    || matches!(r.as_ref(), "lt" | "gt" | "amp" | "apos" | "quot");
+                let known =
+                    r.is_char_ref() || matches!(r.as_ref(), "lt" | "gt" | "amp" | "apos" | "quot");
                 if !known {
                     return Err(StreamError::new(
                         StreamErrorCondition::RestrictedXml,
                         "entity references other than the predefined ones are not allowed",
                     ));
                 }
-                if r.is_char_ref() && !matches!(r.resolve_char_ref(), Ok(Some(c)) if is_xml_char(c)) {
+                if r.is_char_ref() && !matches!(r.resolve_char_ref(), Ok(Some(c)) if is_xml_char(c))
+                {
                     return Err(bad("character reference to a character XML forbids"));
                 }
             }

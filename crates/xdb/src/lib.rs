@@ -88,14 +88,20 @@ impl Request {
             .kind()
             .and_then(Op::parse)
             .ok_or_else(|| bad("type must be get, set, delete, append, take or list"))?;
-        let owner = stanza.attr("to").filter(|s| !s.is_empty()).ok_or_else(|| bad("'to' (the owner) is required"))?;
+        let owner = stanza
+            .attr("to")
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| bad("'to' (the owner) is required"))?;
         let ns = stanza.attr("ns").unwrap_or_default();
         if ns.is_empty() && op != Op::List {
             return Err(bad("'ns' is required"));
         }
         let max_items = match stanza.attr("max-items") {
             None => None,
-            Some(v) => Some(v.parse().map_err(|_| bad("max-items must be a whole number"))?),
+            Some(v) => Some(
+                v.parse()
+                    .map_err(|_| bad("max-items must be a whole number"))?,
+            ),
         };
         Ok(Request {
             op,
@@ -178,9 +184,18 @@ mod tests {
 
     #[test]
     fn refuses_incomplete_requests() {
-        let s = Stanza::parse(Bytes::from_static(b"<xdb type='get' to='a@b' from='sm' id='1'/>")).unwrap();
-        assert_eq!(Request::parse(&s).unwrap_err().condition, StanzaErrorCondition::BadRequest);
-        let s = Stanza::parse(Bytes::from_static(b"<xdb type='frob' to='a@b' ns='x' id='1'/>")).unwrap();
+        let s = Stanza::parse(Bytes::from_static(
+            b"<xdb type='get' to='a@b' from='sm' id='1'/>",
+        ))
+        .unwrap();
+        assert_eq!(
+            Request::parse(&s).unwrap_err().condition,
+            StanzaErrorCondition::BadRequest
+        );
+        let s = Stanza::parse(Bytes::from_static(
+            b"<xdb type='frob' to='a@b' ns='x' id='1'/>",
+        ))
+        .unwrap();
         assert!(Request::parse(&s).is_err());
     }
 }
