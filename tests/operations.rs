@@ -158,23 +158,15 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
     );
     let _stop = Stop(&dir);
 
-    let link = |name: &str, secret: &str| jrs_config::RouterLink {
-        address: "127.0.0.1".into(),
-        port,
-        unix: None,
-        name: name.into(),
-        secret: secret.into(),
-        tls: false,
-        ca_file: None,
-        server_name: None,
-        reconnect: Duration::from_millis(50),
-    };
     let limits = jrs_stream::Limits::default();
-    let (mut r, mut w) =
-        jrs_component::service::connect_and_bind(&link("admin", "admin-secret"), limits, &[])
-            .await
-            .unwrap()
-            .split();
+    let (mut r, mut w) = jrs_component::service::connect_and_bind(
+        &jrs_harness::link(port, "admin", "admin-secret"),
+        limits,
+        &[],
+    )
+    .await
+    .unwrap()
+    .split();
     let get = |id: &str| {
         Request {
             op: Op::Get,

@@ -250,29 +250,18 @@ async fn shared_instances_split_users_stably() {
         })
         .collect();
     admin.send(batch.as_bytes()).await.unwrap();
-    let before = jrs_harness::wait_for(
-        "3 instances to get every user",
-        Duration::from_secs(10),
-        || {
+    let all_owned = |what: &'static str| {
+        let owners = owners.clone();
+        jrs_harness::wait_for(what, Duration::from_secs(10), move || {
             let o = owners.lock().unwrap();
             (o.len() == USERS).then(|| o.clone())
-        },
-    )
-    .await
-    .unwrap();
+        })
+    };
+    let before = all_owned("3 instances to get every user").await.unwrap();
     owners.lock().unwrap().clear();
     writers.push(join("sm-4", owners.clone()).await);
     admin.send(batch.as_bytes()).await.unwrap();
-    let after = jrs_harness::wait_for(
-        "4 instances to get every user",
-        Duration::from_secs(10),
-        || {
-            let o = owners.lock().unwrap();
-            (o.len() == USERS).then(|| o.clone())
-        },
-    )
-    .await
-    .unwrap();
+    let after = all_owned("4 instances to get every user").await.unwrap();
     let moved: Vec<_> = before.iter().filter(|(k, v)| after[*k] != **v).collect();
     let mut per: HashMap<&str, usize> = HashMap::new();
     for v in after.values() {
@@ -627,15 +616,10 @@ async fn tls_and_unix_socket_links() {
     .unwrap();
     jrs_component::transport::install_crypto_provider();
     let base = jrs_config::RouterLink {
-        address: "127.0.0.1".into(),
-        port: tls_port,
-        unix: None,
-        name: "t.localhost".into(),
-        secret: "t.localhost-secret".into(),
         tls: true,
         ca_file: Some(cert.clone()),
         server_name: Some("router.test".into()),
-        reconnect: Duration::from_millis(50),
+        ..jrs_harness::link(tls_port, "t.localhost", "t.localhost-secret")
     };
     let limits = jrs_stream::Limits::default();
     let (mut t, mut tw) = Component::connect(&base, limits).await.unwrap().split();

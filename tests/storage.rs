@@ -41,6 +41,20 @@ async fn admin(server: &Server) -> (ComponentReader, ComponentWriter) {
         .split()
 }
 
+/// A router with the given grace period, a running xdb-file, and an admin link.
+async fn with_storage(grace_secs: f64) -> (Server, ComponentReader, ComponentWriter) {
+    let mut server = Server::start(Options {
+        grace_secs,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    server.start_storage().await.unwrap();
+    storage_ready(&server).await;
+    let (r, w) = admin(&server).await;
+    (server, r, w)
+}
+
 /// Waits until xdb-file has bound its route (its log says so).
 async fn storage_ready(server: &Server) {
     jrs_harness::wait_for("xdb-file to connect", Duration::from_secs(10), || {
@@ -55,10 +69,7 @@ async fn storage_ready(server: &Server) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn set_get_append_take_delete_through_the_router() {
-    let mut server = Server::start(Options::default()).await.unwrap();
-    server.start_storage().await.unwrap();
-    storage_ready(&server).await;
-    let (mut r, mut w) = admin(&server).await;
+    let (server, mut r, mut w) = with_storage(2.0).await;
 
     w.send(&request(
         Op::Set,
@@ -190,15 +201,7 @@ async fn set_get_append_take_delete_through_the_router() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_kill_9() {
-    let mut server = Server::start(Options {
-        grace_secs: 10.0,
-        ..Options::default()
-    })
-    .await
-    .unwrap();
-    server.start_storage().await.unwrap();
-    storage_ready(&server).await;
-    let (mut r, mut w) = admin(&server).await;
+    let (mut server, mut r, mut w) = with_storage(10.0).await;
     let acked: Arc<Mutex<HashSet<u32>>> = Arc::default();
     let reader = tokio::spawn({
         let acked = acked.clone();
@@ -285,15 +288,7 @@ async fn acknowledged_writes_survive_kill_9() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn storage_down_past_the_grace_period_gives_errors() {
-    let mut server = Server::start(Options {
-        grace_secs: 0.5,
-        ..Options::default()
-    })
-    .await
-    .unwrap();
-    server.start_storage().await.unwrap();
-    storage_ready(&server).await;
-    let (mut r, mut w) = admin(&server).await;
+    let (mut server, mut r, mut w) = with_storage(0.5).await;
     server.kill9("xdb-file");
     tokio::time::sleep(Duration::from_millis(100)).await;
     w.send(&request(Op::Get, "alice@localhost", "x", "late", ""))

@@ -41,6 +41,21 @@ pub fn repo_root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
+/// The settings of a plain TCP link to a router on loopback `port`.
+pub fn link(port: u16, name: &str, secret: &str) -> RouterLink {
+    RouterLink {
+        address: "127.0.0.1".into(),
+        port,
+        unix: None,
+        name: name.into(),
+        secret: secret.into(),
+        tls: false,
+        ca_file: None,
+        server_name: None,
+        reconnect: Duration::from_millis(50),
+    }
+}
+
 /// A port nobody listens on right now.
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
