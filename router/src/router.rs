@@ -33,7 +33,7 @@ impl LinkInfo {
         // The default route (s2s) speaks for every remote domain: any domain no local
         // component serves.
         route != PacketType::Log
-            && self.bound.contains(&(PacketType::Normal, "*".to_owned()))
+            && self.bound.iter().any(|(t, h)| *t == PacketType::Normal && h == "*")
             && !tree.serves(PacketType::Normal, domain)
     }
 }
