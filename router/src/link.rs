@@ -299,12 +299,17 @@ fn handle_frames(
                 batch.clear();
                 router.handle_bind(conn, &stanza, stanza.name() == "unbind");
             }
+            TopLevel::Notices => {
+                router.route_batch(conn, &batch);
+                batch.clear();
+                router.subscribe_notices(conn, &stanza);
+            }
             TopLevel::StreamError => {
                 warn!(error = %String::from_utf8_lossy(bytes), "component sent a stream error");
                 end = Some(End::Closed);
                 break;
             }
-            TopLevel::Handshake | TopLevel::Unknown => {
+            TopLevel::Handshake | TopLevel::Notice | TopLevel::Unknown => {
                 end = Some(End::Error(StreamError::new(
                     StreamErrorCondition::UnsupportedStanzaType,
                     format!("<{}> is not a packet the router handles", stanza.name()),

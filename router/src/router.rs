@@ -8,7 +8,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
-use jrs_component::protocol::{bind_error, bind_result};
+use jrs_component::protocol::{bind_error, bind_result, disconnected_notice};
 use jrs_component::PacketType;
 use jrs_stream::{Stanza, StanzaErrorCondition};
 
@@ -22,6 +22,8 @@ struct LinkInfo {
     outbox: Arc<Outbox>,
     /// Routes this link bound, including the automatic ones for its own name.
     bound: HashSet<(PacketType, String)>,
+    /// The link asked for notices about other links.
+    notices: bool,
 }
 
 impl LinkInfo {
@@ -134,6 +136,7 @@ impl Router {
                 name: name.clone(),
                 outbox: outbox.clone(),
                 bound: HashSet::new(),
+                notices: false,
             },
         );
         for route in OWN_NAME_ROUTES {
@@ -206,6 +209,15 @@ impl Router {
         };
         // Pushed under the lock so the answer precedes any packet the new route brings.
         let _ = outbox.push(answer.as_bytes());
+    }
+
+    /// Handles `<notices/>`: from now on the link hears when other links disconnect.
+    pub fn subscribe_notices<B: AsRef<[u8]>>(&self, conn: ConnId, request: &Stanza<B>) {
+        let mut st = self.state.lock().expect("router lock");
+        if let Some(link) = st.links.get_mut(&conn) {
+            link.notices = true;
+            let _ = link.outbox.push(bind_result("notices", request.id().unwrap_or("")).as_bytes());
+        }
     }
 
     /// Routes the packets one link sent in one read, under one lock: from checks, the
@@ -292,6 +304,10 @@ impl Router {
             let now = Instant::now();
             for (route, host) in &link.bound {
                 st.tree.unbind(*route, host, conn, now);
+            }
+            let notice = disconnected_notice(&link.name);
+            for other in st.links.values().filter(|l| l.notices) {
+                let _ = other.outbox.push(notice.as_bytes());
             }
             // Killing under the lock: no packet can slip in between, and those queued keep
             // their order, held for the component's return or passed to another instance.

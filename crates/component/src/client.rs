@@ -100,22 +100,30 @@ impl Component {
         self.request("unbind", route, host, false).await
     }
 
-    async fn request(
-        &mut self,
-        element: &str,
-        route: PacketType,
-        host: &str,
-        shared: bool,
-    ) -> anyhow::Result<()> {
+    /// Asks the router for link notices: `<notice event='disconnected' name='..'/>` when
+    /// any other component disconnects.
+    pub async fn subscribe_notices(&mut self) -> anyhow::Result<()> {
         self.next_id += 1;
         let id = format!("b{}", self.next_id);
-        self.writer
-            .write_all(bind_request(element, &id, route, host, shared).as_bytes())
-            .await?;
+        let request = format!("<notices xmlns='{}' id='{id}'/>", crate::protocol::NS_ROUTER);
+        self.exchange("notices", &id, &request, PacketType::Normal, "").await
+    }
+
+    async fn request(&mut self, element: &str, route: PacketType, host: &str, shared: bool) -> anyhow::Result<()> {
+        self.next_id += 1;
+        let id = format!("b{}", self.next_id);
+        let request = bind_request(element, &id, route, host, shared);
+        self.exchange(element, &id, &request, route, host).await
+    }
+
+    /// Sends a request to the router and waits for the answer with the same id; stanzas
+    /// arriving meanwhile are kept for the reader.
+    async fn exchange(&mut self, element: &str, id: &str, request: &str, route: PacketType, host: &str) -> anyhow::Result<()> {
+        self.writer.write_all(request.as_bytes()).await?;
         self.writer.flush().await?;
         loop {
             let s = next_element(&mut self.reader).await?;
-            if s.name() == element && s.id() == Some(id.as_str()) {
+            if s.name() == element && s.id() == Some(id) {
                 if s.kind() == Some("result") {
                     return Ok(());
                 }

@@ -61,6 +61,10 @@ pub enum TopLevel {
     Packet(PacketType),
     Bind,
     Unbind,
+    /// A component asks for link notices (see `docs/protocol.md`).
+    Notices,
+    /// A link notice from the router (`<notice event='disconnected' name='..'/>`).
+    Notice,
     Handshake,
     StreamError,
     Unknown,
@@ -75,6 +79,8 @@ impl TopLevel {
             "log" => TopLevel::Packet(PacketType::Log),
             "bind" => TopLevel::Bind,
             "unbind" => TopLevel::Unbind,
+            "notices" => TopLevel::Notices,
+            "notice" => TopLevel::Notice,
             "handshake" => TopLevel::Handshake,
             "stream:error" => TopLevel::StreamError,
             _ => TopLevel::Unknown,
@@ -105,6 +111,11 @@ pub fn bind_request(
         escape(host),
         if shared { " shared='true'" } else { "" }
     )
+}
+
+/// The notice the router sends to subscribed links when component `name` disconnects.
+pub fn disconnected_notice(name: &str) -> String {
+    format!("<notice xmlns='{NS_ROUTER}' event='disconnected' name='{}'/>", escape(name))
 }
 
 /// The router's success answer to a bind or unbind.

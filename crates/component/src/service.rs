@@ -37,6 +37,21 @@ pub struct Bind {
     pub shared: bool,
 }
 
+impl Bind {
+    /// Not a route: asks for link notices (see [`Component::subscribe_notices`]).
+    pub fn notices() -> Bind {
+        Bind {
+            route: PacketType::Log,
+            host: String::new(),
+            shared: false,
+        }
+    }
+
+    fn is_notices(&self) -> bool {
+        self.route == PacketType::Log && self.host.is_empty()
+    }
+}
+
 /// Connects to the router, authenticates and binds, retrying with backoff while the
 /// router is unreachable. A refusal (wrong secret, ACL) is final: it needs the operator.
 pub async fn connect_and_bind(
@@ -68,7 +83,11 @@ async fn try_connect(
 ) -> anyhow::Result<Component> {
     let mut c = Component::connect(link, limits).await?;
     for b in binds {
-        c.bind(b.route, &b.host, b.shared).await?;
+        if b.is_notices() {
+            c.subscribe_notices().await?;
+        } else {
+            c.bind(b.route, &b.host, b.shared).await?;
+        }
     }
     Ok(c)
 }

@@ -9,6 +9,10 @@
 //! The owner is the `to` of a request: a bare JID, or a domain for data of the host. The
 //! router routes requests by the owner's domain, so one storage component per domain.
 
+pub mod client;
+
+pub use client::{XdbClient, XdbError};
+
 use bytes::Bytes;
 
 use jrs_component::protocol::NS_XDB;
