@@ -1,11 +1,27 @@
-//! c2s, the client connection manager. For now it connects to the router under its own
-//! name and answers every packet with `service-unavailable`; client listeners, SASL and
-//! resource binding come next (issue 3).
+//! c2s, the client connection manager: client listeners (STARTTLS and direct TLS),
+//! SASL, resource binding, then relaying each session's stanzas to and from its sm
+//! instance through the router. See `docs/c2s.md` and `docs/protocol.md`.
+
+mod config;
+mod conn;
+mod limits;
+mod listener;
+mod sasl;
+mod shared;
+mod stream;
+mod tls;
+mod xml;
+
+use std::sync::Arc;
 
 use clap::Parser;
+use tracing::info;
 
-use jrs_component::service::{run_thin, CommonArgs};
-use jrs_stream::StanzaErrorCondition;
+use jrs_component::service::{exit_code, run_component, Bind, CommonArgs};
+use jrs_stream::Limits;
+
+use crate::config::C2sConfig;
+use crate::shared::Shared;
 
 /// The jabberd-rs client connection manager.
 #[derive(Parser, Debug)]
@@ -17,12 +33,30 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    run_thin(
-        "c2s",
-        args.common,
-        true,
-        |_| vec![],
-        StanzaErrorCondition::ServiceUnavailable,
-        "client connections are not served yet",
-    )
+    exit_code(run(args), "c2s")
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = C2sConfig::load(&args.common.config)?;
+    if args.common.check {
+        println!("{}: ok", args.common.config.display());
+        return Ok(());
+    }
+    jrs_component::logging::init(&config.log);
+    jrs_component::transport::install_crypto_provider();
+    let tls = tls::load(&config.hosts)?;
+    let link = config.router.clone().for_instance(args.common.instance);
+    let shared = Arc::new(Shared::new(config, tls, link.name.clone()));
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    runtime.block_on(async move {
+        listener::start_all(&shared).await?;
+        info!(name = %link.name, "c2s ready");
+        // Packets from sm can be as large as what sm stores (rosters, vCards).
+        let limits = Limits { max_stanza_bytes: 4 << 20, max_depth: 64 };
+        run_component(link, limits, vec![Bind::notices()], |reader, outbox| {
+            let shared = shared.clone();
+            async move { shared.serve_router(reader, outbox).await }
+        })
+        .await
+    })
 }

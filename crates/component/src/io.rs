@@ -77,6 +77,17 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
         !self.buf.is_empty()
     }
 
+    pub fn get_ref(&self) -> &R {
+        &self.io
+    }
+
+    /// Starts reading a new stream on the same connection (after SASL success): bytes
+    /// already buffered belong to the new stream and are kept.
+    pub fn restart(&mut self) {
+        self.framer.compact(&mut self.buf);
+        self.framer.reset();
+    }
+
     pub fn get_mut(&mut self) -> &mut R {
         &mut self.io
     }

@@ -1,0 +1,173 @@
+//! `c2s.xml`.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jrs_config::{LogConfig, Node, Result, RouterLink};
+use jrs_stream::Limits;
+
+/// How a listener starts its streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ListenMode {
+    /// Plain TCP, upgraded with STARTTLS (port 5222).
+    StartTls,
+    /// TLS from the first byte (XEP-0368, port 5223), ALPN `xmpp-client`.
+    DirectTls,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listen {
+    pub address: String,
+    pub port: u16,
+    pub mode: ListenMode,
+}
+
+/// A served domain and its certificate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Host {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Make a self-signed certificate at start when the files do not exist.
+    pub self_signed: bool,
+}
+
+#[derive(Debug, Clone)]
+pub struct C2sConfig {
+    pub router: RouterLink,
+    pub hosts: Vec<Host>,
+    pub listen: Vec<Listen>,
+    /// STARTTLS must happen before authentication.
+    pub require_tls: bool,
+    /// SASL mechanisms offered (when usable: PLAIN only over TLS, -PLUS only over TLS).
+    pub mechanisms: Vec<String>,
+    /// XEP-0077 account creation before login.
+    pub register: bool,
+    pub limits: Limits,
+    /// Bytes per second a client may send (sustained); bursts up to 4 times that.
+    pub rate_bytes: u32,
+    /// A connection with no traffic this long is closed.
+    pub idle_timeout: Duration,
+    /// Whitespace keepalive after this much silence towards the client.
+    pub keepalive: Duration,
+    /// Failed authentications allowed per address within `auth_window`.
+    pub auth_failures: u32,
+    pub auth_window: Duration,
+    pub log: LogConfig,
+}
+
+pub const ALL_MECHANISMS: &[&str] = &[
+    "SCRAM-SHA-256-PLUS",
+    "SCRAM-SHA-1-PLUS",
+    "SCRAM-SHA-256",
+    "SCRAM-SHA-1",
+    "PLAIN",
+];
+
+impl C2sConfig {
+    pub fn load(path: &Path) -> Result<C2sConfig> {
+        let root = Node::load(path, "c2s")?;
+        root.allow(
+            &[],
+            &["router", "host", "listen", "tls", "sasl", "register", "limits", "timeouts", "auth-failures", "log"],
+        )?;
+        let mut hosts = vec![];
+        for h in root.children("host") {
+            h.allow(&["name", "cert", "key", "self-signed"], &[])?;
+            let name = h.required_attr("name")?.to_ascii_lowercase();
+            hosts.push(Host {
+                cert: PathBuf::from(h.attr("cert").map(str::to_owned).unwrap_or(format!("var/certs/{name}.crt"))),
+                key: PathBuf::from(h.attr("key").map(str::to_owned).unwrap_or(format!("var/certs/{name}.key"))),
+                self_signed: h.bool_attr("self-signed", false)?,
+                name,
+            });
+        }
+        if hosts.is_empty() {
+            return Err(root.error("at least one <host name='DOMAIN'/> is required"));
+        }
+        let mut listen = vec![];
+        for l in root.children("listen") {
+            l.allow(&["address", "port", "mode"], &[])?;
+            let mode = match l.attr("mode").unwrap_or("starttls") {
+                "starttls" => ListenMode::StartTls,
+                "tls" => ListenMode::DirectTls,
+                other => {
+                    return Err(l.error(format!("attribute 'mode' = '{other}': expected starttls or tls")))
+                }
+            };
+            let default_port = if mode == ListenMode::StartTls { 5222 } else { 5223 };
+            listen.push(Listen {
+                address: l.attr("address").unwrap_or("::").to_owned(),
+                port: l.parse_attr("port", "a port number (0-65535)")?.unwrap_or(default_port),
+                mode,
+            });
+        }
+        if listen.is_empty() {
+            return Err(root.error("at least one <listen/> is required"));
+        }
+        let mut require_tls = true;
+        if let Some(t) = root.child("tls")? {
+            t.allow(&["required"], &[])?;
+            require_tls = t.bool_attr("required", true)?;
+        }
+        let mut mechanisms: Vec<String> = ALL_MECHANISMS.iter().map(|m| m.to_string()).collect();
+        if let Some(s) = root.child("sasl")? {
+            s.allow(&["mechanisms"], &[])?;
+            if let Some(list) = s.attr("mechanisms") {
+                mechanisms = list.split_whitespace().map(str::to_owned).collect();
+                if let Some(bad) = mechanisms.iter().find(|m| !ALL_MECHANISMS.contains(&m.as_str())) {
+                    return Err(s.error(format!("unknown mechanism '{bad}' (expected some of: {})", ALL_MECHANISMS.join(" "))));
+                }
+            }
+        }
+        let mut register = false;
+        if let Some(r) = root.child("register")? {
+            r.allow(&["enabled"], &[])?;
+            register = r.bool_attr("enabled", false)?;
+        }
+        let (mut rate_bytes, mut idle_timeout, mut keepalive) = (65_536u32, Duration::from_secs(300), Duration::from_secs(60));
+        if let Some(t) = root.child("timeouts")? {
+            t.allow(&["idle", "keepalive"], &[])?;
+            idle_timeout = t.seconds_attr("idle")?.unwrap_or(idle_timeout);
+            keepalive = t.seconds_attr("keepalive")?.unwrap_or(keepalive);
+        }
+        let limits_node = root.child("limits")?;
+        if let Some(l) = limits_node {
+            l.allow(&["max-stanza-bytes", "max-depth", "rate-bytes"], &[])?;
+            rate_bytes = l.parse_attr("rate-bytes", "bytes per second")?.unwrap_or(rate_bytes);
+        }
+        // The framing limits (checked before anything is parsed) for client streams.
+        let limits = match limits_node {
+            Some(l) => Limits {
+                max_stanza_bytes: l.parse_attr("max-stanza-bytes", "a number of bytes")?.unwrap_or(65_536),
+                max_depth: l.parse_attr("max-depth", "a nesting depth")?.unwrap_or(32),
+            },
+            None => Limits { max_stanza_bytes: 65_536, max_depth: 32 },
+        };
+        let (mut auth_failures, mut auth_window) = (5, Duration::from_secs(60));
+        if let Some(a) = root.child("auth-failures")? {
+            a.allow(&["max", "window"], &[])?;
+            auth_failures = a.parse_attr("max", "a number of failures")?.unwrap_or(auth_failures);
+            auth_window = a.seconds_attr("window")?.unwrap_or(auth_window);
+        }
+        Ok(C2sConfig {
+            router: RouterLink::from_node(root.required_child("router")?)?,
+            hosts,
+            listen,
+            require_tls,
+            mechanisms,
+            register,
+            limits,
+            rate_bytes,
+            idle_timeout,
+            keepalive,
+            auth_failures,
+            auth_window,
+            log: LogConfig::from_node(root.child("log")?)?,
+        })
+    }
+
+    pub fn serves(&self, domain: &str) -> bool {
+        self.hosts.iter().any(|h| h.name == domain)
+    }
+}
