@@ -135,7 +135,10 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
         ("router.xml", format!("<router><listen address='127.0.0.1' port='{port}'/><users file='{}'/><grace seconds='5'/></router>", p("router-users.xml"))),
         ("xdb-file.xml", format!("<xdb-file>{}<host>localhost</host><spool dir='{}'/></xdb-file>", router_el("xdb-file", "xdb-secret"), p("spool"))),
         ("sm.xml", format!("<sm>{}<host>localhost</host></sm>", router_el("sm", "sm-secret"))),
-        ("c2s.xml", format!("<c2s>{}<host>localhost</host></c2s>", router_el("c2s", "c2s-secret"))),
+        ("c2s.xml", format!(
+            "<c2s>{}<host name='localhost' cert='{}' key='{}' self-signed='true'/>\
+             <listen address='127.0.0.1' port='{}'/><listen address='127.0.0.1' port='{}' mode='tls'/></c2s>",
+            router_el("c2s", "c2s-secret"), p("certs/localhost.crt"), p("certs/localhost.key"), free_port(), free_port())),
         ("s2s.xml", format!("<s2s>{}</s2s>", router_el("s2s", "s2s-secret"))),
         ("supervisor.xml", format!(
             "<supervisor><run-dir>{}</run-dir><log-dir>{}</log-dir>\
@@ -247,4 +250,49 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
         .unwrap()
         .unwrap();
     assert_eq!((s.id(), s.kind()), (Some("after-restart"), Some("result")));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jabberctl_manages_accounts() {
+    let mut server = jrs_harness::Server::start(jrs_harness::Options::default()).await.unwrap();
+    server.start_storage().await.unwrap();
+    let config = server
+        .write(
+            "jabberctl.xml",
+            &format!("<jabberctl>{}</jabberctl>", server.router_element("admin", "admin-secret")),
+        )
+        .unwrap();
+    let ctl = |args: &[&str]| {
+        let out = Command::new(bin_dir().join("jabberctl"))
+            .arg("-c")
+            .arg(&config)
+            .args(args)
+            .output()
+            .unwrap();
+        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    };
+    // xdb-file may still be connecting: the first write retries inside jabberctl's timeout.
+    let (code, out) = ctl(&["adduser", "Alice@localhost", "--password", "s3cret"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("alice@localhost added"), "{out}");
+    let (code, out) = ctl(&["adduser", "alice@localhost", "--password", "x"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("exists already"), "{out}");
+    assert_eq!(ctl(&["adduser", "bob@localhost", "--password", "b"]).0, Some(0));
+    let (code, out) = ctl(&["users", "localhost"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("alice@localhost\nbob@localhost\n"), "{out}");
+    assert_eq!(ctl(&["passwd", "alice@localhost", "--password", "new"]).0, Some(0));
+    // The stored record checks the new password, not the old one.
+    let record = std::fs::read(server.path("spool/localhost/alice/urn%3Ajabberd-rs%3Aauth%3A0.xml")).unwrap();
+    let inner = &record[b"<stored>".len()..record.len() - b"</stored>".len()];
+    let creds = jrs_auth::Credentials::parse(inner).unwrap().unwrap();
+    assert!(creds.check_password("new") && !creds.check_password("s3cret"));
+    assert!(!String::from_utf8_lossy(&record).contains("new"), "no clear password on disk");
+    assert_eq!(ctl(&["deluser", "alice@localhost"]).0, Some(0));
+    let (_, out) = ctl(&["users", "localhost"]);
+    assert!(!out.contains("alice@") && out.contains("bob@localhost"), "{out}");
+    let (code, out) = ctl(&["deluser", "nobody"]);
+    assert_eq!(code, Some(1));
+    assert!(out.contains("no user part"), "{out}");
 }

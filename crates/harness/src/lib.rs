@@ -225,6 +225,35 @@ impl Server {
         Ok(())
     }
 
+    /// Writes `c2s.xml` (a self-signed certificate for localhost under the installation,
+    /// STARTTLS and direct TLS listeners on free loopback ports, registration enabled when
+    /// asked, `extra` elements appended) and starts c2s. Returns (STARTTLS port, TLS port)
+    /// once both accept connections.
+    pub async fn start_c2s(&mut self, extra: &str) -> anyhow::Result<(u16, u16)> {
+        let (starttls, direct) = (free_port(), free_port());
+        let config = format!(
+            "<c2s>{}<host name='localhost' cert='certs/localhost.crt' key='certs/localhost.key' self-signed='true'/>\
+             <listen address='127.0.0.1' port='{starttls}'/><listen address='127.0.0.1' port='{direct}' mode='tls'/>\
+             {extra}<log level='debug'/></c2s>",
+            self.router_element("c2s", "c2s-secret")
+        );
+        self.write("c2s.xml", &config)?;
+        self.spawn("c2s", "c2s", &["-c", "c2s.xml"])?;
+        for port in [starttls, direct] {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while TcpStream::connect(("127.0.0.1", port)).await.is_err() {
+                if let Some(status) = self.exited("c2s") {
+                    bail!("c2s exited ({status}):\n{}", self.log("c2s"));
+                }
+                if Instant::now() > deadline {
+                    bail!("c2s does not listen on {port}:\n{}", self.log("c2s"));
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        Ok((starttls, direct))
+    }
+
     /// SIGKILLs a process started with [`Server::spawn`].
     pub fn kill9(&mut self, name: &str) {
         if let Some(mut child) = self.children.remove(name) {
