@@ -150,7 +150,9 @@ impl Shared {
         let sid = packet.attr("sid").unwrap_or_default();
         let handle = self.sessions.lock().expect("sessions lock").get(&sid).cloned();
         let Some(handle) = handle else {
-            if packet.kind() != Some("end") {
+            // Only live traffic is answered: never an `end` or a bounced packet (an
+            // error), which could loop between us and the router.
+            if matches!(packet.kind(), Some("stanza" | "started")) {
                 // A session we no longer have: tell sm it ended.
                 debug!(sid, "packet for an unknown session");
                 let jid = packet.attr("jid").unwrap_or_default();
@@ -176,6 +178,18 @@ impl Shared {
             }
             Some("stanza") => {
                 let _ = handle.to_client.send(ToClient::Stanza(Bytes::copy_from_slice(packet.inner())));
+            }
+            Some("error") => {
+                // The router bounced what we sent for this session: no sm is reachable.
+                self.sessions.lock().expect("sessions lock").remove(&handle.sid);
+                if let Some(tx) = handle.started.lock().expect("started lock").take() {
+                    let _ = tx.send(Err("service-unavailable".into()));
+                    return;
+                }
+                let _ = handle.to_client.send(ToClient::End(
+                    StreamErrorCondition::InternalServerError,
+                    "the session manager is unavailable".into(),
+                ));
             }
             Some("end") => {
                 let condition = first_element_name(packet.inner());
