@@ -69,15 +69,34 @@ impl C2sConfig {
         let root = Node::load(path, "c2s")?;
         root.allow(
             &[],
-            &["router", "host", "listen", "tls", "sasl", "register", "limits", "timeouts", "auth-failures", "log"],
+            &[
+                "router",
+                "host",
+                "listen",
+                "tls",
+                "sasl",
+                "register",
+                "limits",
+                "timeouts",
+                "auth-failures",
+                "log",
+            ],
         )?;
         let mut hosts = vec![];
         for h in root.children("host") {
             h.allow(&["name", "cert", "key", "self-signed"], &[])?;
             let name = h.required_attr("name")?.to_ascii_lowercase();
             hosts.push(Host {
-                cert: PathBuf::from(h.attr("cert").map(str::to_owned).unwrap_or(format!("var/certs/{name}.crt"))),
-                key: PathBuf::from(h.attr("key").map(str::to_owned).unwrap_or(format!("var/certs/{name}.key"))),
+                cert: PathBuf::from(
+                    h.attr("cert")
+                        .map(str::to_owned)
+                        .unwrap_or(format!("var/certs/{name}.crt")),
+                ),
+                key: PathBuf::from(
+                    h.attr("key")
+                        .map(str::to_owned)
+                        .unwrap_or(format!("var/certs/{name}.key")),
+                ),
                 self_signed: h.bool_attr("self-signed", false)?,
                 name,
             });
@@ -92,13 +111,21 @@ impl C2sConfig {
                 "starttls" => ListenMode::StartTls,
                 "tls" => ListenMode::DirectTls,
                 other => {
-                    return Err(l.error(format!("attribute 'mode' = '{other}': expected starttls or tls")))
+                    return Err(l.error(format!(
+                        "attribute 'mode' = '{other}': expected starttls or tls"
+                    )))
                 }
             };
-            let default_port = if mode == ListenMode::StartTls { 5222 } else { 5223 };
+            let default_port = if mode == ListenMode::StartTls {
+                5222
+            } else {
+                5223
+            };
             listen.push(Listen {
                 address: l.attr("address").unwrap_or("::").to_owned(),
-                port: l.parse_attr("port", "a port number (0-65535)")?.unwrap_or(default_port),
+                port: l
+                    .parse_attr("port", "a port number (0-65535)")?
+                    .unwrap_or(default_port),
                 mode,
             });
         }
@@ -115,8 +142,14 @@ impl C2sConfig {
             s.allow(&["mechanisms"], &[])?;
             if let Some(list) = s.attr("mechanisms") {
                 mechanisms = list.split_whitespace().map(str::to_owned).collect();
-                if let Some(bad) = mechanisms.iter().find(|m| !ALL_MECHANISMS.contains(&m.as_str())) {
-                    return Err(s.error(format!("unknown mechanism '{bad}' (expected some of: {})", ALL_MECHANISMS.join(" "))));
+                if let Some(bad) = mechanisms
+                    .iter()
+                    .find(|m| !ALL_MECHANISMS.contains(&m.as_str()))
+                {
+                    return Err(s.error(format!(
+                        "unknown mechanism '{bad}' (expected some of: {})",
+                        ALL_MECHANISMS.join(" ")
+                    )));
                 }
             }
         }
@@ -125,7 +158,8 @@ impl C2sConfig {
             r.allow(&["enabled"], &[])?;
             register = r.bool_attr("enabled", false)?;
         }
-        let (mut rate_bytes, mut idle_timeout, mut keepalive) = (65_536u32, Duration::from_secs(300), Duration::from_secs(60));
+        let (mut rate_bytes, mut idle_timeout, mut keepalive) =
+            (65_536u32, Duration::from_secs(300), Duration::from_secs(60));
         if let Some(t) = root.child("timeouts")? {
             t.allow(&["idle", "keepalive"], &[])?;
             idle_timeout = t.seconds_attr("idle")?.unwrap_or(idle_timeout);
@@ -134,20 +168,29 @@ impl C2sConfig {
         let limits_node = root.child("limits")?;
         if let Some(l) = limits_node {
             l.allow(&["max-stanza-bytes", "max-depth", "rate-bytes"], &[])?;
-            rate_bytes = l.parse_attr("rate-bytes", "bytes per second")?.unwrap_or(rate_bytes);
+            rate_bytes = l
+                .parse_attr("rate-bytes", "bytes per second")?
+                .unwrap_or(rate_bytes);
         }
         // The framing limits (checked before anything is parsed) for client streams.
         let limits = match limits_node {
             Some(l) => Limits {
-                max_stanza_bytes: l.parse_attr("max-stanza-bytes", "a number of bytes")?.unwrap_or(65_536),
+                max_stanza_bytes: l
+                    .parse_attr("max-stanza-bytes", "a number of bytes")?
+                    .unwrap_or(65_536),
                 max_depth: l.parse_attr("max-depth", "a nesting depth")?.unwrap_or(32),
             },
-            None => Limits { max_stanza_bytes: 65_536, max_depth: 32 },
+            None => Limits {
+                max_stanza_bytes: 65_536,
+                max_depth: 32,
+            },
         };
         let (mut auth_failures, mut auth_window) = (5, Duration::from_secs(60));
         if let Some(a) = root.child("auth-failures")? {
             a.allow(&["max", "window"], &[])?;
-            auth_failures = a.parse_attr("max", "a number of failures")?.unwrap_or(auth_failures);
+            auth_failures = a
+                .parse_attr("max", "a number of failures")?
+                .unwrap_or(auth_failures);
             auth_window = a.seconds_attr("window")?.unwrap_or(auth_window);
         }
         Ok(C2sConfig {

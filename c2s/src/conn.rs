@@ -17,7 +17,9 @@ use jrs_component::{FramedReader, ReadError};
 use jrs_stream::header::open_stream;
 use jrs_stream::validate::validate_stanza;
 use jrs_stream::xml::escape;
-use jrs_stream::{Frame, Stanza, StanzaErrorCondition, StreamError, StreamErrorCondition, StreamHeader};
+use jrs_stream::{
+    Frame, Stanza, StanzaErrorCondition, StreamError, StreamErrorCondition, StreamHeader,
+};
 
 use crate::config::ListenMode;
 use crate::limits::ByteRate;
@@ -100,7 +102,9 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: 
         Close::Error(e) => {
             debug!(%peer, error = %e, "closing with a stream error");
             if !conn.header_sent {
-                let _ = conn.write(conn.header(&StreamHeader::default()).as_bytes()).await;
+                let _ = conn
+                    .write(conn.header(&StreamHeader::default()).as_bytes())
+                    .await;
             }
             Some(e.to_xml())
         }
@@ -129,7 +133,12 @@ impl Conn {
     async fn next(&mut self) -> Result<Stanza, Close> {
         let idle = self.shared.config.idle_timeout;
         let frame = match tokio::time::timeout(idle, self.reader.next_frame()).await {
-            Err(_) => return Err(stream_error(StreamErrorCondition::ConnectionTimeout, "idle for too long")),
+            Err(_) => {
+                return Err(stream_error(
+                    StreamErrorCondition::ConnectionTimeout,
+                    "idle for too long",
+                ))
+            }
             Ok(Ok(frame)) => frame,
             Ok(Err(ReadError::Stream(e))) => return Err(e.into()),
             Ok(Err(ReadError::Closed)) | Ok(Err(ReadError::Io(_))) => return Err(Close::Gone),
@@ -143,7 +152,8 @@ impl Conn {
             tokio::time::sleep(pause).await;
         }
         validate_stanza(&bytes)?;
-        Stanza::parse(bytes).map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))
+        Stanza::parse(bytes)
+            .map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))
     }
 
     fn header(&self, _peer_header: &StreamHeader) -> String {
@@ -153,35 +163,60 @@ impl Conn {
         } else {
             self.domain.clone()
         };
-        open_stream(NS_CLIENT, &[("from", &from), ("id", &id), ("version", "1.0"), ("xml:lang", "en")])
+        open_stream(
+            NS_CLIENT,
+            &[
+                ("from", &from),
+                ("id", &id),
+                ("version", "1.0"),
+                ("xml:lang", "en"),
+            ],
+        )
     }
 
     /// Reads the client's stream header and answers with ours and `features`.
     async fn open_stream(&mut self, features: impl FnOnce(&Conn) -> String) -> Result<(), Close> {
         let idle = self.shared.config.idle_timeout;
         let frame = match tokio::time::timeout(idle, self.reader.next_frame()).await {
-            Err(_) => return Err(stream_error(StreamErrorCondition::ConnectionTimeout, "no stream header")),
+            Err(_) => {
+                return Err(stream_error(
+                    StreamErrorCondition::ConnectionTimeout,
+                    "no stream header",
+                ))
+            }
             Ok(Ok(f)) => f,
             Ok(Err(ReadError::Stream(e))) => return Err(e.into()),
             Ok(Err(_)) => return Err(Close::Gone),
         };
         let Frame::StreamOpen(bytes) = frame else {
-            return Err(stream_error(StreamErrorCondition::NotWellFormed, "expected a stream header"));
+            return Err(stream_error(
+                StreamErrorCondition::NotWellFormed,
+                "expected a stream header",
+            ));
         };
         let header = StreamHeader::parse(&bytes, Some(NS_CLIENT))?;
         let to = header.to.as_deref().unwrap_or("").to_ascii_lowercase();
         if !self.domain.is_empty() && to != self.domain {
-            return Err(stream_error(StreamErrorCondition::HostUnknown, "a restarted stream must keep its domain"));
+            return Err(stream_error(
+                StreamErrorCondition::HostUnknown,
+                "a restarted stream must keep its domain",
+            ));
         }
         self.domain = to.clone();
         let ours = self.header(&header);
         self.write(ours.as_bytes()).await?;
         self.header_sent = true;
         if !self.shared.config.serves(&to) {
-            return Err(stream_error(StreamErrorCondition::HostUnknown, format!("'{to}' is not served here")));
+            return Err(stream_error(
+                StreamErrorCondition::HostUnknown,
+                format!("'{to}' is not served here"),
+            ));
         }
         if header.version.as_deref() != Some("1.0") {
-            return Err(stream_error(StreamErrorCondition::UnsupportedVersion, "XMPP 1.0 streams only"));
+            return Err(stream_error(
+                StreamErrorCondition::UnsupportedVersion,
+                "XMPP 1.0 streams only",
+            ));
         }
         let features = format!("<stream:features>{}</stream:features>", features(self));
         self.write(features.as_bytes()).await
@@ -201,7 +236,11 @@ impl Conn {
         // 1. TLS, unless the connection started with it.
         if !self.reader.get_mut().is_tls() {
             self.open_stream(|c| {
-                let required = if config_requires_tls { "<required/>" } else { "" };
+                let required = if config_requires_tls {
+                    "<required/>"
+                } else {
+                    ""
+                };
                 let mut f = format!("<starttls xmlns='{NS_TLS}'>{required}</starttls>");
                 if !config_requires_tls {
                     f.push_str(&c.mechanisms());
@@ -214,7 +253,10 @@ impl Conn {
                 self.starttls().await?;
                 self.open_stream(|c| c.auth_features()).await?;
             } else if config_requires_tls {
-                return Err(stream_error(StreamErrorCondition::PolicyViolation, "STARTTLS is required first"));
+                return Err(stream_error(
+                    StreamErrorCondition::PolicyViolation,
+                    "STARTTLS is required first",
+                ));
             } else {
                 return self.authenticate(Some(first)).await;
             }
@@ -226,10 +268,11 @@ impl Conn {
 
     fn mechanisms(&self) -> String {
         let tls = self.reader.get_ref().is_tls();
-        let list: String = sasl::offered(&self.shared.config.mechanisms, tls, self.exporter.is_some())
-            .iter()
-            .map(|m| format!("<mechanism>{m}</mechanism>"))
-            .collect();
+        let list: String =
+            sasl::offered(&self.shared.config.mechanisms, tls, self.exporter.is_some())
+                .iter()
+                .map(|m| format!("<mechanism>{m}</mechanism>"))
+                .collect();
         let mut f = format!("<mechanisms xmlns='{NS_SASL}'>{list}</mechanisms>");
         if self.shared.config.register {
             f.push_str(&format!("<register xmlns='{NS_REGISTER_FEATURE}'/>"));
@@ -243,11 +286,18 @@ impl Conn {
 
     async fn starttls(&mut self) -> Result<(), Close> {
         if self.reader.has_buffered() {
-            return Err(stream_error(StreamErrorCondition::PolicyViolation, "data after <starttls/> before <proceed/>"));
+            return Err(stream_error(
+                StreamErrorCondition::PolicyViolation,
+                "data after <starttls/> before <proceed/>",
+            ));
         }
-        self.write(format!("<proceed xmlns='{NS_TLS}'/>").as_bytes()).await?;
+        self.write(format!("<proceed xmlns='{NS_TLS}'/>").as_bytes())
+            .await?;
         let limits = self.shared.config.limits;
-        let stream = std::mem::replace(&mut self.reader, FramedReader::new(ClientStream::Detached, limits));
+        let stream = std::mem::replace(
+            &mut self.reader,
+            FramedReader::new(ClientStream::Detached, limits),
+        );
         let ClientStream::Plain(tcp) = stream.into_inner() else {
             return Err(Close::Gone);
         };
@@ -264,7 +314,10 @@ impl Conn {
 
     /// SASL (and in-band registration before it). On success the stream restarts and the
     /// client binds a resource.
-    async fn authenticate(&mut self, mut pending: Option<Stanza>) -> Result<(String, String), Close> {
+    async fn authenticate(
+        &mut self,
+        mut pending: Option<Stanza>,
+    ) -> Result<(String, String), Close> {
         let user = loop {
             let element = match pending.take() {
                 Some(e) => e,
@@ -278,7 +331,10 @@ impl Conn {
                 }
                 ("iq", _) if self.shared.config.register => self.register(&element).await?,
                 _ => {
-                    return Err(stream_error(StreamErrorCondition::NotAuthorized, "authenticate first"));
+                    return Err(stream_error(
+                        StreamErrorCondition::NotAuthorized,
+                        "authenticate first",
+                    ));
                 }
             }
         };
@@ -298,8 +354,13 @@ impl Conn {
     async fn sasl(&mut self, auth: &Stanza) -> Result<Option<String>, Close> {
         let mechanism = auth.attr("mechanism").unwrap_or_default();
         let tls = self.reader.get_ref().is_tls();
-        if !sasl::offered(&self.shared.config.mechanisms, tls, self.exporter.is_some()).contains(&mechanism.as_str()) {
-            self.write(format!("<failure xmlns='{NS_SASL}'><invalid-mechanism/></failure>").as_bytes()).await?;
+        if !sasl::offered(&self.shared.config.mechanisms, tls, self.exporter.is_some())
+            .contains(&mechanism.as_str())
+        {
+            self.write(
+                format!("<failure xmlns='{NS_SASL}'><invalid-mechanism/></failure>").as_bytes(),
+            )
+            .await?;
             return Ok(None);
         }
         if !self.shared.failures.allowed(self.peer.ip()) {
@@ -312,7 +373,10 @@ impl Conn {
             return Ok(None);
         }
         let Some(initial) = sasl::decode_payload(&String::from_utf8_lossy(auth.inner())) else {
-            self.write(format!("<failure xmlns='{NS_SASL}'><incorrect-encoding/></failure>").as_bytes()).await?;
+            self.write(
+                format!("<failure xmlns='{NS_SASL}'><incorrect-encoding/></failure>").as_bytes(),
+            )
+            .await?;
             return Ok(None);
         };
         let outcome = if mechanism == "PLAIN" {
@@ -322,14 +386,22 @@ impl Conn {
         };
         match outcome {
             Some((bare, additional)) => {
-                let payload = if additional.is_empty() { String::new() } else { sasl::encode_payload(&additional) };
-                self.write(format!("<success xmlns='{NS_SASL}'>{payload}</success>").as_bytes()).await?;
+                let payload = if additional.is_empty() {
+                    String::new()
+                } else {
+                    sasl::encode_payload(&additional)
+                };
+                self.write(format!("<success xmlns='{NS_SASL}'>{payload}</success>").as_bytes())
+                    .await?;
                 Ok(Some(bare))
             }
             None => {
                 self.shared.failures.record(self.peer.ip());
                 tokio::time::sleep(FAILURE_DELAY).await;
-                self.write(format!("<failure xmlns='{NS_SASL}'><not-authorized/></failure>").as_bytes()).await?;
+                self.write(
+                    format!("<failure xmlns='{NS_SASL}'><not-authorized/></failure>").as_bytes(),
+                )
+                .await?;
                 Ok(None)
             }
         }
@@ -351,14 +423,21 @@ impl Conn {
             })),
             Err(e) => {
                 warn!(user = bare, "cannot read credentials: {e}");
-                Err(stream_error(StreamErrorCondition::InternalServerError, "storage unavailable"))
+                Err(stream_error(
+                    StreamErrorCondition::InternalServerError,
+                    "storage unavailable",
+                ))
             }
         }
     }
 
     async fn plain(&mut self, data: &[u8]) -> Result<Option<(String, Vec<u8>)>, Close> {
-        let Some(message) = sasl::parse_plain(data) else { return Ok(None) };
-        let Some(bare) = self.bare_jid(&message.username) else { return Ok(None) };
+        let Some(message) = sasl::parse_plain(data) else {
+            return Ok(None);
+        };
+        let Some(bare) = self.bare_jid(&message.username) else {
+            return Ok(None);
+        };
         if !message.authzid.is_empty() && message.authzid != bare {
             return Ok(None);
         }
@@ -369,21 +448,36 @@ impl Conn {
         Ok(ok.then_some((bare, vec![])))
     }
 
-    async fn scram(&mut self, mechanism: &str, initial: Vec<u8>) -> Result<Option<(String, Vec<u8>)>, Close> {
+    async fn scram(
+        &mut self,
+        mechanism: &str,
+        initial: Vec<u8>,
+    ) -> Result<Option<(String, Vec<u8>)>, Close> {
         let hash = sasl::scram_hash(mechanism).expect("offered SCRAM mechanism");
         let bare = sasl::scram_username(&initial).and_then(|u| self.bare_jid(&u));
         let keys = match &bare {
-            Some(bare) => self.credentials(bare).await?.and_then(|c| c.keys(hash).cloned()),
+            Some(bare) => self
+                .credentials(bare)
+                .await?
+                .and_then(|c| c.keys(hash).cloned()),
             None => None,
         };
         // Unknown users go through the same exchange with keys nobody knows.
         let keys = keys.unwrap_or_else(|| sasl::decoy_keys(hash));
         // Channel binding data goes in whenever -PLUS was offered on this stream: rsasl then
         // also refuses a client that says it could bind but saw no -PLUS (a downgrade).
-        let plus_offered = sasl::offered(&self.shared.config.mechanisms, true, self.exporter.is_some())
-            .iter()
-            .any(|m| m.ends_with("-PLUS"));
-        let exporter = if plus_offered { self.exporter.clone() } else { None };
+        let plus_offered = sasl::offered(
+            &self.shared.config.mechanisms,
+            true,
+            self.exporter.is_some(),
+        )
+        .iter()
+        .any(|m| m.ends_with("-PLUS"));
+        let exporter = if plus_offered {
+            self.exporter.clone()
+        } else {
+            None
+        };
         let Ok(mut exchange) = ScramExchange::start(mechanism, keys, exporter) else {
             return Ok(None);
         };
@@ -391,27 +485,53 @@ impl Conn {
         loop {
             match exchange.step(&input) {
                 Step::Challenge(data) => {
-                    self.write(format!("<challenge xmlns='{NS_SASL}'>{}</challenge>", sasl::encode_payload(&data)).as_bytes())
-                        .await?;
+                    self.write(
+                        format!(
+                            "<challenge xmlns='{NS_SASL}'>{}</challenge>",
+                            sasl::encode_payload(&data)
+                        )
+                        .as_bytes(),
+                    )
+                    .await?;
                     let response = self.next().await?;
                     match (response.name(), response.xmlns()) {
                         ("response", Some(NS_SASL)) => {}
                         ("abort", Some(NS_SASL)) => {
-                            self.write(format!("<failure xmlns='{NS_SASL}'><aborted/></failure>").as_bytes()).await?;
+                            self.write(
+                                format!("<failure xmlns='{NS_SASL}'><aborted/></failure>")
+                                    .as_bytes(),
+                            )
+                            .await?;
                             return Ok(None);
                         }
-                        _ => return Err(stream_error(StreamErrorCondition::NotAuthorized, "expected a SASL response")),
+                        _ => {
+                            return Err(stream_error(
+                                StreamErrorCondition::NotAuthorized,
+                                "expected a SASL response",
+                            ))
+                        }
                     }
-                    let Some(data) = sasl::decode_payload(&String::from_utf8_lossy(response.inner())) else {
+                    let Some(data) =
+                        sasl::decode_payload(&String::from_utf8_lossy(response.inner()))
+                    else {
                         return Ok(None);
                     };
                     input = data;
                 }
-                Step::Success { username, additional } => {
+                Step::Success {
+                    username,
+                    additional,
+                } => {
                     // The proof was checked against `bare`'s keys; make sure it is the name
                     // the exchange authenticated.
-                    let same = bare.as_deref().is_some_and(|b| self.bare_jid(&username).as_deref() == Some(b));
-                    return Ok(if same { bare.map(|b| (b, additional)) } else { None });
+                    let same = bare
+                        .as_deref()
+                        .is_some_and(|b| self.bare_jid(&username).as_deref() == Some(b));
+                    return Ok(if same {
+                        bare.map(|b| (b, additional))
+                    } else {
+                        None
+                    });
                 }
                 Step::Failure => return Ok(None),
             }
@@ -423,7 +543,10 @@ impl Conn {
         let id = escape(iq.id().unwrap_or("")).into_owned();
         let inner = String::from_utf8_lossy(iq.inner()).into_owned();
         if !inner.contains(NS_REGISTER) {
-            return Err(stream_error(StreamErrorCondition::NotAuthorized, "authenticate first"));
+            return Err(stream_error(
+                StreamErrorCondition::NotAuthorized,
+                "authenticate first",
+            ));
         }
         match iq.kind() {
             Some("get") => {
@@ -437,7 +560,11 @@ impl Conn {
                 let password = crate::xml::child_text(iq.inner(), "password").unwrap_or_default();
                 let reply = match (self.bare_jid(&username), password.is_empty()) {
                     (Some(bare), false) => match self.credentials(&bare).await? {
-                        Some(_) => error_iq(&id, StanzaErrorCondition::Conflict, "that user name is taken"),
+                        Some(_) => error_iq(
+                            &id,
+                            StanzaErrorCondition::Conflict,
+                            "that user name is taken",
+                        ),
                         None => {
                             let record = Credentials::from_password(&password).to_xml();
                             match self.shared.xdb.set(&bare, NS_AUTH, record).await {
@@ -447,16 +574,27 @@ impl Conn {
                                 }
                                 Err(e) => {
                                     warn!(user = %bare, "registration not stored: {e}");
-                                    error_iq(&id, StanzaErrorCondition::InternalServerError, "storage unavailable")
+                                    error_iq(
+                                        &id,
+                                        StanzaErrorCondition::InternalServerError,
+                                        "storage unavailable",
+                                    )
                                 }
                             }
                         }
                     },
-                    _ => error_iq(&id, StanzaErrorCondition::NotAcceptable, "a valid user name and a password are required"),
+                    _ => error_iq(
+                        &id,
+                        StanzaErrorCondition::NotAcceptable,
+                        "a valid user name and a password are required",
+                    ),
                 };
                 self.write(reply.as_bytes()).await
             }
-            _ => self.write(error_iq(&id, StanzaErrorCondition::BadRequest, "").as_bytes()).await,
+            _ => {
+                self.write(error_iq(&id, StanzaErrorCondition::BadRequest, "").as_bytes())
+                    .await
+            }
         }
     }
 
@@ -468,21 +606,42 @@ impl Conn {
             let id = escape(iq.id().unwrap_or("")).into_owned();
             let inner = String::from_utf8_lossy(iq.inner()).into_owned();
             if iq.name() != "iq" {
-                return Err(stream_error(StreamErrorCondition::NotAuthorized, "bind a resource first"));
+                return Err(stream_error(
+                    StreamErrorCondition::NotAuthorized,
+                    "bind a resource first",
+                ));
             }
             if inner.contains(NS_SESSION) {
-                self.write(format!("<iq type='result' id='{id}'/>").as_bytes()).await?;
+                self.write(format!("<iq type='result' id='{id}'/>").as_bytes())
+                    .await?;
                 continue;
             }
             if iq.kind() != Some("set") || !inner.contains(NS_BIND) {
-                self.write(error_iq(&id, StanzaErrorCondition::NotAuthorized, "bind a resource first").as_bytes()).await?;
+                self.write(
+                    error_iq(
+                        &id,
+                        StanzaErrorCondition::NotAuthorized,
+                        "bind a resource first",
+                    )
+                    .as_bytes(),
+                )
+                .await?;
                 continue;
             }
-            let requested = crate::xml::child_text(iq.inner(), "resource").filter(|r| !r.is_empty());
-            let resource = requested.unwrap_or_else(|| format!("{:012x}", rand::rng().random::<u64>() >> 16));
+            let requested =
+                crate::xml::child_text(iq.inner(), "resource").filter(|r| !r.is_empty());
+            let resource =
+                requested.unwrap_or_else(|| format!("{:012x}", rand::rng().random::<u64>() >> 16));
             let Ok(full) = jid::FullJid::new(&format!("{bare}/{resource}")) else {
-                self.write(error_iq(&id, StanzaErrorCondition::BadRequest, "that resource is not allowed").as_bytes())
-                    .await?;
+                self.write(
+                    error_iq(
+                        &id,
+                        StanzaErrorCondition::BadRequest,
+                        "that resource is not allowed",
+                    )
+                    .as_bytes(),
+                )
+                .await?;
                 continue;
             };
             return Ok((full.to_string(), id));
@@ -516,7 +675,10 @@ impl Conn {
             return close;
         }
         if !bound {
-            return stream_error(StreamErrorCondition::InternalServerError, "no session could be started");
+            return stream_error(
+                StreamErrorCondition::InternalServerError,
+                "no session could be started",
+            );
         }
         info!(peer = %self.peer, jid = %full, sid = %handle.sid, "session started");
         let close = self.relay(&handle, &mut from_sm).await;
@@ -525,7 +687,11 @@ impl Conn {
         close
     }
 
-    async fn relay(&mut self, handle: &SessionHandle, from_sm: &mut mpsc::UnboundedReceiver<ToClient>) -> Close {
+    async fn relay(
+        &mut self,
+        handle: &SessionHandle,
+        from_sm: &mut mpsc::UnboundedReceiver<ToClient>,
+    ) -> Close {
         let keepalive = self.shared.config.keepalive;
         loop {
             let idle_write = tokio::time::sleep_until((self.last_write + keepalive).into());
@@ -535,7 +701,7 @@ impl Conn {
                         Ok(s) => s,
                         Err(close) => return close,
                     };
-                    if let Err(close) = self.from_client(handle, stanza).await {
+                    if let Err(close) = self.client_stanza(handle, stanza).await {
                         return close;
                     }
                 }
@@ -559,7 +725,7 @@ impl Conn {
 
     /// A stanza from the bound client: answered here (session, bind) or stamped with the
     /// full JID and passed to sm.
-    async fn from_client(&mut self, handle: &SessionHandle, stanza: Stanza) -> Result<(), Close> {
+    async fn client_stanza(&mut self, handle: &SessionHandle, stanza: Stanza) -> Result<(), Close> {
         match stanza.name() {
             "message" | "presence" | "iq" => {}
             other => {
@@ -572,7 +738,10 @@ impl Conn {
         if let Some(to) = stanza.to() {
             let valid = jrs_stream::xml::unescape(to).is_some_and(|t| jid::Jid::new(&t).is_ok());
             if !valid {
-                if let Some(reply) = stanza.error_reply(StanzaErrorCondition::JidMalformed, "the 'to' address is not a valid JID") {
+                if let Some(reply) = stanza.error_reply(
+                    StanzaErrorCondition::JidMalformed,
+                    "the 'to' address is not a valid JID",
+                ) {
                     self.write(&reply).await?;
                 }
                 return Ok(());
@@ -582,19 +751,34 @@ impl Conn {
             let inner = stanza.inner();
             if contains(inner, NS_SESSION.as_bytes()) {
                 let id = escape(stanza.id().unwrap_or("")).into_owned();
-                return self.write(format!("<iq type='result' id='{id}'/>").as_bytes()).await;
+                return self
+                    .write(format!("<iq type='result' id='{id}'/>").as_bytes())
+                    .await;
             }
             if contains(inner, NS_BIND.as_bytes()) && stanza.to().is_none() {
                 let id = escape(stanza.id().unwrap_or("")).into_owned();
                 return self
-                    .write(error_iq(&id, StanzaErrorCondition::NotAllowed, "this stream has a resource bound already").as_bytes())
+                    .write(
+                        error_iq(
+                            &id,
+                            StanzaErrorCondition::NotAllowed,
+                            "this stream has a resource bound already",
+                        )
+                        .as_bytes(),
+                    )
                     .await;
             }
         }
         // Never trust the client's from: stamp the session's full JID.
         let stamped: Bytes = stanza.with_addresses(None, Some(&handle.jid));
-        if !self.shared.send(self.shared.session_packet("stanza", handle, &stamped)) {
-            if let Some(reply) = stanza.error_reply(StanzaErrorCondition::ServiceUnavailable, "the server is restarting") {
+        if !self
+            .shared
+            .send(self.shared.session_packet("stanza", handle, &stamped))
+        {
+            if let Some(reply) = stanza.error_reply(
+                StanzaErrorCondition::ServiceUnavailable,
+                "the server is restarting",
+            ) {
                 self.write(&reply).await?;
             }
         }

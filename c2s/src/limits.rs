@@ -25,7 +25,8 @@ impl ByteRate {
     pub fn take(&mut self, bytes: usize) -> Option<Duration> {
         let now = Instant::now();
         let burst = self.rate * 4.0;
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(burst);
         self.last = now;
         self.tokens -= bytes as f64;
         (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
@@ -57,7 +58,10 @@ impl AuthFailures {
         let now = Instant::now();
         match map.get_mut(&addr) {
             Some(times) => {
-                while times.front().is_some_and(|t| now.duration_since(*t) > self.window) {
+                while times
+                    .front()
+                    .is_some_and(|t| now.duration_since(*t) > self.window)
+                {
                     times.pop_front();
                 }
                 (times.len() as u32) < self.max
@@ -70,7 +74,10 @@ impl AuthFailures {
         let mut map = self.by_addr.lock().expect("auth failures lock");
         if map.len() >= MAX_ADDRESSES {
             let now = Instant::now();
-            map.retain(|_, t| t.back().is_some_and(|last| now.duration_since(*last) <= self.window));
+            map.retain(|_, t| {
+                t.back()
+                    .is_some_and(|last| now.duration_since(*last) <= self.window)
+            });
         }
         map.entry(addr).or_default().push_back(Instant::now());
     }
@@ -85,7 +92,10 @@ mod tests {
         let mut r = ByteRate::new(1000);
         assert!(r.take(3000).is_none());
         let pause = r.take(2000).unwrap();
-        assert!(pause > Duration::from_millis(900) && pause < Duration::from_millis(1100), "{pause:?}");
+        assert!(
+            pause > Duration::from_millis(900) && pause < Duration::from_millis(1100),
+            "{pause:?}"
+        );
     }
 
     #[test]

@@ -44,19 +44,44 @@ fn run(args: Args) -> anyhow::Result<()> {
     }
     jrs_component::logging::init(&config.log);
     jrs_component::transport::install_crypto_provider();
+    raise_open_files_limit();
     let tls = tls::load(&config.hosts)?;
     let link = config.router.clone().for_instance(args.common.instance);
     let shared = Arc::new(Shared::new(config, tls, link.name.clone()));
-    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
     runtime.block_on(async move {
         listener::start_all(&shared).await?;
         info!(name = %link.name, "c2s ready");
         // Packets from sm can be as large as what sm stores (rosters, vCards).
-        let limits = Limits { max_stanza_bytes: 4 << 20, max_depth: 64 };
+        let limits = Limits {
+            max_stanza_bytes: 4 << 20,
+            max_depth: 64,
+        };
         run_component(link, limits, vec![Bind::notices()], |reader, outbox| {
             let shared = shared.clone();
             async move { shared.serve_router(reader, outbox).await }
         })
         .await
     })
+}
+
+/// Every client needs a file descriptor: raise the soft limit to the hard one (the usual
+/// soft default of 1024 would cap c2s at about a thousand clients).
+fn raise_open_files_limit() {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                info!(limit = limit.rlim_cur, "raised the open files limit");
+            }
+        }
+    }
 }

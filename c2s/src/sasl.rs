@@ -9,7 +9,8 @@ use base64::Engine;
 use rsasl::callback::{Context, Request, SessionCallback, SessionData};
 use rsasl::mechanisms::scram::properties::ScramStoredPassword;
 use rsasl::prelude::{
-    ChannelBindingCallback, Mechname, SASLConfig, SASLServer, Session, SessionError, State, Validation,
+    ChannelBindingCallback, Mechname, SASLConfig, SASLServer, Session, SessionError, State,
+    Validation,
 };
 use rsasl::property::AuthId;
 use rsasl::validate::{Validate, ValidationError};
@@ -20,7 +21,7 @@ use jrs_auth::{Credentials, ScramHash, ScramKeys};
 pub const CB_TLS_EXPORTER: &str = "tls-exporter";
 
 /// The mechanisms to advertise on a stream, in preference order.
-pub fn offered<'a>(configured: &'a [String], tls: bool, channel_binding: bool) -> Vec<&'a str> {
+pub fn offered(configured: &[String], tls: bool, channel_binding: bool) -> Vec<&str> {
     configured
         .iter()
         .map(String::as_str)
@@ -64,7 +65,12 @@ struct StoredKeys {
 }
 
 impl SessionCallback for StoredKeys {
-    fn callback(&self, _: &SessionData, _: &Context, request: &mut Request) -> Result<(), SessionError> {
+    fn callback(
+        &self,
+        _: &SessionData,
+        _: &Context,
+        request: &mut Request,
+    ) -> Result<(), SessionError> {
         let k = &self.keys;
         request.satisfy::<ScramStoredPassword>(&ScramStoredPassword::new(
             k.iterations,
@@ -75,7 +81,12 @@ impl SessionCallback for StoredKeys {
         Ok(())
     }
 
-    fn validate(&self, _: &SessionData, context: &Context, validate: &mut Validate<'_>) -> Result<(), ValidationError> {
+    fn validate(
+        &self,
+        _: &SessionData,
+        context: &Context,
+        validate: &mut Validate<'_>,
+    ) -> Result<(), ValidationError> {
         let authid = context.get_ref::<AuthId>().unwrap_or_default().to_owned();
         validate.finalize::<LoginValidation>(authid);
         Ok(())
@@ -91,7 +102,9 @@ struct Exporter(Option<Vec<u8>>);
 
 impl ChannelBindingCallback for Exporter {
     fn get_cb_data(&self, cbname: &str) -> Option<&[u8]> {
-        (cbname == CB_TLS_EXPORTER).then_some(self.0.as_deref()).flatten()
+        (cbname == CB_TLS_EXPORTER)
+            .then_some(self.0.as_deref())
+            .flatten()
     }
 }
 
@@ -100,7 +113,10 @@ pub enum Step {
     /// Send `<challenge>` with this data and wait for a `<response>`.
     Challenge(Vec<u8>),
     /// Authenticated as this SASL username; send `<success>` with the data.
-    Success { username: String, additional: Vec<u8> },
+    Success {
+        username: String,
+        additional: Vec<u8>,
+    },
     /// Send `<failure><not-authorized/>`.
     Failure,
 }
@@ -114,11 +130,18 @@ impl ScramExchange {
     /// Starts SCRAM `mechanism` with the user's stored keys. For an unknown user pass
     /// `decoy` keys: the exchange then fails at the proof like a wrong password, so
     /// failures do not reveal which accounts exist.
-    pub fn start(mechanism: &str, keys: ScramKeys, exporter: Option<Vec<u8>>) -> Result<ScramExchange, String> {
+    pub fn start(
+        mechanism: &str,
+        keys: ScramKeys,
+        exporter: Option<Vec<u8>>,
+    ) -> Result<ScramExchange, String> {
         let channel_binding = exporter.is_some();
         let config: Arc<SASLConfig> = SASLConfig::builder()
             .with_defaults()
-            .with_callback(StoredKeys { keys, channel_binding })
+            .with_callback(StoredKeys {
+                keys,
+                channel_binding,
+            })
             .map_err(|e| format!("SASL configuration: {e}"))?;
         let name = Mechname::parse(mechanism.as_bytes()).map_err(|e| format!("mechanism: {e}"))?;
         let session = SASLServer::<LoginValidation, Exporter>::with_cb(config, Exporter(exporter))
@@ -133,7 +156,10 @@ impl ScramExchange {
         match self.session.step(Some(input), &mut out) {
             Ok(State::Running) => Step::Challenge(out),
             Ok(State::Finished(_)) => match self.session.validation() {
-                Some(username) => Step::Success { username, additional: out },
+                Some(username) => Step::Success {
+                    username,
+                    additional: out,
+                },
                 None => Step::Failure,
             },
             Err(_) => Step::Failure,
@@ -210,15 +236,27 @@ mod tests {
 
     #[test]
     fn reads_scram_usernames() {
-        assert_eq!(scram_username(b"n,,n=alice,r=abc").as_deref(), Some("alice"));
-        assert_eq!(scram_username(b"p=tls-exporter,,n=a=2Cb=3Dc,r=x").as_deref(), Some("a,b=c"));
+        assert_eq!(
+            scram_username(b"n,,n=alice,r=abc").as_deref(),
+            Some("alice")
+        );
+        assert_eq!(
+            scram_username(b"p=tls-exporter,,n=a=2Cb=3Dc,r=x").as_deref(),
+            Some("a,b=c")
+        );
         assert_eq!(scram_username(b"garbage"), None);
     }
 
     #[test]
     fn offers_plus_and_plain_only_over_tls() {
-        let all: Vec<String> = crate::config::ALL_MECHANISMS.iter().map(|s| s.to_string()).collect();
-        assert_eq!(offered(&all, false, false), vec!["SCRAM-SHA-256", "SCRAM-SHA-1"]);
+        let all: Vec<String> = crate::config::ALL_MECHANISMS
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        assert_eq!(
+            offered(&all, false, false),
+            vec!["SCRAM-SHA-256", "SCRAM-SHA-1"]
+        );
         assert_eq!(offered(&all, true, true).len(), 5);
     }
 
@@ -242,7 +280,10 @@ mod tests {
     #[test]
     fn parses_plain() {
         let m = parse_plain(b"\0alice\0secret").unwrap();
-        assert_eq!((m.authzid.as_str(), m.username.as_str(), m.password.as_str()), ("", "alice", "secret"));
+        assert_eq!(
+            (m.authzid.as_str(), m.username.as_str(), m.password.as_str()),
+            ("", "alice", "secret")
+        );
         assert!(parse_plain(b"alice").is_none());
     }
 }

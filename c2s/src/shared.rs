@@ -98,7 +98,12 @@ impl Shared {
     }
 
     /// Registers a new session and asks sm to start it; resolves with sm's answer.
-    pub fn start_session(&self, jid: &str, bare: &str, to_client: mpsc::UnboundedSender<ToClient>) -> (Arc<SessionHandle>, oneshot::Receiver<Started>) {
+    pub fn start_session(
+        &self,
+        jid: &str,
+        bare: &str,
+        to_client: mpsc::UnboundedSender<ToClient>,
+    ) -> (Arc<SessionHandle>, oneshot::Receiver<Started>) {
         let sid = format!("{}", self.next_sid.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
         let handle = Arc::new(SessionHandle {
@@ -109,20 +114,33 @@ impl Shared {
             started: Mutex::new(Some(tx)),
             sm: Mutex::new(None),
         });
-        self.sessions.lock().expect("sessions lock").insert(sid, handle.clone());
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(sid, handle.clone());
         self.send(self.session_packet("start", &handle, b""));
         (handle, rx)
     }
 
     /// Forgets a session whose client went away, telling sm.
     pub fn end_session(&self, handle: &SessionHandle) {
-        if self.sessions.lock().expect("sessions lock").remove(&handle.sid).is_some() {
+        if self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .remove(&handle.sid)
+            .is_some()
+        {
             self.send(self.session_packet("end", handle, b""));
         }
     }
 
     /// Serves the router link until it drops.
-    pub async fn serve_router(&self, mut reader: jrs_component::ComponentReader, outbox: Outbox) -> anyhow::Result<()> {
+    pub async fn serve_router(
+        &self,
+        mut reader: jrs_component::ComponentReader,
+        outbox: Outbox,
+    ) -> anyhow::Result<()> {
         *self.router.lock().expect("router lock") = Some(outbox.clone());
         self.xdb.set_outbox(outbox.clone());
         loop {
@@ -131,7 +149,7 @@ impl Shared {
                 _ if stanza.name() == "xdb" => {
                     self.xdb.answer(&stanza);
                 }
-                _ if stanza.name() == "session" => self.from_sm(&stanza),
+                _ if stanza.name() == "session" => self.sm_packet(&stanza),
                 TopLevel::Notice => self.notice(&stanza),
                 _ => {
                     // Nothing else is addressed to c2s itself.
@@ -146,9 +164,14 @@ impl Shared {
         }
     }
 
-    fn from_sm(&self, packet: &Stanza) {
+    fn sm_packet(&self, packet: &Stanza) {
         let sid = packet.attr("sid").unwrap_or_default();
-        let handle = self.sessions.lock().expect("sessions lock").get(&sid).cloned();
+        let handle = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .get(&sid)
+            .cloned();
         let Some(handle) = handle else {
             // Only live traffic is answered: never an `end` or a bounced packet (an
             // error), which could loop between us and the router.
@@ -177,11 +200,16 @@ impl Shared {
                 }
             }
             Some("stanza") => {
-                let _ = handle.to_client.send(ToClient::Stanza(Bytes::copy_from_slice(packet.inner())));
+                let _ = handle
+                    .to_client
+                    .send(ToClient::Stanza(Bytes::copy_from_slice(packet.inner())));
             }
             Some("error") => {
                 // The router bounced what we sent for this session: no sm is reachable.
-                self.sessions.lock().expect("sessions lock").remove(&handle.sid);
+                self.sessions
+                    .lock()
+                    .expect("sessions lock")
+                    .remove(&handle.sid);
                 if let Some(tx) = handle.started.lock().expect("started lock").take() {
                     let _ = tx.send(Err("service-unavailable".into()));
                     return;
@@ -193,16 +221,33 @@ impl Shared {
             }
             Some("end") => {
                 let condition = first_element_name(packet.inner());
-                self.sessions.lock().expect("sessions lock").remove(&handle.sid);
+                self.sessions
+                    .lock()
+                    .expect("sessions lock")
+                    .remove(&handle.sid);
                 if let Some(tx) = handle.started.lock().expect("started lock").take() {
-                    let _ = tx.send(Err(condition.unwrap_or_else(|| "internal-server-error".into())));
+                    let _ = tx.send(Err(
+                        condition.unwrap_or_else(|| "internal-server-error".into())
+                    ));
                     return;
                 }
                 let (cond, text) = match condition.as_deref() {
-                    Some("conflict") => (StreamErrorCondition::Conflict, "replaced by a new session of the same resource"),
-                    Some("not-authorized") => (StreamErrorCondition::NotAuthorized, "the account was removed"),
-                    Some("reset") => (StreamErrorCondition::Reset, "the session manager restarted: log in again"),
-                    _ => (StreamErrorCondition::InternalServerError, "the session manager ended the session"),
+                    Some("conflict") => (
+                        StreamErrorCondition::Conflict,
+                        "replaced by a new session of the same resource",
+                    ),
+                    Some("not-authorized") => (
+                        StreamErrorCondition::NotAuthorized,
+                        "the account was removed",
+                    ),
+                    Some("reset") => (
+                        StreamErrorCondition::Reset,
+                        "the session manager restarted: log in again",
+                    ),
+                    _ => (
+                        StreamErrorCondition::InternalServerError,
+                        "the session manager ended the session",
+                    ),
                 };
                 let _ = handle.to_client.send(ToClient::End(cond, text.into()));
             }
@@ -215,7 +260,9 @@ impl Shared {
         if notice.attr("event").as_deref() != Some("disconnected") {
             return;
         }
-        let Some(name) = notice.attr("name") else { return };
+        let Some(name) = notice.attr("name") else {
+            return;
+        };
         let lost: Vec<Arc<SessionHandle>> = {
             let mut sessions = self.sessions.lock().expect("sessions lock");
             let ids: Vec<String> = sessions
@@ -229,7 +276,10 @@ impl Shared {
             info!(sm = %name, sessions = lost.len(), "session manager instance went away: closing its clients' streams");
         }
         for h in lost {
-            let _ = h.to_client.send(ToClient::End(StreamErrorCondition::Reset, "the session manager restarted: log in again".into()));
+            let _ = h.to_client.send(ToClient::End(
+                StreamErrorCondition::Reset,
+                "the session manager restarted: log in again".into(),
+            ));
         }
     }
 }

@@ -22,7 +22,9 @@ fn detached() -> io::Error {
 impl ClientStream {
     /// The RFC 9266 `tls-exporter` channel binding data (TLS 1.3), if any.
     pub fn exporter(&self) -> Option<Vec<u8>> {
-        let ClientStream::Tls(tls) = self else { return None };
+        let ClientStream::Tls(tls) = self else {
+            return None;
+        };
         let conn = tls.get_ref().1;
         if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
             // tls-exporter is defined for TLS 1.3 only (RFC 9266 section 3).
@@ -38,7 +40,11 @@ impl ClientStream {
 }
 
 impl AsyncRead for ClientStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
@@ -48,7 +54,11 @@ impl AsyncRead for ClientStream {
 }
 
 impl AsyncWrite for ClientStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             ClientStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
             ClientStream::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),

@@ -93,7 +93,8 @@ fn make_self_signed(host: &Host) -> anyhow::Result<()> {
             fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
         }
     }
-    fs::write(&host.cert, generated.cert.pem()).with_context(|| format!("writing {}", host.cert.display()))?;
+    fs::write(&host.cert, generated.cert.pem())
+        .with_context(|| format!("writing {}", host.cert.display()))?;
     let mut key = fs::OpenOptions::new()
         .write(true)
         .create(true)

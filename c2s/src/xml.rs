@@ -11,7 +11,9 @@ pub fn child_text(content: &[u8], name: &str) -> Option<String> {
     loop {
         match reader.read_event().ok()? {
             Event::Start(e) if !inside && e.local_name().as_ref() == name => inside = true,
-            Event::Empty(e) if !inside && e.local_name().as_ref() == name => return Some(String::new()),
+            Event::Empty(e) if !inside && e.local_name().as_ref() == name => {
+                return Some(String::new())
+            }
             Event::Text(t) if inside => text.push_str(t.as_ref()),
             Event::GeneralRef(r) if inside => {
                 let raw = format!("&{};", r.as_ref());
