@@ -1,12 +1,46 @@
-//! sm, the session manager. For now it connects, binds the session and normal routes of
-//! its domains (shared, so several instances split the users) and answers every packet
-//! with `service-unavailable`; sessions, presence and rosters come next (issue 3).
+//! sm, the session manager: client sessions (carried by c2s over `session` packets),
+//! presence, rosters and subscriptions, message delivery and offline storage, and the
+//! IQ services of the server and of accounts. Everything durable is kept through xdb.
+//! See docs/sm.md.
+//!
+//! One module per concern: `sessions`, `presence`, `subscription`, `roster`, `messages`,
+//! `iq` (routing) and the IQ services `disco`, `ping`, `version`, `time`, `last`, `vcard`,
+//! `private`, `register`; `server` answers for the domain itself. `dispatch` reads the
+//! router link; `users` runs one task per active user (`user`).
+
+mod accounts;
+mod config;
+mod context;
+mod disco;
+mod dispatch;
+mod iq;
+mod last;
+mod messages;
+mod ping;
+mod presence;
+mod private;
+mod register;
+mod roster;
+mod server;
+mod sessions;
+mod stanzas;
+mod subscription;
+mod time;
+mod user;
+mod users;
+mod vcard;
+mod version;
+mod xml;
+
+use std::sync::Arc;
 
 use clap::Parser;
 
-use jrs_component::service::{run_thin, Bind, CommonArgs};
+use jrs_component::service::{exit_code, run_component, Bind, CommonArgs};
 use jrs_component::PacketType;
-use jrs_stream::StanzaErrorCondition;
+
+use crate::config::SmConfig;
+use crate::context::Ctx;
 
 /// The jabberd-rs session manager.
 #[derive(Parser, Debug)]
@@ -18,23 +52,41 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    run_thin(
-        "sm",
-        args.common,
-        true,
-        |hosts| {
-            hosts
-                .iter()
-                .flat_map(|h| {
-                    [PacketType::Session, PacketType::Normal].map(|route| Bind {
-                        route,
-                        host: h.clone(),
-                        shared: true,
-                    })
-                })
-                .collect()
-        },
-        StanzaErrorCondition::ServiceUnavailable,
-        "the session manager does not serve users yet",
-    )
+    exit_code(run(args), "sm")
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = SmConfig::load(&args.common.config)?;
+    if args.common.check {
+        println!("{}: ok", args.common.config.display());
+        return Ok(());
+    }
+    jrs_component::logging::init(&config.log);
+    jrs_component::transport::install_crypto_provider();
+    let link = config.router.clone().for_instance(args.common.instance);
+    // session and normal for every host, shared: several instances split the users by
+    // the router's rendezvous hashing of the bare JID. Notices tell us when a c2s goes.
+    let mut binds: Vec<Bind> = config
+        .hosts
+        .iter()
+        .flat_map(|h| {
+            [PacketType::Session, PacketType::Normal].map(|route| Bind {
+                route,
+                host: h.clone(),
+                shared: true,
+            })
+        })
+        .collect();
+    binds.push(Bind::notices());
+    let limits = config.limits;
+    let ctx = Arc::new(Ctx::new(config, link.name.clone()));
+    dispatch::describe(&ctx);
+
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_component(link, limits, binds, |reader, outbox| {
+        dispatch::serve(ctx.clone(), reader, outbox)
+    }))
 }

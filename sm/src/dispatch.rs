@@ -1,0 +1,145 @@
+//! The router link's reader: storage answers go to the xdb client, link notices and
+//! session packets and stanzas to the task of the user they concern.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use jid::{FullJid, Jid};
+use tracing::{debug, info, warn};
+
+use jrs_component::{ComponentReader, Outbox};
+use jrs_stream::{Stanza, StanzaErrorCondition};
+
+use crate::context::Ctx;
+use crate::sessions;
+use crate::users::{overloaded, Event, Inbound, SessionRef};
+
+/// Serves one router link until it drops.
+pub async fn serve(ctx: Arc<Ctx>, mut reader: ComponentReader, outbox: Outbox) -> anyhow::Result<()> {
+    ctx.set_link(outbox);
+    // Sessions held over a previous link are gone: c2s reset those clients when it heard
+    // we disconnected. Queued before anything read on this link.
+    ctx.users.broadcast(|| Event::LinkLost);
+    loop {
+        let stanza = reader.next().await?;
+        match stanza.name() {
+            "xdb" => {
+                if !ctx.xdb.answer(&stanza) {
+                    debug!(id = stanza.id().unwrap_or(""), "late storage answer ignored");
+                }
+            }
+            "notice" => notice(&ctx, &stanza),
+            "session" => session(&ctx, stanza),
+            "message" | "presence" | "iq" => normal(&ctx, stanza),
+            other => debug!("ignoring <{other}> from the router"),
+        }
+    }
+}
+
+fn notice(ctx: &Arc<Ctx>, stanza: &Stanza) {
+    if stanza.attr("event").as_deref() != Some("disconnected") {
+        return;
+    }
+    let Some(name) = stanza.attr("name") else { return };
+    debug!(component = %name, "link notice: disconnected");
+    ctx.users.broadcast(|| Event::C2sGone(name.clone()));
+}
+
+fn session(ctx: &Arc<Ctx>, packet: Stanza) {
+    let kind = packet.kind().unwrap_or("").to_owned();
+    if kind == "error" {
+        // The router could not deliver a session packet of ours; the c2s notice (or the
+        // client's end) settles the session.
+        debug!(to = packet.from().unwrap_or(""), "session packet bounced");
+        return;
+    }
+    let c2s = packet.attr("from").unwrap_or_default();
+    let sid = packet.attr("sid").unwrap_or_default();
+    let jid = packet.attr("jid").and_then(|j| FullJid::new(&j).ok());
+    let Some(jid) = jid.filter(|_| !c2s.is_empty() && !sid.is_empty()) else {
+        warn!(from = %c2s, "session packet without a valid 'jid', 'sid' or 'from' ignored");
+        return;
+    };
+    let r = SessionRef { c2s, sid, jid };
+    if !ctx.config.serves(r.jid.domain().as_str()) {
+        warn!(jid = %r.jid, "session for a domain this sm does not serve");
+        let err = StanzaErrorCondition::ItemNotFound.to_xml("this session manager does not serve that domain");
+        ctx.send(sessions::packet(ctx, "end", &r, err.as_bytes()));
+        return;
+    }
+    let event = match kind.as_str() {
+        "start" => Event::Start(r),
+        "end" => Event::End(r),
+        "stanza" => {
+            let inner = trim(packet.inner());
+            match Stanza::parse(Bytes::copy_from_slice(inner)) {
+                Ok(s) if matches!(s.name(), "message" | "presence" | "iq") => Event::Stanza(r, s),
+                _ => {
+                    warn!(jid = %r.jid, "session stanza without one message, presence or iq ignored");
+                    return;
+                }
+            }
+        }
+        "started" => return,
+        other => {
+            warn!(jid = %r.jid, "unknown session packet type '{other}' ignored");
+            return;
+        }
+    };
+    let user = event_user(&event);
+    if let Err(e) = ctx.users.dispatch(ctx, &user, event) {
+        overloaded(ctx, e);
+    }
+}
+
+fn event_user(e: &Event) -> jid::BareJid {
+    match e {
+        Event::Start(r) | Event::End(r) | Event::Stanza(r, _) => r.jid.to_bare(),
+        _ => unreachable!("only session events"),
+    }
+}
+
+fn trim(b: &[u8]) -> &[u8] {
+    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
+    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    &b[start..end]
+}
+
+fn normal(ctx: &Arc<Ctx>, stanza: Stanza) {
+    let to = match stanza.attr("to").map(|t| Jid::new(&t)) {
+        Some(Ok(j)) => j,
+        Some(Err(e)) => {
+            if let Some(r) = stanza.error_reply(StanzaErrorCondition::JidMalformed, &format!("'to': {e}")) {
+                ctx.send(r);
+            }
+            return;
+        }
+        None => return,
+    };
+    if !ctx.config.serves(to.domain().as_str()) {
+        if let Some(r) = stanza.error_reply(StanzaErrorCondition::ServiceUnavailable, "not served here") {
+            ctx.send(r);
+        }
+        return;
+    }
+    if to.node().is_none() {
+        if to.resource().is_none() {
+            crate::server::inbound(ctx, stanza);
+        } else if let Some(r) = stanza.error_reply(StanzaErrorCondition::ServiceUnavailable, "") {
+            ctx.send(r);
+        }
+        return;
+    }
+    let from = stanza.attr("from").and_then(|f| Jid::new(&f).ok());
+    let user = to.to_bare();
+    let event = Event::Inbound(Inbound { stanza, to, from });
+    if let Err(e) = ctx.users.dispatch(ctx, &user, event) {
+        overloaded(ctx, e);
+    }
+}
+
+/// Logs what this instance serves.
+pub fn describe(ctx: &Ctx) {
+    info!(name = %ctx.me, hosts = ?ctx.config.hosts, register = ctx.config.register,
+          offline_max = ctx.config.offline_max, roster_max = ctx.config.roster_max, "sm starting");
+}
