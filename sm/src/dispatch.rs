@@ -63,8 +63,12 @@ fn session(ctx: &Arc<Ctx>, packet: Stanza) {
     let r = SessionRef { c2s, sid, jid };
     if !ctx.config.serves(r.jid.domain().as_str()) {
         warn!(jid = %r.jid, "session for a domain this sm does not serve");
-        let err = StanzaErrorCondition::ItemNotFound.to_xml("this session manager does not serve that domain");
-        ctx.send(sessions::packet(ctx, "end", &r, err.as_bytes()));
+        ctx.send(sessions::refuse_start(
+            ctx,
+            &r,
+            StanzaErrorCondition::ItemNotFound,
+            "this session manager does not serve that domain",
+        ));
         return;
     }
     let event = match kind.as_str() {

@@ -7,7 +7,7 @@ use jid::{FullJid, Jid};
 use tracing::{debug, info, warn};
 
 use jrs_stream::xml::escape;
-use jrs_stream::{StanzaErrorCondition, StreamErrorCondition, NS_STREAM_ERRORS};
+use jrs_stream::{StanzaErrorCondition, StreamErrorCondition, NS_STANZA_ERRORS, NS_STREAM_ERRORS};
 
 use crate::context::Ctx;
 use crate::user::User;
@@ -71,6 +71,17 @@ fn stream_condition(c: StreamErrorCondition) -> String {
     format!("<{} xmlns='{NS_STREAM_ERRORS}'/>", c.name())
 }
 
+/// An `end` refusing a start: the stanza error condition first (c2s fails the bind with
+/// it), then a text.
+pub fn refuse_start(ctx: &Ctx, s: &SessionRef, c: StanzaErrorCondition, text: &str) -> Bytes {
+    let inner = format!(
+        "<{} xmlns='{NS_STANZA_ERRORS}'/><text xmlns='{NS_STANZA_ERRORS}'>{}</text>",
+        c.name(),
+        escape(text)
+    );
+    packet(ctx, "end", s, inner.as_bytes())
+}
+
 /// `reset` is not among the conditions jrs-stream sends to peers; c2s turns it into the
 /// stream error `<reset/>` (RFC 6120 4.9.3.16).
 pub fn end_reset(ctx: &Ctx, s: &SessionRef) -> Bytes {
@@ -116,11 +127,8 @@ impl User {
         }
         if self.sessions.len() >= self.ctx.config.sessions_max {
             warn!(max = self.ctx.config.sessions_max, "session refused: too many sessions");
-            let err = StanzaErrorCondition::ResourceConstraint.to_xml(&format!(
-                "at most {} sessions per account",
-                self.ctx.config.sessions_max
-            ));
-            self.ctx.send(packet(&self.ctx, "end", &r, err.as_bytes()));
+            let text = format!("at most {} sessions per account", self.ctx.config.sessions_max);
+            self.ctx.send(refuse_start(&self.ctx, &r, StanzaErrorCondition::ResourceConstraint, &text));
             return;
         }
         self.removed = false;

@@ -136,8 +136,7 @@ pub fn overloaded(ctx: &Ctx, event: Event) {
         }
         Event::Start(s) => {
             error!(jid = %s.jid, "user queue full: session refused");
-            let err = ResourceConstraint.to_xml(text);
-            ctx.send(crate::sessions::packet(ctx, "end", &s, err.as_bytes()));
+            ctx.send(crate::sessions::refuse_start(ctx, &s, ResourceConstraint, text));
         }
         other => error!("user queue full: {other:?} dropped"),
     }

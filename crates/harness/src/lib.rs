@@ -483,3 +483,28 @@ pub fn self_signed(dir: &Path, name: &str) -> anyhow::Result<(PathBuf, PathBuf)>
     std::fs::write(&k, cert.signing_key.serialize_pem())?;
     Ok((c, k))
 }
+
+impl Server {
+    /// Writes `sm.xml` (serving localhost, `extra` elements appended) and starts sm; returns
+    /// once it is connected and bound.
+    pub async fn start_sm(&mut self, extra: &str) -> anyhow::Result<()> {
+        let config = format!(
+            "<sm>{}<host>localhost</host>{extra}<log level='debug'/></sm>",
+            self.router_element("sm", "sm-secret")
+        );
+        self.write("sm.xml", &config)?;
+        let before = self.log("sm").matches("connected to the router").count();
+        self.spawn("sm", "sm", &["-c", "sm.xml"])?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.log("sm").matches("connected to the router").count() <= before {
+            if let Some(status) = self.exited("sm") {
+                bail!("sm exited ({status}):\n{}", self.log("sm"));
+            }
+            if Instant::now() > deadline {
+                bail!("sm did not connect:\n{}", self.log("sm"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok(())
+    }
+}
