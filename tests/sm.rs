@@ -594,6 +594,11 @@ async fn every_iq_is_answered() {
     assert!(r.contains("service-unavailable"), "{r}");
     let r = c2s.iq(ALICE, "a", "u3", "type='get' to='bob@localhost/nowhere'><ping xmlns='urn:xmpp:ping'/>").await;
     assert!(r.contains("service-unavailable"), "{r}");
+    // An IQ to another resource of the same user reaches that client.
+    c2s.start("alice@localhost/laptop", "a3").await;
+    c2s.send(ALICE, "a", "<iq type='get' id='own' to='alice@localhost/laptop'><ping xmlns='urn:xmpp:ping'/></iq>").await;
+    c2s.stanza("a3", &["id='own'", "from='alice@localhost/phone'"]).await;
+    c2s.packet("end", "alice@localhost/laptop", "a3", "").await;
     // An IQ to a full JID with a session reaches that client; its answer goes back.
     c2s.send(ALICE, "a", "<iq type='get' id='fj' to='bob@localhost/desk'><ping xmlns='urn:xmpp:ping'/></iq>").await;
     c2s.stanza("b2", &["id='fj'", "from='alice@localhost/phone'"]).await;
@@ -696,4 +701,26 @@ async fn offline_messages_survive_an_sm_restart() {
     c2s.send(BOB, "b", "<presence/>").await;
     let m = c2s.stanza("b", &["before the crash"]).await;
     assert!(m.contains("urn:xmpp:delay"), "{m}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn storage_outage_is_an_error_not_a_crash() {
+    let Env { mut c2s, mut server, .. } = env("").await;
+    c2s.start(ALICE, "a").await;
+    let r = c2s.iq(ALICE, "a", "v1", "type='set'><vCard xmlns='vcard-temp'><FN>A</FN></vCard>").await;
+    assert!(r.contains("type='result'"), "{r}");
+    server.kill9("xdb-file");
+    // Held by the router for its grace period, then bounced: the client hears why.
+    let r = c2s.iq(ALICE, "a", "v2", "type='get'><vCard xmlns='vcard-temp'/>").await;
+    assert!(r.contains("internal-server-error") && r.contains("type='wait'"), "{r}");
+    let before = server.log("xdb-file").matches("connected to the router").count();
+    server.start_storage().await.unwrap();
+    jrs_harness::wait_for("xdb-file to reconnect", WAIT, || {
+        (server.log("xdb-file").matches("connected to the router").count() > before).then_some(())
+    })
+    .await
+    .unwrap();
+    let r = c2s.iq(ALICE, "a", "v3", "type='get'><vCard xmlns='vcard-temp'/>").await;
+    assert!(r.contains("<FN>A</FN>"), "{r}");
+    assert!(server.exited("sm").is_none());
 }

@@ -92,7 +92,7 @@ fn session(ctx: &Arc<Ctx>, packet: Stanza) {
     };
     let user = event_user(&event);
     if let Err(e) = ctx.users.dispatch(ctx, &user, event) {
-        overloaded(ctx, e);
+        overloaded(ctx, *e);
     }
 }
 
@@ -138,7 +138,7 @@ fn normal(ctx: &Arc<Ctx>, stanza: Stanza) {
     let user = to.to_bare();
     let event = Event::Inbound(Inbound { stanza, to, from });
     if let Err(e) = ctx.users.dispatch(ctx, &user, event) {
-        overloaded(ctx, e);
+        overloaded(ctx, *e);
     }
 }
 

@@ -71,7 +71,7 @@ impl User {
                 Ok(p) => self.own_iq(idx, &stanza, &p, target).await,
             }
         };
-        if let Some(bytes) = reply.and_then(|r| r.to_bytes(&stanza)) {
+        if let Some(bytes) = reply.and_then(|r| r.into_bytes(&stanza)) {
             if idx < self.sessions.len() {
                 self.deliver(idx, &bytes);
             }
@@ -154,7 +154,7 @@ impl User {
 
     /// Sends a reply to a request that came from the network.
     fn answer(&self, request: &Stanza, reply: Reply) {
-        if let Some(bytes) = reply.to_bytes(request) {
+        if let Some(bytes) = reply.into_bytes(request) {
             self.ctx.send(bytes);
         }
     }

@@ -45,7 +45,7 @@ impl User {
                 let to = Jid::from(self.jid.clone());
                 self.message_inbound(Inbound { stanza, to, from }).await;
             }
-            Some(to) if self.is_self(&to) => {
+            Some(to) if self.is_same_user(&to) => {
                 self.message_inbound(Inbound { stanza, to, from }).await;
             }
             Some(_) => self.ctx.send(stanza.bytes().clone()),

@@ -76,7 +76,7 @@ impl User {
         info!("account removed");
         self.removed = true;
         self.ctx.accounts.remember(&self.bare, false);
-        if let Some(reply) = Reply::empty().to_bytes(stanza) {
+        if let Some(reply) = Reply::empty().into_bytes(stanza) {
             self.deliver(idx, &reply);
         }
         while !self.sessions.is_empty() {

@@ -62,7 +62,7 @@ pub fn inbound(ctx: &Ctx, stanza: Stanza) {
         // Presence to the server (probes, directed presence) needs no answer.
         _ => return,
     };
-    if let Some(bytes) = reply.to_bytes(&stanza) {
+    if let Some(bytes) = reply.into_bytes(&stanza) {
         ctx.send(bytes);
     }
 }

@@ -78,7 +78,7 @@ impl Reply {
 
     /// The bytes answering `request` (an IQ get or set); `None` only if the request was
     /// itself an error or result.
-    pub fn to_bytes(self, request: &Stanza) -> Option<Bytes> {
+    pub fn into_bytes(self, request: &Stanza) -> Option<Bytes> {
         match self {
             Reply::Error(c, text) => request.error_reply(c, &text),
             Reply::Result(payload) => {

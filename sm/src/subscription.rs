@@ -180,7 +180,7 @@ impl User {
         let roster = match self.roster().await {
             Ok(r) => r,
             Err(e) => {
-                if let Some(r) = stanzas::storage_error(&e).to_bytes(stanza) {
+                if let Some(r) = stanzas::storage_error(&e).into_bytes(stanza) {
                     self.deliver(idx, &r);
                 }
                 return;
@@ -220,7 +220,7 @@ impl User {
         if changed {
             self.bump();
             if let Err(e) = self.save_roster().await {
-                if let Some(r) = stanzas::storage_error(&e).to_bytes(stanza) {
+                if let Some(r) = stanzas::storage_error(&e).into_bytes(stanza) {
                     self.deliver(idx, &r);
                 }
                 return;

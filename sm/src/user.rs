@@ -69,7 +69,7 @@ impl User {
             }
             Event::Stanza(r, stanza) => {
                 let span = session_span(&r);
-                self.from_client(r, stanza).instrument(span).await
+                self.client_stanza(r, stanza).instrument(span).await
             }
             Event::Inbound(inbound) => self.inbound(inbound).await,
             Event::C2sGone(c2s) => self.c2s_gone(&c2s).await,
@@ -78,7 +78,7 @@ impl User {
     }
 
     /// A stanza the client sent (outbound processing).
-    async fn from_client(&mut self, r: SessionRef, stanza: Stanza) {
+    async fn client_stanza(&mut self, r: SessionRef, stanza: Stanza) {
         let Some(idx) = self.find(&r) else {
             self.reset(&r);
             return;
@@ -144,9 +144,14 @@ impl User {
             .collect()
     }
 
-    /// Whether `jid` is this user's own bare JID.
-    pub fn is_self(&self, jid: &Jid) -> bool {
+    /// Whether `jid` is this user's bare JID or one of its full JIDs.
+    pub fn is_same_user(&self, jid: &Jid) -> bool {
         jid.node() == self.jid.node() && jid.domain() == self.jid.domain()
+    }
+
+    /// Whether `jid` is exactly this user's bare JID.
+    pub fn is_self(&self, jid: &Jid) -> bool {
+        jid.resource().is_none() && self.is_same_user(jid)
     }
 }
 

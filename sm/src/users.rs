@@ -54,7 +54,7 @@ pub struct Registry {
 impl Registry {
     /// Hands `event` to the user's task, starting one if needed. Gives the event back
     /// when the user's queue is full.
-    pub fn dispatch(&self, ctx: &Arc<Ctx>, user: &BareJid, event: Event) -> Result<(), Event> {
+    pub fn dispatch(&self, ctx: &Arc<Ctx>, user: &BareJid, event: Event) -> Result<(), Box<Event>> {
         let mut tasks = self.tasks.lock().expect("registry lock");
         let event = match tasks.get(user) {
             Some(tx) => match tx.try_send(event) {
@@ -67,7 +67,7 @@ impl Registry {
                     });
                     return Ok(());
                 }
-                Err(mpsc::error::TrySendError::Full(e)) => return Err(e),
+                Err(mpsc::error::TrySendError::Full(e)) => return Err(Box::new(e)),
                 // The task died (a panic): start a new one.
                 Err(mpsc::error::TrySendError::Closed(e)) => e,
             },
