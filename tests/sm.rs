@@ -724,3 +724,42 @@ async fn storage_outage_is_an_error_not_a_crash() {
     assert!(r.contains("<FN>A</FN>"), "{r}");
     assert!(server.exited("sm").is_none());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_split_the_users_and_still_talk() {
+    let Env { mut c2s, mut admin, mut server } = env("").await;
+    server.spawn("sm-2", "sm", &["-c", "sm.xml", "--instance", "2"]).unwrap();
+    jrs_harness::wait_for("sm-2 to connect", WAIT, || {
+        server.log("sm-2").contains("connected to the router").then_some(())
+    })
+    .await
+    .unwrap();
+    let users = ["alice", "bob", "carol", "dave"];
+    for u in users {
+        let others: Vec<String> = users.iter().filter(|o| **o != u).map(|o| format!("{o}@localhost")).collect();
+        let items: Vec<(&str, &str)> = others.iter().map(|o| (o.as_str(), "both")).collect();
+        admin.roster(&format!("{u}@localhost"), &items).await;
+    }
+    for u in users {
+        let jid = format!("{u}@localhost/r");
+        c2s.start(&jid, u).await;
+        c2s.send(&jid, u, "<presence/>").await;
+    }
+    // Everyone sees everyone's presence, whichever instance holds whom.
+    for u in users {
+        for o in users.iter().filter(|o| **o != u) {
+            c2s.stanza(u, &[&format!("from='{o}@localhost/r'")]).await;
+        }
+    }
+    for u in users {
+        c2s.send(&format!("{u}@localhost/r"), u, &format!("<message to='dave@localhost' type='chat'><body>from {u}</body></message>")).await;
+    }
+    for u in users {
+        c2s.stanza("dave", &[&format!("from {u}")]).await;
+    }
+    // Both instances served someone (rendezvous hashing spread the four users).
+    let started = |log: &str| log.matches("session started").count();
+    assert_eq!(started(&server.log("sm")) + started(&server.log("sm-2")), 4);
+    assert!(started(&server.log("sm-2")) > 0 && started(&server.log("sm")) > 0,
+            "all users on one instance: hashing did not split them");
+}
