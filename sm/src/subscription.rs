@@ -341,10 +341,9 @@ impl User {
         }
         if out.deliver {
             let bytes = shown.to_stanza();
-            let targets: Vec<usize> = (0..self.sessions.len())
-                .filter(|&i| self.sessions[i].available && self.sessions[i].interested)
-                .collect();
-            for idx in targets {
+            // RFC 6121 3.1.3, 3.1.6, 3.2.3, 3.3.3: to the available resources (the
+            // roster change itself is pushed to the interested ones above).
+            for idx in self.available() {
                 self.deliver(idx, bytes.as_bytes());
             }
         }
