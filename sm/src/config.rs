@@ -46,8 +46,8 @@ impl SmConfig {
         root.allow(
             &[],
             &[
-                "router", "host", "register", "offline", "roster", "sessions", "vcard",
-                "private", "cache", "xdb", "limits", "log",
+                "router", "host", "register", "offline", "roster", "sessions", "vcard", "private",
+                "cache", "xdb", "limits", "log",
             ],
         )?;
         let hosts: Vec<String> = root
@@ -58,7 +58,11 @@ impl SmConfig {
             return Err(root.error("at least one non-empty <host>DOMAIN</host> is required"));
         }
         for h in root.children("host") {
-            if h.text == "*" || jid::BareJid::new(&h.text).map(|j| j.node().is_some()).unwrap_or(true) {
+            if h.text == "*"
+                || jid::BareJid::new(&h.text)
+                    .map(|j| j.node().is_some())
+                    .unwrap_or(true)
+            {
                 return Err(h.error(format!("'{}' is not a domain name", h.text)));
             }
         }
@@ -166,9 +170,14 @@ mod tests {
         let e = parse("<sm>\n<router name='sm' secret='s'/>\n<host>a</host>\n<rooster/>\n</sm>")
             .unwrap_err();
         assert_eq!(e.line, 4);
-        assert!(e.to_string().starts_with("sm.xml:4: <rooster>: unknown element inside <sm>"), "{e}");
-        let e = parse("<sm><router name='sm' secret='s'/><host>a</host><roster max-items='x'/></sm>")
-            .unwrap_err();
+        assert!(
+            e.to_string()
+                .starts_with("sm.xml:4: <rooster>: unknown element inside <sm>"),
+            "{e}"
+        );
+        let e =
+            parse("<sm><router name='sm' secret='s'/><host>a</host><roster max-items='x'/></sm>")
+                .unwrap_err();
         assert!(e.to_string().contains("expected a whole number"), "{e}");
         let e = parse("<sm><router name='sm' secret='s'/></sm>").unwrap_err();
         assert!(e.to_string().contains("<host>"), "{e}");

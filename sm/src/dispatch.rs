@@ -15,7 +15,11 @@ use crate::sessions;
 use crate::users::{overloaded, Event, Inbound, SessionRef};
 
 /// Serves one router link until it drops.
-pub async fn serve(ctx: Arc<Ctx>, mut reader: ComponentReader, outbox: Outbox) -> anyhow::Result<()> {
+pub async fn serve(
+    ctx: Arc<Ctx>,
+    mut reader: ComponentReader,
+    outbox: Outbox,
+) -> anyhow::Result<()> {
     ctx.set_link(outbox);
     // Sessions held over a previous link are gone: c2s reset those clients when it heard
     // we disconnected. Queued before anything read on this link.
@@ -25,7 +29,10 @@ pub async fn serve(ctx: Arc<Ctx>, mut reader: ComponentReader, outbox: Outbox) -
         match stanza.name() {
             "xdb" => {
                 if !ctx.xdb.answer(&stanza) {
-                    debug!(id = stanza.id().unwrap_or(""), "late storage answer ignored");
+                    debug!(
+                        id = stanza.id().unwrap_or(""),
+                        "late storage answer ignored"
+                    );
                 }
             }
             "notice" => notice(&ctx, &stanza),
@@ -40,7 +47,9 @@ fn notice(ctx: &Arc<Ctx>, stanza: &Stanza) {
     if stanza.attr("event").as_deref() != Some("disconnected") {
         return;
     }
-    let Some(name) = stanza.attr("name") else { return };
+    let Some(name) = stanza.attr("name") else {
+        return;
+    };
     debug!(component = %name, "link notice: disconnected");
     ctx.users.broadcast(|| Event::C2sGone(name.clone()));
 }
@@ -104,8 +113,14 @@ fn event_user(e: &Event) -> jid::BareJid {
 }
 
 fn trim(b: &[u8]) -> &[u8] {
-    let start = b.iter().position(|c| !c.is_ascii_whitespace()).unwrap_or(b.len());
-    let end = b.iter().rposition(|c| !c.is_ascii_whitespace()).map_or(start, |e| e + 1);
+    let start = b
+        .iter()
+        .position(|c| !c.is_ascii_whitespace())
+        .unwrap_or(b.len());
+    let end = b
+        .iter()
+        .rposition(|c| !c.is_ascii_whitespace())
+        .map_or(start, |e| e + 1);
     &b[start..end]
 }
 
@@ -113,7 +128,9 @@ fn normal(ctx: &Arc<Ctx>, stanza: Stanza) {
     let to = match stanza.attr("to").map(|t| Jid::new(&t)) {
         Some(Ok(j)) => j,
         Some(Err(e)) => {
-            if let Some(r) = stanza.error_reply(StanzaErrorCondition::JidMalformed, &format!("'to': {e}")) {
+            if let Some(r) =
+                stanza.error_reply(StanzaErrorCondition::JidMalformed, &format!("'to': {e}"))
+            {
                 ctx.send(r);
             }
             return;
@@ -121,7 +138,9 @@ fn normal(ctx: &Arc<Ctx>, stanza: Stanza) {
         None => return,
     };
     if !ctx.config.serves(to.domain().as_str()) {
-        if let Some(r) = stanza.error_reply(StanzaErrorCondition::ServiceUnavailable, "not served here") {
+        if let Some(r) =
+            stanza.error_reply(StanzaErrorCondition::ServiceUnavailable, "not served here")
+        {
             ctx.send(r);
         }
         return;

@@ -45,7 +45,11 @@ impl User {
         let target = match &to {
             None => Some(Target::NoTo),
             Some(j) if self.is_self(j) => Some(Target::Own),
-            Some(j) if j.node().is_none() && j.resource().is_none() && j.domain() == self.jid.domain() => {
+            Some(j)
+                if j.node().is_none()
+                    && j.resource().is_none()
+                    && j.domain() == self.jid.domain() =>
+            {
                 Some(Target::Server)
             }
             Some(_) => None,
@@ -64,7 +68,10 @@ impl User {
             return;
         };
         let reply = if !matches!(kind, "get" | "set") {
-            Some(Reply::error(StanzaErrorCondition::BadRequest, "type must be get, set, result or error"))
+            Some(Reply::error(
+                StanzaErrorCondition::BadRequest,
+                "type must be get, set, result or error",
+            ))
         } else {
             match payload(&stanza) {
                 Err(r) => Some(r),
@@ -79,7 +86,13 @@ impl User {
     }
 
     /// IQs the user sends to their own account or server; `None` when already answered.
-    async fn own_iq(&mut self, idx: usize, stanza: &Stanza, p: &Element, target: Target) -> Option<Reply> {
+    async fn own_iq(
+        &mut self,
+        idx: usize,
+        stanza: &Stanza,
+        p: &Element,
+        target: Target,
+    ) -> Option<Reply> {
         let get = stanza.kind() == Some("get");
         let ns = p.ns.as_str();
         let name = p.local_name();
@@ -95,8 +108,12 @@ impl User {
             (private::NS_PRIVATE, "query") => self.private_iq(stanza, p).await,
             (last::NS_LAST, "query") if get => self.last_iq(None).await,
             (ping::NS_PING, "ping") if get => Reply::empty(),
-            (disco::NS_INFO, "query") if get && p.attr("node").is_none() => Reply::with(disco::account_info()),
-            (disco::NS_ITEMS, "query") if get && p.attr("node").is_none() => Reply::with(disco::items()),
+            (disco::NS_INFO, "query") if get && p.attr("node").is_none() => {
+                Reply::with(disco::account_info())
+            }
+            (disco::NS_ITEMS, "query") if get && p.attr("node").is_none() => {
+                Reply::with(disco::items())
+            }
             (disco::NS_INFO | disco::NS_ITEMS, "query") if get => {
                 Reply::error(StanzaErrorCondition::ItemNotFound, "no such node")
             }
@@ -129,7 +146,10 @@ impl User {
         match self.exists().await {
             Ok(true) => {}
             Ok(false) => {
-                return self.answer(stanza, Reply::error(StanzaErrorCondition::ServiceUnavailable, ""));
+                return self.answer(
+                    stanza,
+                    Reply::error(StanzaErrorCondition::ServiceUnavailable, ""),
+                );
             }
             Err(e) => return self.answer(stanza, stanzas::storage_error(&e)),
         }
@@ -139,8 +159,12 @@ impl User {
         };
         let get = kind == "get";
         let reply = match (p.ns.as_str(), p.local_name()) {
-            (disco::NS_INFO, "query") if get && p.attr("node").is_none() => Reply::with(disco::account_info()),
-            (disco::NS_ITEMS, "query") if get && p.attr("node").is_none() => Reply::with(disco::items()),
+            (disco::NS_INFO, "query") if get && p.attr("node").is_none() => {
+                Reply::with(disco::account_info())
+            }
+            (disco::NS_ITEMS, "query") if get && p.attr("node").is_none() => {
+                Reply::with(disco::items())
+            }
             (disco::NS_INFO | disco::NS_ITEMS, "query") if get => {
                 Reply::error(StanzaErrorCondition::ItemNotFound, "no such node")
             }

@@ -67,10 +67,16 @@ impl User {
             Err(e) => return crate::stanzas::storage_error(&e),
         };
         let Ok(q) = Element::parse(&stored, "") else {
-            return Reply::error(StanzaErrorCondition::ItemNotFound, "no last activity recorded");
+            return Reply::error(
+                StanzaErrorCondition::ItemNotFound,
+                "no last activity recorded",
+            );
         };
         let Some(logout) = q.attr("logout").and_then(|v| v.parse::<u64>().ok()) else {
-            return Reply::error(StanzaErrorCondition::ItemNotFound, "no last activity recorded");
+            return Reply::error(
+                StanzaErrorCondition::ItemNotFound,
+                "no last activity recorded",
+            );
         };
         answer(unix_now().saturating_sub(logout), Some(q.text()))
     }

@@ -25,12 +25,13 @@ const NS_HINTS: &str = "urn:xmpp:hints";
 /// Whether a message is worth keeping for later (XEP-0160 3, XEP-0334): chat-state
 /// notifications alone are not, and neither are messages marked no-store.
 fn storable(m: &Element) -> bool {
-    if m.elements().any(|c| c.ns == NS_HINTS && matches!(c.local_name(), "no-store" | "no-permanent-store")) {
+    if m.elements()
+        .any(|c| c.ns == NS_HINTS && matches!(c.local_name(), "no-store" | "no-permanent-store"))
+    {
         return false;
     }
-    m.elements().any(|c| {
-        !(c.ns == NS_CHATSTATES || c.ns == NS_HINTS || c.is("thread", NS_CLIENT))
-    })
+    m.elements()
+        .any(|c| !(c.ns == NS_CHATSTATES || c.ns == NS_HINTS || c.is("thread", NS_CLIENT)))
 }
 
 impl User {
@@ -64,7 +65,11 @@ impl User {
             }
             Err(e) => {
                 warn!("message not delivered: {e}");
-                self.refuse(&inb.stanza, StanzaErrorCondition::InternalServerError, "storage is not available right now");
+                self.refuse(
+                    &inb.stanza,
+                    StanzaErrorCondition::InternalServerError,
+                    "storage is not available right now",
+                );
                 return;
             }
         }
@@ -101,7 +106,11 @@ impl User {
             }
             _ if candidates.is_empty() => self.store_offline(&inb.stanza).await,
             _ => {
-                let top = candidates.iter().map(|&i| self.sessions[i].priority).max().unwrap_or(0);
+                let top = candidates
+                    .iter()
+                    .map(|&i| self.sessions[i].priority)
+                    .max()
+                    .unwrap_or(0);
                 for i in candidates {
                     if self.sessions[i].priority == top {
                         self.deliver(i, &bytes);
@@ -122,7 +131,11 @@ impl User {
     async fn store_offline(&mut self, stanza: &Stanza) {
         let max = self.ctx.config.offline_max;
         if max == 0 {
-            self.refuse(stanza, StanzaErrorCondition::ServiceUnavailable, "the recipient is offline");
+            self.refuse(
+                stanza,
+                StanzaErrorCondition::ServiceUnavailable,
+                "the recipient is offline",
+            );
             return;
         }
         let mut m = match stanzas::parse(stanza) {
@@ -149,7 +162,9 @@ impl User {
             .await
         {
             Ok(()) => info!(from = stanza.from().unwrap_or(""), "message stored offline"),
-            Err(XdbError::Refused(r)) if r.condition == StanzaErrorCondition::ResourceConstraint => {
+            Err(XdbError::Refused(r))
+                if r.condition == StanzaErrorCondition::ResourceConstraint =>
+            {
                 info!(max, "offline store full: message refused");
                 self.refuse(
                     stanza,
@@ -159,7 +174,11 @@ impl User {
             }
             Err(e) => {
                 error!("storing an offline message failed: {e}");
-                self.refuse(stanza, StanzaErrorCondition::InternalServerError, "the message could not be stored");
+                self.refuse(
+                    stanza,
+                    StanzaErrorCondition::InternalServerError,
+                    "the message could not be stored",
+                );
             }
         }
     }
@@ -186,7 +205,10 @@ impl User {
                     self.deliver(idx, m.to_stanza().as_bytes());
                 }
             }
-            Err(e) => error!(bytes = data.len(), "stored offline messages unreadable, dropped: {e}"),
+            Err(e) => error!(
+                bytes = data.len(),
+                "stored offline messages unreadable, dropped: {e}"
+            ),
         }
     }
 }
@@ -199,8 +221,12 @@ mod tests {
     fn chat_states_alone_are_not_stored() {
         let m = |s: &str| Element::parse(s.as_bytes(), NS_CLIENT).unwrap();
         assert!(storable(&m("<message><body>hi</body></message>")));
-        assert!(!storable(&m("<message><composing xmlns='http://jabber.org/protocol/chatstates'/></message>")));
-        assert!(!storable(&m("<message><body>x</body><no-store xmlns='urn:xmpp:hints'/></message>")));
+        assert!(!storable(&m(
+            "<message><composing xmlns='http://jabber.org/protocol/chatstates'/></message>"
+        )));
+        assert!(!storable(&m(
+            "<message><body>x</body><no-store xmlns='urn:xmpp:hints'/></message>"
+        )));
         assert!(!storable(&m("<message/>")));
     }
 }

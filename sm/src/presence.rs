@@ -21,7 +21,10 @@ impl User {
         let kind = stanza.kind().map(str::to_owned);
         if let Some(sub) = kind.as_deref().and_then(Kind::parse) {
             match stanzas::parse(&stanza) {
-                Ok(el) => self.subscription_from_client(idx, &stanza, el, to, sub).await,
+                Ok(el) => {
+                    self.subscription_from_client(idx, &stanza, el, to, sub)
+                        .await
+                }
                 Err(e) => debug!("unreadable presence from the client: {e}"),
             }
             return;
@@ -39,7 +42,8 @@ impl User {
                     .is_some_and(|r| r.sub(&to.to_bare().to_string()).from);
                 let max = self.ctx.config.directed_max;
                 let s = &mut self.sessions[idx];
-                if s.available && !subscriber && !s.directed.contains(&to) && s.directed.len() < max {
+                if s.available && !subscriber && !s.directed.contains(&to) && s.directed.len() < max
+                {
                     s.directed.push(to);
                 }
             }
@@ -145,13 +149,19 @@ impl User {
         s.presence = None;
         s.priority = 0;
         info!("unavailable presence");
-        self.broadcast_unavailable(was_available, &directed, &el).await;
+        self.broadcast_unavailable(was_available, &directed, &el)
+            .await;
     }
 
     /// Sends unavailable presence `el` (from the full JID of a resource going away) to
     /// the contacts subscribed to the user and the user's other resources (when that
     /// resource was available) and to the targets of its directed presence.
-    pub async fn broadcast_unavailable(&mut self, was_available: bool, directed: &[Jid], el: &Element) {
+    pub async fn broadcast_unavailable(
+        &mut self,
+        was_available: bool,
+        directed: &[Jid],
+        el: &Element,
+    ) {
         let mut sent: HashSet<String> = HashSet::new();
         if was_available {
             match self.roster().await {

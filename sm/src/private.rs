@@ -19,7 +19,10 @@ impl User {
     pub async fn private_iq(&mut self, stanza: &Stanza, query: &Element) -> Reply {
         let items: Vec<&Element> = query.elements().collect();
         if items.is_empty() {
-            return Reply::error(StanzaErrorCondition::NotAcceptable, "name the element to get or store");
+            return Reply::error(
+                StanzaErrorCondition::NotAcceptable,
+                "name the element to get or store",
+            );
         }
         if let Some(e) = items.iter().find(|e| reserved(&e.ns)) {
             return Reply::error(
@@ -48,7 +51,10 @@ impl User {
         match stanza.kind() {
             Some("get") => {
                 if items.len() != 1 {
-                    return Reply::error(StanzaErrorCondition::BadRequest, "get one element at a time");
+                    return Reply::error(
+                        StanzaErrorCondition::BadRequest,
+                        "get one element at a time",
+                    );
                 }
                 let want = items[0];
                 let found = all.elements().find(|e| same(e, want)).cloned();
@@ -62,7 +68,8 @@ impl User {
             }
             Some("set") => {
                 for item in items {
-                    all.children.retain(|n| !matches!(n, Node::Element(e) if same(e, item)));
+                    all.children
+                        .retain(|n| !matches!(n, Node::Element(e) if same(e, item)));
                     all.push(item.clone());
                 }
                 let data = all.to_xml();

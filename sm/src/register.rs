@@ -16,14 +16,23 @@ pub const NS_REGISTER: &str = "jabber:iq:register";
 
 impl User {
     /// Returns the reply, or `None` when it was already delivered (account removal).
-    pub async fn register_iq(&mut self, idx: usize, stanza: &Stanza, query: &Element) -> Option<Reply> {
+    pub async fn register_iq(
+        &mut self,
+        idx: usize,
+        stanza: &Stanza,
+        query: &Element,
+    ) -> Option<Reply> {
         if !self.ctx.config.register {
             return Some(Reply::error(
                 StanzaErrorCondition::ServiceUnavailable,
                 "in-band registration is disabled on this server",
             ));
         }
-        let node = self.jid.node().map(|n| n.as_str().to_owned()).unwrap_or_default();
+        let node = self
+            .jid
+            .node()
+            .map(|n| n.as_str().to_owned())
+            .unwrap_or_default();
         match stanza.kind() {
             Some("get") => Some(Reply::with(
                 Element::new("query", NS_REGISTER)
@@ -37,7 +46,10 @@ impl User {
             Some("set") => {
                 let username = query.child_text("username").unwrap_or_default();
                 let Some(password) = query.child_text("password").filter(|p| !p.is_empty()) else {
-                    return Some(Reply::error(StanzaErrorCondition::BadRequest, "a new <password/> is required"));
+                    return Some(Reply::error(
+                        StanzaErrorCondition::BadRequest,
+                        "a new <password/> is required",
+                    ));
                 };
                 let same = jid::BareJid::new(&format!("{}@{}", username, self.jid.domain()))
                     .is_ok_and(|j| j == self.jid);
@@ -48,9 +60,11 @@ impl User {
                     ));
                 }
                 // PBKDF2 with thousands of iterations: off the async threads.
-                let record = tokio::task::spawn_blocking(move || Credentials::from_password(&password).to_xml())
-                    .await
-                    .expect("credentials task");
+                let record = tokio::task::spawn_blocking(move || {
+                    Credentials::from_password(&password).to_xml()
+                })
+                .await
+                .expect("credentials task");
                 Some(match self.ctx.xdb.set(&self.bare, NS_AUTH, record).await {
                     Ok(()) => {
                         info!("password changed");
@@ -62,7 +76,10 @@ impl User {
                     }
                 })
             }
-            _ => Some(Reply::error(StanzaErrorCondition::BadRequest, "type must be get or set")),
+            _ => Some(Reply::error(
+                StanzaErrorCondition::BadRequest,
+                "type must be get or set",
+            )),
         }
     }
 
@@ -80,7 +97,8 @@ impl User {
             self.deliver(idx, &reply);
         }
         while !self.sessions.is_empty() {
-            self.end_session(0, Some(StreamErrorCondition::NotAuthorized)).await;
+            self.end_session(0, Some(StreamErrorCondition::NotAuthorized))
+                .await;
         }
         if let Some(r) = &roster {
             for item in r.items.values() {

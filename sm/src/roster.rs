@@ -145,7 +145,12 @@ impl Item {
 
     /// Nothing left worth keeping for a hidden entry.
     pub fn is_void(&self) -> bool {
-        self.hidden && !self.sub.pending_in && !self.sub.to && !self.sub.from && !self.sub.ask && !self.sub.approved
+        self.hidden
+            && !self.sub.pending_in
+            && !self.sub.to
+            && !self.sub.from
+            && !self.sub.ask
+            && !self.sub.approved
     }
 }
 
@@ -163,7 +168,9 @@ impl Roster {
         }
         let q = Element::parse(fragment, "")?;
         if !q.is("query", NS_ROSTER) {
-            return Err(XmlError("the stored roster is not a jabber:iq:roster query".into()));
+            return Err(XmlError(
+                "the stored roster is not a jabber:iq:roster query".into(),
+            ));
         }
         let mut r = Roster {
             ver: q.attr("ver").and_then(|v| v.parse().ok()).unwrap_or(0),
@@ -298,9 +305,15 @@ impl User {
             }
             return Reply::with(roster.query());
         }
-        let items: Vec<&Element> = query.elements().filter(|e| e.is("item", NS_ROSTER)).collect();
+        let items: Vec<&Element> = query
+            .elements()
+            .filter(|e| e.is("item", NS_ROSTER))
+            .collect();
         if items.len() != 1 || query.elements().count() != 1 {
-            return Reply::error(StanzaErrorCondition::BadRequest, "a roster set carries exactly one <item/>");
+            return Reply::error(
+                StanzaErrorCondition::BadRequest,
+                "a roster set carries exactly one <item/>",
+            );
         }
         let item = items[0];
         let Some(jid_text) = item.attr("jid") else {
@@ -308,18 +321,32 @@ impl User {
         };
         let contact = match Jid::new(jid_text) {
             Ok(j) => j.to_bare(),
-            Err(e) => return Reply::error(StanzaErrorCondition::JidMalformed, format!("'{jid_text}': {e}")),
+            Err(e) => {
+                return Reply::error(
+                    StanzaErrorCondition::JidMalformed,
+                    format!("'{jid_text}': {e}"),
+                )
+            }
         };
         let contact = contact.to_string();
         if item.attr("subscription") == Some("remove") {
             return self.roster_remove(&contact).await;
         }
         if contact == self.bare {
-            return Reply::error(StanzaErrorCondition::NotAllowed, "the roster cannot hold the user's own JID");
+            return Reply::error(
+                StanzaErrorCondition::NotAllowed,
+                "the roster cannot hold the user's own JID",
+            );
         }
-        let name = item.attr("name").map(str::to_owned).filter(|n| !n.is_empty());
+        let name = item
+            .attr("name")
+            .map(str::to_owned)
+            .filter(|n| !n.is_empty());
         if name.as_ref().is_some_and(|n| n.len() > MAX_TEXT) {
-            return Reply::error(StanzaErrorCondition::NotAcceptable, format!("names are limited to {MAX_TEXT} bytes"));
+            return Reply::error(
+                StanzaErrorCondition::NotAcceptable,
+                format!("names are limited to {MAX_TEXT} bytes"),
+            );
         }
         let mut groups: Vec<String> = vec![];
         for g in item.elements().filter(|g| g.is("group", NS_ROSTER)) {
@@ -328,15 +355,24 @@ impl User {
                 return Reply::error(StanzaErrorCondition::NotAcceptable, "empty group name");
             }
             if g.len() > MAX_TEXT {
-                return Reply::error(StanzaErrorCondition::NotAcceptable, format!("group names are limited to {MAX_TEXT} bytes"));
+                return Reply::error(
+                    StanzaErrorCondition::NotAcceptable,
+                    format!("group names are limited to {MAX_TEXT} bytes"),
+                );
             }
             if groups.contains(&g) {
-                return Reply::error(StanzaErrorCondition::BadRequest, format!("group '{g}' given twice"));
+                return Reply::error(
+                    StanzaErrorCondition::BadRequest,
+                    format!("group '{g}' given twice"),
+                );
             }
             groups.push(g);
         }
         if groups.len() > MAX_GROUPS {
-            return Reply::error(StanzaErrorCondition::NotAcceptable, format!("at most {MAX_GROUPS} groups per item"));
+            return Reply::error(
+                StanzaErrorCondition::NotAcceptable,
+                format!("at most {MAX_GROUPS} groups per item"),
+            );
         }
         let max = self.ctx.config.roster_max;
         let roster = match self.roster().await {
@@ -349,7 +385,10 @@ impl User {
                 format!("the roster is full: at most {max} items"),
             );
         }
-        let entry = roster.items.entry(contact.clone()).or_insert_with(|| Item::new(&contact));
+        let entry = roster
+            .items
+            .entry(contact.clone())
+            .or_insert_with(|| Item::new(&contact));
         entry.name = name;
         entry.groups = groups;
         entry.hidden = false;
@@ -400,11 +439,18 @@ mod tests {
 
     #[test]
     fn storage_round_trip() {
-        let mut r = Roster { ver: 7, ..Roster::default() };
+        let mut r = Roster {
+            ver: 7,
+            ..Roster::default()
+        };
         let mut bob = Item::new("bob@example.com");
         bob.name = Some("Bob & co".into());
         bob.groups = vec!["Friends".into(), "Work".into()];
-        bob.sub = Sub { to: true, from: true, ..Sub::default() };
+        bob.sub = Sub {
+            to: true,
+            from: true,
+            ..Sub::default()
+        };
         r.items.insert(bob.jid.clone(), bob);
         let mut dave = Item::new("dave@example.com");
         dave.hidden = true;
@@ -416,7 +462,10 @@ mod tests {
         );
         r.items.insert(dave.jid.clone(), dave);
         let stored = r.to_storage();
-        assert!(stored.contains("<presence xmlns='jabber:client' type='subscribe'>"), "{stored}");
+        assert!(
+            stored.contains("<presence xmlns='jabber:client' type='subscribe'>"),
+            "{stored}"
+        );
         let back = Roster::parse(stored.as_bytes()).unwrap();
         assert_eq!(back, r);
         let q = back.query().to_xml();

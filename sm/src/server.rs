@@ -17,7 +17,9 @@ pub fn server_iq(ctx: &Ctx, stanza: &Stanza, p: &Element) -> Reply {
         (disco::NS_INFO, "query") if get && p.attr("node").is_none() => {
             Reply::with(disco::server_info(&ctx.config))
         }
-        (disco::NS_ITEMS, "query") if get && p.attr("node").is_none() => Reply::with(disco::items()),
+        (disco::NS_ITEMS, "query") if get && p.attr("node").is_none() => {
+            Reply::with(disco::items())
+        }
         (disco::NS_INFO | disco::NS_ITEMS, "query") if get => {
             Reply::error(StanzaErrorCondition::ItemNotFound, "no such node")
         }

@@ -85,7 +85,12 @@ pub fn refuse_start(ctx: &Ctx, s: &SessionRef, c: StanzaErrorCondition, text: &s
 /// `reset` is not among the conditions jrs-stream sends to peers; c2s turns it into the
 /// stream error `<reset/>` (RFC 6120 4.9.3.16).
 pub fn end_reset(ctx: &Ctx, s: &SessionRef) -> Bytes {
-    packet(ctx, "end", s, format!("<reset xmlns='{NS_STREAM_ERRORS}'/>").as_bytes())
+    packet(
+        ctx,
+        "end",
+        s,
+        format!("<reset xmlns='{NS_STREAM_ERRORS}'/>").as_bytes(),
+    )
 }
 
 impl User {
@@ -103,7 +108,8 @@ impl User {
     /// Sends a stanza to the client of session `idx`.
     pub fn deliver(&self, idx: usize, stanza: &[u8]) {
         let s = &self.sessions[idx];
-        self.ctx.send(packet(&self.ctx, "stanza", &s.reference(), stanza));
+        self.ctx
+            .send(packet(&self.ctx, "stanza", &s.reference(), stanza));
     }
 
     /// `end` with `<reset/>` for a session we do not know (we restarted, or it ended).
@@ -123,12 +129,24 @@ impl User {
             // RFC 6120 7.7.2.2: the new session replaces the old one.
             info!(resource = r.jid.resource().as_str(), old_c2s = %self.sessions[old].c2s,
                   old_sid = %self.sessions[old].sid, "session replaced (conflict)");
-            self.end_session(old, Some(StreamErrorCondition::Conflict)).await;
+            self.end_session(old, Some(StreamErrorCondition::Conflict))
+                .await;
         }
         if self.sessions.len() >= self.ctx.config.sessions_max {
-            warn!(max = self.ctx.config.sessions_max, "session refused: too many sessions");
-            let text = format!("at most {} sessions per account", self.ctx.config.sessions_max);
-            self.ctx.send(refuse_start(&self.ctx, &r, StanzaErrorCondition::ResourceConstraint, &text));
+            warn!(
+                max = self.ctx.config.sessions_max,
+                "session refused: too many sessions"
+            );
+            let text = format!(
+                "at most {} sessions per account",
+                self.ctx.config.sessions_max
+            );
+            self.ctx.send(refuse_start(
+                &self.ctx,
+                &r,
+                StanzaErrorCondition::ResourceConstraint,
+                &text,
+            ));
             return;
         }
         self.removed = false;
@@ -179,7 +197,8 @@ impl User {
             if let Some(text) = &s.last_status {
                 unavailable.push(crate::presence::status(text));
             }
-            self.broadcast_unavailable(s.available, &s.directed, &unavailable).await;
+            self.broadcast_unavailable(s.available, &s.directed, &unavailable)
+                .await;
         }
         if self.sessions.is_empty() && !self.removed {
             self.save_logout(s.last_status.as_deref()).await;

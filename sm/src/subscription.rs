@@ -164,9 +164,19 @@ pub fn inbound(s: Sub, kind: Kind) -> InboundOutcome {
 
 impl User {
     /// A subscription stanza from the user's client (directed to the contact).
-    pub async fn subscription_from_client(&mut self, idx: usize, stanza: &Stanza, el: Element, to: Option<Jid>, kind: Kind) {
+    pub async fn subscription_from_client(
+        &mut self,
+        idx: usize,
+        stanza: &Stanza,
+        el: Element,
+        to: Option<Jid>,
+        kind: Kind,
+    ) {
         let Some(to) = to else {
-            if let Some(r) = stanza.error_reply(StanzaErrorCondition::BadRequest, "a subscription request needs 'to'") {
+            if let Some(r) = stanza.error_reply(
+                StanzaErrorCondition::BadRequest,
+                "a subscription request needs 'to'",
+            ) {
                 self.deliver(idx, &r);
             }
             return;
@@ -204,7 +214,10 @@ impl User {
         }
         let mut changed = out.state != old;
         if changed || adds {
-            let item = roster.items.entry(contact.clone()).or_insert_with(|| Item::new(&contact));
+            let item = roster
+                .items
+                .entry(contact.clone())
+                .or_insert_with(|| Item::new(&contact));
             item.sub = out.state;
             if adds {
                 item.hidden = false;
@@ -228,7 +241,11 @@ impl User {
             info!(contact = %contact, kind = kind.name(), subscription = out.state.name(),
                   ask = out.state.ask, "outbound subscription");
             let visible_before = before.as_ref().is_some_and(|i| !i.hidden);
-            let visible_now = self.roster.as_ref().and_then(|r| r.get(&contact)).is_some_and(|i| !i.hidden);
+            let visible_now = self
+                .roster
+                .as_ref()
+                .and_then(|r| r.get(&contact))
+                .is_some_and(|i| !i.hidden);
             if visible_before || visible_now {
                 self.push(&contact);
             }
@@ -328,7 +345,9 @@ impl User {
             info!(contact = %contact, kind = kind.name(), subscription = out.state.name(),
                   pending_in = out.state.pending_in, "inbound subscription");
             let visible = |i: Option<&Item>| i.is_some_and(|i| !i.hidden);
-            if visible(before.as_ref()) || visible(self.roster.as_ref().and_then(|r| r.get(&contact))) {
+            if visible(before.as_ref())
+                || visible(self.roster.as_ref().and_then(|r| r.get(&contact)))
+            {
                 self.push(&contact);
             }
         }
@@ -370,7 +389,13 @@ mod tests {
     use super::*;
 
     fn sub(to: bool, from: bool, ask: bool, pending_in: bool) -> Sub {
-        Sub { to, from, ask, pending_in, approved: false }
+        Sub {
+            to,
+            from,
+            ask,
+            pending_in,
+            approved: false,
+        }
     }
 
     #[test]

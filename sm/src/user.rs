@@ -94,8 +94,8 @@ impl User {
             None => None,
             Some(Ok(j)) => Some(j),
             Some(Err(e)) => {
-                if let Some(reply) = stanza
-                    .error_reply(StanzaErrorCondition::JidMalformed, &format!("'to': {e}"))
+                if let Some(reply) =
+                    stanza.error_reply(StanzaErrorCondition::JidMalformed, &format!("'to': {e}"))
                 {
                     self.deliver(idx, &reply);
                 }
@@ -112,7 +112,10 @@ impl User {
 
     /// A packet from the router addressed to this user (inbound processing).
     async fn inbound(&mut self, inbound: Inbound) {
-        let span = info_span!("inbound", from = inbound.from.as_ref().map(|j| j.as_str()).unwrap_or(""));
+        let span = info_span!(
+            "inbound",
+            from = inbound.from.as_ref().map(|j| j.as_str()).unwrap_or("")
+        );
         async {
             match inbound.stanza.name() {
                 "message" => self.message_inbound(inbound).await,

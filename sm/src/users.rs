@@ -136,7 +136,12 @@ pub fn overloaded(ctx: &Ctx, event: Event) {
         }
         Event::Start(s) => {
             error!(jid = %s.jid, "user queue full: session refused");
-            ctx.send(crate::sessions::refuse_start(ctx, &s, ResourceConstraint, text));
+            ctx.send(crate::sessions::refuse_start(
+                ctx,
+                &s,
+                ResourceConstraint,
+                text,
+            ));
         }
         other => error!("user queue full: {other:?} dropped"),
     }

@@ -57,7 +57,10 @@ impl User {
                     Err(e) => crate::stanzas::storage_error(&e),
                 }
             }
-            _ => Reply::error(StanzaErrorCondition::Forbidden, "only the owner may change a vCard"),
+            _ => Reply::error(
+                StanzaErrorCondition::Forbidden,
+                "only the owner may change a vCard",
+            ),
         }
     }
 }

@@ -364,7 +364,11 @@ fn parse_nodes(bytes: &[u8], context_ns: &str) -> Result<Vec<Node>, XmlError> {
             Event::Text(t) => {
                 let s: &str = t.as_ref();
                 if !s.is_empty() {
-                    attach(&mut stack, &mut top, Node::Text(t.xml10_content().into_owned()));
+                    attach(
+                        &mut stack,
+                        &mut top,
+                        Node::Text(t.xml10_content().into_owned()),
+                    );
                 }
             }
             Event::CData(t) => {
@@ -391,7 +395,9 @@ fn parse_nodes(bytes: &[u8], context_ns: &str) -> Result<Vec<Node>, XmlError> {
             }
             Event::Eof => break,
             Event::Comment(_) | Event::PI(_) | Event::DocType(_) | Event::Decl(_) => {
-                return Err(bad("comments, processing instructions and DTDs are not allowed"))
+                return Err(bad(
+                    "comments, processing instructions and DTDs are not allowed",
+                ))
             }
         }
     }
@@ -426,11 +432,7 @@ mod tests {
 
     #[test]
     fn prefixes_resolve_and_survive_detaching() {
-        let e = Element::parse(
-            b"<x xmlns='a' xmlns:p='urn:p'><p:y p:k='v'/></x>",
-            "",
-        )
-        .unwrap();
+        let e = Element::parse(b"<x xmlns='a' xmlns:p='urn:p'><p:y p:k='v'/></x>", "").unwrap();
         let y = e.elements().next().unwrap();
         assert_eq!((y.local_name(), y.ns.as_str()), ("y", "urn:p"));
         assert_eq!(y.to_xml(), "<p:y xmlns:p='urn:p' p:k='v'/>");
@@ -449,8 +451,11 @@ mod tests {
 
     #[test]
     fn fragments() {
-        let v = Element::parse_fragment(b" <message id='1'/>\n<message id='2'><body>x</body></message>", NS_CLIENT)
-            .unwrap();
+        let v = Element::parse_fragment(
+            b" <message id='1'/>\n<message id='2'><body>x</body></message>",
+            NS_CLIENT,
+        )
+        .unwrap();
         assert_eq!(v.len(), 2);
         assert_eq!(v[1].to_stanza(), "<message id='2'><body>x</body></message>");
     }
