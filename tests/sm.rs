@@ -1447,3 +1447,73 @@ async fn two_instances_split_the_users_and_still_talk() {
         "all users on one instance: hashing did not split them"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stored_records_stay_under_the_stanza_limit() {
+    // Storage answers travel through the router and sm's link: with an 8 KiB stanza limit
+    // no record sm writes may exceed about 6 KiB.
+    let Env {
+        mut c2s,
+        server: _server,
+        ..
+    } = env("<limits max-stanza-bytes='8192'/>").await;
+    c2s.start(ALICE, "a").await;
+    let body = "x".repeat(2500);
+    for i in 1..=2 {
+        c2s.send(
+            ALICE,
+            "a",
+            &format!("<message to='bob@localhost' id='big{i}'><body>{body}</body></message>"),
+        )
+        .await;
+    }
+    c2s.send(
+        ALICE,
+        "a",
+        &format!("<message to='bob@localhost' id='big3'><body>{body}</body></message>"),
+    )
+    .await;
+    let e = c2s.stanza("a", &["id='big3'", "type='error'"]).await;
+    assert!(
+        e.contains("service-unavailable") && e.contains("bytes"),
+        "{e}"
+    );
+    assert!(!c2s.has("a", &["id='big1'"]) && !c2s.has("a", &["id='big2'"]));
+
+    let name = "n".repeat(1000);
+    let mut refused = None;
+    for i in 0..10 {
+        let r = c2s
+            .iq(
+                ALICE,
+                "a",
+                &format!("r{i}"),
+                &format!("type='set'><query xmlns='jabber:iq:roster'><item jid='c{i}@localhost' name='{name}'/></query>"),
+            )
+            .await;
+        if r.contains("type='error'") {
+            refused = Some(r);
+            break;
+        }
+    }
+    let r = refused.expect("the roster stops growing before 10 KiB");
+    assert!(
+        r.contains("resource-constraint") && r.contains("bytes"),
+        "{r}"
+    );
+    // What was stored is intact and still served.
+    let r = c2s
+        .iq(
+            ALICE,
+            "a",
+            "g",
+            "type='get'><query xmlns='jabber:iq:roster'/>",
+        )
+        .await;
+    assert!(r.contains("jid='c0@localhost'"), "{r}");
+    // Bob gets the two that fit.
+    c2s.start(BOB, "b").await;
+    c2s.send(BOB, "b", "<presence/>").await;
+    c2s.stanza("b", &["id='big1'"]).await;
+    c2s.stanza("b", &["id='big2'"]).await;
+}

@@ -58,6 +58,7 @@ impl SmConfig {
             return Err(root.error("at least one non-empty <host>DOMAIN</host> is required"));
         }
         for h in root.children("host") {
+            h.allow(&[], &[])?;
             if h.text == "*"
                 || jid::BareJid::new(&h.text)
                     .map(|j| j.node().is_some())
@@ -123,6 +124,13 @@ impl SmConfig {
             c.xdb_timeout = t;
         }
         Ok(c)
+    }
+
+    /// The largest fragment sm stores under one namespace: storage answers carry it back
+    /// through the router and sm's own link, whose stanza limit (`<limits>`, the same
+    /// 256 KiB as the router's by default) must leave room for the xdb wrapper.
+    pub fn fragment_max(&self) -> usize {
+        self.limits.max_stanza_bytes.saturating_sub(2048).max(1024)
     }
 
     pub fn serves(&self, domain: &str) -> bool {

@@ -155,10 +155,37 @@ impl User {
                 .with_attr("stamp", stamp(unix_now()))
                 .with_text("Offline storage"),
         );
+        // The whole store comes back in one storage answer: keep it under the limit.
+        let data = m.to_stanza();
+        let budget = self.ctx.config.fragment_max();
+        let stored = match self.ctx.xdb.get(&self.bare, NS_OFFLINE).await {
+            Ok(s) => s.len(),
+            Err(e) => {
+                error!("reading the offline store failed: {e}");
+                self.refuse(
+                    stanza,
+                    StanzaErrorCondition::InternalServerError,
+                    "the message could not be stored",
+                );
+                return;
+            }
+        };
+        if stored + data.len() > budget {
+            info!(
+                stored,
+                budget, "offline store full (bytes): message refused"
+            );
+            self.refuse(
+                stanza,
+                StanzaErrorCondition::ServiceUnavailable,
+                &format!("the recipient is offline and their offline message store is full ({budget} bytes)"),
+            );
+            return;
+        }
         match self
             .ctx
             .xdb
-            .append(&self.bare, NS_OFFLINE, m.to_stanza(), Some(max))
+            .append(&self.bare, NS_OFFLINE, data, Some(max))
             .await
         {
             Ok(()) => info!(from = stanza.from().unwrap_or(""), "message stored offline"),

@@ -73,7 +73,11 @@ impl User {
                     all.push(item.clone());
                 }
                 let data = all.to_xml();
-                let max = self.ctx.config.private_max_bytes;
+                let max = self
+                    .ctx
+                    .config
+                    .private_max_bytes
+                    .min(self.ctx.config.fragment_max());
                 if data.len() > max {
                     return Reply::error(
                         StanzaErrorCondition::NotAcceptable,

@@ -243,6 +243,15 @@ impl User {
     pub async fn save_roster(&mut self) -> Result<(), XdbError> {
         let Some(r) = &self.roster else { return Ok(()) };
         let data = r.to_storage();
+        let max = self.ctx.config.fragment_max();
+        if data.len() > max {
+            warn!(
+                bytes = data.len(),
+                max, "roster change refused: too large to store"
+            );
+            self.roster = None;
+            return Err(crate::stanzas::too_large("the roster", max));
+        }
         match self.ctx.xdb.set(&self.bare, NS_ROSTER, data).await {
             Ok(()) => Ok(()),
             Err(e) => {

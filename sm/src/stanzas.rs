@@ -112,10 +112,26 @@ pub fn presence(kind: Option<&str>, from: &str, to: &str) -> Element {
     p
 }
 
-/// An internal-server-error text for a storage failure.
+/// The answer for a failed storage operation: `resource-constraint` when a size or count
+/// limit refused it, else `internal-server-error` (type `wait`: try again later).
 pub fn storage_error(e: &jrs_xdb::XdbError) -> Reply {
-    Reply::error(
-        StanzaErrorCondition::InternalServerError,
-        format!("storage is not available right now ({e}); try again"),
-    )
+    match e {
+        jrs_xdb::XdbError::Refused(r)
+            if r.condition == StanzaErrorCondition::ResourceConstraint =>
+        {
+            Reply::error(StanzaErrorCondition::ResourceConstraint, r.text.clone())
+        }
+        _ => Reply::error(
+            StanzaErrorCondition::InternalServerError,
+            format!("storage is not available right now ({e}); try again"),
+        ),
+    }
+}
+
+/// A refusal sm makes itself: the data would not fit in one storage fragment.
+pub fn too_large(what: &str, max: usize) -> jrs_xdb::XdbError {
+    jrs_xdb::XdbError::Refused(jrs_xdb::Refusal::new(
+        StanzaErrorCondition::ResourceConstraint,
+        format!("{what} would exceed the {max} bytes one storage record may hold"),
+    ))
 }

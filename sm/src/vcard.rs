@@ -37,7 +37,11 @@ impl User {
             }
             Some("set") if own => {
                 let data = payload.to_xml();
-                let max = self.ctx.config.vcard_max_bytes;
+                let max = self
+                    .ctx
+                    .config
+                    .vcard_max_bytes
+                    .min(self.ctx.config.fragment_max());
                 if data.len() > max {
                     return Reply::error(
                         StanzaErrorCondition::NotAcceptable,
