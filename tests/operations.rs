@@ -254,12 +254,17 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn jabberctl_manages_accounts() {
-    let mut server = jrs_harness::Server::start(jrs_harness::Options::default()).await.unwrap();
+    let mut server = jrs_harness::Server::start(jrs_harness::Options::default())
+        .await
+        .unwrap();
     server.start_storage().await.unwrap();
     let config = server
         .write(
             "jabberctl.xml",
-            &format!("<jabberctl>{}</jabberctl>", server.router_element("admin", "admin-secret")),
+            &format!(
+                "<jabberctl>{}</jabberctl>",
+                server.router_element("admin", "admin-secret")
+            ),
         )
         .unwrap();
     let ctl = |args: &[&str]| {
@@ -269,29 +274,51 @@ async fn jabberctl_manages_accounts() {
             .args(args)
             .output()
             .unwrap();
-        (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr),
+        )
     };
-    // xdb-file may still be connecting: the first write retries inside jabberctl's timeout.
+    jrs_harness::wait_for("xdb-file to connect", Duration::from_secs(10), || {
+        server.log("xdb-file").contains("connected to the router").then_some(())
+    })
+    .await
+    .unwrap();
     let (code, out) = ctl(&["adduser", "Alice@localhost", "--password", "s3cret"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("alice@localhost added"), "{out}");
     let (code, out) = ctl(&["adduser", "alice@localhost", "--password", "x"]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("exists already"), "{out}");
-    assert_eq!(ctl(&["adduser", "bob@localhost", "--password", "b"]).0, Some(0));
+    assert_eq!(
+        ctl(&["adduser", "bob@localhost", "--password", "b"]).0,
+        Some(0)
+    );
     let (code, out) = ctl(&["users", "localhost"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("alice@localhost\nbob@localhost\n"), "{out}");
-    assert_eq!(ctl(&["passwd", "alice@localhost", "--password", "new"]).0, Some(0));
+    assert_eq!(
+        ctl(&["passwd", "alice@localhost", "--password", "new"]).0,
+        Some(0)
+    );
     // The stored record checks the new password, not the old one.
-    let record = std::fs::read(server.path("spool/localhost/alice/urn%3Ajabberd-rs%3Aauth%3A0.xml")).unwrap();
+    let record =
+        std::fs::read(server.path("spool/localhost/alice/urn%3Ajabberd-rs%3Aauth%3A0.xml"))
+            .unwrap();
     let inner = &record[b"<stored>".len()..record.len() - b"</stored>".len()];
     let creds = jrs_auth::Credentials::parse(inner).unwrap().unwrap();
     assert!(creds.check_password("new") && !creds.check_password("s3cret"));
-    assert!(!String::from_utf8_lossy(&record).contains("new"), "no clear password on disk");
+    assert!(
+        !String::from_utf8_lossy(&record).contains("new"),
+        "no clear password on disk"
+    );
     assert_eq!(ctl(&["deluser", "alice@localhost"]).0, Some(0));
     let (_, out) = ctl(&["users", "localhost"]);
-    assert!(!out.contains("alice@") && out.contains("bob@localhost"), "{out}");
+    assert!(
+        !out.contains("alice@") && out.contains("bob@localhost"),
+        "{out}"
+    );
     let (code, out) = ctl(&["deluser", "nobody"]);
     assert_eq!(code, Some(1));
     assert!(out.contains("no user part"), "{out}");

@@ -602,7 +602,7 @@ async fn tls_and_unix_socket_links() {
     let (cert, key) = jrs_harness::self_signed(&certs, "router.test").unwrap();
     let tls_port = jrs_harness::free_port();
     let sock = certs.join("router.sock");
-    let _server = Server::start(Options {
+    let mut server = Server::start(Options {
         extra_users: plain_users(&["t.localhost", "u.localhost"]),
         extra_router: format!(
             "<listen address='127.0.0.1' port='{tls_port}' tls='true'/><listen unix='{}'/><tls cert='{}' key='{}'/>",
@@ -614,6 +614,8 @@ async fn tls_and_unix_socket_links() {
     })
     .await
     .unwrap();
+    // Listeners are bound one after the other: wait for the TLS one too.
+    server.wait_listening(tls_port).await.unwrap();
     jrs_component::transport::install_crypto_provider();
     let base = jrs_config::RouterLink {
         tls: true,
@@ -674,17 +676,30 @@ async fn packets_without_to_are_answered_by_the_router() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn subscribed_links_hear_when_a_component_disconnects() {
     let server = start(&["a.localhost", "b.localhost"]).await;
-    let mut a = server.component("a.localhost", "a.localhost-secret").await.unwrap();
+    let mut a = server
+        .component("a.localhost", "a.localhost-secret")
+        .await
+        .unwrap();
     a.subscribe_notices().await.unwrap();
     let (mut a, mut aw) = a.split();
     // A plain component that did not subscribe hears nothing (it would not understand).
-    let (mut b, _bw) = server.component("b.localhost", "b.localhost-secret").await.unwrap().split();
+    let (mut b, _bw) = server
+        .component("b.localhost", "b.localhost-secret")
+        .await
+        .unwrap()
+        .split();
     let c2s = server.component("c2s-1", "c2s-secret").await.unwrap();
     drop(c2s);
     let notice = recv(&mut a).await;
     assert_eq!(notice.name(), "notice");
     assert_eq!(notice.attr("event").as_deref(), Some("disconnected"));
     assert_eq!(notice.attr("name").as_deref(), Some("c2s-1"));
-    aw.send(b"<message to='x@b.localhost' from='y@a.localhost' id='first'/>").await.unwrap();
-    assert_eq!(recv(&mut b).await.id(), Some("first"), "no notice reached b");
+    aw.send(b"<message to='x@b.localhost' from='y@a.localhost' id='first'/>")
+        .await
+        .unwrap();
+    assert_eq!(
+        recv(&mut b).await.id(),
+        Some("first"),
+        "no notice reached b"
+    );
 }
