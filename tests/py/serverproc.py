@@ -1,0 +1,512 @@
+"""Start a whole server (router, xdb-file, sm, c2s) on free loopback ports in a
+temporary directory, for the client end-to-end tests (test_c2s.py, test_im.py).
+
+Binaries come from $JABBERD_BIN_DIR if set, else from target/debug at the top of
+the repository.  Every process runs with the temporary directory as its working
+directory and writes stdout+stderr to log/NAME.log there.
+
+    with Server(tmp_path, register=True) as server:
+        server.adduser("alice@localhost", "pw")
+        ... connect to 127.0.0.1:server.starttls_port or server.tls_port ...
+        server.kill("sm"); server.restart("sm")
+        print(server.logs_text())
+"""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import xml.etree.ElementTree as ET
+from pathlib import Path
+from xml.sax.saxutils import quoteattr
+
+ROOT = Path(__file__).resolve().parents[2]
+PROCESSES = ["router", "xdb-file", "sm", "c2s"]
+SECRETS = {"xdb-file": "xdb-secret", "sm": "sm-secret", "c2s": "c2s-secret", "admin": "admin-secret"}
+CONNECTED = "connected to the router"
+POLL = 0.05
+
+
+def bin_dir():
+    return Path(os.environ.get("JABBERD_BIN_DIR") or str(ROOT / "target" / "debug"))
+
+
+def binaries_missing():
+    """Names of the executables that are not built."""
+    return [p for p in PROCESSES + ["jabberctl"] if not (bin_dir() / p).exists()]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def accepts(port):
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
+class ServerError(RuntimeError):
+    pass
+
+
+class Server:
+    """A temporary installation and its four processes.
+
+    register: XEP-0077 account creation before login in c2s.
+    auth_failures: (max, window seconds) of c2s's failed-login limit.
+    c2s_extra / sm_extra: extra XML elements for c2s.xml / sm.xml.
+    """
+
+    def __init__(self, directory, register=False, auth_failures=(5, 60), timeouts=None,
+                 c2s_extra="", sm_extra="", grace_seconds=2):
+        self.dir = Path(directory)
+        self.register = register
+        self.auth_failures = auth_failures
+        self.timeouts = timeouts  # (idle, keepalive) seconds or None for c2s's defaults
+        self.c2s_extra = c2s_extra
+        self.sm_extra = sm_extra
+        self.grace_seconds = grace_seconds
+        self.port = None  # the router's
+        self.starttls_port = None
+        self.tls_port = None
+        self.procs = {}
+        self._log_files = {}
+
+    # -- configuration -------------------------------------------------------------
+
+    def router_element(self, name):
+        return (f"<router address='127.0.0.1' port='{self.port}' name='{name}' "
+                f"secret='{SECRETS[name]}' reconnect='0.05'/>")
+
+    def path(self, rel):
+        return self.dir / rel
+
+    def write_configs(self):
+        d = self.dir
+        users = d / "router-users.xml"
+        shutil.copyfile(ROOT / "etc" / "router-users.xml", users)
+        (d / "router.xml").write_text(
+            "<router>\n"
+            f"  <listen address='127.0.0.1' port='{self.port}'/>\n"
+            f"  <users file={quoteattr(str(users))}/>\n"
+            f"  <grace seconds='{self.grace_seconds}'/>\n"
+            "  <log level='debug'/>\n"
+            "</router>\n")
+        (d / "xdb-file.xml").write_text(
+            "<xdb-file>\n"
+            f"  {self.router_element('xdb-file')}\n"
+            "  <host>localhost</host>\n"
+            f"  <spool dir={quoteattr(str(d / 'spool'))}/>\n"
+            "  <log level='debug'/>\n"
+            "</xdb-file>\n")
+        (d / "sm.xml").write_text(self.sm_config())
+        timeouts = ""
+        if self.timeouts is not None:
+            timeouts = f"  <timeouts idle='{self.timeouts[0]}' keepalive='{self.timeouts[1]}'/>\n"
+        certs = d / "certs"
+        (d / "c2s.xml").write_text(
+            "<c2s>\n"
+            f"  {self.router_element('c2s')}\n"
+            f"  <host name='localhost' cert={quoteattr(str(certs / 'localhost.crt'))} "
+            f"key={quoteattr(str(certs / 'localhost.key'))} self-signed='true'/>\n"
+            f"  <listen address='127.0.0.1' port='{self.starttls_port}' mode='starttls'/>\n"
+            f"  <listen address='127.0.0.1' port='{self.tls_port}' mode='tls'/>\n"
+            f"  <register enabled='{'true' if self.register else 'false'}'/>\n"
+            "  <limits max-stanza-bytes='65536' max-depth='32' rate-bytes='1000000'/>\n"
+            f"{timeouts}"
+            f"  <auth-failures max='{self.auth_failures[0]}' window='{self.auth_failures[1]}'/>\n"
+            f"  {self.c2s_extra}\n"
+            "  <log level='debug'/>\n"
+            "</c2s>\n")
+        (d / "ctl.xml").write_text(
+            f"<jabberctl>{self.router_element('admin')}</jabberctl>\n")
+
+    def sm_config(self):
+        """etc/sm.xml (whatever elements it has now) with the router, host and log
+        level of this installation, plus sm_extra."""
+        tree = ET.parse(ROOT / "etc" / "sm.xml")
+        root = tree.getroot()
+        for child in list(root):
+            if child.tag in ("router", "host", "log"):
+                root.remove(child)
+        root.insert(0, ET.fromstring(self.router_element("sm")))
+        host = ET.Element("host")
+        host.text = "localhost"
+        root.insert(1, host)
+        root.append(ET.Element("log", {"level": "debug"}))
+        for extra in ET.fromstring(f"<x>{self.sm_extra}</x>"):
+            for old in root.findall(extra.tag):
+                root.remove(old)
+            root.append(extra)
+        ET.indent(root)
+        return ET.tostring(root, encoding="unicode") + "\n"
+
+    # -- processes -----------------------------------------------------------------
+
+    def spawn(self, name):
+        if name in self.procs and self.procs[name].poll() is None:
+            raise ServerError(f"{name} is running already")
+        log_path = self.log_path(name)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        if name in self._log_files:
+            self._log_files[name].close()
+        self._log_files[name] = open(log_path, "ab")
+        env = dict(os.environ)
+        env.pop("RUST_LOG", None)  # the configs' log levels apply
+        self.procs[name] = subprocess.Popen(
+            [str(bin_dir() / name), "-c", str(self.dir / f"{name}.xml")],
+            cwd=self.dir, stdin=subprocess.DEVNULL,
+            stdout=self._log_files[name], stderr=self._log_files[name], env=env)
+        return self.procs[name]
+
+    def log_path(self, name):
+        return self.dir / "log" / f"{name}.log"
+
+    def log(self, name):
+        try:
+            return self.log_path(name).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def log_size(self, name):
+        try:
+            return self.log_path(name).stat().st_size
+        except OSError:
+            return 0
+
+    def logs_text(self, offsets=None, tail_lines=None):
+        """Every process's log, each under a heading; from `offsets[name]` on if given."""
+        out = []
+        for name in PROCESSES:
+            text = self.log(name)
+            if offsets is not None:
+                text = text.encode(errors="replace")[offsets.get(name, 0):].decode(errors="replace")
+            if tail_lines is not None:
+                text = "\n".join(text.splitlines()[-tail_lines:])
+            out.append(f"===== {name}.log =====\n{text}")
+        return "\n".join(out)
+
+    def offsets(self):
+        return {name: self.log_size(name) for name in PROCESSES}
+
+    def wait_for(self, condition, what, timeout=10.0, watch=()):
+        """Polls condition() every 50 ms until it is truthy; fails early if a process in
+        `watch` exited."""
+        deadline = time.monotonic() + timeout
+        while True:
+            value = condition()
+            if value:
+                return value
+            for name in watch:
+                proc = self.procs.get(name)
+                if proc is not None and proc.poll() is not None:
+                    raise ServerError(f"{name} exited with {proc.returncode} while waiting for "
+                                      f"{what}\n{self.logs_text()}")
+            if time.monotonic() > deadline:
+                raise ServerError(f"timed out after {timeout} s waiting for {what}\n{self.logs_text()}")
+            time.sleep(POLL)
+
+    def _start_component(self, name):
+        """Starts a component and waits until it logs that it bound its routes."""
+        offset = self.log_size(name)
+        self.spawn(name)
+        return offset
+
+    def _wait_connected(self, name, offset, timeout=10.0):
+        self.wait_for(lambda: CONNECTED in self.log(name).encode(errors="replace")[offset:].decode(errors="replace"),
+                      f"{name} to connect to the router", timeout, watch=[name])
+
+    def start(self):
+        missing = binaries_missing()
+        if missing:
+            raise ServerError(f"not built in {bin_dir()}: {', '.join(missing)} "
+                              "(cargo build --workspace --bins, or set JABBERD_BIN_DIR)")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / "log").mkdir(exist_ok=True)
+        for attempt in range(3):
+            self.port, self.starttls_port, self.tls_port = free_port(), free_port(), free_port()
+            self.write_configs()
+            self.spawn("router")
+            try:
+                self.wait_for(lambda: accepts(self.port), "the router to listen", watch=["router"])
+                break
+            except ServerError:
+                self.stop()
+                if attempt == 2:
+                    raise
+        offsets = {name: self._start_component(name) for name in ("xdb-file", "sm", "c2s")}
+        self.wait_for(lambda: accepts(self.starttls_port) and accepts(self.tls_port),
+                      "c2s to listen", watch=["c2s"])
+        for name in ("xdb-file", "sm", "c2s"):
+            self._wait_connected(name, offsets[name])
+        return self
+
+    def kill(self, name, sig=signal.SIGKILL, timeout=5.0):
+        """Sends `sig` to process `name` and waits until it exited."""
+        proc = self.procs[name]
+        if proc.poll() is None:
+            proc.send_signal(sig)
+            proc.wait(timeout=timeout)
+        return proc.returncode
+
+    def restart(self, name, timeout=10.0):
+        """Starts `name` again (killing it first if it still runs) and waits until it
+        is connected to the router (for c2s also until it listens)."""
+        proc = self.procs.get(name)
+        if proc is not None and proc.poll() is None:
+            self.kill(name, signal.SIGTERM)
+        offset = self._start_component(name)
+        if name == "router":
+            self.wait_for(lambda: accepts(self.port), "the router to listen", timeout, watch=[name])
+            return
+        if name == "c2s":
+            self.wait_for(lambda: accepts(self.starttls_port) and accepts(self.tls_port),
+                          "c2s to listen", timeout, watch=[name])
+        self._wait_connected(name, offset, timeout)
+
+    def running(self, name):
+        proc = self.procs.get(name)
+        return proc is not None and proc.poll() is None
+
+    def ctl(self, *args, check=True, timeout=15.0):
+        """Runs jabberctl against this installation; returns the CompletedProcess."""
+        result = subprocess.run(
+            [str(bin_dir() / "jabberctl"), "-c", str(self.dir / "ctl.xml"), *args],
+            cwd=self.dir, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+            timeout=timeout)
+        if check and result.returncode != 0:
+            raise ServerError(f"jabberctl {' '.join(args)} failed ({result.returncode}):\n"
+                              f"{result.stdout}{result.stderr}")
+        return result
+
+    def adduser(self, jid, password):
+        self.ctl("adduser", jid, "--password", password)
+
+    def addusers(self, accounts, timeout=15.0):
+        """Creates several accounts ({jid: password}) with concurrent jabberctl runs."""
+        procs = {
+            jid: subprocess.Popen(
+                [str(bin_dir() / "jabberctl"), "-c", str(self.dir / "ctl.xml"),
+                 "adduser", jid, "--password", password],
+                cwd=self.dir, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True)
+            for jid, password in accounts.items()
+        }
+        failed = []
+        for jid, proc in procs.items():
+            out, _ = proc.communicate(timeout=timeout)
+            if proc.returncode != 0:
+                failed.append(f"jabberctl adduser {jid} failed ({proc.returncode}): {out}")
+        if failed:
+            raise ServerError("\n".join(failed))
+
+    def stop(self):
+        # c2s first so clients see their streams close; the router last.
+        for name in ["c2s", "sm", "xdb-file", "router"]:
+            proc = self.procs.get(name)
+            if proc is not None and proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for name in ["c2s", "sm", "xdb-file", "router"]:
+            proc = self.procs.get(name)
+            if proc is None:
+                continue
+            try:
+                proc.wait(timeout=3)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        for f in self._log_files.values():
+            f.close()
+        self._log_files = {}
+
+    def __enter__(self):
+        try:
+            return self.start()
+        except BaseException:
+            self.stop()
+            raise
+
+    def __exit__(self, *exc):
+        self.stop()
+        return False
+
+
+# -- slixmpp clients ---------------------------------------------------------------------
+#
+# Imported lazily so that serverproc works without slixmpp (the raw client does not
+# need it).
+
+TIMEOUT = 5.0  # seconds for any single wait: every step is normally milliseconds
+
+
+def slixmpp_client_class():
+    import asyncio
+    import ssl
+
+    from slixmpp import ClientXMPP
+
+    class Client(ClientXMPP):
+        """A ClientXMPP for a test server: no certificate check (self-signed),
+        STARTTLS or direct TLS on an explicit port, a SASL mechanism if given,
+        subscription requests left to the test (auto_authorize None: slixmpp's False
+        would deny them), and every stanza recorded for the test to await."""
+
+        def __init__(self, jid, password, port, direct_tls=False, mech=None,
+                     plugins=("xep_0030", "xep_0199", "xep_0203")):
+            super().__init__(jid, password, sasl_mech=mech)
+            self.port = port
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            if direct_tls:
+                ctx.set_alpn_protocols(["xmpp-client"])
+            self.ssl_context = ctx
+            self.enable_direct_tls = direct_tls
+            self.enable_starttls = not direct_tls
+            self.enable_plaintext = False
+            self.auto_authorize = None
+            self.auto_subscribe = False
+            self.auto_reconnect = False
+            self.started = asyncio.Event()
+            self.gone = asyncio.Event()
+            self.auth_failed = asyncio.Event()
+            self.stream_errors = []
+            self.stanzas = []  # every message, presence and iq push received, in order
+            self._arrived = asyncio.Event()
+            for plugin in plugins:
+                self.register_plugin(plugin)
+            self.add_event_handler("session_start", lambda _e: self.started.set())
+            self.add_event_handler("disconnected", lambda _e: self.gone.set())
+            self.add_event_handler("failed_all_auth", lambda _e: self.auth_failed.set())
+            self.add_event_handler("stream_error", lambda e: self.stream_errors.append(e["condition"]))
+            for event in ("message", "presence", "roster_update"):
+                self.add_event_handler(event, self._record)
+
+        def _record(self, stanza):
+            self.stanzas.append(stanza)
+            self._arrived.set()
+
+        async def start(self, what=None):
+            """Connects and waits for the session (bound resource)."""
+            self.connect("127.0.0.1", self.port)
+            waiter = asyncio.ensure_future(self.started.wait())
+            failed = asyncio.ensure_future(self.auth_failed.wait())
+            gone = asyncio.ensure_future(self.gone.wait())
+            done, pending = await asyncio.wait([waiter, failed, gone], timeout=TIMEOUT,
+                                               return_when=asyncio.FIRST_COMPLETED)
+            for task in pending:
+                task.cancel()
+            if waiter not in done:
+                reason = ("authentication failed" if failed in done else
+                          f"the stream closed (stream errors: {self.stream_errors})" if gone in done else
+                          f"timed out after {TIMEOUT} s")
+                raise AssertionError(f"login of {self.requested_jid} did not complete: {reason}")
+            return self
+
+        async def expect(self, what, predicate, timeout=TIMEOUT):
+            """Takes the first recorded stanza for which predicate(stanza) is true,
+            waiting up to `timeout` seconds for it."""
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + timeout
+            while True:
+                for i, stanza in enumerate(self.stanzas):
+                    if predicate(stanza):
+                        return self.stanzas.pop(i)
+                left = deadline - loop.time()
+                if left <= 0:
+                    seen = "\n  ".join(str(s) for s in self.stanzas) or "(nothing)"
+                    raise AssertionError(f"{self.boundjid or self.requested_jid}: timed out after "
+                                         f"{timeout} s waiting for {what}; received meanwhile:\n  {seen}")
+                self._arrived.clear()
+                try:
+                    await asyncio.wait_for(self._arrived.wait(), left)
+                except asyncio.TimeoutError:
+                    pass
+
+        async def expect_message(self, body, timeout=TIMEOUT):
+            return await self.expect(
+                f"a message with body {body!r}",
+                lambda s: s.name == "message" and s["type"] != "error" and s["body"] == body,
+                timeout)
+
+        def received_bodies(self):
+            return [s["body"] for s in self.stanzas if s.name == "message"]
+
+        async def stop(self):
+            if not self.gone.is_set() and self.transport is not None:
+                self.disconnect(wait=1.0)
+                try:
+                    await asyncio.wait_for(self.gone.wait(), 2.0)
+                except asyncio.TimeoutError:
+                    self.abort()
+            self.cancel_connection_attempt()
+            task, self._run_out_filters = self._run_out_filters, None
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+
+    return Client
+
+
+def run_clients(test, port, tls_port=None):
+    """Runs `await test(clients)` on a fresh event loop. clients.make(jid, password,
+    **kwargs) makes a slixmpp client for the STARTTLS port (direct_tls=True: the TLS
+    port); every client made is disconnected afterwards, whatever happens."""
+    import asyncio
+
+    Client = slixmpp_client_class()
+
+    class Clients:
+        def __init__(self):
+            self.all = []
+
+        def make(self, jid, password, direct_tls=False, **kwargs):
+            client = Client(jid, password, tls_port if direct_tls else port,
+                            direct_tls=direct_tls, **kwargs)
+            self.all.append(client)
+            return client
+
+    async def main():
+        clients = Clients()
+        try:
+            await test(clients)
+        finally:
+            for client in clients.all:
+                await client.stop()
+
+    loop = asyncio.new_event_loop()
+    try:
+        loop.run_until_complete(main())
+        pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    finally:
+        loop.close()
+
+
+def server_fixture(request, tmp_path, **options):
+    """The body of the tests' `server` fixtures: a started Server whose logs are
+    attached to the report of a failed test (pytest shows them with the failure)."""
+    server = Server(tmp_path, **options)
+    try:
+        server.start()
+    except BaseException:
+        server.stop()
+        raise
+    return server
+
+
+def finish_server(request, server):
+    server.stop()
+    report = getattr(request.node, "rep_call", None)
+    if report is not None and report.failed:
+        report.sections.append(("server logs", server.logs_text()))
