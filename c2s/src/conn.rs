@@ -117,7 +117,24 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: 
             let _ = conn.reader.get_mut().shutdown().await;
         })
         .await;
+        // Closing a socket with unread input resets the connection, and the reset can
+        // destroy the stream error before the client reads it: read what is left first.
+        drain(conn.reader.get_mut(), Duration::from_secs(1)).await;
     }
+}
+
+/// Reads and discards until the peer closes, for at most `limit`.
+async fn drain<R: tokio::io::AsyncRead + Unpin>(io: &mut R, limit: Duration) {
+    use tokio::io::AsyncReadExt;
+    let _ = tokio::time::timeout(limit, async {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = io.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 impl Conn {
@@ -478,8 +495,12 @@ impl Conn {
         } else {
             None
         };
-        let Ok(mut exchange) = ScramExchange::start(mechanism, keys, exporter) else {
-            return Ok(None);
+        let mut exchange = match ScramExchange::start(mechanism, keys, exporter) {
+            Ok(exchange) => exchange,
+            Err(e) => {
+                warn!(peer = %self.peer, "cannot run {mechanism}: {e}");
+                return Ok(None);
+            }
         };
         let mut input = initial;
         loop {

@@ -9,8 +9,8 @@ use base64::Engine;
 use rsasl::callback::{Context, Request, SessionCallback, SessionData};
 use rsasl::mechanisms::scram::properties::ScramStoredPassword;
 use rsasl::prelude::{
-    ChannelBindingCallback, Mechname, SASLConfig, SASLServer, Session, SessionError, State,
-    Validation,
+    ChannelBindingCallback, Mechanism, Mechname, Registry, SASLConfig, SASLServer, Session,
+    SessionError, State, Validation,
 };
 use rsasl::property::AuthId;
 use rsasl::validate::{Validate, ValidationError};
@@ -51,6 +51,16 @@ pub fn scram_username(client_first: &[u8]) -> Option<String> {
     let name = bare.strip_prefix("n=")?.split(',').next()?;
     Some(name.replace("=2C", ",").replace("=3D", "="))
 }
+
+/// The mechanisms rsasl serves. Listed here because rsasl's default list (without its
+/// `registry_static` feature) leaves out the -PLUS variants, and a SCRAM server only
+/// detects a downgrade (client flag `y`) when the -PLUS variant is in its list.
+static SCRAM_MECHANISMS: &[Mechanism] = &[
+    rsasl::mechanisms::scram::SCRAM_SHA256_PLUS,
+    rsasl::mechanisms::scram::SCRAM_SHA1_PLUS,
+    rsasl::mechanisms::scram::SCRAM_SHA256,
+    rsasl::mechanisms::scram::SCRAM_SHA1,
+];
 
 /// The authenticated username, set by rsasl's validation step only on a valid proof.
 struct LoginValidation;
@@ -137,7 +147,7 @@ impl ScramExchange {
     ) -> Result<ScramExchange, String> {
         let channel_binding = exporter.is_some();
         let config: Arc<SASLConfig> = SASLConfig::builder()
-            .with_defaults()
+            .with_registry(Registry::with_mechanisms(SCRAM_MECHANISMS))
             .with_callback(StoredKeys {
                 keys,
                 channel_binding,

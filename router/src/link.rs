@@ -114,6 +114,19 @@ pub async fn serve(router: Arc<Router>, io: BoxIo, peer: String) {
                 w.shutdown().await
             })
             .await;
+            // Closing with unread input resets the connection, which can destroy the
+            // stream error in flight: read (and drop) what the peer still sends, briefly.
+            let _ = tokio::time::timeout(Duration::from_secs(1), async {
+                use tokio::io::AsyncReadExt;
+                let mut buf = vec![0u8; 16 * 1024];
+                let io = reader.get_mut();
+                while let Ok(n) = io.read(&mut buf).await {
+                    if n == 0 {
+                        break;
+                    }
+                }
+            })
+            .await;
         }
     }
     .instrument(span)

@@ -35,7 +35,10 @@ impl LinkInfo {
         // The default route (s2s) speaks for every remote domain: any domain no local
         // component serves.
         route != PacketType::Log
-            && self.bound.iter().any(|(t, h)| *t == PacketType::Normal && h == "*")
+            && self
+                .bound
+                .iter()
+                .any(|(t, h)| *t == PacketType::Normal && h == "*")
             && !tree.serves(PacketType::Normal, domain)
     }
 }
@@ -216,7 +219,9 @@ impl Router {
         let mut st = self.state.lock().expect("router lock");
         if let Some(link) = st.links.get_mut(&conn) {
             link.notices = true;
-            let _ = link.outbox.push(bind_result("notices", request.id().unwrap_or("")).as_bytes());
+            let _ = link
+                .outbox
+                .push(bind_result("notices", request.id().unwrap_or("")).as_bytes());
         }
     }
 

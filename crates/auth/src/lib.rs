@@ -13,7 +13,6 @@ use rand::RngCore;
 use sha1::Sha1;
 use sha2::{Digest, Sha256};
 
-
 /// xdb namespace of the credentials record.
 pub const NS_AUTH: &str = "urn:jabberd-rs:auth:0";
 /// Iterations for new keys (what Prosody and ejabberd use).
@@ -53,7 +52,8 @@ pub struct ScramKeys {
 }
 
 fn hmac<M: Mac + hmac::digest::KeyInit>(key: &[u8], data: &[u8]) -> Vec<u8> {
-    let mut mac = <M as hmac::digest::KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
+    let mut mac =
+        <M as hmac::digest::KeyInit>::new_from_slice(key).expect("HMAC takes any key length");
     mac.update(data);
     mac.finalize().into_bytes().to_vec()
 }
@@ -68,13 +68,19 @@ impl ScramKeys {
                 let mut salted = [0u8; 20];
                 pbkdf2::pbkdf2_hmac::<Sha1>(password.as_bytes(), salt, iterations, &mut salted);
                 let client_key = hmac::<Hmac<Sha1>>(&salted, b"Client Key");
-                (Sha1::digest(&client_key).to_vec(), hmac::<Hmac<Sha1>>(&salted, b"Server Key"))
+                (
+                    Sha1::digest(&client_key).to_vec(),
+                    hmac::<Hmac<Sha1>>(&salted, b"Server Key"),
+                )
             }
             ScramHash::Sha256 => {
                 let mut salted = [0u8; 32];
                 pbkdf2::pbkdf2_hmac::<Sha256>(password.as_bytes(), salt, iterations, &mut salted);
                 let client_key = hmac::<Hmac<Sha256>>(&salted, b"Client Key");
-                (Sha256::digest(&client_key).to_vec(), hmac::<Hmac<Sha256>>(&salted, b"Server Key"))
+                (
+                    Sha256::digest(&client_key).to_vec(),
+                    hmac::<Hmac<Sha256>>(&salted, b"Server Key"),
+                )
             }
         };
         ScramKeys {
@@ -170,10 +176,14 @@ impl Credentials {
                         Ok(a.value.into_owned())
                     };
                     let b64 = |v: String| B64.decode(v).map_err(|_| bad("bad base64"));
-                    let Some(hash) = ScramHash::parse(&get("hash")?) else { continue };
+                    let Some(hash) = ScramHash::parse(&get("hash")?) else {
+                        continue;
+                    };
                     creds.scram.push(ScramKeys {
                         hash,
-                        iterations: get("iterations")?.parse().map_err(|_| bad("bad iterations"))?,
+                        iterations: get("iterations")?
+                            .parse()
+                            .map_err(|_| bad("bad iterations"))?,
                         salt: b64(get("salt")?)?,
                         stored_key: b64(get("stored-key")?)?,
                         server_key: b64(get("server-key")?)?,

@@ -105,11 +105,21 @@ impl Component {
     pub async fn subscribe_notices(&mut self) -> anyhow::Result<()> {
         self.next_id += 1;
         let id = format!("b{}", self.next_id);
-        let request = format!("<notices xmlns='{}' id='{id}'/>", crate::protocol::NS_ROUTER);
-        self.exchange("notices", &id, &request, PacketType::Normal, "").await
+        let request = format!(
+            "<notices xmlns='{}' id='{id}'/>",
+            crate::protocol::NS_ROUTER
+        );
+        self.exchange("notices", &id, &request, PacketType::Normal, "")
+            .await
     }
 
-    async fn request(&mut self, element: &str, route: PacketType, host: &str, shared: bool) -> anyhow::Result<()> {
+    async fn request(
+        &mut self,
+        element: &str,
+        route: PacketType,
+        host: &str,
+        shared: bool,
+    ) -> anyhow::Result<()> {
         self.next_id += 1;
         let id = format!("b{}", self.next_id);
         let request = bind_request(element, &id, route, host, shared);
@@ -118,7 +128,14 @@ impl Component {
 
     /// Sends a request to the router and waits for the answer with the same id; stanzas
     /// arriving meanwhile are kept for the reader.
-    async fn exchange(&mut self, element: &str, id: &str, request: &str, route: PacketType, host: &str) -> anyhow::Result<()> {
+    async fn exchange(
+        &mut self,
+        element: &str,
+        id: &str,
+        request: &str,
+        route: PacketType,
+        host: &str,
+    ) -> anyhow::Result<()> {
         self.writer.write_all(request.as_bytes()).await?;
         self.writer.flush().await?;
         loop {

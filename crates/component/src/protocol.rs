@@ -115,7 +115,10 @@ pub fn bind_request(
 
 /// The notice the router sends to subscribed links when component `name` disconnects.
 pub fn disconnected_notice(name: &str) -> String {
-    format!("<notice xmlns='{NS_ROUTER}' event='disconnected' name='{}'/>", escape(name))
+    format!(
+        "<notice xmlns='{NS_ROUTER}' event='disconnected' name='{}'/>",
+        escape(name)
+    )
 }
 
 /// The router's success answer to a bind or unbind.

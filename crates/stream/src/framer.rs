@@ -78,6 +78,12 @@ pub struct Framer {
     start: usize,
     /// Whether anything but whitespace has been seen (an XML declaration must come first).
     started: bool,
+    /// Where the tag being scanned starts (its `<`).
+    tag_start: usize,
+    /// Names of the open elements (the stream's included), back to back, with where each
+    /// ends: an end tag must name the innermost one, or the stream is not well-formed.
+    names: Vec<u8>,
+    name_ends: Vec<usize>,
 }
 
 impl Framer {
@@ -89,6 +95,9 @@ impl Framer {
             scan: 0,
             start: 0,
             started: false,
+            tag_start: 0,
+            names: Vec::new(),
+            name_ends: Vec::new(),
         }
     }
 
@@ -117,6 +126,7 @@ impl Framer {
                 let frame = frame.split_off(range.start).freeze();
                 self.scan -= range.end;
                 self.start -= range.end;
+                self.tag_start = self.tag_start.saturating_sub(range.end);
                 Some(match kind {
                     FrameKind::StreamOpen => Frame::StreamOpen(frame),
                     FrameKind::Element => Frame::Element(frame),
@@ -171,6 +181,39 @@ impl Framer {
         bytes::Buf::advance(buf, keep_from);
         self.scan -= keep_from;
         self.start = self.start.saturating_sub(keep_from);
+        self.tag_start = self.tag_start.saturating_sub(keep_from);
+    }
+
+    /// Remembers the name of an element just opened (`tag` is what follows its `<`).
+    fn open_element(&mut self, tag: &[u8]) {
+        let end = tag
+            .iter()
+            .position(|b| matches!(b, b' ' | b'\t' | b'\r' | b'\n' | b'/'))
+            .unwrap_or(tag.len());
+        self.names.extend_from_slice(&tag[..end]);
+        self.name_ends.push(self.names.len());
+    }
+
+    /// Checks an end tag (`tag` is what follows its `</`) against the innermost open
+    /// element.
+    fn close_element(&mut self, tag: &[u8]) -> Result<(), StreamError> {
+        let name = tag.trim_ascii_end();
+        let Some(end) = self.name_ends.pop() else {
+            return Err(not_well_formed("end tag without a start tag"));
+        };
+        let begin = self.name_ends.last().copied().unwrap_or(0);
+        if &self.names[begin..end] != name {
+            return Err(StreamError::new(
+                StreamErrorCondition::NotWellFormed,
+                format!(
+                    "</{}> closes <{}>",
+                    String::from_utf8_lossy(name),
+                    String::from_utf8_lossy(&self.names[begin..end])
+                ),
+            ));
+        }
+        self.names.truncate(begin);
+        Ok(())
     }
 
     /// Whether the scanner is inside a frame (as opposed to whitespace between frames).
@@ -188,6 +231,7 @@ impl Framer {
                     // Character data inside a stanza: jump to the next tag.
                     match memchr::memchr(b'<', &buf[self.scan..]) {
                         Some(i) => {
+                            self.tag_start = self.scan + i;
                             self.scan += i + 1;
                             self.state = State::Lt;
                         }
@@ -204,6 +248,7 @@ impl Framer {
                         }
                         b'<' => {
                             self.start = self.scan;
+                            self.tag_start = self.scan;
                             self.scan += 1;
                             self.state = State::Lt;
                         }
@@ -266,6 +311,7 @@ impl Framer {
                                     return Err(too_deep(self.limits));
                                 }
                             } else {
+                                self.open_element(&buf[self.tag_start + 1..self.scan - 1]);
                                 self.depth += 1;
                                 if self.depth == 1 {
                                     return Ok(Some(Done::Header));
@@ -282,6 +328,7 @@ impl Framer {
                     Some(i) => {
                         self.scan += i + 1;
                         self.state = State::Text;
+                        self.close_element(&buf[self.tag_start + 2..self.scan - 1])?;
                         self.depth -= 1;
                         match self.depth {
                             0 => return Ok(Some(Done::Close)),
@@ -478,6 +525,21 @@ mod tests {
                 String::from_utf8_lossy(bad)
             );
         }
+    }
+
+    #[test]
+    fn refuses_a_mismatched_end_tag_at_once() {
+        let mut input = HEADER.to_vec();
+        input.extend_from_slice(b"<message><body>x</message>");
+        let e = frames(&input, 5, Limits::default()).unwrap_err();
+        assert_eq!(e.condition, StreamErrorCondition::NotWellFormed);
+        assert!(e.text.contains("</message> closes <body>"), "{}", e.text);
+        let mut input = HEADER.to_vec();
+        input.extend_from_slice(b"<a/></stream:wrong>");
+        assert!(frames(&input, 3, Limits::default()).is_err());
+        let mut input = HEADER.to_vec();
+        input.extend_from_slice(b"<a ></a ><b\n></b\n></stream:stream >");
+        assert_eq!(frames(&input, 2, Limits::default()).unwrap().len(), 4);
     }
 
     #[test]

@@ -60,23 +60,47 @@ impl XdbClient {
         self.request(Op::Get, owner, ns, Bytes::new(), None).await
     }
 
-    pub async fn set(&self, owner: &str, ns: &str, content: impl Into<Bytes>) -> Result<(), XdbError> {
-        self.request(Op::Set, owner, ns, content.into(), None).await.map(drop)
+    pub async fn set(
+        &self,
+        owner: &str,
+        ns: &str,
+        content: impl Into<Bytes>,
+    ) -> Result<(), XdbError> {
+        self.request(Op::Set, owner, ns, content.into(), None)
+            .await
+            .map(drop)
     }
 
     pub async fn delete(&self, owner: &str, ns: &str) -> Result<(), XdbError> {
-        self.request(Op::Delete, owner, ns, Bytes::new(), None).await.map(drop)
+        self.request(Op::Delete, owner, ns, Bytes::new(), None)
+            .await
+            .map(drop)
     }
 
-    pub async fn append(&self, owner: &str, ns: &str, items: impl Into<Bytes>, max_items: Option<usize>) -> Result<(), XdbError> {
-        self.request(Op::Append, owner, ns, items.into(), max_items).await.map(drop)
+    pub async fn append(
+        &self,
+        owner: &str,
+        ns: &str,
+        items: impl Into<Bytes>,
+        max_items: Option<usize>,
+    ) -> Result<(), XdbError> {
+        self.request(Op::Append, owner, ns, items.into(), max_items)
+            .await
+            .map(drop)
     }
 
     pub async fn take(&self, owner: &str, ns: &str) -> Result<Bytes, XdbError> {
         self.request(Op::Take, owner, ns, Bytes::new(), None).await
     }
 
-    pub async fn request(&self, op: Op, owner: &str, ns: &str, content: Bytes, max_items: Option<usize>) -> Result<Bytes, XdbError> {
+    pub async fn request(
+        &self,
+        op: Op,
+        owner: &str,
+        ns: &str,
+        content: Bytes,
+        max_items: Option<usize>,
+    ) -> Result<Bytes, XdbError> {
         let tries = if op == Op::Append { 1 } else { 2 };
         for _ in 0..tries {
             let id = format!("x{}", self.next_id.fetch_add(1, Ordering::Relaxed));
@@ -90,7 +114,10 @@ impl XdbClient {
                 content: content.clone(),
             };
             let (tx, rx) = oneshot::channel();
-            self.pending.lock().expect("xdb lock").insert(id.clone(), tx);
+            self.pending
+                .lock()
+                .expect("xdb lock")
+                .insert(id.clone(), tx);
             let sent = match &*self.outbox.lock().expect("xdb lock") {
                 Some(outbox) => outbox.send(request.to_xml()),
                 None => false,
@@ -120,8 +147,12 @@ impl XdbClient {
         let answer = match stanza.kind() {
             Some("result") => Ok(Bytes::copy_from_slice(stanza.inner())),
             _ => {
-                let condition = error_condition(stanza.inner()).unwrap_or(StanzaErrorCondition::UndefinedCondition);
-                Err(Refusal::new(condition, String::from_utf8_lossy(stanza.inner()).into_owned()))
+                let condition = error_condition(stanza.inner())
+                    .unwrap_or(StanzaErrorCondition::UndefinedCondition);
+                Err(Refusal::new(
+                    condition,
+                    String::from_utf8_lossy(stanza.inner()).into_owned(),
+                ))
             }
         };
         let _ = tx.send(answer);
@@ -133,7 +164,13 @@ impl XdbClient {
 fn error_condition(inner: &[u8]) -> Option<StanzaErrorCondition> {
     let text = std::str::from_utf8(inner).ok()?;
     let at = text.find("<error")?;
-    let after = text[at..].split_once('>')?.1.trim_start().strip_prefix('<')?;
-    let name = after.split(|c: char| c.is_whitespace() || c == '/' || c == '>').next()?;
+    let after = text[at..]
+        .split_once('>')?
+        .1
+        .trim_start()
+        .strip_prefix('<')?;
+    let name = after
+        .split(|c: char| c.is_whitespace() || c == '/' || c == '>')
+        .next()?;
     StanzaErrorCondition::parse(name)
 }
