@@ -49,7 +49,10 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    let runtime = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("runtime");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
     match runtime.block_on(run(args)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) if e.is::<jrs_config::ConfigError>() => {
@@ -100,13 +103,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     link.name = format!("{}-{}", link.name, std::process::id());
     // Ask before connecting, so a prompt does not hold the router link open.
     let password = match &args.command {
-        Command::Adduser { password, .. } | Command::Passwd { password, .. } => Some(read_password(password.clone())?),
+        Command::Adduser { password, .. } | Command::Passwd { password, .. } => {
+            Some(read_password(password.clone())?)
+        }
         _ => None,
     };
     jrs_component::transport::install_crypto_provider();
-    let component = tokio::time::timeout(Duration::from_secs(10), connect_and_bind(&link, Limits::default(), &[]))
-        .await
-        .context("the router did not answer within 10 s: is the server running?")??;
+    let component = tokio::time::timeout(
+        Duration::from_secs(10),
+        connect_and_bind(&link, Limits::default(), &[]),
+    )
+    .await
+    .context("the router did not answer within 10 s: is the server running?")??;
     let (mut reader, writer) = component.split();
     let xdb = std::sync::Arc::new(XdbClient::new(link.name.clone(), Duration::from_secs(5)));
     xdb.set_outbox(writer.spawn());
@@ -143,10 +151,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 bail!("{bare} does not exist");
             }
             xdb.delete(&bare, "*").await?;
-            println!("{bare} removed with all its data (sessions still open end at their next login)");
+            println!(
+                "{bare} removed with all its data (sessions still open end at their next login)"
+            );
         }
         Command::Users { domain } => {
-            let listing = xdb.request(Op::List, &domain, "", Default::default(), None).await?;
+            let listing = xdb
+                .request(Op::List, &domain, "", Default::default(), None)
+                .await?;
             let mut found = 0;
             for jid in owners(&listing) {
                 if !xdb.get(&jid, NS_AUTH).await?.is_empty() {
@@ -166,7 +178,9 @@ fn owners(listing: &[u8]) -> Vec<String> {
     let mut out = vec![];
     while let Ok(event) = reader.read_event() {
         match event {
-            quick_xml::events::Event::Empty(e) | quick_xml::events::Event::Start(e) if e.local_name().as_ref() == "owner" => {
+            quick_xml::events::Event::Empty(e) | quick_xml::events::Event::Start(e)
+                if e.local_name().as_ref() == "owner" =>
+            {
                 if let Some(a) = e.attributes().flatten().find(|a| a.key.as_ref() == "jid") {
                     if let Ok(v) = quick_xml::escape::unescape(&a.value) {
                         out.push(v.into_owned());
