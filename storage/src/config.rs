@@ -12,6 +12,8 @@ pub struct StorageConfig {
     pub hosts: Vec<String>,
     pub spool: PathBuf,
     pub cache_entries: usize,
+    /// Threads doing file operations (each owner always on the same one).
+    pub workers: usize,
     pub limits: Limits,
     pub log: LogConfig,
 }
@@ -30,7 +32,15 @@ impl StorageConfig {
             ));
         }
         let spool = root.required_child("spool")?;
-        spool.allow(&["dir"], &[])?;
+        spool.allow(&["dir", "workers"], &[])?;
+        let workers: usize = spool
+            .parse_attr("workers", "a number of threads (1-256)")?
+            .unwrap_or(8);
+        if !(1..=256).contains(&workers) {
+            return Err(spool.error(format!(
+                "attribute 'workers' = '{workers}': expected a number of threads (1-256)"
+            )));
+        }
         let mut cache_entries = 10_000;
         if let Some(cache) = root.child("cache")? {
             cache.allow(&["max-entries"], &[])?;
@@ -43,6 +53,7 @@ impl StorageConfig {
             hosts,
             spool: PathBuf::from(spool.required_attr("dir")?),
             cache_entries,
+            workers,
             // Storage requests carry whole rosters and offline lists: allow more than a
             // client stanza.
             limits: limits_from_node(

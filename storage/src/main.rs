@@ -50,21 +50,49 @@ fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect();
 
-    // File operations block; they run on one thread, in arrival order, so requests for
-    // one owner are applied in the order they were sent.
-    let (jobs, queue) = mpsc::channel::<(Stanza, Outbox)>();
+    // File operations block, and a durable write waits for the disk. They run on
+    // `workers` threads; each owner's requests always go to the same thread (by a hash of
+    // the owner), so they are applied in the order they were sent, each thread has the
+    // cache of its own owners, and the disk waits of different owners overlap.
     // Absolute, so logs and errors name the real place.
     let spool_dir = std::env::current_dir()?.join(&config.spool);
-    let mut spool = Spool::new(spool_dir.clone(), config.cache_entries);
-    let hosts = config.hosts.clone();
-    std::thread::Builder::new()
-        .name("spool".into())
-        .spawn(move || {
-            for (request, outbox) in queue {
-                let reply = answer(&mut spool, &hosts, &request);
-                outbox.send(reply);
-            }
-        })?;
+    let mut jobs = vec![];
+    for n in 0..config.workers {
+        let (tx, queue) = mpsc::channel::<(Stanza, Outbox)>();
+        let mut spool = Spool::new(spool_dir.clone(), config.cache_entries / config.workers + 1);
+        let hosts = config.hosts.clone();
+        std::thread::Builder::new()
+            .name(format!("spool-{n}"))
+            .spawn(move || {
+                // Group commit: answer everything queued, make it durable at once, then
+                // send the answers (none before its data is on disk).
+                while let Ok(first) = queue.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < MAX_BATCH {
+                        match queue.try_recv() {
+                            Ok(more) => batch.push(more),
+                            Err(_) => break,
+                        }
+                    }
+                    let answers: Vec<_> = batch
+                        .iter()
+                        .map(|(request, _)| answer(&mut spool, &hosts, request))
+                        .collect();
+                    let durable = spool.commit();
+                    for ((request, outbox), reply) in batch.into_iter().zip(answers) {
+                        match &durable {
+                            Ok(()) => outbox.send(reply),
+                            Err(refusal) => outbox.send(
+                                request
+                                    .error_reply(refusal.condition, &refusal.text)
+                                    .expect("requests are never errors or results"),
+                            ),
+                        };
+                    }
+                }
+            })?;
+        jobs.push(tx);
+    }
     info!(spool = %spool_dir.display(), hosts = ?config.hosts, "xdb-file starting");
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -94,11 +122,24 @@ fn run(args: Args) -> anyhow::Result<()> {
                         debug!("ignoring an xdb answer sent to storage");
                         continue;
                     }
-                    jobs.send((stanza, outbox.clone()))?;
+                    let worker = worker_for(stanza.to().unwrap_or(""), jobs.len());
+                    jobs[worker].send((stanza, outbox.clone()))?;
                 }
             }
         },
     ))
+}
+
+/// Most requests answered by one group commit.
+const MAX_BATCH: usize = 256;
+
+/// The worker thread of an owner: FNV-1a of the owner as written (case-folded, so
+/// `Alice@x` and `alice@x` meet on the same thread).
+fn worker_for(owner: &str, workers: usize) -> usize {
+    let hash = owner.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ b.to_ascii_lowercase() as u64).wrapping_mul(0x0100_0000_01b3)
+    });
+    (hash % workers as u64) as usize
 }
 
 /// Serves one request; always returns an answer (result or error).

@@ -237,7 +237,9 @@ impl Bench {
     async fn logins(&self, count: usize, concurrency: usize, tls: bool) -> anyhow::Result<()> {
         let next = Arc::new(AtomicU64::new(0));
         let times = Arc::new(Mutex::new(Vec::with_capacity(count)));
-        let cpu_before = cpu_micros(&self.pids());
+        let pids = self.pids();
+        let before: Vec<u64> = pids.iter().map(|p| cpu_micros(&[*p])).collect();
+        let cpu_before = cpu_micros(&pids);
         let start = Instant::now();
         let mut tasks = vec![];
         for _ in 0..concurrency {
@@ -278,6 +280,14 @@ impl Bench {
             percentile(&mut times, 0.99).as_secs_f64() * 1e3,
             cpu as f64 / count as f64
         );
+        let at = |pid: u32| {
+            let i = pids.iter().position(|p| *p == pid).expect("known pid");
+            (cpu_micros(&[pid]) - before[i]) as f64 / count as f64
+        };
+        println!(
+            "  CPU µs per login by process: {}",
+            per_process(&pids, at, "")
+        );
         Ok(())
     }
 
@@ -298,7 +308,9 @@ impl Bench {
         let running = Arc::new(AtomicBool::new(true));
         let latencies = Arc::new(Mutex::new(Vec::new()));
         let epoch = Instant::now();
-        let cpu_before = cpu_micros(&self.pids());
+        let pids = self.pids();
+        let before: Vec<u64> = pids.iter().map(|p| cpu_micros(&[*p])).collect();
+        let cpu_before = cpu_micros(&pids);
         let mut tasks = vec![];
         for (i, client) in logged.into_iter().enumerate() {
             let partner = i ^ 1;
@@ -336,11 +348,21 @@ impl Bench {
             percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
             cpu as f64 / delivered.max(1) as f64
         );
+        let at = |pid: u32| {
+            let i = pids.iter().position(|p| *p == pid).expect("known pid");
+            (cpu_micros(&[pid]) - before[i]) as f64 / delivered.max(1) as f64
+        };
+        println!(
+            "  CPU µs per message by process: {}",
+            per_process(&pids, at, "")
+        );
         Ok(())
     }
 
     async fn idle(&self, connections: usize) -> anyhow::Result<()> {
-        let before = rss_kib(&self.pids());
+        let pids = self.pids();
+        let each_before: Vec<u64> = pids.iter().map(|p| rss_kib(&[*p])).collect();
+        let before = rss_kib(&pids);
         let mut held = Vec::with_capacity(connections);
         let batch = 100;
         for start in (0..connections).step_by(batch) {
@@ -365,6 +387,14 @@ impl Bench {
         println!(
             "idle: {connections} authenticated connections with presence: server RSS {before} KiB -> {after} KiB, {:.1} KiB per connection",
             (after.saturating_sub(before)) as f64 / connections as f64
+        );
+        let at = |pid: u32| {
+            let i = pids.iter().position(|p| *p == pid).expect("known pid");
+            rss_kib(&[pid]).saturating_sub(each_before[i]) as f64 / connections as f64
+        };
+        println!(
+            "  KiB per connection by process: {}",
+            per_process(&pids, at, "")
         );
         drop(held);
         Ok(())
@@ -637,6 +667,26 @@ fn server_pids(dir: &PathBuf) -> Vec<u32> {
         }
     }
     pids
+}
+
+/// `name=value` for each server process, e.g. `c2s=12.3 sm=4.5`.
+fn per_process(pids: &[u32], value: impl Fn(u32) -> f64, unit: &str) -> String {
+    let mut parts: Vec<(String, f64)> = pids
+        .iter()
+        .map(|&pid| {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            (name, value(pid))
+        })
+        .collect();
+    parts.sort_by(|a, b| a.0.cmp(&b.0));
+    parts
+        .iter()
+        .map(|(n, v)| format!("{n} {v:.1}{unit}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn cpu_micros(pids: &[u32]) -> u64 {
