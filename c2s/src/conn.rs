@@ -35,6 +35,9 @@ const NS_SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
 const NS_REGISTER: &str = "jabber:iq:register";
 const NS_REGISTER_FEATURE: &str = "http://jabber.org/features/iq-register";
 
+/// Bytes read from a client at a time (stanzas are usually far smaller).
+const CLIENT_READ_SIZE: usize = 1024;
+
 /// Pause before answering a failed authentication: slows guessing, not honest users.
 const FAILURE_DELAY: Duration = Duration::from_millis(300);
 
@@ -89,7 +92,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: 
     let exporter = stream.exporter();
     let mut conn = Conn {
         rate: ByteRate::new(shared.config.rate_bytes),
-        reader: FramedReader::new(stream, shared.config.limits),
+        reader: FramedReader::with_read_size(stream, shared.config.limits, CLIENT_READ_SIZE),
         shared,
         peer,
         domain: String::new(),
@@ -240,7 +243,9 @@ impl Conn {
     }
 
     async fn run(&mut self) -> Close {
-        match self.negotiate().await {
+        // Boxed: negotiation's state is large and short-lived; the task then spends its
+        // life in the relay loop, and its size is that of its largest await point.
+        match Box::pin(self.negotiate()).await {
             Ok((full, bind_id)) => self.session(full, bind_id).await,
             Err(close) => close,
         }
@@ -324,7 +329,7 @@ impl Conn {
             _ => return Err(Close::Gone),
         };
         self.exporter = tls.exporter();
-        self.reader = FramedReader::new(tls, limits);
+        self.reader = FramedReader::with_read_size(tls, limits, CLIENT_READ_SIZE);
         self.header_sent = false;
         Ok(())
     }
@@ -711,7 +716,7 @@ impl Conn {
     async fn relay(
         &mut self,
         handle: &SessionHandle,
-        from_sm: &mut mpsc::UnboundedReceiver<ToClient>,
+        from_sm: &mut mpsc::UnboundedReceiver<Box<ToClient>>,
     ) -> Close {
         let keepalive = self.shared.config.keepalive;
         loop {
@@ -726,7 +731,7 @@ impl Conn {
                         return close;
                     }
                 }
-                message = from_sm.recv() => match message {
+                message = from_sm.recv() => match message.map(|m| *m) {
                     Some(ToClient::Stanza(bytes)) => {
                         if let Err(close) = self.write(&bytes).await {
                             return close;

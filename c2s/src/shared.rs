@@ -35,7 +35,9 @@ pub struct SessionHandle {
     pub sid: String,
     pub jid: String,
     pub bare: String,
-    pub to_client: mpsc::UnboundedSender<ToClient>,
+    /// Boxed: a channel allocates its slots 32 at a time, and an idle client should cost
+    /// 32 pointers there.
+    pub to_client: mpsc::UnboundedSender<Box<ToClient>>,
     /// Resolved by sm's `started` (or `end`) answer.
     started: Mutex<Option<oneshot::Sender<Started>>>,
     /// The sm instance holding the session.
@@ -102,7 +104,7 @@ impl Shared {
         &self,
         jid: &str,
         bare: &str,
-        to_client: mpsc::UnboundedSender<ToClient>,
+        to_client: mpsc::UnboundedSender<Box<ToClient>>,
     ) -> (Arc<SessionHandle>, oneshot::Receiver<Started>) {
         let sid = format!("{}", self.next_sid.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
@@ -202,7 +204,9 @@ impl Shared {
             Some("stanza") => {
                 let _ = handle
                     .to_client
-                    .send(ToClient::Stanza(Bytes::copy_from_slice(packet.inner())));
+                    .send(Box::new(ToClient::Stanza(Bytes::copy_from_slice(
+                        packet.inner(),
+                    ))));
             }
             Some("error") => {
                 // The router bounced what we sent for this session: no sm is reachable.
@@ -214,10 +218,10 @@ impl Shared {
                     let _ = tx.send(Err("service-unavailable".into()));
                     return;
                 }
-                let _ = handle.to_client.send(ToClient::End(
+                let _ = handle.to_client.send(Box::new(ToClient::End(
                     StreamErrorCondition::InternalServerError,
                     "the session manager is unavailable".into(),
-                ));
+                )));
             }
             Some("end") => {
                 let condition = first_element_name(packet.inner());
@@ -249,7 +253,9 @@ impl Shared {
                         "the session manager ended the session",
                     ),
                 };
-                let _ = handle.to_client.send(ToClient::End(cond, text.into()));
+                let _ = handle
+                    .to_client
+                    .send(Box::new(ToClient::End(cond, text.into())));
             }
             other => warn!(kind = ?other, "unknown session packet type"),
         }
@@ -276,10 +282,10 @@ impl Shared {
             info!(sm = %name, sessions = lost.len(), "session manager instance went away: closing its clients' streams");
         }
         for h in lost {
-            let _ = h.to_client.send(ToClient::End(
+            let _ = h.to_client.send(Box::new(ToClient::End(
                 StreamErrorCondition::Reset,
                 "the session manager restarted: log in again".into(),
-            ));
+            )));
         }
     }
 }

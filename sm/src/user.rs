@@ -47,10 +47,12 @@ impl User {
         format!("sm{}", self.next_id)
     }
 
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Event>) {
+    pub async fn run(mut self, mut rx: mpsc::Receiver<Box<Event>>) {
         loop {
             let Some(event) = rx.recv().await else { break };
-            self.handle(event).await;
+            // Boxed: a task waits at `recv` most of its life, and its size is that of its
+            // largest await point, which would be this handler's.
+            Box::pin(self.handle(*event)).await;
             if self.sessions.is_empty() && self.ctx.users.retire(&self.jid, &rx) {
                 break;
             }

@@ -48,7 +48,9 @@ pub enum Event {
 
 #[derive(Default)]
 pub struct Registry {
-    tasks: Mutex<HashMap<BareJid, mpsc::Sender<Event>>>,
+    /// Events travel boxed: a queue allocates its slots 32 at a time, and an idle user
+    /// should cost 32 pointers, not 32 events.
+    tasks: Mutex<HashMap<BareJid, mpsc::Sender<Box<Event>>>>,
 }
 
 impl Registry {
@@ -56,18 +58,19 @@ impl Registry {
     /// when the user's queue is full.
     pub fn dispatch(&self, ctx: &Arc<Ctx>, user: &BareJid, event: Event) -> Result<(), Box<Event>> {
         let mut tasks = self.tasks.lock().expect("registry lock");
+        let event = Box::new(event);
         let event = match tasks.get(user) {
             Some(tx) => match tx.try_send(event) {
                 Ok(()) => return Ok(()),
                 // An end must not be lost: it frees the session. Wait for room.
-                Err(mpsc::error::TrySendError::Full(e @ Event::End(_))) => {
+                Err(mpsc::error::TrySendError::Full(e)) if matches!(*e, Event::End(_)) => {
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         let _ = tx.send(e).await;
                     });
                     return Ok(());
                 }
-                Err(mpsc::error::TrySendError::Full(e)) => return Err(Box::new(e)),
+                Err(mpsc::error::TrySendError::Full(e)) => return Err(e),
                 // The task died (a panic): start a new one.
                 Err(mpsc::error::TrySendError::Closed(e)) => e,
             },
@@ -84,7 +87,7 @@ impl Registry {
 
     /// Sends `event` to every user task (link notices); waits where a queue is full.
     pub fn broadcast(&self, make: impl Fn() -> Event) {
-        let tasks: Vec<mpsc::Sender<Event>> = self
+        let tasks: Vec<mpsc::Sender<Box<Event>>> = self
             .tasks
             .lock()
             .expect("registry lock")
@@ -92,7 +95,7 @@ impl Registry {
             .cloned()
             .collect();
         for tx in tasks {
-            match tx.try_send(make()) {
+            match tx.try_send(Box::new(make())) {
                 Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
                 Err(mpsc::error::TrySendError::Full(e)) => {
                     tokio::spawn(async move {
@@ -105,7 +108,7 @@ impl Registry {
 
     /// Called by a user task with nothing left to do: removes it unless an event arrived
     /// meanwhile (checked under the lock dispatch holds while sending). True if removed.
-    pub fn retire(&self, user: &BareJid, rx: &mpsc::Receiver<Event>) -> bool {
+    pub fn retire(&self, user: &BareJid, rx: &mpsc::Receiver<Box<Event>>) -> bool {
         let mut tasks = self.tasks.lock().expect("registry lock");
         if !rx.is_empty() {
             return false;

@@ -73,6 +73,9 @@ enum Scenario {
     Idle {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
+        /// STARTTLS before SASL.
+        #[arg(long)]
+        tls: bool,
     },
     /// Everything above with the default settings.
     All,
@@ -106,6 +109,11 @@ fn main() -> anyhow::Result<()> {
                 },
                 Scenario::Idle {
                     connections: 10_000,
+                    tls: false,
+                },
+                Scenario::Idle {
+                    connections: 10_000,
+                    tls: true,
                 },
             ],
             one => vec![one],
@@ -123,7 +131,7 @@ fn main() -> anyhow::Result<()> {
                     inflight,
                     seconds,
                 } => bench.messages(clients, inflight, seconds).await?,
-                Scenario::Idle { connections } => bench.idle(connections).await?,
+                Scenario::Idle { connections, tls } => bench.idle(connections, tls).await?,
                 Scenario::All => unreachable!(),
             }
         }
@@ -191,7 +199,7 @@ impl Bench {
         let users = match scenario {
             Scenario::Logins { count, .. } => (*count).min(1000),
             Scenario::Messages { clients, .. } => *clients,
-            Scenario::Idle { connections } => *connections,
+            Scenario::Idle { connections, .. } => *connections,
             Scenario::All => 0,
         };
         let mut server = Server::start(Options {
@@ -359,7 +367,7 @@ impl Bench {
         Ok(())
     }
 
-    async fn idle(&self, connections: usize) -> anyhow::Result<()> {
+    async fn idle(&self, connections: usize, tls: bool) -> anyhow::Result<()> {
         let pids = self.pids();
         let each_before: Vec<u64> = pids.iter().map(|p| rss_kib(&[*p])).collect();
         let before = rss_kib(&pids);
@@ -385,7 +393,8 @@ impl Bench {
         tokio::time::sleep(Duration::from_secs(2)).await;
         let after = rss_kib(&self.pids());
         println!(
-            "idle: {connections} authenticated connections with presence: server RSS {before} KiB -> {after} KiB, {:.1} KiB per connection",
+            "idle ({}): {connections} authenticated connections with presence: server RSS {before} KiB -> {after} KiB, {:.1} KiB per connection",
+            if tls { "STARTTLS" } else { "plaintext" },
             (after.saturating_sub(before)) as f64 / connections as f64
         );
         let at = |pid: u32| {

@@ -28,14 +28,23 @@ pub struct FramedReader<R> {
     io: R,
     buf: BytesMut,
     framer: Framer,
+    read_size: usize,
 }
 
 impl<R: AsyncRead + Unpin> FramedReader<R> {
     pub fn new(io: R, limits: Limits) -> Self {
+        FramedReader::with_read_size(io, limits, READ_CHUNK)
+    }
+
+    /// A reader asking the stream for `read_size` bytes at a time: small for the many
+    /// mostly idle client connections (memory per connection), large for router links
+    /// (system calls per stanza). The buffer still grows to hold a whole stanza.
+    pub fn with_read_size(io: R, limits: Limits, read_size: usize) -> Self {
         FramedReader {
             io,
-            buf: BytesMut::with_capacity(READ_CHUNK),
+            buf: BytesMut::new(),
             framer: Framer::new(limits),
+            read_size,
         }
     }
 
@@ -45,7 +54,7 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
             if let Some(frame) = self.framer.next_frame(&mut self.buf)? {
                 return Ok(frame);
             }
-            self.buf.reserve(READ_CHUNK);
+            self.buf.reserve(self.read_size);
             if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(ReadError::Closed);
             }
@@ -65,7 +74,7 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
     /// Drops the frames found so far and reads more bytes.
     pub async fn fill(&mut self) -> Result<(), ReadError> {
         self.framer.compact(&mut self.buf);
-        self.buf.reserve(READ_CHUNK);
+        self.buf.reserve(self.read_size);
         if self.io.read_buf(&mut self.buf).await? == 0 {
             return Err(ReadError::Closed);
         }
