@@ -281,7 +281,10 @@ async fn jabberctl_manages_accounts() {
         )
     };
     jrs_harness::wait_for("xdb-file to connect", Duration::from_secs(10), || {
-        server.log("xdb-file").contains("connected to the router").then_some(())
+        server
+            .log("xdb-file")
+            .contains("connected to the router")
+            .then_some(())
     })
     .await
     .unwrap();

@@ -733,8 +733,25 @@ impl Conn {
                 }
                 message = from_sm.recv() => match message.map(|m| *m) {
                     Some(ToClient::Stanza(bytes)) => {
-                        if let Err(close) = self.write(&bytes).await {
+                        // Whatever else is queued for this client goes out in the same
+                        // write: one system call for a burst, not one per stanza.
+                        let mut burst = bytes.to_vec();
+                        let mut end = None;
+                        while burst.len() < 64 * 1024 {
+                            match from_sm.try_recv().map(|m| *m) {
+                                Ok(ToClient::Stanza(more)) => burst.extend_from_slice(&more),
+                                Ok(ToClient::End(condition, text)) => {
+                                    end = Some(stream_error(condition, text));
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        if let Err(close) = self.write(&burst).await {
                             return close;
+                        }
+                        if let Some(end) = end {
+                            return end;
                         }
                     }
                     Some(ToClient::End(condition, text)) => return stream_error(condition, text),

@@ -31,6 +31,9 @@ pub struct Stanza<B = Bytes> {
     kind: Option<Span>,
     id: Option<Span>,
     xmlns: Option<Span>,
+    /// Every other attribute of the start tag: (name, raw value). Recorded while the head
+    /// is read anyway, so [`Stanza::attr`] never parses the tag again.
+    others: Vec<(Span, Span)>,
 }
 
 impl Stanza<Bytes> {
@@ -67,6 +70,7 @@ impl<'a> Stanza<&'a [u8]> {
             kind: self.kind.clone(),
             id: self.id.clone(),
             xmlns: self.xmlns.clone(),
+            others: self.others.clone(),
         }
     }
 }
@@ -75,9 +79,16 @@ impl<B: AsRef<[u8]>> Stanza<B> {
     fn parse_as(bytes: B) -> Result<Stanza<B>, StanzaError> {
         let slice = bytes.as_ref();
         let base = slice.as_ptr() as usize;
-        let span_of = |s: &str| -> Span {
-            let start = (s.as_ptr() as usize - base) as u32;
-            start..start + s.len() as u32
+        let end = base + slice.len();
+        // quick-xml hands out names and raw values as slices of the input; spans are
+        // their offsets (checked, so a copy could never yield a bogus span).
+        let span_of = |s: &str| -> Result<Span, StanzaError> {
+            let at = s.as_ptr() as usize;
+            if at < base || at + s.len() > end {
+                return Err(StanzaError("attribute not read from the input".into()));
+            }
+            let start = (at - base) as u32;
+            Ok(start..start + s.len() as u32)
         };
         let mut reader = Reader::from_reader(slice);
         let (start, empty) = match reader.read_event() {
@@ -87,8 +98,9 @@ impl<B: AsRef<[u8]>> Stanza<B> {
             Err(e) => return Err(StanzaError(format!("bad start tag: {e}"))),
         };
         let head_end = reader.buffer_position() as u32;
-        let name = span_of(start.name().into_inner());
+        let name = span_of(start.name().into_inner())?;
         let (mut to, mut from, mut kind, mut id, mut xmlns) = (None, None, None, None, None);
+        let mut others = Vec::new();
         for attr in start.attributes().with_checks(false) {
             let attr = attr.map_err(|e| StanzaError(format!("bad attribute: {e}")))?;
             let slot = match attr.key.as_ref() {
@@ -97,10 +109,13 @@ impl<B: AsRef<[u8]>> Stanza<B> {
                 "type" => &mut kind,
                 "id" => &mut id,
                 "xmlns" => &mut xmlns,
-                _ => continue,
+                _ => {
+                    others.push((span_of(attr.key.into_inner())?, span_of(&attr.value)?));
+                    continue;
+                }
             };
             // The reader borrows from `bytes`, so the raw value is a slice of it.
-            *slot = Some(span_of(&attr.value));
+            *slot = Some(span_of(&attr.value)?);
         }
         drop(start);
         Ok(Stanza {
@@ -113,6 +128,7 @@ impl<B: AsRef<[u8]>> Stanza<B> {
             kind,
             id,
             xmlns,
+            others,
         })
     }
 
@@ -158,18 +174,24 @@ impl<B: AsRef<[u8]>> Stanza<B> {
         self.xmlns.as_ref().map(|s| self.text(s))
     }
 
-    /// Any other attribute of the top-level element, unescaped.
+    /// Any attribute of the top-level element, unescaped.
     pub fn attr(&self, name: &str) -> Option<String> {
-        let mut reader = Reader::from_reader(&self.bytes.as_ref()[..self.head_end as usize]);
-        let start = match reader.read_event() {
-            Ok(Event::Start(e)) | Ok(Event::Empty(e)) => e,
-            _ => return None,
-        };
-        let found = start
-            .attributes()
-            .flatten()
-            .find(|a| a.key.as_ref() == name)?;
-        quick_xml::escape::unescape(&found.value)
+        let raw = match name {
+            "to" => self.to(),
+            "from" => self.from(),
+            "type" => self.kind(),
+            "id" => self.id(),
+            "xmlns" => self.xmlns(),
+            _ => self
+                .others
+                .iter()
+                .find(|(key, _)| self.text(key) == name)
+                .map(|(_, value)| self.text(value)),
+        }?;
+        if !raw.contains('&') {
+            return Some(raw.to_owned());
+        }
+        quick_xml::escape::unescape(raw)
             .ok()
             .map(|v| v.into_owned())
     }
