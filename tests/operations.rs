@@ -280,14 +280,6 @@ async fn jabberctl_manages_accounts() {
                 + &String::from_utf8_lossy(&out.stderr),
         )
     };
-    jrs_harness::wait_for("xdb-file to connect", Duration::from_secs(10), || {
-        server
-            .log("xdb-file")
-            .contains("connected to the router")
-            .then_some(())
-    })
-    .await
-    .unwrap();
     let (code, out) = ctl(&["adduser", "Alice@localhost", "--password", "s3cret"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("alice@localhost added"), "{out}");

@@ -210,14 +210,6 @@ struct Env {
 async fn env(sm_extra: &str) -> Env {
     let mut server = Server::start(Options::default()).await.unwrap();
     server.start_storage().await.unwrap();
-    jrs_harness::wait_for("xdb-file to connect", WAIT, || {
-        server
-            .log("xdb-file")
-            .contains("connected to the router")
-            .then_some(())
-    })
-    .await
-    .unwrap();
     server.start_sm(sm_extra).await.unwrap();
     let (r, w) = server
         .component("admin", "admin-secret")

@@ -50,21 +50,8 @@ async fn with_storage(grace_secs: f64) -> (Server, ComponentReader, ComponentWri
     .await
     .unwrap();
     server.start_storage().await.unwrap();
-    storage_ready(&server).await;
     let (r, w) = admin(&server).await;
     (server, r, w)
-}
-
-/// Waits until xdb-file has bound its route (its log says so).
-async fn storage_ready(server: &Server) {
-    jrs_harness::wait_for("xdb-file to connect", Duration::from_secs(10), || {
-        server
-            .log("xdb-file")
-            .contains("connected to the router")
-            .then_some(())
-    })
-    .await
-    .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -87,16 +87,7 @@ impl Shared {
             escape(&handle.jid),
             escape(&handle.sid)
         );
-        let mut out = Vec::with_capacity(head.len() + content.len() + 12);
-        out.extend_from_slice(head.as_bytes());
-        if content.is_empty() {
-            out.extend_from_slice(b"/>");
-        } else {
-            out.push(b'>');
-            out.extend_from_slice(content);
-            out.extend_from_slice(b"</session>");
-        }
-        Bytes::from(out)
+        jrs_stream::xml::element(&head, "session", content)
     }
 
     /// Registers a new session and asks sm to start it; resolves with sm's answer.

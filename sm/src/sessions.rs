@@ -54,16 +54,7 @@ pub fn packet(ctx: &Ctx, kind: &str, s: &SessionRef, inner: &[u8]) -> Bytes {
         escape(s.jid.as_str()),
         escape(&s.sid)
     );
-    let mut out = Vec::with_capacity(head.len() + inner.len() + 16);
-    out.extend_from_slice(head.as_bytes());
-    if inner.is_empty() {
-        out.extend_from_slice(b"/>");
-    } else {
-        out.push(b'>');
-        out.extend_from_slice(inner);
-        out.extend_from_slice(b"</session>");
-    }
-    Bytes::from(out)
+    jrs_stream::xml::element(&head, "session", inner)
 }
 
 /// The child of an `end` sent by sm: a stream error condition.

@@ -221,8 +221,26 @@ impl Server {
             self.router_element("xdb-file", "xdb-secret")
         );
         self.write("xdb-file.xml", &config)?;
+        let since = self.log("xdb-file").len();
         self.spawn("xdb-file", "xdb-file", &["-c", "xdb-file.xml"])?;
-        Ok(())
+        self.wait_connected("xdb-file", since).await
+    }
+
+    /// Waits until component process `name` logs that it connected to the router, after
+    /// byte `since` of its log (the log is kept across restarts).
+    pub async fn wait_connected(&self, name: &str, since: usize) -> anyhow::Result<()> {
+        wait_for(
+            &format!("{name} to connect to the router"),
+            Duration::from_secs(10),
+            || {
+                let log = self.log(name);
+                log.get(since..)
+                    .is_some_and(|new| new.contains("connected to the router"))
+                    .then_some(())
+            },
+        )
+        .await
+        .with_context(|| self.log(name))
     }
 
     /// Writes `c2s.xml` (a self-signed certificate for localhost under the installation,

@@ -150,16 +150,7 @@ impl Request {
             escape(&self.ns),
             escape(&self.id)
         );
-        let mut out = Vec::with_capacity(head.len() + content.len() + 8);
-        out.extend_from_slice(head.as_bytes());
-        if content.is_empty() {
-            out.extend_from_slice(b"/>");
-        } else {
-            out.push(b'>');
-            out.extend_from_slice(content);
-            out.extend_from_slice(b"</xdb>");
-        }
-        Bytes::from(out)
+        jrs_stream::xml::element(&head, "xdb", content)
     }
 }
 
