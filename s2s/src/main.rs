@@ -1,11 +1,37 @@
-//! s2s, federation. For now it binds the default route `*` and bounces every stanza for a
-//! remote domain with `remote-server-not-found`; dialback, TLS and SRV come next (issue 4).
+//! s2s, federation: holds the router's default route `*`, so every stanza for a domain no
+//! local component serves comes here and leaves on a server-to-server stream; remote
+//! servers connect to its listeners and their stanzas go into the router. See
+//! `docs/federation.md`.
+//!
+//! Modules, one concern each: [`config`], [`resolve`] (static map, SRV, A/AAAA), [`tls`],
+//! [`link`] (one connection's framing, limits and closing), [`outgoing`] (queues and the
+//! connection state machine), [`incoming`], [`dialback`] (keys), [`router`] (the router
+//! link), [`xml`] (headers, dialback elements, namespace mapping).
+
+mod config;
+mod dialback;
+mod incoming;
+mod link;
+mod listener;
+mod outgoing;
+mod resolve;
+mod router;
+mod shared;
+mod stream;
+mod tls;
+mod xml;
+
+use std::sync::Arc;
 
 use clap::Parser;
+use tracing::{info, warn};
 
-use jrs_component::service::{run_thin, Bind, CommonArgs};
+use jrs_component::service::{exit_code, run_component, Bind, CommonArgs};
 use jrs_component::PacketType;
-use jrs_stream::StanzaErrorCondition;
+use jrs_stream::Limits;
+
+use crate::config::S2sConfig;
+use crate::shared::Shared;
 
 /// The jabberd-rs server-to-server component.
 #[derive(Parser, Debug)]
@@ -17,18 +43,48 @@ struct Args {
 
 fn main() -> std::process::ExitCode {
     let args = Args::parse();
-    run_thin(
-        "s2s",
-        args.common,
-        false,
-        |_| {
-            vec![Bind {
-                route: PacketType::Normal,
-                host: "*".into(),
-                shared: false,
-            }]
-        },
-        StanzaErrorCondition::RemoteServerNotFound,
-        "federation with remote servers is not enabled yet",
-    )
+    exit_code(run(args), "s2s")
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let config = S2sConfig::load(&args.common.config)?;
+    if args.common.check {
+        println!("{}: ok", args.common.config.display());
+        return Ok(());
+    }
+    jrs_component::logging::init(&config.log);
+    jrs_component::transport::install_crypto_provider();
+    let tls = tls::Tls::load(&config)?;
+    let secret = match &config.dialback_secret {
+        Some(s) => s.clone(),
+        None => {
+            warn!("no <dialback secret>: using a random one (remote servers re-authenticate after a restart)");
+            dialback::random_secret()
+        }
+    };
+    let link = config.router.clone().for_instance(args.common.instance);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let resolver = resolve::Resolver::new(&config.nameservers, config.routes.clone())?;
+        let shared = Arc::new(Shared::new(config, tls, resolver, secret));
+        listener::start_all(&shared).await?;
+        info!(name = %link.name, hosts = shared.config.hosts.len(), "s2s ready");
+        // Stanzas from local users may be as large as what a remote accepts.
+        let limits = Limits {
+            max_stanza_bytes: 4 << 20,
+            max_depth: 64,
+        };
+        let binds = vec![Bind {
+            route: PacketType::Normal,
+            host: "*".into(),
+            shared: false,
+        }];
+        run_component(link, limits, binds, |reader, outbox| {
+            router::serve(shared.clone(), reader, outbox)
+        })
+        .await
+    })
 }

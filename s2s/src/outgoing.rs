@@ -1,0 +1,620 @@
+//! Outgoing connections: one task per remote domain, holding one queue per local domain.
+//!
+//! The task resolves the remote (static map, SRV, A/AAAA), connects, negotiates TLS and
+//! authenticates each local domain that has traffic (SASL EXTERNAL for the stream's own
+//! domain when both certificates allow it, dialback otherwise, several local domains over
+//! the same stream). Stanzas wait in their queue meanwhile; on failure, or once they have
+//! waited `queue timeout`, they are bounced to their senders. The same stream carries
+//! `db:verify` requests for incoming streams from that remote. An idle connection closes.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use base64::Engine;
+use tokio::net::TcpStream;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, info, warn};
+
+use jrs_stream::{Frame, Stanza, StanzaErrorCondition, StreamErrorCondition, StreamHeader};
+
+use crate::config::{Target, TlsMode};
+use crate::dialback;
+use crate::link::{connect_tls, stream_error, Close, Link};
+use crate::resolve::Resolution;
+use crate::shared::Shared;
+use crate::stream::S2sStream;
+use crate::xml::{self, Dialback, Features, NS_SASL, NS_SERVER, NS_TLS};
+
+/// What the router link and incoming streams ask of an outgoing connection.
+pub enum Cmd {
+    /// A stanza from `local` to deliver.
+    Send {
+        local: String,
+        stanza: Stanza,
+        since: Instant,
+    },
+    /// A `db:verify` for an incoming stream from this remote to `local`.
+    Verify {
+        local: String,
+        id: String,
+        key: String,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+impl Cmd {
+    fn local(&self) -> &str {
+        match self {
+            Cmd::Send { local, .. } | Cmd::Verify { local, .. } => local,
+        }
+    }
+
+    /// Gives up on this command: bounce the stanza, or answer the verification "invalid".
+    pub fn fail(self, shared: &Shared, condition: StanzaErrorCondition, text: &str) {
+        match self {
+            Cmd::Send { stanza, .. } => shared.bounce(&stanza, condition, text),
+            Cmd::Verify { reply, .. } => {
+                let _ = reply.send(false);
+            }
+        }
+    }
+}
+
+/// Why a connection attempt failed.
+struct Failure {
+    condition: StanzaErrorCondition,
+    text: String,
+}
+
+fn not_found(text: impl Into<String>) -> Failure {
+    Failure {
+        condition: StanzaErrorCondition::RemoteServerNotFound,
+        text: text.into(),
+    }
+}
+
+/// A negotiated stream, ready for dialback or already authenticated with SASL.
+struct Established {
+    link: Link,
+    stream_id: String,
+    /// The local domain SASL EXTERNAL authenticated, if it did.
+    sasl_local: Option<String>,
+    /// Whether dialback may be used on this stream (policy on unverified certificates).
+    dialback: bool,
+}
+
+struct Queued {
+    stanza: Stanza,
+    since: Instant,
+}
+
+struct PendingVerify {
+    local: String,
+    id: String,
+    key: String,
+    reply: oneshot::Sender<bool>,
+    since: Instant,
+    sent: bool,
+}
+
+struct Out {
+    shared: Arc<Shared>,
+    remote: String,
+    generation: u64,
+    queues: HashMap<String, VecDeque<Queued>>,
+    verifies: Vec<PendingVerify>,
+    /// Local domains authenticated to the remote on the current stream.
+    authorized: HashSet<String>,
+    /// Local domains whose `db:result` was sent and not answered yet.
+    requested: HashSet<String>,
+}
+
+pub async fn run(
+    shared: Arc<Shared>,
+    remote: String,
+    generation: u64,
+    mut rx: mpsc::UnboundedReceiver<Cmd>,
+) {
+    let Some(first) = rx.recv().await else {
+        return;
+    };
+    let first_local = first.local().to_owned();
+    let mut out = Out {
+        shared: shared.clone(),
+        remote: remote.clone(),
+        generation,
+        queues: HashMap::new(),
+        verifies: vec![],
+        authorized: HashSet::new(),
+        requested: HashSet::new(),
+    };
+    out.accept(first);
+    let timeout = shared.config.queue_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    let connecting = connect(&shared, &remote, &first_local);
+    tokio::pin!(connecting);
+    let mut tick = tokio::time::interval(Duration::from_millis(100));
+    let result = loop {
+        tokio::select! {
+            cmd = rx.recv() => match cmd {
+                Some(cmd) => out.accept(cmd),
+                None => return,
+            },
+            r = &mut connecting => break r,
+            _ = tick.tick() => out.expire(),
+            _ = tokio::time::sleep_until(deadline) => break Err(Failure {
+                condition: StanzaErrorCondition::RemoteServerTimeout,
+                text: format!("{remote} did not answer within {} s", timeout.as_secs_f64()),
+            }),
+        }
+    };
+    let failure = match result {
+        Ok(established) => {
+            tracing::Span::current().record("id", established.stream_id.as_str());
+            info!(
+                sasl = established.sasl_local.is_some(),
+                tls = established.link.stream().is_tls(),
+                "connected"
+            );
+            match out.serve(established, &mut rx).await {
+                Some(failure) => failure,
+                None => {
+                    // Closed for idleness: anything that arrived meanwhile goes to a new
+                    // connection.
+                    rx.close();
+                    while let Ok(cmd) = rx.try_recv() {
+                        let remote = out.remote.clone();
+                        shared.outgoing(&remote, cmd);
+                    }
+                    return;
+                }
+            }
+        }
+        Err(f) => f,
+    };
+    warn!(condition = failure.condition.name(), reason = %failure.text, "outgoing connection failed or ended");
+    out.give_up(&mut rx, failure);
+}
+
+impl Out {
+    /// Takes a command while there is no usable stream: queue it (bounded).
+    fn accept(&mut self, cmd: Cmd) {
+        match cmd {
+            Cmd::Send {
+                local,
+                stanza,
+                since,
+            } => {
+                let queue = self.queues.entry(local).or_default();
+                if queue.len() >= self.shared.config.queue_max {
+                    self.shared.bounce(
+                        &stanza,
+                        StanzaErrorCondition::ResourceConstraint,
+                        "too many stanzas waiting for this remote server",
+                    );
+                    return;
+                }
+                queue.push_back(Queued { stanza, since });
+            }
+            Cmd::Verify {
+                local,
+                id,
+                key,
+                reply,
+            } => self.verifies.push(PendingVerify {
+                local,
+                id,
+                key,
+                reply,
+                since: Instant::now(),
+                sent: false,
+            }),
+        }
+    }
+
+    /// Bounces stanzas that waited longer than the queue timeout; fails old verifications.
+    fn expire(&mut self) {
+        let timeout = self.shared.config.queue_timeout;
+        for queue in self.queues.values_mut() {
+            while queue.front().is_some_and(|q| q.since.elapsed() >= timeout) {
+                let q = queue.pop_front().expect("front exists");
+                self.shared.bounce(
+                    &q.stanza,
+                    StanzaErrorCondition::RemoteServerTimeout,
+                    &format!("{} did not answer in time", self.remote),
+                );
+            }
+        }
+        let (old, keep): (Vec<_>, Vec<_>) = std::mem::take(&mut self.verifies)
+            .into_iter()
+            .partition(|v| v.since.elapsed() >= timeout);
+        self.verifies = keep;
+        for v in old {
+            let _ = v.reply.send(false);
+        }
+    }
+
+    fn queued(&self) -> usize {
+        self.queues.values().map(VecDeque::len).sum()
+    }
+
+    /// Ends this connection: forget it, then bounce everything queued and everything
+    /// still arriving on the channel.
+    fn give_up(mut self, rx: &mut mpsc::UnboundedReceiver<Cmd>, failure: Failure) {
+        self.shared.forget_outgoing(&self.remote, self.generation);
+        rx.close();
+        let text = failure.text.as_str();
+        for (_, queue) in self.queues.drain() {
+            for q in queue {
+                self.shared.bounce(&q.stanza, failure.condition, text);
+            }
+        }
+        for v in self.verifies.drain(..) {
+            let _ = v.reply.send(false);
+        }
+        while let Ok(cmd) = rx.try_recv() {
+            cmd.fail(&self.shared, failure.condition, text);
+        }
+    }
+
+    /// Runs an established stream until it ends; returns why it ended.
+    async fn serve(
+        &mut self,
+        established: Established,
+        rx: &mut mpsc::UnboundedReceiver<Cmd>,
+    ) -> Option<Failure> {
+        let Established {
+            mut link,
+            stream_id,
+            sasl_local,
+            dialback,
+        } = established;
+        if let Some(local) = sasl_local {
+            self.authorized.insert(local);
+        }
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let mut idle_close = false;
+        let close = loop {
+            if let Err(close) = self.progress(&mut link, &stream_id, dialback).await {
+                break close;
+            }
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.accept(cmd),
+                    None => break Close::Closed,
+                },
+                frame = link.next_frame_within(Duration::from_secs(3600)) => {
+                    if let Err(close) = self.from_remote(frame).await {
+                        break close;
+                    }
+                }
+                _ = tick.tick() => {
+                    self.expire();
+                    let idle = link.last_activity.elapsed() >= self.shared.config.idle_timeout;
+                    if idle && self.queued() == 0 && self.verifies.is_empty() {
+                        info!("closing the idle connection");
+                        // Stop taking commands first, so none is lost.
+                        self.shared.forget_outgoing(&self.remote, self.generation);
+                        idle_close = true;
+                        break Close::Closed;
+                    }
+                }
+            }
+        };
+        let reason = match &close {
+            Close::Error(e) => format!("stream error: {e}"),
+            Close::Closed => "stream closed".to_owned(),
+            Close::Gone(why) => why.clone(),
+        };
+        let (local, remote) = (self.first_local(), self.remote.clone());
+        link.finish(&close, || xml::header(&local, &remote, None))
+            .await;
+        (!idle_close).then(|| not_found(format!("connection to {} lost: {reason}", self.remote)))
+    }
+
+    fn first_local(&self) -> String {
+        self.shared.config.hosts[0].name.clone()
+    }
+
+    /// Sends what can be sent: queued stanzas of authorized domains, dialback requests for
+    /// the others, pending verifications.
+    async fn progress(
+        &mut self,
+        link: &mut Link,
+        stream_id: &str,
+        dialback: bool,
+    ) -> Result<(), Close> {
+        let locals: Vec<String> = self
+            .queues
+            .iter()
+            .filter(|(_, q)| !q.is_empty())
+            .map(|(l, _)| l.clone())
+            .collect();
+        for local in locals {
+            if self.authorized.contains(&local) {
+                let queue = self.queues.remove(&local).unwrap_or_default();
+                for q in queue {
+                    link.write(q.stanza.as_slice()).await?;
+                }
+            } else if !self.requested.contains(&local) {
+                if !dialback {
+                    let queue = self.queues.remove(&local).unwrap_or_default();
+                    for q in queue {
+                        self.shared.bounce(
+                            &q.stanza,
+                            StanzaErrorCondition::RemoteServerNotFound,
+                            "cannot authenticate to the remote server (certificate not trusted, dialback not allowed)",
+                        );
+                    }
+                    continue;
+                }
+                let key = dialback::key(&self.shared.secret, &self.remote, &local, stream_id);
+                debug!(local = %local, "sending db:result");
+                link.write(xml::db_result_request(&local, &self.remote, &key).as_bytes())
+                    .await?;
+                self.requested.insert(local);
+            }
+        }
+        for v in self.verifies.iter_mut().filter(|v| !v.sent) {
+            debug!(local = %v.local, id = %v.id, "sending db:verify");
+            link.write(xml::db_verify_request(&v.local, &self.remote, &v.id, &v.key).as_bytes())
+                .await?;
+            v.sent = true;
+        }
+        Ok(())
+    }
+
+    /// Handles what the remote sends on our outgoing stream: dialback answers.
+    async fn from_remote(&mut self, frame: Result<Frame, Close>) -> Result<(), Close> {
+        let bytes = match frame? {
+            Frame::Element(b) => b,
+            Frame::StreamClose => return Err(Close::Closed),
+            Frame::StreamOpen(_) => {
+                return Err(stream_error(
+                    StreamErrorCondition::NotWellFormed,
+                    "a second stream header",
+                ))
+            }
+        };
+        let element = Stanza::parse(bytes)
+            .map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))?;
+        if element.name() == "stream:error" {
+            return Err(Close::Gone(format!(
+                "the remote sent a stream error: {}",
+                jrs_component::client::error_condition(&element)
+            )));
+        }
+        let Some(db) = Dialback::parse(&element) else {
+            debug!(name = element.name(), "ignoring an element on an outgoing stream");
+            return Ok(());
+        };
+        let db = db.map_err(|e| stream_error(StreamErrorCondition::InvalidXml, e))?;
+        let valid = db.kind.as_deref() == Some("valid");
+        if db.verify {
+            let id = db.id.clone().unwrap_or_default();
+            if let Some(i) = self
+                .verifies
+                .iter()
+                .position(|v| v.sent && v.id == id && v.local == db.to)
+            {
+                let v = self.verifies.remove(i);
+                info!(local = %v.local, id = %id, valid, "db:verify answered");
+                let _ = v.reply.send(valid);
+            }
+            return Ok(());
+        }
+        let local = db.to.clone();
+        if !self.requested.remove(&local) {
+            return Ok(());
+        }
+        if valid {
+            info!(local = %local, "authenticated with dialback");
+            self.authorized.insert(local);
+        } else {
+            warn!(local = %local, answer = ?db.kind, "the remote refused our dialback");
+            let queue = self.queues.remove(&local).unwrap_or_default();
+            for q in queue {
+                self.shared.bounce(
+                    &q.stanza,
+                    StanzaErrorCondition::RemoteServerNotFound,
+                    &format!("{} refused dialback from {local}", self.remote),
+                );
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Resolves the remote and tries its targets in order until one negotiates a stream.
+async fn connect(shared: &Shared, remote: &str, local: &str) -> Result<Established, Failure> {
+    let targets = match shared.resolver.targets(remote).await {
+        Ok(Resolution::Targets(t)) => t,
+        Ok(Resolution::NoService(why)) => return Err(not_found(why)),
+        Err(e) => return Err(not_found(format!("{e:#}"))),
+    };
+    let mut last = format!("{remote}: no address found");
+    for target in targets {
+        let addrs = match shared.resolver.addresses(&target.host).await {
+            Ok(a) => a,
+            Err(e) => {
+                last = format!("{e:#}");
+                continue;
+            }
+        };
+        if addrs.is_empty() {
+            last = format!("{}: no address found", target.host);
+        }
+        for ip in addrs {
+            let addr = std::net::SocketAddr::new(ip, target.port);
+            debug!(%addr, mode = ?target.mode, "connecting");
+            let tcp = match tokio::time::timeout(
+                shared.config.connect_timeout,
+                TcpStream::connect(addr),
+            )
+            .await
+            {
+                Ok(Ok(tcp)) => tcp,
+                Ok(Err(e)) => {
+                    last = format!("{addr}: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    last = format!("{addr}: connect timed out");
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            match negotiate(shared, tcp, &target, remote, local).await {
+                Ok(e) => return Ok(e),
+                Err(close) => {
+                    last = match close {
+                        Close::Error(e) => format!("{addr}: {e}"),
+                        Close::Gone(why) => format!("{addr}: {why}"),
+                        Close::Closed => format!("{addr}: the remote closed the stream"),
+                    };
+                    warn!(reason = %last, "negotiation failed");
+                }
+            }
+        }
+    }
+    Err(not_found(last))
+}
+
+/// Opens the stream on `tcp`: TLS (direct or STARTTLS), the certificate check, SASL
+/// EXTERNAL where possible.
+async fn negotiate(
+    shared: &Shared,
+    tcp: TcpStream,
+    target: &Target,
+    remote: &str,
+    local: &str,
+) -> Result<Established, Close> {
+    let config = &shared.config;
+    let client_tls = |direct| {
+        shared
+            .tls
+            .client(local, direct)
+            .ok_or_else(|| Close::Gone(format!("no certificate for {local}")))
+    };
+    let stream = match target.mode {
+        TlsMode::Direct => connect_tls(tcp, client_tls(true)?, remote).await?,
+        TlsMode::StartTls => S2sStream::Plain(tcp),
+    };
+    let mut link = Link::new(stream, config.limits, config.queue_timeout, config.rate_bytes);
+    let mut cert_valid = None;
+    let mut sasl_done = false;
+    loop {
+        if link.stream().is_tls() && cert_valid.is_none() {
+            let verdict = shared
+                .tls
+                .verifies(&link.stream().peer_certificates(), remote);
+            if let Err(why) = &verdict {
+                info!(reason = %why, "the remote certificate does not verify");
+            }
+            cert_valid = Some(verdict.is_ok());
+        }
+        link.write(xml::header(local, remote, None).as_bytes())
+            .await?;
+        link.header_sent = true;
+        let header = match link.next_frame().await? {
+            Frame::StreamOpen(bytes) => StreamHeader::parse(&bytes, Some(NS_SERVER))?,
+            _ => {
+                return Err(stream_error(
+                    StreamErrorCondition::NotWellFormed,
+                    "expected a stream header",
+                ))
+            }
+        };
+        let stream_id = header
+            .id
+            .clone()
+            .ok_or_else(|| Close::Gone("the remote's stream header has no id".into()))?;
+        tracing::Span::current().record("id", stream_id.as_str());
+        let tls = link.stream().is_tls();
+        let features = if header.version.as_deref() == Some("1.0") {
+            let bytes = link.next_element().await?;
+            let element = Stanza::parse(bytes)
+                .map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))?;
+            if element.name() == "stream:error" {
+                return Err(Close::Gone(format!(
+                    "stream error from the remote: {}",
+                    jrs_component::client::error_condition(&element)
+                )));
+            }
+            if element.name() != "stream:features" {
+                return Err(stream_error(
+                    StreamErrorCondition::NotAuthorized,
+                    "expected stream features",
+                ));
+            }
+            Features::parse(element.inner())
+        } else {
+            Features {
+                starttls: false,
+                external: false,
+            }
+        };
+        if !tls && features.starttls {
+            link.write(format!("<starttls xmlns='{NS_TLS}'/>").as_bytes())
+                .await?;
+            let answer = Stanza::parse(link.next_element().await?)
+                .map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))?;
+            if answer.name() != "proceed" {
+                return Err(Close::Gone(format!(
+                    "STARTTLS refused ({})",
+                    answer.name()
+                )));
+            }
+            link.connect_tls(client_tls(false)?, remote).await?;
+            continue;
+        }
+        if !tls && config.require_encryption {
+            return Err(stream_error(
+                StreamErrorCondition::PolicyViolation,
+                "encryption is required and the remote does not offer STARTTLS",
+            ));
+        }
+        if sasl_done {
+            return Ok(Established {
+                link,
+                stream_id,
+                sasl_local: Some(local.to_owned()),
+                dialback: config.dialback,
+            });
+        }
+        let verified = cert_valid == Some(true);
+        if tls && verified && features.external && config.sasl_external {
+            let authzid = base64::engine::general_purpose::STANDARD.encode(local);
+            link.write(
+                format!("<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>{authzid}</auth>")
+                    .as_bytes(),
+            )
+            .await?;
+            let answer = Stanza::parse(link.next_element().await?)
+                .map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))?;
+            if answer.name() == "success" {
+                info!("authenticated with SASL EXTERNAL");
+                sasl_done = true;
+                link.restart();
+                continue;
+            }
+            info!(answer = answer.name(), "SASL EXTERNAL refused; trying dialback");
+        }
+        let dialback =
+            config.dialback && (!tls || verified || config.accept_unverified);
+        if !dialback {
+            return Err(Close::Gone(if tls && !verified {
+                "the remote certificate does not verify and accept-unverified is off".into()
+            } else {
+                "no authentication method left (dialback disabled)".into()
+            }));
+        }
+        return Ok(Established {
+            link,
+            stream_id,
+            sasl_local: None,
+            dialback,
+        });
+    }
+}
