@@ -123,7 +123,11 @@ impl S2sConfig {
         for l in root.children("listen") {
             l.allow(&["address", "port", "mode"], &[])?;
             let mode = TlsMode::parse(l, l.attr("mode"))?;
-            let default_port = if mode == TlsMode::StartTls { 5269 } else { 5270 };
+            let default_port = if mode == TlsMode::StartTls {
+                5269
+            } else {
+                5270
+            };
             listen.push(Listen {
                 address: l.attr("address").unwrap_or("::").to_owned(),
                 port: l
@@ -271,8 +275,9 @@ mod tests {
 
     #[test]
     fn refuses_unknown_mode() {
-        let e = load("<s2s><router name='s2s' secret='x'/><host name='a'/><listen mode='x'/></s2s>")
-            .unwrap_err();
+        let e =
+            load("<s2s><router name='s2s' secret='x'/><host name='a'/><listen mode='x'/></s2s>")
+                .unwrap_err();
         assert!(e.message.contains("expected starttls or tls"), "{e}");
     }
 }

@@ -44,13 +44,36 @@ mod tests {
     fn xep_0185_example() {
         // The inputs of the XEP's example script (XMPP wiki); the value was computed
         // independently with Python's hashlib/hmac.
-        let k = key("s3cr3tf0rd14lb4ck", "domain2.tld", "domain1.tld", "D60000229F");
+        let k = key(
+            "s3cr3tf0rd14lb4ck",
+            "domain2.tld",
+            "domain1.tld",
+            "D60000229F",
+        );
         assert_eq!(
             k,
             "5e598fae34b90be084fb6a4a8a543ceb33549140bac9d829ef8d734d900616e4"
         );
-        assert!(check("s3cr3tf0rd14lb4ck", "domain2.tld", "domain1.tld", "D60000229F", &k));
-        assert!(!check("other", "domain2.tld", "domain1.tld", "D60000229F", &k));
-        assert!(!check("s3cr3tf0rd14lb4ck", "domain1.tld", "domain2.tld", "D60000229F", &k));
+        assert!(check(
+            "s3cr3tf0rd14lb4ck",
+            "domain2.tld",
+            "domain1.tld",
+            "D60000229F",
+            &k
+        ));
+        assert!(!check(
+            "other",
+            "domain2.tld",
+            "domain1.tld",
+            "D60000229F",
+            &k
+        ));
+        assert!(!check(
+            "s3cr3tf0rd14lb4ck",
+            "domain1.tld",
+            "domain2.tld",
+            "D60000229F",
+            &k
+        ));
     }
 }

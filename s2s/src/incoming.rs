@@ -45,7 +45,10 @@ struct In {
     authorized: HashSet<(String, String)>,
     /// Dialback verifications under way.
     pending: HashSet<(String, String)>,
-    outcomes: (mpsc::UnboundedSender<Outcome>, mpsc::UnboundedReceiver<Outcome>),
+    outcomes: (
+        mpsc::UnboundedSender<Outcome>,
+        mpsc::UnboundedReceiver<Outcome>,
+    ),
 }
 
 /// Serves one accepted connection.
@@ -65,7 +68,12 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: 
         }
     };
     let config = &shared.config;
-    let link = Link::new(stream, config.limits, config.idle_timeout, config.rate_bytes);
+    let link = Link::new(
+        stream,
+        config.limits,
+        config.idle_timeout,
+        config.rate_bytes,
+    );
     let mut conn = In {
         link,
         stream_id: String::new(),
@@ -96,10 +104,8 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: 
     } else {
         local
     };
-    link.finish(&close, || {
-        xml::header(&local, "", Some(&stream_id))
-    })
-    .await;
+    link.finish(&close, || xml::header(&local, "", Some(&stream_id)))
+        .await;
 }
 
 impl In {

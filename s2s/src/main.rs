@@ -52,7 +52,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         println!("{}: ok", args.common.config.display());
         return Ok(());
     }
-    jrs_component::logging::init(&config.log);
+    // hickory logs every DNS message at debug level: keep it to warnings unless RUST_LOG
+    // asks for more.
+    let mut log = config.log.clone();
+    log.level = format!(
+        "{},hickory_net=warn,hickory_resolver=warn,hickory_proto=warn",
+        log.level
+    );
+    jrs_component::logging::init(&log);
     jrs_component::transport::install_crypto_provider();
     let tls = tls::Tls::load(&config)?;
     let secret = match &config.dialback_secret {

@@ -386,7 +386,10 @@ impl Out {
             )));
         }
         let Some(db) = Dialback::parse(&element) else {
-            debug!(name = element.name(), "ignoring an element on an outgoing stream");
+            debug!(
+                name = element.name(),
+                "ignoring an element on an outgoing stream"
+            );
             return Ok(());
         };
         let db = db.map_err(|e| stream_error(StreamErrorCondition::InvalidXml, e))?;
@@ -434,6 +437,8 @@ async fn connect(shared: &Shared, remote: &str, local: &str) -> Result<Establish
         Err(e) => return Err(not_found(format!("{e:#}"))),
     };
     let mut last = format!("{remote}: no address found");
+    // Whether some address accepted or ignored us without answering in time.
+    let mut timed_out = false;
     for target in targets {
         let addrs = match shared.resolver.addresses(&target.host).await {
             Ok(a) => a,
@@ -448,26 +453,28 @@ async fn connect(shared: &Shared, remote: &str, local: &str) -> Result<Establish
         for ip in addrs {
             let addr = std::net::SocketAddr::new(ip, target.port);
             debug!(%addr, mode = ?target.mode, "connecting");
-            let tcp = match tokio::time::timeout(
-                shared.config.connect_timeout,
-                TcpStream::connect(addr),
-            )
-            .await
-            {
-                Ok(Ok(tcp)) => tcp,
-                Ok(Err(e)) => {
-                    last = format!("{addr}: {e}");
-                    continue;
-                }
-                Err(_) => {
-                    last = format!("{addr}: connect timed out");
-                    continue;
-                }
-            };
+            let tcp =
+                match tokio::time::timeout(shared.config.connect_timeout, TcpStream::connect(addr))
+                    .await
+                {
+                    Ok(Ok(tcp)) => tcp,
+                    Ok(Err(e)) => {
+                        last = format!("{addr}: {e}");
+                        continue;
+                    }
+                    Err(_) => {
+                        last = format!("{addr}: connect timed out");
+                        timed_out = true;
+                        continue;
+                    }
+                };
             let _ = tcp.set_nodelay(true);
             match negotiate(shared, tcp, &target, remote, local).await {
                 Ok(e) => return Ok(e),
                 Err(close) => {
+                    if let Close::Error(e) = &close {
+                        timed_out |= e.condition == StreamErrorCondition::ConnectionTimeout;
+                    }
                     last = match close {
                         Close::Error(e) => format!("{addr}: {e}"),
                         Close::Gone(why) => format!("{addr}: {why}"),
@@ -477,6 +484,12 @@ async fn connect(shared: &Shared, remote: &str, local: &str) -> Result<Establish
                 }
             }
         }
+    }
+    if timed_out {
+        return Err(Failure {
+            condition: StanzaErrorCondition::RemoteServerTimeout,
+            text: last,
+        });
     }
     Err(not_found(last))
 }
@@ -501,7 +514,12 @@ async fn negotiate(
         TlsMode::Direct => connect_tls(tcp, client_tls(true)?, remote).await?,
         TlsMode::StartTls => S2sStream::Plain(tcp),
     };
-    let mut link = Link::new(stream, config.limits, config.queue_timeout, config.rate_bytes);
+    let mut link = Link::new(
+        stream,
+        config.limits,
+        config.queue_timeout,
+        config.rate_bytes,
+    );
     let mut cert_valid = None;
     let mut sasl_done = false;
     loop {
@@ -561,10 +579,7 @@ async fn negotiate(
             let answer = Stanza::parse(link.next_element().await?)
                 .map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))?;
             if answer.name() != "proceed" {
-                return Err(Close::Gone(format!(
-                    "STARTTLS refused ({})",
-                    answer.name()
-                )));
+                return Err(Close::Gone(format!("STARTTLS refused ({})", answer.name())));
             }
             link.connect_tls(client_tls(false)?, remote).await?;
             continue;
@@ -587,8 +602,7 @@ async fn negotiate(
         if tls && verified && features.external && config.sasl_external {
             let authzid = base64::engine::general_purpose::STANDARD.encode(local);
             link.write(
-                format!("<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>{authzid}</auth>")
-                    .as_bytes(),
+                format!("<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>{authzid}</auth>").as_bytes(),
             )
             .await?;
             let answer = Stanza::parse(link.next_element().await?)
@@ -599,10 +613,12 @@ async fn negotiate(
                 link.restart();
                 continue;
             }
-            info!(answer = answer.name(), "SASL EXTERNAL refused; trying dialback");
+            info!(
+                answer = answer.name(),
+                "SASL EXTERNAL refused; trying dialback"
+            );
         }
-        let dialback =
-            config.dialback && (!tls || verified || config.accept_unverified);
+        let dialback = config.dialback && (!tls || verified || config.accept_unverified);
         if !dialback {
             return Err(Close::Gone(if tls && !verified {
                 "the remote certificate does not verify and accept-unverified is off".into()

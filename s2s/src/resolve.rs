@@ -152,7 +152,10 @@ impl Resolver {
 
     /// The addresses of `host` (IPv4 and IPv6); an IP literal is itself.
     pub async fn addresses(&self, host: &str) -> anyhow::Result<Vec<IpAddr>> {
-        if let Ok(ip) = host.trim_matches(|c| c == '[' || c == ']').parse::<IpAddr>() {
+        if let Ok(ip) = host
+            .trim_matches(|c| c == '[' || c == ']')
+            .parse::<IpAddr>()
+        {
             return Ok(vec![ip]);
         }
         let fqdn = format!("{}.", host.trim_end_matches('.'));
@@ -308,9 +311,27 @@ pub mod tests {
     #[tokio::test]
     async fn srv_records_from_a_fake_dns_server() {
         let dns = FakeDns::start(vec![
-            srv_record("_xmpp-server._tcp.ordered.test.", 20, 0, 5002, "late.ordered.test."),
-            srv_record("_xmpp-server._tcp.ordered.test.", 10, 0, 5001, "early.ordered.test."),
-            srv_record("_xmpps-server._tcp.ordered.test.", 10, 0, 5003, "tls.ordered.test."),
+            srv_record(
+                "_xmpp-server._tcp.ordered.test.",
+                20,
+                0,
+                5002,
+                "late.ordered.test.",
+            ),
+            srv_record(
+                "_xmpp-server._tcp.ordered.test.",
+                10,
+                0,
+                5001,
+                "early.ordered.test.",
+            ),
+            srv_record(
+                "_xmpps-server._tcp.ordered.test.",
+                10,
+                0,
+                5003,
+                "tls.ordered.test.",
+            ),
             srv_record("_xmpp-server._tcp.none.test.", 0, 0, 0, "."),
             a_record("plain.test.", Ipv4Addr::new(127, 0, 0, 9)),
             a_record("early.ordered.test.", Ipv4Addr::new(127, 0, 0, 7)),
@@ -320,8 +341,10 @@ pub mod tests {
         let Resolution::Targets(t) = r.targets("ordered.test").await.unwrap() else {
             panic!("no targets");
         };
-        let got: Vec<(&str, u16, TlsMode)> =
-            t.iter().map(|t| (t.host.as_str(), t.port, t.mode)).collect();
+        let got: Vec<(&str, u16, TlsMode)> = t
+            .iter()
+            .map(|t| (t.host.as_str(), t.port, t.mode))
+            .collect();
         assert_eq!(
             got,
             vec![

@@ -26,11 +26,18 @@ pub async fn serve(
             Err(e) => break Err(e),
         };
         if !matches!(stanza.name(), "message" | "presence" | "iq") {
-            debug!(name = stanza.name(), "ignoring a packet that is not a stanza");
+            debug!(
+                name = stanza.name(),
+                "ignoring a packet that is not a stanza"
+            );
             continue;
         }
         let Some(remote) = stanza.to().and_then(domain_of) else {
-            shared.bounce(&stanza, StanzaErrorCondition::JidMalformed, "bad 'to' address");
+            shared.bounce(
+                &stanza,
+                StanzaErrorCondition::JidMalformed,
+                "bad 'to' address",
+            );
             continue;
         };
         let local = stanza.from().and_then(domain_of).unwrap_or_default();

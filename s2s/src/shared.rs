@@ -92,7 +92,11 @@ impl Shared {
                 Err(mpsc::error::SendError(back)) => cmd = back,
             }
         }
-        cmd.fail(self, StanzaErrorCondition::InternalServerError, "no outgoing connection");
+        cmd.fail(
+            self,
+            StanzaErrorCondition::InternalServerError,
+            "no outgoing connection",
+        );
     }
 
     /// Forgets the outgoing connection `generation` for `remote` (it is ending).

@@ -149,7 +149,11 @@ fn strip_xmlns(s: &Stanza) -> Bytes {
         if attr.key.as_ref() == "xmlns" {
             continue;
         }
-        let quote = if attr.value.contains('\'') { b'"' } else { b'\'' };
+        let quote = if attr.value.contains('\'') {
+            b'"'
+        } else {
+            b'\''
+        };
         out.extend_from_slice(b" ");
         out.extend_from_slice(attr.key.as_ref().as_bytes());
         out.extend_from_slice(&[b'=', quote]);
@@ -188,11 +192,16 @@ mod tests {
 
     #[test]
     fn reads_dialback_elements() {
-        let d = Dialback::parse(&stanza("<db:result from='A.example' to='b.example'> abc </db:result>"))
-            .unwrap()
-            .unwrap();
+        let d = Dialback::parse(&stanza(
+            "<db:result from='A.example' to='b.example'> abc </db:result>",
+        ))
+        .unwrap()
+        .unwrap();
         assert!(!d.verify);
-        assert_eq!((d.from.as_str(), d.to.as_str(), d.key.as_str()), ("a.example", "b.example", "abc"));
+        assert_eq!(
+            (d.from.as_str(), d.to.as_str(), d.key.as_str()),
+            ("a.example", "b.example", "abc")
+        );
         let d = Dialback::parse(&stanza(
             "<verify xmlns='jabber:server:dialback' from='a' to='b' id='i' type='valid'/>",
         ))
@@ -200,14 +209,17 @@ mod tests {
         .unwrap();
         assert!(d.verify && d.kind.as_deref() == Some("valid") && d.id.as_deref() == Some("i"));
         assert!(Dialback::parse(&stanza("<message to='a'/>")).is_none());
-        assert!(Dialback::parse(&stanza("<db:result from='a' to='b'><x/></db:result>"))
-            .unwrap()
-            .is_err());
+        assert!(
+            Dialback::parse(&stanza("<db:result from='a' to='b'><x/></db:result>"))
+                .unwrap()
+                .is_err()
+        );
     }
 
     #[test]
     fn maps_the_server_namespace() {
-        let s = stanza("<message xmlns='jabber:server' to='a@b' from='c@d'><body>x</body></message>");
+        let s =
+            stanza("<message xmlns='jabber:server' to='a@b' from='c@d'><body>x</body></message>");
         assert_eq!(
             &to_internal(&s).unwrap()[..],
             b"<message to='a@b' from='c@d'><body>x</body></message>"

@@ -1,0 +1,638 @@
+//! End-to-end tests of s2s: two complete installations (router, xdb-file, sm, s2s each)
+//! with their own domains on loopback. The test plays c2s for each (session packets to
+//! sm, as tests/sm.rs does), so users on both sides exchange subscriptions, presence and
+//! messages through the real sm and s2s processes. Also: bounces for unresolvable and
+//! silent remotes, raw remote streams that break the rules, and SRV resolution against
+//! a small DNS server written here.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use hmac::{Hmac, Mac};
+use sha2::{Digest, Sha256};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+
+use jrs_auth::{Credentials, NS_AUTH};
+use jrs_component::{ComponentReader, ComponentWriter};
+use jrs_harness::{free_port, Options, Server};
+use jrs_stream::Stanza;
+use jrs_xdb::{Op, Request};
+
+const WAIT: Duration = Duration::from_secs(10);
+
+// -- a fake c2s ---------------------------------------------------------------------------
+
+/// Plays c2s for one installation: starts sessions, sends session packets, collects what
+/// sm sends back.
+struct C2s {
+    r: ComponentReader,
+    w: ComponentWriter,
+    inbox: Vec<Stanza>,
+}
+
+impl C2s {
+    async fn connect(server: &Server) -> C2s {
+        let (r, w) = server
+            .component("c2s-1", "c2s-secret")
+            .await
+            .unwrap()
+            .split();
+        C2s {
+            r,
+            w,
+            inbox: vec![],
+        }
+    }
+
+    async fn packet(&mut self, kind: &str, jid: &str, sid: &str, inner: &str) {
+        let bare = jid.split('/').next().unwrap();
+        let head =
+            format!("<session type='{kind}' to='{bare}' from='c2s-1' jid='{jid}' sid='{sid}'");
+        let p = if inner.is_empty() {
+            format!("{head}/>")
+        } else {
+            format!("{head}>{inner}</session>")
+        };
+        self.w.send(p.as_bytes()).await.unwrap();
+    }
+
+    async fn start(&mut self, jid: &str, sid: &str) {
+        self.packet("start", jid, sid, "").await;
+        self.expect(&format!("started for {sid}"), |s| {
+            s.kind() == Some("started") && s.attr("sid").as_deref() == Some(sid)
+        })
+        .await;
+    }
+
+    async fn send(&mut self, jid: &str, sid: &str, stanza: &str) {
+        self.packet("stanza", jid, sid, stanza).await;
+    }
+
+    async fn expect(&mut self, what: &str, f: impl Fn(&Stanza) -> bool) -> Stanza {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            if let Some(i) = self.inbox.iter().position(&f) {
+                return self.inbox.remove(i);
+            }
+            match tokio::time::timeout_at(deadline, self.r.next()).await {
+                Ok(Ok(s)) => self.inbox.push(s),
+                Ok(Err(e)) => panic!("link lost waiting for {what}: {e}"),
+                Err(_) => panic!(
+                    "timed out waiting for {what}; inbox: {:#?}",
+                    self.inbox
+                        .iter()
+                        .map(|s| String::from_utf8_lossy(s.as_slice()).into_owned())
+                        .collect::<Vec<_>>()
+                ),
+            }
+        }
+    }
+
+    /// A stanza for session `sid` whose text contains every one of `parts`.
+    async fn stanza(&mut self, sid: &str, parts: &[&str]) -> String {
+        let what = format!("a stanza to {sid} with {parts:?}");
+        let s = self
+            .expect(&what, |s| {
+                let inner = String::from_utf8_lossy(s.inner());
+                s.kind() == Some("stanza")
+                    && s.attr("sid").as_deref() == Some(sid)
+                    && parts.iter().all(|p| inner.contains(p))
+            })
+            .await;
+        String::from_utf8_lossy(s.inner()).into_owned()
+    }
+}
+
+async fn create_account(server: &Server, jid: &str) {
+    let (mut r, mut w) = server
+        .component("admin", "admin-secret")
+        .await
+        .unwrap()
+        .split();
+    let req = Request {
+        op: Op::Set,
+        owner: jid.into(),
+        ns: NS_AUTH.into(),
+        id: "acct".into(),
+        from: "admin".into(),
+        max_items: None,
+        content: Bytes::from(Credentials::from_password("secret").to_xml()),
+    };
+    w.send(req.to_xml().as_bytes()).await.unwrap();
+    loop {
+        let s = tokio::time::timeout(WAIT, r.next())
+            .await
+            .expect("storage answers")
+            .unwrap();
+        if s.id() == Some("acct") {
+            assert_eq!(s.kind(), Some("result"));
+            return;
+        }
+    }
+}
+
+// -- installations ------------------------------------------------------------------------
+
+/// One installation serving `domain`, with its s2s listening on `s2s_port`.
+struct Domain {
+    server: Server,
+    domain: String,
+    c2s: C2s,
+}
+
+fn secret_of(domain: &str) -> String {
+    format!("dialback-secret-of-{domain}")
+}
+
+/// Starts router, xdb-file, sm and s2s for `domain`; `s2s_extra` goes into s2s.xml
+/// (routes, dns, tls, queue settings).
+async fn start_domain(domain: &str, s2s_port: u16, s2s_extra: &str, users: &[&str]) -> Domain {
+    let mut server = Server::start(Options::default()).await.unwrap();
+    let xdb = format!(
+        "<xdb-file>{}<host>{domain}</host><spool dir='spool'/><log level='debug'/></xdb-file>",
+        server.router_element("xdb-file", "xdb-secret")
+    );
+    server.write("xdb-file.xml", &xdb).unwrap();
+    server
+        .spawn("xdb-file", "xdb-file", &["-c", "xdb-file.xml"])
+        .unwrap();
+    let sm = format!(
+        "<sm>{}<host>{domain}</host><log level='debug'/></sm>",
+        server.router_element("sm", "sm-secret")
+    );
+    server.write("sm.xml", &sm).unwrap();
+    server.spawn("sm", "sm", &["-c", "sm.xml"]).unwrap();
+    let s2s = format!(
+        "<s2s>{}<host name='{domain}' cert='certs/{domain}.crt' key='certs/{domain}.key' self-signed='true'/>\
+         <listen address='127.0.0.1' port='{s2s_port}'/><dialback secret='{}'/>{s2s_extra}\
+         <log level='debug'/></s2s>",
+        server.router_element("s2s", "s2s-secret"),
+        secret_of(domain)
+    );
+    server.write("s2s.xml", &s2s).unwrap();
+    server.spawn("s2s", "s2s", &["-c", "s2s.xml"]).unwrap();
+    for name in ["xdb-file", "sm", "s2s"] {
+        let deadline = Instant::now() + WAIT;
+        while !server.log(name).contains("connected to the router") {
+            if let Some(status) = server.exited(name) {
+                panic!("{name} exited ({status}):\n{}", server.log(name));
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{name} did not connect:\n{}",
+                server.log(name)
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    for user in users {
+        create_account(&server, &format!("{user}@{domain}")).await;
+    }
+    let c2s = C2s::connect(&server).await;
+    Domain {
+        server,
+        domain: domain.into(),
+        c2s,
+    }
+}
+
+fn route(domain: &str, port: u16) -> String {
+    format!("<route domain='{domain}' address='127.0.0.1' port='{port}'/>")
+}
+
+// -- a fake DNS server --------------------------------------------------------------------
+
+enum Rr {
+    Srv(u16, u16, u16, &'static str),
+    A(Ipv4Addr),
+}
+
+/// Answers SRV and A questions from `table` (lower-case names without the final dot);
+/// anything else is NXDOMAIN.
+async fn fake_dns(table: Vec<(&'static str, Rr)>) -> SocketAddr {
+    let socket = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let addr = socket.local_addr().unwrap();
+    tokio::spawn(async move {
+        let mut buf = [0u8; 1500];
+        loop {
+            let Ok((n, peer)) = socket.recv_from(&mut buf).await else {
+                return;
+            };
+            if let Some(answer) = dns_answer(&buf[..n], &table) {
+                let _ = socket.send_to(&answer, peer).await;
+            }
+        }
+    });
+    addr
+}
+
+fn encode_name(name: &str, out: &mut Vec<u8>) {
+    for label in name.split('.').filter(|l| !l.is_empty()) {
+        out.push(label.len() as u8);
+        out.extend_from_slice(label.as_bytes());
+    }
+    out.push(0);
+}
+
+fn dns_answer(query: &[u8], table: &[(&'static str, Rr)]) -> Option<Vec<u8>> {
+    // The question: labels from byte 12, then type and class.
+    let mut pos = 12;
+    let mut labels = vec![];
+    loop {
+        let len = *query.get(pos)? as usize;
+        pos += 1;
+        if len == 0 {
+            break;
+        }
+        labels.push(String::from_utf8_lossy(query.get(pos..pos + len)?).to_ascii_lowercase());
+        pos += len;
+    }
+    let qtype = u16::from_be_bytes([*query.get(pos)?, *query.get(pos + 1)?]);
+    let question_end = pos + 4;
+    let name = labels.join(".");
+    let mut answers = vec![];
+    let mut known = false;
+    for (n, rr) in table {
+        if *n != name {
+            continue;
+        }
+        known = true;
+        let (rtype, rdata) = match rr {
+            Rr::Srv(priority, weight, port, target) => {
+                let mut d = vec![];
+                for v in [priority, weight, port] {
+                    d.extend_from_slice(&v.to_be_bytes());
+                }
+                encode_name(target, &mut d);
+                (33u16, d)
+            }
+            Rr::A(ip) => (1u16, ip.octets().to_vec()),
+        };
+        if rtype != qtype {
+            continue;
+        }
+        let mut a = vec![0xc0, 0x0c];
+        a.extend_from_slice(&rtype.to_be_bytes());
+        a.extend_from_slice(&1u16.to_be_bytes());
+        a.extend_from_slice(&60u32.to_be_bytes());
+        a.extend_from_slice(&(rdata.len() as u16).to_be_bytes());
+        a.extend_from_slice(&rdata);
+        answers.push(a);
+    }
+    let rcode = if known { 0 } else { 3 };
+    let mut out = vec![query[0], query[1], 0x81, 0x80 | rcode];
+    out.extend_from_slice(&1u16.to_be_bytes());
+    out.extend_from_slice(&(answers.len() as u16).to_be_bytes());
+    out.extend_from_slice(&[0, 0, 0, 0]);
+    out.extend_from_slice(query.get(12..question_end)?);
+    for a in answers {
+        out.extend_from_slice(&a);
+    }
+    Some(out)
+}
+
+// -- tests --------------------------------------------------------------------------------
+
+/// Two domains: a.test finds b.test through SRV records on a fake DNS server, b.test
+/// finds a.test through its static map. Subscriptions both ways, presence, messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_exchange_subscriptions_presence_and_messages() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let dns = fake_dns(vec![
+        (
+            "_xmpp-server._tcp.b.test",
+            Rr::Srv(20, 0, 1, "nothing.b.test"),
+        ),
+        (
+            "_xmpp-server._tcp.b.test",
+            Rr::Srv(10, 5, port_b, "xmpp.b.test"),
+        ),
+        ("xmpp.b.test", Rr::A(Ipv4Addr::LOCALHOST)),
+    ])
+    .await;
+    let mut a = start_domain(
+        "a.test",
+        port_a,
+        &format!(
+            "<dns><nameserver address='127.0.0.1' port='{}'/></dns>",
+            dns.port()
+        ),
+        &["alice"],
+    )
+    .await;
+    let mut b = start_domain("b.test", port_b, &route("a.test", port_a), &["bob"]).await;
+    const ALICE: &str = "alice@a.test/phone";
+    const BOB: &str = "bob@b.test/desk";
+    a.c2s.start(ALICE, "a").await;
+    b.c2s.start(BOB, "b").await;
+    a.c2s.send(ALICE, "a", "<presence/>").await;
+    b.c2s
+        .send(BOB, "b", "<presence><status>at work</status></presence>")
+        .await;
+
+    // alice subscribes to bob, bob approves: alice sees bob's presence.
+    let started = Instant::now();
+    a.c2s
+        .send(ALICE, "a", "<presence type='subscribe' to='bob@b.test'/>")
+        .await;
+    b.c2s
+        .stanza("b", &["type='subscribe'", "from='alice@a.test'"])
+        .await;
+    eprintln!(
+        "first stanza across (connect, TLS, dialback both ways): {:?}",
+        started.elapsed()
+    );
+    b.c2s
+        .send(BOB, "b", "<presence type='subscribed' to='alice@a.test'/>")
+        .await;
+    a.c2s
+        .stanza("a", &["type='subscribed'", "from='bob@b.test'"])
+        .await;
+    a.c2s
+        .stanza("a", &["from='bob@b.test/desk'", "at work"])
+        .await;
+
+    // bob subscribes to alice, alice approves: bob sees alice's presence.
+    b.c2s
+        .send(BOB, "b", "<presence type='subscribe' to='alice@a.test'/>")
+        .await;
+    a.c2s
+        .stanza("a", &["type='subscribe'", "from='bob@b.test'"])
+        .await;
+    a.c2s
+        .send(ALICE, "a", "<presence type='subscribed' to='bob@b.test'/>")
+        .await;
+    b.c2s.stanza("b", &["from='alice@a.test/phone'"]).await;
+
+    // Messages both ways.
+    let sent = Instant::now();
+    a.c2s
+        .send(
+            ALICE,
+            "a",
+            "<message to='bob@b.test' type='chat'><body>hello b</body></message>",
+        )
+        .await;
+    b.c2s
+        .stanza("b", &["from='alice@a.test/phone'", "hello b"])
+        .await;
+    eprintln!("message over established streams: {:?}", sent.elapsed());
+    b.c2s
+        .send(
+            BOB,
+            "b",
+            "<message to='alice@a.test/phone' type='chat'><body>hello a</body></message>",
+        )
+        .await;
+    a.c2s
+        .stanza("a", &["from='bob@b.test/desk'", "hello a"])
+        .await;
+
+    // Presence updates flow to the subscriber on the other side.
+    b.c2s
+        .send(BOB, "b", "<presence><show>away</show></presence>")
+        .await;
+    a.c2s
+        .stanza("a", &["from='bob@b.test/desk'", "<show>away</show>"])
+        .await;
+
+    // TLS was used, and dialback authenticated (self-signed certificates).
+    let log = a.server.log("s2s");
+    assert!(log.contains("authenticated with dialback"), "{log}");
+    assert!(log.contains("tls=true"), "{log}");
+    assert_eq!(a.domain, "a.test");
+    assert_eq!(b.domain, "b.test");
+}
+
+/// A domain that does not resolve (NXDOMAIN, or SRV target '.') bounces
+/// remote-server-not-found; a remote that accepts TCP and never answers bounces
+/// remote-server-timeout after the configured queue timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_remotes_bounce() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let holder = tokio::spawn(async move {
+        let mut held = vec![];
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let dns = fake_dns(vec![("_xmpp-server._tcp.none.test", Rr::Srv(0, 0, 0, "."))]).await;
+    let mut a = start_domain(
+        "a.test",
+        free_port(),
+        &format!(
+            "{}<dns><nameserver address='127.0.0.1' port='{}'/></dns><queue timeout='1.5'/>",
+            route("silent.test", silent_port),
+            dns.port()
+        ),
+        &["alice"],
+    )
+    .await;
+    const ALICE: &str = "alice@a.test/phone";
+    a.c2s.start(ALICE, "a").await;
+
+    let t = Instant::now();
+    a.c2s
+        .send(
+            ALICE,
+            "a",
+            "<message to='x@nowhere.test' id='m1'><body>1</body></message>",
+        )
+        .await;
+    let e = a.c2s.stanza("a", &["id='m1'", "type='error'"]).await;
+    assert!(e.contains("remote-server-not-found"), "{e}");
+    eprintln!("NXDOMAIN bounce after {:?}", t.elapsed());
+
+    a.c2s
+        .send(
+            ALICE,
+            "a",
+            "<message to='x@none.test' id='m2'><body>2</body></message>",
+        )
+        .await;
+    let e = a.c2s.stanza("a", &["id='m2'", "type='error'"]).await;
+    assert!(e.contains("remote-server-not-found"), "{e}");
+
+    let t = Instant::now();
+    a.c2s
+        .send(
+            ALICE,
+            "a",
+            "<message to='x@silent.test' id='m3'><body>3</body></message>",
+        )
+        .await;
+    let e = a.c2s.stanza("a", &["id='m3'", "type='error'"]).await;
+    let waited = t.elapsed();
+    assert!(e.contains("remote-server-timeout"), "{e}");
+    assert!(
+        waited >= Duration::from_millis(1400) && waited < Duration::from_secs(4),
+        "bounced after {waited:?}"
+    );
+    eprintln!("silent remote bounced after {waited:?}");
+    holder.abort();
+}
+
+/// A raw stream that plays b.test (the test knows b.test's dialback secret, so it can
+/// authenticate through the real db:verify round trip to b.test's s2s).
+struct Raw {
+    stream: TcpStream,
+    received: String,
+    id: String,
+}
+
+impl Raw {
+    async fn open(port: u16, from: &str, to: &str) -> Raw {
+        let mut stream = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        stream
+            .write_all(
+                format!(
+                    "<?xml version='1.0'?><stream:stream xmlns='jabber:server' \
+                     xmlns:stream='http://etherx.jabber.org/streams' \
+                     xmlns:db='jabber:server:dialback' from='{from}' to='{to}' version='1.0'>"
+                )
+                .as_bytes(),
+            )
+            .await
+            .unwrap();
+        let mut raw = Raw {
+            stream,
+            received: String::new(),
+            id: String::new(),
+        };
+        let got = raw
+            .expect("features", |s| s.contains("</stream:features>"))
+            .await;
+        raw.id = got
+            .split(" id='")
+            .nth(1)
+            .and_then(|r| r.split('\'').next())
+            .expect("stream id")
+            .to_owned();
+        raw
+    }
+
+    async fn send(&mut self, data: &str) {
+        self.stream.write_all(data.as_bytes()).await.unwrap();
+    }
+
+    async fn expect(&mut self, what: &str, done: impl Fn(&str) -> bool) -> String {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        let mut buf = vec![0u8; 16384];
+        while !done(&self.received) {
+            let n = tokio::time::timeout_at(deadline, self.stream.read(&mut buf))
+                .await
+                .unwrap_or_else(|_| panic!("timed out waiting for {what}: {}", self.received))
+                .unwrap_or(0);
+            if n == 0 {
+                break;
+            }
+            self.received.push_str(&String::from_utf8_lossy(&buf[..n]));
+        }
+        assert!(
+            done(&self.received),
+            "closed waiting for {what}: {}",
+            self.received
+        );
+        std::mem::take(&mut self.received)
+    }
+
+    /// Authenticates `from` with dialback, computing the key with `secret`.
+    async fn dialback(&mut self, from: &str, to: &str, secret: &str) {
+        let hashed = hex::encode(Sha256::digest(secret.as_bytes()));
+        let mut mac = Hmac::<Sha256>::new_from_slice(hashed.as_bytes()).unwrap();
+        mac.update(format!("{to} {from} {}", self.id).as_bytes());
+        let key = hex::encode(mac.finalize().into_bytes());
+        self.send(&format!(
+            "<db:result from='{from}' to='{to}'>{key}</db:result>"
+        ))
+        .await;
+        let got = self
+            .expect("dialback result", |s| s.contains("<db:result"))
+            .await;
+        assert!(got.contains("type='valid'"), "{got}");
+    }
+}
+
+/// Raw remote streams against a.test: forged from, malformed XML and an oversize stanza
+/// each get a stream error, while another authenticated stream keeps delivering.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_breaking_remote_streams_get_stream_errors() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = start_domain(
+        "a.test",
+        port_a,
+        &format!(
+            "{}<tls require-encryption='false'/><limits max-stanza-bytes='4096'/>",
+            route("b.test", port_b)
+        ),
+        &["alice"],
+    )
+    .await;
+    let _b = start_domain("b.test", port_b, &route("a.test", port_a), &["bob"]).await;
+    const ALICE: &str = "alice@a.test/phone";
+    a.c2s.start(ALICE, "a").await;
+
+    let mut good = Raw::open(port_a, "b.test", "a.test").await;
+    good.dialback("b.test", "a.test", &secret_of("b.test"))
+        .await;
+    good.send("<message from='bob@b.test/x' to='alice@a.test/phone' xmlns='jabber:server'><body>one</body></message>")
+        .await;
+    a.c2s.stanza("a", &["from='bob@b.test/x'", "one"]).await;
+
+    // Forged from on an authenticated stream.
+    let mut forged = Raw::open(port_a, "b.test", "a.test").await;
+    forged
+        .dialback("b.test", "a.test", &secret_of("b.test"))
+        .await;
+    forged
+        .send("<message from='mallory@evil.test' to='alice@a.test/phone'><body>forged</body></message>")
+        .await;
+    let got = forged
+        .expect("stream error", |s| s.contains("</stream:error>"))
+        .await;
+    assert!(got.contains("invalid-from"), "{got}");
+
+    // Stanzas before authentication.
+    let mut early = Raw::open(port_a, "b.test", "a.test").await;
+    early
+        .send("<message from='bob@b.test' to='alice@a.test'><body>early</body></message>")
+        .await;
+    let got = early
+        .expect("stream error", |s| s.contains("</stream:error>"))
+        .await;
+    assert!(got.contains("not-authorized"), "{got}");
+
+    // Malformed XML.
+    let mut bad = Raw::open(port_a, "b.test", "a.test").await;
+    bad.send("<message><body>x</message>").await;
+    let got = bad
+        .expect("stream error", |s| s.contains("</stream:error>"))
+        .await;
+    assert!(got.contains("not-well-formed"), "{got}");
+
+    // Oversize stanza.
+    let mut big = Raw::open(port_a, "b.test", "a.test").await;
+    big.send(&format!(
+        "<message><body>{}</body></message>",
+        "x".repeat(8192)
+    ))
+    .await;
+    let got = big
+        .expect("stream error", |s| s.contains("</stream:error>"))
+        .await;
+    assert!(got.contains("policy-violation"), "{got}");
+
+    // The good stream is unaffected.
+    good.send("<message from='bob@b.test/x' to='alice@a.test/phone'><body>two</body></message>")
+        .await;
+    a.c2s.stanza("a", &["from='bob@b.test/x'", "two"]).await;
+    // The forged stanza never arrived.
+    assert!(!a
+        .c2s
+        .inbox
+        .iter()
+        .any(|s| String::from_utf8_lossy(s.as_slice()).contains("forged")));
+}
