@@ -285,7 +285,7 @@ impl Out {
                     None => break Close::Closed,
                 },
                 frame = link.next_frame_within(Duration::from_secs(3600)) => {
-                    if let Err(close) = self.from_remote(frame).await {
+                    if let Err(close) = self.remote_frame(frame).await {
                         break close;
                     }
                 }
@@ -366,7 +366,7 @@ impl Out {
     }
 
     /// Handles what the remote sends on our outgoing stream: dialback answers.
-    async fn from_remote(&mut self, frame: Result<Frame, Close>) -> Result<(), Close> {
+    async fn remote_frame(&mut self, frame: Result<Frame, Close>) -> Result<(), Close> {
         let bytes = match frame? {
             Frame::Element(b) => b,
             Frame::StreamClose => return Err(Close::Closed),
@@ -548,7 +548,7 @@ async fn negotiate(
             .id
             .clone()
             .ok_or_else(|| Close::Gone("the remote's stream header has no id".into()))?;
-        tracing::Span::current().record("id", stream_id.as_str());
+        debug!(id = %stream_id, "stream opened");
         let tls = link.stream().is_tls();
         let features = if header.version.as_deref() == Some("1.0") {
             let bytes = link.next_element().await?;
