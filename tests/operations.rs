@@ -49,7 +49,7 @@ fn a_broken_config_names_file_and_line() {
         ("router", "<router>\n  <listen port='5347'/>\n</router>\n", 1, "<users> is required"),
         ("xdb-file", "<xdb-file>\n  <router name='xdb-file' secret='s'/>\n  <host>localhost</host>\n</xdb-file>\n", 1, "<spool> is required"),
         ("sm", "<sm>\n  <router name='sm' secret='s' tls='maybe'/>\n  <host>localhost</host>\n</sm>\n", 2, "expected true or false"),
-        ("s2s", "<s2s>\n  <router name='s2s'/>\n</s2s>\n", 2, "'secret' is required"),
+        ("s2s", "<s2s>\n  <router name='s2s' secret='s'/>\n</s2s>\n", 1, "<host name='DOMAIN'/> is required"),
     ];
     for (i, (program, text, line, message)) in cases.iter().enumerate() {
         let path = dir.join(format!("broken{i}.xml"));
@@ -139,7 +139,9 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
             "<c2s>{}<host name='localhost' cert='{}' key='{}' self-signed='true'/>\
              <listen address='127.0.0.1' port='{}'/><listen address='127.0.0.1' port='{}' mode='tls'/></c2s>",
             router_el("c2s", "c2s-secret"), p("certs/localhost.crt"), p("certs/localhost.key"), free_port(), free_port())),
-        ("s2s.xml", format!("<s2s>{}</s2s>", router_el("s2s", "s2s-secret"))),
+        ("s2s.xml", format!(
+            "<s2s>{}<host name='localhost' cert='{}' key='{}' self-signed='true'/><listen address='127.0.0.1' port='{}'/></s2s>",
+            router_el("s2s", "s2s-secret"), p("certs/s2s.crt"), p("certs/s2s.key"), free_port())),
         ("supervisor.xml", format!(
             "<supervisor><run-dir>{}</run-dir><log-dir>{}</log-dir>\
              <process name='router' program='router' config='{}' wait-for='127.0.0.1:{port}'/>\
