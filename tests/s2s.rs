@@ -149,7 +149,21 @@ fn secret_of(domain: &str) -> String {
 /// Starts router, xdb-file, sm and s2s for `domain`; `s2s_extra` goes into s2s.xml
 /// (routes, dns, tls, queue settings).
 async fn start_domain(domain: &str, s2s_port: u16, s2s_extra: &str, users: &[&str]) -> Domain {
+    start_domain_with(domain, s2s_port, s2s_extra, users, None).await
+}
+
+/// The same, with s2s's certificate issued by `ca` instead of self-signed.
+async fn start_domain_with(
+    domain: &str,
+    s2s_port: u16,
+    s2s_extra: &str,
+    users: &[&str],
+    ca: Option<&jrs_harness::TestCa>,
+) -> Domain {
     let mut server = Server::start(Options::default()).await.unwrap();
+    if let Some(ca) = ca {
+        ca.issue(&server.path("certs"), domain).unwrap();
+    }
     let xdb = format!(
         "<xdb-file>{}<host>{domain}</host><spool dir='spool'/><log level='debug'/></xdb-file>",
         server.router_element("xdb-file", "xdb-secret")
@@ -635,4 +649,72 @@ async fn rule_breaking_remote_streams_get_stream_errors() {
         .inbox
         .iter()
         .any(|s| String::from_utf8_lossy(s.as_slice()).contains("forged")));
+}
+
+/// With certificates from a CA both servers trust, the streams authenticate with SASL
+/// EXTERNAL (no dialback), in both directions; a.test reaches b.test over direct TLS
+/// (XEP-0368) and b.test reaches a.test with STARTTLS.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sasl_external_and_direct_tls_with_certificates_from_a_trusted_ca() {
+    let dir = std::env::temp_dir().join(format!("jrs-s2s-ca-{}", std::process::id()));
+    let ca = jrs_harness::TestCa::new(&dir).unwrap();
+    let trust = format!("<tls ca-file='{}'/>", ca.ca_file.display());
+    let (port_a, port_b, direct_b) = (free_port(), free_port(), free_port());
+    let mut a = start_domain_with(
+        "a.test",
+        port_a,
+        &format!(
+            "{trust}<route domain='b.test' address='127.0.0.1' port='{direct_b}' mode='tls'/>"
+        ),
+        &["alice"],
+        Some(&ca),
+    )
+    .await;
+    let mut b = start_domain_with(
+        "b.test",
+        port_b,
+        &format!(
+            "{trust}<listen address='127.0.0.1' port='{direct_b}' mode='tls'/>{}",
+            route("a.test", port_a)
+        ),
+        &["bob"],
+        Some(&ca),
+    )
+    .await;
+    const ALICE: &str = "alice@a.test/phone";
+    const BOB: &str = "bob@b.test/desk";
+    a.c2s.start(ALICE, "a").await;
+    b.c2s.start(BOB, "b").await;
+    a.c2s.send(ALICE, "a", "<presence/>").await;
+    b.c2s.send(BOB, "b", "<presence/>").await;
+    a.c2s
+        .send(
+            ALICE,
+            "a",
+            "<message to='bob@b.test' type='normal'><body>over direct TLS</body></message>",
+        )
+        .await;
+    b.c2s
+        .stanza("b", &["from='alice@a.test/phone'", "over direct TLS"])
+        .await;
+    b.c2s
+        .send(
+            BOB,
+            "b",
+            "<message to='alice@a.test' type='normal'><body>over STARTTLS</body></message>",
+        )
+        .await;
+    a.c2s
+        .stanza("a", &["from='bob@b.test/desk'", "over STARTTLS"])
+        .await;
+    for side in [&a, &b] {
+        let log = side.server.log("s2s");
+        assert!(
+            log.matches("authenticated with SASL EXTERNAL").count() >= 2,
+            "{}: outgoing and incoming streams use SASL EXTERNAL:\n{log}",
+            side.domain
+        );
+        assert!(!log.contains("authenticated with dialback"), "{log}");
+    }
+    let _ = std::fs::remove_dir_all(dir);
 }

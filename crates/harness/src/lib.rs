@@ -526,3 +526,46 @@ impl Server {
         Ok(())
     }
 }
+
+/// A certificate authority for tests: issues certificates that a process trusts when
+/// given `ca_file` (for SASL EXTERNAL between servers, say).
+pub struct TestCa {
+    pub ca_file: PathBuf,
+    issuer: rcgen::Issuer<'static, rcgen::KeyPair>,
+}
+
+impl TestCa {
+    /// Makes the CA and writes its certificate to `dir/ca.crt`.
+    pub fn new(dir: &Path) -> anyhow::Result<TestCa> {
+        std::fs::create_dir_all(dir)?;
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "jabberd-rs test CA");
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        let ca_file = dir.join("ca.crt");
+        std::fs::write(&ca_file, cert.pem())?;
+        Ok(TestCa {
+            ca_file,
+            issuer: rcgen::Issuer::new(params, key),
+        })
+    }
+
+    /// Issues a certificate for `domain` and writes it and its key as
+    /// `dir/DOMAIN.crt` and `dir/DOMAIN.key`.
+    pub fn issue(&self, dir: &Path, domain: &str) -> anyhow::Result<(PathBuf, PathBuf)> {
+        std::fs::create_dir_all(dir)?;
+        let params = rcgen::CertificateParams::new(vec![domain.to_owned()])?;
+        let key = rcgen::KeyPair::generate()?;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        let (c, k) = (
+            dir.join(format!("{domain}.crt")),
+            dir.join(format!("{domain}.key")),
+        );
+        std::fs::write(&c, cert.pem())?;
+        std::fs::write(&k, key.serialize_pem())?;
+        Ok((c, k))
+    }
+}
