@@ -718,3 +718,100 @@ async fn sasl_external_and_direct_tls_with_certificates_from_a_trusted_ca() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// The queue for a remote that is not reachable yet is bounded: past `max-stanzas`,
+/// stanzas bounce at once with resource-constraint (the ones queued wait for the
+/// connection, then time out).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_queue_for_a_remote_is_bounded() {
+    let silent = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    let holder = tokio::spawn(async move {
+        let mut held = vec![];
+        while let Ok((s, _)) = silent.accept().await {
+            held.push(s);
+        }
+    });
+    let mut a = start_domain(
+        "a.test",
+        free_port(),
+        &format!(
+            "{}<queue max-stanzas='2' timeout='30'/>",
+            route("silent.test", silent_port)
+        ),
+        &["alice"],
+    )
+    .await;
+    const ALICE: &str = "alice@a.test/phone";
+    a.c2s.start(ALICE, "a").await;
+    for i in 1..=4 {
+        a.c2s
+            .send(
+                ALICE,
+                "a",
+                &format!("<message to='x@silent.test' id='q{i}'><body>{i}</body></message>"),
+            )
+            .await;
+    }
+    for i in [3, 4] {
+        let e = a
+            .c2s
+            .stanza("a", &[&format!("id='q{i}'"), "type='error'"])
+            .await;
+        assert!(e.contains("resource-constraint"), "{e}");
+    }
+    holder.abort();
+}
+
+/// An outgoing connection with no traffic closes after the configured idle time, and
+/// the next stanza opens a new one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_close_and_reopen() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = start_domain(
+        "a.test",
+        port_a,
+        &format!("{}<timeouts idle='1'/>", route("b.test", port_b)),
+        &["alice"],
+    )
+    .await;
+    let mut b = start_domain("b.test", port_b, &route("a.test", port_a), &["bob"]).await;
+    const ALICE: &str = "alice@a.test/phone";
+    const BOB: &str = "bob@b.test/desk";
+    a.c2s.start(ALICE, "a").await;
+    b.c2s.start(BOB, "b").await;
+    b.c2s.send(BOB, "b", "<presence/>").await;
+    for round in 1..=2 {
+        a.c2s
+            .send(
+                ALICE,
+                "a",
+                &format!(
+                    "<message to='bob@b.test' type='normal'><body>round {round}</body></message>"
+                ),
+            )
+            .await;
+        b.c2s.stanza("b", &[&format!("round {round}")]).await;
+        if round == 1 {
+            jrs_harness::wait_for(
+                "the idle connection to close",
+                Duration::from_secs(10),
+                || {
+                    a.server
+                        .log("s2s")
+                        .contains("closing the idle connection")
+                        .then_some(())
+                },
+            )
+            .await
+            .unwrap();
+        }
+    }
+    assert!(
+        a.server
+            .log("s2s")
+            .matches("authenticated with dialback")
+            .count()
+            >= 2
+    );
+}
