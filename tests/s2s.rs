@@ -149,23 +149,39 @@ fn secret_of(domain: &str) -> String {
 /// Starts router, xdb-file, sm and s2s for `domain`; `s2s_extra` goes into s2s.xml
 /// (routes, dns, tls, queue settings).
 async fn start_domain(domain: &str, s2s_port: u16, s2s_extra: &str, users: &[&str]) -> Domain {
-    start_domain_with(domain, s2s_port, s2s_extra, users, None).await
+    start_domain_with(&[domain], s2s_port, s2s_extra, users, None).await
 }
 
-/// The same, with s2s's certificate issued by `ca` instead of self-signed.
+/// The same for several local domains (users are created on the first), with s2s's
+/// certificates issued by `ca` instead of self-signed when given.
 async fn start_domain_with(
-    domain: &str,
+    domains: &[&str],
     s2s_port: u16,
     s2s_extra: &str,
     users: &[&str],
     ca: Option<&jrs_harness::TestCa>,
 ) -> Domain {
+    let domain = domains[0];
     let mut server = Server::start(Options::default()).await.unwrap();
     if let Some(ca) = ca {
-        ca.issue(&server.path("certs"), domain).unwrap();
+        for d in domains {
+            ca.issue(&server.path("certs"), d).unwrap();
+        }
     }
+    let hosts: String = domains
+        .iter()
+        .map(|d| format!("<host>{d}</host>"))
+        .collect();
+    let s2s_hosts: String = domains
+        .iter()
+        .map(|d| {
+            format!(
+                "<host name='{d}' cert='certs/{d}.crt' key='certs/{d}.key' self-signed='true'/>"
+            )
+        })
+        .collect();
     let xdb = format!(
-        "<xdb-file>{}<host>{domain}</host><spool dir='spool'/><log level='debug'/></xdb-file>",
+        "<xdb-file>{}{hosts}<spool dir='spool'/><log level='debug'/></xdb-file>",
         server.router_element("xdb-file", "xdb-secret")
     );
     server.write("xdb-file.xml", &xdb).unwrap();
@@ -173,13 +189,13 @@ async fn start_domain_with(
         .spawn("xdb-file", "xdb-file", &["-c", "xdb-file.xml"])
         .unwrap();
     let sm = format!(
-        "<sm>{}<host>{domain}</host><log level='debug'/></sm>",
+        "<sm>{}{hosts}<log level='debug'/></sm>",
         server.router_element("sm", "sm-secret")
     );
     server.write("sm.xml", &sm).unwrap();
     server.spawn("sm", "sm", &["-c", "sm.xml"]).unwrap();
     let s2s = format!(
-        "<s2s>{}<host name='{domain}' cert='certs/{domain}.crt' key='certs/{domain}.key' self-signed='true'/>\
+        "<s2s>{}{s2s_hosts}\
          <listen address='127.0.0.1' port='{s2s_port}'/><dialback secret='{}'/>{s2s_extra}\
          <log level='debug'/></s2s>",
         server.router_element("s2s", "s2s-secret"),
@@ -661,7 +677,7 @@ async fn sasl_external_and_direct_tls_with_certificates_from_a_trusted_ca() {
     let trust = format!("<tls ca-file='{}'/>", ca.ca_file.display());
     let (port_a, port_b, direct_b) = (free_port(), free_port(), free_port());
     let mut a = start_domain_with(
-        "a.test",
+        &["a.test"],
         port_a,
         &format!(
             "{trust}<route domain='b.test' address='127.0.0.1' port='{direct_b}' mode='tls'/>"
@@ -671,7 +687,7 @@ async fn sasl_external_and_direct_tls_with_certificates_from_a_trusted_ca() {
     )
     .await;
     let mut b = start_domain_with(
-        "b.test",
+        &["b.test"],
         port_b,
         &format!(
             "{trust}<listen address='127.0.0.1' port='{direct_b}' mode='tls'/>{}",
@@ -814,4 +830,68 @@ async fn idle_connections_close_and_reopen() {
             .count()
             >= 2
     );
+}
+
+/// Two local domains sending to the same remote share one connection: each local domain
+/// authenticates on it with dialback (XEP-0220 section 2.5, piggybacking).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_domains_share_a_connection_to_a_remote() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = start_domain_with(
+        &["a.test", "a2.test"],
+        port_a,
+        &route("b.test", port_b),
+        &["alice"],
+        None,
+    )
+    .await;
+    create_account(&a.server, "carol@a2.test").await;
+    let mut b = start_domain(
+        "b.test",
+        port_b,
+        &format!("{}{}", route("a.test", port_a), route("a2.test", port_a)),
+        &["bob"],
+    )
+    .await;
+    const ALICE: &str = "alice@a.test/phone";
+    const CAROL: &str = "carol@a2.test/laptop";
+    const BOB: &str = "bob@b.test/desk";
+    a.c2s.start(ALICE, "a").await;
+    a.c2s.start(CAROL, "c").await;
+    b.c2s.start(BOB, "b").await;
+    b.c2s.send(BOB, "b", "<presence/>").await;
+    a.c2s
+        .send(
+            ALICE,
+            "a",
+            "<message to='bob@b.test' type='normal'><body>from a</body></message>",
+        )
+        .await;
+    b.c2s
+        .stanza("b", &["from='alice@a.test/phone'", "from a"])
+        .await;
+    a.c2s
+        .send(
+            CAROL,
+            "c",
+            "<message to='bob@b.test' type='normal'><body>from a2</body></message>",
+        )
+        .await;
+    b.c2s
+        .stanza("b", &["from='carol@a2.test/laptop'", "from a2"])
+        .await;
+    let log = a.server.log("s2s");
+    assert_eq!(
+        log.matches("connected sasl=").count(),
+        1,
+        "one connection to b.test:\n{log}"
+    );
+    for local in ["a.test", "a2.test"] {
+        assert!(
+            log.lines()
+                .any(|l| l.contains("authenticated with dialback")
+                    && l.contains(&format!("local={local}"))),
+            "{local} authenticated on it:\n{log}"
+        );
+    }
 }
