@@ -1,36 +1,12 @@
 //! `c2s.xml`.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::Duration;
 
 use jrs_config::{LogConfig, Node, Result, RouterLink};
 use jrs_stream::Limits;
 
-/// How a listener starts its streams.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ListenMode {
-    /// Plain TCP, upgraded with STARTTLS (port 5222).
-    StartTls,
-    /// TLS from the first byte (XEP-0368, port 5223), ALPN `xmpp-client`.
-    DirectTls,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct Listen {
-    pub address: String,
-    pub port: u16,
-    pub mode: ListenMode,
-}
-
-/// A served domain and its certificate.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Host {
-    pub name: String,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    /// Make a self-signed certificate at start when the files do not exist.
-    pub self_signed: bool,
-}
+pub use jrs_config::{Listener as Listen, TlsHost as Host, TlsMode};
 
 #[derive(Debug, Clone)]
 pub struct C2sConfig {
@@ -82,53 +58,8 @@ impl C2sConfig {
                 "log",
             ],
         )?;
-        let mut hosts = vec![];
-        for h in root.children("host") {
-            h.allow(&["name", "cert", "key", "self-signed"], &[])?;
-            let name = h.required_attr("name")?.to_ascii_lowercase();
-            hosts.push(Host {
-                cert: PathBuf::from(
-                    h.attr("cert")
-                        .map(str::to_owned)
-                        .unwrap_or(format!("var/certs/{name}.crt")),
-                ),
-                key: PathBuf::from(
-                    h.attr("key")
-                        .map(str::to_owned)
-                        .unwrap_or(format!("var/certs/{name}.key")),
-                ),
-                self_signed: h.bool_attr("self-signed", false)?,
-                name,
-            });
-        }
-        if hosts.is_empty() {
-            return Err(root.error("at least one <host name='DOMAIN'/> is required"));
-        }
-        let mut listen = vec![];
-        for l in root.children("listen") {
-            l.allow(&["address", "port", "mode"], &[])?;
-            let mode = match l.attr("mode").unwrap_or("starttls") {
-                "starttls" => ListenMode::StartTls,
-                "tls" => ListenMode::DirectTls,
-                other => {
-                    return Err(l.error(format!(
-                        "attribute 'mode' = '{other}': expected starttls or tls"
-                    )))
-                }
-            };
-            let default_port = if mode == ListenMode::StartTls {
-                5222
-            } else {
-                5223
-            };
-            listen.push(Listen {
-                address: l.attr("address").unwrap_or("::").to_owned(),
-                port: l
-                    .parse_attr("port", "a port number (0-65535)")?
-                    .unwrap_or(default_port),
-                mode,
-            });
-        }
+        let hosts = Host::all_from(&root, "")?;
+        let listen = Listen::all_from(&root, 5222, 5223)?;
         if listen.is_empty() {
             return Err(root.error("at least one <listen/> is required"));
         }

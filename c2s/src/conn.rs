@@ -21,7 +21,7 @@ use jrs_stream::{
     Frame, Stanza, StanzaErrorCondition, StreamError, StreamErrorCondition, StreamHeader,
 };
 
-use crate::config::ListenMode;
+use crate::config::TlsMode;
 use crate::limits::ByteRate;
 use crate::sasl::{self, ScramExchange, Step};
 use crate::shared::{SessionHandle, Shared, ToClient};
@@ -74,10 +74,10 @@ struct Conn {
 }
 
 /// Serves one accepted TCP connection.
-pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: ListenMode) {
+pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: TlsMode) {
     let stream = match mode {
-        ListenMode::StartTls => ClientStream::Plain(tcp),
-        ListenMode::DirectTls => {
+        TlsMode::StartTls => ClientStream::Plain(tcp),
+        TlsMode::Direct => {
             let acceptor = tokio_rustls::TlsAcceptor::from(shared.tls.direct.clone());
             match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
                 Ok(Ok(tls)) => ClientStream::Tls(Box::new(tls)),

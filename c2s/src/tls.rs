@@ -2,9 +2,6 @@
 //! the TLS settings of both listener kinds.
 
 use std::collections::HashMap;
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -12,7 +9,7 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use tracing::{info, warn};
 
-use jrs_component::transport::{load_certs, load_key};
+use jrs_component::transport::{load_certs, load_key, write_self_signed};
 
 use crate::config::Host;
 
@@ -84,25 +81,9 @@ pub fn load(hosts: &[Host]) -> anyhow::Result<Tls> {
     })
 }
 
-/// Writes a self-signed certificate for the host (key readable by the owner only).
+/// Writes a self-signed certificate for the host.
 fn make_self_signed(host: &Host) -> anyhow::Result<()> {
-    let generated = rcgen::generate_simple_self_signed(vec![host.name.clone()])
-        .with_context(|| format!("making a certificate for {}", host.name))?;
-    for path in [&host.cert, &host.key] {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-    }
-    fs::write(&host.cert, generated.cert.pem())
-        .with_context(|| format!("writing {}", host.cert.display()))?;
-    let mut key = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&host.key)
-        .with_context(|| format!("writing {}", host.key.display()))?;
-    key.write_all(generated.signing_key.serialize_pem().as_bytes())?;
+    write_self_signed(&host.name, &host.cert, &host.key)?;
     info!(host = %host.name, cert = %host.cert.display(), "made a self-signed certificate");
     warn!(host = %host.name, "clients will not trust a self-signed certificate: configure a real one for production");
     Ok(())

@@ -6,7 +6,7 @@ use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{info, warn};
 
-use jrs_component::transport::{load_certs, load_key};
+use jrs_component::transport::{load_certs, load_key, spawn_accept_loop};
 
 use crate::config::Listen;
 use crate::link;
@@ -38,32 +38,18 @@ pub async fn start_all(router: &Arc<Router>) -> anyhow::Result<()> {
                 info!(addr = %listener.local_addr()?, tls = use_tls, "listening");
                 let acceptor = if use_tls { tls.clone() } else { None };
                 let router = router.clone();
-                tokio::spawn(async move {
-                    loop {
-                        let (socket, peer) = match listener.accept().await {
-                            Ok(x) => x,
-                            Err(e) => {
-                                warn!(error = %e, "accept failed");
-                                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                                continue;
-                            }
-                        };
-                        let _ = socket.set_nodelay(true);
-                        let router = router.clone();
-                        let acceptor = acceptor.clone();
-                        tokio::spawn(async move {
-                            match acceptor {
-                                None => {
-                                    link::serve(router, Box::new(socket), peer.to_string()).await
+                spawn_accept_loop(listener, move |socket, peer| {
+                    let (router, acceptor) = (router.clone(), acceptor.clone());
+                    async move {
+                        match acceptor {
+                            None => link::serve(router, Box::new(socket), peer.to_string()).await,
+                            Some(acceptor) => match acceptor.accept(socket).await {
+                                Ok(tls) => {
+                                    link::serve(router, Box::new(tls), peer.to_string()).await
                                 }
-                                Some(acceptor) => match acceptor.accept(socket).await {
-                                    Ok(tls) => {
-                                        link::serve(router, Box::new(tls), peer.to_string()).await
-                                    }
-                                    Err(e) => warn!(%peer, error = %e, "TLS handshake failed"),
-                                },
-                            }
-                        });
+                                Err(e) => warn!(%peer, error = %e, "TLS handshake failed"),
+                            },
+                        }
                     }
                 });
             }

@@ -8,43 +8,7 @@ use std::time::Duration;
 use jrs_config::{LogConfig, Node, Result, RouterLink};
 use jrs_stream::Limits;
 
-/// How a connection starts its TLS.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum TlsMode {
-    /// Plain TCP upgraded with STARTTLS (`_xmpp-server._tcp`, port 5269).
-    StartTls,
-    /// TLS from the first byte (XEP-0368, `_xmpps-server._tcp`), ALPN `xmpp-server`.
-    Direct,
-}
-
-impl TlsMode {
-    fn parse(node: &Node, value: Option<&str>) -> Result<TlsMode> {
-        match value.unwrap_or("starttls") {
-            "starttls" => Ok(TlsMode::StartTls),
-            "tls" => Ok(TlsMode::Direct),
-            other => Err(node.error(format!(
-                "attribute 'mode' = '{other}': expected starttls or tls"
-            ))),
-        }
-    }
-}
-
-/// A listener for remote servers.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Listen {
-    pub address: String,
-    pub port: u16,
-    pub mode: TlsMode,
-}
-
-/// A local domain s2s speaks for, with its certificate.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Host {
-    pub name: String,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-    pub self_signed: bool,
-}
+pub use jrs_config::{Listener as Listen, TlsHost as Host, TlsMode};
 
 /// Where to connect for a remote domain: from the static map or from DNS.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -97,45 +61,9 @@ impl S2sConfig {
                 "timeouts", "limits", "log",
             ],
         )?;
-        let mut hosts = vec![];
-        for h in root.children("host") {
-            h.allow(&["name", "cert", "key", "self-signed"], &[])?;
-            let name = h.required_attr("name")?.to_ascii_lowercase();
-            hosts.push(Host {
-                cert: PathBuf::from(
-                    h.attr("cert")
-                        .map(str::to_owned)
-                        .unwrap_or(format!("var/certs/{name}.crt")),
-                ),
-                key: PathBuf::from(
-                    h.attr("key")
-                        .map(str::to_owned)
-                        .unwrap_or(format!("var/certs/{name}.key")),
-                ),
-                self_signed: h.bool_attr("self-signed", false)?,
-                name,
-            });
-        }
-        if hosts.is_empty() {
-            return Err(root.error("at least one <host name='DOMAIN'/> is required"));
-        }
-        let mut listen = vec![];
-        for l in root.children("listen") {
-            l.allow(&["address", "port", "mode"], &[])?;
-            let mode = TlsMode::parse(l, l.attr("mode"))?;
-            let default_port = if mode == TlsMode::StartTls {
-                5269
-            } else {
-                5270
-            };
-            listen.push(Listen {
-                address: l.attr("address").unwrap_or("::").to_owned(),
-                port: l
-                    .parse_attr("port", "a port number (0-65535)")?
-                    .unwrap_or(default_port),
-                mode,
-            });
-        }
+        // Default certificate files differ from c2s's, so the two never write the same.
+        let hosts = Host::all_from(&root, "s2s-")?;
+        let listen = Listen::all_from(&root, 5269, 5270)?;
         let (mut require_encryption, mut accept_unverified, mut ca_file) = (true, true, None);
         if let Some(t) = root.child("tls")? {
             t.allow(&["require-encryption", "accept-unverified", "ca-file"], &[])?;
@@ -170,7 +98,7 @@ impl S2sConfig {
         for r in root.children("route") {
             r.allow(&["domain", "address", "port", "mode"], &[])?;
             let domain = r.required_attr("domain")?.to_ascii_lowercase();
-            let mode = TlsMode::parse(r, r.attr("mode"))?;
+            let mode = TlsMode::from_attr(r)?;
             routes.entry(domain).or_default().push(Target {
                 host: r.required_attr("address")?.to_owned(),
                 port: r.parse_attr("port", "a port number")?.unwrap_or(5269),

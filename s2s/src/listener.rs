@@ -5,7 +5,9 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tokio::net::TcpListener;
-use tracing::{info, info_span, warn, Instrument};
+use tracing::{info, info_span, Instrument};
+
+use jrs_component::transport::spawn_accept_loop;
 
 use crate::incoming;
 use crate::shared::Shared;
@@ -17,27 +19,14 @@ pub async fn start_all(shared: &Arc<Shared>) -> anyhow::Result<()> {
             .with_context(|| format!("listening on [{}]:{}", listen.address, listen.port))?;
         info!(addr = %listener.local_addr()?, mode = ?listen.mode, "listening for remote servers");
         let shared = shared.clone();
-        tokio::spawn(async move {
-            loop {
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(x) => x,
-                    Err(e) => {
-                        warn!(error = %e, "accept failed");
-                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                        continue;
-                    }
-                };
-                let _ = tcp.set_nodelay(true);
-                let span = info_span!(
-                    "in",
-                    %peer,
-                    remote = tracing::field::Empty,
-                    id = tracing::field::Empty
-                );
-                tokio::spawn(
-                    incoming::serve(shared.clone(), tcp, peer, listen.mode).instrument(span),
-                );
-            }
+        spawn_accept_loop(listener, move |tcp, peer| {
+            let span = info_span!(
+                "in",
+                %peer,
+                remote = tracing::field::Empty,
+                id = tracing::field::Empty
+            );
+            incoming::serve(shared.clone(), tcp, peer, listen.mode).instrument(span)
         });
     }
     Ok(())

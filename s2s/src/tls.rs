@@ -5,9 +5,6 @@
 //! the connection records whether it verified for the remote domain.
 
 use std::collections::HashMap;
-use std::fs;
-use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::sync::Arc;
 
@@ -23,7 +20,7 @@ use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use tracing::{info, warn};
 
-use jrs_component::transport::{load_certs, load_key};
+use jrs_component::transport::{load_certs, load_key, write_self_signed};
 
 use crate::config::{Host, S2sConfig};
 
@@ -279,25 +276,9 @@ impl ClientCertVerifier for AnyClientCert {
     }
 }
 
-/// Writes a self-signed certificate for the host (key readable by the owner only).
+/// Writes a self-signed certificate for the host.
 fn make_self_signed(host: &Host) -> anyhow::Result<()> {
-    let generated = rcgen::generate_simple_self_signed(vec![host.name.clone()])
-        .with_context(|| format!("making a certificate for {}", host.name))?;
-    for path in [&host.cert, &host.key] {
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-    }
-    fs::write(&host.cert, generated.cert.pem())
-        .with_context(|| format!("writing {}", host.cert.display()))?;
-    let mut key = fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&host.key)
-        .with_context(|| format!("writing {}", host.key.display()))?;
-    key.write_all(generated.signing_key.serialize_pem().as_bytes())?;
+    write_self_signed(&host.name, &host.cert, &host.key)?;
     info!(host = %host.name, cert = %host.cert.display(), "made a self-signed certificate");
     warn!(host = %host.name, "remote servers will not trust a self-signed certificate: they can only use dialback with it");
     Ok(())

@@ -37,6 +37,56 @@ pub fn load_key(path: &Path) -> anyhow::Result<PrivateKeyDer<'static>> {
         .with_context(|| format!("reading a private key from {}", path.display()))
 }
 
+/// Writes a self-signed certificate for `name` to `cert` and its key to `key` (readable by
+/// the owner only), creating their directories: what c2s and s2s make on first start
+/// when configured with `self-signed="true"` and the files do not exist.
+pub fn write_self_signed(name: &str, cert: &Path, key: &Path) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let generated = rcgen::generate_simple_self_signed(vec![name.to_owned()])
+        .with_context(|| format!("making a certificate for {name}"))?;
+    for path in [cert, key] {
+        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+    }
+    std::fs::write(cert, generated.cert.pem())
+        .with_context(|| format!("writing {}", cert.display()))?;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(key)
+        .and_then(|mut f| f.write_all(generated.signing_key.serialize_pem().as_bytes()))
+        .with_context(|| format!("writing {}", key.display()))?;
+    Ok(())
+}
+
+/// Accepts connections on `listener` for ever, spawning `serve(stream, peer)` for each
+/// (Nagle off: XMPP stanzas are small and latency matters). A failed accept (out of file
+/// descriptors, say) is logged and retried shortly, never fatal.
+pub fn spawn_accept_loop<F, Fut>(listener: tokio::net::TcpListener, serve: F)
+where
+    F: Fn(TcpStream, std::net::SocketAddr) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match listener.accept().await {
+                Ok((tcp, peer)) => {
+                    let _ = tcp.set_nodelay(true);
+                    tokio::spawn(serve(tcp, peer));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    });
+}
+
 /// Opens the byte stream to the router described by `link`.
 pub async fn connect(link: &RouterLink) -> anyhow::Result<BoxIo> {
     if let Some(path) = &link.unix {

@@ -144,3 +144,98 @@ pub fn limits_from_node(
             .unwrap_or(default.max_depth),
     })
 }
+
+/// How a listener or an outgoing connection starts TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain TCP upgraded with STARTTLS (5222 for clients, 5269 for servers).
+    StartTls,
+    /// TLS from the first byte (XEP-0368: 5223, 5270).
+    Direct,
+}
+
+impl TlsMode {
+    /// Reads `mode="starttls|tls"` (default starttls).
+    pub fn from_attr(node: &Node) -> Result<TlsMode> {
+        match node.attr("mode").unwrap_or("starttls") {
+            "starttls" => Ok(TlsMode::StartTls),
+            "tls" => Ok(TlsMode::Direct),
+            other => Err(node.error(format!(
+                "attribute 'mode' = '{other}': expected starttls or tls"
+            ))),
+        }
+    }
+}
+
+/// `<listen address=".." port=".." mode="starttls|tls"/>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Listener {
+    pub address: String,
+    pub port: u16,
+    pub mode: TlsMode,
+}
+
+impl Listener {
+    /// Every `<listen/>` of `root`; the port defaults by mode.
+    pub fn all_from(root: &Node, starttls_port: u16, direct_port: u16) -> Result<Vec<Listener>> {
+        root.children("listen")
+            .map(|l| {
+                l.allow(&["address", "port", "mode"], &[])?;
+                let mode = TlsMode::from_attr(l)?;
+                let default_port = if mode == TlsMode::StartTls {
+                    starttls_port
+                } else {
+                    direct_port
+                };
+                Ok(Listener {
+                    address: l.attr("address").unwrap_or("::").to_owned(),
+                    port: l
+                        .parse_attr("port", "a port number (0-65535)")?
+                        .unwrap_or(default_port),
+                    mode,
+                })
+            })
+            .collect()
+    }
+}
+
+/// `<host name=".." cert=".." key=".." self-signed=".."/>`: a served domain and its
+/// certificate chain and key (PEM).
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsHost {
+    pub name: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Make a self-signed certificate at start when the files do not exist.
+    pub self_signed: bool,
+}
+
+impl TlsHost {
+    /// Every `<host/>` of `root` (at least one); files default to `var/certs/{prefix}NAME`.
+    pub fn all_from(root: &Node, file_prefix: &str) -> Result<Vec<TlsHost>> {
+        let mut hosts = vec![];
+        for h in root.children("host") {
+            h.allow(&["name", "cert", "key", "self-signed"], &[])?;
+            let name = h.required_attr("name")?.to_ascii_lowercase();
+            let default = |ext: &str| format!("var/certs/{file_prefix}{name}.{ext}");
+            hosts.push(TlsHost {
+                cert: PathBuf::from(
+                    h.attr("cert")
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| default("crt")),
+                ),
+                key: PathBuf::from(
+                    h.attr("key")
+                        .map(str::to_owned)
+                        .unwrap_or_else(|| default("key")),
+                ),
+                self_signed: h.bool_attr("self-signed", false)?,
+                name,
+            });
+        }
+        if hosts.is_empty() {
+            return Err(root.error("at least one <host name='DOMAIN'/> is required"));
+        }
+        Ok(hosts)
+    }
+}
