@@ -15,14 +15,12 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert};
-use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use tracing::{info, warn};
+use tracing::warn;
 
-use jrs_component::transport::{load_certs, load_key, write_self_signed};
+use jrs_component::transport::load_host_certs;
 
-use crate::config::{Host, S2sConfig};
+use crate::config::S2sConfig;
 
 /// ALPN protocol of server-to-server direct TLS (XEP-0368).
 pub const ALPN_XMPP_SERVER: &[u8] = b"xmpp-server";
@@ -42,39 +40,26 @@ pub struct Tls {
 impl Tls {
     pub fn load(config: &S2sConfig) -> anyhow::Result<Tls> {
         let provider = provider();
-        let mut by_name = HashMap::new();
-        let mut first = None;
+        let certs = load_host_certs(
+            &config.hosts,
+            "remote servers will not trust a self-signed certificate: they can only use dialback with it",
+        )?;
         let mut clients = HashMap::new();
-        for host in &config.hosts {
-            if host.self_signed && !(host.cert.exists() && host.key.exists()) {
-                make_self_signed(host)?;
-            }
-            let certs = load_certs(&host.cert)?;
-            let key = load_key(&host.key)?;
-            let signing = provider
-                .key_provider
-                .load_private_key(key.clone_key())
-                .with_context(|| format!("the key in {} cannot sign", host.key.display()))?;
-            let certified = Arc::new(CertifiedKey::new(certs.clone(), signing));
-            first.get_or_insert_with(|| certified.clone());
-            by_name.insert(host.name.clone(), certified);
+        for (name, (chain, key)) in &certs.chains {
             let client = |alpn: bool| -> anyhow::Result<Arc<rustls::ClientConfig>> {
                 let mut c = rustls::ClientConfig::builder()
                     .dangerous()
                     .with_custom_certificate_verifier(Arc::new(AnyServerCert(provider.clone())))
-                    .with_client_auth_cert(certs.clone(), key.clone_key())
+                    .with_client_auth_cert(chain.clone(), key.clone_key())
                     .context("client certificate")?;
                 if alpn {
                     c.alpn_protocols = vec![ALPN_XMPP_SERVER.to_vec()];
                 }
                 Ok(Arc::new(c))
             };
-            clients.insert(host.name.clone(), (client(false)?, client(true)?));
+            clients.insert(name.clone(), (client(false)?, client(true)?));
         }
-        let resolver = Arc::new(SniResolver {
-            by_name,
-            default: first.context("no host configured")?,
-        });
+        let resolver = certs.resolver;
         let server = |alpn: bool| {
             let mut s = rustls::ServerConfig::builder()
                 .with_client_cert_verifier(Arc::new(AnyClientCert(provider.clone())))
@@ -148,22 +133,6 @@ fn load_roots(ca_file: Option<&Path>) -> anyhow::Result<rustls::RootCertStore> {
         anyhow::bail!("no usable CA certificate in {}", path.display());
     }
     Ok(roots)
-}
-
-/// Picks the certificate of the domain the remote asked for (SNI).
-#[derive(Debug)]
-struct SniResolver {
-    by_name: HashMap<String, Arc<CertifiedKey>>,
-    default: Arc<CertifiedKey>,
-}
-
-impl ResolvesServerCert for SniResolver {
-    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let named = hello
-            .server_name()
-            .and_then(|n| self.by_name.get(&n.to_ascii_lowercase()));
-        Some(named.unwrap_or(&self.default).clone())
-    }
 }
 
 /// Accepts any server certificate during the handshake (checked afterwards, see the
@@ -274,12 +243,4 @@ impl ClientCertVerifier for AnyClientCert {
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.0.signature_verification_algorithms.supported_schemes()
     }
-}
-
-/// Writes a self-signed certificate for the host.
-fn make_self_signed(host: &Host) -> anyhow::Result<()> {
-    write_self_signed(&host.name, &host.cert, &host.key)?;
-    info!(host = %host.name, cert = %host.cert.display(), "made a self-signed certificate");
-    warn!(host = %host.name, "remote servers will not trust a self-signed certificate: they can only use dialback with it");
-    Ok(())
 }

@@ -63,6 +63,72 @@ pub fn write_self_signed(name: &str, cert: &Path, key: &Path) -> anyhow::Result<
     Ok(())
 }
 
+/// Picks the certificate of the domain a peer asked for with SNI; a peer that sends no SNI
+/// (or an unknown name) gets the first domain's.
+#[derive(Debug)]
+pub struct SniResolver {
+    by_name: std::collections::HashMap<String, Arc<rustls::sign::CertifiedKey>>,
+    default: Arc<rustls::sign::CertifiedKey>,
+}
+
+impl rustls::server::ResolvesServerCert for SniResolver {
+    fn resolve(
+        &self,
+        hello: rustls::server::ClientHello<'_>,
+    ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+        let named = hello
+            .server_name()
+            .and_then(|n| self.by_name.get(&n.to_ascii_lowercase()));
+        Some(named.unwrap_or(&self.default).clone())
+    }
+}
+
+/// The certificates of the served domains.
+pub struct HostCerts {
+    pub resolver: Arc<SniResolver>,
+    /// Chain and key per domain (s2s presents them as a client too).
+    pub chains:
+        std::collections::HashMap<String, (Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
+}
+
+/// Loads every host's certificate and key, making self-signed ones first where configured
+/// and missing (logging `self_signed_note` about what that means for peers).
+pub fn load_host_certs(
+    hosts: &[jrs_config::TlsHost],
+    self_signed_note: &str,
+) -> anyhow::Result<HostCerts> {
+    let provider = rustls::crypto::CryptoProvider::get_default()
+        .cloned()
+        .unwrap_or_else(|| Arc::new(rustls::crypto::aws_lc_rs::default_provider()));
+    let mut by_name = std::collections::HashMap::new();
+    let mut chains = std::collections::HashMap::new();
+    let mut first = None;
+    for host in hosts {
+        if host.self_signed && !(host.cert.exists() && host.key.exists()) {
+            write_self_signed(&host.name, &host.cert, &host.key)?;
+            tracing::info!(host = %host.name, cert = %host.cert.display(), "made a self-signed certificate");
+            tracing::warn!(host = %host.name, "{self_signed_note}");
+        }
+        let certs = load_certs(&host.cert)?;
+        let key = load_key(&host.key)?;
+        let signing = provider
+            .key_provider
+            .load_private_key(key.clone_key())
+            .with_context(|| format!("the key in {} cannot sign", host.key.display()))?;
+        let certified = Arc::new(rustls::sign::CertifiedKey::new(certs.clone(), signing));
+        first.get_or_insert_with(|| certified.clone());
+        by_name.insert(host.name.clone(), certified);
+        chains.insert(host.name.clone(), (certs, key));
+    }
+    Ok(HostCerts {
+        resolver: Arc::new(SniResolver {
+            by_name,
+            default: first.context("no host configured")?,
+        }),
+        chains,
+    })
+}
+
 /// Accepts connections on `listener` for ever, spawning `serve(stream, peer)` for each
 /// (Nagle off: XMPP stanzas are small and latency matters). A failed accept (out of file
 /// descriptors, say) is logged and retried shortly, never fatal.
