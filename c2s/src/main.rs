@@ -17,7 +17,7 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::info;
 
-use jrs_component::service::{exit_code, run_component, Bind, CommonArgs};
+use jrs_component::service::{exit_code, load_and_init, run_component, Bind, CommonArgs};
 use jrs_stream::Limits;
 
 use crate::config::C2sConfig;
@@ -37,13 +37,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let config = C2sConfig::load(&args.common.config)?;
-    if args.common.check {
-        println!("{}: ok", args.common.config.display());
+    let Some(config) = load_and_init(&args.common, C2sConfig::load, |c| c.log.clone())? else {
         return Ok(());
-    }
-    jrs_component::logging::init(&config.log);
-    jrs_component::transport::install_crypto_provider();
+    };
     raise_open_files_limit();
     let tls = tls::load(&config.hosts)?;
     let link = config.router.clone().for_instance(args.common.instance);

@@ -26,7 +26,7 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::{info, warn};
 
-use jrs_component::service::{exit_code, run_component, Bind, CommonArgs};
+use jrs_component::service::{exit_code, load_and_init, run_component, Bind, CommonArgs};
 use jrs_component::PacketType;
 use jrs_stream::Limits;
 
@@ -47,20 +47,19 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let config = S2sConfig::load(&args.common.config)?;
-    if args.common.check {
-        println!("{}: ok", args.common.config.display());
-        return Ok(());
-    }
     // hickory logs every DNS message at debug level: keep it to warnings unless RUST_LOG
     // asks for more.
-    let mut log = config.log.clone();
-    log.level = format!(
-        "{},hickory_net=warn,hickory_resolver=warn,hickory_proto=warn",
-        log.level
-    );
-    jrs_component::logging::init(&log);
-    jrs_component::transport::install_crypto_provider();
+    let quiet_dns = |c: &S2sConfig| {
+        let mut log = c.log.clone();
+        log.level = format!(
+            "{},hickory_net=warn,hickory_resolver=warn,hickory_proto=warn",
+            log.level
+        );
+        log
+    };
+    let Some(config) = load_and_init(&args.common, S2sConfig::load, quiet_dns)? else {
+        return Ok(());
+    };
     let tls = tls::Tls::load(&config)?;
     let secret = match &config.dialback_secret {
         Some(s) => s.clone(),

@@ -36,7 +36,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use jrs_component::service::{exit_code, run_component, Bind, CommonArgs};
+use jrs_component::service::{exit_code, load_and_init, run_component, Bind, CommonArgs};
 use jrs_component::PacketType;
 
 use crate::config::SmConfig;
@@ -56,13 +56,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let config = SmConfig::load(&args.common.config)?;
-    if args.common.check {
-        println!("{}: ok", args.common.config.display());
+    let Some(config) = load_and_init(&args.common, SmConfig::load, |c| c.log.clone())? else {
         return Ok(());
-    }
-    jrs_component::logging::init(&config.log);
-    jrs_component::transport::install_crypto_provider();
+    };
     let link = config.router.clone().for_instance(args.common.instance);
     // session and normal for every host, shared: several instances split the users by
     // the router's rendezvous hashing of the bare JID. Notices tell us when a c2s goes.

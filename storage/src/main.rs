@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use clap::Parser;
 use tracing::{debug, info, warn};
 
-use jrs_component::service::{exit_code, run_component, Bind, CommonArgs};
+use jrs_component::service::{exit_code, load_and_init, run_component, Bind, CommonArgs};
 use jrs_component::{Outbox, PacketType};
 use jrs_stream::Stanza;
 use jrs_xdb::{Op, Refusal, Request};
@@ -32,13 +32,9 @@ fn main() -> std::process::ExitCode {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
-    let config = StorageConfig::load(&args.common.config)?;
-    if args.common.check {
-        println!("{}: ok", args.common.config.display());
+    let Some(config) = load_and_init(&args.common, StorageConfig::load, |c| c.log.clone())? else {
         return Ok(());
-    }
-    jrs_component::logging::init(&config.log);
-    jrs_component::transport::install_crypto_provider();
+    };
     let link = config.router.clone().for_instance(args.common.instance);
     let binds: Vec<Bind> = config
         .hosts

@@ -29,6 +29,24 @@ pub struct CommonArgs {
     pub check: bool,
 }
 
+/// What every component does first: load its configuration (with `--check`, say it is
+/// fine and stop: `None`), then set up logging (with the level `log` picks) and the
+/// process's one TLS crypto provider.
+pub fn load_and_init<C>(
+    args: &CommonArgs,
+    load: impl FnOnce(&std::path::Path) -> jrs_config::Result<C>,
+    log: impl FnOnce(&C) -> jrs_config::LogConfig,
+) -> anyhow::Result<Option<C>> {
+    let config = load(&args.config)?;
+    if args.check {
+        println!("{}: ok", args.config.display());
+        return Ok(None);
+    }
+    crate::logging::init(&log(&config));
+    crate::transport::install_crypto_provider();
+    Ok(Some(config))
+}
+
 /// One route to bind after the handshake.
 #[derive(Debug, Clone)]
 pub struct Bind {
@@ -221,13 +239,14 @@ pub fn run_thin(
     text: &'static str,
 ) -> std::process::ExitCode {
     let result = (|| -> anyhow::Result<()> {
-        let config = BasicConfig::load(&args.config, program, needs_hosts)?;
-        if args.check {
-            println!("{}: ok", args.config.display());
+        let Some(config) = load_and_init(
+            &args,
+            |path| BasicConfig::load(path, program, needs_hosts),
+            |c| c.log.clone(),
+        )?
+        else {
             return Ok(());
-        }
-        crate::logging::init(&config.log);
-        crate::transport::install_crypto_provider();
+        };
         let link = config.router.clone().for_instance(args.instance);
         let binds = binds(&config.hosts);
         info!(name = %link.name, "{program} starting");
