@@ -16,6 +16,15 @@ use crate::users::Inbound;
 use crate::xml::{Element, NS_CLIENT};
 
 impl User {
+    /// Delivers `presence` to each of the user's available resources, addressed to it.
+    fn to_own_resources(&self, presence: &Element) {
+        for j in self.available() {
+            let mut p = presence.clone();
+            p.set_attr("to", self.sessions[j].full.clone());
+            self.deliver(j, p.to_stanza().as_bytes());
+        }
+    }
+
     /// Presence from the user's client.
     pub async fn presence_from_client(&mut self, idx: usize, stanza: Stanza, to: Option<Jid>) {
         let kind = stanza.kind().map(str::to_owned);
@@ -108,11 +117,7 @@ impl User {
             Err(e) => warn!("presence not broadcast to contacts, the roster is unavailable: {e}"),
         }
         // The user's own available resources, this one included (4.2.2).
-        for j in self.available() {
-            let mut p = el.clone();
-            p.set_attr("to", self.sessions[j].full.clone());
-            self.deliver(j, p.to_stanza().as_bytes());
-        }
+        self.to_own_resources(&el);
         if initial {
             // The presence of the user's other available resources, to the new one.
             for j in self.available() {
@@ -179,11 +184,7 @@ impl User {
                 }
                 Err(e) => warn!("unavailable presence not broadcast to contacts: {e}"),
             }
-            for j in self.available() {
-                let mut p = el.clone();
-                p.set_attr("to", self.sessions[j].full.clone());
-                self.deliver(j, p.to_stanza().as_bytes());
-            }
+            self.to_own_resources(&el);
         }
         for d in directed {
             if sent.insert(d.to_string()) {
