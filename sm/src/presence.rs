@@ -184,7 +184,7 @@ impl User {
                 }
                 Err(e) => warn!("unavailable presence not broadcast to contacts: {e}"),
             }
-            self.to_own_resources(&el);
+            self.to_own_resources(el);
         }
         for d in directed {
             if sent.insert(d.to_string()) {
