@@ -16,7 +16,7 @@ use tokio::sync::oneshot;
 use jrs_component::Outbox;
 use jrs_stream::{Stanza, StanzaErrorCondition};
 
-use crate::{Op, Refusal, Request};
+use crate::{archive, Op, Refusal, Request};
 
 /// Why a storage request failed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -30,6 +30,13 @@ pub enum XdbError {
 }
 
 type Answer = Result<Bytes, Refusal>;
+
+/// A request sent and not yet answered (see [`XdbClient::finish`]).
+#[derive(Debug)]
+pub struct Sent {
+    request: Request,
+    rx: oneshot::Receiver<Answer>,
+}
 
 pub struct XdbClient {
     /// Our component name: the `from` of requests, where answers come back.
@@ -93,6 +100,50 @@ impl XdbClient {
         self.request(Op::Take, owner, ns, Bytes::new(), None).await
     }
 
+    /// Sends an `archive-append` now and returns it, to be awaited with
+    /// [`XdbClient::finish`] later: the archive writer need not wait before going on,
+    /// and requests still reach storage in the order they were made.
+    pub fn archive_append(
+        &self,
+        owner: &str,
+        ns: &str,
+        items: &[archive::Item],
+        retention: archive::Retention,
+    ) -> Result<Sent, XdbError> {
+        let mut request = self.make(
+            Op::ArchiveAppend,
+            owner,
+            ns,
+            archive::items_to_xml(items).into(),
+        );
+        request.max_items = retention.max_items.map(|n| n as usize);
+        request.max_age = retention.max_age;
+        self.send(request)
+    }
+
+    pub async fn archive_query(
+        &self,
+        owner: &str,
+        ns: &str,
+        query: &archive::Query,
+    ) -> Result<archive::Page, XdbError> {
+        let request = self.make(Op::ArchiveQuery, owner, ns, query.to_xml().into());
+        let answer = self.finish(self.send(request)?).await?;
+        archive::Page::parse(&answer).map_err(XdbError::Refused)
+    }
+
+    pub async fn archive_trim(
+        &self,
+        owner: &str,
+        ns: &str,
+        retention: archive::Retention,
+    ) -> Result<(), XdbError> {
+        let mut request = self.make(Op::ArchiveTrim, owner, ns, Bytes::new());
+        request.max_items = retention.max_items.map(|n| n as usize);
+        request.max_age = retention.max_age;
+        self.finish(self.send(request)?).await.map(drop)
+    }
+
     pub async fn request(
         &self,
         op: Op,
@@ -101,40 +152,65 @@ impl XdbClient {
         content: Bytes,
         max_items: Option<usize>,
     ) -> Result<Bytes, XdbError> {
-        let tries = if op == Op::Append { 1 } else { 2 };
-        for _ in 0..tries {
-            let id = format!("x{}", self.next_id.fetch_add(1, Ordering::Relaxed));
-            let request = Request {
-                op,
-                owner: owner.to_owned(),
-                ns: ns.to_owned(),
-                id: id.clone(),
-                from: self.me.clone(),
-                max_items,
-                content: content.clone(),
-            };
-            let (tx, rx) = oneshot::channel();
-            self.pending
-                .lock()
-                .expect("xdb lock")
-                .insert(id.clone(), tx);
-            let sent = match &*self.outbox.lock().expect("xdb lock") {
-                Some(outbox) => outbox.send(request.to_xml()),
-                None => false,
-            };
-            if !sent {
-                self.pending.lock().expect("xdb lock").remove(&id);
-                return Err(XdbError::LinkDown);
-            }
-            match tokio::time::timeout(self.timeout, rx).await {
+        let mut request = self.make(op, owner, ns, content);
+        request.max_items = max_items;
+        self.finish(self.send(request)?).await
+    }
+
+    fn make(&self, op: Op, owner: &str, ns: &str, content: Bytes) -> Request {
+        Request {
+            op,
+            owner: owner.to_owned(),
+            ns: ns.to_owned(),
+            id: String::new(),
+            from: self.me.clone(),
+            max_items: None,
+            max_age: None,
+            content,
+        }
+    }
+
+    /// Sends `request` under a fresh id.
+    fn send(&self, mut request: Request) -> Result<Sent, XdbError> {
+        request.id = format!("x{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        let (tx, rx) = oneshot::channel();
+        self.pending
+            .lock()
+            .expect("xdb lock")
+            .insert(request.id.clone(), tx);
+        let sent = match &*self.outbox.lock().expect("xdb lock") {
+            Some(outbox) => outbox.send(request.to_xml()),
+            None => false,
+        };
+        if !sent {
+            self.pending.lock().expect("xdb lock").remove(&request.id);
+            return Err(XdbError::LinkDown);
+        }
+        Ok(Sent { request, rx })
+    }
+
+    /// Waits for the answer to a sent request. Unanswered after the timeout, it is sent
+    /// once more when that is harmless: every operation but `append` (archive appends
+    /// carry ids, so storage skips items it has already).
+    pub async fn finish(&self, mut sent: Sent) -> Result<Bytes, XdbError> {
+        let mut retry = sent.request.op != Op::Append;
+        loop {
+            match tokio::time::timeout(self.timeout, &mut sent.rx).await {
                 Ok(Ok(answer)) => return answer.map_err(XdbError::Refused),
                 Ok(Err(_)) => return Err(XdbError::LinkDown),
                 Err(_) => {
-                    self.pending.lock().expect("xdb lock").remove(&id);
+                    self.pending
+                        .lock()
+                        .expect("xdb lock")
+                        .remove(&sent.request.id);
+                    if !retry {
+                        return Err(XdbError::Timeout);
+                    }
+                    retry = false;
+                    sent = self.send(sent.request)?;
                 }
             }
         }
-        Err(XdbError::Timeout)
     }
 
     /// Hands an `<xdb/>` answer to the request waiting for it. Returns false if nobody

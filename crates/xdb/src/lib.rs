@@ -9,6 +9,7 @@
 //! The owner is the `to` of a request: a bare JID, or a domain for data of the host. The
 //! router routes requests by the owner's domain, so one storage component per domain.
 
+pub mod archive;
 pub mod client;
 
 pub use client::{XdbClient, XdbError};
@@ -36,6 +37,13 @@ pub enum Op {
     Take,
     /// For a domain owner: the bare JIDs that have data stored, as `<owner jid='..'/>`.
     List,
+    /// Adds items to the end of the archive `ns` (see [`archive`]); `max-items` and
+    /// `max-age` apply retention after it.
+    ArchiveAppend,
+    /// Returns a page of the archive `ns` (see [`archive::Query`], [`archive::Page`]).
+    ArchiveQuery,
+    /// Applies retention (`max-items`, `max-age`) to the archive `ns`.
+    ArchiveTrim,
 }
 
 impl Op {
@@ -47,13 +55,26 @@ impl Op {
             Op::Append => "append",
             Op::Take => "take",
             Op::List => "list",
+            Op::ArchiveAppend => "archive-append",
+            Op::ArchiveQuery => "archive-query",
+            Op::ArchiveTrim => "archive-trim",
         }
     }
 
     pub fn parse(s: &str) -> Option<Op> {
-        [Op::Get, Op::Set, Op::Delete, Op::Append, Op::Take, Op::List]
-            .into_iter()
-            .find(|o| o.name() == s)
+        [
+            Op::Get,
+            Op::Set,
+            Op::Delete,
+            Op::Append,
+            Op::Take,
+            Op::List,
+            Op::ArchiveAppend,
+            Op::ArchiveQuery,
+            Op::ArchiveTrim,
+        ]
+        .into_iter()
+        .find(|o| o.name() == s)
     }
 }
 
@@ -66,6 +87,8 @@ pub struct Request {
     pub id: String,
     pub from: String,
     pub max_items: Option<usize>,
+    /// Archive retention by age, in seconds (archive operations only).
+    pub max_age: Option<u64>,
     pub content: Bytes,
 }
 
@@ -91,7 +114,7 @@ impl Request {
         let op = stanza
             .kind()
             .and_then(Op::parse)
-            .ok_or_else(|| bad("type must be get, set, delete, append, take or list"))?;
+            .ok_or_else(|| bad("type must be get, set, delete, append, take, list, archive-append, archive-query or archive-trim"))?;
         let owner = stanza
             .attr("to")
             .filter(|s| !s.is_empty())
@@ -107,6 +130,13 @@ impl Request {
                     .map_err(|_| bad("max-items must be a whole number"))?,
             ),
         };
+        let max_age = match stanza.attr("max-age") {
+            None => None,
+            Some(v) => Some(
+                v.parse()
+                    .map_err(|_| bad("max-age must be a whole number of seconds"))?,
+            ),
+        };
         Ok(Request {
             op,
             owner,
@@ -114,6 +144,7 @@ impl Request {
             id: stanza.attr("id").unwrap_or_default(),
             from: stanza.attr("from").unwrap_or_default(),
             max_items,
+            max_age,
             content: Bytes::copy_from_slice(stanza.inner()),
         })
     }
@@ -130,6 +161,9 @@ impl Request {
         );
         if let Some(max) = self.max_items {
             s.push_str(&format!(" max-items='{max}'"));
+        }
+        if let Some(age) = self.max_age {
+            s.push_str(&format!(" max-age='{age}'"));
         }
         if self.content.is_empty() {
             s.push_str("/>");
@@ -167,6 +201,7 @@ mod tests {
             id: "9".into(),
             from: "sm-1".into(),
             max_items: Some(100),
+            max_age: None,
             content: Bytes::from_static(b"<message to='alice@localhost'/>"),
         };
         let parsed = Request::parse(&Stanza::parse(Bytes::from(req.to_xml())).unwrap()).unwrap();
