@@ -71,7 +71,8 @@ pub struct Query {
     /// Exclusive id bounds.
     pub after_id: Option<String>,
     pub before_id: Option<String>,
-    /// When not empty: only these items (ids not in the archive are left out).
+    /// When not empty: only these items (an id not in the archive is `item-not-found`,
+    /// as XEP-0313 asks).
     pub ids: Vec<String>,
     pub paging: Paging,
 }
@@ -400,6 +401,9 @@ pub fn select(archive: &[Item], q: &Query) -> Result<Page, Refusal> {
         Some(id) => position(id)?,
         None => archive.len(),
     };
+    for id in &q.ids {
+        position(id)?;
+    }
     let matching: Vec<usize> = (lo..hi.max(lo))
         .filter(|&p| {
             let i = &archive[p];
@@ -716,7 +720,7 @@ mod tests {
         .unwrap();
         assert_eq!(ids(&bounded), ["0008", "0009", "0010"]);
         let some = q(Query {
-            ids: vec!["0002".into(), "0009".into(), "nope".into()],
+            ids: vec!["0009".into(), "0002".into()],
             paging: Paging {
                 max: 50,
                 ..Paging::default()
@@ -725,6 +729,12 @@ mod tests {
         })
         .unwrap();
         assert_eq!(ids(&some), ["0002", "0009"]);
+        let unknown = q(Query {
+            ids: vec!["0002".into(), "nope".into()],
+            ..Query::default()
+        })
+        .unwrap_err();
+        assert_eq!(unknown.condition, StanzaErrorCondition::ItemNotFound);
         let missing = q(Query {
             before_id: Some("nope".into()),
             ..Query::default()
