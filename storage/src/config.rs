@@ -14,6 +14,10 @@ pub struct StorageConfig {
     pub cache_entries: usize,
     /// Threads doing file operations (each owner always on the same one).
     pub workers: usize,
+    /// Items per segment of new message archives.
+    pub archive_segment_items: u64,
+    /// Archive files kept open, in all (split between the worker threads).
+    pub archive_open_files: usize,
     pub limits: Limits,
     pub log: LogConfig,
 }
@@ -21,7 +25,12 @@ pub struct StorageConfig {
 impl StorageConfig {
     pub fn load(path: &Path) -> Result<StorageConfig> {
         let root = Node::load(path, "xdb-file")?;
-        root.allow(&[], &["router", "host", "spool", "cache", "limits", "log"])?;
+        root.allow(
+            &[],
+            &[
+                "router", "host", "spool", "cache", "archive", "limits", "log",
+            ],
+        )?;
         let hosts: Vec<String> = root
             .children("host")
             .map(|h| h.text.to_ascii_lowercase())
@@ -48,12 +57,28 @@ impl StorageConfig {
                 .parse_attr("max-entries", "a number of entries")?
                 .unwrap_or(cache_entries);
         }
+        let mut archive_segment_items = crate::archive::SEGMENT_ITEMS;
+        let mut archive_open_files = 512;
+        if let Some(archive) = root.child("archive")? {
+            archive.allow(&["segment-items", "open-files"], &[])?;
+            archive_segment_items = archive
+                .parse_attr("segment-items", "a number of items (at least 1)")?
+                .unwrap_or(archive_segment_items);
+            archive_open_files = archive
+                .parse_attr("open-files", "a number of files")?
+                .unwrap_or(archive_open_files);
+            if archive_segment_items == 0 {
+                return Err(archive.error("attribute 'segment-items' must be at least 1"));
+            }
+        }
         Ok(StorageConfig {
             router: RouterLink::from_node(root.required_child("router")?)?,
             hosts,
             spool: PathBuf::from(spool.required_attr("dir")?),
             cache_entries,
             workers,
+            archive_segment_items,
+            archive_open_files,
             // Storage requests carry whole rosters and offline lists: allow more than a
             // client stanza.
             limits: limits_from_node(

@@ -2,6 +2,7 @@
 //! take, list) from files under a spool directory. See `docs/protocol.md` and
 //! `docs/storage.md`.
 
+mod archive;
 mod config;
 mod spool;
 
@@ -15,6 +16,7 @@ use jrs_component::{Outbox, PacketType};
 use jrs_stream::Stanza;
 use jrs_xdb::{Op, Refusal, Request};
 
+use crate::archive::Archives;
 use crate::config::StorageConfig;
 use crate::spool::{Owner, Spool};
 
@@ -56,10 +58,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     for n in 0..config.workers {
         let (tx, queue) = mpsc::channel::<(Stanza, Outbox)>();
         let mut spool = Spool::new(spool_dir.clone(), config.cache_entries / config.workers + 1);
+        let open_files = (config.archive_open_files / config.workers).max(8);
+        let segment_items = config.archive_segment_items;
         let hosts = config.hosts.clone();
         std::thread::Builder::new()
             .name(format!("spool-{n}"))
             .spawn(move || {
+                // Open files are per thread (not `Send`): made here.
+                let mut archives = Archives::new(ARCHIVES_PER_WORKER, open_files, segment_items);
                 // Group commit: answer everything queued, make it durable at once, then
                 // send the answers (none before its data is on disk).
                 while let Ok(first) = queue.recv() {
@@ -72,9 +78,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                     }
                     let answers: Vec<_> = batch
                         .iter()
-                        .map(|(request, _)| answer(&mut spool, &hosts, request))
+                        .map(|(request, _)| answer(&mut spool, &mut archives, &hosts, request))
                         .collect();
                     let durable = spool.commit();
+                    if durable.is_err() {
+                        archives.clear();
+                    }
                     for ((request, outbox), reply) in batch.into_iter().zip(answers) {
                         match &durable {
                             Ok(()) => outbox.send(reply),
@@ -129,6 +138,9 @@ fn run(args: Args) -> anyhow::Result<()> {
 /// Most requests answered by one group commit.
 const MAX_BATCH: usize = 256;
 
+/// Archives whose state (segments, last id) a worker thread keeps.
+const ARCHIVES_PER_WORKER: usize = 256;
+
 /// The worker thread of an owner: FNV-1a of the owner as written (case-folded, so
 /// `Alice@x` and `alice@x` meet on the same thread).
 fn worker_for(owner: &str, workers: usize) -> usize {
@@ -139,8 +151,13 @@ fn worker_for(owner: &str, workers: usize) -> usize {
 }
 
 /// Serves one request; always returns an answer (result or error).
-fn answer(spool: &mut Spool, hosts: &[String], stanza: &Stanza) -> bytes::Bytes {
-    match serve(spool, hosts, stanza) {
+fn answer(
+    spool: &mut Spool,
+    archives: &mut Archives,
+    hosts: &[String],
+    stanza: &Stanza,
+) -> bytes::Bytes {
+    match serve(spool, archives, hosts, stanza) {
         Ok((request, content)) => request.result(&content),
         Err(refusal) => {
             warn!(
@@ -159,6 +176,7 @@ fn answer(spool: &mut Spool, hosts: &[String], stanza: &Stanza) -> bytes::Bytes 
 
 fn serve(
     spool: &mut Spool,
+    archives: &mut Archives,
     hosts: &[String],
     stanza: &Stanza,
 ) -> Result<(Request, bytes::Bytes), Refusal> {
@@ -178,7 +196,14 @@ fn serve(
             bytes::Bytes::new()
         }
         Op::Delete => {
-            spool.delete(&owner, ns)?;
+            if ns == "*" {
+                archives.forget_under(&spool.owner_dir(&owner));
+                spool.delete(&owner, ns)?;
+            } else {
+                spool.delete(&owner, ns)?;
+                let dir = spool.archive_dir(&owner, ns);
+                archives.delete(spool, &dir)?;
+            }
             bytes::Bytes::new()
         }
         Op::Append => {
@@ -186,6 +211,20 @@ fn serve(
             bytes::Bytes::new()
         }
         Op::Take => spool.take(&owner, ns)?,
+        Op::ArchiveAppend => {
+            let dir = spool.archive_dir(&owner, ns);
+            archives.append(spool, &dir, &request.content, retention(&request), now())?;
+            bytes::Bytes::new()
+        }
+        Op::ArchiveQuery => {
+            let dir = spool.archive_dir(&owner, ns);
+            archives.query(spool, &dir, &request.content)?
+        }
+        Op::ArchiveTrim => {
+            let dir = spool.archive_dir(&owner, ns);
+            archives.trim(spool, &dir, retention(&request), now())?;
+            bytes::Bytes::new()
+        }
         Op::List => {
             let items: String = spool
                 .list(&owner.host)?
@@ -197,4 +236,18 @@ fn serve(
     };
     debug!(op = request.op.name(), owner = %request.owner, ns, "done");
     Ok((request, content))
+}
+
+fn retention(request: &Request) -> jrs_xdb::archive::Retention {
+    jrs_xdb::archive::Retention {
+        max_items: request.max_items.map(|n| n as u64),
+        max_age: request.max_age,
+    }
+}
+
+/// Microseconds since the Unix epoch (the unit of archive times).
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros() as u64)
 }

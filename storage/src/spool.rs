@@ -102,7 +102,78 @@ impl Spool {
         Ok(())
     }
 
-    fn owner_dir(&self, owner: &Owner) -> PathBuf {
+    /// Something outside the spool's own files (an archive) changed the disk: the
+    /// batch's commit must sync.
+    pub fn mark_dirty(&mut self) {
+        self.dirty = true;
+    }
+
+    /// The directory of an owner's archive `ns` (see `crate::archive`).
+    pub fn archive_dir(&self, owner: &Owner, ns: &str) -> PathBuf {
+        self.owner_dir(owner)
+            .join(format!("{}.archive", escape_name(ns)))
+    }
+
+    /// Replaces a small file (not a `<stored>` document) at commit, through a temporary
+    /// file and a rename, like every spool write: a crash leaves the old or the new
+    /// content.
+    pub fn write_small(&mut self, path: &Path, data: &[u8]) -> Result<(), Refusal> {
+        let tmp = write_temporary(path, data)
+            .map_err(|e| internal(format!("writing {}: {e}", path.display())))?;
+        self.pending.insert(path.to_owned(), tmp);
+        self.dirty = true;
+        Ok(())
+    }
+
+    /// A small file's content, including a write of this batch not yet renamed into
+    /// place; `None` when there is none.
+    pub fn read_small(&self, path: &Path) -> io::Result<Option<Vec<u8>>> {
+        let source = self.pending.get(path).map_or(path, |tmp| tmp.as_path());
+        match fs::read(source) {
+            Ok(data) => Ok(Some(data)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Forgets writes of this batch under `dir` (about to be removed).
+    pub fn discard_pending_under(&mut self, dir: &Path) {
+        self.pending.retain(|path, _| !path.starts_with(dir));
+    }
+
+    /// Removes a directory tree so that a crash midway leaves it whole or gone: it is
+    /// renamed to a hidden name first (what a crash leaves there is removed by the next
+    /// removal, and never listed).
+    pub fn remove_tree(&mut self, dir: &Path) -> Result<(), Refusal> {
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let trash = dir.with_file_name(format!(".{name}.deleted"));
+        let gone = |r: io::Result<()>| match r {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(()),
+        };
+        let result = (|| -> io::Result<bool> {
+            gone(fs::remove_dir_all(&trash))?;
+            match fs::rename(dir, &trash) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+                Err(e) => return Err(e),
+            }
+            fs::remove_dir_all(&trash)?;
+            Ok(true)
+        })();
+        match result {
+            Ok(removed) => {
+                self.dirty |= removed;
+                Ok(())
+            }
+            Err(e) => Err(internal(format!("removing {}: {e}", dir.display()))),
+        }
+    }
+
+    pub fn owner_dir(&self, owner: &Owner) -> PathBuf {
         let host = self.root.join(escape_name(&owner.host));
         match &owner.user {
             Some(user) => host.join(escape_name(user)),
@@ -207,14 +278,9 @@ impl Spool {
     /// Removes everything stored for an owner (account removal).
     fn delete_owner(&mut self, owner: &Owner) -> Result<(), Refusal> {
         let dir = self.owner_dir(owner);
-        self.pending.retain(|path, _| !path.starts_with(&dir));
-        match fs::remove_dir_all(&dir) {
-            Ok(()) => self.dirty = true,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(internal(format!("removing {}: {e}", dir.display()))),
-        }
+        self.discard_pending_under(&dir);
         self.cache.clear();
-        Ok(())
+        self.remove_tree(&dir)
     }
 
     /// Adds `items` after the stored fragment. With `max_items`, refuses when the list
@@ -250,7 +316,9 @@ impl Spool {
         Ok(data)
     }
 
-    /// Bare JIDs with data on `host`.
+    /// Bare JIDs with data on `host`: user directories holding a stored fragment or an
+    /// archive (not the host's own directory, nor hidden names: temporary files and
+    /// removals a crash interrupted).
     pub fn list(&self, host: &str) -> Result<Vec<String>, Refusal> {
         let dir = self.root.join(escape_name(host));
         let entries = match fs::read_dir(&dir) {
@@ -260,13 +328,25 @@ impl Spool {
         };
         let mut users: Vec<String> = entries
             .flatten()
+            .filter(|e| has_data(&e.path()))
             .filter_map(|e| e.file_name().to_str().and_then(unescape_name))
-            .filter(|u| u != HOST_DIR)
+            .filter(|u| u != HOST_DIR && !u.starts_with('.'))
             .map(|u| format!("{u}@{host}"))
             .collect();
         users.sort();
         Ok(users)
     }
+}
+
+/// Whether a user directory holds data: a `.xml` file or an `.archive` directory.
+fn has_data(dir: &Path) -> bool {
+    fs::read_dir(dir).is_ok_and(|entries| {
+        entries.flatten().any(|e| {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            !name.starts_with('.') && (name.ends_with(".xml") || name.ends_with(".archive"))
+        })
+    })
 }
 
 /// The fragment inside a spool file, or `None` if the file is not a valid `<stored>`
