@@ -674,7 +674,7 @@ async fn packets_without_to_are_answered_by_the_router() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn subscribed_links_hear_when_a_component_disconnects() {
+async fn subscribed_links_hear_when_components_bind_and_disconnect() {
     let server = start(&["a.localhost", "b.localhost"]).await;
     let mut a = server
         .component("a.localhost", "a.localhost-secret")
@@ -690,8 +690,31 @@ async fn subscribed_links_hear_when_a_component_disconnects() {
         .split();
     let c2s = server.component("c2s-1", "c2s-secret").await.unwrap();
     drop(c2s);
-    let notice = recv(&mut a).await;
-    assert_eq!(notice.name(), "notice");
+    // First what was bound when a subscribed (its own routes), then each new route as
+    // it is bound, then the disconnection.
+    let mut bound = vec![];
+    let notice = loop {
+        let n = recv(&mut a).await;
+        assert_eq!(n.name(), "notice");
+        if n.attr("event").as_deref() != Some("bound") {
+            break n;
+        }
+        bound.push((
+            n.attr("name").unwrap(),
+            n.attr("route").unwrap(),
+            n.attr("host").unwrap(),
+        ));
+    };
+    for (name, host) in [
+        ("a.localhost", "a.localhost"),
+        ("b.localhost", "b.localhost"),
+        ("c2s-1", "c2s-1"),
+    ] {
+        assert!(
+            bound.contains(&(name.into(), "normal".into(), host.into())),
+            "no bound notice for {name}: {bound:?}"
+        );
+    }
     assert_eq!(notice.attr("event").as_deref(), Some("disconnected"));
     assert_eq!(notice.attr("name").as_deref(), Some("c2s-1"));
     aw.send(b"<message to='x@b.localhost' from='y@a.localhost' id='first'/>")

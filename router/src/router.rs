@@ -8,7 +8,7 @@ use std::time::Instant;
 use bytes::Bytes;
 use tracing::{debug, info, warn};
 
-use jrs_component::protocol::{bind_error, bind_result, disconnected_notice};
+use jrs_component::protocol::{bind_error, bind_result, disconnected_notice, route_notice};
 use jrs_component::PacketType;
 use jrs_stream::{Stanza, StanzaErrorCondition};
 
@@ -182,6 +182,7 @@ impl Router {
                     }
                     if st.tree.unbind(route, &host, conn, now) {
                         info!(%route, %host, "unbound");
+                        notify(&st, &route_notice("unbound", &name, route, &host));
                         bind_result(element, id)
                     } else {
                         bind_error(element, id, StanzaErrorCondition::ItemNotFound, "not bound")
@@ -214,14 +215,27 @@ impl Router {
         let _ = outbox.push(answer.as_bytes());
     }
 
-    /// Handles `<notices/>`: from now on the link hears when other links disconnect.
+    /// Handles `<notices/>`: from now on the link hears when other links bind, unbind
+    /// or disconnect, starting with a `bound` notice for every route bound now.
     pub fn subscribe_notices<B: AsRef<[u8]>>(&self, conn: ConnId, request: &Stanza<B>) {
         let mut st = self.state.lock().expect("router lock");
+        let current: Vec<String> = st
+            .links
+            .values()
+            .flat_map(|l| {
+                l.bound
+                    .iter()
+                    .map(|(route, host)| route_notice("bound", &l.name, *route, host))
+            })
+            .collect();
         if let Some(link) = st.links.get_mut(&conn) {
             link.notices = true;
             let _ = link
                 .outbox
                 .push(bind_result("notices", request.id().unwrap_or("")).as_bytes());
+            for n in current {
+                let _ = link.outbox.push(n.as_bytes());
+            }
         }
     }
 
@@ -310,10 +324,7 @@ impl Router {
             for (route, host) in &link.bound {
                 st.tree.unbind(*route, host, conn, now);
             }
-            let notice = disconnected_notice(&link.name);
-            for other in st.links.values().filter(|l| l.notices) {
-                let _ = other.outbox.push(notice.as_bytes());
-            }
+            notify(&st, &disconnected_notice(&link.name));
             // Killing under the lock: no packet can slip in between, and those queued keep
             // their order, held for the component's return or passed to another instance.
             let queued = link.outbox.kill();
@@ -385,16 +396,27 @@ fn bind_locked(
     let instance = Instance::new(conn, link.name.clone(), link.outbox.clone());
     let held = st.tree.bind(route, host, instance, shared)?;
     link.bound.insert((route, host.to_owned()));
+    let notice = route_notice("bound", &link.name, route, host);
     if !held.is_empty() {
         info!(%route, %host, packets = held.len(), "delivering packets held during the grace period");
     }
-    let mut pusher = link.outbox.pusher();
-    for packet in held {
-        if pusher.push(&packet, false).is_err() {
-            warn!(%route, %host, "held packet could not be queued; dropped with the link");
+    {
+        let mut pusher = link.outbox.pusher();
+        for packet in held {
+            if pusher.push(&packet, false).is_err() {
+                warn!(%route, %host, "held packet could not be queued; dropped with the link");
+            }
         }
     }
+    notify(st, &notice);
     Ok(())
+}
+
+/// Sends a link notice to every link that asked for them.
+fn notify(st: &State, notice: &str) {
+    for l in st.links.values().filter(|l| l.notices) {
+        let _ = l.outbox.push(notice.as_bytes());
+    }
 }
 
 /// Routes one packet with the state locked (bounces, re-routed and held packets).

@@ -11,20 +11,14 @@ pub struct SmConfig {
     pub router: RouterLink,
     /// Domains whose users this instance serves.
     pub hosts: Vec<String>,
-    /// XEP-0077 for logged-in users: password change and account removal.
-    pub register: bool,
-    /// Offline messages kept per user; 0 disables offline storage.
-    pub offline_max: usize,
-    /// Roster entries per user (contacts plus pending inbound requests).
-    pub roster_max: usize,
+    /// The modules that run, in order (`<modules>`, or the default set).
+    pub modules: Vec<String>,
+    /// The whole file: each module reads its own element (`<roster max-items=..>`).
+    pub root: Node,
     /// Sessions (resources) per user.
     pub sessions_max: usize,
     /// Directed-presence targets remembered per session.
     pub directed_max: usize,
-    /// Largest stored vCard, in bytes.
-    pub vcard_max_bytes: usize,
-    /// Largest private XML storage of one user, in bytes.
-    pub private_max_bytes: usize,
     /// Account-existence answers kept in memory, and for how long.
     pub accounts_cache: usize,
     pub accounts_ttl: Duration,
@@ -36,20 +30,22 @@ pub struct SmConfig {
     pub log: LogConfig,
 }
 
+/// Elements of sm.xml that are not a module's.
+const CORE: [&str; 8] = [
+    "router", "host", "modules", "sessions", "cache", "xdb", "limits", "log",
+];
+
 impl SmConfig {
-    pub fn load(path: &Path) -> Result<SmConfig> {
+    /// Reads sm.xml. `known` are the modules sm has (each may have an element of its
+    /// name), `default` those that run when there is no `<modules>`.
+    pub fn load(path: &Path, known: &[&str], default: &[&str]) -> Result<SmConfig> {
         let root = Node::load(path, "sm")?;
-        SmConfig::from_node(&root)
+        SmConfig::from_node(&root, known, default)
     }
 
-    pub fn from_node(root: &Node) -> Result<SmConfig> {
-        root.allow(
-            &[],
-            &[
-                "router", "host", "register", "offline", "roster", "sessions", "vcard", "private",
-                "cache", "xdb", "limits", "log",
-            ],
-        )?;
+    pub fn from_node(root: &Node, known: &[&str], default: &[&str]) -> Result<SmConfig> {
+        let allowed: Vec<&str> = CORE.iter().chain(known).copied().collect();
+        root.allow(&[], &allowed)?;
         let hosts: Vec<String> = root
             .children("host")
             .map(|h| h.text.to_ascii_lowercase())
@@ -67,16 +63,43 @@ impl SmConfig {
                 return Err(h.error(format!("'{}' is not a domain name", h.text)));
             }
         }
+        let modules = match root.child("modules")? {
+            None => default.iter().map(|m| m.to_string()).collect(),
+            Some(list) => {
+                list.allow(&[], &["module"])?;
+                let mut names: Vec<String> = vec![];
+                for m in list.children("module") {
+                    m.allow(&["name"], &[])?;
+                    let name = m.required_attr("name")?;
+                    if !known.contains(&name) {
+                        return Err(
+                            m.error(format!("no module '{name}'; sm has: {}", known.join(", ")))
+                        );
+                    }
+                    if names.iter().any(|n| n == name) {
+                        return Err(m.error(format!("module '{name}' is listed twice")));
+                    }
+                    names.push(name.to_owned());
+                }
+                names
+            }
+        };
+        for m in known {
+            if let Some(n) = root.child(m)? {
+                if !modules.iter().any(|x| x == m) {
+                    return Err(n.error(format!(
+                        "<{m}> configures module '{m}', which <modules> does not load"
+                    )));
+                }
+            }
+        }
         let mut c = SmConfig {
             router: RouterLink::from_node(root.required_child("router")?)?,
             hosts,
-            register: false,
-            offline_max: 100,
-            roster_max: 1000,
+            modules,
+            root: root.clone(),
             sessions_max: 10,
             directed_max: 100,
-            vcard_max_bytes: 64 * 1024,
-            private_max_bytes: 64 * 1024,
             accounts_cache: 10_000,
             accounts_ttl: Duration::from_secs(60),
             user_queue: 1000,
@@ -84,31 +107,11 @@ impl SmConfig {
             limits: limits_from_node(root.child("limits")?, Limits::default())?,
             log: LogConfig::from_node(root.child("log")?)?,
         };
-        if let Some(n) = root.child("register")? {
-            n.allow(&["enabled"], &[])?;
-            c.register = n.bool_attr("enabled", false)?;
-        }
-        if let Some(n) = root.child("offline")? {
-            n.allow(&["max-messages"], &[])?;
-            c.offline_max = count(n, "max-messages", c.offline_max)?;
-        }
-        if let Some(n) = root.child("roster")? {
-            n.allow(&["max-items"], &[])?;
-            c.roster_max = count(n, "max-items", c.roster_max)?;
-        }
         if let Some(n) = root.child("sessions")? {
             n.allow(&["max-per-user", "max-directed", "queue"], &[])?;
             c.sessions_max = positive(n, "max-per-user", c.sessions_max)?;
             c.directed_max = count(n, "max-directed", c.directed_max)?;
             c.user_queue = positive(n, "queue", c.user_queue)?;
-        }
-        if let Some(n) = root.child("vcard")? {
-            n.allow(&["max-bytes"], &[])?;
-            c.vcard_max_bytes = count(n, "max-bytes", c.vcard_max_bytes)?;
-        }
-        if let Some(n) = root.child("private")? {
-            n.allow(&["max-bytes"], &[])?;
-            c.private_max_bytes = count(n, "max-bytes", c.private_max_bytes)?;
         }
         if let Some(n) = root.child("cache")? {
             n.allow(&["accounts", "seconds"], &[])?;
@@ -126,6 +129,11 @@ impl SmConfig {
         Ok(c)
     }
 
+    /// The element configuring module `name`, if the file has one.
+    pub fn module_settings(&self, name: &'static str) -> Result<Option<&Node>> {
+        self.root.child(name)
+    }
+
     /// The largest fragment sm stores under one namespace: storage answers carry it back
     /// through the router and sm's own link, whose stanza limit (`<limits>`, the same
     /// 256 KiB as the router's by default) must leave room for the xdb wrapper.
@@ -138,11 +146,13 @@ impl SmConfig {
     }
 }
 
-fn count(n: &Node, name: &str, default: usize) -> Result<usize> {
+/// A whole-number attribute (`default` when absent).
+pub fn count(n: &Node, name: &str, default: usize) -> Result<usize> {
     Ok(n.parse_attr(name, "a whole number")?.unwrap_or(default))
 }
 
-fn positive(n: &Node, name: &str, default: usize) -> Result<usize> {
+/// A whole-number attribute that must be at least 1.
+pub fn positive(n: &Node, name: &str, default: usize) -> Result<usize> {
     let v = count(n, name, default)?;
     if v == 0 {
         return Err(n.error(format!("attribute '{name}' must be at least 1")));
@@ -156,25 +166,39 @@ mod tests {
     use std::path::PathBuf;
     use std::sync::Arc;
 
+    const KNOWN: [&str; 3] = ["roster", "offline", "register"];
+
     fn parse(s: &str) -> Result<SmConfig> {
-        SmConfig::from_node(&Node::parse_str(s, Arc::new(PathBuf::from("sm.xml")))?)
+        SmConfig::from_node(
+            &Node::parse_str(s, Arc::new(PathBuf::from("sm.xml")))?,
+            &KNOWN,
+            &["roster", "offline"],
+        )
     }
 
     #[test]
-    fn defaults_and_overrides() {
+    fn defaults_and_module_lists() {
+        let c = parse("<sm><router name='sm' secret='s'/><host>LocalHost</host><offline max-messages='3'/></sm>")
+            .unwrap();
+        assert_eq!(c.hosts, vec!["localhost"]);
+        assert_eq!(c.modules, ["roster", "offline"]);
+        assert_eq!(
+            c.module_settings("offline")
+                .unwrap()
+                .unwrap()
+                .attr("max-messages"),
+            Some("3")
+        );
         let c = parse(
-            "<sm><router name='sm' secret='s'/><host>LocalHost</host>\
-             <register enabled='true'/><offline max-messages='3'/></sm>",
+            "<sm><router name='sm' secret='s'/><host>a</host>\
+             <modules><module name='register'/><module name='roster'/></modules></sm>",
         )
         .unwrap();
-        assert_eq!(c.hosts, vec!["localhost"]);
-        assert!(c.register);
-        assert_eq!(c.offline_max, 3);
-        assert_eq!(c.roster_max, 1000);
+        assert_eq!(c.modules, ["register", "roster"]);
     }
 
     #[test]
-    fn unknown_elements_are_file_line_errors() {
+    fn unknown_elements_and_modules_are_file_line_errors() {
         let e = parse("<sm>\n<router name='sm' secret='s'/>\n<host>a</host>\n<rooster/>\n</sm>")
             .unwrap_err();
         assert_eq!(e.line, 4);
@@ -183,13 +207,23 @@ mod tests {
                 .starts_with("sm.xml:4: <rooster>: unknown element inside <sm>"),
             "{e}"
         );
-        let e =
-            parse("<sm><router name='sm' secret='s'/><host>a</host><roster max-items='x'/></sm>")
-                .unwrap_err();
-        assert!(e.to_string().contains("expected a whole number"), "{e}");
         let e = parse("<sm><router name='sm' secret='s'/></sm>").unwrap_err();
         assert!(e.to_string().contains("<host>"), "{e}");
         let e = parse("<sm><router name='sm' secret='s'/><host>u@a</host></sm>").unwrap_err();
         assert!(e.to_string().contains("not a domain"), "{e}");
+        let e = parse(
+            "<sm><router name='sm' secret='s'/><host>a</host>\n<modules>\n<module name='mam'/></modules></sm>",
+        )
+        .unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(e.to_string().contains("no module 'mam'"), "{e}");
+        let e = parse(
+            "<sm><router name='sm' secret='s'/><host>a</host><modules><module name='roster'/></modules><offline/></sm>",
+        )
+        .unwrap_err();
+        assert!(
+            e.to_string().contains("which <modules> does not load"),
+            "{e}"
+        );
     }
 }

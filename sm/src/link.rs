@@ -1,5 +1,6 @@
-//! The router link's reader: storage answers go to the xdb client, link notices and
-//! session packets and stanzas to the task of the user they concern.
+//! The router link's reader: storage answers go to the xdb client, link notices to the
+//! component list and the user tasks, session packets and stanzas to the task of the
+//! user they concern.
 
 use std::sync::Arc;
 
@@ -10,9 +11,10 @@ use tracing::{debug, info, warn};
 use jrs_component::{ComponentReader, Outbox};
 use jrs_stream::{Stanza, StanzaErrorCondition};
 
-use crate::context::Ctx;
-use crate::sessions;
-use crate::users::{overloaded, Event, Inbound, SessionRef};
+use crate::host::registry::Event;
+use crate::host::session::{self, SessionRef};
+use crate::host::task::dispatch;
+use crate::host::{server, Ctx, Packet};
 
 /// Serves one router link until it drops.
 pub async fn serve(
@@ -21,6 +23,8 @@ pub async fn serve(
     outbox: Outbox,
 ) -> anyhow::Result<()> {
     ctx.set_link(outbox);
+    // The router tells again what is bound when we subscribe to its notices.
+    ctx.components.clear();
     // Sessions held over a previous link are gone: c2s reset those clients when it heard
     // we disconnected. Queued before anything read on this link.
     ctx.users.broadcast(|| Event::LinkLost);
@@ -28,7 +32,8 @@ pub async fn serve(
         let stanza = reader.next().await?;
         match stanza.name() {
             "xdb" => {
-                if !ctx.xdb.answer(&stanza) {
+                let answered = ctx.store.xdb().is_some_and(|x| x.answer(&stanza));
+                if !answered {
                     debug!(
                         id = stanza.id().unwrap_or(""),
                         "late storage answer ignored"
@@ -44,14 +49,21 @@ pub async fn serve(
 }
 
 fn notice(ctx: &Arc<Ctx>, stanza: &Stanza) {
-    if stanza.attr("event").as_deref() != Some("disconnected") {
-        return;
-    }
     let Some(name) = stanza.attr("name") else {
         return;
     };
-    debug!(component = %name, "link notice: disconnected");
-    ctx.users.broadcast(|| Event::C2sGone(name.clone()));
+    let host = stanza.attr("host").unwrap_or_default();
+    let normal = stanza.attr("route").as_deref() == Some("normal");
+    match stanza.attr("event").as_deref() {
+        Some("bound") if normal => ctx.components.bound(&name, &host),
+        Some("unbound") if normal => ctx.components.unbound(&name, &host),
+        Some("disconnected") => {
+            debug!(component = %name, "link notice: disconnected");
+            ctx.components.disconnected(&name);
+            ctx.users.broadcast(|| Event::C2sGone(name.clone()));
+        }
+        _ => {}
+    }
 }
 
 fn session(ctx: &Arc<Ctx>, packet: Stanza) {
@@ -72,14 +84,15 @@ fn session(ctx: &Arc<Ctx>, packet: Stanza) {
     let r = SessionRef { c2s, sid, jid };
     if !ctx.config.serves(r.jid.domain().as_str()) {
         warn!(jid = %r.jid, "session for a domain this sm does not serve");
-        ctx.send(sessions::refuse_start(
-            ctx,
+        ctx.send(session::refuse_start(
+            &ctx.me,
             &r,
             StanzaErrorCondition::ItemNotFound,
             "this session manager does not serve that domain",
         ));
         return;
     }
+    let user = r.jid.to_bare();
     let event = match kind.as_str() {
         "start" => Event::Start(r),
         "end" => Event::End(r),
@@ -99,17 +112,7 @@ fn session(ctx: &Arc<Ctx>, packet: Stanza) {
             return;
         }
     };
-    let user = event_user(&event);
-    if let Err(e) = ctx.users.dispatch(ctx, &user, event) {
-        overloaded(ctx, *e);
-    }
-}
-
-fn event_user(e: &Event) -> jid::BareJid {
-    match e {
-        Event::Start(r) | Event::End(r) | Event::Stanza(r, _) => r.jid.to_bare(),
-        _ => unreachable!("only session events"),
-    }
+    dispatch(ctx, &user, event);
 }
 
 fn trim(b: &[u8]) -> &[u8] {
@@ -145,24 +148,24 @@ fn normal(ctx: &Arc<Ctx>, stanza: Stanza) {
         }
         return;
     }
+    let from = stanza.attr("from").and_then(|f| Jid::new(&f).ok());
     if to.node().is_none() {
         if to.resource().is_none() {
-            crate::server::inbound(ctx, stanza);
+            server::inbound(ctx, Packet::new(stanza, Some(to), from));
         } else if let Some(r) = stanza.error_reply(StanzaErrorCondition::ServiceUnavailable, "") {
             ctx.send(r);
         }
         return;
     }
-    let from = stanza.attr("from").and_then(|f| Jid::new(&f).ok());
     let user = to.to_bare();
-    let event = Event::Inbound(Inbound { stanza, to, from });
-    if let Err(e) = ctx.users.dispatch(ctx, &user, event) {
-        overloaded(ctx, *e);
-    }
+    dispatch(
+        ctx,
+        &user,
+        Event::Inbound(Packet::new(stanza, Some(to), from)),
+    );
 }
 
 /// Logs what this instance serves.
 pub fn describe(ctx: &Ctx) {
-    info!(name = %ctx.me, hosts = ?ctx.config.hosts, register = ctx.config.register,
-          offline_max = ctx.config.offline_max, roster_max = ctx.config.roster_max, "sm starting");
+    info!(name = %ctx.me, hosts = ?ctx.config.hosts, modules = ?ctx.modules.names(), "sm starting");
 }

@@ -1,46 +1,32 @@
-//! sm, the session manager: client sessions (carried by c2s over `session` packets),
-//! presence, rosters and subscriptions, message delivery and offline storage, and the
-//! IQ services of the server and of accounts. Everything durable is kept through xdb.
-//! See docs/sm.md.
+//! sm, the session manager: client sessions (carried by c2s over `session` packets), and
+//! the IM features of the server and of accounts as modules. Everything durable is kept
+//! through xdb. See docs/sm.md.
 //!
-//! One module per concern: `sessions`, `presence`, `subscription`, `roster`, `messages`,
-//! `iq` (routing) and the IQ services `disco`, `ping`, `version`, `time`, `last`, `vcard`,
-//! `private`, `register`; `server` answers for the domain itself. `dispatch` reads the
-//! router link; `users` runs one task per active user (`user`).
+//! - `host`: the module host (sessions, the chains, the IQ table, one task per user);
+//! - `modules`: the features, one per file (roster, presence, messages, carbons, ...);
+//! - `link`: the router link's reader; `config`: sm.xml;
+//! - `xml`, `stanzas`, `clock`: helpers every layer uses.
 
-mod accounts;
+mod clock;
 mod config;
-mod context;
-mod disco;
-mod dispatch;
-mod iq;
-mod last;
-mod messages;
-mod ping;
-mod presence;
-mod private;
-mod register;
-mod roster;
-mod server;
-mod sessions;
+mod host;
+mod link;
+mod modules;
 mod stanzas;
-mod subscription;
-mod time;
-mod user;
-mod users;
-mod vcard;
-mod version;
 mod xml;
 
+use std::path::Path;
 use std::sync::Arc;
 
 use clap::Parser;
 
 use jrs_component::service::{exit_code, load_and_init, run_component, Bind, CommonArgs};
 use jrs_component::PacketType;
+use jrs_xdb::XdbClient;
 
 use crate::config::SmConfig;
-use crate::context::Ctx;
+use crate::host::store::Store;
+use crate::host::{Ctx, Modules};
 
 /// The jabberd-rs session manager.
 #[derive(Parser, Debug)]
@@ -55,13 +41,21 @@ fn main() -> std::process::ExitCode {
     exit_code(run(args), "sm")
 }
 
+/// sm.xml and the modules it loads: both checked by `--check`.
+fn load(path: &Path) -> jrs_config::Result<(SmConfig, Modules)> {
+    let config = SmConfig::load(path, &modules::names(), modules::DEFAULT)?;
+    let loaded = modules::load(&config).map_err(|e| config.root.error(format!("{e:#}")))?;
+    Ok((config, loaded))
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
-    let Some(config) = load_and_init(&args.common, SmConfig::load, |c| c.log.clone())? else {
+    let Some((config, loaded)) = load_and_init(&args.common, load, |c| c.0.log.clone())? else {
         return Ok(());
     };
     let link = config.router.clone().for_instance(args.common.instance);
     // session and normal for every host, shared: several instances split the users by
-    // the router's rendezvous hashing of the bare JID. Notices tell us when a c2s goes.
+    // the router's rendezvous hashing of the bare JID. Notices tell us when a c2s goes
+    // and which components are connected.
     let mut binds: Vec<Bind> = config
         .hosts
         .iter()
@@ -75,14 +69,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         .collect();
     binds.push(Bind::notices());
     let limits = config.limits;
-    let ctx = Arc::new(Ctx::new(config, link.name.clone()));
-    dispatch::describe(&ctx);
+    let store = Store::Xdb(XdbClient::new(link.name.clone(), config.xdb_timeout));
+    let ctx = Arc::new(Ctx::new(config, link.name.clone(), store, loaded));
+    link::describe(&ctx);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     runtime.block_on(run_component(link, limits, binds, |reader, outbox| {
-        dispatch::serve(ctx.clone(), reader, outbox)
+        link::serve(ctx.clone(), reader, outbox)
     }))
 }

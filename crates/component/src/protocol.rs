@@ -121,6 +121,18 @@ pub fn disconnected_notice(name: &str) -> String {
     )
 }
 
+/// The notice the router sends to subscribed links when component `name` binds
+/// (`event` `bound`) or unbinds (`unbound`) a route; on subscription it sends one
+/// `bound` notice for every route bound at that moment.
+pub fn route_notice(event: &str, name: &str, route: PacketType, host: &str) -> String {
+    format!(
+        "<notice xmlns='{NS_ROUTER}' event='{event}' name='{}' route='{}' host='{}'/>",
+        escape(name),
+        route.name(),
+        escape(host)
+    )
+}
+
 /// The router's success answer to a bind or unbind.
 pub fn bind_result(element: &str, id: &str) -> String {
     format!(

@@ -231,6 +231,61 @@ impl<B: AsRef<[u8]>> Stanza<B> {
         )
     }
 
+    /// The same element with its top-level `xmlns` replaced by `ns` (`None` removes it),
+    /// everything else as received. sm uses it to hand stanzas to clients (no `xmlns`:
+    /// the client stream supplies `jabber:client`) and to embed them in other stanzas
+    /// (`xmlns='jabber:client'` declared, as XEP-0297 forwarding needs).
+    pub fn with_xmlns(&self, ns: Option<&str>) -> Bytes {
+        let bytes = self.bytes.as_ref();
+        let mut out = BytesMut::with_capacity(bytes.len() + 32);
+        match &self.xmlns {
+            Some(span) => {
+                // From the space before `xmlns` to the closing quote (`xmlns = 'x'` is
+                // well-formed too: walk back over the quote, `=` and any spaces).
+                let mut start = span.start as usize - 1;
+                while start > 0 && matches!(bytes[start - 1], b'=' | b' ' | b'\t' | b'\r' | b'\n') {
+                    start -= 1;
+                }
+                start -= "xmlns".len();
+                while start > 0 && bytes[start - 1].is_ascii_whitespace() {
+                    start -= 1;
+                }
+                out.extend_from_slice(&bytes[..start]);
+                if let Some(ns) = ns {
+                    push_raw_attr(&mut out, "xmlns", &crate::xml::escape(ns));
+                }
+                out.extend_from_slice(&bytes[span.end as usize + 1..]);
+            }
+            None => {
+                let name_end = self.name.end as usize;
+                out.extend_from_slice(&bytes[..name_end]);
+                if let Some(ns) = ns {
+                    push_raw_attr(&mut out, "xmlns", &crate::xml::escape(ns));
+                }
+                out.extend_from_slice(&bytes[name_end..]);
+            }
+        }
+        out.freeze()
+    }
+
+    /// The error reply to this element, with `extra` (an application-specific condition
+    /// element, RFC 6120 8.3.2) inside `<error/>` after the condition.
+    pub fn error_reply_with(
+        &self,
+        condition: StanzaErrorCondition,
+        text: &str,
+        extra: &str,
+    ) -> Option<Bytes> {
+        let reply = self.error_reply(condition, text)?;
+        let close = b"</error>";
+        let at = memchr::memmem::rfind(&reply, close)?;
+        let mut out = BytesMut::with_capacity(reply.len() + extra.len());
+        out.extend_from_slice(&reply[..at]);
+        out.extend_from_slice(extra.as_bytes());
+        out.extend_from_slice(&reply[at..]);
+        Some(out.freeze())
+    }
+
     /// The error reply to this element (RFC 6120 8.3): addresses swapped, `type='error'`,
     /// the original content kept and an `<error/>` child added. Returns `None` when the
     /// element must not be answered with an error: it is itself an error, or an IQ result
@@ -364,6 +419,34 @@ mod tests {
             .error_reply(StanzaErrorCondition::RemoteServerNotFound, "")
             .unwrap();
         assert!(r.ends_with(b"</error></presence>"));
+    }
+
+    #[test]
+    fn replaces_the_top_level_namespace() {
+        let s = Stanza::parse(Bytes::from_static(
+            b"<message xmlns='jabber:server' to='a'><body>x</body></message>",
+        ))
+        .unwrap();
+        assert_eq!(&s.with_xmlns(None)[..], b"<message to='a'><body>x</body></message>");
+        assert_eq!(
+            &s.with_xmlns(Some("jabber:client"))[..],
+            b"<message xmlns='jabber:client' to='a'><body>x</body></message>"
+        );
+        let s = Stanza::parse(Bytes::from_static(b"<iq xmlns = \"jabber:server\" id='1'/>")).unwrap();
+        assert_eq!(&s.with_xmlns(None)[..], b"<iq id='1'/>");
+        let s = Stanza::parse(Bytes::from_static(b"<message to='a'/>")).unwrap();
+        assert_eq!(
+            &s.with_xmlns(Some("jabber:client"))[..],
+            b"<message xmlns='jabber:client' to='a'/>"
+        );
+        let r = s
+            .error_reply_with(
+                StanzaErrorCondition::NotAcceptable,
+                "",
+                "<blocked xmlns='urn:xmpp:blocking:errors'/>",
+            )
+            .unwrap();
+        assert!(r.ends_with(b"<blocked xmlns='urn:xmpp:blocking:errors'/></error></message>"));
     }
 
     #[test]

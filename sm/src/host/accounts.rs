@@ -9,7 +9,9 @@ use std::time::{Duration, Instant};
 use lru::LruCache;
 
 use jrs_auth::NS_AUTH;
-use jrs_xdb::{XdbClient, XdbError};
+use jrs_xdb::XdbError;
+
+use crate::host::store::Store;
 
 pub struct Accounts {
     cache: Mutex<LruCache<String, (bool, Instant)>>,
@@ -27,13 +29,13 @@ impl Accounts {
     }
 
     /// Whether `bare` (a normalised bare JID) has an account.
-    pub async fn exists(&self, xdb: &XdbClient, bare: &str) -> Result<bool, XdbError> {
+    pub async fn exists(&self, store: &Store, bare: &str) -> Result<bool, XdbError> {
         if let Some(&(known, at)) = self.cache.lock().expect("accounts lock").get(bare) {
             if at.elapsed() < self.ttl {
                 return Ok(known);
             }
         }
-        let record = xdb.get(bare, NS_AUTH).await?;
+        let record = store.get(bare, NS_AUTH).await?;
         let exists = !record.iter().all(u8::is_ascii_whitespace);
         self.remember(bare, exists);
         Ok(exists)

@@ -1,39 +1,360 @@
-//! What every part of sm shares: configuration, the router link, storage, the account
-//! cache and the registry of user tasks.
+//! The core of the module host, the types everything else is written against:
+//! - [`Module`]: what a feature module is (its declaration and its handlers);
+//! - [`Modules`]: the loaded modules as chains per hook, an IQ table and disco lists;
+//! - [`Ctx`]: what every user of the process shares (configuration, storage, modules);
+//! - [`User`]: one user's state (sessions, typed module state) and output collector.
+//!
+//! They live in one file because they refer to one another (handlers take a `User`,
+//! a `User` reaches the chains through its `Ctx`); everything else in `host/` builds on
+//! them and nothing here imports it back.
 
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use bytes::Bytes;
+use jid::{BareJid, FullJid, Jid};
 use tracing::warn;
 
 use jrs_component::Outbox;
-use jrs_xdb::XdbClient;
+use jrs_stream::Stanza;
 
-use crate::accounts::Accounts;
 use crate::config::SmConfig;
-use crate::users::Registry;
+use crate::host::accounts::Accounts;
+use crate::host::components::Components;
+use crate::host::iq::{Iq, IqKind, Reply, Scope};
+use crate::host::out::{Out, Output};
+use crate::host::packet::Packet;
+use crate::host::registry::Registry;
+use crate::host::session::{Session, SessionKey, SessionRef};
+use crate::host::state::State;
+use crate::host::store::Store;
 
+/// What a handler did with a stanza: `Handled` ends the chain, `Pass` hands it on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    Pass,
+    Handled,
+}
+
+/// The points where modules hook in. Chains run from the highest priority down; on a
+/// tie, in the order of `<modules>` in sm.xml.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Hook {
+    /// A stanza from one of the user's sessions (outbound processing).
+    Outbound,
+    /// A stanza from the network to the user (inbound processing); the account exists.
+    Inbound,
+    /// A message was delivered to some of the user's sessions.
+    Delivered,
+    /// A message for the user that no session can take now.
+    Undeliverable,
+    /// A session started (resource bound).
+    SessionStarted,
+    /// A session ended (already removed from the user's sessions).
+    SessionEnded,
+    /// A session sent its initial presence.
+    InitialPresence,
+    /// The account is about to be removed (its data still in storage).
+    AccountRemoving,
+    /// The account's data is gone and its sessions ended.
+    AccountRemoved,
+    /// Every stanza sm sends the router on the user's behalf (a filter: `Handled` drops).
+    Routing,
+    /// Every stanza sm hands to one of the user's sessions (a filter: `Handled` drops).
+    Delivering,
+}
+
+impl Hook {
+    const ALL: [Hook; 11] = [
+        Hook::Outbound,
+        Hook::Inbound,
+        Hook::Delivered,
+        Hook::Undeliverable,
+        Hook::SessionStarted,
+        Hook::SessionEnded,
+        Hook::InitialPresence,
+        Hook::AccountRemoving,
+        Hook::AccountRemoved,
+        Hook::Routing,
+        Hook::Delivering,
+    ];
+
+    fn index(self) -> usize {
+        Hook::ALL
+            .iter()
+            .position(|h| *h == self)
+            .expect("every hook is listed")
+    }
+}
+
+/// Where service discovery lists a feature or identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disco {
+    /// The server (a domain sm serves).
+    Server,
+    /// Every account's bare JID.
+    Account,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    pub category: &'static str,
+    pub kind: &'static str,
+    pub name: Option<&'static str>,
+}
+
+/// An IQ a module answers: type, to whom it is addressed, payload element.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IqRoute {
+    pub kind: IqKind,
+    pub scopes: &'static [Scope],
+    pub ns: &'static str,
+    pub name: &'static str,
+}
+
+/// What a module takes part in, read once when sm starts.
+#[derive(Debug, Default, Clone)]
+pub struct Declaration {
+    pub hooks: Vec<(Hook, i32)>,
+    pub iqs: Vec<IqRoute>,
+    pub features: Vec<(Disco, &'static str)>,
+    pub identities: Vec<(Disco, Identity)>,
+    /// Modules this one uses (their functions and state): sm refuses to start without.
+    pub requires: Vec<&'static str>,
+}
+
+impl Declaration {
+    pub fn hook(mut self, hook: Hook, priority: i32) -> Self {
+        self.hooks.push((hook, priority));
+        self
+    }
+
+    pub fn iq(
+        mut self,
+        kind: IqKind,
+        scopes: &'static [Scope],
+        ns: &'static str,
+        name: &'static str,
+    ) -> Self {
+        self.iqs.push(IqRoute {
+            kind,
+            scopes,
+            ns,
+            name,
+        });
+        self
+    }
+
+    pub fn feature(mut self, at: Disco, var: &'static str) -> Self {
+        self.features.push((at, var));
+        self
+    }
+
+    pub fn identity(mut self, at: Disco, identity: Identity) -> Self {
+        self.identities.push((at, identity));
+        self
+    }
+
+    pub fn requires(mut self, module: &'static str) -> Self {
+        self.requires.push(module);
+        self
+    }
+}
+
+/// A feature module. Every handler has a default that does nothing (or passes), so a
+/// module writes only the ones its declaration names.
+#[async_trait::async_trait]
+pub trait Module: Send + Sync {
+    /// The name that `<modules>` in sm.xml uses.
+    fn name(&self) -> &'static str;
+
+    fn declare(&self) -> Declaration;
+
+    /// [`Hook::Outbound`]: a stanza from session `from`.
+    async fn outbound(&self, _u: &mut User, _from: SessionKey, _p: &mut Packet) -> Flow {
+        Flow::Pass
+    }
+
+    /// [`Hook::Inbound`]: a stanza to the user from the network (or from the user's own
+    /// session to the user's own account).
+    async fn inbound(&self, _u: &mut User, _p: &mut Packet) -> Flow {
+        Flow::Pass
+    }
+
+    /// [`Hook::Delivered`]: message `p` went to sessions `to`.
+    async fn delivered(&self, _u: &mut User, _p: &Packet, _to: &[SessionKey]) {}
+
+    /// [`Hook::Undeliverable`]: no session takes message `p` now.
+    async fn undeliverable(&self, _u: &mut User, _p: &Packet) -> Flow {
+        Flow::Pass
+    }
+
+    async fn session_started(&self, _u: &mut User, _s: SessionKey) {}
+
+    async fn session_ended(&self, _u: &mut User, _s: &Session) {}
+
+    async fn initial_presence(&self, _u: &mut User, _s: SessionKey) {}
+
+    async fn account_removing(&self, _u: &mut User) {}
+
+    async fn account_removed(&self, _u: &mut User) {}
+
+    /// [`Hook::Routing`]: `Handled` drops a stanza sm was about to send to `to`.
+    fn routing(&self, _u: &User, _to: &Jid, _stanza: &[u8]) -> Flow {
+        Flow::Pass
+    }
+
+    /// [`Hook::Delivering`]: `Handled` drops a stanza for session `s`.
+    fn delivering(&self, _s: &mut Session, _stanza: &[u8]) -> Flow {
+        Flow::Pass
+    }
+
+    /// An IQ of one of the module's [`IqRoute`]s.
+    async fn iq(&self, _u: &mut User, _iq: &Iq) -> Reply {
+        Reply::not_handled()
+    }
+}
+
+/// The loaded modules, arranged for dispatch.
+pub struct Modules {
+    all: Vec<Arc<dyn Module>>,
+    chains: Vec<Vec<Arc<dyn Module>>>,
+    /// IQ routes by payload namespace: (type, scope, element name, module).
+    iqs: HashMap<&'static str, Vec<(IqKind, Scope, &'static str, Arc<dyn Module>)>>,
+    features: Vec<(Disco, &'static str)>,
+    identities: Vec<(Disco, Identity)>,
+}
+
+impl Modules {
+    /// Arranges `list` (in sm.xml order): chains sorted by priority, every IQ route
+    /// owned by one module, every required module present.
+    pub fn new(list: Vec<Arc<dyn Module>>) -> anyhow::Result<Modules> {
+        let mut chains: Vec<Vec<(i32, usize, Arc<dyn Module>)>> = vec![vec![]; Hook::ALL.len()];
+        let mut iqs: HashMap<&'static str, Vec<(IqKind, Scope, &'static str, Arc<dyn Module>)>> =
+            HashMap::new();
+        let mut features = vec![];
+        let mut identities = vec![];
+        let names: Vec<&str> = list.iter().map(|m| m.name()).collect();
+        for (order, m) in list.iter().enumerate() {
+            let d = m.declare();
+            for r in &d.requires {
+                if !names.contains(r) {
+                    anyhow::bail!(
+                        "module '{}' needs module '{r}': add it to <modules>",
+                        m.name()
+                    );
+                }
+            }
+            for (hook, priority) in d.hooks {
+                chains[hook.index()].push((priority, order, m.clone()));
+            }
+            for route in d.iqs {
+                for scope in route.scopes {
+                    let routes = iqs.entry(route.ns).or_default();
+                    if let Some((.., other)) = routes
+                        .iter()
+                        .find(|(k, s, n, _)| (*k, s, *n) == (route.kind, scope, route.name))
+                    {
+                        anyhow::bail!(
+                            "modules '{}' and '{}' both answer {:?} {{{}}}{} ({scope:?})",
+                            other.name(),
+                            m.name(),
+                            route.kind,
+                            route.ns,
+                            route.name
+                        );
+                    }
+                    routes.push((route.kind, *scope, route.name, m.clone()));
+                }
+            }
+            for f in d.features {
+                if !features.contains(&f) {
+                    features.push(f);
+                }
+            }
+            identities.extend(d.identities);
+        }
+        let chains = chains
+            .into_iter()
+            .map(|mut c| {
+                c.sort_by_key(|(priority, order, _)| (-priority, *order));
+                c.into_iter().map(|(_, _, m)| m).collect()
+            })
+            .collect();
+        Ok(Modules {
+            all: list,
+            chains,
+            iqs,
+            features,
+            identities,
+        })
+    }
+
+    pub fn chain(&self, hook: Hook) -> &[Arc<dyn Module>] {
+        &self.chains[hook.index()]
+    }
+
+    pub fn iq_handler(
+        &self,
+        kind: IqKind,
+        scope: Scope,
+        ns: &str,
+        name: &str,
+    ) -> Option<&Arc<dyn Module>> {
+        self.iqs
+            .get(ns)?
+            .iter()
+            .find(|(k, s, n, _)| *k == kind && *s == scope && *n == name)
+            .map(|(.., m)| m)
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.all.iter().map(|m| m.name()).collect()
+    }
+
+    /// Features listed at `at`, in load order.
+    pub fn features(&self, at: Disco) -> impl Iterator<Item = &'static str> + '_ {
+        self.features
+            .iter()
+            .filter(move |(a, _)| *a == at)
+            .map(|(_, f)| *f)
+    }
+
+    pub fn identities(&self, at: Disco) -> impl Iterator<Item = &Identity> + '_ {
+        self.identities
+            .iter()
+            .filter(move |(a, _)| *a == at)
+            .map(|(_, i)| i)
+    }
+}
+
+/// What every part of sm shares.
 pub struct Ctx {
     pub config: SmConfig,
     /// Our component name (`sm`, `sm-2`): the `from` of session packets.
     pub me: String,
-    pub xdb: XdbClient,
+    pub store: Store,
     pub accounts: Accounts,
     pub users: Registry,
+    pub modules: Modules,
+    /// Components connected to the router (for disco#items).
+    pub components: Components,
     /// When this process started (server uptime for XEP-0012).
     pub started: Instant,
     link: Mutex<Option<Outbox>>,
 }
 
 impl Ctx {
-    pub fn new(config: SmConfig, me: String) -> Ctx {
+    pub fn new(config: SmConfig, me: String, store: Store, modules: Modules) -> Ctx {
         Ctx {
-            xdb: XdbClient::new(me.clone(), config.xdb_timeout),
             accounts: Accounts::new(config.accounts_cache, config.accounts_ttl),
             users: Registry::default(),
+            components: Components::default(),
             started: Instant::now(),
             link: Mutex::new(None),
+            modules,
+            store,
             me,
             config,
         }
@@ -41,7 +362,9 @@ impl Ctx {
 
     /// Uses a new router link (after every connect).
     pub fn set_link(&self, outbox: Outbox) {
-        self.xdb.set_outbox(outbox.clone());
+        if let Some(x) = self.store.xdb() {
+            x.set_outbox(outbox.clone());
+        }
         *self.link.lock().expect("link lock") = Some(outbox);
     }
 
@@ -54,5 +377,211 @@ impl Ctx {
         if !sent {
             warn!("router link down: a packet was dropped");
         }
+    }
+
+    /// Queues several packets for the router under one lock.
+    pub fn send_all(&self, packets: impl IntoIterator<Item = Bytes>) {
+        let guard = self.link.lock().expect("link lock");
+        let mut lost = 0;
+        for p in packets {
+            if !guard.as_ref().is_some_and(|o| o.send(p)) {
+                lost += 1;
+            }
+        }
+        if lost > 0 {
+            warn!(lost, "router link down: packets were dropped");
+        }
+    }
+}
+
+/// One user, as the user's task holds it while it handles the user's events.
+pub struct User {
+    pub ctx: Arc<Ctx>,
+    pub jid: BareJid,
+    /// The bare JID as text.
+    pub bare: String,
+    pub sessions: Vec<Session>,
+    /// What modules keep about the user (roster, blocklist, archive state, ...).
+    pub state: State,
+    /// The account was removed while this task ran: store nothing more for it.
+    pub removed: bool,
+    /// What the handlers produced, sent after each batch of events.
+    pub out: Out,
+    next_key: SessionKey,
+    next_id: u64,
+}
+
+impl User {
+    pub fn new(ctx: Arc<Ctx>, jid: BareJid) -> User {
+        User {
+            bare: jid.to_string(),
+            ctx,
+            jid,
+            sessions: vec![],
+            state: State::default(),
+            removed: false,
+            out: Out::default(),
+            next_key: 0,
+            next_id: 0,
+        }
+    }
+
+    /// A fresh id for stanzas sm originates (roster and blocklist pushes).
+    pub fn next_id(&mut self) -> String {
+        self.next_id += 1;
+        format!("sm{}", self.next_id)
+    }
+
+    pub fn session(&self, key: SessionKey) -> Option<&Session> {
+        self.sessions.iter().find(|s| s.key == key)
+    }
+
+    pub fn session_mut(&mut self, key: SessionKey) -> Option<&mut Session> {
+        self.sessions.iter_mut().find(|s| s.key == key)
+    }
+
+    /// The session `r` names, if it is one of ours.
+    pub fn find(&self, r: &SessionRef) -> Option<SessionKey> {
+        self.sessions.iter().find(|s| s.is(r)).map(|s| s.key)
+    }
+
+    pub fn find_resource(&self, full: &FullJid) -> Option<SessionKey> {
+        self.sessions.iter().find(|s| &s.jid == full).map(|s| s.key)
+    }
+
+    /// Sessions that sent initial presence.
+    pub fn available(&self) -> Vec<SessionKey> {
+        self.sessions
+            .iter()
+            .filter(|s| s.available)
+            .map(|s| s.key)
+            .collect()
+    }
+
+    pub fn add_session(&mut self, r: &SessionRef) -> SessionKey {
+        self.next_key += 1;
+        self.sessions.push(Session::new(self.next_key, r));
+        self.next_key
+    }
+
+    pub fn remove_session(&mut self, key: SessionKey) -> Option<Session> {
+        let at = self.sessions.iter().position(|s| s.key == key)?;
+        Some(self.sessions.remove(at))
+    }
+
+    /// Whether `jid` is this user's bare JID or one of its full JIDs.
+    pub fn is_same_user(&self, jid: &Jid) -> bool {
+        jid.node() == self.jid.node() && jid.domain() == self.jid.domain()
+    }
+
+    /// Whether `jid` is exactly this user's bare JID.
+    pub fn is_self(&self, jid: &Jid) -> bool {
+        jid.resource().is_none() && self.is_same_user(jid)
+    }
+
+    /// Whether the account exists: yes while it has sessions, else storage (cached).
+    pub async fn exists(&self) -> Result<bool, jrs_xdb::XdbError> {
+        if !self.sessions.is_empty() {
+            return Ok(true);
+        }
+        if self.removed {
+            return Ok(false);
+        }
+        self.ctx.accounts.exists(&self.ctx.store, &self.bare).await
+    }
+
+    /// Hands `stanza` to session `key` (unless a [`Hook::Delivering`] filter drops it).
+    pub fn deliver(&mut self, key: SessionKey, stanza: impl Into<Bytes>) {
+        let stanza = stanza.into();
+        let ctx = &self.ctx;
+        let Some(s) = self.sessions.iter_mut().find(|s| s.key == key) else {
+            return;
+        };
+        for m in ctx.modules.chain(Hook::Delivering) {
+            if m.delivering(s, &stanza) == Flow::Handled {
+                return;
+            }
+        }
+        let to = s.reference();
+        self.out.push(Output::Deliver { to, stanza });
+    }
+
+    /// Sends `stanza`, addressed to `to`, to the router on the user's behalf (unless a
+    /// [`Hook::Routing`] filter drops it).
+    pub fn route(&mut self, to: &Jid, stanza: impl Into<Bytes>) {
+        let stanza = stanza.into();
+        for m in self.ctx.modules.chain(Hook::Routing) {
+            if m.routing(self, to, &stanza) == Flow::Handled {
+                return;
+            }
+        }
+        self.out.push(Output::Route(stanza));
+    }
+
+    /// Sends a packet to the router unfiltered: answers to requests from the network,
+    /// session control packets.
+    pub fn send(&mut self, bytes: impl Into<Bytes>) {
+        self.out.push(Output::Route(bytes.into()));
+    }
+
+    /// Answers `request` with an error (never an error to an error).
+    pub fn refuse(
+        &mut self,
+        request: &Stanza,
+        condition: jrs_stream::StanzaErrorCondition,
+        text: &str,
+    ) {
+        if let Some(reply) = request.error_reply(condition, text) {
+            self.send(reply);
+        }
+    }
+
+    /// The current presence of each available resource, to `contact` (a new
+    /// subscriber, RFC 6121 3.1.5; an unblocked contact, XEP-0191).
+    pub fn send_presence_to(&mut self, contact: &Jid) {
+        let to = contact.to_string();
+        let presences: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|s| s.available)
+            .filter_map(|s| s.presence.clone())
+            .map(|mut p| {
+                p.set_attr("to", to.clone());
+                p.to_stanza()
+            })
+            .collect();
+        for p in presences {
+            self.route(contact, p);
+        }
+    }
+
+    /// Unavailable presence from each available resource, to `contact` (a subscription
+    /// cancelled, RFC 6121 3.2.2; a blocked contact, XEP-0191).
+    pub fn send_unavailable_to(&mut self, contact: &Jid) {
+        let to = contact.to_string();
+        let presences: Vec<String> = self
+            .sessions
+            .iter()
+            .filter(|s| s.available)
+            .map(|s| crate::stanzas::presence(Some("unavailable"), &s.full, &to).to_stanza())
+            .collect();
+        for p in presences {
+            self.route(contact, p);
+        }
+    }
+
+    /// Sends everything produced so far to the router.
+    pub fn flush(&mut self) {
+        if self.out.is_empty() {
+            return;
+        }
+        let me = &self.ctx.me;
+        let packets: Vec<Bytes> = self
+            .out
+            .take()
+            .into_iter()
+            .map(|o| o.into_bytes(me))
+            .collect();
+        self.ctx.send_all(packets);
     }
 }

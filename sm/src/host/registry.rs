@@ -1,37 +1,21 @@
 //! One task per active user: everything about a user (sessions, presence, roster) is
 //! handled in order by that user's task, so no locks are held across storage requests
 //! and users never wait for each other. A task exists while the user has sessions or
-//! work queued; it ends (and its cached roster with it) when both are gone.
+//! work queued; it ends (and the state it cached with it) when both are gone.
+//!
+//! The registry only finds and starts tasks; what a task does is `host::task`.
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 
-use jid::{BareJid, FullJid, Jid};
+use jid::BareJid;
 use tokio::sync::mpsc;
-use tracing::{debug, error, Instrument};
+use tracing::debug;
 
 use jrs_stream::Stanza;
 
-use crate::context::Ctx;
-use crate::user::User;
-
-/// A session as c2s names it.
-#[derive(Debug, Clone)]
-pub struct SessionRef {
-    /// The c2s instance holding the client connection (`c2s-1`).
-    pub c2s: String,
-    pub sid: String,
-    pub jid: FullJid,
-}
-
-/// A `normal` packet addressed to a user.
-#[derive(Debug)]
-pub struct Inbound {
-    pub stanza: Stanza,
-    pub to: Jid,
-    /// The sender, when its address parses.
-    pub from: Option<Jid>,
-}
+use crate::host::packet::Packet;
+use crate::host::session::SessionRef;
 
 #[derive(Debug)]
 pub enum Event {
@@ -39,24 +23,34 @@ pub enum Event {
     /// A stanza from the client, already checked to be one message, presence or iq.
     Stanza(SessionRef, Stanza),
     End(SessionRef),
-    Inbound(Inbound),
+    /// A `normal` packet addressed to the user (`to` set and parsed).
+    Inbound(Packet),
     /// A c2s instance disconnected: its sessions are gone.
     C2sGone(String),
     /// Our own router link was lost: c2s dropped every session of ours.
     LinkLost,
 }
 
+/// Events travel boxed: a queue allocates its slots 32 at a time, and an idle user
+/// should cost 32 pointers, not 32 events.
+pub type Sender = mpsc::Sender<Box<Event>>;
+pub type Receiver = mpsc::Receiver<Box<Event>>;
+
 #[derive(Default)]
 pub struct Registry {
-    /// Events travel boxed: a queue allocates its slots 32 at a time, and an idle user
-    /// should cost 32 pointers, not 32 events.
-    tasks: Mutex<HashMap<BareJid, mpsc::Sender<Box<Event>>>>,
+    tasks: Mutex<HashMap<BareJid, Sender>>,
 }
 
 impl Registry {
-    /// Hands `event` to the user's task, starting one if needed. Gives the event back
-    /// when the user's queue is full.
-    pub fn dispatch(&self, ctx: &Arc<Ctx>, user: &BareJid, event: Event) -> Result<(), Box<Event>> {
+    /// Hands `event` to the user's task, starting one with `spawn` (given a queue of
+    /// `queue` events) if needed. Gives the event back when the user's queue is full.
+    pub fn dispatch(
+        &self,
+        user: &BareJid,
+        event: Event,
+        queue: usize,
+        spawn: impl FnOnce(Receiver),
+    ) -> Result<(), Box<Event>> {
         let mut tasks = self.tasks.lock().expect("registry lock");
         let event = Box::new(event);
         let event = match tasks.get(user) {
@@ -76,18 +70,16 @@ impl Registry {
             },
             None => event,
         };
-        let (tx, rx) = mpsc::channel(ctx.config.user_queue);
+        let (tx, rx) = mpsc::channel(queue);
         tx.try_send(event).expect("a new queue has room");
         tasks.insert(user.clone(), tx);
-        let span = tracing::info_span!("user", jid = %user);
-        let user = User::new(ctx.clone(), user.clone());
-        tokio::spawn(user.run(rx).instrument(span));
+        spawn(rx);
         Ok(())
     }
 
     /// Sends `event` to every user task (link notices); waits where a queue is full.
     pub fn broadcast(&self, make: impl Fn() -> Event) {
-        let tasks: Vec<mpsc::Sender<Box<Event>>> = self
+        let tasks: Vec<Sender> = self
             .tasks
             .lock()
             .expect("registry lock")
@@ -108,7 +100,7 @@ impl Registry {
 
     /// Called by a user task with nothing left to do: removes it unless an event arrived
     /// meanwhile (checked under the lock dispatch holds while sending). True if removed.
-    pub fn retire(&self, user: &BareJid, rx: &mpsc::Receiver<Box<Event>>) -> bool {
+    pub fn retire(&self, user: &BareJid, rx: &Receiver) -> bool {
         let mut tasks = self.tasks.lock().expect("registry lock");
         if !rx.is_empty() {
             return false;
@@ -116,36 +108,5 @@ impl Registry {
         tasks.remove(user);
         debug!(jid = %user, "user task ends");
         true
-    }
-}
-
-/// Logs a failed dispatch (queue full) and answers the sender where possible.
-pub fn overloaded(ctx: &Ctx, event: Event) {
-    use jrs_stream::StanzaErrorCondition::ResourceConstraint;
-    let text = "too many stanzas queued for this user; try again later";
-    match event {
-        Event::Inbound(inb) => {
-            error!(to = %inb.to, "user queue full: stanza refused");
-            if let Some(reply) = inb.stanza.error_reply(ResourceConstraint, text) {
-                ctx.send(reply);
-            }
-        }
-        Event::Stanza(s, stanza) => {
-            error!(jid = %s.jid, "user queue full: client stanza refused");
-            if let Some(reply) = stanza.error_reply(ResourceConstraint, text) {
-                let packet = crate::sessions::packet(ctx, "stanza", &s, &reply);
-                ctx.send(packet);
-            }
-        }
-        Event::Start(s) => {
-            error!(jid = %s.jid, "user queue full: session refused");
-            ctx.send(crate::sessions::refuse_start(
-                ctx,
-                &s,
-                ResourceConstraint,
-                text,
-            ));
-        }
-        other => error!("user queue full: {other:?} dropped"),
     }
 }

@@ -1,70 +1,54 @@
-//! Stanzas addressed to a domain sm serves (the server itself): IQs answered here
-//! (disco, ping, version, time, last activity, vCard), everything else refused.
+//! Stanzas from the network addressed to a domain sm serves (the server itself): IQ
+//! gets and sets go to the modules' `Server` routes, messages are refused, presence
+//! needs no answer.
 
-use tracing::debug;
+use std::sync::Arc;
 
-use jrs_stream::{Stanza, StanzaErrorCondition};
+use jid::BareJid;
+use tracing::{debug, Instrument};
 
-use crate::context::Ctx;
-use crate::stanzas::Reply;
-use crate::xml::Element;
-use crate::{disco, last, ping, register, stanzas, time, vcard, version};
+use jrs_stream::StanzaErrorCondition;
 
-/// Answers an IQ get/set whose payload is `p`, addressed to the server.
-pub fn server_iq(ctx: &Ctx, stanza: &Stanza, p: &Element) -> Reply {
-    let get = stanza.kind() == Some("get");
-    match (p.ns.as_str(), p.local_name()) {
-        (disco::NS_INFO, "query") if get && p.attr("node").is_none() => {
-            Reply::with(disco::server_info(&ctx.config))
-        }
-        (disco::NS_ITEMS, "query") if get && p.attr("node").is_none() => {
-            Reply::with(disco::items())
-        }
-        (disco::NS_INFO | disco::NS_ITEMS, "query") if get => {
-            Reply::error(StanzaErrorCondition::ItemNotFound, "no such node")
-        }
-        (ping::NS_PING, "ping") if get => Reply::empty(),
-        (version::NS_VERSION, "query") if get => Reply::with(version::version_payload()),
-        (time::NS_TIME, "time") if get => Reply::with(time::time_payload()),
-        (last::NS_LAST, "query") if get => last::uptime(ctx),
-        (vcard::NS_VCARD, "vCard") if get => Reply::with(vcard::empty()),
-        (register::NS_REGISTER, "query") => Reply::error(
-            StanzaErrorCondition::NotAllowed,
-            "accounts are registered while connecting, before login",
-        ),
-        _ => Reply::error(StanzaErrorCondition::ServiceUnavailable, ""),
-    }
-}
+use crate::host::iq::{self, Scope};
+use crate::host::kernel::{Ctx, User};
+use crate::host::packet::Packet;
 
-/// A packet from the router addressed to the server itself.
-pub fn inbound(ctx: &Ctx, stanza: Stanza) {
-    let kind = stanza.kind().unwrap_or("");
-    let reply = match stanza.name() {
+pub fn inbound(ctx: &Arc<Ctx>, p: Packet) {
+    let kind = p.kind().unwrap_or("");
+    match p.name() {
         "iq" if matches!(kind, "get" | "set") => {
-            let payload = stanzas::parse(&stanza).ok().and_then(|iq| {
-                let mut it = iq.elements().cloned();
-                match (it.next(), it.next()) {
-                    (Some(p), None) => Some(p),
-                    _ => None,
+            let Some(domain) = p.to.as_ref().map(|t| t.domain().as_str().to_owned()) else {
+                return;
+            };
+            let ctx = ctx.clone();
+            let span = tracing::info_span!("server", domain = %domain);
+            // Handlers may wait for storage: not on the router link's reader.
+            tokio::spawn(
+                async move {
+                    let Ok(jid) = BareJid::new(&domain) else {
+                        return;
+                    };
+                    // The server answers as a user without sessions: its domain.
+                    let mut u = User::new(ctx, jid);
+                    let reply = iq::answer(&mut u, &p, &[Scope::Server], None).await;
+                    if let Some(bytes) = reply.into_bytes(p.stanza()) {
+                        u.send(bytes);
+                    }
+                    u.flush();
                 }
-            });
-            match payload {
-                Some(p) => server_iq(ctx, &stanza, &p),
-                None => Reply::error(
-                    StanzaErrorCondition::BadRequest,
-                    "an IQ get or set carries exactly one payload element",
-                ),
+                .instrument(span),
+            );
+        }
+        "iq" => debug!(kind, "IQ answer to the server ignored"),
+        "message" if kind != "error" => {
+            if let Some(reply) = p
+                .stanza()
+                .error_reply(StanzaErrorCondition::ServiceUnavailable, "")
+            {
+                ctx.send(reply);
             }
         }
-        "iq" => {
-            debug!(kind, "IQ answer to the server ignored");
-            return;
-        }
-        "message" if kind != "error" => Reply::error(StanzaErrorCondition::ServiceUnavailable, ""),
         // Presence to the server (probes, directed presence) needs no answer.
-        _ => return,
-    };
-    if let Some(bytes) = reply.into_bytes(&stanza) {
-        ctx.send(bytes);
+        _ => {}
     }
 }

@@ -1,165 +1,279 @@
-//! The task of one user: takes the user's events in order and hands each to the module
-//! for its concern (sessions, presence, subscriptions, roster, messages, IQs).
+//! The task of one user: takes the user's events in order, runs each through the
+//! session protocol and the modules' chains, and sends what they produced after each
+//! batch of events. What nobody handles gets the fallback answer here.
 
 use std::sync::Arc;
 
 use jid::{BareJid, Jid};
-use tokio::sync::mpsc;
-use tracing::{debug, info_span, Instrument};
+use jrs_stream::{Stanza, StanzaErrorCondition, StreamErrorCondition};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use jrs_stream::{Stanza, StanzaErrorCondition};
-
-use crate::context::Ctx;
-use crate::roster::Roster;
-use crate::sessions::Session;
+use crate::host::hooks;
+use crate::host::iq;
+use crate::host::kernel::{Ctx, Flow, User};
+use crate::host::packet::Packet;
+use crate::host::registry::{Event, Receiver};
+use crate::host::session::{self, SessionKey, SessionRef};
 use crate::stanzas;
-use crate::users::{Event, Inbound, SessionRef};
 
-pub struct User {
-    pub ctx: Arc<Ctx>,
-    pub jid: BareJid,
-    /// The bare JID as text.
-    pub bare: String,
-    pub sessions: Vec<Session>,
-    /// The roster, once loaded (this task is its only writer).
-    pub roster: Option<Roster>,
-    /// The account was removed while this task ran: store nothing more for it.
-    pub removed: bool,
-    next_id: u64,
+/// Most events handled before the output is sent: under load one write to the router
+/// link carries many stanzas; alone, an event's output leaves at once.
+const BATCH: usize = 32;
+
+/// Hands `event` to the task of `user`, starting one if needed.
+pub fn dispatch(ctx: &Arc<Ctx>, user: &BareJid, event: Event) {
+    let c = ctx.clone();
+    let jid = user.clone();
+    let result = ctx
+        .users
+        .dispatch(user, event, ctx.config.user_queue, move |rx| {
+            let span = info_span!("user", jid = %jid);
+            tokio::spawn(run(User::new(c, jid), rx).instrument(span));
+        });
+    if let Err(e) = result {
+        overloaded(ctx, *e);
+    }
 }
 
-impl User {
-    pub fn new(ctx: Arc<Ctx>, jid: BareJid) -> User {
-        User {
-            bare: jid.to_string(),
-            ctx,
-            jid,
-            sessions: vec![],
-            roster: None,
-            removed: false,
-            next_id: 0,
+async fn run(mut u: User, mut rx: Receiver) {
+    loop {
+        let Some(event) = rx.recv().await else { break };
+        // Boxed: a task waits at `recv` most of its life, and its size is that of its
+        // largest await point, which would be this handler's.
+        Box::pin(handle(&mut u, *event)).await;
+        for _ in 1..BATCH {
+            let Ok(event) = rx.try_recv() else { break };
+            Box::pin(handle(&mut u, *event)).await;
+        }
+        u.flush();
+        if u.sessions.is_empty() && u.ctx.users.retire(&u.jid, &rx) {
+            break;
         }
     }
+}
 
-    /// A fresh id for stanzas sm originates (roster pushes).
-    pub fn next_id(&mut self) -> String {
-        self.next_id += 1;
-        format!("sm{}", self.next_id)
-    }
-
-    pub async fn run(mut self, mut rx: mpsc::Receiver<Box<Event>>) {
-        loop {
-            let Some(event) = rx.recv().await else { break };
-            // Boxed: a task waits at `recv` most of its life, and its size is that of its
-            // largest await point, which would be this handler's.
-            Box::pin(self.handle(*event)).await;
-            if self.sessions.is_empty() && self.ctx.users.retire(&self.jid, &rx) {
-                break;
+async fn handle(u: &mut User, event: Event) {
+    match event {
+        Event::Start(r) => {
+            let span = session_span(&r);
+            start(u, r).instrument(span).await
+        }
+        Event::End(r) => {
+            let span = session_span(&r);
+            end_from_c2s(u, r).instrument(span).await
+        }
+        Event::Stanza(r, stanza) => {
+            let span = session_span(&r);
+            client_stanza(u, r, stanza).instrument(span).await
+        }
+        Event::Inbound(p) => {
+            let span = info_span!(
+                "inbound",
+                from = p.from.as_ref().map(|j| j.as_str()).unwrap_or("")
+            );
+            inbound(u, p).instrument(span).await
+        }
+        Event::C2sGone(c2s) => {
+            while let Some(s) = u.sessions.iter().find(|s| s.c2s == c2s) {
+                info!(resource = s.jid.resource().as_str(), %c2s, "session ended: its c2s disconnected");
+                let key = s.key;
+                end_session(u, key, None).await;
             }
         }
-    }
-
-    async fn handle(&mut self, event: Event) {
-        match event {
-            Event::Start(r) => {
-                let span = session_span(&r);
-                self.start(r).instrument(span).await
-            }
-            Event::End(r) => {
-                let span = session_span(&r);
-                self.end_from_c2s(r).instrument(span).await
-            }
-            Event::Stanza(r, stanza) => {
-                let span = session_span(&r);
-                self.client_stanza(r, stanza).instrument(span).await
-            }
-            Event::Inbound(inbound) => self.inbound(inbound).await,
-            Event::C2sGone(c2s) => self.c2s_gone(&c2s).await,
-            Event::LinkLost => self.link_lost().await,
-        }
-    }
-
-    /// A stanza the client sent (outbound processing).
-    async fn client_stanza(&mut self, r: SessionRef, stanza: Stanza) {
-        let Some(idx) = self.find(&r) else {
-            self.reset(&r);
-            return;
-        };
-        // c2s stamps the full JID; make sure of it.
-        let full = self.sessions[idx].full.clone();
-        let stanza = if stanza.attr("from").as_deref() != Some(full.as_str()) {
-            stanzas::reparse(stanza.with_addresses(None, Some(&full)))
-        } else {
-            stanza
-        };
-        let to = match stanzas::jid_attr(&stanza, "to") {
-            None => None,
-            Some(Ok(j)) => Some(j),
-            Some(Err(e)) => {
-                if let Some(reply) =
-                    stanza.error_reply(StanzaErrorCondition::JidMalformed, &format!("'to': {e}"))
-                {
-                    self.deliver(idx, &reply);
-                }
-                return;
-            }
-        };
-        match stanza.name() {
-            "message" => self.message_from_client(idx, stanza, to).await,
-            "presence" => self.presence_from_client(idx, stanza, to).await,
-            "iq" => self.iq_from_client(idx, stanza, to).await,
-            other => debug!("ignoring <{other}> from the client"),
-        }
-    }
-
-    /// A packet from the router addressed to this user (inbound processing).
-    async fn inbound(&mut self, inbound: Inbound) {
-        let span = info_span!(
-            "inbound",
-            from = inbound.from.as_ref().map(|j| j.as_str()).unwrap_or("")
-        );
-        async {
-            match inbound.stanza.name() {
-                "message" => self.message_inbound(inbound).await,
-                "presence" => self.presence_inbound(inbound).await,
-                "iq" => self.iq_inbound(inbound).await,
-                _ => {}
+        Event::LinkLost => {
+            // c2s reset every client of ours when it heard we disconnected.
+            while let Some(key) = u.sessions.first().map(|s| s.key) {
+                end_session(u, key, None).await;
             }
         }
-        .instrument(span)
-        .await
-    }
-
-    /// Whether the account exists: yes while it has sessions, else storage (cached).
-    /// A storage failure is `Err` (callers answer `internal-server-error`).
-    pub async fn exists(&self) -> Result<bool, jrs_xdb::XdbError> {
-        if !self.sessions.is_empty() {
-            return Ok(true);
-        }
-        if self.removed {
-            return Ok(false);
-        }
-        self.ctx.accounts.exists(&self.ctx.xdb, &self.bare).await
-    }
-
-    /// Indices of sessions that sent initial presence.
-    pub fn available(&self) -> Vec<usize> {
-        (0..self.sessions.len())
-            .filter(|&i| self.sessions[i].available)
-            .collect()
-    }
-
-    /// Whether `jid` is this user's bare JID or one of its full JIDs.
-    pub fn is_same_user(&self, jid: &Jid) -> bool {
-        jid.node() == self.jid.node() && jid.domain() == self.jid.domain()
-    }
-
-    /// Whether `jid` is exactly this user's bare JID.
-    pub fn is_self(&self, jid: &Jid) -> bool {
-        jid.resource().is_none() && self.is_same_user(jid)
     }
 }
 
 fn session_span(r: &SessionRef) -> tracing::Span {
     info_span!("session", resource = r.jid.resource().as_str(), sid = %r.sid)
+}
+
+/// `end` with `<reset/>` for a session we do not know (we restarted, or it ended).
+fn reset(u: &mut User, r: &SessionRef) {
+    debug!(jid = %r.jid, sid = %r.sid, c2s = %r.c2s, "unknown session: reset");
+    let packet = session::end_reset(&u.ctx.me, r);
+    u.send(packet);
+}
+
+async fn start(u: &mut User, r: SessionRef) {
+    let me = u.ctx.me.clone();
+    if u.find(&r).is_some() {
+        // A repeated start for the same session: answer it again.
+        debug!("repeated start");
+        u.send(session::packet(&me, "started", &r, b""));
+        return;
+    }
+    if let Some(old) = u.find_resource(&r.jid) {
+        // RFC 6120 7.7.2.2: the new session replaces the old one.
+        let s = u.session(old).expect("found");
+        info!(resource = r.jid.resource().as_str(), old_c2s = %s.c2s, old_sid = %s.sid,
+              "session replaced (conflict)");
+        end_session(u, old, Some(StreamErrorCondition::Conflict)).await;
+    }
+    let max = u.ctx.config.sessions_max;
+    if u.sessions.len() >= max {
+        warn!(max, "session refused: too many sessions");
+        let text = format!("at most {max} sessions per account");
+        u.send(session::refuse_start(
+            &me,
+            &r,
+            StanzaErrorCondition::ResourceConstraint,
+            &text,
+        ));
+        return;
+    }
+    u.removed = false;
+    u.ctx.accounts.remember(&u.bare, true);
+    let key = u.add_session(&r);
+    info!(resource = r.jid.resource().as_str(), sid = %r.sid, c2s = %r.c2s, "session started");
+    // c2s answers the client's bind when this arrives: do not hold it for the hooks.
+    u.send(session::packet(&me, "started", &r, b""));
+    u.flush();
+    hooks::session_started(u, key).await;
+}
+
+async fn end_from_c2s(u: &mut User, r: SessionRef) {
+    match u.find(&r) {
+        Some(key) => {
+            info!(resource = r.jid.resource().as_str(), sid = %r.sid, "session ended by c2s");
+            end_session(u, key, None).await;
+        }
+        None => reset(u, &r),
+    }
+}
+
+/// Ends session `key`; with `tell`, sends its c2s an `end` saying why. The modules'
+/// [`hooks::session_ended`] then do the rest (unavailable presence, last activity).
+pub async fn end_session(u: &mut User, key: SessionKey, tell: Option<StreamErrorCondition>) {
+    let Some(s) = u.remove_session(key) else {
+        return;
+    };
+    if let Some(c) = tell {
+        let packet = session::end(&u.ctx.me, &s.reference(), c);
+        u.send(packet);
+    }
+    hooks::session_ended(u, &s).await;
+}
+
+/// A stanza the client sent (outbound processing).
+async fn client_stanza(u: &mut User, r: SessionRef, stanza: Stanza) {
+    let Some(key) = u.find(&r) else {
+        reset(u, &r);
+        return;
+    };
+    let full = r.jid.clone();
+    // c2s stamps the full JID; make sure of it.
+    let stanza = if stanza.attr("from").as_deref() != Some(full.as_str()) {
+        stanzas::reparse(stanza.with_addresses(None, Some(full.as_str())))
+    } else {
+        stanza
+    };
+    let to = match stanza.attr("to").map(|t| Jid::new(&t)) {
+        None => None,
+        Some(Ok(j)) => Some(j),
+        Some(Err(e)) => {
+            if let Some(reply) =
+                stanza.error_reply(StanzaErrorCondition::JidMalformed, &format!("'to': {e}"))
+            {
+                u.deliver(key, reply);
+            }
+            return;
+        }
+    };
+    let mut p = Packet::new(stanza, to, Some(Jid::from(full)));
+    if hooks::outbound(u, key, &mut p).await == Flow::Handled {
+        return;
+    }
+    match p.name() {
+        "iq" => iq::from_client(u, key, p).await,
+        "message" if p.kind() != Some("error") => {
+            // Nobody routes messages: the messages module is not loaded.
+            if let Some(reply) = p
+                .stanza()
+                .error_reply(StanzaErrorCondition::ServiceUnavailable, "")
+            {
+                u.deliver(key, reply);
+            }
+        }
+        other => debug!("<{other}> from the client left unhandled"),
+    }
+}
+
+/// A stanza addressed to this user (inbound processing): from the network, or from one
+/// of the user's own sessions to the user's own account.
+pub async fn inbound(u: &mut User, mut p: Packet) {
+    let kind = p.kind().unwrap_or("").to_owned();
+    match u.exists().await {
+        Ok(true) => {}
+        Ok(false) => return no_such_user(u, &p, &kind),
+        Err(e) => {
+            warn!("{} for this user not processed: {e}", p.name());
+            if p.name() != "presence" {
+                u.refuse(
+                    p.stanza(),
+                    StanzaErrorCondition::InternalServerError,
+                    "storage is not available right now",
+                );
+            }
+            return;
+        }
+    }
+    if hooks::inbound(u, &mut p).await == Flow::Handled {
+        return;
+    }
+    match p.name() {
+        "iq" => iq::inbound(u, p).await,
+        "message" => u.refuse(p.stanza(), StanzaErrorCondition::ServiceUnavailable, ""),
+        other => debug!(kind, "<{other}> for the user left unhandled"),
+    }
+}
+
+/// RFC 6121: to an account that does not exist, messages and IQ requests are answered
+/// `service-unavailable` (8.5.1), subscription requests and probes `unsubscribed`
+/// (3.1.3, 4.3.2); other presence is dropped.
+fn no_such_user(u: &mut User, p: &Packet, kind: &str) {
+    match (p.name(), kind) {
+        ("presence", "subscribe" | "probe") => {
+            if let Some(from) = &p.from {
+                let reply =
+                    stanzas::presence(Some("unsubscribed"), &u.bare, &from.to_bare().to_string());
+                u.send(reply.to_stanza());
+            }
+        }
+        ("presence", _) => {}
+        _ => u.refuse(p.stanza(), StanzaErrorCondition::ServiceUnavailable, ""),
+    }
+}
+
+/// Logs a failed dispatch (queue full) and answers the sender where possible.
+fn overloaded(ctx: &Ctx, event: Event) {
+    use jrs_stream::StanzaErrorCondition::ResourceConstraint;
+    let text = "too many stanzas queued for this user; try again later";
+    match event {
+        Event::Inbound(p) => {
+            error!(
+                to = p.to.as_ref().map(|j| j.as_str()).unwrap_or(""),
+                "user queue full: stanza refused"
+            );
+            if let Some(reply) = p.stanza().error_reply(ResourceConstraint, text) {
+                ctx.send(reply);
+            }
+        }
+        Event::Stanza(s, stanza) => {
+            error!(jid = %s.jid, "user queue full: client stanza refused");
+            if let Some(reply) = stanza.error_reply(ResourceConstraint, text) {
+                ctx.send(session::packet(&ctx.me, "stanza", &s, &reply));
+            }
+        }
+        Event::Start(s) => {
+            error!(jid = %s.jid, "user queue full: session refused");
+            ctx.send(session::refuse_start(&ctx.me, &s, ResourceConstraint, text));
+        }
+        other => error!("user queue full: {other:?} dropped"),
+    }
 }

@@ -1,65 +1,167 @@
-//! Service discovery (XEP-0030) of the server and of accounts. Every feature listed
-//! here is answered by sm.
+//! Service discovery (XEP-0030) of the server and of accounts, built from the loaded
+//! modules: a feature is listed exactly when the module that answers it runs. The
+//! server's items are the components connected to the router under the served domain
+//! (`conference.D`, `upload.D`, a gateway), kept current as they connect and go, plus
+//! `<disco><item/></disco>` from sm.xml, minus `<hide/>`.
+
+use std::sync::Arc;
+
+use jid::Jid;
+use xmpp_parsers::disco::{
+    DiscoInfoQuery, DiscoInfoResult, DiscoItemsQuery, DiscoItemsResult, Identity as DiscoIdentity,
+    Item,
+};
+use xmpp_parsers::ns::{DISCO_INFO, DISCO_ITEMS};
+
+use jrs_stream::StanzaErrorCondition;
 
 use crate::config::SmConfig;
-use crate::xml::Element;
+use crate::host::{Declaration, Disco, Identity, Iq, IqKind, Module, Reply, Scope, User};
 
-pub const NS_INFO: &str = "http://jabber.org/protocol/disco#info";
-pub const NS_ITEMS: &str = "http://jabber.org/protocol/disco#items";
+pub struct DiscoModule {
+    /// Items sm.xml adds to every served domain's list: (jid, name).
+    extra: Vec<(Jid, Option<String>)>,
+    /// JIDs sm.xml keeps out of the list.
+    hidden: Vec<Jid>,
+}
 
-/// Features of the server (a domain sm serves).
-pub fn server_features(config: &SmConfig) -> Vec<&'static str> {
-    let mut f = vec![
-        NS_INFO,
-        NS_ITEMS,
-        crate::ping::NS_PING,
-        crate::version::NS_VERSION,
-        crate::time::NS_TIME,
-        crate::last::NS_LAST,
-        crate::vcard::NS_VCARD,
-        // XEP-0160: offline messages are kept for later.
-        "msgoffline",
-    ];
-    if config.register {
-        f.push(crate::register::NS_REGISTER);
+pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
+    let mut m = DiscoModule {
+        extra: vec![],
+        hidden: vec![],
+    };
+    if let Some(n) = config.module_settings("disco")? {
+        n.allow(&[], &["item", "hide"])?;
+        for item in n.children("item") {
+            item.allow(&["jid", "name"], &[])?;
+            let jid = item.required_attr("jid")?;
+            let jid =
+                Jid::new(jid).map_err(|e| item.error(format!("'{jid}' is not a JID: {e}")))?;
+            m.extra.push((jid, item.attr("name").map(str::to_owned)));
+        }
+        for hide in n.children("hide") {
+            hide.allow(&["jid"], &[])?;
+            let jid = hide.required_attr("jid")?;
+            m.hidden
+                .push(Jid::new(jid).map_err(|e| hide.error(format!("'{jid}' is not a JID: {e}")))?);
+        }
     }
-    f
+    Ok(Arc::new(m))
 }
 
-/// Features answered at an account's bare JID.
-pub fn account_features() -> Vec<&'static str> {
-    vec![
-        NS_INFO,
-        NS_ITEMS,
-        crate::ping::NS_PING,
-        crate::last::NS_LAST,
-        crate::vcard::NS_VCARD,
-    ]
-}
+const ALL: &[Scope] = &[Scope::Server, Scope::Own, Scope::Contact];
 
-fn info(category: &str, kind: &str, name: Option<&str>, features: &[&str]) -> Element {
-    let mut identity = Element::new("identity", NS_INFO)
-        .with_attr("category", category)
-        .with_attr("type", kind);
-    if let Some(n) = name {
-        identity.set_attr("name", n);
+#[async_trait::async_trait]
+impl Module for DiscoModule {
+    fn name(&self) -> &'static str {
+        "disco"
     }
-    let mut q = Element::new("query", NS_INFO).with_child(identity);
-    for f in features {
-        q.push(Element::new("feature", NS_INFO).with_attr("var", *f));
+
+    fn declare(&self) -> Declaration {
+        Declaration::default()
+            .iq(IqKind::Get, ALL, DISCO_INFO, "query")
+            .iq(IqKind::Get, ALL, DISCO_ITEMS, "query")
+            .feature(Disco::Server, DISCO_INFO)
+            .feature(Disco::Server, DISCO_ITEMS)
+            .feature(Disco::Account, DISCO_INFO)
+            .feature(Disco::Account, DISCO_ITEMS)
+            .identity(
+                Disco::Server,
+                Identity {
+                    category: "server",
+                    kind: "im",
+                    name: Some("jabberd-rs"),
+                },
+            )
+            .identity(
+                Disco::Account,
+                Identity {
+                    category: "account",
+                    kind: "registered",
+                    name: None,
+                },
+            )
     }
-    q
+
+    async fn iq(&self, u: &mut User, iq: &Iq) -> Reply {
+        let at = if iq.scope == Scope::Server {
+            Disco::Server
+        } else {
+            Disco::Account
+        };
+        if iq.payload.name() == "query" && iq.payload.ns() == DISCO_INFO {
+            let q: DiscoInfoQuery = match iq.parse() {
+                Ok(q) => q,
+                Err(r) => return r,
+            };
+            if q.node.is_some() {
+                return Reply::error(StanzaErrorCondition::ItemNotFound, "no such node");
+            }
+            return Reply::typed(info(u, at));
+        }
+        let q: DiscoItemsQuery = match iq.parse() {
+            Ok(q) => q,
+            Err(r) => return r,
+        };
+        if q.node.is_some() {
+            return Reply::error(StanzaErrorCondition::ItemNotFound, "no such node");
+        }
+        let items = match at {
+            Disco::Server => self.server_items(u),
+            Disco::Account => vec![],
+        };
+        Reply::typed(DiscoItemsResult {
+            node: None,
+            items,
+            rsm: None,
+        })
+    }
 }
 
-pub fn server_info(config: &SmConfig) -> Element {
-    info("server", "im", Some("jabberd-rs"), &server_features(config))
+fn info(u: &User, at: Disco) -> DiscoInfoResult {
+    let modules = &u.ctx.modules;
+    DiscoInfoResult {
+        node: None,
+        identities: modules
+            .identities(at)
+            .map(|i| DiscoIdentity {
+                category: i.category.into(),
+                type_: i.kind.into(),
+                lang: None,
+                name: i.name.map(str::to_owned),
+            })
+            .collect(),
+        features: modules.features(at).map(str::to_owned).collect(),
+        extensions: vec![],
+    }
 }
 
-pub fn account_info() -> Element {
-    info("account", "registered", None, &account_features())
-}
-
-/// No items: sm knows of no other entities to list yet.
-pub fn items() -> Element {
-    Element::new("query", NS_ITEMS)
+impl DiscoModule {
+    fn server_items(&self, u: &User) -> Vec<Item> {
+        let domain = u.jid.domain().as_str();
+        let mut items: Vec<Item> = u
+            .ctx
+            .components
+            .subdomains_of(domain)
+            .into_iter()
+            .filter(|d| !u.ctx.config.serves(d))
+            .filter_map(|d| Jid::new(&d).ok())
+            .map(|jid| Item {
+                jid,
+                node: None,
+                name: None,
+            })
+            .collect();
+        for (jid, name) in &self.extra {
+            if !items.iter().any(|i| &i.jid == jid) {
+                items.push(Item {
+                    jid: jid.clone(),
+                    node: None,
+                    name: name.clone(),
+                });
+            }
+        }
+        items.retain(|i| !self.hidden.contains(&i.jid));
+        items
+    }
 }

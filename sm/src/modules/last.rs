@@ -4,18 +4,28 @@
 //! Stored under `jabber:iq:last` as `<query xmlns='jabber:iq:last' logout='UNIX-SECONDS'>
 //! status text</query>`, written when the user's last session ends.
 
-use jid::Jid;
+use std::sync::Arc;
+
 use tracing::warn;
 
 use jrs_stream::StanzaErrorCondition;
 
-use crate::context::Ctx;
-use crate::stanzas::Reply;
-use crate::time::unix_now;
-use crate::user::User;
+use crate::clock::unix_now;
+use crate::config::SmConfig;
+use crate::host::{
+    storage_error, Declaration, Disco, Hook, Iq, IqKind, Module, Reply, Scope, Session, User,
+};
+use crate::modules::presence::LastStatus;
+use crate::modules::roster;
 use crate::xml::Element;
 
 pub const NS_LAST: &str = "jabber:iq:last";
+
+pub struct Last;
+
+pub fn load_module(_config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
+    Ok(Arc::new(Last))
+}
 
 fn answer(seconds: u64, status: Option<String>) -> Reply {
     let mut q = Element::new("query", NS_LAST).with_attr("seconds", seconds.to_string());
@@ -25,31 +35,51 @@ fn answer(seconds: u64, status: Option<String>) -> Reply {
     Reply::with(q)
 }
 
-/// The server's uptime.
-pub fn uptime(ctx: &Ctx) -> Reply {
-    answer(ctx.started.elapsed().as_secs(), None)
-}
+#[async_trait::async_trait]
+impl Module for Last {
+    fn name(&self) -> &'static str {
+        "last"
+    }
 
-impl User {
-    /// Records the logout time (the user's last session ended).
-    pub async fn save_logout(&self, status: Option<&str>) {
-        let mut q = Element::new("query", NS_LAST).with_attr("logout", unix_now().to_string());
-        if let Some(s) = status {
-            q = q.with_text(s);
+    fn declare(&self) -> Declaration {
+        Declaration::default()
+            .requires("roster")
+            .requires("presence")
+            .iq(
+                IqKind::Get,
+                &[Scope::Server, Scope::Own, Scope::Contact],
+                NS_LAST,
+                "query",
+            )
+            .feature(Disco::Server, NS_LAST)
+            .feature(Disco::Account, NS_LAST)
+            .hook(Hook::SessionEnded, 0)
+    }
+
+    /// Records the logout time when the user's last session ended.
+    async fn session_ended(&self, u: &mut User, s: &Session) {
+        if !u.sessions.is_empty() || u.removed {
+            return;
         }
-        if let Err(e) = self.ctx.xdb.set(&self.bare, NS_LAST, q.to_xml()).await {
+        let mut q = Element::new("query", NS_LAST).with_attr("logout", unix_now().to_string());
+        if let Some(status) = s.state.get::<LastStatus>().and_then(|l| l.0.as_deref()) {
+            q = q.with_text(status);
+        }
+        if let Err(e) = u.ctx.store.set(&u.bare, NS_LAST, q.to_xml()).await {
             warn!("last activity not stored: {e}");
         }
     }
 
-    /// A last-activity query about this account from `requester` (None: the user).
-    pub async fn last_iq(&mut self, requester: Option<&Jid>) -> Reply {
-        if let Some(r) = requester {
-            let contact = r.to_bare().to_string();
-            if contact != self.bare {
-                let allowed = match self.roster().await {
-                    Ok(roster) => roster.sub(&contact).from,
-                    Err(e) => return crate::stanzas::storage_error(&e),
+    async fn iq(&self, u: &mut User, iq: &Iq) -> Reply {
+        match iq.scope {
+            Scope::Server => answer(u.ctx.started.elapsed().as_secs(), None),
+            Scope::Own => last_logout(u).await,
+            Scope::Contact => {
+                let contact = iq.from.as_ref().map(|f| f.to_bare().to_string());
+                let allowed = match (contact, roster::load(u).await) {
+                    (Some(c), Ok(r)) => r.sub(&c).from,
+                    (None, _) => false,
+                    (_, Err(e)) => return storage_error(&e),
                 };
                 if !allowed {
                     return Reply::error(
@@ -57,27 +87,29 @@ impl User {
                         "only contacts subscribed to this user's presence may ask",
                     );
                 }
+                last_logout(u).await
             }
         }
-        if !self.available().is_empty() {
-            return answer(0, None);
-        }
-        let stored = match self.ctx.xdb.get(&self.bare, NS_LAST).await {
-            Ok(s) => s,
-            Err(e) => return crate::stanzas::storage_error(&e),
-        };
-        let Ok(q) = Element::parse(&stored, "") else {
-            return Reply::error(
-                StanzaErrorCondition::ItemNotFound,
-                "no last activity recorded",
-            );
-        };
-        let Some(logout) = q.attr("logout").and_then(|v| v.parse::<u64>().ok()) else {
-            return Reply::error(
-                StanzaErrorCondition::ItemNotFound,
-                "no last activity recorded",
-            );
-        };
-        answer(unix_now().saturating_sub(logout), Some(q.text()))
+    }
+}
+
+/// 0 while the user is online; else the seconds since the last logout, and its status.
+async fn last_logout(u: &mut User) -> Reply {
+    if !u.available().is_empty() {
+        return answer(0, None);
+    }
+    let stored = match u.ctx.store.get(&u.bare, NS_LAST).await {
+        Ok(s) => s,
+        Err(e) => return storage_error(&e),
+    };
+    let logout = Element::parse(&stored, "")
+        .ok()
+        .and_then(|q| Some((q.attr("logout")?.parse::<u64>().ok()?, q.text())));
+    match logout {
+        Some((at, status)) => answer(unix_now().saturating_sub(at), Some(status)),
+        None => Reply::error(
+            StanzaErrorCondition::ItemNotFound,
+            "no last activity recorded",
+        ),
     }
 }

@@ -1,301 +1,322 @@
 //! Presence (RFC 6121 section 4): initial presence (broadcast, probes, the presence of
-//! the user's other resources, pending requests and offline messages), updates,
-//! unavailable presence, directed presence, priority, and answers to probes.
+//! the user's other resources, then the [`Hook::InitialPresence`] chain), updates,
+//! unavailable presence (also when a session ends), directed presence, priority, and
+//! answers to probes. Subscription stanzas are the `subscription` module's.
 
 use std::collections::HashSet;
+use std::sync::Arc;
 
 use jid::Jid;
 use tracing::{debug, info, warn};
 
-use jrs_stream::Stanza;
-
+use crate::config::SmConfig;
+use crate::host::{hooks, Declaration, Flow, Hook, Module, Packet, Session, SessionKey, User};
+use crate::modules::roster;
 use crate::stanzas;
-use crate::subscription::Kind;
-use crate::user::User;
-use crate::users::Inbound;
 use crate::xml::{Element, NS_CLIENT};
 
-impl User {
-    /// Delivers `presence` to each of the user's available resources, addressed to it.
-    fn to_own_resources(&self, presence: &Element) {
-        for j in self.available() {
-            let mut p = presence.clone();
-            p.set_attr("to", self.sessions[j].full.clone());
-            self.deliver(j, p.to_stanza().as_bytes());
-        }
+pub struct Presence {
+    directed_max: usize,
+}
+
+pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
+    Ok(Arc::new(Presence {
+        directed_max: config.directed_max,
+    }))
+}
+
+/// Entities that received directed available presence from a session and have not had
+/// unavailable presence since (RFC 6121 4.6): they get unavailable presence when the
+/// session goes unavailable or ends, whether or not it ever sent initial presence.
+#[derive(Debug, Default)]
+pub struct Directed(pub Vec<Jid>);
+
+/// Status text of the session's last unavailable presence (for last activity).
+#[derive(Debug, Default)]
+pub struct LastStatus(pub Option<String>);
+
+#[async_trait::async_trait]
+impl Module for Presence {
+    fn name(&self) -> &'static str {
+        "presence"
     }
 
-    /// Presence from the user's client.
-    pub async fn presence_from_client(&mut self, idx: usize, stanza: Stanza, to: Option<Jid>) {
-        let kind = stanza.kind().map(str::to_owned);
-        if let Some(sub) = kind.as_deref().and_then(Kind::parse) {
-            match stanzas::parse(&stanza) {
-                Ok(el) => {
-                    self.subscription_from_client(idx, &stanza, el, to, sub)
-                        .await
-                }
-                Err(e) => debug!("unreadable presence from the client: {e}"),
-            }
-            return;
+    fn declare(&self) -> Declaration {
+        Declaration::default()
+            .requires("roster")
+            .hook(Hook::Outbound, 100)
+            .hook(Hook::Inbound, 100)
+            .hook(Hook::SessionEnded, 100)
+    }
+
+    async fn outbound(&self, u: &mut User, from: SessionKey, p: &mut Packet) -> Flow {
+        if p.name() != "presence" {
+            return Flow::Pass;
         }
-        match (to, kind.as_deref()) {
-            (None, None) => self.available_from_client(idx, &stanza).await,
-            (None, Some("unavailable")) => self.unavailable_from_client(idx, &stanza).await,
+        let kind = p.kind().map(str::to_owned);
+        match (p.to.clone(), kind.as_deref()) {
+            (None, None) => available(u, from, p).await,
+            (None, Some("unavailable")) => unavailable(u, from, p).await,
             (None, Some(other)) => debug!("presence of type '{other}' without 'to' ignored"),
             (Some(to), None) => {
-                self.ctx.send(stanza.bytes().clone());
-                // 4.6: remember who got directed presence, to tell them when we leave.
-                let subscriber = self
-                    .roster
-                    .as_ref()
-                    .is_some_and(|r| r.sub(&to.to_bare().to_string()).from);
-                let max = self.ctx.config.directed_max;
-                let s = &mut self.sessions[idx];
-                if s.available && !subscriber && !s.directed.contains(&to) && s.directed.len() < max
-                {
-                    s.directed.push(to);
+                u.route(&to, p.bytes().clone());
+                // 4.6: remember who got directed presence, to tell them when we leave. A
+                // subscriber of an available session hears that from the broadcast.
+                let subscriber =
+                    roster::cached(u).is_some_and(|r| r.sub(&to.to_bare().to_string()).from);
+                let max = self.directed_max;
+                let Some(s) = u.session_mut(from) else {
+                    return Flow::Handled;
+                };
+                let covered = s.available && subscriber;
+                let d = &mut s.state.entry::<Directed>().0;
+                if !covered && !d.contains(&to) && d.len() < max {
+                    d.push(to);
                 }
             }
             (Some(to), Some("unavailable")) => {
-                self.ctx.send(stanza.bytes().clone());
-                self.sessions[idx].directed.retain(|d| d != &to);
+                u.route(&to, p.bytes().clone());
+                if let Some(s) = u.session_mut(from) {
+                    s.state.entry::<Directed>().0.retain(|d| d != &to);
+                }
             }
             // probe (clients SHOULD NOT, RFC 6121 4.3) and error: sent on as they are.
-            (Some(_), Some(_)) => self.ctx.send(stanza.bytes().clone()),
+            (Some(to), Some(_)) => u.route(&to, p.bytes().clone()),
         }
+        Flow::Handled
     }
 
-    async fn available_from_client(&mut self, idx: usize, stanza: &Stanza) {
-        let mut el = match stanzas::parse(stanza) {
-            Ok(e) => e,
-            Err(e) => {
-                debug!("unreadable presence from the client: {e}");
-                return;
-            }
-        };
-        let full = self.sessions[idx].full.clone();
-        el.remove_attr("to");
-        el.set_attr("from", full.clone());
-        let priority = el
-            .child_text("priority")
-            .and_then(|p| p.trim().parse::<i32>().ok())
-            .unwrap_or(0)
-            .clamp(-128, 127);
-        let initial = !self.sessions[idx].available;
-        {
-            let s = &mut self.sessions[idx];
-            s.available = true;
-            s.priority = priority;
-            s.presence = Some(el.clone());
-            s.last_status = None;
+    async fn inbound(&self, u: &mut User, p: &mut Packet) -> Flow {
+        if p.name() != "presence" {
+            return Flow::Pass;
         }
-        if initial {
-            info!(priority, "initial presence");
-        } else {
-            debug!(priority, "presence update");
-        }
-        // Contacts subscribed to the user (4.2.2, 4.4.2), and probes for those the user
-        // is subscribed to (4.3.1), which answer to the bare JID.
-        let bare = self.bare.clone();
-        match self.roster().await {
-            Ok(r) => {
-                let mut out = vec![];
-                for c in r.subscribers() {
-                    let mut p = el.clone();
-                    p.set_attr("to", c.jid.clone());
-                    out.push(p.to_stanza());
-                }
-                if initial {
-                    for c in r.subscriptions() {
-                        out.push(stanzas::presence(Some("probe"), &bare, &c.jid).to_stanza());
-                    }
-                }
-                for p in out {
-                    self.ctx.send(p);
-                }
-            }
-            Err(e) => warn!("presence not broadcast to contacts, the roster is unavailable: {e}"),
-        }
-        // The user's own available resources, this one included (4.2.2).
-        self.to_own_resources(&el);
-        if initial {
-            // The presence of the user's other available resources, to the new one.
-            for j in self.available() {
-                if j == idx {
-                    continue;
-                }
-                if let Some(mut p) = self.sessions[j].presence.clone() {
-                    p.set_attr("to", full.clone());
-                    self.deliver(idx, p.to_stanza().as_bytes());
-                }
-            }
-            self.deliver_pending_requests(idx);
-            if priority >= 0 {
-                self.deliver_offline(idx).await;
-            }
-        }
-    }
-
-    async fn unavailable_from_client(&mut self, idx: usize, stanza: &Stanza) {
-        let mut el = match stanzas::parse(stanza) {
-            Ok(e) => e,
-            Err(e) => {
-                debug!("unreadable presence from the client: {e}");
-                return;
-            }
-        };
-        let s = &mut self.sessions[idx];
-        el.remove_attr("to");
-        el.set_attr("from", s.full.clone());
-        s.last_status = el.child_text("status");
-        let was_available = s.available;
-        let directed = std::mem::take(&mut s.directed);
-        s.available = false;
-        s.presence = None;
-        s.priority = 0;
-        info!("unavailable presence");
-        self.broadcast_unavailable(was_available, &directed, &el)
-            .await;
-    }
-
-    /// Sends unavailable presence `el` (from the full JID of a resource going away) to
-    /// the contacts subscribed to the user and the user's other resources (when that
-    /// resource was available) and to the targets of its directed presence.
-    pub async fn broadcast_unavailable(
-        &mut self,
-        was_available: bool,
-        directed: &[Jid],
-        el: &Element,
-    ) {
-        let mut sent: HashSet<String> = HashSet::new();
-        if was_available {
-            match self.roster().await {
-                Ok(r) => {
-                    let mut out = vec![];
-                    for c in r.subscribers() {
-                        let mut p = el.clone();
-                        p.set_attr("to", c.jid.clone());
-                        out.push(p.to_stanza());
-                        sent.insert(c.jid.clone());
-                    }
-                    for p in out {
-                        self.ctx.send(p);
-                    }
-                }
-                Err(e) => warn!("unavailable presence not broadcast to contacts: {e}"),
-            }
-            self.to_own_resources(el);
-        }
-        for d in directed {
-            if sent.insert(d.to_string()) {
-                let mut p = el.clone();
-                p.set_attr("to", d.to_string());
-                self.ctx.send(p.to_stanza());
-            }
-        }
-    }
-
-    /// The current presence of each available resource, to `contact` (a new
-    /// subscriber, RFC 6121 3.1.5).
-    pub fn send_presence_to(&self, contact: &str) {
-        for j in self.available() {
-            if let Some(mut p) = self.sessions[j].presence.clone() {
-                p.set_attr("to", contact);
-                self.ctx.send(p.to_stanza());
-            }
-        }
-    }
-
-    /// Unavailable presence from each available resource, to `contact` (a subscription
-    /// cancelled, RFC 6121 3.2.2).
-    pub fn send_unavailable_to(&self, contact: &str) {
-        for j in self.available() {
-            let p = stanzas::presence(Some("unavailable"), &self.sessions[j].full, contact);
-            self.ctx.send(p.to_stanza());
-        }
-    }
-
-    /// Presence from the network to this user.
-    pub async fn presence_inbound(&mut self, inb: Inbound) {
-        let kind = inb.stanza.kind().map(str::to_owned);
-        if let Some(sub) = kind.as_deref().and_then(Kind::parse) {
-            match stanzas::parse(&inb.stanza) {
-                Ok(el) => self.subscription_inbound(inb, el, sub).await,
-                Err(e) => debug!("unreadable subscription stanza: {e}"),
-            }
-            return;
-        }
-        match kind.as_deref() {
-            Some("probe") => self.probe(inb).await,
+        match p.kind() {
+            Some("probe") => probe(u, p).await,
             None | Some("unavailable") | Some("error") => {
-                let bytes = stanzas::for_client(&inb.stanza);
-                match inb.to.try_as_full() {
+                let bytes = p.for_client();
+                match p.to.as_ref().map(|t| t.try_as_full()) {
                     // 8.5.3: to a full JID: that resource, if it has a session.
-                    Ok(full) => {
-                        if let Some(idx) = self.find_resource(full) {
-                            self.deliver(idx, &bytes);
+                    Some(Ok(full)) => {
+                        if let Some(key) = u.find_resource(full) {
+                            u.deliver(key, bytes);
                         }
                     }
                     // 8.5.2.1.2: to the bare JID: every available resource.
-                    Err(_) => {
-                        for j in self.available() {
-                            self.deliver(j, &bytes);
+                    _ => {
+                        for key in u.available() {
+                            u.deliver(key, bytes.clone());
                         }
                     }
                 }
             }
             Some(other) => debug!("presence of type '{other}' ignored"),
         }
+        Flow::Handled
     }
 
-    /// RFC 6121 4.3.2: a probe is answered with the last presence of each available
-    /// resource when the prober is subscribed, with unavailable presence when none is
-    /// available, and with `unsubscribed` when it is not subscribed or no such user.
-    async fn probe(&mut self, inb: Inbound) {
-        let Some(from) = inb.from else { return };
-        let contact = from.to_bare().to_string();
-        let reply_to = from.to_string();
-        let authorized = if contact == self.bare {
-            true
-        } else {
-            match self.exists().await {
-                Ok(true) => {}
-                Ok(false) => {
-                    let p = stanzas::presence(Some("unsubscribed"), &self.bare, &contact);
-                    self.ctx.send(p.to_stanza());
-                    return;
-                }
-                Err(e) => {
-                    warn!("probe from {contact} not answered: {e}");
-                    return;
+    async fn session_ended(&self, u: &mut User, s: &Session) {
+        let directed = s
+            .state
+            .get::<Directed>()
+            .map(|d| d.0.as_slice())
+            .unwrap_or(&[]);
+        if !s.available && directed.is_empty() {
+            return;
+        }
+        // RFC 6121 4.5.2: the server generates unavailable presence for the client.
+        let mut unavailable = stanzas::presence(Some("unavailable"), &s.full, "");
+        unavailable.remove_attr("to");
+        if let Some(text) = s.state.get::<LastStatus>().and_then(|l| l.0.as_deref()) {
+            unavailable.push(status(text));
+        }
+        broadcast_unavailable(u, s.available, directed, &unavailable).await;
+    }
+}
+
+/// Available presence without `to`: initial presence or an update.
+async fn available(u: &mut User, key: SessionKey, p: &Packet) {
+    let mut el = match stanzas::parse(p.stanza()) {
+        Ok(e) => e,
+        Err(e) => {
+            debug!("unreadable presence from the client: {e}");
+            return;
+        }
+    };
+    let Some(s) = u.session_mut(key) else { return };
+    let full = s.full.clone();
+    el.remove_attr("to");
+    el.set_attr("from", full.clone());
+    let priority = el
+        .child_text("priority")
+        .and_then(|p| p.trim().parse::<i32>().ok())
+        .unwrap_or(0)
+        .clamp(-128, 127);
+    let initial = !s.available;
+    s.available = true;
+    s.priority = priority;
+    s.presence = Some(el.clone());
+    s.state.insert(LastStatus(None));
+    if initial {
+        info!(priority, "initial presence");
+    } else {
+        debug!(priority, "presence update");
+    }
+    // Contacts subscribed to the user (4.2.2, 4.4.2), and probes for those the user is
+    // subscribed to (4.3.1), which answer to the bare JID.
+    let bare = u.bare.clone();
+    match roster::load(u).await {
+        Ok(r) => {
+            let mut out = vec![];
+            for c in r.subscribers() {
+                let mut p = el.clone();
+                p.set_attr("to", c.jid.clone());
+                out.push((c.jid.clone(), p.to_stanza()));
+            }
+            if initial {
+                for c in r.subscriptions() {
+                    let probe = stanzas::presence(Some("probe"), &bare, &c.jid).to_stanza();
+                    out.push((c.jid.clone(), probe));
                 }
             }
-            match self.roster().await {
-                Ok(r) => r.sub(&contact).from,
-                Err(e) => {
-                    warn!("probe from {contact} not answered: {e}");
-                    return;
+            for (to, p) in out {
+                if let Ok(to) = Jid::new(&to) {
+                    u.route(&to, p);
                 }
+            }
+        }
+        Err(e) => warn!("presence not broadcast to contacts, the roster is unavailable: {e}"),
+    }
+    // The user's own available resources, this one included (4.2.2).
+    to_own_resources(u, &el);
+    if initial {
+        // The presence of the user's other available resources, to the new one.
+        let others: Vec<String> = u
+            .sessions
+            .iter()
+            .filter(|o| o.available && o.key != key)
+            .filter_map(|o| o.presence.clone())
+            .map(|mut p| {
+                p.set_attr("to", full.clone());
+                p.to_stanza()
+            })
+            .collect();
+        for p in others {
+            u.deliver(key, p);
+        }
+        hooks::initial_presence(u, key).await;
+    }
+}
+
+async fn unavailable(u: &mut User, key: SessionKey, p: &Packet) {
+    let mut el = match stanzas::parse(p.stanza()) {
+        Ok(e) => e,
+        Err(e) => {
+            debug!("unreadable presence from the client: {e}");
+            return;
+        }
+    };
+    let Some(s) = u.session_mut(key) else { return };
+    el.remove_attr("to");
+    el.set_attr("from", s.full.clone());
+    s.state.insert(LastStatus(el.child_text("status")));
+    let was_available = s.available;
+    let directed = s.state.remove::<Directed>().unwrap_or_default();
+    s.available = false;
+    s.presence = None;
+    s.priority = 0;
+    info!("unavailable presence");
+    broadcast_unavailable(u, was_available, &directed.0, &el).await;
+}
+
+/// Delivers `presence` to each of the user's available resources, addressed to it.
+fn to_own_resources(u: &mut User, presence: &Element) {
+    let copies: Vec<(SessionKey, String)> = u
+        .sessions
+        .iter()
+        .filter(|s| s.available)
+        .map(|s| {
+            let mut p = presence.clone();
+            p.set_attr("to", s.full.clone());
+            (s.key, p.to_stanza())
+        })
+        .collect();
+    for (key, p) in copies {
+        u.deliver(key, p);
+    }
+}
+
+/// Sends unavailable presence `el` (from the full JID of a resource going away) to the
+/// contacts subscribed to the user and the user's other resources (when that resource
+/// was available) and to the targets of its directed presence.
+async fn broadcast_unavailable(u: &mut User, was_available: bool, directed: &[Jid], el: &Element) {
+    let mut sent: HashSet<String> = HashSet::new();
+    let mut out = vec![];
+    if was_available {
+        match roster::load(u).await {
+            Ok(r) => {
+                for c in r.subscribers() {
+                    let mut p = el.clone();
+                    p.set_attr("to", c.jid.clone());
+                    out.push((c.jid.clone(), p.to_stanza()));
+                    sent.insert(c.jid.clone());
+                }
+            }
+            Err(e) => warn!("unavailable presence not broadcast to contacts: {e}"),
+        }
+        to_own_resources(u, el);
+    }
+    for d in directed {
+        if sent.insert(d.to_string()) {
+            let mut p = el.clone();
+            p.set_attr("to", d.to_string());
+            out.push((d.to_string(), p.to_stanza()));
+        }
+    }
+    for (to, p) in out {
+        if let Ok(to) = Jid::new(&to) {
+            u.route(&to, p);
+        }
+    }
+}
+
+/// RFC 6121 4.3.2: a probe is answered with the last presence of each available
+/// resource when the prober is subscribed, with unavailable presence when none is
+/// available, and with `unsubscribed` when it is not subscribed.
+async fn probe(u: &mut User, p: &Packet) {
+    let Some(from) = p.from.clone() else { return };
+    let contact = from.to_bare().to_string();
+    let authorized = contact == u.bare
+        || match roster::load(u).await {
+            Ok(r) => r.sub(&contact).from,
+            Err(e) => {
+                warn!("probe from {contact} not answered: {e}");
+                return;
             }
         };
-        if !authorized {
-            debug!(contact = %contact, "probe from a non-subscriber");
-            let p = stanzas::presence(Some("unsubscribed"), &self.bare, &contact);
-            self.ctx.send(p.to_stanza());
-            return;
-        }
-        let available = self.available();
-        if available.is_empty() {
-            let p = stanzas::presence(Some("unavailable"), &self.bare, &reply_to);
-            self.ctx.send(p.to_stanza());
-            return;
-        }
-        for j in available {
-            if let Some(mut p) = self.sessions[j].presence.clone() {
-                p.set_attr("to", reply_to.clone());
-                self.ctx.send(p.to_stanza());
-            }
-        }
+    if !authorized {
+        debug!(contact = %contact, "probe from a non-subscriber");
+        let reply = stanzas::presence(Some("unsubscribed"), &u.bare, &contact);
+        u.send(reply.to_stanza());
+        return;
+    }
+    let reply_to = from.to_string();
+    let presences: Vec<String> = u
+        .sessions
+        .iter()
+        .filter(|s| s.available)
+        .filter_map(|s| s.presence.clone())
+        .map(|mut p| {
+            p.set_attr("to", reply_to.clone());
+            p.to_stanza()
+        })
+        .collect();
+    if presences.is_empty() {
+        let reply = stanzas::presence(Some("unavailable"), &u.bare, &reply_to);
+        u.route(&from, reply.to_stanza());
+        return;
+    }
+    for p in presences {
+        u.route(&from, p);
     }
 }
 

@@ -1,5 +1,7 @@
 //! Rosters (RFC 6121 section 2): get, set, remove, pushes to interested resources,
-//! versioning (2.6), a size limit, and the stored form.
+//! versioning (2.6), a size limit, and the stored form. Other modules reach the roster
+//! through [`load`], [`save`] and [`push`]; its state lives on the user while the
+//! user's task runs.
 //!
 //! Stored in xdb under `jabber:iq:roster`, one fragment per user:
 //!
@@ -18,14 +20,16 @@
 
 use std::collections::BTreeMap;
 
-use jid::Jid;
+use std::sync::Arc;
+
 use tracing::{info, warn};
 
-use jrs_stream::{Stanza, StanzaErrorCondition};
+use jrs_stream::StanzaErrorCondition;
 use jrs_xdb::XdbError;
 
-use crate::stanzas::Reply;
-use crate::user::User;
+use crate::config::{count, SmConfig};
+use crate::host::{storage_error, Declaration, Iq, IqKind, Module, Reply, Scope, Session, User};
+use crate::stanzas;
 use crate::xml::{Element, XmlError, NS_CLIENT};
 
 pub const NS_ROSTER: &str = "jabber:iq:roster";
@@ -221,136 +225,187 @@ impl Roster {
     }
 }
 
-impl User {
-    /// The roster, loaded from storage on first use.
-    pub async fn roster(&mut self) -> Result<&mut Roster, XdbError> {
-        if self.roster.is_none() {
-            let fragment = self.ctx.xdb.get(&self.bare, NS_ROSTER).await?;
-            let roster = Roster::parse(&fragment).map_err(|e| {
-                warn!("stored roster unreadable: {e}");
-                XdbError::Refused(jrs_xdb::Refusal::new(
-                    StanzaErrorCondition::InternalServerError,
-                    format!("stored roster unreadable: {e}"),
-                ))
-            })?;
-            self.roster = Some(roster);
-        }
-        Ok(self.roster.as_mut().expect("loaded above"))
-    }
+/// The roster module and its settings (`<roster max-items=..>`).
+pub struct RosterModule {
+    max_items: usize,
+}
 
-    /// Writes the roster (after a change). On failure the cached copy is dropped, so
-    /// the next use reads what storage really holds.
-    pub async fn save_roster(&mut self) -> Result<(), XdbError> {
-        let Some(r) = &self.roster else { return Ok(()) };
-        let data = r.to_storage();
-        let max = self.ctx.config.fragment_max();
-        if data.len() > max {
-            warn!(
-                bytes = data.len(),
-                max, "roster change refused: too large to store"
+pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
+    Ok(Arc::new(RosterModule {
+        max_items: max_items(config)?,
+    }))
+}
+
+/// Roster entries per user (`<roster max-items>`, contacts plus pending inbound
+/// requests), for every module that adds entries.
+pub fn max_items(config: &SmConfig) -> jrs_config::Result<usize> {
+    let mut max = 1000;
+    if let Some(n) = config.module_settings("roster")? {
+        n.allow(&["max-items"], &[])?;
+        max = count(n, "max-items", max)?;
+    }
+    Ok(max)
+}
+
+/// A session that asked for the roster: it gets roster pushes (RFC 6121 2.1.6).
+#[derive(Debug, Default)]
+pub struct Interested;
+
+pub fn is_interested(s: &Session) -> bool {
+    s.state.get::<Interested>().is_some()
+}
+
+/// The roster, loaded from storage on first use.
+pub async fn load(u: &mut User) -> Result<&mut Roster, XdbError> {
+    if u.state.get::<Roster>().is_none() {
+        let fragment = u.ctx.store.get(&u.bare, NS_ROSTER).await?;
+        let roster = Roster::parse(&fragment).map_err(|e| {
+            warn!("stored roster unreadable: {e}");
+            XdbError::Refused(jrs_xdb::Refusal::new(
+                StanzaErrorCondition::InternalServerError,
+                format!("stored roster unreadable: {e}"),
+            ))
+        })?;
+        u.state.insert(roster);
+    }
+    Ok(u.state.get_mut::<Roster>().expect("loaded above"))
+}
+
+/// The roster if it is loaded.
+pub fn cached(u: &User) -> Option<&Roster> {
+    u.state.get::<Roster>()
+}
+
+/// Forgets the cached roster (the next use reads storage).
+pub fn forget(u: &mut User) {
+    u.state.remove::<Roster>();
+}
+
+/// Writes the roster (after a change). On failure the cached copy is dropped, so the
+/// next use reads what storage really holds.
+pub async fn save(u: &mut User) -> Result<(), XdbError> {
+    let Some(r) = u.state.get::<Roster>() else {
+        return Ok(());
+    };
+    let data = r.to_storage();
+    let max = u.ctx.config.fragment_max();
+    if data.len() > max {
+        warn!(
+            bytes = data.len(),
+            max, "roster change refused: too large to store"
+        );
+        forget(u);
+        return Err(stanzas::too_large("the roster", max));
+    }
+    match u.ctx.store.set(&u.bare, NS_ROSTER, data).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            warn!("saving the roster failed: {e}");
+            forget(u);
+            Err(e)
+        }
+    }
+}
+
+/// Marks a change: bumps the version. Call before saving and pushing.
+pub fn bump(u: &mut User) {
+    if let Some(r) = u.state.get_mut::<Roster>() {
+        r.ver += 1;
+    }
+}
+
+/// Pushes the (visible) state of `bare` to every interested session; an absent or
+/// hidden entry is pushed as `subscription='remove'`.
+pub fn push(u: &mut User, bare: &str) {
+    let Some(r) = u.state.get::<Roster>() else {
+        return;
+    };
+    let item = match r.get(bare) {
+        Some(i) if !i.hidden => i.to_element(),
+        _ => Element::new("item", NS_ROSTER)
+            .with_attr("jid", bare)
+            .with_attr("subscription", "remove"),
+    };
+    let ver = r.ver.to_string();
+    let targets: Vec<(u32, String)> = u
+        .sessions
+        .iter()
+        .filter(|s| is_interested(s))
+        .map(|s| (s.key, s.full.clone()))
+        .collect();
+    for (key, full) in targets {
+        let id = u.next_id();
+        let iq = Element::new("iq", NS_CLIENT)
+            .with_attr("type", "set")
+            .with_attr("id", id)
+            .with_attr("to", full)
+            .with_child(
+                Element::new("query", NS_ROSTER)
+                    .with_attr("ver", ver.clone())
+                    .with_child(item.clone()),
             );
-            self.roster = None;
-            return Err(crate::stanzas::too_large("the roster", max));
-        }
-        match self.ctx.xdb.set(&self.bare, NS_ROSTER, data).await {
-            Ok(()) => Ok(()),
-            Err(e) => {
-                warn!("saving the roster failed: {e}");
-                self.roster = None;
-                Err(e)
-            }
-        }
+        u.deliver(key, iq.to_stanza());
+    }
+}
+
+#[async_trait::async_trait]
+impl Module for RosterModule {
+    fn name(&self) -> &'static str {
+        "roster"
     }
 
-    /// Pushes the (visible) state of `bare` to every interested session; an absent or
-    /// hidden entry is pushed as `subscription='remove'`.
-    pub fn push(&mut self, bare: &str) {
-        let Some(r) = &self.roster else { return };
-        let item = match r.get(bare) {
-            Some(i) if !i.hidden => i.to_element(),
-            _ => Element::new("item", NS_ROSTER)
-                .with_attr("jid", bare)
-                .with_attr("subscription", "remove"),
+    fn declare(&self) -> Declaration {
+        Declaration::default()
+            .iq(IqKind::Get, &[Scope::Own], NS_ROSTER, "query")
+            .iq(IqKind::Set, &[Scope::Own], NS_ROSTER, "query")
+    }
+
+    async fn iq(&self, u: &mut User, iq: &Iq) -> Reply {
+        let Some(key) = iq.session else {
+            return Reply::not_handled();
         };
-        let ver = r.ver.to_string();
-        let targets: Vec<usize> = (0..self.sessions.len())
-            .filter(|&i| self.sessions[i].interested)
-            .collect();
-        for idx in targets {
-            let id = self.next_id();
-            let iq = Element::new("iq", NS_CLIENT)
-                .with_attr("type", "set")
-                .with_attr("id", id)
-                .with_attr("to", self.sessions[idx].full.clone())
-                .with_child(
-                    Element::new("query", NS_ROSTER)
-                        .with_attr("ver", ver.clone())
-                        .with_child(item.clone()),
-                );
-            self.deliver(idx, iq.to_stanza().as_bytes());
-        }
-    }
-
-    /// Marks a change: bumps the version. Call before saving and pushing.
-    pub fn bump(&mut self) {
-        if let Some(r) = &mut self.roster {
-            r.ver += 1;
-        }
-    }
-
-    /// Roster get/set from session `idx` (RFC 6121 2.2, 2.3, 2.5).
-    pub async fn roster_iq(&mut self, idx: usize, stanza: &Stanza, query: &Element) -> Reply {
-        let kind = stanza.kind().unwrap_or("");
-        if kind == "get" {
-            self.sessions[idx].interested = true;
-            let client_ver = query.attr("ver").map(str::to_owned);
-            let roster = match self.roster().await {
+        let query: xmpp_parsers::roster::Roster = match iq.parse() {
+            Ok(q) => q,
+            Err(r) => return r,
+        };
+        if iq.is_get() {
+            if let Some(s) = u.session_mut(key) {
+                s.state.insert(Interested);
+            }
+            let roster = match load(u).await {
                 Ok(r) => r,
-                Err(e) => return crate::stanzas::storage_error(&e),
+                Err(e) => return storage_error(&e),
             };
-            if client_ver.as_deref() == Some(roster.ver.to_string().as_str()) {
+            if query.ver.as_deref() == Some(roster.ver.to_string().as_str()) {
                 // 2.6.3: the client's copy is current; changes come as pushes.
                 return Reply::empty();
             }
             return Reply::with(roster.query());
         }
-        let items: Vec<&Element> = query
-            .elements()
-            .filter(|e| e.is("item", NS_ROSTER))
-            .collect();
-        if items.len() != 1 || query.elements().count() != 1 {
+        self.set(u, query).await
+    }
+}
+
+impl RosterModule {
+    /// RFC 6121 2.3, 2.5: add, update or remove one item.
+    async fn set(&self, u: &mut User, query: xmpp_parsers::roster::Roster) -> Reply {
+        let [item] = query.items.as_slice() else {
             return Reply::error(
                 StanzaErrorCondition::BadRequest,
                 "a roster set carries exactly one <item/>",
             );
-        }
-        let item = items[0];
-        let Some(jid_text) = item.attr("jid") else {
-            return Reply::error(StanzaErrorCondition::BadRequest, "<item/> without 'jid'");
         };
-        let contact = match Jid::new(jid_text) {
-            Ok(j) => j.to_bare(),
-            Err(e) => {
-                return Reply::error(
-                    StanzaErrorCondition::JidMalformed,
-                    format!("'{jid_text}': {e}"),
-                )
-            }
-        };
-        let contact = contact.to_string();
-        if item.attr("subscription") == Some("remove") {
-            return self.roster_remove(&contact).await;
+        let contact = item.jid.to_string();
+        if item.subscription == xmpp_parsers::roster::Subscription::Remove {
+            return remove(u, &contact).await;
         }
-        if contact == self.bare {
+        if contact == u.bare {
             return Reply::error(
                 StanzaErrorCondition::NotAllowed,
                 "the roster cannot hold the user's own JID",
             );
         }
-        let name = item
-            .attr("name")
-            .map(str::to_owned)
-            .filter(|n| !n.is_empty());
+        let name = item.name.clone().filter(|n| !n.is_empty());
         if name.as_ref().is_some_and(|n| n.len() > MAX_TEXT) {
             return Reply::error(
                 StanzaErrorCondition::NotAcceptable,
@@ -358,8 +413,8 @@ impl User {
             );
         }
         let mut groups: Vec<String> = vec![];
-        for g in item.elements().filter(|g| g.is("group", NS_ROSTER)) {
-            let g = g.text();
+        for g in &item.groups {
+            let g = g.0.clone();
             if g.is_empty() {
                 return Reply::error(StanzaErrorCondition::NotAcceptable, "empty group name");
             }
@@ -383,10 +438,10 @@ impl User {
                 format!("at most {MAX_GROUPS} groups per item"),
             );
         }
-        let max = self.ctx.config.roster_max;
-        let roster = match self.roster().await {
+        let max = self.max_items;
+        let roster = match load(u).await {
             Ok(r) => r,
-            Err(e) => return crate::stanzas::storage_error(&e),
+            Err(e) => return storage_error(&e),
         };
         if !roster.items.contains_key(&contact) && roster.items.len() >= max {
             return Reply::error(
@@ -401,45 +456,48 @@ impl User {
         entry.name = name;
         entry.groups = groups;
         entry.hidden = false;
-        self.bump();
-        if let Err(e) = self.save_roster().await {
-            return crate::stanzas::storage_error(&e);
+        bump(u);
+        if let Err(e) = save(u).await {
+            return storage_error(&e);
         }
         info!(contact = %contact, "roster item set");
-        self.push(&contact);
+        push(u, &contact);
         Reply::empty()
     }
+}
 
-    /// RFC 6121 2.5: removes the item and cancels the subscriptions both ways.
-    async fn roster_remove(&mut self, contact: &str) -> Reply {
-        let roster = match self.roster().await {
-            Ok(r) => r,
-            Err(e) => return crate::stanzas::storage_error(&e),
-        };
-        let Some(item) = roster.items.get(contact).filter(|i| !i.hidden).cloned() else {
-            return Reply::error(StanzaErrorCondition::ItemNotFound, "no such roster item");
-        };
-        roster.items.remove(contact);
-        self.bump();
-        if let Err(e) = self.save_roster().await {
-            return crate::stanzas::storage_error(&e);
-        }
-        info!(contact = %contact, "roster item removed");
-        let s = item.sub;
-        if s.to || s.ask {
-            let p = crate::stanzas::presence(Some("unsubscribe"), &self.bare, contact);
-            self.ctx.send(p.to_stanza());
-        }
-        if s.from || s.pending_in {
-            let p = crate::stanzas::presence(Some("unsubscribed"), &self.bare, contact);
-            self.ctx.send(p.to_stanza());
-        }
-        if s.from {
-            self.send_unavailable_to(contact);
-        }
-        self.push(contact);
-        Reply::empty()
+/// RFC 6121 2.5: removes the item and cancels the subscriptions both ways.
+async fn remove(u: &mut User, contact: &str) -> Reply {
+    let roster = match load(u).await {
+        Ok(r) => r,
+        Err(e) => return storage_error(&e),
+    };
+    let Some(item) = roster.items.get(contact).filter(|i| !i.hidden).cloned() else {
+        return Reply::error(StanzaErrorCondition::ItemNotFound, "no such roster item");
+    };
+    roster.items.remove(contact);
+    bump(u);
+    if let Err(e) = save(u).await {
+        return storage_error(&e);
     }
+    info!(contact = %contact, "roster item removed");
+    let s = item.sub;
+    let Ok(to) = jid::Jid::new(contact) else {
+        return Reply::empty();
+    };
+    if s.to || s.ask {
+        let p = stanzas::presence(Some("unsubscribe"), &u.bare, contact);
+        u.route(&to, p.to_stanza());
+    }
+    if s.from || s.pending_in {
+        let p = stanzas::presence(Some("unsubscribed"), &u.bare, contact);
+        u.route(&to, p.to_stanza());
+    }
+    if s.from {
+        u.send_unavailable_to(&to);
+    }
+    push(u, contact);
+    Reply::empty()
 }
 
 #[cfg(test)]

@@ -1,17 +1,20 @@
 //! Presence subscriptions (RFC 6121 section 3 and the state tables of Appendix A):
 //! subscribe / subscribed / unsubscribe / unsubscribed, outbound (from the user) and
 //! inbound (from a contact), pre-approval (3.4), roster pushes on every change, and
-//! pending inbound requests kept until answered.
+//! pending inbound requests kept until answered (delivered again at each initial
+//! presence), and the contacts told when the account is removed.
+
+use std::sync::Arc;
 
 use jid::Jid;
 use tracing::{debug, info, warn};
 
-use jrs_stream::{Stanza, StanzaErrorCondition};
+use jrs_stream::StanzaErrorCondition;
 
-use crate::roster::{Item, Sub};
+use crate::config::SmConfig;
+use crate::host::{storage_error, Declaration, Flow, Hook, Module, Packet, SessionKey, User};
+use crate::modules::roster::{self, Item, Roster, Sub};
 use crate::stanzas;
-use crate::user::User;
-use crate::users::Inbound;
 use crate::xml::Element;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -162,36 +165,129 @@ pub fn inbound(s: Sub, kind: Kind) -> InboundOutcome {
     out
 }
 
-impl User {
+pub struct Subscriptions {
+    roster_max: usize,
+}
+
+pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
+    Ok(Arc::new(Subscriptions {
+        roster_max: roster::max_items(config)?,
+    }))
+}
+
+/// The roster as it was before the account's data went, to tell the contacts.
+struct RemovedRoster(Roster);
+
+#[async_trait::async_trait]
+impl Module for Subscriptions {
+    fn name(&self) -> &'static str {
+        "subscription"
+    }
+
+    fn declare(&self) -> Declaration {
+        Declaration::default()
+            .requires("roster")
+            .hook(Hook::Outbound, 200)
+            .hook(Hook::Inbound, 200)
+            .hook(Hook::InitialPresence, 100)
+            .hook(Hook::AccountRemoving, 0)
+            .hook(Hook::AccountRemoved, 0)
+    }
+
+    async fn outbound(&self, u: &mut User, from: SessionKey, p: &mut Packet) -> Flow {
+        let Some(kind) = subscription_kind(p) else {
+            return Flow::Pass;
+        };
+        match crate::stanzas::parse(p.stanza()) {
+            Ok(el) => self.from_client(u, from, p, el, kind).await,
+            Err(e) => debug!("unreadable presence from the client: {e}"),
+        }
+        Flow::Handled
+    }
+
+    async fn inbound(&self, u: &mut User, p: &mut Packet) -> Flow {
+        let Some(kind) = subscription_kind(p) else {
+            return Flow::Pass;
+        };
+        match crate::stanzas::parse(p.stanza()) {
+            Ok(el) => self.from_contact(u, p, el, kind).await,
+            Err(e) => debug!("unreadable subscription stanza: {e}"),
+        }
+        Flow::Handled
+    }
+
+    async fn initial_presence(&self, u: &mut User, s: SessionKey) {
+        deliver_pending_requests(u, s);
+    }
+
+    async fn account_removing(&self, u: &mut User) {
+        // Best effort: the account goes either way.
+        if let Ok(r) = roster::load(u).await {
+            let r = r.clone();
+            u.state.insert(RemovedRoster(r));
+        }
+    }
+
+    async fn account_removed(&self, u: &mut User) {
+        let Some(RemovedRoster(r)) = u.state.remove::<RemovedRoster>() else {
+            return;
+        };
+        roster::forget(u);
+        for item in r.items.values() {
+            let Ok(to) = Jid::new(&item.jid) else {
+                continue;
+            };
+            if item.sub.to || item.sub.ask {
+                let p = stanzas::presence(Some("unsubscribe"), &u.bare, &item.jid);
+                u.route(&to, p.to_stanza());
+            }
+            if item.sub.from || item.sub.pending_in {
+                let p = stanzas::presence(Some("unsubscribed"), &u.bare, &item.jid);
+                u.route(&to, p.to_stanza());
+            }
+        }
+    }
+}
+
+/// The subscription type of a presence stanza, if it is one.
+fn subscription_kind(p: &Packet) -> Option<Kind> {
+    if p.name() != "presence" {
+        return None;
+    }
+    p.kind().and_then(Kind::parse)
+}
+
+impl Subscriptions {
     /// A subscription stanza from the user's client (directed to the contact).
-    pub async fn subscription_from_client(
-        &mut self,
-        idx: usize,
-        stanza: &Stanza,
+    async fn from_client(
+        &self,
+        u: &mut User,
+        from: SessionKey,
+        p: &Packet,
         el: Element,
-        to: Option<Jid>,
         kind: Kind,
     ) {
-        let Some(to) = to else {
+        let stanza = p.stanza();
+        let Some(to) = p.to.clone() else {
             if let Some(r) = stanza.error_reply(
                 StanzaErrorCondition::BadRequest,
                 "a subscription request needs 'to'",
             ) {
-                self.deliver(idx, &r);
+                u.deliver(from, r);
             }
             return;
         };
         let contact = to.to_bare().to_string();
-        if contact == self.bare {
+        if contact == u.bare {
             debug!("subscription stanza to the user's own JID ignored");
             return;
         }
-        let max = self.ctx.config.roster_max;
-        let roster = match self.roster().await {
+        let max = self.roster_max;
+        let roster = match roster::load(u).await {
             Ok(r) => r,
             Err(e) => {
-                if let Some(r) = stanzas::storage_error(&e).into_bytes(stanza) {
-                    self.deliver(idx, &r);
+                if let Some(r) = storage_error(&e).into_bytes(stanza) {
+                    u.deliver(from, r);
                 }
                 return;
             }
@@ -208,7 +304,7 @@ impl User {
                 StanzaErrorCondition::NotAllowed,
                 &format!("the roster is full: at most {max} items"),
             ) {
-                self.deliver(idx, &r);
+                u.deliver(from, r);
             }
             return;
         }
@@ -231,72 +327,57 @@ impl User {
             }
         }
         if changed {
-            self.bump();
-            if let Err(e) = self.save_roster().await {
-                if let Some(r) = stanzas::storage_error(&e).into_bytes(stanza) {
-                    self.deliver(idx, &r);
+            roster::bump(u);
+            if let Err(e) = roster::save(u).await {
+                if let Some(r) = storage_error(&e).into_bytes(stanza) {
+                    u.deliver(from, r);
                 }
                 return;
             }
             info!(contact = %contact, kind = kind.name(), subscription = out.state.name(),
                   ask = out.state.ask, "outbound subscription");
             let visible_before = before.as_ref().is_some_and(|i| !i.hidden);
-            let visible_now = self
-                .roster
-                .as_ref()
+            let visible_now = roster::cached(u)
                 .and_then(|r| r.get(&contact))
                 .is_some_and(|i| !i.hidden);
             if visible_before || visible_now {
-                self.push(&contact);
+                roster::push(u, &contact);
             }
         }
+        let contact_jid = Jid::from(to.to_bare());
         if out.route {
             // 3.1.2: stamped with the user's bare JID, addressed to the contact's.
             let mut p = el;
-            p.set_attr("from", self.bare.clone());
+            p.set_attr("from", u.bare.clone());
             p.set_attr("to", contact.clone());
             p.remove_attr("id");
             if let Some(id) = stanza.attr("id") {
                 p.set_attr("id", id);
             }
-            self.ctx.send(p.to_stanza());
+            u.route(&contact_jid, p.to_stanza());
         }
         if out.send_presence {
-            self.send_presence_to(&contact);
+            u.send_presence_to(&contact_jid);
         }
         if out.send_unavailable {
-            self.send_unavailable_to(&contact);
+            u.send_unavailable_to(&contact_jid);
         }
     }
 
     /// A subscription stanza from a contact.
-    pub async fn subscription_inbound(&mut self, inb: Inbound, el: Element, kind: Kind) {
-        let Some(from) = inb.from.as_ref() else {
+    async fn from_contact(&self, u: &mut User, p: &Packet, el: Element, kind: Kind) {
+        let Some(from) = p.from.as_ref() else {
             debug!("subscription stanza without 'from' ignored");
             return;
         };
         let contact = from.to_bare().to_string();
-        if contact == self.bare {
+        if contact == u.bare {
             return;
         }
-        match self.exists().await {
-            Ok(true) => {}
-            Ok(false) => {
-                // 3.1.3: no such user: the request is refused.
-                if kind == Kind::Subscribe {
-                    let p = stanzas::presence(Some("unsubscribed"), &self.bare, &contact);
-                    self.ctx.send(p.to_stanza());
-                }
-                return;
-            }
-            Err(e) => {
-                warn!("subscription from {contact} not processed: {e}");
-                return;
-            }
-        }
-        let max = self.ctx.config.roster_max;
-        let bare = self.bare.clone();
-        let roster = match self.roster().await {
+        let contact_jid = Jid::from(from.to_bare());
+        let max = self.roster_max;
+        let bare = u.bare.clone();
+        let roster = match roster::load(u).await {
             Ok(r) => r,
             Err(e) => {
                 warn!("subscription from {contact} not processed: {e}");
@@ -337,50 +418,57 @@ impl User {
             }
         }
         if changed {
-            self.bump();
-            if let Err(e) = self.save_roster().await {
+            roster::bump(u);
+            if let Err(e) = roster::save(u).await {
                 warn!("subscription from {contact} not stored: {e}");
                 return;
             }
             info!(contact = %contact, kind = kind.name(), subscription = out.state.name(),
                   pending_in = out.state.pending_in, "inbound subscription");
             let visible = |i: Option<&Item>| i.is_some_and(|i| !i.hidden);
-            if visible(before.as_ref())
-                || visible(self.roster.as_ref().and_then(|r| r.get(&contact)))
+            if visible(before.as_ref()) || visible(roster::cached(u).and_then(|r| r.get(&contact)))
             {
-                self.push(&contact);
+                roster::push(u, &contact);
             }
         }
         if out.auto_subscribed {
-            let p = stanzas::presence(Some("subscribed"), &self.bare, &contact);
-            self.ctx.send(p.to_stanza());
+            let p = stanzas::presence(Some("subscribed"), &u.bare, &contact);
+            u.route(&contact_jid, p.to_stanza());
         }
         if out.send_presence {
-            self.send_presence_to(&contact);
+            u.send_presence_to(&contact_jid);
         }
         if out.deliver {
-            let bytes = shown.to_stanza();
+            let bytes = bytes::Bytes::from(shown.to_stanza());
             // RFC 6121 3.1.3, 3.1.6, 3.2.3, 3.3.3: to the available resources (the
             // roster change itself is pushed to the interested ones above).
-            for idx in self.available() {
-                self.deliver(idx, bytes.as_bytes());
+            for key in u.available() {
+                u.deliver(key, bytes.clone());
             }
         }
     }
+}
 
-    /// Delivers the stored, unanswered subscription requests to session `idx` (at its
-    /// initial presence, RFC 6121 3.1.3).
-    pub fn deliver_pending_requests(&self, idx: usize) {
-        let Some(r) = &self.roster else { return };
-        for item in r.items.values().filter(|i| i.sub.pending_in) {
+/// Delivers the stored, unanswered subscription requests to session `key` (at its
+/// initial presence, RFC 6121 3.1.3).
+fn deliver_pending_requests(u: &mut User, key: SessionKey) {
+    let Some(r) = roster::cached(u) else { return };
+    let requests: Vec<String> = r
+        .items
+        .values()
+        .filter(|i| i.sub.pending_in)
+        .map(|item| {
             let mut p = item
                 .request
                 .clone()
                 .unwrap_or_else(|| stanzas::presence(Some("subscribe"), &item.jid, ""));
             p.set_attr("from", item.jid.clone());
-            p.set_attr("to", self.bare.clone());
-            self.deliver(idx, p.to_stanza().as_bytes());
-        }
+            p.set_attr("to", u.bare.clone());
+            p.to_stanza()
+        })
+        .collect();
+    for p in requests {
+        u.deliver(key, p);
     }
 }
 

@@ -1,28 +1,67 @@
-//! vcard-temp (XEP-0054): users set their own vCard and anyone may read it. Stored under
-//! `vcard-temp` as the `<vCard xmlns='vcard-temp'>` element itself.
+//! vcard-temp (XEP-0054): users set their own vCard and anyone may read it; the server
+//! has an empty one. Stored under `vcard-temp` as the `<vCard xmlns='vcard-temp'>`
+//! element itself.
+
+use std::sync::Arc;
 
 use tracing::info;
 
-use jrs_stream::{Stanza, StanzaErrorCondition};
+use jrs_stream::StanzaErrorCondition;
 
-use crate::stanzas::Reply;
-use crate::user::User;
+use crate::config::{count, SmConfig};
+use crate::host::{storage_error, Declaration, Disco, Iq, IqKind, Module, Reply, Scope, User};
 use crate::xml::Element;
 
 pub const NS_VCARD: &str = "vcard-temp";
 
-pub fn empty() -> Element {
+pub struct VCard {
+    max_bytes: usize,
+}
+
+pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
+    let mut max_bytes = 64 * 1024;
+    if let Some(n) = config.module_settings("vcard")? {
+        n.allow(&["max-bytes"], &[])?;
+        max_bytes = count(n, "max-bytes", max_bytes)?;
+    }
+    Ok(Arc::new(VCard { max_bytes }))
+}
+
+fn empty() -> Element {
     Element::new("vCard", NS_VCARD)
 }
 
-impl User {
-    /// A vCard get (anyone) or set (`own`: the user's own session).
-    pub async fn vcard_iq(&mut self, stanza: &Stanza, payload: &Element, own: bool) -> Reply {
-        match stanza.kind() {
-            Some("get") => {
-                let stored = match self.ctx.xdb.get(&self.bare, NS_VCARD).await {
+#[async_trait::async_trait]
+impl Module for VCard {
+    fn name(&self) -> &'static str {
+        "vcard"
+    }
+
+    fn declare(&self) -> Declaration {
+        Declaration::default()
+            .iq(
+                IqKind::Get,
+                &[Scope::Server, Scope::Own, Scope::Contact],
+                NS_VCARD,
+                "vCard",
+            )
+            .iq(
+                IqKind::Set,
+                &[Scope::Own, Scope::Contact],
+                NS_VCARD,
+                "vCard",
+            )
+            .feature(Disco::Server, NS_VCARD)
+            .feature(Disco::Account, NS_VCARD)
+    }
+
+    async fn iq(&self, u: &mut User, iq: &Iq) -> Reply {
+        match (iq.kind, iq.scope) {
+            (IqKind::Get, Scope::Server) => Reply::with(empty()),
+            (IqKind::Get, _) => {
+                let stored = match u.ctx.store.get(&u.bare, NS_VCARD).await {
                     Ok(s) => s,
-                    Err(e) => return crate::stanzas::storage_error(&e),
+                    Err(e) => return storage_error(&e),
                 };
                 if stored.iter().all(u8::is_ascii_whitespace) {
                     return Reply::with(empty());
@@ -35,13 +74,13 @@ impl User {
                     ),
                 }
             }
-            Some("set") if own => {
+            (IqKind::Set, Scope::Own) => {
+                let payload = match iq.element() {
+                    Ok(p) => p,
+                    Err(r) => return r,
+                };
                 let data = payload.to_xml();
-                let max = self
-                    .ctx
-                    .config
-                    .vcard_max_bytes
-                    .min(self.ctx.config.fragment_max());
+                let max = self.max_bytes.min(u.ctx.config.fragment_max());
                 if data.len() > max {
                     return Reply::error(
                         StanzaErrorCondition::NotAcceptable,
@@ -49,19 +88,19 @@ impl User {
                     );
                 }
                 let result = if payload.children.is_empty() {
-                    self.ctx.xdb.delete(&self.bare, NS_VCARD).await
+                    u.ctx.store.delete(&u.bare, NS_VCARD).await
                 } else {
-                    self.ctx.xdb.set(&self.bare, NS_VCARD, data).await
+                    u.ctx.store.set(&u.bare, NS_VCARD, data).await
                 };
                 match result {
                     Ok(()) => {
                         info!("vCard updated");
                         Reply::empty()
                     }
-                    Err(e) => crate::stanzas::storage_error(&e),
+                    Err(e) => storage_error(&e),
                 }
             }
-            _ => Reply::error(
+            (IqKind::Set, _) => Reply::error(
                 StanzaErrorCondition::Forbidden,
                 "only the owner may change a vCard",
             ),

@@ -1,0 +1,78 @@
+//! Running the chains: each hook's modules in priority order, until one handles the
+//! stanza (for the chains that can stop).
+
+use crate::host::kernel::{Flow, Hook, User};
+use crate::host::packet::Packet;
+use crate::host::session::{Session, SessionKey};
+
+pub async fn outbound(u: &mut User, from: SessionKey, p: &mut Packet) -> Flow {
+    let ctx = u.ctx.clone();
+    for m in ctx.modules.chain(Hook::Outbound) {
+        if m.outbound(u, from, p).await == Flow::Handled {
+            return Flow::Handled;
+        }
+    }
+    Flow::Pass
+}
+
+pub async fn inbound(u: &mut User, p: &mut Packet) -> Flow {
+    let ctx = u.ctx.clone();
+    for m in ctx.modules.chain(Hook::Inbound) {
+        if m.inbound(u, p).await == Flow::Handled {
+            return Flow::Handled;
+        }
+    }
+    Flow::Pass
+}
+
+pub async fn delivered(u: &mut User, p: &Packet, to: &[SessionKey]) {
+    let ctx = u.ctx.clone();
+    for m in ctx.modules.chain(Hook::Delivered) {
+        m.delivered(u, p, to).await;
+    }
+}
+
+pub async fn undeliverable(u: &mut User, p: &Packet) -> Flow {
+    let ctx = u.ctx.clone();
+    for m in ctx.modules.chain(Hook::Undeliverable) {
+        if m.undeliverable(u, p).await == Flow::Handled {
+            return Flow::Handled;
+        }
+    }
+    Flow::Pass
+}
+
+pub async fn session_started(u: &mut User, s: SessionKey) {
+    let ctx = u.ctx.clone();
+    for m in ctx.modules.chain(Hook::SessionStarted) {
+        m.session_started(u, s).await;
+    }
+}
+
+pub async fn session_ended(u: &mut User, s: &Session) {
+    let ctx = u.ctx.clone();
+    for m in ctx.modules.chain(Hook::SessionEnded) {
+        m.session_ended(u, s).await;
+    }
+}
+
+pub async fn initial_presence(u: &mut User, s: SessionKey) {
+    let ctx = u.ctx.clone();
+    for m in ctx.modules.chain(Hook::InitialPresence) {
+        m.initial_presence(u, s).await;
+    }
+}
+
+pub async fn account_removing(u: &mut User) {
+    let ctx = u.ctx.clone();
+    for m in ctx.modules.chain(Hook::AccountRemoving) {
+        m.account_removing(u).await;
+    }
+}
+
+pub async fn account_removed(u: &mut User) {
+    let ctx = u.ctx.clone();
+    for m in ctx.modules.chain(Hook::AccountRemoved) {
+        m.account_removed(u).await;
+    }
+}

@@ -1,0 +1,30 @@
+//! The module host: sm's core, which feature modules (`crate::modules`) plug into.
+//!
+//! - `kernel`: the `Module` trait, the loaded `Modules`, the shared `Ctx` and the `User`
+//!   a handler works on (with its output collector `out`);
+//! - `task` (the user's task: the session protocol, the chains, the fallbacks),
+//!   `hooks` (running a chain), `iq` (the IQ table and replies), `server` (stanzas to
+//!   the domain itself);
+//! - `session`, `packet`, `state`, `out`, `store`, `registry`, `accounts`,
+//!   `components`: the pieces they are made of.
+//!
+//! docs/sm.md, "Writing a module", shows how a module is written.
+
+pub mod accounts;
+pub mod components;
+pub mod hooks;
+pub mod iq;
+pub mod kernel;
+pub mod out;
+pub mod packet;
+pub mod registry;
+pub mod server;
+pub mod session;
+pub mod state;
+pub mod store;
+pub mod task;
+
+pub use self::iq::{storage_error, Iq, IqKind, Reply, Scope};
+pub use self::kernel::{Ctx, Declaration, Disco, Flow, Hook, Identity, Module, Modules, User};
+pub use self::packet::Packet;
+pub use self::session::{Session, SessionKey};

@@ -1,0 +1,406 @@
+//! Message Archive Management (XEP-0313, `urn:xmpp:mam:2` with `#extended`) and
+//! unique stanza ids (XEP-0359).
+//!
+//! Every message that qualifies (chat or normal with a body, or marked `<store/>`, or
+//! end-to-end encrypted; never `<no-store/>` or `<no-permanent-store/>`, XEP-0334) is
+//! archived once per user on both sides, as the user's preferences allow. What the
+//! user receives is stamped `<stanza-id by='user@domain' id=..>` with the archive id
+//! (forged stanza-ids by the user's JID are removed first), and the same copy goes to
+//! offline storage, so both agree. Archive writes are sent at once and their answers
+//! awaited off the message path; storage applies one user's requests in order, so a
+//! query sees every message archived before it.
+//!
+//! Storage: the archive operations of the storage protocol (`jrs_xdb::archive`), on the
+//! archive `urn:xmpp:mam:2`; preferences in `prefs`. Ids are the archive time in
+//! microseconds as 16 hex digits, kept increasing per user.
+
+mod prefs;
+mod query;
+
+use std::sync::Arc;
+
+use jid::Jid;
+use tracing::{debug, error, warn};
+use xmpp_parsers::mam::Query as MamQuery;
+use xmpp_parsers::mam_prefs::{DefaultPrefs, Prefs};
+use xmpp_parsers::ns::{MAM as NS_MAM, SID as NS_SID};
+
+use jrs_stream::StanzaErrorCondition;
+use jrs_xdb::archive::{Item, Query, Retention};
+use jrs_xdb::XdbError;
+
+use crate::clock::{now_micros, stamp_micros};
+use crate::config::{positive, SmConfig};
+use crate::host::{
+    storage_error, Declaration, Disco, Flow, Hook, Iq, IqKind, Module, Packet, Reply, Scope,
+    SessionKey, User,
+};
+use crate::xml::Element;
+
+/// The archive's name in storage.
+pub const ARCHIVE: &str = NS_MAM;
+const NS_HINTS: &str = "urn:xmpp:hints";
+/// End-to-end encrypted payloads: archived though they carry no body.
+const ENCRYPTED: [(&str, &str); 3] = [
+    ("encrypted", "eu.siacs.conversations.axolotl"),
+    ("encrypted", "urn:xmpp:omemo:2"),
+    ("openpgp", "urn:xmpp:openpgp:0"),
+];
+
+pub struct Mam {
+    default: DefaultPrefs,
+    retention: Retention,
+    page_size: usize,
+}
+
+pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
+    let mut m = Mam {
+        default: DefaultPrefs::Always,
+        retention: Retention::default(),
+        page_size: 50,
+    };
+    if let Some(n) = config.module_settings("mam")? {
+        n.allow(&["default", "max-messages", "max-days", "page-size"], &[])?;
+        if let Some(d) = n.attr("default") {
+            m.default = match d {
+                "always" => DefaultPrefs::Always,
+                "never" => DefaultPrefs::Never,
+                "roster" => DefaultPrefs::Roster,
+                other => {
+                    return Err(n.error(format!(
+                        "attribute 'default' = '{other}': expected always, never or roster"
+                    )))
+                }
+            };
+        }
+        if n.attr("max-messages").is_some() {
+            m.retention.max_items = Some(positive(n, "max-messages", 1)? as u64);
+        }
+        if n.attr("max-days").is_some() {
+            m.retention.max_age = Some(positive(n, "max-days", 1)? as u64 * 86_400);
+        }
+        m.page_size = positive(n, "page-size", m.page_size)?.min(jrs_xdb::archive::MAX_PAGE);
+    }
+    Ok(Arc::new(m))
+}
+
+/// What the module keeps about a user while the user's task runs.
+#[derive(Default)]
+struct ArchiveState {
+    /// The time (and id) of the newest item, once learnt from storage.
+    newest: Option<u64>,
+}
+
+/// Whether XEP-0313 section 5 (with XEP-0334 hints) puts message `p` in an archive.
+pub fn archivable(p: &Packet) -> bool {
+    if p.name() != "message" || !matches!(p.kind().unwrap_or("normal"), "chat" | "normal") {
+        return false;
+    }
+    if p.has("no-store", NS_HINTS) || p.has("no-permanent-store", NS_HINTS) {
+        return false;
+    }
+    // Copies of other messages (carbons, archive results) are not archived again.
+    if p.has_ns(xmpp_parsers::ns::CARBONS) || p.has("result", NS_MAM) {
+        return false;
+    }
+    p.has_body() || p.has("store", NS_HINTS) || ENCRYPTED.iter().any(|(name, ns)| p.has(name, ns))
+}
+
+/// The stanza-id element for archive id `id` of `by`.
+fn stanza_id(by: &str, id: &str) -> String {
+    format!(
+        "<stanza-id xmlns='{NS_SID}' by='{}' id='{}'/>",
+        jrs_stream::xml::escape(by),
+        jrs_stream::xml::escape(id)
+    )
+}
+
+impl Mam {
+    /// A new id and time for the user's archive: now, but after the newest item (learnt
+    /// from storage the first time), so ids always increase.
+    async fn next_id(&self, u: &mut User) -> Result<(String, u64), XdbError> {
+        if u.state.entry::<ArchiveState>().newest.is_none() {
+            let meta = u
+                .ctx
+                .store
+                .archive_query(&u.bare, ARCHIVE, &Query::default())
+                .await?;
+            u.state.entry::<ArchiveState>().newest = Some(meta.newest.map_or(0, |(_, t)| t));
+        }
+        let state = u.state.entry::<ArchiveState>();
+        let time = now_micros().max(state.newest.unwrap_or(0) + 1);
+        state.newest = Some(time);
+        Ok((format!("{time:016x}"), time))
+    }
+
+    /// An id and time for a message with `with`, if the user's preferences archive it.
+    async fn id_for(&self, u: &mut User, with: &Jid) -> Option<(String, u64)> {
+        match prefs::archives(u, &self.default, with).await {
+            Ok(true) => {}
+            Ok(false) => return None,
+            Err(e) => {
+                warn!("message not archived, preferences unavailable: {e}");
+                return None;
+            }
+        }
+        match self.next_id(u).await {
+            Ok(x) => Some(x),
+            Err(e) => {
+                warn!("message not archived, the archive is unavailable: {e}");
+                None
+            }
+        }
+    }
+
+    /// Archives `p` as item `id` with `with`: sends the append now and waits for its
+    /// answer off the message path.
+    fn append(&self, u: &mut User, (id, time): (String, u64), with: &Jid, p: &Packet) {
+        let item = Item {
+            id,
+            time,
+            with: with.to_string(),
+            payload: p.forwardable(),
+        };
+        let ctx = u.ctx.clone();
+        match ctx
+            .store
+            .archive_append(&u.bare, ARCHIVE, &[item], self.retention)
+        {
+            Ok(pending) => {
+                let owner = u.bare.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = ctx.store.finish(pending).await {
+                        error!(jid = %owner, "archiving a message failed: {e}");
+                    }
+                });
+            }
+            Err(e) => error!("archiving a message failed: {e}"),
+        }
+    }
+}
+
+#[async_trait::async_trait]
+impl Module for Mam {
+    fn name(&self) -> &'static str {
+        "mam"
+    }
+
+    fn declare(&self) -> Declaration {
+        Declaration::default()
+            .requires("roster")
+            .iq(IqKind::Get, &[Scope::Own], NS_MAM, "query")
+            .iq(IqKind::Set, &[Scope::Own], NS_MAM, "query")
+            .iq(IqKind::Get, &[Scope::Own], NS_MAM, "prefs")
+            .iq(IqKind::Set, &[Scope::Own], NS_MAM, "prefs")
+            .iq(IqKind::Get, &[Scope::Own], NS_MAM, "metadata")
+            .feature(Disco::Account, NS_MAM)
+            .feature(Disco::Account, "urn:xmpp:mam:2#extended")
+            .feature(Disco::Account, NS_SID)
+            // After blocking (a refused message is not archived), before delivery and
+            // offline storage (which get the stanza-id).
+            .hook(Hook::Outbound, 400)
+            .hook(Hook::Inbound, 400)
+            .hook(Hook::SessionStarted, 0)
+    }
+
+    async fn session_started(&self, u: &mut User, _s: SessionKey) {
+        if self.retention == Retention::default() || u.sessions.len() > 1 {
+            return;
+        }
+        // Retention by age also reaches users who receive nothing new.
+        if let Err(e) = u
+            .ctx
+            .store
+            .archive_trim(&u.bare, ARCHIVE, self.retention)
+            .await
+        {
+            warn!("archive retention not applied: {e}");
+        }
+    }
+
+    async fn outbound(&self, u: &mut User, _from: SessionKey, p: &mut Packet) -> Flow {
+        let Some(to) = p.to.clone() else {
+            return Flow::Pass;
+        };
+        // To the user's own account it is archived once, on receipt.
+        if !u.is_same_user(&to) && archivable(p) {
+            if let Some(id) = self.id_for(u, &to).await {
+                self.append(u, id, &to, p);
+            }
+        }
+        Flow::Pass
+    }
+
+    async fn inbound(&self, u: &mut User, p: &mut Packet) -> Flow {
+        if p.name() != "message" {
+            return Flow::Pass;
+        }
+        // XEP-0359 section 5: only this server says what ids it gave.
+        let bare = u.bare.clone();
+        p.remove_children(|p, c| {
+            c.name == "stanza-id"
+                && c.ns == NS_SID
+                && attr(p.child_bytes(c), "by").is_some_and(|by| by == bare)
+        });
+        let Some(from) = p.from.clone() else {
+            return Flow::Pass;
+        };
+        if !archivable(p) {
+            return Flow::Pass;
+        }
+        if let Some(id) = self.id_for(u, &from).await {
+            // The stanza-id goes into the archived copy too: it is the message as
+            // delivered (and as stored offline).
+            p.push_child(&stanza_id(&bare, &id.0));
+            self.append(u, id, &from, p);
+        }
+        Flow::Pass
+    }
+
+    async fn iq(&self, u: &mut User, iq: &Iq) -> Reply {
+        match (iq.payload.name(), iq.kind) {
+            ("query", IqKind::Get) => Reply::typed(query::form()),
+            ("query", IqKind::Set) => self.query(u, iq).await,
+            ("prefs", IqKind::Get) => match prefs::load(u, &self.default).await {
+                Ok(p) => Reply::typed(p.clone()),
+                Err(e) => storage_error(&e),
+            },
+            ("prefs", IqKind::Set) => {
+                let new: Prefs = match iq.parse() {
+                    Ok(p) => p,
+                    Err(r) => return r,
+                };
+                match prefs::save(u, new.clone()).await {
+                    Ok(()) => Reply::typed(new),
+                    Err(e) => storage_error(&e),
+                }
+            }
+            _ => self.metadata(u).await,
+        }
+    }
+}
+
+impl Mam {
+    async fn query(&self, u: &mut User, iq: &Iq) -> Reply {
+        let Some(key) = iq.session else {
+            return Reply::not_handled();
+        };
+        let q: MamQuery = match iq.parse() {
+            Ok(q) => q,
+            Err(r) => return r,
+        };
+        // Room for the answer on sm's link, with the storage answer's own wrapping.
+        let max_bytes = u.ctx.config.fragment_max().saturating_sub(4096).max(1024);
+        let storage_query = match query::translate(&q, self.page_size, max_bytes) {
+            Ok(x) => x,
+            Err(r) => return r,
+        };
+        let page = match u
+            .ctx
+            .store
+            .archive_query(&u.bare, ARCHIVE, &storage_query)
+            .await
+        {
+            Ok(p) => p,
+            Err(XdbError::Refused(r)) if r.condition == StanzaErrorCondition::ItemNotFound => {
+                return Reply::error(StanzaErrorCondition::ItemNotFound, r.text)
+            }
+            Err(e) => return storage_error(&e),
+        };
+        let Some(to) = u.session(key).map(|s| s.full.clone()) else {
+            return Reply::Done;
+        };
+        debug!(
+            count = page.count,
+            returned = page.items.len(),
+            "archive query"
+        );
+        let queryid = q.queryid.as_ref().map(|q| q.0.clone());
+        let results: Vec<_> = page
+            .items
+            .iter()
+            .map(|item| query::result_message(&u.bare, &to, queryid.as_deref(), item))
+            .collect();
+        let flip = q.flip_page;
+        let ordered: Box<dyn Iterator<Item = _>> = if flip {
+            Box::new(results.into_iter().rev())
+        } else {
+            Box::new(results.into_iter())
+        };
+        for m in ordered {
+            u.deliver(key, m);
+        }
+        Reply::typed(query::fin(&page))
+    }
+
+    /// XEP-0313 section 7: the first and last item of the archive.
+    async fn metadata(&self, u: &mut User) -> Reply {
+        let page = match u
+            .ctx
+            .store
+            .archive_query(&u.bare, ARCHIVE, &Query::default())
+            .await
+        {
+            Ok(p) => p,
+            Err(e) => return storage_error(&e),
+        };
+        let mut m = Element::new("metadata", NS_MAM);
+        for (name, bound) in [("start", &page.oldest), ("end", &page.newest)] {
+            if let Some((id, time)) = bound {
+                m.push(
+                    Element::new(name, NS_MAM)
+                        .with_attr("id", id.clone())
+                        .with_attr("timestamp", stamp_micros(*time)),
+                );
+            }
+        }
+        Reply::with(m)
+    }
+}
+
+/// An attribute of an element given as bytes (a child of a stanza, already checked).
+fn attr(element: &[u8], name: &str) -> Option<String> {
+    let s = jrs_stream::Stanza::parse(bytes::Bytes::copy_from_slice(element)).ok()?;
+    s.attr(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn packet(s: &str) -> Packet {
+        Packet::new(
+            jrs_stream::Stanza::parse(bytes::Bytes::from(s.to_owned())).unwrap(),
+            None,
+            None,
+        )
+    }
+
+    #[test]
+    fn what_is_archived() {
+        assert!(archivable(&packet(
+            "<message type='chat'><body>hi</body></message>"
+        )));
+        assert!(archivable(&packet("<message><body>hi</body></message>")));
+        assert!(!archivable(&packet("<message type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>")));
+        assert!(archivable(&packet("<message type='chat'><store xmlns='urn:xmpp:hints'/><received xmlns='urn:xmpp:receipts' id='1'/></message>")));
+        assert!(archivable(&packet(
+            "<message type='chat'><encrypted xmlns='eu.siacs.conversations.axolotl'/></message>"
+        )));
+        assert!(!archivable(&packet(
+            "<message type='chat'><body>x</body><no-store xmlns='urn:xmpp:hints'/></message>"
+        )));
+        assert!(!archivable(&packet(
+            "<message type='groupchat'><body>x</body></message>"
+        )));
+        assert!(!archivable(&packet(
+            "<message type='error'><body>x</body></message>"
+        )));
+        assert!(!archivable(&packet(
+            "<message type='headline'><body>x</body></message>"
+        )));
+        assert!(!archivable(&packet(
+            "<message><sent xmlns='urn:xmpp:carbons:2'><forwarded xmlns='urn:xmpp:forward:0'/></sent><body>x</body></message>"
+        )));
+    }
+}

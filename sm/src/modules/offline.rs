@@ -1,0 +1,208 @@
+//! Offline messages (XEP-0160): a message that no session can take now is kept, with a
+//! delay stamp (XEP-0203), and delivered at the user's next initial presence with a
+//! non-negative priority.
+//!
+//! Stored under `urn:jabberd-rs:offline:0` as a list of `<message/>` elements (xdb
+//! `append` with `max-items`, read back and removed with `take`).
+
+use std::sync::Arc;
+
+use tracing::{debug, error, info, warn};
+
+use jrs_stream::StanzaErrorCondition;
+use jrs_xdb::XdbError;
+
+use crate::clock::{stamp, unix_now};
+use crate::config::{count, SmConfig};
+use crate::host::{Declaration, Disco, Flow, Hook, Module, Packet, SessionKey, User};
+use crate::stanzas;
+use crate::xml::{Element, NS_CLIENT};
+
+pub const NS_OFFLINE: &str = "urn:jabberd-rs:offline:0";
+pub const NS_DELAY: &str = "urn:xmpp:delay";
+const NS_CHATSTATES: &str = "http://jabber.org/protocol/chatstates";
+const NS_HINTS: &str = "urn:xmpp:hints";
+
+pub struct Offline {
+    /// Messages kept per user; 0: none (senders get `service-unavailable`).
+    max: usize,
+}
+
+pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
+    let mut max = 100;
+    if let Some(n) = config.module_settings("offline")? {
+        n.allow(&["max-messages"], &[])?;
+        max = count(n, "max-messages", max)?;
+    }
+    Ok(Arc::new(Offline { max }))
+}
+
+/// Whether a message is worth keeping for later (XEP-0160 3, XEP-0334): chat-state
+/// notifications alone are not, and neither are messages marked no-store.
+fn storable(m: &Element) -> bool {
+    if m.elements()
+        .any(|c| c.ns == NS_HINTS && matches!(c.local_name(), "no-store" | "no-permanent-store"))
+    {
+        return false;
+    }
+    m.elements()
+        .any(|c| !(c.ns == NS_CHATSTATES || c.ns == NS_HINTS || c.is("thread", NS_CLIENT)))
+}
+
+#[async_trait::async_trait]
+impl Module for Offline {
+    fn name(&self) -> &'static str {
+        "offline"
+    }
+
+    fn declare(&self) -> Declaration {
+        Declaration::default()
+            .hook(Hook::Undeliverable, 0)
+            .hook(Hook::InitialPresence, 0)
+            .feature(Disco::Server, "msgoffline")
+    }
+
+    async fn undeliverable(&self, u: &mut User, p: &Packet) -> Flow {
+        self.store(u, p).await;
+        Flow::Handled
+    }
+
+    async fn initial_presence(&self, u: &mut User, s: SessionKey) {
+        if u.session(s).is_some_and(|s| s.priority >= 0) {
+            self.deliver(u, s).await;
+        }
+    }
+}
+
+impl Offline {
+    /// XEP-0160: keeps the message, stamped with XEP-0203 delay, until the next login.
+    async fn store(&self, u: &mut User, p: &Packet) {
+        let stanza = p.stanza();
+        let max = self.max;
+        if max == 0 {
+            u.refuse(
+                stanza,
+                StanzaErrorCondition::ServiceUnavailable,
+                "the recipient is offline",
+            );
+            return;
+        }
+        let mut m = match stanzas::parse(stanza) {
+            Ok(m) => m,
+            Err(e) => {
+                debug!("unreadable message not stored: {e}");
+                return;
+            }
+        };
+        if !storable(&m) {
+            debug!("message without content worth storing dropped");
+            return;
+        }
+        m.push(
+            Element::new("delay", NS_DELAY)
+                .with_attr("from", u.jid.domain().as_str())
+                .with_attr("stamp", stamp(unix_now()))
+                .with_text("Offline storage"),
+        );
+        // The whole store comes back in one storage answer: keep it under the limit.
+        let data = m.to_stanza();
+        let budget = u.ctx.config.fragment_max();
+        let stored = match u.ctx.store.get(&u.bare, NS_OFFLINE).await {
+            Ok(s) => s.len(),
+            Err(e) => {
+                error!("reading the offline store failed: {e}");
+                u.refuse(
+                    stanza,
+                    StanzaErrorCondition::InternalServerError,
+                    "the message could not be stored",
+                );
+                return;
+            }
+        };
+        if stored + data.len() > budget {
+            info!(
+                stored,
+                budget, "offline store full (bytes): message refused"
+            );
+            u.refuse(
+                stanza,
+                StanzaErrorCondition::ServiceUnavailable,
+                &format!("the recipient is offline and their offline message store is full ({budget} bytes)"),
+            );
+            return;
+        }
+        match u
+            .ctx
+            .store
+            .append(&u.bare, NS_OFFLINE, data, Some(max))
+            .await
+        {
+            Ok(()) => info!(from = stanza.from().unwrap_or(""), "message stored offline"),
+            Err(XdbError::Refused(r))
+                if r.condition == StanzaErrorCondition::ResourceConstraint =>
+            {
+                info!(max, "offline store full: message refused");
+                u.refuse(
+                    stanza,
+                    StanzaErrorCondition::ServiceUnavailable,
+                    &format!("the recipient is offline and their offline message store is full ({max} messages)"),
+                );
+            }
+            Err(e) => {
+                error!("storing an offline message failed: {e}");
+                u.refuse(
+                    stanza,
+                    StanzaErrorCondition::InternalServerError,
+                    "the message could not be stored",
+                );
+            }
+        }
+    }
+
+    /// Delivers (and removes) the stored messages to session `key`.
+    async fn deliver(&self, u: &mut User, key: SessionKey) {
+        if self.max == 0 {
+            return;
+        }
+        let data = match u.ctx.store.take(&u.bare, NS_OFFLINE).await {
+            Ok(d) => d,
+            Err(e) => {
+                warn!("offline messages not delivered now: {e}");
+                return;
+            }
+        };
+        if data.iter().all(u8::is_ascii_whitespace) {
+            return;
+        }
+        match Element::parse_fragment(&data, NS_CLIENT) {
+            Ok(messages) => {
+                info!(count = messages.len(), "delivering offline messages");
+                for m in messages {
+                    u.deliver(key, m.to_stanza());
+                }
+            }
+            Err(e) => error!(
+                bytes = data.len(),
+                "stored offline messages unreadable, dropped: {e}"
+            ),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_states_alone_are_not_stored() {
+        let m = |s: &str| Element::parse(s.as_bytes(), NS_CLIENT).unwrap();
+        assert!(storable(&m("<message><body>hi</body></message>")));
+        assert!(!storable(&m(
+            "<message><composing xmlns='http://jabber.org/protocol/chatstates'/></message>"
+        )));
+        assert!(!storable(&m(
+            "<message><body>x</body><no-store xmlns='urn:xmpp:hints'/></message>"
+        )));
+        assert!(!storable(&m("<message/>")));
+    }
+}
