@@ -10,6 +10,7 @@ use bytes::Bytes;
 use jrs_component::{ComponentReader, ComponentWriter};
 use jrs_harness::{Options, Server};
 use jrs_stream::Stanza;
+use jrs_xdb::archive::{items_to_xml, Item, Page, Paging, Query};
 use jrs_xdb::{Op, Request};
 
 fn request(op: Op, owner: &str, ns: &str, id: &str, content: &str) -> Vec<u8> {
@@ -20,6 +21,7 @@ fn request(op: Op, owner: &str, ns: &str, id: &str, content: &str) -> Vec<u8> {
         id: id.into(),
         from: "admin".into(),
         max_items: None,
+        max_age: None,
         content: Bytes::copy_from_slice(content.as_bytes()),
     }
     .to_xml()
@@ -282,4 +284,302 @@ async fn storage_down_past_the_grace_period_gives_errors() {
     let e = recv(&mut r).await;
     assert_eq!((e.id(), e.kind()), (Some("late"), Some("error")));
     assert!(String::from_utf8_lossy(e.inner()).contains("service-unavailable"));
+}
+
+/// Starts xdb-file with `extra` elements in its configuration (the harness's own
+/// configuration has none).
+async fn start_storage_with(server: &mut Server, extra: &str) {
+    server
+        .write(
+            "xdb-file.xml",
+            &format!(
+                "<xdb-file>{}<host>localhost</host><spool dir='spool'/>{extra}<log level='debug'/></xdb-file>",
+                server.router_element("xdb-file", "xdb-secret")
+            ),
+        )
+        .unwrap();
+    let since = server.log("xdb-file").len();
+    server
+        .spawn("xdb-file", "xdb-file", &["-c", "xdb-file.xml"])
+        .unwrap();
+    server.wait_connected("xdb-file", since).await.unwrap();
+}
+
+const MAM: &str = "urn:xmpp:mam:2";
+
+fn chat(n: u32, with: &str) -> Item {
+    Item {
+        id: format!("{n:08}"),
+        time: 1_700_000_000_000_000 + n as u64 * 1000,
+        with: with.into(),
+        payload: Bytes::from(format!(
+            "<message xmlns='jabber:client' type='chat'><body>message {n}</body></message>"
+        )),
+    }
+}
+
+async fn archive_query(
+    r: &mut ComponentReader,
+    w: &mut ComponentWriter,
+    id: &str,
+    q: &Query,
+) -> Page {
+    w.send(&request(
+        Op::ArchiveQuery,
+        "alice@localhost",
+        MAM,
+        id,
+        &q.to_xml(),
+    ))
+    .await
+    .unwrap();
+    let mut a = recv(r).await;
+    while a.id() != Some(id) {
+        a = recv(r).await; // a late acknowledgement
+    }
+    assert_eq!(
+        a.kind(),
+        Some("result"),
+        "{}",
+        String::from_utf8_lossy(a.inner())
+    );
+    Page::parse(a.inner()).unwrap()
+}
+
+/// Every item of the archive, page by page.
+async fn whole_archive(r: &mut ComponentReader, w: &mut ComponentWriter) -> Vec<Item> {
+    let mut out: Vec<Item> = vec![];
+    for n in 0.. {
+        let q = Query {
+            paging: Paging {
+                after: out.last().map(|i| i.id.clone()),
+                max: 250,
+                ..Paging::default()
+            },
+            ..Query::default()
+        };
+        let page = archive_query(r, w, &format!("all{n}"), &q).await;
+        out.extend(page.items);
+        if page.complete {
+            break;
+        }
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archive_append_and_query_through_the_router() {
+    let (_server, mut r, mut w) = with_storage(2.0).await;
+    let items: Vec<Item> = (1..=30)
+        .map(|n| chat(n, if n % 3 == 0 { "bob@b/phone" } else { "carol@c" }))
+        .collect();
+    for (i, batch) in items.chunks(10).enumerate() {
+        w.send(&request(
+            Op::ArchiveAppend,
+            "alice@localhost",
+            MAM,
+            &format!("a{i}"),
+            &items_to_xml(batch),
+        ))
+        .await
+        .unwrap();
+    }
+    for i in 0..3 {
+        let a = recv(&mut r).await;
+        assert_eq!(
+            (a.id(), a.kind()),
+            (Some(format!("a{i}").as_str()), Some("result"))
+        );
+        assert!(a.inner().is_empty());
+    }
+    // The last page, then the one before it.
+    let mut q = Query {
+        paging: Paging {
+            from_end: true,
+            max: 4,
+            ..Paging::default()
+        },
+        ..Query::default()
+    };
+    let last = archive_query(&mut r, &mut w, "q1", &q).await;
+    assert_eq!(last.items, items[26..]);
+    assert_eq!(
+        (last.count, last.first_index, last.complete),
+        (30, Some(26), false)
+    );
+    assert_eq!(last.oldest, Some((items[0].id.clone(), items[0].time)));
+    assert_eq!(last.newest, Some((items[29].id.clone(), items[29].time)));
+    q.paging.before = Some(items[26].id.clone());
+    let before = archive_query(&mut r, &mut w, "q2", &q).await;
+    assert_eq!(before.items, items[22..26]);
+    // With bob only.
+    let bob = Query {
+        with: Some("bob@b".into()),
+        paging: Paging {
+            max: 50,
+            ..Paging::default()
+        },
+        ..Query::default()
+    };
+    let page = archive_query(&mut r, &mut w, "q3", &bob).await;
+    assert_eq!(page.count, 10);
+    assert!(page.items.iter().all(|i| i.with == "bob@b/phone"));
+    // A retried append is harmless; an older id that is not there is a conflict.
+    w.send(&request(
+        Op::ArchiveAppend,
+        "alice@localhost",
+        MAM,
+        "a9",
+        &items_to_xml(&items[25..]),
+    ))
+    .await
+    .unwrap();
+    assert_eq!(recv(&mut r).await.kind(), Some("result"));
+    let mut stray = chat(5, "eve@e");
+    stray.id.push('x');
+    w.send(&request(
+        Op::ArchiveAppend,
+        "alice@localhost",
+        MAM,
+        "a10",
+        &items_to_xml(&[stray]),
+    ))
+    .await
+    .unwrap();
+    let e = recv(&mut r).await;
+    assert_eq!(e.kind(), Some("error"));
+    assert!(String::from_utf8_lossy(e.inner()).contains("conflict"));
+    assert_eq!(whole_archive(&mut r, &mut w).await, items);
+    // Retention, then removal of the archive.
+    let mut trim = request(Op::ArchiveTrim, "alice@localhost", MAM, "t1", "");
+    let at = trim.windows(3).position(|w| w == b" id").unwrap();
+    trim.splice(at..at, b" max-items='5'".iter().copied());
+    w.send(&trim).await.unwrap();
+    assert_eq!(recv(&mut r).await.kind(), Some("result"));
+    assert_eq!(whole_archive(&mut r, &mut w).await, items[25..]);
+    w.send(&request(Op::Delete, "alice@localhost", MAM, "d1", ""))
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut r).await.kind(), Some("result"));
+    assert!(whole_archive(&mut r, &mut w).await.is_empty());
+    // An unknown id is item-not-found.
+    q.paging.before = Some("nope".into());
+    w.send(&request(
+        Op::ArchiveQuery,
+        "alice@localhost",
+        MAM,
+        "q4",
+        &q.to_xml(),
+    ))
+    .await
+    .unwrap();
+    let e = recv(&mut r).await;
+    assert!(String::from_utf8_lossy(e.inner()).contains("item-not-found"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_archive_appends_survive_kill_9() {
+    let mut server = Server::start(Options {
+        grace_secs: 10.0,
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    // Small segments, so the stream crosses segment boundaries.
+    const CONFIG: &str = "<archive segment-items='64'/>";
+    start_storage_with(&mut server, CONFIG).await;
+    let (mut r, mut w) = admin(&server).await;
+    let acked: Arc<Mutex<HashSet<u32>>> = Arc::default();
+    let reader = tokio::spawn({
+        let acked = acked.clone();
+        async move {
+            loop {
+                let Ok(Ok(s)) = tokio::time::timeout(Duration::from_secs(2), r.next()).await else {
+                    return r;
+                };
+                if s.kind() == Some("result") {
+                    if let Some(i) = s
+                        .id()
+                        .and_then(|id| id.strip_prefix('w'))
+                        .and_then(|n| n.parse().ok())
+                    {
+                        acked.lock().unwrap().insert(i);
+                    }
+                }
+            }
+        }
+    });
+    // Requests of 5 items each, 20 requests in flight; kill -9 storage in the middle.
+    const REQUESTS: u32 = 300;
+    const PER: u32 = 5;
+    let batch = |i: u32| -> Vec<Item> {
+        (0..PER)
+            .map(|k| {
+                chat(
+                    i * PER + k,
+                    ["bob@b/r", "carol@c", "dave@d/x"][(k % 3) as usize],
+                )
+            })
+            .collect()
+    };
+    let mut killed = false;
+    for i in 0..REQUESTS {
+        while i as usize >= acked.lock().unwrap().len() + 20 && !killed {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        w.send(&request(
+            Op::ArchiveAppend,
+            "alice@localhost",
+            MAM,
+            &format!("w{i}"),
+            &items_to_xml(&batch(i)),
+        ))
+        .await
+        .unwrap();
+        if !killed && acked.lock().unwrap().len() >= 100 {
+            server.kill9("xdb-file");
+            killed = true;
+        }
+    }
+    assert!(killed);
+    let acked_at_kill = acked.lock().unwrap().len();
+    start_storage_with(&mut server, CONFIG).await;
+    let mut r = reader.await.unwrap();
+    let acked = acked.lock().unwrap().clone();
+    println!(
+        "kill -9 after {acked_at_kill} acknowledged appends; {} of {REQUESTS} acknowledged in all",
+        acked.len()
+    );
+    assert!(
+        acked.len() > acked_at_kill,
+        "appends held during the restart were answered"
+    );
+    let stored = whole_archive(&mut r, &mut w).await;
+    let ids: HashSet<&str> = stored.iter().map(|i| i.id.as_str()).collect();
+    assert!(stored.windows(2).all(|p| p[0].id < p[1].id), "ids increase");
+    for &i in &acked {
+        for item in batch(i) {
+            assert!(
+                ids.contains(item.id.as_str()),
+                "acknowledged item {} lost",
+                item.id
+            );
+            let got = stored.iter().find(|s| s.id == item.id).unwrap();
+            assert_eq!(*got, item);
+        }
+    }
+    // The archive as it is survives a restart, and the with-index agrees with it.
+    server.kill9("xdb-file");
+    start_storage_with(&mut server, CONFIG).await;
+    assert_eq!(whole_archive(&mut r, &mut w).await, stored);
+    let bob = Query {
+        with: Some("bob@b".into()),
+        paging: Paging {
+            max: 0,
+            ..Paging::default()
+        },
+        ..Query::default()
+    };
+    let count = archive_query(&mut r, &mut w, "bob", &bob).await.count;
+    assert_eq!(count, stored.iter().filter(|i| i.with == "bob@b/r").count());
 }

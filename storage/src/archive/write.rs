@@ -126,12 +126,28 @@ impl Archive {
         self.with_restore(files, bare(&item.with), seq, with_hash(&item.with))
     }
 
+    /// Writes the with-index entries first, then the records, then the index entries:
+    /// if the process dies midway, whatever the index holds has its record and its
+    /// with-index entry, and what is past the index is cut when the archive is opened.
     fn write_items(&mut self, files: &mut Files, items: &[&Item]) -> io::Result<()> {
-        let mut log_buf = vec![];
-        let mut idx_buf = vec![];
         // Per bare JID, in the order first seen.
         let mut withs: Vec<(&str, Vec<u8>)> = vec![];
         let mut with_at: HashMap<&str, usize> = HashMap::new();
+        for (seq, item) in (self.next..).zip(items) {
+            let b = bare(&item.with);
+            let slot = *with_at.entry(b).or_insert_with(|| {
+                withs.push((b, vec![]));
+                withs.len() - 1
+            });
+            withs[slot]
+                .1
+                .extend_from_slice(&encode_with(seq, with_hash(&item.with)));
+        }
+        for (b, entries) in withs {
+            self.with_append(files, b, &entries)?;
+        }
+        let mut log_buf = vec![];
+        let mut idx_buf = vec![];
         // Items in the buffers start at `chunk`.
         let mut chunk = self.next;
         for item in items {
@@ -145,21 +161,9 @@ impl Archive {
             let offset = self.head_log_len + log_buf.len() as u64;
             let len = encode_record(seq, item, &mut log_buf);
             idx_buf.extend_from_slice(&IdxEntry::new(item.time, offset, len, &item.id).encode());
-            let b = bare(&item.with);
-            let slot = *with_at.entry(b).or_insert_with(|| {
-                withs.push((b, vec![]));
-                withs.len() - 1
-            });
-            withs[slot]
-                .1
-                .extend_from_slice(&encode_with(seq, with_hash(&item.with)));
             self.next += 1;
         }
-        self.flush(files, chunk, &mut log_buf, &mut idx_buf)?;
-        for (b, entries) in withs {
-            self.with_append(files, b, &entries)?;
-        }
-        Ok(())
+        self.flush(files, chunk, &mut log_buf, &mut idx_buf)
     }
 
     /// Writes buffered records and entries (of items from `chunk` on) to the head segment.
