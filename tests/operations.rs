@@ -180,6 +180,7 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
             id: id.into(),
             from: "admin".into(),
             max_items: None,
+            max_age: None,
             content: Bytes::new(),
         }
         .to_xml()

@@ -118,6 +118,7 @@ async fn create_account(server: &Server, jid: &str) {
         id: "acct".into(),
         from: "admin".into(),
         max_items: None,
+        max_age: None,
         content: Bytes::from(Credentials::from_password("secret").to_xml()),
     };
     w.send(req.to_xml().as_bytes()).await.unwrap();
