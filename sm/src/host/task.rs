@@ -52,7 +52,8 @@ async fn run(mut u: User, mut rx: Receiver) {
     }
 }
 
-async fn handle(u: &mut User, event: Event) {
+/// Handles one event (the user task's loop body; tests call it directly).
+pub async fn handle(u: &mut User, event: Event) {
     match event {
         Event::Start(r) => {
             let span = session_span(&r);

@@ -388,4 +388,199 @@ mod tests {
         assert_eq!(Blocklist::parse(l.to_storage().as_bytes()), l);
         assert_eq!(Blocklist::parse(b""), Blocklist::default());
     }
+
+    use crate::modules::testing::*;
+
+    const ROSTER: &str = "<query xmlns='jabber:iq:roster' ver='1'><item jid='romeo@montague.net' subscription='both'/></query>";
+
+    async fn juliet() -> crate::host::User {
+        let ctx = ctx(None, "");
+        ctx.store
+            .set("juliet@localhost", "jabber:iq:roster", ROSTER)
+            .await
+            .unwrap();
+        let mut u = user(&ctx, "juliet@localhost");
+        online(&mut u, "balcony", 1).await;
+        start(&mut u, "chamber").await;
+        send(
+            &mut u,
+            "chamber",
+            "<iq type='get' id='l1'><blocklist xmlns='urn:xmpp:blocking'/></iq>",
+        )
+        .await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(&out, "chamber", &["id='l1'", "type='result'", "blocklist"]).len(),
+            1,
+            "{out:?}"
+        );
+        u
+    }
+
+    #[tokio::test]
+    async fn blocking_refuses_both_ways_and_pushes() {
+        let mut u = juliet().await;
+        send(&mut u, "balcony", "<iq type='set' id='b1'><block xmlns='urn:xmpp:blocking'><item jid='romeo@montague.net'/></block></iq>").await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(&out, "balcony", &["id='b1'", "type='result'"]).len(),
+            1,
+            "{out:?}"
+        );
+        // Pushed to the session that asked for the list, not to the other.
+        assert_eq!(
+            to(
+                &out,
+                "chamber",
+                &[
+                    "type='set'",
+                    "<block xmlns='urn:xmpp:blocking'>",
+                    "romeo@montague.net"
+                ]
+            )
+            .len(),
+            1,
+            "{out:?}"
+        );
+        assert!(to(&out, "balcony", &["<block "]).is_empty());
+        // The contact saw juliet's presence: now it sees her leave.
+        assert_eq!(
+            to(
+                &out,
+                "",
+                &[
+                    "type='unavailable'",
+                    "to='romeo@montague.net'",
+                    "from='juliet@localhost/balcony'"
+                ]
+            )
+            .len(),
+            1,
+            "{out:?}"
+        );
+
+        // Inbound: a message bounced as if she were not there, presence dropped, IQ
+        // requests refused, answers dropped.
+        inbound(&mut u, "<message from='romeo@montague.net/orchard' to='juliet@localhost' type='chat'><body>hi</body></message>").await;
+        let out = take(&mut u);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(
+            out[0].0.is_empty() && out[0].1.contains("service-unavailable"),
+            "{out:?}"
+        );
+        inbound(
+            &mut u,
+            "<presence from='romeo@montague.net/orchard' to='juliet@localhost'/>",
+        )
+        .await;
+        inbound(
+            &mut u,
+            "<presence from='romeo@montague.net' to='juliet@localhost' type='subscribe'/>",
+        )
+        .await;
+        inbound(&mut u, "<iq from='romeo@montague.net/orchard' to='juliet@localhost/balcony' type='result' id='r'/>").await;
+        assert!(take(&mut u).is_empty());
+        inbound(&mut u, "<iq from='romeo@montague.net/orchard' to='juliet@localhost' type='get' id='v'><vCard xmlns='vcard-temp'/></iq>").await;
+        assert_eq!(
+            to(&take(&mut u), "", &["service-unavailable", "id='v'"]).len(),
+            1
+        );
+
+        // Outbound: refused with the blocking error; broadcasts skip the contact.
+        send(
+            &mut u,
+            "balcony",
+            "<message to='romeo@montague.net' type='chat' id='o1'><body>x</body></message>",
+        )
+        .await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(
+                &out,
+                "balcony",
+                &[
+                    "type='error'",
+                    "not-acceptable",
+                    "<blocked xmlns='urn:xmpp:blocking:errors'/>"
+                ]
+            )
+            .len(),
+            1,
+            "{out:?}"
+        );
+        assert!(to(&out, "", &[]).is_empty(), "{out:?}");
+        send(&mut u, "balcony", "<presence><show>away</show></presence>").await;
+        assert!(to(&take(&mut u), "", &["romeo"]).is_empty());
+
+        // Unblocking sends the current presence and lets everything through again.
+        send(
+            &mut u,
+            "chamber",
+            "<iq type='set' id='u1'><unblock xmlns='urn:xmpp:blocking'/></iq>",
+        )
+        .await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(&out, "chamber", &["<unblock xmlns='urn:xmpp:blocking'/>"]).len(),
+            1,
+            "{out:?}"
+        );
+        assert_eq!(
+            to(&out, "", &["to='romeo@montague.net'", "<show>away</show>"]).len(),
+            1,
+            "{out:?}"
+        );
+        inbound(&mut u, "<message from='romeo@montague.net/orchard' to='juliet@localhost' type='chat'><body>hi</body></message>").await;
+        assert_eq!(to(&take(&mut u), "balcony", &["<body>hi</body>"]).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn domains_lists_limits_and_storage() {
+        let ctx = ctx(None, "<blocking max-items='2'/>");
+        let mut u = user(&ctx, "juliet@localhost");
+        online(&mut u, "balcony", 1).await;
+        take(&mut u);
+        send(
+            &mut u,
+            "balcony",
+            "<iq type='set' id='e'><block xmlns='urn:xmpp:blocking'/></iq>",
+        )
+        .await;
+        assert_eq!(to(&take(&mut u), "balcony", &["bad-request"]).len(), 1);
+        send(&mut u, "balcony", "<iq type='set' id='b'><block xmlns='urn:xmpp:blocking'><item jid='spam.example'/><item jid='tybalt@capulet.com'/></block></iq>").await;
+        take(&mut u);
+        inbound(
+            &mut u,
+            "<message from='x@spam.example' to='juliet@localhost'><body>buy</body></message>",
+        )
+        .await;
+        assert!(to(&take(&mut u), "balcony", &[]).is_empty());
+        send(&mut u, "balcony", "<iq type='set' id='c'><block xmlns='urn:xmpp:blocking'><item jid='third@x.example'/></block></iq>").await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(&out, "balcony", &["policy-violation", "at most 2"]).len(),
+            1,
+            "{out:?}"
+        );
+        // Kept in storage: a new task (after a restart, before login) still blocks.
+        let stored = ctx
+            .store
+            .get("juliet@localhost", "urn:xmpp:blocking")
+            .await
+            .unwrap();
+        assert!(String::from_utf8_lossy(&stored).contains("spam.example"));
+        let mut offline = user(&ctx, "juliet@localhost");
+        inbound(&mut offline, "<message from='tybalt@capulet.com/x' to='juliet@localhost' type='chat'><body>hi</body></message>").await;
+        let out = take(&mut offline);
+        assert_eq!(to(&out, "", &["service-unavailable"]).len(), 1, "{out:?}");
+        let offline_store = ctx
+            .store
+            .get("juliet@localhost", "urn:jabberd-rs:offline:0")
+            .await
+            .unwrap();
+        assert!(
+            offline_store.is_empty(),
+            "a blocked message was stored offline"
+        );
+    }
 }

@@ -175,3 +175,139 @@ impl Module for Carbons {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::modules::testing::*;
+
+    const ENABLE: &str = "<iq type='set' id='c1'><enable xmlns='urn:xmpp:carbons:2'/></iq>";
+
+    async fn alice() -> crate::host::User {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        online(&mut u, "phone", 5).await;
+        online(&mut u, "laptop", 1).await;
+        send(&mut u, "laptop", ENABLE).await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(&out, "laptop", &["id='c1'", "type='result'"]).len(),
+            1,
+            "{out:?}"
+        );
+        u
+    }
+
+    #[tokio::test]
+    async fn received_copies_go_to_enabled_sessions_that_did_not_get_the_message() {
+        let mut u = alice().await;
+        let chat = "<message from='bob@example.com/x' to='alice@localhost' type='chat'><body>hi</body></message>";
+        inbound(&mut u, chat).await;
+        let out = take(&mut u);
+        assert_eq!(to(&out, "phone", &["<body>hi</body>"]).len(), 1, "{out:?}");
+        let copies = to(
+            &out,
+            "laptop",
+            &[
+                "<received xmlns='urn:xmpp:carbons:2'>",
+                "<forwarded xmlns='urn:xmpp:forward:0'>",
+                "from='alice@localhost'",
+                "to='alice@localhost/laptop'",
+                "<message xmlns='jabber:client' from='bob@example.com/x'",
+            ],
+        );
+        assert_eq!(copies.len(), 1, "{out:?}");
+        // Addressed to the laptop itself: the original there, no copy anywhere.
+        inbound(
+            &mut u,
+            &chat.replace("to='alice@localhost'", "to='alice@localhost/laptop'"),
+        )
+        .await;
+        let out = take(&mut u);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(out[0].0 == "laptop" && !out[0].1.contains("received"));
+    }
+
+    #[tokio::test]
+    async fn sent_copies_go_to_the_other_enabled_sessions() {
+        let mut u = alice().await;
+        send(
+            &mut u,
+            "phone",
+            "<message to='bob@example.com' type='chat' id='s1'><body>yo</body></message>",
+        )
+        .await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(&out, "", &["to='bob@example.com'", "<body>yo</body>"]).len(),
+            1,
+            "{out:?}"
+        );
+        assert_eq!(
+            to(
+                &out,
+                "laptop",
+                &[
+                    "<sent xmlns='urn:xmpp:carbons:2'>",
+                    "from='alice@localhost/phone'"
+                ]
+            )
+            .len(),
+            1,
+            "{out:?}"
+        );
+        assert!(to(&out, "phone", &["sent"]).is_empty());
+        // The laptop's own messages are not copied back to it.
+        send(
+            &mut u,
+            "laptop",
+            "<message to='bob@example.com' type='chat'><body>yo</body></message>",
+        )
+        .await;
+        assert!(to(&take(&mut u), "laptop", &["sent"]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn private_no_copy_group_chat_and_muc_messages_are_not_copied() {
+        let mut u = alice().await;
+        for m in [
+            "<message to='bob@example.com' type='chat'><body>x</body><private xmlns='urn:xmpp:carbons:2'/></message>",
+            "<message to='bob@example.com' type='chat'><body>x</body><no-copy xmlns='urn:xmpp:hints'/></message>",
+            "<message to='room@muc.example.com' type='groupchat'><body>x</body></message>",
+            "<message to='bob@example.com'><thread>t</thread></message>",
+        ] {
+            send(&mut u, "phone", m).await;
+            let out = take(&mut u);
+            assert!(to(&out, "laptop", &[]).is_empty(), "{m}: {out:?}");
+        }
+        // The recipient's server removes <private/> and copies nothing.
+        inbound(&mut u, "<message from='bob@example.com/x' to='alice@localhost' type='chat'><body>x</body><private xmlns='urn:xmpp:carbons:2'/></message>").await;
+        let out = take(&mut u);
+        assert_eq!(out.len(), 1, "{out:?}");
+        assert!(
+            out[0].0 == "phone" && !out[0].1.contains("private"),
+            "{out:?}"
+        );
+        // A private message from a room occupant is the room's, not a conversation's.
+        inbound(&mut u, "<message from='room@muc.example.com/nick' to='alice@localhost' type='chat'><body>x</body><x xmlns='http://jabber.org/protocol/muc#user'/></message>").await;
+        assert!(to(&take(&mut u), "laptop", &[]).is_empty());
+    }
+
+    #[tokio::test]
+    async fn disabling_stops_copies() {
+        let mut u = alice().await;
+        send(
+            &mut u,
+            "laptop",
+            "<iq type='set' id='c2'><disable xmlns='urn:xmpp:carbons:2'/></iq>",
+        )
+        .await;
+        take(&mut u);
+        send(
+            &mut u,
+            "phone",
+            "<message to='bob@example.com' type='chat'><body>yo</body></message>",
+        )
+        .await;
+        assert!(to(&take(&mut u), "laptop", &[]).is_empty());
+    }
+}

@@ -140,3 +140,108 @@ async fn deliver(u: &mut User, p: &Packet) {
         Route::Drop => debug!(kind, "message dropped (RFC 6121 8.5)"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::modules::offline::NS_OFFLINE;
+    use crate::modules::testing::*;
+
+    const CHAT: &str = "<message from='bob@example.com/x' to='alice@localhost' type='chat' id='m1'><body>hi</body></message>";
+
+    #[tokio::test]
+    async fn bare_jid_messages_go_to_the_highest_priority() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        online(&mut u, "high", 5).await;
+        online(&mut u, "low", 1).await;
+        online(&mut u, "away", -1).await;
+        take(&mut u);
+        inbound(&mut u, CHAT).await;
+        let out = take(&mut u);
+        assert_eq!(to(&out, "high", &["<body>hi</body>"]).len(), 1, "{out:?}");
+        assert!(to(&out, "low", &["<body>"]).is_empty(), "{out:?}");
+        assert!(to(&out, "away", &["<body>"]).is_empty(), "{out:?}");
+        // A tie: every resource of the top priority.
+        send(&mut u, "low", "<presence><priority>5</priority></presence>").await;
+        take(&mut u);
+        inbound(&mut u, CHAT).await;
+        let out = take(&mut u);
+        assert_eq!(to(&out, "high", &["<body>"]).len(), 1);
+        assert_eq!(to(&out, "low", &["<body>"]).len(), 1);
+    }
+
+    #[tokio::test]
+    async fn full_jid_messages_and_the_other_types() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        online(&mut u, "phone", 5).await;
+        online(&mut u, "laptop", 0).await;
+        take(&mut u);
+        // To a full JID: that resource, whatever the priorities.
+        inbound(
+            &mut u,
+            &CHAT.replace("to='alice@localhost'", "to='alice@localhost/laptop'"),
+        )
+        .await;
+        let out = take(&mut u);
+        assert_eq!(to(&out, "laptop", &["<body>"]).len(), 1, "{out:?}");
+        assert!(to(&out, "phone", &["<body>"]).is_empty());
+        // To a resource that is not there: chat as if to the bare JID, headline dropped.
+        inbound(
+            &mut u,
+            &CHAT.replace("to='alice@localhost'", "to='alice@localhost/gone'"),
+        )
+        .await;
+        assert_eq!(to(&take(&mut u), "phone", &["<body>"]).len(), 1);
+        let headline = CHAT
+            .replace("to='alice@localhost'", "to='alice@localhost/gone'")
+            .replace("type='chat'", "type='headline'");
+        inbound(&mut u, &headline).await;
+        assert!(take(&mut u).is_empty());
+        // Group chat to the bare JID is refused.
+        inbound(&mut u, &CHAT.replace("type='chat'", "type='groupchat'")).await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(
+                &out,
+                "",
+                &[
+                    "type='error'",
+                    "service-unavailable",
+                    "to='bob@example.com/x'"
+                ]
+            )
+            .len(),
+            1,
+            "{out:?}"
+        );
+        // Headlines to the bare JID: every available resource.
+        inbound(&mut u, &CHAT.replace("type='chat'", "type='headline'")).await;
+        let out = take(&mut u);
+        assert_eq!(out.len(), 2, "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn nobody_online_means_offline_storage_and_no_account_an_error() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        inbound(&mut u, CHAT).await;
+        assert!(take(&mut u).is_empty());
+        let stored = ctx.store.get("alice@localhost", NS_OFFLINE).await.unwrap();
+        let stored = String::from_utf8_lossy(&stored);
+        assert!(
+            stored.contains("<body>hi</body>") && stored.contains("Offline storage"),
+            "{stored}"
+        );
+        ctx.accounts.remember("nobody@localhost", false);
+        let mut n =
+            crate::host::User::new(ctx.clone(), jid::BareJid::new("nobody@localhost").unwrap());
+        inbound(&mut n, &CHAT.replace("alice@", "nobody@")).await;
+        let out = take(&mut n);
+        assert_eq!(
+            to(&out, "", &["type='error'", "service-unavailable"]).len(),
+            1,
+            "{out:?}"
+        );
+    }
+}

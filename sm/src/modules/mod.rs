@@ -19,6 +19,9 @@ pub mod time;
 pub mod vcard;
 pub mod version;
 
+#[cfg(test)]
+pub mod testing;
+
 use std::sync::Arc;
 
 use crate::config::SmConfig;
@@ -82,4 +85,107 @@ pub fn load(config: &SmConfig) -> anyhow::Result<Modules> {
         list.push(load(config)?);
     }
     Modules::new(list).map_err(|e| anyhow::anyhow!("{}: {e}", config.root.file().display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::*;
+    use crate::host::Hook;
+
+    #[test]
+    fn modules_need_what_they_use() {
+        let root = jrs_config::Node::parse_str(
+            "<sm><router name='sm' secret='s'/><host>localhost</host><modules><module name='presence'/></modules></sm>",
+            std::sync::Arc::new("sm.xml".into()),
+        )
+        .unwrap();
+        let config =
+            crate::config::SmConfig::from_node(&root, &super::names(), super::DEFAULT).unwrap();
+        let e = super::load(&config).err().unwrap().to_string();
+        assert!(e.contains("module 'presence' needs module 'roster'"), "{e}");
+    }
+
+    #[test]
+    fn chains_run_by_priority() {
+        let ctx = ctx(None, "");
+        let names = |h| -> Vec<&str> { ctx.modules.chain(h).iter().map(|m| m.name()).collect() };
+        assert_eq!(
+            names(Hook::Outbound),
+            [
+                "blocking",
+                "carbons",
+                "mam",
+                "subscription",
+                "presence",
+                "messages"
+            ]
+        );
+        assert_eq!(
+            names(Hook::Inbound),
+            [
+                "blocking",
+                "mam",
+                "carbons",
+                "subscription",
+                "presence",
+                "messages"
+            ]
+        );
+        assert_eq!(names(Hook::InitialPresence), ["subscription", "offline"]);
+    }
+
+    #[tokio::test]
+    async fn a_module_left_out_is_not_advertised_and_not_answered() {
+        let all = ctx(None, "");
+        let without: Vec<&str> = super::DEFAULT
+            .iter()
+            .copied()
+            .filter(|m| *m != "carbons")
+            .collect();
+        let some = ctx(Some(&without), "");
+        for (ctx, loaded) in [(all, true), (some, false)] {
+            let mut u = user(&ctx, "alice@localhost");
+            start(&mut u, "phone").await;
+            send(&mut u, "phone", "<iq type='get' id='d' to='localhost'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>").await;
+            send(
+                &mut u,
+                "phone",
+                "<iq type='set' id='c'><enable xmlns='urn:xmpp:carbons:2'/></iq>",
+            )
+            .await;
+            let out = take(&mut u);
+            let info = to(&out, "phone", &["id='d'"]);
+            assert_eq!(info[0].contains("urn:xmpp:carbons:2"), loaded, "{info:?}");
+            let answer = to(&out, "phone", &["id='c'"]);
+            assert_eq!(answer[0].contains("type='result'"), loaded, "{answer:?}");
+            assert_eq!(
+                answer[0].contains("service-unavailable"),
+                !loaded,
+                "{answer:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn disco_items_list_the_connected_components() {
+        let ctx = ctx(None, "<disco><item jid='rooms.example.org' name='Rooms'/><hide jid='secret.localhost'/></disco>");
+        ctx.components
+            .bound("conference.localhost", "conference.localhost");
+        ctx.components.bound("secret.localhost", "secret.localhost");
+        ctx.components.bound("s2s", "*");
+        let mut u = user(&ctx, "alice@localhost");
+        start(&mut u, "phone").await;
+        let items = "<iq type='get' id='i' to='localhost'><query xmlns='http://jabber.org/protocol/disco#items'/></iq>";
+        send(&mut u, "phone", items).await;
+        let out = take(&mut u);
+        let r = to(&out, "phone", &["id='i'"])[0];
+        assert!(
+            r.contains("conference.localhost") && r.contains("rooms.example.org"),
+            "{r}"
+        );
+        assert!(!r.contains("secret.localhost") && !r.contains("s2s"), "{r}");
+        ctx.components.disconnected("conference.localhost");
+        send(&mut u, "phone", items).await;
+        assert!(!take(&mut u)[0].1.contains("conference.localhost"));
+    }
 }

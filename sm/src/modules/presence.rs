@@ -324,3 +324,82 @@ async fn probe(u: &mut User, p: &Packet) {
 pub fn status(text: &str) -> Element {
     Element::new("status", NS_CLIENT).with_text(text)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::modules::testing::*;
+
+    #[tokio::test]
+    async fn directed_presence_without_initial_presence_is_ended_too() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        start(&mut u, "phone").await;
+        // Joins a room (or a gateway's channel) before, or without, initial presence.
+        send(
+            &mut u,
+            "phone",
+            "<presence to='room@conference.example.org/alice'/>",
+        )
+        .await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(&out, "", &["to='room@conference.example.org/alice'"]).len(),
+            1,
+            "{out:?}"
+        );
+        let r = reference(&u, "phone");
+        crate::host::task::handle(&mut u, crate::host::registry::Event::End(r)).await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(
+                &out,
+                "",
+                &[
+                    "type='unavailable'",
+                    "to='room@conference.example.org/alice'",
+                    "from='alice@localhost/phone'"
+                ]
+            )
+            .len(),
+            1,
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn unavailable_presence_reaches_directed_targets_once() {
+        let ctx = ctx(None, "");
+        ctx.store
+            .set("alice@localhost", "jabber:iq:roster", "<query xmlns='jabber:iq:roster' ver='1'><item jid='bob@example.com' subscription='from'/></query>")
+            .await
+            .unwrap();
+        let mut u = user(&ctx, "alice@localhost");
+        start(&mut u, "phone").await;
+        send(&mut u, "phone", "<presence to='bob@example.com'/>").await;
+        send(&mut u, "phone", "<presence/>").await;
+        send(&mut u, "phone", "<presence to='gw.example.org'/>").await;
+        take(&mut u);
+        send(
+            &mut u,
+            "phone",
+            "<presence type='unavailable'><status>bye</status></presence>",
+        )
+        .await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(&out, "", &["type='unavailable'", "to='bob@example.com'"]).len(),
+            1,
+            "{out:?}"
+        );
+        assert_eq!(
+            to(
+                &out,
+                "",
+                &["type='unavailable'", "to='gw.example.org'", "bye"]
+            )
+            .len(),
+            1,
+            "{out:?}"
+        );
+    }
+}

@@ -367,6 +367,209 @@ fn attr(element: &[u8], name: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::modules::offline::NS_OFFLINE;
+    use crate::modules::testing::*;
+
+    fn chat(n: usize) -> String {
+        format!("<message from='bob@example.com/x' to='alice@localhost' type='chat' id='m{n}'><body>hello {n}</body></message>")
+    }
+
+    async fn archive_of(u: &User) -> Vec<Item> {
+        let page = u
+            .ctx
+            .store
+            .archive_query(
+                &u.bare,
+                ARCHIVE,
+                &Query {
+                    paging: jrs_xdb::archive::Paging {
+                        max: 250,
+                        ..Default::default()
+                    },
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap();
+        page.items
+    }
+
+    #[tokio::test]
+    async fn both_sides_are_archived_and_received_copies_carry_the_id() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        online(&mut u, "phone", 0).await;
+        take(&mut u);
+        // A forged stanza-id by alice is removed; bob's own is kept.
+        inbound(&mut u, &chat(1).replace("</message>", "<stanza-id xmlns='urn:xmpp:sid:0' by='alice@localhost' id='forged'/><stanza-id xmlns='urn:xmpp:sid:0' by='bob@example.com' id='theirs'/></message>")).await;
+        let out = take(&mut u);
+        let got = to(&out, "phone", &["hello 1"]);
+        assert_eq!(got.len(), 1, "{out:?}");
+        assert!(
+            !got[0].contains("forged") && got[0].contains("id='theirs'"),
+            "{}",
+            got[0]
+        );
+        send(&mut u, "phone", "<message to='bob@example.com' type='chat' id='o1'><body>back</body><origin-id xmlns='urn:xmpp:sid:0' id='o1'/></message>").await;
+        take(&mut u);
+        let items = archive_of(&u).await;
+        assert_eq!(items.len(), 2);
+        assert!(
+            got[0].contains(&format!(
+                "<stanza-id xmlns='urn:xmpp:sid:0' by='alice@localhost' id='{}'/>",
+                items[0].id
+            )),
+            "{}",
+            got[0]
+        );
+        assert_eq!(items[0].with, "bob@example.com/x");
+        assert_eq!(items[1].with, "bob@example.com");
+        assert!(items[1].id > items[0].id && items[1].time > items[0].time);
+        let sent = String::from_utf8_lossy(&items[1].payload);
+        assert!(
+            sent.starts_with("<message xmlns='jabber:client'") && sent.contains("origin-id"),
+            "{sent}"
+        );
+        // Not archived: chat states alone, no-store, errors.
+        inbound(&mut u, "<message from='bob@example.com/x' to='alice@localhost' type='chat'><active xmlns='http://jabber.org/protocol/chatstates'/></message>").await;
+        inbound(
+            &mut u,
+            &chat(3).replace("</message>", "<no-store xmlns='urn:xmpp:hints'/></message>"),
+        )
+        .await;
+        assert_eq!(archive_of(&u).await.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn offline_storage_and_the_archive_agree() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        inbound(&mut u, &chat(1)).await;
+        let items = archive_of(&u).await;
+        assert_eq!(items.len(), 1);
+        let stored = ctx.store.get(&u.bare, NS_OFFLINE).await.unwrap();
+        let stored = String::from_utf8_lossy(&stored);
+        assert!(
+            stored.contains(&format!("id='{}'", items[0].id)),
+            "{stored}"
+        );
+    }
+
+    #[tokio::test]
+    async fn queries_page_and_answer_with_fin() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        online(&mut u, "phone", 0).await;
+        for n in 0..5 {
+            inbound(&mut u, &chat(n)).await;
+        }
+        take(&mut u);
+        let ids: Vec<String> = archive_of(&u).await.into_iter().map(|i| i.id).collect();
+        send(&mut u, "phone", "<iq type='set' id='q1'><query xmlns='urn:xmpp:mam:2' queryid='f1'><set xmlns='http://jabber.org/protocol/rsm'><max>2</max><before/></set></query></iq>").await;
+        let out = take(&mut u);
+        let results = to(
+            &out,
+            "phone",
+            &["<result xmlns='urn:xmpp:mam:2' queryid='f1'"],
+        );
+        assert_eq!(results.len(), 2, "{out:?}");
+        assert!(results[0].contains(&ids[3]) && results[1].contains(&ids[4]));
+        assert!(
+            results[0].contains("<delay xmlns='urn:xmpp:delay' stamp='")
+                && results[0].contains("hello 3")
+        );
+        let fin = to(&out, "phone", &["id='q1'", "type='result'", "fin"]);
+        assert_eq!(fin.len(), 1, "{out:?}");
+        assert!(
+            fin[0].contains(&ids[3])
+                && fin[0].contains("<count>5</count>")
+                && !fin[0].contains("complete='true'"),
+            "{}",
+            fin[0]
+        );
+        // Flipped: the same page, newest first.
+        send(&mut u, "phone", "<iq type='set' id='q2'><query xmlns='urn:xmpp:mam:2'><set xmlns='http://jabber.org/protocol/rsm'><max>2</max><before/></set><flip-page/></query></iq>").await;
+        let out = take(&mut u);
+        let results = to(&out, "phone", &["<result xmlns='urn:xmpp:mam:2'"]);
+        assert!(results[0].contains(&ids[4]) && results[1].contains(&ids[3]));
+        // Forwards from an id to the end: complete.
+        let q = format!("<iq type='set' id='q3'><query xmlns='urn:xmpp:mam:2'><set xmlns='http://jabber.org/protocol/rsm'><max>10</max><after>{}</after></set></query></iq>", ids[2]);
+        send(&mut u, "phone", &q).await;
+        let out = take(&mut u);
+        assert_eq!(to(&out, "phone", &["<result "]).len(), 2);
+        assert_eq!(
+            to(&out, "phone", &["complete=", "true"]).len(),
+            1,
+            "{out:?}"
+        );
+        // An id the archive does not have.
+        send(&mut u, "phone", "<iq type='set' id='q4'><query xmlns='urn:xmpp:mam:2'><set xmlns='http://jabber.org/protocol/rsm'><after>nope</after></set></query></iq>").await;
+        assert_eq!(
+            to(&take(&mut u), "phone", &["id='q4'", "item-not-found"]).len(),
+            1
+        );
+        // Metadata: the first and last item.
+        send(
+            &mut u,
+            "phone",
+            "<iq type='get' id='q5'><metadata xmlns='urn:xmpp:mam:2'/></iq>",
+        )
+        .await;
+        let out = take(&mut u);
+        let meta = to(&out, "phone", &["id='q5'"]);
+        assert!(
+            meta[0].contains(&format!("<start id='{}'", ids[0]))
+                && meta[0].contains(&format!("<end id='{}'", ids[4])),
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn preferences_decide_what_is_archived() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        online(&mut u, "phone", 0).await;
+        send(&mut u, "phone", "<iq type='set' id='p1'><prefs xmlns='urn:xmpp:mam:2' default='always'><always/><never><jid>bob@example.com</jid></never></prefs></iq>").await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(
+                &out,
+                "phone",
+                &["id='p1'", "type='result'", "bob@example.com"]
+            )
+            .len(),
+            1,
+            "{out:?}"
+        );
+        inbound(&mut u, &chat(1)).await;
+        let out = take(&mut u);
+        assert!(!out[0].1.contains("stanza-id"), "{out:?}");
+        inbound(
+            &mut u,
+            &chat(2).replace("bob@example.com", "carol@example.com"),
+        )
+        .await;
+        assert_eq!(archive_of(&u).await.len(), 1);
+        // Kept for the next task.
+        let mut again = user(&ctx, "alice@localhost");
+        inbound(&mut again, &chat(3)).await;
+        assert_eq!(archive_of(&again).await.len(), 1);
+        send(
+            &mut u,
+            "phone",
+            "<iq type='get' id='p2'><prefs xmlns='urn:xmpp:mam:2'/></iq>",
+        )
+        .await;
+        assert_eq!(
+            to(
+                &take(&mut u),
+                "phone",
+                &["id='p2'", "never", "bob@example.com"]
+            )
+            .len(),
+            1
+        );
+    }
 
     fn packet(s: &str) -> Packet {
         Packet::new(
