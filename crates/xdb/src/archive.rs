@@ -500,7 +500,9 @@ fn top_level(content: &[u8]) -> Result<Vec<Node<'_>>, Refusal> {
     let mut reader = Reader::from_reader(content);
     let mut out = vec![];
     let mut depth = 0usize;
-    let mut open: Option<(String, Vec<(String, String)>, usize)> = None;
+    // The element open at depth 1: name, attributes, where its content starts.
+    type Open = (String, Vec<(String, String)>, usize);
+    let mut open: Option<Open> = None;
     loop {
         let before = reader.buffer_position() as usize;
         let event = reader

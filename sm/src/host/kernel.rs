@@ -216,12 +216,18 @@ pub trait Module: Send + Sync {
     }
 }
 
+/// The IQ routes of one payload namespace: (type, scope, element name, module).
+type IqRoutes = Vec<(IqKind, Scope, &'static str, Arc<dyn Module>)>;
+
+/// A chain being built: (priority, place in sm.xml, module).
+type Ranked = Vec<(i32, usize, Arc<dyn Module>)>;
+
 /// The loaded modules, arranged for dispatch.
 pub struct Modules {
     all: Vec<Arc<dyn Module>>,
     chains: Vec<Vec<Arc<dyn Module>>>,
-    /// IQ routes by payload namespace: (type, scope, element name, module).
-    iqs: HashMap<&'static str, Vec<(IqKind, Scope, &'static str, Arc<dyn Module>)>>,
+    /// IQ routes by payload namespace.
+    iqs: HashMap<&'static str, IqRoutes>,
     features: Vec<(Disco, &'static str)>,
     identities: Vec<(Disco, Identity)>,
 }
@@ -230,9 +236,8 @@ impl Modules {
     /// Arranges `list` (in sm.xml order): chains sorted by priority, every IQ route
     /// owned by one module, every required module present.
     pub fn new(list: Vec<Arc<dyn Module>>) -> anyhow::Result<Modules> {
-        let mut chains: Vec<Vec<(i32, usize, Arc<dyn Module>)>> = vec![vec![]; Hook::ALL.len()];
-        let mut iqs: HashMap<&'static str, Vec<(IqKind, Scope, &'static str, Arc<dyn Module>)>> =
-            HashMap::new();
+        let mut chains: Vec<Ranked> = vec![vec![]; Hook::ALL.len()];
+        let mut iqs: HashMap<&'static str, IqRoutes> = HashMap::new();
         let mut features = vec![];
         let mut identities = vec![];
         let names: Vec<&str> = list.iter().map(|m| m.name()).collect();

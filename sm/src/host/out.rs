@@ -31,11 +31,6 @@ impl Out {
     pub fn take(&mut self) -> Vec<Output> {
         std::mem::take(&mut self.items)
     }
-
-    #[cfg(test)]
-    pub fn items(&self) -> &[Output] {
-        &self.items
-    }
 }
 
 impl Output {

@@ -199,7 +199,7 @@ impl Module for Subscriptions {
             return Flow::Pass;
         };
         match crate::stanzas::parse(p.stanza()) {
-            Ok(el) => self.from_client(u, from, p, el, kind).await,
+            Ok(el) => self.outbound_request(u, from, p, el, kind).await,
             Err(e) => debug!("unreadable presence from the client: {e}"),
         }
         Flow::Handled
@@ -210,7 +210,7 @@ impl Module for Subscriptions {
             return Flow::Pass;
         };
         match crate::stanzas::parse(p.stanza()) {
-            Ok(el) => self.from_contact(u, p, el, kind).await,
+            Ok(el) => self.inbound_request(u, p, el, kind).await,
             Err(e) => debug!("unreadable subscription stanza: {e}"),
         }
         Flow::Handled
@@ -259,7 +259,7 @@ fn subscription_kind(p: &Packet) -> Option<Kind> {
 
 impl Subscriptions {
     /// A subscription stanza from the user's client (directed to the contact).
-    async fn from_client(
+    async fn outbound_request(
         &self,
         u: &mut User,
         from: SessionKey,
@@ -365,7 +365,7 @@ impl Subscriptions {
     }
 
     /// A subscription stanza from a contact.
-    async fn from_contact(&self, u: &mut User, p: &Packet, el: Element, kind: Kind) {
+    async fn inbound_request(&self, u: &mut User, p: &Packet, el: Element, kind: Kind) {
         let Some(from) = p.from.as_ref() else {
             debug!("subscription stanza without 'from' ignored");
             return;
