@@ -46,7 +46,33 @@ const SALT: &[u8] = b"jabberd-rs-bench";
 struct Args {
     #[command(subcommand)]
     scenario: Scenario,
+    /// sm modules to leave out of the default set (comma-separated), e.g.
+    /// `--without mam,carbons,blocking` for the server as it was before them.
+    #[arg(long, global = true, value_delimiter = ',')]
+    without: Vec<String>,
+    /// Clients enable message carbons (XEP-0280) after login, as mobile clients do.
+    #[arg(long, global = true)]
+    carbons: bool,
 }
+
+/// The sm modules that run when sm.xml has no `<modules>` (sm/src/modules/mod.rs).
+const SM_DEFAULT_MODULES: [&str; 15] = [
+    "roster",
+    "presence",
+    "subscription",
+    "messages",
+    "offline",
+    "carbons",
+    "blocking",
+    "mam",
+    "disco",
+    "ping",
+    "version",
+    "time",
+    "last",
+    "vcard",
+    "private",
+];
 
 #[derive(Subcommand, Debug, Clone)]
 enum Scenario {
@@ -90,6 +116,10 @@ fn main() -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     rt.block_on(async move {
+        let setup = Setup {
+            without: args.without.clone(),
+            carbons: args.carbons,
+        };
         let scenarios = match args.scenario {
             Scenario::All => vec![
                 Scenario::Logins {
@@ -119,7 +149,7 @@ fn main() -> anyhow::Result<()> {
             one => vec![one],
         };
         for s in scenarios {
-            let bench = Bench::start(&s).await?;
+            let bench = Bench::start(&s, &setup).await?;
             match s {
                 Scenario::Logins {
                     count,
@@ -153,12 +183,19 @@ fn raise_open_files_limit() {
     }
 }
 
+/// How the server and clients are set up.
+struct Setup {
+    without: Vec<String>,
+    carbons: bool,
+}
+
 /// A running server with accounts, and what a client needs to reach it.
 struct Bench {
     server: Server,
     port: u16,
     tls: Arc<rustls::ClientConfig>,
     keys: ClientKeys,
+    carbons: bool,
 }
 
 /// The SCRAM-SHA-1 client's cached keys for [`PASSWORD`] and [`SALT`].
@@ -195,7 +232,7 @@ impl ClientKeys {
 }
 
 impl Bench {
-    async fn start(scenario: &Scenario) -> anyhow::Result<Bench> {
+    async fn start(scenario: &Scenario, setup: &Setup) -> anyhow::Result<Bench> {
         let users = match scenario {
             Scenario::Logins { count, .. } => (*count).min(1000),
             Scenario::Messages { clients, .. } => *clients,
@@ -215,10 +252,15 @@ impl Bench {
         ),
         )?;
         server.spawn("xdb-file", "xdb-file", &["-c", "xdb-file.xml"])?;
+        let modules: String = SM_DEFAULT_MODULES
+            .iter()
+            .filter(|m| !setup.without.iter().any(|w| w == *m))
+            .map(|m| format!("<module name='{m}'/>"))
+            .collect();
         server.write(
             "sm.xml",
             &format!(
-                "<sm>{}<host>localhost</host><log level='warn'/></sm>",
+                "<sm>{}<host>localhost</host><modules>{modules}</modules><log level='warn'/></sm>",
                 server.router_element("sm", "sm-secret")
             ),
         )?;
@@ -229,12 +271,18 @@ impl Bench {
         let keys = ClientKeys::new();
         create_accounts(&server, users, &keys).await?;
         let tls = client_tls(&server.path("certs/localhost.crt"))?;
-        eprintln!("server up in {} ({users} accounts)", server.dir.display());
+        eprintln!(
+            "server up in {} ({users} accounts; sm modules without {:?}; clients enable carbons: {})",
+            server.dir.display(),
+            setup.without,
+            setup.carbons
+        );
         Ok(Bench {
             server,
             port,
             tls,
             keys,
+            carbons: setup.carbons,
         })
     }
 
@@ -305,6 +353,10 @@ impl Bench {
         for i in 0..clients {
             let mut c =
                 Client::login(self.port, &format!("user{i}"), "m", &self.keys, None).await?;
+            if self.carbons {
+                c.send(b"<iq type='set' id='carbons'><enable xmlns='urn:xmpp:carbons:2'/></iq>")
+                    .await?;
+            }
             c.send(b"<presence/>").await?;
             logged.push(c);
         }
