@@ -138,10 +138,12 @@ impl Archive {
         if missing > 0 {
             error!(archive = %dir.display(), "{missing} segment(s) missing between {first} and {head}: their items are skipped");
         }
-        let (n, log_len) = archive
+        let (n, log_len, cut) = archive
             .recover_head(files, head)
             .map_err(|e| io("recovering the last segment", e))?;
-        spool.mark_dirty();
+        if cut {
+            spool.mark_dirty();
+        }
         archive.first = first;
         archive.head = head;
         archive.head_log_len = log_len;
@@ -165,8 +167,9 @@ impl Archive {
         Ok(archive)
     }
 
-    /// Cuts the torn tail of the head segment; returns its item count and log length.
-    fn recover_head(&mut self, files: &mut Files, head: u64) -> io::Result<(u64, u64)> {
+    /// Cuts the torn tail of the head segment; returns its item count, its log length
+    /// and whether anything was cut.
+    fn recover_head(&mut self, files: &mut Files, head: u64) -> io::Result<(u64, u64, bool)> {
         let idx = files.create(&self.dir.join(idx_name(head)))?;
         let log = files.create(&self.dir.join(log_name(head)))?;
         let idx_len = idx.metadata()?.len();
@@ -205,7 +208,7 @@ impl Archive {
             );
             log.set_len(end)?;
         }
-        Ok((n, end))
+        Ok((n, end, idx_len != n * IDX_ENTRY || log_len != end))
     }
 
     pub fn segment_of(&self, seq: u64) -> u64 {
@@ -391,6 +394,7 @@ impl Archive {
     ) -> Option<(u64, IdxEntry)> {
         const CHUNK: u64 = 64;
         seq = seq.max(self.first);
+        let mut first_try = true;
         while seq < end {
             let seg = self.segment_of(seq);
             let seg_end = end.min(seg + self.seg);
@@ -398,7 +402,9 @@ impl Archive {
                 seq = seg_end;
                 continue;
             }
-            let to = seg_end.min(seq + CHUNK);
+            // Usually the entry itself is good: read it alone, and more only after it.
+            let to = seg_end.min(seq + if first_try { 1 } else { CHUNK });
+            first_try = false;
             let found = self
                 .entries(files, seq, to)
                 .into_iter()

@@ -73,10 +73,15 @@ impl Archive {
     ) -> io::Result<Option<WithFile>> {
         let name = with_file_name(bare);
         let path = self.with_path(&name);
-        if create {
-            fs::create_dir_all(self.dir.join(WITH_DIR))?;
-        }
-        let Some(file) = files.open(&path, create)? else {
+        let file = match files.open(&path, create) {
+            // The first with-index of the archive.
+            Err(e) if create && e.kind() == io::ErrorKind::NotFound => {
+                fs::create_dir_all(self.dir.join(WITH_DIR))?;
+                files.open(&path, create)?
+            }
+            other => other?,
+        };
+        let Some(file) = file else {
             return Ok(None);
         };
         let size = file.metadata()?.len();
