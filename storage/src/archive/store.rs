@@ -285,20 +285,23 @@ impl Archive {
         read_up_to(&file, k * IDX_ENTRY, count * IDX_ENTRY as usize)
     }
 
-    /// Entries of the (ascending) `seqs`, reading runs of consecutive ones at once.
+    /// Entries of the (ascending) `seqs`, reading nearby ones (a page of one contact's
+    /// items) in one read: from a cold page cache one read beats many.
     pub fn entries_for(&mut self, files: &mut Files, seqs: &[u64]) -> Vec<Option<IdxEntry>> {
+        const SPAN: u64 = 4096; // entries: 256 KiB
         let mut out = Vec::with_capacity(seqs.len());
         let mut i = 0;
         while i < seqs.len() {
             let mut j = i + 1;
             while j < seqs.len()
-                && seqs[j] == seqs[j - 1] + 1
+                && seqs[j] - seqs[i] < SPAN
                 && self.segment_of(seqs[j]) == self.segment_of(seqs[i])
             {
                 j += 1;
             }
             if seqs[i] >= self.first && seqs[j - 1] < self.next {
-                out.extend(self.entries(files, seqs[i], seqs[j - 1] + 1));
+                let run = self.entries(files, seqs[i], seqs[j - 1] + 1);
+                out.extend(seqs[i..j].iter().map(|s| run[(s - seqs[i]) as usize]));
             } else {
                 out.extend((i..j).map(|_| None));
             }
@@ -307,8 +310,9 @@ impl Archive {
         out
     }
 
-    /// The items of `seqs` with their `entries`, reading runs of adjacent records at
-    /// once; `None` for an unreadable or corrupt record (reported).
+    /// The items of `seqs` with their `entries`, reading records close to each other in
+    /// one read (less than 64 KiB apart, up to 1 MiB); `None` for an unreadable or
+    /// corrupt record (reported).
     pub fn items(
         &mut self,
         files: &mut Files,
@@ -326,12 +330,18 @@ impl Archive {
             let seg = self.segment_of(seqs[i]);
             let mut end = e0.offset + e0.len as u64;
             let mut j = i + 1;
+            const GAP: u64 = 64 << 10;
+            const RUN: u64 = 1 << 20;
             while j < seqs.len()
                 && self.segment_of(seqs[j]) == seg
-                && entries[j].is_some_and(|e| e.offset == end)
-                && end - e0.offset < 1 << 20
+                && entries[j].is_some_and(|e| {
+                    e.offset >= end
+                        && e.offset - end <= GAP
+                        && e.offset + e.len as u64 - e0.offset <= RUN
+                })
             {
-                end += entries[j].expect("checked").len as u64;
+                let e = entries[j].expect("checked");
+                end = e.offset + e.len as u64;
                 j += 1;
             }
             let path = self.dir.join(log_name(seg));

@@ -42,6 +42,13 @@ impl WithFile {
 
     /// The first entry in `lo..hi` whose sequence number is at least `seq`.
     pub fn partition(&self, mut lo: u64, mut hi: u64, seq: u64) -> io::Result<u64> {
+        // Bounds outside the entries (a query without bounds) cost one read each.
+        if lo < hi && self.seq(lo)? >= seq {
+            return Ok(lo);
+        }
+        if lo < hi && self.seq(hi - 1)? < seq {
+            return Ok(hi);
+        }
         while lo < hi {
             let mid = lo + (hi - lo) / 2;
             if self.seq(mid)? < seq {
