@@ -47,6 +47,8 @@ const ENCRYPTED: [(&str, &str); 3] = [
     ("openpgp", "urn:xmpp:openpgp:0"),
 ];
 
+const OWN_AND_OTHERS: &[Scope] = &[Scope::Own, Scope::Contact];
+
 pub struct Mam {
     default: DefaultPrefs,
     retention: Retention,
@@ -188,11 +190,12 @@ impl Module for Mam {
     fn declare(&self) -> Declaration {
         Declaration::default()
             .requires("roster")
-            .iq(IqKind::Get, &[Scope::Own], NS_MAM, "query")
-            .iq(IqKind::Set, &[Scope::Own], NS_MAM, "query")
-            .iq(IqKind::Get, &[Scope::Own], NS_MAM, "prefs")
-            .iq(IqKind::Set, &[Scope::Own], NS_MAM, "prefs")
-            .iq(IqKind::Get, &[Scope::Own], NS_MAM, "metadata")
+            // Others asking about a user's archive are answered `forbidden` (9.1).
+            .iq(IqKind::Get, OWN_AND_OTHERS, NS_MAM, "query")
+            .iq(IqKind::Set, OWN_AND_OTHERS, NS_MAM, "query")
+            .iq(IqKind::Get, OWN_AND_OTHERS, NS_MAM, "prefs")
+            .iq(IqKind::Set, OWN_AND_OTHERS, NS_MAM, "prefs")
+            .iq(IqKind::Get, OWN_AND_OTHERS, NS_MAM, "metadata")
             .feature(Disco::Account, NS_MAM)
             .feature(Disco::Account, "urn:xmpp:mam:2#extended")
             .feature(Disco::Account, NS_SID)
@@ -258,8 +261,20 @@ impl Module for Mam {
     }
 
     async fn iq(&self, u: &mut User, iq: &Iq) -> Reply {
+        if iq.scope != Scope::Own {
+            return Reply::error(
+                StanzaErrorCondition::Forbidden,
+                "only its owner may use a user's archive",
+            );
+        }
         match (iq.payload.name(), iq.kind) {
-            ("query", IqKind::Get) => Reply::typed(query::form()),
+            ("query", IqKind::Get) => Reply::typed(MamQuery {
+                queryid: None,
+                node: None,
+                form: Some(query::form()),
+                set: None,
+                flip_page: false,
+            }),
             ("query", IqKind::Set) => self.query(u, iq).await,
             ("prefs", IqKind::Get) => match prefs::load(u, &self.default).await {
                 Ok(p) => Reply::typed(p.clone()),
@@ -522,6 +537,31 @@ mod tests {
                 && meta[0].contains(&format!("<end id='{}'", ids[4])),
             "{out:?}"
         );
+    }
+
+    #[tokio::test]
+    async fn the_form_for_the_owner_and_nothing_for_others() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        start(&mut u, "phone").await;
+        send(
+            &mut u,
+            "phone",
+            "<iq type='get' id='f'><query xmlns='urn:xmpp:mam:2'/></iq>",
+        )
+        .await;
+        let out = take(&mut u);
+        let form = to(&out, "phone", &["id='f'", "type='result'"]);
+        assert!(
+            form[0].contains("<query xmlns='urn:xmpp:mam:2'><x xmlns='jabber:x:data' type='form'>"),
+            "{out:?}"
+        );
+        assert!(
+            form[0].contains("var='with'") && form[0].contains("var='ids'"),
+            "{out:?}"
+        );
+        inbound(&mut u, "<iq type='set' id='o' from='bob@example.com/x' to='alice@localhost'><query xmlns='urn:xmpp:mam:2'/></iq>").await;
+        assert_eq!(to(&take(&mut u), "", &["id='o'", "forbidden"]).len(), 1);
     }
 
     #[tokio::test]
