@@ -62,16 +62,18 @@ class Server:
     register: XEP-0077 account creation before login in c2s.
     auth_failures: (max, window seconds) of c2s's failed-login limit.
     c2s_extra / sm_extra: extra XML elements for c2s.xml / sm.xml.
+    users_extra: extra <component/> entries for router-users.xml (third-party components).
     """
 
     def __init__(self, directory, register=False, auth_failures=(5, 60), timeouts=None,
-                 c2s_extra="", sm_extra="", grace_seconds=2):
+                 c2s_extra="", sm_extra="", grace_seconds=2, users_extra=""):
         self.dir = Path(directory)
         self.register = register
         self.auth_failures = auth_failures
         self.timeouts = timeouts  # (idle, keepalive) seconds or None for c2s's defaults
         self.c2s_extra = c2s_extra
         self.sm_extra = sm_extra
+        self.users_extra = users_extra
         self.grace_seconds = grace_seconds
         self.port = None  # the router's
         self.starttls_port = None
@@ -91,7 +93,8 @@ class Server:
     def write_configs(self):
         d = self.dir
         users = d / "router-users.xml"
-        shutil.copyfile(ROOT / "etc" / "router-users.xml", users)
+        users.write_text((ROOT / "etc" / "router-users.xml").read_text()
+                         .replace("</users>", f"{self.users_extra}\n</users>"))
         (d / "router.xml").write_text(
             "<router>\n"
             f"  <listen address='127.0.0.1' port='{self.port}'/>\n"
