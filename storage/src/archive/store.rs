@@ -25,6 +25,9 @@ pub struct Archive {
     pub dir: PathBuf,
     /// The directory exists (an archive nobody appended to is empty and has none).
     pub exists: bool,
+    /// The `meta` file is missing (a crash before the first append was committed): the
+    /// next append writes it.
+    pub needs_meta: bool,
     /// Items per segment.
     pub seg: u64,
     /// First live sequence number: the durable low-water mark, or the first segment's
@@ -76,6 +79,7 @@ impl Archive {
         let mut archive = Archive {
             dir: dir.to_owned(),
             exists: dir.is_dir(),
+            needs_meta: false,
             seg: segment_items,
             low: 0,
             first: 0,
@@ -110,7 +114,8 @@ impl Archive {
             }
             // Created, and the process died before the batch was committed.
             None => {
-                warn!(archive = %dir.display(), "no meta file; assuming {segment_items} items per segment")
+                warn!(archive = %dir.display(), "no meta file; assuming {segment_items} items per segment");
+                archive.needs_meta = true;
             }
         }
         for entry in fs::read_dir(dir).map_err(|e| io("listing", e))? {

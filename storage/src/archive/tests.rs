@@ -435,6 +435,31 @@ fn torn_tails_are_cut_back() {
 }
 
 #[test]
+fn a_crash_before_the_first_commit_leaves_an_archive_that_works() {
+    let mut f = Fixture::new(4);
+    f.append(&items(1..6));
+    // As if the process died before the batch's commit renamed `meta` into place, and
+    // the with-index entries of an append were written but nothing else.
+    fs::remove_file(f.file(super::format::META_FILE)).unwrap();
+    let carol = f.dir.join(WITH_DIR).join(with_file_name("carol@c"));
+    let mut data = fs::read(&carol).unwrap();
+    data.extend_from_slice(&super::format::encode_with(
+        5,
+        super::format::with_hash("carol@c"),
+    ));
+    fs::write(&carol, &data).unwrap();
+    f.reopen();
+    assert_eq!(all(&mut f), items(1..6));
+    f.append(&[item(6, "dave@d")]);
+    assert!(f.file(super::format::META_FILE).exists());
+    let mut q = page(50);
+    q.with = Some("carol@c".into());
+    let mut expected = items(1..6);
+    expected.push(item(6, "dave@d"));
+    assert_eq!(f.query(&q), select(&expected, &q));
+}
+
+#[test]
 fn a_retried_append_restores_lost_with_entries() {
     let mut f = Fixture::new(8);
     let a = items(1..10);

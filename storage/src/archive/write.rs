@@ -89,10 +89,11 @@ impl Archive {
             last = Some((item.id.clone(), item.time));
             new.push(item);
         }
-        if !self.exists {
+        if !self.exists || self.needs_meta {
             fs::create_dir_all(&self.dir).map_err(|e| self.io("creating", e))?;
             self.write_meta(spool)?;
             self.exists = true;
+            self.needs_meta = false;
         }
         for seq in skipped {
             self.restore_with(files, seq)
