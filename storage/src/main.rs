@@ -3,6 +3,7 @@
 //! `docs/storage.md`.
 
 mod archive;
+mod batch;
 mod config;
 mod spool;
 
@@ -56,7 +57,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let spool_dir = std::env::current_dir()?.join(&config.spool);
     let mut jobs = vec![];
     for n in 0..config.workers {
-        let (tx, queue) = mpsc::channel::<(Stanza, Outbox)>();
+        let (tx, queue) = mpsc::channel::<Job>();
         let mut spool = Spool::new(spool_dir.clone(), config.cache_entries / config.workers + 1);
         let open_files = (config.archive_open_files / config.workers).max(8);
         let segment_items = config.archive_segment_items;
@@ -78,21 +79,35 @@ fn run(args: Args) -> anyhow::Result<()> {
                     }
                     let answers: Vec<_> = batch
                         .iter()
-                        .map(|(request, _)| answer(&mut spool, &mut archives, &hosts, request))
+                        .map(|job| match job {
+                            Job::Request(request, _) => {
+                                Some(answer(&mut spool, &mut archives, &hosts, request))
+                            }
+                            Job::Part(part) => {
+                                part.apply(&mut spool, &mut archives, &hosts);
+                                None
+                            }
+                        })
                         .collect();
                     let durable = spool.commit();
                     if durable.is_err() {
                         archives.clear();
                     }
-                    for ((request, outbox), reply) in batch.into_iter().zip(answers) {
-                        match &durable {
-                            Ok(()) => outbox.send(reply),
-                            Err(refusal) => outbox.send(
-                                request
-                                    .error_reply(refusal.condition, &refusal.text)
-                                    .expect("requests are never errors or results"),
-                            ),
-                        };
+                    for (job, reply) in batch.into_iter().zip(answers) {
+                        match (job, &durable, reply) {
+                            (Job::Request(_, outbox), Ok(()), Some(reply)) => {
+                                outbox.send(reply);
+                            }
+                            (Job::Request(request, outbox), Err(refusal), _) => {
+                                outbox.send(
+                                    request
+                                        .error_reply(refusal.condition, &refusal.text)
+                                        .expect("requests are never errors or results"),
+                                );
+                            }
+                            (Job::Part(part), durable, _) => part.done(durable.as_ref().err()),
+                            (Job::Request(..), Ok(()), None) => unreachable!("requests answer"),
+                        }
                     }
                 }
             })?;
@@ -127,12 +142,22 @@ fn run(args: Args) -> anyhow::Result<()> {
                         debug!("ignoring an xdb answer sent to storage");
                         continue;
                     }
+                    if batch::is_batch(&stanza) {
+                        batch::split(stanza, &outbox, &jobs)?;
+                        continue;
+                    }
                     let worker = worker_for(stanza.to().unwrap_or(""), jobs.len());
-                    jobs[worker].send((stanza, outbox.clone()))?;
+                    jobs[worker].send(Job::Request(stanza, outbox.clone()))?;
                 }
             }
         },
     ))
+}
+
+/// What a worker thread does: a request of one owner, or its part of a batch.
+pub enum Job {
+    Request(Stanza, Outbox),
+    Part(batch::Part),
 }
 
 /// Most requests answered by one group commit.
@@ -143,7 +168,7 @@ const ARCHIVES_PER_WORKER: usize = 256;
 
 /// The worker thread of an owner: FNV-1a of the owner as written (case-folded, so
 /// `Alice@x` and `alice@x` meet on the same thread).
-fn worker_for(owner: &str, workers: usize) -> usize {
+pub fn worker_for(owner: &str, workers: usize) -> usize {
     let hash = owner.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
         (h ^ b.to_ascii_lowercase() as u64).wrapping_mul(0x0100_0000_01b3)
     });
@@ -238,7 +263,7 @@ fn serve(
     Ok((request, content))
 }
 
-fn retention(request: &Request) -> jrs_xdb::archive::Retention {
+pub fn retention(request: &Request) -> jrs_xdb::archive::Retention {
     jrs_xdb::archive::Retention {
         max_items: request.max_items.map(|n| n as u64),
         max_age: request.max_age,
@@ -246,7 +271,7 @@ fn retention(request: &Request) -> jrs_xdb::archive::Retention {
 }
 
 /// Microseconds since the Unix epoch (the unit of archive times).
-fn now() -> u64 {
+pub fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros() as u64)

@@ -236,8 +236,14 @@ impl<B: AsRef<[u8]>> Stanza<B> {
     /// the client stream supplies `jabber:client`) and to embed them in other stanzas
     /// (`xmlns='jabber:client'` declared, as XEP-0297 forwarding needs).
     pub fn with_xmlns(&self, ns: Option<&str>) -> Bytes {
+        let mut out = BytesMut::with_capacity(self.bytes.as_ref().len() + 32);
+        self.write_with_xmlns(ns, &mut out);
+        out.freeze()
+    }
+
+    /// [`Stanza::with_xmlns`], appended to `out` (no copy of its own).
+    pub fn write_with_xmlns(&self, ns: Option<&str>, out: &mut BytesMut) {
         let bytes = self.bytes.as_ref();
-        let mut out = BytesMut::with_capacity(bytes.len() + 32);
         match &self.xmlns {
             Some(span) => {
                 // From the space before `xmlns` to the closing quote (`xmlns = 'x'` is
@@ -252,7 +258,7 @@ impl<B: AsRef<[u8]>> Stanza<B> {
                 }
                 out.extend_from_slice(&bytes[..start]);
                 if let Some(ns) = ns {
-                    push_raw_attr(&mut out, "xmlns", &crate::xml::escape(ns));
+                    push_raw_attr(out, "xmlns", &crate::xml::escape(ns));
                 }
                 out.extend_from_slice(&bytes[span.end as usize + 1..]);
             }
@@ -260,12 +266,11 @@ impl<B: AsRef<[u8]>> Stanza<B> {
                 let name_end = self.name.end as usize;
                 out.extend_from_slice(&bytes[..name_end]);
                 if let Some(ns) = ns {
-                    push_raw_attr(&mut out, "xmlns", &crate::xml::escape(ns));
+                    push_raw_attr(out, "xmlns", &crate::xml::escape(ns));
                 }
                 out.extend_from_slice(&bytes[name_end..]);
             }
         }
-        out.freeze()
     }
 
     /// The error reply to this element, with `extra` (an application-specific condition
@@ -427,12 +432,18 @@ mod tests {
             b"<message xmlns='jabber:server' to='a'><body>x</body></message>",
         ))
         .unwrap();
-        assert_eq!(&s.with_xmlns(None)[..], b"<message to='a'><body>x</body></message>");
+        assert_eq!(
+            &s.with_xmlns(None)[..],
+            b"<message to='a'><body>x</body></message>"
+        );
         assert_eq!(
             &s.with_xmlns(Some("jabber:client"))[..],
             b"<message xmlns='jabber:client' to='a'><body>x</body></message>"
         );
-        let s = Stanza::parse(Bytes::from_static(b"<iq xmlns = \"jabber:server\" id='1'/>")).unwrap();
+        let s = Stanza::parse(Bytes::from_static(
+            b"<iq xmlns = \"jabber:server\" id='1'/>",
+        ))
+        .unwrap();
         assert_eq!(&s.with_xmlns(None)[..], b"<iq id='1'/>");
         let s = Stanza::parse(Bytes::from_static(b"<message to='a'/>")).unwrap();
         assert_eq!(

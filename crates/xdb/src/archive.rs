@@ -145,6 +145,15 @@ pub fn items_to_xml(items: &[Item]) -> String {
 /// Reads `<item id time with>payload</item>` elements (with anything else between them
 /// refused); the payloads are the raw bytes between the item tags.
 pub fn parse_items(content: &[u8]) -> Result<Vec<Item>, Refusal> {
+    Ok(parse_owned_items(content)?
+        .into_iter()
+        .map(|(_, item)| item)
+        .collect())
+}
+
+/// The same, with the `owner` each item names (items of a batch for a domain, see
+/// [`BatchWriter`]).
+pub fn parse_owned_items(content: &[u8]) -> Result<Vec<(Option<String>, Item)>, Refusal> {
     let mut out = vec![];
     for (name, attrs, inner) in top_level(content)? {
         if name != "item" {
@@ -160,12 +169,99 @@ pub fn parse_items(content: &[u8]) -> Result<Vec<Item>, Refusal> {
         if inner.iter().all(u8::is_ascii_whitespace) {
             return Err(bad(format!("item '{id}' archives nothing")));
         }
-        out.push(Item {
-            id,
-            time,
-            with: get("with").unwrap_or_default(),
-            payload: Bytes::copy_from_slice(inner),
-        });
+        out.push((
+            get("owner"),
+            Item {
+                id,
+                time,
+                with: get("with").unwrap_or_default(),
+                payload: Bytes::copy_from_slice(inner),
+            },
+        ));
+    }
+    Ok(out)
+}
+
+/// The content of an `archive-append` for a whole domain: items of many owners, each
+/// naming its own (`<item owner='alice@d' id= time= with=>payload</item>`), written as
+/// they come so that a payload is copied once.
+#[derive(Debug, Default)]
+pub struct BatchWriter {
+    buf: bytes::BytesMut,
+    items: usize,
+}
+
+impl BatchWriter {
+    /// Adds an item of `owner`; `payload` writes the archived stanza.
+    pub fn push(
+        &mut self,
+        owner: &str,
+        id: &str,
+        time: u64,
+        with: &str,
+        payload: impl FnOnce(&mut bytes::BytesMut),
+    ) {
+        self.buf.extend_from_slice(
+            format!(
+                "<item owner='{}' id='{}' time='{time}' with='{}'>",
+                escape(owner),
+                escape(id),
+                escape(with)
+            )
+            .as_bytes(),
+        );
+        payload(&mut self.buf);
+        self.buf.extend_from_slice(b"</item>");
+        self.items += 1;
+    }
+
+    pub fn len(&self) -> usize {
+        self.items
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.items == 0
+    }
+
+    pub fn take(&mut self) -> Bytes {
+        self.items = 0;
+        self.buf.split().freeze()
+    }
+}
+
+/// What storage reports of a batch: the owners whose items it could not keep, as
+/// `<failed owner= condition=>text</failed>` in the (successful) answer.
+pub fn failures_to_xml(failures: &[(String, Refusal)]) -> String {
+    failures
+        .iter()
+        .map(|(owner, r)| {
+            format!(
+                "<failed owner='{}' condition='{}'>{}</failed>",
+                escape(owner),
+                r.condition.name(),
+                escape(&r.text)
+            )
+        })
+        .collect()
+}
+
+pub fn parse_failures(content: &[u8]) -> Result<Vec<(String, Refusal)>, Refusal> {
+    let mut out = vec![];
+    for (name, attrs, text) in top_level(content)? {
+        if name != "failed" {
+            continue;
+        }
+        let get = |k: &str| attrs.iter().find(|(a, _)| a == k).map(|(_, v)| v.clone());
+        let condition = get("condition")
+            .and_then(|c| StanzaErrorCondition::parse(&c))
+            .unwrap_or(StanzaErrorCondition::UndefinedCondition);
+        let text = jrs_stream::xml::unescape(&String::from_utf8_lossy(text))
+            .map(|t| t.into_owned())
+            .unwrap_or_default();
+        out.push((
+            get("owner").unwrap_or_default(),
+            Refusal::new(condition, text),
+        ));
     }
     Ok(out)
 }
@@ -612,6 +708,31 @@ mod tests {
         assert_eq!(Page::parse(page.to_xml().as_bytes()).unwrap(), page);
         let items = archive();
         assert_eq!(parse_items(items_to_xml(&items).as_bytes()).unwrap(), items);
+    }
+
+    #[test]
+    fn batches_name_their_owners() {
+        let mut b = BatchWriter::default();
+        b.push("a@d", "1", 5, "x@y/r", |out| {
+            out.extend_from_slice(b"<message xmlns='jabber:client'/>")
+        });
+        b.push("b@d", "2", 6, "x@y", |out| {
+            out.extend_from_slice(b"<message xmlns='jabber:client'><body>&amp;</body></message>")
+        });
+        assert_eq!(b.len(), 2);
+        let items = parse_owned_items(&b.take()).unwrap();
+        assert!(b.is_empty());
+        assert_eq!(items[0].0.as_deref(), Some("a@d"));
+        assert_eq!((items[1].1.id.as_str(), items[1].1.time), ("2", 6));
+        assert_eq!(
+            &items[1].1.payload[..],
+            b"<message xmlns='jabber:client'><body>&amp;</body></message>"
+        );
+        let f = vec![(
+            "a@d".to_owned(),
+            Refusal::new(StanzaErrorCondition::Conflict, "ids <"),
+        )];
+        assert_eq!(parse_failures(failures_to_xml(&f).as_bytes()).unwrap(), f);
     }
 
     #[test]

@@ -121,6 +121,21 @@ impl XdbClient {
         self.send(request)
     }
 
+    /// Sends an `archive-append` for a whole domain now (items naming their owners, see
+    /// [`archive::BatchWriter`]); its answer lists the owners whose items failed.
+    pub fn archive_append_batch(
+        &self,
+        domain: &str,
+        ns: &str,
+        items: Bytes,
+        retention: archive::Retention,
+    ) -> Result<Sent, XdbError> {
+        let mut request = self.make(Op::ArchiveAppend, domain, ns, items);
+        request.max_items = retention.max_items.map(|n| n as usize);
+        request.max_age = retention.max_age;
+        self.send(request)
+    }
+
     pub async fn archive_query(
         &self,
         owner: &str,
@@ -179,7 +194,7 @@ impl XdbClient {
             .expect("xdb lock")
             .insert(request.id.clone(), tx);
         let sent = match &*self.outbox.lock().expect("xdb lock") {
-            Some(outbox) => outbox.send(request.to_xml()),
+            Some(outbox) => outbox.send(request.to_bytes()),
             None => false,
         };
         if !sent {

@@ -151,7 +151,12 @@ impl Request {
 
     /// The request as sent on the wire.
     pub fn to_xml(&self) -> String {
-        let mut s = format!(
+        String::from_utf8_lossy(&self.to_bytes()).into_owned()
+    }
+
+    /// The request as sent on the wire, its content copied once.
+    pub fn to_bytes(&self) -> Bytes {
+        let mut head = format!(
             "<xdb xmlns='{NS_XDB}' type='{}' to='{}' from='{}' ns='{}' id='{}'",
             self.op.name(),
             escape(&self.owner),
@@ -160,19 +165,12 @@ impl Request {
             escape(&self.id)
         );
         if let Some(max) = self.max_items {
-            s.push_str(&format!(" max-items='{max}'"));
+            head.push_str(&format!(" max-items='{max}'"));
         }
         if let Some(age) = self.max_age {
-            s.push_str(&format!(" max-age='{age}'"));
+            head.push_str(&format!(" max-age='{age}'"));
         }
-        if self.content.is_empty() {
-            s.push_str("/>");
-        } else {
-            s.push('>');
-            s.push_str(&String::from_utf8_lossy(&self.content));
-            s.push_str("</xdb>");
-        }
-        s
+        jrs_stream::xml::element(&head, "xdb", &self.content)
     }
 
     /// The successful answer, carrying `content` (may be empty).

@@ -4,22 +4,13 @@
 
 use bytes::Bytes;
 
-use jrs_xdb::archive::{Item, Page, Query, Retention};
-use jrs_xdb::client::Sent;
+use jrs_xdb::archive::{Page, Query, Retention};
 use jrs_xdb::{XdbClient, XdbError};
 
 pub enum Store {
     Xdb(XdbClient),
     #[cfg(test)]
     Memory(std::sync::Mutex<memory::Memory>),
-}
-
-/// An archive append on its way (see [`Store::archive_append`]).
-#[derive(Debug)]
-pub enum Pending {
-    Sent(Sent),
-    #[cfg(test)]
-    Done,
 }
 
 impl Store {
@@ -85,36 +76,6 @@ impl Store {
                 m.delete(owner, ns);
                 Ok(data)
             }
-        }
-    }
-
-    /// Sends an archive append now; its answer is awaited with [`Store::finish`].
-    pub fn archive_append(
-        &self,
-        owner: &str,
-        ns: &str,
-        items: &[Item],
-        retention: Retention,
-    ) -> Result<Pending, XdbError> {
-        match self {
-            Store::Xdb(x) => x
-                .archive_append(owner, ns, items, retention)
-                .map(Pending::Sent),
-            #[cfg(test)]
-            Store::Memory(m) => {
-                m.lock()
-                    .unwrap()
-                    .archive_append(owner, ns, items, retention);
-                Ok(Pending::Done)
-            }
-        }
-    }
-
-    pub async fn finish(&self, pending: Pending) -> Result<(), XdbError> {
-        match (self, pending) {
-            (Store::Xdb(x), Pending::Sent(s)) => x.finish(s).await.map(drop),
-            #[cfg(test)]
-            (_, _) => Ok(()),
         }
     }
 

@@ -16,17 +16,18 @@
 
 mod prefs;
 mod query;
+mod writer;
 
 use std::sync::Arc;
 
 use jid::Jid;
-use tracing::{debug, error, warn};
+use tracing::{debug, warn};
 use xmpp_parsers::mam::Query as MamQuery;
 use xmpp_parsers::mam_prefs::{DefaultPrefs, Prefs};
 use xmpp_parsers::ns::{MAM as NS_MAM, SID as NS_SID};
 
 use jrs_stream::StanzaErrorCondition;
-use jrs_xdb::archive::{Item, Query, Retention};
+use jrs_xdb::archive::{Query, Retention};
 use jrs_xdb::XdbError;
 
 use crate::clock::{now_micros, stamp_micros};
@@ -53,6 +54,7 @@ pub struct Mam {
     default: DefaultPrefs,
     retention: Retention,
     page_size: usize,
+    writer: Arc<writer::Writer>,
 }
 
 pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
@@ -60,6 +62,7 @@ pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
         default: DefaultPrefs::Always,
         retention: Retention::default(),
         page_size: 50,
+        writer: Arc::new(writer::Writer::new(Retention::default())),
     };
     if let Some(n) = config.module_settings("mam")? {
         n.allow(&["default", "max-messages", "max-days", "page-size"], &[])?;
@@ -83,6 +86,7 @@ pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
         }
         m.page_size = positive(n, "page-size", m.page_size)?.min(jrs_xdb::archive::MAX_PAGE);
     }
+    m.writer = Arc::new(writer::Writer::new(m.retention));
     Ok(Arc::new(m))
 }
 
@@ -122,6 +126,7 @@ impl Mam {
     /// from storage the first time), so ids always increase.
     async fn next_id(&self, u: &mut User) -> Result<(String, u64), XdbError> {
         if u.state.entry::<ArchiveState>().newest.is_none() {
+            self.writer.flush(&u.ctx);
             let meta = u
                 .ctx
                 .store
@@ -151,32 +156,6 @@ impl Mam {
                 warn!("message not archived, the archive is unavailable: {e}");
                 None
             }
-        }
-    }
-
-    /// Archives `p` as item `id` with `with`: sends the append now and waits for its
-    /// answer off the message path.
-    fn append(&self, u: &mut User, (id, time): (String, u64), with: &Jid, p: &Packet) {
-        let item = Item {
-            id,
-            time,
-            with: with.to_string(),
-            payload: p.forwardable(),
-        };
-        let ctx = u.ctx.clone();
-        match ctx
-            .store
-            .archive_append(&u.bare, ARCHIVE, &[item], self.retention)
-        {
-            Ok(pending) => {
-                let owner = u.bare.clone();
-                tokio::spawn(async move {
-                    if let Err(e) = ctx.store.finish(pending).await {
-                        error!(jid = %owner, "archiving a message failed: {e}");
-                    }
-                });
-            }
-            Err(e) => error!("archiving a message failed: {e}"),
         }
     }
 }
@@ -228,7 +207,7 @@ impl Module for Mam {
         // To the user's own account it is archived once, on receipt.
         if !u.is_same_user(&to) && archivable(p) {
             if let Some(id) = self.id_for(u, &to).await {
-                self.append(u, id, &to, p);
+                self.writer.push(u, id, &to, p);
             }
         }
         Flow::Pass
@@ -255,7 +234,7 @@ impl Module for Mam {
             // The stanza-id goes into the archived copy too: it is the message as
             // delivered (and as stored offline).
             p.push_child(&stanza_id(&bare, &id.0));
-            self.append(u, id, &from, p);
+            self.writer.push(u, id, &from, p);
         }
         Flow::Pass
     }
@@ -310,6 +289,7 @@ impl Mam {
             Ok(x) => x,
             Err(r) => return r,
         };
+        self.writer.flush(&u.ctx);
         let page = match u
             .ctx
             .store
@@ -350,6 +330,7 @@ impl Mam {
 
     /// XEP-0313 section 7: the first and last item of the archive.
     async fn metadata(&self, u: &mut User) -> Reply {
+        self.writer.flush(&u.ctx);
         let page = match u
             .ctx
             .store
@@ -389,7 +370,7 @@ mod tests {
         format!("<message from='bob@example.com/x' to='alice@localhost' type='chat' id='m{n}'><body>hello {n}</body></message>")
     }
 
-    async fn archive_of(u: &User) -> Vec<Item> {
+    async fn archive_of(u: &User) -> Vec<jrs_xdb::archive::Item> {
         let page = u
             .ctx
             .store

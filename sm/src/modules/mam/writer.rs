@@ -1,0 +1,110 @@
+//! Archive appends of every user of this sm, sent to storage in batches: one
+//! `archive-append` per domain with each item naming its owner, so that under load one
+//! storage request (and one answer, and two router hops) carries many messages, and a
+//! message's payload is copied once, into the batch.
+//!
+//! An item is queued by the user's task and sent when the writer next runs: right after
+//! the tasks that are ready now had their turn, so at low load at once. Storage applies
+//! each owner's requests in the order they arrive; before any archive read the module
+//! calls [`Writer::flush`], so a query sees everything archived before it.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use jid::Jid;
+use tracing::{error, warn};
+
+use jrs_xdb::archive::{parse_failures, BatchWriter, Retention};
+
+use crate::host::{Ctx, Packet, User};
+use crate::xml::NS_CLIENT;
+
+use super::ARCHIVE;
+
+pub struct Writer {
+    retention: Retention,
+    queue: Mutex<Queue>,
+}
+
+#[derive(Default)]
+struct Queue {
+    /// Items not yet sent, by domain (storage requests are routed by domain).
+    batches: BTreeMap<String, BatchWriter>,
+    /// A task will send them.
+    scheduled: bool,
+}
+
+impl Writer {
+    pub fn new(retention: Retention) -> Writer {
+        Writer {
+            retention,
+            queue: Mutex::new(Queue::default()),
+        }
+    }
+
+    /// Archives `p` for user `u` as item (`id`, `time`) with `with`.
+    pub fn push(self: &Arc<Self>, u: &User, (id, time): (String, u64), with: &Jid, p: &Packet) {
+        #[cfg(test)]
+        if let crate::host::store::Store::Memory(m) = &u.ctx.store {
+            // Storage in memory (unit tests) keeps it at once.
+            let item = jrs_xdb::archive::Item {
+                id,
+                time,
+                with: with.to_string(),
+                payload: p.forwardable(),
+            };
+            m.lock()
+                .unwrap()
+                .archive_append(&u.bare, ARCHIVE, &[item], self.retention);
+            return;
+        }
+        let mut q = self.queue.lock().expect("writer lock");
+        q.batches
+            .entry(u.jid.domain().as_str().to_owned())
+            .or_default()
+            .push(&u.bare, &id, time, with.as_str(), |out| {
+                p.stanza().write_with_xmlns(Some(NS_CLIENT), out)
+            });
+        if !q.scheduled {
+            q.scheduled = true;
+            let (writer, ctx) = (self.clone(), u.ctx.clone());
+            tokio::spawn(async move {
+                // Let the tasks that are ready now add theirs first.
+                tokio::task::yield_now().await;
+                writer.flush(&ctx);
+            });
+        }
+    }
+
+    /// Sends everything queued, now.
+    pub fn flush(&self, ctx: &Arc<Ctx>) {
+        let Some(xdb) = ctx.store.xdb() else { return };
+        // Sent under the lock, so batches leave in the order they were filled.
+        let mut q = self.queue.lock().expect("writer lock");
+        q.scheduled = false;
+        for (domain, mut batch) in std::mem::take(&mut q.batches) {
+            let count = batch.len();
+            match xdb.archive_append_batch(&domain, ARCHIVE, batch.take(), self.retention) {
+                Ok(sent) => {
+                    let ctx = ctx.clone();
+                    tokio::spawn(async move {
+                        let Some(xdb) = ctx.store.xdb() else { return };
+                        match xdb.finish(sent).await.map(|answer| parse_failures(&answer)) {
+                            Ok(Ok(failures)) => {
+                                for (owner, r) in failures {
+                                    warn!(jid = %owner, condition = r.condition.name(),
+                                          "message not archived: {}", r.text);
+                                }
+                            }
+                            Ok(Err(e)) => {
+                                warn!("unreadable answer to an archive batch: {}", e.text)
+                            }
+                            Err(e) => error!(count, "{count} messages not archived: {e}"),
+                        }
+                    });
+                }
+                Err(e) => error!(count, "{count} messages not archived: {e}"),
+            }
+        }
+    }
+}
