@@ -61,9 +61,15 @@ async fn routes_by_host_then_wildcard_and_answers_no_route() {
         .unwrap()
         .contains(STANZA_ERRORS));
 
-    // No storage bound: an xdb request gets an error result.
-    sw.send(b"<xdb xmlns='urn:jabberd-rs:xdb:0' type='get' to='alice@localhost' from='sender.localhost' ns='x' id='x1'/>").await.unwrap();
-    let bounce = recv(&mut sender).await;
+    // No storage bound: an xdb request (from one of the project's components: others
+    // may send only normal packets) gets an error result.
+    let (mut admin, mut admin_w) = server
+        .component("admin", "admin-secret")
+        .await
+        .unwrap()
+        .split();
+    admin_w.send(b"<xdb xmlns='urn:jabberd-rs:xdb:0' type='get' to='alice@localhost' from='admin' ns='x' id='x1'/>").await.unwrap();
+    let bounce = recv(&mut admin).await;
     assert_eq!((bounce.name(), bounce.kind()), ("xdb", Some("error")));
     assert_eq!(condition_of(&bounce), "service-unavailable");
 
@@ -725,4 +731,40 @@ async fn subscribed_links_hear_when_components_bind_and_disconnect() {
         Some("first"),
         "no notice reached b"
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn third_party_components_send_only_normal_packets() {
+    let server = start(&["gw.localhost"]).await;
+    // Storage and a session manager stand in for the project's own components.
+    let (mut storage, _s) = server
+        .component("xdb-file", "xdb-secret")
+        .await
+        .unwrap()
+        .split();
+    let (mut gw, mut gw_w) = server
+        .component("gw.localhost", "gw.localhost-secret")
+        .await
+        .unwrap()
+        .split();
+    // Reading a user's credentials, or starting a session as the user: refused.
+    gw_w.send(b"<xdb xmlns='urn:jabberd-rs:xdb:0' type='get' to='alice@xdb-file' from='gw.localhost' ns='urn:jabberd-rs:auth:0' id='x1'/>")
+        .await
+        .unwrap();
+    let r = recv(&mut gw).await;
+    assert_eq!(
+        (r.name(), r.kind(), r.id()),
+        ("xdb", Some("error"), Some("x1"))
+    );
+    assert_eq!(condition_of(&r), "not-allowed");
+    gw_w.send(b"<session type='start' to='alice@xdb-file' from='gw.localhost' jid='alice@localhost/x' sid='1'/>")
+        .await
+        .unwrap();
+    let r = recv(&mut gw).await;
+    assert_eq!((r.name(), r.kind()), ("session", Some("error")));
+    // Ordinary stanzas still flow, and nothing of the above reached storage.
+    gw_w.send(b"<message to='x@xdb-file' from='gw.localhost' id='m1'/>")
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut storage).await.id(), Some("m1"));
 }

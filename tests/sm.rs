@@ -969,7 +969,11 @@ async fn every_iq_is_answered() {
         has_attr(&r, "category", "account") && r.contains("from='bob@localhost'"),
         "{r}"
     );
-    for f in ["urn:xmpp:mam:2", "urn:xmpp:mam:2#extended", "urn:xmpp:sid:0"] {
+    for f in [
+        "urn:xmpp:mam:2",
+        "urn:xmpp:mam:2#extended",
+        "urn:xmpp:sid:0",
+    ] {
         assert!(has_attr(&r, "var", f), "{f} in {r}");
     }
     let r = c2s

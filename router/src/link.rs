@@ -210,6 +210,7 @@ async fn authenticate<R: AsyncRead + Unpin>(
         .register(
             conn,
             &name,
+            user.trusted,
             outbox.clone(),
             Bytes::from_static(b"<handshake/>"),
         )

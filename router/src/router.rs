@@ -24,9 +24,23 @@ struct LinkInfo {
     bound: HashSet<(PacketType, String)>,
     /// The link asked for notices about other links.
     notices: bool,
+    /// One of this project's own components (`trusted` in router-users.xml).
+    trusted: bool,
 }
 
 impl LinkInfo {
+    /// Whether this link may send packets of type `route` at all: `normal` anyone;
+    /// `session`, `xdb` and `log` only the project's own (trusted) components and those
+    /// router-users.xml allows that type. A third-party component must not start
+    /// sessions for users, or read and write their storage.
+    fn may_send(&self, route: PacketType, users: &Users) -> bool {
+        route == PacketType::Normal
+            || self.trusted
+            || users
+                .find(&self.name)
+                .is_some_and(|u| u.allow.iter().any(|(t, _)| *t == route))
+    }
+
     /// Whether this link may send packets of `route` from `domain`.
     fn may_send_from(&self, route: PacketType, domain: &str, tree: &Tree) -> bool {
         if domain == &*self.name || self.bound.iter().any(|(_, h)| h == domain) {
@@ -121,6 +135,7 @@ impl Router {
         &self,
         conn: ConnId,
         name: &str,
+        trusted: bool,
         outbox: Arc<Outbox>,
         accepted: Bytes,
     ) -> Result<(), String> {
@@ -140,6 +155,7 @@ impl Router {
                 outbox: outbox.clone(),
                 bound: HashSet::new(),
                 notices: false,
+                trusted,
             },
         );
         for route in OWN_NAME_ROUTES {
@@ -246,6 +262,7 @@ impl Router {
             return;
         }
         let mut bounces = vec![];
+        let users = self.users();
         {
             let mut st = self.state.lock().expect("router lock");
             let State { tree, links, .. } = &mut *st;
@@ -253,6 +270,14 @@ impl Router {
             let mut plan = Plan::default();
             let mut refused = vec![];
             for (route, stanza) in packets {
+                if !link.may_send(*route, &users) {
+                    warn!(%route, to = stanza.to().unwrap_or(""), "packet type not allowed for this component: bounced");
+                    refused.extend(stanza.error_reply(
+                        StanzaErrorCondition::NotAllowed,
+                        &format!("component '{}' may not send {route} packets", link.name),
+                    ));
+                    continue;
+                }
                 let domain = lower(jid_domain(stanza.from().unwrap_or("")));
                 if domain.is_empty() || !link.may_send_from(*route, &domain, tree) {
                     let (condition, text) = if domain.is_empty() {

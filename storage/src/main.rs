@@ -6,6 +6,7 @@ mod archive;
 mod batch;
 mod config;
 mod spool;
+mod sync;
 
 use std::sync::mpsc;
 
@@ -56,9 +57,14 @@ fn run(args: Args) -> anyhow::Result<()> {
     // Absolute, so logs and errors name the real place.
     let spool_dir = std::env::current_dir()?.join(&config.spool);
     let mut jobs = vec![];
+    let syncer = std::sync::Arc::new(sync::Syncer::default());
     for n in 0..config.workers {
         let (tx, queue) = mpsc::channel::<Job>();
-        let mut spool = Spool::new(spool_dir.clone(), config.cache_entries / config.workers + 1);
+        let mut spool = Spool::new(
+            spool_dir.clone(),
+            config.cache_entries / config.workers + 1,
+            syncer.clone(),
+        );
         let open_files = (config.archive_open_files / config.workers).max(8);
         let segment_items = config.archive_segment_items;
         let hosts = config.hosts.clone();

@@ -15,6 +15,7 @@ use std::fs::{self, File};
 use std::io::{self, Write};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use bytes::Bytes;
 use lru::LruCache;
@@ -23,6 +24,8 @@ use tracing::error;
 use jrs_stream::validate::validate_stanza;
 use jrs_stream::StanzaErrorCondition;
 use jrs_xdb::Refusal;
+
+use crate::sync::Syncer;
 
 /// Directory holding a host's own data; '@' never appears in an escaped user name.
 const HOST_DIR: &str = "@host";
@@ -59,6 +62,8 @@ pub struct Spool {
     pending: HashMap<PathBuf, PathBuf>,
     /// Something in this batch changed the disk (a write, a removal, a new directory).
     dirty: bool,
+    /// Shared by the worker threads: one `syncfs` for the commits of all of them.
+    syncer: Arc<Syncer>,
 }
 
 fn internal(text: String) -> Refusal {
@@ -67,9 +72,10 @@ fn internal(text: String) -> Refusal {
 }
 
 impl Spool {
-    pub fn new(root: PathBuf, cache_entries: usize) -> Spool {
+    pub fn new(root: PathBuf, cache_entries: usize, syncer: Arc<Syncer>) -> Spool {
         Spool {
             root,
+            syncer,
             cache: LruCache::new(NonZeroUsize::new(cache_entries.max(1)).expect("max(1)")),
             pending: HashMap::new(),
             dirty: false,
@@ -84,11 +90,15 @@ impl Spool {
             return Ok(());
         }
         let result = (|| -> io::Result<()> {
-            syncfs(&self.root)?;
+            self.syncer.sync(&self.root)?;
+            if self.pending.is_empty() {
+                // Appends in place (archives): nothing to rename.
+                return Ok(());
+            }
             for (path, tmp) in self.pending.drain() {
                 fs::rename(&tmp, &path)?;
             }
-            syncfs(&self.root)
+            self.syncer.sync(&self.root)
         })();
         self.dirty = false;
         if let Err(e) = result {
@@ -392,18 +402,6 @@ fn write_temporary(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
     Ok(tmp)
 }
 
-/// Flushes every dirty page and all metadata of the file system holding `dir` to disk,
-/// and waits for it: the group commit of a batch.
-fn syncfs(dir: &Path) -> io::Result<()> {
-    fs::create_dir_all(dir)?;
-    let f = File::open(dir)?;
-    // SAFETY: syncfs only reads the descriptor, which `f` keeps open for the call.
-    if unsafe { libc::syncfs(std::os::fd::AsRawFd::as_raw_fd(&f)) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Escapes a JID part or namespace into one safe file name: ASCII letters, digits, `-`,
 /// `_` and non-leading `.` stay; every other byte becomes `%XX`. So no name can be `.`,
 /// `..`, contain `/`, or start with `@` (reserved for [`HOST_DIR`]).
@@ -444,7 +442,7 @@ mod tests {
             std::process::id(),
             rand_suffix()
         ));
-        (Spool::new(dir.clone(), 16), dir)
+        (Spool::new(dir.clone(), 16, Default::default()), dir)
     }
 
     fn rand_suffix() -> u64 {

@@ -55,7 +55,7 @@ impl Fixture {
             N.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
         let _ = fs::remove_dir_all(&root);
-        let spool = Spool::new(root.clone(), 16);
+        let spool = Spool::new(root.clone(), 16, Default::default());
         let dir = spool.archive_dir(&Owner::parse("alice@localhost").unwrap(), "urn:xmpp:mam:2");
         Fixture {
             root,
