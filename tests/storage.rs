@@ -343,7 +343,7 @@ async fn archive_query(
         "{}",
         String::from_utf8_lossy(a.inner())
     );
-    Page::parse(a.inner()).unwrap()
+    Page::parse(&Bytes::copy_from_slice(a.inner())).unwrap()
 }
 
 /// Every item of the archive, page by page.

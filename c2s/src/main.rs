@@ -40,7 +40,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let Some(config) = load_and_init(&args.common, C2sConfig::load, |c| c.log.clone())? else {
         return Ok(());
     };
-    raise_open_files_limit();
+    jrs_component::service::raise_open_files_limit();
     let tls = tls::load(&config.hosts)?;
     let link = config.router.clone().for_instance(args.common.instance);
     let shared = Arc::new(Shared::new(config, tls, link.name.clone()));
@@ -61,23 +61,4 @@ fn run(args: Args) -> anyhow::Result<()> {
         })
         .await
     })
-}
-
-/// Every client needs a file descriptor: raise the soft limit to the hard one (the usual
-/// soft default of 1024 would cap c2s at about a thousand clients).
-fn raise_open_files_limit() {
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
-        {
-            limit.rlim_cur = limit.rlim_max;
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
-                info!(limit = limit.rlim_cur, "raised the open files limit");
-            }
-        }
-    }
 }

@@ -83,7 +83,7 @@ impl Archives {
         retention: Retention,
         now: u64,
     ) -> Result<(), Refusal> {
-        let items = parse_items(content)?;
+        let items = parse_items(&Bytes::copy_from_slice(content))?;
         self.append_items(spool, dir, &items, retention, now)
     }
 

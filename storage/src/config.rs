@@ -58,7 +58,7 @@ impl StorageConfig {
                 .unwrap_or(cache_entries);
         }
         let mut archive_segment_items = crate::archive::SEGMENT_ITEMS;
-        let mut archive_open_files = 512;
+        let mut archive_open_files = 4096;
         if let Some(archive) = root.child("archive")? {
             archive.allow(&["segment-items", "open-files"], &[])?;
             archive_segment_items = archive

@@ -39,6 +39,16 @@ fn run(args: Args) -> anyhow::Result<()> {
     let Some(config) = load_and_init(&args.common, StorageConfig::load, |c| c.log.clone())? else {
         return Ok(());
     };
+    // Open archive files are cached: let the cache hold what the config asks.
+    if let Some(limit) = jrs_component::service::raise_open_files_limit() {
+        if (limit as usize) < config.archive_open_files + 64 {
+            warn!(
+                limit,
+                open_files = config.archive_open_files,
+                "the open files limit is below <archive open-files>: archive files will be reopened often"
+            );
+        }
+    }
     let link = config.router.clone().for_instance(args.common.instance);
     let binds: Vec<Bind> = config
         .hosts

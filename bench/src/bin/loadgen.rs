@@ -109,7 +109,7 @@ enum Scenario {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    raise_open_files_limit();
+    jrs_component::service::raise_open_files_limit();
     jrs_component::transport::install_crypto_provider();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -150,37 +150,35 @@ fn main() -> anyhow::Result<()> {
         };
         for s in scenarios {
             let bench = Bench::start(&s, &setup).await?;
-            match s {
+            let result = match s {
                 Scenario::Logins {
                     count,
                     concurrency,
                     tls,
-                } => bench.logins(count, concurrency, tls).await?,
+                } => bench.logins(count, concurrency, tls).await,
                 Scenario::Messages {
                     clients,
                     inflight,
                     seconds,
-                } => bench.messages(clients, inflight, seconds).await?,
-                Scenario::Idle { connections, tls } => bench.idle(connections, tls).await?,
+                } => bench.messages(clients, inflight, seconds).await,
+                Scenario::Idle { connections, tls } => bench.idle(connections, tls).await,
                 Scenario::All => unreachable!(),
+            };
+            if result.is_err() {
+                // What the server said about it, before its directory goes.
+                for name in ["router", "xdb-file", "sm", "c2s"] {
+                    let log = bench.server.log(name);
+                    let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                    eprintln!("--- {name}.log (last lines) ---");
+                    for line in tail.into_iter().rev() {
+                        eprintln!("{line}");
+                    }
+                }
             }
+            result?;
         }
         Ok(())
     })
-}
-
-fn raise_open_files_limit() {
-    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
-    unsafe {
-        let mut limit = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 {
-            limit.rlim_cur = limit.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
-        }
-    }
 }
 
 /// How the server and clients are set up.

@@ -263,3 +263,28 @@ pub fn run_thin(
     })();
     exit_code(result, program)
 }
+
+/// Raises the soft limit on open files to the hard one: c2s needs a descriptor per
+/// client, xdb-file per open archive file, and the usual soft default of 1024 would cap
+/// them. Returns the limit now in force.
+pub fn raise_open_files_limit() -> Option<u64> {
+    // SAFETY: getrlimit/setrlimit only read and write the struct we pass.
+    unsafe {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return None;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            limit.rlim_cur = limit.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) == 0 {
+                info!(limit = limit.rlim_cur, "raised the open files limit");
+            }
+        }
+        // rlim_t is u64 on the targets this builds for.
+        #[allow(clippy::unnecessary_cast)]
+        Some(limit.rlim_cur as u64)
+    }
+}

@@ -144,16 +144,22 @@ pub fn items_to_xml(items: &[Item]) -> String {
 
 /// Reads `<item id time with>payload</item>` elements (with anything else between them
 /// refused); the payloads are the raw bytes between the item tags.
-pub fn parse_items(content: &[u8]) -> Result<Vec<Item>, Refusal> {
+pub fn parse_items(content: &Bytes) -> Result<Vec<Item>, Refusal> {
     Ok(parse_owned_items(content)?
         .into_iter()
         .map(|(_, item)| item)
         .collect())
 }
 
+/// An item with the owner it names, if any.
+pub type OwnedItem = (Option<String>, Item);
+
 /// The same, with the `owner` each item names (items of a batch for a domain, see
 /// [`BatchWriter`]).
-pub fn parse_owned_items(content: &[u8]) -> Result<Vec<(Option<String>, Item)>, Refusal> {
+pub fn parse_owned_items(content: &Bytes) -> Result<Vec<OwnedItem>, Refusal> {
+    if let Some(items) = parse_framed(content) {
+        return items;
+    }
     let mut out = vec![];
     for (name, attrs, inner) in top_level(content)? {
         if name != "item" {
@@ -175,12 +181,89 @@ pub fn parse_owned_items(content: &[u8]) -> Result<Vec<(Option<String>, Item)>, 
                 id,
                 time,
                 with: get("with").unwrap_or_default(),
-                payload: Bytes::copy_from_slice(inner),
+                payload: content.slice_ref(inner),
             },
         ));
     }
     Ok(out)
 }
+
+/// Items whose start tags give their payload's length in bytes (`len`, as
+/// [`BatchWriter`] writes them): read without tokenizing the payloads. `None` when the
+/// content is not made that way (the general reader takes it).
+fn parse_framed(content: &Bytes) -> Option<Result<Vec<OwnedItem>, Refusal>> {
+    // About 300 bytes an item: one allocation for the list in most batches.
+    let mut out = Vec::with_capacity(content.len() / 256 + 1);
+    let mut pos = 0;
+    loop {
+        while pos < content.len() && content[pos].is_ascii_whitespace() {
+            pos += 1;
+        }
+        if pos == content.len() {
+            return Some(Ok(out));
+        }
+        let rest = &content[pos..];
+        if !rest.starts_with(b"<item ") {
+            return None;
+        }
+        // The start tag ends at the first `>` outside quotes.
+        let mut quote = None;
+        let end = rest.iter().position(|&b| match (quote, b) {
+            (None, b'\'' | b'"') => {
+                quote = Some(b);
+                false
+            }
+            (Some(q), _) if b == q => {
+                quote = None;
+                false
+            }
+            (None, b'>') => true,
+            _ => false,
+        })?;
+        let tag = std::str::from_utf8(&rest[1..end]).ok()?;
+        let start = quick_xml::events::BytesStart::from_content(tag, "item".len());
+        let (mut owner, mut id, mut time, mut with, mut len) = (None, None, None, None, None);
+        for a in start.attributes() {
+            let Ok(a) = a else {
+                return Some(Err(bad("bad attribute in <item/>")));
+            };
+            let Ok(value) = quick_xml::escape::unescape(&a.value) else {
+                return Some(Err(bad("bad attribute value in <item/>")));
+            };
+            match a.key.as_ref() {
+                "owner" => owner = Some(value.into_owned()),
+                "id" => id = Some(value.into_owned()),
+                "time" => time = value.parse::<u64>().ok(),
+                "with" => with = Some(value.into_owned()),
+                "len" => len = value.parse::<usize>().ok(),
+                _ => {}
+            }
+        }
+        let len = len?;
+        let from = pos + end + 1;
+        if content.len() < from + len || !content[from + len..].starts_with(b"</item>") {
+            return None;
+        }
+        let Some(id) = id.filter(|s| !s.is_empty()) else {
+            return Some(Err(bad("<item/> without 'id'")));
+        };
+        let Some(time) = time else {
+            return Some(Err(bad("<item/> without a numeric 'time'")));
+        };
+        out.push((
+            owner,
+            Item {
+                id,
+                time,
+                with: with.unwrap_or_default(),
+                payload: content.slice(from..from + len),
+            },
+        ));
+        pos = from + len + "</item>".len();
+    }
+}
+
+const LEN_PLACEHOLDER: &str = "0000000000";
 
 /// The content of an `archive-append` for a whole domain: items of many owners, each
 /// naming its own (`<item owner='alice@d' id= time= with=>payload</item>`), written as
@@ -201,22 +284,37 @@ impl BatchWriter {
         with: &str,
         payload: impl FnOnce(&mut bytes::BytesMut),
     ) {
-        self.buf.extend_from_slice(
-            format!(
-                "<item owner='{}' id='{}' time='{time}' with='{}'>",
-                escape(owner),
-                escape(id),
-                escape(with)
-            )
-            .as_bytes(),
-        );
+        // The payload's length goes in a fixed-width `len`, filled in once it is written,
+        // so storage finds the payload's end without reading it.
+        let b = &mut self.buf;
+        for (part, value) in [("<item owner='", owner), ("' id='", id), ("' with='", with)] {
+            b.extend_from_slice(part.as_bytes());
+            b.extend_from_slice(escape(value).as_bytes());
+        }
+        b.extend_from_slice(b"' time='");
+        b.extend_from_slice(itoa::Buffer::new().format(time).as_bytes());
+        b.extend_from_slice(b"' len='");
+        b.extend_from_slice(LEN_PLACEHOLDER.as_bytes());
+        b.extend_from_slice(b"'>");
+        let len_at = self.buf.len() - LEN_PLACEHOLDER.len() - 2;
+        let start = self.buf.len();
         payload(&mut self.buf);
+        // Right-aligned digits over the zeros: `len='0000000312'`.
+        let mut digits = itoa::Buffer::new();
+        let digits = digits.format(self.buf.len() - start).as_bytes();
+        let field = &mut self.buf[len_at..len_at + LEN_PLACEHOLDER.len()];
+        field[LEN_PLACEHOLDER.len() - digits.len()..].copy_from_slice(digits);
         self.buf.extend_from_slice(b"</item>");
         self.items += 1;
     }
 
     pub fn len(&self) -> usize {
         self.items
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> usize {
+        self.buf.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -404,7 +502,7 @@ impl Page {
         s
     }
 
-    pub fn parse(content: &[u8]) -> Result<Page, Refusal> {
+    pub fn parse(content: &Bytes) -> Result<Page, Refusal> {
         let mut nodes = top_level(content)?;
         if nodes.len() != 1 || nodes[0].0 != "archive" {
             return Err(bad("an archive answer carries one <archive/>"));
@@ -417,7 +515,7 @@ impl Page {
             count: num("count").unwrap_or(0) as usize,
             first_index: num("first-index").map(|i| i as usize),
             complete: get("complete").is_some_and(|v| v == "true"),
-            items: parse_items(inner)?,
+            items: parse_items(&content.slice_ref(inner))?,
             oldest: bound("oldest"),
             newest: bound("newest"),
         })
@@ -705,9 +803,12 @@ mod tests {
             },
         )
         .unwrap();
-        assert_eq!(Page::parse(page.to_xml().as_bytes()).unwrap(), page);
+        assert_eq!(Page::parse(&Bytes::from(page.to_xml())).unwrap(), page);
         let items = archive();
-        assert_eq!(parse_items(items_to_xml(&items).as_bytes()).unwrap(), items);
+        assert_eq!(
+            parse_items(&Bytes::from(items_to_xml(&items))).unwrap(),
+            items
+        );
     }
 
     #[test]
@@ -720,7 +821,9 @@ mod tests {
             out.extend_from_slice(b"<message xmlns='jabber:client'><body>&amp;</body></message>")
         });
         assert_eq!(b.len(), 2);
-        let items = parse_owned_items(&b.take()).unwrap();
+        let content = b.take();
+        assert!(parse_framed(&content).is_some());
+        let items = parse_owned_items(&content).unwrap();
         assert!(b.is_empty());
         assert_eq!(items[0].0.as_deref(), Some("a@d"));
         assert_eq!((items[1].1.id.as_str(), items[1].1.time), ("2", 6));

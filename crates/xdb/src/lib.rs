@@ -145,7 +145,7 @@ impl Request {
             from: stanza.attr("from").unwrap_or_default(),
             max_items,
             max_age,
-            content: Bytes::copy_from_slice(stanza.inner()),
+            content: stanza.bytes().slice_ref(stanza.inner()),
         })
     }
 

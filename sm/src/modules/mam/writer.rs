@@ -21,6 +21,9 @@ use crate::xml::NS_CLIENT;
 
 use super::ARCHIVE;
 
+/// Most bytes one batch takes before it is sent (about 200 chat messages).
+const BATCH_BYTES: usize = 64 * 1024;
+
 pub struct Writer {
     retention: Retention,
     queue: Mutex<Queue>,
@@ -58,13 +61,31 @@ impl Writer {
                 .archive_append(&u.bare, ARCHIVE, &[item], self.retention);
             return;
         }
+        // A batch must fit one packet on the router link, with the request around it.
+        let budget = u
+            .ctx
+            .config
+            .fragment_max()
+            .saturating_sub(2048)
+            .min(BATCH_BYTES);
+        if p.bytes().len() + 512 > budget {
+            warn!(bytes = p.bytes().len(), "message too large to archive");
+            return;
+        }
+        let domain = u.jid.domain().as_str();
         let mut q = self.queue.lock().expect("writer lock");
-        q.batches
-            .entry(u.jid.domain().as_str().to_owned())
-            .or_default()
-            .push(&u.bare, &id, time, with.as_str(), |out| {
-                p.stanza().write_with_xmlns(Some(NS_CLIENT), out)
-            });
+        let batch = q.batches.entry(domain.to_owned()).or_default();
+        if batch.bytes() + p.bytes().len() + 512 > budget {
+            let full = std::mem::take(batch);
+            self.send(&u.ctx, domain, full);
+        }
+        q.batches.entry(domain.to_owned()).or_default().push(
+            &u.bare,
+            &id,
+            time,
+            with.as_str(),
+            |out| p.stanza().write_with_xmlns(Some(NS_CLIENT), out),
+        );
         if !q.scheduled {
             q.scheduled = true;
             let (writer, ctx) = (self.clone(), u.ctx.clone());
@@ -78,33 +99,36 @@ impl Writer {
 
     /// Sends everything queued, now.
     pub fn flush(&self, ctx: &Arc<Ctx>) {
-        let Some(xdb) = ctx.store.xdb() else { return };
         // Sent under the lock, so batches leave in the order they were filled.
         let mut q = self.queue.lock().expect("writer lock");
         q.scheduled = false;
-        for (domain, mut batch) in std::mem::take(&mut q.batches) {
-            let count = batch.len();
-            match xdb.archive_append_batch(&domain, ARCHIVE, batch.take(), self.retention) {
-                Ok(sent) => {
-                    let ctx = ctx.clone();
-                    tokio::spawn(async move {
-                        let Some(xdb) = ctx.store.xdb() else { return };
-                        match xdb.finish(sent).await.map(|answer| parse_failures(&answer)) {
-                            Ok(Ok(failures)) => {
-                                for (owner, r) in failures {
-                                    warn!(jid = %owner, condition = r.condition.name(),
-                                          "message not archived: {}", r.text);
-                                }
+        for (domain, batch) in std::mem::take(&mut q.batches) {
+            self.send(ctx, &domain, batch);
+        }
+    }
+
+    /// Sends one batch (with the queue locked) and awaits its answer in a task.
+    fn send(&self, ctx: &Arc<Ctx>, domain: &str, mut batch: BatchWriter) {
+        let Some(xdb) = ctx.store.xdb() else { return };
+        let count = batch.len();
+        match xdb.archive_append_batch(domain, ARCHIVE, batch.take(), self.retention) {
+            Ok(sent) => {
+                let ctx = ctx.clone();
+                tokio::spawn(async move {
+                    let Some(xdb) = ctx.store.xdb() else { return };
+                    match xdb.finish(sent).await.map(|answer| parse_failures(&answer)) {
+                        Ok(Ok(failures)) => {
+                            for (owner, r) in failures {
+                                warn!(jid = %owner, condition = r.condition.name(),
+                                      "message not archived: {}", r.text);
                             }
-                            Ok(Err(e)) => {
-                                warn!("unreadable answer to an archive batch: {}", e.text)
-                            }
-                            Err(e) => error!(count, "{count} messages not archived: {e}"),
                         }
-                    });
-                }
-                Err(e) => error!(count, "{count} messages not archived: {e}"),
+                        Ok(Err(e)) => warn!("unreadable answer to an archive batch: {}", e.text),
+                        Err(e) => error!(count, "{count} messages not archived: {e}"),
+                    }
+                });
             }
+            Err(e) => error!(count, "{count} messages not archived: {e}"),
         }
     }
 }
