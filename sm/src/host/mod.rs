@@ -3,8 +3,9 @@
 //! - `kernel`: the `Module` trait, the loaded `Modules`, the shared `Ctx` and the `User`
 //!   a handler works on (with its output collector `out`);
 //! - `task` (the user's task: the session protocol, the chains, the fallbacks),
-//!   `hooks` (running a chain), `iq` (the IQ table and replies), `server` (stanzas to
-//!   the domain itself);
+//!   `hooks` (running a chain), `iq_routing` (the IQ table), `server` (stanzas to the
+//!   domain itself);
+//! - `iq` (IQ requests and replies as modules see them),
 //! - `session`, `packet`, `state`, `out`, `store`, `registry`, `accounts`,
 //!   `components`: the pieces they are made of.
 //!
@@ -14,6 +15,7 @@ pub mod accounts;
 pub mod components;
 pub mod hooks;
 pub mod iq;
+pub mod iq_routing;
 pub mod kernel;
 pub mod out;
 pub mod packet;

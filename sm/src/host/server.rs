@@ -9,7 +9,8 @@ use tracing::{debug, Instrument};
 
 use jrs_stream::StanzaErrorCondition;
 
-use crate::host::iq::{self, Scope};
+use crate::host::iq::Scope;
+use crate::host::iq_routing;
 use crate::host::kernel::{Ctx, User};
 use crate::host::packet::Packet;
 
@@ -30,7 +31,7 @@ pub fn inbound(ctx: &Arc<Ctx>, p: Packet) {
                     };
                     // The server answers as a user without sessions: its domain.
                     let mut u = User::new(ctx, jid);
-                    let reply = iq::answer(&mut u, &p, &[Scope::Server], None).await;
+                    let reply = iq_routing::answer(&mut u, &p, &[Scope::Server], None).await;
                     if let Some(bytes) = reply.into_bytes(p.stanza()) {
                         u.send(bytes);
                     }

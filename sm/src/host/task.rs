@@ -9,7 +9,7 @@ use jrs_stream::{Stanza, StanzaErrorCondition, StreamErrorCondition};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::host::hooks;
-use crate::host::iq;
+use crate::host::iq_routing;
 use crate::host::kernel::{Ctx, Flow, User};
 use crate::host::packet::Packet;
 use crate::host::registry::{Event, Receiver};
@@ -191,7 +191,7 @@ async fn client_stanza(u: &mut User, r: SessionRef, stanza: Stanza) {
         return;
     }
     match p.name() {
-        "iq" => iq::from_client(u, key, p).await,
+        "iq" => iq_routing::from_client(u, key, p).await,
         "message" if p.kind() != Some("error") => {
             // Nobody routes messages: the messages module is not loaded.
             if let Some(reply) = p
@@ -228,7 +228,7 @@ pub async fn inbound(u: &mut User, mut p: Packet) {
         return;
     }
     match p.name() {
-        "iq" => iq::inbound(u, p).await,
+        "iq" => iq_routing::inbound(u, p).await,
         "message" => u.refuse(p.stanza(), StanzaErrorCondition::ServiceUnavailable, ""),
         other => debug!(kind, "<{other}> for the user left unhandled"),
     }
