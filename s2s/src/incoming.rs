@@ -362,9 +362,8 @@ impl In {
             return Ok(());
         }
         info!(remote = %db.from, local = %db.to, "verifying a dialback key with the remote's authoritative server");
-        let answer = self
-            .shared
-            .verify(&db.to, &db.from, &self.stream_id, &db.key);
+        let answer =
+            crate::outgoing::verify(&self.shared, &db.to, &db.from, &self.stream_id, &db.key);
         let tx = self.outcomes.0.clone();
         tokio::spawn(async move {
             let valid = answer.await.unwrap_or(false);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use base64::Engine;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, info_span, warn, Instrument};
 
 use jrs_stream::{Frame, Stanza, StanzaErrorCondition, StreamErrorCondition, StreamHeader};
 
@@ -22,43 +22,64 @@ use crate::config::{Target, TlsMode};
 use crate::dialback;
 use crate::link::{connect_tls, stream_error, Close, Link};
 use crate::resolve::Resolution;
-use crate::shared::Shared;
+use crate::shared::{Cmd, Shared};
 use crate::stream::S2sStream;
 use crate::xml::{self, Dialback, Features, NS_SASL, NS_SERVER, NS_TLS};
 
-/// What the router link and incoming streams ask of an outgoing connection.
-pub enum Cmd {
-    /// A stanza from `local` to deliver.
-    Send {
-        local: String,
-        stanza: Stanza,
-        since: Instant,
-    },
-    /// A `db:verify` for an incoming stream from this remote to `local`.
-    Verify {
-        local: String,
-        id: String,
-        key: String,
-        reply: oneshot::Sender<bool>,
-    },
+/// Hands `cmd` to the outgoing connection for `remote`, starting one if there is none
+/// (or the one there is has just ended).
+pub fn hand(shared: &Arc<Shared>, remote: &str, cmd: Cmd) {
+    let mut cmd = cmd;
+    for _ in 0..2 {
+        let tx = {
+            let mut map = shared.outgoing.lock().expect("outgoing lock");
+            match map.get(remote) {
+                Some((_, tx)) if !tx.is_closed() => tx.clone(),
+                _ => {
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let generation = shared.unique();
+                    map.insert(remote.to_owned(), (generation, tx.clone()));
+                    let span = info_span!("out", remote = %remote, id = tracing::field::Empty);
+                    tokio::spawn(
+                        run(shared.clone(), remote.to_owned(), generation, rx).instrument(span),
+                    );
+                    tx
+                }
+            }
+        };
+        match tx.send(cmd) {
+            Ok(()) => return,
+            Err(mpsc::error::SendError(back)) => cmd = back,
+        }
+    }
+    cmd.fail(
+        shared,
+        StanzaErrorCondition::InternalServerError,
+        "no outgoing connection",
+    );
 }
 
-impl Cmd {
-    fn local(&self) -> &str {
-        match self {
-            Cmd::Send { local, .. } | Cmd::Verify { local, .. } => local,
-        }
-    }
-
-    /// Gives up on this command: bounce the stanza, or answer the verification "invalid".
-    pub fn fail(self, shared: &Shared, condition: StanzaErrorCondition, text: &str) {
-        match self {
-            Cmd::Send { stanza, .. } => shared.bounce(&stanza, condition, text),
-            Cmd::Verify { reply, .. } => {
-                let _ = reply.send(false);
-            }
-        }
-    }
+/// Asks the authoritative server of `remote` whether `key` is valid for the stream
+/// `id` that `remote` opened to our `local` domain (the `db:verify` round trip).
+pub fn verify(
+    shared: &Arc<Shared>,
+    local: &str,
+    remote: &str,
+    id: &str,
+    key: &str,
+) -> oneshot::Receiver<bool> {
+    let (tx, rx) = oneshot::channel();
+    hand(
+        shared,
+        remote,
+        Cmd::Verify {
+            local: local.to_owned(),
+            id: id.to_owned(),
+            key: key.to_owned(),
+            reply: tx,
+        },
+    );
+    rx
 }
 
 /// Why a connection attempt failed.
@@ -165,7 +186,7 @@ pub async fn run(
                     rx.close();
                     while let Ok(cmd) = rx.try_recv() {
                         let remote = out.remote.clone();
-                        shared.outgoing(&remote, cmd);
+                        hand(&shared, &remote, cmd);
                     }
                     return;
                 }

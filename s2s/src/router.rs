@@ -10,8 +10,7 @@ use tracing::debug;
 use jrs_component::{ComponentReader, Outbox};
 use jrs_stream::StanzaErrorCondition;
 
-use crate::outgoing::Cmd;
-use crate::shared::Shared;
+use crate::shared::{Cmd, Shared};
 use crate::xml::domain_of;
 
 pub async fn serve(
@@ -59,7 +58,8 @@ pub async fn serve(
             );
             continue;
         }
-        shared.outgoing(
+        crate::outgoing::hand(
+            &shared,
             &remote,
             Cmd::Send {
                 local,

@@ -3,17 +3,16 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
-use tracing::{info_span, Instrument};
 
 use jrs_component::Outbox;
 use jrs_stream::{Stanza, StanzaErrorCondition};
 
 use crate::config::S2sConfig;
-use crate::outgoing::{self, Cmd};
 use crate::resolve::Resolver;
 use crate::tls::Tls;
 
@@ -23,8 +22,9 @@ pub struct Shared {
     pub resolver: Resolver,
     pub secret: String,
     router: Mutex<Option<Outbox>>,
-    /// Remote domain -> (generation, the task's command channel).
-    outgoing: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Cmd>)>>,
+    /// Remote domain -> (generation, the task's command channel); see
+    /// `outgoing::hand`.
+    pub outgoing: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Cmd>)>>,
     next: AtomicU64,
 }
 
@@ -65,40 +65,6 @@ impl Shared {
         self.next.fetch_add(1, Ordering::Relaxed)
     }
 
-    /// Hands `cmd` to the outgoing connection for `remote`, starting one if there is none
-    /// (or the one there is has just ended).
-    pub fn outgoing(self: &Arc<Self>, remote: &str, cmd: Cmd) {
-        let mut cmd = cmd;
-        for _ in 0..2 {
-            let tx = {
-                let mut map = self.outgoing.lock().expect("outgoing lock");
-                match map.get(remote) {
-                    Some((_, tx)) if !tx.is_closed() => tx.clone(),
-                    _ => {
-                        let (tx, rx) = mpsc::unbounded_channel();
-                        let generation = self.unique();
-                        map.insert(remote.to_owned(), (generation, tx.clone()));
-                        let span = info_span!("out", remote = %remote, id = tracing::field::Empty);
-                        tokio::spawn(
-                            outgoing::run(self.clone(), remote.to_owned(), generation, rx)
-                                .instrument(span),
-                        );
-                        tx
-                    }
-                }
-            };
-            match tx.send(cmd) {
-                Ok(()) => return,
-                Err(mpsc::error::SendError(back)) => cmd = back,
-            }
-        }
-        cmd.fail(
-            self,
-            StanzaErrorCondition::InternalServerError,
-            "no outgoing connection",
-        );
-    }
-
     /// Forgets the outgoing connection `generation` for `remote` (it is ending).
     pub fn forget_outgoing(&self, remote: &str, generation: u64) {
         let mut map = self.outgoing.lock().expect("outgoing lock");
@@ -106,26 +72,39 @@ impl Shared {
             map.remove(remote);
         }
     }
+}
 
-    /// Asks the authoritative server of `remote` whether `key` is valid for the stream
-    /// `id` that `remote` opened to our `local` domain (the `db:verify` round trip).
-    pub fn verify(
-        self: &Arc<Self>,
-        local: &str,
-        remote: &str,
-        id: &str,
-        key: &str,
-    ) -> oneshot::Receiver<bool> {
-        let (tx, rx) = oneshot::channel();
-        self.outgoing(
-            remote,
-            Cmd::Verify {
-                local: local.to_owned(),
-                id: id.to_owned(),
-                key: key.to_owned(),
-                reply: tx,
-            },
-        );
-        rx
+/// What the router link and incoming streams ask of an outgoing connection.
+pub enum Cmd {
+    /// A stanza from `local` to deliver.
+    Send {
+        local: String,
+        stanza: Stanza,
+        since: Instant,
+    },
+    /// A `db:verify` for an incoming stream from this remote to `local`.
+    Verify {
+        local: String,
+        id: String,
+        key: String,
+        reply: oneshot::Sender<bool>,
+    },
+}
+
+impl Cmd {
+    pub fn local(&self) -> &str {
+        match self {
+            Cmd::Send { local, .. } | Cmd::Verify { local, .. } => local,
+        }
+    }
+
+    /// Gives up on this command: bounce the stanza, or answer the verification "invalid".
+    pub fn fail(self, shared: &Shared, condition: StanzaErrorCondition, text: &str) {
+        match self {
+            Cmd::Send { stanza, .. } => shared.bounce(&stanza, condition, text),
+            Cmd::Verify { reply, .. } => {
+                let _ = reply.send(false);
+            }
+        }
     }
 }
