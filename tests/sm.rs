@@ -14,25 +14,6 @@ use jrs_xdb::{Op, Request};
 
 const WAIT: Duration = Duration::from_secs(10);
 
-/// The modules sm runs without a `<modules>` element (sm/src/modules/mod.rs).
-const DEFAULT_MODULES: [&str; 15] = [
-    "roster",
-    "presence",
-    "subscription",
-    "messages",
-    "offline",
-    "carbons",
-    "blocking",
-    "mam",
-    "disco",
-    "ping",
-    "version",
-    "time",
-    "last",
-    "vcard",
-    "private",
-];
-
 /// Whether `xml` has attribute `name` with `value` (either quote).
 fn has_attr(xml: &str, name: &str, value: &str) -> bool {
     xml.contains(&format!("{name}='{value}'")) || xml.contains(&format!("{name}=\"{value}\""))
@@ -907,14 +888,7 @@ async fn every_iq_is_answered() {
         mut c2s,
         mut admin,
         server: _server,
-    } = env(&format!(
-        "<modules>{}<module name='register'/></modules>",
-        DEFAULT_MODULES
-            .iter()
-            .map(|m| format!("<module name='{m}'/>"))
-            .collect::<String>()
-    ))
-    .await;
+    } = env("<modules defaults='true'><module name='register'/></modules>").await;
     admin
         .roster("bob@localhost", &[("alice@localhost", "from")])
         .await;

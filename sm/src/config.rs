@@ -66,20 +66,30 @@ impl SmConfig {
         let modules = match root.child("modules")? {
             None => default.iter().map(|m| m.to_string()).collect(),
             Some(list) => {
-                list.allow(&[], &["module"])?;
-                let mut names: Vec<String> = vec![];
+                list.allow(&["defaults"], &["module"])?;
+                // `defaults='true'`: the default set, changed by the entries below.
+                let mut names: Vec<String> = if list.bool_attr("defaults", false)? {
+                    default.iter().map(|m| m.to_string()).collect()
+                } else {
+                    vec![]
+                };
+                let mut seen: Vec<&str> = vec![];
                 for m in list.children("module") {
-                    m.allow(&["name"], &[])?;
+                    m.allow(&["name", "enabled"], &[])?;
                     let name = m.required_attr("name")?;
                     if !known.contains(&name) {
                         return Err(
                             m.error(format!("no module '{name}'; sm has: {}", known.join(", ")))
                         );
                     }
-                    if names.iter().any(|n| n == name) {
+                    if seen.contains(&name) {
                         return Err(m.error(format!("module '{name}' is listed twice")));
                     }
-                    names.push(name.to_owned());
+                    seen.push(name);
+                    names.retain(|n| n != name);
+                    if m.bool_attr("enabled", true)? {
+                        names.push(name.to_owned());
+                    }
                 }
                 names
             }
@@ -195,6 +205,13 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.modules, ["register", "roster"]);
+        let c = parse(
+            "<sm><router name='sm' secret='s'/><host>a</host>\
+             <modules defaults='true'><module name='register'/>\
+             <module name='offline' enabled='false'/></modules></sm>",
+        )
+        .unwrap();
+        assert_eq!(c.modules, ["roster", "register"]);
     }
 
     #[test]

@@ -28,3 +28,19 @@ pub fn element(head: &str, name: &str, content: &[u8]) -> bytes::Bytes {
     }
     bytes::Bytes::from(out)
 }
+
+/// The length of the tag at the start of `bytes` (`<...>` through its `>`, quoted
+/// attribute values skipped, since `>` may stand in them), or `None` if it does not end.
+/// For input already known to be well-formed, where a full reader is not needed.
+pub fn tag_len(bytes: &[u8]) -> Option<usize> {
+    let mut quote = None;
+    for (i, &b) in bytes.iter().enumerate() {
+        match (quote, b) {
+            (None, b'\'' | b'"') => quote = Some(b),
+            (Some(q), _) if b == q => quote = None,
+            (None, b'>') => return Some(i + 1),
+            _ => {}
+        }
+    }
+    None
+}

@@ -206,20 +206,7 @@ fn parse_framed(content: &Bytes) -> Option<Result<Vec<OwnedItem>, Refusal>> {
         if !rest.starts_with(b"<item ") {
             return None;
         }
-        // The start tag ends at the first `>` outside quotes.
-        let mut quote = None;
-        let end = rest.iter().position(|&b| match (quote, b) {
-            (None, b'\'' | b'"') => {
-                quote = Some(b);
-                false
-            }
-            (Some(q), _) if b == q => {
-                quote = None;
-                false
-            }
-            (None, b'>') => true,
-            _ => false,
-        })?;
+        let end = jrs_stream::xml::tag_len(rest)? - 1;
         let tag = std::str::from_utf8(&rest[1..end]).ok()?;
         let start = quick_xml::events::BytesStart::from_content(tag, "item".len());
         let (mut owner, mut id, mut time, mut with, mut len) = (None, None, None, None, None);

@@ -195,7 +195,7 @@ fn scan(stanza: &Stanza) -> Vec<Child> {
             }
             continue;
         }
-        let Some(len) = tag_len(rest) else {
+        let Some(len) = jrs_stream::xml::tag_len(rest) else {
             return out;
         };
         let tag = &rest[..len];
@@ -231,20 +231,6 @@ fn scan(stanza: &Stanza) -> Vec<Child> {
         }
     }
     out
-}
-
-/// The length of the tag at the start of `rest` (through its `>`, quotes respected).
-fn tag_len(rest: &[u8]) -> Option<usize> {
-    let mut quote = None;
-    for (i, &b) in rest.iter().enumerate() {
-        match (quote, b) {
-            (None, b'\'' | b'"') => quote = Some(b),
-            (Some(q), _) if b == q => quote = None,
-            (None, b'>') => return Some(i + 1),
-            _ => {}
-        }
-    }
-    None
 }
 
 /// A child's local name and namespace from its start tag: declared on it (directly or

@@ -133,19 +133,28 @@ impl Module for Presence {
     }
 }
 
-/// Available presence without `to`: initial presence or an update.
-async fn available(u: &mut User, key: SessionKey, p: &Packet) {
-    let mut el = match stanzas::parse(p.stanza()) {
-        Ok(e) => e,
+/// A client's presence without `to` as sm sends it on: from the session's full JID.
+fn broadcast_form(p: &Packet, full: &str) -> Option<Element> {
+    match stanzas::parse(p.stanza()) {
+        Ok(mut el) => {
+            el.remove_attr("to");
+            el.set_attr("from", full);
+            Some(el)
+        }
         Err(e) => {
             debug!("unreadable presence from the client: {e}");
-            return;
+            None
         }
-    };
+    }
+}
+
+/// Available presence without `to`: initial presence or an update.
+async fn available(u: &mut User, key: SessionKey, p: &Packet) {
     let Some(s) = u.session_mut(key) else { return };
     let full = s.full.clone();
-    el.remove_attr("to");
-    el.set_attr("from", full.clone());
+    let Some(el) = broadcast_form(p, &full) else {
+        return;
+    };
     let priority = el
         .child_text("priority")
         .and_then(|p| p.trim().parse::<i32>().ok())
@@ -208,16 +217,10 @@ async fn available(u: &mut User, key: SessionKey, p: &Packet) {
 }
 
 async fn unavailable(u: &mut User, key: SessionKey, p: &Packet) {
-    let mut el = match stanzas::parse(p.stanza()) {
-        Ok(e) => e,
-        Err(e) => {
-            debug!("unreadable presence from the client: {e}");
-            return;
-        }
-    };
     let Some(s) = u.session_mut(key) else { return };
-    el.remove_attr("to");
-    el.set_attr("from", s.full.clone());
+    let Some(el) = broadcast_form(p, &s.full) else {
+        return;
+    };
     s.state.insert(LastStatus(el.child_text("status")));
     let was_available = s.available;
     let directed = s.state.remove::<Directed>().unwrap_or_default();
