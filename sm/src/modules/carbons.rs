@@ -139,9 +139,11 @@ impl Module for Carbons {
         let Some(s) = u.session_mut(key) else {
             return Reply::not_handled();
         };
-        if iq.payload.name() == "enable" {
+        if iq.parse::<xmpp_parsers::carbons::Enable>().is_ok() {
             s.state.insert(Enabled);
             debug!("carbons enabled");
+        } else if let Err(r) = iq.parse::<xmpp_parsers::carbons::Disable>() {
+            return r;
         } else {
             s.state.remove::<Enabled>();
             debug!("carbons disabled");
