@@ -521,6 +521,22 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn retention_keeps_the_newest() {
+        let ctx = ctx(None, "<mam max-messages='3' max-days='30'/>");
+        let mut u = user(&ctx, "alice@localhost");
+        for n in 0..5 {
+            inbound(&mut u, &chat(n)).await;
+        }
+        let kept: Vec<String> = archive_of(&u)
+            .await
+            .iter()
+            .map(|i| String::from_utf8_lossy(&i.payload).into_owned())
+            .collect();
+        assert_eq!(kept.len(), 3);
+        assert!(kept[0].contains("hello 2") && kept[2].contains("hello 4"), "{kept:?}");
+    }
+
+    #[tokio::test]
     async fn the_form_for_the_owner_and_nothing_for_others() {
         let ctx = ctx(None, "");
         let mut u = user(&ctx, "alice@localhost");
