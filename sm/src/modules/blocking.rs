@@ -127,14 +127,6 @@ impl Module for Blocking {
             .hook(Hook::Outbound, 1000)
             .hook(Hook::Inbound, 1000)
             .hook(Hook::Routing, 0)
-            .hook(Hook::SessionStarted, 1000)
-    }
-
-    async fn session_started(&self, u: &mut User, _s: SessionKey) {
-        // The routing filter reads the list without waiting for storage.
-        if let Err(e) = load(u).await {
-            warn!("blocklist not loaded: {e}");
-        }
     }
 
     async fn inbound(&self, u: &mut User, p: &mut Packet) -> Flow {
@@ -164,12 +156,15 @@ impl Module for Blocking {
     }
 
     async fn outbound(&self, u: &mut User, from: SessionKey, p: &mut Packet) -> Flow {
-        let Some(to) = p.to.clone() else {
-            return Flow::Pass;
-        };
+        // Loaded before anything the session sends goes on: the routing filter, which
+        // also sees what sm sends in reply (presence broadcasts), reads it without
+        // waiting for storage.
         if let Err(e) = load(u).await {
             warn!("blocklist unavailable: {e}");
         }
+        let Some(to) = p.to.clone() else {
+            return Flow::Pass;
+        };
         if !blocked(u, &to) {
             return Flow::Pass;
         }
