@@ -10,10 +10,22 @@
 //! 3. restarts xdb-file before every measurement (a cold process: no open files, no
 //!    cached archive state; the kernel's page cache stays warm unless `--drop-caches`)
 //!    and times (a) the last page (`from-end`, `max` 50) and (b) the last page `with`
-//!    one contact, `--runs` times each: min / median / max in ms, request to answer.
+//!    one contact, `--runs` times each: min / median / max in ms, request to answer;
+//! 4. (unless `--no-client`) the same two pages as a client sees them, through c2s,
+//!    the router, sm and xdb-file: writes alice's credentials (the cached-keys SCRAM
+//!    account of `loadgen`), starts sm (default modules, with mam) and c2s, then
+//!    `--runs` times each restarts sm and xdb-file (both cold: no user task, no open
+//!    archive), logs a fresh client in and times a XEP-0313 query from the IQ sent to
+//!    its result (`<fin/>`, after the 50 result messages): (a) `<before/>` with
+//!    `<max>50</max>`, (b) the same with a `with` form field; each answer is checked
+//!    (50 results in increasing id order, the newest items, `count`, `complete`). The
+//!    same query again on the warm session, `--steady` more back to back on the last
+//!    session with the CPU time of each process per query, and a XEP-0199 ping of the
+//!    server (the client's round trip through c2s, the router and sm), are printed for
+//!    comparison.
 //!
 //! ```text
-//! cargo build --release -p bench -p router -p xdb-file
+//! cargo build --release -p bench -p sm -p c2s -p router -p xdb-file
 //! target/release/archivebench
 //! ```
 //! Figures go into docs/benchmarks.md by hand; tests never assert them.
@@ -28,13 +40,18 @@ use bytes::Bytes;
 use clap::Parser;
 use tokio::sync::Notify;
 
+use bench::client::{Client, ClientKeys};
+use bench::procstat::{cpu_micros, per_process, server_pids};
 use jrs_component::{ComponentReader, ComponentWriter};
 use jrs_harness::{Options, Server};
-use jrs_xdb::archive::{items_to_xml, Item, Page, Paging, Query};
+use jrs_stream::{Frame, Stanza};
+use jrs_xdb::archive::{bare, items_to_xml, Item, Page, Paging, Query};
 use jrs_xdb::{Op, Request};
 
 const OWNER: &str = "alice@localhost";
 const NS: &str = "urn:xmpp:mam:2";
+/// The contact of the `with` queries.
+const WITH: &str = "contact7@example.net";
 
 #[derive(Parser, Debug)]
 #[command(about = "Message archive storage: fill, size on disk, cold page times")]
@@ -55,6 +72,24 @@ struct Args {
     /// Also empty the kernel's page cache before each measurement (needs root).
     #[arg(long)]
     drop_caches: bool,
+    /// Skip the queries through a client (c2s, router, sm, xdb-file).
+    #[arg(long)]
+    no_client: bool,
+    /// Queries of each kind sent back to back on the last warm client session, for the
+    /// CPU time per query of each process (0: none). A large number makes a steady load
+    /// to profile.
+    #[arg(long, default_value_t = 500)]
+    steady: usize,
+}
+
+/// What the fill wrote, to check the answers against.
+#[derive(Default)]
+struct Filled {
+    count: u64,
+    newest: String,
+    /// Items with [`WITH`] and the newest of them.
+    with_count: u64,
+    with_newest: String,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -89,7 +124,10 @@ const WORDS: &[&str] = &[
 ];
 
 /// Chat messages as sm archives them: ids are the time in microseconds in 16 hex
-/// digits (as sm's MAM module makes them), a few seconds apart.
+/// digits (as sm's MAM module makes them), a few seconds apart, from November 2023, so
+/// what sm archives later gets greater ids (it takes the newest id from storage and
+/// goes past it); payloads are `jabber:client` messages, as sm stores them and
+/// forwards them in query results unchanged.
 struct Messages {
     rng: Rng,
     time: u64,
@@ -193,12 +231,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
     });
     let mut messages = Messages::new(args.contacts);
     let (mut payload_bytes, mut made) = (0u64, 0u64);
-    let cpu_before = cpu_micros(pid);
+    let mut filled = Filled::default();
+    let cpu_before = cpu_micros(&[pid]);
     let start = Instant::now();
     for n in 0..requests {
         wait_answered(&answered, &wake, (n + 1).saturating_sub(args.inflight)).await?;
         let size = args.batch.min(args.messages - made);
         let items: Vec<Item> = (0..size).map(|_| messages.next()).collect();
+        for i in &items {
+            if bare(&i.with) == WITH {
+                filled.with_count += 1;
+                filled.with_newest.clone_from(&i.id);
+            }
+        }
+        if let Some(i) = items.last() {
+            filled.newest.clone_from(&i.id);
+        }
         payload_bytes += items.iter().map(|i| i.payload.len() as u64).sum::<u64>();
         made += size;
         w.send(&request(
@@ -213,9 +261,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     wait_answered(&answered, &wake, requests).await?;
     let elapsed = start.elapsed();
-    let cpu = cpu_micros(pid) - cpu_before;
+    let cpu = cpu_micros(&[pid]) - cpu_before;
     eprintln!();
     let mut r = reader.await??;
+    filled.count = made;
     println!(
         "fill: {made} messages in {requests} archive-append requests of {} items, {} in flight: {:.1} s, {:.0} items/s, xdb-file CPU {:.2} µs/item",
         args.batch,
@@ -247,7 +296,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         ..Query::default()
     };
     let with = Query {
-        with: Some("contact7@example.net".into()),
+        with: Some(WITH.into()),
         ..last.clone()
     };
     for (name, q) in [
@@ -300,6 +349,256 @@ async fn run(args: Args) -> anyhow::Result<()> {
     println!(
         "router round trip (get of an empty ns): {}",
         summary(&mut base)
+    );
+
+    // 4. The same pages through a client.
+    if !args.no_client {
+        // alice's account: the credentials of loadgen's bench accounts (cached keys).
+        let keys = ClientKeys::new();
+        w.send(&request_ns(
+            Op::Set,
+            jrs_auth::NS_AUTH,
+            "account",
+            keys.credentials(),
+        ))
+        .await?;
+        answer(&mut r, "account").await?;
+        drop((r, w));
+        let result = through_client(&mut server, &args, &keys, &filled).await;
+        if result.is_err() {
+            // What the server said about it, before its directory goes.
+            for name in ["router", "xdb-file", "sm", "c2s"] {
+                let log = server.log(name);
+                let tail: Vec<&str> = log.lines().rev().take(20).collect();
+                eprintln!("--- {name}.log (last lines) ---");
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+        result?;
+    }
+    Ok(())
+}
+
+/// A XEP-0313 query as a client sends it: the last page of 50 (`<before/>`), with a
+/// `with` form field when given.
+fn mam_query(id: &str, with: Option<&str>) -> String {
+    let form = with
+        .map(|w| {
+            format!(
+                "<x xmlns='jabber:x:data' type='submit'>\
+                 <field var='FORM_TYPE' type='hidden'><value>{NS}</value></field>\
+                 <field var='with'><value>{w}</value></field></x>"
+            )
+        })
+        .unwrap_or_default();
+    format!(
+        "<iq type='set' id='{id}'><query xmlns='{NS}' queryid='q'>{form}\
+         <set xmlns='http://jabber.org/protocol/rsm'><max>50</max><before/></set></query></iq>"
+    )
+}
+
+/// What a right answer to a [`mam_query`] has: `count` matching items, the newest of
+/// them `newest`, and (as there are more than 50) `complete` false.
+struct Expected<'a> {
+    count: u64,
+    newest: &'a str,
+    with: Option<&'a str>,
+}
+
+/// Sends the [`mam_query`] for `expected` (IQ id `id`) and reads until its result; returns the time from
+/// sending to the `<fin/>` and the bytes the client received. Fails unless the answer
+/// is right: 50 results for query `q` in increasing id order ending with the newest
+/// matching item, each a message with the contact when filtered by `with`, then the
+/// IQ result with a `<fin/>` whose `<first>`, `<last>`, `<count>` and `complete` agree.
+async fn timed_client_query(
+    client: &mut Client,
+    id: &str,
+    expected: &Expected<'_>,
+) -> anyhow::Result<(Duration, usize)> {
+    let query = mam_query(id, expected.with);
+    let mut ids: Vec<String> = Vec::with_capacity(50);
+    let mut received = 0;
+    let t = Instant::now();
+    client.send(query.as_bytes()).await?;
+    let fin = loop {
+        let frame = tokio::time::timeout(Duration::from_secs(30), client.reader.next_frame())
+            .await
+            .context("no answer for 30 s")??;
+        let Frame::Element(bytes) = frame else {
+            bail!("expected a stanza, got {frame:?}");
+        };
+        received += bytes.len();
+        let s = Stanza::parse(bytes)?;
+        match s.name() {
+            "message" => {
+                let Ok(result) = Stanza::parse_slice(s.inner()) else {
+                    continue;
+                };
+                if result.name() != "result" || result.xmlns() != Some(NS) {
+                    continue;
+                }
+                if result.attr("queryid").as_deref() != Some("q") {
+                    bail!(
+                        "a result for another query: {}",
+                        String::from_utf8_lossy(s.bytes())
+                    );
+                }
+                let item = result.attr("id").context("a result without an id")?;
+                if let Some(with) = expected.with {
+                    let text = String::from_utf8_lossy(result.inner());
+                    if !text.contains(&format!("'{with}/")) {
+                        bail!("a result not with {with}: {text}");
+                    }
+                }
+                ids.push(item);
+            }
+            "iq" if s.id() == Some(id) => {
+                if s.kind() != Some("result") {
+                    bail!("query refused: {}", String::from_utf8_lossy(s.bytes()));
+                }
+                break Stanza::parse_slice(s.inner())?.to_owned();
+            }
+            _ => {}
+        }
+    };
+    let elapsed = t.elapsed();
+    let fin_text = String::from_utf8_lossy(fin.bytes()).into_owned();
+    if fin.name() != "fin" || fin.xmlns() != Some(NS) {
+        bail!("the IQ result is not a <fin/>: {fin_text}");
+    }
+    if ids.len() != 50 {
+        bail!("{} results, not 50", ids.len());
+    }
+    if !ids.windows(2).all(|p| p[0] < p[1]) {
+        bail!("result ids not increasing: {ids:?}");
+    }
+    if ids.last().map(String::as_str) != Some(expected.newest) {
+        bail!(
+            "the last result is {:?}, the newest item {}",
+            ids.last(),
+            expected.newest
+        );
+    }
+    let complete = fin.attr("complete");
+    if !matches!(complete.as_deref(), None | Some("false")) {
+        bail!("complete='{complete:?}' on a page of 50 out of more: {fin_text}");
+    }
+    let text = |name: &str| element_text(&fin_text, name);
+    if text("count") != Some(expected.count.to_string().as_str())
+        || text("first") != Some(ids[0].as_str())
+        || text("last") != Some(ids[49].as_str())
+    {
+        bail!(
+            "a <fin/> that does not agree (count {}, results {} to {}): {fin_text}",
+            expected.count,
+            ids[0],
+            ids[49]
+        );
+    }
+    Ok((elapsed, received))
+}
+
+/// The text of the first element named `name` in `xml` (no nested elements).
+fn element_text<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
+    let open = format!("<{name}");
+    let mut from = 0;
+    loop {
+        let at = from + xml[from..].find(&open)?;
+        let rest = &xml[at + open.len()..];
+        if rest.starts_with(['>', ' ', '/']) {
+            let start = rest.find('>')? + 1;
+            let body = &rest[start..];
+            return Some(&body[..body.find(&format!("</{name}>"))?]);
+        }
+        from = at + open.len();
+    }
+}
+
+/// Restarts sm and xdb-file (SIGKILL, then xdb-file first so sm finds storage): both
+/// cold, no user task in sm, no open archive in xdb-file.
+async fn restart_sm_and_storage(server: &mut Server, drop_caches: bool) -> anyhow::Result<()> {
+    server.kill9("sm");
+    server.kill9("xdb-file");
+    if drop_caches {
+        std::process::Command::new("sync").status()?;
+        std::fs::write("/proc/sys/vm/drop_caches", "3")
+            .context("dropping the page cache (needs root)")?;
+    }
+    start_storage(server).await?;
+    server.start_sm("").await
+}
+
+async fn through_client(
+    server: &mut Server,
+    args: &Args,
+    keys: &ClientKeys,
+    filled: &Filled,
+) -> anyhow::Result<()> {
+    server.start_sm("").await?;
+    let (port, _) = server
+        .start_c2s("<tls required='false'/><timeouts idle='3600'/>")
+        .await?;
+    let all = Expected {
+        count: filled.count,
+        newest: &filled.newest,
+        with: None,
+    };
+    let with = Expected {
+        count: filled.with_count,
+        newest: &filled.with_newest,
+        with: Some(WITH),
+    };
+    let mut pings = vec![];
+    for (name, expected) in [
+        ("last page of 50", &all),
+        ("last page of 50 with one contact", &with),
+    ] {
+        let mut cold = vec![];
+        let mut warm = vec![];
+        let mut steady = None;
+        for run in 0..args.runs {
+            restart_sm_and_storage(server, args.drop_caches).await?;
+            let mut client = Client::login(port, "alice", &format!("r{run}"), keys, None)
+                .await
+                .context("logging in as alice")?;
+            let (t, bytes) = timed_client_query(&mut client, &format!("c{run}"), expected).await?;
+            cold.push(t);
+            let (t, _) = timed_client_query(&mut client, &format!("w{run}"), expected).await?;
+            warm.push(t);
+            for n in 0..3 {
+                let t = Instant::now();
+                client
+                    .send(format!("<iq type='get' id='p{n}' to='localhost'><ping xmlns='urn:xmpp:ping'/></iq>").as_bytes())
+                    .await?;
+                let answer = client.expect("iq").await?;
+                if answer.id() != Some(format!("p{n}").as_str()) || answer.kind() != Some("result")
+                {
+                    bail!("ping: {}", String::from_utf8_lossy(answer.bytes()));
+                }
+                pings.push(t.elapsed());
+            }
+            if run + 1 == args.runs && args.steady > 0 {
+                steady = Some(steady_load(server, &mut client, args.steady, expected).await?);
+            }
+            client.close().await;
+            if run == 0 {
+                println!(
+                    "client, {name}: count {}, 50 results, complete false, {bytes} bytes to the client",
+                    expected.count
+                );
+            }
+        }
+        println!("  cold sm and xdb-file: {}", summary(&mut cold));
+        println!("  same query again (warm session): {}", summary(&mut warm));
+        if let Some(line) = steady.take() {
+            println!("{line}");
+        }
+    }
+    println!(
+        "client round trip (XEP-0199 ping of the server, warm session): {}",
+        summary(&mut pings)
     );
     Ok(())
 }
@@ -397,21 +696,36 @@ fn disk_usage(dir: &Path) -> anyhow::Result<(u64, u64, u64)> {
     Ok(total)
 }
 
-/// User + system CPU time of a process, in microseconds.
-fn cpu_micros(pid: u32) -> u64 {
-    let hz = 100; // USER_HZ on Linux
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return 0;
+/// Sends `n` queries back to back on a warm session; returns their times and the CPU
+/// time (user + system) each process spent per query: the server's (every process
+/// whose working directory is the installation) and this program's (the client).
+async fn steady_load(
+    server: &Server,
+    client: &mut Client,
+    n: usize,
+    expected: &Expected<'_>,
+) -> anyhow::Result<String> {
+    let mut pids = server_pids(&server.dir);
+    pids.push(std::process::id());
+    let before: Vec<u64> = pids.iter().map(|p| cpu_micros(&[*p])).collect();
+    let mut times = Vec::with_capacity(n);
+    for i in 0..n {
+        times.push(
+            timed_client_query(client, &format!("s{i}"), expected)
+                .await?
+                .0,
+        );
+    }
+    let after: Vec<u64> = pids.iter().map(|p| cpu_micros(&[*p])).collect();
+    let spent: u64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+    let at = |pid: u32| {
+        let i = pids.iter().position(|p| *p == pid).expect("known pid");
+        (after[i] - before[i]) as f64 / n as f64
     };
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let ticks = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|f| f.parse::<u64>().ok())
-            .unwrap_or(0)
-    };
-    (ticks(11) + ticks(12)) * 1_000_000 / hz
+    Ok(format!(
+        "  {n} more back to back (warm session): {}; CPU {:.0} µs per query: {}",
+        summary(&mut times),
+        spent as f64 / n as f64,
+        per_process(&pids, at, "")
+    ))
 }

@@ -1,0 +1,56 @@
+//! What the benchmarks read about processes from /proc: CPU time and which processes
+//! belong to a test installation.
+
+use std::path::PathBuf;
+
+/// The server's processes: every process whose working directory is the installation.
+pub fn server_pids(dir: &PathBuf) -> Vec<u32> {
+    let mut pids = vec![];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(entry.path().join("cwd")).ok().as_ref() == Some(dir) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// `name=value` for each server process, e.g. `c2s=12.3 sm=4.5`.
+pub fn per_process(pids: &[u32], value: impl Fn(u32) -> f64, unit: &str) -> String {
+    let mut parts: Vec<(String, f64)> = pids
+        .iter()
+        .map(|&pid| {
+            let name = std::fs::read_to_string(format!("/proc/{pid}/comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            (name, value(pid))
+        })
+        .collect();
+    parts.sort_by(|a, b| a.0.cmp(&b.0));
+    parts
+        .iter()
+        .map(|(n, v)| format!("{n} {v:.1}{unit}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+pub fn cpu_micros(pids: &[u32]) -> u64 {
+    let hz = 100; // USER_HZ on Linux
+    pids.iter()
+        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|stat| {
+            let fields: Vec<String> = stat
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            Some(fields[11].parse::<u64>().ok()? + fields[12].parse::<u64>().ok()?)
+        })
+        .sum::<u64>()
+        * 1_000_000
+        / hz
+}
