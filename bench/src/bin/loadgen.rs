@@ -42,25 +42,6 @@ struct Args {
     carbons: bool,
 }
 
-/// The sm modules that run when sm.xml has no `<modules>` (sm/src/modules/mod.rs).
-const SM_DEFAULT_MODULES: [&str; 15] = [
-    "roster",
-    "presence",
-    "subscription",
-    "messages",
-    "offline",
-    "carbons",
-    "blocking",
-    "mam",
-    "disco",
-    "ping",
-    "version",
-    "time",
-    "last",
-    "vcard",
-    "private",
-];
-
 #[derive(Subcommand, Debug, Clone)]
 enum Scenario {
     /// Logins per second and login time.
@@ -204,15 +185,15 @@ impl Bench {
         ),
         )?;
         server.spawn("xdb-file", "xdb-file", &["-c", "xdb-file.xml"])?;
-        let modules: String = SM_DEFAULT_MODULES
+        let modules: String = setup
+            .without
             .iter()
-            .filter(|m| !setup.without.iter().any(|w| w == *m))
-            .map(|m| format!("<module name='{m}'/>"))
+            .map(|m| format!("<module name='{m}' enabled='false'/>"))
             .collect();
         server.write(
             "sm.xml",
             &format!(
-                "<sm>{}<host>localhost</host><modules>{modules}</modules><log level='warn'/></sm>",
+                "<sm>{}<host>localhost</host><modules defaults='true'>{modules}</modules><log level='warn'/></sm>",
                 server.router_element("sm", "sm-secret")
             ),
         )?;

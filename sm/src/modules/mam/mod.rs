@@ -533,7 +533,10 @@ mod tests {
             .map(|i| String::from_utf8_lossy(&i.payload).into_owned())
             .collect();
         assert_eq!(kept.len(), 3);
-        assert!(kept[0].contains("hello 2") && kept[2].contains("hello 4"), "{kept:?}");
+        assert!(
+            kept[0].contains("hello 2") && kept[2].contains("hello 4"),
+            "{kept:?}"
+        );
     }
 
     #[tokio::test]
