@@ -119,8 +119,7 @@ impl Archives {
             let (archive, files) = self.state(spool, dir)?;
             query::query(archive, files, &q)
         })();
-        self.after(dir, result)
-            .map(|page| Bytes::from(page.to_xml()))
+        self.after(dir, result).map(|page| page.to_bytes())
     }
 
     /// `archive-trim`: applies `retention`.

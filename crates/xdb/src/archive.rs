@@ -121,25 +121,30 @@ pub fn with_matches(query_with: &str, item_with: &str) -> bool {
 }
 
 impl Item {
-    pub fn to_xml(&self, out: &mut String) {
-        out.push_str(&format!(
-            "<item id='{}' time='{}' with='{}'>",
-            escape(&self.id),
-            self.time,
-            escape(&self.with)
-        ));
-        out.push_str(&String::from_utf8_lossy(&self.payload));
-        out.push_str("</item>");
+    /// Writes `<item id time with>payload</item>` (the payload as stored: bytes that were
+    /// checked when they were archived, not checked again).
+    pub fn write(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(
+            format!(
+                "<item id='{}' time='{}' with='{}'>",
+                escape(&self.id),
+                self.time,
+                escape(&self.with)
+            )
+            .as_bytes(),
+        );
+        out.extend_from_slice(&self.payload);
+        out.extend_from_slice(b"</item>");
     }
 }
 
 /// The content of an `archive-append` request.
 pub fn items_to_xml(items: &[Item]) -> String {
-    let mut s = String::new();
+    let mut out = vec![];
     for i in items {
-        i.to_xml(&mut s);
+        i.write(&mut out);
     }
-    s
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// Reads `<item id time with>payload</item>` elements (with anything else between them
@@ -461,7 +466,7 @@ impl Query {
 
 impl Page {
     /// The content of the answer to a query.
-    pub fn to_xml(&self) -> String {
+    pub fn to_bytes(&self) -> Bytes {
         let mut s = format!(
             "<archive count='{}' complete='{}'",
             self.count, self.complete
@@ -479,14 +484,20 @@ impl Page {
         }
         if self.items.is_empty() {
             s.push_str("/>");
-            return s;
+            return Bytes::from(s);
         }
         s.push('>');
+        let mut out = s.into_bytes();
         for i in &self.items {
-            i.to_xml(&mut s);
+            i.write(&mut out);
         }
-        s.push_str("</archive>");
-        s
+        out.extend_from_slice(b"</archive>");
+        Bytes::from(out)
+    }
+
+    /// The same as text.
+    pub fn to_xml(&self) -> String {
+        String::from_utf8_lossy(&self.to_bytes()).into_owned()
     }
 
     pub fn parse(content: &Bytes) -> Result<Page, Refusal> {
