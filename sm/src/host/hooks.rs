@@ -1,13 +1,16 @@
 //! Running the chains: each hook's modules in priority order, until one handles the
 //! stanza (for the chains that can stop).
 
-use crate::host::kernel::{Flow, Hook, User};
+use crate::host::kernel::{Flow, Hook, Stanzas, User};
 use crate::host::packet::Packet;
 use crate::host::session::{Session, SessionKey};
 
 pub async fn outbound(u: &mut User, from: SessionKey, p: &mut Packet) -> Flow {
     let ctx = u.ctx.clone();
-    for m in ctx.modules.chain(Hook::Outbound) {
+    for m in ctx
+        .modules
+        .stanza_chain(Hook::Outbound, Stanzas::of(p.name()))
+    {
         if m.outbound(u, from, p).await == Flow::Handled {
             return Flow::Handled;
         }
@@ -17,7 +20,10 @@ pub async fn outbound(u: &mut User, from: SessionKey, p: &mut Packet) -> Flow {
 
 pub async fn inbound(u: &mut User, p: &mut Packet) -> Flow {
     let ctx = u.ctx.clone();
-    for m in ctx.modules.chain(Hook::Inbound) {
+    for m in ctx
+        .modules
+        .stanza_chain(Hook::Inbound, Stanzas::of(p.name()))
+    {
         if m.inbound(u, p).await == Flow::Handled {
             return Flow::Handled;
         }

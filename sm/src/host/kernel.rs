@@ -88,6 +88,38 @@ impl Hook {
     }
 }
 
+/// The kinds of stanza (RFC 6120 8): the outbound and inbound chains have one chain per
+/// kind, so a module hooked for messages is not called for presence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stanzas {
+    Message,
+    Presence,
+    Iq,
+    /// Every kind.
+    All,
+}
+
+impl Stanzas {
+    const KINDS: [Stanzas; 3] = [Stanzas::Message, Stanzas::Presence, Stanzas::Iq];
+
+    /// The kind of a stanza by its element name.
+    pub fn of(name: &str) -> Stanzas {
+        match name {
+            "message" => Stanzas::Message,
+            "presence" => Stanzas::Presence,
+            _ => Stanzas::Iq,
+        }
+    }
+
+    fn covers(self, kind: Stanzas) -> bool {
+        self == Stanzas::All || self == kind
+    }
+
+    fn index(self) -> usize {
+        Stanzas::KINDS.iter().position(|k| *k == self).unwrap_or(0)
+    }
+}
+
 /// Where service discovery lists a feature or identity.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Disco {
@@ -116,7 +148,7 @@ pub struct IqRoute {
 /// What a module takes part in, read once when sm starts.
 #[derive(Debug, Default, Clone)]
 pub struct Declaration {
-    pub hooks: Vec<(Hook, i32)>,
+    pub hooks: Vec<(Hook, Stanzas, i32)>,
     pub iqs: Vec<IqRoute>,
     pub features: Vec<(Disco, &'static str)>,
     pub identities: Vec<(Disco, Identity)>,
@@ -125,8 +157,16 @@ pub struct Declaration {
 }
 
 impl Declaration {
+    /// Takes part in `hook` at `priority` (for the outbound and inbound chains: for
+    /// every kind of stanza).
     pub fn hook(mut self, hook: Hook, priority: i32) -> Self {
-        self.hooks.push((hook, priority));
+        self.hooks.push((hook, Stanzas::All, priority));
+        self
+    }
+
+    /// Takes part in the outbound or inbound chain for stanzas of kind `kind` only.
+    pub fn stanzas(mut self, hook: Hook, kind: Stanzas, priority: i32) -> Self {
+        self.hooks.push((hook, kind, priority));
         self
     }
 
@@ -225,6 +265,7 @@ type Ranked = Vec<(i32, usize, Arc<dyn Module>)>;
 /// The loaded modules, arranged for dispatch.
 pub struct Modules {
     all: Vec<Arc<dyn Module>>,
+    /// By hook, then (outbound and inbound) by kind of stanza: see [`chain_index`].
     chains: Vec<Vec<Arc<dyn Module>>>,
     /// IQ routes by payload namespace.
     iqs: HashMap<&'static str, IqRoutes>,
@@ -236,7 +277,7 @@ impl Modules {
     /// Arranges `list` (in sm.xml order): chains sorted by priority, every IQ route
     /// owned by one module, every required module present.
     pub fn new(list: Vec<Arc<dyn Module>>) -> anyhow::Result<Modules> {
-        let mut chains: Vec<Ranked> = vec![vec![]; Hook::ALL.len()];
+        let mut chains: Vec<Ranked> = vec![vec![]; Hook::ALL.len() * Stanzas::KINDS.len()];
         let mut iqs: HashMap<&'static str, IqRoutes> = HashMap::new();
         let mut features = vec![];
         let mut identities = vec![];
@@ -251,8 +292,14 @@ impl Modules {
                     );
                 }
             }
-            for (hook, priority) in d.hooks {
-                chains[hook.index()].push((priority, order, m.clone()));
+            for (hook, kinds, priority) in d.hooks {
+                let per_kind = matches!(hook, Hook::Outbound | Hook::Inbound);
+                for kind in Stanzas::KINDS.into_iter().filter(|k| kinds.covers(*k)) {
+                    chains[chain_index(hook, kind)].push((priority, order, m.clone()));
+                    if !per_kind {
+                        break;
+                    }
+                }
             }
             for route in d.iqs {
                 for scope in route.scopes {
@@ -296,8 +343,14 @@ impl Modules {
         })
     }
 
+    /// The modules of `hook` (other than the outbound and inbound chains), in order.
     pub fn chain(&self, hook: Hook) -> &[Arc<dyn Module>] {
-        &self.chains[hook.index()]
+        &self.chains[chain_index(hook, Stanzas::Message)]
+    }
+
+    /// The outbound or inbound chain for stanzas of kind `kind`, in order.
+    pub fn stanza_chain(&self, hook: Hook, kind: Stanzas) -> &[Arc<dyn Module>] {
+        &self.chains[chain_index(hook, kind)]
     }
 
     pub fn iq_handler(
@@ -332,6 +385,16 @@ impl Modules {
             .filter(move |(a, _)| *a == at)
             .map(|(_, i)| i)
     }
+}
+
+/// Where the chain of `hook` for stanzas of `kind` is. Hooks that are not about one
+/// stanza keep their one chain in the first kind's place.
+fn chain_index(hook: Hook, kind: Stanzas) -> usize {
+    let kind = match hook {
+        Hook::Outbound | Hook::Inbound => kind,
+        _ => Stanzas::Message,
+    };
+    hook.index() * Stanzas::KINDS.len() + kind.index()
 }
 
 /// What every part of sm shares.

@@ -27,6 +27,8 @@ pub mod store;
 pub mod task;
 
 pub use self::iq::{storage_error, Iq, IqKind, Reply, Scope};
-pub use self::kernel::{Ctx, Declaration, Disco, Flow, Hook, Identity, Module, Modules, User};
+pub use self::kernel::{
+    Ctx, Declaration, Disco, Flow, Hook, Identity, Module, Modules, Stanzas, User,
+};
 pub use self::packet::Packet;
 pub use self::session::{Session, SessionKey};

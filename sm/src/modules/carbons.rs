@@ -17,7 +17,8 @@ use jrs_stream::StanzaErrorCondition;
 
 use crate::config::SmConfig;
 use crate::host::{
-    Declaration, Disco, Flow, Hook, Iq, IqKind, Module, Packet, Reply, Scope, SessionKey, User,
+    Declaration, Disco, Flow, Hook, Iq, IqKind, Module, Packet, Reply, Scope, SessionKey, Stanzas,
+    User,
 };
 
 const NS_HINTS: &str = "urn:xmpp:hints";
@@ -124,8 +125,8 @@ impl Module for Carbons {
             .feature(Disco::Server, NS_CARBONS)
             // Sent copies before the message leaves; private markers noted before the
             // message is delivered; received copies once it was.
-            .hook(Hook::Outbound, 500)
-            .hook(Hook::Inbound, 300)
+            .stanzas(Hook::Outbound, Stanzas::Message, 500)
+            .stanzas(Hook::Inbound, Stanzas::Message, 300)
             .hook(Hook::Delivered, 0)
     }
 
@@ -162,9 +163,7 @@ impl Module for Carbons {
 
     async fn inbound(&self, _u: &mut User, p: &mut Packet) -> Flow {
         // XEP-0280 section 8: the recipient's server removes the marker.
-        if p.name() == "message"
-            && p.remove_children(|_, c| c.name == "private" && c.ns == NS_CARBONS)
-        {
+        if p.remove_children(|_, c| c.name == "private" && c.ns == NS_CARBONS) {
             p.notes.insert(Private);
         }
         Flow::Pass

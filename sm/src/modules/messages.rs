@@ -13,7 +13,7 @@ use jrs_stream::StanzaErrorCondition;
 
 use crate::config::SmConfig;
 use crate::host::task;
-use crate::host::{hooks, Declaration, Flow, Hook, Module, Packet, SessionKey, User};
+use crate::host::{hooks, Declaration, Flow, Hook, Module, Packet, SessionKey, Stanzas, User};
 
 pub struct Messages;
 
@@ -29,14 +29,11 @@ impl Module for Messages {
 
     fn declare(&self) -> Declaration {
         Declaration::default()
-            .hook(Hook::Outbound, 0)
-            .hook(Hook::Inbound, 0)
+            .stanzas(Hook::Outbound, Stanzas::Message, 0)
+            .stanzas(Hook::Inbound, Stanzas::Message, 0)
     }
 
     async fn outbound(&self, u: &mut User, _from: SessionKey, p: &mut Packet) -> Flow {
-        if p.name() != "message" {
-            return Flow::Pass;
-        }
         match p.to.clone() {
             // RFC 6120 10.3.1: no 'to' means the user's own bare JID.
             None => {
@@ -55,9 +52,6 @@ impl Module for Messages {
     }
 
     async fn inbound(&self, u: &mut User, p: &mut Packet) -> Flow {
-        if p.name() != "message" {
-            return Flow::Pass;
-        }
         deliver(u, p).await;
         Flow::Handled
     }

@@ -10,7 +10,9 @@ use jid::Jid;
 use tracing::{debug, info, warn};
 
 use crate::config::SmConfig;
-use crate::host::{hooks, Declaration, Flow, Hook, Module, Packet, Session, SessionKey, User};
+use crate::host::{
+    hooks, Declaration, Flow, Hook, Module, Packet, Session, SessionKey, Stanzas, User,
+};
 use crate::modules::roster;
 use crate::stanzas;
 use crate::xml::{Element, NS_CLIENT};
@@ -44,15 +46,12 @@ impl Module for Presence {
     fn declare(&self) -> Declaration {
         Declaration::default()
             .requires("roster")
-            .hook(Hook::Outbound, 100)
-            .hook(Hook::Inbound, 100)
+            .stanzas(Hook::Outbound, Stanzas::Presence, 100)
+            .stanzas(Hook::Inbound, Stanzas::Presence, 100)
             .hook(Hook::SessionEnded, 100)
     }
 
     async fn outbound(&self, u: &mut User, from: SessionKey, p: &mut Packet) -> Flow {
-        if p.name() != "presence" {
-            return Flow::Pass;
-        }
         let kind = p.kind().map(str::to_owned);
         match (p.to.clone(), kind.as_deref()) {
             (None, None) => available(u, from, p).await,
@@ -87,9 +86,6 @@ impl Module for Presence {
     }
 
     async fn inbound(&self, u: &mut User, p: &mut Packet) -> Flow {
-        if p.name() != "presence" {
-            return Flow::Pass;
-        }
         match p.kind() {
             Some("probe") => probe(u, p).await,
             None | Some("unavailable") | Some("error") => {

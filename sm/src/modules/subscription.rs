@@ -12,7 +12,9 @@ use tracing::{debug, info, warn};
 use jrs_stream::StanzaErrorCondition;
 
 use crate::config::SmConfig;
-use crate::host::{storage_error, Declaration, Flow, Hook, Module, Packet, SessionKey, User};
+use crate::host::{
+    storage_error, Declaration, Flow, Hook, Module, Packet, SessionKey, Stanzas, User,
+};
 use crate::modules::roster::{self, Item, Roster, Sub};
 use crate::stanzas;
 use crate::xml::Element;
@@ -187,8 +189,8 @@ impl Module for Subscriptions {
     fn declare(&self) -> Declaration {
         Declaration::default()
             .requires("roster")
-            .hook(Hook::Outbound, 200)
-            .hook(Hook::Inbound, 200)
+            .stanzas(Hook::Outbound, Stanzas::Presence, 200)
+            .stanzas(Hook::Inbound, Stanzas::Presence, 200)
             .hook(Hook::InitialPresence, 100)
             .hook(Hook::AccountRemoving, 0)
             .hook(Hook::AccountRemoved, 0)

@@ -34,7 +34,7 @@ use crate::clock::{now_micros, stamp_micros};
 use crate::config::{positive, SmConfig};
 use crate::host::{
     storage_error, Declaration, Disco, Flow, Hook, Iq, IqKind, Module, Packet, Reply, Scope,
-    SessionKey, User,
+    SessionKey, Stanzas, User,
 };
 use crate::xml::Element;
 
@@ -180,8 +180,8 @@ impl Module for Mam {
             .feature(Disco::Account, NS_SID)
             // After blocking (a refused message is not archived), before delivery and
             // offline storage (which get the stanza-id).
-            .hook(Hook::Outbound, 400)
-            .hook(Hook::Inbound, 400)
+            .stanzas(Hook::Outbound, Stanzas::Message, 400)
+            .stanzas(Hook::Inbound, Stanzas::Message, 400)
             .hook(Hook::SessionStarted, 0)
     }
 
@@ -214,9 +214,6 @@ impl Module for Mam {
     }
 
     async fn inbound(&self, u: &mut User, p: &mut Packet) -> Flow {
-        if p.name() != "message" {
-            return Flow::Pass;
-        }
         // XEP-0359 section 5: only this server says what ids it gave.
         let bare = u.bare.clone();
         p.remove_children(|p, c| {
