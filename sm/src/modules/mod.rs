@@ -90,7 +90,7 @@ pub fn load(config: &SmConfig) -> anyhow::Result<Modules> {
 #[cfg(test)]
 mod tests {
     use super::testing::*;
-    use crate::host::Hook;
+    use crate::host::{Hook, Stanzas};
 
     #[test]
     fn modules_need_what_they_use() {
@@ -108,30 +108,31 @@ mod tests {
     #[test]
     fn chains_run_by_priority() {
         let ctx = ctx(None, "");
-        let names = |h| -> Vec<&str> { ctx.modules.chain(h).iter().map(|m| m.name()).collect() };
+        let names = |c: &[std::sync::Arc<dyn crate::host::Module>]| -> Vec<&'static str> {
+            c.iter().map(|m| m.name()).collect()
+        };
+        let stanzas = |h, k| names(ctx.modules.stanza_chain(h, k));
         assert_eq!(
-            names(Hook::Outbound),
-            [
-                "blocking",
-                "carbons",
-                "mam",
-                "subscription",
-                "presence",
-                "messages"
-            ]
+            stanzas(Hook::Outbound, Stanzas::Message),
+            ["blocking", "carbons", "mam", "messages"]
         );
         assert_eq!(
-            names(Hook::Inbound),
-            [
-                "blocking",
-                "mam",
-                "carbons",
-                "subscription",
-                "presence",
-                "messages"
-            ]
+            stanzas(Hook::Inbound, Stanzas::Message),
+            ["blocking", "mam", "carbons", "messages"]
         );
-        assert_eq!(names(Hook::InitialPresence), ["subscription", "offline"]);
+        assert_eq!(
+            stanzas(Hook::Outbound, Stanzas::Presence),
+            ["blocking", "subscription", "presence"]
+        );
+        assert_eq!(stanzas(Hook::Inbound, Stanzas::Iq), ["blocking"]);
+        assert_eq!(
+            names(ctx.modules.chain(Hook::InitialPresence)),
+            ["subscription", "offline"]
+        );
+        assert_eq!(
+            names(ctx.modules.chain(Hook::SessionEnded)),
+            ["presence", "last"]
+        );
     }
 
     #[tokio::test]
