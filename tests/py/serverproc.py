@@ -362,7 +362,7 @@ def slixmpp_client_class():
         would deny them), and every stanza recorded for the test to await."""
 
         def __init__(self, jid, password, port, direct_tls=False, mech=None,
-                     plugins=("xep_0030", "xep_0199", "xep_0203")):
+                     plugins=("xep_0030", "xep_0199", "xep_0203"), record_bodyless=False):
             super().__init__(jid, password, sasl_mech=mech)
             self.port = port
             ctx = ssl.create_default_context()
@@ -391,6 +391,18 @@ def slixmpp_client_class():
             self.add_event_handler("stream_error", lambda e: self.stream_errors.append(e["condition"]))
             for event in ("message", "presence", "roster_update"):
                 self.add_event_handler(event, self._record)
+            if record_bodyless:
+                # slixmpp's 'message' event leaves out messages without a <body/> of
+                # their own (carbons, archive results, errors): record those too.
+                from slixmpp.xmlstream.handler import Callback
+                from slixmpp.xmlstream.matcher import MatchXPath
+
+                def bodyless(msg):
+                    if msg.xml.find("{jabber:client}body") is None:
+                        self._record(msg)
+
+                self.register_handler(Callback("record bodyless messages",
+                                               MatchXPath("{jabber:client}message"), bodyless))
 
         def _record(self, stanza):
             self.stanzas.append(stanza)
@@ -412,6 +424,19 @@ def slixmpp_client_class():
                           f"timed out after {TIMEOUT} s")
                 raise AssertionError(f"login of {self.requested_jid} did not complete: {reason}")
             return self
+
+        async def settle(self):
+            """Returns once everything sm did for this user before now has reached this
+            client: sm handles a user's events in order, and the answer to a ping to the
+            own bare JID (needs plugin xep_0199) comes the same way as anything before it."""
+            await self.plugin["xep_0199"].send_ping(self.boundjid.bare, timeout=TIMEOUT)
+
+        async def online(self, priority=0, status=None):
+            """Logs in, sends presence with `priority` (and `status`), and waits until sm
+            has handled it."""
+            await self.start()
+            self.send_presence(ppriority=priority, pstatus=status)
+            await self.settle()
 
         async def expect(self, what, predicate, timeout=TIMEOUT):
             """Takes the first recorded stanza for which predicate(stanza) is true,

@@ -40,38 +40,16 @@ def server(request, tmp_path):
 def make(clients, jid):
     """A slixmpp client that records every message (also those without a <body/>) and
     the blocklist pushes it gets (answering them, RFC 6120 8.2.3)."""
-    from slixmpp.xmlstream.handler import Callback
-    from slixmpp.xmlstream.matcher import MatchXPath
-
     user = jid.split("@")[0]
-    c = clients.make(jid, USERS[user], plugins=PLUGINS)
-
-    def record_bodyless(msg):
-        if msg.xml.find(f"{{{NS_CLIENT}}}body") is None:
-            c._record(msg)
+    c = clients.make(jid, USERS[user], plugins=PLUGINS, record_bodyless=True)
 
     def record_push(iq):
         c._record(iq)
         iq.reply().send()
 
-    c.register_handler(Callback("record bodyless messages", MatchXPath(f"{{{NS_CLIENT}}}message"),
-                                record_bodyless))
     c.add_event_handler("blocked", record_push)
     c.add_event_handler("unblocked", record_push)
     return c
-
-
-async def online(c, priority=0, status=None):
-    await c.start()
-    c.send_presence(ppriority=priority, pstatus=status)
-    await settle(c)
-
-
-async def settle(c):
-    """Returns once everything sm did for c's user before now has reached c: a user's
-    events are handled in order, and the answer to a ping to the own bare JID comes the
-    same way as anything sent to c before it."""
-    await c.plugin["xep_0199"].send_ping(c.boundjid.bare, timeout=5)
 
 
 def show(c):
@@ -156,7 +134,7 @@ def test_blocklist_block_unblock_and_pushes(server):
         two = make(clients, "alice@localhost/two")
         three = make(clients, "alice@localhost/three")  # never asks for the list
         for c in (one, two, three):
-            await online(c)
+            await c.online()
 
         info = await one.plugin["xep_0030"].get_info(jid="localhost", timeout=5)
         assert NS_BLOCKING in info["disco_info"]["features"], str(info)
@@ -203,7 +181,7 @@ def test_blocklist_block_unblock_and_pushes(server):
 
         # No stray pushes (the bad request made none), and none for the third resource.
         for c in (one, two, three):
-            await settle(c)
+            await c.settle()
         assert not pushes(one) and not pushes(two), f"{show(one)}\n{show(two)}"
         assert not pushes(three), f"a push to a resource that never asked for the list:\n  {show(three)}"
 
@@ -218,7 +196,7 @@ def test_inbound_from_blocked_jid_bare_full_and_domain(server):
         bob = make(clients, "bob@localhost/b")
         bob2 = make(clients, "bob@localhost/other")
         for c in (alice, bob, bob2):
-            await online(c)
+            await c.online()
 
         async def refused_from(sender, what, subscription=True):
             """sender's messages, presence (a subscription request if `subscription`)
@@ -251,7 +229,7 @@ def test_inbound_from_blocked_jid_bare_full_and_domain(server):
         await alice.plugin["xep_0191"].block("bob@localhost", timeout=5)
         await refused_from(bob, "bare")
         await refused_from(bob2, "bare2")
-        await settle(alice)
+        await alice.settle()
         assert not nothing_from("bob@localhost"), show(alice)
 
         # A full JID blocked: only that resource.
@@ -263,7 +241,7 @@ def test_inbound_from_blocked_jid_bare_full_and_domain(server):
         send_message(bob2, "alice@localhost/a", "from the other resource", "ok-1")
         got = await alice.expect_message("from the other resource")
         assert got["from"] == bob2.boundjid
-        await settle(alice)
+        await alice.settle()
         assert not nothing_from("bob@localhost/b"), show(alice)
 
         # The domain blocked: everyone there (everyone here is at localhost).
@@ -290,7 +268,7 @@ def test_outbound_to_blocked_jid_is_refused(server):
         alice = make(clients, "alice@localhost/a")
         bob = make(clients, "bob@localhost/b")
         for c in (alice, bob):
-            await online(c)
+            await c.online()
         await alice.plugin["xep_0191"].block("bob@localhost", timeout=5)
 
         def check_blocked_error(stanza):
@@ -314,7 +292,7 @@ def test_outbound_to_blocked_jid_is_refused(server):
                                     and s["type"] == "error" and s["from"].bare == "bob@localhost")
         check_blocked_error(bounce)
 
-        await settle(bob)
+        await bob.settle()
         assert not [s for s in bob.stanzas if s.name == "message"
                     or (s.name == "presence" and s["from"].bare == "alice@localhost")], show(bob)
 
@@ -335,9 +313,9 @@ def test_block_sends_unavailable_and_unblock_sends_current_presence(server):
         alice = make(clients, "alice@localhost/a")
         bob = make(clients, "bob@localhost/b")
         carol = make(clients, "carol@localhost/c")
-        await online(alice, status="here")
-        await online(bob)
-        await online(carol)
+        await alice.online(status="here")
+        await bob.online()
+        await carol.online()
         await subscribe(bob, alice)
         await subscribe(carol, alice)
 
@@ -350,8 +328,8 @@ def test_block_sends_unavailable_and_unblock_sends_current_presence(server):
         alice.send_presence(pstatus="busy now", pshow="dnd")
         await carol.expect("alice's update", lambda s: s.name == "presence"
                            and s["from"] == alice.boundjid and s["status"] == "busy now")
-        await settle(alice)
-        await settle(bob)
+        await alice.settle()
+        await bob.settle()
         assert not [s for s in bob.stanzas if s.name == "presence" and s["from"].bare == "alice@localhost"], \
             show(bob)
         assert not [s for s in carol.stanzas if s.name == "presence" and s["type"] == "unavailable"], \
@@ -384,7 +362,7 @@ def wait_offline_stored(server, user, count=1):
 def test_blocklist_kept_across_logins_and_applied_offline(server):
     async def test(clients):
         alice = make(clients, "alice@localhost/a")
-        await online(alice)
+        await alice.online()
         await blocklist(alice)
         await alice.plugin["xep_0191"].block("bob@localhost", timeout=5)
         await alice.stop()
@@ -392,15 +370,15 @@ def test_blocklist_kept_across_logins_and_applied_offline(server):
         # alice offline: bob's message is refused, not stored; carol's is stored.
         bob = make(clients, "bob@localhost/b")
         carol = make(clients, "carol@localhost/c")
-        await online(bob)
-        await online(carol)
+        await bob.online()
+        await carol.online()
         send_message(bob, "alice@localhost", "from bob while away", "away-1")
         bounce = await bob.expect("the bounce of away-1", bounce_of("away-1"))
         assert error_condition(bounce)[1] == "service-unavailable", str(bounce)
         bob.send_presence(pto="alice@localhost", ptype="subscribe")
         send_message(carol, "alice@localhost", "from carol while away", "away-2")
         await asyncio.get_running_loop().run_in_executor(None, wait_offline_stored, server, "alice")
-        await settle(bob)
+        await bob.settle()
         assert not [s for s in bob.stanzas if s["type"] == "error" and s["id"] != "away-1"], show(bob)
 
         # Back: the list is still there, carol's message arrives, bob's does not, nor
@@ -410,7 +388,7 @@ def test_blocklist_kept_across_logins_and_applied_offline(server):
         assert await blocklist(again) == {"bob@localhost"}
         again.send_presence()
         await again.expect_message("from carol while away")
-        await settle(again)
+        await again.settle()
         assert again.received_bodies() == [], show(again)
         assert not [s for s in again.stanzas if s["from"].bare == "bob@localhost"], show(again)
 
@@ -425,7 +403,7 @@ def test_blocklist_kept_across_logins_and_applied_offline(server):
 def test_blocklist_survives_sm_restart(server):
     async def test(clients):
         alice = make(clients, "alice@localhost/a")
-        await online(alice)
+        await alice.online()
         await alice.plugin["xep_0191"].block(["bob@localhost", "spam.example"], timeout=5)
 
         server.kill("sm")
@@ -434,8 +412,8 @@ def test_blocklist_survives_sm_restart(server):
 
         alice = make(clients, "alice@localhost/a")
         bob = make(clients, "bob@localhost/b")
-        await online(alice)
-        await online(bob)
+        await alice.online()
+        await bob.online()
         assert await blocklist(alice) == {"bob@localhost", "spam.example"}
         send_message(bob, "alice@localhost", "after the restart", "r-1")
         bounce = await bob.expect("the bounce of r-1", bounce_of("r-1"))
@@ -443,8 +421,8 @@ def test_blocklist_survives_sm_restart(server):
         send_message(alice, "bob@localhost", "to bob", "r-2")
         bounce = await alice.expect("the error for r-2", bounce_of("r-2"))
         assert error_condition(bounce)[1] == "not-acceptable", str(bounce)
-        await settle(alice)
-        await settle(bob)
+        await alice.settle()
+        await bob.settle()
         assert alice.received_bodies() == [] and bob.received_bodies() == [], f"{show(alice)}\n{show(bob)}"
 
     run_clients(test, server.starttls_port, server.tls_port)

@@ -40,34 +40,9 @@ def server(request, tmp_path):
 def make(clients, jid, plugins=PLUGINS):
     """A slixmpp client that records every message, also those without a <body/> of
     their own (carbons, errors), which slixmpp's 'message' event leaves out."""
-    from slixmpp.xmlstream.handler import Callback
-    from slixmpp.xmlstream.matcher import MatchXPath
-
     user = jid.split("@")[0]
-    c = clients.make(jid, USERS[user], plugins=plugins)
-
-    def record_bodyless(msg):
-        if msg.xml.find(f"{{{NS_CLIENT}}}body") is None:
-            c._record(msg)
-
-    c.register_handler(Callback("record bodyless messages", MatchXPath(f"{{{NS_CLIENT}}}message"),
-                                record_bodyless))
+    c = clients.make(jid, USERS[user], plugins=plugins, record_bodyless=True)
     return c
-
-
-async def online(c, priority=0):
-    """Logs in, sends presence with `priority`, and waits until sm has it (a ping to
-    the own account is answered by the user's task after the presence)."""
-    await c.start()
-    c.send_presence(ppriority=priority)
-    await settle(c)
-
-
-async def settle(c):
-    """Returns once everything sm did for the user before now has reached `c`: sm
-    handles a user's events in order, and the answer to a ping addressed to the own
-    bare JID takes the same way as any copy sent before it."""
-    await c.plugin["xep_0199"].send_ping(c.boundjid.bare, timeout=5)
 
 
 def forwarded(stanza, wrapper):
@@ -124,9 +99,9 @@ def test_carbons_advertised_and_copies_both_ways(server):
         desk = make(clients, "alice@localhost/desk")
         phone = make(clients, "alice@localhost/phone")
         bob = make(clients, "bob@localhost/b")
-        await online(desk, 5)
-        await online(phone, 1)
-        await online(bob)
+        await desk.online(5)
+        await phone.online(1)
+        await bob.online()
 
         info = await desk.plugin["xep_0030"].get_info(jid="localhost", timeout=5)
         assert NS_CARBONS in info["disco_info"]["features"], str(info)
@@ -152,7 +127,7 @@ def test_carbons_advertised_and_copies_both_ways(server):
         assert inner.get("to") in ("alice@localhost", "alice@localhost/desk"), str(copy)
         assert inner.get("type") == "chat", str(copy)
         for c in (desk, phone):
-            await settle(c)
+            await c.settle()
         assert not direct(phone, "hello alice"), show(phone)
         assert not carbons_of(desk, "hello alice"), show(desk)
         assert len(events["carbon_received"]) == 1 and not events["carbon_sent"], events
@@ -163,7 +138,7 @@ def test_carbons_advertised_and_copies_both_ways(server):
         await phone.expect_message("to the phone")
         copy = await desk.expect("a <received/> copy on the desk", is_carbon("received", "to the phone"))
         check_wrapper(copy, "alice@localhost/desk", "chat")
-        await settle(phone)
+        await phone.settle()
         assert not carbons_of(phone, "to the phone"), show(phone)
 
         # alice's phone -> bob: a <sent/> copy to the desk, none to the phone.
@@ -175,7 +150,7 @@ def test_carbons_advertised_and_copies_both_ways(server):
         inner = forwarded(copy, "sent")
         assert inner.get("from") == "alice@localhost/phone", str(copy)
         assert inner.get("to") == "bob@localhost", str(copy)
-        await settle(phone)
+        await phone.settle()
         assert not carbons_of(phone, "from the phone"), show(phone)
         assert len(events["carbon_sent"]) == 1, events
 
@@ -193,9 +168,9 @@ def test_what_is_not_copied(server):
         desk = make(clients, "alice@localhost/desk")
         phone = make(clients, "alice@localhost/phone")
         bob = make(clients, "bob@localhost/b")
-        await online(desk, 5)
-        await online(phone, 1)
-        await online(bob)
+        await desk.online(5)
+        await phone.online(1)
+        await bob.online()
         for c in (desk, phone):
             await c.plugin["xep_0280"].enable(timeout=5)
 
@@ -230,7 +205,7 @@ def test_what_is_not_copied(server):
         await bob.expect_message("headline out")
 
         for c in (desk, phone):
-            await settle(c)
+            await c.settle()
         for body in ("private in", "private out", "no-copy in", "no-copy out", "groupchat in",
                      "groupchat out", "headline in", "headline out"):
             for c in (desk, phone):
@@ -251,10 +226,10 @@ def test_disable_and_resources_that_never_enabled(server):
         phone = make(clients, "alice@localhost/phone")
         never = make(clients, "alice@localhost/never")
         bob = make(clients, "bob@localhost/b")
-        await online(desk, 5)
-        await online(phone, 1)
-        await online(never, 0)
-        await online(bob)
+        await desk.online(5)
+        await phone.online(1)
+        await never.online(0)
+        await bob.online()
         await desk.plugin["xep_0280"].enable(timeout=5)
         await phone.plugin["xep_0280"].enable(timeout=5)
         # Enabling twice is no error (XEP-0280 10.1).
@@ -273,7 +248,7 @@ def test_disable_and_resources_that_never_enabled(server):
         chat(desk, "bob@localhost", "from desk")
         await bob.expect_message("from desk")
         await phone.expect("phone's copy of from desk", is_carbon("sent", "from desk"))
-        await settle(never)
+        await never.settle()
         assert not [s for s in never.stanzas if forwarded(s, "received") is not None
                     or forwarded(s, "sent") is not None], show(never)
 
@@ -288,7 +263,7 @@ def test_disable_and_resources_that_never_enabled(server):
         await bob.expect_message("four")
         await desk.expect("desk's copy of four", is_carbon("sent", "four"))
         for c in (phone, never):
-            await settle(c)
+            await c.settle()
         for body in ("two", "three", "four"):
             assert not carbons_of(phone, body), f"{body!r} copied after <disable/>:\n  {show(phone)}"
             assert not carbons_of(never, body), show(never)
@@ -347,7 +322,7 @@ def test_modules_left_out_are_not_advertised_and_refused(server_without):
 
     async def test(clients):
         alice = make(clients, "alice@localhost/a", plugins=PLUGINS + ("xep_0313",))
-        await online(alice)
+        await alice.online()
         info = await alice.plugin["xep_0030"].get_info(jid="localhost", timeout=5)
         features = info["disco_info"]["features"]
         assert NS_CARBONS not in features, features
@@ -378,7 +353,7 @@ def test_modules_left_out_are_not_advertised_and_refused(server_without):
 
         # Messages still flow, without stanza-ids (nothing archives them).
         bob = make(clients, "bob@localhost/b")
-        await online(bob)
+        await bob.online()
         chat(bob, "alice@localhost", "no archive here")
         got = await alice.expect_message("no archive here")
         assert got.xml.find("{urn:xmpp:sid:0}stanza-id") is None, str(got)

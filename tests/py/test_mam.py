@@ -53,31 +53,9 @@ def server(request, tmp_path):
 def make(clients, jid):
     """A slixmpp client that records every message, also those without a <body/> of
     their own (archive results), which slixmpp's 'message' event leaves out."""
-    from slixmpp.xmlstream.handler import Callback
-    from slixmpp.xmlstream.matcher import MatchXPath
-
     user = jid.split("@")[0]
-    c = clients.make(jid, USERS[user], plugins=PLUGINS)
-
-    def record_bodyless(msg):
-        if msg.xml.find(f"{{{NS_CLIENT}}}body") is None:
-            c._record(msg)
-
-    c.register_handler(Callback("record bodyless messages", MatchXPath(f"{{{NS_CLIENT}}}message"),
-                                record_bodyless))
+    c = clients.make(jid, USERS[user], plugins=PLUGINS, record_bodyless=True)
     return c
-
-
-async def online(c, priority=0):
-    await c.start()
-    c.send_presence(ppriority=priority)
-    await settle(c)
-
-
-async def settle(c):
-    """Returns once everything sm did for c's user before now has reached c (sm handles
-    a user's events in order; a ping to the own bare JID is answered the same way)."""
-    await c.plugin["xep_0199"].send_ping(c.boundjid.bare, timeout=5)
 
 
 def show(c):
@@ -249,8 +227,8 @@ def test_conversation_archived_on_both_sides_with_stanza_ids(server):
     async def test(clients):
         alice = make(clients, "alice@localhost/a")
         bob = make(clients, "bob@localhost/b")
-        await online(alice)
-        await online(bob)
+        await alice.online()
+        await bob.online()
 
         info = await alice.plugin["xep_0030"].get_info(jid="alice@localhost", timeout=5)
         features = info["disco_info"]["features"]
@@ -303,8 +281,8 @@ def test_forged_stanza_ids_are_removed(server):
     async def test(clients):
         alice = make(clients, "alice@localhost/a")
         bob = make(clients, "bob@localhost/b")
-        await online(alice)
-        await online(bob)
+        await alice.online()
+        await bob.online()
         msg = alice.make_message(mto="bob@localhost", mbody="forged", mtype="chat")
         msg.append(ET.fromstring(f"<stanza-id xmlns='{NS_SID}' by='bob@localhost' id='forged-id'/>"))
         msg.append(ET.fromstring(f"<stanza-id xmlns='{NS_SID}' by='example.org' id='kept'/>"))
@@ -328,7 +306,7 @@ def test_filter_with_start_end(server):
         bob = make(clients, "bob@localhost/b")
         carol = make(clients, "carol@localhost/c")
         for c in (alice, bob, carol):
-            await online(c)
+            await c.online()
         talk = await converse(alice, bob, 6)
         talk += await converse(alice, carol, 4, start=6)
         talk += await converse(alice, bob, 4, start=10)
@@ -379,8 +357,8 @@ def test_paging_forwards_backwards_count_and_flip(server):
     async def test(clients):
         alice = make(clients, "alice@localhost/a")
         bob = make(clients, "bob@localhost/b")
-        await online(alice)
-        await online(bob)
+        await alice.online()
+        await bob.online()
         talk = await converse(alice, bob, 20)
         bodies = [t[2] for t in talk]
         all_ids = [i.id for i in await everything(alice)]
@@ -454,8 +432,8 @@ def test_ids_after_before_id_and_errors(server):
     async def test(clients):
         alice = make(clients, "alice@localhost/a")
         bob = make(clients, "bob@localhost/b")
-        await online(alice)
-        await online(bob)
+        await alice.online()
+        await bob.online()
         await converse(alice, bob, 10)
         items = await everything(alice)
         ids = [i.id for i in items]
@@ -495,7 +473,7 @@ def test_query_form_lists_the_fields(server):
     with the form inside <query xmlns='urn:xmpp:mam:2'>, #extended's fields included."""
     async def test(clients):
         alice = make(clients, "alice@localhost/a")
-        await online(alice)
+        await alice.online()
         iq = alice.Iq()
         iq["type"] = "get"
         iq.append(ET.fromstring(f"<query xmlns='{NS_MAM}'/>"))
@@ -524,8 +502,8 @@ def test_metadata(server):
     async def test(clients):
         alice = make(clients, "alice@localhost/a")
         bob = make(clients, "bob@localhost/b")
-        await online(alice)
-        await online(bob)
+        await alice.online()
+        await bob.online()
 
         def bounds(iq):
             meta = iq.xml.find(f"{{{NS_MAM}}}metadata")
@@ -574,7 +552,7 @@ def test_preferences_and_what_is_never_archived(server):
         bob = make(clients, "bob@localhost/b")
         carol = make(clients, "carol@localhost/c")
         for c in (alice, bob, carol):
-            await online(c)
+            await c.online()
 
         # The configured default.
         assert prefs_of(await prefs_iq(alice, "get")) == ("always", [], [])
@@ -648,8 +626,8 @@ def test_refused_messages_are_not_archived(server):
     async def test(clients):
         alice = make(clients, "alice@localhost/a")
         bob = make(clients, "bob@localhost/b")
-        await online(alice)
-        await online(bob)
+        await alice.online()
+        await bob.online()
         await converse(alice, bob, 2)
         iq = alice.Iq()
         iq["type"] = "set"
@@ -671,8 +649,8 @@ def test_archive_survives_sm_and_xdb_file_kill(server):
         loop = asyncio.get_running_loop()
         alice = make(clients, "alice@localhost/a")
         bob = make(clients, "bob@localhost/b")
-        await online(alice)
-        await online(bob)
+        await alice.online()
+        await bob.online()
         talk = await converse(alice, bob, 8)
         before = {c.boundjid.bare: [(i.id, i.body, i.stamp) for i in await everything(c)]
                   for c in (alice, bob)}
@@ -681,8 +659,8 @@ def test_archive_survives_sm_and_xdb_file_kill(server):
         async def check_again(tag):
             a = make(clients, f"alice@localhost/{tag}")
             b = make(clients, f"bob@localhost/{tag}")
-            await online(a)
-            await online(b)
+            await a.online()
+            await b.online()
             for c in (a, b):
                 got = [(i.id, i.body, i.stamp) for i in await everything(c)]
                 assert got == before[c.boundjid.bare], f"after {tag}: {got}\nbefore: {before[c.boundjid.bare]}"
@@ -721,7 +699,7 @@ def wait_offline_stored(server, user):
 def test_offline_message_archived_with_the_same_stanza_id(server):
     async def test(clients):
         alice = make(clients, "alice@localhost/a")
-        await online(alice)
+        await alice.online()
         alice.send_message(mto="bob@localhost", mbody="while you were out", mtype="chat")
         await asyncio.get_running_loop().run_in_executor(None, wait_offline_stored, server, "bob")
 
