@@ -29,6 +29,8 @@ pub struct C2sConfig {
     /// Failed authentications allowed per address within `auth_window`.
     pub auth_failures: u32,
     pub auth_window: Duration,
+    /// Failed authentications allowed on one stream before it is closed.
+    pub auth_attempts: u32,
     pub log: LogConfig,
 }
 
@@ -116,13 +118,21 @@ impl C2sConfig {
                 max_depth: 32,
             },
         };
-        let (mut auth_failures, mut auth_window) = (5, Duration::from_secs(60));
+        let (mut auth_failures, mut auth_window, mut auth_attempts) =
+            (5, Duration::from_secs(60), 3);
         if let Some(a) = root.child("auth-failures")? {
-            a.allow(&["max", "window"], &[])?;
+            a.allow(&["max", "window", "per-stream"], &[])?;
             auth_failures = a
                 .parse_attr("max", "a number of failures")?
                 .unwrap_or(auth_failures);
             auth_window = a.seconds_attr("window")?.unwrap_or(auth_window);
+            auth_attempts = a
+                .parse_attr("per-stream", "a number of attempts")?
+                .unwrap_or(auth_attempts);
+            // RFC 6120 6.4.5: a reasonable number of retries, at least 2 and no more than 5.
+            if !(2..=5).contains(&auth_attempts) {
+                return Err(a.error("per-stream must be between 2 and 5 (RFC 6120 6.4.5)"));
+            }
         }
         Ok(C2sConfig {
             router: RouterLink::from_node(root.required_child("router")?)?,
@@ -137,11 +147,8 @@ impl C2sConfig {
             keepalive,
             auth_failures,
             auth_window,
+            auth_attempts,
             log: LogConfig::from_node(root.child("log")?)?,
         })
-    }
-
-    pub fn serves(&self, domain: &str) -> bool {
-        self.hosts.iter().any(|h| h.name == domain)
     }
 }

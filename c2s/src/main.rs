@@ -2,15 +2,16 @@
 //! SASL, resource binding, then relaying each session's stanzas to and from its sm
 //! instance through the router. See `docs/c2s.md` and `docs/protocol.md`.
 
+mod auth_failures;
 mod config;
 mod conn;
-mod limits;
-mod listener;
+mod iq;
+mod login;
+mod negotiation;
 mod sasl;
+mod session;
 mod shared;
-mod stream;
 mod tls;
-mod xml;
 
 use std::sync::Arc;
 
@@ -48,7 +49,14 @@ fn run(args: Args) -> anyhow::Result<()> {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
-        listener::start_all(&shared).await?;
+        let serving = shared.clone();
+        jrs_sx::listener::start_all(
+            &shared.config.listen,
+            "clients",
+            |peer| tracing::info_span!("client", %peer),
+            move |tcp, peer, mode| conn::serve(serving.clone(), tcp, peer, mode),
+        )
+        .await?;
         info!(name = %link.name, "c2s ready");
         // Packets from sm can be as large as what sm stores (rosters, vCards).
         let limits = Limits {

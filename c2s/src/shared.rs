@@ -15,9 +15,14 @@ use jrs_stream::xml::escape;
 use jrs_stream::{Stanza, StanzaErrorCondition, StreamErrorCondition};
 use jrs_xdb::XdbClient;
 
+use crate::auth_failures::AuthFailures;
 use crate::config::C2sConfig;
-use crate::limits::AuthFailures;
+use crate::negotiation;
 use crate::tls::Tls;
+
+/// Bytes read from a client at a time (stanzas are usually far smaller, and most clients
+/// are idle: memory per connection).
+const CLIENT_READ_SIZE: usize = 1024;
 
 /// What the router side hands a client connection.
 pub enum ToClient {
@@ -50,7 +55,8 @@ pub struct Shared {
     /// This instance's component name (`c2s`, `c2s-2`).
     pub me: String,
     pub xdb: XdbClient,
-    pub failures: AuthFailures,
+    /// What stream negotiation offers and accepts.
+    pub negotiation: negotiation::Settings,
     router: Mutex<Option<Outbox>>,
     sessions: Mutex<HashMap<String, Arc<SessionHandle>>>,
     next_sid: AtomicU64,
@@ -60,13 +66,32 @@ impl Shared {
     pub fn new(config: C2sConfig, tls: Tls, me: String) -> Shared {
         Shared {
             xdb: XdbClient::new(me.clone(), Duration::from_secs(5)),
-            failures: AuthFailures::new(config.auth_failures, config.auth_window),
+            negotiation: negotiation::Settings {
+                hosts: config.hosts.iter().map(|h| h.name.clone()).collect(),
+                require_tls: config.require_tls,
+                mechanisms: config.mechanisms.clone(),
+                register: config.register,
+                attempts: config.auth_attempts,
+                stream_management: false,
+                csi: false,
+                failures: Arc::new(AuthFailures::new(config.auth_failures, config.auth_window)),
+            },
             config,
             tls,
             me,
             router: Mutex::new(None),
             sessions: Mutex::new(HashMap::new()),
             next_sid: AtomicU64::new(1),
+        }
+    }
+
+    /// What each client connection is allowed.
+    pub fn connection_settings(&self) -> jrs_sx::connection::Settings {
+        jrs_sx::connection::Settings {
+            limits: self.config.limits,
+            read_size: CLIENT_READ_SIZE,
+            idle: self.config.idle_timeout,
+            rate_bytes: self.config.rate_bytes,
         }
     }
 

@@ -11,13 +11,11 @@
 mod config;
 mod dialback;
 mod incoming;
-mod link;
-mod listener;
+mod negotiation;
 mod outgoing;
 mod resolve;
 mod router;
 mod shared;
-mod stream;
 mod tls;
 mod xml;
 
@@ -76,7 +74,21 @@ fn run(args: Args) -> anyhow::Result<()> {
     runtime.block_on(async move {
         let resolver = resolve::Resolver::new(&config.nameservers, config.routes.clone())?;
         let shared = Arc::new(Shared::new(config, tls, resolver, secret));
-        listener::start_all(&shared).await?;
+        let serving = shared.clone();
+        jrs_sx::listener::start_all(
+            &shared.config.listen,
+            "remote servers",
+            |peer| {
+                tracing::info_span!(
+                    "in",
+                    %peer,
+                    remote = tracing::field::Empty,
+                    id = tracing::field::Empty
+                )
+            },
+            move |tcp, peer, mode| incoming::serve(serving.clone(), tcp, peer, mode),
+        )
+        .await?;
         info!(name = %link.name, hosts = shared.config.hosts.len(), "s2s ready");
         // Stanzas from local users may be as large as what a remote accepts.
         let limits = Limits {

@@ -6,25 +6,28 @@
 //! the same stream). Stanzas wait in their queue meanwhile; on failure, or once they have
 //! waited `queue timeout`, they are bounced to their senders. The same stream carries
 //! `db:verify` requests for incoming streams from that remote. An idle connection closes.
+//! Opening the stream is `negotiation/outgoing.rs`; this module drives it, then the
+//! stream.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use base64::Engine;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, info, info_span, warn, Instrument};
 
 use jrs_stream::{Frame, Stanza, StanzaErrorCondition, StreamErrorCondition, StreamHeader};
+use jrs_sx::connection::{element, parse};
+use jrs_sx::{stream_error, tls, Close, Connection, Transport};
 
 use crate::config::{Target, TlsMode};
 use crate::dialback;
-use crate::link::{connect_tls, stream_error, Close, Link};
 use crate::resolve::Resolution;
 use crate::shared::{Cmd, Shared};
-use crate::stream::S2sStream;
-use crate::xml::{self, Dialback, Features, NS_SASL, NS_SERVER, NS_TLS};
+use crate::xml::{self, Dialback, NS_SERVER};
+
+use crate::negotiation::outgoing::{Action, Established, Input, Outgoing};
 
 /// Hands `cmd` to the outgoing connection for `remote`, starting one if there is none
 /// (or the one there is has just ended).
@@ -95,16 +98,6 @@ fn not_found(text: impl Into<String>) -> Failure {
     }
 }
 
-/// A negotiated stream, ready for dialback or already authenticated with SASL.
-struct Established {
-    link: Link,
-    stream_id: String,
-    /// The local domain SASL EXTERNAL authenticated, if it did.
-    sasl_local: Option<String>,
-    /// Whether dialback may be used on this stream (policy on unverified certificates).
-    dialback: bool,
-}
-
 struct Queued {
     stanza: Stanza,
     since: Instant,
@@ -171,14 +164,14 @@ pub async fn run(
         }
     };
     let failure = match result {
-        Ok(established) => {
+        Ok((link, established)) => {
             tracing::Span::current().record("id", established.stream_id.as_str());
             info!(
                 sasl = established.sasl_local.is_some(),
-                tls = established.link.stream().is_tls(),
+                tls = link.transport().is_tls(),
                 "connected"
             );
-            match out.serve(established, &mut rx).await {
+            match out.serve(link, established, &mut rx).await {
                 Some(failure) => failure,
                 None => {
                     // Closed for idleness: anything that arrived meanwhile goes to a new
@@ -282,11 +275,11 @@ impl Out {
     /// Runs an established stream until it ends; returns why it ended.
     async fn serve(
         &mut self,
+        mut link: Connection,
         established: Established,
         rx: &mut mpsc::UnboundedReceiver<Cmd>,
     ) -> Option<Failure> {
         let Established {
-            mut link,
             stream_id,
             sasl_local,
             dialback,
@@ -312,7 +305,7 @@ impl Out {
                 }
                 _ = tick.tick() => {
                     self.expire();
-                    let idle = link.last_activity.elapsed() >= self.shared.config.idle_timeout;
+                    let idle = link.last_activity().elapsed() >= self.shared.config.idle_timeout;
                     if idle && self.queued() == 0 && self.verifies.is_empty() {
                         info!("closing the idle connection");
                         // Stop taking commands first, so none is lost.
@@ -323,11 +316,7 @@ impl Out {
                 }
             }
         };
-        let reason = match &close {
-            Close::Error(e) => format!("stream error: {e}"),
-            Close::Closed => "stream closed".to_owned(),
-            Close::Gone(why) => why.clone(),
-        };
+        let reason = close.to_string();
         let (local, remote) = (self.first_local(), self.remote.clone());
         link.finish(&close, || xml::header(&local, &remote, None))
             .await;
@@ -342,7 +331,7 @@ impl Out {
     /// the others, pending verifications.
     async fn progress(
         &mut self,
-        link: &mut Link,
+        link: &mut Connection,
         stream_id: &str,
         dialback: bool,
     ) -> Result<(), Close> {
@@ -388,18 +377,7 @@ impl Out {
 
     /// Handles what the remote sends on our outgoing stream: dialback answers.
     async fn remote_frame(&mut self, frame: Result<Frame, Close>) -> Result<(), Close> {
-        let bytes = match frame? {
-            Frame::Element(b) => b,
-            Frame::StreamClose => return Err(Close::Closed),
-            Frame::StreamOpen(_) => {
-                return Err(stream_error(
-                    StreamErrorCondition::NotWellFormed,
-                    "a second stream header",
-                ))
-            }
-        };
-        let element = Stanza::parse(bytes)
-            .map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))?;
+        let element = parse(element(frame?)?)?;
         if element.name() == "stream:error" {
             return Err(Close::Gone(format!(
                 "the remote sent a stream error: {}",
@@ -451,7 +429,11 @@ impl Out {
 }
 
 /// Resolves the remote and tries its targets in order until one negotiates a stream.
-async fn connect(shared: &Shared, remote: &str, local: &str) -> Result<Established, Failure> {
+async fn connect(
+    shared: &Shared,
+    remote: &str,
+    local: &str,
+) -> Result<(Connection, Established), Failure> {
     let targets = match shared.resolver.targets(remote).await {
         Ok(Resolution::Targets(t)) => t,
         Ok(Resolution::NoService(why)) => return Err(not_found(why)),
@@ -516,142 +498,70 @@ async fn connect(shared: &Shared, remote: &str, local: &str) -> Result<Establish
 }
 
 /// Opens the stream on `tcp`: TLS (direct or STARTTLS), the certificate check, SASL
-/// EXTERNAL where possible.
+/// EXTERNAL where possible (the rules are `negotiation/outgoing.rs`).
 async fn negotiate(
     shared: &Shared,
     tcp: TcpStream,
     target: &Target,
     remote: &str,
     local: &str,
-) -> Result<Established, Close> {
-    let config = &shared.config;
+) -> Result<(Connection, Established), Close> {
     let client_tls = |direct| {
         shared
             .tls
             .client(local, direct)
             .ok_or_else(|| Close::Gone(format!("no certificate for {local}")))
     };
-    let stream = match target.mode {
-        TlsMode::Direct => connect_tls(tcp, client_tls(true)?, remote).await?,
-        TlsMode::StartTls => S2sStream::Plain(tcp),
+    let transport = match target.mode {
+        TlsMode::Direct => tls::connect(tcp, client_tls(true)?, remote).await?,
+        TlsMode::StartTls => Transport::Plain(tcp),
     };
-    let mut link = Link::new(
-        stream,
-        config.limits,
-        config.queue_timeout,
-        config.rate_bytes,
+    let settings = shared.outgoing_settings();
+    let (mut stream, mut actions) = Outgoing::start(
+        &settings,
+        local,
+        remote,
+        transport.is_tls(),
+        transport.peer_certificates(),
     );
-    let mut cert_valid = None;
-    let mut sasl_done = false;
+    // Negotiation waits for the remote at most the queue timeout.
+    let mut link = Connection::new(
+        transport,
+        shared.connection_settings(shared.config.queue_timeout),
+    );
     loop {
-        if link.stream().is_tls() && cert_valid.is_none() {
-            let verdict = shared
-                .tls
-                .verifies(&link.stream().peer_certificates(), remote);
-            if let Err(why) = &verdict {
-                info!(reason = %why, "the remote certificate does not verify");
+        let mut next = None;
+        for action in actions {
+            match action {
+                Action::Header(h) => {
+                    link.write(h.as_bytes()).await?;
+                    link.header_sent = true;
+                }
+                Action::Send(s) => link.write(s.as_bytes()).await?,
+                Action::StartTls => {
+                    link.connect_tls(client_tls(false)?, remote).await?;
+                    next = Some(Input::TlsStarted(link.transport().peer_certificates()));
+                }
+                Action::Restart => link.restart(),
+                Action::Done(established) => return Ok((link, established)),
+                Action::Close(close) => return Err(close),
             }
-            cert_valid = Some(verdict.is_ok());
         }
-        link.write(xml::header(local, remote, None).as_bytes())
-            .await?;
-        link.header_sent = true;
-        let header = match link.next_frame().await? {
-            Frame::StreamOpen(bytes) => StreamHeader::parse(&bytes, Some(NS_SERVER))?,
-            _ => {
-                return Err(stream_error(
-                    StreamErrorCondition::NotWellFormed,
-                    "expected a stream header",
-                ))
-            }
+        let input = match next {
+            Some(input) => input,
+            None if stream.expects_header() => match link.next_frame().await? {
+                Frame::StreamOpen(bytes) => {
+                    Input::Header(StreamHeader::parse(&bytes, Some(NS_SERVER))?)
+                }
+                _ => {
+                    return Err(stream_error(
+                        StreamErrorCondition::NotWellFormed,
+                        "expected a stream header",
+                    ))
+                }
+            },
+            None => Input::Element(parse(link.next_element().await?)?),
         };
-        let stream_id = header
-            .id
-            .clone()
-            .ok_or_else(|| Close::Gone("the remote's stream header has no id".into()))?;
-        debug!(id = %stream_id, "stream opened");
-        let tls = link.stream().is_tls();
-        let features = if header.version.as_deref() == Some("1.0") {
-            let bytes = link.next_element().await?;
-            let element = Stanza::parse(bytes)
-                .map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))?;
-            if element.name() == "stream:error" {
-                return Err(Close::Gone(format!(
-                    "stream error from the remote: {}",
-                    jrs_component::client::error_condition(&element)
-                )));
-            }
-            if element.name() != "stream:features" {
-                return Err(stream_error(
-                    StreamErrorCondition::NotAuthorized,
-                    "expected stream features",
-                ));
-            }
-            Features::parse(element.inner())
-        } else {
-            Features {
-                starttls: false,
-                external: false,
-            }
-        };
-        if !tls && features.starttls {
-            link.write(format!("<starttls xmlns='{NS_TLS}'/>").as_bytes())
-                .await?;
-            let answer = Stanza::parse(link.next_element().await?)
-                .map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))?;
-            if answer.name() != "proceed" {
-                return Err(Close::Gone(format!("STARTTLS refused ({})", answer.name())));
-            }
-            link.connect_tls(client_tls(false)?, remote).await?;
-            continue;
-        }
-        if !tls && config.require_encryption {
-            return Err(stream_error(
-                StreamErrorCondition::PolicyViolation,
-                "encryption is required and the remote does not offer STARTTLS",
-            ));
-        }
-        if sasl_done {
-            return Ok(Established {
-                link,
-                stream_id,
-                sasl_local: Some(local.to_owned()),
-                dialback: config.dialback,
-            });
-        }
-        let verified = cert_valid == Some(true);
-        if tls && verified && features.external && config.sasl_external {
-            let authzid = base64::engine::general_purpose::STANDARD.encode(local);
-            link.write(
-                format!("<auth xmlns='{NS_SASL}' mechanism='EXTERNAL'>{authzid}</auth>").as_bytes(),
-            )
-            .await?;
-            let answer = Stanza::parse(link.next_element().await?)
-                .map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))?;
-            if answer.name() == "success" {
-                info!("authenticated with SASL EXTERNAL");
-                sasl_done = true;
-                link.restart();
-                continue;
-            }
-            info!(
-                answer = answer.name(),
-                "SASL EXTERNAL refused; trying dialback"
-            );
-        }
-        let dialback = config.dialback && (!tls || verified || config.accept_unverified);
-        if !dialback {
-            return Err(Close::Gone(if tls && !verified {
-                "the remote certificate does not verify and accept-unverified is off".into()
-            } else {
-                "no authentication method left (dialback disabled)".into()
-            }));
-        }
-        return Ok(Established {
-            link,
-            stream_id,
-            sasl_local: None,
-            dialback,
-        });
+        actions = stream.step(&settings, input);
     }
 }

@@ -3,8 +3,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
@@ -13,12 +13,18 @@ use jrs_component::Outbox;
 use jrs_stream::{Stanza, StanzaErrorCondition};
 
 use crate::config::S2sConfig;
+use crate::negotiation;
 use crate::resolve::Resolver;
 use crate::tls::Tls;
 
+/// Bytes asked of a server connection per read.
+const READ_SIZE: usize = 16 * 1024;
+
 pub struct Shared {
     pub config: S2sConfig,
-    pub tls: Tls,
+    pub tls: Arc<Tls>,
+    /// The rules of incoming streams.
+    pub incoming: negotiation::incoming::Settings,
     pub resolver: Resolver,
     pub secret: String,
     router: Mutex<Option<Outbox>>,
@@ -30,7 +36,17 @@ pub struct Shared {
 
 impl Shared {
     pub fn new(config: S2sConfig, tls: Tls, resolver: Resolver, secret: String) -> Shared {
+        let tls = Arc::new(tls);
+        let verifier = tls.clone();
         Shared {
+            incoming: negotiation::incoming::Settings {
+                hosts: config.hosts.iter().map(|h| h.name.clone()).collect(),
+                require_encryption: config.require_encryption,
+                sasl_external: config.sasl_external,
+                dialback: config.dialback,
+                secret: secret.clone(),
+                verify: Box::new(move |certs, domain| verifier.verifies(certs, domain)),
+            },
             config,
             tls,
             resolver,
@@ -38,6 +54,27 @@ impl Shared {
             router: Mutex::new(None),
             outgoing: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
+        }
+    }
+
+    /// What a server connection is allowed; reads wait at most `idle`.
+    pub fn connection_settings(&self, idle: Duration) -> jrs_sx::connection::Settings {
+        jrs_sx::connection::Settings {
+            limits: self.config.limits,
+            read_size: READ_SIZE,
+            idle,
+            rate_bytes: self.config.rate_bytes,
+        }
+    }
+
+    /// The rules of outgoing streams.
+    pub fn outgoing_settings(&self) -> negotiation::outgoing::Settings<'_> {
+        negotiation::outgoing::Settings {
+            require_encryption: self.config.require_encryption,
+            sasl_external: self.config.sasl_external,
+            dialback: self.config.dialback,
+            accept_unverified: self.config.accept_unverified,
+            verify: &self.incoming.verify,
         }
     }
 

@@ -25,6 +25,11 @@ use crate::config::S2sConfig;
 /// ALPN protocol of server-to-server direct TLS (XEP-0368).
 pub const ALPN_XMPP_SERVER: &[u8] = b"xmpp-server";
 
+/// Whether a certificate chain (end entity first) verifies for a domain; the streams'
+/// state machines take it as a function, so their tests need no real certificates.
+pub type CertificateCheck =
+    dyn Fn(&[CertificateDer<'static>], &str) -> Result<(), String> + Send + Sync;
+
 const SYSTEM_CA_BUNDLE: &str = "/etc/ssl/certs/ca-certificates.crt";
 
 pub struct Tls {

@@ -8,9 +8,6 @@ use quick_xml::Reader;
 
 pub const NS_SERVER: &str = "jabber:server";
 pub const NS_DIALBACK: &str = "jabber:server:dialback";
-pub const NS_DIALBACK_FEATURE: &str = "urn:xmpp:features:dialback";
-pub const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
-pub const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
 
 /// Our stream header: `jabber:server` with the dialback prefix declared (the shared
 /// header writer cannot declare `xmlns:db`).
@@ -163,23 +160,6 @@ fn strip_xmlns(s: &Stanza) -> Bytes {
     out.extend_from_slice(if empty { b"/>" } else { b">" });
     out.extend_from_slice(&bytes[head_end..]);
     out.freeze()
-}
-
-/// Whether a features element (its content) offers STARTTLS and SASL EXTERNAL. (Dialback
-/// is tried whether or not the remote advertises it: pre-1.0 servers cannot.)
-pub struct Features {
-    pub starttls: bool,
-    pub external: bool,
-}
-
-impl Features {
-    pub fn parse(inner: &[u8]) -> Features {
-        let text = String::from_utf8_lossy(inner);
-        Features {
-            starttls: text.contains(NS_TLS),
-            external: text.contains(NS_SASL) && text.contains(">EXTERNAL<"),
-        }
-    }
 }
 
 #[cfg(test)]

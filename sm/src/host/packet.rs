@@ -14,18 +14,7 @@ use jrs_stream::Stanza;
 use crate::host::state::State;
 use crate::xml::NS_CLIENT;
 
-/// Namespaces a stanza's top level may carry on a component link; its unqualified
-/// children (`body`, `thread`, ...) are in the content namespace, `jabber:client` to sm.
-pub const CONTENT_NS: [&str; 3] = [NS_CLIENT, "jabber:server", "jabber:component:accept"];
-
-/// One top-level child: local name, resolved namespace (`jabber:client` for the
-/// content namespace), and its bytes' place in the stanza.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Child {
-    pub name: String,
-    pub ns: String,
-    pub span: Range<usize>,
-}
+pub use jrs_stream::children::{Child, CONTENT_NS};
 
 #[derive(Debug)]
 pub struct Packet {
@@ -69,7 +58,8 @@ impl Packet {
     }
 
     pub fn children(&self) -> &[Child] {
-        self.children.get_or_init(|| scan(&self.stanza))
+        self.children
+            .get_or_init(|| jrs_stream::children::children(&self.stanza))
     }
 
     pub fn child(&self, name: &str, ns: &str) -> Option<&Child> {
@@ -163,143 +153,6 @@ impl Packet {
             _ => self.stanza.with_xmlns(Some(NS_CLIENT)),
         }
     }
-}
-
-/// The top-level children of a stanza, namespaces resolved.
-///
-/// Written by hand over the tag boundaries: this runs for nearly every message (carbons
-/// and the archive look at the children), and a general XML reader here cost a sixth of
-/// sm's time per message. It can be this simple because every stanza reaching sm was
-/// checked well-formed at the edge (c2s, s2s, or the router for other components), with
-/// no comments, processing instructions or DTDs; CDATA sections are skipped.
-fn scan(stanza: &Stanza) -> Vec<Child> {
-    let mut out = vec![];
-    if stanza.is_empty_element() {
-        return out;
-    }
-    let bytes = stanza.as_slice();
-    // The content starts right after the stanza's start tag.
-    let inner = stanza.inner();
-    let base = inner.as_ptr() as usize - bytes.as_ptr() as usize;
-    let head = &bytes[..base];
-    let mut depth = 0usize;
-    let mut open: Option<(String, String, usize)> = None;
-    let mut pos = 0;
-    while let Some(lt) = memchr::memchr(b'<', &inner[pos..]) {
-        let at = pos + lt;
-        let rest = &inner[at..];
-        if rest.starts_with(b"<![CDATA[") {
-            match memchr::memmem::find(rest, b"]]>") {
-                Some(end) => pos = at + end + 3,
-                None => return out,
-            }
-            continue;
-        }
-        let Some(len) = jrs_stream::xml::tag_len(rest) else {
-            return out;
-        };
-        let tag = &rest[..len];
-        pos = at + len;
-        if tag.starts_with(b"</") {
-            if depth == 1 {
-                if let Some((name, ns, start)) = open.take() {
-                    out.push(Child {
-                        name,
-                        ns,
-                        span: base + start..base + pos,
-                    });
-                }
-            }
-            depth = depth.saturating_sub(1);
-            continue;
-        }
-        let empty = tag.ends_with(b"/>");
-        if depth == 0 {
-            let (name, ns) = name_and_ns(tag, head);
-            if empty {
-                out.push(Child {
-                    name,
-                    ns,
-                    span: base + at..base + pos,
-                });
-            } else {
-                open = Some((name, ns, at));
-                depth = 1;
-            }
-        } else if !empty {
-            depth += 1;
-        }
-    }
-    out
-}
-
-/// A child's local name and namespace from its start tag: declared on it (directly or
-/// for its prefix), a prefix the stanza's own tag declares, or the content namespace
-/// (`jabber:client` to sm).
-fn name_and_ns(tag: &[u8], stanza_head: &[u8]) -> (String, String) {
-    let end = tag
-        .iter()
-        .position(|b| b.is_ascii_whitespace() || *b == b'/' || *b == b'>')
-        .unwrap_or(tag.len());
-    let qname = String::from_utf8_lossy(&tag[1..end]);
-    let (prefix, local) = match qname.split_once(':') {
-        Some((p, l)) => (Some(p), l),
-        None => (None, qname.as_ref()),
-    };
-    let decl = match prefix {
-        None => "xmlns".to_owned(),
-        Some(p) => format!("xmlns:{p}"),
-    };
-    let ns = attr_value(&tag[end..], &decl)
-        .or_else(|| prefix.and_then(|_| attr_value(stanza_head, &decl)))
-        .map(|ns| {
-            if CONTENT_NS.contains(&ns.as_str()) {
-                NS_CLIENT.to_owned()
-            } else {
-                ns
-            }
-        })
-        .unwrap_or_else(|| {
-            if prefix.is_none() {
-                NS_CLIENT.to_owned()
-            } else {
-                String::new()
-            }
-        });
-    (local.to_owned(), ns)
-}
-
-/// The (unescaped) value of attribute `name` among the attributes of a tag.
-fn attr_value(attrs: &[u8], name: &str) -> Option<String> {
-    let mut from = 0;
-    while let Some(i) = memchr::memmem::find(&attrs[from..], name.as_bytes()) {
-        let at = from + i;
-        from = at + name.len();
-        // A whole attribute name: after whitespace, then `=` (spaces allowed around it).
-        if at == 0 || !attrs[at - 1].is_ascii_whitespace() {
-            continue;
-        }
-        let mut j = at + name.len();
-        while j < attrs.len() && attrs[j].is_ascii_whitespace() {
-            j += 1;
-        }
-        if attrs.get(j) != Some(&b'=') {
-            continue;
-        }
-        j += 1;
-        while j < attrs.len() && attrs[j].is_ascii_whitespace() {
-            j += 1;
-        }
-        let quote = *attrs.get(j)?;
-        let close = memchr::memchr(quote, &attrs[j + 1..])?;
-        let raw = String::from_utf8_lossy(&attrs[j + 1..j + 1 + close]);
-        return Some(
-            quick_xml::escape::unescape(&raw)
-                .map(|v| v.into_owned())
-                .unwrap_or_else(|_| raw.into_owned()),
-        );
-    }
-    None
 }
 
 #[cfg(test)]

@@ -1,39 +1,11 @@
-//! Per-connection byte rate limit and per-address authentication failure limit.
+//! Failed logins per address, shared by every stream of the process: past the limit an
+//! address gets `temporary-auth-failure` until its window passes.
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// A token bucket: `rate` bytes per second sustained, bursts of four seconds' worth.
-pub struct ByteRate {
-    rate: f64,
-    tokens: f64,
-    last: Instant,
-}
-
-impl ByteRate {
-    pub fn new(rate: u32) -> ByteRate {
-        ByteRate {
-            rate: rate as f64,
-            tokens: rate as f64 * 4.0,
-            last: Instant::now(),
-        }
-    }
-
-    /// Takes `bytes`; returns how long to pause reading so the rate holds.
-    pub fn take(&mut self, bytes: usize) -> Option<Duration> {
-        let now = Instant::now();
-        let burst = self.rate * 4.0;
-        self.tokens =
-            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(burst);
-        self.last = now;
-        self.tokens -= bytes as f64;
-        (self.tokens < 0.0).then(|| Duration::from_secs_f64(-self.tokens / self.rate))
-    }
-}
-
-/// Failed logins per address within a sliding window.
 pub struct AuthFailures {
     max: u32,
     window: Duration,
@@ -86,17 +58,6 @@ impl AuthFailures {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn bucket_allows_bursts_then_paces() {
-        let mut r = ByteRate::new(1000);
-        assert!(r.take(3000).is_none());
-        let pause = r.take(2000).unwrap();
-        assert!(
-            pause > Duration::from_millis(900) && pause < Duration::from_millis(1100),
-            "{pause:?}"
-        );
-    }
 
     #[test]
     fn failures_block_after_the_maximum() {

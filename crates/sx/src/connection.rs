@@ -1,0 +1,240 @@
+//! One XMPP stream over one transport, as c2s and s2s both use it: framed reading with
+//! the stream limits, the idle timeout and the byte rate; writing; STARTTLS in place;
+//! restarts; and the close handshake.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tracing::debug;
+
+use jrs_component::{FramedReader, ReadError};
+use jrs_stream::validate::validate_stanza;
+use jrs_stream::{Frame, Limits, Stanza, StreamErrorCondition};
+
+use crate::close::{stream_error, Close};
+use crate::rate::ByteRate;
+use crate::tls;
+use crate::transport::Transport;
+
+/// How long a closing stream waits for its last write, then for the peer to close.
+const CLOSE_WRITE_LIMIT: Duration = Duration::from_secs(2);
+const CLOSE_DRAIN_LIMIT: Duration = Duration::from_secs(1);
+
+/// What a connection is allowed: framing limits, silence, bytes per second.
+#[derive(Debug, Clone, Copy)]
+pub struct Settings {
+    pub limits: Limits,
+    /// Bytes asked of the transport per read: small for many mostly idle clients (memory
+    /// per connection), larger for servers (system calls per stanza).
+    pub read_size: usize,
+    /// A read waits at most this long.
+    pub idle: Duration,
+    /// Bytes per second the peer may send (sustained; bursts of four seconds' worth).
+    pub rate_bytes: u32,
+}
+
+pub struct Connection {
+    reader: FramedReader<Transport>,
+    settings: Settings,
+    rate: ByteRate,
+    /// Reading pauses until then (the byte rate); kept here so that a cancelled read
+    /// loses nothing.
+    pause_until: Option<tokio::time::Instant>,
+    last_read: Instant,
+    last_write: Instant,
+    /// Whether our stream header was written (a stream error needs one first).
+    pub header_sent: bool,
+}
+
+impl Connection {
+    pub fn new(transport: Transport, settings: Settings) -> Connection {
+        let now = Instant::now();
+        Connection {
+            reader: FramedReader::with_read_size(transport, settings.limits, settings.read_size),
+            rate: ByteRate::new(settings.rate_bytes),
+            settings,
+            pause_until: None,
+            last_read: now,
+            last_write: now,
+            header_sent: false,
+        }
+    }
+
+    pub fn transport(&self) -> &Transport {
+        self.reader.get_ref()
+    }
+
+    pub fn last_write(&self) -> Instant {
+        self.last_write
+    }
+
+    /// When the connection last carried anything, either way.
+    pub fn last_activity(&self) -> Instant {
+        self.last_read.max(self.last_write)
+    }
+
+    pub async fn write(&mut self, data: &[u8]) -> Result<(), Close> {
+        let io = self.reader.get_mut();
+        io.write_all(data)
+            .await
+            .map_err(|e| Close::Gone(format!("write failed: {e}")))?;
+        io.flush()
+            .await
+            .map_err(|e| Close::Gone(format!("write failed: {e}")))?;
+        self.last_write = Instant::now();
+        Ok(())
+    }
+
+    /// The next frame, waiting at most the idle timeout. Cancel-safe.
+    pub async fn next_frame(&mut self) -> Result<Frame, Close> {
+        self.next_frame_within(self.settings.idle).await
+    }
+
+    /// The next frame, waiting at most `limit`. Cancel-safe.
+    pub async fn next_frame_within(&mut self, limit: Duration) -> Result<Frame, Close> {
+        if let Some(until) = self.pause_until {
+            tokio::time::sleep_until(until).await;
+            self.pause_until = None;
+        }
+        let frame = match tokio::time::timeout(limit, self.reader.next_frame()).await {
+            Err(_) => {
+                return Err(stream_error(
+                    StreamErrorCondition::ConnectionTimeout,
+                    "no traffic for too long",
+                ))
+            }
+            Ok(Ok(frame)) => frame,
+            Ok(Err(ReadError::Stream(e))) => return Err(e.into()),
+            Ok(Err(ReadError::Closed)) => return Err(Close::Gone("connection closed".into())),
+            Ok(Err(ReadError::Io(e))) => return Err(Close::Gone(format!("read failed: {e}"))),
+        };
+        self.last_read = Instant::now();
+        if let Frame::Element(bytes) = &frame {
+            if let Some(pause) = self.rate.take(bytes.len()) {
+                self.pause_until = Some(tokio::time::Instant::now() + pause);
+            }
+        }
+        Ok(frame)
+    }
+
+    /// The next element (not a header); the peer's stream close ends the stream.
+    pub async fn next_element(&mut self) -> Result<Bytes, Close> {
+        element(self.next_frame().await?)
+    }
+
+    /// The next element, checked to be well-formed and self-contained, with its
+    /// addressing read.
+    pub async fn next_stanza(&mut self) -> Result<Stanza, Close> {
+        let bytes = self.next_element().await?;
+        validate_stanza(&bytes)?;
+        parse(bytes)
+    }
+
+    /// Whether the peer sent bytes we have not read yet (not allowed before TLS starts).
+    pub fn has_buffered(&self) -> bool {
+        self.reader.has_buffered()
+    }
+
+    /// A new stream on the same connection (after TLS or SASL): bytes already read
+    /// belong to it; our header must be sent again.
+    pub fn restart(&mut self) {
+        self.reader.restart();
+        self.header_sent = false;
+    }
+
+    fn take_plain(&mut self) -> Option<tokio::net::TcpStream> {
+        let old = std::mem::replace(
+            &mut self.reader,
+            FramedReader::new(Transport::Detached, self.settings.limits),
+        );
+        old.into_inner().take_plain()
+    }
+
+    fn replace_transport(&mut self, transport: Transport) {
+        self.reader =
+            FramedReader::with_read_size(transport, self.settings.limits, self.settings.read_size);
+        self.header_sent = false;
+    }
+
+    /// Upgrades to TLS as the server (after we sent `<proceed/>`).
+    pub async fn accept_tls(&mut self, config: Arc<rustls::ServerConfig>) -> Result<(), Close> {
+        let tcp = self
+            .take_plain()
+            .ok_or_else(|| Close::Gone("not a plain stream".into()))?;
+        let transport = tls::accept(tcp, config).await?;
+        self.replace_transport(transport);
+        Ok(())
+    }
+
+    /// Upgrades to TLS as the client, with SNI `domain` (after `<proceed/>`).
+    pub async fn connect_tls(
+        &mut self,
+        config: Arc<rustls::ClientConfig>,
+        domain: &str,
+    ) -> Result<(), Close> {
+        let tcp = self
+            .take_plain()
+            .ok_or_else(|| Close::Gone("not a plain stream".into()))?;
+        let transport = tls::connect(tcp, config, domain).await?;
+        self.replace_transport(transport);
+        Ok(())
+    }
+
+    /// Ends the stream: the stream error (after `header()` if ours was not sent) or our
+    /// close tag, then waits briefly for the peer to close. Closing a socket with unread
+    /// input resets the connection, and the reset can destroy the stream error before the
+    /// peer reads it: what is left is read first.
+    pub async fn finish(mut self, close: &Close, header: impl FnOnce() -> String) {
+        let last = match close {
+            Close::Error(e) => {
+                let mut s = String::new();
+                if !self.header_sent {
+                    s.push_str(&header());
+                }
+                s.push_str(&e.to_xml());
+                s
+            }
+            Close::Closed => "</stream:stream>".to_owned(),
+            Close::Gone(_) => {
+                debug!("connection dropped without closing the stream");
+                return;
+            }
+        };
+        let _ = tokio::time::timeout(CLOSE_WRITE_LIMIT, async {
+            let _ = self.write(last.as_bytes()).await;
+            let _ = self.reader.get_mut().shutdown().await;
+        })
+        .await;
+        let io = self.reader.get_mut();
+        let _ = tokio::time::timeout(CLOSE_DRAIN_LIMIT, async {
+            let mut buf = vec![0u8; 8192];
+            while let Ok(n) = io.read(&mut buf).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// The element of a frame: a stream header in the middle of a stream is an error, the
+/// peer's close ends the stream.
+pub fn element(frame: Frame) -> Result<Bytes, Close> {
+    match frame {
+        Frame::Element(b) => Ok(b),
+        Frame::StreamClose => Err(Close::Closed),
+        Frame::StreamOpen(_) => Err(stream_error(
+            StreamErrorCondition::NotWellFormed,
+            "a second stream header",
+        )),
+    }
+}
+
+/// Reads an element's name and addressing; the framer already found it complete.
+pub fn parse(bytes: Bytes) -> Result<Stanza, Close> {
+    Stanza::parse(bytes)
+        .map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))
+}

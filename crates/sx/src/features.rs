@@ -1,0 +1,183 @@
+//! Stream features: what a layer offers, written as `<stream:features/>`, and what a
+//! peer offered, read from its `<stream:features/>`.
+
+use std::fmt::Write;
+
+use jrs_stream::xml::escape;
+use jrs_stream::Stanza;
+
+pub const NS_STREAMS: &str = jrs_stream::NS_STREAMS;
+pub const NS_TLS: &str = "urn:ietf:params:xml:ns:xmpp-tls";
+pub const NS_SASL: &str = "urn:ietf:params:xml:ns:xmpp-sasl";
+pub const NS_BIND: &str = "urn:ietf:params:xml:ns:xmpp-bind";
+pub const NS_SESSION: &str = "urn:ietf:params:xml:ns:xmpp-session";
+pub const NS_REGISTER_FEATURE: &str = "http://jabber.org/features/iq-register";
+pub const NS_SM: &str = "urn:xmpp:sm:3";
+pub const NS_CSI: &str = "urn:xmpp:csi:0";
+pub const NS_DIALBACK_FEATURE: &str = "urn:xmpp:features:dialback";
+
+/// One stream feature a layer offers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Feature {
+    /// RFC 6120 5: STARTTLS, possibly required before anything else.
+    StartTls { required: bool },
+    /// RFC 6120 6: SASL with these mechanisms, in order of preference.
+    Mechanisms(Vec<String>),
+    /// XEP-0077: in-band registration before authentication.
+    Register,
+    /// RFC 6120 7: resource binding.
+    Bind,
+    /// RFC 3921's session establishment, optional (RFC 6121 appendix E).
+    Session,
+    /// XEP-0198: stream management.
+    StreamManagement,
+    /// XEP-0352: client state indication.
+    ClientStateIndication,
+    /// XEP-0220 with XEP-0220's `<errors/>`: dialback, reporting errors.
+    Dialback,
+}
+
+impl Feature {
+    fn write(&self, out: &mut String) {
+        let _ = match self {
+            Feature::StartTls { required: true } => {
+                write!(out, "<starttls xmlns='{NS_TLS}'><required/></starttls>")
+            }
+            Feature::StartTls { required: false } => write!(out, "<starttls xmlns='{NS_TLS}'/>"),
+            Feature::Mechanisms(list) => {
+                let _ = write!(out, "<mechanisms xmlns='{NS_SASL}'>");
+                for m in list {
+                    let _ = write!(out, "<mechanism>{}</mechanism>", escape(m));
+                }
+                write!(out, "</mechanisms>")
+            }
+            Feature::Register => write!(out, "<register xmlns='{NS_REGISTER_FEATURE}'/>"),
+            Feature::Bind => write!(out, "<bind xmlns='{NS_BIND}'/>"),
+            Feature::Session => write!(out, "<session xmlns='{NS_SESSION}'><optional/></session>"),
+            Feature::StreamManagement => write!(out, "<sm xmlns='{NS_SM}'/>"),
+            Feature::ClientStateIndication => write!(out, "<csi xmlns='{NS_CSI}'/>"),
+            Feature::Dialback => {
+                write!(
+                    out,
+                    "<dialback xmlns='{NS_DIALBACK_FEATURE}'><errors/></dialback>"
+                )
+            }
+        };
+    }
+}
+
+/// The `<stream:features/>` element offering `features`, in order.
+pub fn features_xml(features: &[Feature]) -> String {
+    let mut out = String::from("<stream:features>");
+    for f in features {
+        f.write(&mut out);
+    }
+    out.push_str("</stream:features>");
+    out
+}
+
+/// What a peer offered in its `<stream:features/>`.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Offered {
+    pub starttls: bool,
+    pub starttls_required: bool,
+    pub mechanisms: Vec<String>,
+    pub dialback: bool,
+    pub stream_management: bool,
+}
+
+impl Offered {
+    /// Reads a peer's `<stream:features/>` (its children are self-contained; the
+    /// `stream` prefix was declared on the stream header, so the element is read with
+    /// its own namespace supplied). Children that are not understood are ignored, as
+    /// RFC 6120 4.3.2 asks; unreadable XML offers nothing.
+    pub fn parse(features: &Stanza) -> Offered {
+        let mut xml = format!("<features xmlns='{NS_STREAMS}'>");
+        xml.push_str(&String::from_utf8_lossy(features.inner()));
+        xml.push_str("</features>");
+        let Ok(root) = xml.parse::<minidom::Element>() else {
+            return Offered::default();
+        };
+        let mut offered = Offered::default();
+        for child in root.children() {
+            match (child.name(), child.ns().as_str()) {
+                ("starttls", NS_TLS) => {
+                    offered.starttls = true;
+                    offered.starttls_required = child.has_child("required", NS_TLS);
+                }
+                ("mechanisms", NS_SASL) => {
+                    offered.mechanisms = child
+                        .children()
+                        .filter(|m| m.is("mechanism", NS_SASL))
+                        .map(|m| m.text().trim().to_owned())
+                        .collect();
+                }
+                ("dialback", NS_DIALBACK_FEATURE) => offered.dialback = true,
+                ("sm", NS_SM) => offered.stream_management = true,
+                _ => {}
+            }
+        }
+        offered
+    }
+
+    pub fn mechanism(&self, name: &str) -> bool {
+        self.mechanisms.iter().any(|m| m == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use bytes::Bytes;
+
+    fn stanza(xml: String) -> Stanza {
+        Stanza::parse(Bytes::from(xml)).unwrap()
+    }
+
+    #[test]
+    fn what_is_written_reads_back() {
+        let xml = features_xml(&[
+            Feature::StartTls { required: true },
+            Feature::Mechanisms(vec!["EXTERNAL".into(), "SCRAM-SHA-1".into()]),
+            Feature::Dialback,
+            Feature::StreamManagement,
+        ]);
+        let offered = Offered::parse(&stanza(xml));
+        assert!(offered.starttls && offered.starttls_required);
+        assert!(offered.mechanism("EXTERNAL") && offered.mechanism("SCRAM-SHA-1"));
+        assert!(offered.dialback && offered.stream_management);
+        let plain = Offered::parse(&stanza(features_xml(&[Feature::StartTls {
+            required: false,
+        }])));
+        assert!(plain.starttls && !plain.starttls_required && !plain.dialback);
+    }
+
+    #[test]
+    fn names_count_only_in_their_namespace() {
+        // A mechanism named in a foreign element is not an offer (the old substring
+        // check took it for one).
+        let xml = "<stream:features><x xmlns='urn:other'>&gt;EXTERNAL&lt; urn:ietf:params:xml:ns:xmpp-tls</x>\
+                   <mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'><mechanism>PLAIN</mechanism></mechanisms>\
+                   </stream:features>";
+        let offered = Offered::parse(&stanza(xml.to_owned()));
+        assert!(!offered.starttls && !offered.mechanism("EXTERNAL") && offered.mechanism("PLAIN"));
+        let broken = Offered::parse(&stanza("<stream:features><a></b></stream:features>".into()));
+        assert_eq!(broken, Offered::default());
+    }
+
+    #[test]
+    fn client_features() {
+        let xml = features_xml(&[
+            Feature::Bind,
+            Feature::Session,
+            Feature::StreamManagement,
+            Feature::ClientStateIndication,
+        ]);
+        assert_eq!(
+            xml,
+            "<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
+             <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>\
+             <sm xmlns='urn:xmpp:sm:3'/><csi xmlns='urn:xmpp:csi:0'/></stream:features>"
+        );
+    }
+}

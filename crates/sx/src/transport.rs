@@ -1,0 +1,121 @@
+//! The byte stream under an XMPP stream: plain TCP (which STARTTLS upgrades in place) or
+//! TLS in either role, behind one `AsyncRead + AsyncWrite` type. The web transports
+//! (WebSocket, BOSH) that a later issue adds become further variants here.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use rustls::pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::TcpStream;
+
+pub enum Transport {
+    Plain(TcpStream),
+    /// TLS where the peer connected to us (clients, incoming servers).
+    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// TLS where we connected (outgoing servers).
+    TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// Nothing: what is left in place while the TCP stream is moved into TLS.
+    Detached,
+}
+
+fn detached() -> io::Error {
+    io::Error::new(io::ErrorKind::NotConnected, "stream moved into TLS")
+}
+
+impl Transport {
+    pub fn is_tls(&self) -> bool {
+        matches!(self, Transport::TlsServer(_) | Transport::TlsClient(_))
+    }
+
+    fn tls_common(&self) -> Option<&rustls::CommonState> {
+        match self {
+            Transport::TlsServer(s) => Some(s.get_ref().1),
+            Transport::TlsClient(s) => Some(s.get_ref().1),
+            _ => None,
+        }
+    }
+
+    /// The RFC 9266 `tls-exporter` channel binding data, if the stream is TLS 1.3 (the
+    /// only version it is defined for, RFC 9266 section 3).
+    pub fn exporter(&self) -> Option<Vec<u8>> {
+        let Transport::TlsServer(tls) = self else {
+            return None;
+        };
+        let conn = tls.get_ref().1;
+        if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
+            return None;
+        }
+        conn.export_keying_material(vec![0u8; 32], b"EXPORTER-Channel-Binding", None)
+            .ok()
+    }
+
+    /// The certificate chain the peer presented, if any.
+    pub fn peer_certificates(&self) -> Vec<CertificateDer<'static>> {
+        self.tls_common()
+            .and_then(|c| c.peer_certificates())
+            .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Takes the TCP stream out (for a STARTTLS upgrade), leaving `Detached`.
+    pub fn take_plain(&mut self) -> Option<TcpStream> {
+        match std::mem::replace(self, Transport::Detached) {
+            Transport::Plain(tcp) => Some(tcp),
+            other => {
+                *self = other;
+                None
+            }
+        }
+    }
+}
+
+/// Runs `$e` with `$s` pinned to whichever stream the transport holds.
+macro_rules! each {
+    ($self:ident, $s:ident => $e:expr, $detached:expr) => {
+        match $self.get_mut() {
+            Transport::Plain($s) => {
+                let $s = Pin::new($s);
+                $e
+            }
+            Transport::TlsServer($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+            Transport::TlsClient($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+            Transport::Detached => $detached,
+        }
+    };
+}
+
+impl AsyncRead for Transport {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        each!(self, s => s.poll_read(cx, buf), Poll::Ready(Err(detached())))
+    }
+}
+
+impl AsyncWrite for Transport {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        each!(self, s => s.poll_write(cx, buf), Poll::Ready(Err(detached())))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => s.poll_flush(cx), Poll::Ready(Err(detached())))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        each!(self, s => s.poll_shutdown(cx), Poll::Ready(Ok(())))
+    }
+}
