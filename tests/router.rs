@@ -433,6 +433,14 @@ async fn bad_input_ends_only_the_offending_link() {
             "restricted-xml",
         ),
         ("text at stream level", b"hello".to_vec(), "not-well-formed"),
+        (
+            // Relayed, a raw U+FFFF makes the recipient's parser reject its stream.
+            "raw U+FFFF",
+            "<message to='u@b.localhost' from='v@a.localhost'><body>ok \u{FFFF} ok</body></message>"
+                .as_bytes()
+                .to_vec(),
+            "not-well-formed",
+        ),
         ("10 MB stanza", ten_mb, "policy-violation"),
         ("100 000 levels deep", deep, "policy-violation"),
         (

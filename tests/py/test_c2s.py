@@ -352,6 +352,11 @@ BAD_INPUT = {
     # id: (bytes to send, expected stream error)
     # End tags that do not match, balanced in number: the element is complete.
     "mismatched-tags": (b"<message to='bob@localhost'><body>x</message></body>", "not-well-formed"),
+    # Raw characters XML excludes: relayed, they would knock the recipient's client off.
+    "raw-ufffe": (b"<message to='bob@localhost'><body>ok \xef\xbf\xbe ok</body></message>",
+                  "not-well-formed"),
+    "raw-uffff": (b"<message to='bob@localhost'><body>ok \xef\xbf\xbf ok</body></message>",
+                  "not-well-formed"),
     # An end tag that does not match its start tag must be refused as it arrives, not
     # only once the element's depth returns to zero (which here never happens).
     "mismatched-open": (b"<message to='bob@localhost'><body>x</message>", "not-well-formed"),
@@ -427,3 +432,79 @@ def test_auth_failure_limit(server):
     other = connect_tls(server, "starttls", source="127.0.0.3")
     assert local(authenticate(other, "alice", USERS["alice"], "SCRAM-SHA-256")) == "success", received(other)
     other.close()
+
+
+def test_sasl_attempts_per_stream_are_limited(server):
+    """RFC 6120 6.4.5: a few retries on one stream (3 by default), then the stream is
+    closed with policy-violation; the per-address limit is a separate one."""
+    c = connect_tls(server, "starttls", source="127.0.0.4")
+    for attempt in range(2):
+        outcome = authenticate(c, "alice", f"wrong-{attempt}", "PLAIN")
+        assert [local(e) for e in outcome] == ["not-authorized"], received(c)
+    # Any failure counts: an unknown mechanism too.
+    c._auth("X-UNKNOWN", b"")
+    failure = c.next(what="the third failure")
+    assert local(failure) == "failure" and [local(e) for e in failure] == ["invalid-mechanism"], \
+        received(c)
+    assert c.wait_stream_error() == "policy-violation", received(c)
+    # The address may still log in on a new stream (3 < the per-address limit of 5).
+    ok = connect_tls(server, "starttls", source="127.0.0.4")
+    assert local(authenticate(ok, "alice", USERS["alice"], "PLAIN")) == "success", received(ok)
+    ok.close()
+
+
+def test_iq_without_id_is_refused_and_not_executed(server):
+    """RFC 6120 8.1.3: an IQ needs an id; one without is answered bad-request and its
+    request is not carried out (here: a roster set)."""
+    alice = login(server.starttls_port, "alice", USERS["alice"], resource="a")
+    alice.send("<iq type='set'><query xmlns='jabber:iq:roster'>"
+               "<item jid='mallory@localhost' name='M'/></query></iq>")
+    reply = alice.expect("iq")
+    assert reply.get("type") == "error" and reply.get("id") is None, to_xml(reply)
+    assert stanza_error_condition(reply) == ("modify", "bad-request"), to_xml(reply)
+    roster = alice.iq("get", "<query xmlns='jabber:iq:roster'/>")
+    assert roster.get("type") == "result", to_xml(roster)
+    assert "mallory@localhost" not in to_xml(roster), to_xml(roster)
+    # Before binding too.
+    c = connect_tls(server, "starttls")
+    assert local(authenticate(c, "bob", USERS["bob"], "PLAIN")) == "success", received(c)
+    c.open_stream()
+    c.send("<iq type='set'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>")
+    reply = c.expect("iq")
+    assert stanza_error_condition(reply) == ("modify", "bad-request"), to_xml(reply)
+    assert c.bind("r").get("type") == "result", received(c)
+    alice.close()
+    c.close()
+
+
+def test_a_refused_burst_is_logged_once(request, tmp_path):
+    """A client that overruns a user's queue gets resource-constraint answers, and sm's
+    log gets a line when the burst starts, not one per refused stanza."""
+    s = server_fixture(request, tmp_path, sm_extra="<sessions queue='4'/>")
+    try:
+        add_users(s)
+        alice = login(s.starttls_port, "alice", USERS["alice"], resource="a")
+        bob = login(s.starttls_port, "bob", USERS["bob"], resource="b")
+        before = s.log_size("sm")
+        burst = "".join(f"<message to='bob@localhost' type='chat' id='m{i}'><body>{i}</body></message>"
+                        for i in range(400))
+        alice.send(burst)
+        refused = 0
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                element = alice.next(timeout=1.0)
+            except TimeoutError:
+                break
+            if element.get("type") == "error":
+                assert stanza_error_condition(element)[1] == "resource-constraint", to_xml(element)
+                refused += 1
+        assert refused >= 10, f"only {refused} refusals: the queue did not overflow"
+        log = s.log("sm")[before:]
+        lines = [line for line in log.splitlines() if "user queue full" in line]
+        assert 1 <= len(lines) <= 2, "\n".join(lines[:10])
+        assert "ERROR" not in "\n".join(lines)
+        alice.close()
+        bob.close()
+    finally:
+        finish_server(request, s)

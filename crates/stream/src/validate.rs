@@ -25,6 +25,12 @@ pub fn validate_stanza(stanza: &[u8]) -> Result<(), StreamError> {
     {
         return Err(bad(format!("character 0x{b:02x} is not allowed in XML")));
     }
+    if let Some(c) = excluded_noncharacter(stanza) {
+        return Err(bad(format!(
+            "character U+{:04X} is not allowed in XML",
+            c as u32
+        )));
+    }
     let mut reader = NsReader::from_str(text);
     let config = reader.config_mut();
     config.check_end_names = true;
@@ -95,6 +101,23 @@ pub fn validate_stanza(stanza: &[u8]) -> Result<(), StreamError> {
     }
 }
 
+/// The first raw U+FFFE or U+FFFF in valid UTF-8: with the control characters checked
+/// above, the only code points XML 1.0 excludes (2.2 "Char") that UTF-8 can carry
+/// (surrogates cannot be encoded). Relayed, they would make a recipient's parser reject
+/// the whole stream. Both are encoded EF BF BE / EF BF BF; other text skips by memchr.
+fn excluded_noncharacter(utf8: &[u8]) -> Option<char> {
+    let mut from = 0;
+    while let Some(i) = memchr::memchr(0xEF, &utf8[from..]) {
+        let at = from + i;
+        match utf8.get(at + 1..at + 3) {
+            Some([0xBF, 0xBE]) => return Some('\u{FFFE}'),
+            Some([0xBF, 0xBF]) => return Some('\u{FFFF}'),
+            _ => from = at + 1,
+        }
+    }
+    None
+}
+
 fn expect_eof(reader: &mut NsReader<&[u8]>) -> Result<(), StreamError> {
     match reader.read_event() {
         Ok(Event::Eof) => Ok(()),
@@ -141,5 +164,22 @@ mod tests {
             assert!(validate_stanza(s.as_bytes()).is_err(), "accepted {s}");
         }
         assert!(validate_stanza(b"<m>\xff</m>").is_err());
+        // Raw noncharacters XML excludes, in text and in attribute values; as character
+        // references they were refused already.
+        for s in [
+            "<message><body>ok \u{FFFF} ok</body></message>",
+            "<message><body>\u{FFFE}</body></message>",
+            "<message to='a\u{FFFF}'/>",
+            "<message>&#xFFFF;</message>",
+        ] {
+            assert!(validate_stanza(s.as_bytes()).is_err(), "accepted {s:?}");
+        }
+        // Their neighbours are fine.
+        for s in [
+            "<m>\u{FFFD} \u{EFFF} \u{10000} \u{FEFF}</m>",
+            "<m>\u{F8FF}\u{FFEF}</m>",
+        ] {
+            validate_stanza(s.as_bytes()).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+        }
     }
 }

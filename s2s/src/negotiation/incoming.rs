@@ -626,5 +626,12 @@ mod tests {
             el("<message from='a@there.example' to='b@here.example'><!-- x --></message>"),
         );
         assert_eq!(closed(&a), Some(StreamErrorCondition::RestrictedXml));
+        let (mut i, _) = over_tls(&s, vec![]);
+        let a = i.step(&s, el("<message from='a@there.example' to='b@here.example'><body>\u{FFFF}</body></message>"));
+        assert_eq!(
+            closed(&a),
+            Some(StreamErrorCondition::NotWellFormed),
+            "raw U+FFFF"
+        );
     }
 }

@@ -24,6 +24,7 @@ use crate::host::accounts::Accounts;
 use crate::host::components::Components;
 use crate::host::iq::{Iq, IqKind, Reply, Scope};
 use crate::host::out::{Out, Output};
+use crate::host::overload::Overload;
 use crate::host::packet::Packet;
 use crate::host::registry::Registry;
 use crate::host::session::{Session, SessionKey, SessionRef};
@@ -410,6 +411,8 @@ pub struct Ctx {
     pub components: Components,
     /// When this process started (server uptime for XEP-0012).
     pub started: Instant,
+    /// Refusals for full user queues, logged once per burst.
+    pub overload: Overload,
     link: Mutex<Option<Outbox>>,
 }
 
@@ -420,6 +423,7 @@ impl Ctx {
             users: Registry::default(),
             components: Components::default(),
             started: Instant::now(),
+            overload: Overload::default(),
             link: Mutex::new(None),
             modules,
             store,

@@ -7,7 +7,7 @@
 //!   domain itself);
 //! - `iq` (IQ requests and replies as modules see them),
 //! - `session`, `packet`, `state`, `out`, `store`, `registry`, `accounts`,
-//!   `components`: the pieces they are made of.
+//!   `components`, `overload`: the pieces they are made of.
 //!
 //! docs/sm.md, "Writing a module", shows how a module is written.
 
@@ -18,6 +18,7 @@ pub mod iq;
 pub mod iq_routing;
 pub mod kernel;
 pub mod out;
+pub mod overload;
 pub mod packet;
 pub mod registry;
 pub mod server;

@@ -31,7 +31,7 @@ pub fn dispatch(ctx: &Arc<Ctx>, user: &BareJid, event: Event) {
             tokio::spawn(run(User::new(c, jid), rx).instrument(span));
         });
     if let Err(e) = result {
-        overloaded(ctx, *e);
+        overloaded(ctx, user, *e);
     }
 }
 
@@ -251,28 +251,26 @@ fn no_such_user(u: &mut User, p: &Packet, kind: &str) {
     }
 }
 
-/// Logs a failed dispatch (queue full) and answers the sender where possible.
-fn overloaded(ctx: &Ctx, event: Event) {
+/// Answers the sender of an event `user`'s full queue refused (and counts it: logged
+/// once per burst).
+fn overloaded(ctx: &Ctx, user: &BareJid, event: Event) {
     use jrs_stream::StanzaErrorCondition::ResourceConstraint;
     let text = "too many stanzas queued for this user; try again later";
     match event {
         Event::Inbound(p) => {
-            error!(
-                to = p.to.as_ref().map(|j| j.as_str()).unwrap_or(""),
-                "user queue full: stanza refused"
-            );
+            ctx.overload.refused(user, "a stanza for the user");
             if let Some(reply) = p.stanza().error_reply(ResourceConstraint, text) {
                 ctx.send(reply);
             }
         }
         Event::Stanza(s, stanza) => {
-            error!(jid = %s.jid, "user queue full: client stanza refused");
+            ctx.overload.refused(user, "a stanza from a client");
             if let Some(reply) = stanza.error_reply(ResourceConstraint, text) {
                 ctx.send(session::packet(&ctx.me, "stanza", &s, &reply));
             }
         }
         Event::Start(s) => {
-            error!(jid = %s.jid, "user queue full: session refused");
+            ctx.overload.refused(user, "a session start");
             ctx.send(session::refuse_start(&ctx.me, &s, ResourceConstraint, text));
         }
         other => error!("user queue full: {other:?} dropped"),
