@@ -668,6 +668,54 @@ async fn rule_breaking_remote_streams_get_stream_errors() {
         .any(|s| String::from_utf8_lossy(s.as_slice()).contains("forged")));
 }
 
+/// SIGTERM: every stream, incoming and outgoing, gets `<system-shutdown/>` and is
+/// closed; s2s exits well inside the supervisor's stop timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_stream_with_system_shutdown() {
+    let (port_a, port_b) = (free_port(), free_port());
+    let mut a = start_domain(
+        "a.test",
+        port_a,
+        &format!(
+            "{}<tls require-encryption='false'/>",
+            route("b.test", port_b)
+        ),
+        &["alice"],
+    )
+    .await;
+    let _b = start_domain("b.test", port_b, &route("a.test", port_a), &["bob"]).await;
+    a.c2s.start("alice@a.test/phone", "a").await;
+    // An incoming stream (a raw remote) ...
+    let mut remote = Raw::open(port_a, "b.test", "a.test").await;
+    remote
+        .dialback("b.test", "a.test", &secret_of("b.test"))
+        .await;
+    // ... and an outgoing one (to b.test, carrying a message).
+    a.c2s
+        .send(
+            "alice@a.test/phone",
+            "a",
+            "<message to='bob@b.test' type='chat' id='m1'><body>hi</body></message>",
+        )
+        .await;
+    let started = Instant::now();
+    let status = a
+        .server
+        .terminate("s2s", Duration::from_secs(8))
+        .await
+        .expect("s2s did not stop within 8 s");
+    assert!(status.success(), "{status}");
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "{:?}",
+        started.elapsed()
+    );
+    let got = remote
+        .expect("stream error", |s| s.contains("</stream:error>"))
+        .await;
+    assert!(got.contains("system-shutdown"), "{got}");
+}
+
 /// With certificates from a CA both servers trust, the streams authenticate with SASL
 /// EXTERNAL (no dialback), in both directions; a.test reaches b.test over direct TLS
 /// (XEP-0368) and b.test reaches a.test with STARTTLS.

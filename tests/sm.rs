@@ -48,9 +48,14 @@ impl C2s {
     }
 
     async fn packet(&mut self, kind: &str, jid: &str, sid: &str, inner: &str) {
+        self.packet_with(kind, jid, sid, "", inner).await;
+    }
+
+    /// A session packet with more attributes (`attrs`: written as they are).
+    async fn packet_with(&mut self, kind: &str, jid: &str, sid: &str, attrs: &str, inner: &str) {
         let bare = jid.split('/').next().unwrap();
         let head = format!(
-            "<session type='{kind}' to='{bare}' from='{}' jid='{jid}' sid='{sid}'",
+            "<session type='{kind}' to='{bare}' from='{}' jid='{jid}' sid='{sid}' {attrs}",
             self.name
         );
         let p = if inner.is_empty() {
@@ -874,12 +879,31 @@ async fn offline_messages_are_stored_delivered_with_delay_and_limited() {
     }
     c2s.barrier(BOB, "b2").await;
     assert!(!c2s.has("b2", &["composing"]));
-    // Taken: the next login gets nothing more.
+    // Not confirmed by b2's client: still stored, and the next login gets them again.
     c2s.packet("end", BOB, "b2", "").await;
     c2s.start(BOB, "b3").await;
     c2s.send(BOB, "b3", "<presence/>").await;
+    c2s.stanza("b3", &["offline 1"]).await;
+    c2s.stanza("b3", &["offline 2"]).await;
+    // The client confirms the first: only the second stays.
+    c2s.packet_with("delivered", BOB, "b3", "count='1'", "")
+        .await;
     c2s.barrier(BOB, "b3").await;
-    assert!(!c2s.has("b3", &["offline"]));
+    c2s.packet("end", BOB, "b3", "").await;
+    c2s.start(BOB, "b4").await;
+    c2s.send(BOB, "b4", "<presence/>").await;
+    c2s.stanza("b4", &["offline 2"]).await;
+    c2s.barrier(BOB, "b4").await;
+    assert!(!c2s.has("b4", &["offline 1"]));
+    c2s.packet_with("delivered", BOB, "b4", "count='1'", "")
+        .await;
+    c2s.barrier(BOB, "b4").await;
+    // Confirmed, all of them: the next login gets nothing more.
+    c2s.packet("end", BOB, "b4", "").await;
+    c2s.start(BOB, "b5").await;
+    c2s.send(BOB, "b5", "<presence/>").await;
+    c2s.barrier(BOB, "b5").await;
+    assert!(!c2s.has("b5", &["offline"]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -31,7 +31,35 @@ pub struct C2sConfig {
     pub auth_window: Duration,
     /// Failed authentications allowed on one stream before it is closed.
     pub auth_attempts: u32,
+    pub stream_management: StreamManagement,
+    pub csi: Csi,
+    /// On SIGTERM, how long sessions get to end or be handed to sm.
+    pub shutdown_timeout: Duration,
     pub log: LogConfig,
+}
+
+/// XEP-0198 (`<stream-management/>`).
+#[derive(Debug, Clone)]
+pub struct StreamManagement {
+    pub enabled: bool,
+    /// Sessions may be resumed (they hibernate when their connection drops).
+    pub resume: bool,
+    /// How long a session waits for its client to resume.
+    pub hibernate: Duration,
+    /// Stanzas a session may hold unacknowledged (or queued while hibernating).
+    pub max_queue: usize,
+    /// The server asks for an acknowledgement after this many stanzas...
+    pub ack_every: u32,
+    /// ...or when the oldest unacknowledged one is this old.
+    pub ack_after: Duration,
+}
+
+/// XEP-0352 (`<csi/>`).
+#[derive(Debug, Clone)]
+pub struct Csi {
+    pub enabled: bool,
+    /// Stanzas held for an inactive client at most (then they all go out).
+    pub max_held: usize,
 }
 
 pub const ALL_MECHANISMS: &[&str] = &[
@@ -57,6 +85,8 @@ impl C2sConfig {
                 "limits",
                 "timeouts",
                 "auth-failures",
+                "stream-management",
+                "csi",
                 "log",
             ],
         )?;
@@ -91,12 +121,64 @@ impl C2sConfig {
             r.allow(&["enabled"], &[])?;
             register = r.bool_attr("enabled", false)?;
         }
-        let (mut rate_bytes, mut idle_timeout, mut keepalive) =
-            (65_536u32, Duration::from_secs(300), Duration::from_secs(60));
+        let (mut rate_bytes, mut idle_timeout, mut keepalive, mut shutdown_timeout) = (
+            65_536u32,
+            Duration::from_secs(300),
+            Duration::from_secs(60),
+            Duration::from_secs(5),
+        );
         if let Some(t) = root.child("timeouts")? {
-            t.allow(&["idle", "keepalive"], &[])?;
+            t.allow(&["idle", "keepalive", "shutdown"], &[])?;
             idle_timeout = t.seconds_attr("idle")?.unwrap_or(idle_timeout);
             keepalive = t.seconds_attr("keepalive")?.unwrap_or(keepalive);
+            shutdown_timeout = t.seconds_attr("shutdown")?.unwrap_or(shutdown_timeout);
+        }
+        let mut stream_management = StreamManagement {
+            enabled: true,
+            resume: true,
+            hibernate: Duration::from_secs(300),
+            max_queue: 500,
+            ack_every: 10,
+            ack_after: Duration::from_secs(30),
+        };
+        if let Some(n) = root.child("stream-management")? {
+            n.allow(
+                &[
+                    "enabled",
+                    "resume",
+                    "hibernate",
+                    "max-queue",
+                    "ack-every",
+                    "ack-after",
+                ],
+                &[],
+            )?;
+            let sm = &mut stream_management;
+            sm.enabled = n.bool_attr("enabled", sm.enabled)?;
+            sm.resume = n.bool_attr("resume", sm.resume)?;
+            sm.hibernate = n.seconds_attr("hibernate")?.unwrap_or(sm.hibernate);
+            sm.max_queue = n
+                .parse_attr("max-queue", "a number of stanzas")?
+                .unwrap_or(sm.max_queue);
+            sm.ack_every = n
+                .parse_attr("ack-every", "a number of stanzas")?
+                .unwrap_or(sm.ack_every);
+            sm.ack_after = n.seconds_attr("ack-after")?.unwrap_or(sm.ack_after);
+            if sm.max_queue == 0 || sm.ack_every == 0 {
+                return Err(n.error("max-queue and ack-every must be at least 1"));
+            }
+        }
+        let mut csi = Csi {
+            enabled: true,
+            max_held: 100,
+        };
+        if let Some(n) = root.child("csi")? {
+            n.allow(&["enabled", "max-held"], &[])?;
+            csi.enabled = n.bool_attr("enabled", csi.enabled)?;
+            csi.max_held = n
+                .parse_attr("max-held", "a number of stanzas")?
+                .unwrap_or(csi.max_held)
+                .max(1);
         }
         let limits_node = root.child("limits")?;
         if let Some(l) = limits_node {
@@ -148,6 +230,9 @@ impl C2sConfig {
             auth_failures,
             auth_window,
             auth_attempts,
+            stream_management,
+            csi,
+            shutdown_timeout,
             log: LogConfig::from_node(root.child("log")?)?,
         })
     }

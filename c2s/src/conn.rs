@@ -1,5 +1,5 @@
 //! One client connection: its transport, the negotiation (`login.rs`), then the session
-//! (`session.rs`), and the close handshake however it ends.
+//! (`session/`), and the close handshake however it ends.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -7,12 +7,13 @@ use std::sync::Arc;
 use tokio::net::TcpStream;
 use tracing::debug;
 
-use jrs_sx::{tls, Close, Connection, Transport};
+use jrs_stream::StreamErrorCondition;
+use jrs_sx::{stream_error, tls, Close, Connection, Transport};
 
 use crate::config::TlsMode;
 use crate::login;
 use crate::negotiation::{Negotiation, Outcome};
-use crate::session;
+use crate::session::{self, Resumed};
 use crate::shared::Shared;
 
 /// Serves one accepted TCP connection.
@@ -43,15 +44,27 @@ async fn run(
     negotiation: &mut Negotiation,
     peer: SocketAddr,
 ) -> Close {
-    // Boxed: negotiation's state is large and short-lived; the task then spends its life
-    // in the session, and its size is that of its largest await point.
-    match Box::pin(login::run(shared, conn, negotiation)).await {
-        Ok(Outcome::Bind { bare, full, id }) => {
-            session::run(shared, conn, peer, bare, full, id).await
+    if shared.shutting_down() {
+        return stream_error(
+            StreamErrorCondition::SystemShutdown,
+            "the server is stopping",
+        );
+    }
+    loop {
+        // Boxed: negotiation's state is large and short-lived; the task then spends its
+        // life in the session, and its size is that of its largest await point.
+        match Box::pin(login::run(shared, conn, negotiation)).await {
+            Ok(Outcome::Bind { bare, full, id }) => {
+                return session::bind(shared, conn, peer, bare, full, id).await
+            }
+            Ok(Outcome::Resume { bare, previd, h }) => {
+                match Box::pin(session::resume(shared, conn, peer, bare, previd, h)).await {
+                    Resumed::Ended(close) => return close,
+                    // `<failed/>` was sent: the client may bind on this stream.
+                    Resumed::Failed => continue,
+                }
+            }
+            Err(close) => return close,
         }
-        Ok(Outcome::Resume { .. }) => {
-            unreachable!("resumption is not offered without stream management")
-        }
-        Err(close) => close,
     }
 }

@@ -8,6 +8,7 @@ mod conn;
 mod iq;
 mod login;
 mod negotiation;
+mod protocol;
 mod sasl;
 mod session;
 mod shared;
@@ -18,7 +19,9 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::info;
 
-use jrs_component::service::{exit_code, load_and_init, run_component, Bind, CommonArgs};
+use jrs_component::service::{
+    exit_code, load_and_init, run_component_until_stopped, Bind, CommonArgs,
+};
 use jrs_stream::Limits;
 
 use crate::config::C2sConfig;
@@ -63,10 +66,19 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_stanza_bytes: 4 << 20,
             max_depth: 64,
         };
-        run_component(link, limits, vec![Bind::notices()], |reader, outbox| {
-            let shared = shared.clone();
-            async move { shared.serve_router(reader, outbox).await }
-        })
+        let serving = shared.clone();
+        run_component_until_stopped(
+            link,
+            limits,
+            vec![Bind::notices()],
+            |reader, outbox| {
+                let shared = serving.clone();
+                async move { shared.serve_router(reader, outbox).await }
+            },
+            // SIGTERM: every client gets <system-shutdown/>; resumable sessions are
+            // handed to sm (a client may resume on another instance), the others end.
+            || async { shared.shut_down(shared.config.shutdown_timeout).await },
+        )
         .await
     })
 }

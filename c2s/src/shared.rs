@@ -1,5 +1,6 @@
 //! State shared by every client connection of this c2s process: configuration, TLS,
-//! storage client, the router link, and the table of sessions by id.
+//! storage client, the router link, the table of sessions by id, and the shutdown signal.
+//! The packets of the session protocol with sm are `protocol.rs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,47 +8,23 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
 use jrs_component::{Outbox, TopLevel};
-use jrs_stream::xml::escape;
 use jrs_stream::{Stanza, StanzaErrorCondition, StreamErrorCondition};
 use jrs_xdb::XdbClient;
 
 use crate::auth_failures::AuthFailures;
 use crate::config::C2sConfig;
 use crate::negotiation;
+use crate::protocol::{self, Answer, Counts, Item, Resumption, SessionHandle, ToClient};
+use crate::session::stream_management::AckPolicy;
 use crate::tls::Tls;
 
 /// Bytes read from a client at a time (stanzas are usually far smaller, and most clients
 /// are idle: memory per connection).
 const CLIENT_READ_SIZE: usize = 1024;
-
-/// What the router side hands a client connection.
-pub enum ToClient {
-    /// A stanza to write to the client as it is.
-    Stanza(Bytes),
-    /// sm ended the session: send this stream error and close.
-    End(StreamErrorCondition, String),
-}
-
-/// sm's answer to a session start: the sm instance, or the condition of its refusal.
-pub type Started = Result<String, String>;
-
-/// One bound client session.
-pub struct SessionHandle {
-    pub sid: String,
-    pub jid: String,
-    pub bare: String,
-    /// Boxed: a channel allocates its slots 32 at a time, and an idle client should cost
-    /// 32 pointers there.
-    pub to_client: mpsc::UnboundedSender<Box<ToClient>>,
-    /// Resolved by sm's `started` (or `end`) answer.
-    started: Mutex<Option<oneshot::Sender<Started>>>,
-    /// The sm instance holding the session.
-    sm: Mutex<Option<String>>,
-}
 
 pub struct Shared {
     pub config: C2sConfig,
@@ -60,6 +37,8 @@ pub struct Shared {
     router: Mutex<Option<Outbox>>,
     sessions: Mutex<HashMap<String, Arc<SessionHandle>>>,
     next_sid: AtomicU64,
+    /// Set on SIGTERM: every session ends (or hibernates) and new streams are refused.
+    shutdown: watch::Sender<bool>,
 }
 
 impl Shared {
@@ -72,8 +51,8 @@ impl Shared {
                 mechanisms: config.mechanisms.clone(),
                 register: config.register,
                 attempts: config.auth_attempts,
-                stream_management: false,
-                csi: false,
+                stream_management: config.stream_management.enabled,
+                csi: config.csi.enabled,
                 failures: Arc::new(AuthFailures::new(config.auth_failures, config.auth_window)),
             },
             config,
@@ -82,6 +61,7 @@ impl Shared {
             router: Mutex::new(None),
             sessions: Mutex::new(HashMap::new()),
             next_sid: AtomicU64::new(1),
+            shutdown: watch::channel(false).0,
         }
     }
 
@@ -103,16 +83,66 @@ impl Shared {
         }
     }
 
-    /// The `<session/>` packet for `handle`, wrapping `content` (a stanza) if any.
-    pub fn session_packet(&self, kind: &str, handle: &SessionHandle, content: &[u8]) -> Bytes {
-        let head = format!(
-            "<session type='{kind}' to='{}' from='{}' jid='{}' sid='{}'",
-            escape(&handle.bare),
-            escape(&self.me),
-            escape(&handle.jid),
-            escape(&handle.sid)
-        );
-        jrs_stream::xml::element(&head, "session", content)
+    /// When sessions ask their clients for acknowledgements.
+    pub fn ack_policy(&self) -> AckPolicy {
+        let sm = &self.config.stream_management;
+        AckPolicy {
+            every: sm.ack_every,
+            after: sm.ack_after,
+        }
+    }
+
+    /// A receiver that sees `true` once the process is shutting down.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// SIGTERM: tells every session to end or hibernate, then waits (at most `limit`)
+    /// until they have told sm.
+    pub async fn shut_down(&self, limit: Duration) {
+        self.shutdown.send_replace(true);
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            let left = self.sessions.lock().expect("sessions lock").len();
+            if left == 0 {
+                info!("every session ended or handed to sm");
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                warn!(sessions = left, "stop timeout: sessions still open");
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    fn new_sid(&self) -> String {
+        self.next_sid.fetch_add(1, Ordering::Relaxed).to_string()
+    }
+
+    fn register(
+        &self,
+        jid: &str,
+        bare: &str,
+        to_client: mpsc::UnboundedSender<Box<ToClient>>,
+    ) -> (Arc<SessionHandle>, oneshot::Receiver<Answer>) {
+        let (tx, rx) = oneshot::channel();
+        let handle = Arc::new(SessionHandle::new(
+            self.new_sid(),
+            jid.to_owned(),
+            bare.to_owned(),
+            to_client,
+            tx,
+        ));
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(handle.sid.clone(), handle.clone());
+        (handle, rx)
     }
 
     /// Registers a new session and asks sm to start it; resolves with sm's answer.
@@ -121,36 +151,117 @@ impl Shared {
         jid: &str,
         bare: &str,
         to_client: mpsc::UnboundedSender<Box<ToClient>>,
-    ) -> (Arc<SessionHandle>, oneshot::Receiver<Started>) {
-        let sid = format!("{}", self.next_sid.fetch_add(1, Ordering::Relaxed));
-        let (tx, rx) = oneshot::channel();
-        let handle = Arc::new(SessionHandle {
-            sid: sid.clone(),
-            jid: jid.to_owned(),
-            bare: bare.to_owned(),
-            to_client,
-            started: Mutex::new(Some(tx)),
-            sm: Mutex::new(None),
-        });
-        self.sessions
-            .lock()
-            .expect("sessions lock")
-            .insert(sid, handle.clone());
-        self.send(self.session_packet("start", &handle, b""));
+    ) -> (Arc<SessionHandle>, oneshot::Receiver<Answer>) {
+        let (handle, rx) = self.register(jid, bare, to_client);
+        self.send(protocol::packet(&self.me, "start", &handle, &[], b""));
         (handle, rx)
     }
 
-    /// Forgets a session whose client went away, telling sm.
-    pub fn end_session(&self, handle: &SessionHandle) {
-        if self
-            .sessions
+    /// Asks sm to resume the session `token` of `bare` on a new session id here; resolves
+    /// with the session's full JID, counts and queue, or a refusal.
+    pub fn resume_session(
+        &self,
+        bare: &str,
+        token: &str,
+        to_client: mpsc::UnboundedSender<Box<ToClient>>,
+    ) -> (Arc<SessionHandle>, oneshot::Receiver<Answer>) {
+        // The full JID is sm's to tell: until then the handle names the bare JID.
+        let (handle, rx) = self.register(bare, bare, to_client);
+        self.send(protocol::packet(
+            &self.me,
+            "resume",
+            &handle,
+            &[("previd", token)],
+            b"",
+        ));
+        (handle, rx)
+    }
+
+    fn forget(&self, handle: &SessionHandle) -> bool {
+        self.sessions
             .lock()
             .expect("sessions lock")
             .remove(&handle.sid)
             .is_some()
-        {
-            self.send(self.session_packet("end", handle, b""));
+    }
+
+    /// Forgets a session sm refused (no `end` to send).
+    pub fn drop_session(&self, handle: &SessionHandle) {
+        self.forget(handle);
+    }
+
+    /// Ends a session whose client went away, telling sm, with what the client did not
+    /// receive (sm stores it offline, gives it to another session, or bounces it). Sent
+    /// for a session sm ended already too when there is something to return.
+    pub fn end_session(&self, handle: &SessionHandle, undelivered: &[Item]) {
+        if self.forget(handle) || !undelivered.is_empty() {
+            let items = protocol::items(undelivered);
+            self.send(protocol::packet(&self.me, "end", handle, &[], &items));
         }
+    }
+
+    /// The client of a resumable session is gone: sm stops sending and answers
+    /// `collect` (the relay then calls [`Shared::park`]).
+    pub fn hibernate(&self, handle: &SessionHandle) {
+        self.send(protocol::packet(&self.me, "hibernate", handle, &[], b""));
+    }
+
+    /// Hands a session to sm to keep until it is resumed or times out: its counts and
+    /// what the client has not acknowledged or received.
+    pub fn park(&self, handle: &SessionHandle, counts: Counts, items: &[Item]) {
+        self.forget(handle);
+        let sm = &self.config.stream_management;
+        let (received, acked, sent) = (
+            counts.received.to_string(),
+            counts.acked.to_string(),
+            counts.sent.to_string(),
+        );
+        let (timeout, max) = (
+            sm.hibernate.as_secs_f64().to_string(),
+            sm.max_queue.to_string(),
+        );
+        self.send(protocol::packet(
+            &self.me,
+            "park",
+            handle,
+            &[
+                ("h", &received),
+                ("acked", &acked),
+                ("sent", &sent),
+                ("timeout", &timeout),
+                ("max", &max),
+            ],
+            &protocol::items(items),
+        ));
+    }
+
+    /// The session may be resumed with `token`.
+    pub fn resumable(&self, handle: &SessionHandle, token: &str) {
+        self.send(protocol::packet(
+            &self.me,
+            "resumable",
+            handle,
+            &[("token", token)],
+            b"",
+        ));
+    }
+
+    /// The client has `count` more of the offline messages sm gave this session.
+    pub fn delivered(&self, handle: &SessionHandle, count: usize) {
+        if count > 0 {
+            self.send(protocol::packet(
+                &self.me,
+                "delivered",
+                handle,
+                &[("count", &count.to_string())],
+                b"",
+            ));
+        }
+    }
+
+    /// The `session` packet carrying a client's stanza to sm.
+    pub fn client_stanza(&self, handle: &SessionHandle, stanza: &[u8]) -> bool {
+        self.send(protocol::packet(&self.me, "stanza", handle, &[], stanza))
     }
 
     /// Serves the router link until it drops.
@@ -193,62 +304,72 @@ impl Shared {
         let Some(handle) = handle else {
             // Only live traffic is answered: never an `end` or a bounced packet (an
             // error), which could loop between us and the router.
-            if matches!(packet.kind(), Some("stanza" | "started")) {
-                // A session we no longer have: tell sm it ended.
+            if matches!(packet.kind(), Some("stanza" | "started" | "resumed")) {
+                // A session we no longer have: tell sm it ended, returning what it sent.
                 debug!(sid, "packet for an unknown session");
                 let jid = packet.attr("jid").unwrap_or_default();
-                let bare = jid.split('/').next().unwrap_or("").to_owned();
-                let gone = SessionHandle {
-                    sid,
-                    jid,
-                    bare,
-                    to_client: mpsc::unbounded_channel().0,
-                    started: Mutex::new(None),
-                    sm: Mutex::new(None),
+                let gone = SessionHandle::gone(sid, jid);
+                let undelivered = match packet.kind() {
+                    Some("stanza") => protocol::items(&[protocol::stanza_item(packet)]),
+                    Some("resumed") => protocol::items(&protocol::queued_items(packet)),
+                    _ => vec![],
                 };
-                self.send(self.session_packet("end", &gone, b""));
+                self.send(protocol::packet(&self.me, "end", &gone, &[], &undelivered));
             }
             return;
         };
+        let to_client = |message: ToClient| {
+            let _ = handle.to_client.send(Box::new(message));
+        };
         match packet.kind() {
             Some("started") => {
-                *handle.sm.lock().expect("sm lock") = packet.from().map(str::to_owned);
-                if let Some(tx) = handle.started.lock().expect("started lock").take() {
-                    let _ = tx.send(Ok(packet.from().unwrap_or("").to_owned()));
-                }
+                handle.set_sm(packet.from());
+                handle.answer(Answer::Started);
             }
-            Some("stanza") => {
-                let _ = handle
-                    .to_client
-                    .send(Box::new(ToClient::Stanza(Bytes::copy_from_slice(
-                        packet.inner(),
-                    ))));
+            Some("resumed") => {
+                let Some(jid) = packet.attr("jid") else {
+                    return;
+                };
+                // The handle now names the session's full JID.
+                let resumed = Arc::new(handle.with_jid(jid, packet.from()));
+                self.sessions
+                    .lock()
+                    .expect("sessions lock")
+                    .insert(sid, resumed.clone());
+                let count = |name| {
+                    packet
+                        .attr(name)
+                        .and_then(|v| v.parse::<u32>().ok())
+                        .unwrap_or(0)
+                };
+                handle.answer(Answer::Resumed(Resumption {
+                    handle: resumed,
+                    received: count("h"),
+                    acked: count("acked"),
+                    items: protocol::queued_items(packet),
+                }));
             }
+            Some("stanza") => to_client(ToClient::Stanza(protocol::stanza_item(packet))),
+            Some("collect") => to_client(ToClient::Collect),
             Some("error") => {
                 // The router bounced what we sent for this session: no sm is reachable.
-                self.sessions
-                    .lock()
-                    .expect("sessions lock")
-                    .remove(&handle.sid);
-                if let Some(tx) = handle.started.lock().expect("started lock").take() {
-                    let _ = tx.send(Err("service-unavailable".into()));
+                self.forget(&handle);
+                if handle.answer(Answer::Refused("service-unavailable".into())) {
                     return;
                 }
-                let _ = handle.to_client.send(Box::new(ToClient::End(
+                to_client(ToClient::End(
                     StreamErrorCondition::InternalServerError,
                     "the session manager is unavailable".into(),
-                )));
+                ));
             }
             Some("end") => {
-                let condition = first_element_name(packet.inner());
-                self.sessions
-                    .lock()
-                    .expect("sessions lock")
-                    .remove(&handle.sid);
-                if let Some(tx) = handle.started.lock().expect("started lock").take() {
-                    let _ = tx.send(Err(
-                        condition.unwrap_or_else(|| "internal-server-error".into())
-                    ));
+                let condition = protocol::first_element_name(packet.inner());
+                self.forget(&handle);
+                if handle.answer(Answer::Refused(
+                    condition
+                        .clone()
+                        .unwrap_or_else(|| "internal-server-error".into()),
+                )) {
                     return;
                 }
                 let (cond, text) = match condition.as_deref() {
@@ -269,9 +390,7 @@ impl Shared {
                         "the session manager ended the session",
                     ),
                 };
-                let _ = handle
-                    .to_client
-                    .send(Box::new(ToClient::End(cond, text.into())));
+                to_client(ToClient::End(cond, text.into()));
             }
             other => warn!(kind = ?other, "unknown session packet type"),
         }
@@ -289,7 +408,7 @@ impl Shared {
             let mut sessions = self.sessions.lock().expect("sessions lock");
             let ids: Vec<String> = sessions
                 .values()
-                .filter(|h| h.sm.lock().expect("sm lock").as_deref() == Some(name.as_str()))
+                .filter(|h| h.sm().as_deref() == Some(name.as_str()))
                 .map(|h| h.sid.clone())
                 .collect();
             ids.iter().filter_map(|id| sessions.remove(id)).collect()
@@ -304,15 +423,4 @@ impl Shared {
             )));
         }
     }
-}
-
-/// The name of the first element in `content` (a condition inside `<session type='end'>`).
-fn first_element_name(content: &[u8]) -> Option<String> {
-    let text = std::str::from_utf8(content).ok()?;
-    let start = text.find('<')? + 1;
-    let name: String = text[start..]
-        .chars()
-        .take_while(|c| !c.is_whitespace() && *c != '/' && *c != '>')
-        .collect();
-    (!name.is_empty()).then_some(name)
 }

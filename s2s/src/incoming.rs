@@ -23,6 +23,8 @@ use crate::negotiation::incoming::{Action, Incoming, Input};
 
 /// Serves one accepted connection.
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: TlsMode) {
+    // Counted until its close handshake is over (a shutdown waits for it).
+    let _counted = shared.stream_opened();
     let transport = match mode {
         TlsMode::StartTls => Transport::Plain(tcp),
         TlsMode::Direct => match tls::accept(tcp, shared.tls.server_direct.clone()).await {
@@ -61,9 +63,17 @@ struct Verified {
 }
 
 async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming) -> Close {
+    let mut shutdown = shared.shutdown_signal();
     let (verified_tx, mut verified) = mpsc::unbounded_channel::<Verified>();
     loop {
+        if *shutdown.borrow() {
+            return stream_error(
+                StreamErrorCondition::SystemShutdown,
+                "the server is stopping",
+            );
+        }
         let input = tokio::select! {
+            _ = shutdown.changed() => continue,
             frame = conn.next_frame() => match frame.and_then(|f| input(stream, f)) {
                 Ok(input) => input,
                 Err(close) => return close,

@@ -24,7 +24,9 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::{info, warn};
 
-use jrs_component::service::{exit_code, load_and_init, run_component, Bind, CommonArgs};
+use jrs_component::service::{
+    exit_code, load_and_init, run_component_until_stopped, Bind, CommonArgs,
+};
 use jrs_component::PacketType;
 use jrs_stream::Limits;
 
@@ -32,6 +34,10 @@ use crate::config::S2sConfig;
 use crate::shared::Shared;
 
 /// The jabberd-rs server-to-server component.
+/// How long streams get to close on SIGTERM (each close is itself bounded: a write,
+/// then a short wait for the remote's close), well inside the supervisor's stop timeout.
+const SHUTDOWN_LIMIT: std::time::Duration = std::time::Duration::from_secs(4);
+
 #[derive(Parser, Debug)]
 #[command(name = "s2s", version, about)]
 struct Args {
@@ -100,9 +106,15 @@ fn run(args: Args) -> anyhow::Result<()> {
             host: "*".into(),
             shared: false,
         }];
-        run_component(link, limits, binds, |reader, outbox| {
-            router::serve(shared.clone(), reader, outbox)
-        })
+        let serving = shared.clone();
+        run_component_until_stopped(
+            link,
+            limits,
+            binds,
+            |reader, outbox| router::serve(serving.clone(), reader, outbox),
+            // SIGTERM: <system-shutdown/> on every stream, each closed cleanly.
+            || async { shared.shut_down(SHUTDOWN_LIMIT).await },
+        )
         .await
     })
 }

@@ -289,11 +289,20 @@ impl Out {
         }
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut idle_close = false;
+        let _counted = self.shared.stream_opened();
+        let mut shutdown = self.shared.shutdown_signal();
         let close = loop {
+            if *shutdown.borrow() {
+                break stream_error(
+                    StreamErrorCondition::SystemShutdown,
+                    "the server is stopping",
+                );
+            }
             if let Err(close) = self.progress(&mut link, &stream_id, dialback).await {
                 break close;
             }
             tokio::select! {
+                _ = shutdown.changed() => continue,
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.accept(cmd),
                     None => break Close::Closed,

@@ -2,12 +2,12 @@
 //! dialback secret, the router link and the outgoing connection per remote domain.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 
 use jrs_component::Outbox;
 use jrs_stream::{Stanza, StanzaErrorCondition};
@@ -32,6 +32,19 @@ pub struct Shared {
     /// `outgoing::hand`.
     pub outgoing: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Cmd>)>>,
     next: AtomicU64,
+    /// Set on SIGTERM: every stream gets `<system-shutdown/>` and closes.
+    shutdown: watch::Sender<bool>,
+    /// Streams (both directions) still open.
+    streams: Arc<AtomicUsize>,
+}
+
+/// Counts one open stream for as long as it lives.
+pub struct StreamCount(Arc<AtomicUsize>);
+
+impl Drop for StreamCount {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Shared {
@@ -54,7 +67,38 @@ impl Shared {
             router: Mutex::new(None),
             outgoing: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
+            shutdown: watch::channel(false).0,
+            streams: Arc::new(AtomicUsize::new(0)),
         }
+    }
+
+    /// A receiver that sees `true` once the process is stopping.
+    pub fn shutdown_signal(&self) -> watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Counts a stream until the returned guard is dropped.
+    pub fn stream_opened(&self) -> StreamCount {
+        self.streams.fetch_add(1, Ordering::Relaxed);
+        StreamCount(self.streams.clone())
+    }
+
+    /// SIGTERM: every stream gets `<system-shutdown/>` and closes (stanzas waiting for an
+    /// outgoing stream are bounced); waits at most `limit` for them.
+    pub async fn shut_down(&self, limit: Duration) {
+        self.shutdown.send_replace(true);
+        let deadline = tokio::time::Instant::now() + limit;
+        while self.streams.load(Ordering::Relaxed) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    streams = self.streams.load(Ordering::Relaxed),
+                    "stop timeout: streams still open"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tracing::info!("every stream closed");
     }
 
     /// What a server connection is allowed; reads wait at most `idle`.

@@ -24,6 +24,9 @@ pub struct SmConfig {
     pub accounts_ttl: Duration,
     /// Pending events per user before new stanzas are refused with `resource-constraint`.
     pub user_queue: usize,
+    /// XEP-0198: hibernating sessions kept per user (the oldest ends first) and in all.
+    pub hibernated_per_user: usize,
+    pub hibernated_total: usize,
     /// How long to wait for storage before retrying once.
     pub xdb_timeout: Duration,
     pub limits: Limits,
@@ -113,15 +116,28 @@ impl SmConfig {
             accounts_cache: 10_000,
             accounts_ttl: Duration::from_secs(60),
             user_queue: 1000,
+            hibernated_per_user: 5,
+            hibernated_total: 10_000,
             xdb_timeout: Duration::from_secs(5),
             limits: limits_from_node(root.child("limits")?, Limits::default())?,
             log: LogConfig::from_node(root.child("log")?)?,
         };
         if let Some(n) = root.child("sessions")? {
-            n.allow(&["max-per-user", "max-directed", "queue"], &[])?;
+            n.allow(
+                &[
+                    "max-per-user",
+                    "max-directed",
+                    "queue",
+                    "hibernated-per-user",
+                    "hibernated-total",
+                ],
+                &[],
+            )?;
             c.sessions_max = positive(n, "max-per-user", c.sessions_max)?;
             c.directed_max = count(n, "max-directed", c.directed_max)?;
             c.user_queue = positive(n, "queue", c.user_queue)?;
+            c.hibernated_per_user = count(n, "hibernated-per-user", c.hibernated_per_user)?;
+            c.hibernated_total = count(n, "hibernated-total", c.hibernated_total)?;
         }
         if let Some(n) = root.child("cache")? {
             n.allow(&["accounts", "seconds"], &[])?;

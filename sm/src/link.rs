@@ -3,16 +3,18 @@
 //! user they concern.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
-use jid::{FullJid, Jid};
+
+use jid::{BareJid, FullJid, Jid};
 use tracing::{debug, info, warn};
 
 use jrs_component::{ComponentReader, Outbox};
 use jrs_stream::{Stanza, StanzaErrorCondition};
 
 use crate::host::registry::Event;
-use crate::host::session::{self, SessionRef};
+use crate::host::session::{self, Park, SessionRef};
 use crate::host::task::dispatch;
 use crate::host::{server, Ctx, Packet};
 
@@ -76,6 +78,10 @@ fn session(ctx: &Arc<Ctx>, packet: Stanza) {
     }
     let c2s = packet.attr("from").unwrap_or_default();
     let sid = packet.attr("sid").unwrap_or_default();
+    if kind == "resume" {
+        // A new connection names the session by its token; its user (`to`) routed it here.
+        return resume(ctx, &packet, c2s, sid);
+    }
     let jid = packet.attr("jid").and_then(|j| FullJid::new(&j).ok());
     let Some(jid) = jid.filter(|_| !c2s.is_empty() && !sid.is_empty()) else {
         warn!(from = %c2s, "session packet without a valid 'jid', 'sid' or 'from' ignored");
@@ -93,9 +99,30 @@ fn session(ctx: &Arc<Ctx>, packet: Stanza) {
         return;
     }
     let user = r.jid.to_bare();
+    let count = |name: &str| packet.attr(name).and_then(|v| v.parse::<u64>().ok());
     let event = match kind.as_str() {
         "start" => Event::Start(r),
-        "end" => Event::End(r),
+        "end" => Event::End(r, jrs_component::session::decode(&packet)),
+        "resumable" => match packet.attr("token").filter(|t| !t.is_empty()) {
+            Some(token) => Event::Resumable(r, token),
+            None => return,
+        },
+        "hibernate" => Event::Hibernate(r),
+        "park" => Event::Park(
+            r,
+            Park {
+                received: count("h").unwrap_or(0) as u32,
+                acked: count("acked").unwrap_or(0) as u32,
+                timeout: packet
+                    .attr("timeout")
+                    .and_then(|t| t.parse::<f64>().ok())
+                    .filter(|t| t.is_finite() && *t >= 0.0)
+                    .map_or(Duration::from_secs(300), Duration::from_secs_f64),
+                max: count("max").unwrap_or(500) as usize,
+                items: jrs_component::session::decode(&packet),
+            },
+        ),
+        "delivered" => Event::Delivered(r, count("count").unwrap_or(0) as usize),
         "stanza" => {
             let inner = trim(packet.inner());
             match Stanza::parse(Bytes::copy_from_slice(inner)) {
@@ -113,6 +140,21 @@ fn session(ctx: &Arc<Ctx>, packet: Stanza) {
         }
     };
     dispatch(ctx, &user, event);
+}
+
+/// `resume`: the user is the bare JID in `to` (and `jid`).
+fn resume(ctx: &Arc<Ctx>, packet: &Stanza, c2s: String, sid: String) {
+    let user = packet.attr("to").and_then(|j| BareJid::new(&j).ok());
+    let token = packet.attr("previd").unwrap_or_default();
+    let (Some(user), false, false) = (user, c2s.is_empty(), sid.is_empty()) else {
+        warn!(from = %c2s, "resume without a valid 'to', 'sid' or 'from' ignored");
+        return;
+    };
+    if !ctx.config.serves(user.domain().as_str()) {
+        ctx.send(session::refuse_resume(&ctx.me, &c2s, &sid, user.as_str()));
+        return;
+    }
+    dispatch(ctx, &user, Event::Resume { c2s, sid, token });
 }
 
 fn trim(b: &[u8]) -> &[u8] {

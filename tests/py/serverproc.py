@@ -113,14 +113,19 @@ class Server:
         timeouts = ""
         if self.timeouts is not None:
             timeouts = f"  <timeouts idle='{self.timeouts[0]}' keepalive='{self.timeouts[1]}'/>\n"
-        certs = d / "certs"
-        (d / "c2s.xml").write_text(
+        (d / "c2s.xml").write_text(self.c2s_config(self.starttls_port, self.tls_port, timeouts))
+        (d / "ctl.xml").write_text(
+            f"<jabberctl>{self.router_element('admin')}</jabberctl>\n")
+
+    def c2s_config(self, starttls_port, tls_port, timeouts=""):
+        certs = self.dir / "certs"
+        return (
             "<c2s>\n"
             f"  {self.router_element('c2s')}\n"
             f"  <host name='localhost' cert={quoteattr(str(certs / 'localhost.crt'))} "
             f"key={quoteattr(str(certs / 'localhost.key'))} self-signed='true'/>\n"
-            f"  <listen address='127.0.0.1' port='{self.starttls_port}' mode='starttls'/>\n"
-            f"  <listen address='127.0.0.1' port='{self.tls_port}' mode='tls'/>\n"
+            f"  <listen address='127.0.0.1' port='{starttls_port}' mode='starttls'/>\n"
+            f"  <listen address='127.0.0.1' port='{tls_port}' mode='tls'/>\n"
             f"  <register enabled='{'true' if self.register else 'false'}'/>\n"
             "  <limits max-stanza-bytes='65536' max-depth='32' rate-bytes='1000000'/>\n"
             f"{timeouts}"
@@ -128,8 +133,17 @@ class Server:
             f"  {self.c2s_extra}\n"
             "  <log level='debug'/>\n"
             "</c2s>\n")
-        (d / "ctl.xml").write_text(
-            f"<jabberctl>{self.router_element('admin')}</jabberctl>\n")
+
+    def start_second_c2s(self):
+        """A second c2s instance (c2s-2, its own ports: starttls_port2, tls_port2)
+        serving the same domain; waits until it listens and is connected."""
+        self.starttls_port2, self.tls_port2 = free_port(), free_port()
+        (self.dir / "c2s-2.xml").write_text(self.c2s_config(self.starttls_port2, self.tls_port2))
+        offset = self.log_size("c2s-2")
+        self.spawn("c2s-2", binary="c2s", extra=["--instance", "2"])
+        self.wait_for(lambda: accepts(self.starttls_port2) and accepts(self.tls_port2),
+                      "c2s-2 to listen", watch=["c2s-2"])
+        self._wait_connected("c2s-2", offset)
 
     def sm_config(self):
         """etc/sm.xml (whatever elements it has now) with the router, host and log
@@ -153,7 +167,7 @@ class Server:
 
     # -- processes -----------------------------------------------------------------
 
-    def spawn(self, name):
+    def spawn(self, name, binary=None, extra=()):
         if name in self.procs and self.procs[name].poll() is None:
             raise ServerError(f"{name} is running already")
         log_path = self.log_path(name)
@@ -164,7 +178,7 @@ class Server:
         env = dict(os.environ)
         env.pop("RUST_LOG", None)  # the configs' log levels apply
         self.procs[name] = subprocess.Popen(
-            [str(bin_dir() / name), "-c", str(self.dir / f"{name}.xml")],
+            [str(bin_dir() / (binary or name)), "-c", str(self.dir / f"{name}.xml"), *extra],
             cwd=self.dir, stdin=subprocess.DEVNULL,
             stdout=self._log_files[name], stderr=self._log_files[name], env=env)
         return self.procs[name]
@@ -311,12 +325,21 @@ class Server:
             raise ServerError("\n".join(failed))
 
     def stop(self):
-        # c2s first so clients see their streams close; the router last.
-        for name in ["c2s", "sm", "xdb-file", "router"]:
-            proc = self.procs.get(name)
-            if proc is not None and proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for name in ["c2s", "sm", "xdb-file", "router"]:
+        # c2s first (it hands resumable sessions to sm on the way out), so clients see
+        # their streams close; the router last.
+        for first in (["c2s", "c2s-2"], ["sm", "xdb-file", "router"]):
+            for name in first:
+                proc = self.procs.get(name)
+                if proc is not None and proc.poll() is None:
+                    proc.send_signal(signal.SIGTERM)
+            for name in first:
+                proc = self.procs.get(name)
+                if proc is not None and name.startswith("c2s"):
+                    try:
+                        proc.wait(timeout=6)
+                    except subprocess.TimeoutExpired:
+                        pass
+        for name in ["c2s", "c2s-2", "sm", "xdb-file", "router"]:
             proc = self.procs.get(name)
             if proc is None:
                 continue

@@ -5,12 +5,14 @@
 //! - [`io`]: a framed reader over any async byte stream, used by the router and clients.
 //! - [`transport`]: TCP, Unix socket or TLS links to the router.
 //! - [`client`]: connect, handshake, bind; then read stanzas and send bytes.
+//! - [`session`]: the queued stanzas of the session protocol (c2s and sm).
 
 pub mod client;
 pub mod io;
 pub mod logging;
 pub mod protocol;
 pub mod service;
+pub mod session;
 pub mod transport;
 
 pub use client::{

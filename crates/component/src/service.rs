@@ -116,11 +116,29 @@ pub async fn run_component<F, Fut>(
     link: RouterLink,
     limits: Limits,
     binds: Vec<Bind>,
-    mut serve: F,
+    serve: F,
 ) -> anyhow::Result<()>
 where
     F: FnMut(ComponentReader, Outbox) -> Fut,
     Fut: Future<Output = anyhow::Result<()>>,
+{
+    run_component_until_stopped(link, limits, binds, serve, || async {}).await
+}
+
+/// [`run_component`], running `stop` on SIGTERM/SIGINT before returning, with the router
+/// link still served meanwhile (a component that hands its state over on the way out).
+pub async fn run_component_until_stopped<F, Fut, S, SFut>(
+    link: RouterLink,
+    limits: Limits,
+    binds: Vec<Bind>,
+    mut serve: F,
+    stop: S,
+) -> anyhow::Result<()>
+where
+    F: FnMut(ComponentReader, Outbox) -> Fut,
+    Fut: Future<Output = anyhow::Result<()>>,
+    S: FnOnce() -> SFut,
+    SFut: Future<Output = ()>,
 {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
@@ -151,10 +169,21 @@ where
                 }
                 return r;
             }
-            _ = term.recv() => { info!("stopping"); return Ok(()) }
-            _ = int.recv() => { info!("stopping"); return Ok(()) }
+            _ = term.recv() => break,
+            _ = int.recv() => break,
         }
     }
+    info!("stopping");
+    tokio::select! {
+        _ = stop() => {}
+        r = &mut work => {
+            let r: anyhow::Result<()> = r;
+            if let Err(e) = &r {
+                error!("{e:#}");
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Builds the runtime and runs `main`, mapping errors to exit codes: 2 for configuration

@@ -280,6 +280,30 @@ impl Server {
         }
     }
 
+    /// SIGTERMs a process started with [`Server::spawn`] and waits (at most `limit`) for
+    /// it to exit; its exit status, or `None` if it had to be killed.
+    pub async fn terminate(
+        &mut self,
+        name: &str,
+        limit: Duration,
+    ) -> Option<std::process::ExitStatus> {
+        let mut child = self.children.remove(name)?;
+        // SAFETY: kill(2) with a pid we started and have not reaped.
+        unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                let _ = child.wait();
+                return None;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
     /// Waits until `port` accepts TCP connections.
     pub async fn wait_listening(&mut self, port: u16) -> anyhow::Result<()> {
         let deadline = Instant::now() + Duration::from_secs(10);

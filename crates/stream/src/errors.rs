@@ -23,6 +23,7 @@ pub enum StreamErrorCondition {
     ResourceConstraint,
     RestrictedXml,
     SystemShutdown,
+    UndefinedCondition,
     UnsupportedEncoding,
     UnsupportedStanzaType,
     UnsupportedVersion,
@@ -47,6 +48,7 @@ impl StreamErrorCondition {
             ResourceConstraint => "resource-constraint",
             RestrictedXml => "restricted-xml",
             SystemShutdown => "system-shutdown",
+            UndefinedCondition => "undefined-condition",
             UnsupportedEncoding => "unsupported-encoding",
             UnsupportedStanzaType => "unsupported-stanza-type",
             UnsupportedVersion => "unsupported-version",
@@ -59,6 +61,8 @@ impl StreamErrorCondition {
 pub struct StreamError {
     pub condition: StreamErrorCondition,
     pub text: String,
+    /// An application-specific condition element (RFC 6120 4.9.4), as XML.
+    pub app: Option<String>,
 }
 
 impl StreamError {
@@ -66,7 +70,14 @@ impl StreamError {
         StreamError {
             condition,
             text: text.into(),
+            app: None,
         }
+    }
+
+    /// With an application-specific condition element (`xml`, self-contained).
+    pub fn with_app(mut self, xml: impl Into<String>) -> Self {
+        self.app = Some(xml.into());
+        self
     }
 
     /// The `<stream:error/>` element followed by the stream close tag.
@@ -82,6 +93,9 @@ impl StreamError {
                 NS_STREAM_ERRORS,
                 escape(&self.text)
             ));
+        }
+        if let Some(app) = &self.app {
+            s.push_str(app);
         }
         s.push_str("</stream:error></stream:stream>");
         s

@@ -82,3 +82,20 @@ pub async fn account_removed(u: &mut User) {
         m.account_removed(u).await;
     }
 }
+
+pub async fn undelivered(u: &mut User, p: &Packet) -> Flow {
+    let ctx = u.ctx.clone();
+    for m in ctx.modules.chain(Hook::Undelivered) {
+        if m.undelivered(u, p).await == Flow::Handled {
+            return Flow::Handled;
+        }
+    }
+    Flow::Pass
+}
+
+pub async fn offline_confirmed(u: &mut User, s: SessionKey, count: usize) {
+    let ctx = u.ctx.clone();
+    for m in ctx.modules.chain(Hook::OfflineConfirmed) {
+        m.offline_confirmed(u, s, count).await;
+    }
+}

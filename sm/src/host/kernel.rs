@@ -9,6 +9,7 @@
 //! them and nothing here imports it back.
 
 use std::collections::HashMap;
+use std::sync::atomic::AtomicUsize;
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
@@ -27,7 +28,7 @@ use crate::host::out::{Out, Output};
 use crate::host::overload::Overload;
 use crate::host::packet::Packet;
 use crate::host::registry::Registry;
-use crate::host::session::{Session, SessionKey, SessionRef};
+use crate::host::session::{Link, Queued, Session, SessionKey, SessionRef};
 use crate::host::state::State;
 use crate::host::store::Store;
 
@@ -64,10 +65,14 @@ pub enum Hook {
     Routing,
     /// Every stanza sm hands to one of the user's sessions (a filter: `Handled` drops).
     Delivering,
+    /// A stanza the client of an ended session never got (`Handled`: taken care of).
+    Undelivered,
+    /// A session's client confirmed offline messages given to it.
+    OfflineConfirmed,
 }
 
 impl Hook {
-    const ALL: [Hook; 11] = [
+    const ALL: [Hook; 13] = [
         Hook::Outbound,
         Hook::Inbound,
         Hook::Delivered,
@@ -79,6 +84,8 @@ impl Hook {
         Hook::AccountRemoved,
         Hook::Routing,
         Hook::Delivering,
+        Hook::Undelivered,
+        Hook::OfflineConfirmed,
     ];
 
     fn index(self) -> usize {
@@ -251,6 +258,16 @@ pub trait Module: Send + Sync {
         Flow::Pass
     }
 
+    /// [`Hook::Undelivered`]: the client of an ended session never got `p` (its `to` is
+    /// that session's full JID, which is gone).
+    async fn undelivered(&self, _u: &mut User, _p: &Packet) -> Flow {
+        Flow::Pass
+    }
+
+    /// [`Hook::OfflineConfirmed`]: session `s`'s client has `count` more of the offline
+    /// messages given to it.
+    async fn offline_confirmed(&self, _u: &mut User, _s: SessionKey, _count: usize) {}
+
     /// An IQ of one of the module's [`IqRoute`]s.
     async fn iq(&self, _u: &mut User, _iq: &Iq) -> Reply {
         Reply::not_handled()
@@ -413,6 +430,8 @@ pub struct Ctx {
     pub started: Instant,
     /// Refusals for full user queues, logged once per burst.
     pub overload: Overload,
+    /// Sessions parked (hibernating) in this process.
+    pub parked: AtomicUsize,
     link: Mutex<Option<Outbox>>,
 }
 
@@ -424,6 +443,7 @@ impl Ctx {
             components: Components::default(),
             started: Instant::now(),
             overload: Overload::default(),
+            parked: AtomicUsize::new(0),
             link: Mutex::new(None),
             modules,
             store,
@@ -479,6 +499,8 @@ pub struct User {
     pub removed: bool,
     /// What the handlers produced, sent after each batch of events.
     pub out: Out,
+    /// Held sessions whose queue overflowed: ended after the current event.
+    pub overflowed: Vec<SessionKey>,
     next_key: SessionKey,
     next_id: u64,
 }
@@ -493,6 +515,7 @@ impl User {
             state: State::default(),
             removed: false,
             out: Out::default(),
+            overflowed: vec![],
             next_key: 0,
             next_id: 0,
         }
@@ -564,18 +587,53 @@ impl User {
 
     /// Hands `stanza` to session `key` (unless a [`Hook::Delivering`] filter drops it).
     pub fn deliver(&mut self, key: SessionKey, stanza: impl Into<Bytes>) {
-        let stanza = stanza.into();
+        self.deliver_queued(key, Queued::new(stanza.into()));
+    }
+
+    /// Delivers a message from offline storage: the client confirms it (then it is
+    /// removed from storage, [`Hook::OfflineConfirmed`]).
+    pub fn deliver_offline(&mut self, key: SessionKey, stanza: impl Into<Bytes>) {
+        self.deliver_queued(
+            key,
+            Queued {
+                bytes: stanza.into(),
+                offline: true,
+            },
+        );
+    }
+
+    /// Hands a stanza to session `key`: to its c2s, or to its queue while it is held
+    /// (hibernating or being handed over).
+    fn deliver_queued(&mut self, key: SessionKey, item: Queued) {
         let ctx = &self.ctx;
         let Some(s) = self.sessions.iter_mut().find(|s| s.key == key) else {
             return;
         };
         for m in ctx.modules.chain(Hook::Delivering) {
-            if m.delivering(s, &stanza) == Flow::Handled {
+            if m.delivering(s, &item.bytes) == Flow::Handled {
                 return;
             }
         }
-        let to = s.reference();
-        self.out.push(Output::Deliver { to, stanza });
+        match &mut s.link {
+            Link::Live => {
+                let to = s.reference();
+                self.out.push(Output::Deliver {
+                    to,
+                    stanza: item.bytes,
+                    offline: item.offline,
+                });
+            }
+            Link::Held(held) => {
+                held.items.push(item);
+                let full = held
+                    .parked
+                    .as_ref()
+                    .is_some_and(|p| held.items.len() > p.max);
+                if full && !self.overflowed.contains(&key) {
+                    self.overflowed.push(key);
+                }
+            }
+        }
     }
 
     /// Sends `stanza`, addressed to `to`, to the router on the user's behalf (unless a

@@ -3,6 +3,8 @@
 //! - `kernel`: the `Module` trait, the loaded `Modules`, the shared `Ctx` and the `User`
 //!   a handler works on (with its output collector `out`);
 //! - `task` (the user's task: the session protocol, the chains, the fallbacks),
+//!   `ending` (ending a session; what its client never got), `handover` (XEP-0198:
+//!   sessions held while their client is away),
 //!   `hooks` (running a chain), `iq_routing` (the IQ table), `server` (stanzas to the
 //!   domain itself);
 //! - `iq` (IQ requests and replies as modules see them),
@@ -13,6 +15,8 @@
 
 pub mod accounts;
 pub mod components;
+pub mod ending;
+pub mod handover;
 pub mod hooks;
 pub mod iq;
 pub mod iq_routing;

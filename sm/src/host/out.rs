@@ -8,8 +8,13 @@ use crate::host::session::{self, SessionRef};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Output {
-    /// A stanza for one of the user's sessions (a `session` packet to its c2s).
-    Deliver { to: SessionRef, stanza: Bytes },
+    /// A stanza for one of the user's sessions (a `session` packet to its c2s);
+    /// `offline`: from offline storage, to be confirmed.
+    Deliver {
+        to: SessionRef,
+        stanza: Bytes,
+        offline: bool,
+    },
     /// A packet for the router: a stanza for someone else, or a session control packet.
     Route(Bytes),
 }
@@ -37,7 +42,12 @@ impl Output {
     /// The bytes for the router link (`me`: sm's component name).
     pub fn into_bytes(self, me: &str) -> Bytes {
         match self {
-            Output::Deliver { to, stanza } => session::packet(me, "stanza", &to, &stanza),
+            Output::Deliver {
+                to,
+                stanza,
+                offline: false,
+            } => session::packet(me, "stanza", &to, &stanza),
+            Output::Deliver { to, stanza, .. } => session::offline_stanza(me, &to, &stanza),
             Output::Route(bytes) => bytes,
         }
     }

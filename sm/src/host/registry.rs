@@ -15,20 +15,50 @@ use tracing::debug;
 use jrs_stream::Stanza;
 
 use crate::host::packet::Packet;
-use crate::host::session::SessionRef;
+use crate::host::session::{Park, Queued, SessionKey, SessionRef};
 
 #[derive(Debug)]
 pub enum Event {
     Start(SessionRef),
     /// A stanza from the client, already checked to be one message, presence or iq.
     Stanza(SessionRef, Stanza),
-    End(SessionRef),
+    /// The client is gone; what it did not get comes back.
+    End(SessionRef, Vec<Queued>),
+    /// XEP-0198: the session may be resumed with this token.
+    Resumable(SessionRef, String),
+    /// The client's connection dropped; c2s wants to hand the session over.
+    Hibernate(SessionRef),
+    /// c2s hands the session over.
+    Park(SessionRef, Park),
+    /// A new connection (c2s `c2s`, session id `sid`) asks for the session `token`.
+    Resume {
+        c2s: String,
+        sid: String,
+        token: String,
+    },
+    /// The client has `count` more of the offline messages given to the session.
+    Delivered(SessionRef, usize),
+    /// A parked session's wait is over (if it is still parking number `generation`).
+    HibernationEnds {
+        key: SessionKey,
+        generation: u64,
+    },
     /// A `normal` packet addressed to the user (`to` set and parsed).
     Inbound(Packet),
     /// A c2s instance disconnected: its sessions are gone.
     C2sGone(String),
     /// Our own router link was lost: c2s dropped every session of ours.
     LinkLost,
+}
+
+impl Event {
+    /// Session control: never refused for a full queue (it has no sender to answer).
+    pub fn is_control(&self) -> bool {
+        !matches!(
+            self,
+            Event::Start(_) | Event::Stanza(..) | Event::Inbound(_)
+        )
+    }
 }
 
 /// Events travel boxed: a queue allocates its slots 32 at a time, and an idle user
@@ -56,8 +86,9 @@ impl Registry {
         let event = match tasks.get(user) {
             Some(tx) => match tx.try_send(event) {
                 Ok(()) => return Ok(()),
-                // An end must not be lost: it frees the session. Wait for room.
-                Err(mpsc::error::TrySendError::Full(e)) if matches!(*e, Event::End(_)) => {
+                // Session control must not be lost (an end frees the session, a park
+                // holds a client's stanzas): wait for room.
+                Err(mpsc::error::TrySendError::Full(e)) if e.is_control() => {
                     let tx = tx.clone();
                     tokio::spawn(async move {
                         let _ = tx.send(e).await;

@@ -1,5 +1,9 @@
 //! Client sessions as sm holds them, and the session protocol packets sm writes to c2s
-//! (start / started / stanza / end, see docs/protocol.md "Sessions").
+//! (see docs/protocol.md "Sessions"). A session is live (its c2s relays to the client) or
+//! held here: hibernating until its client resumes it (XEP-0198), or being handed from
+//! one connection to another; stanzas for a held session wait in its queue.
+
+use std::time::Instant;
 
 use bytes::Bytes;
 use jid::FullJid;
@@ -39,6 +43,68 @@ pub struct Session {
     pub presence: Option<Element>,
     /// What modules keep about this session (carbons enabled, directed presence, ...).
     pub state: State,
+    /// The XEP-0198 resumption token c2s gave its client, when resumable.
+    pub resume_token: Option<String>,
+    /// Whether the client can be reached now.
+    pub link: Link,
+}
+
+/// Whether sm can reach a session's client.
+#[derive(Debug, Default)]
+pub enum Link {
+    /// Its c2s relays to the client.
+    #[default]
+    Live,
+    /// Held here: stanzas for it wait.
+    Held(Box<Held>),
+}
+
+/// A session without a connection.
+#[derive(Debug, Default)]
+pub struct Held {
+    /// What the client has not received, oldest first.
+    pub items: Vec<Queued>,
+    /// Set once c2s handed the session over (`park`); until then c2s is asked to
+    /// (`collect`) and its part of the queue is still to come.
+    pub parked: Option<Parked>,
+    /// A new connection waiting for this session (`resume`).
+    pub resumer: Option<Resumer>,
+}
+
+/// The state of a parked session.
+#[derive(Debug, Clone)]
+pub struct Parked {
+    /// The XEP-0198 counts: stanzas received from the client, acknowledged by it.
+    pub received: u32,
+    pub acked: u32,
+    pub since: Instant,
+    /// Names this parking (a timer for an older one finds another number).
+    pub generation: u64,
+    /// Stanzas the queue may hold; past it the session ends.
+    pub max: usize,
+    /// Counted among the process's hibernating sessions (`Ctx::parked`).
+    pub counted: bool,
+}
+
+/// A c2s connection that asked to resume a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Resumer {
+    pub c2s: String,
+    pub sid: String,
+}
+
+/// A stanza waiting for a held session's client.
+pub use jrs_component::session::Queued;
+
+/// The client-side part of a session c2s hands over (`park`).
+#[derive(Debug, Clone)]
+pub struct Park {
+    pub received: u32,
+    pub acked: u32,
+    /// How long to wait for the client.
+    pub timeout: std::time::Duration,
+    pub max: usize,
+    pub items: Vec<Queued>,
 }
 
 impl Session {
@@ -53,7 +119,18 @@ impl Session {
             priority: 0,
             presence: None,
             state: State::default(),
+            resume_token: None,
+            link: Link::Live,
         }
+    }
+
+    pub fn is_live(&self) -> bool {
+        matches!(self.link, Link::Live)
+    }
+
+    /// Parked here, independent of any c2s.
+    pub fn is_parked(&self) -> bool {
+        matches!(&self.link, Link::Held(h) if h.parked.is_some())
     }
 
     pub fn reference(&self) -> SessionRef {
@@ -79,6 +156,46 @@ pub fn packet(me: &str, kind: &str, s: &SessionRef, inner: &[u8]) -> Bytes {
         escape(&s.sid)
     );
     jrs_stream::xml::element(&head, "session", inner)
+}
+
+/// `stanza` with `offline='1'`: a message from offline storage, to confirm once the
+/// client has it.
+pub fn offline_stanza(me: &str, s: &SessionRef, stanza: &[u8]) -> Bytes {
+    let head = format!(
+        "<session type='stanza' to='{}' from='{}' jid='{}' sid='{}' offline='1'",
+        escape(&s.c2s),
+        escape(me),
+        escape(s.jid.as_str()),
+        escape(&s.sid)
+    );
+    jrs_stream::xml::element(&head, "session", stanza)
+}
+
+/// `resumed`: the session, its counts and queue, handed to the connection that resumed it.
+pub fn resumed(me: &str, s: &SessionRef, parked: &Parked, items: &[Queued]) -> Bytes {
+    let head = format!(
+        "<session type='resumed' to='{}' from='{}' jid='{}' sid='{}' h='{}' acked='{}'",
+        escape(&s.c2s),
+        escape(me),
+        escape(s.jid.as_str()),
+        escape(&s.sid),
+        parked.received,
+        parked.acked
+    );
+    jrs_stream::xml::element(&head, "session", &jrs_component::session::encode(items))
+}
+
+/// A refusal of a `resume` from `c2s` for session id `sid` of `bare`.
+pub fn refuse_resume(me: &str, c2s: &str, sid: &str, bare: &str) -> Bytes {
+    let head = format!(
+        "<session type='end' to='{}' from='{}' jid='{}' sid='{}'",
+        escape(c2s),
+        escape(me),
+        escape(bare),
+        escape(sid)
+    );
+    let inner = format!("<item-not-found xmlns='{NS_STANZA_ERRORS}'/>");
+    jrs_stream::xml::element(&head, "session", inner.as_bytes())
 }
 
 /// `end` telling c2s why sm ended the session: a stream error condition.

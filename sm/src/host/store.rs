@@ -66,19 +66,6 @@ impl Store {
         }
     }
 
-    pub async fn take(&self, owner: &str, ns: &str) -> Result<Bytes, XdbError> {
-        match self {
-            Store::Xdb(x) => x.take(owner, ns).await,
-            #[cfg(test)]
-            Store::Memory(m) => {
-                let mut m = m.lock().unwrap();
-                let data = m.get(owner, ns);
-                m.delete(owner, ns);
-                Ok(data)
-            }
-        }
-    }
-
     pub async fn archive_query(
         &self,
         owner: &str,

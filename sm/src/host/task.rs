@@ -8,12 +8,14 @@ use jid::{BareJid, Jid};
 use jrs_stream::{Stanza, StanzaErrorCondition, StreamErrorCondition};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
+use crate::host::ending::{end_session, reset, undelivered};
+use crate::host::handover;
 use crate::host::hooks;
 use crate::host::iq_routing;
 use crate::host::kernel::{Ctx, Flow, User};
 use crate::host::packet::Packet;
 use crate::host::registry::{Event, Receiver};
-use crate::host::session::{self, SessionKey, SessionRef};
+use crate::host::session::{self, Queued, SessionRef};
 use crate::stanzas;
 
 /// Most events handled before the output is sent: under load one write to the router
@@ -59,10 +61,35 @@ pub async fn handle(u: &mut User, event: Event) {
             let span = session_span(&r);
             start(u, r).instrument(span).await
         }
-        Event::End(r) => {
+        Event::End(r, items) => {
             let span = session_span(&r);
-            end_from_c2s(u, r).instrument(span).await
+            end_from_c2s(u, r, items).instrument(span).await
         }
+        Event::Resumable(r, token) => handover::resumable(u, &r, token),
+        Event::Hibernate(r) => {
+            let _span = session_span(&r).entered();
+            handover::hibernate(u, &r)
+        }
+        Event::Park(r, park) => {
+            let span = session_span(&r);
+            let wait = handover::park(u, r, park).instrument(span).await;
+            if let Some((key, generation, timeout)) = wait {
+                let (ctx, user) = (u.ctx.clone(), u.jid.clone());
+                tokio::spawn(async move {
+                    tokio::time::sleep(timeout).await;
+                    dispatch(&ctx, &user, Event::HibernationEnds { key, generation });
+                });
+            }
+        }
+        Event::Resume { c2s, sid, token } => {
+            let _span = info_span!("resume", %c2s, %sid).entered();
+            handover::resume(u, c2s, sid, token)
+        }
+        Event::HibernationEnds { key, generation } => handover::wait_over(u, key, generation).await,
+        Event::Delivered(r, count) => match u.find(&r) {
+            Some(key) => hooks::offline_confirmed(u, key, count).await,
+            None => debug!(count, "confirmation for an ended session"),
+        },
         Event::Stanza(r, stanza) => {
             let span = session_span(&r);
             client_stanza(u, r, stanza).instrument(span).await
@@ -75,7 +102,8 @@ pub async fn handle(u: &mut User, event: Event) {
             inbound(u, p).instrument(span).await
         }
         Event::C2sGone(c2s) => {
-            while let Some(s) = u.sessions.iter().find(|s| s.c2s == c2s) {
+            // Parked sessions live here, not on their old c2s.
+            while let Some(s) = u.sessions.iter().find(|s| s.c2s == c2s && !s.is_parked()) {
                 info!(resource = s.jid.resource().as_str(), %c2s, "session ended: its c2s disconnected");
                 let key = s.key;
                 end_session(u, key, None).await;
@@ -88,17 +116,15 @@ pub async fn handle(u: &mut User, event: Event) {
             }
         }
     }
+    // Held sessions whose queue went past its limit end now.
+    while let Some(key) = u.overflowed.pop() {
+        warn!("a hibernating session's queue is full: the session ends");
+        end_session(u, key, None).await;
+    }
 }
 
 fn session_span(r: &SessionRef) -> tracing::Span {
     info_span!("session", resource = r.jid.resource().as_str(), sid = %r.sid)
-}
-
-/// `end` with `<reset/>` for a session we do not know (we restarted, or it ended).
-fn reset(u: &mut User, r: &SessionRef) {
-    debug!(jid = %r.jid, sid = %r.sid, c2s = %r.c2s, "unknown session: reset");
-    let packet = session::end_reset(&u.ctx.me, r);
-    u.send(packet);
 }
 
 async fn start(u: &mut User, r: SessionRef) {
@@ -138,27 +164,18 @@ async fn start(u: &mut User, r: SessionRef) {
     hooks::session_started(u, key).await;
 }
 
-async fn end_from_c2s(u: &mut User, r: SessionRef) {
+async fn end_from_c2s(u: &mut User, r: SessionRef, items: Vec<Queued>) {
+    let priority = u.find(&r).and_then(|k| u.session(k)).map(|s| s.priority);
     match u.find(&r) {
         Some(key) => {
-            info!(resource = r.jid.resource().as_str(), sid = %r.sid, "session ended by c2s");
+            info!(resource = r.jid.resource().as_str(), sid = %r.sid, undelivered = items.len(), "session ended by c2s");
             end_session(u, key, None).await;
         }
+        // Ended here already (replaced, say): what its client did not get still counts.
+        None if !items.is_empty() => {}
         None => reset(u, &r),
     }
-}
-
-/// Ends session `key`; with `tell`, sends its c2s an `end` saying why. The modules'
-/// [`hooks::session_ended`] then do the rest (unavailable presence, last activity).
-pub async fn end_session(u: &mut User, key: SessionKey, tell: Option<StreamErrorCondition>) {
-    let Some(s) = u.remove_session(key) else {
-        return;
-    };
-    if let Some(c) = tell {
-        let packet = session::end(&u.ctx.me, &s.reference(), c);
-        u.send(packet);
-    }
-    hooks::session_ended(u, &s).await;
+    undelivered(u, &r.jid, priority, items).await;
 }
 
 /// A stanza the client sent (outbound processing).

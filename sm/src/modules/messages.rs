@@ -12,6 +12,7 @@ use tracing::debug;
 use jrs_stream::StanzaErrorCondition;
 
 use crate::config::SmConfig;
+use crate::host::ending::EndedSession;
 use crate::host::task;
 use crate::host::{hooks, Declaration, Flow, Hook, Module, Packet, SessionKey, Stanzas, User};
 
@@ -31,6 +32,7 @@ impl Module for Messages {
         Declaration::default()
             .stanzas(Hook::Outbound, Stanzas::Message, 0)
             .stanzas(Hook::Inbound, Stanzas::Message, 0)
+            .hook(Hook::Undelivered, 0)
     }
 
     async fn outbound(&self, u: &mut User, _from: SessionKey, p: &mut Packet) -> Flow {
@@ -53,6 +55,57 @@ impl Module for Messages {
 
     async fn inbound(&self, u: &mut User, p: &mut Packet) -> Flow {
         deliver(u, p).await;
+        Flow::Handled
+    }
+
+    /// A message the client of an ended session never got. RFC 6121 8.5.3.2.1 (a full
+    /// JID without a session): a normal or chat message goes to the user's other
+    /// sessions, or offline storage; others are dropped. One sent to the bare JID went
+    /// to every session of the top priority when it came: sessions of at least the ended
+    /// one's priority have it (and the archive has it) and do not get it twice.
+    async fn undelivered(&self, u: &mut User, p: &Packet) -> Flow {
+        if p.name() != "message" {
+            return Flow::Pass;
+        }
+        let kind = p.kind().unwrap_or("normal");
+        if !matches!(kind, "normal" | "chat") {
+            debug!(kind, "undelivered message dropped (RFC 6121 8.5.3.2.1)");
+            return Flow::Handled;
+        }
+        let ended = p.notes.get::<EndedSession>().map_or(0, |e| e.priority);
+        let to_bare = p
+            .stanza()
+            .attr("to")
+            .and_then(|t| Jid::new(&t).ok())
+            .is_some_and(|t| t.resource().is_none());
+        match route(u, &Jid::from(u.jid.clone()), kind) {
+            Route::To(keys) => {
+                let had_it = to_bare
+                    && keys
+                        .iter()
+                        .filter_map(|k| u.session(*k))
+                        .any(|s| s.priority >= ended);
+                if had_it {
+                    debug!("undelivered message: the other sessions had it");
+                } else {
+                    let bytes = p.for_client();
+                    for key in keys {
+                        u.deliver(key, bytes.clone());
+                    }
+                }
+            }
+            Route::Nobody => {
+                if hooks::undeliverable(u, p).await == Flow::Pass {
+                    u.refuse(
+                        p.stanza(),
+                        StanzaErrorCondition::ServiceUnavailable,
+                        "the recipient is offline",
+                    );
+                }
+            }
+            Route::Refuse => u.refuse(p.stanza(), StanzaErrorCondition::ServiceUnavailable, ""),
+            Route::Drop => {}
+        }
         Flow::Handled
     }
 }

@@ -131,7 +131,7 @@ mod tests {
         );
         assert_eq!(
             names(ctx.modules.chain(Hook::SessionEnded)),
-            ["presence", "last"]
+            ["presence", "offline", "last"]
         );
     }
 

@@ -1,9 +1,12 @@
 //! Offline messages (XEP-0160): a message that no session can take now is kept, with a
 //! delay stamp (XEP-0203), and delivered at the user's next initial presence with a
-//! non-negative priority.
+//! non-negative priority. They leave storage only once the client has them: c2s
+//! confirms them (on the client's XEP-0198 acknowledgement, or once written to a client
+//! without stream management), and the confirmed ones are removed from the front of the
+//! list. A session that ends before confirming leaves them stored, for the next one.
 //!
 //! Stored under `urn:jabberd-rs:offline:0` as a list of `<message/>` elements (xdb
-//! `append` with `max-items`, read back and removed with `take`).
+//! `append` with `max-items`; read with `get`, the confirmed front rewritten with `set`).
 
 use std::sync::Arc;
 
@@ -14,7 +17,7 @@ use jrs_xdb::XdbError;
 
 use crate::clock::{stamp, unix_now};
 use crate::config::{count, SmConfig};
-use crate::host::{Declaration, Disco, Flow, Hook, Module, Packet, SessionKey, User};
+use crate::host::{Declaration, Disco, Flow, Hook, Module, Packet, Session, SessionKey, User};
 use crate::stanzas;
 use crate::xml::{Element, NS_CLIENT};
 
@@ -59,6 +62,8 @@ impl Module for Offline {
         Declaration::default()
             .hook(Hook::Undeliverable, 0)
             .hook(Hook::InitialPresence, 0)
+            .hook(Hook::OfflineConfirmed, 0)
+            .hook(Hook::SessionEnded, 0)
             .feature(Disco::Server, "msgoffline")
     }
 
@@ -72,6 +77,38 @@ impl Module for Offline {
             self.deliver(u, s).await;
         }
     }
+
+    async fn offline_confirmed(&self, u: &mut User, s: SessionKey, count: usize) {
+        self.confirmed(u, s, count).await;
+    }
+
+    async fn session_ended(&self, u: &mut User, s: &Session) {
+        let Some(flight) = u.state.get::<InFlight>() else {
+            return;
+        };
+        if flight.session != s.key {
+            return;
+        }
+        u.state.remove::<InFlight>();
+        // Not confirmed: still stored. Another available session may take them now.
+        let next = u
+            .sessions
+            .iter()
+            .filter(|o| o.available && o.priority >= 0)
+            .max_by_key(|o| o.priority)
+            .map(|o| o.key);
+        if let Some(next) = next {
+            self.deliver(u, next).await;
+        }
+    }
+}
+
+/// Offline messages given to a session whose client has not confirmed them all yet:
+/// they stay stored, and no other session gets them meanwhile.
+struct InFlight {
+    session: SessionKey,
+    /// How many of the front of the stored list are still to be confirmed.
+    unconfirmed: usize,
 }
 
 impl Offline {
@@ -159,12 +196,13 @@ impl Offline {
         }
     }
 
-    /// Delivers (and removes) the stored messages to session `key`.
+    /// Delivers the stored messages to session `key` (they are removed as its client
+    /// confirms them).
     async fn deliver(&self, u: &mut User, key: SessionKey) {
-        if self.max == 0 {
+        if self.max == 0 || u.state.get::<InFlight>().is_some() {
             return;
         }
-        let data = match u.ctx.store.take(&u.bare, NS_OFFLINE).await {
+        let data = match u.ctx.store.get(&u.bare, NS_OFFLINE).await {
             Ok(d) => d,
             Err(e) => {
                 warn!("offline messages not delivered now: {e}");
@@ -177,14 +215,58 @@ impl Offline {
         match Element::parse_fragment(&data, NS_CLIENT) {
             Ok(messages) => {
                 info!(count = messages.len(), "delivering offline messages");
+                u.state.insert(InFlight {
+                    session: key,
+                    unconfirmed: messages.len(),
+                });
                 for m in messages {
-                    u.deliver(key, m.to_stanza());
+                    u.deliver_offline(key, m.to_stanza());
                 }
             }
             Err(e) => error!(
                 bytes = data.len(),
                 "stored offline messages unreadable, dropped: {e}"
             ),
+        }
+    }
+}
+
+impl Offline {
+    /// Session `key`'s client has `count` more of its offline messages: they leave the
+    /// front of the stored list.
+    async fn confirmed(&self, u: &mut User, key: SessionKey, count: usize) {
+        let Some(flight) = u.state.get_mut::<InFlight>() else {
+            return;
+        };
+        if flight.session != key || count == 0 {
+            return;
+        }
+        let count = count.min(flight.unconfirmed);
+        flight.unconfirmed -= count;
+        if flight.unconfirmed == 0 {
+            u.state.remove::<InFlight>();
+        }
+        let data = match u.ctx.store.get(&u.bare, NS_OFFLINE).await {
+            Ok(d) => d,
+            Err(e) => {
+                error!("confirmed offline messages not removed (they may come again): {e}");
+                return;
+            }
+        };
+        let kept = match Element::parse_fragment(&data, NS_CLIENT) {
+            Ok(messages) => messages
+                .into_iter()
+                .skip(count)
+                .map(|m| m.to_stanza())
+                .collect::<String>(),
+            Err(e) => {
+                error!("stored offline messages unreadable, left as they are: {e}");
+                return;
+            }
+        };
+        match u.ctx.store.set(&u.bare, NS_OFFLINE, kept).await {
+            Ok(()) => debug!(count, "confirmed offline messages removed"),
+            Err(e) => error!("confirmed offline messages not removed (they may come again): {e}"),
         }
     }
 }

@@ -347,7 +347,7 @@ mod tests {
             "{out:?}"
         );
         let r = reference(&u, "phone");
-        crate::host::task::handle(&mut u, crate::host::registry::Event::End(r)).await;
+        crate::host::task::handle(&mut u, crate::host::registry::Event::End(r, vec![])).await;
         let out = take(&mut u);
         assert_eq!(
             to(

@@ -11,7 +11,7 @@ use jrs_auth::{Credentials, NS_AUTH};
 use jrs_stream::{StanzaErrorCondition, StreamErrorCondition};
 
 use crate::config::SmConfig;
-use crate::host::task::end_session;
+use crate::host::ending::end_session;
 use crate::host::{
     hooks, storage_error, Declaration, Disco, Iq, IqKind, Module, Reply, Scope, User,
 };

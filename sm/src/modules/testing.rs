@@ -89,7 +89,7 @@ pub fn take(u: &mut User) -> Vec<(String, String)> {
         .take()
         .into_iter()
         .map(|o| match o {
-            Output::Deliver { to, stanza } => (
+            Output::Deliver { to, stanza, .. } => (
                 to.jid.resource().as_str().to_owned(),
                 String::from_utf8_lossy(&stanza).into_owned(),
             ),

@@ -1,0 +1,630 @@
+//! A client session: started with sm (or resumed, XEP-0198), then relaying stanzas
+//! between the client and its sm instance until either side ends it. With stream
+//! management the session outlives its connection: when the connection drops, it is
+//! handed to sm (`hibernate`, sm answers `collect`, c2s sends `park` with what the client
+//! has not acknowledged), where any c2s instance of the domain can resume it. Without,
+//! or when the session ends, what the client did not get goes back to sm with `end`
+//! (offline storage, another session, or a bounce): nothing is dropped here.
+//!
+//! `stream_management.rs` (XEP-0198) and `csi.rs` (XEP-0352) are the rules, without I/O.
+
+pub mod csi;
+pub mod stream_management;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use rand::Rng;
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
+
+use jrs_stream::children::children;
+use jrs_stream::xml::escape;
+use jrs_stream::{Stanza, StanzaErrorCondition, StreamError, StreamErrorCondition};
+use jrs_sx::features::{NS_BIND, NS_CSI, NS_SESSION, NS_SM};
+use jrs_sx::{stream_error, Close, Connection};
+
+use crate::iq::{error_iq, result_iq};
+use crate::negotiation::sm_failed;
+use crate::protocol::{Answer, Counts, Item, SessionHandle, ToClient};
+use crate::shared::Shared;
+
+use csi::Csi;
+use stream_management::StreamManagement;
+
+/// How long sm may take to start or resume a session.
+const START_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a session whose connection dropped waits for sm to take it.
+const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Bytes of queued stanzas written to the client in one go.
+const BURST: usize = 64 * 1024;
+
+/// Starts the session for `full` (answering the client's bind request `bind_id`) and
+/// relays until it ends.
+pub async fn bind(
+    shared: &Arc<Shared>,
+    conn: &mut Connection,
+    peer: SocketAddr,
+    bare: String,
+    full: String,
+    bind_id: String,
+) -> Close {
+    if shared.shutting_down() {
+        return stream_error(
+            StreamErrorCondition::SystemShutdown,
+            "the server is stopping",
+        );
+    }
+    let (to_client, from_sm) = mpsc::unbounded_channel();
+    let (handle, started) = shared.start_session(&full, &bare, to_client);
+    let reply = match tokio::time::timeout(START_TIMEOUT, started).await {
+        Ok(Ok(Answer::Started)) => format!(
+            "<iq type='result' id='{}'><bind xmlns='{NS_BIND}'><jid>{}</jid></bind></iq>",
+            escape(&bind_id),
+            escape(&full)
+        ),
+        Ok(Ok(Answer::Refused(condition))) => {
+            let cond = StanzaErrorCondition::parse(&condition)
+                .unwrap_or(StanzaErrorCondition::InternalServerError);
+            shared.end_session(&handle, &[]);
+            error_iq(&bind_id, cond, "the session manager refused the session")
+        }
+        _ => {
+            shared.end_session(&handle, &[]);
+            error_iq(
+                &bind_id,
+                StanzaErrorCondition::InternalServerError,
+                "the session manager did not answer",
+            )
+        }
+    };
+    let bound = reply.contains("type='result'");
+    if let Err(close) = conn.write(reply.as_bytes()).await {
+        shared.end_session(&handle, &[]);
+        return close;
+    }
+    if !bound {
+        return stream_error(
+            StreamErrorCondition::InternalServerError,
+            "no session could be started",
+        );
+    }
+    info!(%peer, jid = %full, sid = %handle.sid, "session started");
+    Live::new(shared, conn, handle, from_sm, None).run().await
+}
+
+/// How a resumption attempt ended.
+pub enum Resumed {
+    /// `<failed/>` was sent: the client may bind instead.
+    Failed,
+    /// The resumed session (or the stream) ended.
+    Ended(Close),
+}
+
+/// XEP-0198 resumption of the session `previd` of `bare`, whose client received `h`
+/// stanzas: sm hands it over (from wherever it was), the stanzas the client missed are
+/// sent again, and the session goes on here.
+pub async fn resume(
+    shared: &Arc<Shared>,
+    conn: &mut Connection,
+    peer: SocketAddr,
+    bare: String,
+    previd: String,
+    h: u32,
+) -> Resumed {
+    if shared.shutting_down() {
+        return Resumed::Ended(stream_error(
+            StreamErrorCondition::SystemShutdown,
+            "the server is stopping",
+        ));
+    }
+    let (to_client, from_sm) = mpsc::unbounded_channel();
+    let (handle, answer) = shared.resume_session(&bare, &previd, to_client);
+    let resumption = match tokio::time::timeout(START_TIMEOUT, answer).await {
+        Ok(Ok(Answer::Resumed(r))) => r,
+        other => {
+            shared.drop_session(&handle);
+            let why = match other {
+                Ok(Ok(Answer::Refused(c))) => c,
+                _ => "no answer from the session manager".into(),
+            };
+            info!(%peer, user = %bare, reason = %why, "resumption failed");
+            return match conn.write(sm_failed("item-not-found").as_bytes()).await {
+                Ok(()) => Resumed::Failed,
+                Err(close) => Resumed::Ended(close),
+            };
+        }
+    };
+    let (sm, again, confirmed) = StreamManagement::resume(
+        previd.clone(),
+        shared.ack_policy(),
+        resumption.received,
+        resumption.acked,
+        resumption.items,
+        h,
+    );
+    let handle = resumption.handle;
+    shared.delivered(&handle, confirmed);
+    let resumed = format!(
+        "<resumed xmlns='{NS_SM}' previd='{}' h='{}'/>",
+        escape(&previd),
+        sm.h()
+    );
+    info!(%peer, jid = %handle.jid, sid = %handle.sid, resent = again.len(), "session resumed");
+    let mut live = Live::new(shared, conn, handle, from_sm, Some(sm));
+    let replayed = match live.conn.write(resumed.as_bytes()).await {
+        Ok(()) => live.write_items(again).await,
+        Err(close) => {
+            // Not even `<resumed/>` went out: all of it is still to be sent.
+            live.lost.extend(again);
+            Err(close)
+        }
+    };
+    Resumed::Ended(match replayed {
+        Ok(()) => live.run().await,
+        Err(close) => live.finish(Ending::Close(close)).await,
+    })
+}
+
+/// How the relay stopped.
+enum Ending {
+    /// The stream ends with this (the client closed it, broke a rule, or vanished).
+    Close(Close),
+    /// sm ended the session.
+    Ended(Close),
+    /// sm takes the session: it was resumed on another connection.
+    Collected,
+    /// The process is stopping.
+    Shutdown,
+}
+
+/// A session with its client connected.
+struct Live<'a> {
+    shared: &'a Arc<Shared>,
+    conn: &'a mut Connection,
+    handle: Arc<SessionHandle>,
+    from_sm: mpsc::UnboundedReceiver<Box<ToClient>>,
+    sm: Option<StreamManagement>,
+    csi: Csi,
+    /// Stanzas whose write failed, without stream management to keep them.
+    lost: Vec<Item>,
+    shutdown: watch::Receiver<bool>,
+}
+
+impl<'a> Live<'a> {
+    fn new(
+        shared: &'a Arc<Shared>,
+        conn: &'a mut Connection,
+        handle: Arc<SessionHandle>,
+        from_sm: mpsc::UnboundedReceiver<Box<ToClient>>,
+        sm: Option<StreamManagement>,
+    ) -> Live<'a> {
+        Live {
+            csi: Csi::new(shared.config.csi.max_held),
+            shutdown: shared.shutdown_signal(),
+            shared,
+            conn,
+            handle,
+            from_sm,
+            sm,
+            lost: vec![],
+        }
+    }
+
+    async fn run(mut self) -> Close {
+        let ending = self.relay().await;
+        self.finish(ending).await
+    }
+
+    fn resumable(&self) -> bool {
+        self.sm.as_ref().is_some_and(|sm| sm.token.is_some())
+    }
+
+    async fn relay(&mut self) -> Ending {
+        let keepalive = self.shared.config.keepalive;
+        loop {
+            let idle_write = tokio::time::sleep_until((self.conn.last_write() + keepalive).into());
+            let ask_due = self.sm.as_ref().and_then(|sm| sm.request_due());
+            let ask = async move {
+                match ask_due {
+                    Some(at) => tokio::time::sleep_until(at.into()).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                element = self.conn.next_stanza() => {
+                    let result = match element {
+                        Ok(element) => self.client_element(element).await,
+                        Err(close) => Err(close),
+                    };
+                    if let Err(close) = result {
+                        return Ending::Close(close);
+                    }
+                }
+                message = self.from_sm.recv() => match message.map(|m| *m) {
+                    Some(ToClient::Stanza(item)) => {
+                        // Whatever else is queued for this client goes out in the same
+                        // write: one system call for a burst, not one per stanza.
+                        let mut items = vec![item];
+                        let mut size = items[0].bytes.len();
+                        let mut then = None;
+                        while size < BURST {
+                            match self.from_sm.try_recv().map(|m| *m) {
+                                Ok(ToClient::Stanza(more)) => {
+                                    size += more.bytes.len();
+                                    items.push(more);
+                                }
+                                Ok(other) => {
+                                    then = Some(other);
+                                    break;
+                                }
+                                Err(_) => break,
+                            }
+                        }
+                        if let Err(close) = self.deliver(items).await {
+                            return Ending::Close(close);
+                        }
+                        match then {
+                            Some(ToClient::End(c, text)) => return Ending::Ended(stream_error(c, text)),
+                            Some(ToClient::Collect) => return Ending::Collected,
+                            _ => {}
+                        }
+                    }
+                    Some(ToClient::End(c, text)) => return Ending::Ended(stream_error(c, text)),
+                    Some(ToClient::Collect) => return Ending::Collected,
+                    None => return Ending::Ended(stream_error(StreamErrorCondition::SystemShutdown, "shutting down")),
+                },
+                _ = idle_write => {
+                    if let Err(close) = self.conn.write(b" ").await {
+                        return Ending::Close(close);
+                    }
+                }
+                _ = ask => {
+                    if let Err(close) = self.ask_for_ack().await {
+                        return Ending::Close(close);
+                    }
+                }
+                _ = self.shutdown.changed() => return Ending::Shutdown,
+            }
+        }
+    }
+
+    /// Stanzas for the client: through CSI (which may hold some), then written.
+    async fn deliver(&mut self, items: Vec<Item>) -> Result<(), Close> {
+        let mut now = Vec::with_capacity(items.len());
+        for item in items {
+            now.extend(self.csi.offer(item));
+        }
+        self.write_items(now).await
+    }
+
+    /// Writes stanzas to the client in one go, counted and kept until acknowledged
+    /// under stream management (with an `<r/>` after them when one is due).
+    async fn write_items(&mut self, items: Vec<Item>) -> Result<(), Close> {
+        if items.is_empty() {
+            return Ok(());
+        }
+        let mut burst = Vec::with_capacity(items.iter().map(|i| i.bytes.len()).sum::<usize>() + 32);
+        for i in &items {
+            burst.extend_from_slice(&i.bytes);
+        }
+        let Some(sm) = &mut self.sm else {
+            let offline = items.iter().filter(|i| i.offline).count();
+            return match self.conn.write(&burst).await {
+                Ok(()) => {
+                    // Without acknowledgements, written is the best we know.
+                    self.shared.delivered(&self.handle, offline);
+                    Ok(())
+                }
+                Err(close) => {
+                    self.lost.extend(items);
+                    Err(close)
+                }
+            };
+        };
+        let now = Instant::now();
+        let mut ask = false;
+        for i in items {
+            ask |= sm.sent(i, now);
+        }
+        if sm.unacked() > self.shared.config.stream_management.max_queue {
+            return Err(stream_error(
+                StreamErrorCondition::ResourceConstraint,
+                "too many stanzas not acknowledged",
+            ));
+        }
+        if ask {
+            burst.extend_from_slice(format!("<r xmlns='{NS_SM}'/>").as_bytes());
+            sm.requested();
+        }
+        self.conn.write(&burst).await
+    }
+
+    async fn ask_for_ack(&mut self) -> Result<(), Close> {
+        if let Some(sm) = &mut self.sm {
+            if sm.should_request(Instant::now()) {
+                sm.requested();
+                return self
+                    .conn
+                    .write(format!("<r xmlns='{NS_SM}'/>").as_bytes())
+                    .await;
+            }
+        }
+        Ok(())
+    }
+
+    /// An element from the client: a stream management or CSI element, or a stanza.
+    async fn client_element(&mut self, element: Stanza) -> Result<(), Close> {
+        let config = &self.shared.config;
+        match (element.name(), element.xmlns()) {
+            (_, Some(NS_SM)) if config.stream_management.enabled => {
+                return self.stream_management(&element).await
+            }
+            ("active", Some(NS_CSI)) if config.csi.enabled => {
+                let held = self.csi.active();
+                return self.write_items(held).await;
+            }
+            ("inactive", Some(NS_CSI)) if config.csi.enabled => {
+                self.csi.inactive();
+                return Ok(());
+            }
+            ("message" | "presence" | "iq", _) => {}
+            (other, _) => {
+                return Err(stream_error(
+                    StreamErrorCondition::UnsupportedStanzaType,
+                    format!("<{other}> is not a stanza"),
+                ))
+            }
+        }
+        if let Some(sm) = &mut self.sm {
+            sm.received();
+        }
+        self.client_stanza(element).await
+    }
+
+    /// XEP-0198 elements after binding: `<enable/>`, `<r/>`, `<a/>`.
+    async fn stream_management(&mut self, element: &Stanza) -> Result<(), Close> {
+        match (element.name(), &mut self.sm) {
+            ("enable", Some(_)) => {
+                self.conn
+                    .write(sm_failed("unexpected-request").as_bytes())
+                    .await
+            }
+            ("enable", None) => {
+                let config = &self.shared.config.stream_management;
+                let wanted = matches!(element.attr("resume").as_deref(), Some("true" | "1"));
+                let answer = if wanted && config.resume {
+                    let token = new_token();
+                    self.shared.resumable(&self.handle, &token);
+                    // The client may ask for less time than we allow.
+                    let max = element
+                        .attr("max")
+                        .and_then(|m| m.parse::<u64>().ok())
+                        .map_or(config.hibernate.as_secs(), |m| {
+                            m.min(config.hibernate.as_secs())
+                        });
+                    let enabled = format!(
+                        "<enabled xmlns='{NS_SM}' id='{token}' resume='true' max='{max}'/>"
+                    );
+                    self.sm = Some(StreamManagement::new(Some(token), self.shared.ack_policy()));
+                    enabled
+                } else {
+                    self.sm = Some(StreamManagement::new(None, self.shared.ack_policy()));
+                    format!("<enabled xmlns='{NS_SM}'/>")
+                };
+                debug!(jid = %self.handle.jid, resume = wanted, "stream management enabled");
+                self.conn.write(answer.as_bytes()).await
+            }
+            ("r", Some(sm)) => {
+                let a = format!("<a xmlns='{NS_SM}' h='{}'/>", sm.h());
+                self.conn.write(a.as_bytes()).await
+            }
+            ("a", Some(sm)) => {
+                let Some(h) = element.attr("h").and_then(|h| h.parse::<u32>().ok()) else {
+                    return Err(stream_error(
+                        StreamErrorCondition::InvalidXml,
+                        "<a/> needs a count 'h'",
+                    ));
+                };
+                match sm.ack(h) {
+                    Ok(offline) => {
+                        self.shared.delivered(&self.handle, offline);
+                        Ok(())
+                    }
+                    Err(too_high) => Err(Close::Error(
+                        StreamError::new(
+                            StreamErrorCondition::UndefinedCondition,
+                            format!(
+                                "you acknowledged {} stanzas; {} were sent",
+                                too_high.h, too_high.sent
+                            ),
+                        )
+                        .with_app(format!(
+                            "<handled-count-too-high xmlns='{NS_SM}' h='{}' send-count='{}'/>",
+                            too_high.h, too_high.sent
+                        )),
+                    )),
+                }
+            }
+            (name, _) => Err(stream_error(
+                StreamErrorCondition::UnsupportedStanzaType,
+                format!("<{name}/> of stream management is not expected now"),
+            )),
+        }
+    }
+
+    /// A stanza from the bound client: answered here (session, bind, bad addressing) or
+    /// stamped with the full JID and passed to sm.
+    async fn client_stanza(&mut self, stanza: Stanza) -> Result<(), Close> {
+        if let Some(to) = stanza.to() {
+            let valid = jrs_stream::xml::unescape(to).is_some_and(|t| jid::Jid::new(&t).is_ok());
+            if !valid {
+                if let Some(reply) = stanza.error_reply(
+                    StanzaErrorCondition::JidMalformed,
+                    "the 'to' address is not a valid JID",
+                ) {
+                    return self.reply(reply).await;
+                }
+                return Ok(());
+            }
+        }
+        if stanza.name() == "iq" {
+            if stanza.id().is_none() {
+                // RFC 6120 8.1.3: an IQ without id is not executed.
+                let reply = error_iq(
+                    "",
+                    StanzaErrorCondition::BadRequest,
+                    "an IQ needs an id (RFC 6120 8.1.3)",
+                );
+                return self.reply(Bytes::from(reply)).await;
+            }
+            if stanza.kind() == Some("set") {
+                if let Some(answer) = own_iq(&stanza) {
+                    return self.reply(Bytes::from(answer)).await;
+                }
+            }
+        }
+        // Never trust the client's from: stamp the session's full JID.
+        let stamped: Bytes = stanza.with_addresses(None, Some(&self.handle.jid));
+        if !self.shared.client_stanza(&self.handle, &stamped) {
+            if let Some(reply) = stanza.error_reply(
+                StanzaErrorCondition::ServiceUnavailable,
+                "the server is restarting",
+            ) {
+                return self.reply(reply).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// An answer c2s itself gives the client (a stanza like any other: counted).
+    async fn reply(&mut self, stanza: Bytes) -> Result<(), Close> {
+        self.deliver(vec![Item::new(stanza)]).await
+    }
+
+    /// Everything the client has not got: unacknowledged, held by CSI, lost in a failed
+    /// write, and what sm sent that was not read yet.
+    fn undelivered(&mut self) -> Vec<Item> {
+        let mut items = self
+            .sm
+            .as_mut()
+            .map(|sm| sm.take_unacked())
+            .unwrap_or_default();
+        items.append(&mut self.lost);
+        items.extend(self.csi.take_held());
+        while let Ok(message) = self.from_sm.try_recv() {
+            if let ToClient::Stanza(item) = *message {
+                items.push(item);
+            }
+        }
+        items
+    }
+
+    fn counts(&self, sent: usize) -> Counts {
+        Counts {
+            received: self.sm.as_ref().map_or(0, |sm| sm.h()),
+            acked: self.sm.as_ref().map_or(0, |sm| sm.acked()),
+            sent,
+        }
+    }
+
+    /// The session after the relay: ended, or handed to sm to wait for its client.
+    async fn finish(mut self, ending: Ending) -> Close {
+        let jid = self.handle.jid.clone();
+        match ending {
+            Ending::Close(close @ Close::Gone(_)) if self.resumable() => {
+                info!(%jid, "connection lost: the session hibernates");
+                self.hibernate().await;
+                close
+            }
+            Ending::Close(close) | Ending::Ended(close) => {
+                let items = self.undelivered();
+                if !items.is_empty() {
+                    info!(%jid, undelivered = items.len(), "session ended: returning what the client did not get");
+                }
+                self.shared.end_session(&self.handle, &items);
+                info!(%jid, "session ended");
+                close
+            }
+            Ending::Collected => {
+                info!(%jid, "session resumed on another connection: closing this one");
+                let sent = self.sm.as_ref().map_or(0, |sm| sm.unacked());
+                let counts = self.counts(sent);
+                let items = self.undelivered();
+                self.shared.park(&self.handle, counts, &items);
+                stream_error(
+                    StreamErrorCondition::Conflict,
+                    "this session was resumed on another connection",
+                )
+            }
+            Ending::Shutdown => {
+                if self.resumable() {
+                    info!(%jid, "shutting down: the session hibernates");
+                    self.hibernate().await;
+                } else {
+                    let items = self.undelivered();
+                    self.shared.end_session(&self.handle, &items);
+                }
+                stream_error(
+                    StreamErrorCondition::SystemShutdown,
+                    "the server is stopping; resume or log in again",
+                )
+            }
+        }
+    }
+
+    /// The client is gone but may resume: ask sm to take the session, keep what it
+    /// still sends until it answers `collect`, then hand everything over.
+    async fn hibernate(&mut self) {
+        self.shared.hibernate(&self.handle);
+        let sent = self.sm.as_ref().map_or(0, |sm| sm.unacked());
+        let counts = self.counts(sent);
+        let mut items = self.undelivered();
+        let deadline = tokio::time::Instant::now() + HANDOVER_TIMEOUT;
+        loop {
+            match tokio::time::timeout_at(deadline, self.from_sm.recv()).await {
+                Ok(Some(message)) => match *message {
+                    ToClient::Stanza(item) => items.push(item),
+                    ToClient::Collect => {
+                        debug!(jid = %self.handle.jid, queued = items.len(), "session handed to sm");
+                        self.shared.park(&self.handle, counts, &items);
+                        return;
+                    }
+                    ToClient::End(..) => break,
+                },
+                Ok(None) | Err(_) => {
+                    warn!(jid = %self.handle.jid, "sm did not take the hibernating session: ending it");
+                    break;
+                }
+            }
+        }
+        self.shared.end_session(&self.handle, &items);
+    }
+}
+
+/// A resumption token: 16 random bytes, URL-safe base64 (a client keeps it as is).
+fn new_token() -> String {
+    use base64::Engine;
+    let bytes: [u8; 16] = rand::rng().random();
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+}
+
+/// The answer to an IQ set c2s handles itself once bound: the legacy session request
+/// (a no-op, RFC 6121 appendix E) and a second bind (refused).
+fn own_iq(iq: &Stanza) -> Option<String> {
+    let payload = children(iq).into_iter().next()?;
+    let id = iq.attr("id").unwrap_or_default();
+    match (payload.name.as_str(), payload.ns.as_str()) {
+        ("session", NS_SESSION) => Some(result_iq(&id)),
+        ("bind", NS_BIND) if iq.to().is_none() => Some(error_iq(
+            &id,
+            StanzaErrorCondition::NotAllowed,
+            "this stream has a resource bound already",
+        )),
+        _ => None,
+    }
+}
