@@ -199,3 +199,251 @@ pub async fn wait_over(u: &mut User, key: SessionKey, generation: u64) {
         end_session(u, key, None).await;
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use bytes::Bytes;
+
+    use crate::host::registry::Event;
+    use crate::host::session::{Park, Queued};
+    use crate::host::task::handle;
+    use crate::modules::offline::NS_OFFLINE;
+    use crate::modules::testing::*;
+
+    fn chat(to: &str, body: &str) -> String {
+        format!("<message to='{to}' from='bob@localhost/b' type='chat' id='{body}'><body>{body}</body></message>")
+    }
+
+    fn park(items: &[&str]) -> Park {
+        Park {
+            received: 7,
+            acked: 3,
+            timeout: Duration::from_secs(300),
+            max: 5,
+            items: items
+                .iter()
+                .map(|s| Queued::new(Bytes::from(s.to_string())))
+                .collect(),
+        }
+    }
+
+    fn resume_event(c2s: &str, sid: &str, token: &str) -> Event {
+        Event::Resume {
+            c2s: c2s.into(),
+            sid: sid.into(),
+            token: token.into(),
+        }
+    }
+
+    /// alice/phone online and resumable with token `t`.
+    async fn resumable_phone(u: &mut crate::host::User) -> crate::host::session::SessionRef {
+        online(u, "phone", 0).await;
+        let r = reference(u, "phone");
+        handle(u, Event::Resumable(r.clone(), "t".into())).await;
+        take(u);
+        r
+    }
+
+    #[tokio::test]
+    async fn a_hibernating_session_keeps_order_and_is_resumed_elsewhere() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        let r = resumable_phone(&mut u).await;
+        handle(&mut u, Event::Hibernate(r.clone())).await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(&out, "", &["type='collect'", "sid='phone'"]).len(),
+            1,
+            "{out:?}"
+        );
+        // What arrives now waits here, after what c2s still has.
+        inbound(&mut u, &chat("alice@localhost/phone", "later")).await;
+        assert!(to(&take(&mut u), "phone", &[]).is_empty());
+        handle(
+            &mut u,
+            Event::Park(
+                r.clone(),
+                park(&[&chat("alice@localhost/phone", "earlier")]),
+            ),
+        )
+        .await;
+        assert_eq!(ctx.parked.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // Presence did not change: still available.
+        assert!(u.sessions[0].available);
+        handle(&mut u, resume_event("c2s-2", "s9", "t")).await;
+        let out = take(&mut u);
+        let resumed = to(
+            &out,
+            "",
+            &[
+                "type='resumed'",
+                "to='c2s-2'",
+                "sid='s9'",
+                "h='7'",
+                "acked='3'",
+            ],
+        );
+        assert_eq!(resumed.len(), 1, "{out:?}");
+        let (earlier, later) = (
+            resumed[0].find("earlier").unwrap(),
+            resumed[0].find("later").unwrap(),
+        );
+        assert!(earlier < later, "in order: {}", resumed[0]);
+        assert_eq!(ctx.parked.load(std::sync::atomic::Ordering::Relaxed), 0);
+        // The session lives on the new connection.
+        inbound(&mut u, &chat("alice@localhost/phone", "after")).await;
+        let out = u.out.take();
+        assert!(
+            matches!(&out[..], [crate::host::out::Output::Deliver { to, .. }] if to.c2s == "c2s-2" && to.sid == "s9"),
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn resuming_a_live_session_collects_it_first_and_unknown_tokens_fail() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        let r = resumable_phone(&mut u).await;
+        handle(&mut u, resume_event("c2s-2", "s9", "wrong")).await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(&out, "", &["type='end'", "item-not-found", "sid='s9'"]).len(),
+            1,
+            "{out:?}"
+        );
+        handle(&mut u, resume_event("c2s-2", "s9", "t")).await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(&out, "", &["type='collect'", "to='c2s'", "sid='phone'"]).len(),
+            1,
+            "{out:?}"
+        );
+        handle(&mut u, Event::Park(r, park(&[]))).await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(&out, "", &["type='resumed'", "to='c2s-2'"]).len(),
+            1,
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn when_the_wait_is_over_messages_go_to_offline_storage() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        let r = resumable_phone(&mut u).await;
+        handle(&mut u, Event::Hibernate(r.clone())).await;
+        inbound(&mut u, &chat("alice@localhost", "queued")).await;
+        let mut p = park(&[
+            &chat("alice@localhost/phone", "unacked"),
+            "<iq type='get' id='q1' from='bob@localhost/b' to='alice@localhost/phone'><query xmlns='jabber:iq:version'/></iq>",
+        ]);
+        p.items.push(Queued {
+            bytes: Bytes::from(chat("alice@localhost", "from-offline")),
+            offline: true,
+        });
+        handle(&mut u, Event::Park(r, p)).await;
+        take(&mut u);
+        let key = u.sessions[0].key;
+        let generation = match &u.sessions[0].link {
+            super::Link::Held(h) => h.parked.as_ref().unwrap().generation,
+            _ => unreachable!(),
+        };
+        // A timer for an earlier parking does nothing.
+        handle(
+            &mut u,
+            Event::HibernationEnds {
+                key,
+                generation: generation - 1,
+            },
+        )
+        .await;
+        assert_eq!(u.sessions.len(), 1);
+        handle(&mut u, Event::HibernationEnds { key, generation }).await;
+        assert!(u.sessions.is_empty());
+        let out = take(&mut u);
+        assert_eq!(
+            to(
+                &out,
+                "",
+                &["type='error'", "id='q1'", "service-unavailable"]
+            )
+            .len(),
+            1,
+            "{out:?}"
+        );
+        let stored = ctx.store.get("alice@localhost", NS_OFFLINE).await.unwrap();
+        let stored = String::from_utf8_lossy(&stored);
+        assert!(
+            stored.contains("unacked") && stored.contains("queued"),
+            "{stored}"
+        );
+        // An offline message given to the session is in storage still: not stored twice.
+        assert!(!stored.contains("from-offline"), "{stored}");
+        assert_eq!(ctx.parked.load(std::sync::atomic::Ordering::Relaxed), 0);
+    }
+
+    #[tokio::test]
+    async fn limits_end_hibernating_sessions() {
+        let ctx = ctx(None, "<sessions hibernated-per-user='1'/>");
+        let mut u = user(&ctx, "alice@localhost");
+        for resource in ["one", "two"] {
+            online(&mut u, resource, 0).await;
+            let r = reference(&u, resource);
+            handle(&mut u, Event::Hibernate(r.clone())).await;
+            handle(&mut u, Event::Park(r, park(&[]))).await;
+        }
+        let left: Vec<&str> = u
+            .sessions
+            .iter()
+            .map(|s| s.jid.resource().as_str())
+            .collect();
+        assert_eq!(left, ["two"], "the older one gave way");
+        // Past its queue bound (5) a hibernating session ends.
+        for i in 0..6 {
+            let stanza = jrs_stream::Stanza::parse(Bytes::from(chat(
+                "alice@localhost/two",
+                &format!("m{i}"),
+            )))
+            .unwrap();
+            let to = jid::Jid::new("alice@localhost/two").ok();
+            handle(
+                &mut u,
+                Event::Inbound(crate::host::Packet::new(stanza, to, None)),
+            )
+            .await;
+        }
+        assert!(u.sessions.is_empty());
+        let stored = ctx.store.get("alice@localhost", NS_OFFLINE).await.unwrap();
+        assert!(String::from_utf8_lossy(&stored).contains("m5"));
+    }
+
+    #[tokio::test]
+    async fn what_a_session_never_got_goes_to_another_session() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        online(&mut u, "phone", 5).await;
+        online(&mut u, "desk", 0).await;
+        take(&mut u);
+        let r = reference(&u, "phone");
+        let items = vec![
+            Queued::new(Bytes::from(chat("alice@localhost/phone", "to-phone"))),
+            // To the bare JID, delivered to the phone alone (higher priority): the desk
+            // did not get it.
+            Queued::new(Bytes::from(chat("alice@localhost", "to-bare"))),
+        ];
+        handle(&mut u, Event::End(r, items)).await;
+        let out = take(&mut u);
+        assert_eq!(to(&out, "desk", &["to-phone"]).len(), 1, "{out:?}");
+        assert_eq!(to(&out, "desk", &["to-bare"]).len(), 1, "{out:?}");
+        // Same priority: a bare JID message went to both already.
+        online(&mut u, "tablet", 0).await;
+        take(&mut u);
+        let r = reference(&u, "tablet");
+        let items = vec![Queued::new(Bytes::from(chat("alice@localhost", "both")))];
+        handle(&mut u, Event::End(r, items)).await;
+        assert!(to(&take(&mut u), "desk", &["both"]).is_empty());
+    }
+}
