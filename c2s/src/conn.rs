@@ -20,7 +20,7 @@ use crate::shared::Shared;
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: TlsMode) {
     let transport = match mode {
         TlsMode::StartTls => Transport::Plain(tcp),
-        TlsMode::Direct => match tls::accept(tcp, shared.tls.direct.clone()).await {
+        TlsMode::Direct => match Box::pin(tls::accept(tcp, shared.tls.direct.clone())).await {
             Ok(t) => t,
             Err(e) => {
                 debug!(%peer, error = %e, "TLS handshake failed");
@@ -30,12 +30,13 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: 
     };
     let mut negotiation = Negotiation::new(peer.ip(), transport.is_tls(), transport.exporter());
     let mut conn = Connection::new(transport, shared.connection_settings());
+    // The handshake, the closing and the session's rare paths are boxed: the task's size
+    // is that of its largest await point, and most clients spend their life idle.
     let close = run(&shared, &mut conn, &mut negotiation, peer).await;
     if let Close::Error(e) = &close {
         debug!(%peer, error = %e, "closing with a stream error");
     }
-    conn.finish(&close, || negotiation.error_header(&shared.negotiation))
-        .await;
+    Box::pin(conn.finish(&close, || negotiation.error_header(&shared.negotiation))).await;
 }
 
 async fn run(
@@ -55,7 +56,12 @@ async fn run(
         // life in the session, and its size is that of its largest await point.
         match Box::pin(login::run(shared, conn, negotiation)).await {
             Ok(Outcome::Bind { bare, full, id }) => {
-                return session::bind(shared, conn, peer, bare, full, id).await
+                let mut live =
+                    match Box::pin(session::bind(shared, conn, peer, bare, full, id)).await {
+                        Ok(live) => live,
+                        Err(close) => return close,
+                    };
+                return live.run().await;
             }
             Ok(Outcome::Resume { bare, previd, h }) => {
                 match Box::pin(session::resume(shared, conn, peer, bare, previd, h)).await {

@@ -7,7 +7,13 @@
 //!   flight per client, p50/p99 delivery latency, and server CPU per delivered message
 //!   (user + system time of every server process, from /proc);
 //! - `idle`: server memory (RSS of every server process) per idle authenticated
-//!   connection.
+//!   connection;
+//! - `hibernated`: server memory per session hibernating (XEP-0198) after its client's
+//!   connection dropped.
+//!
+//! With `--sm` clients enable stream management with resumption (XEP-0198) after
+//! binding, ask for an acknowledgement (`<r/>`) after every 5 stanzas they send, and
+//! answer the server's.
 //!
 //! ```text
 //! cargo build --release --workspace
@@ -40,6 +46,10 @@ struct Args {
     /// Clients enable message carbons (XEP-0280) after login, as mobile clients do.
     #[arg(long, global = true)]
     carbons: bool,
+    /// Clients enable stream management (XEP-0198) with resumption and ask for an
+    /// acknowledgement after every 5 stanzas they send.
+    #[arg(long, global = true)]
+    sm: bool,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -71,6 +81,11 @@ enum Scenario {
         #[arg(long)]
         tls: bool,
     },
+    /// Server memory per session hibernating (XEP-0198) after its connection dropped.
+    Hibernated {
+        #[arg(long, default_value_t = 10_000)]
+        sessions: usize,
+    },
     /// Everything above with the default settings.
     All,
 }
@@ -87,6 +102,7 @@ fn main() -> anyhow::Result<()> {
         let setup = Setup {
             without: args.without.clone(),
             carbons: args.carbons,
+            sm: args.sm,
         };
         let scenarios = match args.scenario {
             Scenario::All => vec![
@@ -130,6 +146,7 @@ fn main() -> anyhow::Result<()> {
                     seconds,
                 } => bench.messages(clients, inflight, seconds).await,
                 Scenario::Idle { connections, tls } => bench.idle(connections, tls).await,
+                Scenario::Hibernated { sessions } => bench.hibernated(sessions).await,
                 Scenario::All => unreachable!(),
             };
             if result.is_err() {
@@ -153,6 +170,7 @@ fn main() -> anyhow::Result<()> {
 struct Setup {
     without: Vec<String>,
     carbons: bool,
+    sm: bool,
 }
 
 /// A running server with accounts, and what a client needs to reach it.
@@ -162,7 +180,11 @@ struct Bench {
     tls: Arc<rustls::ClientConfig>,
     keys: ClientKeys,
     carbons: bool,
+    sm: bool,
 }
+
+/// Clients that enable stream management ask for an acknowledgement this often.
+const ASK_EVERY: u64 = 5;
 
 impl Bench {
     async fn start(scenario: &Scenario, setup: &Setup) -> anyhow::Result<Bench> {
@@ -170,6 +192,7 @@ impl Bench {
             Scenario::Logins { count, .. } => (*count).min(1000),
             Scenario::Messages { clients, .. } => *clients,
             Scenario::Idle { connections, .. } => *connections,
+            Scenario::Hibernated { sessions } => *sessions,
             Scenario::All => 0,
         };
         let mut server = Server::start(Options {
@@ -205,10 +228,11 @@ impl Bench {
         create_accounts(&server, users, &keys).await?;
         let tls = client_tls(&server.path("certs/localhost.crt"))?;
         eprintln!(
-            "server up in {} ({users} accounts; sm modules without {:?}; clients enable carbons: {})",
+            "server up in {} ({users} accounts; sm modules without {:?}; clients enable carbons: {}, stream management: {})",
             server.dir.display(),
             setup.without,
-            setup.carbons
+            setup.carbons,
+            setup.sm
         );
         Ok(Bench {
             server,
@@ -216,7 +240,19 @@ impl Bench {
             tls,
             keys,
             carbons: setup.carbons,
+            sm: setup.sm,
         })
+    }
+
+    /// A client logged in as `user`/`resource`, with stream management enabled when
+    /// the bench asks for it.
+    async fn client(&self, user: &str, resource: &str, tls: bool) -> anyhow::Result<Client> {
+        let tls = tls.then(|| self.tls.clone());
+        let mut c = Client::login(self.port, user, resource, &self.keys, tls).await?;
+        if self.sm {
+            enable_stream_management(&mut c).await?;
+        }
+        Ok(c)
     }
 
     fn pids(&self) -> Vec<u32> {
@@ -284,8 +320,7 @@ impl Bench {
         let clients = clients & !1;
         let mut logged = vec![];
         for i in 0..clients {
-            let mut c =
-                Client::login(self.port, &format!("user{i}"), "m", &self.keys, None).await?;
+            let mut c = self.client(&format!("user{i}"), "m", false).await?;
             if self.carbons {
                 c.send(b"<iq type='set' id='carbons'><enable xmlns='urn:xmpp:carbons:2'/></iq>")
                     .await?;
@@ -314,9 +349,11 @@ impl Bench {
                 running.clone(),
                 latencies.clone(),
             );
+            let sm = self.sm;
             tasks.push(tokio::spawn(async move {
                 pump_messages(
-                    client, i, partner, &to, inflight, epoch, &acked, &wake, &running, &latencies,
+                    client, i, partner, &to, inflight, sm, epoch, &acked, &wake, &running,
+                    &latencies,
                 )
                 .await
             }));
@@ -334,8 +371,13 @@ impl Bench {
             sent += t.await??;
         }
         let mut lat = latencies.lock().unwrap().clone();
+        let suffix = if self.sm {
+            " (stream management, <r/> every 5)"
+        } else {
+            ""
+        };
         println!(
-            "messages: {clients} clients in pairs, {inflight} in flight each, {seconds} s: {delivered} of {sent} delivered, {:.0} messages/s, latency p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/message",
+            "messages{suffix}: {clients} clients in pairs, {inflight} in flight each, {seconds} s: {delivered} of {sent} delivered, {:.0} messages/s, latency p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/message",
             delivered as f64 / elapsed.as_secs_f64(),
             percentile(&mut lat, 0.50).as_secs_f64() * 1e3,
             percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
@@ -353,50 +395,115 @@ impl Bench {
     }
 
     async fn idle(&self, connections: usize, tls: bool) -> anyhow::Result<()> {
-        let pids = self.pids();
-        let each_before: Vec<u64> = pids.iter().map(|p| rss_kib(&[*p])).collect();
-        let before = rss_kib(&pids);
-        let mut held = Vec::with_capacity(connections);
+        let memory = Memory::now(self.pids());
+        let held = self.log_in_many(connections, "idle", self.sm, true).await?;
+        // Let the server settle (initial presence, caches) before reading memory.
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (before, after, by_process) = memory.growth(connections);
+        println!(
+            "idle ({}{}): {connections} authenticated connections with presence: server RSS {before} KiB -> {after} KiB, {:.1} KiB per connection",
+            if tls { "STARTTLS" } else { "plaintext" },
+            if self.sm { ", stream management" } else { "" },
+            (after.saturating_sub(before)) as f64 / connections as f64
+        );
+        println!("  KiB per connection by process: {by_process}");
+        drop(held);
+        Ok(())
+    }
+
+    /// Logs in `sessions` clients with resumable stream management and presence, drops
+    /// their connections (no stream close: the sessions hibernate at sm), and reports
+    /// server memory per hibernating session.
+    async fn hibernated(&self, sessions: usize) -> anyhow::Result<()> {
+        let memory = Memory::now(self.pids());
+        // Each batch's connections drop without a stream close once logged in (as the
+        // logins go on, so that c2s reuses their memory rather than growing to hold
+        // them all at once: what stays is the hibernating sessions' state).
+        self.log_in_many(sessions, "away", true, false).await?;
+        // Let c2s hand the sessions over and both settle before reading memory.
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        let (before, after, by_process) = memory.growth(sessions);
+        println!(
+            "hibernated: {sessions} sessions whose connection dropped: server RSS {before} KiB -> {after} KiB, {:.1} KiB per hibernating session",
+            (after.saturating_sub(before)) as f64 / sessions as f64
+        );
+        println!("  KiB per session by process: {by_process}");
+        Ok(())
+    }
+
+    /// Logs in `user0`.. `user{count-1}` with `resource`, 100 at a time, each enabling
+    /// stream management (with `sm`) and sending initial presence. Returns the clients
+    /// when `keep`, else drops each batch's connections once it is logged in.
+    async fn log_in_many(
+        &self,
+        count: usize,
+        resource: &'static str,
+        sm: bool,
+        keep: bool,
+    ) -> anyhow::Result<Vec<Client>> {
+        let mut clients = Vec::with_capacity(count);
         let batch = 100;
-        for start in (0..connections).step_by(batch) {
-            // One batch of logins at a time, concurrently.
+        for start in (0..count).step_by(batch) {
             let mut logins = tokio::task::JoinSet::new();
-            for i in start..(start + batch).min(connections) {
+            for i in start..(start + batch).min(count) {
                 let (port, keys) = (self.port, self.keys.clone());
                 logins.spawn(async move {
                     let mut c =
-                        Client::login(port, &format!("user{i}"), "idle", &keys, None).await?;
+                        Client::login(port, &format!("user{i}"), resource, &keys, None).await?;
+                    if sm {
+                        enable_stream_management(&mut c).await?;
+                    }
                     c.send(b"<presence/>").await?;
                     Ok::<_, anyhow::Error>(c)
                 });
             }
             while let Some(c) = logins.join_next().await {
-                held.push(c??);
+                let c = c??;
+                if keep {
+                    clients.push(c);
+                }
             }
         }
-        // Let the server settle (initial presence, caches) before reading memory.
-        tokio::time::sleep(Duration::from_secs(2)).await;
-        let after = rss_kib(&self.pids());
-        println!(
-            "idle ({}): {connections} authenticated connections with presence: server RSS {before} KiB -> {after} KiB, {:.1} KiB per connection",
-            if tls { "STARTTLS" } else { "plaintext" },
-            (after.saturating_sub(before)) as f64 / connections as f64
-        );
-        let at = |pid: u32| {
-            let i = pids.iter().position(|p| *p == pid).expect("known pid");
-            rss_kib(&[pid]).saturating_sub(each_before[i]) as f64 / connections as f64
-        };
-        println!(
-            "  KiB per connection by process: {}",
-            per_process(&pids, at, "")
-        );
-        drop(held);
-        Ok(())
+        Ok(clients)
     }
 }
 
+/// The server processes' memory at one moment, to report growth from.
+struct Memory {
+    pids: Vec<u32>,
+    each: Vec<u64>,
+    total: u64,
+}
+
+impl Memory {
+    fn now(pids: Vec<u32>) -> Memory {
+        let each = pids.iter().map(|p| rss_kib(&[*p])).collect();
+        let total = rss_kib(&pids);
+        Memory { pids, each, total }
+    }
+
+    /// Total RSS then and now (KiB), and each process's growth divided by `count`.
+    fn growth(&self, count: usize) -> (u64, u64, String) {
+        let after = rss_kib(&self.pids);
+        let at = |pid: u32| {
+            let i = self.pids.iter().position(|p| *p == pid).expect("known pid");
+            rss_kib(&[pid]).saturating_sub(self.each[i]) as f64 / count as f64
+        };
+        (self.total, after, per_process(&self.pids, at, ""))
+    }
+}
+
+/// XEP-0198 with resumption, as mobile clients enable it after binding.
+async fn enable_stream_management(c: &mut Client) -> anyhow::Result<()> {
+    c.send(b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>")
+        .await?;
+    c.expect("enabled").await?;
+    Ok(())
+}
+
 /// Sends to the partner with at most `inflight` unacknowledged, and receives from it,
-/// until `running` is cleared. Returns how many this client sent.
+/// until `running` is cleared. Returns how many this client sent. With `sm`, asks for an
+/// acknowledgement every [`ASK_EVERY`] stanzas and answers the server's asks.
 #[allow(clippy::too_many_arguments)]
 async fn pump_messages(
     mut client: Client,
@@ -404,6 +511,7 @@ async fn pump_messages(
     partner: usize,
     to: &str,
     inflight: u64,
+    sm: bool,
     epoch: Instant,
     acked: &[AtomicU64],
     wake: &[Notify],
@@ -411,6 +519,8 @@ async fn pump_messages(
     latencies: &Mutex<Vec<Duration>>,
 ) -> anyhow::Result<u64> {
     let mut sent = 0u64;
+    // XEP-0198: stanzas received since enabling (the client's h).
+    let mut handled = 0u32;
     let mut local = Vec::new();
     loop {
         if !running.load(Ordering::Acquire) {
@@ -423,6 +533,9 @@ async fn pump_messages(
                 format!("<message to='{to}' type='chat' id='{stamp}'><body>hello {sent}</body></message>").as_bytes(),
             );
             sent += 1;
+            if sm && sent.is_multiple_of(ASK_EVERY) {
+                batch.extend_from_slice(b"<r xmlns='urn:xmpp:sm:3'/>");
+            }
         }
         if !batch.is_empty() {
             client.send(&batch).await?;
@@ -431,6 +544,13 @@ async fn pump_messages(
             frame = client.reader.next_frame() => {
                 let Frame::Element(bytes) = frame? else { bail!("stream closed") };
                 let stanza = Stanza::parse(bytes)?;
+                if matches!(stanza.name(), "message" | "presence" | "iq") {
+                    handled = handled.wrapping_add(1);
+                } else if sm && stanza.name() == "r" {
+                    client
+                        .send(format!("<a xmlns='urn:xmpp:sm:3' h='{handled}'/>").as_bytes())
+                        .await?;
+                }
                 if stanza.name() == "message" && stanza.kind() == Some("chat") {
                     if let Some(stamp) = stanza.id().and_then(|s| s.parse::<u128>().ok()) {
                         let now = epoch.elapsed().as_nanos();

@@ -41,7 +41,6 @@ impl Csi {
         }
     }
 
-    #[cfg(test)]
     pub fn is_inactive(&self) -> bool {
         self.inactive
     }

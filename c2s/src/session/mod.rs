@@ -43,21 +43,22 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of queued stanzas written to the client in one go.
 const BURST: usize = 64 * 1024;
 
-/// Starts the session for `full` (answering the client's bind request `bind_id`) and
-/// relays until it ends.
-pub async fn bind(
-    shared: &Arc<Shared>,
-    conn: &mut Connection,
+/// Starts the session for `full` (answering the client's bind request `bind_id`); the
+/// caller then runs it ([`Live::run`]). Separate so that what starting needs is not
+/// kept in the task for the session's whole life (memory per connection).
+pub async fn bind<'a>(
+    shared: &'a Arc<Shared>,
+    conn: &'a mut Connection,
     peer: SocketAddr,
     bare: String,
     full: String,
     bind_id: String,
-) -> Close {
+) -> Result<Live<'a>, Close> {
     if shared.shutting_down() {
-        return stream_error(
+        return Err(stream_error(
             StreamErrorCondition::SystemShutdown,
             "the server is stopping",
-        );
+        ));
     }
     let (to_client, from_sm) = mpsc::unbounded_channel();
     let (handle, started) = shared.start_session(&full, &bare, to_client);
@@ -85,16 +86,16 @@ pub async fn bind(
     let bound = reply.contains("type='result'");
     if let Err(close) = conn.write(reply.as_bytes()).await {
         shared.end_session(&handle, &[]);
-        return close;
+        return Err(close);
     }
     if !bound {
-        return stream_error(
+        return Err(stream_error(
             StreamErrorCondition::InternalServerError,
             "no session could be started",
-        );
+        ));
     }
     info!(%peer, jid = %full, sid = %handle.sid, "session started");
-    Live::new(shared, conn, handle, from_sm, None).run().await
+    Ok(Live::new(shared, conn, handle, from_sm, None))
 }
 
 /// How a resumption attempt ended.
@@ -183,7 +184,7 @@ enum Ending {
 }
 
 /// A session with its client connected.
-struct Live<'a> {
+pub struct Live<'a> {
     shared: &'a Arc<Shared>,
     conn: &'a mut Connection,
     handle: Arc<SessionHandle>,
@@ -215,9 +216,15 @@ impl<'a> Live<'a> {
         }
     }
 
-    async fn run(mut self) -> Close {
+    /// Relays until the session ends, then ends it.
+    ///
+    /// By reference: an `async fn` that takes `self` by value keeps a second copy of it
+    /// for its whole life. The ending is boxed, as is each client element in `relay`: a
+    /// task's size is that of its largest await point, and an idle session should only
+    /// pay for waiting (memory per connection, docs/benchmarks.md).
+    pub async fn run(&mut self) -> Close {
         let ending = self.relay().await;
-        self.finish(ending).await
+        Box::pin(self.finish(ending)).await
     }
 
     fn resumable(&self) -> bool {
@@ -227,18 +234,22 @@ impl<'a> Live<'a> {
     async fn relay(&mut self) -> Ending {
         let keepalive = self.shared.config.keepalive;
         loop {
-            let idle_write = tokio::time::sleep_until((self.conn.last_write() + keepalive).into());
-            let ask_due = self.sm.as_ref().and_then(|sm| sm.request_due());
-            let ask = async move {
-                match ask_due {
-                    Some(at) => tokio::time::sleep_until(at.into()).await,
-                    None => std::future::pending().await,
-                }
+            // One timer for the whitespace keepalive and XEP-0198's timed writes (our
+            // `<r/>`, the answer to the client's): a timer per kind would cost a
+            // timer-wheel entry per loop turn.
+            let keepalive_at = self.conn.last_write() + keepalive;
+            let wake_at = match &self.sm {
+                Some(sm) => [sm.request_due(), sm.answer_due()]
+                    .into_iter()
+                    .flatten()
+                    .fold(keepalive_at, Instant::min),
+                None => keepalive_at,
             };
+            let timer = tokio::time::sleep_until(wake_at.into());
             tokio::select! {
                 element = self.conn.next_stanza() => {
                     let result = match element {
-                        Ok(element) => self.client_element(element).await,
+                        Ok(element) => Box::pin(self.client_element(element)).await,
                         Err(close) => Err(close),
                     };
                     if let Err(close) = result {
@@ -278,14 +289,14 @@ impl<'a> Live<'a> {
                     Some(ToClient::Collect) => return Ending::Collected,
                     None => return Ending::Ended(stream_error(StreamErrorCondition::SystemShutdown, "shutting down")),
                 },
-                _ = idle_write => {
-                    if let Err(close) = self.conn.write(b" ").await {
+                _ = timer => {
+                    if let Err(close) = self.answer_and_ask().await {
                         return Ending::Close(close);
                     }
-                }
-                _ = ask => {
-                    if let Err(close) = self.ask_for_ack().await {
-                        return Ending::Close(close);
+                    if self.conn.last_write() + keepalive <= Instant::now() {
+                        if let Err(close) = self.conn.write(b" ").await {
+                            return Ending::Close(close);
+                        }
                     }
                 }
                 _ = self.shutdown.changed() => return Ending::Shutdown,
@@ -295,6 +306,9 @@ impl<'a> Live<'a> {
 
     /// Stanzas for the client: through CSI (which may hold some), then written.
     async fn deliver(&mut self, items: Vec<Item>) -> Result<(), Close> {
+        if !self.csi.is_inactive() {
+            return self.write_items(items).await;
+        }
         let mut now = Vec::with_capacity(items.len());
         for item in items {
             now.extend(self.csi.offer(item));
@@ -327,6 +341,10 @@ impl<'a> Live<'a> {
             };
         };
         let now = Instant::now();
+        // The answer to the client's `<r/>` rides along; it counts what came before.
+        if let Some(h) = sm.take_answer() {
+            burst.extend_from_slice(format!("<a xmlns='{NS_SM}' h='{h}'/>").as_bytes());
+        }
         let mut ask = false;
         for i in items {
             ask |= sm.sent(i, now);
@@ -344,17 +362,27 @@ impl<'a> Live<'a> {
         self.conn.write(&burst).await
     }
 
-    async fn ask_for_ack(&mut self) -> Result<(), Close> {
-        if let Some(sm) = &mut self.sm {
-            if sm.should_request(Instant::now()) {
-                sm.requested();
-                return self
-                    .conn
-                    .write(format!("<r xmlns='{NS_SM}'/>").as_bytes())
-                    .await;
+    /// XEP-0198 on a timer: the answer to the client's `<r/>` that no stanza took
+    /// along, and our `<r/>` when the oldest unacknowledged stanza is old enough.
+    async fn answer_and_ask(&mut self) -> Result<(), Close> {
+        let Some(sm) = &mut self.sm else {
+            return Ok(());
+        };
+        let now = Instant::now();
+        let mut out = String::new();
+        if sm.answer_due().is_some_and(|due| due <= now) {
+            if let Some(h) = sm.take_answer() {
+                out = format!("<a xmlns='{NS_SM}' h='{h}'/>");
             }
         }
-        Ok(())
+        if sm.should_request(now) {
+            sm.requested();
+            out.push_str(&format!("<r xmlns='{NS_SM}'/>"));
+        }
+        if out.is_empty() {
+            return Ok(());
+        }
+        self.conn.write(out.as_bytes()).await
     }
 
     /// An element from the client: a stream management or CSI element, or a stanza.
@@ -420,8 +448,9 @@ impl<'a> Live<'a> {
                 self.conn.write(answer.as_bytes()).await
             }
             ("r", Some(sm)) => {
-                let a = format!("<a xmlns='{NS_SM}' h='{}'/>", sm.h());
-                self.conn.write(a.as_bytes()).await
+                // Answered with the next write to the client (see `ANSWER_DELAY`).
+                sm.asked(Instant::now());
+                Ok(())
             }
             ("a", Some(sm)) => {
                 let Some(h) = element.attr("h").and_then(|h| h.parse::<u32>().ok()) else {
@@ -533,7 +562,7 @@ impl<'a> Live<'a> {
     }
 
     /// The session after the relay: ended, or handed to sm to wait for its client.
-    async fn finish(mut self, ending: Ending) -> Close {
+    async fn finish(&mut self, ending: Ending) -> Close {
         let jid = self.handle.jid.clone();
         match ending {
             Ending::Close(close @ Close::Gone(_)) if self.resumable() => {

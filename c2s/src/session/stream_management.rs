@@ -16,6 +16,11 @@ pub struct AckPolicy {
     pub after: Duration,
 }
 
+/// How long the answer to a client's `<r/>` may wait for a stanza to ride with. Under
+/// load a stanza for the client comes sooner, and the `<a/>` then costs no write of
+/// its own; when idle the client waits this long for it.
+pub const ANSWER_DELAY: Duration = Duration::from_millis(5);
+
 /// The client acknowledged more than was sent (XEP-0198 `handled-count-too-high`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TooHigh {
@@ -36,6 +41,8 @@ pub struct StreamManagement {
     since_request: u32,
     /// Our `<r/>` is unanswered.
     requested: bool,
+    /// The client's `<r/>` is unanswered since then.
+    asked_since: Option<Instant>,
     policy: AckPolicy,
 }
 
@@ -48,6 +55,7 @@ impl StreamManagement {
             unacked: VecDeque::new(),
             since_request: 0,
             requested: false,
+            asked_since: None,
             policy,
         }
     }
@@ -76,9 +84,25 @@ impl StreamManagement {
             unacked: VecDeque::new(),
             since_request: 0,
             requested: false,
+            asked_since: None,
             policy,
         };
         (sm, items.into(), offline)
+    }
+
+    /// The client's `<r/>`: the answer goes out with the next write, or when due.
+    pub fn asked(&mut self, now: Instant) {
+        self.asked_since.get_or_insert(now);
+    }
+
+    /// When an unanswered `<r/>` must be answered by itself.
+    pub fn answer_due(&self) -> Option<Instant> {
+        self.asked_since.map(|at| at + ANSWER_DELAY)
+    }
+
+    /// The `h` to write now, when the client asked for it (then it is answered).
+    pub fn take_answer(&mut self) -> Option<u32> {
+        self.asked_since.take().map(|_| self.received)
     }
 
     /// A stanza from the client was handled.
@@ -175,6 +199,26 @@ mod tests {
 
     fn item(n: u32) -> Item {
         Item::new(Bytes::from(format!("<message id='{n}'/>")))
+    }
+
+    #[test]
+    fn an_answer_waits_for_the_next_write_and_counts_until_then() {
+        let now = Instant::now();
+        let mut sm = StreamManagement::new(None, policy());
+        assert_eq!(sm.answer_due(), None);
+        assert_eq!(sm.take_answer(), None, "nothing asked, nothing owed");
+        sm.received();
+        sm.asked(now);
+        sm.asked(now + Duration::from_millis(3));
+        assert_eq!(
+            sm.answer_due(),
+            Some(now + ANSWER_DELAY),
+            "due from the first ask"
+        );
+        sm.received();
+        assert_eq!(sm.take_answer(), Some(2), "the count when written");
+        assert_eq!(sm.take_answer(), None, "answered once");
+        assert_eq!(sm.answer_due(), None);
     }
 
     #[test]

@@ -555,6 +555,9 @@ impl User {
 
     pub fn add_session(&mut self, r: &SessionRef) -> SessionKey {
         self.next_key += 1;
+        // Most users have one or two sessions: grow one at a time, not to four (memory
+        // per connection).
+        self.sessions.reserve_exact(1);
         self.sessions.push(Session::new(self.next_key, r));
         self.next_key
     }
