@@ -39,6 +39,8 @@ pub struct Resumption {
     pub received: u32,
     /// The client's last acknowledged count.
     pub acked: u32,
+    /// How many of `items` (the first ones) had been sent to the client.
+    pub sent: u32,
     /// What the client had not acknowledged or received, oldest first.
     pub items: Vec<Item>,
 }

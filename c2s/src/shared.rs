@@ -3,7 +3,7 @@
 //! The packets of the session protocol with sm are `protocol.rs`.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,7 +36,13 @@ pub struct Shared {
     pub negotiation: negotiation::Settings,
     router: Mutex<Option<Outbox>>,
     sessions: Mutex<HashMap<String, Arc<SessionHandle>>>,
+    /// Session ids are `{boot}-{n}`: a restarted c2s never reuses the ids of its
+    /// previous run, which sm may still hold (a resumption waiting for a `park`).
+    boot: String,
     next_sid: AtomicU64,
+    /// Sessions relaying or ending on a connection (`session::Live`): a stopping process
+    /// waits for them, as one may be between leaving the table and telling sm.
+    relays: AtomicUsize,
     /// Set on SIGTERM: every session ends (or hibernates) and new streams are refused.
     shutdown: watch::Sender<bool>,
 }
@@ -60,7 +66,9 @@ impl Shared {
             me,
             router: Mutex::new(None),
             sessions: Mutex::new(HashMap::new()),
+            boot: format!("{:08x}", rand::random::<u32>()),
             next_sid: AtomicU64::new(1),
+            relays: AtomicUsize::new(0),
             shutdown: watch::channel(false).0,
         }
     }
@@ -107,8 +115,15 @@ impl Shared {
         self.shutdown.send_replace(true);
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let left = self.sessions.lock().expect("sessions lock").len();
+            let left = self.sessions.lock().expect("sessions lock").len()
+                + self.relays.load(Ordering::Acquire);
             if left == 0 {
+                // The last `park`s and `end`s are queued for the router: written before
+                // the process exits, or what they carry would be lost.
+                let outbox = self.router.lock().expect("router lock").clone();
+                if let Some(outbox) = outbox {
+                    let _ = tokio::time::timeout_at(deadline, outbox.flushed()).await;
+                }
                 info!("every session ended or handed to sm");
                 return;
             }
@@ -120,8 +135,15 @@ impl Shared {
         }
     }
 
+    /// A session's relay starts (its guard ends it).
+    pub fn relay_started(self: &Arc<Self>) -> RelayGuard {
+        self.relays.fetch_add(1, Ordering::AcqRel);
+        RelayGuard(self.clone())
+    }
+
     fn new_sid(&self) -> String {
-        self.next_sid.fetch_add(1, Ordering::Relaxed).to_string()
+        let n = self.next_sid.fetch_add(1, Ordering::Relaxed);
+        format!("{}-{n}", self.boot)
     }
 
     fn register(
@@ -177,7 +199,8 @@ impl Shared {
         (handle, rx)
     }
 
-    fn forget(&self, handle: &SessionHandle) -> bool {
+    /// Takes a session out of the table; false when it was not there.
+    pub fn forget(&self, handle: &SessionHandle) -> bool {
         self.sessions
             .lock()
             .expect("sessions lock")
@@ -194,7 +217,14 @@ impl Shared {
     /// receive (sm stores it offline, gives it to another session, or bounces it). Sent
     /// for a session sm ended already too when there is something to return.
     pub fn end_session(&self, handle: &SessionHandle, undelivered: &[Item]) {
-        if self.forget(handle) || !undelivered.is_empty() {
+        let known = self.forget(handle);
+        self.tell_end(handle, known, undelivered);
+    }
+
+    /// Tells sm that a session taken out of the table (`known`: it was in it) ended,
+    /// with what its client did not receive.
+    pub fn tell_end(&self, handle: &SessionHandle, known: bool, undelivered: &[Item]) {
+        if known || !undelivered.is_empty() {
             let items = protocol::items(undelivered);
             self.send(protocol::packet(&self.me, "end", handle, &[], &items));
         }
@@ -295,6 +325,17 @@ impl Shared {
 
     fn sm_packet(&self, packet: &Stanza) {
         let sid = packet.attr("sid").unwrap_or_default();
+        if packet.kind() == Some("stanza") {
+            // Into the session's channel under the table's lock: an ending session
+            // leaves the table before it empties its channel, so a stanza is either in
+            // the channel by then or finds no session below (and goes back to sm).
+            let sessions = self.sessions.lock().expect("sessions lock");
+            if let Some(handle) = sessions.get(&sid) {
+                let item = protocol::stanza_item(packet);
+                let _ = handle.to_client.send(Box::new(ToClient::Stanza(item)));
+                return;
+            }
+        }
         let handle = self
             .sessions
             .lock()
@@ -330,6 +371,15 @@ impl Shared {
                 let Some(jid) = packet.attr("jid") else {
                     return;
                 };
+                // Only the session of the user who asked: never another user's queue.
+                let bare = jid.split('/').next().unwrap_or_default();
+                if !bare.eq_ignore_ascii_case(&handle.bare) {
+                    warn!(sid, asked = %handle.bare, got = %bare, "resumed: a session of another user; returned");
+                    let gone = SessionHandle::gone(sid, jid.clone());
+                    let items = protocol::items(&protocol::queued_items(packet));
+                    self.send(protocol::packet(&self.me, "end", &gone, &[], &items));
+                    return;
+                }
                 // The handle now names the session's full JID.
                 let resumed = Arc::new(handle.with_jid(jid, packet.from()));
                 self.sessions
@@ -346,6 +396,7 @@ impl Shared {
                     handle: resumed,
                     received: count("h"),
                     acked: count("acked"),
+                    sent: count("sent"),
                     items: protocol::queued_items(packet),
                 }));
             }
@@ -422,5 +473,14 @@ impl Shared {
                 "the session manager restarted: log in again".into(),
             )));
         }
+    }
+}
+
+/// Counts a session's relay while it lives ([`Shared::relay_started`]).
+pub struct RelayGuard(Arc<Shared>);
+
+impl Drop for RelayGuard {
+    fn drop(&mut self) {
+        self.0.relays.fetch_sub(1, Ordering::AcqRel);
     }
 }

@@ -113,6 +113,7 @@ fn session(ctx: &Arc<Ctx>, packet: Stanza) {
             Park {
                 received: count("h").unwrap_or(0) as u32,
                 acked: count("acked").unwrap_or(0) as u32,
+                sent: count("sent").unwrap_or(0) as u32,
                 timeout: packet
                     .attr("timeout")
                     .and_then(|t| t.parse::<f64>().ok())

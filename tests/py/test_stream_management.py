@@ -301,6 +301,26 @@ def test_failed_resume_then_bind(server):
     mallory.close()
 
 
+def test_a_client_silent_past_the_idle_timeout_hibernates(request, tmp_path):
+    # A phone that vanished without its connection breaking: c2s gives up on the
+    # stream (connection-timeout), but the session waits for the client to resume.
+    s = make_server(request, tmp_path, timeouts=(1, 30))
+    try:
+        alice = login(s.starttls_port, "alice", USERS["alice"], resource="a")
+        previd = enable(alice).get("id")
+        assert alice.wait_stream_error() == "connection-timeout", received(alice)
+        # (bob logs in now: he would time out too while waiting.)
+        bob = login(s.starttls_port, "bob", USERS["bob"], resource="b")
+        chat(bob, "alice@localhost/a", "while-away")
+        again = resume(s, "alice", previd, h=0)
+        assert sm(again, "resumed").get("previd") == previd, received(again)
+        assert bodies([next_message(again)]) == ["while-away"]
+        again.close()
+        bob.close()
+    finally:
+        finish_server(request, s)
+
+
 def test_hibernation_timeout_sends_what_was_queued_to_offline_storage(request, tmp_path):
     s = make_server(request, tmp_path,
                     c2s_extra="<stream-management hibernate='1' ack-every='100'/>")

@@ -29,7 +29,7 @@ use jrs_sx::{stream_error, Close, Connection};
 use crate::iq::{error_iq, result_iq};
 use crate::negotiation::sm_failed;
 use crate::protocol::{Answer, Counts, Item, SessionHandle, ToClient};
-use crate::shared::Shared;
+use crate::shared::{RelayGuard, Shared};
 
 use csi::Csi;
 use stream_management::StreamManagement;
@@ -145,6 +145,7 @@ pub async fn resume(
         shared.ack_policy(),
         resumption.received,
         resumption.acked,
+        resumption.sent,
         resumption.items,
         h,
     );
@@ -194,6 +195,8 @@ pub struct Live<'a> {
     /// Stanzas whose write failed, without stream management to keep them.
     lost: Vec<Item>,
     shutdown: watch::Receiver<bool>,
+    /// Counted until this is dropped, after the session was ended or handed over.
+    _relay: RelayGuard,
 }
 
 impl<'a> Live<'a> {
@@ -207,6 +210,7 @@ impl<'a> Live<'a> {
         Live {
             csi: Csi::new(shared.config.csi.max_held),
             shutdown: shared.shutdown_signal(),
+            _relay: shared.relay_started(),
             shared,
             conn,
             handle,
@@ -233,6 +237,11 @@ impl<'a> Live<'a> {
 
     async fn relay(&mut self) -> Ending {
         let keepalive = self.shared.config.keepalive;
+        // A SIGTERM while sm was starting or handing over the session came before we
+        // subscribed to the signal.
+        if self.shared.shutting_down() {
+            return Ending::Shutdown;
+        }
         loop {
             // One timer for the whitespace keepalive and XEP-0198's timed writes (our
             // `<r/>`, the answer to the client's): a timer per kind would cost a
@@ -538,6 +547,18 @@ impl<'a> Live<'a> {
     /// Everything the client has not got: unacknowledged, held by CSI, lost in a failed
     /// write, and what sm sent that was not read yet.
     fn undelivered(&mut self) -> Vec<Item> {
+        let mut items = self.undelivered_here();
+        while let Ok(message) = self.from_sm.try_recv() {
+            if let ToClient::Stanza(item) = *message {
+                items.push(item);
+            }
+        }
+        items
+    }
+
+    /// What the client has not got that is here already: unacknowledged, lost in a
+    /// failed write, held by CSI (in the order they were to be sent).
+    fn undelivered_here(&mut self) -> Vec<Item> {
         let mut items = self
             .sm
             .as_mut()
@@ -545,11 +566,6 @@ impl<'a> Live<'a> {
             .unwrap_or_default();
         items.append(&mut self.lost);
         items.extend(self.csi.take_held());
-        while let Ok(message) = self.from_sm.try_recv() {
-            if let ToClient::Stanza(item) = *message {
-                items.push(item);
-            }
-        }
         items
     }
 
@@ -565,17 +581,18 @@ impl<'a> Live<'a> {
     async fn finish(&mut self, ending: Ending) -> Close {
         let jid = self.handle.jid.clone();
         match ending {
-            Ending::Close(close @ Close::Gone(_)) if self.resumable() => {
+            // Lost, or silent past the idle timeout (a phone that vanished): the
+            // session waits for its client.
+            Ending::Close(close) if self.resumable() && connection_lost(&close) => {
                 info!(%jid, "connection lost: the session hibernates");
                 self.hibernate().await;
                 close
             }
             Ending::Close(close) | Ending::Ended(close) => {
-                let items = self.undelivered();
-                if !items.is_empty() {
-                    info!(%jid, undelivered = items.len(), "session ended: returning what the client did not get");
+                let returned = self.end();
+                if returned > 0 {
+                    info!(%jid, undelivered = returned, "session ended: returned what the client did not get");
                 }
-                self.shared.end_session(&self.handle, &items);
                 info!(%jid, "session ended");
                 close
             }
@@ -595,8 +612,7 @@ impl<'a> Live<'a> {
                     info!(%jid, "shutting down: the session hibernates");
                     self.hibernate().await;
                 } else {
-                    let items = self.undelivered();
-                    self.shared.end_session(&self.handle, &items);
+                    self.end();
                 }
                 stream_error(
                     StreamErrorCondition::SystemShutdown,
@@ -612,7 +628,9 @@ impl<'a> Live<'a> {
         self.shared.hibernate(&self.handle);
         let sent = self.sm.as_ref().map_or(0, |sm| sm.unacked());
         let counts = self.counts(sent);
-        let mut items = self.undelivered();
+        // What sm sent and the relay did not read yet is read below, in order: a
+        // `collect` among it must not be missed.
+        let mut items = self.undelivered_here();
         let deadline = tokio::time::Instant::now() + HANDOVER_TIMEOUT;
         loop {
             match tokio::time::timeout_at(deadline, self.from_sm.recv()).await {
@@ -631,7 +649,30 @@ impl<'a> Live<'a> {
                 }
             }
         }
-        self.shared.end_session(&self.handle, &items);
+        self.lost.append(&mut items);
+        self.end();
+    }
+
+    /// Ends the session at sm, returning what its client did not get; how many.
+    ///
+    /// The session leaves the table first, then its channel is emptied: a stanza sm
+    /// sends meanwhile finds no session and goes back to sm (`Shared::sm_packet`)
+    /// rather than into a channel nobody reads.
+    fn end(&mut self) -> usize {
+        let known = self.shared.forget(&self.handle);
+        let items = self.undelivered();
+        self.shared.tell_end(&self.handle, known, &items);
+        items.len()
+    }
+}
+
+/// Whether a stream ended because its client vanished (the connection broke, or it
+/// stayed silent past the idle timeout), not because it closed or broke a rule.
+fn connection_lost(close: &Close) -> bool {
+    match close {
+        Close::Gone(_) => true,
+        Close::Error(e) => e.condition == StreamErrorCondition::ConnectionTimeout,
+        Close::Closed => false,
     }
 }
 

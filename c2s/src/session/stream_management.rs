@@ -61,21 +61,26 @@ impl StreamManagement {
     }
 
     /// A resumed session: the counts it had, and what the client did not acknowledge
-    /// before (`items`, the first numbered `acked + 1`). `h` is what the client says
-    /// it received. Returns the items to send again (the unacknowledged rest) and how
-    /// many of the acknowledged ones came from offline storage.
+    /// before (`items`, the first numbered `acked + 1`, of which the first `sent` were
+    /// sent). `h` is what the client says it received. Returns the items to send again
+    /// (the unacknowledged rest) and how many of the acknowledged ones came from
+    /// offline storage.
     pub fn resume(
         token: String,
         policy: AckPolicy,
         received: u32,
         acked: u32,
+        sent: u32,
         items: Vec<Item>,
         h: u32,
     ) -> (StreamManagement, Vec<Item>, usize) {
         let mut items: VecDeque<Item> = items.into();
-        // Acknowledged meanwhile: the client's h counts past `acked`. A count beyond
-        // what was sent is taken as "everything" (the client cannot have more).
-        let done = (h.wrapping_sub(acked) as usize).min(items.len());
+        // Acknowledged meanwhile: the client's h counts past `acked`. Only the first
+        // `sent` items ever went out; a count beyond them is taken as "all of those"
+        // (the client cannot have more, and what it never got must not be dropped).
+        let done = (h.wrapping_sub(acked) as usize)
+            .min(sent as usize)
+            .min(items.len());
         let offline = items.drain(..done).filter(|i| i.offline).count();
         let sm = StreamManagement {
             token: Some(token),
@@ -249,6 +254,7 @@ mod tests {
             policy(),
             u32::MAX,
             u32::MAX - 1,
+            2,
             vec![item(1), item(2)],
             u32::MAX - 1,
         );
@@ -274,6 +280,7 @@ mod tests {
             policy(),
             7,
             10,
+            3,
             vec![offline, item(2), item(3)],
             11,
         );
@@ -282,8 +289,25 @@ mod tests {
         assert_eq!((sm.h(), sm.acked()), (7, 11));
         // An h beyond what was sent counts as everything.
         let (_, again, _) =
-            StreamManagement::resume("t".into(), policy(), 0, 10, vec![item(1)], 50);
+            StreamManagement::resume("t".into(), policy(), 0, 10, 1, vec![item(1)], 50);
         assert!(again.is_empty());
+    }
+
+    #[test]
+    fn a_count_beyond_what_was_sent_keeps_what_was_not() {
+        // Three waiting, one of them sent before the connection dropped: a client that
+        // claims all three still gets the two it was never sent.
+        let (_, again, _) = StreamManagement::resume(
+            "t".into(),
+            policy(),
+            0,
+            10,
+            1,
+            vec![item(1), item(2), item(3)],
+            13,
+        );
+        assert_eq!(again.len(), 2);
+        assert_eq!(&again[0].bytes[..], b"<message id='2'/>");
     }
 
     #[test]

@@ -6,7 +6,7 @@ use std::collections::VecDeque;
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
 use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 
 use jrs_config::RouterLink;
 use jrs_stream::header::{open_stream, StreamHeader};
@@ -212,20 +212,28 @@ impl ComponentWriter {
     /// Moves the writer into a task fed by a channel, so many tasks can send. Stanzas
     /// queued together are written with one system call.
     pub fn spawn(mut self) -> Outbox {
-        let (tx, mut rx) = mpsc::unbounded_channel::<Bytes>();
+        let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(64 * 1024);
+            let mut flushes = vec![];
             while let Some(first) = rx.recv().await {
                 batch.clear();
-                batch.extend_from_slice(&first);
-                while batch.len() < 64 * 1024 {
-                    match rx.try_recv() {
-                        Ok(more) => batch.extend_from_slice(&more),
-                        Err(_) => break,
+                let mut next = Some(first);
+                while let Some(queued) = next.take() {
+                    match queued {
+                        Queued::Bytes(bytes) => batch.extend_from_slice(&bytes),
+                        Queued::Flush(done) => flushes.push(done),
                     }
+                    if batch.len() >= 64 * 1024 {
+                        break;
+                    }
+                    next = rx.try_recv().ok();
                 }
-                if self.send(&batch).await.is_err() {
+                if !batch.is_empty() && self.send(&batch).await.is_err() {
                     break;
+                }
+                for done in flushes.drain(..) {
+                    let _ = done.send(());
                 }
             }
             let _ = self.writer.shutdown().await;
@@ -240,14 +248,29 @@ impl ComponentWriter {
     }
 }
 
+/// What the writer task takes: bytes, or a request to say when all before it is written.
+enum Queued {
+    Bytes(Bytes),
+    Flush(oneshot::Sender<()>),
+}
+
 /// A cloneable handle that queues bytes for the router link.
 #[derive(Clone)]
-pub struct Outbox(mpsc::UnboundedSender<Bytes>);
+pub struct Outbox(mpsc::UnboundedSender<Queued>);
 
 impl Outbox {
     /// Queues bytes; false when the link is gone.
     pub fn send(&self, bytes: impl Into<Bytes>) -> bool {
-        self.0.send(bytes.into()).is_ok()
+        self.0.send(Queued::Bytes(bytes.into())).is_ok()
+    }
+
+    /// Resolves once everything queued before it was written to the router (or the link
+    /// is gone): a stopping process waits for this before it exits.
+    pub async fn flushed(&self) {
+        let (done, written) = oneshot::channel();
+        if self.0.send(Queued::Flush(done)).is_ok() {
+            let _ = written.await;
+        }
     }
 }
 

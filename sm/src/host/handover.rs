@@ -74,6 +74,7 @@ pub async fn park(
     held.parked = Some(Parked {
         received: park.received,
         acked: park.acked,
+        sent: park.sent,
         since: Instant::now(),
         generation,
         max: park.max,
@@ -220,6 +221,7 @@ mod tests {
         Park {
             received: 7,
             acked: 3,
+            sent: 2,
             timeout: Duration::from_secs(300),
             max: 5,
             items: items
@@ -283,6 +285,7 @@ mod tests {
                 "sid='s9'",
                 "h='7'",
                 "acked='3'",
+                "sent='2'",
             ],
         );
         assert_eq!(resumed.len(), 1, "{out:?}");

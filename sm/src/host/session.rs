@@ -77,6 +77,8 @@ pub struct Parked {
     /// The XEP-0198 counts: stanzas received from the client, acknowledged by it.
     pub received: u32,
     pub acked: u32,
+    /// How many of the queue's first stanzas the client was sent.
+    pub sent: u32,
     pub since: Instant,
     /// Names this parking (a timer for an older one finds another number).
     pub generation: u64,
@@ -101,6 +103,9 @@ pub use jrs_component::session::Queued;
 pub struct Park {
     pub received: u32,
     pub acked: u32,
+    /// How many of `items` (the first ones) the client was sent: it can acknowledge no
+    /// more than these.
+    pub sent: u32,
     /// How long to wait for the client.
     pub timeout: std::time::Duration,
     pub max: usize,
@@ -174,13 +179,14 @@ pub fn offline_stanza(me: &str, s: &SessionRef, stanza: &[u8]) -> Bytes {
 /// `resumed`: the session, its counts and queue, handed to the connection that resumed it.
 pub fn resumed(me: &str, s: &SessionRef, parked: &Parked, items: &[Queued]) -> Bytes {
     let head = format!(
-        "<session type='resumed' to='{}' from='{}' jid='{}' sid='{}' h='{}' acked='{}'",
+        "<session type='resumed' to='{}' from='{}' jid='{}' sid='{}' h='{}' acked='{}' sent='{}'",
         escape(&s.c2s),
         escape(me),
         escape(s.jid.as_str()),
         escape(&s.sid),
         parked.received,
-        parked.acked
+        parked.acked,
+        parked.sent
     );
     jrs_stream::xml::element(&head, "session", &jrs_component::session::encode(items))
 }
