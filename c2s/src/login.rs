@@ -30,10 +30,7 @@ pub async fn run(
         let mut next = None;
         for action in negotiation.step(settings, input) {
             match action {
-                Action::Header(h) => {
-                    conn.write(h.as_bytes()).await?;
-                    conn.header_sent = true;
-                }
+                Action::Header(h) => conn.write_header(&h).await?,
                 Action::Send(s) => conn.write(s.as_bytes()).await?,
                 Action::StartTls => {
                     if conn.has_buffered() {

@@ -325,23 +325,19 @@ impl Shared {
 
     fn sm_packet(&self, packet: &Stanza) {
         let sid = packet.attr("sid").unwrap_or_default();
-        if packet.kind() == Some("stanza") {
-            // Into the session's channel under the table's lock: an ending session
-            // leaves the table before it empties its channel, so a stanza is either in
-            // the channel by then or finds no session below (and goes back to sm).
+        let handle = {
             let sessions = self.sessions.lock().expect("sessions lock");
-            if let Some(handle) = sessions.get(&sid) {
+            let handle = sessions.get(&sid);
+            if let (Some(handle), Some("stanza")) = (handle, packet.kind()) {
+                // Into the session's channel under the table's lock: an ending session
+                // leaves the table before it empties its channel, so a stanza is either
+                // in the channel by then or finds no session (and goes back to sm).
                 let item = protocol::stanza_item(packet);
                 let _ = handle.to_client.send(Box::new(ToClient::Stanza(item)));
                 return;
             }
-        }
-        let handle = self
-            .sessions
-            .lock()
-            .expect("sessions lock")
-            .get(&sid)
-            .cloned();
+            handle.cloned()
+        };
         let Some(handle) = handle else {
             // Only live traffic is answered: never an `end` or a bounced packet (an
             // error), which could loop between us and the router.
@@ -400,7 +396,6 @@ impl Shared {
                     items: protocol::queued_items(packet),
                 }));
             }
-            Some("stanza") => to_client(ToClient::Stanza(protocol::stanza_item(packet))),
             Some("collect") => to_client(ToClient::Collect),
             Some("error") => {
                 // The router bounced what we sent for this session: no sm is reachable.

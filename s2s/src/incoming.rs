@@ -86,11 +86,7 @@ async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming)
         };
         for action in stream.step(&shared.incoming, input) {
             let done = match action {
-                Action::Header(h) => {
-                    let r = conn.write(h.as_bytes()).await;
-                    conn.header_sent = true;
-                    r
-                }
+                Action::Header(h) => conn.write_header(&h).await,
                 Action::Send(s) => conn.write(s.as_bytes()).await,
                 Action::StartTls => {
                     if conn.has_buffered() {

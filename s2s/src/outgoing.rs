@@ -542,10 +542,7 @@ async fn negotiate(
         let mut next = None;
         for action in actions {
             match action {
-                Action::Header(h) => {
-                    link.write(h.as_bytes()).await?;
-                    link.header_sent = true;
-                }
+                Action::Header(h) => link.write_header(&h).await?,
                 Action::Send(s) => link.write(s.as_bytes()).await?,
                 Action::StartTls => {
                     link.connect_tls(client_tls(false)?, remote).await?;

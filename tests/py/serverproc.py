@@ -12,8 +12,8 @@ directory and writes stdout+stderr to log/NAME.log there.
         print(server.logs_text())
 """
 
+import contextlib
 import os
-import shutil
 import signal
 import socket
 import subprocess
@@ -554,6 +554,20 @@ def server_fixture(request, tmp_path, **options):
         server.stop()
         raise
     return server
+
+
+@contextlib.contextmanager
+def serving(request, tmp_path, users=None, **options):
+    """A started server (`server_fixture`) with `users` (local part -> password) on
+    localhost, finished (`finish_server`) when the block ends:
+    `with serving(request, tmp_path, USERS) as server: ...`."""
+    server = server_fixture(request, tmp_path, **options)
+    try:
+        if users:
+            server.addusers({f"{user}@localhost": pw for user, pw in users.items()})
+        yield server
+    finally:
+        finish_server(request, server)
 
 
 def finish_server(request, server):

@@ -24,34 +24,22 @@ from scram_client import (  # noqa: E402
     NS_BIND, NS_REGISTER, NS_SASL, NS_TLS, RawClient, Scram, local, login, stanza_error_condition,
     tag, to_xml,
 )
-from serverproc import finish_server, run_clients, server_fixture  # noqa: E402
+from serverproc import run_clients, serving  # noqa: E402
 
 MECHANISMS = ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"]
 USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
 
 
-def add_users(server):
-    server.addusers({f"{user}@localhost": password for user, password in USERS.items()})
-
-
 @pytest.fixture
 def server(request, tmp_path):
-    s = server_fixture(request, tmp_path)
-    try:
-        add_users(s)
+    with serving(request, tmp_path, USERS) as s:
         yield s
-    finally:
-        finish_server(request, s)
 
 
 @pytest.fixture
 def register_server(request, tmp_path):
-    s = server_fixture(request, tmp_path, register=True)
-    try:
-        add_users(s)
+    with serving(request, tmp_path, USERS, register=True) as s:
         yield s
-    finally:
-        finish_server(request, s)
 
 
 def received(client):
@@ -480,9 +468,7 @@ def test_iq_without_id_is_refused_and_not_executed(server):
 def test_a_refused_burst_is_logged_once(request, tmp_path):
     """A client that overruns a user's queue gets resource-constraint answers, and sm's
     log gets a line when the burst starts, not one per refused stanza."""
-    s = server_fixture(request, tmp_path, sm_extra="<sessions queue='4'/>")
-    try:
-        add_users(s)
+    with serving(request, tmp_path, USERS, sm_extra="<sessions queue='4'/>") as s:
         alice = login(s.starttls_port, "alice", USERS["alice"], resource="a")
         bob = login(s.starttls_port, "bob", USERS["bob"], resource="b")
         before = s.log_size("sm")
@@ -506,5 +492,3 @@ def test_a_refused_burst_is_logged_once(request, tmp_path):
         assert "ERROR" not in "\n".join(lines)
         alice.close()
         bob.close()
-    finally:
-        finish_server(request, s)

@@ -14,7 +14,7 @@ import pytest
 pytest.importorskip("OpenSSL")
 pytest.importorskip("slixmpp")
 
-from serverproc import ROOT, Server, finish_server, run_clients, server_fixture  # noqa: E402
+from serverproc import ROOT, Server, finish_server, run_clients, serving  # noqa: E402
 
 USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 NS_CLIENT = "jabber:client"
@@ -27,12 +27,8 @@ PLUGINS = ("xep_0030", "xep_0199", "xep_0203", "xep_0297", "xep_0280")
 
 @pytest.fixture
 def server(request, tmp_path):
-    s = server_fixture(request, tmp_path)
-    try:
-        s.addusers({f"{user}@localhost": password for user, password in USERS.items()})
+    with serving(request, tmp_path, USERS) as s:
         yield s
-    finally:
-        finish_server(request, s)
 
 
 # -- helpers -------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ pytest.importorskip("OpenSSL")
 slixmpp = pytest.importorskip("slixmpp")
 from slixmpp.componentxmpp import ComponentXMPP  # noqa: E402
 
-from serverproc import TIMEOUT, finish_server, run_clients, server_fixture  # noqa: E402
+from serverproc import TIMEOUT, run_clients, serving  # noqa: E402
 
 ROOMS = "rooms.localhost"
 SECRET = "rooms-secret"
@@ -24,13 +24,9 @@ SECRET = "rooms-secret"
 
 @pytest.fixture
 def server(request, tmp_path):
-    s = server_fixture(request, tmp_path,
-                       users_extra=f"<component name='{ROOMS}' secret='{SECRET}'/>")
-    try:
-        s.addusers({"alice@localhost": "alice-pw"})
+    with serving(request, tmp_path, {"alice": "alice-pw"},
+                 users_extra=f"<component name='{ROOMS}' secret='{SECRET}'/>") as s:
         yield s
-    finally:
-        finish_server(request, s)
 
 
 class Rooms(ComponentXMPP):

@@ -20,7 +20,7 @@ pytest.importorskip("OpenSSL")
 pytest.importorskip("slixmpp")
 
 from scram_client import StreamClosed, local, login, stanza_error_condition, to_xml  # noqa: E402
-from serverproc import finish_server, run_clients, server_fixture  # noqa: E402
+from serverproc import run_clients, serving  # noqa: E402
 
 USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 NS_DELAY = "urn:xmpp:delay"
@@ -29,12 +29,8 @@ NS_ROSTER = "jabber:iq:roster"
 
 @pytest.fixture
 def server(request, tmp_path):
-    s = server_fixture(request, tmp_path)
-    try:
-        s.addusers({f"{user}@localhost": password for user, password in USERS.items()})
+    with serving(request, tmp_path, USERS) as s:
         yield s
-    finally:
-        finish_server(request, s)
 
 
 def received(client):

@@ -22,7 +22,7 @@ import pytest
 pytest.importorskip("OpenSSL")
 pytest.importorskip("slixmpp")
 
-from serverproc import finish_server, run_clients, server_fixture  # noqa: E402
+from serverproc import run_clients, serving  # noqa: E402
 
 USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
 NS_CLIENT = "jabber:client"
@@ -40,12 +40,8 @@ QUERY_IDS = itertools.count(1)
 
 @pytest.fixture
 def server(request, tmp_path):
-    s = server_fixture(request, tmp_path)
-    try:
-        s.addusers({f"{user}@localhost": password for user, password in USERS.items()})
+    with serving(request, tmp_path, USERS) as s:
         yield s
-    finally:
-        finish_server(request, s)
 
 
 # -- helpers -------------------------------------------------------------------------------

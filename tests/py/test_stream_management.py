@@ -17,8 +17,8 @@ import pytest
 
 pytest.importorskip("OpenSSL")
 
-from scram_client import RawClient, StreamClosed, local, login, to_xml  # noqa: E402
-from serverproc import finish_server, run_clients, server_fixture  # noqa: E402
+from scram_client import RawClient, local, login, to_xml  # noqa: E402
+from serverproc import run_clients, serving  # noqa: E402
 
 NS_SM = "urn:xmpp:sm:3"
 NS_CSI = "urn:xmpp:csi:0"
@@ -28,19 +28,15 @@ USERS = {"alice": "alice-pw", "bob": "bob-pw", "carol": "carol-pw"}
 SM_CONFIG = "<stream-management hibernate='30' ack-every='3' ack-after='30'/>"
 
 
-def make_server(request, tmp_path, c2s_extra=SM_CONFIG, **options):
-    s = server_fixture(request, tmp_path, c2s_extra=c2s_extra, **options)
-    s.addusers({f"{user}@localhost": password for user, password in USERS.items()})
-    return s
+def sm_server(request, tmp_path, c2s_extra=SM_CONFIG, **options):
+    """`with sm_server(...) as s:` a server with USERS and short XEP-0198 waits."""
+    return serving(request, tmp_path, USERS, c2s_extra=c2s_extra, **options)
 
 
 @pytest.fixture
 def server(request, tmp_path):
-    s = make_server(request, tmp_path)
-    try:
+    with sm_server(request, tmp_path) as s:
         yield s
-    finally:
-        finish_server(request, s)
 
 
 def received(client):
@@ -304,8 +300,7 @@ def test_failed_resume_then_bind(server):
 def test_a_client_silent_past_the_idle_timeout_hibernates(request, tmp_path):
     # A phone that vanished without its connection breaking: c2s gives up on the
     # stream (connection-timeout), but the session waits for the client to resume.
-    s = make_server(request, tmp_path, timeouts=(1, 30))
-    try:
+    with sm_server(request, tmp_path, timeouts=(1, 30)) as s:
         alice = login(s.starttls_port, "alice", USERS["alice"], resource="a")
         previd = enable(alice).get("id")
         assert alice.wait_stream_error() == "connection-timeout", received(alice)
@@ -317,14 +312,11 @@ def test_a_client_silent_past_the_idle_timeout_hibernates(request, tmp_path):
         assert bodies([next_message(again)]) == ["while-away"]
         again.close()
         bob.close()
-    finally:
-        finish_server(request, s)
 
 
 def test_hibernation_timeout_sends_what_was_queued_to_offline_storage(request, tmp_path):
-    s = make_server(request, tmp_path,
-                    c2s_extra="<stream-management hibernate='1' ack-every='100'/>")
-    try:
+    with sm_server(request, tmp_path,
+                   c2s_extra="<stream-management hibernate='1' ack-every='100'/>") as s:
         subscribed(s)
         bob = login(s.starttls_port, "bob", USERS["bob"], resource="b")
         bob.send("<presence/>")
@@ -351,8 +343,6 @@ def test_hibernation_timeout_sends_what_was_queued_to_offline_storage(request, t
         assert not bodies(alice.other), [to_xml(e) for e in alice.other]
         alice.close()
         bob.close()
-    finally:
-        finish_server(request, s)
 
 
 def test_offline_messages_leave_storage_only_when_acknowledged(server):

@@ -366,15 +366,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         drop((r, w));
         let result = through_client(&mut server, &args, &keys, &filled).await;
         if result.is_err() {
-            // What the server said about it, before its directory goes.
-            for name in ["router", "xdb-file", "sm", "c2s"] {
-                let log = server.log(name);
-                let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                eprintln!("--- {name}.log (last lines) ---");
-                for line in tail.into_iter().rev() {
-                    eprintln!("{line}");
-                }
-            }
+            server.print_log_tails(20);
         }
         result?;
     }

@@ -150,15 +150,7 @@ fn main() -> anyhow::Result<()> {
                 Scenario::All => unreachable!(),
             };
             if result.is_err() {
-                // What the server said about it, before its directory goes.
-                for name in ["router", "xdb-file", "sm", "c2s"] {
-                    let log = bench.server.log(name);
-                    let tail: Vec<&str> = log.lines().rev().take(20).collect();
-                    eprintln!("--- {name}.log (last lines) ---");
-                    for line in tail.into_iter().rev() {
-                        eprintln!("{line}");
-                    }
-                }
+                bench.server.print_log_tails(20);
             }
             result?;
         }

@@ -45,12 +45,13 @@ pub fn decode(packet: &Stanza) -> Vec<Queued> {
         .into_iter()
         .filter(|c| c.name == "queued")
         .filter_map(|c| {
-            let q = Stanza::parse(Bytes::copy_from_slice(&packet.as_slice()[c.span])).ok()?;
+            // Slices of the packet's bytes: nothing is copied.
+            let q = Stanza::parse(packet.bytes().slice(c.span)).ok()?;
             let inner = q.inner();
             let start = inner.iter().position(|b| !b.is_ascii_whitespace())?;
             let end = inner.iter().rposition(|b| !b.is_ascii_whitespace())? + 1;
             Some(Queued {
-                bytes: Bytes::copy_from_slice(&inner[start..end]),
+                bytes: q.bytes().slice_ref(&inner[start..end]),
                 offline: q.attr("offline").as_deref() == Some("1"),
             })
         })

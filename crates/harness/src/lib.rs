@@ -365,6 +365,21 @@ impl Server {
         c.handshake(secret).await?;
         Ok(c)
     }
+
+    /// Prints the last `lines` lines of every process's log to stderr (what the server
+    /// said about a failure, before its directory goes).
+    pub fn print_log_tails(&self, lines: usize) {
+        for name in ["router", "xdb-file", "sm", "s2s", "c2s"] {
+            let log = self.log(name);
+            if !log.is_empty() {
+                let tail: Vec<&str> = log.lines().rev().take(lines).collect();
+                eprintln!("--- {name}.log (last lines) ---");
+                for line in tail.into_iter().rev() {
+                    eprintln!("{line}");
+                }
+            }
+        }
+    }
 }
 
 impl Drop for Server {
@@ -375,16 +390,7 @@ impl Drop for Server {
         }
         if std::thread::panicking() {
             eprintln!("test failed: installation kept at {}", self.dir.display());
-            for name in ["router", "xdb-file", "sm", "s2s", "c2s"] {
-                let log = self.log(name);
-                if !log.is_empty() {
-                    let tail: Vec<&str> = log.lines().rev().take(40).collect();
-                    eprintln!("--- {name}.log (last lines) ---");
-                    for line in tail.into_iter().rev() {
-                        eprintln!("{line}");
-                    }
-                }
-            }
+            self.print_log_tails(40);
         } else {
             let _ = std::fs::remove_dir_all(&self.dir);
         }

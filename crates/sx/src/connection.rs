@@ -45,7 +45,7 @@ pub struct Connection {
     last_read: Instant,
     last_write: Instant,
     /// Whether our stream header was written (a stream error needs one first).
-    pub header_sent: bool,
+    header_sent: bool,
 }
 
 impl Connection {
@@ -84,6 +84,13 @@ impl Connection {
             .await
             .map_err(|e| Close::Gone(format!("write failed: {e}")))?;
         self.last_write = Instant::now();
+        Ok(())
+    }
+
+    /// Writes our stream header (after which a stream error needs no header of its own).
+    pub async fn write_header(&mut self, header: &str) -> Result<(), Close> {
+        self.write(header.as_bytes()).await?;
+        self.header_sent = true;
         Ok(())
     }
 

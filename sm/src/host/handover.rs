@@ -148,10 +148,7 @@ pub fn resume(u: &mut User, c2s: String, sid: String, token: String) {
             }));
             u.send(session::packet(&me, "collect", &old, b""));
         }
-        Link::Held(held) if held.parked.is_some() => {
-            held.resumer = Some(resumer.clone());
-            complete(u, key, resumer);
-        }
+        Link::Held(held) if held.parked.is_some() => complete(u, key, resumer),
         Link::Held(held) => {
             // Its c2s has yet to hand it over; the latest connection gets it.
             if let Some(earlier) = held.resumer.replace(resumer) {

@@ -140,12 +140,16 @@ impl Module for Carbons {
         let Some(s) = u.session_mut(key) else {
             return Reply::not_handled();
         };
-        if iq.parse::<xmpp_parsers::carbons::Enable>().is_ok() {
+        if iq.payload.name() == "enable" {
+            if let Err(r) = iq.parse::<xmpp_parsers::carbons::Enable>() {
+                return r;
+            }
             s.state.insert(Enabled);
             debug!("carbons enabled");
-        } else if let Err(r) = iq.parse::<xmpp_parsers::carbons::Disable>() {
-            return r;
         } else {
+            if let Err(r) = iq.parse::<xmpp_parsers::carbons::Disable>() {
+                return r;
+            }
             s.state.remove::<Enabled>();
             debug!("carbons disabled");
         }

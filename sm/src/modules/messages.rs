@@ -94,17 +94,7 @@ impl Module for Messages {
                     }
                 }
             }
-            Route::Nobody => {
-                if hooks::undeliverable(u, p).await == Flow::Pass {
-                    u.refuse(
-                        p.stanza(),
-                        StanzaErrorCondition::ServiceUnavailable,
-                        "the recipient is offline",
-                    );
-                }
-            }
-            Route::Refuse => u.refuse(p.stanza(), StanzaErrorCondition::ServiceUnavailable, ""),
-            Route::Drop => {}
+            other => no_session(u, p, other).await,
         }
         Flow::Handled
     }
@@ -174,6 +164,15 @@ async fn deliver(u: &mut User, p: &Packet) {
             }
             hooks::delivered(u, p, &keys).await;
         }
+        other => no_session(u, p, other).await,
+    }
+}
+
+/// A message no session takes: offline storage (the [`Hook::Undeliverable`] chain) or
+/// `service-unavailable` for [`Route::Nobody`], refused or dropped as routed.
+async fn no_session(u: &mut User, p: &Packet, route: Route) {
+    match route {
+        Route::To(_) => {}
         Route::Nobody => {
             if hooks::undeliverable(u, p).await == Flow::Pass {
                 u.refuse(
@@ -184,7 +183,7 @@ async fn deliver(u: &mut User, p: &Packet) {
             }
         }
         Route::Refuse => u.refuse(p.stanza(), StanzaErrorCondition::ServiceUnavailable, ""),
-        Route::Drop => debug!(kind, "message dropped (RFC 6121 8.5)"),
+        Route::Drop => debug!(kind = ?p.kind(), "message dropped (RFC 6121 8.5)"),
     }
 }
 

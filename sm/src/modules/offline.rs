@@ -229,9 +229,7 @@ impl Offline {
             ),
         }
     }
-}
 
-impl Offline {
     /// Session `key`'s client has `count` more of its offline messages: they leave the
     /// front of the stored list.
     async fn confirmed(&self, u: &mut User, key: SessionKey, count: usize) {

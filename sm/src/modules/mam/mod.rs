@@ -58,16 +58,12 @@ pub struct Mam {
 }
 
 pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
-    let mut m = Mam {
-        default: DefaultPrefs::Always,
-        retention: Retention::default(),
-        page_size: 50,
-        writer: Arc::new(writer::Writer::new(Retention::default())),
-    };
+    let (mut default, mut retention, mut page_size) =
+        (DefaultPrefs::Always, Retention::default(), 50);
     if let Some(n) = config.module_settings("mam")? {
         n.allow(&["default", "max-messages", "max-days", "page-size"], &[])?;
         if let Some(d) = n.attr("default") {
-            m.default = match d {
+            default = match d {
                 "always" => DefaultPrefs::Always,
                 "never" => DefaultPrefs::Never,
                 "roster" => DefaultPrefs::Roster,
@@ -79,15 +75,19 @@ pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
             };
         }
         if n.attr("max-messages").is_some() {
-            m.retention.max_items = Some(positive(n, "max-messages", 1)? as u64);
+            retention.max_items = Some(positive(n, "max-messages", 1)? as u64);
         }
         if n.attr("max-days").is_some() {
-            m.retention.max_age = Some(positive(n, "max-days", 1)? as u64 * 86_400);
+            retention.max_age = Some(positive(n, "max-days", 1)? as u64 * 86_400);
         }
-        m.page_size = positive(n, "page-size", m.page_size)?.min(jrs_xdb::archive::MAX_PAGE);
+        page_size = positive(n, "page-size", page_size)?.min(jrs_xdb::archive::MAX_PAGE);
     }
-    m.writer = Arc::new(writer::Writer::new(m.retention));
-    Ok(Arc::new(m))
+    Ok(Arc::new(Mam {
+        default,
+        retention,
+        page_size,
+        writer: Arc::new(writer::Writer::new(retention)),
+    }))
 }
 
 /// What the module keeps about a user while the user's task runs.
@@ -308,18 +308,15 @@ impl Mam {
             "archive query"
         );
         let queryid = q.queryid.as_ref().map(|q| q.0.clone());
-        let results: Vec<_> = page
+        let mut results: Vec<_> = page
             .items
             .iter()
             .map(|item| query::result_message(&u.bare, &to, queryid.as_deref(), item))
             .collect();
-        let flip = q.flip_page;
-        let ordered: Box<dyn Iterator<Item = _>> = if flip {
-            Box::new(results.into_iter().rev())
-        } else {
-            Box::new(results.into_iter())
-        };
-        for m in ordered {
+        if q.flip_page {
+            results.reverse();
+        }
+        for m in results {
             u.deliver(key, m);
         }
         Reply::typed(query::fin(&page))
