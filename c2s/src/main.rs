@@ -10,6 +10,7 @@ mod login;
 mod negotiation;
 mod protocol;
 mod sasl;
+mod server_caps;
 mod session;
 mod shared;
 mod tls;

@@ -43,6 +43,8 @@ pub struct Settings {
     pub csi: bool,
     /// Failed logins per address, shared by all streams.
     pub failures: Arc<AuthFailures>,
+    /// The served domains' capabilities (XEP-0115), offered once known.
+    pub caps: Arc<crate::server_caps::ServerCaps>,
 }
 
 impl Settings {
@@ -344,6 +346,10 @@ impl Negotiation {
                 (f, State::Binding { bare })
             }
         };
+        let mut features = features;
+        if let Some(ver) = settings.caps.ver(&self.stream.domain) {
+            features.push(Feature::Caps { ver });
+        }
         out.push(Action::Send(features_xml(&features)));
         Ok(next)
     }
@@ -773,6 +779,7 @@ mod tests {
             stream_management: true,
             csi: true,
             failures: Arc::new(AuthFailures::new(100, Duration::from_secs(60))),
+            caps: Arc::default(),
         }
     }
 

@@ -60,6 +60,7 @@ impl Shared {
                 stream_management: config.stream_management.enabled,
                 csi: config.csi.enabled,
                 failures: Arc::new(AuthFailures::new(config.auth_failures, config.auth_window)),
+                caps: Arc::default(),
             },
             config,
             tls,
@@ -302,6 +303,8 @@ impl Shared {
     ) -> anyhow::Result<()> {
         *self.router.lock().expect("router lock") = Some(outbox.clone());
         self.xdb.set_outbox(outbox.clone());
+        let caps = &self.negotiation.caps;
+        caps.ask(&outbox, &self.me, &self.negotiation.hosts);
         loop {
             let stanza = reader.next().await?;
             match TopLevel::classify(stanza.name()) {
@@ -309,7 +312,14 @@ impl Shared {
                     self.xdb.answer(&stanza);
                 }
                 _ if stanza.name() == "session" => self.sm_packet(&stanza),
-                TopLevel::Notice => self.notice(&stanza),
+                _ if stanza.name() == "iq" && caps.answered(&stanza) => {}
+                TopLevel::Notice => {
+                    // A component that connects may be an sm with other modules.
+                    if stanza.attr("event").as_deref() == Some("connected") {
+                        caps.ask(&outbox, &self.me, &self.negotiation.hosts);
+                    }
+                    self.notice(&stanza)
+                }
                 _ => {
                     // Nothing else is addressed to c2s itself.
                     if let Some(reply) = stanza.error_reply(

@@ -35,6 +35,8 @@ pub enum Feature {
     ClientStateIndication,
     /// XEP-0220 with XEP-0220's `<errors/>`: dialback, reporting errors.
     Dialback,
+    /// XEP-0115 6.3: the server's own capabilities (a SHA-1 `ver` of its disco#info).
+    Caps { ver: String },
 }
 
 impl Feature {
@@ -56,6 +58,13 @@ impl Feature {
             Feature::Session => write!(out, "<session xmlns='{NS_SESSION}'><optional/></session>"),
             Feature::StreamManagement => write!(out, "<sm xmlns='{NS_SM}'/>"),
             Feature::ClientStateIndication => write!(out, "<csi xmlns='{NS_CSI}'/>"),
+            Feature::Caps { ver } => write!(
+                out,
+                "<c xmlns='{}' hash='sha-1' node='{}' ver='{}'/>",
+                crate::caps::NS_CAPS,
+                crate::caps::NODE,
+                escape(ver)
+            ),
             Feature::Dialback => {
                 write!(
                     out,

@@ -13,7 +13,9 @@
 //!   a peer's `<stream:features/>`.
 //! - [`rate::ByteRate`]: the per-connection byte rate limit.
 //! - [`listener`]: listeners bound at start, one task per accepted connection.
+//! - [`caps`]: entity capabilities hashes (XEP-0115), the server's in its features.
 
+pub mod caps;
 pub mod close;
 pub mod connection;
 pub mod features;

@@ -87,7 +87,11 @@ pub async fn from_client(u: &mut User, key: SessionKey, p: Packet) {
         }
     };
     if matches!(p.kind(), Some("result" | "error")) {
-        // Answers to roster pushes and the like: nothing more to do.
+        // An answer to a request sm sent from the domain (host::requests) is awaited;
+        // answers to roster pushes and the like need nothing more.
+        if u.ctx.requests.answered(p.stanza()) {
+            return;
+        }
         debug!(
             kind = p.kind().unwrap_or(""),
             "client answer to sm consumed"

@@ -27,8 +27,10 @@ use crate::host::iq::{Iq, IqKind, Reply, Scope};
 use crate::host::out::{Out, Output};
 use crate::host::overload::Overload;
 use crate::host::packet::Packet;
-use crate::host::registry::Registry;
+use crate::host::registry::{Registry, Wake};
+use crate::host::requests::Requests;
 use crate::host::session::{Link, Queued, Session, SessionKey, SessionRef};
+use crate::host::shared::Shared;
 use crate::host::state::State;
 use crate::host::store::Store;
 
@@ -272,6 +274,13 @@ pub trait Module: Send + Sync {
     async fn iq(&self, _u: &mut User, _iq: &Iq) -> Reply {
         Reply::not_handled()
     }
+
+    /// Work the module left for later on this user comes due (`Event::Wake`).
+    async fn woken(&self, _u: &mut User, _data: Wake) {}
+
+    /// Puts what the module shares across users (a cache) into `shared`, once when sm
+    /// starts.
+    fn install(&self, _shared: &mut Shared) {}
 }
 
 /// The IQ routes of one payload namespace: (type, scope, element name, module).
@@ -389,6 +398,11 @@ impl Modules {
         self.all.iter().map(|m| m.name()).collect()
     }
 
+    /// The loaded module called `name`.
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Module>> {
+        self.all.iter().find(|m| m.name() == name)
+    }
+
     /// Features listed at `at`, in load order.
     pub fn features(&self, at: Disco) -> impl Iterator<Item = &'static str> + '_ {
         self.features
@@ -432,12 +446,22 @@ pub struct Ctx {
     pub overload: Overload,
     /// Sessions parked (hibernating) in this process.
     pub parked: AtomicUsize,
+    /// IQs sm sent from a served domain, waiting for their answers.
+    pub requests: Requests,
+    /// What modules share across users.
+    pub shared: Shared,
     link: Mutex<Option<Outbox>>,
 }
 
 impl Ctx {
     pub fn new(config: SmConfig, me: String, store: Store, modules: Modules) -> Ctx {
+        let mut shared = Shared::default();
+        for m in &modules.all {
+            m.install(&mut shared);
+        }
         Ctx {
+            requests: Requests::default(),
+            shared,
             accounts: Accounts::new(config.accounts_cache, config.accounts_ttl),
             users: Registry::default(),
             components: Components::default(),

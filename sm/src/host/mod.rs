@@ -8,6 +8,8 @@
 //!   `hooks` (running a chain), `iq_routing` (the IQ table), `server` (stanzas to the
 //!   domain itself);
 //! - `iq` (IQ requests and replies as modules see them),
+//! - `requests` (IQs sm sends from a domain, and their answers), `shared` (state
+//!   modules share across users);
 //! - `session`, `packet`, `state`, `out`, `store`, `registry`, `accounts`,
 //!   `components`, `overload`: the pieces they are made of.
 //!
@@ -25,8 +27,10 @@ pub mod out;
 pub mod overload;
 pub mod packet;
 pub mod registry;
+pub mod requests;
 pub mod server;
 pub mod session;
+pub mod shared;
 pub mod state;
 pub mod store;
 pub mod task;

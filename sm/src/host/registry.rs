@@ -49,6 +49,18 @@ pub enum Event {
     C2sGone(String),
     /// Our own router link was lost: c2s dropped every session of ours.
     LinkLost,
+    /// Work a module left for later comes due (an answer it waited for arrived):
+    /// handed to that module's [`crate::host::Module::woken`].
+    Wake { module: &'static str, data: Wake },
+}
+
+/// What a module left for its [`Event::Wake`]: its own type, which it downcasts.
+pub struct Wake(pub Box<dyn std::any::Any + Send>);
+
+impl std::fmt::Debug for Wake {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Wake(..)")
+    }
 }
 
 impl Event {

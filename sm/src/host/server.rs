@@ -1,6 +1,6 @@
 //! Stanzas from the network addressed to a domain sm serves (the server itself): IQ
-//! gets and sets go to the modules' `Server` routes, messages are refused, presence
-//! needs no answer.
+//! gets and sets go to the modules' `Server` routes, answers to sm's own requests to
+//! `host::requests`, messages are refused, presence needs no answer.
 
 use std::sync::Arc;
 
@@ -40,7 +40,10 @@ pub fn inbound(ctx: &Arc<Ctx>, p: Packet) {
                 .instrument(span),
             );
         }
-        "iq" => debug!(kind, "IQ answer to the server ignored"),
+        "iq" if !ctx.requests.answered(p.stanza()) => {
+            debug!(kind, "IQ answer to the server ignored: no request waits for it");
+        }
+        "iq" => {}
         "message" if kind != "error" => {
             if let Some(reply) = p
                 .stanza()

@@ -109,6 +109,12 @@ pub async fn handle(u: &mut User, event: Event) {
                 end_session(u, key, None).await;
             }
         }
+        Event::Wake { module, data } => {
+            let ctx = u.ctx.clone();
+            if let Some(m) = ctx.modules.get(module) {
+                m.woken(u, data).await;
+            }
+        }
         Event::LinkLost => {
             // c2s reset every client of ours when it heard we disconnected.
             while let Some(key) = u.sessions.first().map(|s| s.key) {

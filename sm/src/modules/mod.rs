@@ -3,15 +3,19 @@
 //! docs/sm.md, "Writing a module", shows how to add one.
 
 pub mod blocking;
+pub mod caps;
 pub mod carbons;
 pub mod disco;
+pub mod extdisco;
 pub mod last;
 pub mod mam;
 pub mod messages;
 pub mod offline;
+pub mod pep;
 pub mod ping;
 pub mod presence;
 pub mod private;
+pub mod push;
 pub mod register;
 pub mod roster;
 pub mod subscription;
@@ -41,6 +45,10 @@ pub const ALL: &[(&str, Load)] = &[
     ("blocking", blocking::load_module),
     ("mam", mam::load_module),
     ("disco", disco::load_module),
+    ("extdisco", extdisco::load_module),
+    ("caps", caps::load_module),
+    ("pep", pep::load_module),
+    ("push", push::load_module),
     ("ping", ping::load_module),
     ("version", version::load_module),
     ("time", time::load_module),
@@ -62,6 +70,10 @@ pub const DEFAULT: &[&str] = &[
     "blocking",
     "mam",
     "disco",
+    "extdisco",
+    "caps",
+    "pep",
+    "push",
     "ping",
     "version",
     "time",
@@ -118,20 +130,20 @@ mod tests {
         );
         assert_eq!(
             stanzas(Hook::Inbound, Stanzas::Message),
-            ["blocking", "mam", "carbons", "messages"]
+            ["blocking", "mam", "pep", "carbons", "push", "messages"]
         );
         assert_eq!(
             stanzas(Hook::Outbound, Stanzas::Presence),
-            ["blocking", "subscription", "presence"]
+            ["blocking", "pep", "subscription", "presence"]
         );
-        assert_eq!(stanzas(Hook::Inbound, Stanzas::Iq), ["blocking"]);
+        assert_eq!(stanzas(Hook::Inbound, Stanzas::Iq), ["blocking", "push"]);
         assert_eq!(
             names(ctx.modules.chain(Hook::InitialPresence)),
             ["subscription", "offline"]
         );
         assert_eq!(
             names(ctx.modules.chain(Hook::SessionEnded)),
-            ["presence", "offline", "last"]
+            ["presence", "offline", "push", "last"]
         );
     }
 

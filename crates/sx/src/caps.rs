@@ -1,0 +1,116 @@
+//! Entity capabilities (XEP-0115): the hash of a disco#info result that an entity puts
+//! in its presence (clients) or stream features (the server), so that others learn what
+//! it supports with one query per distinct hash instead of one per entity.
+
+use std::str::FromStr;
+
+use xmpp_parsers::caps::hash_caps;
+use xmpp_parsers::disco::DiscoInfoResult;
+use xmpp_parsers::hashes::Algo;
+
+pub const NS_CAPS: &str = "http://jabber.org/protocol/caps";
+
+/// The node of this server's own capabilities (`NODE#VER` is answered by sm's disco).
+pub const NODE: &str = "urn:jabberd-rs:caps";
+
+/// The string XEP-0115 5.1 hashes. Written here rather than taken from xmpp-parsers'
+/// `compute_disco`, which sorts each item together with its `<` terminator: a feature
+/// that is a prefix of another (`...#muc` and `...#muc#user`, `...shim` and
+/// `...shim#SubID`) then sorts after it, and real clients' hashes do not verify.
+pub fn verification_string(info: &DiscoInfoResult) -> Vec<u8> {
+    let sorted = |mut v: Vec<String>| {
+        v.sort();
+        v
+    };
+    let mut s = String::new();
+    let identities = info
+        .identities
+        .iter()
+        .map(|i| {
+            format!(
+                "{}/{}/{}/{}",
+                i.category,
+                i.type_,
+                i.lang.as_deref().unwrap_or(""),
+                i.name.as_deref().unwrap_or("")
+            )
+        })
+        .collect();
+    for i in sorted(identities) {
+        s.push_str(&i);
+        s.push('<');
+    }
+    for f in sorted(info.features.iter().cloned().collect()) {
+        s.push_str(&f);
+        s.push('<');
+    }
+    let mut forms: Vec<(String, String)> = vec![];
+    for form in &info.extensions {
+        let Some(form_type) = form.form_type() else {
+            continue;
+        };
+        let mut text = format!("{form_type}<");
+        let mut fields: Vec<_> = form
+            .fields
+            .iter()
+            .filter(|f| f.var.as_deref() != Some("FORM_TYPE"))
+            .collect();
+        fields.sort_by(|a, b| a.var.cmp(&b.var));
+        for f in fields {
+            text.push_str(f.var.as_deref().unwrap_or(""));
+            text.push('<');
+            for v in sorted(f.values.clone()) {
+                text.push_str(&v);
+                text.push('<');
+            }
+        }
+        forms.push((form_type.to_owned(), text));
+    }
+    forms.sort();
+    for (_, text) in forms {
+        s.push_str(&text);
+    }
+    s.into_bytes()
+}
+
+/// The `ver` of `info` hashed with `hash` (a XEP-0300 name: `sha-1`, `sha-256`, ...);
+/// `None` for an algorithm not known.
+pub fn ver(info: &DiscoInfoResult, hash: &str) -> Option<String> {
+    let algo = Algo::from_str(hash).ok()?;
+    let digest = hash_caps(&verification_string(info), algo).ok()?;
+    Some(digest.to_base64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn info(xml: &str) -> DiscoInfoResult {
+        let el: minidom::Element = xml.parse().unwrap();
+        DiscoInfoResult::try_from(el).unwrap()
+    }
+
+    #[test]
+    fn the_xep_0115_simple_example_verifies() {
+        // XEP-0115 5.2.
+        let i = info("<query xmlns='http://jabber.org/protocol/disco#info'><identity category='client' name='Exodus 0.9.1' type='pc'/><feature var='http://jabber.org/protocol/caps'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='http://jabber.org/protocol/disco#items'/><feature var='http://jabber.org/protocol/muc'/></query>");
+        assert_eq!(ver(&i, "sha-1").unwrap(), "QgayPKawpkPSDYmwT/WM94uAlu0=");
+    }
+
+    #[test]
+    fn the_xep_0115_complex_example_verifies() {
+        // XEP-0115 5.3: languages and names, a form.
+        let i = info("<query xmlns='http://jabber.org/protocol/disco#info'><identity xml:lang='en' category='client' name='Psi 0.11' type='pc'/><identity xml:lang='el' category='client' name='Ψ 0.11' type='pc'/><feature var='http://jabber.org/protocol/caps'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='http://jabber.org/protocol/disco#items'/><feature var='http://jabber.org/protocol/muc'/><x xmlns='jabber:x:data' type='result'><field var='FORM_TYPE' type='hidden'><value>urn:xmpp:dataforms:softwareinfo</value></field><field var='ip_version' type='text-multi'><value>ipv4</value><value>ipv6</value></field><field var='os'><value>Mac</value></field><field var='os_version'><value>10.5.1</value></field><field var='software'><value>Psi</value></field><field var='software_version'><value>0.11</value></field></x></query>");
+        assert_eq!(ver(&i, "sha-1").unwrap(), "q07IKJEyjvHSyhy//CH0CxmKi8w=");
+    }
+
+    #[test]
+    fn a_feature_that_prefixes_another_sorts_first() {
+        let i = info("<query xmlns='http://jabber.org/protocol/disco#info'><identity category='client' type='bot'/><feature var='urn:x:shim#SubID'/><feature var='urn:x:shim'/></query>");
+        assert_eq!(
+            String::from_utf8(verification_string(&i)).unwrap(),
+            "client/bot//<urn:x:shim<urn:x:shim#SubID<"
+        );
+        assert!(ver(&i, "md5").is_none());
+    }
+}
