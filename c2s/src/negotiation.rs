@@ -347,8 +347,13 @@ impl Negotiation {
             }
         };
         let mut features = features;
+        // Informational, so not next to a required STARTTLS (RFC 6120 5.3.1 wants it
+        // alone).
+        let tls_required_next = !self.stream.tls && settings.require_tls;
         if let Some(ver) = settings.caps.ver(&self.stream.domain) {
-            features.push(Feature::Caps { ver });
+            if !tls_required_next {
+                features.push(Feature::Caps { ver });
+            }
         }
         out.push(Action::Send(features_xml(&features)));
         Ok(next)

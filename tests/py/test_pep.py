@@ -289,9 +289,13 @@ def caps_ver(info):
 def test_the_server_offers_its_own_capabilities_in_the_stream_features(server):
     import re
     import socket
+    import ssl
 
     def features():
-        with socket.create_connection(("127.0.0.1", server.starttls_port), timeout=5) as sock:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        with ctx.wrap_socket(socket.create_connection(("127.0.0.1", server.tls_port), timeout=5)) as sock:
             sock.sendall(b"<?xml version='1.0'?><stream:stream to='localhost' version='1.0' "
                          b"xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>")
             data = b""
