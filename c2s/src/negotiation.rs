@@ -350,9 +350,9 @@ impl Negotiation {
         // Informational, so not next to a required STARTTLS (RFC 6120 5.3.1 wants it
         // alone).
         let tls_required_next = !self.stream.tls && settings.require_tls;
-        if let Some(ver) = settings.caps.ver(&self.stream.domain) {
+        if let Some((ver, ecaps2)) = settings.caps.ver(&self.stream.domain) {
             if !tls_required_next {
-                features.push(Feature::Caps { ver });
+                features.push(Feature::Caps { ver, ecaps2 });
             }
         }
         out.push(Action::Send(features_xml(&features)));

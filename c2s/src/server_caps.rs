@@ -20,13 +20,13 @@ const ID: &str = "caps:";
 
 #[derive(Default)]
 pub struct ServerCaps {
-    /// By served domain: the `ver` of its disco#info.
-    vers: RwLock<HashMap<String, String>>,
+    /// By served domain: the XEP-0115 `ver` and the XEP-0390 hash of its disco#info.
+    vers: RwLock<HashMap<String, (String, String)>>,
 }
 
 impl ServerCaps {
-    /// The capabilities hash of `domain`, once known.
-    pub fn ver(&self, domain: &str) -> Option<String> {
+    /// The capabilities hashes of `domain` (XEP-0115, XEP-0390), once known.
+    pub fn ver(&self, domain: &str) -> Option<(String, String)> {
         self.vers.read().expect("caps lock").get(domain).cloned()
     }
 
@@ -56,12 +56,19 @@ impl ServerCaps {
             .parse::<minidom::Element>()
             .ok()
             .and_then(|q| DiscoInfoResult::try_from(q).ok());
-        let Some(ver) = info.and_then(|i| jrs_sx::caps::ver(&i, "sha-1")) else {
+        let hashes = info.and_then(|i| {
+            let ver = jrs_sx::caps::ver(&i, "sha-1")?;
+            Some((ver, jrs_sx::caps::ecaps2(&i, jrs_sx::caps::ECAPS2_ALGO)?))
+        });
+        let Some((ver, ecaps2)) = hashes else {
             debug!(%domain, "unreadable disco#info for the server's capabilities");
             return true;
         };
         info!(%domain, %ver, "server capabilities offered to clients");
-        self.vers.write().expect("caps lock").insert(domain, ver);
+        self.vers
+            .write()
+            .expect("caps lock")
+            .insert(domain, (ver, ecaps2));
         true
     }
 }

@@ -286,6 +286,21 @@ def caps_ver(info):
     return base64.b64encode(hashlib.sha1(s.encode()).digest()).decode()
 
 
+def ecaps2_hash(info):
+    """XEP-0390 4.1 over a disco#info <query/> without forms, SHA-256, base64."""
+    import base64
+    import hashlib
+    ns = "{http://jabber.org/protocol/disco#info}"
+    features = b"".join(sorted(f.get("var").encode() + b"\x1f" for f in info.iter(ns + "feature"))) + b"\x1c"
+    identities = b"".join(sorted(
+        b"".join(v.encode() + b"\x1f" for v in (i.get("category"), i.get("type"),
+                                                i.get("{http://www.w3.org/XML/1998/namespace}lang", ""),
+                                                i.get("name", ""))) + b"\x1e"
+        for i in info.iter(ns + "identity"))) + b"\x1c"
+    assert info.find("{jabber:x:data}x") is None, "forms are not hashed by this helper"
+    return base64.b64encode(hashlib.sha256(features + identities + b"\x1c").digest()).decode()
+
+
 def test_the_server_offers_its_own_capabilities_in_the_stream_features(server):
     import re
     import socket
@@ -308,10 +323,14 @@ def test_the_server_offers_its_own_capabilities_in_the_stream_features(server):
     # c2s asks sm's disco#info when its router link comes up: wait until it is offered.
     server.wait_for(lambda: "server capabilities offered" in server.log("c2s"),
                     "c2s to learn the server's capabilities")
+    offered = features()
     c = re.search(r"<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='([^']*)' ver='([^']*)'/>",
-                  features())
-    assert c, features()
+                  offered)
+    assert c, offered
     node, ver = c.groups()
+    c2 = re.search(r"<c xmlns='urn:xmpp:caps'><hash xmlns='urn:xmpp:hashes:2' algo='sha-256'>([^<]*)</hash></c>",
+                   offered)
+    assert c2, offered
 
     async def test(clients):
         alice = make(clients, "alice@localhost/phone")
@@ -319,6 +338,7 @@ def test_the_server_offers_its_own_capabilities_in_the_stream_features(server):
         info = await request(alice, "get", "<query xmlns='http://jabber.org/protocol/disco#info'/>",
                              to="localhost")
         assert caps_ver(info.find("{http://jabber.org/protocol/disco#info}query")) == ver
+        assert ecaps2_hash(info.find("{http://jabber.org/protocol/disco#info}query")) == c2.group(1)
         # The node#ver query is answered the same (XEP-0115 6.2).
         info = await request(alice, "get", f"<query xmlns='http://jabber.org/protocol/disco#info' "
                                            f"node='{node}#{ver}'/>", to="localhost")

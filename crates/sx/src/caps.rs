@@ -9,6 +9,10 @@ use xmpp_parsers::disco::DiscoInfoResult;
 use xmpp_parsers::hashes::Algo;
 
 pub const NS_CAPS: &str = "http://jabber.org/protocol/caps";
+/// XEP-0390, entity capabilities 2.0.
+pub const NS_ECAPS2: &str = "urn:xmpp:caps";
+/// The XEP-0300 hash algorithm of the server's own XEP-0390 capabilities.
+pub const ECAPS2_ALGO: &str = "sha-256";
 
 /// The node of this server's own capabilities (`NODE#VER` is answered by sm's disco).
 pub const NODE: &str = "urn:jabberd-rs:caps";
@@ -81,6 +85,14 @@ pub fn ver(info: &DiscoInfoResult, hash: &str) -> Option<String> {
     Some(digest.to_base64())
 }
 
+/// The XEP-0390 hash of `info` with `algo` (`sha-256`, ...; SHA-1 is refused), base64.
+pub fn ecaps2(info: &DiscoInfoResult, algo: &str) -> Option<String> {
+    use xmpp_parsers::ecaps2::{compute_disco, hash_ecaps2};
+    let algo = Algo::from_str(algo).ok()?;
+    let digest = hash_ecaps2(&compute_disco(info).ok()?, algo).ok()?;
+    Some(digest.to_base64())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -102,6 +114,17 @@ mod tests {
         // XEP-0115 5.3: languages and names, a form.
         let i = info("<query xmlns='http://jabber.org/protocol/disco#info'><identity xml:lang='en' category='client' name='Psi 0.11' type='pc'/><identity xml:lang='el' category='client' name='Ψ 0.11' type='pc'/><feature var='http://jabber.org/protocol/caps'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='http://jabber.org/protocol/disco#items'/><feature var='http://jabber.org/protocol/muc'/><x xmlns='jabber:x:data' type='result'><field var='FORM_TYPE' type='hidden'><value>urn:xmpp:dataforms:softwareinfo</value></field><field var='ip_version' type='text-multi'><value>ipv4</value><value>ipv6</value></field><field var='os'><value>Mac</value></field><field var='os_version'><value>10.5.1</value></field><field var='software'><value>Psi</value></field><field var='software_version'><value>0.11</value></field></x></query>");
         assert_eq!(ver(&i, "sha-1").unwrap(), "q07IKJEyjvHSyhy//CH0CxmKi8w=");
+    }
+
+    #[test]
+    fn the_xep_0390_example_verifies() {
+        // XEP-0390 4.3 (its simple example).
+        let i = info("<query xmlns='http://jabber.org/protocol/disco#info'><identity category='client' name='BombusMod' type='mobile'/><feature var='http://jabber.org/protocol/si'/><feature var='http://jabber.org/protocol/bytestreams'/><feature var='http://jabber.org/protocol/chatstates'/><feature var='http://jabber.org/protocol/disco#info'/><feature var='http://jabber.org/protocol/disco#items'/><feature var='urn:xmpp:ping'/><feature var='jabber:iq:time'/><feature var='jabber:iq:privacy'/><feature var='jabber:iq:version'/><feature var='http://jabber.org/protocol/rosterx'/><feature var='urn:xmpp:time'/><feature var='jabber:x:oob'/><feature var='http://jabber.org/protocol/ibb'/><feature var='http://jabber.org/protocol/si/profile/file-transfer'/><feature var='urn:xmpp:receipts'/><feature var='jabber:iq:roster'/><feature var='jabber:iq:last'/></query>");
+        assert_eq!(
+            ecaps2(&i, "sha-256").unwrap(),
+            "kzBZbkqJ3ADrj7v08reD1qcWUwNGHaidNUgD7nHpiw8="
+        );
+        assert!(ecaps2(&i, "sha-1").is_none());
     }
 
     #[test]

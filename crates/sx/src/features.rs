@@ -35,8 +35,9 @@ pub enum Feature {
     ClientStateIndication,
     /// XEP-0220 with XEP-0220's `<errors/>`: dialback, reporting errors.
     Dialback,
-    /// XEP-0115 6.3: the server's own capabilities (a SHA-1 `ver` of its disco#info).
-    Caps { ver: String },
+    /// XEP-0115 6.3 and XEP-0390 6: the server's own capabilities (the SHA-1 `ver` and
+    /// the XEP-0390 hash of its disco#info).
+    Caps { ver: String, ecaps2: String },
 }
 
 impl Feature {
@@ -58,12 +59,15 @@ impl Feature {
             Feature::Session => write!(out, "<session xmlns='{NS_SESSION}'><optional/></session>"),
             Feature::StreamManagement => write!(out, "<sm xmlns='{NS_SM}'/>"),
             Feature::ClientStateIndication => write!(out, "<csi xmlns='{NS_CSI}'/>"),
-            Feature::Caps { ver } => write!(
+            Feature::Caps { ver, ecaps2 } => write!(
                 out,
-                "<c xmlns='{}' hash='sha-1' node='{}' ver='{}'/>",
+                "<c xmlns='{}' hash='sha-1' node='{}' ver='{}'/><c xmlns='{}'><hash xmlns='urn:xmpp:hashes:2' algo='{}'>{}</hash></c>",
                 crate::caps::NS_CAPS,
                 crate::caps::NODE,
-                escape(ver)
+                escape(ver),
+                crate::caps::NS_ECAPS2,
+                crate::caps::ECAPS2_ALGO,
+                escape(ecaps2)
             ),
             Feature::Dialback => {
                 write!(

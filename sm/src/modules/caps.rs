@@ -9,7 +9,6 @@
 //! the answer is in.
 
 use std::collections::HashMap;
-use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -18,7 +17,6 @@ use jid::{BareJid, Jid};
 use lru::LruCache;
 use tracing::{debug, info, warn};
 use xmpp_parsers::disco::DiscoInfoResult;
-use xmpp_parsers::hashes::Algo;
 use xmpp_parsers::ns::DISCO_INFO;
 
 use jrs_stream::xml::escape;
@@ -30,37 +28,84 @@ use crate::host::shared::Shared;
 use crate::host::{Declaration, Module, Packet, User};
 use crate::xml::Element;
 
-pub use jrs_sx::caps::NS_CAPS;
+pub use jrs_sx::caps::{NS_CAPS, NS_ECAPS2};
 
 /// How long a client has to answer a disco#info query.
 const ANSWER_WAIT: Duration = Duration::from_secs(10);
 /// How long a `ver` whose query failed (no answer, wrong hash) is not asked again.
 const FAILED_FOR: Duration = Duration::from_secs(300);
 
-/// The capabilities a presence announces: a XEP-0115 `<c/>` with a hash (legacy `<c/>`
-/// without one is not verifiable and is ignored).
+/// The capabilities a presence announces, as something to verify: a XEP-0390 `<c
+/// xmlns='urn:xmpp:caps'>` hash (preferred: SHA-1 is weak), else a XEP-0115 `<c/>` with a
+/// hash (a legacy `<c/>` without one is not verifiable and is ignored).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Caps {
-    pub hash: String,
-    pub node: String,
+    /// What names these capabilities in the cache: the XEP-0115 `ver`, or
+    /// `ALGO.HASH` for XEP-0390.
     pub ver: String,
+    /// The disco#info node to ask.
+    pub node: String,
+    pub scheme: Scheme,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scheme {
+    /// XEP-0115 with this XEP-0300 hash algorithm.
+    Caps { algo: String, ver: String },
+    /// XEP-0390 with this algorithm and hash.
+    Ecaps2 { algo: String, hash: String },
 }
 
 impl Caps {
     fn of(c: &Element) -> Option<Caps> {
+        let (algo, node, ver) = (c.attr("hash")?, c.attr("node")?, c.attr("ver")?);
         let caps = Caps {
-            hash: c.attr("hash")?.to_owned(),
-            node: c.attr("node")?.to_owned(),
-            ver: c.attr("ver")?.to_owned(),
+            ver: ver.to_owned(),
+            node: format!("{node}#{ver}"),
+            scheme: Scheme::Caps {
+                algo: algo.to_owned(),
+                ver: ver.to_owned(),
+            },
         };
-        (!caps.ver.is_empty() && caps.ver.len() <= 256 && caps.node.len() <= 1024).then_some(caps)
+        (!ver.is_empty() && ver.len() <= 256 && node.len() <= 1024).then_some(caps)
+    }
+
+    /// The first XEP-0390 hash of an algorithm we can check.
+    fn of_ecaps2(c: &Element) -> Option<Caps> {
+        c.elements()
+            .filter(|h| h.local_name() == "hash")
+            .filter_map(|h| Some((h.attr("algo")?.to_owned(), h.text().trim().to_owned())))
+            .find(|(algo, hash)| {
+                matches!(algo.as_str(), "sha-256" | "sha-512" | "sha3-256" | "sha3-512")
+                    && !hash.is_empty()
+                    && hash.len() <= 256
+            })
+            .map(|(algo, hash)| Caps {
+                ver: format!("{algo}.{hash}"),
+                node: format!("{NS_ECAPS2}#{algo}.{hash}"),
+                scheme: Scheme::Ecaps2 { algo, hash },
+            })
     }
 
     /// The caps of a presence packet.
     pub fn of_packet(p: &Packet) -> Option<Caps> {
-        let child = p.child("c", NS_CAPS)?;
-        let c = Element::parse(p.child_bytes(child), "").ok()?;
-        Caps::of(&c)
+        let parse = |ns: &str| {
+            let child = p.child("c", ns)?;
+            Element::parse(p.child_bytes(child), "").ok()
+        };
+        if let Some(c) = parse(NS_ECAPS2).as_ref().and_then(Caps::of_ecaps2) {
+            return Some(c);
+        }
+        Caps::of(&parse(NS_CAPS)?)
+    }
+
+    /// Whether `info` is what these capabilities hash.
+    fn verifies(&self, info: &DiscoInfoResult) -> bool {
+        let (hash, expected) = match &self.scheme {
+            Scheme::Caps { algo, ver } => (jrs_sx::caps::ver(info, algo), ver),
+            Scheme::Ecaps2 { algo, hash } => (jrs_sx::caps::ecaps2(info, algo), hash),
+        };
+        hash.as_deref() == Some(expected.as_str())
     }
 }
 
@@ -172,9 +217,6 @@ pub fn lookup(u: &User, caps: &Caps, entity: &Jid, module: &'static str) -> Look
             return Lookup::Failed;
         }
     }
-    if Algo::from_str(&caps.hash).is_err() {
-        return Lookup::Failed;
-    }
     let first = !inner.waiting.contains_key(&caps.ver);
     let waiters = inner.waiting.entry(caps.ver.clone()).or_default();
     if !waiters.iter().any(|(j, m)| j == &u.jid && *m == module) {
@@ -218,8 +260,7 @@ async fn ask(
     entity: &Jid,
     caps: &Caps,
 ) -> Option<Vec<String>> {
-    let node = format!("{}#{}", caps.node, caps.ver);
-    let query = format!("<query xmlns='{DISCO_INFO}' node='{}'/>", escape(&node));
+    let query = format!("<query xmlns='{DISCO_INFO}' node='{}'/>", escape(&caps.node));
     let Some(answer) =
         Requests::ask(ctx, "get", from, entity.as_str(), &query, ANSWER_WAIT).await
     else {
@@ -240,7 +281,7 @@ async fn ask(
             return None;
         }
     };
-    if jrs_sx::caps::ver(&info, &caps.hash).as_deref() != Some(caps.ver.as_str()) {
+    if query.attr("node") != Some(caps.node.as_str()) || !caps.verifies(&info) {
         warn!(%entity, ver = %caps.ver, "capabilities do not match their hash: ignored");
         return None;
     }
@@ -272,11 +313,24 @@ mod tests {
         .unwrap();
         let of = |p: &Element| Caps::of(p.child("c", NS_CAPS)?);
         assert_eq!(of(&p).unwrap().ver, "v=");
+        assert_eq!(of(&p).unwrap().node, "n#v=");
         let legacy = Element::parse(
             b"<presence xmlns='jabber:client'><c xmlns='http://jabber.org/protocol/caps' node='n' ver='1.0'/></presence>",
             "",
         )
         .unwrap();
         assert!(of(&legacy).is_none());
+    }
+
+    #[test]
+    fn ecaps2_takes_a_strong_hash() {
+        let c = Element::parse(
+            b"<c xmlns='urn:xmpp:caps'><hash xmlns='urn:xmpp:hashes:2' algo='sha-1'>weak=</hash><hash xmlns='urn:xmpp:hashes:2' algo='sha-256'>strong=</hash></c>",
+            "",
+        )
+        .unwrap();
+        let caps = Caps::of_ecaps2(&c).unwrap();
+        assert_eq!(caps.ver, "sha-256.strong=");
+        assert_eq!(caps.node, "urn:xmpp:caps#sha-256.strong=");
     }
 }

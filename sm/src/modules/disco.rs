@@ -258,10 +258,11 @@ impl Module for DiscoModule {
             let Some(node) = q.node else {
                 return Reply::typed(info(&u.ctx, at, &self.forms));
             };
-            // XEP-0115 5.4: the server's own capabilities node, `CAPS_NODE#VER`.
-            let caps = node
-                .strip_prefix(CAPS_NODE)
-                .is_some_and(|rest| rest.starts_with('#'));
+            // XEP-0115 5.4: the server's own capabilities node, `CAPS_NODE#VER`; XEP-0390
+            // 5: `urn:xmpp:caps#ALGO.HASH`.
+            let caps = [CAPS_NODE, jrs_sx::caps::NS_ECAPS2]
+                .iter()
+                .any(|n| node.strip_prefix(n).is_some_and(|rest| rest.starts_with('#')));
             if at == Disco::Server && caps {
                 let mut answer = info(&u.ctx, at, &self.forms);
                 answer.node = Some(node);
