@@ -1,7 +1,9 @@
 //! Running the chains: each hook's modules in priority order, until one handles the
 //! stanza (for the chains that can stop).
 
-use crate::host::kernel::{Flow, Hook, Stanzas, User};
+use tracing::warn;
+
+use crate::host::kernel::{Change, Flow, Hook, Stanzas, User};
 use crate::host::packet::Packet;
 use crate::host::session::{Session, SessionKey};
 
@@ -98,4 +100,31 @@ pub async fn offline_confirmed(u: &mut User, s: SessionKey, count: usize) {
     for m in ctx.modules.chain(Hook::OfflineConfirmed) {
         m.offline_confirmed(u, s, count).await;
     }
+}
+
+/// How deep changes made by [`Hook::Stored`] handlers may set off further ones (a
+/// conversion writes the other forms, which run the hook again): past it the chain is
+/// not run, so two modules that mirror each other cannot loop.
+const MAX_STORED_DEPTH: usize = 4;
+
+/// The depth of [`stored`] calls on the user's task (user state).
+#[derive(Default)]
+struct StoredDepth(usize);
+
+pub async fn stored(u: &mut User, change: Change<'_>) {
+    let ctx = u.ctx.clone();
+    let chain = ctx.modules.chain(Hook::Stored);
+    if chain.is_empty() {
+        return;
+    }
+    let depth = u.state.entry::<StoredDepth>().0;
+    if depth >= MAX_STORED_DEPTH {
+        warn!(by = ?change.by, "changes set off too many others: not followed");
+        return;
+    }
+    u.state.entry::<StoredDepth>().0 = depth + 1;
+    for m in chain {
+        m.stored(u, &change).await;
+    }
+    u.state.entry::<StoredDepth>().0 = depth;
 }

@@ -71,10 +71,12 @@ pub enum Hook {
     Undelivered,
     /// A session's client confirmed offline messages given to it.
     OfflineConfirmed,
+    /// The user's data in storage changed ([`Change`]): PEP items, private XML, the vCard.
+    Stored,
 }
 
 impl Hook {
-    const ALL: [Hook; 13] = [
+    const ALL: [Hook; 14] = [
         Hook::Outbound,
         Hook::Inbound,
         Hook::Delivered,
@@ -88,6 +90,7 @@ impl Hook {
         Hook::Delivering,
         Hook::Undelivered,
         Hook::OfflineConfirmed,
+        Hook::Stored,
     ];
 
     fn index(self) -> usize {
@@ -128,6 +131,45 @@ impl Stanzas {
     fn index(self) -> usize {
         Stanzas::KINDS.iter().position(|k| *k == self).unwrap_or(0)
     }
+}
+
+/// A change to the user's data in storage, for [`Hook::Stored`], made by the module
+/// that keeps that data (pep, private, vcard) once storage has it.
+///
+/// Modules that keep the same data in another form follow it here (bookmarks: XEP-0402
+/// and XEP-0048; avatars: XEP-0084 and the vCard photo, XEP-0398). A hook rather than
+/// calls from the storing modules into the converting ones: pep, private and vcard stay
+/// unaware of who converts (the converters import them, never the other way round, so
+/// there is no import cycle), and a converter is one more module in sm.xml.
+#[derive(Debug, Clone, Copy)]
+pub struct Change<'a> {
+    /// The module that wrote it (a conversion); `None`: one of the user's clients. A
+    /// module ignores the changes it made itself, so conversions do not echo.
+    pub by: Option<&'static str>,
+    pub what: Stored<'a>,
+}
+
+/// What changed ([`Change`]). XML is self-contained (its namespace declared).
+#[derive(Debug, Clone, Copy)]
+pub enum Stored<'a> {
+    /// PEP: item `id` of node `node` published (new or replaced).
+    PepPublished {
+        node: &'a str,
+        id: &'a str,
+        payload: &'a str,
+    },
+    /// PEP: items retracted from node `node`.
+    PepRetracted { node: &'a str, ids: &'a [String] },
+    /// PEP: every item of node `node` removed: purged, or the node deleted.
+    PepCleared { node: &'a str },
+    /// XEP-0049 private XML storage: the element `<name xmlns=ns>` is now `xml`.
+    Private {
+        name: &'a str,
+        ns: &'a str,
+        xml: &'a str,
+    },
+    /// vcard-temp: the user's vCard is now `xml` (an empty `<vCard/>`: removed).
+    VCard { xml: &'a str },
 }
 
 /// Where service discovery lists a feature or identity.
@@ -269,6 +311,10 @@ pub trait Module: Send + Sync {
     /// [`Hook::OfflineConfirmed`]: session `s`'s client has `count` more of the offline
     /// messages given to it.
     async fn offline_confirmed(&self, _u: &mut User, _s: SessionKey, _count: usize) {}
+
+    /// [`Hook::Stored`]: the user's data in storage changed. What goes wrong here is
+    /// the module's to log: the change itself is done and acknowledged.
+    async fn stored(&self, _u: &mut User, _change: &Change<'_>) {}
 
     /// An IQ of one of the module's [`IqRoute`]s.
     async fn iq(&self, _u: &mut User, _iq: &Iq) -> Reply {
@@ -493,6 +539,28 @@ impl Ctx {
         if !sent {
             warn!("router link down: a packet was dropped");
         }
+    }
+
+    /// Sends `<iq type=kind from=from to=to>payload</iq>` and waits up to `wait` for the
+    /// answer (a result or an error stanza); `None` if none came in time.
+    pub async fn ask(
+        &self,
+        kind: &str,
+        from: &str,
+        to: &str,
+        payload: &str,
+        wait: std::time::Duration,
+    ) -> Option<Stanza> {
+        use jrs_stream::xml::escape;
+        let (id, answer) = self.requests.register();
+        self.send(format!(
+            "<iq type='{kind}' id='{id}' from='{}' to='{}'>{payload}</iq>",
+            escape(from),
+            escape(to)
+        ));
+        let answer = tokio::time::timeout(wait, answer).await;
+        self.requests.forget(&id);
+        answer.ok()?.ok()
     }
 
     /// Queues several packets for the router under one lock.

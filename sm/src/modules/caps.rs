@@ -23,7 +23,6 @@ use jrs_stream::xml::escape;
 
 use crate::config::{count, SmConfig};
 use crate::host::registry::{Event, Wake};
-use crate::host::requests::Requests;
 use crate::host::shared::Shared;
 use crate::host::{Declaration, Module, Packet, User};
 use crate::xml::Element;
@@ -262,7 +261,7 @@ async fn ask(
 ) -> Option<Vec<String>> {
     let query = format!("<query xmlns='{DISCO_INFO}' node='{}'/>", escape(&caps.node));
     let Some(answer) =
-        Requests::ask(ctx, "get", from, entity.as_str(), &query, ANSWER_WAIT).await
+        ctx.ask("get", from, entity.as_str(), &query, ANSWER_WAIT).await
     else {
         info!(%entity, ver = %caps.ver, "no answer to a capabilities query");
         return None;

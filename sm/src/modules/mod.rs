@@ -2,7 +2,9 @@
 //! what it handles. `<modules>` in sm.xml picks which run; [`ALL`] is what sm has.
 //! docs/sm.md, "Writing a module", shows how to add one.
 
+pub mod avatars;
 pub mod blocking;
+pub mod bookmarks;
 pub mod caps;
 pub mod carbons;
 pub mod disco;
@@ -48,6 +50,8 @@ pub const ALL: &[(&str, Load)] = &[
     ("extdisco", extdisco::load_module),
     ("caps", caps::load_module),
     ("pep", pep::load_module),
+    ("bookmarks", bookmarks::load_module),
+    ("avatars", avatars::load_module),
     ("push", push::load_module),
     ("ping", ping::load_module),
     ("version", version::load_module),
@@ -73,6 +77,8 @@ pub const DEFAULT: &[&str] = &[
     "extdisco",
     "caps",
     "pep",
+    "bookmarks",
+    "avatars",
     "push",
     "ping",
     "version",
@@ -134,7 +140,7 @@ mod tests {
         );
         assert_eq!(
             stanzas(Hook::Outbound, Stanzas::Presence),
-            ["blocking", "pep", "subscription", "presence"]
+            ["blocking", "avatars", "pep", "subscription", "presence"]
         );
         assert_eq!(stanzas(Hook::Inbound, Stanzas::Iq), ["blocking", "push"]);
         assert_eq!(
@@ -145,6 +151,11 @@ mod tests {
             names(ctx.modules.chain(Hook::SessionEnded)),
             ["presence", "offline", "push", "last"]
         );
+        assert_eq!(
+            names(ctx.modules.chain(Hook::SessionStarted)),
+            ["mam", "bookmarks", "push"]
+        );
+        assert_eq!(names(ctx.modules.chain(Hook::Stored)), ["bookmarks", "avatars"]);
     }
 
     #[tokio::test]

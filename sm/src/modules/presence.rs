@@ -227,6 +227,37 @@ async fn unavailable(u: &mut User, key: SessionKey, p: &Packet) {
     broadcast_unavailable(u, was_available, &directed.0, &el).await;
 }
 
+/// Sends the current presence of each available session again, as an update: to the
+/// contacts subscribed to the user and to the user's available resources. For a module
+/// that changed what the presence carries (the avatar hash, `avatars`).
+pub async fn resend(u: &mut User) {
+    let presences: Vec<Element> = u
+        .sessions
+        .iter()
+        .filter(|s| s.available)
+        .filter_map(|s| s.presence.clone())
+        .collect();
+    if presences.is_empty() {
+        return;
+    }
+    let subscribers: Vec<String> = match roster::load(u).await {
+        Ok(r) => r.subscribers().map(|c| c.jid.clone()).collect(),
+        Err(e) => {
+            warn!("presence not sent again to contacts, the roster is unavailable: {e}");
+            vec![]
+        }
+    };
+    for el in presences {
+        for c in &subscribers {
+            let Ok(to) = Jid::new(c) else { continue };
+            let mut p = el.clone();
+            p.set_attr("to", c.clone());
+            u.route(&to, p.to_stanza());
+        }
+        to_own_resources(u, &el);
+    }
+}
+
 /// Delivers `presence` to each of the user's available resources, addressed to it.
 fn to_own_resources(u: &mut User, presence: &Element) {
     let copies: Vec<(SessionKey, String)> = u

@@ -10,6 +10,8 @@
 //! purge), and the hooks that send last items: a contact's resource that becomes
 //! available (its presence), the owner's own session (its initial presence), a new
 //! subscriber, and events to the user's bare JID given to the sessions that want them.
+//! Modules that convert the user's data (bookmarks, avatars) publish and retract through
+//! [`publish_item`] and [`retract_item`]; every change runs [`Hook::Stored`].
 
 pub mod node;
 pub mod notify;
@@ -25,9 +27,10 @@ use jrs_stream::StanzaErrorCondition as Condition;
 
 use crate::config::{count, SmConfig};
 use crate::host::registry::Wake;
+use crate::host::shared::Shared;
 use crate::host::{
-    storage_error, Declaration, Disco, Flow, Hook, Identity, Iq, IqKind, Module, Packet, Reply,
-    Scope, SessionKey, Stanzas, User,
+    hooks, storage_error, Change, Declaration, Disco, Flow, Hook, Identity, Iq, IqKind, Module,
+    Packet, Reply, Scope, SessionKey, Stanzas, Stored, User,
 };
 use crate::modules::caps::{self, Caps, Lookup, Resolved};
 use crate::modules::pep::node::{Config, SendLast, Submitted};
@@ -68,6 +71,7 @@ const FEATURES: &[&str] = &[
 /// Longest node name accepted.
 const MAX_NODE_NAME: usize = 1024;
 
+#[derive(Clone)]
 pub struct Pep {
     /// Nodes per user.
     max_nodes: usize,
@@ -387,6 +391,56 @@ impl Module for Pep {
         // Storage removed every fragment of the account.
         u.state.remove::<store::Pep>();
     }
+
+    fn install(&self, shared: &mut Shared) {
+        // The limits, for the modules that publish through `publish_item`.
+        shared.insert(Arc::new(self.clone()));
+    }
+}
+
+/// Publishes `payload` (one element, self-contained XML) as item `id` of the user's
+/// node `node` for module `by` (a conversion: bookmarks, avatars), as a publish of the
+/// user's own would be: `options` are its publish-options (the node is created with
+/// them, or must meet them: XEP-0223), with the same limits, notifications and
+/// [`Hook::Stored`]. `Err` is what the user's client would have been answered.
+pub async fn publish_item(
+    u: &mut User,
+    by: &'static str,
+    node: &str,
+    id: &str,
+    payload: &str,
+    options: &[(&str, &str)],
+) -> Result<(), Reply> {
+    let pep = service(u)?;
+    let options: Submitted = options
+        .iter()
+        .map(|(var, value)| (var.to_string(), vec![value.to_string()]))
+        .collect();
+    let options = (!options.is_empty()).then_some(options);
+    pep.put(u, Some(by), node, id, payload.to_owned(), options.as_ref())
+        .await
+}
+
+/// Retracts item `id` of the user's node `node` for module `by`, notifying as the node
+/// is configured (`notify_retract`), and runs [`Hook::Stored`].
+pub async fn retract_item(
+    u: &mut User,
+    by: &'static str,
+    node: &str,
+    id: &str,
+) -> Result<(), Reply> {
+    let pep = service(u)?;
+    pep.withdraw(u, Some(by), node, &[id.to_owned()], None).await
+}
+
+/// The loaded PEP module (its limits).
+fn service(u: &User) -> Result<Arc<Pep>, Reply> {
+    u.ctx.shared.get::<Pep>().ok_or_else(|| {
+        Reply::error(
+            Condition::ServiceUnavailable,
+            "personal eventing is not loaded",
+        )
+    })
 }
 
 /// The owner's own last items to session `key`, once its capabilities are known.
@@ -430,7 +484,13 @@ async fn last_item(u: &mut User, at: usize) -> Option<(String, Item)> {
 /// go to the available sessions whose capabilities want the node, or are not known yet.
 fn inbound_event(u: &mut User, p: &Packet) -> Flow {
     let to_bare = p.to.as_ref().is_some_and(|t| t.resource().is_none());
-    if p.kind() != Some("headline") || !to_bare || !p.has("event", notify::NS_EVENT) {
+    // From another account's PEP (a bare JID with a local part): a pubsub service's
+    // notifications follow the subscriptions made with it.
+    let from_account = p
+        .from
+        .as_ref()
+        .is_some_and(|f| f.node().is_some() && f.resource().is_none());
+    if p.kind() != Some("headline") || !to_bare || !from_account || !p.has("event", notify::NS_EVENT) {
         return Flow::Pass;
     }
     let Some(child) = p.child("event", notify::NS_EVENT) else {
@@ -676,13 +736,6 @@ impl Pep {
                 )
             }
         };
-        if payload.len() > self.max_item_bytes {
-            return refuse(
-                Condition::NotAcceptable,
-                "payload-too-big",
-                format!("items are limited to {} bytes", self.max_item_bytes),
-            );
-        }
         let id = match item.attr("id") {
             Some(id) if !id.is_empty() && id.len() <= 256 => id.to_owned(),
             Some(id) if !id.is_empty() => {
@@ -690,20 +743,49 @@ impl Pep {
             }
             _ => format!("{:x}-{}", crate::clock::now_micros(), u.next_id()),
         };
+        if let Err(r) = self.put(u, None, node, &id, payload, options.as_ref()).await {
+            return r;
+        }
+        Reply::Result(Some(format!(
+            "<pubsub xmlns='{NS_PUBSUB}'><publish node='{}'><item id='{}'/></publish></pubsub>",
+            escape(node),
+            escape(&id)
+        )))
+    }
+
+    /// Publishes `payload` as item `id` of `node` for `by` (a module; `None`: the
+    /// user's client): creates the node with `options` (publish-options) or checks them
+    /// against it (XEP-0223), stores the item, notifies, and runs [`Hook::Stored`].
+    async fn put(
+        &self,
+        u: &mut User,
+        by: Option<&'static str>,
+        node: &str,
+        id: &str,
+        payload: String,
+        options: Option<&Submitted>,
+    ) -> Result<(), Reply> {
+        if payload.len() > self.max_item_bytes {
+            return Err(refuse(
+                Condition::NotAcceptable,
+                "payload-too-big",
+                format!("items are limited to {} bytes", self.max_item_bytes),
+            ));
+        }
         let found = match store::load(u).await {
             Ok(pep) => pep.find(node),
-            Err(e) => return storage_error(&e),
+            Err(e) => return Err(storage_error(&e)),
         };
         let (at, created) = match found {
             Some(at) => {
                 if let Some(o) = &options {
                     let config = &u.state.get::<store::Pep>().expect("loaded").nodes[at].config;
                     if let Err(field) = config.meets(o, self.max_items) {
-                        return refuse(
+                        return Err(refuse(
                             Condition::Conflict,
                             "precondition-not-met",
                             format!("the node's {field} differs from the publish-options"),
-                        );
+                        ));
                     }
                 }
                 (at, false)
@@ -712,17 +794,14 @@ impl Pep {
                 let mut config = Config::default();
                 if let Some(o) = &options {
                     if let Err(e) = config.apply(o, self.max_items) {
-                        return refuse(Condition::Conflict, "precondition-not-met", e);
+                        return Err(refuse(Condition::Conflict, "precondition-not-met", e));
                     }
                 }
-                match self.new_node(u, node, config).await {
-                    Ok(at) => (at, true),
-                    Err(r) => return r,
-                }
+                (self.new_node(u, node, config).await?, true)
             }
         };
         let item = Item {
-            id: id.clone(),
+            id: id.to_owned(),
             stamp: crate::clock::now_micros(),
             payload,
         };
@@ -730,41 +809,47 @@ impl Pep {
             let pep = u.state.get::<store::Pep>().expect("loaded");
             (pep.nodes[at].config.clone(), pep.bytes())
         };
-        let items = match store::items(u, at).await {
-            Ok(items) => items,
-            Err(e) => return storage_error(&e),
-        };
+        // A node's items are one storage fragment.
+        let per_node = u.ctx.config.fragment_max();
+        let items = store::items(u, at).await.map_err(|e| storage_error(&e))?;
         let old: usize = items.iter().map(|i| i.payload.len()).sum();
         let mut next = items.clone();
         next.retain(|i| i.id != id);
         next.push(item.clone());
-        let keep = if config.persist { config.max_items } else { 1 };
+        let keep = config.keep(self.max_items);
         let drop = next.len().saturating_sub(keep);
         next.drain(..drop);
         let new: usize = next.iter().map(|i| i.payload.len()).sum();
+        if new > old && new > per_node {
+            if created {
+                u.state.remove::<store::Pep>();
+            }
+            return Err(Reply::error(
+                Condition::ResourceConstraint,
+                format!("a node's items are limited to {per_node} bytes: retract some or lower max_items"),
+            ));
+        }
         if new > old && before - old + new > self.max_bytes {
             if created {
                 u.state.remove::<store::Pep>();
             }
-            return Reply::error(
+            return Err(Reply::error(
                 Condition::ResourceConstraint,
                 format!("personal eventing data is limited to {} bytes per account", self.max_bytes),
-            );
+            ));
         }
         *items = next;
-        if let Err(e) = store::save_items(u, at).await {
-            return storage_error(&e);
-        }
-        if let Err(e) = store::save_index(u).await {
-            return storage_error(&e);
-        }
-        debug!(node, id, "PEP item published");
+        store::save_items(u, at).await.map_err(|e| storage_error(&e))?;
+        store::save_index(u).await.map_err(|e| storage_error(&e))?;
+        debug!(node, id, by, "PEP item published");
         notify::broadcast(u, node, &config, &items_xml(node, &[&item])).await;
-        Reply::Result(Some(format!(
-            "<pubsub xmlns='{NS_PUBSUB}'><publish node='{}'><item id='{}'/></publish></pubsub>",
-            escape(node),
-            escape(&id)
-        )))
+        let what = Stored::PepPublished {
+            node,
+            id,
+            payload: &item.payload,
+        };
+        hooks::stored(u, Change { by, what }).await;
+        Ok(())
     }
 
     async fn retract(&self, u: &mut User, node: &str, op: &minidom::Element) -> Reply {
@@ -779,40 +864,58 @@ impl Pep {
         if ids.is_empty() {
             return refuse(Condition::BadRequest, "item-required", "name the item");
         }
+        let asked = op.attr("notify").map(|n| n == "1" || n == "true");
+        match self.withdraw(u, None, node, &ids, asked).await {
+            Ok(()) => Reply::empty(),
+            Err(r) => r,
+        }
+    }
+
+    /// Retracts items `ids` of `node` for `by` (a module; `None`: the user's client),
+    /// notifies as `notify` says (`None`: as the node is configured), and runs
+    /// [`Hook::Stored`].
+    async fn withdraw(
+        &self,
+        u: &mut User,
+        by: Option<&'static str>,
+        node: &str,
+        ids: &[String],
+        notify: Option<bool>,
+    ) -> Result<(), Reply> {
         let at = match store::load(u).await {
             Ok(pep) => match pep.find(node) {
                 Some(at) => at,
-                None => return no_node(node),
+                None => return Err(no_node(node)),
             },
-            Err(e) => return storage_error(&e),
+            Err(e) => return Err(storage_error(&e)),
         };
-        let items = match store::items(u, at).await {
-            Ok(items) => items,
-            Err(e) => return storage_error(&e),
-        };
+        let items = store::items(u, at).await.map_err(|e| storage_error(&e))?;
         if !items.iter().any(|i| ids.contains(&i.id)) {
-            return Reply::error(Condition::ItemNotFound, "no such item");
+            return Err(Reply::error(Condition::ItemNotFound, "no such item"));
         }
         items.retain(|i| !ids.contains(&i.id));
-        if let Err(e) = store::save_items(u, at).await {
-            return storage_error(&e);
-        }
-        if let Err(e) = store::save_index(u).await {
-            return storage_error(&e);
-        }
+        store::save_items(u, at).await.map_err(|e| storage_error(&e))?;
+        store::save_index(u).await.map_err(|e| storage_error(&e))?;
         let config = u.state.get::<store::Pep>().expect("loaded").nodes[at]
             .config
             .clone();
-        let asked = op.attr("notify").map(|n| n == "1" || n == "true");
-        if asked.unwrap_or(config.notify_retract) {
+        if notify.unwrap_or(config.notify_retract) {
             let mut inner = format!("<items node='{}'>", escape(node));
-            for id in &ids {
+            for id in ids {
                 inner.push_str(&format!("<retract id='{}'/>", escape(id)));
             }
             inner.push_str("</items>");
             notify::broadcast(u, node, &config, &inner).await;
         }
-        Reply::empty()
+        hooks::stored(
+            u,
+            Change {
+                by,
+                what: Stored::PepRetracted { node, ids },
+            },
+        )
+        .await;
+        Ok(())
     }
 
     async fn configuration(&self, u: &mut User, node: &str) -> Reply {
@@ -849,7 +952,7 @@ impl Pep {
         if let Err(e) = config.apply(&form, self.max_items) {
             return refuse(Condition::NotAcceptable, "invalid-options", e);
         }
-        let keep = if config.persist { config.max_items } else { 1 };
+        let keep = config.keep(self.max_items);
         pep.nodes[at].config = config;
         let items = match store::items(u, at).await {
             Ok(items) => items,
@@ -886,6 +989,8 @@ impl Pep {
         info!(node, "PEP node deleted");
         let inner = format!("<delete node='{}'/>", escape(node));
         notify::broadcast(u, node, &config, &inner).await;
+        let what = Stored::PepCleared { node };
+        hooks::stored(u, Change { by: None, what }).await;
         Reply::empty()
     }
 
@@ -912,6 +1017,8 @@ impl Pep {
             .clone();
         let inner = format!("<purge node='{}'/>", escape(node));
         notify::broadcast(u, node, &config, &inner).await;
+        let what = Stored::PepCleared { node };
+        hooks::stored(u, Change { by: None, what }).await;
         Reply::empty()
     }
 }

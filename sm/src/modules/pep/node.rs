@@ -74,7 +74,9 @@ impl SendLast {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Config {
     pub access: Access,
-    pub max_items: usize,
+    /// Items kept; `None`: `max`, the service's limit whatever it is now (so a node
+    /// created with `max` still meets a `max` precondition after the limit changed).
+    pub max_items: Option<usize>,
     /// Items kept in storage; when false only the last one is kept (for
     /// `send_last_published_item`).
     pub persist: bool,
@@ -90,7 +92,7 @@ impl Default for Config {
     fn default() -> Config {
         Config {
             access: Access::Presence,
-            max_items: 1,
+            max_items: Some(1),
             persist: true,
             notify_retract: true,
             send_last: SendLast::OnSubAndPresence,
@@ -134,18 +136,33 @@ fn boolean(var: &str, values: &[String]) -> Result<bool, String> {
     }
 }
 
-/// `pubsub#max_items`: a number up to `limit`, or `max` (the limit).
-fn max_items(var: &str, values: &[String], limit: usize) -> Result<usize, String> {
+/// `pubsub#max_items`: a number up to `limit`, or `max` (`None`: the limit).
+fn max_items(var: &str, values: &[String], limit: usize) -> Result<Option<usize>, String> {
     match one(var, values)? {
-        "max" => Ok(limit),
+        "max" => Ok(None),
         v => match v.parse::<usize>() {
-            Ok(n) if (1..=limit).contains(&n) => Ok(n),
+            Ok(n) if (1..=limit).contains(&n) => Ok(Some(n)),
             _ => Err(format!("{var} must be 1 to {limit} or 'max'")),
         },
     }
 }
 
 impl Config {
+    /// How many items the node holds at most, `limit` being the service's.
+    pub fn items(&self, limit: usize) -> usize {
+        self.max_items.unwrap_or(limit).min(limit)
+    }
+
+    /// How many items are kept: [`Config::items`], or the last one alone when items
+    /// do not persist.
+    pub fn keep(&self, limit: usize) -> usize {
+        if self.persist {
+            self.items(limit)
+        } else {
+            1
+        }
+    }
+
     /// Applies a submitted configuration. Fields this server does not have are left
     /// alone (clients send many; none of them changes who can read what).
     pub fn apply(&mut self, fields: &Submitted, limit: usize) -> Result<(), String> {
@@ -182,7 +199,7 @@ impl Config {
         let differs = |var: &str| fields.iter().any(|(v, _)| v == var);
         let checks: [(&str, bool); 6] = [
             ("pubsub#access_model", wanted.access != self.access),
-            ("pubsub#max_items", wanted.max_items != self.max_items),
+            ("pubsub#max_items", wanted.items(limit) != self.items(limit)),
             ("pubsub#persist_items", wanted.persist != self.persist),
             ("pubsub#notify_retract", wanted.notify_retract != self.notify_retract),
             ("pubsub#send_last_published_item", wanted.send_last != self.send_last),
@@ -220,7 +237,7 @@ impl Config {
                 self.access.name(),
                 &["open", "presence", "roster", "whitelist"],
             ),
-            Field::text_single("pubsub#max_items", &self.max_items.to_string()),
+            Field::text_single("pubsub#max_items", &self.items(limit).to_string()),
             flag("pubsub#persist_items", self.persist),
             flag("pubsub#notify_retract", self.notify_retract),
             choice(
@@ -238,7 +255,8 @@ impl Config {
     /// As kept in the user's index of nodes.
     pub fn write(&self, node: &mut Element) {
         node.set_attr("access", self.access.name());
-        node.set_attr("max-items", self.max_items.to_string());
+        let max = self.max_items.map_or("max".to_owned(), |n| n.to_string());
+        node.set_attr("max-items", max);
         node.set_attr("persist", if self.persist { "1" } else { "0" });
         node.set_attr("notify-retract", if self.notify_retract { "1" } else { "0" });
         node.set_attr("send-last", self.send_last.name());
@@ -256,10 +274,10 @@ impl Config {
         let flag = |k: &str, d: bool| node.attr(k).map(|v| v == "1").unwrap_or(d);
         Config {
             access: node.attr("access").and_then(Access::parse).unwrap_or(d.access),
-            max_items: node
-                .attr("max-items")
-                .and_then(|v| v.parse().ok())
-                .unwrap_or(d.max_items),
+            max_items: match node.attr("max-items") {
+                Some("max") => None,
+                v => v.and_then(|v| v.parse().ok()).or(d.max_items),
+            },
             persist: flag("persist", d.persist),
             notify_retract: flag("notify-retract", d.notify_retract),
             send_last: node
@@ -291,7 +309,7 @@ mod tests {
         let mut c = Config::default();
         c.apply(&fields(&[("pubsub#access_model", "open"), ("pubsub#max_items", "max")]), 256)
             .unwrap();
-        assert_eq!((c.access, c.max_items), (Access::Open, 256));
+        assert_eq!((c.access, c.max_items, c.items(256)), (Access::Open, None, 256));
         assert!(c.meets(&fields(&[("pubsub#access_model", "open")]), 256).is_ok());
         assert!(c.meets(&fields(&[("pubsub#persist_items", "true")]), 256).is_ok());
         assert_eq!(
@@ -300,6 +318,32 @@ mod tests {
         );
         assert!(c.apply(&fields(&[("pubsub#max_items", "0")]), 256).is_err());
         assert!(c.apply(&fields(&[("pubsub#access_model", "authorize")]), 256).is_err());
+    }
+
+    #[test]
+    fn the_bookmarks_options_create_a_node_that_meets_them_whatever_the_limit() {
+        // XEP-0402 section 3: what clients (and the bookmarks module) publish with.
+        let options = fields(&[
+            ("pubsub#max_items", "max"),
+            ("pubsub#access_model", "whitelist"),
+            ("pubsub#persist_items", "true"),
+            ("pubsub#send_last_published_item", "never"),
+        ]);
+        let mut c = Config::default();
+        c.apply(&options, 256).unwrap();
+        assert_eq!((c.access, c.send_last, c.keep(256)), (Access::Whitelist, SendLast::Never, 256));
+        assert!(c.meets(&options, 256).is_ok());
+        // The operator changed <pep max-items>: `max` is still `max`.
+        let mut e = Element::new("node", "urn:x");
+        c.write(&mut e);
+        let read = Config::read(&e);
+        assert!(read.meets(&options, 100).is_ok() && read.meets(&options, 1000).is_ok());
+        assert_eq!(read.keep(1000), 1000);
+        // A number is a number.
+        assert_eq!(
+            read.meets(&fields(&[("pubsub#max_items", "10")]), 256),
+            Err("pubsub#max_items".into())
+        );
     }
 
     #[test]

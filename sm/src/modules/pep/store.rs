@@ -135,6 +135,14 @@ pub async fn items(u: &mut User, at: usize) -> Result<&mut Vec<Item>, XdbError> 
     Ok(pep.nodes[at].items.as_mut().expect("read above"))
 }
 
+/// The items of the user's node `node`, oldest first; `None` when there is no such node.
+pub async fn node_items(u: &mut User, node: &str) -> Result<Option<Vec<Item>>, XdbError> {
+    let Some(at) = load(u).await?.find(node) else {
+        return Ok(None);
+    };
+    Ok(Some(items(u, at).await?.clone()))
+}
+
 /// Writes the index. On failure the cached nodes are dropped, so the next use reads
 /// what storage really holds.
 pub async fn save_index(u: &mut User) -> Result<(), XdbError> {
