@@ -223,7 +223,29 @@ pub async fn create_accounts(
     users: usize,
     keys: &ClientKeys,
 ) -> anyhow::Result<()> {
+    store_fragments(server, accounts(users, keys)).await
+}
+
+/// The credentials fragments of [`create_accounts`]: (owner, namespace, data).
+pub fn accounts(users: usize, keys: &ClientKeys) -> Vec<(String, &'static str, String)> {
     let record = keys.credentials();
+    (0..users)
+        .map(|i| {
+            (
+                format!("user{i}@{DOMAIN}"),
+                jrs_auth::NS_AUTH,
+                record.clone(),
+            )
+        })
+        .collect()
+}
+
+/// Writes each (owner, namespace, data) to storage, through the router as the `admin`
+/// component, 200 requests in flight.
+pub async fn store_fragments(
+    server: &Server,
+    fragments: Vec<(String, &'static str, String)>,
+) -> anyhow::Result<()> {
     let (mut reader, writer) = server.component("admin", "admin-secret").await?.split();
     let xdb = Arc::new(jrs_xdb::XdbClient::new("admin", Duration::from_secs(10)));
     xdb.set_outbox(writer.spawn());
@@ -233,12 +255,13 @@ pub async fn create_accounts(
             answers.answer(&s);
         }
     });
+    let mut fragments = fragments.into_iter();
+    let Some((owner, ns, data)) = fragments.next() else {
+        return Ok(());
+    };
     // Storage may still be connecting: retry the first write.
     for attempt in 0.. {
-        match xdb
-            .set("user0@localhost", jrs_auth::NS_AUTH, record.clone())
-            .await
-        {
+        match xdb.set(&owner, ns, data.clone()).await {
             Ok(()) => break,
             Err(e) if attempt < 50 => {
                 let _ = e;
@@ -248,12 +271,9 @@ pub async fn create_accounts(
         }
     }
     let mut pending = vec![];
-    for i in 1..users {
-        let (xdb, record) = (xdb.clone(), record.clone());
-        pending.push(tokio::spawn(async move {
-            xdb.set(&format!("user{i}@localhost"), jrs_auth::NS_AUTH, record)
-                .await
-        }));
+    for (owner, ns, data) in fragments {
+        let xdb = xdb.clone();
+        pending.push(tokio::spawn(async move { xdb.set(&owner, ns, data).await }));
         if pending.len() >= 200 {
             for p in pending.drain(..) {
                 p.await??;

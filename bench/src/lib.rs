@@ -1,4 +1,6 @@
 //! Code shared by the benchmark programs (`bench`, `loadgen`, `archivebench`).
 
+pub mod caps;
 pub mod client;
+pub mod pep;
 pub mod procstat;

@@ -44,10 +44,16 @@ impl ServerCaps {
 
     /// Takes the answer to one of our queries; false if `iq` is not one.
     pub fn answered(&self, iq: &Stanza) -> bool {
-        let Some(domain) = iq.attr("id").and_then(|id| id.strip_prefix(ID).map(str::to_owned))
+        let Some(domain) = iq
+            .attr("id")
+            .and_then(|id| id.strip_prefix(ID).map(str::to_owned))
         else {
             return false;
         };
+        if iq.attr("from").as_deref() != Some(domain.as_str()) {
+            debug!(%domain, "an answer to a capabilities query from elsewhere: ignored");
+            return true;
+        }
         if iq.kind() != Some("result") {
             debug!(%domain, "no disco#info for the server's capabilities");
             return true;

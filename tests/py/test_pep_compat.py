@@ -182,10 +182,12 @@ def test_avatar_published_in_pep_appears_as_vcard_photo_and_hash_and_the_other_w
         # alice publishes an avatar in PEP (XEP-0084).
         sha = hashlib.sha1(IMAGE).hexdigest()
         b64 = base64.b64encode(IMAGE).decode()
-        await request(alice, "set", publish_xml(AVATAR_DATA, sha, f"<data xmlns='{AVATAR_DATA}'>{b64}</data>"))
+        # (Public, as Conversations publishes it: only a public avatar goes to the vCard.)
+        await request(alice, "set", publish_xml(AVATAR_DATA, sha, f"<data xmlns='{AVATAR_DATA}'>{b64}</data>",
+                                                access_model="open"))
         meta = (f"<metadata xmlns='{AVATAR_META}'><info id='{sha}' bytes='{len(IMAGE)}' "
                 "type='image/png'/></metadata>")
-        await request(alice, "set", publish_xml(AVATAR_META, sha, meta))
+        await request(alice, "set", publish_xml(AVATAR_META, sha, meta, access_model="open"))
         # bob's client sees the hash change in her presence and reads her vCard.
         await bob.expect("alice's presence with the avatar hash", presence_of("alice@localhost", sha))
         vcard = await bob.plugin["xep_0054"].get_vcard("alice@localhost", cached=False)

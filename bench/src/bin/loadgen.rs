@@ -9,7 +9,12 @@
 //! - `idle`: server memory (RSS of every server process) per idle authenticated
 //!   connection;
 //! - `hibernated`: server memory per session hibernating (XEP-0198) after its client's
-//!   connection dropped.
+//!   connection dropped;
+//! - `pep`: a presence storm of clients announcing capabilities (XEP-0115) that want
+//!   PEP notifications (XEP-0163), each with mutual contacts; each publishes an avatar
+//!   and a device list; then all log out and in again and get the last items. Server CPU
+//!   per login and per notification, the disco#info queries that reach clients (one per
+//!   distinct `ver` is the goal), wall time of each phase and memory.
 //!
 //! With `--sm` clients enable stream management with resumption (XEP-0198) after
 //! binding, ask for an acknowledgement (`<r/>`) after every 5 stanzas they send, and
@@ -27,9 +32,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 use clap::{Parser, Subcommand};
-use tokio::sync::Notify;
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use tokio::sync::{mpsc, Notify};
 
-use bench::client::{client_tls, create_accounts, Client, ClientKeys, DOMAIN};
+use bench::caps::{self, Software};
+use bench::client::{accounts, client_tls, store_fragments, Client, ClientKeys, DOMAIN};
+use bench::pep::{self, key, Cmd, Counters, Snapshot};
 use bench::procstat::{cpu_micros, per_process, server_pids};
 use jrs_harness::{Options, Server};
 use jrs_stream::{Frame, Stanza};
@@ -85,6 +95,33 @@ enum Scenario {
     Hibernated {
         #[arg(long, default_value_t = 10_000)]
         sessions: usize,
+    },
+    /// Capabilities and personal eventing: a presence storm of clients with caps and
+    /// mutual contacts, then each publishes an avatar and a device list, then all log
+    /// in again and get the last items.
+    Pep {
+        #[arg(long, default_value_t = 1000)]
+        users: usize,
+        /// Mutual (`both`) contacts in each roster (even).
+        #[arg(long, default_value_t = 100)]
+        contacts: usize,
+        /// Distinct client programs, so distinct capabilities `ver`s.
+        #[arg(long, default_value_t = 3)]
+        vers: usize,
+        /// Logins in progress at a time.
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        /// Leave out the last phase (log out, log in again, last items).
+        #[arg(long)]
+        no_relogin: bool,
+        /// Log users in by number (user0, user1, ...: a user's contacts, its neighbours
+        /// by number, log in at about the same time) instead of in a random order.
+        #[arg(long)]
+        in_order: bool,
+        /// Record sm with `perf record` during one phase (`storm`, `publish`,
+        /// `logout` or `relogin`) into perf-PHASE.data in the current directory.
+        #[arg(long)]
+        profile: Option<String>,
     },
     /// Everything above with the default settings.
     All,
@@ -147,6 +184,26 @@ fn main() -> anyhow::Result<()> {
                 } => bench.messages(clients, inflight, seconds).await,
                 Scenario::Idle { connections, tls } => bench.idle(connections, tls).await,
                 Scenario::Hibernated { sessions } => bench.hibernated(sessions).await,
+                Scenario::Pep {
+                    users,
+                    contacts,
+                    vers,
+                    concurrency,
+                    no_relogin,
+                    in_order,
+                    profile,
+                } => {
+                    let plan = PepPlan {
+                        users,
+                        contacts,
+                        vers,
+                        concurrency,
+                        relogin: !no_relogin,
+                        in_order,
+                        profile,
+                    };
+                    bench.pep(&plan).await
+                }
                 Scenario::All => unreachable!(),
             };
             if result.is_err() {
@@ -185,6 +242,7 @@ impl Bench {
             Scenario::Messages { clients, .. } => *clients,
             Scenario::Idle { connections, .. } => *connections,
             Scenario::Hibernated { sessions } => *sessions,
+            Scenario::Pep { users, .. } => *users,
             Scenario::All => 0,
         };
         let mut server = Server::start(Options {
@@ -217,7 +275,24 @@ impl Bench {
             .start_c2s("<tls required='false'/><limits max-stanza-bytes='65536' max-depth='32' rate-bytes='100000000'/><timeouts idle='3600'/>")
             .await?;
         let keys = ClientKeys::new();
-        create_accounts(&server, users, &keys).await?;
+        let mut fragments = accounts(users, &keys);
+        if let Scenario::Pep {
+            users, contacts, ..
+        } = scenario
+        {
+            if *contacts % 2 == 1 || *contacts >= *users {
+                bail!("--contacts must be even and fewer than --users");
+            }
+            // Rosters of mutual contacts, written to storage before sm reads them.
+            fragments.extend((0..*users).map(|i| {
+                (
+                    format!("user{i}@{DOMAIN}"),
+                    "jabber:iq:roster",
+                    pep::roster_fragment(i, *users, *contacts),
+                )
+            }));
+        }
+        store_fragments(&server, fragments).await?;
         let tls = client_tls(&server.path("certs/localhost.crt"))?;
         eprintln!(
             "server up in {} ({users} accounts; sm modules without {:?}; clients enable carbons: {}, stream management: {})",
@@ -458,6 +533,449 @@ impl Bench {
         }
         Ok(clients)
     }
+}
+
+/// What `loadgen pep` runs.
+struct PepPlan {
+    users: usize,
+    contacts: usize,
+    vers: usize,
+    concurrency: usize,
+    relogin: bool,
+    in_order: bool,
+    profile: Option<String>,
+}
+
+/// The clients of `loadgen pep` while they are connected: each one's command channel
+/// and task.
+struct PepClients {
+    cmds: Vec<mpsc::UnboundedSender<Cmd>>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+/// Server CPU, client counters and time at the start of a phase.
+struct Mark {
+    pids: Vec<u32>,
+    each: Vec<u64>,
+    total: u64,
+    counted: Snapshot,
+    at: Instant,
+}
+
+impl Mark {
+    fn now(pids: &[u32], counters: &Counters) -> Mark {
+        Mark {
+            pids: pids.to_vec(),
+            each: pids.iter().map(|p| cpu_micros(&[*p])).collect(),
+            total: cpu_micros(pids),
+            counted: counters.snapshot(),
+            at: Instant::now(),
+        }
+    }
+
+    /// Server CPU (µs) since the mark divided by `per`, in all and by process.
+    fn cpu_per(&self, per: u64) -> (f64, String) {
+        let per = per.max(1) as f64;
+        let total = (cpu_micros(&self.pids) - self.total) as f64 / per;
+        let at = |pid: u32| {
+            let i = self.pids.iter().position(|p| *p == pid).expect("known pid");
+            (cpu_micros(&[pid]) - self.each[i]) as f64 / per
+        };
+        (total, per_process(&self.pids, at, ""))
+    }
+
+    /// What the clients counted since the mark.
+    fn counted(&self, counters: &Counters) -> Snapshot {
+        counters.snapshot().since(&self.counted)
+    }
+}
+
+/// How a phase ended: when what was expected had arrived (or the last stanza did).
+struct Settled {
+    complete: bool,
+    wall: Duration,
+}
+
+/// Waits until `complete` says every expected stanza arrived and no stanza came for a
+/// second after that (or none came for 15 s: something was lost), then until the
+/// server is idle, so the CPU read after it holds all the phase's work.
+async fn settle(
+    counters: &Counters,
+    pids: &[u32],
+    since: Instant,
+    complete: impl Fn(&Counters) -> bool,
+) -> Settled {
+    let mut last = counters.get(key::STANZAS);
+    let mut last_change = Instant::now();
+    let mut last_at = since.elapsed();
+    let mut done_at = None;
+    loop {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        let now = counters.get(key::STANZAS);
+        if now != last {
+            last = now;
+            last_change = Instant::now();
+            last_at = since.elapsed();
+        }
+        if done_at.is_none() && complete(counters) {
+            done_at = Some(since.elapsed());
+        }
+        let quiet = last_change.elapsed();
+        if (done_at.is_some() && quiet >= Duration::from_secs(1))
+            || quiet >= Duration::from_secs(15)
+        {
+            break;
+        }
+    }
+    wait_idle(pids).await;
+    Settled {
+        complete: done_at.is_some(),
+        wall: done_at.unwrap_or(last_at),
+    }
+}
+
+/// Waits (at most 60 s) until the server used under 1% of a core over 500 ms.
+async fn wait_idle(pids: &[u32]) {
+    let start = Instant::now();
+    let mut cpu = cpu_micros(pids);
+    while start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = cpu_micros(pids);
+        if now - cpu < 5_000 {
+            return;
+        }
+        cpu = now;
+    }
+}
+
+/// `perf record` of one process while it lives; stopped (SIGINT) by [`Profiler::stop`].
+struct Profiler(Option<std::process::Child>);
+
+impl Profiler {
+    /// Starts recording sm when `phase` is the one to profile.
+    fn start(plan: &PepPlan, phase: &str, pids: &[u32]) -> Profiler {
+        if plan.profile.as_deref() != Some(phase) {
+            return Profiler(None);
+        }
+        let Some(sm) = pids.iter().copied().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "sm")
+        }) else {
+            eprintln!("no sm process to profile");
+            return Profiler(None);
+        };
+        let out = format!("perf-{phase}.data");
+        let child = std::process::Command::new("perf")
+            .args(["record", "-e", "cpu-clock", "-F", "499", "--call-graph"])
+            .args(["dwarf,16384", "-o", &out, "-p", &sm.to_string()])
+            .stdout(std::process::Stdio::null())
+            .spawn();
+        match child {
+            Ok(c) => {
+                eprintln!("profiling sm (pid {sm}) during {phase} into {out}");
+                // Let perf attach before the phase starts.
+                std::thread::sleep(Duration::from_millis(500));
+                Profiler(Some(c))
+            }
+            Err(e) => {
+                eprintln!("perf did not start: {e}");
+                Profiler(None)
+            }
+        }
+    }
+
+    fn stop(self) {
+        if let Some(mut c) = self.0 {
+            // SAFETY: kill(2) on the pid of a child this process started and has not
+            // waited for yet.
+            unsafe {
+                libc::kill(c.id() as libc::pid_t, libc::SIGINT);
+            }
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Bench {
+    async fn pep(&self, plan: &PepPlan) -> anyhow::Result<()> {
+        if self.sm {
+            bail!("`pep` clients do not answer stream management requests: run it without --sm");
+        }
+        let (users, contacts) = (plan.users as u64, plan.contacts as u64);
+        let softwares: Vec<Arc<Software>> = caps::softwares(plan.vers)
+            .into_iter()
+            .map(Arc::new)
+            .collect();
+        println!(
+            "pep: {users} users, {contacts} mutual contacts each, {} client programs (ver {}), each wanting +notify of {}",
+            softwares.len(),
+            softwares
+                .iter()
+                .map(|s| s.ver.as_str())
+                .collect::<Vec<_>>()
+                .join(", "),
+            caps::NOTIFY_NODES.join(", ")
+        );
+        let counters = Arc::new(Counters::default());
+        let pids = self.pids();
+        // Metadata and device list of each user: to its own session and to each contact.
+        let expected_events = users * (contacts + 1) * 2;
+        let expected_presence = users * contacts;
+
+        // 1. The storm: every client logs in with caps; contacts' presence everywhere.
+        let memory = Memory::now(pids.clone());
+        let profiler = Profiler::start(plan, "storm", &pids);
+        let mark = Mark::now(&pids, &counters);
+        let (clients, mut times) = self.pep_logins(plan, 1, &softwares, &counters).await?;
+        let logged_in = mark.at.elapsed();
+        let settled = settle(&counters, &pids, mark.at, |c| {
+            c.get(key::PRESENCE_AVAILABLE) - mark.counted.get(key::PRESENCE_AVAILABLE)
+                >= expected_presence
+        })
+        .await;
+        profiler.stop();
+        let (cpu, by) = mark.cpu_per(users);
+        let got = mark.counted(&counters);
+        println!(
+            "pep storm: {users} logins with caps, {} at a time{}: logged in after {:.2} s (login p50 {:.1} ms, p99 {:.1} ms), {} of {expected_presence} contact presences after {:.2} s{}; server CPU {cpu:.0} µs/login",
+            plan.concurrency,
+            if plan.in_order { ", by number" } else { ", random order" },
+            logged_in.as_secs_f64(),
+            percentile(&mut times, 0.50).as_secs_f64() * 1e3,
+            percentile(&mut times, 0.99).as_secs_f64() * 1e3,
+            got.get(key::PRESENCE_AVAILABLE),
+            settled.wall.as_secs_f64(),
+            if settled.complete { "" } else { " (INCOMPLETE)" },
+        );
+        println!("  CPU µs per login by process: {by}");
+        print_disco(&got, &softwares);
+        print_counts(&got);
+        let (before, after, by) = memory.growth(plan.users);
+        println!(
+            "  memory: server RSS {before} KiB -> {after} KiB, {:.1} KiB per session ({by})",
+            after.saturating_sub(before) as f64 / users as f64
+        );
+
+        // 2. Each user publishes its avatar (data, metadata) and device list.
+        let memory = Memory::now(pids.clone());
+        let profiler = Profiler::start(plan, "publish", &pids);
+        let mark = Mark::now(&pids, &counters);
+        for c in &clients.cmds {
+            let _ = c.send(Cmd::Publish);
+        }
+        let settled = settle(&counters, &pids, mark.at, |c| {
+            c.get(key::EVENTS) - mark.counted.get(key::EVENTS) >= expected_events
+                && c.get(key::PUBLISHED) + c.get(key::PUBLISH_ERRORS)
+                    - mark.counted.get(key::PUBLISHED)
+                    - mark.counted.get(key::PUBLISH_ERRORS)
+                    >= users * pep::PUBLICATIONS
+        })
+        .await;
+        profiler.stop();
+        let got = mark.counted(&counters);
+        let events = got.get(key::EVENTS);
+        let (cpu, by) = mark.cpu_per(events);
+        println!(
+            "pep publish: {} publications ({} per user: avatar data, avatar metadata, device list), {} answered, {} refused; {events} of {expected_events} notifications after {:.2} s{}; server CPU {cpu:.1} µs/notification, {:.0} µs/publication",
+            users * pep::PUBLICATIONS,
+            pep::PUBLICATIONS,
+            got.get(key::PUBLISHED),
+            got.get(key::PUBLISH_ERRORS),
+            settled.wall.as_secs_f64(),
+            if settled.complete { "" } else { " (INCOMPLETE)" },
+            mark.cpu_per(users * pep::PUBLICATIONS).0,
+        );
+        println!("  CPU µs per notification by process: {by}");
+        if let Some(e) = counters.first_error.lock().expect("first error").take() {
+            println!("  first refusal: {e}");
+        }
+        print_disco(&got, &softwares);
+        print_counts(&got);
+        let (before, after, by) = memory.growth(plan.users);
+        println!(
+            "  memory: server RSS {before} KiB -> {after} KiB, {:.1} KiB more per user ({by})",
+            after.saturating_sub(before) as f64 / users as f64
+        );
+
+        // 3. Every client logs out (unavailable presence to every online contact).
+        let profiler = Profiler::start(plan, "logout", &pids);
+        let mark = Mark::now(&pids, &counters);
+        for c in &clients.cmds {
+            let _ = c.send(Cmd::Close);
+        }
+        for t in clients.tasks {
+            if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(30), t).await {
+                eprintln!("a client ended with: {e}");
+            }
+        }
+        let closed = mark.at.elapsed();
+        wait_idle(&pids).await;
+        profiler.stop();
+        let (cpu, by) = mark.cpu_per(users);
+        let got = mark.counted(&counters);
+        println!(
+            "pep logout: {users} clients closed their streams in {:.2} s, {} unavailable presences read before; server CPU {cpu:.0} µs/logout ({by})",
+            closed.as_secs_f64(),
+            got.get(key::PRESENCE_UNAVAILABLE),
+        );
+        // No session is left: what sm still holds is caches and what its allocator
+        // kept of the bursts (glibc does not give freed memory back at once).
+        println!(
+            "  memory with no session left: server RSS {} KiB ({})",
+            rss_kib(&pids),
+            per_process(&pids, |p| rss_kib(&[p]) as f64, " KiB")
+        );
+        if !plan.relogin {
+            return Ok(());
+        }
+
+        // 4. The storm again, now with items: each client gets its own last items and
+        // its contacts' (and caps are known: no query should reach a client).
+        let profiler = Profiler::start(plan, "relogin", &pids);
+        let mark = Mark::now(&pids, &counters);
+        let (clients, mut times) = self.pep_logins(plan, 2, &softwares, &counters).await?;
+        let logged_in = mark.at.elapsed();
+        let settled = settle(&counters, &pids, mark.at, |c| {
+            c.get(key::PRESENCE_AVAILABLE) - mark.counted.get(key::PRESENCE_AVAILABLE)
+                >= expected_presence
+                && c.get(key::EVENTS) - mark.counted.get(key::EVENTS) >= expected_events
+        })
+        .await;
+        profiler.stop();
+        let got = mark.counted(&counters);
+        let (cpu, by) = mark.cpu_per(users);
+        println!(
+            "pep relogin: {users} logins with caps: logged in after {:.2} s (login p50 {:.1} ms, p99 {:.1} ms), {} of {expected_presence} contact presences and {} of {expected_events} last items after {:.2} s{}; server CPU {cpu:.0} µs/login, {:.1} µs per message delivered (presence and items)",
+            logged_in.as_secs_f64(),
+            percentile(&mut times, 0.50).as_secs_f64() * 1e3,
+            percentile(&mut times, 0.99).as_secs_f64() * 1e3,
+            got.get(key::PRESENCE_AVAILABLE),
+            got.get(key::EVENTS),
+            settled.wall.as_secs_f64(),
+            if settled.complete { "" } else { " (INCOMPLETE)" },
+            mark.cpu_per(got.get(key::STANZAS)).0,
+        );
+        println!("  CPU µs per login by process: {by}");
+        print_disco(&got, &softwares);
+        print_counts(&got);
+        println!(
+            "  memory: server RSS {} KiB ({})",
+            rss_kib(&pids),
+            per_process(&pids, |p| rss_kib(&[p]) as f64, " KiB")
+        );
+        for c in &clients.cmds {
+            let _ = c.send(Cmd::Close);
+        }
+        for t in clients.tasks {
+            let _ = tokio::time::timeout(Duration::from_secs(30), t).await;
+        }
+        wait_idle(&pids).await;
+        println!(
+            "  memory after they logged out again: server RSS {} KiB ({})",
+            rss_kib(&pids),
+            per_process(&pids, |p| rss_kib(&[p]) as f64, " KiB")
+        );
+        Ok(())
+    }
+
+    /// Logs in every user, `plan.concurrency` logins at a time, in a random order
+    /// (shuffled with `seed`) or by number; each client sends its presence with the
+    /// caps of `softwares[i % len]` (user i) and is then run by [`pep::run`]. Returns
+    /// the clients (by user number) and each login's time (connect to bind).
+    async fn pep_logins(
+        &self,
+        plan: &PepPlan,
+        seed: u64,
+        softwares: &[Arc<Software>],
+        counters: &Arc<Counters>,
+    ) -> anyhow::Result<(PepClients, Vec<Duration>)> {
+        let users = plan.users;
+        let mut order: Vec<usize> = (0..users).collect();
+        if !plan.in_order {
+            order.shuffle(&mut StdRng::seed_from_u64(seed));
+        }
+        let order = Arc::new(order);
+        let next = Arc::new(AtomicU64::new(0));
+        let done = Arc::new(Mutex::new(Vec::with_capacity(users)));
+        let mut workers = tokio::task::JoinSet::new();
+        for _ in 0..plan.concurrency {
+            let (next, done, counters) = (next.clone(), done.clone(), counters.clone());
+            let (port, keys, softwares) = (self.port, self.keys.clone(), softwares.to_vec());
+            let order = order.clone();
+            workers.spawn(async move {
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed) as usize;
+                    if k >= users {
+                        return Ok::<_, anyhow::Error>(());
+                    }
+                    let i = order[k];
+                    let t = Instant::now();
+                    let mut c =
+                        Client::login(port, &format!("user{i}"), "pep", &keys, None).await?;
+                    let took = t.elapsed();
+                    let software = softwares[i % softwares.len()].clone();
+                    c.send(pep::presence(&software).as_bytes()).await?;
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    let task = tokio::spawn(pep::run(c, i, software, counters.clone(), rx));
+                    done.lock().unwrap().push((i, tx, task, took));
+                }
+            });
+        }
+        while let Some(w) = workers.join_next().await {
+            w??;
+        }
+        let mut done = std::mem::take(&mut *done.lock().unwrap());
+        done.sort_by_key(|d| d.0);
+        let mut clients = PepClients {
+            cmds: vec![],
+            tasks: vec![],
+        };
+        let mut times = vec![];
+        for (_, tx, task, took) in done {
+            clients.cmds.push(tx);
+            clients.tasks.push(task);
+            times.push(took);
+        }
+        Ok((clients, times))
+    }
+}
+
+/// The disco#info queries that reached clients in a phase, by `ver`.
+fn print_disco(got: &Snapshot, softwares: &[Arc<Software>]) {
+    let by_ver: Vec<String> = softwares
+        .iter()
+        .map(|s| {
+            let n = got.get(&format!("{} {}", key::DISCO, s.ver));
+            format!("{} {n}", s.ver)
+        })
+        .collect();
+    let unknown: u64 = got
+        .with_prefix(key::DISCO)
+        .filter(|(ver, _)| !softwares.iter().any(|s| s.ver == *ver))
+        .map(|(_, n)| n)
+        .sum();
+    println!(
+        "  disco#info queries that reached clients: {} ({} distinct vers: {}{})",
+        got.get(key::DISCO),
+        softwares.len(),
+        by_ver.join(", "),
+        if unknown > 0 {
+            format!("; for other nodes: {unknown}")
+        } else {
+            String::new()
+        }
+    );
+}
+
+/// Everything the clients read in a phase, by kind.
+fn print_counts(got: &Snapshot) {
+    let mut parts = vec![];
+    for (k, v) in &got.0 {
+        if k.starts_with(key::DISCO) {
+            continue;
+        }
+        parts.push(format!("{k} {v}"));
+    }
+    println!("  received: {}", parts.join(", "));
 }
 
 /// The server processes' memory at one moment, to report growth from.

@@ -77,9 +77,54 @@ pub fn verification_string(info: &DiscoInfoResult) -> Vec<u8> {
     s.into_bytes()
 }
 
+/// XEP-0115 5.4: a disco#info that is not hashed unambiguously (a `<` inside a value,
+/// which the verification string uses as its separator; an identity, feature or form
+/// listed twice) is never accepted, or one client could make its answer stand for
+/// another client's hash.
+fn unambiguous(info: &DiscoInfoResult) -> bool {
+    use std::collections::HashSet;
+    let clean = |s: &str| !s.contains('<');
+    let mut identities = HashSet::new();
+    for i in &info.identities {
+        let parts = [
+            i.category.as_str(),
+            i.type_.as_str(),
+            i.lang.as_deref().unwrap_or(""),
+            i.name.as_deref().unwrap_or(""),
+        ];
+        if !parts.iter().all(|p| clean(p)) || !identities.insert(parts) {
+            return false;
+        }
+    }
+    // The features are a set already; their text is checked.
+    if !info.features.iter().all(|f| clean(f)) {
+        return false;
+    }
+    let mut forms = HashSet::new();
+    for form in &info.extensions {
+        let Some(form_type) = form.form_type() else {
+            continue;
+        };
+        if !forms.insert(form_type) {
+            return false;
+        }
+        let mut vars = HashSet::new();
+        for f in &form.fields {
+            let var = f.var.as_deref().unwrap_or("");
+            if !clean(var) || !vars.insert(var) || !f.values.iter().all(|v| clean(v)) {
+                return false;
+            }
+        }
+    }
+    true
+}
+
 /// The `ver` of `info` hashed with `hash` (a XEP-0300 name: `sha-1`, `sha-256`, ...);
 /// `None` for an algorithm not known.
 pub fn ver(info: &DiscoInfoResult, hash: &str) -> Option<String> {
+    if !unambiguous(info) {
+        return None;
+    }
     let algo = Algo::from_str(hash).ok()?;
     let digest = hash_caps(&verification_string(info), algo).ok()?;
     Some(digest.to_base64())
@@ -88,6 +133,9 @@ pub fn ver(info: &DiscoInfoResult, hash: &str) -> Option<String> {
 /// The XEP-0390 hash of `info` with `algo` (`sha-256`, ...; SHA-1 is refused), base64.
 pub fn ecaps2(info: &DiscoInfoResult, algo: &str) -> Option<String> {
     use xmpp_parsers::ecaps2::{compute_disco, hash_ecaps2};
+    if !unambiguous(info) {
+        return None;
+    }
     let algo = Algo::from_str(algo).ok()?;
     let digest = hash_ecaps2(&compute_disco(info).ok()?, algo).ok()?;
     Some(digest.to_base64())
@@ -135,5 +183,14 @@ mod tests {
             "client/bot//<urn:x:shim<urn:x:shim#SubID<"
         );
         assert!(ver(&i, "md5").is_none());
+    }
+
+    #[test]
+    fn an_ambiguous_answer_is_not_hashed() {
+        // One feature that reads as two once joined with `<`.
+        let forged = info("<query xmlns='http://jabber.org/protocol/disco#info'><identity category='client' type='bot'/><feature var='urn:a&lt;urn:b'/></query>");
+        assert!(ver(&forged, "sha-1").is_none());
+        let twice = info("<query xmlns='http://jabber.org/protocol/disco#info'><identity category='client' type='bot'/><identity category='client' type='bot'/><feature var='urn:a'/></query>");
+        assert!(ver(&twice, "sha-1").is_none());
     }
 }

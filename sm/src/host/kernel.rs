@@ -552,7 +552,7 @@ impl Ctx {
         wait: std::time::Duration,
     ) -> Option<Stanza> {
         use jrs_stream::xml::escape;
-        let (id, answer) = self.requests.register();
+        let (id, answer) = self.requests.register(to);
         self.send(format!(
             "<iq type='{kind}' id='{id}' from='{}' to='{}'>{payload}</iq>",
             escape(from),

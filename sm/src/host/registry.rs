@@ -51,7 +51,10 @@ pub enum Event {
     LinkLost,
     /// Work a module left for later comes due (an answer it waited for arrived):
     /// handed to that module's [`crate::host::Module::woken`].
-    Wake { module: &'static str, data: Wake },
+    Wake {
+        module: &'static str,
+        data: Wake,
+    },
 }
 
 /// What a module left for its [`Event::Wake`]: its own type, which it downcasts.

@@ -41,7 +41,10 @@ pub fn inbound(ctx: &Arc<Ctx>, p: Packet) {
             );
         }
         "iq" if !ctx.requests.answered(p.stanza()) => {
-            debug!(kind, "IQ answer to the server ignored: no request waits for it");
+            debug!(
+                kind,
+                "IQ answer to the server ignored: no request waits for it"
+            );
         }
         "iq" => {}
         "message" if kind != "error" => {

@@ -176,8 +176,22 @@ async fn pep_avatar(u: &mut User) -> Result<Option<Vec<Info>>, String> {
     Ok(infos(&metadata))
 }
 
-/// The image item `id` of the data node holds.
+/// The image item `id` of the data node holds, if the node is public: anyone may read a
+/// vCard, so an avatar the user keeps for contacts (or themselves) stays out of it.
 async fn pep_image(u: &mut User, info: &Info) -> Result<Image, String> {
+    let access = store::load(u)
+        .await
+        .map_err(|e| e.to_string())?
+        .nodes
+        .iter()
+        .find(|n| n.name == NS_DATA)
+        .map(|n| n.config.access);
+    if access != Some(pep::node::Access::Open) {
+        return Err(format!(
+            "the avatar is not public ({NS_DATA} access model {}): the vCard, which anyone may read, does not get it",
+            access.map(|a| a.name()).unwrap_or("none")
+        ));
+    }
     let items = store::node_items(u, NS_DATA)
         .await
         .map_err(|e| e.to_string())?
@@ -199,7 +213,9 @@ async fn pep_image(u: &mut User, info: &Info) -> Result<Image, String> {
 /// Publishes `image` to PEP: the data, then the metadata naming it.
 async fn publish(u: &mut User, image: &Image) -> Result<(), String> {
     let data = format!("<data xmlns='{NS_DATA}'>{}</data>", image.base64);
-    pep::publish_item(u, ME, NS_DATA, &image.hash, &data, &[])
+    // The vCard it comes from is public: so is the avatar.
+    let open = [("pubsub#access_model", "open")];
+    pep::publish_item(u, ME, NS_DATA, &image.hash, &data, &open)
         .await
         .map_err(|r| format!("{r:?}"))?;
     let metadata = Element::new("metadata", NS_METADATA).with_child(
@@ -208,7 +224,7 @@ async fn publish(u: &mut User, image: &Image) -> Result<(), String> {
             .with_attr("bytes", image.bytes.to_string())
             .with_attr("type", image.kind.clone()),
     );
-    pep::publish_item(u, ME, NS_METADATA, &image.hash, &metadata.to_xml(), &[])
+    pep::publish_item(u, ME, NS_METADATA, &image.hash, &metadata.to_xml(), &open)
         .await
         .map_err(|r| format!("{r:?}"))
 }
@@ -490,8 +506,10 @@ mod tests {
         u
     }
 
+    /// A publish with open access (as Conversations publishes avatars): only a public
+    /// avatar goes to the vCard.
     fn publish(node: &str, id: &str, payload: &str) -> String {
-        format!("<iq type='set' id='p'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item id='{id}'>{payload}</item></publish></pubsub></iq>")
+        format!("<iq type='set' id='p'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item id='{id}'>{payload}</item></publish><publish-options><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE' type='hidden'><value>http://jabber.org/protocol/pubsub#publish-options</value></field><field var='pubsub#access_model'><value>open</value></field></x></publish-options></pubsub></iq>")
     }
 
     async fn vcard(u: &mut User) -> String {
@@ -584,6 +602,21 @@ mod tests {
         );
         let v = vcard(&mut u).await;
         assert!(v.contains("<FN>Alice</FN>") && !v.contains("PHOTO"), "{v}");
+    }
+
+    #[tokio::test]
+    async fn an_avatar_for_contacts_only_stays_out_of_the_public_vcard() {
+        let mut u = alice().await;
+        let hash = sha1(PNG);
+        let data = format!("<data xmlns='{NS_DATA}'>{}</data>", b64(PNG));
+        let private = |node: &str, payload: &str| {
+            format!("<iq type='set' id='p'><pubsub xmlns='http://jabber.org/protocol/pubsub'><publish node='{node}'><item id='{hash}'>{payload}</item></publish></pubsub></iq>")
+        };
+        send(&mut u, "phone", &private(NS_DATA, &data)).await;
+        let meta = format!("<metadata xmlns='{NS_METADATA}'><info id='{hash}' bytes='{}' type='image/png'/></metadata>", PNG.len());
+        send(&mut u, "phone", &private(NS_METADATA, &meta)).await;
+        take(&mut u);
+        assert!(!vcard(&mut u).await.contains("BINVAL"));
     }
 
     #[tokio::test]

@@ -31,7 +31,9 @@ pub use jrs_sx::caps::{NS_CAPS, NS_ECAPS2};
 
 /// How long a client has to answer a disco#info query.
 const ANSWER_WAIT: Duration = Duration::from_secs(10);
-/// How long a `ver` whose query failed (no answer, wrong hash) is not asked again.
+/// How long a `ver` whose query to one entity failed (no answer, wrong hash) is not
+/// asked of that entity again. Others announcing it are asked: one client cannot make
+/// a `ver` fail for everyone.
 const FAILED_FOR: Duration = Duration::from_secs(300);
 
 /// The capabilities a presence announces, as something to verify: a XEP-0390 `<c
@@ -75,8 +77,10 @@ impl Caps {
             .filter(|h| h.local_name() == "hash")
             .filter_map(|h| Some((h.attr("algo")?.to_owned(), h.text().trim().to_owned())))
             .find(|(algo, hash)| {
-                matches!(algo.as_str(), "sha-256" | "sha-512" | "sha3-256" | "sha3-512")
-                    && !hash.is_empty()
+                matches!(
+                    algo.as_str(),
+                    "sha-256" | "sha-512" | "sha3-256" | "sha3-512"
+                ) && !hash.is_empty()
                     && hash.len() <= 256
             })
             .map(|(algo, hash)| Caps {
@@ -146,7 +150,8 @@ pub struct Cache {
 
 struct Inner {
     known: LruCache<String, Arc<Features>>,
-    failed: LruCache<String, Instant>,
+    /// (`ver`, entity) whose query failed.
+    failed: LruCache<(String, String), Instant>,
     /// `ver`s being asked, and who waits: (user, module to wake).
     waiting: HashMap<String, Vec<(BareJid, &'static str)>>,
 }
@@ -168,7 +173,9 @@ impl Cache {
     #[cfg(test)]
     pub fn insert(&self, ver: &str, features: Vec<String>) {
         let mut inner = self.inner.lock().expect("caps lock");
-        inner.known.put(ver.to_owned(), Arc::new(Features(features)));
+        inner
+            .known
+            .put(ver.to_owned(), Arc::new(Features(features)));
     }
 }
 
@@ -211,7 +218,8 @@ pub fn lookup(u: &User, caps: &Caps, entity: &Jid, module: &'static str) -> Look
     if let Some(f) = inner.known.get(&caps.ver) {
         return Lookup::Known(f.clone());
     }
-    if let Some(when) = inner.failed.get(&caps.ver) {
+    let failure = (caps.ver.clone(), entity.to_string());
+    if let Some(when) = inner.failed.get(&failure) {
         if when.elapsed() < FAILED_FOR {
             return Lookup::Failed;
         }
@@ -236,7 +244,7 @@ pub fn lookup(u: &User, caps: &Caps, entity: &Jid, module: &'static str) -> Look
                         inner.known.put(caps.ver.clone(), Arc::new(Features(f)));
                     }
                     None => {
-                        inner.failed.put(caps.ver.clone(), Instant::now());
+                        inner.failed.put(failure, Instant::now());
                     }
                 }
                 inner.waiting.remove(&caps.ver).unwrap_or_default()
@@ -259,9 +267,13 @@ async fn ask(
     entity: &Jid,
     caps: &Caps,
 ) -> Option<Vec<String>> {
-    let query = format!("<query xmlns='{DISCO_INFO}' node='{}'/>", escape(&caps.node));
-    let Some(answer) =
-        ctx.ask("get", from, entity.as_str(), &query, ANSWER_WAIT).await
+    let query = format!(
+        "<query xmlns='{DISCO_INFO}' node='{}'/>",
+        escape(&caps.node)
+    );
+    let Some(answer) = ctx
+        .ask("get", from, entity.as_str(), &query, ANSWER_WAIT)
+        .await
     else {
         info!(%entity, ver = %caps.ver, "no answer to a capabilities query");
         return None;

@@ -260,9 +260,10 @@ impl Module for DiscoModule {
             };
             // XEP-0115 5.4: the server's own capabilities node, `CAPS_NODE#VER`; XEP-0390
             // 5: `urn:xmpp:caps#ALGO.HASH`.
-            let caps = [CAPS_NODE, jrs_sx::caps::NS_ECAPS2]
-                .iter()
-                .any(|n| node.strip_prefix(n).is_some_and(|rest| rest.starts_with('#')));
+            let caps = [CAPS_NODE, jrs_sx::caps::NS_ECAPS2].iter().any(|n| {
+                node.strip_prefix(n)
+                    .is_some_and(|rest| rest.starts_with('#'))
+            });
             if at == Disco::Server && caps {
                 let mut answer = info(&u.ctx, at, &self.forms);
                 answer.node = Some(node);

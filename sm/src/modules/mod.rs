@@ -155,7 +155,10 @@ mod tests {
             names(ctx.modules.chain(Hook::SessionStarted)),
             ["mam", "bookmarks", "push"]
         );
-        assert_eq!(names(ctx.modules.chain(Hook::Stored)), ["bookmarks", "avatars"]);
+        assert_eq!(
+            names(ctx.modules.chain(Hook::Stored)),
+            ["bookmarks", "avatars"]
+        );
     }
 
     #[tokio::test]

@@ -5,8 +5,9 @@
 //! its platform's push service, and the client resumes or logs in.
 //!
 //! - **Which messages**: chat and normal ones a client shows: a body, or an encrypted
-//!   payload, a direct MUC invitation, a call proposal. Never errors, headlines, group
-//!   chat, or receipts, chat states and markers alone.
+//!   payload, a direct MUC invitation, a call proposal; a room's message to a
+//!   hibernating occupant. Never errors, headlines, or receipts, chat states and markers
+//!   alone.
 //! - **The notification** (XEP-0357 section 5): a pubsub publish to the registration's
 //!   node, from the user's bare JID, holding the `urn:xmpp:push:summary` form (messages
 //!   since the user was last online, the last sender, and the last body only for
@@ -280,9 +281,16 @@ async fn reset(u: &mut User) {
 /// Whether a message is one a chat client shows (XEP-0357 leaves the choice to the
 /// server): chat or normal, with a body or another payload shown to the user.
 fn notable(p: &Packet) -> bool {
-    p.name() == "message"
-        && matches!(p.kind().unwrap_or("normal"), "chat" | "normal")
-        && (p.has_body() || SHOWN.iter().any(|(name, ns)| p.has(name, ns)))
+    if p.name() != "message" {
+        return false;
+    }
+    match p.kind().unwrap_or("normal") {
+        "chat" | "normal" => p.has_body() || SHOWN.iter().any(|(name, ns)| p.has(name, ns)),
+        // A room's message to a hibernating session of an occupant (mobile clients
+        // stay in their rooms while asleep); not a subject change.
+        "groupchat" => p.has_body() && p.to.as_ref().is_some_and(|t| t.resource().is_some()),
+        _ => false,
+    }
 }
 
 /// The message's (first) body, cut to [`BODY_MAX`] characters.
@@ -1009,6 +1017,24 @@ mod tests {
         let out = take(&mut u);
         assert!(published(&out).is_empty(), "{out:?}");
         assert_eq!(to(&out, "phone", &["hi &amp; bye"]).len(), 1, "{out:?}");
+    }
+
+    #[tokio::test]
+    async fn a_room_message_to_a_hibernating_occupant_is_notified() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        online(&mut u, "phone", 0).await;
+        let r = reference(&u, "phone");
+        handle(&mut u, Event::Resumable(r.clone(), "t".into())).await;
+        enabled(&mut u, "phone", &[enable("1", "n", None)]).await;
+        hibernate(&mut u, &r).await;
+        let room =
+            "<message from='room@muc.example.com/bob' to='alice@localhost/phone' type='groupchat'>";
+        inbound(&mut u, &format!("{room}<body>hello room</body></message>")).await;
+        assert_eq!(published(&take(&mut u)).len(), 1);
+        // A subject change is not a message to wake a phone for.
+        inbound(&mut u, &format!("{room}<subject>topic</subject></message>")).await;
+        assert!(published(&take(&mut u)).is_empty());
     }
 
     #[tokio::test]

@@ -68,6 +68,11 @@ const FEATURES: &[&str] = &[
     "http://jabber.org/protocol/pubsub#retrieve-items",
 ];
 
+/// Contacts' resources tracked per user (their presence and capabilities).
+const MAX_RESOURCES: usize = 4096;
+
+const NS_MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+
 /// Longest node name accepted.
 const MAX_NODE_NAME: usize = 1024;
 
@@ -91,7 +96,10 @@ pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
         max_bytes: 4 * 1024 * 1024,
     };
     if let Some(n) = config.module_settings("pep")? {
-        n.allow(&["max-nodes", "max-items", "max-item-bytes", "max-bytes"], &[])?;
+        n.allow(
+            &["max-nodes", "max-items", "max-item-bytes", "max-bytes"],
+            &[],
+        )?;
         m.max_nodes = count(n, "max-nodes", m.max_nodes)?;
         m.max_items = count(n, "max-items", m.max_items)?.max(1);
         m.max_item_bytes = count(n, "max-item-bytes", m.max_item_bytes)?;
@@ -148,7 +156,11 @@ fn no_node(node: &str) -> Reply {
 fn items_xml(node: &str, items: &[&Item]) -> String {
     let mut s = format!("<items node='{}'>", escape(node));
     for i in items {
-        s.push_str(&format!("<item id='{}'>{}</item>", escape(&i.id), i.payload));
+        s.push_str(&format!(
+            "<item id='{}'>{}</item>",
+            escape(&i.id),
+            i.payload
+        ));
     }
     s.push_str("</items>");
     s
@@ -174,10 +186,30 @@ impl Module for Pep {
         let mut d = Declaration::default()
             .requires("roster")
             .requires("caps")
-            .iq(IqKind::Get, &[Scope::Own, Scope::Contact], NS_PUBSUB, "pubsub")
-            .iq(IqKind::Set, &[Scope::Own, Scope::Contact], NS_PUBSUB, "pubsub")
-            .iq(IqKind::Get, &[Scope::Own, Scope::Contact], NS_OWNER, "pubsub")
-            .iq(IqKind::Set, &[Scope::Own, Scope::Contact], NS_OWNER, "pubsub")
+            .iq(
+                IqKind::Get,
+                &[Scope::Own, Scope::Contact],
+                NS_PUBSUB,
+                "pubsub",
+            )
+            .iq(
+                IqKind::Set,
+                &[Scope::Own, Scope::Contact],
+                NS_PUBSUB,
+                "pubsub",
+            )
+            .iq(
+                IqKind::Get,
+                &[Scope::Own, Scope::Contact],
+                NS_OWNER,
+                "pubsub",
+            )
+            .iq(
+                IqKind::Set,
+                &[Scope::Own, Scope::Contact],
+                NS_OWNER,
+                "pubsub",
+            )
             .stanzas(Hook::Outbound, Stanzas::Presence, 250)
             .stanzas(Hook::Inbound, Stanzas::Presence, 250)
             .stanzas(Hook::Inbound, Stanzas::Message, 350)
@@ -229,17 +261,21 @@ impl Module for Pep {
                 if node.is_empty() {
                     return refuse(Condition::BadRequest, "nodeid-required", "name the node");
                 }
-                let from = iq.from.as_ref().map(|f| f.to_bare().to_string());
-                self.items(u, &node, op, if owner { None } else { from }).await
+                let reader = match (owner, &iq.from) {
+                    (true, _) => None,
+                    (false, Some(f)) => Some(f.to_bare().to_string()),
+                    (false, None) => {
+                        return Reply::error(Condition::Forbidden, "a request without a sender")
+                    }
+                };
+                self.items(u, &node, op, reader).await
             }
             (IqKind::Set, _) if !owner => Reply::error(
                 Condition::Forbidden,
                 "only the owner publishes to a personal eventing node",
             ),
             (IqKind::Set, "publish") => {
-                let options = iq
-                    .payload
-                    .get_child("publish-options", NS_PUBSUB);
+                let options = iq.payload.get_child("publish-options", NS_PUBSUB);
                 let options = match form_in(options) {
                     Ok(o) => o,
                     Err(r) => return r,
@@ -275,11 +311,18 @@ impl Module for Pep {
                     own_last_items(u, from).await;
                 }
             }
-            // A new subscriber (RFC 6121 3.1.4): the last items, at its bare JID.
+            // A new subscriber (RFC 6121 3.1.4: the user approves a pending request; a
+            // pre-approval is not one yet): the last items, at its bare JID.
             (Some(to), Some("subscribed")) => {
                 let to = to.to_bare();
-                self.last_items_to(u, &Jid::from(to), None, SendLast::OnSub, true)
-                    .await;
+                let requested = match roster::load(u).await {
+                    Ok(r) => r.sub(&to.to_string()).pending_in,
+                    Err(_) => false,
+                };
+                if requested {
+                    self.last_items_to(u, &Jid::from(to), None, SendLast::OnSub, true)
+                        .await;
+                }
             }
             _ => {}
         }
@@ -297,8 +340,33 @@ impl Module for Pep {
             return Flow::Pass;
         }
         match (p.kind(), from.try_as_full()) {
+            // A group chat occupant is not a contact.
+            (None, Ok(_)) if p.has("x", NS_MUC_USER) => {}
             (None, Ok(full)) => {
                 let caps = Caps::of_packet(p);
+                let known = u
+                    .state
+                    .get::<Contacts>()
+                    .is_some_and(|c| c.0.iter().any(|r| &r.jid == full));
+                // Only contacts whose presence the user subscribed to, and a bounded
+                // number of their resources: anyone can send directed presence.
+                if !known {
+                    if caps.is_none() {
+                        return Flow::Pass;
+                    }
+                    let bare = full.to_bare().to_string();
+                    let subscribed = match roster::load(u).await {
+                        Ok(r) => r.sub(&bare).to,
+                        Err(_) => false,
+                    };
+                    let room = u
+                        .state
+                        .get::<Contacts>()
+                        .is_none_or(|c| c.0.len() < MAX_RESOURCES);
+                    if !subscribed || !room {
+                        return Flow::Pass;
+                    }
+                }
                 let contacts = u.state.entry::<Contacts>();
                 let known = contacts.0.iter_mut().find(|r| &r.jid == full);
                 let new = match known {
@@ -371,15 +439,15 @@ impl Module for Pep {
             own_last_items(u, key).await;
         }
         let waiting_contacts: Vec<(FullJid, Caps)> = match u.state.get_mut::<Contacts>() {
-            Some(c) => c
-                .0
-                .iter_mut()
-                .filter(|r| r.awaiting && r.caps.as_ref().is_some_and(|c| &c.ver == ver))
-                .map(|r| {
-                    r.awaiting = false;
-                    (r.jid.clone(), r.caps.clone().expect("checked"))
-                })
-                .collect(),
+            Some(c) => {
+                c.0.iter_mut()
+                    .filter(|r| r.awaiting && r.caps.as_ref().is_some_and(|c| &c.ver == ver))
+                    .map(|r| {
+                        r.awaiting = false;
+                        (r.jid.clone(), r.caps.clone().expect("checked"))
+                    })
+                    .collect()
+            }
             None => vec![],
         };
         for (jid, c) in waiting_contacts {
@@ -430,7 +498,8 @@ pub async fn retract_item(
     id: &str,
 ) -> Result<(), Reply> {
     let pep = service(u)?;
-    pep.withdraw(u, Some(by), node, &[id.to_owned()], None).await
+    pep.withdraw(u, Some(by), node, &[id.to_owned()], None)
+        .await
 }
 
 /// The loaded PEP module (its limits).
@@ -455,7 +524,9 @@ async fn own_last_items(u: &mut User, key: SessionKey) {
         }
         Lookup::Failed => return,
     };
-    let Ok(pep) = store::load(u).await else { return };
+    let Ok(pep) = store::load(u).await else {
+        return;
+    };
     let wanted: Vec<usize> = (0..pep.nodes.len())
         .filter(|&i| f.notifies(&pep.nodes[i].name))
         .collect();
@@ -490,7 +561,11 @@ fn inbound_event(u: &mut User, p: &Packet) -> Flow {
         .from
         .as_ref()
         .is_some_and(|f| f.node().is_some() && f.resource().is_none());
-    if p.kind() != Some("headline") || !to_bare || !from_account || !p.has("event", notify::NS_EVENT) {
+    if p.kind() != Some("headline")
+        || !to_bare
+        || !from_account
+        || !p.has("event", notify::NS_EVENT)
+    {
         return Flow::Pass;
     }
     let Some(child) = p.child("event", notify::NS_EVENT) else {
@@ -552,7 +627,9 @@ impl Pep {
         subscribing: bool,
     ) {
         let contact = to.to_bare().to_string();
-        let Ok(pep) = store::load(u).await else { return };
+        let Ok(pep) = store::load(u).await else {
+            return;
+        };
         if pep.nodes.is_empty() {
             return;
         }
@@ -578,8 +655,7 @@ impl Pep {
             .into_iter()
             .filter(|(_, config)| {
                 let ok = notify::may_read(Some(roster), config, &contact);
-                ok.is_ok()
-                    || (subscribing && ok == Err(Refused::PresenceSubscriptionRequired))
+                ok.is_ok() || (subscribing && ok == Err(Refused::PresenceSubscriptionRequired))
             })
             .map(|(i, _)| i)
             .collect();
@@ -619,10 +695,7 @@ impl Pep {
                 return refused(r);
             }
         }
-        let max = op
-            .attr("max_items")
-            .map(|m| m.parse::<usize>())
-            .transpose();
+        let max = op.attr("max_items").map(|m| m.parse::<usize>()).transpose();
         let Ok(max) = max else {
             return Reply::error(Condition::BadRequest, "max_items is not a number");
         };
@@ -636,7 +709,10 @@ impl Pep {
             Err(e) => return storage_error(&e),
         };
         let chosen: Vec<&Item> = if !ids.is_empty() {
-            items.iter().filter(|i| ids.contains(&i.id.as_str())).collect()
+            items
+                .iter()
+                .filter(|i| ids.contains(&i.id.as_str()))
+                .collect()
         } else {
             let skip = max.map(|m| items.len().saturating_sub(m)).unwrap_or(0);
             // Newest first (XEP-0060 6.5.7 leaves the order open; clients read the first
@@ -711,8 +787,7 @@ impl Pep {
         if node.is_empty() {
             return refuse(Condition::BadRequest, "nodeid-required", "name the node");
         }
-        let items: Vec<&minidom::Element> =
-            op.children().filter(|c| c.name() == "item").collect();
+        let items: Vec<&minidom::Element> = op.children().filter(|c| c.name() == "item").collect();
         let item = match items.as_slice() {
             [one] => *one,
             [] => return refuse(Condition::BadRequest, "item-required", "publish one item"),
@@ -727,7 +802,13 @@ impl Pep {
         let payloads: Vec<&minidom::Element> = item.children().collect();
         let payload = match payloads.as_slice() {
             [one] => String::from(*one),
-            [] => return refuse(Condition::BadRequest, "payload-required", "the item is empty"),
+            [] => {
+                return refuse(
+                    Condition::BadRequest,
+                    "payload-required",
+                    "the item is empty",
+                )
+            }
             _ => {
                 return refuse(
                     Condition::BadRequest,
@@ -739,11 +820,17 @@ impl Pep {
         let id = match item.attr("id") {
             Some(id) if !id.is_empty() && id.len() <= 256 => id.to_owned(),
             Some(id) if !id.is_empty() => {
-                return Reply::error(Condition::NotAcceptable, "item ids are limited to 256 bytes")
+                return Reply::error(
+                    Condition::NotAcceptable,
+                    "item ids are limited to 256 bytes",
+                )
             }
             _ => format!("{:x}-{}", crate::clock::now_micros(), u.next_id()),
         };
-        if let Err(r) = self.put(u, None, node, &id, payload, options.as_ref()).await {
+        if let Err(r) = self
+            .put(u, None, node, &id, payload, options.as_ref())
+            .await
+        {
             return r;
         }
         Reply::Result(Some(format!(
@@ -829,17 +916,22 @@ impl Pep {
                 format!("a node's items are limited to {per_node} bytes: retract some or lower max_items"),
             ));
         }
-        if new > old && before - old + new > self.max_bytes {
+        if new > old && (before + new).saturating_sub(old) > self.max_bytes {
             if created {
                 u.state.remove::<store::Pep>();
             }
             return Err(Reply::error(
                 Condition::ResourceConstraint,
-                format!("personal eventing data is limited to {} bytes per account", self.max_bytes),
+                format!(
+                    "personal eventing data is limited to {} bytes per account",
+                    self.max_bytes
+                ),
             ));
         }
         *items = next;
-        store::save_items(u, at).await.map_err(|e| storage_error(&e))?;
+        store::save_items(u, at)
+            .await
+            .map_err(|e| storage_error(&e))?;
         store::save_index(u).await.map_err(|e| storage_error(&e))?;
         debug!(node, id, by, "PEP item published");
         notify::broadcast(u, node, &config, &items_xml(node, &[&item])).await;
@@ -894,7 +986,9 @@ impl Pep {
             return Err(Reply::error(Condition::ItemNotFound, "no such item"));
         }
         items.retain(|i| !ids.contains(&i.id));
-        store::save_items(u, at).await.map_err(|e| storage_error(&e))?;
+        store::save_items(u, at)
+            .await
+            .map_err(|e| storage_error(&e))?;
         store::save_index(u).await.map_err(|e| storage_error(&e))?;
         let config = u.state.get::<store::Pep>().expect("loaded").nodes[at]
             .config
@@ -956,7 +1050,11 @@ impl Pep {
         pep.nodes[at].config = config;
         let items = match store::items(u, at).await {
             Ok(items) => items,
-            Err(e) => return storage_error(&e),
+            Err(e) => {
+                // The new configuration is not stored: forget it with the rest.
+                u.state.remove::<store::Pep>();
+                return storage_error(&e);
+            }
         };
         if items.len() > keep {
             let drop = items.len() - keep;

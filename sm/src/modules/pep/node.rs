@@ -171,8 +171,8 @@ impl Config {
             match var.as_str() {
                 "pubsub#access_model" => {
                     let v = one(var, values)?;
-                    next.access =
-                        Access::parse(v).ok_or_else(|| format!("access model '{v}' is not offered"))?;
+                    next.access = Access::parse(v)
+                        .ok_or_else(|| format!("access model '{v}' is not offered"))?;
                 }
                 "pubsub#max_items" => next.max_items = max_items(var, values, limit)?,
                 "pubsub#persist_items" => next.persist = boolean(var, values)?,
@@ -201,8 +201,14 @@ impl Config {
             ("pubsub#access_model", wanted.access != self.access),
             ("pubsub#max_items", wanted.items(limit) != self.items(limit)),
             ("pubsub#persist_items", wanted.persist != self.persist),
-            ("pubsub#notify_retract", wanted.notify_retract != self.notify_retract),
-            ("pubsub#send_last_published_item", wanted.send_last != self.send_last),
+            (
+                "pubsub#notify_retract",
+                wanted.notify_retract != self.notify_retract,
+            ),
+            (
+                "pubsub#send_last_published_item",
+                wanted.send_last != self.send_last,
+            ),
             ("pubsub#roster_groups_allowed", wanted.groups != self.groups),
         ];
         for (var, mismatch) in checks {
@@ -258,7 +264,10 @@ impl Config {
         let max = self.max_items.map_or("max".to_owned(), |n| n.to_string());
         node.set_attr("max-items", max);
         node.set_attr("persist", if self.persist { "1" } else { "0" });
-        node.set_attr("notify-retract", if self.notify_retract { "1" } else { "0" });
+        node.set_attr(
+            "notify-retract",
+            if self.notify_retract { "1" } else { "0" },
+        );
         node.set_attr("send-last", self.send_last.name());
         if let Some(t) = &self.title {
             node.set_attr("title", t.clone());
@@ -273,7 +282,10 @@ impl Config {
         let d = Config::default();
         let flag = |k: &str, d: bool| node.attr(k).map(|v| v == "1").unwrap_or(d);
         Config {
-            access: node.attr("access").and_then(Access::parse).unwrap_or(d.access),
+            access: node
+                .attr("access")
+                .and_then(Access::parse)
+                .unwrap_or(d.access),
             max_items: match node.attr("max-items") {
                 Some("max") => None,
                 v => v.and_then(|v| v.parse().ok()).or(d.max_items),
@@ -307,17 +319,29 @@ mod tests {
     #[test]
     fn publish_options_that_match_pass_and_others_name_the_field() {
         let mut c = Config::default();
-        c.apply(&fields(&[("pubsub#access_model", "open"), ("pubsub#max_items", "max")]), 256)
-            .unwrap();
-        assert_eq!((c.access, c.max_items, c.items(256)), (Access::Open, None, 256));
-        assert!(c.meets(&fields(&[("pubsub#access_model", "open")]), 256).is_ok());
-        assert!(c.meets(&fields(&[("pubsub#persist_items", "true")]), 256).is_ok());
+        c.apply(
+            &fields(&[("pubsub#access_model", "open"), ("pubsub#max_items", "max")]),
+            256,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.access, c.max_items, c.items(256)),
+            (Access::Open, None, 256)
+        );
+        assert!(c
+            .meets(&fields(&[("pubsub#access_model", "open")]), 256)
+            .is_ok());
+        assert!(c
+            .meets(&fields(&[("pubsub#persist_items", "true")]), 256)
+            .is_ok());
         assert_eq!(
             c.meets(&fields(&[("pubsub#access_model", "whitelist")]), 256),
             Err("pubsub#access_model".into())
         );
         assert!(c.apply(&fields(&[("pubsub#max_items", "0")]), 256).is_err());
-        assert!(c.apply(&fields(&[("pubsub#access_model", "authorize")]), 256).is_err());
+        assert!(c
+            .apply(&fields(&[("pubsub#access_model", "authorize")]), 256)
+            .is_err());
     }
 
     #[test]
@@ -331,7 +355,10 @@ mod tests {
         ]);
         let mut c = Config::default();
         c.apply(&options, 256).unwrap();
-        assert_eq!((c.access, c.send_last, c.keep(256)), (Access::Whitelist, SendLast::Never, 256));
+        assert_eq!(
+            (c.access, c.send_last, c.keep(256)),
+            (Access::Whitelist, SendLast::Never, 256)
+        );
         assert!(c.meets(&options, 256).is_ok());
         // The operator changed <pep max-items>: `max` is still `max`.
         let mut e = Element::new("node", "urn:x");

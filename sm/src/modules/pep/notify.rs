@@ -7,6 +7,8 @@
 //! sends the user no presence; it gets events at its bare JID, and its own server picks
 //! the resources (sm does, by their capabilities: `inbound_event`).
 
+use std::collections::HashSet;
+
 use jid::{FullJid, Jid};
 use tracing::debug;
 
@@ -58,7 +60,9 @@ pub fn may_read(roster: Option<&Roster>, config: &Config, contact: &str) -> Resu
         Access::Presence if item.is_some_and(|i| i.sub.from) => Ok(()),
         Access::Presence => Err(Refused::PresenceSubscriptionRequired),
         Access::Roster
-            if item.is_some_and(|i| !i.hidden && i.groups.iter().any(|g| config.groups.contains(g))) =>
+            if item.is_some_and(|i| {
+                !i.hidden && i.groups.iter().any(|g| config.groups.contains(g))
+            }) =>
         {
             Ok(())
         }
@@ -124,11 +128,12 @@ pub async fn broadcast(u: &mut User, node: &str, config: &Config, inner: &str) {
     // Contacts that may read it and are subscribed to the user's presence (the implied
     // subscription of XEP-0163); those the user gets no presence from, at their bare JID.
     let mut bare = vec![];
-    let mut readers = vec![];
+    let mut readers = HashSet::new();
     for item in roster.subscribers() {
         if may_read(Some(roster), config, &item.jid).is_ok() {
-            readers.push(item.jid.clone());
-            if !item.sub.to {
+            if item.sub.to {
+                readers.insert(item.jid.clone());
+            } else {
                 bare.push(item.jid.clone());
             }
         }
@@ -136,9 +141,8 @@ pub async fn broadcast(u: &mut User, node: &str, config: &Config, inner: &str) {
     let mut full = vec![];
     if let Some(contacts) = u.state.get::<Contacts>() {
         for r in &contacts.0 {
-            let contact = r.jid.to_bare().to_string();
-            if readers.contains(&contact) && !bare.contains(&contact) {
-                if let Some(c) = &r.caps {
+            if let Some(c) = &r.caps {
+                if readers.contains(r.jid.to_bare().as_str()) {
                     full.push((r.jid.clone(), c.clone()));
                 }
             }

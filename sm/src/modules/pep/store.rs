@@ -120,7 +120,9 @@ pub async fn items(u: &mut User, at: usize) -> Result<&mut Vec<Item>, XdbError> 
         if !blank(&stored) {
             let all = Element::parse(&stored, "").map_err(|e| unreadable("items", e))?;
             for e in all.elements() {
-                let Some(payload) = e.elements().next() else { continue };
+                let Some(payload) = e.elements().next() else {
+                    continue;
+                };
                 items.push(Item {
                     id: e.attr("id").unwrap_or_default().to_owned(),
                     stamp: e.attr("stamp").and_then(|s| s.parse().ok()).unwrap_or(0),
@@ -190,6 +192,10 @@ pub async fn save_items(u: &mut User, at: usize) -> Result<(), XdbError> {
 pub async fn remove(u: &mut User, at: usize) -> Result<(), XdbError> {
     let pep = u.state.get_mut::<Pep>().expect("loaded");
     let node = pep.nodes.remove(at);
-    u.ctx.store.delete(&u.bare, &items_ns(&node.name)).await?;
+    if let Err(e) = u.ctx.store.delete(&u.bare, &items_ns(&node.name)).await {
+        // The node is still stored: forget the cached nodes, which no longer have it.
+        u.state.remove::<Pep>();
+        return Err(e);
+    }
     save_index(u).await
 }

@@ -8,7 +8,8 @@ const ROSTER: &str = "<query xmlns='jabber:iq:roster' ver='1'>\
 
 const AVATAR: &str = "urn:xmpp:avatar:metadata";
 /// Capabilities that want avatar metadata, and ones that want nothing.
-const WANTS: &str = "<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='wants='/>";
+const WANTS: &str =
+    "<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='wants='/>";
 const NOTHING: &str =
     "<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='nothing='/>";
 
@@ -54,19 +55,56 @@ async fn publish_notifies_sessions_and_contacts_that_want_the_node() {
     start(&mut u, "laptop").await;
     send(&mut u, "laptop", &format!("<presence>{NOTHING}</presence>")).await;
     // bob's phone wants avatars, his laptop does not; carol sends no presence.
-    inbound(&mut u, &format!("<presence from='bob@localhost/phone' to='alice@localhost'>{WANTS}</presence>")).await;
-    inbound(&mut u, &format!("<presence from='bob@localhost/laptop' to='alice@localhost'>{NOTHING}</presence>")).await;
+    inbound(
+        &mut u,
+        &format!("<presence from='bob@localhost/phone' to='alice@localhost'>{WANTS}</presence>"),
+    )
+    .await;
+    inbound(
+        &mut u,
+        &format!("<presence from='bob@localhost/laptop' to='alice@localhost'>{NOTHING}</presence>"),
+    )
+    .await;
     take(&mut u);
     send(&mut u, "phone", &publish(AVATAR, "abc", META, "")).await;
     let out = take(&mut u);
-    assert_eq!(to(&out, "phone", &["id='p'", "type='result'", "<item id='abc'/>"]).len(), 1, "{out:?}");
-    assert_eq!(to(&out, "phone", &["headline", "pubsub#event", "<item id='abc'>"]).len(), 1, "{out:?}");
+    assert_eq!(
+        to(
+            &out,
+            "phone",
+            &["id='p'", "type='result'", "<item id='abc'/>"]
+        )
+        .len(),
+        1,
+        "{out:?}"
+    );
+    assert_eq!(
+        to(
+            &out,
+            "phone",
+            &["headline", "pubsub#event", "<item id='abc'>"]
+        )
+        .len(),
+        1,
+        "{out:?}"
+    );
     assert!(to(&out, "laptop", &["pubsub#event"]).is_empty(), "{out:?}");
     let routed = to(&out, "", &["pubsub#event"]);
-    assert!(routed.iter().any(|s| s.contains("to='bob@localhost/phone'")), "{out:?}");
-    assert!(!routed.iter().any(|s| s.contains("bob@localhost/laptop")), "{out:?}");
+    assert!(
+        routed
+            .iter()
+            .any(|s| s.contains("to='bob@localhost/phone'")),
+        "{out:?}"
+    );
+    assert!(
+        !routed.iter().any(|s| s.contains("bob@localhost/laptop")),
+        "{out:?}"
+    );
     // carol is subscribed but sends no presence: her server picks her resources.
-    assert!(routed.iter().any(|s| s.contains("to='carol@localhost'")), "{out:?}");
+    assert!(
+        routed.iter().any(|s| s.contains("to='carol@localhost'")),
+        "{out:?}"
+    );
     // dave is not subscribed to alice.
     assert!(!routed.iter().any(|s| s.contains("dave@")), "{out:?}");
 }
@@ -78,16 +116,31 @@ async fn a_contact_coming_online_gets_the_last_item() {
     send(&mut u, "phone", &publish(AVATAR, "one", META, "")).await;
     send(&mut u, "phone", &publish(AVATAR, "two", META, "")).await;
     take(&mut u);
-    inbound(&mut u, &format!("<presence from='bob@localhost/tablet' to='alice@localhost'>{WANTS}</presence>")).await;
+    inbound(
+        &mut u,
+        &format!("<presence from='bob@localhost/tablet' to='alice@localhost'>{WANTS}</presence>"),
+    )
+    .await;
     let out = take(&mut u);
     let got = to(&out, "", &["to='bob@localhost/tablet'", "pubsub#event"]);
     assert_eq!(got.len(), 1, "{out:?}");
-    assert!(got[0].contains("<item id='two'>") && got[0].contains("urn:xmpp:delay"), "{out:?}");
+    assert!(
+        got[0].contains("<item id='two'>") && got[0].contains("urn:xmpp:delay"),
+        "{out:?}"
+    );
     // The same presence again (a status change) sends nothing new.
-    inbound(&mut u, &format!("<presence from='bob@localhost/tablet' to='alice@localhost'>{WANTS}</presence>")).await;
+    inbound(
+        &mut u,
+        &format!("<presence from='bob@localhost/tablet' to='alice@localhost'>{WANTS}</presence>"),
+    )
+    .await;
     assert!(to(&take(&mut u), "", &["pubsub#event"]).is_empty());
     // A resource that does not want the node gets nothing.
-    inbound(&mut u, &format!("<presence from='bob@localhost/laptop' to='alice@localhost'>{NOTHING}</presence>")).await;
+    inbound(
+        &mut u,
+        &format!("<presence from='bob@localhost/laptop' to='alice@localhost'>{NOTHING}</presence>"),
+    )
+    .await;
     assert!(to(&take(&mut u), "", &["pubsub#event"]).is_empty());
 }
 
@@ -100,22 +153,60 @@ async fn the_owner_gets_the_last_items_on_login() {
     start(&mut u, "laptop").await;
     send(&mut u, "laptop", &format!("<presence>{WANTS}</presence>")).await;
     let out = take(&mut u);
-    assert_eq!(to(&out, "laptop", &["pubsub#event", "<item id='one'>"]).len(), 1, "{out:?}");
+    assert_eq!(
+        to(&out, "laptop", &["pubsub#event", "<item id='one'>"]).len(),
+        1,
+        "{out:?}"
+    );
 }
 
 #[tokio::test]
 async fn access_models_are_enforced() {
     let mut u = alice().await;
     online(&mut u, "phone", 0).await;
-    send(&mut u, "phone", &publish("presence-node", "1", "<x xmlns='urn:x'/>", "")).await;
-    send(&mut u, "phone", &publish("secret", "1", "<x xmlns='urn:x'/>", "access_model=whitelist")).await;
-    send(&mut u, "phone", &publish("friends", "1", "<x xmlns='urn:x'/>", "access_model=roster,roster_groups_allowed=Friends")).await;
-    send(&mut u, "phone", &publish("public", "1", "<x xmlns='urn:x'/>", "access_model=open")).await;
+    send(
+        &mut u,
+        "phone",
+        &publish("presence-node", "1", "<x xmlns='urn:x'/>", ""),
+    )
+    .await;
+    send(
+        &mut u,
+        "phone",
+        &publish(
+            "secret",
+            "1",
+            "<x xmlns='urn:x'/>",
+            "access_model=whitelist",
+        ),
+    )
+    .await;
+    send(
+        &mut u,
+        "phone",
+        &publish(
+            "friends",
+            "1",
+            "<x xmlns='urn:x'/>",
+            "access_model=roster,roster_groups_allowed=Friends",
+        ),
+    )
+    .await;
+    send(
+        &mut u,
+        "phone",
+        &publish("public", "1", "<x xmlns='urn:x'/>", "access_model=open"),
+    )
+    .await;
     take(&mut u);
     let cases = [
         ("bob@localhost/a", "presence-node", "type='result'"),
         ("carol@localhost/a", "presence-node", "type='result'"),
-        ("dave@localhost/a", "presence-node", "presence-subscription-required"),
+        (
+            "dave@localhost/a",
+            "presence-node",
+            "presence-subscription-required",
+        ),
         ("bob@localhost/a", "secret", "closed-node"),
         ("bob@localhost/a", "friends", "type='result'"),
         ("carol@localhost/a", "friends", "not-in-roster-group"),
@@ -125,29 +216,82 @@ async fn access_models_are_enforced() {
     for (from, node, expect) in cases {
         inbound(&mut u, &items_from(from, node)).await;
         let out = take(&mut u);
-        assert!(out.iter().any(|(_, s)| s.contains(expect)), "{from} {node}: {out:?}");
+        assert!(
+            out.iter().any(|(_, s)| s.contains(expect)),
+            "{from} {node}: {out:?}"
+        );
     }
     // The owner reads every node.
     send(&mut u, "phone", "<iq type='get' id='o'><pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='secret'/></pubsub></iq>").await;
     let out = take(&mut u);
-    assert_eq!(to(&out, "phone", &["id='o'", "type='result'", "urn:x"]).len(), 1, "{out:?}");
+    assert_eq!(
+        to(&out, "phone", &["id='o'", "type='result'", "urn:x"]).len(),
+        1,
+        "{out:?}"
+    );
 }
 
 #[tokio::test]
 async fn publish_options_that_do_not_match_conflict() {
     let mut u = alice().await;
     online(&mut u, "phone", 0).await;
-    send(&mut u, "phone", &publish("urn:xmpp:omemo:2:bundles", "1", "<b xmlns='urn:x'/>", "access_model=open,max_items=max")).await;
+    send(
+        &mut u,
+        "phone",
+        &publish(
+            "urn:xmpp:omemo:2:bundles",
+            "1",
+            "<b xmlns='urn:x'/>",
+            "access_model=open,max_items=max",
+        ),
+    )
+    .await;
     assert_eq!(to(&take(&mut u), "phone", &["type='result'"]).len(), 1);
-    send(&mut u, "phone", &publish("urn:xmpp:omemo:2:bundles", "2", "<b xmlns='urn:x'/>", "access_model=open")).await;
+    send(
+        &mut u,
+        "phone",
+        &publish(
+            "urn:xmpp:omemo:2:bundles",
+            "2",
+            "<b xmlns='urn:x'/>",
+            "access_model=open",
+        ),
+    )
+    .await;
     assert_eq!(to(&take(&mut u), "phone", &["type='result'"]).len(), 1);
-    send(&mut u, "phone", &publish("urn:xmpp:omemo:2:bundles", "3", "<b xmlns='urn:x'/>", "access_model=presence")).await;
+    send(
+        &mut u,
+        "phone",
+        &publish(
+            "urn:xmpp:omemo:2:bundles",
+            "3",
+            "<b xmlns='urn:x'/>",
+            "access_model=presence",
+        ),
+    )
+    .await;
     let out = take(&mut u);
-    assert_eq!(to(&out, "phone", &["type='error'", "conflict", "precondition-not-met"]).len(), 1, "{out:?}");
+    assert_eq!(
+        to(
+            &out,
+            "phone",
+            &["type='error'", "conflict", "precondition-not-met"]
+        )
+        .len(),
+        1,
+        "{out:?}"
+    );
     // max_items=max kept both items.
-    inbound(&mut u, &items_from("stranger@elsewhere/x", "urn:xmpp:omemo:2:bundles")).await;
+    inbound(
+        &mut u,
+        &items_from("stranger@elsewhere/x", "urn:xmpp:omemo:2:bundles"),
+    )
+    .await;
     let out = take(&mut u);
-    assert!(out[0].1.contains("id='1'") && out[0].1.contains("id='2'"), "{out:?}");
+    assert!(
+        out[0].1.contains("id='1'") && out[0].1.contains("id='2'"),
+        "{out:?}"
+    );
 }
 
 #[tokio::test]
@@ -160,15 +304,33 @@ async fn retract_purge_delete_and_configure() {
     take(&mut u);
     send(&mut u, "phone", &format!("<iq type='set' id='r'><pubsub xmlns='http://jabber.org/protocol/pubsub'><retract node='{AVATAR}' notify='true'><item id='a'/></retract></pubsub></iq>")).await;
     let out = take(&mut u);
-    assert_eq!(to(&out, "phone", &["id='r'", "type='result'"]).len(), 1, "{out:?}");
-    assert_eq!(to(&out, "phone", &["pubsub#event", "<retract id='a'/>"]).len(), 1, "{out:?}");
+    assert_eq!(
+        to(&out, "phone", &["id='r'", "type='result'"]).len(),
+        1,
+        "{out:?}"
+    );
+    assert_eq!(
+        to(&out, "phone", &["pubsub#event", "<retract id='a'/>"]).len(),
+        1,
+        "{out:?}"
+    );
     // Configuration form, then a change.
     send(&mut u, "phone", &format!("<iq type='get' id='c'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><configure node='{AVATAR}'/></pubsub></iq>")).await;
     let out = take(&mut u);
-    let form = to(&out, "phone", &["id='c'", "type='result'", "pubsub#node_config"]);
-    assert!(form.len() == 1 && form[0].contains("<value>5</value>"), "{out:?}");
+    let form = to(
+        &out,
+        "phone",
+        &["id='c'", "type='result'", "pubsub#node_config"],
+    );
+    assert!(
+        form.len() == 1 && form[0].contains("<value>5</value>"),
+        "{out:?}"
+    );
     send(&mut u, "phone", &format!("<iq type='set' id='s'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><configure node='{AVATAR}'><x xmlns='jabber:x:data' type='submit'><field var='pubsub#access_model'><value>whitelist</value></field></x></configure></pubsub></iq>")).await;
-    assert_eq!(to(&take(&mut u), "phone", &["id='s'", "type='result'"]).len(), 1);
+    assert_eq!(
+        to(&take(&mut u), "phone", &["id='s'", "type='result'"]).len(),
+        1
+    );
     inbound(&mut u, &items_from("bob@localhost/x", AVATAR)).await;
     assert!(take(&mut u)[0].1.contains("closed-node"));
     // A contact may not configure or publish.
@@ -176,10 +338,21 @@ async fn retract_purge_delete_and_configure() {
     assert!(take(&mut u)[0].1.contains("forbidden"));
     send(&mut u, "phone", &format!("<iq type='set' id='u'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><purge node='{AVATAR}'/></pubsub></iq>")).await;
     let out = take(&mut u);
-    assert_eq!(to(&out, "phone", &["id='u'", "type='result'"]).len(), 1, "{out:?}");
-    assert_eq!(to(&out, "phone", &["pubsub#event", "<purge"]).len(), 1, "{out:?}");
+    assert_eq!(
+        to(&out, "phone", &["id='u'", "type='result'"]).len(),
+        1,
+        "{out:?}"
+    );
+    assert_eq!(
+        to(&out, "phone", &["pubsub#event", "<purge"]).len(),
+        1,
+        "{out:?}"
+    );
     send(&mut u, "phone", &format!("<iq type='set' id='d'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><delete node='{AVATAR}'/></pubsub></iq>")).await;
-    assert_eq!(to(&take(&mut u), "phone", &["id='d'", "type='result'"]).len(), 1);
+    assert_eq!(
+        to(&take(&mut u), "phone", &["id='d'", "type='result'"]).len(),
+        1
+    );
     send(&mut u, "phone", &format!("<iq type='get' id='g'><pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='{AVATAR}'/></pubsub></iq>")).await;
     assert!(take(&mut u)[0].1.contains("item-not-found"));
 }
@@ -197,14 +370,21 @@ async fn items_are_durable_and_limited() {
     send(&mut u, "phone", &publish("n1", "1", &mid, "")).await;
     send(&mut u, "phone", &publish("n2", "1", &mid, "")).await;
     let out = take(&mut u);
-    assert!(out[0].1.contains("type='result'") && out[1].1.contains("resource-constraint"), "{out:?}");
+    assert!(
+        out[0].1.contains("type='result'") && out[1].1.contains("resource-constraint"),
+        "{out:?}"
+    );
     // A new task (after a restart of sm) reads the items back from storage.
     let mut again = user(&ctx, "alice@localhost");
     online(&mut again, "phone", 0).await;
     take(&mut again);
     send(&mut again, "phone", "<iq type='get' id='g'><pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='n1'/></pubsub></iq>").await;
     let out = take(&mut again);
-    assert!(out.iter().any(|(_, s)| s.contains("<item id='1'>") && s.contains("aaaa")), "{out:?}");
+    assert!(
+        out.iter()
+            .any(|(_, s)| s.contains("<item id='1'>") && s.contains("aaaa")),
+        "{out:?}"
+    );
 }
 
 #[tokio::test]
