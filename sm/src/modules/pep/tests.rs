@@ -400,3 +400,40 @@ async fn events_to_the_bare_jid_go_to_sessions_that_want_them() {
     assert_eq!(to(&out, "phone", &["<item id='z'>"]).len(), 1, "{out:?}");
     assert!(to(&out, "laptop", &["<item id='z'>"]).is_empty(), "{out:?}");
 }
+
+#[tokio::test]
+async fn account_removal_removes_the_nodes() {
+    let mut modules: Vec<&str> = crate::modules::DEFAULT.to_vec();
+    modules.push("register");
+    let ctx = ctx(Some(&modules), "");
+    let mut u = user(&ctx, "alice@localhost");
+    online(&mut u, "phone", 0).await;
+    send(&mut u, "phone", &publish(AVATAR, "a", META, "")).await;
+    take(&mut u);
+    assert!(!ctx
+        .store
+        .get("alice@localhost", super::store::NS_STORE)
+        .await
+        .unwrap()
+        .is_empty());
+    send(
+        &mut u,
+        "phone",
+        "<iq type='set' id='r'><query xmlns='jabber:iq:register'><remove/></query></iq>",
+    )
+    .await;
+    take(&mut u);
+    for ns in [
+        super::store::NS_STORE.to_owned(),
+        super::store::items_ns(AVATAR),
+    ] {
+        assert!(
+            ctx.store
+                .get("alice@localhost", &ns)
+                .await
+                .unwrap()
+                .is_empty(),
+            "{ns}"
+        );
+    }
+}
