@@ -344,7 +344,6 @@ impl DiscoModule {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
 
     use super::*;
     use crate::modules::testing::*;
@@ -485,11 +484,7 @@ mod tests {
     }
 
     fn load(settings: &str) -> jrs_config::Result<Arc<dyn Module>> {
-        let xml =
-            format!("<sm><router name='sm' secret='s'/><host>localhost</host>\n{settings}</sm>");
-        let root = Node::parse_str(&xml, Arc::new(PathBuf::from("sm.xml")))?;
-        let config = SmConfig::from_node(&root, &crate::modules::names(), crate::modules::DEFAULT)?;
-        load_module(&config)
+        crate::modules::testing::load_with(load_module, settings)
     }
 
     #[test]
@@ -551,14 +546,7 @@ mod tests {
                 "unknown element inside <form>",
             ),
         ];
-        for (settings, expected) in cases {
-            let e = load(settings)
-                .err()
-                .unwrap_or_else(|| panic!("accepted: {settings}"));
-            let text = e.to_string();
-            assert!(text.starts_with("sm.xml:2: <"), "{settings}: {text}");
-            assert!(text.contains(expected), "{settings}: {text}");
-        }
+        crate::modules::testing::refused_settings(load_module, &cases);
         assert!(load(SETTINGS).is_ok());
     }
 }

@@ -346,7 +346,6 @@ impl ExtDisco {
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
 
     use super::*;
     use crate::host::IqKind;
@@ -561,11 +560,7 @@ mod tests {
     }
 
     fn load(settings: &str) -> jrs_config::Result<Arc<dyn Module>> {
-        let xml =
-            format!("<sm><router name='sm' secret='s'/><host>localhost</host>\n{settings}</sm>");
-        let root = Node::parse_str(&xml, Arc::new(PathBuf::from("sm.xml")))?;
-        let config = SmConfig::from_node(&root, &crate::modules::names(), crate::modules::DEFAULT)?;
-        load_module(&config)
+        crate::modules::testing::load_with(load_module, settings)
     }
 
     #[test]
@@ -637,14 +632,8 @@ mod tests {
                 "unknown element",
             ),
         ];
-        for (settings, expected) in cases {
-            let e = load(settings)
-                .err()
-                .unwrap_or_else(|| panic!("accepted: {settings}"));
-            let text = e.to_string();
-            assert!(text.starts_with("sm.xml:2: <"), "{settings}: {text}");
-            assert!(text.contains(expected), "{settings}: {text}");
-            assert!(!text.contains("TOPSECRET"), "{settings}: {text}");
+        for text in crate::modules::testing::refused_settings(load_module, &cases) {
+            assert!(!text.contains("TOPSECRET"), "{text}");
         }
         assert!(load(&settings()).is_ok());
     }

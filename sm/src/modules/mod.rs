@@ -34,7 +34,7 @@ use crate::config::SmConfig;
 use crate::host::{Module, Modules};
 
 /// Makes a module from sm.xml (its settings are the element of its name).
-type Load = fn(&SmConfig) -> jrs_config::Result<Arc<dyn Module>>;
+pub type Load = fn(&SmConfig) -> jrs_config::Result<Arc<dyn Module>>;
 
 /// Every module sm has, by the name sm.xml uses.
 pub const ALL: &[(&str, Load)] = &[

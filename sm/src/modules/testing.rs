@@ -34,6 +34,35 @@ pub fn ctx(modules: Option<&[&str]>, settings: &str) -> Arc<Ctx> {
     Arc::new(Ctx::new(config, "sm".into(), store, modules))
 }
 
+/// The settings of one module read by its `load` from an sm.xml holding `settings` on
+/// its second line: the module, or the configuration error.
+pub fn load_with(
+    load: super::Load,
+    settings: &str,
+) -> jrs_config::Result<Arc<dyn crate::host::Module>> {
+    let xml = format!("<sm><router name='sm' secret='s'/><host>localhost</host>\n{settings}</sm>");
+    let root = jrs_config::Node::parse_str(&xml, Arc::new(PathBuf::from("sm.xml")))?;
+    let config = SmConfig::from_node(&root, &super::names(), super::DEFAULT)?;
+    load(&config)
+}
+
+/// Each of `cases` (settings, part of the expected message) is refused by `load` with a
+/// `sm.xml:2: <element>: ...` error naming the problem; the returned texts for more checks.
+pub fn refused_settings(load: super::Load, cases: &[(&str, &str)]) -> Vec<String> {
+    cases
+        .iter()
+        .map(|(settings, expected)| {
+            let e = load_with(load, settings)
+                .err()
+                .unwrap_or_else(|| panic!("accepted: {settings}"));
+            let text = e.to_string();
+            assert!(text.starts_with("sm.xml:2: <"), "{settings}: {text}");
+            assert!(text.contains(expected), "{settings}: {text}");
+            text
+        })
+        .collect()
+}
+
 /// A user whose account exists.
 pub fn user(ctx: &Arc<Ctx>, bare: &str) -> User {
     ctx.accounts.remember(bare, true);
