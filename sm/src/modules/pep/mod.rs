@@ -527,8 +527,13 @@ async fn own_last_items(u: &mut User, key: SessionKey) {
     let Ok(pep) = store::load(u).await else {
         return;
     };
+    // As for contacts: only nodes that send their last item on presence (XEP-0402's
+    // bookmarks say `never`: clients fetch them).
     let wanted: Vec<usize> = (0..pep.nodes.len())
-        .filter(|&i| f.notifies(&pep.nodes[i].name))
+        .filter(|&i| {
+            let n = &pep.nodes[i];
+            f.notifies(&n.name) && n.config.send_last == SendLast::OnSubAndPresence
+        })
         .collect();
     for at in wanted {
         let Some((node, item)) = last_item(u, at).await else {

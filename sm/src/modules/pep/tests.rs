@@ -158,6 +158,15 @@ async fn the_owner_gets_the_last_items_on_login() {
         1,
         "{out:?}"
     );
+    // A node that never sends its last item (as XEP-0402 bookmarks) does not.
+    send(&mut u, "phone", &format!("<iq type='set' id='s'><pubsub xmlns='http://jabber.org/protocol/pubsub#owner'><configure node='{AVATAR}'><x xmlns='jabber:x:data' type='submit'><field var='pubsub#send_last_published_item'><value>never</value></field></x></configure></pubsub></iq>")).await;
+    assert_eq!(
+        to(&take(&mut u), "phone", &["id='s'", "type='result'"]).len(),
+        1
+    );
+    start(&mut u, "tablet").await;
+    send(&mut u, "tablet", &format!("<presence>{WANTS}</presence>")).await;
+    assert!(to(&take(&mut u), "tablet", &["pubsub#event"]).is_empty());
 }
 
 #[tokio::test]
