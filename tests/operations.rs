@@ -13,6 +13,9 @@ const PROGRAMS: &[(&str, &str)] = &[
     ("router", "etc/router.xml"),
     ("xdb-file", "etc/xdb-file.xml"),
     ("sm", "etc/sm.xml"),
+    ("muc", "etc/muc.xml"),
+    ("upload", "etc/upload.xml"),
+    ("proxy65", "etc/proxy65.xml"),
     ("c2s", "etc/c2s.xml"),
     ("s2s", "etc/s2s.xml"),
 ];
@@ -50,6 +53,7 @@ fn a_broken_config_names_file_and_line() {
         ("xdb-file", "<xdb-file>\n  <router name='xdb-file' secret='s'/>\n  <host>localhost</host>\n</xdb-file>\n", 1, "<spool> is required"),
         ("sm", "<sm>\n  <router name='sm' secret='s' tls='maybe'/>\n  <host>localhost</host>\n</sm>\n", 2, "expected true or false"),
         ("s2s", "<s2s>\n  <router name='s2s' secret='s'/>\n</s2s>\n", 1, "<host name='DOMAIN'/> is required"),
+        ("muc", "<muc>\n  <router name='muc' secret='s'/>\n  <service>room@conference</service>\n</muc>\n", 3, "not a domain name"),
     ];
     for (i, (program, text, line, message)) in cases.iter().enumerate() {
         let path = dir.join(format!("broken{i}.xml"));

@@ -24,7 +24,9 @@ from xml.sax.saxutils import quoteattr
 
 ROOT = Path(__file__).resolve().parents[2]
 PROCESSES = ["router", "xdb-file", "sm", "c2s"]
-SECRETS = {"xdb-file": "xdb-secret", "sm": "sm-secret", "c2s": "c2s-secret", "admin": "admin-secret"}
+SECRETS = {"xdb-file": "xdb-secret", "sm": "sm-secret", "c2s": "c2s-secret", "admin": "admin-secret",
+           "muc": "muc-secret"}
+MUC_SERVICE = "conference.localhost"
 CONNECTED = "connected to the router"
 POLL = 0.05
 
@@ -35,7 +37,7 @@ def bin_dir():
 
 def binaries_missing():
     """Names of the executables that are not built."""
-    return [p for p in PROCESSES + ["jabberctl"] if not (bin_dir() / p).exists()]
+    return [p for p in PROCESSES + ["muc", "jabberctl"] if not (bin_dir() / p).exists()]
 
 
 def free_port():
@@ -63,10 +65,18 @@ class Server:
     auth_failures: (max, window seconds) of c2s's failed-login limit.
     c2s_extra / sm_extra: extra XML elements for c2s.xml / sm.xml.
     users_extra: extra <component/> entries for router-users.xml (third-party components).
+    upload: also run the upload component (upload.localhost, HTTPS on upload_port with
+    c2s's self-signed certificate; upload_extra: extra elements for upload.xml).
+    proxy65: also run the SOCKS5 bytestream proxy (proxy.localhost, SOCKS5 on proxy65_port;
+    proxy65_extra: extra elements for proxy65.xml).
+    muc: also run the group chat service (muc, for conference.localhost, its rooms
+    stored by xdb-file); muc_extra: extra XML elements for muc.xml.
     """
 
     def __init__(self, directory, register=False, auth_failures=(5, 60), timeouts=None,
-                 c2s_extra="", sm_extra="", grace_seconds=2, users_extra=""):
+                 c2s_extra="", sm_extra="", grace_seconds=2, users_extra="",
+                 upload=False, upload_extra="", muc=False, muc_extra="",
+                 proxy65=False, proxy65_extra=""):
         self.dir = Path(directory)
         self.register = register
         self.auth_failures = auth_failures
@@ -74,6 +84,14 @@ class Server:
         self.c2s_extra = c2s_extra
         self.sm_extra = sm_extra
         self.users_extra = users_extra
+        self.upload = upload
+        self.upload_extra = upload_extra
+        self.upload_port = None
+        self.proxy65 = proxy65
+        self.proxy65_extra = proxy65_extra
+        self.proxy65_port = None
+        self.muc = muc
+        self.muc_extra = muc_extra
         self.grace_seconds = grace_seconds
         self.port = None  # the router's
         self.starttls_port = None
@@ -106,6 +124,7 @@ class Server:
             "<xdb-file>\n"
             f"  {self.router_element('xdb-file')}\n"
             "  <host>localhost</host>\n"
+            f"{f'  <host>{MUC_SERVICE}</host>' if self.muc else ''}\n"
             f"  <spool dir={quoteattr(str(d / 'spool'))}/>\n"
             "  <log level='debug'/>\n"
             "</xdb-file>\n")
@@ -116,6 +135,43 @@ class Server:
         (d / "c2s.xml").write_text(self.c2s_config(self.starttls_port, self.tls_port, timeouts))
         (d / "ctl.xml").write_text(
             f"<jabberctl>{self.router_element('admin')}</jabberctl>\n")
+        if self.upload:
+            (d / "upload.xml").write_text(self.upload_config())
+        if self.proxy65:
+            (d / "proxy65.xml").write_text(
+                "<proxy65>\n"
+                f"  <router address='127.0.0.1' port='{self.port}' name='proxy.localhost' "
+                "secret='proxy65-secret' reconnect='0.05'/>\n"
+                "  <host>localhost</host>\n"
+                f"  <listen address='127.0.0.1' port='{self.proxy65_port}'/>\n"
+                f"  {self.proxy65_extra}\n"
+                "  <log level='debug'/>\n"
+                "</proxy65>\n")
+        if self.muc:
+            (d / "muc.xml").write_text(
+                "<muc>\n"
+                f"  {self.router_element('muc')}\n"
+                f"  <service>{MUC_SERVICE}</service>\n"
+                f"  {self.muc_extra}\n"
+                "  <log level='debug'/>\n"
+                "</muc>\n")
+
+    def upload_config(self):
+        certs = self.dir / "certs"
+        return (
+            "<upload>\n"
+            f"  <router address='127.0.0.1' port='{self.port}' name='upload.localhost' "
+            "secret='upload-secret' reconnect='0.05'/>\n"
+            "  <host>localhost</host>\n"
+            f"  <http address='127.0.0.1' port='{self.upload_port}' tls='true' "
+            f"cert={quoteattr(str(certs / 'localhost.crt'))} "
+            f"key={quoteattr(str(certs / 'localhost.key'))} "
+            f"base-url='https://localhost:{self.upload_port}' timeout='5'/>\n"
+            f"  <secret file={quoteattr(str(self.dir / 'upload.secret'))}/>\n"
+            f"  <spool dir={quoteattr(str(self.dir / 'upload'))}/>\n"
+            f"  {self.upload_extra}\n"
+            "  <log level='debug'/>\n"
+            "</upload>\n")
 
     def c2s_config(self, starttls_port, tls_port, timeouts=""):
         certs = self.dir / "certs"
@@ -201,7 +257,7 @@ class Server:
     def logs_text(self, offsets=None, tail_lines=None):
         """Every process's log, each under a heading; from `offsets[name]` on if given."""
         out = []
-        for name in PROCESSES:
+        for name in PROCESSES + [n for n in self.procs if n not in PROCESSES]:
             text = self.log(name)
             if offsets is not None:
                 text = text.encode(errors="replace")[offsets.get(name, 0):].decode(errors="replace")
@@ -249,6 +305,8 @@ class Server:
         (self.dir / "log").mkdir(exist_ok=True)
         for attempt in range(3):
             self.port, self.starttls_port, self.tls_port = free_port(), free_port(), free_port()
+            self.upload_port = free_port() if self.upload else None
+            self.proxy65_port = free_port() if self.proxy65 else None
             self.write_configs()
             self.spawn("router")
             try:
@@ -258,11 +316,22 @@ class Server:
                 self.stop()
                 if attempt == 2:
                     raise
-        offsets = {name: self._start_component(name) for name in ("xdb-file", "sm", "c2s")}
+        components = ["xdb-file", "sm", "c2s"] + (["muc"] if self.muc else [])
+        offsets = {name: self._start_component(name) for name in components}
         self.wait_for(lambda: accepts(self.starttls_port) and accepts(self.tls_port),
                       "c2s to listen", watch=["c2s"])
-        for name in ("xdb-file", "sm", "c2s"):
+        for name in components:
             self._wait_connected(name, offsets[name])
+        if self.upload:
+            # After c2s, which made the certificate upload serves.
+            offset = self._start_component("upload")
+            self.wait_for(lambda: accepts(self.upload_port), "upload to listen", watch=["upload"])
+            self._wait_connected("upload", offset)
+        if self.proxy65:
+            offset = self._start_component("proxy65")
+            self.wait_for(lambda: accepts(self.proxy65_port), "proxy65 to listen",
+                          watch=["proxy65"])
+            self._wait_connected("proxy65", offset)
         return self
 
     def kill(self, name, sig=signal.SIGKILL, timeout=5.0):
@@ -327,7 +396,9 @@ class Server:
     def stop(self):
         # c2s first (it hands resumable sessions to sm on the way out), so clients see
         # their streams close; the router last.
-        for first in (["c2s", "c2s-2"], ["sm", "xdb-file", "router"]):
+        known = ["c2s", "c2s-2", "sm", "xdb-file", "router"]
+        others = [n for n in self.procs if n not in known]
+        for first in (["c2s", "c2s-2"], others + ["sm", "xdb-file", "router"]):
             for name in first:
                 proc = self.procs.get(name)
                 if proc is not None and proc.poll() is None:
@@ -339,7 +410,7 @@ class Server:
                         proc.wait(timeout=6)
                     except subprocess.TimeoutExpired:
                         pass
-        for name in ["c2s", "c2s-2", "sm", "xdb-file", "router"]:
+        for name in others + known:
             proc = self.procs.get(name)
             if proc is None:
                 continue

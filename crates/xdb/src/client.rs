@@ -44,7 +44,20 @@ pub struct XdbClient {
     outbox: Mutex<Option<Outbox>>,
     pending: Mutex<HashMap<String, oneshot::Sender<Answer>>>,
     next_id: AtomicU64,
+    /// Starts every request id: unique to this process run, so that an answer to a
+    /// request of an earlier run (delivered late after a crash and restart) never
+    /// matches one of ours.
+    id_prefix: String,
     timeout: Duration,
+}
+
+/// `x` + this process's id and start time (hex) + `-`.
+fn run_prefix() -> String {
+    let started = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_micros())
+        .unwrap_or(0);
+    format!("x{:x}.{:x}-", std::process::id(), started)
 }
 
 impl XdbClient {
@@ -54,6 +67,7 @@ impl XdbClient {
             outbox: Mutex::new(None),
             pending: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(1),
+            id_prefix: run_prefix(),
             timeout,
         }
     }
@@ -187,7 +201,11 @@ impl XdbClient {
 
     /// Sends `request` under a fresh id.
     fn send(&self, mut request: Request) -> Result<Sent, XdbError> {
-        request.id = format!("x{}", self.next_id.fetch_add(1, Ordering::Relaxed));
+        request.id = format!(
+            "{}{}",
+            self.id_prefix,
+            self.next_id.fetch_add(1, Ordering::Relaxed)
+        );
         let (tx, rx) = oneshot::channel();
         self.pending
             .lock()

@@ -1,0 +1,121 @@
+//! muc: multi-user chat (XEP-0045) as a component. One task per room; rooms are found
+//! by their bare JID, and several instances share a service by the router's hashing of
+//! room JIDs. Persistent rooms are kept through xdb. See docs/muc.md.
+//!
+//! - `link`: the router link's reader; `config`: muc.xml;
+//! - `registry`: the room tasks; `room`: a room's state and rules (sans I/O);
+//! - `service`: the service's own disco; `store`: what persistent rooms keep;
+//! - `xml`: stanza helpers and the broadcast template.
+
+mod config;
+mod link;
+mod mam;
+mod registry;
+mod room;
+mod service;
+mod store;
+mod xml;
+
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use clap::Parser;
+use tracing::info;
+
+use jrs_component::service::{exit_code, load_and_init, run_component, Bind, CommonArgs};
+use jrs_component::{Outbox, PacketType};
+use jrs_xdb::XdbClient;
+
+use crate::config::{Mode, MucConfig, RoomLimits, Storage};
+use crate::registry::Registry;
+use crate::store::Store;
+
+/// The jabberd-rs group chat service.
+#[derive(Parser, Debug)]
+#[command(name = "muc", version, about)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+/// What every part of the process shares.
+pub struct Ctx {
+    pub config: MucConfig,
+    pub store: Store,
+    pub rooms: Registry,
+    pub limits: Arc<RoomLimits>,
+    pub create_domains: Arc<Vec<String>>,
+    /// Input of occupant ids: the link's secret, stable across restarts, never sent.
+    pub salt: Arc<str>,
+    pub index_loaded: AtomicBool,
+    link: Mutex<Option<Outbox>>,
+}
+
+impl Ctx {
+    fn set_link(&self, outbox: Outbox) {
+        if let Some(x) = self.store.xdb() {
+            x.set_outbox(outbox.clone());
+        }
+        *self.link.lock().expect("link lock") = Some(outbox);
+    }
+
+    /// Queues bytes for the router (dropped when the link is down: the rooms' clients
+    /// notice by self-ping).
+    pub fn send(&self, bytes: Bytes) {
+        if let Some(l) = &*self.link.lock().expect("link lock") {
+            l.send(bytes);
+        }
+    }
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    exit_code(run(args), "muc")
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let Some(config) = load_and_init(&args.common, MucConfig::load, |c| c.log.clone())? else {
+        return Ok(());
+    };
+    if config.mode == Mode::Plain && args.common.instance.is_some() {
+        anyhow::bail!(
+            "--instance cannot be used with <plain/>: the component's name is the service's"
+        );
+    }
+    let link = config.router.clone().for_instance(args.common.instance);
+    let binds = match config.mode {
+        // Shared: several instances split the rooms by the router's hashing of the
+        // bare room JID.
+        Mode::Router => vec![Bind {
+            route: PacketType::Normal,
+            host: config.service.clone(),
+            shared: true,
+        }],
+        // A plain XEP-0114 component: its name is the service; no bind extension.
+        Mode::Plain => vec![],
+    };
+    let store = match config.storage {
+        Storage::Xdb => Store::Xdb(XdbClient::new(link.name.clone(), config.xdb_timeout)),
+        Storage::Memory => Store::Memory,
+    };
+    info!(name = %link.name, service = %config.service, mode = ?config.mode, storage = ?config.storage, "muc starting");
+    let limits = config.limits;
+    let ctx = Arc::new(Ctx {
+        limits: Arc::new(config.rooms.clone()),
+        create_domains: Arc::new(config.create_domains.clone()),
+        salt: Arc::from(config.router.secret.as_str()),
+        config,
+        store,
+        rooms: Registry::default(),
+        index_loaded: AtomicBool::new(false),
+        link: Mutex::new(None),
+    });
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(run_component(link, limits, binds, |reader, outbox| {
+        link::serve(ctx.clone(), reader, outbox)
+    }))
+}

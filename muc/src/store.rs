@@ -1,0 +1,271 @@
+//! What persistent rooms keep through xdb: configuration, subject and affiliations
+//! under owner = the room's JID, and the list of persistent rooms (for the directory)
+//! under owner = the service's domain. `<storage>memory</storage>` keeps nothing.
+
+use std::collections::BTreeMap;
+
+use jid::BareJid;
+use jrs_xdb::archive::{Item, Page, Query, Retention};
+use jrs_xdb::client::{XdbClient, XdbError};
+
+use crate::mam::NS_MAM;
+use minidom::Element;
+
+use crate::room::config::{AllowPm, RoomConfig, Whois};
+use crate::room::{Affiliation, Room};
+use crate::xml::{attr, escape};
+
+pub const NS_ROOM: &str = "urn:jabberd-rs:muc:room:0";
+pub const NS_ROOMS: &str = "urn:jabberd-rs:muc:rooms:0";
+
+/// A room as the directory lists it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Listing {
+    pub name: String,
+    pub public: bool,
+}
+
+pub enum Store {
+    Xdb(XdbClient),
+    Memory,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Xdb(#[from] XdbError),
+    #[error("stored room data is not valid: {0}")]
+    Invalid(String),
+}
+
+impl Store {
+    pub fn xdb(&self) -> Option<&XdbClient> {
+        match self {
+            Store::Xdb(x) => Some(x),
+            Store::Memory => None,
+        }
+    }
+
+    /// Loads a persistent room's state into `room`; false when nothing is stored.
+    pub async fn load(&self, room: &mut Room) -> Result<bool, StoreError> {
+        let Some(x) = self.xdb() else {
+            return Ok(false);
+        };
+        let data = x.get(room.jid.as_str(), NS_ROOM).await?;
+        if data.iter().all(u8::is_ascii_whitespace) {
+            return Ok(false);
+        }
+        let text = std::str::from_utf8(&data).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let e: Element = text
+            .parse()
+            .map_err(|e: minidom::Error| StoreError::Invalid(e.to_string()))?;
+        from_xml(room, &e);
+        Ok(true)
+    }
+
+    pub async fn save(&self, room: &Room) -> Result<(), StoreError> {
+        if let Some(x) = self.xdb() {
+            x.set(room.jid.as_str(), NS_ROOM, to_xml(room)).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn delete(&self, room: &BareJid) -> Result<(), StoreError> {
+        if let Some(x) = self.xdb() {
+            x.delete(room.as_str(), NS_ROOM).await?;
+        }
+        Ok(())
+    }
+
+    /// Appends a batch of room messages to the room's archive.
+    pub async fn archive(
+        &self,
+        room: &BareJid,
+        items: &[Item],
+        max_items: Option<u64>,
+    ) -> Result<(), StoreError> {
+        if let Some(x) = self.xdb() {
+            let retention = Retention {
+                max_items,
+                max_age: None,
+            };
+            let sent = x.archive_append(room.as_str(), NS_MAM, items, retention)?;
+            x.finish(sent).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn archive_query(&self, room: &BareJid, q: &Query) -> Result<Page, StoreError> {
+        match self.xdb() {
+            Some(x) => Ok(x.archive_query(room.as_str(), NS_MAM, q).await?),
+            None => Ok(Page::default()),
+        }
+    }
+
+    /// Empties a destroyed room's archive.
+    pub async fn archive_clear(&self, room: &BareJid) -> Result<(), StoreError> {
+        if let Some(x) = self.xdb() {
+            let retention = Retention {
+                max_items: Some(0),
+                max_age: None,
+            };
+            x.archive_trim(room.as_str(), NS_MAM, retention).await?;
+        }
+        Ok(())
+    }
+
+    pub async fn load_index(&self, service: &str) -> Result<BTreeMap<String, Listing>, StoreError> {
+        let mut out = BTreeMap::new();
+        let Some(x) = self.xdb() else {
+            return Ok(out);
+        };
+        let data = x.get(service, NS_ROOMS).await?;
+        if data.iter().all(u8::is_ascii_whitespace) {
+            return Ok(out);
+        }
+        let text = std::str::from_utf8(&data).map_err(|e| StoreError::Invalid(e.to_string()))?;
+        let e: Element = text
+            .parse()
+            .map_err(|e: minidom::Error| StoreError::Invalid(e.to_string()))?;
+        for r in e.children().filter(|c| c.name() == "room") {
+            if let Some(jid) = r.attr("jid") {
+                out.insert(
+                    jid.to_owned(),
+                    Listing {
+                        name: r.attr("name").unwrap_or("").to_owned(),
+                        public: r.attr("public") == Some("true"),
+                    },
+                );
+            }
+        }
+        Ok(out)
+    }
+
+    pub async fn save_index(
+        &self,
+        service: &str,
+        rooms: &BTreeMap<String, Listing>,
+    ) -> Result<(), StoreError> {
+        let Some(x) = self.xdb() else {
+            return Ok(());
+        };
+        let mut xml = format!("<rooms xmlns='{NS_ROOMS}'>");
+        for (jid, l) in rooms {
+            xml.push_str(&format!(
+                "<room{}{} public='{}'/>",
+                attr("jid", jid),
+                attr("name", &l.name),
+                l.public
+            ));
+        }
+        xml.push_str("</rooms>");
+        x.set(service, NS_ROOMS, xml).await?;
+        Ok(())
+    }
+}
+
+pub fn to_xml(room: &Room) -> String {
+    let c = &room.config;
+    let mut x = format!(
+        "<room xmlns='{NS_ROOM}'><config{}{}{} public='{}' members-only='{}' moderated='{}' \
+         whois='{}' max-users='{}' history='{}' change-subject='{}' allow-invites='{}' allow-pm='{}'",
+        attr("name", &c.name),
+        attr("description", &c.description),
+        attr("lang", &c.lang),
+        c.public,
+        c.members_only,
+        c.moderated,
+        match c.whois {
+            Whois::Anyone => "anyone",
+            Whois::Moderators => "moderators",
+        },
+        c.max_users,
+        c.history,
+        c.change_subject,
+        c.allow_invites,
+        c.allow_pm.name(),
+    );
+    x.push_str(&format!(" archive='{}'", c.archive));
+    if let Some(p) = &c.password {
+        x.push_str(&attr("password", p));
+    }
+    x.push_str("/>");
+    if let Some((nick, text)) = &room.subject {
+        x.push_str(&format!(
+            "<subject{}>{}</subject>",
+            attr("nick", nick),
+            escape(text)
+        ));
+    }
+    for (jid, a) in &room.affiliations {
+        let nick = room
+            .nicks
+            .get(jid)
+            .map(|n| attr("nick", n))
+            .unwrap_or_default();
+        x.push_str(&format!(
+            "<affiliation{}{nick} type='{}'/>",
+            attr("jid", jid.as_str()),
+            a.name()
+        ));
+    }
+    x.push_str("</room>");
+    x
+}
+
+pub fn from_xml(room: &mut Room, e: &Element) {
+    let mut c = RoomConfig::new(&room.limits);
+    if let Some(n) = e.get_child("config", NS_ROOM) {
+        let s = |k: &str| n.attr(k).unwrap_or("").to_owned();
+        let b = |k: &str| n.attr(k) == Some("true");
+        let num = |k: &str, d: usize| n.attr(k).and_then(|v| v.parse().ok()).unwrap_or(d);
+        c.name = s("name");
+        c.description = s("description");
+        c.lang = s("lang");
+        c.public = b("public");
+        c.members_only = b("members-only");
+        c.moderated = b("moderated");
+        c.whois = if n.attr("whois") == Some("anyone") {
+            Whois::Anyone
+        } else {
+            Whois::Moderators
+        };
+        c.max_users = num("max-users", c.max_users).min(room.limits.max_occupants);
+        c.history = num("history", c.history).min(room.limits.max_history);
+        c.change_subject = b("change-subject");
+        c.allow_invites = b("allow-invites");
+        c.allow_pm = n
+            .attr("allow-pm")
+            .and_then(AllowPm::parse)
+            .unwrap_or(AllowPm::Anyone);
+        c.password = n.attr("password").map(str::to_owned);
+        c.archive = room.limits.archive && n.attr("archive") != Some("false");
+    }
+    c.persistent = true;
+    room.config = c;
+    room.subject = e
+        .get_child("subject", NS_ROOM)
+        .map(|s| (s.attr("nick").unwrap_or("").to_owned(), s.text()));
+    room.affiliations = e
+        .children()
+        .filter(|a| a.name() == "affiliation")
+        .filter_map(|a| {
+            Some((
+                BareJid::new(a.attr("jid")?).ok()?,
+                Affiliation::parse(a.attr("type")?)?,
+            ))
+        })
+        .collect();
+    room.nicks = e
+        .children()
+        .filter(|a| a.name() == "affiliation")
+        .filter_map(|a| {
+            Some((
+                BareJid::new(a.attr("jid")?).ok()?,
+                a.attr("nick")?.to_owned(),
+            ))
+        })
+        .collect();
+    room.fresh = false;
+    room.locked = false;
+}

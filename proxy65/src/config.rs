@@ -1,0 +1,256 @@
+//! `proxy65.xml`: see `docs/proxy65.md` for every element.
+
+use std::path::Path;
+use std::time::Duration;
+
+use jrs_config::{limits_from_node, LogConfig, Node, Result, RouterLink};
+use jrs_stream::Limits;
+
+#[derive(Debug, Clone)]
+pub struct ProxyConfig {
+    /// The router link; its `name` is the proxy's JID (`proxy.localhost`).
+    pub router: RouterLink,
+    /// Domains whose users may use the proxy, and more by domain or bare JID.
+    pub hosts: Vec<String>,
+    pub allow_domains: Vec<String>,
+    pub allow_jids: Vec<String>,
+    /// Where the SOCKS5 listener binds.
+    pub listen_address: String,
+    pub listen_port: u16,
+    /// What clients are told to connect to (`<streamhost host port>`).
+    pub streamhost_host: String,
+    pub streamhost_port: u16,
+    /// Bytes per second one user's streams may relay together (0: no limit).
+    pub bandwidth: u64,
+    /// Active streams per user (by the initiator who activates them).
+    pub streams_per_user: usize,
+    /// SOCKS5 connections at once, waiting or relaying.
+    pub max_connections: usize,
+    /// A relayed stream with no byte either way for this long is closed.
+    pub idle: Duration,
+    /// A connection not activated within this is closed.
+    pub pending: Duration,
+    pub limits: Limits,
+    pub log: LogConfig,
+}
+
+impl ProxyConfig {
+    pub fn load(path: &Path) -> Result<ProxyConfig> {
+        ProxyConfig::from_node(&Node::load(path, "proxy65")?)
+    }
+
+    pub fn from_node(root: &Node) -> Result<ProxyConfig> {
+        root.allow(
+            &[],
+            &[
+                "router",
+                "host",
+                "allow",
+                "listen",
+                "streamhost",
+                "relay",
+                "limits",
+                "log",
+            ],
+        )?;
+        let router_node = root.required_child("router")?;
+        let router = RouterLink::from_node(router_node)?;
+        if jid::BareJid::new(&router.name)
+            .map(|j| j.node().is_some())
+            .unwrap_or(true)
+        {
+            return Err(router_node.error(format!(
+                "name '{}' must be the proxy's domain, e.g. proxy.localhost",
+                router.name
+            )));
+        }
+        let mut hosts = vec![];
+        for h in root.children("host") {
+            h.allow(&[], &[])?;
+            hosts.push(domain(h, &h.text)?);
+        }
+        let (mut allow_domains, mut allow_jids) = (vec![], vec![]);
+        for a in root.children("allow") {
+            a.allow(&["domain", "jid"], &[])?;
+            match (a.attr("domain"), a.attr("jid")) {
+                (Some(d), None) => allow_domains.push(domain(a, d)?),
+                (None, Some(j)) => match jid::BareJid::new(j) {
+                    Ok(b) if b.node().is_some() => allow_jids.push(b.to_string()),
+                    _ => return Err(a.error(format!("'{j}' is not a bare JID user@domain"))),
+                },
+                _ => return Err(a.error("give either domain='..' or jid='..'")),
+            }
+        }
+        if hosts.is_empty() && allow_domains.is_empty() && allow_jids.is_empty() {
+            return Err(root.error(
+                "at least one <host>DOMAIN</host> (whose users may use the proxy) is required",
+            ));
+        }
+        let listen = root.required_child("listen")?;
+        listen.allow(&["address", "port"], &[])?;
+        let listen_address = listen.attr("address").unwrap_or("127.0.0.1").to_owned();
+        let listen_port: u16 = listen
+            .parse_attr("port", "a port number (1-65535)")?
+            .unwrap_or(7777);
+        if listen_port == 0 {
+            return Err(listen.error("attribute 'port' must be a port number (1-65535)"));
+        }
+        let (streamhost_host, streamhost_port) = match root.child("streamhost")? {
+            Some(s) => {
+                s.allow(&["host", "port"], &[])?;
+                (
+                    s.required_attr("host")?.trim().to_owned(),
+                    s.parse_attr("port", "a port number (1-65535)")?
+                        .unwrap_or(listen_port),
+                )
+            }
+            None => {
+                let unspecified = listen_address
+                    .parse::<std::net::IpAddr>()
+                    .is_ok_and(|a| a.is_unspecified());
+                if unspecified {
+                    return Err(listen.error(
+                        "listening on every address: say what clients connect to with \
+                         <streamhost host='..' port='..'/>",
+                    ));
+                }
+                (listen_address.clone(), listen_port)
+            }
+        };
+        let mut c = ProxyConfig {
+            router,
+            hosts,
+            allow_domains,
+            allow_jids,
+            listen_address,
+            listen_port,
+            streamhost_host,
+            streamhost_port,
+            bandwidth: 10 * 1024 * 1024,
+            streams_per_user: 10,
+            max_connections: 1000,
+            idle: Duration::from_secs(120),
+            pending: Duration::from_secs(60),
+            limits: limits_from_node(root.child("limits")?, Limits::default())?,
+            log: LogConfig::from_node(root.child("log")?)?,
+        };
+        if let Some(r) = root.child("relay")? {
+            r.allow(
+                &[
+                    "bandwidth",
+                    "streams-per-user",
+                    "max-connections",
+                    "idle",
+                    "pending",
+                ],
+                &[],
+            )?;
+            if let Some(v) = r.attr("bandwidth") {
+                c.bandwidth = parse_size(v).ok_or_else(|| {
+                    r.error(format!(
+                        "attribute 'bandwidth' = '{v}': expected bytes per second (suffix K, M or G allowed)"
+                    ))
+                })?;
+            }
+            c.streams_per_user = positive(r, "streams-per-user", c.streams_per_user)?;
+            c.max_connections = positive(r, "max-connections", c.max_connections)?;
+            c.idle = nonzero(r, "idle", c.idle)?;
+            c.pending = nonzero(r, "pending", c.pending)?;
+        }
+        Ok(c)
+    }
+
+    /// Whether `user` (a bare JID) may use the proxy.
+    pub fn allows(&self, user: &jid::BareJid) -> bool {
+        let d = user.domain().as_str();
+        user.node().is_some()
+            && (self.hosts.iter().any(|h| h == d)
+                || self.allow_domains.iter().any(|h| h == d)
+                || self.allow_jids.iter().any(|j| j == user.as_str()))
+    }
+}
+
+fn domain(n: &Node, text: &str) -> Result<String> {
+    let d = text.trim().to_ascii_lowercase();
+    match jid::BareJid::new(&d) {
+        Ok(j) if j.node().is_none() && !d.is_empty() && d != "*" => Ok(d),
+        _ => Err(n.error(format!("'{text}' is not a domain name"))),
+    }
+}
+
+/// A whole number of bytes, or with a K, M or G suffix (powers of 1024).
+pub fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let (digits, unit) = match v.char_indices().last()? {
+        (i, 'K' | 'k') => (&v[..i], 1024),
+        (i, 'M' | 'm') => (&v[..i], 1024 * 1024),
+        (i, 'G' | 'g') => (&v[..i], 1024 * 1024 * 1024),
+        _ => (v, 1),
+    };
+    digits.trim().parse::<u64>().ok()?.checked_mul(unit)
+}
+
+fn positive(n: &Node, name: &str, default: usize) -> Result<usize> {
+    let v: usize = n.parse_attr(name, "a whole number")?.unwrap_or(default);
+    if v == 0 {
+        return Err(n.error(format!("attribute '{name}' must be at least 1")));
+    }
+    Ok(v)
+}
+
+fn nonzero(n: &Node, name: &str, default: Duration) -> Result<Duration> {
+    let d = n.seconds_attr(name)?.unwrap_or(default);
+    if d.is_zero() {
+        return Err(n.error(format!("attribute '{name}' must be more than 0 seconds")));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+    use std::sync::Arc;
+
+    fn parse(s: &str) -> Result<ProxyConfig> {
+        ProxyConfig::from_node(&Node::parse_str(s, Arc::new(PathBuf::from("proxy65.xml")))?)
+    }
+
+    const BASE: &str = "<router name='proxy.localhost' secret='s'/><host>localhost</host>";
+
+    #[test]
+    fn defaults_and_errors() {
+        let c = parse(&format!("<proxy65>{BASE}<listen/></proxy65>")).unwrap();
+        assert_eq!(
+            (c.streamhost_host.as_str(), c.streamhost_port),
+            ("127.0.0.1", 7777)
+        );
+        assert_eq!(c.bandwidth, 10 * 1024 * 1024);
+        assert!(c.allows(&jid::BareJid::new("a@localhost").unwrap()));
+        assert!(!c.allows(&jid::BareJid::new("a@example.net").unwrap()));
+        let c = parse(&format!(
+            "<proxy65>{BASE}<listen address='::' port='7000'/>\
+             <streamhost host='proxy.example.net'/><relay bandwidth='0' idle='5'/></proxy65>"
+        ))
+        .unwrap();
+        assert_eq!(
+            (c.streamhost_host.as_str(), c.streamhost_port),
+            ("proxy.example.net", 7000)
+        );
+        assert_eq!(c.bandwidth, 0);
+        let e = parse(&format!(
+            "<proxy65>{BASE}\n<listen address='0.0.0.0'/></proxy65>"
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, 2);
+        assert!(e.to_string().contains("<streamhost"), "{e}");
+        let e = parse(&format!(
+            "<proxy65>{BASE}<listen/>\n<relay bandwidth='fast'/></proxy65>"
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, 2);
+        let e = parse("<proxy65><router name='proxy.localhost' secret='s'/><listen/></proxy65>")
+            .unwrap_err();
+        assert!(e.to_string().contains("<host>"), "{e}");
+    }
+}

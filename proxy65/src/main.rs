@@ -1,0 +1,79 @@
+//! proxy65: a XEP-0065 SOCKS5 bytestream proxy as a component. The XMPP side (on the
+//! router link, as `proxy.DOMAIN`) tells clients where the streamhost is and takes
+//! activations; the SOCKS5 side pairs the two connections of a stream and relays them.
+//! See docs/proxy65.md.
+//!
+//! - `config`: proxy65.xml; `xmpp`: disco, streamhost query, activation;
+//! - `socks`: the SOCKS5 handshake; `relay`: waiting connections, pairing, relaying.
+
+mod config;
+mod relay;
+mod socks;
+mod xmpp;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Parser;
+use tracing::info;
+
+use jrs_component::service::{exit_code, load_and_init, run_component, CommonArgs};
+
+use crate::config::ProxyConfig;
+
+/// The jabberd-rs SOCKS5 bytestream proxy (XEP-0065).
+#[derive(Parser, Debug)]
+#[command(name = "proxy65", version, about)]
+struct Args {
+    #[command(flatten)]
+    common: CommonArgs,
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    exit_code(run(args), "proxy65")
+}
+
+fn load(path: &Path) -> jrs_config::Result<ProxyConfig> {
+    ProxyConfig::load(path)
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let Some(config) = load_and_init(&args.common, load, |c| c.log.clone())? else {
+        return Ok(());
+    };
+    let link = config.router.clone().for_instance(args.common.instance);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let address = format!("{}:{}", config.listen_address, config.listen_port);
+        let listener = tokio::net::TcpListener::bind(&address)
+            .await
+            .with_context(|| format!("listening for SOCKS5 on {address}"))?;
+        let relay = relay::Relay::new(relay::RelayLimits {
+            bandwidth: config.bandwidth,
+            streams_per_user: config.streams_per_user,
+            max_connections: config.max_connections,
+            idle: config.idle,
+            pending: config.pending,
+        });
+        info!(
+            name = %link.name,
+            listen = %listener.local_addr()?,
+            streamhost = %format!("{}:{}", config.streamhost_host, config.streamhost_port),
+            "proxy65 starting"
+        );
+        tokio::spawn(relay.clone().serve(listener));
+        let service = Arc::new(xmpp::Service {
+            config: config.clone(),
+            relay,
+        });
+        run_component(link, config.limits, vec![], |reader, outbox| {
+            xmpp::serve(service.clone(), reader, outbox)
+        })
+        .await
+    })
+}

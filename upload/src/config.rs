@@ -1,0 +1,337 @@
+//! `upload.xml`: see `docs/upload.md` for every element.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use jrs_config::{limits_from_node, LogConfig, Node, Result, RouterLink};
+use jrs_stream::Limits;
+
+#[derive(Debug, Clone)]
+pub struct UploadConfig {
+    /// The router link; its `name` is the service's JID (`upload.localhost`).
+    pub router: RouterLink,
+    /// Domains whose users may ask for slots (`<host>`).
+    pub hosts: Vec<String>,
+    /// More who may: whole domains and single bare JIDs (`<allow domain=.. | jid=..>`).
+    pub allow_domains: Vec<String>,
+    pub allow_jids: Vec<String>,
+    pub http: HttpConfig,
+    /// Where the HMAC secret comes from.
+    pub secret: SecretSource,
+    /// Completed files live under `spool/`.
+    pub spool: PathBuf,
+    pub max_file_size: u64,
+    /// Bytes one user may be granted per `quota_window` (0: no quota).
+    pub quota_bytes: u64,
+    pub quota_window: Duration,
+    /// All the files together (0: no budget).
+    pub disk_budget: u64,
+    /// How long a PUT URL stays valid.
+    pub slot_lifetime: Duration,
+    /// How long a file is kept after its upload.
+    pub file_lifetime: Duration,
+    /// How often expired files and abandoned parts are removed.
+    pub sweep_interval: Duration,
+    pub limits: Limits,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    pub address: String,
+    pub port: u16,
+    /// Where clients reach the listener (a reverse proxy's address), without a final `/`.
+    pub base_url: String,
+    pub tls: Option<HttpTls>,
+    /// A request's headers, and each read of a body, must arrive within this.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpTls {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub self_signed: bool,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SecretSource {
+    /// Given in the file.
+    Inline(String),
+    /// Read from a file; made (random, mode 0600) when it does not exist.
+    File(PathBuf),
+}
+
+const MIB: u64 = 1024 * 1024;
+
+impl UploadConfig {
+    pub fn load(path: &Path) -> Result<UploadConfig> {
+        UploadConfig::from_node(&Node::load(path, "upload")?)
+    }
+
+    pub fn from_node(root: &Node) -> Result<UploadConfig> {
+        root.allow(
+            &[],
+            &[
+                "router", "host", "allow", "http", "secret", "spool", "files", "quota", "limits",
+                "log",
+            ],
+        )?;
+        let router = RouterLink::from_node(root.required_child("router")?)?;
+        if jid::BareJid::new(&router.name)
+            .map(|j| j.node().is_some())
+            .unwrap_or(true)
+        {
+            return Err(root.required_child("router")?.error(format!(
+                "name '{}' must be the service's domain, e.g. upload.localhost",
+                router.name
+            )));
+        }
+        let mut hosts = vec![];
+        for h in root.children("host") {
+            h.allow(&[], &[])?;
+            hosts.push(domain(h, &h.text)?);
+        }
+        let (mut allow_domains, mut allow_jids) = (vec![], vec![]);
+        for a in root.children("allow") {
+            a.allow(&["domain", "jid"], &[])?;
+            match (a.attr("domain"), a.attr("jid")) {
+                (Some(d), None) => allow_domains.push(domain(a, d)?),
+                (None, Some(j)) => match jid::BareJid::new(j) {
+                    Ok(b) if b.node().is_some() => allow_jids.push(b.to_string()),
+                    _ => return Err(a.error(format!("'{j}' is not a bare JID user@domain"))),
+                },
+                _ => return Err(a.error("give either domain='..' or jid='..'")),
+            }
+        }
+        if hosts.is_empty() && allow_domains.is_empty() && allow_jids.is_empty() {
+            return Err(
+                root.error("at least one <host>DOMAIN</host> (whose users may upload) is required")
+            );
+        }
+        let http = http(root.required_child("http")?)?;
+        let secret = match root.required_child("secret")? {
+            s if !s.text.is_empty() => {
+                s.allow(&[], &[])?;
+                if s.text.len() < 16 {
+                    return Err(s.error("the secret must be at least 16 characters"));
+                }
+                SecretSource::Inline(s.text.clone())
+            }
+            s => {
+                s.allow(&["file"], &[])?;
+                SecretSource::File(PathBuf::from(s.required_attr("file")?))
+            }
+        };
+        let spool = root.required_child("spool")?;
+        spool.allow(&["dir"], &[])?;
+        let mut c = UploadConfig {
+            router,
+            hosts,
+            allow_domains,
+            allow_jids,
+            http,
+            secret,
+            spool: PathBuf::from(spool.required_attr("dir")?),
+            max_file_size: 100 * MIB,
+            quota_bytes: 1024 * MIB,
+            quota_window: Duration::from_secs(86_400),
+            disk_budget: 10 * 1024 * MIB,
+            slot_lifetime: Duration::from_secs(300),
+            file_lifetime: Duration::from_secs(30 * 86_400),
+            sweep_interval: Duration::from_secs(600),
+            limits: limits_from_node(root.child("limits")?, Limits::default())?,
+            log: LogConfig::from_node(root.child("log")?)?,
+        };
+        if let Some(f) = root.child("files")? {
+            f.allow(
+                &[
+                    "max-size",
+                    "disk-budget",
+                    "slot-lifetime",
+                    "lifetime",
+                    "sweep",
+                ],
+                &[],
+            )?;
+            c.max_file_size = bytes(f, "max-size", c.max_file_size)?;
+            if c.max_file_size == 0 {
+                return Err(f.error("attribute 'max-size' must be more than 0"));
+            }
+            c.disk_budget = bytes(f, "disk-budget", c.disk_budget)?;
+            c.slot_lifetime = nonzero(f, "slot-lifetime", c.slot_lifetime)?;
+            c.file_lifetime = nonzero(f, "lifetime", c.file_lifetime)?;
+            c.sweep_interval = nonzero(f, "sweep", c.sweep_interval)?;
+        }
+        if let Some(q) = root.child("quota")? {
+            q.allow(&["bytes", "window"], &[])?;
+            c.quota_bytes = bytes(q, "bytes", c.quota_bytes)?;
+            c.quota_window = nonzero(q, "window", c.quota_window)?;
+        }
+        Ok(c)
+    }
+
+    /// Whether `user` (a bare JID) may ask for slots.
+    pub fn allows(&self, user: &jid::BareJid) -> bool {
+        let d = user.domain().as_str();
+        user.node().is_some()
+            && (self.hosts.iter().any(|h| h == d)
+                || self.allow_domains.iter().any(|h| h == d)
+                || self.allow_jids.iter().any(|j| j == user.as_str()))
+    }
+}
+
+fn http(n: &Node) -> Result<HttpConfig> {
+    n.allow(
+        &[
+            "address",
+            "port",
+            "base-url",
+            "tls",
+            "cert",
+            "key",
+            "self-signed",
+            "timeout",
+        ],
+        &[],
+    )?;
+    let address = n.attr("address").unwrap_or("127.0.0.1").to_owned();
+    let port: u16 = n
+        .parse_attr("port", "a port number (0-65535)")?
+        .unwrap_or(5280);
+    let tls = if n.bool_attr("tls", false)? {
+        Some(HttpTls {
+            cert: PathBuf::from(n.required_attr("cert")?),
+            key: PathBuf::from(n.required_attr("key")?),
+            self_signed: n.bool_attr("self-signed", false)?,
+        })
+    } else {
+        for a in ["cert", "key", "self-signed"] {
+            if n.attr(a).is_some() {
+                return Err(n.error(format!("attribute '{a}' needs tls='true'")));
+            }
+        }
+        None
+    };
+    let base_url = match n.attr("base-url") {
+        Some(u) => {
+            let u = u.trim().trim_end_matches('/');
+            if !(u.starts_with("http://") || u.starts_with("https://"))
+                || u.len() <= "https://".len()
+                || u.contains(['?', '#', ' '])
+            {
+                return Err(n.error(format!(
+                    "attribute 'base-url' = '{u}': expected an http:// or https:// URL without query"
+                )));
+            }
+            u.to_owned()
+        }
+        None => {
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let host = if address.contains(':') {
+                format!("[{address}]")
+            } else {
+                address.clone()
+            };
+            format!("{scheme}://{host}:{port}")
+        }
+    };
+    Ok(HttpConfig {
+        address,
+        port,
+        base_url,
+        tls,
+        timeout: nonzero(n, "timeout", Duration::from_secs(30))?,
+    })
+}
+
+fn domain(n: &Node, text: &str) -> Result<String> {
+    let d = text.trim().to_ascii_lowercase();
+    match jid::BareJid::new(&d) {
+        Ok(j) if j.node().is_none() && !d.is_empty() && d != "*" => Ok(d),
+        _ => Err(n.error(format!("'{text}' is not a domain name"))),
+    }
+}
+
+/// A size: a whole number of bytes, or with a K, M or G suffix (powers of 1024).
+fn bytes(n: &Node, name: &str, default: u64) -> Result<u64> {
+    let Some(v) = n.attr(name) else {
+        return Ok(default);
+    };
+    parse_size(v).ok_or_else(|| {
+        n.error(format!(
+            "attribute '{name}' = '{v}': expected a number of bytes (suffix K, M or G allowed)"
+        ))
+    })
+}
+
+pub fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let (digits, unit) = match v.char_indices().last()? {
+        (i, 'K' | 'k') => (&v[..i], 1024),
+        (i, 'M' | 'm') => (&v[..i], MIB),
+        (i, 'G' | 'g') => (&v[..i], 1024 * MIB),
+        _ => (v, 1),
+    };
+    digits.trim().parse::<u64>().ok()?.checked_mul(unit)
+}
+
+fn nonzero(n: &Node, name: &str, default: Duration) -> Result<Duration> {
+    let d = n.seconds_attr(name)?.unwrap_or(default);
+    if d.is_zero() {
+        return Err(n.error(format!("attribute '{name}' must be more than 0 seconds")));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn parse(s: &str) -> Result<UploadConfig> {
+        UploadConfig::from_node(&Node::parse_str(s, Arc::new(PathBuf::from("upload.xml")))?)
+    }
+
+    const BASE: &str = "<router name='upload.localhost' secret='s'/><host>localhost</host>\
+        <secret file='var/upload.secret'/><spool dir='var/upload'/>";
+
+    #[test]
+    fn defaults() {
+        let c = parse(&format!("<upload>{BASE}<http/></upload>")).unwrap();
+        assert_eq!(c.http.base_url, "http://127.0.0.1:5280");
+        assert_eq!(c.max_file_size, 100 * MIB);
+        assert!(c.allows(&jid::BareJid::new("a@localhost").unwrap()));
+        assert!(!c.allows(&jid::BareJid::new("localhost").unwrap()));
+        assert!(!c.allows(&jid::BareJid::new("a@example.net").unwrap()));
+        let c = parse(&format!(
+            "<upload>{BASE}<http tls='true' cert='c' key='k' port='5281' base-url='https://up.example/x/'/>\
+             <files max-size='10M' disk-budget='1G'/><quota bytes='512K' window='60'/>\
+             <allow jid='bob@example.net'/></upload>"
+        ))
+        .unwrap();
+        assert_eq!(c.http.base_url, "https://up.example/x");
+        assert_eq!(c.max_file_size, 10 * MIB);
+        assert_eq!(c.quota_bytes, 512 * 1024);
+        assert!(c.allows(&jid::BareJid::new("bob@example.net").unwrap()));
+    }
+
+    #[test]
+    fn errors_name_the_line() {
+        let e = parse(&format!(
+            "<upload>{BASE}\n<http/>\n<files max-size='big'/></upload>"
+        ))
+        .unwrap_err();
+        assert_eq!(e.line, 3);
+        assert!(e.to_string().contains("max-size"), "{e}");
+        let e = parse(&format!("<upload>{BASE}<http cert='x'/></upload>")).unwrap_err();
+        assert!(e.to_string().contains("tls='true'"), "{e}");
+        let e = parse(&format!(
+            "<upload>{BASE}<http base-url='ftp://x'/></upload>"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("base-url"), "{e}");
+        assert_eq!(parse_size("2k"), Some(2048));
+        assert_eq!(parse_size("x"), None);
+    }
+}
