@@ -24,8 +24,14 @@ pub struct ProxyConfig {
     pub bandwidth: u64,
     /// Active streams per user (by the initiator who activates them).
     pub streams_per_user: usize,
-    /// SOCKS5 connections at once, waiting or relaying.
-    pub max_connections: usize,
+    /// SOCKS5 connections at once in the handshake or waiting for activation.
+    pub max_waiting: usize,
+    /// Of those, from one client address.
+    pub per_address: usize,
+    /// Streams relayed at once (two connections each).
+    pub max_streams: usize,
+    /// The SOCKS5 handshake must be done within this.
+    pub handshake: Duration,
     /// A relayed stream with no byte either way for this long is closed.
     pub idle: Duration,
     /// A connection not activated within this is closed.
@@ -128,7 +134,10 @@ impl ProxyConfig {
             streamhost_port,
             bandwidth: 10 * 1024 * 1024,
             streams_per_user: 10,
-            max_connections: 1000,
+            max_waiting: 256,
+            per_address: 8,
+            max_streams: 500,
+            handshake: Duration::from_secs(10),
             idle: Duration::from_secs(120),
             pending: Duration::from_secs(60),
             limits: limits_from_node(root.child("limits")?, Limits::default())?,
@@ -139,7 +148,10 @@ impl ProxyConfig {
                 &[
                     "bandwidth",
                     "streams-per-user",
-                    "max-connections",
+                    "max-waiting",
+                    "per-address",
+                    "max-streams",
+                    "handshake",
                     "idle",
                     "pending",
                 ],
@@ -153,7 +165,10 @@ impl ProxyConfig {
                 })?;
             }
             c.streams_per_user = positive(r, "streams-per-user", c.streams_per_user)?;
-            c.max_connections = positive(r, "max-connections", c.max_connections)?;
+            c.max_waiting = positive(r, "max-waiting", c.max_waiting)?;
+            c.per_address = positive(r, "per-address", c.per_address)?;
+            c.max_streams = positive(r, "max-streams", c.max_streams)?;
+            c.handshake = nonzero(r, "handshake", c.handshake)?;
             c.idle = nonzero(r, "idle", c.idle)?;
             c.pending = nonzero(r, "pending", c.pending)?;
         }
@@ -226,11 +241,16 @@ mod tests {
             ("127.0.0.1", 7777)
         );
         assert_eq!(c.bandwidth, 10 * 1024 * 1024);
+        assert_eq!(
+            (c.max_waiting, c.per_address, c.max_streams, c.handshake),
+            (256, 8, 500, Duration::from_secs(10))
+        );
         assert!(c.allows(&jid::BareJid::new("a@localhost").unwrap()));
         assert!(!c.allows(&jid::BareJid::new("a@example.net").unwrap()));
         let c = parse(&format!(
             "<proxy65>{BASE}<listen address='::' port='7000'/>\
-             <streamhost host='proxy.example.net'/><relay bandwidth='0' idle='5'/></proxy65>"
+             <streamhost host='proxy.example.net'/><relay bandwidth='0' idle='5' max-waiting='20' \
+             per-address='2' max-streams='5' handshake='3'/></proxy65>"
         ))
         .unwrap();
         assert_eq!(
@@ -238,6 +258,10 @@ mod tests {
             ("proxy.example.net", 7000)
         );
         assert_eq!(c.bandwidth, 0);
+        assert_eq!(
+            (c.max_waiting, c.per_address, c.max_streams, c.handshake),
+            (20, 2, 5, Duration::from_secs(3))
+        );
         let e = parse(&format!(
             "<proxy65>{BASE}\n<listen address='0.0.0.0'/></proxy65>"
         ))

@@ -56,7 +56,10 @@ fn run(args: Args) -> anyhow::Result<()> {
         let relay = relay::Relay::new(relay::RelayLimits {
             bandwidth: config.bandwidth,
             streams_per_user: config.streams_per_user,
-            max_connections: config.max_connections,
+            max_waiting: config.max_waiting,
+            per_address: config.per_address,
+            max_streams: config.max_streams,
+            handshake: config.handshake,
             idle: config.idle,
             pending: config.pending,
         });

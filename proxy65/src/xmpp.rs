@@ -149,6 +149,10 @@ impl Service {
                 StanzaErrorCondition::ResourceConstraint,
                 "too many streams through this proxy at once",
             ),
+            Activation::Busy => stanza.error_reply(
+                StanzaErrorCondition::ResourceConstraint,
+                "the proxy relays as many streams as it may; try again later",
+            ),
         }
     }
 }
@@ -189,7 +193,10 @@ mod tests {
             relay: Relay::new(RelayLimits {
                 bandwidth: 0,
                 streams_per_user: 1,
-                max_connections: 4,
+                max_waiting: 4,
+                per_address: 4,
+                max_streams: 2,
+                handshake: Duration::from_secs(1),
                 idle: Duration::from_secs(1),
                 pending: Duration::from_secs(1),
             }),

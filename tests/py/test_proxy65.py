@@ -9,6 +9,7 @@ Run from the repository root:  .venv/bin/python -m pytest tests/py/test_proxy65.
 import asyncio
 import hashlib
 import os
+import socket
 import time
 
 import pytest
@@ -106,3 +107,56 @@ def test_unknown_streams_are_not_activated(request, tmp_path):
             assert e.value.iq["error"]["condition"] == "item-not-found"
 
         run_clients(test, server.starttls_port, server.tls_port)
+
+
+def socks(port, addr=None, source="127.0.0.1"):
+    """A connection to the proxy from `source`; with `addr`, the SOCKS5 handshake for
+    it: returns (socket, reply code)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT,
+                                 source_address=(source, 0))
+    if addr is None:
+        return s, None
+    s.sendall(b"\x05\x01\x00")
+    assert s.recv(2) == b"\x05\x00"
+    s.sendall(b"\x05\x01\x00\x03" + bytes([len(addr)]) + addr.encode() + b"\x00\x00")
+    reply = b""
+    while len(reply) < 47:
+        chunk = s.recv(47 - len(reply))
+        assert chunk, "closed during the handshake"
+        reply += chunk
+    return s, reply[1]
+
+
+def is_closed(s, within):
+    s.settimeout(within)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+def test_connection_limits_and_a_third_connection_for_a_stream(request, tmp_path):
+    with serving(request, tmp_path, USERS, proxy65=True,
+                 proxy65_extra="<relay per-address='3' handshake='1'/>") as server:
+        port = server.proxy65_port
+        addr = hashlib.sha1(b"sid" + b"alice@localhost/a" + b"bob@localhost/b").hexdigest()
+        target, code = socks(port, addr)
+        assert code == 0
+        initiator, code = socks(port, addr)
+        assert code == 0
+        # A third connection for the stream is refused (02), never told SUCCEEDED.
+        third, code = socks(port, addr, source="127.0.0.2")
+        assert code == 2
+        assert is_closed(third, 2)
+        # Three places per address: the fourth from 127.0.0.1 is closed at once.
+        silent, _ = socks(port)
+        over, _ = socks(port)
+        assert is_closed(over, 1)
+        # A connection silent through the handshake time is closed.
+        started = time.monotonic()
+        assert is_closed(silent, 5)
+        assert 0.5 < time.monotonic() - started < 3
+        for s in (target, initiator, third, silent, over):
+            s.close()

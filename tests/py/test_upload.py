@@ -9,6 +9,8 @@ Run from the repository root:  .venv/bin/python -m pytest tests/py/test_upload.p
 
 import http.client
 import os
+import re
+import xml.etree.ElementTree as ET
 import socket
 import ssl
 import time
@@ -154,12 +156,94 @@ def test_oversize_and_over_quota_are_refused(server):
         with pytest.raises(IqError) as e:
             await slot(alice, "two.bin", 1024 * 1024, "application/octet-stream")
         assert e.value.iq["error"]["condition"] == "resource-constraint"
+        assert e.value.iq["error"]["type"] == "wait"
+        # ... saying when to retry (XEP-0363 4): when the first slot leaves the hour.
+        retry = e.value.iq.xml.find(f".//{{{NS}}}retry")
+        assert retry is not None, e.value.iq
+        stamp = retry.get("stamp")
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", stamp), stamp
+        when = time.mktime(time.strptime(stamp, "%Y-%m-%dT%H:%M:%SZ")) - time.timezone
+        assert 3500 < when - time.time() < 3700, stamp
         # ... per user.
         bob = clients.make("bob@localhost/b", "bob-pw", plugins=PLUGINS)
         await bob.start()
         await slot(bob, "two.bin", 1024 * 1024, "application/octet-stream")
 
     run_clients(test, server.starttls_port, server.tls_port)
+
+
+def test_content_type_of_puts(server):
+    async def test(clients):
+        alice = clients.make("alice@localhost/a", "alice-pw", plugins=PLUGINS)
+        await alice.start()
+        # Only the media type counts, in any case; parameters are ignored.
+        put, get = await slot(alice, "a.txt", 5, "text/plain")
+        assert https(server, "PUT", put, b"hello", {"Content-Type": "Text/Plain; charset=utf-8",
+                                                   "Content-Length": "5"})[0] == 201
+        status, h, _b = https(server, "GET", get)
+        assert (status, h["content-type"]) == (200, "text/plain")
+        # No Content-Type at all: fine (served with the signed type).
+        put, get = await slot(alice, "b.png", 4, "image/png")
+        assert https(server, "PUT", put, b"\x89PNG", {"Content-Length": "4"})[0] == 201
+        assert https(server, "GET", get)[1]["content-type"] == "image/png"
+        # A slot asked for without a type takes any, served as application/octet-stream.
+        iq = alice.make_iq_get(ito=SERVICE)
+        iq.append(ET.fromstring(f"<request xmlns='{NS}' filename='c.html' size='4'/>"))
+        reply = await iq.send(timeout=TIMEOUT)
+        put = reply["http_upload_slot"]["put"]["url"]
+        get = reply["http_upload_slot"]["get"]["url"]
+        assert https(server, "PUT", put, b"<b/>", {"Content-Type": "text/html",
+                                                   "Content-Length": "4"})[0] == 201
+        status, h, body = https(server, "GET", get)
+        assert (status, body) == (200, b"<b/>")
+        assert h["content-type"] == "application/octet-stream"
+        assert h["content-disposition"].startswith("attachment")
+
+    run_clients(test, server.starttls_port, server.tls_port)
+
+
+def tls_connection(server, source="127.0.0.1"):
+    """A TLS connection to the upload service from `source`; None when it is closed
+    (refused) instead of completing the handshake."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", server.upload_port), timeout=TIMEOUT,
+                                   source_address=(source, 0))
+    try:
+        return ctx.wrap_socket(raw, server_hostname="localhost")
+    except (ssl.SSLError, OSError):
+        raw.close()
+        return None
+
+
+def test_connections_per_address_are_limited_without_blocking_others(request, tmp_path):
+    with serving(request, tmp_path, {"alice": "alice-pw"}, upload=True,
+                 upload_extra="<connections per-address='2'/>") as server:
+        first = tls_connection(server)
+        second = tls_connection(server)
+        assert first is not None and second is not None
+        # A third from the same address is closed at once ...
+        started = time.monotonic()
+        assert tls_connection(server) is None
+        assert time.monotonic() - started < 2
+        # ... while another address is served.
+        other = tls_connection(server, source="127.0.0.2")
+        assert other is not None
+        other.sendall(b"OPTIONS / HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        assert other.recv(100).startswith(b"HTTP/1.1 204")
+        other.close()
+        # A place freed is taken again.
+        first.close()
+        deadline = time.monotonic() + TIMEOUT
+        while True:
+            third = tls_connection(server)
+            if third is not None:
+                break
+            assert time.monotonic() < deadline, "the place was not freed"
+            time.sleep(0.1)
+        third.close()
+        second.close()
 
 
 def test_tampered_urls_and_hostile_puts_are_refused(server):

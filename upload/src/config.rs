@@ -32,6 +32,8 @@ pub struct UploadConfig {
     pub file_lifetime: Duration,
     /// How often expired files and abandoned parts are removed.
     pub sweep_interval: Duration,
+    /// Connection limits and the pace of uploads (`<connections>`).
+    pub connections: ConnectionLimits,
     pub limits: Limits,
     pub log: LogConfig,
 }
@@ -45,6 +47,31 @@ pub struct HttpConfig {
     pub tls: Option<HttpTls>,
     /// A request's headers, and each read of a body, must arrive within this.
     pub timeout: Duration,
+}
+
+/// `<connections max per-address min-rate max-duration>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnectionLimits {
+    /// HTTP connections at once; more are answered 503 (plain HTTP) or closed (TLS).
+    pub max: usize,
+    /// Connections at once from one client address (0: no limit).
+    pub per_address: usize,
+    /// After its first `timeout`, an upload must have averaged this many bytes per second
+    /// (0: no minimum).
+    pub min_rate: u64,
+    /// The longest an upload's body may take.
+    pub max_duration: Duration,
+}
+
+impl Default for ConnectionLimits {
+    fn default() -> Self {
+        ConnectionLimits {
+            max: 1024,
+            per_address: 16,
+            min_rate: 4 * 1024,
+            max_duration: Duration::from_secs(3600),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -73,7 +100,16 @@ impl UploadConfig {
         root.allow(
             &[],
             &[
-                "router", "host", "allow", "http", "secret", "spool", "files", "quota", "limits",
+                "router",
+                "host",
+                "allow",
+                "http",
+                "secret",
+                "spool",
+                "files",
+                "quota",
+                "connections",
+                "limits",
                 "log",
             ],
         )?;
@@ -140,6 +176,7 @@ impl UploadConfig {
             slot_lifetime: Duration::from_secs(300),
             file_lifetime: Duration::from_secs(30 * 86_400),
             sweep_interval: Duration::from_secs(600),
+            connections: ConnectionLimits::default(),
             limits: limits_from_node(root.child("limits")?, Limits::default())?,
             log: LogConfig::from_node(root.child("log")?)?,
         };
@@ -167,6 +204,19 @@ impl UploadConfig {
             q.allow(&["bytes", "window"], &[])?;
             c.quota_bytes = bytes(q, "bytes", c.quota_bytes)?;
             c.quota_window = nonzero(q, "window", c.quota_window)?;
+        }
+        if let Some(n) = root.child("connections")? {
+            n.allow(&["max", "per-address", "min-rate", "max-duration"], &[])?;
+            let l = &mut c.connections;
+            l.max = n.parse_attr("max", "a whole number")?.unwrap_or(l.max);
+            if l.max == 0 {
+                return Err(n.error("attribute 'max' must be at least 1"));
+            }
+            l.per_address = n
+                .parse_attr("per-address", "a whole number")?
+                .unwrap_or(l.per_address);
+            l.min_rate = bytes(n, "min-rate", l.min_rate)?;
+            l.max_duration = nonzero(n, "max-duration", l.max_duration)?;
         }
         Ok(c)
     }
@@ -198,7 +248,7 @@ fn http(n: &Node) -> Result<HttpConfig> {
     let address = n.attr("address").unwrap_or("127.0.0.1").to_owned();
     let port: u16 = n
         .parse_attr("port", "a port number (0-65535)")?
-        .unwrap_or(5280);
+        .unwrap_or(5282);
     let tls = if n.bool_attr("tls", false)? {
         Some(HttpTls {
             cert: PathBuf::from(n.required_attr("cert")?),
@@ -299,7 +349,7 @@ mod tests {
     #[test]
     fn defaults() {
         let c = parse(&format!("<upload>{BASE}<http/></upload>")).unwrap();
-        assert_eq!(c.http.base_url, "http://127.0.0.1:5280");
+        assert_eq!(c.http.base_url, "http://127.0.0.1:5282");
         assert_eq!(c.max_file_size, 100 * MIB);
         assert!(c.allows(&jid::BareJid::new("a@localhost").unwrap()));
         assert!(!c.allows(&jid::BareJid::new("localhost").unwrap()));
@@ -314,6 +364,26 @@ mod tests {
         assert_eq!(c.max_file_size, 10 * MIB);
         assert_eq!(c.quota_bytes, 512 * 1024);
         assert!(c.allows(&jid::BareJid::new("bob@example.net").unwrap()));
+        assert_eq!(c.connections, ConnectionLimits::default());
+        let c = parse(&format!(
+            "<upload>{BASE}<http/><connections max='10' per-address='0' min-rate='1K' \
+             max-duration='60'/></upload>"
+        ))
+        .unwrap();
+        assert_eq!(
+            c.connections,
+            ConnectionLimits {
+                max: 10,
+                per_address: 0,
+                min_rate: 1024,
+                max_duration: Duration::from_secs(60)
+            }
+        );
+        let e = parse(&format!(
+            "<upload>{BASE}<http/><connections max='0'/></upload>"
+        ))
+        .unwrap_err();
+        assert!(e.to_string().contains("'max'"), "{e}");
     }
 
     #[test]

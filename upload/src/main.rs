@@ -121,13 +121,15 @@ fn run(args: Args) -> anyhow::Result<()> {
     let store = Arc::new(store::Store::new(
         config.spool.clone(),
         config.file_lifetime,
-        // A part idle for longer than a slot lives and a body read may take is abandoned.
+        // A part idle for longer than a slot lives and a body read may take is abandoned
+        // (uploads running in this process are never swept).
         config.slot_lifetime + config.http.timeout * 2,
     ));
     let http = Arc::new(http::Http {
         signer: signer.clone(),
         store: store.clone(),
         timeout: config.http.timeout,
+        limits: config.connections.clone(),
     });
     let service = Arc::new(slots::Service::new(config.clone(), signer, store.clone()));
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -27,6 +27,8 @@ pub struct Slot {
     pub id: String,
     pub name: String,
     pub size: u64,
+    /// Empty when the request named no type: the PUT may send any, and the file is
+    /// served as `application/octet-stream`.
     pub content_type: String,
     /// Unix time after which the PUT URL is refused.
     pub expires: u64,

@@ -34,7 +34,8 @@ pub enum Refusal {
     NotAllowed,
     BadRequest(&'static str),
     TooLarge(u64),
-    Quota,
+    /// The quota is used up; when enough of it frees again (if ever, for this size).
+    Quota(Option<SystemTime>),
     Disk,
 }
 
@@ -70,10 +71,14 @@ impl Service {
             return Err(Refusal::TooLarge(self.config.max_file_size));
         }
         let content_type = match content_type.map(str::trim).filter(|c| !c.is_empty()) {
-            None => "application/octet-stream".to_owned(),
+            // No type asked for: the PUT may send any, the file is served as
+            // application/octet-stream.
+            None => String::new(),
             Some(c) => normalize_content_type(c)
                 .ok_or(Refusal::BadRequest("'content-type' is not a MIME type"))?,
         };
+        let id = new_slot_id();
+        let lifetime = self.config.slot_lifetime.max(Duration::from_secs(1));
         {
             let mut granted = self.granted.lock().expect("quota lock");
             let now = Instant::now();
@@ -87,23 +92,37 @@ impl Service {
                 }
                 !q.is_empty()
             });
-            let q = granted.entry(user.to_string()).or_default();
-            let used: u64 = q.iter().map(|(_, s)| s).sum();
-            if self.config.quota_bytes > 0 && used + size > self.config.quota_bytes {
-                return Err(Refusal::Quota);
+            let quota = self.config.quota_bytes;
+            if quota > 0 {
+                let q = granted.get(user.as_str());
+                let used: u64 = q.map_or(0, |q| q.iter().map(|(_, s)| s).sum());
+                if used.saturating_add(size) > quota {
+                    return Err(Refusal::Quota(
+                        q.and_then(|q| retry_at(q, size, quota, window)),
+                    ));
+                }
             }
-            if !self.store.reserve(size, self.config.disk_budget) {
+            if !self
+                .store
+                .reserve(&id, size, self.config.disk_budget, now + lifetime)
+            {
                 return Err(Refusal::Disk);
             }
-            q.push_back((now, size));
+            // Without a quota nothing is recorded.
+            if quota > 0 {
+                granted
+                    .entry(user.to_string())
+                    .or_default()
+                    .push_back((now, size));
+            }
         }
         let expires = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .unwrap_or(Duration::ZERO)
             .as_secs()
-            + self.config.slot_lifetime.as_secs().max(1);
+            + lifetime.as_secs();
         Ok(Slot {
-            id: new_slot_id(),
+            id,
             name: sanitize_name(filename),
             size,
             content_type,
@@ -217,9 +236,12 @@ impl Service {
                              <max-file-size>{max}</max-file-size></file-too-large>"
                         ),
                     ),
-                    Refusal::Quota => stanza.error_reply(
+                    Refusal::Quota(retry) => stanza.error_reply_with(
                         StanzaErrorCondition::ResourceConstraint,
                         "upload quota reached; try again later",
+                        &retry.map_or(String::new(), |t| {
+                            format!("<retry xmlns='{NS_UPLOAD}' stamp='{}'/>", stamp(t))
+                        }),
                     ),
                     Refusal::Disk => stanza.error_reply(
                         StanzaErrorCondition::ResourceConstraint,
@@ -229,6 +251,52 @@ impl Service {
             }
         }
     }
+}
+
+/// When the grants `q` (oldest first) will have left the quota window far enough for
+/// `size` more bytes within `quota`; `None` if `size` alone is over the quota.
+fn retry_at(
+    q: &VecDeque<(Instant, u64)>,
+    size: u64,
+    quota: u64,
+    window: Duration,
+) -> Option<SystemTime> {
+    if size > quota {
+        return None;
+    }
+    let mut used: u64 = q.iter().map(|(_, s)| s).sum();
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    for (t, s) in q {
+        used -= s;
+        if used + size <= quota {
+            // A grant leaves the window once it is more than `window` old.
+            let at = (*t + window).saturating_duration_since(now) + Duration::from_secs(1);
+            return Some(wall + at);
+        }
+    }
+    None
+}
+
+/// An XEP-0082 UTC date and time, `YYYY-MM-DDThh:mm:ssZ`.
+pub fn stamp(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let (days, rest) = (secs / 86_400, secs % 86_400);
+    // Days since 1970-01-01 to a civil date (H. Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rest / 3600,
+        rest / 60 % 60,
+        rest % 60
+    )
 }
 
 /// Serves one router link until it drops.
@@ -335,6 +403,46 @@ mod tests {
         assert!(s.grant(&user, "x", Some(1000), None).is_ok());
         assert_eq!(s.grant(&user, "x", Some(600), None), Err(Refusal::Disk));
         let slot = s.grant(&user, "x", Some(500), None).unwrap();
-        assert_eq!(slot.content_type, "application/octet-stream");
+        assert_eq!(slot.content_type, "");
+    }
+
+    #[test]
+    fn quota_answers_say_when_to_retry() {
+        let (s, _tmp) = service("<files max-size='1000'/><quota bytes='1500' window='60'/>");
+        let req =
+            |size: u64| format!("<request xmlns='{NS_UPLOAD}' filename='a.bin' size='{size}'/>");
+        assert!(answer(&s, "a@localhost/r", &req(800)).contains("<slot"));
+        let before = SystemTime::now();
+        let refused = answer(&s, "a@localhost/r", &req(800));
+        assert!(
+            refused.contains("resource-constraint") && refused.contains("type='wait'"),
+            "{refused}"
+        );
+        // The first grant leaves the window in a minute.
+        let expected = [0, 1, 2].map(|d| stamp(before + Duration::from_secs(60 + d)));
+        assert!(
+            expected
+                .iter()
+                .any(|e| refused.contains(&format!("<retry xmlns='{NS_UPLOAD}' stamp='{e}'/>"))),
+            "{refused}"
+        );
+        assert_eq!(
+            stamp(UNIX_EPOCH + Duration::from_secs(1_700_000_000)),
+            "2023-11-14T22:13:20Z"
+        );
+        assert_eq!(
+            stamp(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00Z"
+        );
+    }
+
+    #[test]
+    fn no_quota_records_nothing() {
+        let (s, _tmp) = service("<files max-size='1000'/><quota bytes='0' window='60'/>");
+        let user = jid::BareJid::new("a@localhost").unwrap();
+        for _ in 0..10 {
+            assert!(s.grant(&user, "x", Some(1000), None).is_ok());
+        }
+        assert!(s.granted.lock().unwrap().is_empty());
     }
 }
