@@ -76,6 +76,22 @@ impl ClientKeys {
     }
 }
 
+impl ClientKeys {
+    /// The same credentials as a Prosody account file (`mod_auth_internal_hashed`,
+    /// `DATA/HOST/accounts/USER.dat`): SCRAM-SHA-1 keys in hex, [`SALT`] and the
+    /// iteration count, so the same cached client keys log in to Prosody.
+    pub fn prosody_account(&self) -> String {
+        let hex = |b: &[u8]| b.iter().map(|x| format!("{x:02x}")).collect::<String>();
+        format!(
+            "return {{\n\t[\"stored_key\"] = \"{}\";\n\t[\"server_key\"] = \"{}\";\n\t[\"salt\"] = \"{}\";\n\t[\"iteration_count\"] = {};\n}};\n",
+            hex(&self.stored_key),
+            hex(&self.server_key),
+            String::from_utf8_lossy(SALT),
+            jrs_auth::DEFAULT_ITERATIONS
+        )
+    }
+}
+
 /// A logged-in client connection.
 pub struct Client {
     pub reader: FramedReader<BoxIo>,

@@ -2,5 +2,6 @@
 
 pub mod caps;
 pub mod client;
+pub mod muc;
 pub mod pep;
 pub mod procstat;

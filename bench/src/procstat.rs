@@ -54,3 +54,26 @@ pub fn cpu_micros(pids: &[u32]) -> u64 {
         * 1_000_000
         / hz
 }
+
+/// CPU time (ns) of every thread of the processes, from /proc/PID/task/*/schedstat:
+/// precise where [`cpu_micros`] counts 10 ms ticks. Threads that ended are not counted
+/// (the servers' worker threads live as long as the process).
+pub fn cpu_nanos(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) {
+                total += s
+                    .split_whitespace()
+                    .next()
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+            }
+        }
+    }
+    total
+}

@@ -14,7 +14,10 @@
 //!   PEP notifications (XEP-0163), each with mutual contacts; each publishes an avatar
 //!   and a device list; then all log out and in again and get the last items. Server CPU
 //!   per login and per notification, the disco#info queries that reach clients (one per
-//!   distinct `ver` is the goal), wall time of each phase and memory.
+//!   distinct `ver` is the goal), wall time of each phase and memory;
+//! - `muc`: group chat (`bench::muc`): a 1 000-occupant room on the muc component,
+//!   server CPU and time of one more join, and room deliveries per second with server
+//!   CPU per delivery; the same clients against Prosody's MUC in the same run.
 //!
 //! With `--sm` clients enable stream management with resumption (XEP-0198) after
 //! binding, ask for an acknowledgement (`<r/>`) after every 5 stanzas they send, and
@@ -39,6 +42,7 @@ use tokio::sync::{mpsc, Notify};
 
 use bench::caps::{self, Software};
 use bench::client::{accounts, client_tls, store_fragments, Client, ClientKeys, DOMAIN};
+use bench::muc;
 use bench::pep::{self, key, Cmd, Counters, Snapshot};
 use bench::procstat::{cpu_micros, per_process, server_pids};
 use jrs_harness::{Options, Server};
@@ -123,6 +127,37 @@ enum Scenario {
         #[arg(long)]
         profile: Option<String>,
     },
+    /// Group chat (issue 10): a room of `occupants` clients on the muc component; the
+    /// CPU and time of one more join, and room deliveries per second for a steady
+    /// stream of messages; the same clients against Prosody's MUC (`--server`).
+    Muc {
+        #[arg(long, default_value_t = 1000)]
+        occupants: usize,
+        /// Join/leave rounds of the newcomer (the median is reported).
+        #[arg(long, default_value_t = 7)]
+        joins: usize,
+        /// Occupants that send room messages.
+        #[arg(long, default_value_t = 4)]
+        senders: usize,
+        /// Messages in flight per sender (sent, not yet reflected back to it).
+        #[arg(long, default_value_t = 5)]
+        inflight: u64,
+        #[arg(long, default_value_t = 10)]
+        seconds: u64,
+        /// Logins and joins in progress at a time while the room fills.
+        #[arg(long, default_value_t = 50)]
+        concurrency: usize,
+        /// `jabberd-rs`, `prosody` or `both` (one after the other, in this run).
+        #[arg(long, default_value = "both")]
+        server: String,
+        /// Room archives on (muc's `<archive enabled>`; Prosody's MUC has none loaded).
+        #[arg(long)]
+        archive: bool,
+        /// Record muc, sm, router and c2s (or prosody) with `perf record -g` during the
+        /// message phase into perf-muc-SERVER.data in the current directory.
+        #[arg(long)]
+        profile: bool,
+    },
     /// Everything above with the default settings.
     All,
 }
@@ -170,6 +205,20 @@ fn main() -> anyhow::Result<()> {
             one => vec![one],
         };
         for s in scenarios {
+            if let Scenario::Muc { server, .. } = &s {
+                if matches!(server.as_str(), "both" | "jabberd-rs") {
+                    let bench = Bench::start(&s, &setup).await?;
+                    let result = bench.muc(&s).await;
+                    if result.is_err() {
+                        bench.server.print_log_tails(20);
+                    }
+                    result?;
+                }
+                if matches!(server.as_str(), "both" | "prosody") {
+                    muc_prosody(&s).await?;
+                }
+                continue;
+            }
             let bench = Bench::start(&s, &setup).await?;
             let result = match s {
                 Scenario::Logins {
@@ -204,7 +253,7 @@ fn main() -> anyhow::Result<()> {
                     };
                     bench.pep(&plan).await
                 }
-                Scenario::All => unreachable!(),
+                Scenario::All | Scenario::Muc { .. } => unreachable!(),
             };
             if result.is_err() {
                 bench.server.print_log_tails(20);
@@ -243,21 +292,36 @@ impl Bench {
             Scenario::Idle { connections, .. } => *connections,
             Scenario::Hibernated { sessions } => *sessions,
             Scenario::Pep { users, .. } => *users,
+            Scenario::Muc { occupants, .. } => *occupants + 1,
             Scenario::All => 0,
         };
+        let muc = matches!(scenario, Scenario::Muc { .. });
         let mut server = Server::start(Options {
             max_queue_bytes: 64 << 20,
+            extra_users: if muc {
+                "<component name='muc' secret='muc-secret' trusted='true'><allow type='normal' host='conference.localhost'/></component>".to_owned()
+            } else {
+                String::new()
+            },
             ..Options::default()
         })
         .await?;
         server.write(
             "xdb-file.xml",
             &format!(
-            "<xdb-file>{}<host>localhost</host><spool dir='spool'/><log level='warn'/></xdb-file>",
-            server.router_element("xdb-file", "xdb-secret")
+            "<xdb-file>{}<host>localhost</host>{}<spool dir='spool'/><log level='warn'/></xdb-file>",
+            server.router_element("xdb-file", "xdb-secret"),
+            if muc { "<host>conference.localhost</host>" } else { "" }
         ),
         )?;
         server.spawn("xdb-file", "xdb-file", &["-c", "xdb-file.xml"])?;
+        // A joiner into a 1 000-occupant room gets 1 000 presences at once: more than
+        // sm's default queue per user (1 000 events, etc/sm.xml), which refuses the rest.
+        let sessions = if muc {
+            "<sessions queue='100000'/>"
+        } else {
+            ""
+        };
         let modules: String = setup
             .without
             .iter()
@@ -266,11 +330,27 @@ impl Bench {
         server.write(
             "sm.xml",
             &format!(
-                "<sm>{}<host>localhost</host><modules defaults='true'>{modules}</modules><log level='warn'/></sm>",
+                "<sm>{}<host>localhost</host>{sessions}<modules defaults='true'>{modules}</modules><log level='warn'/></sm>",
                 server.router_element("sm", "sm-secret")
             ),
         )?;
         server.spawn("sm", "sm", &["-c", "sm.xml"])?;
+        if let Scenario::Muc { archive, .. } = scenario {
+            // etc/muc.xml with room limits that let 1 000+ occupants in and a few of
+            // them send hundreds of messages a second.
+            server.write(
+                "muc.xml",
+                &format!(
+                    "<muc>{}<service>conference.localhost</service><storage>xdb</storage>\
+                     <rooms max-rooms='100' max-occupants='100000' default-max-users='100000' \
+                     max-history='50' default-history='20' message-rate='1000000' message-burst='1000000'/>\
+                     <archive enabled='{archive}'/><log level='info'/></muc>",
+                    server.router_element("muc", "muc-secret")
+                ),
+            )?;
+            server.spawn("muc", "muc", &["-c", "muc.xml"])?;
+            server.wait_connected("muc", 0).await?;
+        }
         let (port, _) = server
             .start_c2s("<tls required='false'/><limits max-stanza-bytes='65536' max-depth='32' rate-bytes='100000000'/><timeouts idle='3600'/>")
             .await?;
@@ -936,6 +1016,93 @@ impl Bench {
             times.push(took);
         }
         Ok((clients, times))
+    }
+}
+
+impl Bench {
+    async fn muc(&self, scenario: &Scenario) -> anyhow::Result<()> {
+        if self.sm || self.carbons {
+            bail!("`muc` clients neither do stream management nor carbons");
+        }
+        let pids = self.pids();
+        let target = muc::Target {
+            name: "jabberd-rs".to_owned(),
+            port: self.port,
+            pids: pids.clone(),
+            service: "conference.localhost".to_owned(),
+        };
+        let profiled: Vec<u32> = pids
+            .iter()
+            .copied()
+            .filter(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/comm"))
+                    .is_ok_and(|c| matches!(c.trim(), "muc" | "sm" | "router" | "c2s"))
+            })
+            .collect();
+        muc::run(
+            &target,
+            &self.keys,
+            &muc_plan(scenario, "jabberd-rs", profiled),
+        )
+        .await
+    }
+}
+
+/// The `muc` scenario against Debian's Prosody and its own MUC.
+async fn muc_prosody(scenario: &Scenario) -> anyhow::Result<()> {
+    let Scenario::Muc { occupants, .. } = scenario else {
+        unreachable!()
+    };
+    let keys = ClientKeys::new();
+    let prosody = muc::Prosody::start(occupants + 1, &keys).await?;
+    eprintln!(
+        "prosody up in {} (pid {})",
+        prosody.dir.display(),
+        prosody.pid()
+    );
+    let target = muc::Target {
+        name: "prosody".to_owned(),
+        port: prosody.port,
+        pids: vec![prosody.pid()],
+        service: "conference.localhost".to_owned(),
+    };
+    let result = muc::run(
+        &target,
+        &keys,
+        &muc_plan(scenario, "prosody", vec![prosody.pid()]),
+    )
+    .await;
+    if result.is_err() {
+        eprintln!(
+            "{}",
+            std::fs::read_to_string(prosody.dir.join("prosody.log")).unwrap_or_default()
+        );
+    }
+    result
+}
+
+fn muc_plan(scenario: &Scenario, server: &str, profiled: Vec<u32>) -> muc::Plan {
+    let Scenario::Muc {
+        occupants,
+        joins,
+        senders,
+        inflight,
+        seconds,
+        concurrency,
+        profile,
+        ..
+    } = scenario
+    else {
+        unreachable!()
+    };
+    muc::Plan {
+        occupants: *occupants,
+        joins: (*joins).max(1),
+        senders: *senders,
+        inflight: *inflight,
+        seconds: *seconds,
+        concurrency: *concurrency,
+        profile: profile.then(|| (format!("perf-muc-{server}.data"), profiled)),
     }
 }
 
