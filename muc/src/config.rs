@@ -53,6 +53,12 @@ pub struct MucConfig {
     pub storage: Storage,
     /// Rooms in this instance at once.
     pub max_rooms: usize,
+    /// Rooms one user may have created and not yet ended (0: no limit).
+    pub max_rooms_per_user: usize,
+    /// An empty persistent room is unloaded after this long without stanzas.
+    pub idle_unload: Duration,
+    /// Stanzas queued for one room at most; more are refused (`resource-constraint`).
+    pub room_queue: usize,
     /// Who may create rooms: anyone, or users of these domains only (empty: anyone).
     pub create_domains: Vec<String>,
     pub rooms: RoomLimits,
@@ -120,6 +126,9 @@ impl MucConfig {
             service,
             storage,
             max_rooms: 10_000,
+            max_rooms_per_user: 10,
+            idle_unload: Duration::from_secs(600),
+            room_queue: 1000,
             create_domains: vec![],
             rooms: RoomLimits {
                 max_occupants: 200,
@@ -152,13 +161,25 @@ impl MucConfig {
                     "default-history",
                     "message-rate",
                     "message-burst",
+                    "max-rooms-per-user",
+                    "idle-unload",
+                    "room-queue",
                 ],
                 &[],
             )?;
+            c.idle_unload = n.seconds_attr("idle-unload")?.unwrap_or(c.idle_unload);
+            if c.idle_unload.is_zero() {
+                return Err(n.error("attribute 'idle-unload' must be more than 0 seconds"));
+            }
             let count = |name: &str, default: usize| -> Result<usize> {
                 Ok(n.parse_attr(name, "a number")?.unwrap_or(default))
             };
             c.max_rooms = count("max-rooms", c.max_rooms)?;
+            c.max_rooms_per_user = count("max-rooms-per-user", c.max_rooms_per_user)?;
+            c.room_queue = count("room-queue", c.room_queue)?;
+            if c.room_queue == 0 {
+                return Err(n.error("attribute 'room-queue' must be more than 0"));
+            }
             c.rooms.max_occupants = count("max-occupants", c.rooms.max_occupants)?;
             c.rooms.default_max_users = count("default-max-users", c.rooms.default_max_users)?;
             c.rooms.max_history = count("max-history", c.rooms.max_history)?;
@@ -253,5 +274,18 @@ mod tests {
         assert!(e.to_string().contains("need <storage>xdb"), "{e}");
         let c = parse("<muc><router name='c.l' secret='s'/><service>c.l</service><storage>memory</storage></muc>").unwrap();
         assert!(!c.rooms.archive, "no archives without xdb");
+        assert_eq!(
+            (c.max_rooms_per_user, c.idle_unload, c.room_queue),
+            (10, Duration::from_secs(600), 1000)
+        );
+        let c = parse(
+            "<muc><router name='muc' secret='s'/><service>c.l</service>\
+             <rooms max-rooms-per-user='2' idle-unload='30' room-queue='5'/></muc>",
+        )
+        .unwrap();
+        assert_eq!(
+            (c.max_rooms_per_user, c.idle_unload, c.room_queue),
+            (2, Duration::from_secs(30), 5)
+        );
     }
 }

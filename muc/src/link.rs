@@ -28,7 +28,12 @@ pub async fn serve(
             match c.store.load_index(&c.config.service).await {
                 Ok(index) => {
                     info!(rooms = index.len(), "persistent rooms listed");
-                    c.rooms.merge_index(index);
+                    // Rooms that changed before the list was read: store the merge.
+                    if let Some(merged) = c.rooms.merge_index(index) {
+                        if let Err(e) = c.store.save_index(&c.config.service, &merged).await {
+                            warn!("could not store the room list: {e}");
+                        }
+                    }
                 }
                 Err(e) => {
                     warn!("could not read the list of persistent rooms: {e}");

@@ -48,11 +48,30 @@ pub struct Ctx {
     pub create_domains: Arc<Vec<String>>,
     /// Input of occupant ids: the link's secret, stable across restarts, never sent.
     pub salt: Arc<str>,
+    /// Rooms created per user (`max-rooms-per-user`).
+    pub creations: Arc<crate::room::Creations>,
     pub index_loaded: AtomicBool,
     link: Mutex<Option<Outbox>>,
 }
 
 impl Ctx {
+    /// A context with no router link (tests): whatever it sends is dropped, and xdb
+    /// storage fails with `LinkDown`.
+    #[cfg(test)]
+    pub fn detached(config: MucConfig, store: Store) -> Ctx {
+        Ctx {
+            limits: Arc::new(config.rooms.clone()),
+            create_domains: Arc::new(config.create_domains.clone()),
+            salt: Arc::from("salt"),
+            creations: Arc::new(crate::room::Creations::new(config.max_rooms_per_user)),
+            config,
+            store,
+            rooms: Registry::default(),
+            index_loaded: AtomicBool::new(false),
+            link: Mutex::new(None),
+        }
+    }
+
     fn set_link(&self, outbox: Outbox) {
         if let Some(x) = self.store.xdb() {
             x.set_outbox(outbox.clone());
@@ -105,6 +124,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         limits: Arc::new(config.rooms.clone()),
         create_domains: Arc::new(config.create_domains.clone()),
         salt: Arc::from(config.router.secret.as_str()),
+        creations: Arc::new(crate::room::Creations::new(config.max_rooms_per_user)),
         config,
         store,
         rooms: Registry::default(),

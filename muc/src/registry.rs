@@ -34,8 +34,29 @@ pub struct Entry {
 
 #[derive(Default)]
 pub struct Registry {
-    rooms: Mutex<HashMap<String, mpsc::UnboundedSender<Stanza>>>,
-    directory: Mutex<BTreeMap<String, Entry>>,
+    rooms: Mutex<HashMap<String, mpsc::Sender<Stanza>>>,
+    directory: Mutex<Directory>,
+}
+
+/// The rooms listed, and whether the stored list of persistent rooms was read: until
+/// it is, the list is never stored (that would overwrite it with the few rooms loaded
+/// so far), and the rooms whose entry changed meanwhile are remembered so that the
+/// stored list does not bring back what they removed.
+#[derive(Default)]
+struct Directory {
+    rooms: BTreeMap<String, Entry>,
+    loaded: bool,
+    changed: std::collections::BTreeSet<String>,
+}
+
+impl Directory {
+    fn index(&self) -> BTreeMap<String, Listing> {
+        self.rooms
+            .iter()
+            .filter(|(_, e)| e.persistent)
+            .map(|(j, e)| (j.clone(), e.listing.clone()))
+            .collect()
+    }
 }
 
 impl Registry {
@@ -44,21 +65,35 @@ impl Registry {
         self.directory
             .lock()
             .expect("directory lock")
+            .rooms
             .iter()
             .filter(|(_, e)| e.listing.public)
             .map(|(j, e)| (j.clone(), e.listing.name.clone()))
             .collect()
     }
 
-    /// Adds the stored list of persistent rooms to the directory.
-    pub fn merge_index(&self, index: BTreeMap<String, Listing>) {
+    /// Adds the stored list of persistent rooms to the directory (but not the rooms
+    /// whose entry changed since this process started: theirs is newer). Returns the
+    /// list to store when it differs from the stored one, i.e. rooms changed before
+    /// the list was read.
+    pub fn merge_index(
+        &self,
+        index: BTreeMap<String, Listing>,
+    ) -> Option<BTreeMap<String, Listing>> {
         let mut d = self.directory.lock().expect("directory lock");
-        for (jid, listing) in index {
-            d.entry(jid).or_insert(Entry {
-                listing,
+        for (jid, listing) in &index {
+            if d.changed.contains(jid) {
+                continue;
+            }
+            d.rooms.entry(jid.clone()).or_insert(Entry {
+                listing: listing.clone(),
                 persistent: true,
             });
         }
+        d.loaded = true;
+        d.changed.clear();
+        let merged = d.index();
+        (merged != index).then_some(merged)
     }
 
     /// Updates the directory entry of `room`; the persistent rooms' index when it changed.
@@ -72,21 +107,22 @@ impl Registry {
             persistent: room.config.persistent && !room.destroyed,
         };
         let mut d = self.directory.lock().expect("directory lock");
-        let old = d.get(&key).cloned();
+        let old = d.rooms.get(&key).cloned();
         let listed = !room.finished() || entry.persistent;
         if listed {
-            d.insert(key, entry.clone());
+            d.rooms.insert(key.clone(), entry.clone());
         } else {
-            d.remove(&key);
+            d.rooms.remove(&key);
         }
         let was = old.as_ref().filter(|e| e.persistent);
         let now = Some(&entry).filter(|e| listed && e.persistent);
-        (was != now).then(|| {
-            d.iter()
-                .filter(|(_, e)| e.persistent)
-                .map(|(j, e)| (j.clone(), e.listing.clone()))
-                .collect()
-        })
+        if !d.loaded {
+            // Stored once the stored list has been read and merged (`merge_index`);
+            // this room's entry is newer than the stored one.
+            d.changed.insert(key);
+            return None;
+        }
+        (was != now).then(|| d.index())
     }
 }
 
@@ -94,9 +130,23 @@ impl Registry {
 pub fn dispatch(ctx: &Arc<Ctx>, room: BareJid, stanza: Stanza) {
     let mut rooms = ctx.rooms.rooms.lock().expect("rooms lock");
     let stanza = match rooms.get(room.as_str()) {
-        Some(tx) => match tx.send(stanza) {
+        Some(tx) => match tx.try_send(stanza) {
             Ok(()) => return,
-            Err(e) => e.0,
+            Err(mpsc::error::TrySendError::Full(stanza)) => {
+                // The room is behind: refuse rather than hold up the link's reader.
+                drop(rooms);
+                debug!(room = %room, "room queue full");
+                if let Some(r) = xml::error_reply(
+                    &stanza,
+                    xml::RESOURCE_CONSTRAINT,
+                    "the room is busy; try again",
+                    "",
+                ) {
+                    ctx.send(r.freeze());
+                }
+                return;
+            }
+            Err(mpsc::error::TrySendError::Closed(stanza)) => stanza,
         },
         None => stanza,
     };
@@ -113,8 +163,8 @@ pub fn dispatch(ctx: &Arc<Ctx>, room: BareJid, stanza: Stanza) {
         }
         return;
     }
-    let (tx, rx) = mpsc::unbounded_channel();
-    let _ = tx.send(stanza);
+    let (tx, rx) = mpsc::channel(ctx.config.room_queue);
+    let _ = tx.try_send(stanza);
     rooms.insert(room.to_string(), tx);
     drop(rooms);
     let span = tracing::info_span!("room", room = %room);
@@ -127,13 +177,19 @@ pub fn unix_now() -> f64 {
         .map_or(0.0, |d| d.as_secs_f64())
 }
 
-async fn run(ctx: Arc<Ctx>, jid: BareJid, mut rx: mpsc::UnboundedReceiver<Stanza>) {
+fn new_room(ctx: &Ctx, jid: &BareJid) -> Room {
     let mut room = Room::new(
         jid.clone(),
         ctx.limits.clone(),
         ctx.create_domains.clone(),
         ctx.salt.clone(),
     );
+    room.creations = ctx.creations.clone();
+    room
+}
+
+async fn run(ctx: Arc<Ctx>, jid: BareJid, mut rx: mpsc::Receiver<Stanza>) {
+    let mut room = new_room(&ctx, &jid);
     match ctx.store.load(&mut room).await {
         Ok(true) => {
             info!("persistent room loaded");
@@ -150,7 +206,7 @@ async fn run(ctx: Arc<Ctx>, jid: BareJid, mut rx: mpsc::UnboundedReceiver<Stanza
                 while let Ok(s) = rx.try_recv() {
                     if let Some(r) = xml::error_reply(
                         &s,
-                        xml::SERVICE_UNAVAILABLE,
+                        xml::SERVICE_UNAVAILABLE_WAIT,
                         "storage is not available",
                         "",
                     ) {
@@ -160,21 +216,40 @@ async fn run(ctx: Arc<Ctx>, jid: BareJid, mut rx: mpsc::UnboundedReceiver<Stanza
                 if remove_if_idle(&ctx, &jid, &rx) {
                     return;
                 }
+                tokio::task::yield_now().await;
             }
         }
     }
     let mut archived = false;
-    while let Some(first) = rx.recv().await {
+    loop {
+        // An empty persistent room stays loaded a while (its history, disco), then
+        // goes: rooms loaded only by disco or a failed join cannot pile up.
+        let first = if room.occupants.is_empty() && !room.finished() {
+            match tokio::time::timeout(ctx.config.idle_unload, rx.recv()).await {
+                Ok(first) => first,
+                Err(_) => {
+                    if remove_if_idle(&ctx, &jid, &rx) {
+                        debug!("idle room unloaded");
+                        return;
+                    }
+                    continue;
+                }
+            }
+        } else {
+            rx.recv().await
+        };
+        let Some(first) = first else {
+            return;
+        };
         let mut out = Out::default();
         let now = unix_now();
-        room.handle(&first, now, &mut out);
-        for _ in 1..BATCH {
-            if out.buf.len() >= BATCH_BYTES {
-                break;
-            }
-            match rx.try_recv() {
-                Ok(s) => room.handle(&s, now, &mut out),
-                Err(_) => break,
+        let mut next = Some(first);
+        let mut handled = 0;
+        while let Some(s) = next.take() {
+            handled += 1;
+            handle_one(&ctx, &mut room, &s, now, &mut out).await;
+            if handled < BATCH && out.buf.len() < BATCH_BYTES {
+                next = rx.try_recv().ok();
             }
         }
         // The whole batch in one write to the router.
@@ -204,7 +279,7 @@ async fn run(ctx: Arc<Ctx>, jid: BareJid, mut rx: mpsc::UnboundedReceiver<Stanza
                     mam::error(
                         room.jid.as_str(),
                         &q,
-                        xml::SERVICE_UNAVAILABLE,
+                        xml::SERVICE_UNAVAILABLE_WAIT,
                         "storage is not available",
                     )
                 }
@@ -220,34 +295,67 @@ async fn run(ctx: Arc<Ctx>, jid: BareJid, mut rx: mpsc::UnboundedReceiver<Stanza
             }
             archived = false;
         }
-        let stored = if out.delete {
-            ctx.store.delete(&room.jid).await
-        } else if out.save {
-            ctx.store.save(&room).await
-        } else {
-            Ok(())
-        };
-        if let Err(e) = stored {
-            warn!("could not store the room: {e}");
-        }
         if let Some(index) = ctx.rooms.update(&room) {
             if let Err(e) = ctx.store.save_index(&ctx.config.service, &index).await {
                 warn!("could not store the room list: {e}");
             }
         }
         if room.finished() {
+            // The room ended (destroyed, or temporary and empty): no longer one of its
+            // creator's rooms.
+            if let Some(creator) = room.creator.take() {
+                ctx.creations.release(&creator);
+            }
             if remove_if_idle(&ctx, &jid, &rx) {
                 debug!("room unloaded");
                 return;
             }
             // Stanzas arrived while the room ended: they meet a new room of that name
             // (its stored state, if any, was deleted).
-            room = Room::new(
-                jid.clone(),
-                ctx.limits.clone(),
-                ctx.create_domains.clone(),
-                ctx.salt.clone(),
-            );
+            room = new_room(&ctx, &jid);
+        }
+    }
+}
+
+/// Handles one stanza into the batch `out`. A stanza that changes what is stored is
+/// stored before anything it produced is sent (what the batch produced before it goes
+/// out first): if storing fails, the room is put back as it was, what the stanza
+/// produced is dropped, and the sender is answered `internal-server-error` (wait).
+/// Stanzas are stored in order, so a batch that deletes and then saves ends saved.
+async fn handle_one(ctx: &Ctx, room: &mut Room, s: &Stanza, now: f64, out: &mut Out) {
+    let snapshot = Room::may_persist(s).then(|| room.snapshot());
+    let mark = out.buf.len();
+    room.handle(s, now, out);
+    if !out.save && !out.delete {
+        return;
+    }
+    let delete = out.delete;
+    out.save = false;
+    out.delete = false;
+    let produced = out.buf.split_off(mark);
+    if !out.buf.is_empty() {
+        ctx.send(out.buf.split().freeze());
+    }
+    let stored = if delete {
+        ctx.store.delete(&room.jid).await
+    } else {
+        ctx.store.save(room).await
+    };
+    match stored {
+        Ok(()) => out.buf.unsplit(produced),
+        Err(e) => {
+            warn!("could not store the room: {e}");
+            if let Some(snapshot) = snapshot {
+                room.restore(snapshot);
+            }
+            if let Some(r) = xml::error_reply(
+                s,
+                xml::INTERNAL_SERVER_ERROR,
+                "the change could not be stored; try again",
+                "",
+            ) {
+                out.buf.extend_from_slice(&r);
+            }
         }
     }
 }
@@ -284,12 +392,156 @@ async fn load_history(ctx: &Ctx, room: &mut Room) {
 
 /// Removes the room from the registry unless stanzas arrived meanwhile (senders queue
 /// under the same lock, so none is lost).
-fn remove_if_idle(ctx: &Ctx, jid: &BareJid, rx: &mpsc::UnboundedReceiver<Stanza>) -> bool {
+fn remove_if_idle(ctx: &Ctx, jid: &BareJid, rx: &mpsc::Receiver<Stanza>) -> bool {
     let mut rooms = ctx.rooms.rooms.lock().expect("rooms lock");
     if rx.is_empty() {
         rooms.remove(jid.as_str());
         true
     } else {
         false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::RoomLimits;
+
+    fn persistent(jid: &str, name: &str) -> Room {
+        let limits = RoomLimits {
+            max_occupants: 3,
+            default_max_users: 3,
+            max_history: 10,
+            default_history: 5,
+            rate: 1.0,
+            burst: 3.0,
+            archive: false,
+            archive_max_items: None,
+        };
+        let mut r = Room::new(
+            BareJid::new(jid).unwrap(),
+            Arc::new(limits),
+            Arc::new(vec![]),
+            Arc::from("salt"),
+        );
+        r.fresh = false;
+        r.config.persistent = true;
+        r.config.name = name.to_owned();
+        r
+    }
+
+    fn stanza(xml: &str) -> Stanza {
+        Stanza::parse(bytes::Bytes::from(xml.to_owned())).unwrap()
+    }
+
+    /// Storage that fails (an xdb client without a router link): the owner's change is
+    /// answered `internal-server-error` (wait), never `result`, and is undone.
+    #[tokio::test]
+    async fn a_change_that_cannot_be_stored_is_refused_and_undone() {
+        let node = jrs_config::Node::parse_str(
+            "<muc><router name='muc' secret='s'/><service>conf</service></muc>",
+            Arc::new(std::path::PathBuf::from("muc.xml")),
+        )
+        .unwrap();
+        let config = crate::config::MucConfig::from_node(&node).unwrap();
+        let store = crate::store::Store::Xdb(jrs_xdb::client::XdbClient::new(
+            "muc",
+            std::time::Duration::from_millis(50),
+        ));
+        let ctx = crate::Ctx::detached(config, store);
+        let mut room = persistent("r@conf", "R");
+        room.affiliations
+            .insert(BareJid::new("alice@x").unwrap(), room::Affiliation::Owner);
+        let mut out = Out::default();
+        let ban = stanza("<iq from='alice@x/a' to='r@conf' type='set' id='b'><query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='outcast' jid='eve@x'/></query></iq>");
+        handle_one(&ctx, &mut room, &ban, 1.0, &mut out).await;
+        let text = String::from_utf8(out.buf.to_vec()).unwrap();
+        assert!(!text.contains("type='result'"), "{text}");
+        assert!(
+            text.contains("<error type='wait'><internal-server-error "),
+            "{text}"
+        );
+        assert!(!room
+            .affiliations
+            .contains_key(&BareJid::new("eve@x").unwrap()));
+        assert!(!out.save && !out.delete);
+    }
+
+    fn memory_ctx(rooms: &str) -> Arc<crate::Ctx> {
+        let node = jrs_config::Node::parse_str(
+            &format!("<muc><router name='conf' secret='s'/><service>conf</service><plain/><storage>memory</storage>{rooms}</muc>"),
+            Arc::new(std::path::PathBuf::from("muc.xml")),
+        )
+        .unwrap();
+        let config = crate::config::MucConfig::from_node(&node).unwrap();
+        Arc::new(crate::Ctx::detached(config, crate::store::Store::Memory))
+    }
+
+    fn loaded(ctx: &crate::Ctx) -> usize {
+        ctx.rooms.rooms.lock().unwrap().len()
+    }
+
+    /// An empty persistent room is unloaded after `idle-unload`; a room's queue is
+    /// bounded (a full one refuses, never blocks the reader).
+    #[tokio::test]
+    async fn idle_rooms_are_unloaded_and_queues_are_bounded() {
+        let ctx = memory_ctx("<rooms idle-unload='1' room-queue='2'/>");
+        let room = BareJid::new("r@conf").unwrap();
+        for xml in [
+            "<presence from='a@x/a' to='r@conf/A'><x xmlns='http://jabber.org/protocol/muc'/></presence>",
+            "<iq from='a@x/a' to='r@conf' type='set' id='c'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'><field var='muc#roomconfig_persistentroom'><value>1</value></field></x></query></iq>",
+        ] {
+            dispatch(&ctx, room.clone(), stanza(xml));
+        }
+        // The queue holds two (the task has not run yet): a third at once is refused
+        // at once (its error is dropped here: no link), the reader never waits.
+        assert_eq!(ctx.rooms.rooms.lock().unwrap()["r@conf"].capacity(), 0);
+        dispatch(
+            &ctx,
+            room.clone(),
+            stanza("<presence from='a@x/a' to='r@conf/A' type='unavailable'/>"),
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(loaded(&ctx), 1);
+        dispatch(
+            &ctx,
+            room.clone(),
+            stanza("<presence from='a@x/a' to='r@conf/A' type='unavailable'/>"),
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        assert_eq!(loaded(&ctx), 1, "persistent: stays a while");
+        tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+        assert_eq!(loaded(&ctx), 0, "unloaded when idle");
+    }
+
+    #[test]
+    fn the_room_list_is_not_stored_before_it_was_read() {
+        let reg = Registry::default();
+        // A room changes before the stored list arrives: nothing is stored yet.
+        assert!(reg.update(&persistent("new@conf", "New")).is_none());
+        let mut gone = persistent("old@conf", "Old");
+        gone.destroyed = true;
+        assert!(reg.update(&gone).is_none());
+        // The stored list arrives: the merge (stored rooms, the new one, without the
+        // destroyed one) is what to store.
+        let mut stored = BTreeMap::new();
+        for j in ["old@conf", "kept@conf"] {
+            stored.insert(
+                j.to_owned(),
+                Listing {
+                    name: j.to_owned(),
+                    public: true,
+                },
+            );
+        }
+        let merged = reg.merge_index(stored).expect("changed");
+        assert_eq!(merged.keys().collect::<Vec<_>>(), ["kept@conf", "new@conf"]);
+        // Afterwards changes are stored at once.
+        let mut r = persistent("new@conf", "New");
+        r.config.persistent = false;
+        let index = reg.update(&r).expect("stored");
+        assert_eq!(index.keys().collect::<Vec<_>>(), ["kept@conf"]);
+        // Unchanged after load: nothing to store.
+        assert!(Registry::default().merge_index(BTreeMap::new()).is_none());
     }
 }

@@ -185,7 +185,10 @@ pub fn to_xml(room: &Room) -> String {
         c.allow_invites,
         c.allow_pm.name(),
     );
-    x.push_str(&format!(" archive='{}'", c.archive));
+    x.push_str(&format!(
+        " archive='{}' register-members='{}'",
+        c.archive, c.register_members
+    ));
     if let Some(p) = &c.password {
         x.push_str(&attr("password", p));
     }
@@ -208,6 +211,16 @@ pub fn to_xml(room: &Room) -> String {
             attr("jid", jid.as_str()),
             a.name()
         ));
+    }
+    // Reserved nicks of users without an affiliation.
+    for (jid, nick) in &room.nicks {
+        if !room.affiliations.contains_key(jid) {
+            x.push_str(&format!(
+                "<affiliation{}{} type='none'/>",
+                attr("jid", jid.as_str()),
+                attr("nick", nick)
+            ));
+        }
     }
     x.push_str("</room>");
     x
@@ -234,6 +247,7 @@ pub fn from_xml(room: &mut Room, e: &Element) {
         c.history = num("history", c.history).min(room.limits.max_history);
         c.change_subject = b("change-subject");
         c.allow_invites = b("allow-invites");
+        c.register_members = b("register-members");
         c.allow_pm = n
             .attr("allow-pm")
             .and_then(AllowPm::parse)
@@ -252,7 +266,7 @@ pub fn from_xml(room: &mut Room, e: &Element) {
         .filter_map(|a| {
             Some((
                 BareJid::new(a.attr("jid")?).ok()?,
-                Affiliation::parse(a.attr("type")?)?,
+                Affiliation::parse(a.attr("type")?).filter(|t| *t != Affiliation::None)?,
             ))
         })
         .collect();

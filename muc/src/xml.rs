@@ -40,14 +40,20 @@ conditions! {
     CONFLICT = "conflict", "cancel";
     FEATURE_NOT_IMPLEMENTED = "feature-not-implemented", "cancel";
     FORBIDDEN = "forbidden", "auth";
+    INTERNAL_SERVER_ERROR = "internal-server-error", "wait";
     ITEM_NOT_FOUND = "item-not-found", "cancel";
     JID_MALFORMED = "jid-malformed", "modify";
     NOT_ACCEPTABLE = "not-acceptable", "modify";
+    // XEP-0410: a self-ping from a session that is not joined.
+    NOT_JOINED = "not-acceptable", "cancel";
     NOT_ALLOWED = "not-allowed", "cancel";
     NOT_AUTHORIZED = "not-authorized", "auth";
     REGISTRATION_REQUIRED = "registration-required", "auth";
     RESOURCE_CONSTRAINT = "resource-constraint", "wait";
-    SERVICE_UNAVAILABLE = "service-unavailable", "wait";
+    // Not implemented, not served here: asking again will not help.
+    SERVICE_UNAVAILABLE = "service-unavailable", "cancel";
+    // A full room, storage not answering: it may work later.
+    SERVICE_UNAVAILABLE_WAIT = "service-unavailable", "wait";
 }
 
 /// The `<error/>` element.
@@ -128,13 +134,113 @@ pub fn iq_result(s: &Stanza, payload: &str) -> BytesMut {
     out
 }
 
+/// The namespace prefix declarations (`xmlns:P='V'`) among a tag's attributes: prefix,
+/// quote character and the value as written (still escaped).
+fn prefix_declarations(tag: &[u8]) -> Vec<(String, u8, String)> {
+    let mut out = vec![];
+    // Attribute by attribute (names, `=`, quoted values), so that text inside a value
+    // is never taken for a declaration.
+    let mut j = tag
+        .iter()
+        .position(|b| b.is_ascii_whitespace() || *b == b'/' || *b == b'>')
+        .unwrap_or(tag.len());
+    let skip_ws = |mut j: usize| {
+        while j < tag.len() && tag[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        j
+    };
+    loop {
+        j = skip_ws(j);
+        if j >= tag.len() || tag[j] == b'/' || tag[j] == b'>' {
+            break;
+        }
+        let name_start = j;
+        while j < tag.len() && !tag[j].is_ascii_whitespace() && tag[j] != b'=' {
+            j += 1;
+        }
+        let name = &tag[name_start..j];
+        j = skip_ws(j);
+        if tag.get(j) != Some(&b'=') {
+            break;
+        }
+        j = skip_ws(j + 1);
+        let Some(&quote) = tag.get(j) else { break };
+        if quote != b'\'' && quote != b'"' {
+            break;
+        }
+        let Some(close) = tag[j + 1..].iter().position(|b| *b == quote) else {
+            break;
+        };
+        let value = &tag[j + 1..j + 1 + close];
+        j = j + 2 + close;
+        if let Some(prefix) = name.strip_prefix(b"xmlns:") {
+            if !prefix.is_empty() {
+                out.push((
+                    String::from_utf8_lossy(prefix).into_owned(),
+                    quote,
+                    String::from_utf8_lossy(value).into_owned(),
+                ));
+            }
+        }
+    }
+    out
+}
+
+/// The stanza's start tag.
+fn stanza_head(s: &Stanza) -> &[u8] {
+    if s.is_empty_element() {
+        return s.as_slice();
+    }
+    let inner_at = s.inner().as_ptr() as usize - s.as_slice().as_ptr() as usize;
+    &s.as_slice()[..inner_at]
+}
+
+/// The bytes of a top-level child, self-contained: a namespace prefix the stanza's own
+/// start tag declares (`<message xmlns:a='urn:x'>..<a:b/>`) is declared again on the
+/// child's start tag, so that the child can be copied into another stanza (and kept in
+/// history) without leaving a prefix undeclared.
+pub fn child_bytes(s: &Stanza, child: &Child) -> String {
+    let bytes = &s.as_slice()[child.span.clone()];
+    let text = String::from_utf8_lossy(bytes);
+    let head = stanza_head(s);
+    let declared = prefix_declarations(head);
+    if declared.is_empty() {
+        return text.into_owned();
+    }
+    let tag_len = jrs_stream::xml::tag_len(bytes).unwrap_or(bytes.len());
+    let own = prefix_declarations(&bytes[..tag_len]);
+    let name_end = bytes
+        .iter()
+        .position(|b| b.is_ascii_whitespace() || *b == b'/' || *b == b'>')
+        .unwrap_or(bytes.len());
+    let mut extra = String::new();
+    for (prefix, quote, value) in declared {
+        if own.iter().any(|(p, _, _)| *p == prefix) {
+            continue;
+        }
+        let q = quote as char;
+        extra.push_str(&format!(" xmlns:{prefix}={q}{value}{q}"));
+    }
+    let mut out = String::with_capacity(text.len() + extra.len());
+    out.push_str(&String::from_utf8_lossy(&bytes[..name_end]));
+    out.push_str(&extra);
+    out.push_str(&String::from_utf8_lossy(&bytes[name_end..]));
+    out
+}
+
+/// All top-level children of a stanza, each self-contained (see [`child_bytes`]).
+pub fn inner_bytes(s: &Stanza) -> String {
+    let head = stanza_head(s);
+    if prefix_declarations(head).is_empty() {
+        return String::from_utf8_lossy(s.inner()).into_owned();
+    }
+    children(s).iter().map(|c| child_bytes(s, c)).collect()
+}
+
 /// A top-level child parsed into a tree (unqualified children get `jabber:client`).
 pub fn parse_child(s: &Stanza, child: &Child) -> Option<Element> {
-    let bytes = &s.as_slice()[child.span.clone()];
-    let wrapped = format!(
-        "<w xmlns='{NS_CLIENT}'>{}</w>",
-        std::str::from_utf8(bytes).ok()?
-    );
+    let wrapped = format!("<w xmlns='{NS_CLIENT}'>{}</w>", child_bytes(s, child));
     let w: Element = wrapped.parse().ok()?;
     w.children().next().cloned()
 }
@@ -229,6 +335,29 @@ mod tests {
             t.to("a@b/<c>"),
             "<message from='r@c/n' type='groupchat' to='a@b/&lt;c&gt;'><body>hi</body></message>"
         );
+    }
+
+    #[test]
+    fn copied_children_declare_the_stanzas_prefixes() {
+        let s = Stanza::parse(Bytes::from_static(
+            b"<message xmlns:a='urn:x' xmlns:c=\"urn:'c\" to='r@c'><a:b v=\" xmlns:a='no'\"/><a:d xmlns:a='urn:own'/><e/></message>",
+        ))
+        .unwrap();
+        let parts = children(&s);
+        let copies: Vec<String> = parts.iter().map(|c| child_bytes(&s, c)).collect();
+        assert_eq!(
+            copies,
+            [
+                "<a:b xmlns:a='urn:x' xmlns:c=\"urn:'c\" v=\" xmlns:a='no'\"/>",
+                "<a:d xmlns:c=\"urn:'c\" xmlns:a='urn:own'/>",
+                "<e xmlns:a='urn:x' xmlns:c=\"urn:'c\"/>",
+            ]
+        );
+        // Each copy parses on its own.
+        for c in &copies {
+            let _: Element = format!("<w xmlns='{NS_CLIENT}'>{c}</w>").parse().unwrap();
+        }
+        assert_eq!(inner_bytes(&s), copies.concat());
     }
 
     #[test]

@@ -115,7 +115,7 @@ impl SmConfig {
             directed_max: 100,
             accounts_cache: 10_000,
             accounts_ttl: Duration::from_secs(60),
-            user_queue: 1000,
+            user_queue: 10_000,
             hibernated_per_user: 5,
             hibernated_total: 10_000,
             xdb_timeout: Duration::from_secs(5),

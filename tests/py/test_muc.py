@@ -165,13 +165,28 @@ def test_instant_room_chat_nick_history_and_leave(server):
         m = until(alice, lambda e: body_of(e) == "psst", "the private message")[-1]
         assert m.get("from") == f"{ROOM}/Bob" and m.find(q(NS_USER, "x")) is not None
 
-        # An IQ to an occupant is relayed to it, and its answer back.
-        bob.send(f"<iq to='{ROOM}/Alice' type='get' id='vc1'><vCard xmlns='vcard-temp'/></iq>")
-        asked = until(alice, lambda e: local(e) == "iq" and e.get("id") == "vc1", "the relayed IQ")[-1]
-        assert asked.get("from") == f"{ROOM}/Bob" and asked.get("type") == "get"
-        alice.send(f"<iq to='{ROOM}/Bob' type='result' id='vc1'><vCard xmlns='vcard-temp'><FN>A</FN></vCard></iq>")
-        answer = until(bob, lambda e: local(e) == "iq" and e.get("id") == "vc1", "the relayed answer")[-1]
+        # An IQ to an occupant is relayed to its session under an id of the room's, and
+        # its answer back under the asker's id.
+        bob.send(f"<iq to='{ROOM}/Alice' type='get' id='t1'><time xmlns='urn:xmpp:time'/></iq>")
+        asked = until(alice, lambda e: local(e) == "iq" and e.get("from") == f"{ROOM}/Bob",
+                      "the relayed IQ")[-1]
+        assert asked.get("type") == "get" and asked.get("id") != "t1"
+        alice.send(f"<iq to='{ROOM}/Bob' type='result' id='{asked.get('id')}'>"
+                   "<time xmlns='urn:xmpp:time'><tzo>Z</tzo></time></iq>")
+        answer = until(bob, lambda e: local(e) == "iq" and e.get("id") == "t1", "the relayed answer")[-1]
         assert answer.get("from") == f"{ROOM}/Alice" and answer.get("type") == "result"
+        # vCard requests go to the account (sm answers for it), not to the session.
+        bob.send(f"<iq to='{ROOM}/Alice' type='get' id='vc1'><vCard xmlns='vcard-temp'/></iq>")
+        answer = until(bob, lambda e: local(e) == "iq" and e.get("id") == "vc1", "the vCard answer")[-1]
+        assert answer.get("from") == f"{ROOM}/Alice"
+        assert not [e for e in alice.other if local(e) == "iq" and e.get("from") == f"{ROOM}/Bob"]
+
+        # A child whose prefix is declared on the stanza's own tag reaches everyone
+        # well-formed (declared again on the child), live and in history.
+        alice.send(f"<message xmlns:a='urn:x' to='{ROOM}' type='groupchat'><body>hi</body><a:b/></message>")
+        for c in (alice, bob):
+            m = until(c, lambda e: local(e) == "message" and body_of(e) == "hi", "the prefixed message")[-1]
+            assert m.find("{urn:x}b") is not None, to_xml(m)
 
                 # Self-ping (XEP-0410): joined answers result; another session of bob is not joined.
         ping = "<ping xmlns='urn:xmpp:ping'/>"
@@ -390,6 +405,33 @@ def test_slixmpp_clients_chat_in_a_room(server):
         assert m["body"] == "hi bob" and m["mucnick"] == "Alice"
 
     run_clients(test, server.starttls_port, server.tls_port)
+
+
+def test_a_join_from_a_joined_session_replays_the_join(server):
+    """A client that resends its join (after its link flapped) gets the whole join again,
+    to that session only, as Prosody does; the others see nothing new."""
+    alice, bob = connect(server, "alice"), connect(server, "bob")
+    room = f"again@{MUC_SERVICE}"
+    try:
+        join(alice, "Alice", room=room)
+        assert owner_submit(alice, room=room).get("type") == "result"
+        join(bob, "Bob", room=room)
+        until(alice, lambda e: e.get("from") == f"{room}/Bob", "Bob's presence")
+        alice.send(f"<message to='{room}' type='groupchat'><body>before</body></message>")
+        until(bob, lambda e: body_of(e) == "before", "the message")
+        until(alice, lambda e: body_of(e) == "before", "the message")
+        got = join(bob, "Bob", room=room, x="<history maxstanzas='5'/>")
+        assert [e.get("from") for e in got] == [f"{room}/Alice", f"{room}/Bob", f"{room}/Alice", room]
+        assert codes(got[1]) == ["110", "170"]
+        assert body_of(got[2]) == "before" and got[2].find("{urn:xmpp:delay}delay") is not None
+        assert is_subject(got[3])
+        # Alice sees nothing of it (the same presence): her own message comes next.
+        alice.send(f"<message to='{room}' type='groupchat'><body>after</body></message>")
+        got = until(alice, lambda e: body_of(e) == "after", "her own message")
+        assert not [e for e in got if local(e) == "presence"], [to_xml(e) for e in got]
+    finally:
+        alice.close()
+        bob.close()
 
 
 def test_two_instances_share_the_rooms(server):

@@ -62,10 +62,16 @@ pub struct RoomConfig {
     pub history: usize,
     pub change_subject: bool,
     pub allow_invites: bool,
+    /// Registering a nick (XEP-0045 7.10) makes the user a member (else it only
+    /// reserves the nick).
+    pub register_members: bool,
     pub allow_pm: AllowPm,
     /// Messages are archived (XEP-0313).
     pub archive: bool,
 }
+
+/// The form field of [`RoomConfig::register_members`] (not in XEP-0045's registry).
+pub const FIELD_REGISTER_MEMBERS: &str = "x-jabberd-rs#register_members";
 
 impl RoomConfig {
     pub fn new(limits: &RoomLimits) -> RoomConfig {
@@ -83,6 +89,7 @@ impl RoomConfig {
             history: limits.default_history,
             change_subject: false,
             allow_invites: false,
+            register_members: false,
             allow_pm: AllowPm::Anyone,
             archive: limits.archive,
         }
@@ -180,6 +187,12 @@ impl RoomConfig {
             "Occupants may invite",
             self.allow_invites,
         );
+        boolean(
+            &mut f,
+            FIELD_REGISTER_MEMBERS,
+            "Registering a nickname makes a member",
+            self.register_members,
+        );
         list(
             &mut f,
             "muc#roomconfig_allowpm",
@@ -262,6 +275,7 @@ impl RoomConfig {
                 }
                 "muc#roomconfig_changesubject" => next.change_subject = flag()?,
                 "muc#roomconfig_allowinvites" => next.allow_invites = flag()?,
+                FIELD_REGISTER_MEMBERS => next.register_members = flag()?,
                 "muc#roomconfig_enablearchiving" => next.archive = flag()? && limits.archive,
                 "muc#roomconfig_allowpm" => {
                     next.allow_pm = AllowPm::parse(&value).ok_or_else(|| {

@@ -207,6 +207,7 @@ impl Room {
                 }
                 let was_locked = self.locked;
                 let old_whois = self.config.whois;
+                let was_archived = self.config.archive;
                 let was_members_only = self.config.members_only;
                 self.config = next;
                 self.locked = false;
@@ -216,7 +217,7 @@ impl Room {
                 }
                 out.push(&xml::iq_result(s, ""));
                 if !was_locked {
-                    self.config_changed(old_whois, out);
+                    self.config_changed(old_whois, was_archived, out);
                 }
                 if self.config.members_only && !was_members_only {
                     // Non-members leave a room that became members-only (status 322).
@@ -243,12 +244,18 @@ impl Room {
     }
 
     /// Tells the occupants the configuration changed (XEP-0045 10.2.1: status 104, and
-    /// 172/173 when the room became non-anonymous or semi-anonymous).
-    fn config_changed(&self, old_whois: Whois, out: &mut Out) {
+    /// 172/173 when the room became non-anonymous or semi-anonymous, 170/171 when
+    /// archiving was switched on or off).
+    fn config_changed(&self, old_whois: Whois, was_archived: bool, out: &mut Out) {
         let mut codes = String::from("<status code='104'/>");
         match (old_whois, self.config.whois) {
             (Whois::Moderators, Whois::Anyone) => codes.push_str("<status code='172'/>"),
             (Whois::Anyone, Whois::Moderators) => codes.push_str("<status code='173'/>"),
+            _ => {}
+        }
+        match (was_archived, self.config.archive) {
+            (false, true) => codes.push_str("<status code='170'/>"),
+            (true, false) => codes.push_str("<status code='171'/>"),
             _ => {}
         }
         let t = xml::Template::new(
@@ -355,6 +362,35 @@ impl Room {
     /// Affiliation changes (owners and admins) and role changes (moderators): kick
     /// (role none, 307), voice (participant/visitor), moderator.
     fn admin_set(&mut self, s: &Stanza, from: &Jid, q: &Element, out: &mut Out) {
+        // All items or none: each is checked as it is applied, and the first one
+        // refused puts everything back (state and what was about to be sent).
+        let before = (
+            self.affiliations.clone(),
+            self.nicks.clone(),
+            self.occupants.clone(),
+            out.buf.len(),
+        );
+        match self.admin_apply(from, q, out) {
+            Ok(changed) => {
+                out.push(&xml::iq_result(s, ""));
+                if changed && self.config.persistent {
+                    out.save = true;
+                }
+            }
+            Err((c, text)) => {
+                (self.affiliations, self.nicks, self.occupants) = (before.0, before.1, before.2);
+                out.buf.truncate(before.3);
+                out.error(s, c, text);
+            }
+        }
+    }
+
+    fn admin_apply(
+        &mut self,
+        from: &Jid,
+        q: &Element,
+        out: &mut Out,
+    ) -> Result<bool, (xml::Condition, &'static str)> {
         let actor_aff = self.affiliation(&from.to_bare());
         let actor_role = self
             .by_session(from.as_str())
@@ -372,31 +408,25 @@ impl Room {
             .filter(|c| c.is("item", NS_MUC_ADMIN))
             .collect();
         if items.is_empty() {
-            out.error(s, xml::BAD_REQUEST, "no items");
-            return;
+            return Err((xml::BAD_REQUEST, "no items"));
         }
         let mut changed = false;
         for item in items {
             if let Some(a) = item.attr("affiliation") {
                 let Some(a) = Affiliation::parse(a) else {
-                    out.error(s, xml::BAD_REQUEST, "unknown affiliation");
-                    return;
+                    return Err((xml::BAD_REQUEST, "unknown affiliation"));
                 };
                 let Some(target) =
                     item.attr("jid")
                         .and_then(|j| BareJid::new(j).ok())
                         .or_else(|| {
                             item.attr("nick")
-                                .and_then(|n| self.by_nick(n))
+                                .and_then(super::normalize_nick)
+                                .and_then(|n| self.by_nick(&n))
                                 .map(|i| self.occupants[i].bare.clone())
                         })
                 else {
-                    out.error(
-                        s,
-                        xml::BAD_REQUEST,
-                        "an affiliation item needs a jid or nick",
-                    );
-                    return;
+                    return Err((xml::BAD_REQUEST, "an affiliation item needs a jid or nick"));
                 };
                 let current = self.affiliation(&target);
                 let may = actor_aff == Affiliation::Owner
@@ -404,8 +434,7 @@ impl Room {
                         && current < Affiliation::Admin
                         && a < Affiliation::Admin);
                 if !may {
-                    out.error(s, xml::NOT_ALLOWED, "you may not change that affiliation");
-                    return;
+                    return Err((xml::NOT_ALLOWED, "you may not change that affiliation"));
                 }
                 if current == Affiliation::Owner
                     && a != Affiliation::Owner
@@ -416,10 +445,12 @@ impl Room {
                         .count()
                         == 1
                 {
-                    out.error(s, xml::CONFLICT, "a room keeps at least one owner");
-                    return;
+                    return Err((xml::CONFLICT, "a room keeps at least one owner"));
                 }
-                if a == Affiliation::None || a == Affiliation::Outcast {
+                if a != Affiliation::None && !self.may_add_affiliation(&target) {
+                    return Err((xml::RESOURCE_CONSTRAINT, "too many affiliations"));
+                }
+                if a == Affiliation::Outcast {
                     self.nicks.remove(&target);
                 }
                 if a == Affiliation::None {
@@ -437,42 +468,49 @@ impl Room {
                     "participant" => Role::Participant,
                     "moderator" => Role::Moderator,
                     _ => {
-                        out.error(s, xml::BAD_REQUEST, "unknown role");
-                        return;
+                        return Err((xml::BAD_REQUEST, "unknown role"));
                     }
                 };
-                let Some(i) = item.attr("nick").and_then(|n| self.by_nick(n)) else {
-                    out.error(s, xml::ITEM_NOT_FOUND, "no occupant has that nickname");
-                    return;
+                let Some(i) = item
+                    .attr("nick")
+                    .and_then(super::normalize_nick)
+                    .and_then(|n| self.by_nick(&n))
+                else {
+                    return Err((xml::ITEM_NOT_FOUND, "no occupant has that nickname"));
                 };
-                let target_aff = self.affiliation(&self.occupants[i].bare);
+                let bare = self.occupants[i].bare.clone();
+                let target_aff = self.affiliation(&bare);
+                // The role is the user's: every occupant (nick) of that bare JID.
+                let nicks: Vec<String> = self
+                    .occupants
+                    .iter()
+                    .filter(|o| o.bare == bare)
+                    .map(|o| o.nick.clone())
+                    .collect();
+                let was_moderator = self
+                    .occupants
+                    .iter()
+                    .any(|o| o.bare == bare && o.role == Role::Moderator);
                 let may = actor_role == Role::Moderator
                     && target_aff < Affiliation::Admin
-                    && (role != Role::Moderator || actor_aff >= Affiliation::Admin);
+                    && (role != Role::Moderator || actor_aff >= Affiliation::Admin)
+                    // XEP-0045 9.7: only admins and owners take the moderator role.
+                    && (!was_moderator || actor_aff >= Affiliation::Admin);
                 if !may {
-                    out.error(
-                        s,
-                        xml::NOT_ALLOWED,
-                        "you may not change that occupant's role",
-                    );
-                    return;
+                    return Err((xml::NOT_ALLOWED, "you may not change that occupant's role"));
                 }
                 let codes: &[u16] = if role == Role::None { &[307] } else { &[] };
                 let why = super::item_children(actor_nick.as_deref(), reason(item).as_deref());
-                self.set_role(i, role, codes, &why, out);
+                for nick in nicks {
+                    if let Some(i) = self.by_nick(&nick) {
+                        self.set_role(i, role, codes, &why, out);
+                    }
+                }
             } else {
-                out.error(
-                    s,
-                    xml::BAD_REQUEST,
-                    "an item needs an affiliation or a role",
-                );
-                return;
+                return Err((xml::BAD_REQUEST, "an item needs an affiliation or a role"));
             }
         }
-        out.push(&xml::iq_result(s, ""));
-        if changed && self.config.persistent {
-            out.save = true;
-        }
+        Ok(changed)
     }
 
     /// An affiliation changed: an occupant who is now banned (301) or no longer a
@@ -484,25 +522,47 @@ impl Room {
         why: &str,
         out: &mut Out,
     ) {
-        let Some(i) = self.occupants.iter().position(|o| &o.bare == target) else {
-            return;
-        };
-        if a == Affiliation::Outcast {
-            self.set_role(i, Role::None, &[301], why, out);
-        } else if self.config.members_only && a < Affiliation::Member {
-            self.set_role(i, Role::None, &[321], why, out);
-        } else {
-            let role = self
-                .default_role(a)
-                .max(self.occupants[i].role.min(Role::Participant));
-            self.set_role(i, role, &[], "", out);
+        // Every occupant of that user (one per nick it joined under).
+        let nicks: Vec<String> = self
+            .occupants
+            .iter()
+            .filter(|o| {
+                &o.bare == target
+                    // A banned domain: its users without an affiliation of their own.
+                    || (target.node().is_none()
+                        && o.bare.domain() == target.domain()
+                        && !self.affiliations.contains_key(&o.bare))
+            })
+            .map(|o| o.nick.clone())
+            .collect();
+        for nick in nicks {
+            let Some(i) = self.by_nick(&nick) else {
+                continue;
+            };
+            if a == Affiliation::Outcast {
+                self.set_role(i, Role::None, &[301], why, out);
+            } else if self.config.members_only && a < Affiliation::Member {
+                self.set_role(i, Role::None, &[321], why, out);
+            } else {
+                let role = self
+                    .default_role(a)
+                    .max(self.occupants[i].role.min(Role::Participant));
+                self.set_role(i, role, &[], "", out);
+            }
         }
     }
 
     /// IQs to `room/nick`: self-ping answered by the room (XEP-0410); others relayed to
     /// the occupant's (first) session as from the sender's room JID, and their answers
     /// relayed back (XEP-0045 7.5 for IQs, as vCard requests use it).
-    pub(super) fn iq_occupant(&mut self, s: &Stanza, from: &Jid, nick: &str, out: &mut Out) {
+    pub(super) fn iq_occupant(
+        &mut self,
+        s: &Stanza,
+        from: &Jid,
+        nick: &str,
+        now: f64,
+        out: &mut Out,
+    ) {
         let kind = s.kind().unwrap_or("");
         if matches!(kind, "result" | "error") {
             return self.iq_answer(s, from, nick, out);
@@ -515,7 +575,7 @@ impl Room {
             .first()
             .is_some_and(|c| c.ns == NS_PING && c.name == "ping");
         let Some(i) = self.by_session(from.as_str()) else {
-            out.error(s, xml::NOT_ACCEPTABLE, "you are not joined to this room");
+            out.error(s, xml::NOT_JOINED, "you are not joined to this room");
             return;
         };
         if ping && self.occupants[i].nick == nick {
@@ -523,35 +583,62 @@ impl Room {
             out.push(&xml::iq_result(s, ""));
             return;
         }
+        if !self.may_pm(i) {
+            out.error(
+                s,
+                xml::FORBIDDEN,
+                "private traffic is not allowed in this room",
+            );
+            return;
+        }
         let Some(j) = self.by_nick(nick) else {
             out.error(s, xml::ITEM_NOT_FOUND, "no occupant has that nickname");
             return;
         };
-        let (Some(target), Some(id)) = (self.occupants[j].sessions.first().cloned(), s.attr("id"))
-        else {
+        let Some(id) = s.attr("id") else {
             out.error(s, xml::BAD_REQUEST, "an IQ needs an id");
             return;
+        };
+        if !self.charge(i, now, s, out) {
+            return;
+        }
+        // vCard requests go to the user's account (XEP-0054 answers for the bare
+        // JID), others to the occupant's first session.
+        let vcard = kind == "get"
+            && parts
+                .first()
+                .is_some_and(|c| c.name == "vCard" && c.ns == "vcard-temp");
+        let target = if vcard {
+            self.occupants[j].bare.to_string()
+        } else {
+            self.occupants[j].sessions[0].clone()
         };
         if self.relayed.len() >= MAX_RELAYED {
             self.relayed.pop_front();
         }
+        // The room's own id, so that two askers using the same id do not collide.
+        self.next_id += 1;
+        let relay_id = format!("muc-iq-{:x}", self.next_id);
         let sender_nick = self.occupants[i].nick.clone();
         self.relayed.push_back(Relayed {
             target: target.clone(),
-            id: id.clone(),
+            target_nick: self.occupants[j].nick.clone(),
+            id: relay_id.clone(),
+            original_id: id,
             sender: from.as_str().to_owned(),
         });
-        let inner = String::from_utf8_lossy(s.inner()).into_owned();
+        let inner = xml::inner_bytes(s);
         let attrs = format!(
             "{}{}{}",
             xml::attr("from", &self.nick_jid(&sender_nick)),
             xml::attr("type", kind),
-            xml::attr("id", &id)
+            xml::attr("id", &relay_id)
         );
         xml::Template::new("iq", &attrs, &inner).write(&target, &mut out.buf);
     }
 
-    /// An occupant's answer to a relayed IQ goes back to the session that asked.
+    /// An occupant's answer to a relayed IQ goes back to the session that asked, with
+    /// the id it used.
     fn iq_answer(&mut self, s: &Stanza, from: &Jid, nick: &str, out: &mut Out) {
         let Some(id) = s.attr("id") else {
             return;
@@ -564,9 +651,6 @@ impl Room {
             return;
         };
         let r = self.relayed.remove(at).expect("found");
-        let Some(answerer) = self.by_session(from.as_str()) else {
-            return;
-        };
         if self
             .by_session(&r.sender)
             .is_none_or(|k| self.occupants[k].nick != nick)
@@ -575,11 +659,11 @@ impl Room {
         }
         let attrs = format!(
             "{}{}{}",
-            xml::attr("from", &self.nick_jid(&self.occupants[answerer].nick)),
+            xml::attr("from", &self.nick_jid(&r.target_nick)),
             xml::attr("type", s.kind().unwrap_or("result")),
-            xml::attr("id", &id)
+            xml::attr("id", &r.original_id)
         );
-        let inner = String::from_utf8_lossy(s.inner()).into_owned();
+        let inner = xml::inner_bytes(s);
         xml::Template::new("iq", &attrs, &inner).write(&r.sender, &mut out.buf);
     }
 }
@@ -590,7 +674,11 @@ const MAX_RELAYED: usize = 256;
 /// An IQ relayed to an occupant: who was asked, its id, and who asked.
 #[derive(Debug, Clone)]
 pub struct Relayed {
+    /// Who was asked: a session, or a bare JID for vCards.
     target: String,
+    target_nick: String,
+    /// The room's id of the relayed IQ, and the asker's.
     id: String,
+    original_id: String,
     sender: String,
 }

@@ -30,8 +30,25 @@ impl Room {
             ("error", Some(_)) => self.bounced(s, from, out),
             ("unavailable", Some(i)) => self.leave(s, i, full, out),
             ("unavailable" | "error", None) => {}
+            ("", Some(i)) if !self.charge(i, now, s, out) => {}
             ("", Some(i)) if self.occupants[i].nick == nick => {
-                self.occupants[i].payload = payload(s);
+                let p = payload(s);
+                let changed = p != self.occupants[i].payload;
+                self.occupants[i].payload = p;
+                if xml::child(s, "x", NS_MUC).is_some() {
+                    // A join from a session already joined (a client that lost its
+                    // link and joins again): the whole join again, to that session.
+                    if changed {
+                        self.broadcast_presence(i, false, &[], &[], "", None, out);
+                    }
+                    let request = join_request(s);
+                    let codes = self.self_join_codes(false);
+                    self.send_roster(i, full, out);
+                    self.broadcast_presence(i, false, &[], &codes, "", Some(full), out);
+                    self.send_history(full, request.history.as_ref(), now, out);
+                    self.send_subject(full, out);
+                    return;
+                }
                 self.broadcast_presence(i, false, &[], &[], "", None, out);
             }
             ("", Some(i)) => self.change_nick(s, i, nick, out),
@@ -55,6 +72,15 @@ impl Room {
                 );
                 return;
             }
+            if !self.creations.take(&bare) {
+                out.error(
+                    s,
+                    xml::NOT_ALLOWED,
+                    "you have created as many rooms as you may",
+                );
+                return;
+            }
+            self.creator = Some(bare.clone());
             // XEP-0045 10.1.1: the creator is the owner; the room stays locked until
             // the owner configures it (or accepts the defaults).
             self.affiliations.insert(bare.clone(), Affiliation::Owner);
@@ -107,7 +133,8 @@ impl Room {
             // Another session of the same user: it joins the same occupant.
             self.occupants[i].sessions.push(full.clone());
             self.send_roster(i, &full, out);
-            self.broadcast_presence(i, false, &[], &[], "", Some(&full), out);
+            let codes = self.self_join_codes(false);
+            self.broadcast_presence(i, false, &[], &codes, "", Some(&full), out);
             self.send_history(&full, request.history.as_ref(), now, out);
             self.send_subject(&full, out);
             return;
@@ -116,7 +143,7 @@ impl Room {
         if self.occupants.len() >= limit && affiliation < Affiliation::Admin
             || self.occupants.len() >= self.limits.max_occupants
         {
-            out.error(s, xml::SERVICE_UNAVAILABLE, "the room is full");
+            out.error(s, xml::SERVICE_UNAVAILABLE_WAIT, "the room is full");
             return;
         }
         let occupant = Occupant {
@@ -131,19 +158,26 @@ impl Room {
         self.occupants.push(occupant);
         let i = self.occupants.len() - 1;
         self.send_roster(i, &full, out);
-        let mut self_codes = vec![];
-        if self.config.whois == Whois::Anyone {
-            self_codes.push(100);
-        }
-        if self.config.archive {
-            self_codes.push(170);
-        }
-        if created {
-            self_codes.push(201);
-        }
+        let self_codes = self.self_join_codes(created);
         self.broadcast_presence(i, false, &[], &self_codes, "", None, out);
         self.send_history(&full, request.history.as_ref(), now, out);
         self.send_subject(&full, out);
+    }
+
+    /// The status codes of a joining session's own presence besides 110: 100 in a
+    /// non-anonymous room, 170 in an archived one, 201 when it created the room.
+    fn self_join_codes(&self, created: bool) -> Vec<u16> {
+        let mut codes = vec![];
+        if self.config.whois == Whois::Anyone {
+            codes.push(100);
+        }
+        if self.config.archive {
+            codes.push(170);
+        }
+        if created {
+            codes.push(201);
+        }
+        codes
     }
 
     /// The presences of every other occupant, to a joining session.
@@ -166,10 +200,12 @@ impl Room {
 
     fn leave(&mut self, s: &Stanza, i: usize, full: &str, out: &mut Out) {
         let o = &mut self.occupants[i];
-        o.payload = payload(s);
+        let kept = std::mem::replace(&mut o.payload, payload(s));
         if o.sessions.len() > 1 {
-            // One of several sessions leaves: only it hears about it.
+            // One of several sessions leaves: only it hears about it, and the others
+            // keep their presence.
             self.broadcast_presence(i, true, &[], &[], "", Some(full), out);
+            self.occupants[i].payload = kept;
             self.occupants[i].sessions.retain(|x| x != full);
             return;
         }
@@ -330,8 +366,18 @@ impl Room {
             self.broadcast_presence(i, true, codes, &[], why, None, out);
             self.occupants.remove(i);
         } else {
+            let was = self.occupants[i].role;
             self.occupants[i].role = role;
             self.broadcast_presence(i, false, codes, &[], why, None, out);
+            if role == Role::Moderator
+                && was != Role::Moderator
+                && self.config.whois != Whois::Anyone
+            {
+                // A new moderator sees real JIDs: the others' presence again, with them.
+                for session in self.occupants[i].sessions.clone() {
+                    self.send_roster(i, &session, out);
+                }
+            }
         }
     }
 }
@@ -343,7 +389,7 @@ fn payload(s: &Stanza) -> String {
         if c.ns == NS_MUC || c.ns == NS_MUC_USER || c.ns == xml::NS_OCCUPANT_ID {
             continue;
         }
-        p.push_str(&String::from_utf8_lossy(&s.as_slice()[c.span.clone()]));
+        p.push_str(&xml::child_bytes(s, &c));
     }
     p
 }

@@ -7,7 +7,6 @@ use jrs_stream::children::children;
 use jrs_stream::Stanza;
 use minidom::Element;
 
-use super::config::AllowPm;
 use super::{Affiliation, HistoryItem, Out, Role, Room};
 use crate::xml::{self, Template, NS_CLIENT, NS_MUC_USER, NS_OCCUPANT_ID, NS_SID};
 
@@ -18,10 +17,10 @@ impl Room {
             Some("error") => return self.bounced(s, from, out),
             _ => {
                 if let Some(form) = xml::child(s, "x", xml::NS_DATA) {
-                    return self.voice_request(s, from, &form, out);
+                    return self.voice_request(s, from, &form, now, out);
                 }
                 match xml::child(s, "x", NS_MUC_USER) {
-                    Some(x) => self.invitations(s, from, &x, out),
+                    Some(x) => self.invitations(s, from, &x, now, out),
                     None => out.error(
                         s,
                         xml::FEATURE_NOT_IMPLEMENTED,
@@ -71,7 +70,7 @@ impl Room {
                 || c.ns == NS_OCCUPANT_ID
                 || c.ns == xml::NS_DELAY;
             if !ours {
-                content.push_str(&String::from_utf8_lossy(&bytes[c.span.clone()]));
+                content.push_str(&xml::child_bytes(s, c));
             }
         }
         content.push_str(&format!(
@@ -81,6 +80,12 @@ impl Room {
         ));
         let t = Template::new("message", &attrs, &content);
         self.to_all(&t, None, out);
+        // Kept (history, archive): messages with a body, or a XEP-0334 store hint; not
+        // chat states or markers alone.
+        let keep = has("body") || parts.iter().any(|c| c.name == "store" && c.ns == NS_HINTS);
+        if !keep {
+            return;
+        }
         if self.config.archive {
             out.archive.push(jrs_xdb::archive::Item {
                 id: stanza_id.clone(),
@@ -106,7 +111,7 @@ impl Room {
     /// Voice requests (XEP-0045 7.13): a visitor's request goes to the moderators as a
     /// form; a moderator's approval (the form back with `muc#request_allow` true) gives
     /// the occupant voice (8.6).
-    fn voice_request(&mut self, s: &Stanza, from: &Jid, form: &Element, out: &mut Out) {
+    fn voice_request(&mut self, s: &Stanza, from: &Jid, form: &Element, now: f64, out: &mut Out) {
         let field = |var: &str| {
             form.children()
                 .find(|f| f.name() == "field" && f.attr("var") == Some(var))
@@ -125,6 +130,9 @@ impl Room {
             out.error(s, xml::NOT_ACCEPTABLE, "only occupants may ask for voice");
             return;
         };
+        if !self.charge(i, now, s, out) {
+            return;
+        }
         if form.attr("type") == Some("submit") && field("muc#request_allow").is_some() {
             // A moderator's answer.
             if self.occupants[i].role != Role::Moderator {
@@ -132,7 +140,9 @@ impl Room {
                 return;
             }
             let allow = matches!(field("muc#request_allow").as_deref(), Some("1" | "true"));
-            let target = field("muc#roomnick").and_then(|n| self.by_nick(&n));
+            let target = field("muc#roomnick")
+                .and_then(|n| super::normalize_nick(&n))
+                .and_then(|n| self.by_nick(&n));
             if let (true, Some(j)) = (allow, target) {
                 if self.occupants[j].role == Role::Visitor {
                     self.set_role(j, Role::Participant, &[], "", out);
@@ -166,7 +176,7 @@ impl Room {
     }
 
     /// Mediated invitations and declines (XEP-0045 7.8.2, 7.8.3).
-    fn invitations(&mut self, s: &Stanza, from: &Jid, x: &Element, out: &mut Out) {
+    fn invitations(&mut self, s: &Stanza, from: &Jid, x: &Element, now: f64, out: &mut Out) {
         let invites: Vec<&Element> = x
             .children()
             .filter(|c| c.is("invite", NS_MUC_USER))
@@ -189,12 +199,38 @@ impl Room {
                 .unwrap_or_default()
         };
         let room = xml::attr("from", self.jid.as_str());
+        if invites.len() + declines.len() > super::MAX_INVITES_PER_MESSAGE {
+            out.error(s, xml::BAD_REQUEST, "too many invitations in one message");
+            return;
+        }
+        let sender = self.by_session(from.as_str());
+        if let Some(i) = sender {
+            if !self.charge(i, now, s, out) {
+                return;
+            }
+        }
         for d in declines {
-            // From someone invited, to the inviter: the room passes it on.
+            // From someone invited, to the inviter: the room passes it on. Only from
+            // someone it invited (to an inviter of theirs) or an occupant: the room is
+            // no reflector of messages to anyone.
             let Some(to) = d.attr("to").and_then(|t| Jid::new(t).ok()) else {
                 out.error(s, xml::JID_MALFORMED, "a decline needs a valid 'to'");
                 return;
             };
+            let bare = from.to_bare();
+            let invitation = self.invited.iter().position(|(invitee, inviter)| {
+                *invitee == bare && Jid::new(inviter).is_ok_and(|j| j == to || j.to_bare() == to)
+            });
+            match invitation {
+                Some(k) => {
+                    self.invited.remove(k);
+                }
+                None if sender.is_some() => {}
+                None => {
+                    out.error(s, xml::NOT_ACCEPTABLE, "you have no invitation to decline");
+                    return;
+                }
+            }
             Template::new(
                 "message",
                 &room,
@@ -209,7 +245,7 @@ impl Room {
         if invites.is_empty() {
             return;
         }
-        let Some(i) = self.by_session(from.as_str()) else {
+        let Some(i) = sender else {
             out.error(s, xml::NOT_ACCEPTABLE, "only occupants may invite");
             return;
         };
@@ -237,8 +273,18 @@ impl Room {
         }
         for (inv, to) in invites.iter().zip(targets) {
             let bare = to.to_bare();
-            if self.config.members_only && self.affiliation(&bare) < Affiliation::Member {
-                // An invitation to a members-only room makes the invitee a member.
+            if self.invited.len() >= super::MAX_INVITED {
+                self.invited.pop_front();
+            }
+            self.invited
+                .push_back((bare.clone(), from.as_str().to_owned()));
+            if self.config.members_only && self.affiliation(&bare) == Affiliation::None {
+                // An invitation to a members-only room makes the invitee a member (never
+                // an outcast: an invitation does not lift a ban).
+                if !self.may_add_affiliation(&bare) {
+                    out.error(s, xml::RESOURCE_CONSTRAINT, "too many affiliations");
+                    return;
+                }
                 self.affiliations.insert(bare, Affiliation::Member);
                 out.save |= self.config.persistent;
             }
@@ -291,7 +337,14 @@ impl Room {
         out.save = self.config.persistent;
     }
 
-    pub(super) fn private_message(&mut self, s: &Stanza, from: &Jid, nick: &str, out: &mut Out) {
+    pub(super) fn private_message(
+        &mut self,
+        s: &Stanza,
+        from: &Jid,
+        nick: &str,
+        now: f64,
+        out: &mut Out,
+    ) {
         if s.kind() == Some("error") {
             return self.bounced(s, from, out);
         }
@@ -311,14 +364,10 @@ impl Room {
             );
             return;
         };
-        let role = self.occupants[i].role;
-        let allowed = match self.config.allow_pm {
-            AllowPm::Anyone => true,
-            AllowPm::Participants => role >= Role::Participant,
-            AllowPm::Moderators => role == Role::Moderator,
-            AllowPm::None => false,
-        };
-        if !allowed {
+        if !self.charge(i, now, s, out) {
+            return;
+        }
+        if !self.may_pm(i) {
             out.error(
                 s,
                 xml::FORBIDDEN,
@@ -335,11 +384,10 @@ impl Room {
         if let Some(id) = s.attr("id") {
             attrs.push_str(&xml::attr("id", &id));
         }
-        let bytes = s.as_slice();
         let mut content = String::new();
         for c in children(s) {
             if c.ns != NS_MUC_USER && c.ns != NS_OCCUPANT_ID {
-                content.push_str(&String::from_utf8_lossy(&bytes[c.span.clone()]));
+                content.push_str(&xml::child_bytes(s, &c));
             }
         }
         content.push_str(&format!("<x xmlns='{NS_MUC_USER}'/>"));
@@ -350,6 +398,7 @@ impl Room {
     }
 }
 
+const NS_HINTS: &str = "urn:xmpp:hints";
 const NS_REQUEST: &str = "http://jabber.org/protocol/muc#request";
 
 /// XEP-0082 date-time of `now` (seconds since the epoch).

@@ -181,6 +181,17 @@ pub fn item_children(actor: Option<&str>, reason: Option<&str>) -> String {
     s
 }
 
+/// A nickname in its normal form (resourceprep), as the nicks of room JIDs are.
+pub fn normalize_nick(nick: &str) -> Option<String> {
+    jid::ResourcePart::new(nick)
+        .ok()
+        .map(|r| r.as_str().to_owned())
+}
+
+/// Users with an affiliation or a reserved nick, at most, per room (its stored form
+/// grows with them).
+pub const MAX_AFFILIATIONS: usize = 1000;
+
 pub struct Room {
     /// `room@service`.
     pub jid: BareJid,
@@ -188,7 +199,7 @@ pub struct Room {
     /// Nick (or empty) and text of the subject; `None`: never set.
     pub subject: Option<(String, String)>,
     pub affiliations: BTreeMap<BareJid, Affiliation>,
-    /// Registered (reserved) nicks (XEP-0045 7.10), of users with an affiliation.
+    /// Registered (reserved) nicks (XEP-0045 7.10).
     pub nicks: BTreeMap<BareJid, String>,
     /// Occupants in join order.
     pub occupants: Vec<Occupant>,
@@ -206,9 +217,116 @@ pub struct Room {
     next_id: u64,
     /// IQs relayed to occupants, awaiting their answers.
     relayed: VecDeque<iq::Relayed>,
+    /// Rooms created per user (shared); the user who created this room in this
+    /// process, counted there until the room ends.
+    pub creations: Arc<Creations>,
+    pub creator: Option<BareJid>,
+    /// Invitations sent (invitee, inviter's full JID), the latest [`MAX_INVITED`]: a
+    /// decline is passed on only to an inviter of its sender (or from an occupant).
+    invited: VecDeque<(BareJid, String)>,
+}
+
+/// The rooms each user created that have not ended (a persistent room counts until it
+/// is destroyed or made temporary and left), against `max-rooms-per-user`; shared by
+/// the rooms of one process.
+#[derive(Debug, Default)]
+pub struct Creations {
+    /// 0: no limit.
+    max: usize,
+    counts: std::sync::Mutex<std::collections::HashMap<BareJid, usize>>,
+}
+
+impl Creations {
+    pub fn new(max: usize) -> Creations {
+        Creations {
+            max,
+            counts: Default::default(),
+        }
+    }
+
+    /// Counts one more room created by `who`, unless they are at the limit.
+    fn take(&self, who: &BareJid) -> bool {
+        let mut counts = self.counts.lock().expect("creations lock");
+        let n = counts.entry(who.clone()).or_insert(0);
+        if self.max > 0 && *n >= self.max {
+            return false;
+        }
+        *n += 1;
+        true
+    }
+
+    /// One of `who`'s rooms ended.
+    pub fn release(&self, who: &BareJid) {
+        let mut counts = self.counts.lock().expect("creations lock");
+        if let Some(n) = counts.get_mut(who) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(who);
+            }
+        }
+    }
+}
+
+/// Invitations remembered for their declines, per room.
+const MAX_INVITED: usize = 256;
+/// Invitations in one message, at most.
+pub const MAX_INVITES_PER_MESSAGE: usize = 5;
+
+/// What a stanza may change of a room, kept to put back when storing the change fails.
+pub struct Snapshot {
+    config: RoomConfig,
+    subject: Option<(String, String)>,
+    affiliations: BTreeMap<BareJid, Affiliation>,
+    nicks: BTreeMap<BareJid, String>,
+    occupants: Vec<Occupant>,
+    locked: bool,
+    fresh: bool,
+    destroyed: bool,
 }
 
 impl Room {
+    /// Whether handling `s` may change what is stored (configuration, subject,
+    /// affiliations, nicks, destruction): IQs and messages to the room itself but
+    /// groupchat messages with a body. Presence and private traffic never do.
+    pub fn may_persist(s: &Stanza) -> bool {
+        let to_room = s.attr("to").is_some_and(|t| !t.contains('/'));
+        match s.name() {
+            "iq" => to_room && matches!(s.kind(), Some("set")),
+            // Groupchat messages with a body never change what is stored (and are
+            // the bulk of the traffic: no snapshot for them).
+            "message" => {
+                to_room
+                    && !(s.kind() == Some("groupchat")
+                        && s.inner().windows(5).any(|w| w == b"<body"))
+            }
+            _ => false,
+        }
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        Snapshot {
+            config: self.config.clone(),
+            subject: self.subject.clone(),
+            affiliations: self.affiliations.clone(),
+            nicks: self.nicks.clone(),
+            occupants: self.occupants.clone(),
+            locked: self.locked,
+            fresh: self.fresh,
+            destroyed: self.destroyed,
+        }
+    }
+
+    pub fn restore(&mut self, s: Snapshot) {
+        self.config = s.config;
+        self.subject = s.subject;
+        self.affiliations = s.affiliations;
+        self.nicks = s.nicks;
+        self.occupants = s.occupants;
+        self.locked = s.locked;
+        self.fresh = s.fresh;
+        self.destroyed = s.destroyed;
+    }
+
     pub fn new(
         jid: BareJid,
         limits: Arc<RoomLimits>,
@@ -231,6 +349,9 @@ impl Room {
             salt,
             next_id: 0,
             relayed: VecDeque::new(),
+            invited: VecDeque::new(),
+            creations: Arc::new(Creations::new(0)),
+            creator: None,
         }
     }
 
@@ -239,11 +360,34 @@ impl Room {
         self.destroyed || (self.occupants.is_empty() && (!self.config.persistent || self.fresh))
     }
 
+    /// A user's affiliation: their own, else outcast when their domain is banned
+    /// (an outcast item with `jid='DOMAIN'`).
     pub fn affiliation(&self, bare: &BareJid) -> Affiliation {
-        self.affiliations
-            .get(bare)
-            .copied()
-            .unwrap_or(Affiliation::None)
+        if let Some(a) = self.affiliations.get(bare) {
+            return *a;
+        }
+        if bare.node().is_some() {
+            if let Ok(domain) = BareJid::new(bare.domain().as_str()) {
+                if self.affiliations.get(&domain) == Some(&Affiliation::Outcast) {
+                    return Affiliation::Outcast;
+                }
+            }
+        }
+        Affiliation::None
+    }
+
+    /// Whether one more user may get an affiliation or a reserved nick (`bare` has
+    /// none yet): at most [`MAX_AFFILIATIONS`] per room.
+    fn may_add_affiliation(&self, bare: &BareJid) -> bool {
+        if self.affiliations.contains_key(bare) || self.nicks.contains_key(bare) {
+            return true;
+        }
+        let nick_only = self
+            .nicks
+            .keys()
+            .filter(|j| !self.affiliations.contains_key(*j))
+            .count();
+        self.affiliations.len() + nick_only < MAX_AFFILIATIONS
     }
 
     /// The role an occupant of this affiliation gets when joining.
@@ -270,6 +414,29 @@ impl Room {
     fn stanza_id(&mut self, now: f64) -> String {
         self.next_id += 1;
         format!("{:x}-{:x}", (now * 1e6) as u64, self.next_id)
+    }
+
+    /// Takes a token from occupant `i`'s bucket (messages, presence updates, nick
+    /// changes, invitations, voice requests, private messages, relayed IQs); without
+    /// one, answers `resource-constraint` (wait) and returns false.
+    fn charge(&mut self, i: usize, now: f64, s: &Stanza, out: &mut Out) -> bool {
+        if self.occupants[i].bucket.take(&self.limits, now) {
+            return true;
+        }
+        out.error(s, xml::RESOURCE_CONSTRAINT, "too many stanzas; slow down");
+        false
+    }
+
+    /// Whether occupant `i` may send private messages and IQs to other occupants
+    /// (`muc#roomconfig_allowpm`).
+    fn may_pm(&self, i: usize) -> bool {
+        let role = self.occupants[i].role;
+        match self.config.allow_pm {
+            config::AllowPm::Anyone => true,
+            config::AllowPm::Participants => role >= Role::Participant,
+            config::AllowPm::Moderators => role == Role::Moderator,
+            config::AllowPm::None => false,
+        }
     }
 
     fn by_session(&self, full: &str) -> Option<usize> {
@@ -306,9 +473,9 @@ impl Room {
                 out.error(s, xml::JID_MALFORMED, "a nickname is required to join");
             }
             ("message", None) => self.message_to_room(s, &from, now, out),
-            ("message", Some(nick)) => self.private_message(s, &from, &nick, out),
+            ("message", Some(nick)) => self.private_message(s, &from, &nick, now, out),
             ("iq", None) => self.iq_room(s, &from, out),
-            ("iq", Some(nick)) => self.iq_occupant(s, &from, &nick, out),
+            ("iq", Some(nick)) => self.iq_occupant(s, &from, &nick, now, out),
             _ => {}
         }
     }

@@ -46,7 +46,7 @@ impl Room {
                 out.error(s, xml::ITEM_NOT_FOUND, "you are not registered");
                 return;
             }
-            if affiliation == Affiliation::Member {
+            if affiliation == Affiliation::Member && self.config.register_members {
                 self.affiliations.remove(&bare);
             }
             out.push(&xml::iq_result(s, ""));
@@ -66,10 +66,11 @@ impl Room {
             out.error(s, xml::NOT_ACCEPTABLE, "muc#register_roomnick is required");
             return;
         };
-        if jid::ResourcePart::new(&nick).is_err() {
+        // Stored and compared in normal form, as the nicks of room JIDs are.
+        let Some(nick) = super::normalize_nick(&nick) else {
             out.error(s, xml::NOT_ACCEPTABLE, "that is not a valid nickname");
             return;
-        }
+        };
         let taken = self.nicks.iter().any(|(who, n)| *n == nick && *who != bare)
             || self
                 .by_nick(&nick)
@@ -86,7 +87,17 @@ impl Room {
             );
             return;
         }
-        if affiliation < Affiliation::Member {
+        if affiliation == Affiliation::Outcast {
+            out.error(s, xml::FORBIDDEN, "you are banned from this room");
+            return;
+        }
+        let new_entry = !self.nicks.contains_key(&bare) && !self.affiliations.contains_key(&bare);
+        if new_entry && !self.may_add_affiliation(&bare) {
+            out.error(s, xml::RESOURCE_CONSTRAINT, "too many registrations");
+            return;
+        }
+        // Registering reserves the nick; it makes a member only when the room says so.
+        if affiliation == Affiliation::None && self.config.register_members {
             self.affiliations.insert(bare.clone(), Affiliation::Member);
         }
         self.nicks.insert(bare, nick);

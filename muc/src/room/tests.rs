@@ -335,10 +335,17 @@ fn password_members_only_ban_and_max_users() {
     }
     join(&mut r, "carol@x/c", "Carol");
     join(&mut r, "dave@x/d", "Dave");
-    assert_eq!(
-        error(&join(&mut r, "erin@x/e", "Erin")[0]),
-        "service-unavailable"
-    );
+    let full = join(&mut r, "erin@x/e", "Erin");
+    assert_eq!(error(&full[0]), "service-unavailable");
+    assert_eq!(error_type(&full[0]), "wait", "a full room: try later");
+}
+
+fn error_type(e: &Element) -> String {
+    e.get_child("error", NS_CLIENT)
+        .expect("an error")
+        .attr("type")
+        .unwrap()
+        .to_owned()
 }
 
 #[test]
@@ -390,9 +397,19 @@ fn destroy_self_ping_and_disco() {
         send(&mut r, &ping("bob@x/b", "Bob"))[0].attr("type"),
         Some("result")
     );
+    let not_joined = send(&mut r, &ping("bob@x/other", "Bob"));
+    assert_eq!(error(&not_joined[0]), "not-acceptable");
+    assert_eq!(error_type(&not_joined[0]), "cancel", "XEP-0410");
+    // Not implemented: service-unavailable, type cancel.
+    let got = send(
+        &mut r,
+        &format!(
+            "<iq from='carol@x/c' to='{ROOM}' type='get' id='u'><query xmlns='urn:unknown'/></iq>"
+        ),
+    );
     assert_eq!(
-        error(&send(&mut r, &ping("bob@x/other", "Bob"))[0]),
-        "not-acceptable"
+        (error(&got[0]), error_type(&got[0])),
+        ("service-unavailable".to_owned(), "cancel".to_owned())
     );
     let got = send(&mut r, &format!("<iq from='carol@x/c' to='{ROOM}' type='get' id='d'><query xmlns='http://jabber.org/protocol/disco#info'/></iq>"));
     let q = got[0]
@@ -533,14 +550,24 @@ fn mediated_invitations() {
     assert!(join(&mut r, "carol@x/c", "Carol")
         .iter()
         .any(|e| codes(e) == ["110"]));
-    // A decline goes back to the inviter.
-    let got = send(&mut r, &format!("<message from='erin@x/e' to='{ROOM}'><x xmlns='http://jabber.org/protocol/muc#user'><decline to='alice@x/a'/></x></message>"));
+    // A decline goes back to the inviter, from someone invited only (the room is no
+    // reflector).
+    let decline = format!("<message from='erin@x/e' to='{ROOM}'><x xmlns='http://jabber.org/protocol/muc#user'><decline to='alice@x/a'/></x></message>");
+    assert_eq!(error(&send(&mut r, &decline)[0]), "not-acceptable");
+    send(&mut r, &format!("<message from='alice@x/a' to='{ROOM}'><x xmlns='http://jabber.org/protocol/muc#user'><invite to='erin@x'/></x></message>"));
+    let got = send(&mut r, &decline);
     let d = got[0]
         .get_child("x", NS_MUC_USER)
         .unwrap()
         .get_child("decline", NS_MUC_USER)
         .unwrap();
     assert_eq!((to(&got[0]), d.attr("from")), ("alice@x/a", Some("erin@x")));
+    // Once.
+    assert_eq!(error(&send(&mut r, &decline)[0]), "not-acceptable");
+    // At most a few invitations in one message.
+    let many: String = (0..6).map(|k| format!("<invite to='u{k}@x'/>")).collect();
+    let got = send(&mut r, &format!("<message from='alice@x/a' to='{ROOM}'><x xmlns='http://jabber.org/protocol/muc#user'>{many}</x></message>"));
+    assert_eq!(error(&got[0]), "bad-request");
     // Participants may not invite unless allowinvites is on.
     let got = send(&mut r, &invite("carol@x/c"));
     assert_eq!(error(&got[0]), "forbidden");
@@ -550,25 +577,48 @@ fn mediated_invitations() {
 fn iqs_to_occupants_are_relayed_and_answered() {
     let mut r = instant();
     join(&mut r, "bob@x/b", "Bob");
-    let got = send(&mut r, &format!("<iq from='bob@x/b' to='{ROOM}/Alice' type='get' id='v1'><vCard xmlns='vcard-temp'/></iq>"));
+    join(&mut r, "carol@x/c", "Carol");
+    // vCard requests go to the occupant's bare JID, with an id of the room's.
+    let ask = |from: &str| {
+        format!("<iq from='{from}' to='{ROOM}/Alice' type='get' id='v1'><vCard xmlns='vcard-temp'/></iq>")
+    };
+    let got = send(&mut r, &ask("bob@x/b"));
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (to(&got[0]), got[0].attr("from")),
+        ("alice@x", Some("room@conf.example/Bob"))
+    );
+    assert!(got[0].get_child("vCard", "vcard-temp").is_some());
+    let bob_id = got[0].attr("id").unwrap().to_owned();
+    assert_ne!(bob_id, "v1");
+    // Carol asks with the same id: a different relayed id.
+    let got = send(&mut r, &ask("carol@x/c"));
+    let carol_id = got[0].attr("id").unwrap().to_owned();
+    assert_ne!(bob_id, carol_id);
+    // Each answer goes back to its asker, with the asker's id.
+    let answer = |id: &str, nick: &str| {
+        format!("<iq from='alice@x' to='{ROOM}/{nick}' type='result' id='{id}'><vCard xmlns='vcard-temp'><FN>A</FN></vCard></iq>")
+    };
+    let got = send(&mut r, &answer(&carol_id, "Carol"));
     assert_eq!(got.len(), 1);
     assert_eq!(
         (to(&got[0]), got[0].attr("from"), got[0].attr("id")),
-        ("alice@x/a", Some("room@conf.example/Bob"), Some("v1"))
+        ("carol@x/c", Some("room@conf.example/Alice"), Some("v1"))
     );
-    assert!(got[0].get_child("vCard", "vcard-temp").is_some());
-    let got = send(&mut r, &format!("<iq from='alice@x/a' to='{ROOM}/Bob' type='result' id='v1'><vCard xmlns='vcard-temp'><FN>A</FN></vCard></iq>"));
-    assert_eq!(got.len(), 1);
+    let got = send(&mut r, &answer(&bob_id, "Bob"));
     assert_eq!(
-        (to(&got[0]), got[0].attr("from"), got[0].attr("type")),
-        ("bob@x/b", Some("room@conf.example/Alice"), Some("result"))
+        (to(&got[0]), got[0].attr("type"), got[0].attr("id")),
+        ("bob@x/b", Some("result"), Some("v1"))
     );
     // Answered once: a second answer is dropped.
-    assert!(send(
-        &mut r,
-        &format!("<iq from='alice@x/a' to='{ROOM}/Bob' type='result' id='v1'/>")
-    )
-    .is_empty());
+    assert!(send(&mut r, &answer(&bob_id, "Bob")).is_empty());
+    // Other IQs go to the occupant's session.
+    let got = send(&mut r, &format!("<iq from='bob@x/b' to='{ROOM}/Alice' type='get' id='t'><time xmlns='urn:xmpp:time'/></iq>"));
+    assert_eq!(to(&got[0]), "alice@x/a");
+    // allowpm none: no relayed IQs either.
+    r.config.allow_pm = super::config::AllowPm::None;
+    let got = send(&mut r, &ask("bob@x/b"));
+    assert_eq!(error(&got[0]), "forbidden");
 }
 
 #[test]
@@ -764,7 +814,7 @@ fn reserved_nick_discovery_finds_none() {
 }
 
 #[test]
-fn registering_reserves_a_nick_and_makes_a_member() {
+fn registering_reserves_a_nick_and_makes_a_member_only_if_configured() {
     let mut r = instant();
     let got = send(&mut r, &format!("<iq from='bob@x/b' to='{ROOM}' type='get' id='g'><query xmlns='jabber:iq:register'/></iq>"));
     assert!(got[0]
@@ -775,11 +825,14 @@ fn registering_reserves_a_nick_and_makes_a_member() {
     let reg = |from: &str, nick: &str| {
         format!("<iq from='{from}' to='{ROOM}' type='set' id='r'><query xmlns='jabber:iq:register'><x xmlns='jabber:x:data' type='submit'><field var='FORM_TYPE'><value>http://jabber.org/protocol/muc#register</value></field><field var='muc#register_roomnick'><value>{nick}</value></field></x></query></iq>")
     };
-    let got = send(&mut r, &reg("bob@x/b", "Bobby"));
+    // Nicks are kept in normal form: the fullwidth form is the same nick.
+    let got = send(&mut r, &reg("bob@x/b", "\u{FF22}obby"));
     assert_eq!(got[0].attr("type"), Some("result"));
+    assert_eq!(r.nicks[&BareJid::new("bob@x").unwrap()], "Bobby");
+    // Only the nick is reserved: no membership by default.
     assert_eq!(
         r.affiliation(&BareJid::new("bob@x").unwrap()),
-        Affiliation::Member
+        Affiliation::None
     );
     assert_eq!(
         error(&send(&mut r, &reg("carol@x/c", "Bobby"))[0]),
@@ -800,6 +853,26 @@ fn registering_reserves_a_nick_and_makes_a_member() {
     let mut back = room();
     crate::store::from_xml(&mut back, &crate::store::to_xml(&r).parse().unwrap());
     assert_eq!(back.nicks, r.nicks);
+    assert!(!back
+        .affiliations
+        .contains_key(&BareJid::new("bob@x").unwrap()));
+    // A room that says registration makes members.
+    r.config.register_members = true;
+    assert_eq!(
+        send(&mut r, &reg("dave@x/d", "Dave"))[0].attr("type"),
+        Some("result")
+    );
+    assert_eq!(
+        r.affiliation(&BareJid::new("dave@x").unwrap()),
+        Affiliation::Member
+    );
+    // The banned may not register.
+    send(&mut r, &format!("<iq from='alice@x/a' to='{ROOM}' type='set' id='b'><query xmlns='http://jabber.org/protocol/muc#admin'><item affiliation='outcast' jid='eve@x'/></query></iq>"));
+    assert_eq!(error(&send(&mut r, &reg("eve@x/e", "Eve"))[0]), "forbidden");
+    assert_eq!(
+        r.affiliation(&BareJid::new("eve@x").unwrap()),
+        Affiliation::Outcast
+    );
     let got = send(&mut r, &format!("<iq from='bob@x/b' to='{ROOM}' type='set' id='u'><query xmlns='jabber:iq:register'><remove/></query></iq>"));
     assert_eq!(got[0].attr("type"), Some("result"));
     assert_eq!(
@@ -809,4 +882,423 @@ fn registering_reserves_a_nick_and_makes_a_member() {
     assert!(join(&mut r, "carol@x/c", "Bobby")
         .iter()
         .any(|e| codes(e) == ["110"]));
+}
+
+/// Every copied child is self-contained: a prefix declared on the stanza's own start tag
+/// is declared again on the child (messages, history, private messages, presence
+/// payloads, relayed IQs). `send` parses what the room wrote, so an undeclared prefix
+/// fails it.
+#[test]
+fn copied_children_keep_their_namespace_declarations() {
+    let mut r = instant();
+    join(&mut r, "bob@x/b", "Bob");
+    let got = send(
+        &mut r,
+        &format!("<message xmlns:a='urn:x' type='groupchat' from='alice@x/a' to='{ROOM}'><body>hi</body><a:b/></message>"),
+    );
+    assert_eq!(got.len(), 2);
+    for m in &got {
+        assert!(m.get_child("b", "urn:x").is_some(), "{m:?}");
+    }
+    // Kept in history and replayed the same way.
+    let got = join(&mut r, "carol@x/c", "Carol");
+    let replayed: Vec<&Element> = got
+        .iter()
+        .filter(|e| e.get_child("body", NS_CLIENT).is_some())
+        .collect();
+    assert_eq!(replayed.len(), 1);
+    assert!(replayed[0].get_child("b", "urn:x").is_some());
+    // Nested use of the prefix, and a child that declares it itself.
+    let got = send(
+        &mut r,
+        &format!("<message xmlns:a=\"urn:x\" type='chat' from='alice@x/a' to='{ROOM}/Bob'><body>pm</body><x xmlns='urn:y'><a:c/></x><a:d xmlns:a='urn:z'/></message>"),
+    );
+    assert_eq!(got.len(), 1);
+    let x = got[0].get_child("x", "urn:y").unwrap();
+    assert!(x.get_child("c", "urn:x").is_some());
+    assert!(got[0].get_child("d", "urn:z").is_some());
+    // Presence payloads.
+    let got = send(
+        &mut r,
+        &format!("<presence xmlns:a='urn:x' from='bob@x/b' to='{ROOM}/Bob'><a:caps/></presence>"),
+    );
+    assert!(!got.is_empty());
+    for p in &got {
+        assert!(p.get_child("caps", "urn:x").is_some(), "{p:?}");
+    }
+    // Relayed IQs, both ways.
+    let got = send(
+        &mut r,
+        &format!("<iq xmlns:v='vcard-temp' from='bob@x/b' to='{ROOM}/Alice' type='get' id='v1'><v:vCard/></iq>"),
+    );
+    assert_eq!(got.len(), 1);
+    assert!(got[0].get_child("vCard", "vcard-temp").is_some());
+    let id = got[0].attr("id").unwrap().to_owned();
+    let got = send(
+        &mut r,
+        &format!("<iq xmlns:v='vcard-temp' from='alice@x' to='{ROOM}/Bob' type='result' id='{id}'><v:vCard><v:FN>A</v:FN></v:vCard></iq>"),
+    );
+    assert_eq!(got.len(), 1);
+    assert!(got[0].get_child("vCard", "vcard-temp").is_some());
+}
+
+fn admin_iq(from: &str, items: &str) -> String {
+    format!("<iq from='{from}' to='{ROOM}' type='set' id='a'><query xmlns='http://jabber.org/protocol/muc#admin'>{items}</query></iq>")
+}
+
+#[test]
+fn invitations_do_not_lift_bans() {
+    let mut r = instant();
+    send(
+        &mut r,
+        &format!("<iq from='alice@x/a' to='{ROOM}' type='set' id='c'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'><field var='muc#roomconfig_membersonly'><value>1</value></field></x></query></iq>"),
+    );
+    send(
+        &mut r,
+        &admin_iq("alice@x/a", "<item affiliation='outcast' jid='eve@x'/>"),
+    );
+    send(
+        &mut r,
+        &format!("<message from='alice@x/a' to='{ROOM}'><x xmlns='http://jabber.org/protocol/muc#user'><invite to='eve@x'/></x></message>"),
+    );
+    assert_eq!(
+        r.affiliation(&BareJid::new("eve@x").unwrap()),
+        Affiliation::Outcast
+    );
+    assert_eq!(error(&join(&mut r, "eve@x/e", "Eve")[0]), "forbidden");
+}
+
+#[test]
+fn admin_items_are_all_applied_or_none() {
+    let mut r = instant();
+    join(&mut r, "bob@x/b", "Bob");
+    // The second item is refused: the first (a ban of Bob) is not applied either.
+    let got = send(
+        &mut r,
+        &admin_iq(
+            "alice@x/a",
+            "<item affiliation='outcast' jid='bob@x'/><item affiliation='bogus' jid='carol@x'/>",
+        ),
+    );
+    assert_eq!(got.len(), 1, "only the error: {got:?}");
+    assert_eq!(error(&got[0]), "bad-request");
+    assert_eq!(
+        r.affiliation(&BareJid::new("bob@x").unwrap()),
+        Affiliation::None
+    );
+    assert_eq!(r.occupants.len(), 2);
+    // `nick=` items are compared in normal form.
+    let got = send(
+        &mut r,
+        &admin_iq(
+            "alice@x/a",
+            "<item affiliation='member' nick='\u{FF22}ob'/>",
+        ),
+    );
+    assert!(got.iter().any(|e| e.attr("type") == Some("result")));
+    assert_eq!(
+        r.affiliation(&BareJid::new("bob@x").unwrap()),
+        Affiliation::Member
+    );
+}
+
+#[test]
+fn bans_reach_every_occupant_of_a_user_and_domains() {
+    let mut r = instant();
+    // Bob joined under two nicks from two sessions.
+    join(&mut r, "bob@x/b1", "Bob");
+    join(&mut r, "bob@x/b2", "Bobby");
+    assert_eq!(r.occupants.len(), 3);
+    // A kick of one nick takes both.
+    let got = send(
+        &mut r,
+        &admin_iq("alice@x/a", "<item role='none' nick='Bobby'/>"),
+    );
+    assert!(got.iter().any(|e| e.attr("type") == Some("result")));
+    assert_eq!(r.occupants.len(), 1, "both of Bob's occupants were kicked");
+    join(&mut r, "bob@x/b1", "Bob");
+    join(&mut r, "bob@x/b2", "Bobby");
+    send(
+        &mut r,
+        &admin_iq("alice@x/a", "<item affiliation='outcast' jid='bob@x'/>"),
+    );
+    assert_eq!(r.occupants.len(), 1, "both of Bob's occupants left");
+    join(&mut r, "mallory@evil/m", "Mallory");
+    assert_eq!(r.occupants.len(), 2);
+    // A domain ban: its users present leave, and may not join.
+    let got = send(
+        &mut r,
+        &admin_iq("alice@x/a", "<item affiliation='outcast' jid='evil'/>"),
+    );
+    assert!(got
+        .iter()
+        .any(|e| to(e) == "mallory@evil/m" && codes(e).contains(&"301".to_owned())));
+    assert_eq!(r.occupants.len(), 1);
+    assert_eq!(
+        error(&join(&mut r, "trudy@evil/t", "Trudy")[0]),
+        "forbidden"
+    );
+}
+
+#[test]
+fn only_admins_and_owners_take_the_moderator_role() {
+    let mut r = instant();
+    join(&mut r, "bob@x/b", "Bob");
+    join(&mut r, "carol@x/c", "Carol");
+    send(
+        &mut r,
+        &admin_iq("alice@x/a", "<item affiliation='admin' jid='bob@x'/>"),
+    );
+    // Alice (owner) makes Carol a moderator.
+    send(
+        &mut r,
+        &admin_iq("alice@x/a", "<item role='moderator' nick='Carol'/>"),
+    );
+    assert_eq!(r.occupants[2].role, super::Role::Moderator);
+    // Dave, a moderator by role only (not admin), may not take it from Carol.
+    join(&mut r, "dave@x/d", "Dave");
+    send(
+        &mut r,
+        &admin_iq("alice@x/a", "<item role='moderator' nick='Dave'/>"),
+    );
+    let got = send(
+        &mut r,
+        &admin_iq("dave@x/d", "<item role='participant' nick='Carol'/>"),
+    );
+    assert_eq!(error(&got[0]), "not-allowed");
+    assert_eq!(r.occupants[2].role, super::Role::Moderator);
+    // Bob (admin) may.
+    let got = send(
+        &mut r,
+        &admin_iq("bob@x/b", "<item role='participant' nick='Carol'/>"),
+    );
+    assert!(got.iter().any(|e| e.attr("type") == Some("result")));
+    assert_eq!(r.occupants[2].role, super::Role::Participant);
+}
+
+#[test]
+fn history_keeps_only_messages_with_a_body_or_a_store_hint() {
+    let mut r = instant();
+    for (k, m) in [
+        "<composing xmlns='http://jabber.org/protocol/chatstates'/>",
+        "<displayed xmlns='urn:xmpp:chat-markers:0' id='x'/>",
+        "<body>kept</body>",
+        "<received xmlns='urn:xmpp:receipts' id='y'/><store xmlns='urn:xmpp:hints'/>",
+    ]
+    .iter()
+    .enumerate()
+    {
+        feed(
+            &mut r,
+            &format!("<message from='alice@x/a' to='{ROOM}' type='groupchat'>{m}</message>"),
+            2000.0 + 10.0 * k as f64,
+        );
+    }
+    assert_eq!(r.history.len(), 2);
+    assert!(r.history[0].message.tail.contains("kept"));
+    assert!(r.history[1].message.tail.contains("urn:xmpp:hints"));
+}
+
+#[test]
+fn a_join_from_a_joined_session_replays_the_join() {
+    let mut r = instant();
+    join(&mut r, "bob@x/b", "Bob");
+    send(
+        &mut r,
+        &format!(
+            "<message from='alice@x/a' to='{ROOM}' type='groupchat'><body>hello</body></message>"
+        ),
+    );
+    let got = send(
+        &mut r,
+        &format!("<presence from='bob@x/b' to='{ROOM}/Bob'><x xmlns='http://jabber.org/protocol/muc'><history maxstanzas='5'/></x></presence>"),
+    );
+    // Alice's presence, Bob's own (110), the history, the subject: all to Bob only.
+    assert!(got.iter().all(|e| to(e) == "bob@x/b"), "{got:?}");
+    assert_eq!(got.len(), 4, "{got:?}");
+    assert_eq!(got[0].attr("from"), Some("room@conf.example/Alice"));
+    assert_eq!(codes(&got[1]), ["110"]);
+    assert_eq!(got[2].get_child("body", NS_CLIENT).unwrap().text(), "hello");
+    assert!(got[3].get_child("subject", NS_CLIENT).is_some());
+    assert_eq!(r.occupants.len(), 2);
+    // A plain presence update is still only broadcast.
+    let got = send(
+        &mut r,
+        &format!("<presence from='bob@x/b' to='{ROOM}/Bob'><show>away</show></presence>"),
+    );
+    assert_eq!(got.len(), 2);
+}
+
+#[test]
+fn sessions_codes_payloads_new_moderators_and_archiving_codes() {
+    let mut r = instant();
+    // Non-anonymous: a second session's own presence carries 100 as the first's.
+    send(
+        &mut r,
+        &format!("<iq from='alice@x/a' to='{ROOM}' type='set' id='c'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'><field var='muc#roomconfig_whois'><value>anyone</value></field></x></query></iq>"),
+    );
+    let first = join(&mut r, "bob@x/b1", "Bob");
+    let own = |got: &[Element], s: &str| {
+        got.iter()
+            .find(|e| to(e) == s && codes(e).contains(&"110".to_owned()))
+            .map(codes)
+            .unwrap()
+    };
+    assert_eq!(own(&first, "bob@x/b1"), ["110", "100"]);
+    send(
+        &mut r,
+        &format!("<presence from='bob@x/b1' to='{ROOM}/Bob'><show>dnd</show></presence>"),
+    );
+    let second = join(&mut r, "bob@x/b2", "Bob");
+    assert_eq!(own(&second, "bob@x/b2"), ["110", "100"]);
+    // The second session leaves: the first's presence (dnd) stays.
+    send(
+        &mut r,
+        &format!("<presence from='bob@x/b2' to='{ROOM}/Bob' type='unavailable'><status>bye</status></presence>"),
+    );
+    assert!(
+        r.occupants[1].payload.contains("dnd"),
+        "{}",
+        r.occupants[1].payload
+    );
+    // Semi-anonymous again; Carol made a moderator gets the presences with JIDs.
+    send(
+        &mut r,
+        &format!("<iq from='alice@x/a' to='{ROOM}' type='set' id='c'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'><field var='muc#roomconfig_whois'><value>moderators</value></field></x></query></iq>"),
+    );
+    join(&mut r, "carol@x/c", "Carol");
+    let got = send(
+        &mut r,
+        &admin_iq("alice@x/a", "<item role='moderator' nick='Carol'/>"),
+    );
+    let jid_of = |from: &str| {
+        got.iter()
+            .find(|e| to(e) == "carol@x/c" && e.attr("from") == Some(from))
+            .and_then(|e| e.get_child("x", NS_MUC_USER))
+            .and_then(|x| x.get_child("item", NS_MUC_USER))
+            .and_then(|i| i.attr("jid"))
+            .map(str::to_owned)
+    };
+    assert_eq!(jid_of("room@conf.example/Bob").as_deref(), Some("bob@x/b1"));
+    assert_eq!(
+        jid_of("room@conf.example/Alice").as_deref(),
+        Some("alice@x/a")
+    );
+}
+
+#[test]
+fn switching_archiving_is_announced() {
+    let mut l = limits();
+    l.archive = true;
+    let mut r = Room::new(
+        BareJid::new(ROOM).unwrap(),
+        Arc::new(l),
+        Arc::new(vec![]),
+        Arc::from("salt"),
+    );
+    join(&mut r, "alice@x/a", "Alice");
+    let cfg = |on: &str| {
+        format!("<iq from='alice@x/a' to='{ROOM}' type='set' id='c'><query xmlns='http://jabber.org/protocol/muc#owner'><x xmlns='jabber:x:data' type='submit'><field var='muc#roomconfig_enablearchiving'><value>{on}</value></field></x></query></iq>")
+    };
+    send(&mut r, &cfg("1"));
+    let got = send(&mut r, &cfg("0"));
+    let note = got.iter().find(|e| e.name() == "message").unwrap();
+    assert_eq!(codes(note), ["104", "171"]);
+    let got = send(&mut r, &cfg("1"));
+    let note = got.iter().find(|e| e.name() == "message").unwrap();
+    assert_eq!(codes(note), ["104", "170"]);
+}
+
+#[test]
+fn presence_updates_private_messages_and_voice_requests_are_rate_limited() {
+    let mut r = instant();
+    join(&mut r, "bob@x/b", "Bob");
+    // Burst 3: the fourth presence update at once is refused.
+    let update = format!("<presence from='bob@x/b' to='{ROOM}/Bob'><show>away</show></presence>");
+    for _ in 0..3 {
+        assert!(send(&mut r, &update)
+            .iter()
+            .all(|e| e.attr("type") != Some("error")));
+    }
+    let got = send(&mut r, &update);
+    assert_eq!(error(&got[0]), "resource-constraint");
+    // Nick changes and private messages draw from the same bucket.
+    let got = send(
+        &mut r,
+        &format!("<presence from='bob@x/b' to='{ROOM}/Robert'/>"),
+    );
+    assert_eq!(error(&got[0]), "resource-constraint");
+    let got = send(
+        &mut r,
+        &format!("<message from='bob@x/b' to='{ROOM}/Alice' type='chat'><body>hi</body></message>"),
+    );
+    assert_eq!(error(&got[0]), "resource-constraint");
+    // Later (a token a second), it works again.
+    let (got, _) = feed(
+        &mut r,
+        &format!("<message from='bob@x/b' to='{ROOM}/Alice' type='chat'><body>hi</body></message>"),
+        1002.0,
+    );
+    assert_eq!(to(&got[0]), "alice@x/a");
+}
+
+#[test]
+fn rooms_created_per_user_are_bounded() {
+    let creations = Arc::new(super::Creations::new(1));
+    let make = |name: &str| {
+        let mut r = Room::new(
+            BareJid::new(&format!("{name}@conf.example")).unwrap(),
+            Arc::new(limits()),
+            Arc::new(vec![]),
+            Arc::from("salt"),
+        );
+        r.creations = creations.clone();
+        r
+    };
+    let join_to = |r: &mut Room, name: &str| {
+        send(
+            r,
+            &format!("<presence from='alice@x/a' to='{name}@conf.example/A'><x xmlns='http://jabber.org/protocol/muc'/></presence>"),
+        )
+    };
+    let mut one = make("one");
+    assert_eq!(codes(&join_to(&mut one, "one")[0]), ["110", "201"]);
+    let mut two = make("two");
+    assert_eq!(error(&join_to(&mut two, "two")[0]), "not-allowed");
+    // The first room ends: Alice may create another.
+    creations.release(one.creator.as_ref().unwrap());
+    assert_eq!(codes(&join_to(&mut two, "two")[0]), ["110", "201"]);
+}
+
+#[test]
+fn affiliations_per_room_are_bounded() {
+    let mut r = instant();
+    // Alice (owner) and users up to the bound.
+    for k in 1..super::MAX_AFFILIATIONS {
+        r.affiliations.insert(
+            BareJid::new(&format!("u{k}@x")).unwrap(),
+            Affiliation::Member,
+        );
+    }
+    let got = send(
+        &mut r,
+        &admin_iq("alice@x/a", "<item affiliation='member' jid='one-more@x'/>"),
+    );
+    assert_eq!(error(&got[0]), "resource-constraint");
+    // Changing an existing one, or removing, is still fine.
+    let got = send(
+        &mut r,
+        &admin_iq("alice@x/a", "<item affiliation='outcast' jid='u1@x'/>"),
+    );
+    assert_eq!(got.last().unwrap().attr("type"), Some("result"));
+    let got = send(
+        &mut r,
+        &admin_iq("alice@x/a", "<item affiliation='none' jid='u2@x'/>"),
+    );
+    assert_eq!(got.last().unwrap().attr("type"), Some("result"));
+    let got = send(
+        &mut r,
+        &admin_iq("alice@x/a", "<item affiliation='member' jid='one-more@x'/>"),
+    );
+    assert_eq!(got.last().unwrap().attr("type"), Some("result"));
 }
