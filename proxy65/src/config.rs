@@ -3,6 +3,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use jrs_config::service::{check_service_name, ServiceUsers};
 use jrs_config::{limits_from_node, LogConfig, Node, Result, RouterLink};
 use jrs_stream::Limits;
 
@@ -10,10 +11,8 @@ use jrs_stream::Limits;
 pub struct ProxyConfig {
     /// The router link; its `name` is the proxy's JID (`proxy.localhost`).
     pub router: RouterLink,
-    /// Domains whose users may use the proxy, and more by domain or bare JID.
-    pub hosts: Vec<String>,
-    pub allow_domains: Vec<String>,
-    pub allow_jids: Vec<String>,
+    /// Who may use it (`<host>`, `<allow domain=.. | jid=..>`).
+    pub users: ServiceUsers,
     /// Where the SOCKS5 listener binds.
     pub listen_address: String,
     pub listen_port: u16,
@@ -61,37 +60,8 @@ impl ProxyConfig {
         )?;
         let router_node = root.required_child("router")?;
         let router = RouterLink::from_node(router_node)?;
-        if jid::BareJid::new(&router.name)
-            .map(|j| j.node().is_some())
-            .unwrap_or(true)
-        {
-            return Err(router_node.error(format!(
-                "name '{}' must be the proxy's domain, e.g. proxy.localhost",
-                router.name
-            )));
-        }
-        let mut hosts = vec![];
-        for h in root.children("host") {
-            h.allow(&[], &[])?;
-            hosts.push(domain(h, &h.text)?);
-        }
-        let (mut allow_domains, mut allow_jids) = (vec![], vec![]);
-        for a in root.children("allow") {
-            a.allow(&["domain", "jid"], &[])?;
-            match (a.attr("domain"), a.attr("jid")) {
-                (Some(d), None) => allow_domains.push(domain(a, d)?),
-                (None, Some(j)) => match jid::BareJid::new(j) {
-                    Ok(b) if b.node().is_some() => allow_jids.push(b.to_string()),
-                    _ => return Err(a.error(format!("'{j}' is not a bare JID user@domain"))),
-                },
-                _ => return Err(a.error("give either domain='..' or jid='..'")),
-            }
-        }
-        if hosts.is_empty() && allow_domains.is_empty() && allow_jids.is_empty() {
-            return Err(root.error(
-                "at least one <host>DOMAIN</host> (whose users may use the proxy) is required",
-            ));
-        }
+        check_service_name(router_node, &router.name, "proxy.localhost")?;
+        let users = ServiceUsers::from_root(root, "use the proxy")?;
         let listen = root.required_child("listen")?;
         listen.allow(&["address", "port"], &[])?;
         let listen_address = listen.attr("address").unwrap_or("127.0.0.1").to_owned();
@@ -125,9 +95,7 @@ impl ProxyConfig {
         };
         let mut c = ProxyConfig {
             router,
-            hosts,
-            allow_domains,
-            allow_jids,
+            users,
             listen_address,
             listen_port,
             streamhost_host,
@@ -177,19 +145,7 @@ impl ProxyConfig {
 
     /// Whether `user` (a bare JID) may use the proxy.
     pub fn allows(&self, user: &jid::BareJid) -> bool {
-        let d = user.domain().as_str();
-        user.node().is_some()
-            && (self.hosts.iter().any(|h| h == d)
-                || self.allow_domains.iter().any(|h| h == d)
-                || self.allow_jids.iter().any(|j| j == user.as_str()))
-    }
-}
-
-fn domain(n: &Node, text: &str) -> Result<String> {
-    let d = text.trim().to_ascii_lowercase();
-    match jid::BareJid::new(&d) {
-        Ok(j) if j.node().is_none() && !d.is_empty() && d != "*" => Ok(d),
-        _ => Err(n.error(format!("'{text}' is not a domain name"))),
+        self.users.allows(user)
     }
 }
 

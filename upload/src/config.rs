@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use jrs_config::service::{check_service_name, ServiceUsers};
 use jrs_config::{limits_from_node, LogConfig, Node, Result, RouterLink};
 use jrs_stream::Limits;
 
@@ -10,11 +11,8 @@ use jrs_stream::Limits;
 pub struct UploadConfig {
     /// The router link; its `name` is the service's JID (`upload.localhost`).
     pub router: RouterLink,
-    /// Domains whose users may ask for slots (`<host>`).
-    pub hosts: Vec<String>,
-    /// More who may: whole domains and single bare JIDs (`<allow domain=.. | jid=..>`).
-    pub allow_domains: Vec<String>,
-    pub allow_jids: Vec<String>,
+    /// Who may use it (`<host>`, `<allow domain=.. | jid=..>`).
+    pub users: ServiceUsers,
     pub http: HttpConfig,
     /// Where the HMAC secret comes from.
     pub secret: SecretSource,
@@ -113,38 +111,10 @@ impl UploadConfig {
                 "log",
             ],
         )?;
-        let router = RouterLink::from_node(root.required_child("router")?)?;
-        if jid::BareJid::new(&router.name)
-            .map(|j| j.node().is_some())
-            .unwrap_or(true)
-        {
-            return Err(root.required_child("router")?.error(format!(
-                "name '{}' must be the service's domain, e.g. upload.localhost",
-                router.name
-            )));
-        }
-        let mut hosts = vec![];
-        for h in root.children("host") {
-            h.allow(&[], &[])?;
-            hosts.push(domain(h, &h.text)?);
-        }
-        let (mut allow_domains, mut allow_jids) = (vec![], vec![]);
-        for a in root.children("allow") {
-            a.allow(&["domain", "jid"], &[])?;
-            match (a.attr("domain"), a.attr("jid")) {
-                (Some(d), None) => allow_domains.push(domain(a, d)?),
-                (None, Some(j)) => match jid::BareJid::new(j) {
-                    Ok(b) if b.node().is_some() => allow_jids.push(b.to_string()),
-                    _ => return Err(a.error(format!("'{j}' is not a bare JID user@domain"))),
-                },
-                _ => return Err(a.error("give either domain='..' or jid='..'")),
-            }
-        }
-        if hosts.is_empty() && allow_domains.is_empty() && allow_jids.is_empty() {
-            return Err(
-                root.error("at least one <host>DOMAIN</host> (whose users may upload) is required")
-            );
-        }
+        let router_node = root.required_child("router")?;
+        let router = RouterLink::from_node(router_node)?;
+        check_service_name(router_node, &router.name, "upload.localhost")?;
+        let users = ServiceUsers::from_root(root, "upload")?;
         let http = http(root.required_child("http")?)?;
         let secret = match root.required_child("secret")? {
             s if !s.text.is_empty() => {
@@ -163,9 +133,7 @@ impl UploadConfig {
         spool.allow(&["dir"], &[])?;
         let mut c = UploadConfig {
             router,
-            hosts,
-            allow_domains,
-            allow_jids,
+            users,
             http,
             secret,
             spool: PathBuf::from(spool.required_attr("dir")?),
@@ -223,11 +191,7 @@ impl UploadConfig {
 
     /// Whether `user` (a bare JID) may ask for slots.
     pub fn allows(&self, user: &jid::BareJid) -> bool {
-        let d = user.domain().as_str();
-        user.node().is_some()
-            && (self.hosts.iter().any(|h| h == d)
-                || self.allow_domains.iter().any(|h| h == d)
-                || self.allow_jids.iter().any(|j| j == user.as_str()))
+        self.users.allows(user)
     }
 }
 
@@ -293,14 +257,6 @@ fn http(n: &Node) -> Result<HttpConfig> {
         tls,
         timeout: nonzero(n, "timeout", Duration::from_secs(30))?,
     })
-}
-
-fn domain(n: &Node, text: &str) -> Result<String> {
-    let d = text.trim().to_ascii_lowercase();
-    match jid::BareJid::new(&d) {
-        Ok(j) if j.node().is_none() && !d.is_empty() && d != "*" => Ok(d),
-        _ => Err(n.error(format!("'{text}' is not a domain name"))),
-    }
 }
 
 /// A size: a whole number of bytes, or with a K, M or G suffix (powers of 1024).

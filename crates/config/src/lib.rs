@@ -21,6 +21,7 @@ use quick_xml::events::Event;
 use quick_xml::Reader;
 
 mod common;
+pub mod service;
 pub use common::{limits_from_node, Listener, LogConfig, RouterLink, TlsFiles, TlsHost, TlsMode};
 
 /// A configuration error, printed as `FILE:LINE: <element>: message`.
