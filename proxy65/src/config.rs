@@ -126,7 +126,7 @@ impl ProxyConfig {
                 &[],
             )?;
             if let Some(v) = r.attr("bandwidth") {
-                c.bandwidth = parse_size(v).ok_or_else(|| {
+                c.bandwidth = jrs_config::parse_size(v).ok_or_else(|| {
                     r.error(format!(
                         "attribute 'bandwidth' = '{v}': expected bytes per second (suffix K, M or G allowed)"
                     ))
@@ -136,9 +136,9 @@ impl ProxyConfig {
             c.max_waiting = positive(r, "max-waiting", c.max_waiting)?;
             c.per_address = positive(r, "per-address", c.per_address)?;
             c.max_streams = positive(r, "max-streams", c.max_streams)?;
-            c.handshake = nonzero(r, "handshake", c.handshake)?;
-            c.idle = nonzero(r, "idle", c.idle)?;
-            c.pending = nonzero(r, "pending", c.pending)?;
+            c.handshake = r.positive_seconds_attr("handshake")?.unwrap_or(c.handshake);
+            c.idle = r.positive_seconds_attr("idle")?.unwrap_or(c.idle);
+            c.pending = r.positive_seconds_attr("pending")?.unwrap_or(c.pending);
         }
         Ok(c)
     }
@@ -149,32 +149,12 @@ impl ProxyConfig {
     }
 }
 
-/// A whole number of bytes, or with a K, M or G suffix (powers of 1024).
-pub fn parse_size(v: &str) -> Option<u64> {
-    let v = v.trim();
-    let (digits, unit) = match v.char_indices().last()? {
-        (i, 'K' | 'k') => (&v[..i], 1024),
-        (i, 'M' | 'm') => (&v[..i], 1024 * 1024),
-        (i, 'G' | 'g') => (&v[..i], 1024 * 1024 * 1024),
-        _ => (v, 1),
-    };
-    digits.trim().parse::<u64>().ok()?.checked_mul(unit)
-}
-
 fn positive(n: &Node, name: &str, default: usize) -> Result<usize> {
     let v: usize = n.parse_attr(name, "a whole number")?.unwrap_or(default);
     if v == 0 {
         return Err(n.error(format!("attribute '{name}' must be at least 1")));
     }
     Ok(v)
-}
-
-fn nonzero(n: &Node, name: &str, default: Duration) -> Result<Duration> {
-    let d = n.seconds_attr(name)?.unwrap_or(default);
-    if d.is_zero() {
-        return Err(n.error(format!("attribute '{name}' must be more than 0 seconds")));
-    }
-    Ok(d)
 }
 
 #[cfg(test)]

@@ -159,19 +159,25 @@ impl UploadConfig {
                 ],
                 &[],
             )?;
-            c.max_file_size = bytes(f, "max-size", c.max_file_size)?;
+            c.max_file_size = f.size_attr("max-size")?.unwrap_or(c.max_file_size);
             if c.max_file_size == 0 {
                 return Err(f.error("attribute 'max-size' must be more than 0"));
             }
-            c.disk_budget = bytes(f, "disk-budget", c.disk_budget)?;
-            c.slot_lifetime = nonzero(f, "slot-lifetime", c.slot_lifetime)?;
-            c.file_lifetime = nonzero(f, "lifetime", c.file_lifetime)?;
-            c.sweep_interval = nonzero(f, "sweep", c.sweep_interval)?;
+            c.disk_budget = f.size_attr("disk-budget")?.unwrap_or(c.disk_budget);
+            c.slot_lifetime = f
+                .positive_seconds_attr("slot-lifetime")?
+                .unwrap_or(c.slot_lifetime);
+            c.file_lifetime = f
+                .positive_seconds_attr("lifetime")?
+                .unwrap_or(c.file_lifetime);
+            c.sweep_interval = f
+                .positive_seconds_attr("sweep")?
+                .unwrap_or(c.sweep_interval);
         }
         if let Some(q) = root.child("quota")? {
             q.allow(&["bytes", "window"], &[])?;
-            c.quota_bytes = bytes(q, "bytes", c.quota_bytes)?;
-            c.quota_window = nonzero(q, "window", c.quota_window)?;
+            c.quota_bytes = q.size_attr("bytes")?.unwrap_or(c.quota_bytes);
+            c.quota_window = q.positive_seconds_attr("window")?.unwrap_or(c.quota_window);
         }
         if let Some(n) = root.child("connections")? {
             n.allow(&["max", "per-address", "min-rate", "max-duration"], &[])?;
@@ -183,8 +189,10 @@ impl UploadConfig {
             l.per_address = n
                 .parse_attr("per-address", "a whole number")?
                 .unwrap_or(l.per_address);
-            l.min_rate = bytes(n, "min-rate", l.min_rate)?;
-            l.max_duration = nonzero(n, "max-duration", l.max_duration)?;
+            l.min_rate = n.size_attr("min-rate")?.unwrap_or(l.min_rate);
+            l.max_duration = n
+                .positive_seconds_attr("max-duration")?
+                .unwrap_or(l.max_duration);
         }
         Ok(c)
     }
@@ -255,39 +263,10 @@ fn http(n: &Node) -> Result<HttpConfig> {
         port,
         base_url,
         tls,
-        timeout: nonzero(n, "timeout", Duration::from_secs(30))?,
+        timeout: n
+            .positive_seconds_attr("timeout")?
+            .unwrap_or(Duration::from_secs(30)),
     })
-}
-
-/// A size: a whole number of bytes, or with a K, M or G suffix (powers of 1024).
-fn bytes(n: &Node, name: &str, default: u64) -> Result<u64> {
-    let Some(v) = n.attr(name) else {
-        return Ok(default);
-    };
-    parse_size(v).ok_or_else(|| {
-        n.error(format!(
-            "attribute '{name}' = '{v}': expected a number of bytes (suffix K, M or G allowed)"
-        ))
-    })
-}
-
-pub fn parse_size(v: &str) -> Option<u64> {
-    let v = v.trim();
-    let (digits, unit) = match v.char_indices().last()? {
-        (i, 'K' | 'k') => (&v[..i], 1024),
-        (i, 'M' | 'm') => (&v[..i], MIB),
-        (i, 'G' | 'g') => (&v[..i], 1024 * MIB),
-        _ => (v, 1),
-    };
-    digits.trim().parse::<u64>().ok()?.checked_mul(unit)
-}
-
-fn nonzero(n: &Node, name: &str, default: Duration) -> Result<Duration> {
-    let d = n.seconds_attr(name)?.unwrap_or(default);
-    if d.is_zero() {
-        return Err(n.error(format!("attribute '{name}' must be more than 0 seconds")));
-    }
-    Ok(d)
 }
 
 #[cfg(test)]
@@ -357,7 +336,7 @@ mod tests {
         ))
         .unwrap_err();
         assert!(e.to_string().contains("base-url"), "{e}");
-        assert_eq!(parse_size("2k"), Some(2048));
-        assert_eq!(parse_size("x"), None);
+        assert_eq!(jrs_config::parse_size("2k"), Some(2048));
+        assert_eq!(jrs_config::parse_size("x"), None);
     }
 }

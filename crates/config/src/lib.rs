@@ -244,6 +244,28 @@ impl Node {
         }
     }
 
+    /// A number of bytes: a whole number, or with a K, M or G suffix (powers of 1024).
+    pub fn size_attr(&self, name: &str) -> Result<Option<u64>> {
+        let Some(v) = self.attr(name) else {
+            return Ok(None);
+        };
+        parse_size(v).map(Some).ok_or_else(|| {
+            self.error(format!(
+                "attribute '{name}' = '{v}': expected a number of bytes (suffix K, M or G allowed)"
+            ))
+        })
+    }
+
+    /// A number of seconds above zero.
+    pub fn positive_seconds_attr(&self, name: &str) -> Result<Option<Duration>> {
+        match self.seconds_attr(name)? {
+            Some(d) if d.is_zero() => {
+                Err(self.error(format!("attribute '{name}' must be more than 0 seconds")))
+            }
+            other => Ok(other),
+        }
+    }
+
     pub fn children<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a Node> + 'a {
         self.children.iter().filter(move |c| c.name == name)
     }
@@ -289,6 +311,18 @@ fn one_of<S: AsRef<str>>(items: &[S]) -> String {
             .collect::<Vec<_>>()
             .join(", "),
     }
+}
+
+/// A whole number of bytes, or with a K, M or G suffix (powers of 1024).
+pub fn parse_size(v: &str) -> Option<u64> {
+    let v = v.trim();
+    let (digits, unit) = match v.char_indices().last()? {
+        (i, 'K' | 'k') => (&v[..i], 1024),
+        (i, 'M' | 'm') => (&v[..i], 1024 * 1024),
+        (i, 'G' | 'g') => (&v[..i], 1024 * 1024 * 1024),
+        _ => (v, 1),
+    };
+    digits.trim().parse::<u64>().ok()?.checked_mul(unit)
 }
 
 #[cfg(test)]
