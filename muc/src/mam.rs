@@ -3,17 +3,15 @@
 //! Rooms archive through xdb's archive operations, owner = the room's JID.
 
 use bytes::Bytes;
-use chrono::{DateTime, SecondsFormat};
+use chrono::DateTime;
 use jid::Jid;
 use jrs_xdb::archive::{self, Item, Page, Paging, MAX_PAGE};
 use minidom::Element;
-use xmpp_parsers::mam::{Fin, Query};
-use xmpp_parsers::rsm::{First, SetResult};
+use xmpp_parsers::mam::Query;
 
 use crate::xml::{self, Condition, NS_DATA};
 
 pub const NS_MAM: &str = "urn:xmpp:mam:2";
-const NS_FORWARD: &str = "urn:xmpp:forward:0";
 
 /// Items in one page when the client asks for no size.
 pub const PAGE: usize = 50;
@@ -163,52 +161,19 @@ pub fn history_template(payload: &[u8]) -> Option<xml::Template> {
 /// The result messages and the IQ result for a page.
 pub fn answer(room: &str, r: &Request, page: &Page) -> Vec<u8> {
     let mut out = Vec::new();
-    let queryid = r
-        .queryid
-        .as_deref()
-        .map(|q| xml::attr("queryid", q))
-        .unwrap_or_default();
     let mut items: Vec<&Item> = page.items.iter().collect();
     if r.flip {
         items.reverse();
     }
     for item in items {
-        let stamp = DateTime::from_timestamp_micros(item.time as i64)
-            .unwrap_or_default()
-            .to_rfc3339_opts(SecondsFormat::Micros, true);
-        out.extend_from_slice(
-            format!(
-                "<message{}{}><result xmlns='{NS_MAM}'{queryid}{}><forwarded xmlns='{NS_FORWARD}'>\
-                 <delay xmlns='{}' stamp='{stamp}'/>",
-                xml::attr("from", room),
-                xml::attr("to", &r.to),
-                xml::attr("id", &item.id),
-                xml::NS_DELAY,
-            )
-            .as_bytes(),
-        );
-        out.extend_from_slice(&item.payload);
-        out.extend_from_slice(b"</forwarded></result></message>");
+        out.extend_from_slice(&jrs_xdb::mam::result_message(
+            room,
+            &r.to,
+            r.queryid.as_deref(),
+            item,
+        ));
     }
-    let set = match (page.items.first(), page.items.last()) {
-        (Some(first), Some(last)) => SetResult {
-            first: Some(First {
-                index: page.first_index,
-                item: first.id.clone(),
-            }),
-            last: Some(last.id.clone()),
-            count: Some(page.count),
-        },
-        _ => SetResult {
-            first: None,
-            last: None,
-            count: Some(page.count),
-        },
-    };
-    let fin = String::from(&Element::from(Fin {
-        complete: page.complete,
-        set,
-    }));
+    let fin = String::from(&Element::from(jrs_xdb::mam::fin(page)));
     out.extend_from_slice(
         format!(
             "<iq type='result'{}{}{}>{fin}</iq>",

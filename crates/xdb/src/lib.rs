@@ -11,6 +11,7 @@
 
 pub mod archive;
 pub mod client;
+pub mod mam;
 
 pub use client::{XdbClient, XdbError};
 

@@ -1,18 +1,15 @@
 //! Archive queries (XEP-0313 sections 4 and 5): the query form and XEP-0059 paging
 //! turned into a storage query, and its page turned into result messages and `<fin/>`.
 
-use bytes::Bytes;
 use jid::Jid;
 use xmpp_parsers::data_forms::{DataForm, DataFormType, Field, FieldType};
-use xmpp_parsers::mam::{Fin, Query};
-use xmpp_parsers::ns::{DELAY, FORWARD, MAM as NS_MAM};
-use xmpp_parsers::rsm::{First, SetResult};
+use xmpp_parsers::mam::Query;
+use xmpp_parsers::ns::MAM as NS_MAM;
 
-use jrs_stream::xml::escape;
 use jrs_stream::StanzaErrorCondition;
-use jrs_xdb::archive::{self, Item, Page, Paging, MAX_PAGE};
+use jrs_xdb::archive::{self, Paging, MAX_PAGE};
 
-use crate::clock::{parse_stamp, stamp_micros};
+use crate::clock::parse_stamp;
 use crate::host::Reply;
 
 fn bad(text: impl Into<String>) -> Reply {
@@ -121,50 +118,7 @@ pub fn translate(q: &Query, page_size: usize, max_bytes: usize) -> Result<archiv
     Ok(out)
 }
 
-/// One result message: `item` forwarded to `to` (the querying session).
-pub fn result_message(from: &str, to: &str, queryid: Option<&str>, item: &Item) -> Bytes {
-    let queryid = queryid
-        .map(|q| format!(" queryid='{}'", escape(q)))
-        .unwrap_or_default();
-    let mut out = Vec::with_capacity(item.payload.len() + 300);
-    out.extend_from_slice(
-        format!(
-            "<message from='{}' to='{}'><result xmlns='{NS_MAM}'{queryid} id='{}'>\
-             <forwarded xmlns='{FORWARD}'><delay xmlns='{DELAY}' stamp='{}'/>",
-            escape(from),
-            escape(to),
-            escape(&item.id),
-            stamp_micros(item.time)
-        )
-        .as_bytes(),
-    );
-    out.extend_from_slice(&item.payload);
-    out.extend_from_slice(b"</forwarded></result></message>");
-    Bytes::from(out)
-}
-
-/// The `<fin/>` closing a page.
-pub fn fin(page: &Page) -> Fin {
-    let set = match (page.items.first(), page.items.last()) {
-        (Some(first), Some(last)) => SetResult {
-            first: Some(First {
-                index: page.first_index,
-                item: first.id.clone(),
-            }),
-            last: Some(last.id.clone()),
-            count: Some(page.count),
-        },
-        _ => SetResult {
-            first: None,
-            last: None,
-            count: Some(page.count),
-        },
-    };
-    Fin {
-        complete: page.complete,
-        set,
-    }
-}
+pub use jrs_xdb::mam::{fin, result_message};
 
 #[cfg(test)]
 mod tests {
