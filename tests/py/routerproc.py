@@ -24,10 +24,7 @@ def router_binary():
     return Path(bin_dir) / "router"
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serverproc import free_port  # noqa: E402  (a port outside the ephemeral range)
 
 
 class RouterProcess:

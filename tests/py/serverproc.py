@@ -41,9 +41,19 @@ def binaries_missing():
 
 
 def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A port free to listen on, below the kernel's ephemeral range (32768-60999 on
+    Linux): a port the kernel hands out itself (bind to 0) may be taken, before our
+    server binds it, as the local port of one of the test's own outgoing connections."""
+    import random
+    for _ in range(200):
+        port = random.randrange(20000, 32000)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError("no free port found in 20000-32000")
 
 
 def accepts(port):
@@ -297,6 +307,19 @@ class Server:
                       f"{name} to connect to the router", timeout, watch=[name])
 
     def start(self):
+        """Starts every process; a port taken meanwhile by someone else (a listener
+        failing with `Address already in use`) makes it start again on other ports."""
+        for attempt in range(3):
+            try:
+                return self._start_once()
+            except ServerError:
+                taken = "Address already in use" in self.logs_text()
+                if not taken or attempt == 2:
+                    raise
+                self.stop()
+                self.procs = {}
+
+    def _start_once(self):
         missing = binaries_missing()
         if missing:
             raise ServerError(f"not built in {bin_dir()}: {', '.join(missing)} "

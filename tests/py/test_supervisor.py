@@ -29,10 +29,7 @@ PROGRAMS = ["router", "xdb-file", "sm", "c2s", "s2s"]
 NAMES = ["router", "xdb-file", "sm-1", "sm-2", "c2s", "s2s"]
 
 
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serverproc import free_port  # noqa: E402  (a port outside the ephemeral range)
 
 
 def wait_for(condition, what, timeout=5.0):
