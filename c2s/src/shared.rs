@@ -11,7 +11,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 use tracing::{debug, info, warn};
 
-use jrs_component::{Outbox, TopLevel};
+use jrs_component::{fanout, Outbox, TopLevel};
 use jrs_stream::{Stanza, StanzaErrorCondition, StreamErrorCondition};
 use jrs_xdb::XdbClient;
 
@@ -334,6 +334,9 @@ impl Shared {
     }
 
     fn sm_packet(&self, packet: &Stanza) {
+        if packet.kind() == Some("fanout") {
+            return self.sm_fanout(packet);
+        }
         let sid = packet.attr("sid").unwrap_or_default();
         let handle = {
             let sessions = self.sessions.lock().expect("sessions lock");
@@ -449,6 +452,45 @@ impl Shared {
                 to_client(ToClient::End(cond, text.into()));
             }
             other => warn!(kind = ?other, "unknown session packet type"),
+        }
+    }
+
+    /// `<session type='fanout'>`: one stanza (a room's broadcast) for several sessions,
+    /// each `<r to='JID' sid='..'/>`; every session gets the stanza addressed to its JID,
+    /// as if sm had sent it a `stanza` packet. A session we no longer have is ended
+    /// towards sm with its copy, as for a `stanza` packet.
+    fn sm_fanout(&self, packet: &Stanza) {
+        let f = match fanout::parse(packet.inner()) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(from = packet.from().unwrap_or(""), error = %e, "malformed fan-out packet from sm ignored");
+                return;
+            }
+        };
+        let mut gone = vec![];
+        {
+            let sessions = self.sessions.lock().expect("sessions lock");
+            for r in &f.recipients {
+                let sid = r.sid.unwrap_or("");
+                let item = Item {
+                    bytes: fanout::addressed(&f.stanza, r.to),
+                    offline: false,
+                };
+                match sessions.get(sid) {
+                    // Under the table's lock, as in `sm_packet`.
+                    Some(handle) => {
+                        let _ = handle.to_client.send(Box::new(ToClient::Stanza(item)));
+                    }
+                    None => gone.push((sid.to_owned(), r.to, item)),
+                }
+            }
+        }
+        for (sid, to, item) in gone {
+            debug!(sid, "fan-out for an unknown session");
+            let jid = jrs_stream::xml::unescape(to).unwrap_or_default();
+            let handle = SessionHandle::gone(sid, jid.into_owned());
+            let undelivered = protocol::items(&[item]);
+            self.send(protocol::packet(&self.me, "end", &handle, &[], &undelivered));
         }
     }
 

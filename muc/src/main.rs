@@ -110,6 +110,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             route: PacketType::Normal,
             host: config.service.clone(),
             shared: true,
+            fanout: false,
         }],
         // A plain XEP-0114 component: its name is the service; no bind extension.
         Mode::Plain => vec![],

@@ -15,6 +15,7 @@ use crate::mam;
 use crate::room::{self, HistoryItem, Out, Room};
 use crate::store::Listing;
 use crate::store::StoreError;
+use crate::config::Mode;
 use crate::xml;
 use crate::Ctx;
 use jrs_stream::StanzaErrorCondition;
@@ -241,7 +242,10 @@ async fn run(ctx: Arc<Ctx>, jid: BareJid, mut rx: mpsc::Receiver<Stanza>) {
         let Some(first) = first else {
             return;
         };
-        let mut out = Out::default();
+        let mut out = Out {
+            fanout: ctx.config.mode == Mode::Router,
+            ..Out::default()
+        };
         let now = unix_now();
         let mut next = Some(first);
         let mut handled = 0;

@@ -284,6 +284,13 @@ impl Template {
         out.put_slice(self.tail.as_bytes());
     }
 
+    /// Appends the stanza without a `to` (for a fan-out packet, which addresses it).
+    pub fn write_unaddressed(&self, out: &mut BytesMut) {
+        let head = self.head.strip_suffix(" to='").unwrap_or(&self.head);
+        out.put_slice(head.as_bytes());
+        out.put_slice(&self.tail.as_bytes()[1..]);
+    }
+
     /// The stanza addressed to `to`, as a string (tests and single sends).
     #[cfg(test)]
     pub fn to(&self, to: &str) -> String {

@@ -1,5 +1,6 @@
 //! The router's shared state and the routing decision for every packet.
 
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -9,7 +10,7 @@ use bytes::Bytes;
 use tracing::{debug, info, warn};
 
 use jrs_component::protocol::{bind_error, bind_result, disconnected_notice, route_notice};
-use jrs_component::PacketType;
+use jrs_component::{fanout, PacketType};
 use jrs_stream::{Stanza, StanzaErrorCondition};
 
 use crate::config::{RouterConfig, Users};
@@ -161,7 +162,7 @@ impl Router {
         for route in OWN_NAME_ROUTES {
             // Cannot conflict: the name is unique among connected links, and nobody else
             // may bind another component's name (see `bind`).
-            let _ = bind_locked(&mut st, conn, route, &name, false);
+            let _ = bind_locked(&mut st, conn, route, &name, false, false);
         }
         Ok(())
     }
@@ -172,9 +173,8 @@ impl Router {
         let id = request.id().unwrap_or("");
         let route = request.attr("route").and_then(|r| PacketType::parse(&r));
         let host = request.attr("host").map(|h| h.to_ascii_lowercase());
-        let shared = request
-            .attr("shared")
-            .is_some_and(|s| s == "true" || s == "1");
+        let flag = |name: &str| request.attr(name).is_some_and(|s| s == "true" || s == "1");
+        let (shared, fanout) = (flag("shared"), flag("fanout"));
         let users = self.users();
         let mut st = self.state.lock().expect("router lock");
         let Some(link) = st.links.get(&conn) else {
@@ -212,9 +212,9 @@ impl Router {
                         &format!("component '{name}' may not bind {route} for '{host}'"),
                     )
                 } else {
-                    match bind_locked(&mut st, conn, route, &host, shared) {
+                    match bind_locked(&mut st, conn, route, &host, shared, fanout) {
                         Ok(()) => {
-                            info!(%route, %host, shared, "bound");
+                            info!(%route, %host, shared, fanout, "bound");
                             bind_result(element, id)
                         }
                         Err(BindRefusal::Conflict(holder)) => bind_error(
@@ -294,6 +294,26 @@ impl Router {
                     warn!(%route, from = stanza.from().unwrap_or(""), "forged or missing from: bounced");
                     // The reply goes straight back on the sender's link: its `to` is forged.
                     refused.extend(stanza.error_reply(condition, &text));
+                    continue;
+                }
+                if stanza.name() == fanout::ELEMENT {
+                    // The stanza inside must come from the same domain as the packet.
+                    match fanout::parse(stanza.inner()) {
+                        Ok(f) if lower(jid_domain(f.stanza.from().unwrap_or(""))) == domain => {
+                            plan.decide_fanout(tree, *route, stanza, &f, &mut bounces);
+                        }
+                        Ok(_) => {
+                            warn!(from = stanza.from().unwrap_or(""), "fan-out stanza from another domain: refused");
+                            refused.extend(stanza.error_reply(
+                                StanzaErrorCondition::NotAllowed,
+                                "the stanza of a fan-out packet must be from the packet's domain",
+                            ));
+                        }
+                        Err(e) => {
+                            warn!(from = stanza.from().unwrap_or(""), error = %e, "malformed fan-out packet: refused");
+                            refused.extend(stanza.error_reply(StanzaErrorCondition::BadRequest, &e.to_string()));
+                        }
+                    }
                     continue;
                 }
                 plan.decide(tree, *route, stanza, &mut bounces);
@@ -416,9 +436,12 @@ fn bind_locked(
     route: PacketType,
     host: &str,
     shared: bool,
+    fanout: bool,
 ) -> Result<(), BindRefusal> {
     let link = st.links.get_mut(&conn).expect("bind on a registered link");
-    let instance = Instance::new(conn, link.name.clone(), link.outbox.clone());
+    // Fan-out packets carry `normal` stanzas only.
+    let fanout = fanout && route == PacketType::Normal;
+    let instance = Instance::new(conn, link.name.clone(), link.outbox.clone(), fanout);
     let held = st.tree.bind(route, host, instance, shared)?;
     link.bound.insert((route, host.to_owned()));
     let notice = route_notice("bound", &link.name, route, host);
@@ -457,6 +480,39 @@ fn route_locked<B: AsRef<[u8]>>(
     plan.execute(links, bounces);
 }
 
+/// Holds a packet for a route in its grace period, or bounces it when the hold is full.
+fn hold(held: &mut crate::tree::Held, packet: Bytes, bounces: &mut Vec<Bounce>) {
+    // Bounded by packets: each was already bounded in bytes by the stanza limit.
+    if held.packets.len() < held.max_packets {
+        held.packets.push_back(packet);
+    } else {
+        bounces.push(Bounce {
+            packet,
+            condition: StanzaErrorCondition::ServiceUnavailable,
+            text: format!(
+                "component '{}' is unavailable and its queue is full",
+                held.component
+            ),
+        });
+    }
+}
+
+/// Bounces a packet nobody can take: `remote-server-not-found` for a normal packet to a
+/// domain no local component knows, else `service-unavailable`.
+fn no_route(tree: &Tree, route: PacketType, host: &str, packet: Bytes, bounces: &mut Vec<Bounce>) {
+    let known = OWN_NAME_ROUTES.iter().any(|t| tree.serves(*t, host));
+    let condition = if route == PacketType::Normal && !known {
+        StanzaErrorCondition::RemoteServerNotFound
+    } else {
+        StanzaErrorCondition::ServiceUnavailable
+    };
+    bounces.push(Bounce {
+        packet,
+        condition,
+        text: format!("no route for {route} packets to '{host}'"),
+    });
+}
+
 /// Packets to push, grouped by destination link, in order.
 #[derive(Default)]
 struct Plan<'a> {
@@ -467,12 +523,14 @@ struct Group<'a> {
     conn: ConnId,
     name: Arc<str>,
     outbox: Arc<Outbox>,
-    /// Packet bytes and whether each is an error reply.
-    packets: Vec<(&'a [u8], bool)>,
+    /// Packet bytes (as received, or made here from a fan-out packet) and whether each
+    /// is an error reply.
+    packets: Vec<(Cow<'a, [u8]>, bool)>,
 }
 
 impl<'a> Plan<'a> {
-    fn add(&mut self, instance: &Instance, packet: &'a [u8], is_error: bool) {
+    fn add(&mut self, instance: &Instance, packet: impl Into<Cow<'a, [u8]>>, is_error: bool) {
+        let packet = packet.into();
         match self.groups.iter_mut().find(|g| g.conn == instance.conn) {
             Some(g) => g.packets.push((packet, is_error)),
             None => self.groups.push(Group {
@@ -493,6 +551,14 @@ impl<'a> Plan<'a> {
         bounces: &mut Vec<Bounce>,
     ) {
         let packet = stanza.as_slice();
+        if stanza.name() == fanout::ELEMENT {
+            // Re-routed from a closed link or held: it passed the checks when it came in.
+            match fanout::parse(stanza.inner()) {
+                Ok(f) => self.decide_fanout(tree, route, stanza, &f, bounces),
+                Err(e) => warn!(error = %e, "malformed fan-out packet dropped"),
+            }
+            return;
+        }
         if route == PacketType::Log {
             let host = lower(jid_domain(stanza.from().unwrap_or("")));
             let targets = tree.log_targets(&host);
@@ -510,35 +576,58 @@ impl<'a> Plan<'a> {
         let is_error = stanza.kind() == Some("error");
         match tree.target(route, &host, &key) {
             Target::Deliver(instance) => self.add(instance, packet, is_error),
-            Target::Hold(held) => {
-                // Bounded by packets: each was already bounded in bytes by the stanza limit.
-                if held.packets.len() < held.max_packets {
-                    held.packets.push_back(Bytes::copy_from_slice(packet));
-                } else {
-                    bounces.push(Bounce {
-                        packet: Bytes::copy_from_slice(packet),
-                        condition: StanzaErrorCondition::ServiceUnavailable,
-                        text: format!(
-                            "component '{}' is unavailable and its queue is full",
-                            held.component
-                        ),
-                    });
-                }
-            }
+            Target::Hold(held) => hold(held, Bytes::copy_from_slice(packet), bounces),
             Target::NoRoute => {
-                let known = OWN_NAME_ROUTES.iter().any(|t| tree.serves(*t, &host));
-                let condition = if route == PacketType::Normal && !known {
-                    StanzaErrorCondition::RemoteServerNotFound
-                } else {
-                    StanzaErrorCondition::ServiceUnavailable
-                };
                 debug!(%route, to, "no route");
-                bounces.push(Bounce {
-                    packet: Bytes::copy_from_slice(packet),
-                    condition,
-                    text: format!("no route for {route} packets to '{host}'"),
-                });
+                no_route(tree, route, &host, Bytes::copy_from_slice(packet), bounces);
             }
+        }
+    }
+
+    /// The routing decision for each recipient of a fan-out packet: instances that take
+    /// fan-out packets get one with their recipients; the others, the grace queue and
+    /// bounces get one addressed copy per recipient.
+    fn decide_fanout<B: AsRef<[u8]>>(
+        &mut self,
+        tree: &mut Tree,
+        route: PacketType,
+        packet: &Stanza<B>,
+        f: &fanout::Fanout<'_>,
+        bounces: &mut Vec<Bounce>,
+    ) {
+        let host = lower(jid_domain(packet.to().unwrap_or("")));
+        let is_error = f.stanza.kind() == Some("error");
+        // Per instance taking fan-out packets: its recipients, in order.
+        let mut batches: Vec<(Instance, Vec<fanout::Recipient<'_>>)> = vec![];
+        for r in &f.recipients {
+            let copy = || fanout::addressed(&f.stanza, r.to);
+            if lower(jid_domain(r.to)) != host {
+                bounces.push(Bounce {
+                    packet: copy(),
+                    condition: StanzaErrorCondition::BadRequest,
+                    text: "a fan-out recipient must be in the packet's domain".into(),
+                });
+                continue;
+            }
+            match tree.target(route, &host, &lower(jid_bare(r.to))) {
+                Target::Deliver(instance) if instance.fanout => {
+                    match batches.iter_mut().find(|(i, _)| i.conn == instance.conn) {
+                        Some((_, rs)) => rs.push(*r),
+                        None => batches.push((instance.clone(), vec![*r])),
+                    }
+                }
+                Target::Deliver(instance) => self.add(instance, copy().to_vec(), is_error),
+                Target::Hold(held) => hold(held, copy(), bounces),
+                Target::NoRoute => no_route(tree, route, &host, copy(), bounces),
+            }
+        }
+        let (from, to) = (packet.from().unwrap_or(""), packet.to().unwrap_or(""));
+        for (instance, recipients) in batches {
+            let bytes = match recipients[..] {
+                [one] => fanout::addressed(&f.stanza, one.to),
+                _ => fanout::packet(from, to, recipients, f.stanza.as_slice()),
+            };
+            self.add(&instance, bytes.to_vec(), is_error);
         }
     }
 
@@ -551,7 +640,7 @@ impl<'a> Plan<'a> {
             let mut rest = group.packets.into_iter();
             let mut overflow = None;
             for (packet, is_error) in rest.by_ref() {
-                match pusher.push(packet, is_error) {
+                match pusher.push(&packet, is_error) {
                     Ok(()) => {}
                     Err(PushError::Closed(packet)) => bounces.push(Bounce {
                         packet,
@@ -578,7 +667,7 @@ impl<'a> Plan<'a> {
             for packet in queued
                 .into_iter()
                 .chain(std::iter::once(first))
-                .chain(rest.map(|(p, _)| Bytes::copy_from_slice(p)))
+                .chain(rest.map(|(p, _)| Bytes::copy_from_slice(&p)))
             {
                 bounces.push(Bounce {
                     packet,

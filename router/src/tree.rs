@@ -22,18 +22,22 @@ pub struct Instance {
     pub conn: ConnId,
     pub name: Arc<str>,
     pub outbox: Arc<Outbox>,
+    /// It takes `<fanout>` packets on this route (it said `fanout='true'` in its bind);
+    /// others get one copy of the stanza per recipient.
+    pub fanout: bool,
     /// Hash of `name`: rendezvous weights depend on the instance's name, not its
     /// connection, so an instance that reconnects gets back the same users.
     seed: u64,
 }
 
 impl Instance {
-    pub fn new(conn: ConnId, name: Arc<str>, outbox: Arc<Outbox>) -> Instance {
+    pub fn new(conn: ConnId, name: Arc<str>, outbox: Arc<Outbox>, fanout: bool) -> Instance {
         let seed = fnv1a(name.as_bytes());
         Instance {
             conn,
             name,
             outbox,
+            fanout,
             seed,
         }
     }
@@ -256,7 +260,7 @@ mod tests {
     use super::*;
 
     fn inst(conn: ConnId, name: &str) -> Instance {
-        Instance::new(conn, name.into(), Arc::new(Outbox::new(1 << 20)))
+        Instance::new(conn, name.into(), Arc::new(Outbox::new(1 << 20)), false)
     }
 
     #[test]

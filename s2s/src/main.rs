@@ -105,6 +105,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             route: PacketType::Normal,
             host: "*".into(),
             shared: false,
+            fanout: false,
         }];
         let serving = shared.clone();
         run_component_until_stopped(

@@ -15,6 +15,7 @@ use jrs_stream::{Stanza, StanzaErrorCondition};
 
 use crate::host::registry::Event;
 use crate::host::session::{self, Park, SessionRef};
+use crate::host::shortcut;
 use crate::host::task::dispatch;
 use crate::host::{server, Ctx, Packet};
 
@@ -45,6 +46,7 @@ pub async fn serve(
             "notice" => notice(&ctx, &stanza),
             "session" => session(&ctx, stanza),
             "message" | "presence" | "iq" => normal(&ctx, stanza),
+            "fanout" => fanout(&ctx, &stanza),
             other => debug!("ignoring <{other}> from the router"),
         }
     }
@@ -206,6 +208,26 @@ fn normal(ctx: &Arc<Ctx>, stanza: Stanza) {
         &user,
         Event::Inbound(Packet::new(stanza, Some(to), from)),
     );
+}
+
+/// A room's broadcast for several users of this instance: straight to the live sessions
+/// that may take it (`host::shortcut`), to each other recipient's task as a `normal`
+/// packet addressed to it.
+fn fanout(ctx: &Arc<Ctx>, packet: &Stanza) {
+    let f = match jrs_component::fanout::parse(packet.inner()) {
+        Ok(f) => f,
+        Err(e) => {
+            warn!(from = packet.from().unwrap_or(""), error = %e, "malformed fan-out packet ignored");
+            return;
+        }
+    };
+    for r in shortcut::deliver(ctx, &f) {
+        let copy = jrs_component::fanout::addressed(&f.stanza, r.to);
+        match Stanza::parse(copy) {
+            Ok(stanza) => normal(ctx, stanza),
+            Err(e) => warn!(to = r.to, "fan-out copy unreadable: {e}"),
+        }
+    }
 }
 
 /// Logs what this instance serves.

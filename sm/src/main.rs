@@ -64,6 +64,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                 route,
                 host: h.clone(),
                 shared: true,
+                // Room broadcasts for this sm's users arrive as one packet per room
+                // message (sm/src/host/shortcut.rs).
+                fanout: route == PacketType::Normal,
             })
         })
         .collect();

@@ -57,6 +57,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             route: PacketType::Xdb,
             host: h.clone(),
             shared: false,
+            fanout: false,
         })
         .collect();
 

@@ -93,11 +93,22 @@ impl Component {
         host: &str,
         shared: bool,
     ) -> anyhow::Result<()> {
-        self.request("bind", route, host, shared).await
+        self.request("bind", route, host, shared, false).await
+    }
+
+    /// [`Component::bind`] for a route on which this component also takes `<fanout>`
+    /// packets (docs/protocol.md, "Fan-out"); without it the router splits them.
+    pub async fn bind_with_fanout(
+        &mut self,
+        route: PacketType,
+        host: &str,
+        shared: bool,
+    ) -> anyhow::Result<()> {
+        self.request("bind", route, host, shared, true).await
     }
 
     pub async fn unbind(&mut self, route: PacketType, host: &str) -> anyhow::Result<()> {
-        self.request("unbind", route, host, false).await
+        self.request("unbind", route, host, false, false).await
     }
 
     /// Asks the router for link notices: `<notice event='disconnected' name='..'/>` when
@@ -119,10 +130,11 @@ impl Component {
         route: PacketType,
         host: &str,
         shared: bool,
+        fanout: bool,
     ) -> anyhow::Result<()> {
         self.next_id += 1;
         let id = format!("b{}", self.next_id);
-        let request = bind_request(element, &id, route, host, shared);
+        let request = bind_request(element, &id, route, host, shared, fanout);
         self.exchange(element, &id, &request, route, host).await
     }
 

@@ -6,8 +6,10 @@
 //! - [`transport`]: TCP, Unix socket or TLS links to the router.
 //! - [`client`]: connect, handshake, bind; then read stanzas and send bytes.
 //! - [`session`]: the queued stanzas of the session protocol (c2s and sm).
+//! - [`fanout`]: one stanza for many recipients (room broadcasts).
 
 pub mod client;
+pub mod fanout;
 pub mod io;
 pub mod logging;
 pub mod protocol;

@@ -73,7 +73,7 @@ pub enum TopLevel {
 impl TopLevel {
     pub fn classify(name: &str) -> TopLevel {
         match name {
-            "message" | "presence" | "iq" => TopLevel::Packet(PacketType::Normal),
+            "message" | "presence" | "iq" | "fanout" => TopLevel::Packet(PacketType::Normal),
             "session" => TopLevel::Packet(PacketType::Session),
             "xdb" => TopLevel::Packet(PacketType::Xdb),
             "log" => TopLevel::Packet(PacketType::Log),
@@ -103,13 +103,15 @@ pub fn bind_request(
     route: PacketType,
     host: &str,
     shared: bool,
+    fanout: bool,
 ) -> String {
     format!(
-        "<{element} xmlns='{NS_ROUTER}' id='{}' route='{}' host='{}'{}/>",
+        "<{element} xmlns='{NS_ROUTER}' id='{}' route='{}' host='{}'{}{}/>",
         escape(id),
         route.name(),
         escape(host),
-        if shared { " shared='true'" } else { "" }
+        if shared { " shared='true'" } else { "" },
+        if fanout { " fanout='true'" } else { "" }
     )
 }
 

@@ -53,6 +53,9 @@ pub struct Bind {
     pub route: PacketType,
     pub host: String,
     pub shared: bool,
+    /// The component takes `<fanout>` packets on this route (only `normal` routes get
+    /// them): see [`Component::bind_with_fanout`].
+    pub fanout: bool,
 }
 
 impl Bind {
@@ -62,6 +65,7 @@ impl Bind {
             route: PacketType::Log,
             host: String::new(),
             shared: false,
+            fanout: false,
         }
     }
 
@@ -103,6 +107,8 @@ async fn try_connect(
     for b in binds {
         if b.is_notices() {
             c.subscribe_notices().await?;
+        } else if b.fanout {
+            c.bind_with_fanout(b.route, &b.host, b.shared).await?;
         } else {
             c.bind(b.route, &b.host, b.shared).await?;
         }

@@ -42,7 +42,7 @@ impl Room {
                         self.broadcast_presence(i, false, &[], &[], "", None, out);
                     }
                     let request = join_request(s);
-                    let codes = self.self_join_codes(false);
+                    let codes = self.self_join_codes(false, rewritten(s, nick));
                     self.send_roster(i, full, out);
                     self.broadcast_presence(i, false, &[], &codes, "", Some(full), out);
                     self.send_history(full, request.history.as_ref(), now, out);
@@ -133,7 +133,7 @@ impl Room {
             // Another session of the same user: it joins the same occupant.
             self.occupants[i].sessions.push(full.clone());
             self.send_roster(i, &full, out);
-            let codes = self.self_join_codes(false);
+            let codes = self.self_join_codes(false, rewritten(s, nick));
             self.broadcast_presence(i, false, &[], &codes, "", Some(&full), out);
             self.send_history(&full, request.history.as_ref(), now, out);
             self.send_subject(&full, out);
@@ -158,15 +158,16 @@ impl Room {
         self.occupants.push(occupant);
         let i = self.occupants.len() - 1;
         self.send_roster(i, &full, out);
-        let self_codes = self.self_join_codes(created);
+        let self_codes = self.self_join_codes(created, rewritten(s, nick));
         self.broadcast_presence(i, false, &[], &self_codes, "", None, out);
         self.send_history(&full, request.history.as_ref(), now, out);
         self.send_subject(&full, out);
     }
 
     /// The status codes of a joining session's own presence besides 110: 100 in a
-    /// non-anonymous room, 170 in an archived one, 201 when it created the room.
-    fn self_join_codes(&self, created: bool) -> Vec<u16> {
+    /// non-anonymous room, 170 in an archived one, 201 when it created the room, 210
+    /// when its nick is not as it wrote it.
+    fn self_join_codes(&self, created: bool, rewritten: bool) -> Vec<u16> {
         let mut codes = vec![];
         if self.config.whois == Whois::Anyone {
             codes.push(100);
@@ -176,6 +177,9 @@ impl Room {
         }
         if created {
             codes.push(201);
+        }
+        if rewritten {
+            codes.push(210);
         }
         codes
     }
@@ -283,7 +287,8 @@ impl Room {
         self.broadcast_presence(i, true, &[303], &[], &item, None, out);
         self.occupants[i].nick = nick.to_owned();
         self.occupants[i].payload = payload(s);
-        self.broadcast_presence(i, false, &[], &[], "", None, out);
+        let codes: &[u16] = if rewritten(s, nick) { &[210] } else { &[] };
+        self.broadcast_presence(i, false, &[], codes, "", None, out);
     }
 
     /// The subject, always sent last when joining (XEP-0045 7.2.15).
@@ -392,6 +397,13 @@ fn payload(s: &Stanza) -> String {
         p.push_str(&xml::child_bytes(s, &c));
     }
     p
+}
+
+/// Whether the room's nick differs from the one the client wrote in `to` (it was
+/// normalised: XEP-0045 7.2.9, status 210).
+fn rewritten(s: &Stanza, nick: &str) -> bool {
+    let asked = s.attr("to").and_then(|to| to.split_once('/').map(|(_, r)| r.to_owned()));
+    asked.is_some_and(|asked| asked != nick)
 }
 
 fn join_request(s: &Stanza) -> JoinRequest {

@@ -21,12 +21,19 @@ use std::sync::Arc;
 
 use bytes::BytesMut;
 use jid::{BareJid, Jid};
+use jrs_component::fanout;
 use jrs_stream::Stanza;
 use sha1::{Digest, Sha1};
 
 use crate::config::RoomLimits;
 use crate::xml::{self, Condition, Template};
 use config::RoomConfig;
+
+/// The domain of a JID written as text.
+fn jid_domain(jid: &str) -> &str {
+    let bare = jid.split_once('/').map_or(jid, |(b, _)| b);
+    bare.split_once('@').map_or(bare, |(_, d)| d)
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Affiliation {
@@ -138,6 +145,9 @@ pub struct HistoryItem {
 #[derive(Debug, Default)]
 pub struct Out {
     pub buf: BytesMut,
+    /// The router takes `<fanout>` packets (not a plain XEP-0114 component): a
+    /// broadcast crosses the link once per domain, not once per session.
+    pub fanout: bool,
     /// The room's stored state changed (persistent rooms).
     pub save: bool,
     /// The room was destroyed, or is no longer persistent: delete what is stored.
@@ -482,17 +492,49 @@ impl Room {
 
     /// Sends `t` to every session of every occupant but `skip`.
     fn to_all(&self, t: &Template, skip: Option<usize>, out: &mut Out) {
-        for (i, o) in self.occupants.iter().enumerate() {
-            if Some(i) == skip {
-                continue;
-            }
-            for s in &o.sessions {
+        let sessions = self
+            .occupants
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != skip)
+            .flat_map(|(_, o)| o.sessions.iter().map(String::as_str));
+        self.fan_out(t, sessions, out);
+    }
+
+    /// Sends `t` to each of `sessions` (full JIDs): with fan-out, one `<fanout>` packet
+    /// per domain (and per [`fanout::MAX_RECIPIENTS`]) that the router splits by
+    /// destination; else one stanza each.
+    fn fan_out<'s>(&self, t: &Template, sessions: impl Iterator<Item = &'s str>, out: &mut Out) {
+        if !out.fanout {
+            for s in sessions {
                 t.write(s, &mut out.buf);
             }
+            return;
         }
-        // A batch protocol (one packet per destination c2s carrying the list of its
-        // recipients) would go here: group the sessions by their c2s and write the
-        // stanza once per group. The router does not offer it yet.
+        let mut by_domain: Vec<(&str, Vec<&str>)> = vec![];
+        for s in sessions {
+            let domain = jid_domain(s);
+            match by_domain.iter_mut().find(|(d, _)| *d == domain) {
+                Some((_, list)) => list.push(s),
+                None => by_domain.push((domain, vec![s])),
+            }
+        }
+        let from = xml::escape(self.jid.as_str());
+        for (domain, list) in by_domain {
+            for chunk in list.chunks(fanout::MAX_RECIPIENTS) {
+                if let [one] = chunk {
+                    t.write(one, &mut out.buf);
+                    continue;
+                }
+                fanout::open(&from, &xml::escape(domain), &mut out.buf);
+                for s in chunk {
+                    let to = xml::escape(s);
+                    fanout::recipient(fanout::Recipient { to: &to, sid: None }, &mut out.buf);
+                }
+                t.write_unaddressed(&mut out.buf);
+                out.buf.extend_from_slice(b"</fanout>");
+            }
+        }
     }
 
     /// Whether occupant `viewer` may see real JIDs.
@@ -565,18 +607,15 @@ impl Room {
         let real = o.sessions.first().map(String::as_str);
         let with = self.presence_template(o, unavailable, real, codes, item_extra, "");
         let without = self.presence_template(o, unavailable, None, codes, item_extra, "");
-        for (j, other) in self.occupants.iter().enumerate() {
-            if j == i || only.is_some() {
-                continue;
-            }
-            let t = if self.sees_jids(other) {
-                &with
-            } else {
-                &without
+        if only.is_none() {
+            let others = || self.occupants.iter().enumerate().filter(|(j, _)| *j != i);
+            let sessions = |sees: bool| {
+                others()
+                    .filter(move |(_, other)| self.sees_jids(other) == sees)
+                    .flat_map(|(_, other)| other.sessions.iter().map(String::as_str))
             };
-            for s in &other.sessions {
-                t.write(s, &mut out.buf);
-            }
+            self.fan_out(&with, sessions(true), out);
+            self.fan_out(&without, sessions(false), out);
         }
         let mut mine: Vec<u16> = vec![110];
         mine.extend_from_slice(codes);

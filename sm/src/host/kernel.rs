@@ -327,6 +327,14 @@ pub trait Module: Send + Sync {
     /// Puts what the module shares across users (a cache) into `shared`, once when sm
     /// starts.
     fn install(&self, _shared: &mut Shared) {}
+
+    /// What this module's hooks would do to a room's broadcast to the user (a
+    /// `groupchat` message or an occupant's presence to a live session): if it would
+    /// only pass it on, such broadcasts may reach the user's sessions without the user's
+    /// task (`host::shortcut`). Asked on the user's task after each batch of events.
+    fn room_broadcasts(&self, _u: &User) -> crate::host::shortcut::Admit {
+        crate::host::shortcut::Admit::All
+    }
 }
 
 /// The IQ routes of one payload namespace: (type, scope, element name, module).
@@ -440,6 +448,11 @@ impl Modules {
             .map(|(.., m)| m)
     }
 
+    /// Every loaded module, in load order.
+    pub fn all(&self) -> &[Arc<dyn Module>] {
+        &self.all
+    }
+
     pub fn names(&self) -> Vec<&'static str> {
         self.all.iter().map(|m| m.name()).collect()
     }
@@ -496,6 +509,8 @@ pub struct Ctx {
     pub requests: Requests,
     /// What modules share across users.
     pub shared: Shared,
+    /// Live sessions that room broadcasts may reach without their user's task.
+    pub shortcuts: crate::host::shortcut::Shortcuts,
     link: Mutex<Option<Outbox>>,
 }
 
@@ -510,6 +525,7 @@ impl Ctx {
             shared,
             accounts: Accounts::new(config.accounts_cache, config.accounts_ttl),
             users: Registry::default(),
+            shortcuts: Default::default(),
             components: Components::default(),
             started: Instant::now(),
             overload: Overload::default(),

@@ -10,6 +10,7 @@
 //! - `iq` (IQ requests and replies as modules see them),
 //! - `requests` (IQs sm sends from a domain, and their answers), `shared` (state
 //!   modules share across users);
+//! - `shortcut` (room broadcasts straight to live sessions, past the user tasks),
 //! - `session`, `packet`, `state`, `out`, `store`, `registry`, `accounts`,
 //!   `components`, `overload`: the pieces they are made of.
 //!
@@ -31,6 +32,7 @@ pub mod requests;
 pub mod server;
 pub mod session;
 pub mod shared;
+pub mod shortcut;
 pub mod state;
 pub mod store;
 pub mod task;

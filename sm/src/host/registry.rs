@@ -6,7 +6,8 @@
 //! The registry only finds and starts tasks; what a task does is `host::task`.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 
 use jid::BareJid;
 use tokio::sync::mpsc;
@@ -81,33 +82,64 @@ impl Event {
 pub type Sender = mpsc::Sender<Box<Event>>;
 pub type Receiver = mpsc::Receiver<Box<Event>>;
 
+/// Events given to a user's task and not yet done with: counted up when one is queued,
+/// down after the task sent what it produced. At zero, nothing the task will still send
+/// can come before what is sent now (see `host::shortcut`).
+pub type Pending = Arc<AtomicUsize>;
+
+struct Slot {
+    tx: Sender,
+    pending: Pending,
+}
+
+impl Slot {
+    fn try_send(&self, event: Box<Event>) -> Result<(), mpsc::error::TrySendError<Box<Event>>> {
+        // Counted first: the task may take the event and count it down at once.
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let sent = self.tx.try_send(event);
+        if sent.is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        sent
+    }
+
+    /// Queues a session control event on a full queue: waits for room elsewhere.
+    fn send_later(&self, event: Box<Event>) {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let (tx, pending) = (self.tx.clone(), self.pending.clone());
+        tokio::spawn(async move {
+            if tx.send(event).await.is_err() {
+                pending.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+    }
+}
+
 #[derive(Default)]
 pub struct Registry {
-    tasks: Mutex<HashMap<BareJid, Sender>>,
+    tasks: Mutex<HashMap<BareJid, Slot>>,
 }
 
 impl Registry {
     /// Hands `event` to the user's task, starting one with `spawn` (given a queue of
-    /// `queue` events) if needed. Gives the event back when the user's queue is full.
+    /// `queue` events and its pending count) if needed. Gives the event back when the
+    /// user's queue is full.
     pub fn dispatch(
         &self,
         user: &BareJid,
         event: Event,
         queue: usize,
-        spawn: impl FnOnce(Receiver),
+        spawn: impl FnOnce(Receiver, Pending),
     ) -> Result<(), Box<Event>> {
         let mut tasks = self.tasks.lock().expect("registry lock");
         let event = Box::new(event);
         let event = match tasks.get(user) {
-            Some(tx) => match tx.try_send(event) {
+            Some(slot) => match slot.try_send(event) {
                 Ok(()) => return Ok(()),
                 // Session control must not be lost (an end frees the session, a park
                 // holds a client's stanzas): wait for room.
                 Err(mpsc::error::TrySendError::Full(e)) if e.is_control() => {
-                    let tx = tx.clone();
-                    tokio::spawn(async move {
-                        let _ = tx.send(e).await;
-                    });
+                    slot.send_later(e);
                     return Ok(());
                 }
                 Err(mpsc::error::TrySendError::Full(e)) => return Err(e),
@@ -117,29 +149,24 @@ impl Registry {
             None => event,
         };
         let (tx, rx) = mpsc::channel(queue);
-        tx.try_send(event).expect("a new queue has room");
-        tasks.insert(user.clone(), tx);
-        spawn(rx);
+        let slot = Slot {
+            tx,
+            pending: Pending::default(),
+        };
+        slot.try_send(event).expect("a new queue has room");
+        let pending = slot.pending.clone();
+        tasks.insert(user.clone(), slot);
+        spawn(rx, pending);
         Ok(())
     }
 
     /// Sends `event` to every user task (link notices); waits where a queue is full.
     pub fn broadcast(&self, make: impl Fn() -> Event) {
-        let tasks: Vec<Sender> = self
-            .tasks
-            .lock()
-            .expect("registry lock")
-            .values()
-            .cloned()
-            .collect();
-        for tx in tasks {
-            match tx.try_send(Box::new(make())) {
+        let tasks = self.tasks.lock().expect("registry lock");
+        for slot in tasks.values() {
+            match slot.try_send(Box::new(make())) {
                 Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-                Err(mpsc::error::TrySendError::Full(e)) => {
-                    tokio::spawn(async move {
-                        let _ = tx.send(e).await;
-                    });
-                }
+                Err(mpsc::error::TrySendError::Full(e)) => slot.send_later(e),
             }
         }
     }

@@ -2,6 +2,7 @@
 //! session protocol and the modules' chains, and sends what they produced after each
 //! batch of events. What nobody handles gets the fallback answer here.
 
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use jid::{BareJid, Jid};
@@ -14,7 +15,8 @@ use crate::host::hooks;
 use crate::host::iq_routing;
 use crate::host::kernel::{Ctx, Flow, User};
 use crate::host::packet::Packet;
-use crate::host::registry::{Event, Receiver};
+use crate::host::registry::{Event, Pending, Receiver};
+use crate::host::shortcut;
 use crate::host::session::{self, Queued, SessionRef};
 use crate::stanzas;
 
@@ -28,26 +30,31 @@ pub fn dispatch(ctx: &Arc<Ctx>, user: &BareJid, event: Event) {
     let jid = user.clone();
     let result = ctx
         .users
-        .dispatch(user, event, ctx.config.user_queue, move |rx| {
+        .dispatch(user, event, ctx.config.user_queue, move |rx, pending| {
             let span = info_span!("user", jid = %jid);
-            tokio::spawn(run(User::new(c, jid), rx).instrument(span));
+            tokio::spawn(run(User::new(c, jid), rx, pending).instrument(span));
         });
     if let Err(e) = result {
         overloaded(ctx, user, *e);
     }
 }
 
-async fn run(mut u: User, mut rx: Receiver) {
+async fn run(mut u: User, mut rx: Receiver, pending: Pending) {
     loop {
         let Some(event) = rx.recv().await else { break };
         // Boxed: a task waits at `recv` most of its life, and its size is that of its
         // largest await point, which would be this handler's.
         Box::pin(handle(&mut u, *event)).await;
+        let mut handled = 1;
         for _ in 1..BATCH {
             let Ok(event) = rx.try_recv() else { break };
             Box::pin(handle(&mut u, *event)).await;
+            handled += 1;
         }
         u.flush();
+        // Sent: room broadcasts may overtake nothing now (host::shortcut).
+        shortcut::publish(&mut u, &pending);
+        pending.fetch_sub(handled, Ordering::AcqRel);
         if u.sessions.is_empty() && u.ctx.users.retire(&u.jid, &rx) {
             break;
         }

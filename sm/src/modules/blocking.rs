@@ -109,6 +109,8 @@ fn blocked(u: &User, who: &Jid) -> bool {
     u.state.get::<Blocklist>().is_some_and(|b| b.blocks(who))
 }
 
+use crate::host::shortcut::Admit;
+
 #[async_trait::async_trait]
 impl Module for Blocking {
     fn name(&self) -> &'static str {
@@ -127,6 +129,15 @@ impl Module for Blocking {
             .hook(Hook::Outbound, 1000)
             .hook(Hook::Inbound, 1000)
             .hook(Hook::Routing, 0)
+    }
+
+    /// Room broadcasts skip the inbound hook only once the list is known.
+    fn room_broadcasts(&self, u: &User) -> Admit {
+        match u.state.get::<Blocklist>() {
+            Some(list) if list.0.is_empty() => Admit::All,
+            Some(list) => Admit::AllBut(list.0.iter().cloned().collect()),
+            None => Admit::None,
+        }
     }
 
     async fn inbound(&self, u: &mut User, p: &mut Packet) -> Flow {

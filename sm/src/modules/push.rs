@@ -619,6 +619,16 @@ impl Module for Push {
             .hook(Hook::AccountRemoved, 0)
     }
 
+    /// A session notified while away clears its mark on its next delivery
+    /// ([`Hook::Delivering`]): until then room broadcasts go through the user's task.
+    fn room_broadcasts(&self, u: &User) -> crate::host::shortcut::Admit {
+        if u.sessions.iter().any(|s| s.state.get::<Notified>().is_some()) {
+            crate::host::shortcut::Admit::None
+        } else {
+            crate::host::shortcut::Admit::All
+        }
+    }
+
     async fn iq(&self, u: &mut User, iq: &Iq) -> Reply {
         if iq.session.is_none() {
             return Reply::error(
