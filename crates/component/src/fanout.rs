@@ -66,10 +66,13 @@ pub fn parse(inner: &[u8]) -> Result<Fanout<'_>, FanoutError> {
         if to.is_empty() {
             return Err(FanoutError("<r/> with an empty 'to'"));
         }
-        recipients.push(Recipient {
-            to,
-            sid: raw_attr(tag, "sid"),
-        });
+        let sid = raw_attr(tag, "sid");
+        // Raw values are copied into `'`-quoted attributes: one written in `"` quotes
+        // may hold a bare `'`, which would end the attribute early there.
+        if to.contains('\'') || sid.is_some_and(|s| s.contains('\'')) {
+            return Err(FanoutError("a quote in <r/> must be written &apos;"));
+        }
+        recipients.push(Recipient { to, sid });
         pos = skip_space(inner, pos + len);
     }
     let end = trim_end(inner);
@@ -110,13 +113,23 @@ pub fn addressed(stanza: &Stanza<&[u8]>, to: &str) -> bytes::Bytes {
     out.freeze()
 }
 
-/// Appends `<fanout from='FROM' to='TO'>` (both raw).
+/// Appends `<fanout from='FROM' to='TO'>` (both raw; a bare `'`, which a value read
+/// from `"` quotes may hold, is written `&apos;`).
 pub fn open(from: &str, to: &str, out: &mut BytesMut) {
     out.put_slice(b"<fanout from='");
-    out.put_slice(from.as_bytes());
+    out.put_slice(requote(from).as_bytes());
     out.put_slice(b"' to='");
-    out.put_slice(to.as_bytes());
+    out.put_slice(requote(to).as_bytes());
     out.put_slice(b"'>");
+}
+
+/// A raw attribute value made fit for `'` quotes.
+fn requote(raw: &str) -> std::borrow::Cow<'_, str> {
+    if raw.contains('\'') {
+        raw.replace('\'', "&apos;").into()
+    } else {
+        raw.into()
+    }
 }
 
 /// Appends one `<r to='..' sid='..'/>` (raw values).
@@ -261,6 +274,7 @@ mod tests {
             (b"<r/><message/>", "<r/> without 'to'"),
             (b"<r to=''/><message/>", "<r/> with an empty 'to'"),
             (b"<r to='a'></r><message/>", "<r> must be empty"),
+            (b"<r to=\"a'b@l\"/><message/>", "a quote in <r/> must be written &apos;"),
         ] {
             assert_eq!(parse(inner).unwrap_err(), FanoutError(why), "{}", String::from_utf8_lossy(inner));
         }
@@ -283,5 +297,8 @@ mod tests {
         let f = parse(s.inner()).expect("content parses");
         assert_eq!(f.recipients.len(), 2);
         assert_eq!(f.recipients[0].sid, Some("7"));
+        // A value read from `"` quotes keeps its meaning in `'` quotes.
+        let p = packet("r'@c", "l", [Recipient { to: "a@l", sid: None }], b"<message/>");
+        assert_eq!(Stanza::parse(p).unwrap().attr("from").as_deref(), Some("r'@c"));
     }
 }
