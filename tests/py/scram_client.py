@@ -49,6 +49,21 @@ def local(element):
     return element.tag.rsplit("}", 1)[-1]
 
 
+def until(client, predicate, what, timeout=TIMEOUT):
+    """The elements a client received up to and including the first that satisfies
+    predicate (those it kept aside first)."""
+    deadline = time.monotonic() + timeout
+    got = []
+    while True:
+        if client.other:
+            e = client.other.pop(0)
+        else:
+            e = client.next(max(0.0, deadline - time.monotonic()), what=what)
+        got.append(e)
+        if predicate(e):
+            return got
+
+
 def stream_error_condition(element):
     """The defined condition of a <stream:error/>, or None."""
     for child in element:

@@ -18,7 +18,7 @@ import pytest
 
 pytest.importorskip("OpenSSL")
 
-from scram_client import local, login, stanza_error_condition, to_xml  # noqa: E402
+from scram_client import local, login, stanza_error_condition, to_xml, until  # noqa: E402
 from serverproc import (MUC_SERVICE, TIMEOUT, Server, accepts, bin_dir,  # noqa: E402
                         binaries_missing, free_port, run_clients, serving)
 
@@ -46,20 +46,6 @@ def connect(server, user, resource="r"):
 
 def q(ns, name):
     return f"{{{ns}}}{name}"
-
-
-def until(client, predicate, what, timeout=TIMEOUT):
-    """Elements up to and including the first that satisfies predicate (kept ones first)."""
-    deadline = time.monotonic() + timeout
-    got = []
-    while True:
-        if client.other:
-            e = client.other.pop(0)
-        else:
-            e = client.next(max(0.0, deadline - time.monotonic()), what=what)
-        got.append(e)
-        if predicate(e):
-            return got
 
 
 def codes(e):

@@ -20,7 +20,8 @@ import pytest
 
 pytest.importorskip("OpenSSL")
 
-from scram_client import RawClient, local, login, stanza_error_condition, to_xml  # noqa: E402
+from scram_client import (RawClient, local, login, stanza_error_condition,  # noqa: E402
+                          to_xml, until)
 from serverproc import MUC_SERVICE, TIMEOUT, serving  # noqa: E402
 
 # With two sm instances ("sm", "sm-2") the router's rendezvous hash of the bare JIDs puts
@@ -57,20 +58,6 @@ def connect(server, user, resource="r"):
 
 def q(ns, name):
     return f"{{{ns}}}{name}"
-
-
-def until(client, predicate, what, timeout=TIMEOUT):
-    """Elements up to and including the first that satisfies predicate (kept ones first)."""
-    deadline = time.monotonic() + timeout
-    got = []
-    while True:
-        if client.other:
-            e = client.other.pop(0)
-        else:
-            e = client.next(max(0.0, deadline - time.monotonic()), what=what)
-        got.append(e)
-        if predicate(e):
-            return got
 
 
 def settle(client):
