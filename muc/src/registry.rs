@@ -11,11 +11,12 @@ use jrs_stream::Stanza;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::config::Mode;
 use crate::mam;
+use crate::room::moderate::{self, Moderation};
 use crate::room::{self, HistoryItem, Out, Room};
 use crate::store::Listing;
 use crate::store::StoreError;
-use crate::config::Mode;
 use crate::xml;
 use crate::Ctx;
 use jrs_stream::StanzaErrorCondition;
@@ -270,6 +271,10 @@ async fn run(ctx: Arc<Ctx>, jid: BareJid, mut rx: mpsc::Receiver<Stanza>) {
                 warn!(messages = out.archive.len(), "could not archive: {e}");
             }
         }
+        // After the batch's messages are archived, so that they can be retracted.
+        for m in std::mem::take(&mut out.moderations) {
+            archived |= moderate_archived(&ctx, &mut room, m).await;
+        }
         for q in out.queries.drain(..) {
             let answer = match ctx.store.archive_query(&room.jid, &q.query).await {
                 Ok(page) => mam::answer(room.jid.as_str(), &q, &page),
@@ -364,6 +369,60 @@ async fn handle_one(ctx: &Ctx, room: &mut Room, s: &Stanza, now: f64, out: &mut 
     }
 }
 
+/// A retraction (XEP-0425) in an archived room: the message is looked up in the archive
+/// and replaced by its tombstone, then the room tells its occupants (and archives that).
+/// Returns whether something was archived.
+async fn moderate_archived(ctx: &Ctx, room: &mut Room, m: Moderation) -> bool {
+    let refuse = |c, text: &str| {
+        if let Some(r) = xml::error_reply(&m.iq, c, text, "") {
+            ctx.send(r.freeze());
+        }
+        false
+    };
+    let now = unix_now();
+    match ctx.store.archive_item(&room.jid, &m.id).await {
+        Ok(Some(item)) => match moderate::tombstone(&item.payload, &m, now) {
+            Some(t) => {
+                if let Err(e) = ctx.store.archive_retract(&room.jid, &m.id, &t).await {
+                    warn!(id = %m.id, "could not replace the message with its tombstone: {e}");
+                    return refuse(
+                        xml::INTERNAL_SERVER_ERROR,
+                        "the message could not be retracted; try again",
+                    );
+                }
+            }
+            None => warn!(id = %m.id, "archived item is not a message; left as it is"),
+        },
+        // Not archived (archiving was off then, or failed), yet in the history.
+        Ok(None) if room.history.iter().any(|h| h.id == m.id) => {}
+        Ok(None) => return refuse(xml::ITEM_NOT_FOUND, "no message of this room has that id"),
+        Err(e) => {
+            warn!("archive lookup failed: {e}");
+            return refuse(xml::SERVICE_UNAVAILABLE_WAIT, "storage is not available");
+        }
+    }
+    if room.destroyed {
+        return refuse(xml::ITEM_NOT_FOUND, "the room was destroyed");
+    }
+    let mut out = Out {
+        fanout: ctx.config.mode == Mode::Router,
+        ..Out::default()
+    };
+    room.retracted(&m, now, &mut out);
+    ctx.send(out.buf.split().freeze());
+    if out.archive.is_empty() {
+        return false;
+    }
+    if let Err(e) = ctx
+        .store
+        .archive(&room.jid, &out.archive, ctx.limits.archive_max_items)
+        .await
+    {
+        warn!("could not archive the retraction: {e}");
+    }
+    true
+}
+
 /// The last messages of a persistent room's archive become its history again.
 async fn load_history(ctx: &Ctx, room: &mut Room) {
     let query = jrs_xdb::archive::Query {
@@ -377,6 +436,11 @@ async fn load_history(ctx: &Ctx, room: &mut Room) {
     match ctx.store.archive_query(&room.jid, &query).await {
         Ok(page) => {
             for item in page.items {
+                // Retractions and tombstones are for clients catching up through the
+                // archive; joiners never get the retracted message at all.
+                if moderate::is_retraction(&item.payload) {
+                    continue;
+                }
                 let Some(message) = mam::history_template(&item.payload) else {
                     continue;
                 };
@@ -384,6 +448,7 @@ async fn load_history(ctx: &Ctx, room: &mut Room) {
                 let chars = message.head.len() + message.tail.len();
                 room.history.push_back(HistoryItem {
                     message,
+                    id: item.id,
                     at,
                     stamp: room::stamp(at),
                     chars,

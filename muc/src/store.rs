@@ -102,6 +102,41 @@ impl Store {
         }
     }
 
+    /// The archived message `id` of a room; `None` when the archive has no such item.
+    pub async fn archive_item(&self, room: &BareJid, id: &str) -> Result<Option<Item>, StoreError> {
+        let q = Query {
+            ids: vec![id.to_owned()],
+            paging: jrs_xdb::archive::Paging {
+                max: 1,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        match self.archive_query(room, &q).await {
+            Ok(page) => Ok(page.items.into_iter().next()),
+            Err(StoreError::Xdb(XdbError::Refused(r)))
+                if r.condition == jrs_stream::StanzaErrorCondition::ItemNotFound =>
+            {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Replaces the archived message `id` of a room with `payload` (a tombstone).
+    pub async fn archive_retract(
+        &self,
+        room: &BareJid,
+        id: &str,
+        payload: &[u8],
+    ) -> Result<(), StoreError> {
+        if let Some(x) = self.xdb() {
+            x.archive_retract(room.as_str(), NS_MAM, id, payload)
+                .await?;
+        }
+        Ok(())
+    }
+
     /// Empties a destroyed room's archive.
     pub async fn archive_clear(&self, room: &BareJid) -> Result<(), StoreError> {
         if let Some(x) = self.xdb() {

@@ -1,4 +1,5 @@
-//! Message archives: the `archive-append`, `archive-query` and `archive-trim` requests
+//! Message archives: the `archive-append`, `archive-query`, `archive-trim` and
+//! `archive-retract` requests
 //! (docs/protocol.md, "Archives"), stored as an append-only log with indexes
 //! (docs/storage.md, "Message archives"):
 //!
@@ -14,6 +15,7 @@
 //! - [`store`]: an open archive, recovery of a torn tail, reads and binary searches;
 //! - [`write`]: append and retention; [`with`]: the with-index;
 //! - [`query`]: pages with the semantics of `jrs_xdb::archive::select`;
+//! - [`retract`]: an item's stanza replaced (tombstones);
 //! - [`files`]: the bounded cache of open files.
 //!
 //! Each owner's requests run on one worker thread, in order, so an [`Archives`] (one
@@ -22,6 +24,7 @@
 mod files;
 mod format;
 mod query;
+mod retract;
 mod store;
 mod with;
 mod write;
@@ -37,7 +40,7 @@ use lru::LruCache;
 use tracing::error;
 
 use jrs_stream::StanzaErrorCondition;
-use jrs_xdb::archive::{parse_items, Item, Query, Retention};
+use jrs_xdb::archive::{parse_items, parse_retraction, Item, Query, Retention};
 use jrs_xdb::Refusal;
 
 use crate::spool::Spool;
@@ -133,6 +136,21 @@ impl Archives {
         let result = (|| {
             let (archive, files) = self.state(spool, dir)?;
             archive.retain(files, spool, retention, now)
+        })();
+        self.after(dir, result)
+    }
+
+    /// `archive-retract`: replaces the stanza of the item the content names.
+    pub fn retract(
+        &mut self,
+        spool: &mut Spool,
+        dir: &Path,
+        content: &[u8],
+    ) -> Result<(), Refusal> {
+        let (id, payload) = parse_retraction(&Bytes::copy_from_slice(content))?;
+        let result = (|| {
+            let (archive, files) = self.state(spool, dir)?;
+            archive.retract(files, spool, &id, payload)
         })();
         self.after(dir, result)
     }

@@ -267,6 +267,11 @@ fn serve(
             archives.trim(spool, &dir, retention(&request), now())?;
             bytes::Bytes::new()
         }
+        Op::ArchiveRetract => {
+            let dir = spool.archive_dir(&owner, ns);
+            archives.retract(spool, &dir, &request.content)?;
+            bytes::Bytes::new()
+        }
         Op::List => {
             let items: String = spool
                 .list(&owner.host)?

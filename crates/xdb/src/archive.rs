@@ -1,5 +1,5 @@
-//! Message archives in the storage protocol: the `archive-append`, `archive-query` and
-//! `archive-trim` operations (see `docs/protocol.md`, "Archives").
+//! Message archives in the storage protocol: the `archive-append`, `archive-query`,
+//! `archive-trim` and `archive-retract` operations (see `docs/protocol.md`, "Archives").
 //!
 //! An archive is an ordered list of items, each an archived stanza with a unique id (ids
 //! increase in byte order in the order items are appended), the time it was archived
@@ -316,6 +316,71 @@ impl BatchWriter {
     pub fn take(&mut self) -> Bytes {
         self.items = 0;
         self.buf.split().freeze()
+    }
+}
+
+/// The content of an `archive-retract` request: `<item id='..'>STANZA</item>`, the
+/// stanza that replaces item `id`'s (its time and `with` are kept).
+pub fn retraction_to_xml(id: &str, payload: &[u8]) -> Bytes {
+    let mut out = Vec::with_capacity(payload.len() + id.len() + 32);
+    out.extend_from_slice(format!("<item id='{}'>", escape(id)).as_bytes());
+    out.extend_from_slice(payload);
+    out.extend_from_slice(b"</item>");
+    Bytes::from(out)
+}
+
+/// Reads the content of an `archive-retract` request: the item's id and the new stanza.
+pub fn parse_retraction(content: &Bytes) -> Result<(String, Bytes), Refusal> {
+    let mut nodes = top_level(content)?;
+    if nodes.len() != 1 || nodes[0].0 != "item" {
+        return Err(bad("an archive retraction carries one <item/>"));
+    }
+    let (_, attrs, inner) = nodes.remove(0);
+    let id = attrs
+        .into_iter()
+        .find(|(k, _)| k == "id")
+        .map(|(_, v)| v)
+        .filter(|v| !v.is_empty())
+        .ok_or_else(|| bad("<item/> without 'id'"))?;
+    let payload = inner.trim_ascii();
+    if !(payload.starts_with(b"<") && payload.ends_with(b">")) {
+        return Err(bad(format!("item '{id}': the payload is not an element")));
+    }
+    Ok((id, content.slice_ref(payload)))
+}
+
+/// The reference semantics of `archive-retract` over an archive held as a slice: the
+/// item keeps its id, time and `with`; its stanza becomes `payload`. Doing it again
+/// changes nothing more; an id that names no item is `item-not-found`.
+pub fn retract(archive: &mut [Item], id: &str, payload: Bytes) -> Result<(), Refusal> {
+    let item = archive
+        .iter_mut()
+        .find(|i| i.id == id)
+        .ok_or_else(|| unknown_id(id))?;
+    item.payload = payload;
+    Ok(())
+}
+
+impl crate::XdbClient {
+    /// `archive-retract`: replaces the stanza of item `id` of the archive `ns` of
+    /// `owner` with `payload` (a tombstone). Retried once like other requests: doing it
+    /// twice is harmless.
+    pub async fn archive_retract(
+        &self,
+        owner: &str,
+        ns: &str,
+        id: &str,
+        payload: &[u8],
+    ) -> Result<(), crate::XdbError> {
+        self.request(
+            crate::Op::ArchiveRetract,
+            owner,
+            ns,
+            retraction_to_xml(id, payload),
+            None,
+        )
+        .await
+        .map(drop)
     }
 }
 
@@ -965,6 +1030,31 @@ mod tests {
         })
         .unwrap_err();
         assert_eq!(missing.condition, StanzaErrorCondition::ItemNotFound);
+    }
+
+    #[test]
+    fn retractions_replace_the_stanza_and_keep_the_rest() {
+        let mut a = archive();
+        let tombstone =
+            Bytes::from_static(b"<message xmlns='jabber:client'><retracted/></message>");
+        let content = retraction_to_xml("00&3", &tombstone);
+        let (id, payload) = parse_retraction(&content).unwrap();
+        assert_eq!((id.as_str(), &payload[..]), ("00&3", &tombstone[..]));
+        retract(&mut a, "0003", tombstone.clone()).unwrap();
+        retract(&mut a, "0003", tombstone.clone()).unwrap();
+        assert_eq!(a[2].payload, tombstone);
+        assert_eq!((a[2].id.as_str(), a[2].time), ("0003", 3000));
+        assert_eq!(a[3], archive()[3]);
+        let e = retract(&mut a, "nope", tombstone).unwrap_err();
+        assert_eq!(e.condition, StanzaErrorCondition::ItemNotFound);
+        for bad in [
+            "",
+            "<item/>",
+            "<item id='x'>text</item>",
+            "<item id='a'><m/></item><item id='b'><m/></item>",
+        ] {
+            assert!(parse_retraction(&Bytes::from(bad)).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -45,6 +45,9 @@ pub enum Op {
     ArchiveQuery,
     /// Applies retention (`max-items`, `max-age`) to the archive `ns`.
     ArchiveTrim,
+    /// Replaces the stanza of one item of the archive `ns`, found by id (a tombstone
+    /// of a retracted message, see [`archive::retraction_to_xml`]).
+    ArchiveRetract,
 }
 
 impl Op {
@@ -59,6 +62,7 @@ impl Op {
             Op::ArchiveAppend => "archive-append",
             Op::ArchiveQuery => "archive-query",
             Op::ArchiveTrim => "archive-trim",
+            Op::ArchiveRetract => "archive-retract",
         }
     }
 
@@ -73,6 +77,7 @@ impl Op {
             Op::ArchiveAppend,
             Op::ArchiveQuery,
             Op::ArchiveTrim,
+            Op::ArchiveRetract,
         ]
         .into_iter()
         .find(|o| o.name() == s)
@@ -115,7 +120,7 @@ impl Request {
         let op = stanza
             .kind()
             .and_then(Op::parse)
-            .ok_or_else(|| bad("type must be get, set, delete, append, take, list, archive-append, archive-query or archive-trim"))?;
+            .ok_or_else(|| bad("type must be get, set, delete, append, take, list, archive-append, archive-query, archive-trim or archive-retract"))?;
         let owner = stanza
             .attr("to")
             .filter(|s| !s.is_empty())

@@ -16,7 +16,7 @@ use crate::xml::{
 };
 
 impl Room {
-    pub(super) fn iq_room(&mut self, s: &Stanza, from: &Jid, out: &mut Out) {
+    pub(super) fn iq_room(&mut self, s: &Stanza, from: &Jid, now: f64, out: &mut Out) {
         let kind = s.kind().unwrap_or("");
         if !matches!(kind, "get" | "set") {
             return;
@@ -64,6 +64,7 @@ impl Room {
             }
             ("get", NS_PING) => out.push(&xml::iq_result(s, "")),
             (_, mam::NS_MAM) => self.archive_query(s, from, payload, out),
+            (_, super::moderate::NS_MODERATE) => self.moderate(s, from, payload, now, out),
             (_, NS_MUC_OWNER) => {
                 if self.affiliation(&from.to_bare()) != Affiliation::Owner {
                     out.error(s, xml::FORBIDDEN, "only owners may configure the room");
@@ -149,6 +150,7 @@ impl Room {
             "urn:xmpp:sid:0",
             NS_DISCO_INFO,
             super::register::NS_REGISTER,
+            super::moderate::NS_MODERATE,
         ]
         .into_iter()
         .chain(c.archive.then_some(mam::NS_MAM))

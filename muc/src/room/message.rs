@@ -98,6 +98,7 @@ impl Room {
             let chars = t.head.len() + t.tail.len();
             self.history.push_back(HistoryItem {
                 message: t,
+                id: stanza_id,
                 at: now,
                 stamp: stamp(now),
                 chars,

@@ -5,12 +5,14 @@
 //! - `join`: joining, leaving, nick changes, presence updates;
 //! - `message`: groupchat messages, subject, private messages, history;
 //! - `iq`: disco, muc#owner (configuration, destroy), muc#admin (affiliations), self-ping;
+//! - `moderate`: XEP-0425 retraction of messages by moderators;
 //! - `config`: the configuration and its form.
 
 pub mod config;
 mod iq;
 mod join;
 mod message;
+pub mod moderate;
 mod register;
 pub use message::stamp;
 #[cfg(test)]
@@ -134,6 +136,8 @@ pub struct Occupant {
 #[derive(Debug, Clone)]
 pub struct HistoryItem {
     pub message: Template,
+    /// The stanza-id the room gave it (XEP-0359), by which moderators retract it.
+    pub id: String,
     /// Seconds since the epoch.
     pub at: f64,
     pub stamp: String,
@@ -155,6 +159,8 @@ pub struct Out {
     /// Messages to archive, and archive queries to run.
     pub archive: Vec<jrs_xdb::archive::Item>,
     pub queries: Vec<crate::mam::Request>,
+    /// Retractions (XEP-0425) the task finishes: archive lookup and tombstone first.
+    pub moderations: Vec<moderate::Moderation>,
 }
 
 impl Out {
@@ -423,7 +429,9 @@ impl Room {
 
     fn stanza_id(&mut self, now: f64) -> String {
         self.next_id += 1;
-        format!("{:x}-{:x}", (now * 1e6) as u64, self.next_id)
+        // Fixed width: ids of one batch (same `now`) must increase in byte order too,
+        // as the archive requires ("…-f" < "…-10" would not).
+        format!("{:x}-{:016x}", (now * 1e6) as u64, self.next_id)
     }
 
     /// Takes a token from occupant `i`'s bucket (messages, presence updates, nick
@@ -484,7 +492,7 @@ impl Room {
             }
             ("message", None) => self.message_to_room(s, &from, now, out),
             ("message", Some(nick)) => self.private_message(s, &from, &nick, now, out),
-            ("iq", None) => self.iq_room(s, &from, out),
+            ("iq", None) => self.iq_room(s, &from, now, out),
             ("iq", Some(nick)) => self.iq_occupant(s, &from, &nick, now, out),
             _ => {}
         }

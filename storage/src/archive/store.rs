@@ -17,6 +17,7 @@ use jrs_xdb::Refusal;
 use super::files::Files;
 use super::format::{
     decode_record, idx_name, log_name, segment_of, IdxEntry, Meta, IDX_ENTRY, META_FILE,
+    RECORD_HEADER,
 };
 use super::internal;
 use crate::spool::Spool;
@@ -59,8 +60,9 @@ impl Archive {
     /// Opens the archive in `dir` (an empty one when `dir` does not exist). A torn tail
     /// of the head segment is cut back: a partial index entry, index entries pointing
     /// past the end of the log or at a record that fails its checksum, log bytes no
-    /// index entry covers. Only the head segment can be torn: before the first item
-    /// goes into a new segment, the previous one is made durable.
+    /// index entry covers (but replacement records of retracted items the index points
+    /// at). Only the head segment can be torn: before the first item goes into a new
+    /// segment, the previous one is made durable.
     pub fn open(
         dir: &Path,
         segment_items: u64,
@@ -195,6 +197,35 @@ impl Archive {
                 }
             }
             n -= 1;
+        }
+        // Records `archive-retract` wrote after the last item's record are kept while the
+        // index points at them (else the retraction was never acknowledged: cut).
+        while end + RECORD_HEADER as u64 <= log_len {
+            let mut header = [0u8; RECORD_HEADER];
+            log.read_exact_at(&mut header, end)?;
+            let len = RECORD_HEADER as u64
+                + u32::from_le_bytes(header[0..4].try_into().expect("4 bytes")) as u64;
+            if len < RECORD_HEADER as u64 + 8 || end + len > log_len {
+                break;
+            }
+            let mut rec = vec![0u8; len as usize];
+            log.read_exact_at(&mut rec, end)?;
+            let seq = u64::from_le_bytes(
+                rec[RECORD_HEADER..RECORD_HEADER + 8]
+                    .try_into()
+                    .expect("8 bytes"),
+            );
+            if seq < head || seq >= head + n {
+                break;
+            }
+            let mut b = [0u8; IDX_ENTRY as usize];
+            idx.read_exact_at(&mut b, (seq - head) * IDX_ENTRY)?;
+            let pointed =
+                IdxEntry::decode(&b).is_some_and(|e| e.offset == end && e.len as u64 == len);
+            if !pointed || decode_record(&rec, seq).is_err() {
+                break;
+            }
+            end += len;
         }
         if idx_len != n * IDX_ENTRY {
             warn!(

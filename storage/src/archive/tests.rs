@@ -104,6 +104,14 @@ impl Fixture {
         self.spool.commit().unwrap();
     }
 
+    fn retract(&mut self, id: &str, payload: &Bytes) -> Result<(), jrs_xdb::Refusal> {
+        let dir = self.dir.clone();
+        let content = jrs_xdb::archive::retraction_to_xml(id, payload);
+        let r = self.archives.retract(&mut self.spool, &dir, &content);
+        self.spool.commit().unwrap();
+        r
+    }
+
     /// Forgets everything in memory: the next request opens the archive from disk, as
     /// after a restart.
     fn reopen(&mut self) {
@@ -432,6 +440,103 @@ fn torn_tails_are_cut_back() {
     f.append(&items(13..15));
     assert_eq!(all(&mut f), items(1..15));
     assert_eq!(f.query(&q), select(&items(1..15), &q));
+}
+
+fn tombstone(n: u64) -> Bytes {
+    Bytes::from(format!(
+        "<message xmlns='jabber:client' type='groupchat'><retracted xmlns='urn:xmpp:message-retract:1' stamp='{n}'/></message>"
+    ))
+}
+
+/// `archive-retract` against the reference semantics, in old and head segments, across
+/// reopening and later appends; the original bytes are gone from the log.
+#[test]
+fn retracted_items_keep_their_place_and_lose_their_stanza() {
+    let mut f = Fixture::new(4);
+    let mut a = items(1..11); // segments 0, 4 and 8 (the head: 3 items)
+    f.append(&a);
+    for (id, n) in [("000002", 2), ("000009", 9), ("000010", 10), ("000009", 90)] {
+        f.retract(id, &tombstone(n)).unwrap();
+        jrs_xdb::archive::retract(&mut a, id, tombstone(n)).unwrap();
+        assert_eq!(all(&mut f), a);
+    }
+    // Again: nothing changes.
+    f.retract("000002", &tombstone(2)).unwrap();
+    let log0 = fs::read(f.file(&log_name(0))).unwrap();
+    f.reopen();
+    assert_eq!(all(&mut f), a);
+    assert_eq!(fs::read(f.file(&log_name(0))).unwrap(), log0);
+    let text = |name: &str| String::from_utf8_lossy(&fs::read(f.file(name)).unwrap()).into_owned();
+    for (name, gone) in [(log_name(0), "message 2<"), (log_name(8), "message 9<")] {
+        assert!(!text(&name).contains(gone), "{name} still holds {gone}");
+    }
+    let mut q = page(50);
+    q.with = Some("carol@c".into());
+    assert_eq!(f.query(&q), select(&a, &q));
+    q.with = Some("bob@b/laptop".into());
+    assert_eq!(f.query(&q), select(&a, &q));
+    // Appends go on after the replacement records, and survive reopening.
+    f.append(&items(11..14));
+    a.extend(items(11..14));
+    f.retract("000011", &tombstone(11)).unwrap();
+    jrs_xdb::archive::retract(&mut a, "000011", tombstone(11)).unwrap();
+    f.reopen();
+    assert_eq!(all(&mut f), a);
+    // Unknown ids, and items retention removed.
+    let e = f.retract("000099", &tombstone(0)).unwrap_err();
+    assert_eq!(e.condition, StanzaErrorCondition::ItemNotFound);
+    f.trim(
+        Retention {
+            max_items: Some(10),
+            max_age: None,
+        },
+        0,
+    );
+    let e = f.retract("000001", &tombstone(0)).unwrap_err();
+    assert_eq!(e.condition, StanzaErrorCondition::ItemNotFound);
+    let e = f
+        .archives
+        .retract(
+            &mut f.spool,
+            &f.dir.clone(),
+            b"<item id='000012'>text</item>",
+        )
+        .unwrap_err();
+    assert_eq!(e.condition, StanzaErrorCondition::BadRequest);
+    // An empty archive has nothing to retract.
+    let mut empty = Fixture::new(4);
+    let e = empty.retract("000001", &tombstone(0)).unwrap_err();
+    assert_eq!(e.condition, StanzaErrorCondition::ItemNotFound);
+}
+
+/// A retraction whose index entry never reached the disk: the replacement record at the
+/// end of the head log is cut when the archive is opened, and the item is as it was.
+#[test]
+fn an_unacknowledged_retraction_is_cut_back() {
+    let mut f = Fixture::new(8);
+    let a = items(1..5);
+    f.append(&a);
+    let log = f.file(&log_name(0));
+    let before = fs::read(&log).unwrap();
+    let mut record = vec![];
+    let replaced = Item {
+        payload: tombstone(2),
+        ..a[1].clone()
+    };
+    super::format::encode_record(1, &replaced, &mut record);
+    OpenOptions::new()
+        .append(true)
+        .open(&log)
+        .unwrap()
+        .write_all(&record)
+        .unwrap();
+    f.reopen();
+    assert_eq!(all(&mut f), a);
+    assert_eq!(fs::read(&log).unwrap(), before);
+    // The retraction done again works.
+    f.retract("000002", &tombstone(2)).unwrap();
+    f.reopen();
+    assert_eq!(all(&mut f)[1].payload, tombstone(2));
 }
 
 #[test]
