@@ -3,18 +3,21 @@
 //! Rooms archive through xdb's archive operations, owner = the room's JID.
 
 use bytes::Bytes;
-use chrono::DateTime;
-use jid::Jid;
-use jrs_xdb::archive::{self, Item, Page, Paging, MAX_PAGE};
+use jrs_stream::StanzaErrorCondition;
+use jrs_xdb::archive::{self, Item, Page};
+use jrs_xdb::mam::{QueryError, QueryOptions};
 use minidom::Element;
-use xmpp_parsers::mam::Query;
 
-use crate::xml::{self, Condition, NS_DATA};
+use crate::xml::{self, Condition};
 
-pub const NS_MAM: &str = "urn:xmpp:mam:2";
+pub use jrs_xdb::mam::NS_MAM;
 
-/// Items in one page when the client asks for no size.
-pub const PAGE: usize = 50;
+/// How a room reads a query: pages of 50 when the client asks for no size, and room
+/// for the page on the router link, with the storage answer's wrapping.
+const QUERY: QueryOptions = QueryOptions {
+    page_size: 50,
+    max_bytes: Some(128 * 1024),
+};
 
 /// A query a room accepted, run by its task after the batch.
 #[derive(Debug)]
@@ -29,114 +32,31 @@ pub struct Request {
 
 type Refusal = (Condition, String);
 
-fn bad(text: impl Into<String>) -> Refusal {
-    (xml::BAD_REQUEST, text.into())
-}
-
-/// The query form (the answer to a form request, XEP-0313 6.1).
+/// The query form (the answer to a form request, XEP-0313 4.1.5).
 pub fn form() -> String {
-    let mut f = format!(
-        "<query xmlns='{NS_MAM}'><x xmlns='{NS_DATA}' type='form'>\
-         <field var='FORM_TYPE' type='hidden'><value>{NS_MAM}</value></field>"
-    );
-    for (var, kind) in [
-        ("with", "jid-single"),
-        ("start", "text-single"),
-        ("end", "text-single"),
-        ("before-id", "text-single"),
-        ("after-id", "text-single"),
-        ("ids", "list-multi"),
-    ] {
-        f.push_str(&format!("<field var='{var}' type='{kind}'/>"));
-    }
-    f.push_str("</x></query>");
-    f
+    String::from(&Element::from(jrs_xdb::mam::form_query()))
 }
 
 /// Reads a client's `<query/>` into a storage request.
 pub fn request(payload: Element, to: String, id: String) -> Result<Request, Refusal> {
-    let q = Query::try_from(payload).map_err(|e| bad(format!("{e}")))?;
-    if q.node.is_some() {
-        return Err((
-            xml::FEATURE_NOT_IMPLEMENTED,
-            "this archive has no nodes".into(),
-        ));
-    }
-    let mut out = archive::Query::default();
-    if let Some(form) = &q.form {
-        for f in &form.fields {
-            let var = f.var.as_deref().unwrap_or("");
-            let one = || match f.values.as_slice() {
-                [v] => Ok(v.as_str()),
-                _ => Err(bad(format!("field '{var}' takes one value"))),
-            };
-            match var {
-                "FORM_TYPE" if one()? != NS_MAM => {
-                    return Err(bad(format!("FORM_TYPE must be {NS_MAM}")))
-                }
-                "FORM_TYPE" => {}
-                "with" => {
-                    let jid = Jid::new(one()?)
-                        .map_err(|e| (xml::JID_MALFORMED, format!("'with': {e}")))?;
-                    out.with = Some(jid.to_string());
-                }
-                "start" | "end" => {
-                    let v = one()?;
-                    let t = DateTime::parse_from_rfc3339(v.trim())
-                        .ok()
-                        .and_then(|d| u64::try_from(d.timestamp_micros()).ok())
-                        .ok_or_else(|| {
-                            bad(format!("'{var}' is not a XEP-0082 date and time: {v}"))
-                        })?;
-                    if var == "start" {
-                        out.start = Some(t);
-                    } else {
-                        out.end = Some(t);
-                    }
-                }
-                "after-id" => out.after_id = Some(one()?.to_owned()),
-                "before-id" => out.before_id = Some(one()?.to_owned()),
-                "ids" => out.ids = f.values.clone(),
-                other => {
-                    return Err((
-                        xml::FEATURE_NOT_IMPLEMENTED,
-                        format!("unknown query field '{other}'"),
-                    ))
-                }
-            }
-        }
-    }
-    let mut paging = Paging {
-        max: PAGE,
-        // Room for the page on the router link, with the storage answer's wrapping.
-        max_bytes: Some(128 * 1024),
-        ..Paging::default()
-    };
-    if let Some(set) = &q.set {
-        if set.index.is_some() {
-            return Err((
-                xml::FEATURE_NOT_IMPLEMENTED,
-                "paging by index is not supported; use <after/> or <before/>".into(),
-            ));
-        }
-        if let Some(max) = set.max {
-            paging.max = max.min(MAX_PAGE);
-        }
-        paging.after = set.after.clone().filter(|a| !a.is_empty());
-        match set.before.as_deref() {
-            Some("") => paging.from_end = true,
-            Some(id) => paging.before = Some(id.to_owned()),
-            None => {}
-        }
-    }
-    out.paging = paging;
+    let q = jrs_xdb::mam::read_query(payload, &QUERY).map_err(refusal)?;
     Ok(Request {
         to,
         id,
-        queryid: q.queryid.map(|q| q.0),
+        queryid: q.queryid,
         flip: q.flip_page,
-        query: out,
+        query: q.query,
     })
+}
+
+/// The room's error for a query it cannot read.
+fn refusal(e: QueryError) -> Refusal {
+    let c = match e.condition() {
+        StanzaErrorCondition::JidMalformed => xml::JID_MALFORMED,
+        StanzaErrorCondition::FeatureNotImplemented => xml::FEATURE_NOT_IMPLEMENTED,
+        _ => xml::BAD_REQUEST,
+    };
+    (c, e.to_string())
 }
 
 /// The archived form of a room message: self-contained, `xmlns` first (see
@@ -222,6 +142,33 @@ mod tests {
         assert_eq!(
             request(q, "a".into(), "i".into()).unwrap_err().0,
             xml::FEATURE_NOT_IMPLEMENTED
+        );
+        let q: Element = "<query xmlns='urn:xmpp:mam:2'><x xmlns='jabber:x:data' type='submit'>\
+             <field var='with'><value>@c</value></field></x></query>"
+            .parse()
+            .unwrap();
+        assert_eq!(
+            request(q, "a".into(), "i".into()).unwrap_err().0,
+            xml::JID_MALFORMED
+        );
+        let q: Element = "<query xmlns='urn:xmpp:mam:2'/>".parse().unwrap();
+        let r = request(q, "a".into(), "i".into()).unwrap();
+        assert_eq!(
+            (r.query.paging.max, r.query.paging.max_bytes),
+            (50, Some(128 * 1024))
+        );
+    }
+
+    #[test]
+    fn the_form_lists_the_fields() {
+        let f = form();
+        assert!(f.starts_with("<query xmlns='urn:xmpp:mam:2'"), "{f}");
+        for var in ["with", "start", "end", "before-id", "after-id", "ids"] {
+            assert!(f.contains(&format!("var='{var}'")), "{f}");
+        }
+        assert!(
+            f.contains("http://jabber.org/protocol/xdata-validate"),
+            "{f}"
         );
     }
 

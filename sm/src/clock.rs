@@ -35,19 +35,12 @@ fn utc(micros: i64) -> chrono::DateTime<chrono::Utc> {
     chrono::DateTime::from_timestamp_micros(micros).unwrap_or_default()
 }
 
-/// Reads an XEP-0082 DateTime (`2024-01-02T03:04:05Z`, optional fraction, `Z` or an
-/// offset) into microseconds since the epoch.
-pub fn parse_stamp(s: &str) -> Option<u64> {
-    let dt = chrono::DateTime::parse_from_rfc3339(s.trim()).ok()?;
-    u64::try_from(dt.timestamp_micros()).ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn formats_and_reads_utc_stamps() {
+    fn formats_utc_stamps() {
         assert_eq!(stamp(0), "1970-01-01T00:00:00Z");
         assert_eq!(stamp(951_782_400), "2000-02-29T00:00:00Z");
         assert_eq!(stamp(1_700_000_000), "2023-11-14T22:13:20Z");
@@ -56,18 +49,5 @@ mod tests {
             stamp_micros(1_700_000_000_000_042),
             "2023-11-14T22:13:20.000042Z"
         );
-        assert_eq!(
-            parse_stamp("2023-11-14T22:13:20Z"),
-            Some(1_700_000_000_000_000)
-        );
-        assert_eq!(
-            parse_stamp("2023-11-14T22:13:20.5Z"),
-            Some(1_700_000_000_500_000)
-        );
-        assert_eq!(
-            parse_stamp("2023-11-14T23:13:20+01:00"),
-            Some(1_700_000_000_000_000)
-        );
-        assert_eq!(parse_stamp("yesterday"), None);
     }
 }

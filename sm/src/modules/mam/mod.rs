@@ -22,7 +22,6 @@ use std::sync::Arc;
 
 use jid::Jid;
 use tracing::{debug, warn};
-use xmpp_parsers::mam::Query as MamQuery;
 use xmpp_parsers::mam_prefs::{DefaultPrefs, Prefs};
 use xmpp_parsers::ns::{MAM as NS_MAM, SID as NS_SID};
 
@@ -244,13 +243,7 @@ impl Module for Mam {
             );
         }
         match (iq.payload.name(), iq.kind) {
-            ("query", IqKind::Get) => Reply::typed(MamQuery {
-                queryid: None,
-                node: None,
-                form: Some(query::form()),
-                set: None,
-                flip_page: false,
-            }),
+            ("query", IqKind::Get) => Reply::typed(jrs_xdb::mam::form_query()),
             ("query", IqKind::Set) => self.query(u, iq).await,
             ("prefs", IqKind::Get) => match prefs::load(u, &self.default).await {
                 Ok(p) => Reply::typed(p.clone()),
@@ -276,23 +269,14 @@ impl Mam {
         let Some(key) = iq.session else {
             return Reply::not_handled();
         };
-        let q: MamQuery = match iq.parse() {
+        // Room for the answer on sm's link, with the storage answer's own wrapping.
+        let max_bytes = u.ctx.config.fragment_max().saturating_sub(4096).max(1024);
+        let q = match query::read(&iq.payload, self.page_size, max_bytes) {
             Ok(q) => q,
             Err(r) => return r,
         };
-        // Room for the answer on sm's link, with the storage answer's own wrapping.
-        let max_bytes = u.ctx.config.fragment_max().saturating_sub(4096).max(1024);
-        let storage_query = match query::translate(&q, self.page_size, max_bytes) {
-            Ok(x) => x,
-            Err(r) => return r,
-        };
         self.writer.flush(&u.ctx);
-        let page = match u
-            .ctx
-            .store
-            .archive_query(&u.bare, ARCHIVE, &storage_query)
-            .await
-        {
+        let page = match u.ctx.store.archive_query(&u.bare, ARCHIVE, &q.query).await {
             Ok(p) => p,
             Err(XdbError::Refused(r)) if r.condition == StanzaErrorCondition::ItemNotFound => {
                 return Reply::error(StanzaErrorCondition::ItemNotFound, r.text)
@@ -307,11 +291,10 @@ impl Mam {
             returned = page.items.len(),
             "archive query"
         );
-        let queryid = q.queryid.as_ref().map(|q| q.0.clone());
         let mut results: Vec<_> = page
             .items
             .iter()
-            .map(|item| query::result_message(&u.bare, &to, queryid.as_deref(), item))
+            .map(|item| query::result_message(&u.bare, &to, q.queryid.as_deref(), item))
             .collect();
         if q.flip_page {
             results.reverse();
