@@ -13,6 +13,8 @@ pub struct C2sConfig {
     pub router: RouterLink,
     pub hosts: Vec<Host>,
     pub listen: Vec<Listen>,
+    /// HTTP listeners and what they serve (WebSocket, host-meta).
+    pub web: WebConfig,
     /// STARTTLS must happen before authentication.
     pub require_tls: bool,
     /// SASL mechanisms offered (when usable: PLAIN only over TLS, -PLUS only over TLS).
@@ -36,6 +38,65 @@ pub struct C2sConfig {
     /// On SIGTERM, how long sessions get to end or be handed to sm.
     pub shutdown_timeout: Duration,
     pub log: LogConfig,
+}
+
+/// The web edge: `<listen mode="http|https">` and `<web/>`.
+#[derive(Debug, Clone, Default)]
+pub struct WebConfig {
+    pub listen: Vec<WebListener>,
+    /// The public URL of the web listeners (`https://xmpp.example.org:5281`), for
+    /// host-meta; by default the request's `Host` header on the listener's scheme.
+    pub base_url: Option<String>,
+    /// `Origin`s whose pages may open WebSocket connections; empty: any.
+    pub allowed_origins: Vec<String>,
+}
+
+/// One HTTP listener.
+#[derive(Debug, Clone)]
+pub struct WebListener {
+    pub address: String,
+    pub port: u16,
+    /// HTTPS with the hosts' certificates.
+    pub tls: bool,
+    /// Plain HTTP that a TLS-terminating reverse proxy fronts: clients count as
+    /// encrypted (no STARTTLS, PLAIN allowed). True for `https`.
+    pub secure: bool,
+}
+
+impl WebConfig {
+    fn load(root: &Node) -> Result<WebConfig> {
+        let mut web = WebConfig::default();
+        for l in root.children("listen") {
+            let tls = match l.attr("mode") {
+                Some("http") => false,
+                Some("https") => true,
+                _ => continue,
+            };
+            l.allow(&["address", "port", "mode", "secure"], &[])?;
+            web.listen.push(WebListener {
+                address: l.attr("address").unwrap_or("::").to_owned(),
+                port: l
+                    .parse_attr("port", "a port number (0-65535)")?
+                    .unwrap_or(if tls { 5281 } else { 5280 }),
+                tls,
+                secure: tls || l.bool_attr("secure", false)?,
+            });
+        }
+        if let Some(w) = root.child("web")? {
+            w.allow(&["base-url", "allowed-origins"], &[])?;
+            web.base_url = w.attr("base-url").filter(|b| !b.is_empty()).map(str::to_owned);
+            if let Some(b) = &web.base_url {
+                if !b.starts_with("https://") && !b.starts_with("http://") {
+                    return Err(w.error("base-url must start with https:// or http://"));
+                }
+            }
+            web.allowed_origins = w
+                .attr("allowed-origins")
+                .map(|o| o.split_whitespace().map(str::to_owned).collect())
+                .unwrap_or_default();
+        }
+        Ok(web)
+    }
 }
 
 /// XEP-0198 (`<stream-management/>`).
@@ -79,6 +140,7 @@ impl C2sConfig {
                 "router",
                 "host",
                 "listen",
+                "web",
                 "tls",
                 "sasl",
                 "register",
@@ -91,8 +153,13 @@ impl C2sConfig {
             ],
         )?;
         let hosts = Host::all_from(&root, "")?;
-        let listen = Listen::all_from(&root, 5222, 5223)?;
-        if listen.is_empty() {
+        let web = WebConfig::load(&root)?;
+        let listen = root
+            .children("listen")
+            .filter(|l| !matches!(l.attr("mode"), Some("http" | "https")))
+            .map(|l| Listen::from_node(l, 5222, 5223))
+            .collect::<Result<Vec<_>>>()?;
+        if listen.is_empty() && web.listen.is_empty() {
             return Err(root.error("at least one <listen/> is required"));
         }
         let mut require_tls = true;
@@ -220,6 +287,7 @@ impl C2sConfig {
             router: RouterLink::from_node(root.required_child("router")?)?,
             hosts,
             listen,
+            web,
             require_tls,
             mechanisms,
             register,

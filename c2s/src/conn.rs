@@ -28,7 +28,19 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: 
             }
         },
     };
-    let mut negotiation = Negotiation::new(peer.ip(), transport.is_tls(), transport.exporter());
+    let secure = transport.is_tls();
+    serve_transport(shared, transport, peer, secure).await
+}
+
+/// Serves a client stream over `transport`; `secure`: it is encrypted (TLS here, or the
+/// web transport's HTTPS), so no STARTTLS is offered.
+pub async fn serve_transport(
+    shared: Arc<Shared>,
+    transport: Transport,
+    peer: SocketAddr,
+    secure: bool,
+) {
+    let mut negotiation = Negotiation::new(peer.ip(), secure, transport.exporter());
     let mut conn = Connection::new(transport, shared.connection_settings());
     // The handshake, the closing and the session's rare paths are boxed: the task's size
     // is that of its largest await point, and most clients spend their life idle.

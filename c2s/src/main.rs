@@ -14,6 +14,7 @@ mod server_caps;
 mod session;
 mod shared;
 mod tls;
+mod web;
 
 use std::sync::Arc;
 
@@ -61,6 +62,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             move |tcp, peer, mode| conn::serve(serving.clone(), tcp, peer, mode),
         )
         .await?;
+        web::start(&shared).await?;
         info!(name = %link.name, "c2s ready");
         // Packets from sm can be as large as what sm stores (rosters, vCards).
         let limits = Limits {

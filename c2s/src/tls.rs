@@ -17,6 +17,8 @@ pub struct Tls {
     pub starttls: Arc<rustls::ServerConfig>,
     /// For direct TLS (XEP-0368): the same certificates, ALPN `xmpp-client`.
     pub direct: Arc<rustls::ServerConfig>,
+    /// For HTTPS (the web edge): the same certificates, ALPN `http/1.1`.
+    pub web: Arc<rustls::ServerConfig>,
 }
 
 /// Loads every host's certificate (making self-signed ones where configured).
@@ -30,10 +32,15 @@ pub fn load(hosts: &[Host]) -> anyhow::Result<Tls> {
         .with_cert_resolver(certs.resolver.clone());
     let mut direct = rustls::ServerConfig::builder()
         .with_no_client_auth()
-        .with_cert_resolver(certs.resolver);
+        .with_cert_resolver(certs.resolver.clone());
     direct.alpn_protocols = vec![ALPN_XMPP_CLIENT.to_vec()];
+    let mut web = rustls::ServerConfig::builder()
+        .with_no_client_auth()
+        .with_cert_resolver(certs.resolver);
+    web.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(Tls {
         starttls: Arc::new(starttls),
         direct: Arc::new(direct),
+        web: Arc::new(web),
     })
 }

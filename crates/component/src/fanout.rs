@@ -19,7 +19,7 @@
 //! meant to avoid.
 
 use bytes::{BufMut, BytesMut};
-use jrs_stream::xml::tag_len;
+use jrs_stream::xml::{element_len, tag_len};
 use jrs_stream::Stanza;
 
 /// The top-level element (no namespace: the stanza inside stays in the stream's content
@@ -200,40 +200,6 @@ fn raw_attr<'a>(tag: &'a str, name: &str) -> Option<&'a str> {
         }
         rest = &rest[close + 1..];
     }
-}
-
-/// The length of the element at the start of `b` (start tag through its end tag), for
-/// well-formed input: tags counted by depth, CDATA skipped.
-fn element_len(b: &[u8]) -> Option<usize> {
-    let mut depth = 0usize;
-    let mut pos = 0;
-    loop {
-        let lt = pos + memchr_lt(&b[pos..])?;
-        let rest = &b[lt..];
-        if rest.starts_with(b"<![CDATA[") {
-            pos = lt + find(rest, b"]]>")? + 3;
-            continue;
-        }
-        let len = tag_len(rest)?;
-        let tag = &rest[..len];
-        pos = lt + len;
-        if tag.starts_with(b"</") {
-            depth = depth.checked_sub(1)?;
-        } else if !tag.ends_with(b"/>") {
-            depth += 1;
-        }
-        if depth == 0 {
-            return Some(pos);
-        }
-    }
-}
-
-fn memchr_lt(b: &[u8]) -> Option<usize> {
-    b.iter().position(|&c| c == b'<')
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]

@@ -179,23 +179,26 @@ impl Listener {
     /// Every `<listen/>` of `root`; the port defaults by mode.
     pub fn all_from(root: &Node, starttls_port: u16, direct_port: u16) -> Result<Vec<Listener>> {
         root.children("listen")
-            .map(|l| {
-                l.allow(&["address", "port", "mode"], &[])?;
-                let mode = TlsMode::from_attr(l)?;
-                let default_port = if mode == TlsMode::StartTls {
-                    starttls_port
-                } else {
-                    direct_port
-                };
-                Ok(Listener {
-                    address: l.attr("address").unwrap_or("::").to_owned(),
-                    port: l
-                        .parse_attr("port", "a port number (0-65535)")?
-                        .unwrap_or(default_port),
-                    mode,
-                })
-            })
+            .map(|l| Listener::from_node(l, starttls_port, direct_port))
             .collect()
+    }
+
+    /// One `<listen/>`; the port defaults by mode.
+    pub fn from_node(l: &Node, starttls_port: u16, direct_port: u16) -> Result<Listener> {
+        l.allow(&["address", "port", "mode"], &[])?;
+        let mode = TlsMode::from_attr(l)?;
+        let default_port = if mode == TlsMode::StartTls {
+            starttls_port
+        } else {
+            direct_port
+        };
+        Ok(Listener {
+            address: l.attr("address").unwrap_or("::").to_owned(),
+            port: l
+                .parse_attr("port", "a port number (0-65535)")?
+                .unwrap_or(default_port),
+            mode,
+        })
     }
 }
 

@@ -44,3 +44,43 @@ pub fn tag_len(bytes: &[u8]) -> Option<usize> {
     }
     None
 }
+
+/// The length of the element at the start of `bytes` (start tag through its end tag),
+/// or `None` if it does not end there: tags counted by depth, CDATA skipped. For input
+/// already known to be well-formed, like [`tag_len`].
+pub fn element_len(bytes: &[u8]) -> Option<usize> {
+    let mut depth = 0usize;
+    let mut pos = 0;
+    loop {
+        let lt = pos + memchr::memchr(b'<', &bytes[pos..])?;
+        let rest = &bytes[lt..];
+        if rest.starts_with(b"<![CDATA[") {
+            pos = lt + memchr::memmem::find(rest, b"]]>")? + 3;
+            continue;
+        }
+        let len = tag_len(rest)?;
+        let tag = &rest[..len];
+        pos = lt + len;
+        if tag.starts_with(b"</") {
+            depth = depth.checked_sub(1)?;
+        } else if !tag.ends_with(b"/>") {
+            depth += 1;
+        }
+        if depth == 0 {
+            return Some(pos);
+        }
+    }
+}
+
+#[cfg(test)]
+mod element_len_tests {
+    use super::element_len;
+
+    #[test]
+    fn finds_the_end_of_the_first_element() {
+        assert_eq!(element_len(b"<a/><b/>"), Some(4));
+        assert_eq!(element_len(b"<a x='>'><a></a><![CDATA[</a>]]></a> "), Some(36));
+        assert_eq!(element_len(b"<a><b>"), None);
+        assert_eq!(element_len(b"<a"), None);
+    }
+}

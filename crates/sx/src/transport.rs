@@ -1,6 +1,6 @@
 //! The byte stream under an XMPP stream: plain TCP (which STARTTLS upgrades in place) or
-//! TLS in either role, behind one `AsyncRead + AsyncWrite` type. The web transports
-//! (WebSocket, BOSH) that a later issue adds become further variants here.
+//! TLS in either role, or a pipe to a web transport (WebSocket), behind one
+//! `AsyncRead + AsyncWrite` type.
 
 use std::io;
 use std::pin::Pin;
@@ -16,6 +16,9 @@ pub enum Transport {
     TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
     /// TLS where we connected (outgoing servers).
     TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+    /// One end of an in-process pipe whose other end a web transport serves (c2s's
+    /// WebSocket endpoint translates RFC 7395 framing to and from the stream's).
+    Web(tokio::io::DuplexStream),
     /// Nothing: what is left in place while the TCP stream is moved into TLS.
     Detached,
 }
@@ -85,6 +88,10 @@ macro_rules! each {
             }
             Transport::TlsClient($s) => {
                 let $s = Pin::new($s.as_mut());
+                $e
+            }
+            Transport::Web($s) => {
+                let $s = Pin::new($s);
                 $e
             }
             Transport::Detached => $detached,

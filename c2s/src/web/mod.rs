@@ -1,0 +1,238 @@
+//! The web edge of c2s: HTTP listeners (`<listen mode="http|https">`) serving the
+//! RFC 7395 WebSocket endpoint `/xmpp-websocket` and XEP-0156 discovery
+//! (`/.well-known/host-meta`, `/.well-known/host-meta.json`). A WebSocket client gets
+//! exactly what a TCP client gets above the transport (`websocket`, `framing`).
+
+mod framing;
+mod host_meta;
+mod websocket;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::header::{self, HeaderValue};
+use hyper::service::service_fn;
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
+use tokio_tungstenite::tungstenite::protocol::Role;
+use tokio_tungstenite::WebSocketStream;
+use tracing::{debug, info, info_span, warn, Instrument};
+
+use crate::config::{WebConfig, WebListener};
+use crate::shared::Shared;
+
+/// How long a new HTTP connection may take to send its request head (or finish TLS).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub const WEBSOCKET_PATH: &str = "/xmpp-websocket";
+
+/// Binds every web listener; each accepted connection is served on its own task.
+pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
+    let web = &shared.config.web;
+    let tls = if web.listen.iter().any(|l| l.tls) {
+        Some(tokio_rustls::TlsAcceptor::from(shared.tls.web.clone()))
+    } else {
+        None
+    };
+    for l in &web.listen {
+        let listener = TcpListener::bind((l.address.as_str(), l.port))
+            .await
+            .with_context(|| format!("listening on [{}]:{}", l.address, l.port))?;
+        info!(addr = %listener.local_addr()?, https = l.tls, "listening for web clients");
+        let (shared, tls, l) = (shared.clone(), tls.clone().filter(|_| l.tls), l.clone());
+        tokio::spawn(async move {
+            loop {
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(c) => c,
+                    Err(e) => {
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = tcp.set_nodelay(true);
+                let span = info_span!("web", %peer);
+                tokio::spawn(connection(shared.clone(), tcp, peer, tls.clone(), l.clone()).instrument(span));
+            }
+        });
+    }
+    Ok(())
+}
+
+/// One HTTP connection (after TLS for https): requests until it closes or upgrades.
+async fn connection(
+    shared: Arc<Shared>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    listener: WebListener,
+) {
+    let service = {
+        let shared = shared.clone();
+        let listener = listener.clone();
+        service_fn(move |req| {
+            let (shared, listener) = (shared.clone(), listener.clone());
+            async move { Ok::<_, Infallible>(handle(shared, req, peer, &listener)) }
+        })
+    };
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(HEAD_TIMEOUT)
+        .max_buf_size(64 * 1024);
+    let result = match tls {
+        Some(acceptor) => match tokio::time::timeout(HEAD_TIMEOUT, acceptor.accept(tcp)).await {
+            Ok(Ok(stream)) => {
+                builder
+                    .serve_connection(TokioIo::new(stream), service)
+                    .with_upgrades()
+                    .await
+            }
+            Ok(Err(e)) => return debug!(error = %e, "TLS handshake failed"),
+            Err(_) => return debug!("TLS handshake timed out"),
+        },
+        None => {
+            builder
+                .serve_connection(TokioIo::new(tcp), service)
+                .with_upgrades()
+                .await
+        }
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "HTTP connection ended");
+    }
+}
+
+fn handle(
+    shared: Arc<Shared>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    listener: &WebListener,
+) -> Response<Full<Bytes>> {
+    let web = &shared.config.web;
+    let path = req.uri().path().to_owned();
+    match (req.method(), path.as_str()) {
+        (&Method::GET, WEBSOCKET_PATH) => upgrade(shared.clone(), req, peer, listener),
+        (&Method::GET | &Method::HEAD, host_meta::XRD_PATH | host_meta::JSON_PATH) => {
+            let base = web.base_url.clone().unwrap_or_else(|| {
+                let host = req
+                    .headers()
+                    .get(header::HOST)
+                    .and_then(|h| h.to_str().ok())
+                    .unwrap_or("localhost");
+                format!("{}://{host}", if listener.tls { "https" } else { "http" })
+            });
+            let (body, kind) = if path == host_meta::JSON_PATH {
+                (host_meta::json(&base), "application/json")
+            } else {
+                (host_meta::xrd(&base), "application/xrd+xml")
+            };
+            let mut r = plain(StatusCode::OK, body);
+            let h = r.headers_mut();
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
+            // XEP-0156 3.2: web clients of other origins read it.
+            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+            r
+        }
+        (_, WEBSOCKET_PATH | host_meta::XRD_PATH | host_meta::JSON_PATH) => {
+            plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
+        }
+        _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
+    }
+}
+
+/// The RFC 6455 handshake with the `xmpp` subprotocol (RFC 7395 3.1), then the client
+/// is served on the upgraded connection.
+fn upgrade(
+    shared: Arc<Shared>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    listener: &WebListener,
+) -> Response<Full<Bytes>> {
+    let headers = req.headers();
+    let has_token = |name: header::HeaderName, token: &str| {
+        headers.get_all(name).iter().any(|v| {
+            v.to_str()
+                .is_ok_and(|v| v.split(',').any(|t| t.trim().eq_ignore_ascii_case(token)))
+        })
+    };
+    if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
+        return plain(StatusCode::UPGRADE_REQUIRED, "a WebSocket upgrade is required\n".into());
+    }
+    if headers.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
+        let mut r = plain(StatusCode::BAD_REQUEST, "WebSocket version 13 is required\n".into());
+        r.headers_mut()
+            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+        return r;
+    }
+    let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
+        return plain(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is missing\n".into());
+    };
+    if !has_token(header::SEC_WEBSOCKET_PROTOCOL, "xmpp") {
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "the WebSocket subprotocol 'xmpp' is required (RFC 7395)\n".into(),
+        );
+    }
+    let origin = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok());
+    if !origin_allowed(&shared.config.web, origin) {
+        debug!(origin, "WebSocket from an origin not allowed");
+        return plain(StatusCode::FORBIDDEN, "origin not allowed\n".into());
+    }
+    let secure = listener.tls || listener.secure;
+    let limit = shared.config.limits.max_stanza_bytes;
+    let on_upgrade = hyper::upgrade::on(&mut req);
+    tokio::spawn(
+        async move {
+            match on_upgrade.await {
+                Ok(upgraded) => {
+                    let io = TokioIo::new(upgraded);
+                    let ws = WebSocketStream::from_raw_socket(
+                        io,
+                        Role::Server,
+                        Some(websocket::config(limit)),
+                    )
+                    .await;
+                    debug!("WebSocket client");
+                    websocket::serve(shared, ws, peer, secure).await;
+                }
+                Err(e) => debug!(error = %e, "WebSocket upgrade failed"),
+            }
+        }
+        .in_current_span(),
+    );
+    let mut r = Response::new(Full::new(Bytes::new()));
+    *r.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = r.headers_mut();
+    h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+    h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
+    h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("xmpp"));
+    if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
+        h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
+    }
+    r
+}
+
+/// `allowed-origins`: none configured lets every origin in (non-browser clients send
+/// none); else the `Origin` must be one of them.
+fn origin_allowed(web: &WebConfig, origin: Option<&str>) -> bool {
+    match origin {
+        _ if web.allowed_origins.is_empty() => true,
+        Some(o) => web.allowed_origins.iter().any(|a| a.eq_ignore_ascii_case(o)),
+        None => true,
+    }
+}
+
+fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
