@@ -187,6 +187,8 @@ def test_host_meta_lists_the_websocket_endpoint(server):
                      for l in xrd.iter("{http://docs.oasis-open.org/ns/xri/xrd-1.0}Link")}
             assert links["urn:xmpp:alt-connections:websocket"] == \
                 f"ws://127.0.0.1:{server.http_port}/xmpp-websocket"
+            assert links["urn:xmpp:alt-connections:xbosh"] == \
+                f"http://127.0.0.1:{server.http_port}/http-bind"
             async with http.get(f"{base}/.well-known/host-meta.json") as r:
                 assert r.status == 200 and r.headers["Content-Type"] == "application/json"
                 doc = json.loads(await r.text())

@@ -1,8 +1,10 @@
 //! The web edge of c2s: HTTP listeners (`<listen mode="http|https">`) serving the
-//! RFC 7395 WebSocket endpoint `/xmpp-websocket` and XEP-0156 discovery
-//! (`/.well-known/host-meta`, `/.well-known/host-meta.json`). A WebSocket client gets
-//! exactly what a TCP client gets above the transport (`websocket`, `framing`).
+//! RFC 7395 WebSocket endpoint `/xmpp-websocket`, BOSH (XEP-0206) at `/http-bind` and
+//! XEP-0156 discovery (`/.well-known/host-meta`, `/.well-known/host-meta.json`). A web
+//! client gets exactly what a TCP client gets above the transport (`websocket`, `bosh`,
+//! `framing`).
 
+mod bosh;
 mod framing;
 mod host_meta;
 mod websocket;
@@ -33,6 +35,7 @@ use crate::shared::Shared;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const WEBSOCKET_PATH: &str = "/xmpp-websocket";
+pub const BOSH_PATH: &str = "/http-bind";
 
 /// Binds every web listener; each accepted connection is served on its own task.
 pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
@@ -42,12 +45,14 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
     } else {
         None
     };
+    let sessions = Arc::new(bosh::Sessions::default());
     for l in &web.listen {
         let listener = TcpListener::bind((l.address.as_str(), l.port))
             .await
             .with_context(|| format!("listening on [{}]:{}", l.address, l.port))?;
         info!(addr = %listener.local_addr()?, https = l.tls, "listening for web clients");
         let (shared, tls, l) = (shared.clone(), tls.clone().filter(|_| l.tls), l.clone());
+        let sessions = sessions.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -60,7 +65,8 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
                 };
                 let _ = tcp.set_nodelay(true);
                 let span = info_span!("web", %peer);
-                tokio::spawn(connection(shared.clone(), tcp, peer, tls.clone(), l.clone()).instrument(span));
+                let serve = connection(shared.clone(), sessions.clone(), tcp, peer, tls.clone(), l.clone());
+                tokio::spawn(serve.instrument(span));
             }
         });
     }
@@ -70,6 +76,7 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
 /// One HTTP connection (after TLS for https): requests until it closes or upgrades.
 async fn connection(
     shared: Arc<Shared>,
+    sessions: Arc<bosh::Sessions>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -79,8 +86,8 @@ async fn connection(
         let shared = shared.clone();
         let listener = listener.clone();
         service_fn(move |req| {
-            let (shared, listener) = (shared.clone(), listener.clone());
-            async move { Ok::<_, Infallible>(handle(shared, req, peer, &listener)) }
+            let (shared, listener, sessions) = (shared.clone(), listener.clone(), sessions.clone());
+            async move { Ok::<_, Infallible>(handle(shared, sessions, req, peer, &listener).await) }
         })
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -111,8 +118,9 @@ async fn connection(
     }
 }
 
-fn handle(
+async fn handle(
     shared: Arc<Shared>,
+    sessions: Arc<bosh::Sessions>,
     req: Request<Incoming>,
     peer: SocketAddr,
     listener: &WebListener,
@@ -121,6 +129,9 @@ fn handle(
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
         (&Method::GET, WEBSOCKET_PATH) => upgrade(shared.clone(), req, peer, listener),
+        (&Method::POST | &Method::OPTIONS, BOSH_PATH) => {
+            bosh_request(&shared, &sessions, req, peer, listener).await
+        }
         (&Method::GET | &Method::HEAD, host_meta::XRD_PATH | host_meta::JSON_PATH) => {
             let base = web.base_url.clone().unwrap_or_else(|| {
                 let host = req
@@ -142,7 +153,7 @@ fn handle(
             h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
             r
         }
-        (_, WEBSOCKET_PATH | host_meta::XRD_PATH | host_meta::JSON_PATH) => {
+        (_, WEBSOCKET_PATH | BOSH_PATH | host_meta::XRD_PATH | host_meta::JSON_PATH) => {
             plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
         }
         _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
@@ -218,6 +229,52 @@ fn upgrade(
     if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
+    r
+}
+
+/// A BOSH request (or its CORS preflight): the body, at most the stanza limit plus
+/// 16 KiB, to `bosh::request`; CORS headers for the pages `allowed-origins` lets in.
+async fn bosh_request(
+    shared: &Arc<Shared>,
+    sessions: &Arc<bosh::Sessions>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    listener: &WebListener,
+) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt;
+    let origin = req
+        .headers()
+        .get(header::ORIGIN)
+        .and_then(|o| o.to_str().ok())
+        .map(str::to_owned);
+    if !origin_allowed(&shared.config.web, origin.as_deref()) {
+        return plain(StatusCode::FORBIDDEN, "origin not allowed\n".into());
+    }
+    let mut r = if req.method() == Method::OPTIONS {
+        plain(StatusCode::OK, String::new())
+    } else {
+        let limit = shared.config.limits.max_stanza_bytes + 16 * 1024;
+        let body = match http_body_util::Limited::new(req.into_body(), limit).collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(_) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n".into()),
+        };
+        let secure = listener.tls || listener.secure;
+        let reply = bosh::request(shared, sessions, &body, peer, secure).await;
+        let mut r = plain(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK), reply.body);
+        r.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/xml; charset=utf-8"),
+        );
+        r
+    };
+    let h = r.headers_mut();
+    let allow = origin
+        .and_then(|o| HeaderValue::from_str(&o).ok())
+        .unwrap_or(HeaderValue::from_static("*"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
+    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("POST, OPTIONS"));
+    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("Content-Type"));
+    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
     r
 }
 

@@ -133,7 +133,7 @@ where
                         // The stream error and close of RFC 7395 3.6; c2s sees the
                         // client go as if its connection dropped.
                         debug!(error = %e, "message is not RFC 7395 framing");
-                        let _ = ws_out.feed(Message::text(framing::stream_error("invalid-xml", &e.0))).await;
+                        let _ = ws_out.feed(Message::text(framing::stream_error("invalid-xml", e.0))).await;
                         let close = format!("<close xmlns='{}'/>", framing::NS_FRAMING);
                         let _ = ws_out.feed(Message::text(close)).await;
                         let _ = ws_out.send(Message::Close(None)).await;
