@@ -1,6 +1,5 @@
 //! The router's shared state and the routing decision for every packet.
 
-use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -83,17 +82,7 @@ pub struct Router {
 /// their type (a plain XEP-0114 component only ever sees `normal`).
 const OWN_NAME_ROUTES: [PacketType; 3] = [PacketType::Normal, PacketType::Session, PacketType::Xdb];
 
-/// The domain part of a JID as written in an attribute: between the first `@` (before any
-/// `/`) and the first `/`.
-pub fn jid_domain(jid: &str) -> &str {
-    let bare = jid.split_once('/').map_or(jid, |(b, _)| b);
-    bare.split_once('@').map_or(bare, |(_, d)| d)
-}
-
-/// The bare JID (everything before the first `/`).
-pub fn jid_bare(jid: &str) -> &str {
-    jid.split_once('/').map_or(jid, |(b, _)| b)
-}
+use jrs_stream::addr::{bare as jid_bare, domain as jid_domain};
 
 fn lower(s: &str) -> std::borrow::Cow<'_, str> {
     if s.bytes().any(|b| b.is_ascii_uppercase()) {
@@ -298,7 +287,18 @@ impl Router {
                 }
                 if stanza.name() == fanout::ELEMENT {
                     // The stanza inside must come from the same domain as the packet.
-                    match fanout::parse(stanza.inner()) {
+                    let parsed = if fanout::has_other_attributes(stanza) {
+                        Err(fanout::FanoutError("only 'from' and 'to' may stand on <fanout>"))
+                    } else {
+                        fanout::parse(stanza.inner())
+                    };
+                    match parsed {
+                        Ok(f) if f.stanza.from().is_none() => {
+                            refused.extend(stanza.error_reply(
+                                StanzaErrorCondition::BadRequest,
+                                "the stanza of a fan-out packet must have 'from'",
+                            ));
+                        }
                         Ok(f) if lower(jid_domain(f.stanza.from().unwrap_or(""))) == domain => {
                             plan.decide_fanout(tree, *route, stanza, &f, &mut bounces);
                         }
@@ -337,6 +337,17 @@ impl Router {
                 let Ok(stanza) = Stanza::parse(b.packet) else {
                     continue;
                 };
+                if stanza.name() == fanout::ELEMENT {
+                    // Answered recipient by recipient, each from its own address.
+                    if let Ok(f) = fanout::parse(stanza.inner()) {
+                        next.extend(f.recipients.iter().map(|r| Bounce {
+                            packet: fanout::addressed(&f.stanza, r.to),
+                            condition: b.condition,
+                            text: b.text.clone(),
+                        }));
+                    }
+                    continue;
+                }
                 let Some(reply) = stanza.error_reply(b.condition, &b.text) else {
                     warn!(element = stanza.name(), to = stanza.to().unwrap_or(""), reason = %b.text,
                         "undeliverable packet dropped (an error or result is never answered with an error)");
@@ -523,13 +534,41 @@ struct Group<'a> {
     conn: ConnId,
     name: Arc<str>,
     outbox: Arc<Outbox>,
-    /// Packet bytes (as received, or made here from a fan-out packet) and whether each
-    /// is an error reply.
-    packets: Vec<(Cow<'a, [u8]>, bool)>,
+    /// Packet bytes and whether each is an error reply.
+    packets: Vec<(Packet<'a>, bool)>,
+}
+
+/// A packet to push: as received (in the read buffer), or made here from a fan-out
+/// packet.
+enum Packet<'a> {
+    Received(&'a [u8]),
+    Made(Bytes),
+}
+
+impl<'a> From<&'a [u8]> for Packet<'a> {
+    fn from(b: &'a [u8]) -> Self {
+        Packet::Received(b)
+    }
+}
+
+impl From<Bytes> for Packet<'_> {
+    fn from(b: Bytes) -> Self {
+        Packet::Made(b)
+    }
+}
+
+impl std::ops::Deref for Packet<'_> {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Packet::Received(b) => b,
+            Packet::Made(b) => b,
+        }
+    }
 }
 
 impl<'a> Plan<'a> {
-    fn add(&mut self, instance: &Instance, packet: impl Into<Cow<'a, [u8]>>, is_error: bool) {
+    fn add(&mut self, instance: &Instance, packet: impl Into<Packet<'a>>, is_error: bool) {
         let packet = packet.into();
         match self.groups.iter_mut().find(|g| g.conn == instance.conn) {
             Some(g) => g.packets.push((packet, is_error)),
@@ -611,12 +650,14 @@ impl<'a> Plan<'a> {
             }
             match tree.target(route, &host, &lower(jid_bare(r.to))) {
                 Target::Deliver(instance) if instance.fanout => {
+                    // Only sm names sessions; a sender's `sid` is not passed on.
+                    let r = fanout::Recipient { to: r.to, sid: None };
                     match batches.iter_mut().find(|(i, _)| i.conn == instance.conn) {
-                        Some((_, rs)) => rs.push(*r),
-                        None => batches.push((instance.clone(), vec![*r])),
+                        Some((_, rs)) => rs.push(r),
+                        None => batches.push((instance.clone(), vec![r])),
                     }
                 }
-                Target::Deliver(instance) => self.add(instance, copy().to_vec(), is_error),
+                Target::Deliver(instance) => self.add(instance, copy(), is_error),
                 Target::Hold(held) => hold(held, copy(), bounces),
                 Target::NoRoute => no_route(tree, route, &host, copy(), bounces),
             }
@@ -627,7 +668,7 @@ impl<'a> Plan<'a> {
                 [one] => fanout::addressed(&f.stanza, one.to),
                 _ => fanout::packet(from, to, recipients, f.stanza.as_slice()),
             };
-            self.add(&instance, bytes.to_vec(), is_error);
+            self.add(&instance, bytes, is_error);
         }
     }
 

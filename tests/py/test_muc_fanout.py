@@ -401,8 +401,22 @@ def test_a_component_fanout_packet(server):
         e = comp.next(what="the refusal of a stanza with 'to'")
         assert local(e) == "fanout" and e.get("type") == "error", to_xml(e)
         assert error_condition(e) == "bad-request", to_xml(e)
+        # A namespace declared on <fanout> (it would not travel with the copies), no
+        # recipient, a recipient listed twice: bad-request too.
+        for packet in (
+                f"<fanout xmlns:e='urn:x' from='{COMPONENT}' to='localhost'><r to='{alice.jid}'/>"
+                f"<message from='{COMPONENT}'><e:x/><body>ns</body></message></fanout>",
+                f"<fanout from='{COMPONENT}' to='localhost'>"
+                f"<message from='{COMPONENT}'><body>nobody</body></message></fanout>",
+                f"<fanout from='{COMPONENT}' to='localhost'><r to='{alice.jid}'/><r to='{alice.jid}'/>"
+                f"<message from='{COMPONENT}'><body>twice</body></message></fanout>"):
+            comp.send(packet)
+            e = comp.next(what="the refusal of a malformed packet")
+            assert local(e) == "fanout" and e.get("type") == "error", to_xml(e)
+            assert error_condition(e) == "bad-request", to_xml(e)
         for c in (alice, bob):
-            nothing_more(c, lambda e: body_of(e) in ("forged", "two-1", "two-2", "with-to"),
+            nothing_more(c, lambda e: body_of(e) in ("forged", "two-1", "two-2", "with-to",
+                                                     "ns", "nobody", "twice"),
                          "a refused packet's stanza")
 
         # d. A recipient outside the packet's domain: bounced alone.

@@ -31,6 +31,16 @@ pub const ELEMENT: &str = "fanout";
 /// (about 60 bytes per recipient).
 pub const MAX_RECIPIENTS: usize = 256;
 
+/// Most bytes of copies one packet may stand for (recipients times the stanza's size):
+/// a hop that must make one copy per recipient (s2s, a third-party component, a grace
+/// queue) makes at most this much from one packet, well below a link's queue bound.
+pub const MAX_COPY_BYTES: usize = 1 << 20;
+
+/// How many recipients one packet may carry for a stanza of `stanza_len` bytes.
+pub fn max_recipients(stanza_len: usize) -> usize {
+    (MAX_COPY_BYTES / stanza_len.max(1)).clamp(1, MAX_RECIPIENTS)
+}
+
 /// One recipient: attribute values raw (still escaped, as written).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Recipient<'a> {
@@ -50,8 +60,9 @@ pub struct Fanout<'a> {
 #[error("fan-out packet: {0}")]
 pub struct FanoutError(pub &'static str);
 
-/// Reads the content of a `<fanout>` (or `<session type='fanout'>`) element: `<r/>`
-/// elements, then exactly one `message`, `presence` or `iq` without `to`.
+/// Reads the content of a `<fanout>` (or `<session type='fanout'>`) element: one or
+/// more distinct `<r/>` elements (at most [`max_recipients`]), then exactly one
+/// `message`, `presence` or `iq` without `to` and without a namespace of its own.
 pub fn parse(inner: &[u8]) -> Result<Fanout<'_>, FanoutError> {
     let mut recipients = vec![];
     let mut pos = skip_space(inner, 0);
@@ -90,7 +101,76 @@ pub fn parse(inner: &[u8]) -> Result<Fanout<'_>, FanoutError> {
     if stanza.to().is_some() {
         return Err(FanoutError("the stanza must not have 'to'"));
     }
+    // Every copy is delivered as if it came alone on the stream: in its content
+    // namespace, as the slow path hands stanzas to clients.
+    if stanza.xmlns().is_some() {
+        return Err(FanoutError("the stanza must not declare a namespace"));
+    }
+    if recipients.is_empty() {
+        return Err(FanoutError("no recipient"));
+    }
+    if recipients.len() > max_recipients(rest.len()) {
+        return Err(FanoutError("too many recipients for the stanza's size"));
+    }
+    let mut seen = std::collections::HashSet::with_capacity(recipients.len());
+    if !recipients.iter().all(|r| seen.insert(r.to)) {
+        return Err(FanoutError("a recipient is listed twice"));
+    }
     Ok(Fanout { recipients, stanza })
+}
+
+/// Whether the start tag of a `<fanout>` packet has attributes other than `from` and
+/// `to` (a namespace declaration there would change what the stanza inside means once
+/// it travels alone).
+pub fn has_other_attributes(packet: &Stanza<impl AsRef<[u8]>>) -> bool {
+    let bytes = packet.as_slice();
+    let head_len = packet.inner().as_ptr() as usize - bytes.as_ptr() as usize;
+    let head = &bytes[..head_len.min(bytes.len())];
+    let Ok(head) = std::str::from_utf8(head) else {
+        return true;
+    };
+    let mut rest = head.trim_start_matches('<');
+    rest = rest.trim_start_matches(|c: char| !c.is_ascii_whitespace() && c != '/' && c != '>');
+    loop {
+        rest = rest.trim_start();
+        let Some(eq) = rest.find('=') else {
+            return false;
+        };
+        let key = rest[..eq].trim_end();
+        if key != "from" && key != "to" {
+            return true;
+        }
+        rest = rest[eq + 1..].trim_start();
+        let Some(quote) = rest.chars().next().filter(|q| *q == '\'' || *q == '"') else {
+            return true;
+        };
+        let Some(close) = rest[1..].find(quote) else {
+            return true;
+        };
+        rest = &rest[close + 2..];
+    }
+}
+
+/// Appends a `<session type='fanout'>` packet from sm (`from`) to a c2s instance with
+/// the sessions (each `<r/>` with its `sid`) and the stanza.
+pub fn session_packet<'a>(
+    from: &str,
+    c2s: &str,
+    recipients: impl IntoIterator<Item = Recipient<'a>>,
+    stanza: &[u8],
+) -> bytes::Bytes {
+    let mut out = BytesMut::with_capacity(stanza.len() + 4096);
+    out.put_slice(b"<session type='fanout' from='");
+    out.put_slice(jrs_stream::xml::escape(from).as_bytes());
+    out.put_slice(b"' to='");
+    out.put_slice(jrs_stream::xml::escape(c2s).as_bytes());
+    out.put_slice(b"'>");
+    for r in recipients {
+        recipient(r, &mut out);
+    }
+    out.put_slice(stanza);
+    out.put_slice(b"</session>");
+    out.freeze()
 }
 
 /// Appends the stanza addressed to `to` (raw: already escaped).
@@ -143,10 +223,13 @@ pub fn recipient(r: Recipient<'_>, out: &mut BytesMut) {
     out.put_slice(b"'/>");
 }
 
+/// The end tag of a `<fanout>` packet.
+pub const END: &[u8] = b"</fanout>";
+
 /// Appends the stanza and `</fanout>`.
 pub fn close(stanza: &[u8], out: &mut BytesMut) {
     out.put_slice(stanza);
-    out.put_slice(b"</fanout>");
+    out.put_slice(END);
 }
 
 /// A whole `<fanout>` packet.
@@ -241,6 +324,9 @@ mod tests {
             (b"<r to=''/><message/>", "<r/> with an empty 'to'"),
             (b"<r to='a'></r><message/>", "<r> must be empty"),
             (b"<r to=\"a'b@l\"/><message/>", "a quote in <r/> must be written &apos;"),
+            (b"<message/>", "no recipient"),
+            (b"<r to='a@l'/><r to='a@l'/><message/>", "a recipient is listed twice"),
+            (b"<r to='a@l'/><message xmlns='jabber:client'/>", "the stanza must not declare a namespace"),
         ] {
             assert_eq!(parse(inner).unwrap_err(), FanoutError(why), "{}", String::from_utf8_lossy(inner));
         }
@@ -265,6 +351,33 @@ mod tests {
         assert_eq!(f.recipients[0].sid, Some("7"));
         // A value read from `"` quotes keeps its meaning in `'` quotes.
         let p = packet("r'@c", "l", [Recipient { to: "a@l", sid: None }], b"<message/>");
-        assert_eq!(Stanza::parse(p).unwrap().attr("from").as_deref(), Some("r'@c"));
+        let s = Stanza::parse(p).unwrap();
+        assert_eq!(s.attr("from").as_deref(), Some("r'@c"));
+        assert!(!has_other_attributes(&s));
+    }
+
+    #[test]
+    fn limits_and_attributes() {
+        assert_eq!(max_recipients(100), MAX_RECIPIENTS);
+        assert_eq!(max_recipients(64 * 1024), 16);
+        assert_eq!(max_recipients(usize::MAX), 1);
+        let big = format!("<message><body>{}</body></message>", "x".repeat(64 * 1024));
+        let mut inner: String = (0..17).map(|i| format!("<r to='u{i}@l'/>")).collect();
+        inner.push_str(&big);
+        assert_eq!(
+            parse(inner.as_bytes()).unwrap_err(),
+            FanoutError("too many recipients for the stanza's size")
+        );
+        for (packet, other) in [
+            ("<fanout from='a' to='b'><r to='x'/><message/></fanout>", false),
+            ("<fanout from=\"a\" to='b' ><r to='x'/><message/></fanout>", false),
+            ("<fanout xmlns:e='urn:x' from='a' to='b'><r to='x'/><message/></fanout>", true),
+            ("<fanout from='a' to='b' xmlns='jabber:client'><r to='x'/><message/></fanout>", true),
+        ] {
+            let s = Stanza::parse(bytes::Bytes::from(packet)).unwrap();
+            assert_eq!(has_other_attributes(&s), other, "{packet}");
+        }
+        let p = session_packet("sm", "c2s", [Recipient { to: "a@l/r", sid: Some("s1") }], b"<message/>");
+        assert_eq!(&p[..], b"<session type='fanout' from='sm' to='c2s'><r to='a@l/r' sid='s1'/><message/></session>");
     }
 }

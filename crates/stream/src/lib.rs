@@ -10,6 +10,7 @@
 //! - [`errors`] builds stream errors and stanza error replies (bounces).
 //! - [`header`] reads and writes stream headers.
 
+pub mod addr;
 pub mod children;
 pub mod errors;
 pub mod framer;

@@ -31,12 +31,6 @@ use crate::config::RoomLimits;
 use crate::xml::{self, Condition, Template};
 use config::RoomConfig;
 
-/// The domain of a JID written as text.
-fn jid_domain(jid: &str) -> &str {
-    let bare = jid.split_once('/').map_or(jid, |(b, _)| b);
-    bare.split_once('@').map_or(bare, |(_, d)| d)
-}
-
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Affiliation {
     Outcast,
@@ -510,8 +504,8 @@ impl Room {
     }
 
     /// Sends `t` to each of `sessions` (full JIDs): with fan-out, one `<fanout>` packet
-    /// per domain (and per [`fanout::MAX_RECIPIENTS`]) that the router splits by
-    /// destination; else one stanza each.
+    /// per domain (and per [`fanout::max_recipients`] for the stanza's size) that the
+    /// router splits by destination; else one stanza each.
     fn fan_out<'s>(&self, t: &Template, sessions: impl Iterator<Item = &'s str>, out: &mut Out) {
         if !out.fanout {
             for s in sessions {
@@ -521,15 +515,16 @@ impl Room {
         }
         let mut by_domain: Vec<(&str, Vec<&str>)> = vec![];
         for s in sessions {
-            let domain = jid_domain(s);
+            let domain = jrs_stream::addr::domain(s);
             match by_domain.iter_mut().find(|(d, _)| *d == domain) {
                 Some((_, list)) => list.push(s),
                 None => by_domain.push((domain, vec![s])),
             }
         }
         let from = xml::escape(self.jid.as_str());
+        let per_packet = fanout::max_recipients(t.head.len() + t.tail.len());
         for (domain, list) in by_domain {
-            for chunk in list.chunks(fanout::MAX_RECIPIENTS) {
+            for chunk in list.chunks(per_packet) {
                 if let [one] = chunk {
                     t.write(one, &mut out.buf);
                     continue;
@@ -540,7 +535,7 @@ impl Room {
                     fanout::recipient(fanout::Recipient { to: &to, sid: None }, &mut out.buf);
                 }
                 t.write_unaddressed(&mut out.buf);
-                out.buf.extend_from_slice(b"</fanout>");
+                out.buf.extend_from_slice(fanout::END);
             }
         }
     }

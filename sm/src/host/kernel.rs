@@ -510,7 +510,7 @@ pub struct Ctx {
     /// What modules share across users.
     pub shared: Shared,
     /// Live sessions that room broadcasts may reach without their user's task.
-    pub shortcuts: crate::host::shortcut::Shortcuts,
+    pub shortcuts: Arc<crate::host::shortcut::Shortcuts>,
     link: Mutex<Option<Outbox>>,
 }
 

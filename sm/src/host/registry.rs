@@ -87,6 +87,7 @@ pub type Receiver = mpsc::Receiver<Box<Event>>;
 /// can come before what is sent now (see `host::shortcut`).
 pub type Pending = Arc<AtomicUsize>;
 
+#[derive(Clone)]
 struct Slot {
     tx: Sender,
     pending: Pending,
@@ -162,8 +163,15 @@ impl Registry {
 
     /// Sends `event` to every user task (link notices); waits where a queue is full.
     pub fn broadcast(&self, make: impl Fn() -> Event) {
-        let tasks = self.tasks.lock().expect("registry lock");
-        for slot in tasks.values() {
+        // Copied out: a broadcast to every user must not hold up dispatch meanwhile.
+        let tasks: Vec<Slot> = self
+            .tasks
+            .lock()
+            .expect("registry lock")
+            .values()
+            .cloned()
+            .collect();
+        for slot in &tasks {
             match slot.try_send(Box::new(make())) {
                 Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
                 Err(mpsc::error::TrySendError::Full(e)) => slot.send_later(e),

@@ -16,27 +16,29 @@
 //!
 //! Everyone else gets their copy as a `normal` packet through their task, as before.
 
-use std::collections::HashMap;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use bytes::{BufMut, BytesMut};
 use jid::Jid;
 use jrs_component::fanout::{self, Fanout, Recipient};
+use jrs_stream::children::children;
 use tracing::debug;
 
 use crate::host::kernel::{Ctx, User};
 use crate::host::registry::Pending;
 
 const NS_MUC_USER: &str = "http://jabber.org/protocol/muc#user";
+const NS_CARBONS: &str = "urn:xmpp:carbons:2";
 
 /// What a module's inbound hooks would do to a room broadcast for the user.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Admit {
     /// Pass it unchanged.
     All,
-    /// Stop it when it comes from these (full JIDs, bare JIDs or domains, as text).
-    AllBut(Vec<String>),
+    /// Stop it when it comes from these (full JIDs, bare JIDs or domains, as text:
+    /// see [`blocked_by`]).
+    AllBut(BTreeSet<String>),
     /// The module cannot tell yet (its state is not loaded): every broadcast goes
     /// through the user's task.
     None,
@@ -47,7 +49,7 @@ struct Entry {
     c2s: Arc<str>,
     sid: Arc<str>,
     pending: Pending,
-    blocked: Arc<Vec<String>>,
+    blocked: Arc<BTreeSet<String>>,
 }
 
 /// The table: full JID (as text) -> where its session is.
@@ -56,67 +58,100 @@ pub struct Shortcuts {
     sessions: Mutex<HashMap<String, Entry>>,
 }
 
-/// What a user published last (kept in its state to see whether it changed).
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
+impl Shortcuts {
+    /// The table, even after a panic elsewhere held its lock (the entries stay
+    /// consistent: each is replaced whole).
+    fn table(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
+        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// What a user published last (kept in its state to see whether it changed). When
+/// the user's task ends, even by a panic, its entries go with it.
+#[derive(Default)]
 struct Published {
     /// (full JID, c2s, sid) of each live session.
     sessions: Vec<(String, String, String)>,
-    blocked: Vec<String>,
+    blocked: BTreeSet<String>,
+    table: Option<Arc<Shortcuts>>,
+}
+
+impl Drop for Published {
+    fn drop(&mut self) {
+        if let (Some(table), false) = (&self.table, self.sessions.is_empty()) {
+            let mut table = table.table();
+            for (full, ..) in &self.sessions {
+                table.remove(full);
+            }
+        }
+    }
 }
 
 /// Updates the table for the user after its task handled events (and before it counts
 /// them done). Cheap when nothing changed.
 pub fn publish(u: &mut User, pending: &Pending) {
-    let mut now = Published::default();
+    let mut blocked = BTreeSet::new();
     let mut admitted = true;
     if !u.sessions.is_empty() {
         for m in u.ctx.modules.all() {
             match m.room_broadcasts(u) {
                 Admit::All => {}
-                Admit::AllBut(list) => now.blocked.extend(list),
+                Admit::AllBut(list) => blocked.extend(list),
                 Admit::None => admitted = false,
             }
         }
     }
-    if admitted {
-        now.sessions = u
-            .sessions
+    let sessions: Vec<(String, String, String)> = if admitted {
+        u.sessions
             .iter()
             .filter(|s| s.is_live())
             .map(|s| (s.full.clone(), s.c2s.clone(), s.sid.clone()))
-            .collect();
-    }
-    let before = u.state.entry::<Published>();
-    if *before == now {
+            .collect()
+    } else {
+        vec![]
+    };
+    let shortcuts = u.ctx.shortcuts.clone();
+    let published = u.state.entry::<Published>();
+    if published.sessions == sessions && published.blocked == blocked {
         return;
     }
-    let before = std::mem::replace(before, now.clone());
-    let mut table = u.ctx.shortcuts.sessions.lock().expect("shortcuts lock");
-    for (full, ..) in &before.sessions {
+    let mut table = shortcuts.table();
+    for (full, ..) in &published.sessions {
         table.remove(full);
     }
-    let blocked = Arc::new(now.blocked);
-    for (full, c2s, sid) in now.sessions {
+    let shared_blocked = Arc::new(blocked.clone());
+    for (full, c2s, sid) in sessions.iter().cloned() {
         table.insert(
             full,
             Entry {
                 c2s: c2s.into(),
                 sid: sid.into(),
                 pending: pending.clone(),
-                blocked: blocked.clone(),
+                blocked: shared_blocked.clone(),
             },
         );
     }
+    drop(table);
+    published.sessions = sessions;
+    published.blocked = blocked;
+    published.table = Some(shortcuts);
 }
 
-/// Whether the stanza is a room broadcast that the inbound hooks pass unchanged.
+/// Whether the stanza is a room broadcast that the inbound hooks pass unchanged: a
+/// groupchat message (without a carbons marker, which the carbons hook removes), or a
+/// presence with a `muc#user` `<x/>` child (what PEP's hook looks for to leave it be).
 fn is_room_broadcast(f: &Fanout<'_>) -> bool {
     let s = &f.stanza;
     match (s.name(), s.kind()) {
-        ("message", Some("groupchat")) => true,
+        ("message", Some("groupchat")) => {
+            memchr::memmem::find(s.inner(), NS_CARBONS.as_bytes()).is_none()
+        }
         ("presence", None | Some("unavailable")) => {
-            // Its `<x xmlns='..muc#user'>`: a cheap look, the namespace as written.
+            // A cheap look first; then the children, as PEP reads them.
             memchr::memmem::find(s.inner(), NS_MUC_USER.as_bytes()).is_some()
+                && children(&s.to_owned())
+                    .iter()
+                    .any(|c| c.name == "x" && c.ns == NS_MUC_USER)
         }
         _ => false,
     }
@@ -141,7 +176,7 @@ pub fn deliver<'a>(ctx: &Ctx, f: &Fanout<'a>) -> Vec<Recipient<'a>> {
     type Batch<'a> = (Arc<str>, Vec<(Recipient<'a>, Arc<str>)>);
     let mut batches: Vec<Batch<'a>> = vec![];
     {
-        let table = ctx.shortcuts.sessions.lock().expect("shortcuts lock");
+        let table = ctx.shortcuts.table();
         for r in &f.recipients {
             let to = jrs_stream::xml::unescape(r.to);
             let entry = to.as_deref().and_then(|to| table.get(to));
@@ -149,7 +184,7 @@ pub fn deliver<'a>(ctx: &Ctx, f: &Fanout<'a>) -> Vec<Recipient<'a>> {
                 slow.push(*r);
                 continue;
             };
-            if !e.blocked.is_empty() && blocks(&e.blocked, &from) {
+            if !e.blocked.is_empty() && blocked_by(&e.blocked, &from) {
                 slow.push(*r);
                 continue;
             }
@@ -166,33 +201,20 @@ pub fn deliver<'a>(ctx: &Ctx, f: &Fanout<'a>) -> Vec<Recipient<'a>> {
     );
     let stanza = f.stanza.as_slice();
     for (c2s, recipients) in batches {
-        let mut out = BytesMut::with_capacity(stanza.len() + 64 + recipients.len() * 48);
-        out.put_slice(b"<session type='fanout' from='");
-        out.put_slice(jrs_stream::xml::escape(&ctx.me).as_bytes());
-        out.put_slice(b"' to='");
-        out.put_slice(jrs_stream::xml::escape(&c2s).as_bytes());
-        out.put_slice(b"'>");
-        for (r, sid) in &recipients {
-            fanout::recipient(
-                Recipient {
-                    to: r.to,
-                    sid: Some(sid),
-                },
-                &mut out,
-            );
-        }
-        out.put_slice(stanza);
-        out.put_slice(b"</session>");
-        ctx.send(out.freeze());
+        let recipients = recipients.iter().map(|(r, sid)| Recipient {
+            to: r.to,
+            sid: Some(sid),
+        });
+        ctx.send(fanout::session_packet(&ctx.me, &c2s, recipients, stanza));
     }
     slow
 }
 
-/// Whether a blocklist (full JIDs, bare JIDs, domains as text) blocks `who`, as the
-/// blocking module decides.
-fn blocks(list: &[String], who: &Jid) -> bool {
-    let listed = |s: &str| list.iter().any(|b| b == s);
-    listed(who.as_str())
-        || listed(who.domain().as_str())
-        || (who.resource().is_some() && listed(who.to_bare().as_str()))
+/// Whether a blocklist (full JIDs, bare JIDs, domains as text) blocks `who`: its full
+/// JID, its bare JID or its domain is listed (XEP-0191; the blocking module's rule).
+pub fn blocked_by(list: &BTreeSet<String>, who: &Jid) -> bool {
+    !list.is_empty()
+        && (list.contains(who.as_str())
+            || list.contains(who.domain().as_str())
+            || (who.resource().is_some() && list.contains(who.to_bare().as_str())))
 }

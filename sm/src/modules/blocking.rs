@@ -82,12 +82,7 @@ impl Blocklist {
 
     /// Whether `who` is blocked: its full JID, its bare JID or its domain is listed.
     pub fn blocks(&self, who: &Jid) -> bool {
-        if self.0.is_empty() {
-            return false;
-        }
-        self.0.contains(who.as_str())
-            || self.0.contains(who.domain().as_str())
-            || (who.resource().is_some() && self.0.contains(&who.to_bare().to_string()))
+        crate::host::shortcut::blocked_by(&self.0, who)
     }
 }
 
@@ -135,7 +130,7 @@ impl Module for Blocking {
     fn room_broadcasts(&self, u: &User) -> Admit {
         match u.state.get::<Blocklist>() {
             Some(list) if list.0.is_empty() => Admit::All,
-            Some(list) => Admit::AllBut(list.0.iter().cloned().collect()),
+            Some(list) => Admit::AllBut(list.0.clone()),
             None => Admit::None,
         }
     }
