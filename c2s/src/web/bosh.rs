@@ -202,7 +202,7 @@ impl Session {
             Ok(payload) => payload,
             Err(Refused::Again(reply)) => return reply,
             Err(Refused::End(condition)) => {
-                self.end(sessions).await;
+                self.end(sessions, Reply::terminate(condition)).await;
                 return Reply::terminate(condition);
             }
         };
@@ -210,7 +210,8 @@ impl Session {
             return Reply::terminate("remote-connection-failed");
         }
         if b.attr("type").as_deref() == Some("terminate") {
-            self.end(sessions).await;
+            // XEP-0124 13: the client's own end; requests still held come back empty.
+            self.end(sessions, Reply::body("", "")).await;
             return Reply::body(" type='terminate'", "");
         }
         let restart = b.attr("xmpp:restart").as_deref() == Some("true");
@@ -304,14 +305,15 @@ impl Session {
         Reply::body(&attrs, &content)
     }
 
-    /// Ends the session: c2s sees its client go (as a dropped connection).
-    async fn end(&self, sessions: &Arc<Sessions>) {
+    /// Ends the session (c2s sees its client go, as a dropped connection); the
+    /// requests still held get `held`.
+    async fn end(&self, sessions: &Arc<Sessions>, held: Reply) {
         sessions.map.lock().expect("bosh lock").remove(&self.sid);
         let _ = self.writer.lock().await.shutdown().await;
         let mut st = self.state.lock().expect("bosh session lock");
         st.ended = true;
         for (_, tx) in st.held.drain(..) {
-            let _ = tx.send(Reply::terminate("remote-stream-error"));
+            let _ = tx.send(held.clone());
         }
     }
 }
@@ -326,10 +328,17 @@ fn deliver(st: &mut State) {
     };
     let content: String = st.out.drain(..).collect();
     let reply = if st.ended {
+        // XEP-0206 6: `remote-stream-error` only when the stream ended with an error,
+        // which the body carries.
+        let condition = if content.contains("<stream:error") {
+            " condition='remote-stream-error'"
+        } else {
+            ""
+        };
         Reply {
             status: 200,
             body: format!(
-                "<body xmlns='{NS_HTTPBIND}' type='terminate' condition='remote-stream-error' \
+                "<body xmlns='{NS_HTTPBIND}' type='terminate'{condition} \
                  xmlns:stream='{NS_STREAMS}'>{content}</body>"
             ),
         }
@@ -394,7 +403,7 @@ async fn watch_inactivity(session: Arc<Session>, sessions: Arc<Sessions>) {
         };
         if idle {
             debug!(sid = session.sid, "BOSH session inactive: ended");
-            session.end(&sessions).await;
+            session.end(&sessions, Reply::terminate("item-not-found")).await;
             return;
         }
     }
