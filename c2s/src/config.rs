@@ -49,6 +49,11 @@ pub struct WebConfig {
     pub base_url: Option<String>,
     /// `Origin`s whose pages may open WebSocket connections; empty: any.
     pub allowed_origins: Vec<String>,
+    /// Reverse proxies whose `X-Forwarded-For` names the client (the client's address
+    /// then counts for per-address limits and logs).
+    pub trusted_proxies: Vec<std::net::IpAddr>,
+    /// HTTP connections (WebSocket ones included) one address may hold at once.
+    pub max_connections_per_address: usize,
 }
 
 /// One HTTP listener.
@@ -65,7 +70,10 @@ pub struct WebListener {
 
 impl WebConfig {
     fn load(root: &Node) -> Result<WebConfig> {
-        let mut web = WebConfig::default();
+        let mut web = WebConfig {
+            max_connections_per_address: 64,
+            ..WebConfig::default()
+        };
         for l in root.children("listen") {
             let tls = match l.attr("mode") {
                 Some("http") => false,
@@ -83,7 +91,20 @@ impl WebConfig {
             });
         }
         if let Some(w) = root.child("web")? {
-            w.allow(&["base-url", "allowed-origins"], &[])?;
+            w.allow(
+                &["base-url", "allowed-origins", "trusted-proxies", "max-connections-per-address"],
+                &[],
+            )?;
+            if let Some(list) = w.attr("trusted-proxies") {
+                for p in list.split_whitespace() {
+                    web.trusted_proxies.push(p.parse().map_err(|_| {
+                        w.error(format!("trusted-proxies: '{p}' is not an IP address"))
+                    })?);
+                }
+            }
+            web.max_connections_per_address = w
+                .parse_attr("max-connections-per-address", "a number of connections")?
+                .unwrap_or(web.max_connections_per_address);
             web.base_url = w.attr("base-url").filter(|b| !b.is_empty()).map(str::to_owned);
             if let Some(b) = &web.base_url {
                 if !b.starts_with("https://") && !b.starts_with("http://") {

@@ -46,6 +46,7 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
         None
     };
     let sessions = Arc::new(bosh::Sessions::default());
+    let connections = Arc::new(Connections::default());
     for l in &web.listen {
         let listener = TcpListener::bind((l.address.as_str(), l.port))
             .await
@@ -53,6 +54,7 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
         info!(addr = %listener.local_addr()?, https = l.tls, "listening for web clients");
         let (shared, tls, l) = (shared.clone(), tls.clone().filter(|_| l.tls), l.clone());
         let sessions = sessions.clone();
+        let connections = connections.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -63,9 +65,17 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
                         continue;
                     }
                 };
+                let Some(admitted) = connections.admit(peer.ip(), shared.config.web.max_connections_per_address) else {
+                    debug!(%peer, "too many connections from this address: refused");
+                    if tls.is_none() {
+                        let _ = tcp.try_write(BUSY);
+                    }
+                    continue;
+                };
                 let _ = tcp.set_nodelay(true);
                 let span = info_span!("web", %peer);
-                let serve = connection(shared.clone(), sessions.clone(), tcp, peer, tls.clone(), l.clone());
+                let admitted = Arc::new(admitted);
+                let serve = connection(shared.clone(), sessions.clone(), admitted, tcp, peer, tls.clone(), l.clone());
                 tokio::spawn(serve.instrument(span));
             }
         });
@@ -77,6 +87,7 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
 async fn connection(
     shared: Arc<Shared>,
     sessions: Arc<bosh::Sessions>,
+    admitted: Arc<Admitted>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
     tls: Option<tokio_rustls::TlsAcceptor>,
@@ -85,9 +96,14 @@ async fn connection(
     let service = {
         let shared = shared.clone();
         let listener = listener.clone();
-        service_fn(move |req| {
+        service_fn(move |req: Request<Incoming>| {
             let (shared, listener, sessions) = (shared.clone(), listener.clone(), sessions.clone());
-            async move { Ok::<_, Infallible>(handle(shared, sessions, req, peer, &listener).await) }
+            // The connection counts for its address until an upgraded WebSocket ends too.
+            let admitted = admitted.clone();
+            let peer = client_address(&shared.config.web, peer, req.headers());
+            async move {
+                Ok::<_, Infallible>(handle(shared, sessions, admitted, req, peer, &listener).await)
+            }
         })
     };
     let mut builder = hyper::server::conn::http1::Builder::new();
@@ -121,6 +137,7 @@ async fn connection(
 async fn handle(
     shared: Arc<Shared>,
     sessions: Arc<bosh::Sessions>,
+    admitted: Arc<Admitted>,
     req: Request<Incoming>,
     peer: SocketAddr,
     listener: &WebListener,
@@ -128,7 +145,7 @@ async fn handle(
     let web = &shared.config.web;
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
-        (&Method::GET, WEBSOCKET_PATH) => upgrade(shared.clone(), req, peer, listener),
+        (&Method::GET, WEBSOCKET_PATH) => upgrade(shared.clone(), admitted, req, peer, listener),
         (&Method::POST | &Method::OPTIONS, BOSH_PATH) => {
             bosh_request(&shared, &sessions, req, peer, listener).await
         }
@@ -164,6 +181,7 @@ async fn handle(
 /// is served on the upgraded connection.
 fn upgrade(
     shared: Arc<Shared>,
+    admitted: Arc<Admitted>,
     mut req: Request<Incoming>,
     peer: SocketAddr,
     listener: &WebListener,
@@ -203,6 +221,7 @@ fn upgrade(
     let on_upgrade = hyper::upgrade::on(&mut req);
     tokio::spawn(
         async move {
+            let _admitted = admitted;
             match on_upgrade.await {
                 Ok(upgraded) => {
                     let io = TokioIo::new(upgraded);
@@ -278,6 +297,69 @@ async fn bosh_request(
     r
 }
 
+/// The answer to a connection over the per-address limit (plain HTTP only).
+const BUSY: &[u8] =
+    b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\nConnection: close\r\n\r\n";
+
+/// Live HTTP connections per address.
+#[derive(Default)]
+struct Connections {
+    per_address: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
+}
+
+/// One admitted connection: counted until dropped.
+struct Admitted {
+    connections: Arc<Connections>,
+    ip: std::net::IpAddr,
+}
+
+impl Connections {
+    fn admit(self: &Arc<Self>, ip: std::net::IpAddr, max: usize) -> Option<Admitted> {
+        let mut map = self.per_address.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_default();
+        if *n >= max {
+            return None;
+        }
+        *n += 1;
+        Some(Admitted {
+            connections: self.clone(),
+            ip,
+        })
+    }
+}
+
+impl Drop for Admitted {
+    fn drop(&mut self) {
+        let mut map = self.connections.per_address.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// The client's address: the peer's, or, when the peer is a trusted proxy, the last
+/// address in `X-Forwarded-For` that is not one of the trusted proxies (the list grows
+/// by one address per proxy, the client's first).
+fn client_address(web: &WebConfig, peer: SocketAddr, headers: &hyper::HeaderMap) -> SocketAddr {
+    if !web.trusted_proxies.contains(&peer.ip()) {
+        return peer;
+    }
+    let forwarded: Vec<std::net::IpAddr> = headers
+        .get_all("x-forwarded-for")
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|a| a.trim().parse().ok())
+        .collect();
+    match forwarded.iter().rev().find(|a| !web.trusted_proxies.contains(a)) {
+        Some(ip) => SocketAddr::new(*ip, peer.port()),
+        None => peer,
+    }
+}
+
 /// `allowed-origins`: none configured lets every origin in (non-browser clients send
 /// none); else the `Origin` must be one of them.
 fn origin_allowed(web: &WebConfig, origin: Option<&str>) -> bool {
@@ -292,4 +374,39 @@ fn plain(status: StatusCode, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = status;
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn forwarded_addresses_only_from_trusted_proxies() {
+        let web = WebConfig {
+            trusted_proxies: vec!["127.0.0.1".parse().unwrap(), "10.0.0.2".parse().unwrap()],
+            ..WebConfig::default()
+        };
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("x-forwarded-for", "198.51.100.1, 203.0.113.7, 10.0.0.2".parse().unwrap());
+        let proxy: SocketAddr = "127.0.0.1:4000".parse().unwrap();
+        let other: SocketAddr = "192.0.2.9:4000".parse().unwrap();
+        // The client is the last address the trusted proxies did not add.
+        assert_eq!(client_address(&web, proxy, &headers).ip().to_string(), "203.0.113.7");
+        // From anyone else the header means nothing.
+        assert_eq!(client_address(&web, other, &headers), other);
+        assert_eq!(client_address(&web, proxy, &hyper::HeaderMap::new()), proxy);
+    }
+
+    #[test]
+    fn connections_per_address_are_counted_until_dropped() {
+        let c = Arc::new(Connections::default());
+        let ip: std::net::IpAddr = "192.0.2.1".parse().unwrap();
+        let a = c.admit(ip, 2).unwrap();
+        let b = c.admit(ip, 2).unwrap();
+        assert!(c.admit(ip, 2).is_none());
+        assert!(c.admit("192.0.2.2".parse().unwrap(), 2).is_some());
+        drop(a);
+        assert!(c.admit(ip, 2).is_some());
+        drop(b);
+    }
 }
