@@ -3,9 +3,10 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use jid::Jid;
-use tracing::{debug, info, warn};
+use tracing::{debug, warn};
 
 use jrs_component::{ComponentReader, Outbox};
 use jrs_stream::Stanza;
@@ -20,25 +21,17 @@ pub async fn serve(
     outbox: Outbox,
 ) -> anyhow::Result<()> {
     ctx.set_link(outbox);
-    if !ctx.index_loaded.swap(true, Ordering::SeqCst) {
-        // The persistent rooms' list, for the directory; rooms themselves load when a
-        // stanza reaches them.
+    if !ctx.directory_started.swap(true, Ordering::SeqCst) {
+        // The room directory's log: the list of earlier versions migrated, this
+        // instance's temporary rooms of its last run ended. Rooms themselves load when
+        // a stanza reaches them. Tried until storage answers.
         let c = ctx.clone();
         tokio::spawn(async move {
-            match c.store.load_index(&c.config.service).await {
-                Ok(index) => {
-                    info!(rooms = index.len(), "persistent rooms listed");
-                    // Rooms that changed before the list was read: store the merge.
-                    if let Some(merged) = c.rooms.merge_index(index) {
-                        if let Err(e) = c.store.save_index(&c.config.service, &merged).await {
-                            warn!("could not store the room list: {e}");
-                        }
-                    }
-                }
-                Err(e) => {
-                    warn!("could not read the list of persistent rooms: {e}");
-                    c.index_loaded.store(false, Ordering::SeqCst);
-                }
+            let mut wait = Duration::from_secs(1);
+            while let Err(e) = c.directory.start(&c.store).await {
+                warn!("could not read the room directory (again in {wait:?}): {e}");
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(30));
             }
         });
     }

@@ -5,9 +5,11 @@
 //! - `link`: the router link's reader; `config`: muc.xml;
 //! - `registry`: the room tasks; `room`: a room's state and rules (sans I/O);
 //! - `service`: the service's own disco; `store`: what persistent rooms keep;
+//! - `directory`: the room directory and rooms per user, shared by the instances;
 //! - `xml`: stanza helpers and the broadcast template.
 
 mod config;
+mod directory;
 mod link;
 mod mam;
 mod registry;
@@ -28,6 +30,7 @@ use jrs_component::{Outbox, PacketType};
 use jrs_xdb::XdbClient;
 
 use crate::config::{Mode, MucConfig, RoomLimits, Storage};
+use crate::directory::Directory;
 use crate::registry::Registry;
 use crate::store::Store;
 
@@ -48,9 +51,11 @@ pub struct Ctx {
     pub create_domains: Arc<Vec<String>>,
     /// Input of occupant ids: the link's secret, stable across restarts, never sent.
     pub salt: Arc<str>,
-    /// Rooms created per user (`max-rooms-per-user`).
-    pub creations: Arc<crate::room::Creations>,
-    pub index_loaded: AtomicBool,
+    /// The room directory and the rooms per user (`max-rooms-per-user`), shared by
+    /// the instances through storage.
+    pub directory: Arc<Directory>,
+    /// The directory's start (see `Directory::start`) was begun.
+    pub directory_started: AtomicBool,
     link: Mutex<Option<Outbox>>,
 }
 
@@ -63,11 +68,15 @@ impl Ctx {
             limits: Arc::new(config.rooms.clone()),
             create_domains: Arc::new(config.create_domains.clone()),
             salt: Arc::from("salt"),
-            creations: Arc::new(crate::room::Creations::new(config.max_rooms_per_user)),
+            directory: Arc::new(Directory::for_service(
+                &config.service,
+                "muc",
+                config.max_rooms_per_user,
+            )),
             config,
             store,
             rooms: Registry::default(),
-            index_loaded: AtomicBool::new(false),
+            directory_started: AtomicBool::new(false),
             link: Mutex::new(None),
         }
     }
@@ -125,11 +134,15 @@ fn run(args: Args) -> anyhow::Result<()> {
         limits: Arc::new(config.rooms.clone()),
         create_domains: Arc::new(config.create_domains.clone()),
         salt: Arc::from(config.router.secret.as_str()),
-        creations: Arc::new(crate::room::Creations::new(config.max_rooms_per_user)),
+        directory: Arc::new(Directory::for_service(
+            &config.service,
+            &link.name,
+            config.max_rooms_per_user,
+        )),
         config,
         store,
         rooms: Registry::default(),
-        index_loaded: AtomicBool::new(false),
+        directory_started: AtomicBool::new(false),
         link: Mutex::new(None),
     });
     let runtime = tokio::runtime::Builder::new_multi_thread()

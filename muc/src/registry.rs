@@ -2,7 +2,7 @@
 //! the task writes each batch's output to the router at once and stores what changed.
 //! Rooms are found by their bare JID; a room with nothing left to do ends its task.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -15,7 +15,6 @@ use crate::config::Mode;
 use crate::mam;
 use crate::room::moderate::{self, Moderation};
 use crate::room::{self, HistoryItem, Out, Room};
-use crate::store::Listing;
 use crate::store::StoreError;
 use crate::xml;
 use crate::Ctx;
@@ -27,105 +26,9 @@ use jrs_xdb::XdbError;
 const BATCH: usize = 64;
 const BATCH_BYTES: usize = 1 << 20;
 
-/// A room in the directory (disco#items of the service).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Entry {
-    pub listing: Listing,
-    pub persistent: bool,
-}
-
 #[derive(Default)]
 pub struct Registry {
     rooms: Mutex<HashMap<String, mpsc::Sender<Stanza>>>,
-    directory: Mutex<Directory>,
-}
-
-/// The rooms listed, and whether the stored list of persistent rooms was read: until
-/// it is, the list is never stored (that would overwrite it with the few rooms loaded
-/// so far), and the rooms whose entry changed meanwhile are remembered so that the
-/// stored list does not bring back what they removed.
-#[derive(Default)]
-struct Directory {
-    rooms: BTreeMap<String, Entry>,
-    loaded: bool,
-    changed: std::collections::BTreeSet<String>,
-}
-
-impl Directory {
-    fn index(&self) -> BTreeMap<String, Listing> {
-        self.rooms
-            .iter()
-            .filter(|(_, e)| e.persistent)
-            .map(|(j, e)| (j.clone(), e.listing.clone()))
-            .collect()
-    }
-}
-
-impl Registry {
-    /// Public rooms: JID and name.
-    pub fn public(&self) -> Vec<(String, String)> {
-        self.directory
-            .lock()
-            .expect("directory lock")
-            .rooms
-            .iter()
-            .filter(|(_, e)| e.listing.public)
-            .map(|(j, e)| (j.clone(), e.listing.name.clone()))
-            .collect()
-    }
-
-    /// Adds the stored list of persistent rooms to the directory (but not the rooms
-    /// whose entry changed since this process started: theirs is newer). Returns the
-    /// list to store when it differs from the stored one, i.e. rooms changed before
-    /// the list was read.
-    pub fn merge_index(
-        &self,
-        index: BTreeMap<String, Listing>,
-    ) -> Option<BTreeMap<String, Listing>> {
-        let mut d = self.directory.lock().expect("directory lock");
-        for (jid, listing) in &index {
-            if d.changed.contains(jid) {
-                continue;
-            }
-            d.rooms.entry(jid.clone()).or_insert(Entry {
-                listing: listing.clone(),
-                persistent: true,
-            });
-        }
-        d.loaded = true;
-        d.changed.clear();
-        let merged = d.index();
-        (merged != index).then_some(merged)
-    }
-
-    /// Updates the directory entry of `room`; the persistent rooms' index when it changed.
-    fn update(&self, room: &Room) -> Option<BTreeMap<String, Listing>> {
-        let key = room.jid.to_string();
-        let entry = Entry {
-            listing: Listing {
-                name: room.config.name.clone(),
-                public: room.config.public && !room.locked,
-            },
-            persistent: room.config.persistent && !room.destroyed,
-        };
-        let mut d = self.directory.lock().expect("directory lock");
-        let old = d.rooms.get(&key).cloned();
-        let listed = !room.finished() || entry.persistent;
-        if listed {
-            d.rooms.insert(key.clone(), entry.clone());
-        } else {
-            d.rooms.remove(&key);
-        }
-        let was = old.as_ref().filter(|e| e.persistent);
-        let now = Some(&entry).filter(|e| listed && e.persistent);
-        if !d.loaded {
-            // Stored once the stored list has been read and merged (`merge_index`);
-            // this room's entry is newer than the stored one.
-            d.changed.insert(key);
-            return None;
-        }
-        (was != now).then(|| d.index())
-    }
 }
 
 /// Queues `stanza` for the task of `room`, starting the task if the room is not loaded.
@@ -186,7 +89,7 @@ fn new_room(ctx: &Ctx, jid: &BareJid) -> Room {
         ctx.create_domains.clone(),
         ctx.salt.clone(),
     );
-    room.creations = ctx.creations.clone();
+    room.creations = ctx.directory.clone();
     room
 }
 
@@ -195,6 +98,8 @@ async fn run(ctx: Arc<Ctx>, jid: BareJid, mut rx: mpsc::Receiver<Stanza>) {
     match ctx.store.load(&mut room).await {
         Ok(true) => {
             info!("persistent room loaded");
+            // Its directory entry (with its creator) is in the log.
+            ctx.directory.read_once(&ctx.store).await;
             if room.config.archive && room.config.history > 0 {
                 load_history(&ctx, &mut room).await;
             }
@@ -252,6 +157,12 @@ async fn run(ctx: Arc<Ctx>, jid: BareJid, mut rx: mpsc::Receiver<Stanza>) {
         let mut handled = 0;
         while let Some(s) = next.take() {
             handled += 1;
+            if ctx.config.max_rooms_per_user > 0 && may_create(&room, &s) {
+                // The rooms the user created on every instance (`max-rooms-per-user`).
+                if let Err(e) = ctx.directory.refresh(&ctx.store, false).await {
+                    debug!("could not read the room directory: {e}");
+                }
+            }
             handle_one(&ctx, &mut room, &s, now, &mut out).await;
             if handled < BATCH && out.buf.len() < BATCH_BYTES {
                 next = rx.try_recv().ok();
@@ -304,17 +215,13 @@ async fn run(ctx: Arc<Ctx>, jid: BareJid, mut rx: mpsc::Receiver<Stanza>) {
             }
             archived = false;
         }
-        if let Some(index) = ctx.rooms.update(&room) {
-            if let Err(e) = ctx.store.save_index(&ctx.config.service, &index).await {
-                warn!("could not store the room list: {e}");
-            }
+        // The room's directory entry (a room that ended is `gone`: no longer one of its
+        // creator's rooms). Kept and appended again later when storage fails.
+        ctx.directory.note(&room);
+        if let Err(e) = ctx.directory.flush(&ctx.store).await {
+            warn!("could not store the room directory's entries (retried later): {e}");
         }
         if room.finished() {
-            // The room ended (destroyed, or temporary and empty): no longer one of its
-            // creator's rooms.
-            if let Some(creator) = room.creator.take() {
-                ctx.creations.release(&creator);
-            }
             if remove_if_idle(&ctx, &jid, &rx) {
                 debug!("room unloaded");
                 return;
@@ -459,6 +366,15 @@ async fn load_history(ctx: &Ctx, room: &mut Room) {
     }
 }
 
+/// Whether `s` may create the room: a join of a room that does not exist.
+fn may_create(room: &Room, s: &Stanza) -> bool {
+    room.fresh
+        && room.occupants.is_empty()
+        && !room.locked
+        && s.name() == "presence"
+        && s.kind().is_none()
+}
+
 /// Removes the room from the registry unless stanzas arrived meanwhile (senders queue
 /// under the same lock, so none is lost).
 fn remove_if_idle(ctx: &Ctx, jid: &BareJid, rx: &mpsc::Receiver<Stanza>) -> bool {
@@ -581,36 +497,5 @@ mod tests {
         assert_eq!(loaded(&ctx), 1, "persistent: stays a while");
         tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
         assert_eq!(loaded(&ctx), 0, "unloaded when idle");
-    }
-
-    #[test]
-    fn the_room_list_is_not_stored_before_it_was_read() {
-        let reg = Registry::default();
-        // A room changes before the stored list arrives: nothing is stored yet.
-        assert!(reg.update(&persistent("new@conf", "New")).is_none());
-        let mut gone = persistent("old@conf", "Old");
-        gone.destroyed = true;
-        assert!(reg.update(&gone).is_none());
-        // The stored list arrives: the merge (stored rooms, the new one, without the
-        // destroyed one) is what to store.
-        let mut stored = BTreeMap::new();
-        for j in ["old@conf", "kept@conf"] {
-            stored.insert(
-                j.to_owned(),
-                Listing {
-                    name: j.to_owned(),
-                    public: true,
-                },
-            );
-        }
-        let merged = reg.merge_index(stored).expect("changed");
-        assert_eq!(merged.keys().collect::<Vec<_>>(), ["kept@conf", "new@conf"]);
-        // Afterwards changes are stored at once.
-        let mut r = persistent("new@conf", "New");
-        r.config.persistent = false;
-        let index = reg.update(&r).expect("stored");
-        assert_eq!(index.keys().collect::<Vec<_>>(), ["kept@conf"]);
-        // Unchanged after load: nothing to store.
-        assert!(Registry::default().merge_index(BTreeMap::new()).is_none());
     }
 }

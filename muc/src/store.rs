@@ -1,8 +1,6 @@
 //! What persistent rooms keep through xdb: configuration, subject and affiliations
-//! under owner = the room's JID, and the list of persistent rooms (for the directory)
-//! under owner = the service's domain. `<storage>memory</storage>` keeps nothing.
-
-use std::collections::BTreeMap;
+//! under owner = the room's JID (the room directory's log, under owner = the service's
+//! domain, is `directory.rs`'s). `<storage>memory</storage>` keeps nothing.
 
 use jid::BareJid;
 use jrs_xdb::archive::{Item, Page, Query, Retention};
@@ -16,14 +14,6 @@ use crate::room::{Affiliation, Room};
 use crate::xml::{attr, escape};
 
 pub const NS_ROOM: &str = "urn:jabberd-rs:muc:room:0";
-pub const NS_ROOMS: &str = "urn:jabberd-rs:muc:rooms:0";
-
-/// A room as the directory lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Listing {
-    pub name: String,
-    pub public: bool,
-}
 
 pub enum Store {
     Xdb(XdbClient),
@@ -146,55 +136,6 @@ impl Store {
             };
             x.archive_trim(room.as_str(), NS_MAM, retention).await?;
         }
-        Ok(())
-    }
-
-    pub async fn load_index(&self, service: &str) -> Result<BTreeMap<String, Listing>, StoreError> {
-        let mut out = BTreeMap::new();
-        let Some(x) = self.xdb() else {
-            return Ok(out);
-        };
-        let data = x.get(service, NS_ROOMS).await?;
-        if data.iter().all(u8::is_ascii_whitespace) {
-            return Ok(out);
-        }
-        let text = std::str::from_utf8(&data).map_err(|e| StoreError::Invalid(e.to_string()))?;
-        let e: Element = text
-            .parse()
-            .map_err(|e: minidom::Error| StoreError::Invalid(e.to_string()))?;
-        for r in e.children().filter(|c| c.name() == "room") {
-            if let Some(jid) = r.attr("jid") {
-                out.insert(
-                    jid.to_owned(),
-                    Listing {
-                        name: r.attr("name").unwrap_or("").to_owned(),
-                        public: r.attr("public") == Some("true"),
-                    },
-                );
-            }
-        }
-        Ok(out)
-    }
-
-    pub async fn save_index(
-        &self,
-        service: &str,
-        rooms: &BTreeMap<String, Listing>,
-    ) -> Result<(), StoreError> {
-        let Some(x) = self.xdb() else {
-            return Ok(());
-        };
-        let mut xml = format!("<rooms xmlns='{NS_ROOMS}'>");
-        for (jid, l) in rooms {
-            xml.push_str(&format!(
-                "<room{}{} public='{}'/>",
-                attr("jid", jid),
-                attr("name", &l.name),
-                l.public
-            ));
-        }
-        xml.push_str("</rooms>");
-        x.set(service, NS_ROOMS, xml).await?;
         Ok(())
     }
 }

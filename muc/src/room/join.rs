@@ -72,7 +72,7 @@ impl Room {
                 );
                 return;
             }
-            if !self.creations.take(&bare) {
+            if !self.creations.take(&bare, &self.jid) {
                 out.error(
                     s,
                     xml::NOT_ALLOWED,

@@ -227,8 +227,8 @@ pub struct Room {
     next_id: u64,
     /// IQs relayed to occupants, awaiting their answers.
     relayed: VecDeque<iq::Relayed>,
-    /// Rooms created per user (shared); the user who created this room in this
-    /// process, counted there until the room ends.
+    /// Rooms created per user (the directory, shared); the user who created this room
+    /// in this process (the directory keeps it with the room's entry).
     pub creations: Arc<Creations>,
     pub creator: Option<BareJid>,
     /// Invitations sent (invitee, inviter's full JID), the latest [`MAX_INVITED`]: a
@@ -236,46 +236,9 @@ pub struct Room {
     invited: VecDeque<(BareJid, String)>,
 }
 
-/// The rooms each user created that have not ended (a persistent room counts until it
-/// is destroyed or made temporary and left), against `max-rooms-per-user`; shared by
-/// the rooms of one process.
-#[derive(Debug, Default)]
-pub struct Creations {
-    /// 0: no limit.
-    max: usize,
-    counts: std::sync::Mutex<std::collections::HashMap<BareJid, usize>>,
-}
-
-impl Creations {
-    pub fn new(max: usize) -> Creations {
-        Creations {
-            max,
-            counts: Default::default(),
-        }
-    }
-
-    /// Counts one more room created by `who`, unless they are at the limit.
-    fn take(&self, who: &BareJid) -> bool {
-        let mut counts = self.counts.lock().expect("creations lock");
-        let n = counts.entry(who.clone()).or_insert(0);
-        if self.max > 0 && *n >= self.max {
-            return false;
-        }
-        *n += 1;
-        true
-    }
-
-    /// One of `who`'s rooms ended.
-    pub fn release(&self, who: &BareJid) {
-        let mut counts = self.counts.lock().expect("creations lock");
-        if let Some(n) = counts.get_mut(who) {
-            *n = n.saturating_sub(1);
-            if *n == 0 {
-                counts.remove(who);
-            }
-        }
-    }
-}
+/// The rooms each user created that have not ended, against `max-rooms-per-user`:
+/// the room directory's log, shared by every instance (see `directory.rs`).
+pub use crate::directory::Directory as Creations;
 
 /// Invitations remembered for their declines, per room.
 const MAX_INVITED: usize = 256;
