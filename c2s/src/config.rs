@@ -35,6 +35,10 @@ pub struct C2sConfig {
     pub auth_attempts: u32,
     pub stream_management: StreamManagement,
     pub csi: Csi,
+    /// XEP-0388 SASL2 with XEP-0386 Bind 2 (`<sasl2/>`).
+    pub sasl2: bool,
+    /// XEP-0484 FAST (`<fast/>`).
+    pub fast: Fast,
     /// On SIGTERM, how long sessions get to end or be handed to sm.
     pub shutdown_timeout: Duration,
     pub log: LogConfig,
@@ -144,6 +148,14 @@ pub struct Csi {
     pub max_held: usize,
 }
 
+/// XEP-0484 (`<fast/>`), offered with SASL2 only.
+#[derive(Debug, Clone)]
+pub struct Fast {
+    pub enabled: bool,
+    /// How long an issued token is valid.
+    pub token_lifetime: Duration,
+}
+
 pub const ALL_MECHANISMS: &[&str] = &[
     "SCRAM-SHA-256-PLUS",
     "SCRAM-SHA-1-PLUS",
@@ -170,6 +182,8 @@ impl C2sConfig {
                 "auth-failures",
                 "stream-management",
                 "csi",
+                "sasl2",
+                "fast",
                 "log",
             ],
         )?;
@@ -268,6 +282,23 @@ impl C2sConfig {
                 .unwrap_or(csi.max_held)
                 .max(1);
         }
+        let mut sasl2 = true;
+        if let Some(n) = root.child("sasl2")? {
+            n.allow(&["enabled"], &[])?;
+            sasl2 = n.bool_attr("enabled", sasl2)?;
+        }
+        let mut fast = Fast {
+            enabled: true,
+            token_lifetime: Duration::from_secs(14 * 24 * 3600),
+        };
+        if let Some(n) = root.child("fast")? {
+            n.allow(&["enabled", "token-lifetime"], &[])?;
+            fast.enabled = n.bool_attr("enabled", fast.enabled)?;
+            fast.token_lifetime = n.seconds_attr("token-lifetime")?.unwrap_or(fast.token_lifetime);
+            if fast.token_lifetime < Duration::from_secs(60) {
+                return Err(n.error("token-lifetime must be at least 60 seconds"));
+            }
+        }
         let limits_node = root.child("limits")?;
         if let Some(l) = limits_node {
             l.allow(&["max-stanza-bytes", "max-depth", "rate-bytes"], &[])?;
@@ -321,6 +352,8 @@ impl C2sConfig {
             auth_attempts,
             stream_management,
             csi,
+            sasl2,
+            fast,
             shutdown_timeout,
             log: LogConfig::from_node(root.child("log")?)?,
         })

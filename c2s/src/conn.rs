@@ -12,8 +12,8 @@ use jrs_sx::{stream_error, tls, Close, Connection, Transport};
 
 use crate::config::TlsMode;
 use crate::login;
-use crate::negotiation::{Negotiation, Outcome};
-use crate::session::{self, Resumed};
+use crate::negotiation::{sm_failed, Negotiation, Outcome};
+use crate::session::{self, BindReply, Resumed};
 use crate::shared::Shared;
 
 /// Serves one accepted TCP connection.
@@ -40,7 +40,8 @@ pub async fn serve_transport(
     peer: SocketAddr,
     secure: bool,
 ) {
-    let mut negotiation = Negotiation::new(peer.ip(), secure, transport.exporter());
+    let cb = crate::channel_binding::of(&transport, &shared.config.hosts);
+    let mut negotiation = Negotiation::new(peer.ip(), secure, cb);
     let mut conn = Connection::new(transport, shared.connection_settings());
     // The handshake, the closing and the session's rare paths are boxed: the task's size
     // is that of its largest await point, and most clients spend their life idle.
@@ -68,19 +69,49 @@ async fn run(
         // life in the session, and its size is that of its largest await point.
         match Box::pin(login::run(shared, conn, negotiation)).await {
             Ok(Outcome::Bind { bare, full, id }) => {
+                let reply = BindReply::Iq(id);
                 let mut live =
-                    match Box::pin(session::bind(shared, conn, peer, bare, full, id)).await {
+                    match Box::pin(session::bind(shared, conn, peer, bare, full, reply)).await {
                         Ok(live) => live,
                         Err(close) => return close,
                     };
                 return live.run().await;
             }
             Ok(Outcome::Resume { bare, previd, h }) => {
-                match Box::pin(session::resume(shared, conn, peer, bare, previd, h)).await {
+                match Box::pin(session::resume(shared, conn, peer, bare, previd, h, None)).await {
                     Resumed::Ended(close) => return close,
                     // `<failed/>` was sent: the client may bind on this stream.
                     Resumed::Failed => continue,
                 }
+            }
+            // SASL2: resumption first, then Bind 2 (XEP-0386 3.2), both answered in
+            // `<success/>`.
+            Ok(Outcome::Sasl2(done)) => {
+                let mut failed = String::new();
+                if let Some((previd, h)) = done.resume.clone() {
+                    let bare = done.bare.clone();
+                    let resumed = session::resume(shared, conn, peer, bare, previd, h, Some(&done));
+                    match Box::pin(resumed).await {
+                        Resumed::Ended(close) => return close,
+                        Resumed::Failed => failed = sm_failed("item-not-found"),
+                    }
+                }
+                let Some(full) = done.bind.as_ref().map(|b| b.full.clone()) else {
+                    // Authenticated only: the client binds (or resumes) next.
+                    let success = done.success(&done.bare, &failed, false);
+                    if let Err(close) = conn.write(success.as_bytes()).await {
+                        return close;
+                    }
+                    continue;
+                };
+                let bare = done.bare.clone();
+                let reply = BindReply::Sasl2 { done, failed };
+                let mut live =
+                    match Box::pin(session::bind(shared, conn, peer, bare, full, reply)).await {
+                        Ok(live) => live,
+                        Err(close) => return close,
+                    };
+                return live.run().await;
             }
             Err(close) => return close,
         }

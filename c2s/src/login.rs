@@ -11,6 +11,7 @@ use jrs_auth::{Credentials, NS_AUTH};
 use jrs_stream::{Frame, StreamErrorCondition, StreamHeader};
 use jrs_sx::{stream_error, Close, Connection};
 
+use crate::fast::NS_FAST_STORE;
 use crate::negotiation::{Action, Input, Negotiation, Outcome, Registration, NS_CLIENT};
 use crate::shared::Shared;
 
@@ -41,12 +42,25 @@ pub async fn run(
                     }
                     conn.accept_tls(shared.tls.starttls.clone()).await?;
                     next = Some(Input::TlsStarted {
-                        exporter: conn.transport().exporter(),
+                        cb: crate::channel_binding::of(conn.transport(), &shared.config.hosts),
                     });
                 }
                 Action::Restart => conn.restart(),
                 Action::LookupCredentials(bare) => {
                     next = Some(Input::Credentials(credentials(shared, &bare).await));
+                }
+                Action::LookupFast(bare) => {
+                    next = Some(Input::Fast(fast_record(shared, &bare).await));
+                }
+                Action::StoreFast { bare, record } => {
+                    let stored = match shared.xdb.set(&bare, NS_FAST_STORE, record).await {
+                        Ok(()) => true,
+                        Err(e) => {
+                            warn!(user = %bare, "FAST tokens not stored: {e}");
+                            false
+                        }
+                    };
+                    next = Some(Input::FastStored(stored));
                 }
                 Action::Register { bare, password } => {
                     next = Some(Input::Registered(register(shared, &bare, &password).await));
@@ -88,6 +102,18 @@ async fn credentials(shared: &Shared, bare: &str) -> Result<Option<Credentials>,
         })),
         Err(e) => {
             warn!(user = bare, "cannot read credentials: {e}");
+            Err(())
+        }
+    }
+}
+
+/// The credentials and the XEP-0484 token record of `bare`.
+async fn fast_record(shared: &Shared, bare: &str) -> Result<(Option<Credentials>, Vec<u8>), ()> {
+    let credentials = credentials(shared, bare).await?;
+    match shared.xdb.get(bare, NS_FAST_STORE).await {
+        Ok(data) => Ok((credentials, data.to_vec())),
+        Err(e) => {
+            warn!(user = bare, "cannot read FAST tokens: {e}");
             Err(())
         }
     }

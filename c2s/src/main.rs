@@ -3,13 +3,17 @@
 //! instance through the router. See `docs/c2s.md` and `docs/protocol.md`.
 
 mod auth_failures;
+mod channel_binding;
 mod config;
 mod conn;
+mod fast;
 mod iq;
 mod login;
 mod negotiation;
 mod protocol;
 mod sasl;
+mod sasl2;
+mod scram;
 mod server_caps;
 mod session;
 mod shared;

@@ -14,12 +14,17 @@ use jrs_auth::{Credentials, ScramKeys};
 use jrs_stream::header::open_stream;
 use jrs_stream::xml::escape;
 use jrs_stream::{Stanza, StanzaErrorCondition, StreamErrorCondition, StreamHeader};
-use jrs_sx::features::{features_xml, NS_BIND, NS_SASL, NS_SESSION, NS_SM, NS_TLS};
+use jrs_sx::features::{
+    features_xml, Sasl2Inline, NS_BIND, NS_CSI, NS_SASL, NS_SASL2, NS_SESSION, NS_SM, NS_TLS,
+};
 use jrs_sx::{stream_error, Close, Feature};
 
 use crate::auth_failures::AuthFailures;
+use crate::fast::{self, Record};
 use crate::iq::{error_iq, payload, result_iq};
 use crate::sasl::{self, ScramExchange, Step};
+use crate::sasl2;
+use crate::scram::{self, ChannelBinding, ScramServer};
 
 pub const NS_CLIENT: &str = "jabber:client";
 pub const NS_REGISTER: &str = "jabber:iq:register";
@@ -45,6 +50,10 @@ pub struct Settings {
     pub failures: Arc<AuthFailures>,
     /// The served domains' capabilities (XEP-0115), offered once known.
     pub caps: Arc<crate::server_caps::ServerCaps>,
+    /// XEP-0388 SASL2 with XEP-0386 Bind 2 offered next to SASL.
+    pub sasl2: bool,
+    /// XEP-0484 FAST (with SASL2, over TLS): the tokens' lifetime.
+    pub fast: Option<std::time::Duration>,
 }
 
 impl Settings {
@@ -60,12 +69,17 @@ pub enum Input {
     /// A top-level element, checked well-formed.
     Element(Stanza),
     /// The transport is TLS now (after [`Action::StartTls`]).
-    TlsStarted { exporter: Option<Vec<u8>> },
+    TlsStarted { cb: ChannelBinding },
     /// The stored credentials asked for with [`Action::LookupCredentials`]: none for
     /// an unknown user, an error when storage could not be read.
     Credentials(Result<Option<Credentials>, ()>),
     /// What [`Action::Register`] did.
     Registered(Registration),
+    /// The answer to [`Action::LookupFast`]: the credentials and the FAST record (empty
+    /// when none).
+    Fast(Result<(Option<Credentials>, Vec<u8>), ()>),
+    /// Whether [`Action::StoreFast`] was stored.
+    FastStored(bool),
 }
 
 /// The outcome of an account creation.
@@ -93,6 +107,11 @@ pub enum Action {
     Restart,
     /// Read the stored credentials of this bare JID; answer [`Input::Credentials`].
     LookupCredentials(String),
+    /// Read the credentials and the XEP-0484 tokens of this bare JID; answer
+    /// [`Input::Fast`].
+    LookupFast(String),
+    /// Store this user's XEP-0484 token record; answer [`Input::FastStored`].
+    StoreFast { bare: String, record: String },
     /// Create this account unless it exists; answer [`Input::Registered`].
     Register { bare: String, password: String },
     /// Slow down a client whose authentication failed (guessing), then go on.
@@ -118,6 +137,9 @@ pub enum Outcome {
         previd: String,
         h: u32,
     },
+    /// SASL2 succeeded: resume and/or bind inline as `Done` says, and write its
+    /// `<success/>` (with what that gave).
+    Sasl2(Box<sasl2::Done>),
 }
 
 /// Facts about the stream every state may need.
@@ -126,8 +148,8 @@ struct Stream {
     /// The domain the client addressed (empty until its first header).
     domain: String,
     tls: bool,
-    /// tls-exporter channel binding data, when TLS 1.3.
-    exporter: Option<Vec<u8>>,
+    /// Channel binding data (tls-exporter when TLS 1.3, tls-server-end-point over TLS).
+    cb: ChannelBinding,
     /// Failed authentications on this stream.
     failures: u32,
 }
@@ -146,6 +168,12 @@ enum State {
     AwaitCredentials(PendingAuth),
     /// A SCRAM challenge was sent; waiting for the client's response.
     Challenged(Challenged),
+    /// SASL2 `<authenticate>` received; waiting for credentials (and FAST tokens).
+    AwaitCredentials2(Box<Pending2>),
+    /// A SASL2 SCRAM challenge was sent.
+    Challenged2(Box<Challenged2>),
+    /// SASL2 succeeded; waiting for the FAST record to be stored.
+    StoringFast(Box<sasl2::Done>),
     /// Registration under way; waiting for storage.
     Registering { id: String },
     /// Authenticated as `bare`; bind (or resume) offered.
@@ -175,20 +203,34 @@ struct Challenged {
     bare: Option<String>,
 }
 
+/// A SASL2 `<authenticate>` waiting for storage.
+struct Pending2 {
+    req: sasl2::Request,
+    bare: Option<String>,
+}
+
+struct Challenged2 {
+    req: sasl2::Request,
+    bare: Option<String>,
+    scram: ScramServer,
+    credentials: Option<Credentials>,
+    record: Option<Record>,
+}
+
 pub struct Negotiation {
     stream: Stream,
     state: State,
 }
 
 impl Negotiation {
-    /// A new client connection from `peer`; `exporter` is set when it started with TLS.
-    pub fn new(peer: IpAddr, tls: bool, exporter: Option<Vec<u8>>) -> Negotiation {
+    /// A new client connection from `peer`; `cb` is set when it started with TLS.
+    pub fn new(peer: IpAddr, tls: bool, cb: ChannelBinding) -> Negotiation {
         Negotiation {
             stream: Stream {
                 peer,
                 domain: String::new(),
                 tls,
-                exporter,
+                cb,
                 failures: 0,
             },
             state: State::AwaitHeader(AfterHeader::Start),
@@ -241,9 +283,9 @@ impl Negotiation {
                     self.authenticating(settings, e, out)
                 }
             }
-            (State::Upgrading, Input::TlsStarted { exporter }) => {
+            (State::Upgrading, Input::TlsStarted { cb }) => {
                 self.stream.tls = true;
-                self.stream.exporter = exporter;
+                self.stream.cb = cb;
                 Ok(State::AwaitHeader(AfterHeader::Start))
             }
             (State::Authenticating, Input::Element(e)) => self.authenticating(settings, e, out),
@@ -257,6 +299,23 @@ impl Negotiation {
                 self.with_credentials(settings, auth, credentials, out)
             }
             (State::Challenged(c), Input::Element(e)) => self.response(settings, c, e, out),
+            (State::AwaitCredentials2(p), Input::Credentials(found)) => {
+                let credentials = found.map_err(|()| storage_unavailable())?;
+                self.with_credentials2(settings, *p, credentials, None, out)
+            }
+            (State::AwaitCredentials2(p), Input::Fast(found)) => {
+                let (credentials, record) = found.map_err(|()| storage_unavailable())?;
+                let record = Record::parse(&record);
+                self.with_credentials2(settings, *p, credentials, Some(record), out)
+            }
+            (State::Challenged2(c), Input::Element(e)) => self.response2(settings, *c, e, out),
+            (State::StoringFast(done), Input::FastStored(stored)) => {
+                if !stored {
+                    tracing::warn!(user = %done.bare, "FAST tokens not stored");
+                    return self.failed2(settings, "temporary-auth-failure", Some("storage unavailable"), false, out);
+                }
+                Ok(self.finish2(*done, out))
+            }
             (State::Registering { id }, Input::Registered(r)) => {
                 let id = id.as_str();
                 let reply = match r {
@@ -360,11 +419,7 @@ impl Negotiation {
     }
 
     fn offered(&self, settings: &Settings) -> Vec<String> {
-        sasl::offered(
-            &settings.mechanisms,
-            self.stream.tls,
-            self.stream.exporter.is_some(),
-        )
+        sasl::offered(&settings.mechanisms, self.stream.tls, self.stream.cb.any())
         .into_iter()
         .map(str::to_owned)
         .collect()
@@ -372,10 +427,44 @@ impl Negotiation {
 
     fn auth_features(&self, settings: &Settings) -> Vec<Feature> {
         let mut f = vec![Feature::Mechanisms(self.offered(settings))];
+        if settings.sasl2 {
+            let mut bind2 = vec![];
+            if settings.stream_management {
+                bind2.push(NS_SM.to_owned());
+            }
+            if settings.csi {
+                bind2.push(NS_CSI.to_owned());
+            }
+            f.push(Feature::Sasl2 {
+                mechanisms: self.offered(settings),
+                inline: Sasl2Inline {
+                    bind2: Some(bind2),
+                    sm: settings.stream_management,
+                    fast: self.fast_mechanisms(settings),
+                },
+            });
+        }
+        if let Some(types) = self.cb_types() {
+            f.push(Feature::SaslChannelBinding(types.iter().map(|t| t.to_string()).collect()));
+        }
         if settings.register {
             f.push(Feature::Register);
         }
         f
+    }
+
+    /// XEP-0440: the channel binding types, advertised over TLS when there are any.
+    fn cb_types(&self) -> Option<Vec<&'static str>> {
+        (self.stream.tls && self.stream.cb.any()).then(|| self.stream.cb.types())
+    }
+
+    /// FAST mechanisms on this stream (over TLS only, XEP-0484 8).
+    fn fast_mechanisms(&self, settings: &Settings) -> Vec<String> {
+        if settings.sasl2 && settings.fast.is_some() && self.stream.tls {
+            fast::mechanisms(&self.stream.cb)
+        } else {
+            vec![]
+        }
     }
 
     /// An element before authentication: `<auth>`, or a registration IQ.
@@ -387,6 +476,9 @@ impl Negotiation {
     ) -> Result<State, Close> {
         match (e.name(), e.xmlns()) {
             ("auth", Some(NS_SASL)) => self.auth(settings, &e, out),
+            ("authenticate", Some(NS_SASL2)) if settings.sasl2 => {
+                self.authenticate2(settings, &e, out)
+            }
             ("iq", _) if settings.register => self.register(e, out),
             _ => Err(stream_error(
                 StreamErrorCondition::NotAuthorized,
@@ -469,8 +561,8 @@ impl Negotiation {
         // Channel binding data goes in whenever -PLUS was offered on this stream: rsasl then
         // also refuses a client that says it could bind but saw no -PLUS (a downgrade).
         let plus_offered = self.offered(settings).iter().any(|m| m.ends_with("-PLUS"));
-        let exporter = plus_offered.then(|| self.stream.exporter.clone()).flatten();
-        let mut exchange = match ScramExchange::start(&auth.mechanism, keys, exporter) {
+        let cb = if plus_offered { self.stream.cb.clone() } else { ChannelBinding::default() };
+        let mut exchange = match ScramExchange::start(&auth.mechanism, keys, cb) {
             Ok(exchange) => Box::new(exchange),
             Err(e) => {
                 tracing::warn!(peer = %self.stream.peer, "cannot run {}: {e}", auth.mechanism);
@@ -578,18 +670,7 @@ impl Negotiation {
         out.push(Action::Send(format!(
             "<failure xmlns='{NS_SASL}'>{condition}</failure>"
         )));
-        self.stream.failures += 1;
-        if self.stream.failures >= settings.attempts {
-            tracing::warn!(peer = %self.stream.peer, attempts = self.stream.failures, "too many failed authentications on one stream: closing it");
-            return Err(stream_error(
-                StreamErrorCondition::PolicyViolation,
-                format!(
-                    "{} failed authentication attempts on this stream",
-                    self.stream.failures
-                ),
-            ));
-        }
-        Ok(State::Authenticating)
+        self.count_failure(settings)
     }
 
     /// XEP-0077 before authentication: the form, and account creation.
@@ -727,6 +808,319 @@ impl Negotiation {
         Ok(State::Finished)
     }
 
+    /// XEP-0388 `<authenticate/>`.
+    fn authenticate2(
+        &mut self,
+        settings: &Settings,
+        e: &Stanza,
+        out: &mut Vec<Action>,
+    ) -> Result<State, Close> {
+        let Some(mut req) = sasl2::parse(e) else {
+            return self.failed2(settings, "malformed-request", None, false, out);
+        };
+        let mechanism = req.mechanism.clone();
+        let fast_mechanisms = self.fast_mechanisms(settings);
+        let ht = fast::is_ht(&mechanism);
+        if !(self.offered(settings).contains(&mechanism) || fast_mechanisms.contains(&mechanism)) {
+            return self.failed2(settings, "invalid-mechanism", None, false, out);
+        }
+        if !settings.failures.allowed(self.stream.peer) {
+            tracing::warn!(peer = %self.stream.peer, "too many failed logins from this address");
+            return self.failed2(
+                settings,
+                "temporary-auth-failure",
+                Some("too many failed attempts: try again later"),
+                false,
+                out,
+            );
+        }
+        // A token can only be given for a FAST mechanism of this stream, to a user agent
+        // that names itself.
+        if req
+            .request_token
+            .as_ref()
+            .is_some_and(|m| !fast_mechanisms.contains(m) || req.user_agent.id.is_none())
+        {
+            req.request_token = None;
+        }
+        let Some(initial) = req.initial.clone() else {
+            return self.failed2(settings, "incorrect-encoding", None, false, out);
+        };
+        let bare = if mechanism == "PLAIN" {
+            let Some(message) = sasl::parse_plain(&initial) else {
+                return self.failed2(settings, "not-authorized", None, true, out);
+            };
+            match self.bare_jid(&message.username) {
+                Some(bare) if message.authzid.is_empty() || message.authzid == bare => Some(bare),
+                _ => return self.failed2(settings, "not-authorized", None, true, out),
+            }
+        } else if ht {
+            let bare = fast::parse_initial(&initial).and_then(|(name, _)| self.authcid_jid(&name));
+            match bare {
+                Some(bare) if req.user_agent.id.is_some() => Some(bare),
+                _ => return self.failed2(settings, "not-authorized", None, true, out),
+            }
+        } else {
+            sasl::scram_username(&initial).and_then(|u| self.bare_jid(&u))
+        };
+        let needs_record = ht || req.request_token.is_some();
+        let pending = Pending2 { req, bare };
+        match pending.bare.clone() {
+            Some(bare) if needs_record => {
+                out.push(Action::LookupFast(bare));
+                Ok(State::AwaitCredentials2(Box::new(pending)))
+            }
+            Some(bare) => {
+                out.push(Action::LookupCredentials(bare));
+                Ok(State::AwaitCredentials2(Box::new(pending)))
+            }
+            None => self.with_credentials2(settings, pending, None, None, out),
+        }
+    }
+
+    fn with_credentials2(
+        &mut self,
+        settings: &Settings,
+        p: Pending2,
+        credentials: Option<Credentials>,
+        record: Option<Record>,
+        out: &mut Vec<Action>,
+    ) -> Result<State, Close> {
+        let mechanism = p.req.mechanism.as_str();
+        let initial = p.req.initial.clone().unwrap_or_default();
+        if mechanism == "PLAIN" {
+            let password = sasl::parse_plain(&initial).map(|m| m.password).unwrap_or_default();
+            let ok = credentials.as_ref().is_some_and(|c| sasl::plain_matches(c, &password));
+            return match (ok, p.bare) {
+                (true, Some(bare)) => self.succeeded2(settings, p.req, bare, vec![], credentials, record, out),
+                _ => self.failed2(settings, "not-authorized", None, true, out),
+            };
+        }
+        if fast::is_ht(mechanism) {
+            let (Some(bare), Some(c), Some(mut rec)) = (p.bare, credentials, record) else {
+                return self.failed2(settings, "not-authorized", None, true, out);
+            };
+            let proof = fast::parse_initial(&initial).map(|(_, proof)| proof).unwrap_or_default();
+            let cb = fast::cb_data(mechanism, &self.stream.cb).unwrap_or_default().to_vec();
+            let id = p.req.user_agent.id.clone().unwrap_or_default();
+            let count = p.req.fast.and_then(|f| f.count);
+            let now = chrono::Utc::now().timestamp();
+            return match rec.authenticate(&id, mechanism, &proof, &cb, count, &fast::generation(&c), now) {
+                Ok(responder) => self.succeeded2(settings, p.req, bare, responder, Some(c), Some(rec), out),
+                Err(fast::Refusal::Expired) => {
+                    self.failed2(settings, "credentials-expired", Some("the token is no longer valid"), false, out)
+                }
+                Err(fast::Refusal::NotAuthorized) => self.failed2(settings, "not-authorized", None, true, out),
+            };
+        }
+        let hash = sasl::scram_hash(mechanism).expect("offered SCRAM mechanism");
+        let keys = credentials
+            .as_ref()
+            .and_then(|c| c.keys(hash).cloned())
+            .unwrap_or_else(|| sasl::decoy_keys(hash));
+        let offered = self.offered(settings);
+        let plus_offered = offered.iter().any(|m| m.ends_with("-PLUS"));
+        // XEP-0474: the SASL2 list and the XEP-0440 types, signed by the client's proof.
+        let types = self.cb_types();
+        let ssdp = scram::ssdp(hash, &offered, types.as_deref());
+        let cb = if plus_offered { self.stream.cb.clone() } else { ChannelBinding::default() };
+        let mut server = ScramServer::new(mechanism, keys, plus_offered, cb, Some(ssdp));
+        let step = server.step(&initial);
+        let c = Challenged2 {
+            req: p.req,
+            bare: p.bare,
+            scram: server,
+            credentials,
+            record,
+        };
+        self.scram_step2(settings, c, step, out)
+    }
+
+    fn scram_step2(
+        &mut self,
+        settings: &Settings,
+        c: Challenged2,
+        step: Step,
+        out: &mut Vec<Action>,
+    ) -> Result<State, Close> {
+        match step {
+            Step::Challenge(data) => {
+                out.push(Action::Send(format!(
+                    "<challenge xmlns='{NS_SASL2}'>{}</challenge>",
+                    sasl::encode_payload(&data)
+                )));
+                Ok(State::Challenged2(Box::new(c)))
+            }
+            Step::Success { username, additional } => match c.bare {
+                Some(bare)
+                    if self.bare_jid(&username).as_deref() == Some(bare.as_str())
+                        && (c.scram.authzid.is_empty() || c.scram.authzid == bare) =>
+                {
+                    self.succeeded2(settings, c.req, bare, additional, c.credentials, c.record, out)
+                }
+                _ => self.failed2(settings, "not-authorized", None, true, out),
+            },
+            Step::Failure => self.failed2(settings, "not-authorized", None, true, out),
+        }
+    }
+
+    fn response2(
+        &mut self,
+        settings: &Settings,
+        mut c: Challenged2,
+        e: Stanza,
+        out: &mut Vec<Action>,
+    ) -> Result<State, Close> {
+        match (e.name(), e.xmlns()) {
+            ("response", Some(NS_SASL2)) => {}
+            ("abort", Some(NS_SASL2)) => return self.failed2(settings, "aborted", None, false, out),
+            _ => {
+                return Err(stream_error(
+                    StreamErrorCondition::NotAuthorized,
+                    "expected a SASL2 response",
+                ))
+            }
+        }
+        let Some(data) = sasl::decode_payload(&String::from_utf8_lossy(e.inner())) else {
+            return self.failed2(settings, "incorrect-encoding", None, false, out);
+        };
+        let step = c.scram.step(&data);
+        self.scram_step2(settings, c, step, out)
+    }
+
+    /// Authenticated with SASL2: FAST tokens updated (and stored first when they
+    /// changed), then negotiation ends with what `<success/>` needs.
+    #[allow(clippy::too_many_arguments)]
+    fn succeeded2(
+        &mut self,
+        settings: &Settings,
+        req: sasl2::Request,
+        bare: String,
+        additional: Vec<u8>,
+        credentials: Option<Credentials>,
+        record: Option<Record>,
+        out: &mut Vec<Action>,
+    ) -> Result<State, Close> {
+        let mut token = None;
+        let mut store = None;
+        if let (Some(lifetime), Some(mut rec), Some(c), Some(id)) =
+            (settings.fast, record, credentials, req.user_agent.id.as_deref())
+        {
+            let stored = rec.clone();
+            let used = fast::is_ht(&req.mechanism).then_some(req.mechanism.as_str());
+            let invalidate = req.fast.is_some_and(|f| f.invalidate);
+            let issued = rec.after_login(
+                id,
+                used,
+                invalidate,
+                req.request_token.as_deref(),
+                &fast::generation(&c),
+                lifetime.as_secs() as i64,
+                chrono::Utc::now().timestamp(),
+            );
+            token = issued.map(|i| i.xml());
+            // `authenticate` may have changed the record already (slots, count).
+            if rec != stored || token.is_some() || used.is_some() {
+                store = Some(rec.to_xml());
+            }
+        }
+        let bind = req.bind.as_ref().map(|b| {
+            let ua = req.user_agent.id.as_deref();
+            let with_tag = sasl2::resource(&bare, b.tag.as_deref(), ua);
+            let full = jid::FullJid::new(&format!("{bare}/{with_tag}"))
+                .or_else(|_| jid::FullJid::new(&format!("{bare}/{}", sasl2::resource(&bare, None, ua))))
+                .map(|j| j.to_string())
+                .unwrap_or_else(|_| format!("{bare}/{}", sasl2::resource(&bare, None, None)));
+            sasl2::Bind2 {
+                full,
+                sm: b.sm.filter(|_| settings.stream_management),
+                inactive: b.inactive && settings.csi,
+            }
+        });
+        let resume = req.resume.clone().filter(|_| settings.stream_management);
+        let mut unbound = vec![Feature::Bind, Feature::Session];
+        let mut bound = vec![];
+        if settings.stream_management {
+            unbound.push(Feature::StreamManagement);
+            if resume.is_none() && bind.as_ref().is_some_and(|b| b.sm.is_none()) {
+                bound.push(Feature::StreamManagement);
+            }
+        }
+        if settings.csi {
+            unbound.push(Feature::ClientStateIndication);
+            bound.push(Feature::ClientStateIndication);
+        }
+        if let Some((ver, ecaps2)) = settings.caps.ver(&self.stream.domain) {
+            unbound.push(Feature::Caps { ver: ver.clone(), ecaps2: ecaps2.clone() });
+            bound.push(Feature::Caps { ver, ecaps2 });
+        }
+        let done = sasl2::Done {
+            bare: bare.clone(),
+            additional,
+            token,
+            resume,
+            bind,
+            features_unbound: features_xml(&unbound),
+            features_bound: features_xml(&bound),
+        };
+        match store {
+            Some(record) => {
+                out.push(Action::StoreFast { bare, record });
+                Ok(State::StoringFast(Box::new(done)))
+            }
+            None => Ok(self.finish2(done, out)),
+        }
+    }
+
+    fn finish2(&mut self, done: sasl2::Done, out: &mut Vec<Action>) -> State {
+        tracing::info!(peer = %self.stream.peer, user = %done.bare, "authenticated (SASL2)");
+        let bare = done.bare.clone();
+        out.push(Action::Done(Outcome::Sasl2(Box::new(done))));
+        // Back here when nothing was bound (or a resumption failed): the client binds.
+        State::Binding { bare }
+    }
+
+    /// A failed SASL2 attempt (RFC 6120 6.5 `condition`), counted as [`Self::failed`].
+    fn failed2(
+        &mut self,
+        settings: &Settings,
+        condition: &str,
+        text: Option<&str>,
+        guess: bool,
+        out: &mut Vec<Action>,
+    ) -> Result<State, Close> {
+        if guess {
+            settings.failures.record(self.stream.peer);
+            out.push(Action::FailurePause);
+        }
+        out.push(Action::Send(sasl2::failure(condition, text)));
+        self.count_failure(settings)
+    }
+
+    fn count_failure(&mut self, settings: &Settings) -> Result<State, Close> {
+        self.stream.failures += 1;
+        if self.stream.failures >= settings.attempts {
+            tracing::warn!(peer = %self.stream.peer, attempts = self.stream.failures, "too many failed authentications on one stream: closing it");
+            return Err(stream_error(
+                StreamErrorCondition::PolicyViolation,
+                format!(
+                    "{} failed authentication attempts on this stream",
+                    self.stream.failures
+                ),
+            ));
+        }
+        Ok(State::Authenticating)
+    }
+
+    /// An HT authcid: a user name on this domain, or a bare JID of it.
+    fn authcid_jid(&self, name: &str) -> Option<String> {
+        match name.split_once('@') {
+            Some((node, domain)) if domain.eq_ignore_ascii_case(&self.stream.domain) => self.bare_jid(node),
+            Some(_) => None,
+            None => self.bare_jid(name),
+        }
+    }
+
     /// The bare JID for a SASL or registration user name on this stream's domain,
     /// normalised.
     fn bare_jid(&self, username: &str) -> Option<String> {
@@ -754,6 +1148,10 @@ fn header(domain: &str, settings: &Settings) -> String {
             ("xml:lang", "en"),
         ],
     )
+}
+
+fn storage_unavailable() -> Close {
+    stream_error(StreamErrorCondition::InternalServerError, "storage unavailable")
 }
 
 /// XEP-0198 `<failed/>` with a stanza error condition.
@@ -785,6 +1183,8 @@ mod tests {
             csi: true,
             failures: Arc::new(AuthFailures::new(100, Duration::from_secs(60))),
             caps: Arc::default(),
+            sasl2: true,
+            fast: Some(Duration::from_secs(1000)),
         }
     }
 
@@ -830,7 +1230,7 @@ mod tests {
 
     /// Up to the mechanisms offered over TLS.
     fn over_tls(s: &Settings) -> Negotiation {
-        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, None);
+        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, ChannelBinding::default());
         let a = n.step(s, header_input("example.org"));
         assert!(matches!(a[0], Action::Header(_)));
         assert!(sends(&a).contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/>"));
@@ -841,7 +1241,7 @@ mod tests {
         let a = n.step(s, el("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"));
         assert!(sends(&a).contains("<proceed"));
         assert!(matches!(a.last(), Some(Action::StartTls)));
-        assert!(n.step(s, Input::TlsStarted { exporter: None }).is_empty());
+        assert!(n.step(s, Input::TlsStarted { cb: ChannelBinding::default() }).is_empty());
         assert!(n.expects_header());
         let a = n.step(s, header_input("example.org"));
         assert!(sends(&a).contains("<mechanism>PLAIN</mechanism>"));
@@ -889,7 +1289,7 @@ mod tests {
     #[test]
     fn tls_is_required_first() {
         let s = settings();
-        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, None);
+        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, ChannelBinding::default());
         n.step(&s, header_input("example.org"));
         let a = n.step(&s, plain("alice", "secret"));
         assert_eq!(closed(&a), Some(StreamErrorCondition::PolicyViolation));
@@ -898,14 +1298,14 @@ mod tests {
     #[test]
     fn unknown_domain_and_old_versions_are_refused() {
         let s = settings();
-        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, None);
+        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, ChannelBinding::default());
         let a = n.step(&s, header_input("other.org"));
         assert!(
             matches!(a[0], Action::Header(_)),
             "a stream error needs our header first"
         );
         assert_eq!(closed(&a), Some(StreamErrorCondition::HostUnknown));
-        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, None);
+        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, ChannelBinding::default());
         let xml = "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='example.org'>";
         let h = StreamHeader::parse(&Bytes::from_static(xml.as_bytes()), Some(NS_CLIENT)).unwrap();
         assert_eq!(
@@ -1076,7 +1476,7 @@ mod tests {
         let mut s = settings();
         s.register = true;
         s.require_tls = false;
-        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, None);
+        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, ChannelBinding::default());
         let a = n.step(&s, header_input("example.org"));
         let f = sends(&a);
         assert!(f.contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"));
@@ -1103,5 +1503,196 @@ mod tests {
             el("<iq type='get' id='v'><query xmlns='jabber:iq:version'/></iq>"),
         );
         assert_eq!(closed(&a), Some(StreamErrorCondition::NotAuthorized));
+    }
+
+    // SASL2, Bind 2, FAST.
+
+    fn b64(data: &[u8]) -> String {
+        base64::engine::general_purpose::STANDARD.encode(data)
+    }
+
+    fn done(actions: &[Action]) -> Option<&sasl2::Done> {
+        actions.iter().find_map(|a| match a {
+            Action::Done(Outcome::Sasl2(d)) => Some(&**d),
+            _ => None,
+        })
+    }
+
+    /// Over TLS with both channel bindings, mechanisms offered.
+    fn over_tls2(s: &Settings) -> (Negotiation, String) {
+        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), true, ChannelBinding {
+            exporter: Some(vec![7; 32]),
+            endpoint: Some(vec![9; 32]),
+        });
+        let f = sends(&n.step(s, header_input("example.org")));
+        (n, f)
+    }
+
+    #[test]
+    fn sasl2_features_list_inline_bind_sm_fast_and_binding_types() {
+        let s = settings();
+        let (_, f) = over_tls2(&s);
+        assert!(f.contains("<authentication xmlns='urn:xmpp:sasl:2'><mechanism>SCRAM-SHA-256-PLUS</mechanism>"), "{f}");
+        assert!(f.contains("<bind xmlns='urn:xmpp:bind:0'><inline><feature var='urn:xmpp:sm:3'/><feature var='urn:xmpp:csi:0'/></inline></bind>"));
+        assert!(f.contains("<sm xmlns='urn:xmpp:sm:3'/><fast xmlns='urn:xmpp:fast:0'><mechanism>HT-SHA-256-EXPR</mechanism><mechanism>HT-SHA-256-ENDP</mechanism><mechanism>HT-SHA-256-NONE</mechanism></fast>"));
+        assert!(f.contains("<sasl-channel-binding xmlns='urn:xmpp:sasl-cb:0'><channel-binding type='tls-server-end-point'/><channel-binding type='tls-exporter'/></sasl-channel-binding>"));
+        // Legacy SASL is still offered alongside.
+        assert!(f.contains("<mechanisms xmlns='urn:ietf:params:xml:ns:xmpp-sasl'>"));
+        // Without TLS: no FAST, no PLAIN, no channel binding.
+        let mut s = settings();
+        s.require_tls = false;
+        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, ChannelBinding::default());
+        let f = sends(&n.step(&s, header_input("example.org")));
+        assert!(f.contains("<authentication") && !f.contains("<fast") && !f.contains("sasl-channel-binding"));
+    }
+
+    #[test]
+    fn sasl2_plain_with_bind2_and_inline_sm() {
+        let s = settings();
+        let (mut n, _) = over_tls2(&s);
+        let a = n.step(&s, el(&format!(
+            "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><initial-response>{}</initial-response>\
+             <user-agent id='ua-1'><software>T</software></user-agent>\
+             <bind xmlns='urn:xmpp:bind:0'><tag>Test</tag><enable xmlns='urn:xmpp:sm:3' resume='true'/><inactive xmlns='urn:xmpp:csi:0'/></bind>\
+             </authenticate>", b64(b"\0alice\0secret"))));
+        assert!(matches!(&a[..], [Action::LookupCredentials(b)] if b == "alice@example.org"));
+        let a = n.step(&s, Input::Credentials(Ok(Some(alice()))));
+        let d = done(&a).expect("done");
+        let bind = d.bind.as_ref().unwrap();
+        assert!(bind.full.starts_with("alice@example.org/Test/"), "{}", bind.full);
+        assert_eq!(bind.sm, Some(sasl2::SmEnable { resume: true, max: None }));
+        assert!(bind.inactive && d.token.is_none());
+        let success = d.success(&bind.full, &sasl2::Done::bound("<enabled/>"), true);
+        assert!(success.starts_with(&format!("<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>{}</authorization-identifier><bound xmlns='urn:xmpp:bind:0'><enabled/></bound></success><stream:features>", bind.full)), "{success}");
+        assert!(!d.features_bound.contains("<sm ") && !d.features_bound.contains("<bind "));
+        // Without Bind 2 the success names the bare JID and offers binding.
+        let success = d.success("alice@example.org", "", false);
+        assert!(success.contains("<authorization-identifier>alice@example.org</authorization-identifier></success><stream:features><bind"));
+    }
+
+    #[test]
+    fn sasl2_failures_and_wrong_mechanisms() {
+        let s = settings();
+        let (mut n, _) = over_tls2(&s);
+        let a = n.step(&s, el(&format!("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><initial-response>{}</initial-response></authenticate>", b64(b"\0alice\0wrong"))));
+        assert!(matches!(&a[..], [Action::LookupCredentials(_)]));
+        let a = n.step(&s, Input::Credentials(Ok(Some(alice()))));
+        assert!(sends(&a).contains("<failure xmlns='urn:xmpp:sasl:2'><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>"), "{}", sends(&a));
+        let a = n.step(&s, el("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='X-NONE'/>"));
+        assert!(sends(&a).contains("<invalid-mechanism xmlns="));
+        let a = n.step(&s, el("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='X-NONE'/>"));
+        assert_eq!(closed(&a), Some(StreamErrorCondition::PolicyViolation));
+    }
+
+    /// A SCRAM-SHA-256 client for the tests (RFC 5802 with the SSDP attribute kept).
+    fn scram_final(first_bare: &str, gs2: &[u8], server_first: &str) -> String {
+        use jrs_auth::ScramHash;
+        let attrs: Vec<&str> = server_first.split(',').collect();
+        let salt = base64::engine::general_purpose::STANDARD.decode(&attrs[1][2..]).unwrap();
+        let keys = jrs_auth::ScramKeys::derive(ScramHash::Sha256, "secret", &salt, 4096);
+        // ClientKey = ClientProof xor ClientSignature; rebuild it from the stored keys by
+        // deriving the salted password the same way the client does.
+        let mut salted = [0u8; 32];
+        let mut u = scram::hmac(ScramHash::Sha256, b"secret", &[salt.as_slice(), &[0, 0, 0, 1]].concat());
+        salted.copy_from_slice(&u);
+        for _ in 1..4096 {
+            u = scram::hmac(ScramHash::Sha256, b"secret", &u);
+            salted.iter_mut().zip(&u).for_each(|(a, b)| *a ^= b);
+        }
+        let client_key = scram::hmac(ScramHash::Sha256, &salted, b"Client Key");
+        assert_eq!(scram::hash(ScramHash::Sha256, &client_key), keys.stored_key);
+        let without = format!("c={},{}", b64(gs2), attrs[0]);
+        let auth = format!("{first_bare},{server_first},{without}");
+        let sig = scram::hmac(ScramHash::Sha256, &keys.stored_key, auth.as_bytes());
+        let proof: Vec<u8> = client_key.iter().zip(&sig).map(|(a, b)| a ^ b).collect();
+        format!("{without},p={}", b64(&proof))
+    }
+
+    #[test]
+    fn sasl2_scram_plus_with_ssdp_then_fast_token_in_one_round_trip() {
+        let s = settings();
+        let (mut n, features) = over_tls2(&s);
+        let bare_first = "n=alice,r=clientnonce";
+        let gs2 = b"p=tls-server-end-point,,";
+        let a = n.step(&s, el(&format!(
+            "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='SCRAM-SHA-256-PLUS'><initial-response>{}</initial-response>\
+             <user-agent id='ua-1'/><request-token xmlns='urn:xmpp:fast:0' mechanism='HT-SHA-256-ENDP'/></authenticate>",
+            b64(&[gs2.as_slice(), bare_first.as_bytes()].concat()))));
+        assert!(matches!(&a[..], [Action::LookupFast(b)] if b == "alice@example.org"));
+        let a = n.step(&s, Input::Fast(Ok((Some(Credentials::from_password("secret")), vec![]))));
+        let challenge = sends(&a);
+        let payload = challenge.trim_start_matches("<challenge xmlns='urn:xmpp:sasl:2'>").trim_end_matches("</challenge>");
+        let server_first = String::from_utf8(sasl::decode_payload(payload).unwrap()).unwrap();
+        // XEP-0474: the hash of the list the features advertised.
+        let offered: Vec<String> = ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"].iter().map(|m| m.to_string()).collect();
+        assert!(features.contains("<mechanism>PLAIN</mechanism></mechanisms>"));
+        let h = scram::ssdp(jrs_auth::ScramHash::Sha256, &offered, Some(&["tls-server-end-point", "tls-exporter"]));
+        assert!(server_first.ends_with(&format!(",h={h}")), "{server_first}");
+        // A stripped list hashes differently: the client would notice.
+        assert_ne!(h, scram::ssdp(jrs_auth::ScramHash::Sha256, &offered[2..], None));
+        let fin = scram_final(bare_first, &[gs2.as_slice(), &[9; 32]].concat(), &server_first);
+        let a = n.step(&s, el(&format!("<response xmlns='urn:xmpp:sasl:2'>{}</response>", b64(fin.as_bytes()))));
+        let Some(Action::StoreFast { bare, record }) = a.first() else { panic!("{a:?}") };
+        assert_eq!(bare, "alice@example.org");
+        let a = n.step(&s, Input::FastStored(true));
+        let d = done(&a).expect("done").clone();
+        assert!(String::from_utf8(d.additional.clone()).unwrap().starts_with("v="));
+        let token_xml = d.token.clone().expect("a token");
+        let token = token_xml.split("token='").nth(1).unwrap().split('\'').next().unwrap().to_owned();
+        // Reconnect: HT-SHA-256-ENDP in one round trip.
+        let record = record.clone();
+        let ht = |n: &mut Negotiation, token: &str, cb: &[u8]| {
+            let proof = scram::hmac(jrs_auth::ScramHash::Sha256, token.as_bytes(), &[b"Initiator".as_slice(), cb].concat());
+            let a = n.step(&s, el(&format!(
+                "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='HT-SHA-256-ENDP'><initial-response>{}</initial-response>\
+                 <user-agent id='ua-1'/><bind xmlns='urn:xmpp:bind:0'/><fast xmlns='urn:xmpp:fast:0'/></authenticate>",
+                b64(&[b"alice\0".as_slice(), &proof].concat()))));
+            assert!(matches!(&a[..], [Action::LookupFast(_)]));
+            n.step(&s, Input::Fast(Ok((Some(Credentials::from_password("secret")), record.as_bytes().to_vec()))))
+        };
+        let (mut n2, _) = over_tls2(&s);
+        let a = ht(&mut n2, &token, &[9; 32]);
+        // Credentials from another password: a changed password expires the token.
+        assert!(sends(&a).contains("<credentials-expired"), "{}", sends(&a));
+        // The right generation: keep the credentials the token was issued under.
+        let creds = Credentials::from_password("secret");
+        let mut rec = Record::parse(record.as_bytes());
+        for c in &mut rec.clients { for t in [&mut c.current, &mut c.new].into_iter().flatten() { t.generation = fast::generation(&creds); } }
+        let record = rec.to_xml();
+        let (mut n3, _) = over_tls2(&s);
+        let proof = scram::hmac(jrs_auth::ScramHash::Sha256, token.as_bytes(), &[b"Initiator".as_slice(), &[9u8; 32]].concat());
+        n3.step(&s, el(&format!(
+            "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='HT-SHA-256-ENDP'><initial-response>{}</initial-response>\
+             <user-agent id='ua-1'/><bind xmlns='urn:xmpp:bind:0'/><fast xmlns='urn:xmpp:fast:0'/></authenticate>",
+            b64(&[b"alice\0".as_slice(), &proof].concat()))));
+        let a = n3.step(&s, Input::Fast(Ok((Some(creds.clone()), record.as_bytes().to_vec()))));
+        assert!(matches!(a.first(), Some(Action::StoreFast { .. })), "{a:?}");
+        let d = done(&n3.step(&s, Input::FastStored(true))).expect("done").clone();
+        let responder = scram::hmac(jrs_auth::ScramHash::Sha256, token.as_bytes(), &[b"Responder".as_slice(), &[9u8; 32]].concat());
+        assert_eq!(d.additional, responder);
+        assert!(d.bind.is_some());
+        // A wrong token is refused.
+        let (mut n4, _) = over_tls2(&s);
+        n4.step(&s, el(&format!(
+            "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='HT-SHA-256-ENDP'><initial-response>{}</initial-response><user-agent id='ua-1'/></authenticate>",
+            b64(b"alice\0wrongproof"))));
+        let a = n4.step(&s, Input::Fast(Ok((Some(creds), record.as_bytes().to_vec()))));
+        assert!(sends(&a).contains("<not-authorized"));
+    }
+
+    #[test]
+    fn sasl2_inline_resume_is_passed_on() {
+        let s = settings();
+        let (mut n, _) = over_tls2(&s);
+        n.step(&s, el(&format!(
+            "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='PLAIN'><initial-response>{}</initial-response>\
+             <resume xmlns='urn:xmpp:sm:3' previd='tok' h='4'/></authenticate>", b64(b"\0alice\0secret"))));
+        let a = n.step(&s, Input::Credentials(Ok(Some(alice()))));
+        let d = done(&a).unwrap();
+        assert_eq!(d.resume, Some(("tok".into(), 4)));
+        assert!(d.bind.is_none());
+        // A failed resumption without Bind 2 leaves the client to bind.
+        let a = n.step(&s, el("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"));
+        assert!(matches!(&a[..], [Action::Done(Outcome::Bind { .. })]));
     }
 }

@@ -17,9 +17,6 @@ use rsasl::validate::{Validate, ValidationError};
 
 use jrs_auth::{Credentials, ScramHash, ScramKeys};
 
-/// The channel binding type offered with -PLUS mechanisms.
-pub const CB_TLS_EXPORTER: &str = "tls-exporter";
-
 /// The mechanisms to advertise on a stream, in preference order.
 pub fn offered(configured: &[String], tls: bool, channel_binding: bool) -> Vec<&str> {
     configured
@@ -107,14 +104,13 @@ impl SessionCallback for StoredKeys {
     }
 }
 
-/// tls-exporter data of the client's TLS connection.
-struct Exporter(Option<Vec<u8>>);
+/// Channel binding data of the client's TLS connection, for the type its gs2 header
+/// names (tls-exporter or tls-server-end-point, XEP-0440).
+struct Exporter(crate::scram::ChannelBinding);
 
 impl ChannelBindingCallback for Exporter {
     fn get_cb_data(&self, cbname: &str) -> Option<&[u8]> {
-        (cbname == CB_TLS_EXPORTER)
-            .then_some(self.0.as_deref())
-            .flatten()
+        self.0.data(cbname)
     }
 }
 
@@ -143,9 +139,9 @@ impl ScramExchange {
     pub fn start(
         mechanism: &str,
         keys: ScramKeys,
-        exporter: Option<Vec<u8>>,
+        exporter: crate::scram::ChannelBinding,
     ) -> Result<ScramExchange, String> {
-        let channel_binding = exporter.is_some();
+        let channel_binding = exporter.any();
         let config: Arc<SASLConfig> = SASLConfig::builder()
             .with_registry(Registry::with_mechanisms(SCRAM_MECHANISMS))
             .with_callback(StoredKeys {
@@ -275,7 +271,7 @@ mod tests {
         // A client computed by hand from RFC 5802 is long; check that a wrong proof fails
         // and the first step yields a challenge with the stored salt instead.
         let keys = ScramKeys::derive(ScramHash::Sha1, "pencil", b"salt-bytes-16...", 4096);
-        let mut ex = ScramExchange::start("SCRAM-SHA-1", keys, None).unwrap();
+        let mut ex = ScramExchange::start("SCRAM-SHA-1", keys, Default::default()).unwrap();
         let Step::Challenge(first) = ex.step(b"n,,n=user,r=fyko+d2lbbFgONRv9qkxdawL") else {
             panic!("expected a challenge")
         };

@@ -61,6 +61,8 @@ impl Shared {
                 csi: config.csi.enabled,
                 failures: Arc::new(AuthFailures::new(config.auth_failures, config.auth_window)),
                 caps: Arc::default(),
+                sasl2: config.sasl2,
+                fast: config.fast.enabled.then_some(config.fast.token_lifetime),
             },
             config,
             tls,

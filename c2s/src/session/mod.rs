@@ -43,17 +43,35 @@ const HANDOVER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Bytes of queued stanzas written to the client in one go.
 const BURST: usize = 64 * 1024;
 
-/// Starts the session for `full` (answering the client's bind request `bind_id`); the
-/// caller then runs it ([`Live::run`]). Separate so that what starting needs is not
-/// kept in the task for the session's whole life (memory per connection).
+/// How a bound session is announced to the client.
+pub enum BindReply {
+    /// RFC 6120 7: the result of the client's bind request with this id.
+    Iq(String),
+    /// XEP-0386 Bind 2: SASL2 `<success/>` with `<bound/>` (after `failed`, the
+    /// `<failed/>` of an inline resumption that did not work).
+    Sasl2 {
+        done: Box<crate::sasl2::Done>,
+        failed: String,
+    },
+}
+
+/// Starts the session for `full` (answering the client's bind request); the caller
+/// then runs it ([`Live::run`]). Separate so that what starting needs is not kept in
+/// the task for the session's whole life (memory per connection).
 pub async fn bind<'a>(
     shared: &'a Arc<Shared>,
     conn: &'a mut Connection,
     peer: SocketAddr,
     bare: String,
     full: String,
-    bind_id: String,
+    reply: BindReply,
 ) -> Result<Live<'a>, Close> {
+    let bind_id = match reply {
+        BindReply::Iq(id) => id,
+        BindReply::Sasl2 { done, failed } => {
+            return Box::pin(bind2(shared, conn, peer, bare, full, done, failed)).await
+        }
+    };
     if shared.shutting_down() {
         return Err(stream_error(
             StreamErrorCondition::SystemShutdown,
@@ -98,6 +116,58 @@ pub async fn bind<'a>(
     Ok(Live::new(shared, conn, handle, from_sm, None))
 }
 
+/// XEP-0386: the session starts as [`bind`] starts it, with the features the client
+/// asked for enabled, and is announced in SASL2 `<success/>`.
+async fn bind2<'a>(
+    shared: &'a Arc<Shared>,
+    conn: &'a mut Connection,
+    peer: SocketAddr,
+    bare: String,
+    full: String,
+    done: Box<crate::sasl2::Done>,
+    failed: String,
+) -> Result<Live<'a>, Close> {
+    if shared.shutting_down() {
+        return Err(stream_error(
+            StreamErrorCondition::SystemShutdown,
+            "the server is stopping",
+        ));
+    }
+    let (to_client, from_sm) = mpsc::unbounded_channel();
+    let (handle, started) = shared.start_session(&full, &bare, to_client);
+    match tokio::time::timeout(START_TIMEOUT, started).await {
+        Ok(Ok(Answer::Started)) => {}
+        _ => {
+            shared.end_session(&handle, &[]);
+            let failure = crate::sasl2::failure(
+                "temporary-auth-failure",
+                Some("the session manager did not start the session"),
+            );
+            conn.write(failure.as_bytes()).await?;
+            return Err(stream_error(
+                StreamErrorCondition::InternalServerError,
+                "no session could be started",
+            ));
+        }
+    }
+    let bind = done.bind.clone().expect("a Bind 2 request");
+    let mut live = Live::new(shared, conn, handle, from_sm, None);
+    let enabled = match bind.sm {
+        Some(sm) => live.enable_sm(sm.resume, sm.max),
+        None => String::new(),
+    };
+    if bind.inactive {
+        live.csi.inactive();
+    }
+    let inner = format!("{failed}{}", crate::sasl2::Done::bound(&enabled));
+    let success = done.success(&full, &inner, true);
+    if let Err(close) = live.conn.write(success.as_bytes()).await {
+        return Err(live.finish(Ending::Close(close)).await);
+    }
+    info!(%peer, jid = %full, sid = %live.handle.sid, "session started (Bind 2)");
+    Ok(live)
+}
+
 /// How a resumption attempt ended.
 pub enum Resumed {
     /// `<failed/>` was sent: the client may bind instead.
@@ -116,6 +186,7 @@ pub async fn resume(
     bare: String,
     previd: String,
     h: u32,
+    sasl2: Option<&crate::sasl2::Done>,
 ) -> Resumed {
     if shared.shutting_down() {
         return Resumed::Ended(stream_error(
@@ -134,6 +205,10 @@ pub async fn resume(
                 _ => "no answer from the session manager".into(),
             };
             info!(%peer, user = %bare, reason = %why, "resumption failed");
+            if sasl2.is_some() {
+                // Its `<failed/>` goes into SASL2 `<success/>`.
+                return Resumed::Failed;
+            }
             return match conn.write(sm_failed("item-not-found").as_bytes()).await {
                 Ok(()) => Resumed::Failed,
                 Err(close) => Resumed::Ended(close),
@@ -151,11 +226,14 @@ pub async fn resume(
     );
     let handle = resumption.handle;
     shared.delivered(&handle, confirmed);
-    let resumed = format!(
+    let mut resumed = format!(
         "<resumed xmlns='{NS_SM}' previd='{}' h='{}'/>",
         escape(&previd),
         sm.h()
     );
+    if let Some(done) = sasl2 {
+        resumed = done.success(&handle.jid, &resumed, true);
+    }
     info!(%peer, jid = %handle.jid, sid = %handle.sid, resent = again.len(), "session resumed");
     let mut live = Live::new(shared, conn, handle, from_sm, Some(sm));
     let replayed = match live.conn.write(resumed.as_bytes()).await {
@@ -423,6 +501,28 @@ impl<'a> Live<'a> {
         self.client_stanza(element).await
     }
 
+    /// Turns XEP-0198 on (resumable when `wanted` and allowed, for at most `max`
+    /// seconds if the client asks for less than we allow); the `<enabled/>` answer.
+    fn enable_sm(&mut self, wanted: bool, max: Option<u64>) -> String {
+        let config = &self.shared.config.stream_management;
+        let answer = if wanted && config.resume {
+            let token = new_token();
+            self.shared.resumable(&self.handle, &token);
+            let max = max.map_or(config.hibernate.as_secs(), |m| {
+                m.min(config.hibernate.as_secs())
+            });
+            let enabled =
+                format!("<enabled xmlns='{NS_SM}' id='{token}' resume='true' max='{max}'/>");
+            self.sm = Some(StreamManagement::new(Some(token), self.shared.ack_policy()));
+            enabled
+        } else {
+            self.sm = Some(StreamManagement::new(None, self.shared.ack_policy()));
+            format!("<enabled xmlns='{NS_SM}'/>")
+        };
+        debug!(jid = %self.handle.jid, resume = wanted, "stream management enabled");
+        answer
+    }
+
     /// XEP-0198 elements after binding: `<enable/>`, `<r/>`, `<a/>`.
     async fn stream_management(&mut self, element: &Stanza) -> Result<(), Close> {
         match (element.name(), &mut self.sm) {
@@ -432,28 +532,9 @@ impl<'a> Live<'a> {
                     .await
             }
             ("enable", None) => {
-                let config = &self.shared.config.stream_management;
                 let wanted = matches!(element.attr("resume").as_deref(), Some("true" | "1"));
-                let answer = if wanted && config.resume {
-                    let token = new_token();
-                    self.shared.resumable(&self.handle, &token);
-                    // The client may ask for less time than we allow.
-                    let max = element
-                        .attr("max")
-                        .and_then(|m| m.parse::<u64>().ok())
-                        .map_or(config.hibernate.as_secs(), |m| {
-                            m.min(config.hibernate.as_secs())
-                        });
-                    let enabled = format!(
-                        "<enabled xmlns='{NS_SM}' id='{token}' resume='true' max='{max}'/>"
-                    );
-                    self.sm = Some(StreamManagement::new(Some(token), self.shared.ack_policy()));
-                    enabled
-                } else {
-                    self.sm = Some(StreamManagement::new(None, self.shared.ack_policy()));
-                    format!("<enabled xmlns='{NS_SM}'/>")
-                };
-                debug!(jid = %self.handle.jid, resume = wanted, "stream management enabled");
+                let max = element.attr("max").and_then(|m| m.parse::<u64>().ok());
+                let answer = self.enable_sm(wanted, max);
                 self.conn.write(answer.as_bytes()).await
             }
             ("r", Some(sm)) => {

@@ -15,6 +15,10 @@ pub const NS_REGISTER_FEATURE: &str = "http://jabber.org/features/iq-register";
 pub const NS_SM: &str = "urn:xmpp:sm:3";
 pub const NS_CSI: &str = "urn:xmpp:csi:0";
 pub const NS_DIALBACK_FEATURE: &str = "urn:xmpp:features:dialback";
+pub const NS_SASL2: &str = "urn:xmpp:sasl:2";
+pub const NS_BIND2: &str = "urn:xmpp:bind:0";
+pub const NS_FAST: &str = "urn:xmpp:fast:0";
+pub const NS_SASL_CB: &str = "urn:xmpp:sasl-cb:0";
 
 /// One stream feature a layer offers.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,9 +39,27 @@ pub enum Feature {
     ClientStateIndication,
     /// XEP-0220 with XEP-0220's `<errors/>`: dialback, reporting errors.
     Dialback,
+    /// XEP-0388 SASL2 with these mechanisms and what may be negotiated inline.
+    Sasl2 {
+        mechanisms: Vec<String>,
+        inline: Sasl2Inline,
+    },
+    /// XEP-0440: the channel binding types the server can use on this stream.
+    SaslChannelBinding(Vec<String>),
     /// XEP-0115 6.3 and XEP-0390 6: the server's own capabilities (the SHA-1 `ver` and
     /// the XEP-0390 hash of its disco#info).
     Caps { ver: String, ecaps2: String },
+}
+
+/// What SASL2's `<inline/>` offers.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Sasl2Inline {
+    /// XEP-0386 Bind 2, with the features it can enable (their `var`s).
+    pub bind2: Option<Vec<String>>,
+    /// XEP-0198 resumption inside `<authenticate/>`.
+    pub sm: bool,
+    /// XEP-0484 FAST mechanisms.
+    pub fast: Vec<String>,
 }
 
 impl Feature {
@@ -53,6 +75,38 @@ impl Feature {
                     let _ = write!(out, "<mechanism>{}</mechanism>", escape(m));
                 }
                 write!(out, "</mechanisms>")
+            }
+            Feature::Sasl2 { mechanisms, inline } => {
+                let _ = write!(out, "<authentication xmlns='{NS_SASL2}'>");
+                for m in mechanisms {
+                    let _ = write!(out, "<mechanism>{}</mechanism>", escape(m));
+                }
+                let _ = write!(out, "<inline>");
+                if let Some(vars) = &inline.bind2 {
+                    let _ = write!(out, "<bind xmlns='{NS_BIND2}'><inline>");
+                    for v in vars {
+                        let _ = write!(out, "<feature var='{}'/>", escape(v));
+                    }
+                    let _ = write!(out, "</inline></bind>");
+                }
+                if inline.sm {
+                    let _ = write!(out, "<sm xmlns='{NS_SM}'/>");
+                }
+                if !inline.fast.is_empty() {
+                    let _ = write!(out, "<fast xmlns='{NS_FAST}'>");
+                    for m in &inline.fast {
+                        let _ = write!(out, "<mechanism>{}</mechanism>", escape(m));
+                    }
+                    let _ = write!(out, "</fast>");
+                }
+                write!(out, "</inline></authentication>")
+            }
+            Feature::SaslChannelBinding(types) => {
+                let _ = write!(out, "<sasl-channel-binding xmlns='{NS_SASL_CB}'>");
+                for t in types {
+                    let _ = write!(out, "<channel-binding type='{}'/>", escape(t));
+                }
+                write!(out, "</sasl-channel-binding>")
             }
             Feature::Register => write!(out, "<register xmlns='{NS_REGISTER_FEATURE}'/>"),
             Feature::Bind => write!(out, "<bind xmlns='{NS_BIND}'/>"),
@@ -176,6 +230,29 @@ mod tests {
         assert!(!offered.starttls && !offered.mechanism("EXTERNAL") && offered.mechanism("PLAIN"));
         let broken = Offered::parse(&stanza("<stream:features><a></b></stream:features>".into()));
         assert_eq!(broken, Offered::default());
+    }
+
+    #[test]
+    fn sasl2_features() {
+        let xml = features_xml(&[
+            Feature::Sasl2 {
+                mechanisms: vec!["SCRAM-SHA-256".into()],
+                inline: Sasl2Inline {
+                    bind2: Some(vec![NS_SM.into()]),
+                    sm: true,
+                    fast: vec!["HT-SHA-256-NONE".into()],
+                },
+            },
+            Feature::SaslChannelBinding(vec!["tls-exporter".into()]),
+        ]);
+        assert_eq!(
+            xml,
+            "<stream:features><authentication xmlns='urn:xmpp:sasl:2'><mechanism>SCRAM-SHA-256</mechanism>\
+             <inline><bind xmlns='urn:xmpp:bind:0'><inline><feature var='urn:xmpp:sm:3'/></inline></bind>\
+             <sm xmlns='urn:xmpp:sm:3'/><fast xmlns='urn:xmpp:fast:0'><mechanism>HT-SHA-256-NONE</mechanism></fast>\
+             </inline></authentication><sasl-channel-binding xmlns='urn:xmpp:sasl-cb:0'>\
+             <channel-binding type='tls-exporter'/></sasl-channel-binding></stream:features>"
+        );
     }
 
     #[test]
