@@ -120,6 +120,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             host: config.service.clone(),
             shared: true,
             fanout: false,
+            ns: None,
         }],
         // A plain XEP-0114 component: its name is the service; no bind extension.
         Mode::Plain => vec![],

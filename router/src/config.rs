@@ -148,16 +148,33 @@ pub struct ComponentUser {
     pub secret: String,
     /// The component validates its own input; the router only frames its stanzas.
     pub trusted: bool,
-    /// `(type, host)` pairs it may bind: a host name, `any` (every host name) or `*` (the
-    /// wildcard route).
-    pub allow: Vec<(PacketType, String)>,
+    /// The routes it may bind.
+    pub allow: Vec<Allow>,
+}
+
+/// `<allow type=".." host=".." ns=".."/>`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Allow {
+    pub route: PacketType,
+    /// A host name, `any` (every host name) or `*` (the wildcard route).
+    pub host: String,
+    /// For `xdb`: only these namespaces (binds with `ns`), not the host's default
+    /// storage; `None`: any namespace, and the default.
+    pub ns: Option<Vec<String>>,
 }
 
 impl ComponentUser {
-    pub fn may_bind(&self, route: PacketType, host: &str) -> bool {
-        self.allow
-            .iter()
-            .any(|(t, h)| *t == route && (h == host || (h == "any" && host != "*")))
+    /// Whether it may bind `route` for `host`, for the namespace `ns` (`xdb` only).
+    pub fn may_bind(&self, route: PacketType, host: &str, ns: Option<&str>) -> bool {
+        self.allow.iter().any(|a| {
+            a.route == route
+                && (a.host == host || (a.host == "any" && host != "*"))
+                && match (&a.ns, ns) {
+                    (None, _) => true,
+                    (Some(list), Some(ns)) => list.iter().any(|n| n == ns),
+                    (Some(_), None) => false,
+                }
+        })
     }
 }
 
@@ -177,14 +194,24 @@ impl Users {
             let name = node.required_attr("name")?.to_ascii_lowercase();
             let mut allow = vec![];
             for a in node.children("allow") {
-                a.allow(&["type", "host"], &[])?;
+                a.allow(&["type", "host", "ns"], &[])?;
                 let t = a.required_attr("type")?;
                 let route = PacketType::parse(t).ok_or_else(|| {
                     a.error(format!(
                         "attribute 'type' = '{t}': expected normal, session, xdb or log"
                     ))
                 })?;
-                allow.push((route, a.required_attr("host")?.to_ascii_lowercase()));
+                let ns: Option<Vec<String>> = a
+                    .attr("ns")
+                    .map(|list| list.split_whitespace().map(str::to_owned).collect());
+                if ns.is_some() && route != PacketType::Xdb {
+                    return Err(a.error("'ns' is for type xdb only"));
+                }
+                allow.push(Allow {
+                    route,
+                    host: a.required_attr("host")?.to_ascii_lowercase(),
+                    ns,
+                });
             }
             let user = ComponentUser {
                 name: name.clone(),
@@ -223,7 +250,26 @@ mod tests {
         assert_eq!(c.users_file, PathBuf::from("etc/router-users.xml"));
         let users = Users::load(&root.join(&c.users_file)).unwrap();
         assert!(users.find("sm-2").is_some());
-        assert!(users.find("s2s").unwrap().may_bind(PacketType::Normal, "*"));
+        assert!(users.find("s2s").unwrap().may_bind(PacketType::Normal, "*", None));
         assert!(users.find("nobody").is_none());
+    }
+
+    #[test]
+    fn namespaces_in_the_acl() {
+        let user = ComponentUser {
+            name: "accounts".into(),
+            secret: "s".into(),
+            trusted: true,
+            allow: vec![Allow {
+                route: PacketType::Xdb,
+                host: "any".into(),
+                ns: Some(vec!["urn:jabberd-rs:auth:0".into()]),
+            }],
+        };
+        assert!(user.may_bind(PacketType::Xdb, "localhost", Some("urn:jabberd-rs:auth:0")));
+        assert!(!user.may_bind(PacketType::Xdb, "localhost", Some("jabber:iq:roster")));
+        // Not the host's default storage.
+        assert!(!user.may_bind(PacketType::Xdb, "localhost", None));
+        assert!(!user.may_bind(PacketType::Xdb, "*", Some("urn:jabberd-rs:auth:0")));
     }
 }

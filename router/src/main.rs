@@ -2,6 +2,7 @@
 //! XEP-0114 component protocol. See `docs/protocol.md` and `docs/router.md`.
 
 mod config;
+mod gather;
 mod link;
 mod listener;
 mod outbox;

@@ -13,6 +13,7 @@ use jrs_component::{fanout, PacketType};
 use jrs_stream::{Stanza, StanzaErrorCondition};
 
 use crate::config::{RouterConfig, Users};
+use crate::gather::{self, Gathers};
 use crate::outbox::{Outbox, PushError};
 use crate::tree::{BindRefusal, ConnId, Instance, Target, Tree};
 
@@ -38,12 +39,12 @@ impl LinkInfo {
             || self.trusted
             || users
                 .find(&self.name)
-                .is_some_and(|u| u.allow.iter().any(|(t, _)| *t == route))
+                .is_some_and(|u| u.allow.iter().any(|a| a.route == route))
     }
 
     /// Whether this link may send packets of `route` from `domain`.
     fn may_send_from(&self, route: PacketType, domain: &str, tree: &Tree) -> bool {
-        if domain == &*self.name || self.bound.iter().any(|(_, h)| h == domain) {
+        if domain == &*self.name || self.bound.iter().any(|(_, h)| route_host(h) == domain) {
             return true;
         }
         // The default route (s2s) speaks for every remote domain: any domain no local
@@ -60,6 +61,8 @@ impl LinkInfo {
 struct State {
     tree: Tree,
     links: HashMap<ConnId, LinkInfo>,
+    /// Storage requests sent to every store of a host, awaiting their answers.
+    gathers: Gathers,
     /// Connected component names, for conflict detection.
     names: HashMap<Arc<str>, ConnId>,
 }
@@ -99,6 +102,7 @@ impl Router {
             state: Mutex::new(State {
                 tree: Tree::new(config.grace, config.grace_max_packets),
                 links: HashMap::new(),
+                gathers: Gathers::default(),
                 names: HashMap::new(),
             }),
             config,
@@ -164,6 +168,7 @@ impl Router {
         let host = request.attr("host").map(|h| h.to_ascii_lowercase());
         let flag = |name: &str| request.attr(name).is_some_and(|s| s == "true" || s == "1");
         let (shared, fanout) = (flag("shared"), flag("fanout"));
+        let ns = request.attr("ns").filter(|n| !n.is_empty());
         let users = self.users();
         let mut st = self.state.lock().expect("router lock");
         let Some(link) = st.links.get(&conn) else {
@@ -177,9 +182,22 @@ impl Router {
                 StanzaErrorCondition::BadRequest,
                 "route must be normal, session, xdb or log, and host is required",
             ),
+            (Some(route), Some(_)) if ns.is_some() && route != PacketType::Xdb => bind_error(
+                element,
+                id,
+                StanzaErrorCondition::BadRequest,
+                "only xdb routes have namespaces",
+            ),
             (Some(route), Some(host)) => {
-                let allowed = users.find(&name).is_some_and(|u| u.may_bind(route, &host));
+                let allowed = users
+                    .find(&name)
+                    .is_some_and(|u| u.may_bind(route, &host, ns.as_deref()));
                 let someone_elses_name = host != *name && st.names.contains_key(host.as_str());
+                // A namespace's route lives beside the host's: `HOST NS`.
+                let host = match &ns {
+                    Some(ns) => ns_route(&host, ns),
+                    None => host,
+                };
                 if unbind {
                     let now = Instant::now();
                     if let Some(link) = st.links.get_mut(&conn) {
@@ -254,10 +272,16 @@ impl Router {
         let users = self.users();
         {
             let mut st = self.state.lock().expect("router lock");
-            let State { tree, links, .. } = &mut *st;
+            let State {
+                tree,
+                links,
+                gathers,
+                ..
+            } = &mut *st;
             let Some(link) = links.get(&conn) else { return };
             let mut plan = Plan::default();
             let mut refused = vec![];
+            let mut gathered = vec![];
             for (route, stanza) in packets {
                 if !link.may_send(*route, &users) {
                     warn!(%route, to = stanza.to().unwrap_or(""), "packet type not allowed for this component: bounced");
@@ -316,6 +340,23 @@ impl Router {
                     }
                     continue;
                 }
+                if *route == PacketType::Xdb {
+                    // An answer to a request sent to several stores: held back until
+                    // all answered, then one answer instead.
+                    match gathers.answer(stanza) {
+                        Some(Some(answer)) => {
+                            gathered.push(answer);
+                            continue;
+                        }
+                        Some(None) => continue,
+                        None => {}
+                    }
+                    if gather::concerns_every_store(stanza)
+                        && plan.decide_every_store(tree, gathers, stanza, &mut bounces)
+                    {
+                        continue;
+                    }
+                }
                 plan.decide(tree, *route, stanza, &mut bounces);
             }
             let sender = link.outbox.clone();
@@ -323,6 +364,12 @@ impl Router {
             let mut pusher = sender.pusher();
             for reply in refused {
                 let _ = pusher.push(&reply, true);
+            }
+            drop(pusher);
+            for answer in gathered {
+                if let Ok(answer) = Stanza::parse(answer) {
+                    route_locked(&mut st, PacketType::Xdb, &answer, &mut bounces);
+                }
             }
         }
         self.bounce_all(bounces);
@@ -401,12 +448,11 @@ impl Router {
 
     /// Bounces what routes held past their grace period.
     pub fn expire_held(&self) {
-        let held = self
-            .state
-            .lock()
-            .expect("router lock")
-            .tree
-            .expire(Instant::now());
+        let held = {
+            let mut st = self.state.lock().expect("router lock");
+            st.gathers.expire(Instant::now());
+            st.tree.expire(Instant::now())
+        };
         for h in held {
             warn!(component = %h.component, packets = h.packets.len(),
                 "component did not come back within the grace period: bouncing held packets");
@@ -489,6 +535,17 @@ fn route_locked<B: AsRef<[u8]>>(
     let mut plan = Plan::default();
     plan.decide(tree, route, stanza, bounces);
     plan.execute(links, bounces);
+}
+
+/// The tree's key of the `xdb` route of namespace `ns` at `host` (a space stands in
+/// neither a domain nor a namespace).
+fn ns_route(host: &str, ns: &str) -> String {
+    format!("{host} {ns}")
+}
+
+/// The host of a route key (`HOST` or `HOST NS`).
+fn route_host(key: &str) -> &str {
+    key.split_once(' ').map_or(key, |(h, _)| h)
 }
 
 /// Holds a packet for a route in its grace period, or bounces it when the hold is full.
@@ -610,9 +667,15 @@ impl<'a> Plan<'a> {
             return;
         }
         let to = stanza.to().unwrap_or("");
-        let host = lower(jid_domain(to));
+        let mut host = lower(jid_domain(to));
         let key = lower(jid_bare(to));
         let is_error = stanza.kind() == Some("error");
+        if route == PacketType::Xdb {
+            if let Some(ns) = stanza.attr("ns") {
+                let routed = tree.xdb_route(&host, &ns).into_owned();
+                host = routed.into();
+            }
+        }
         match tree.target(route, &host, &key) {
             Target::Deliver(instance) => self.add(instance, packet, is_error),
             Target::Hold(held) => hold(held, Bytes::copy_from_slice(packet), bounces),
@@ -621,6 +684,47 @@ impl<'a> Plan<'a> {
                 no_route(tree, route, &host, Bytes::copy_from_slice(packet), bounces);
             }
         }
+    }
+
+    /// A storage request for every store of its host (`gather`): sent to each store that
+    /// holds a route for the host (its default, its namespaces, the wildcard ones), and
+    /// remembered so that the requester gets one answer. False when one store at most
+    /// is concerned: then it is routed as any request.
+    fn decide_every_store<B: AsRef<[u8]>>(
+        &mut self,
+        tree: &mut Tree,
+        gathers: &mut Gathers,
+        stanza: &'a Stanza<B>,
+        bounces: &mut Vec<Bounce>,
+    ) -> bool {
+        let to = stanza.to().unwrap_or("");
+        let host = lower(jid_domain(to)).into_owned();
+        let key = lower(jid_bare(to)).into_owned();
+        // Where each route key leads: an instance (each once) or a grace queue.
+        let mut instances: Vec<Instance> = vec![];
+        let mut held: Vec<String> = vec![];
+        for route_key in std::iter::once(host.clone()).chain(tree.xdb_namespace_routes(&host)) {
+            match tree.target(PacketType::Xdb, &route_key, &key) {
+                Target::Deliver(i) if !instances.iter().any(|o| o.conn == i.conn) => {
+                    instances.push(i.clone())
+                }
+                Target::Hold(_) => held.push(route_key),
+                _ => {}
+            }
+        }
+        if instances.len() + held.len() <= 1 {
+            return false;
+        }
+        gathers.start(stanza, instances.len() + held.len());
+        for i in &instances {
+            self.add(i, stanza.as_slice(), false);
+        }
+        for route_key in held {
+            if let Target::Hold(h) = tree.target(PacketType::Xdb, &route_key, &key) {
+                hold(h, Bytes::copy_from_slice(stanza.as_slice()), bounces);
+            }
+        }
+        true
     }
 
     /// The routing decision for each recipient of a fan-out packet: instances that take

@@ -172,6 +172,34 @@ impl Tree {
         out
     }
 
+    /// The `xdb` route key for namespace `ns` at `host`: the namespace's own route at
+    /// the host (`HOST NS`), else the namespace's wildcard route (`* NS`), else the
+    /// host's (docs/protocol.md, "Storage routed by namespace").
+    pub fn xdb_route<'a>(&self, host: &'a str, ns: &str) -> std::borrow::Cow<'a, str> {
+        let routes = &self.routes[slot(PacketType::Xdb)];
+        let live = |k: &str| {
+            routes
+                .get(k)
+                .is_some_and(|r| !r.instances.is_empty() || r.held.is_some())
+        };
+        for candidate in [format!("{host} {ns}"), format!("* {ns}")] {
+            if live(&candidate) {
+                return candidate.into();
+            }
+        }
+        host.into()
+    }
+
+    /// The namespace routes (`HOST NS` and `* NS` keys) that may hold data of `host`.
+    pub fn xdb_namespace_routes(&self, host: &str) -> Vec<String> {
+        let prefix = format!("{host} ");
+        self.routes[slot(PacketType::Xdb)]
+            .keys()
+            .filter(|k| k.starts_with(&prefix) || k.starts_with("* "))
+            .map(|k| k.to_string())
+            .collect()
+    }
+
     /// Whether some component serves `host` for normal traffic (or is held for it).
     pub fn serves(&self, route: PacketType, host: &str) -> bool {
         host != "*" && self.routes[slot(route)].contains_key(host)

@@ -106,6 +106,7 @@ fn run(args: Args) -> anyhow::Result<()> {
             host: "*".into(),
             shared: false,
             fanout: false,
+            ns: None,
         }];
         let serving = shared.clone();
         run_component_until_stopped(

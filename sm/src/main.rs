@@ -67,6 +67,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                 // Room broadcasts for this sm's users arrive as one packet per room
                 // message (sm/src/host/shortcut.rs).
                 fanout: route == PacketType::Normal,
+                ns: None,
             })
         })
         .collect();

@@ -10,6 +10,9 @@ pub struct StorageConfig {
     pub router: RouterLink,
     /// Domains whose data this instance stores; `*` takes every domain nobody else binds.
     pub hosts: Vec<String>,
+    /// Only these namespaces of the hosts (`<namespace>`, docs/protocol.md "Storage
+    /// routed by namespace"); empty: the hosts' default storage.
+    pub namespaces: Vec<String>,
     pub spool: PathBuf,
     pub cache_entries: usize,
     /// Threads doing file operations (each owner always on the same one).
@@ -28,7 +31,7 @@ impl StorageConfig {
         root.allow(
             &[],
             &[
-                "router", "host", "spool", "cache", "archive", "limits", "log",
+                "router", "host", "namespace", "spool", "cache", "archive", "limits", "log",
             ],
         )?;
         let hosts: Vec<String> = root
@@ -39,6 +42,13 @@ impl StorageConfig {
             return Err(root.error(
                 "at least one non-empty <host>DOMAIN</host> is required (or <host>*</host>)",
             ));
+        }
+        let namespaces: Vec<String> = root
+            .children("namespace")
+            .map(|n| n.text.trim().to_owned())
+            .collect();
+        if namespaces.iter().any(|n| n.is_empty() || n.contains(char::is_whitespace) || n == "*") {
+            return Err(root.error("a <namespace> is one storage namespace (no spaces, not '*')"));
         }
         let spool = root.required_child("spool")?;
         spool.allow(&["dir", "workers"], &[])?;
@@ -74,6 +84,7 @@ impl StorageConfig {
         Ok(StorageConfig {
             router: RouterLink::from_node(root.required_child("router")?)?,
             hosts,
+            namespaces,
             spool: PathBuf::from(spool.required_attr("dir")?),
             cache_entries,
             workers,

@@ -50,14 +50,23 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     }
     let link = config.router.clone().for_instance(args.common.instance);
+    // The hosts' default storage, or only their namespaces listed in the config.
+    let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
+        vec![None]
+    } else {
+        config.namespaces.iter().cloned().map(Some).collect()
+    };
     let binds: Vec<Bind> = config
         .hosts
         .iter()
-        .map(|h| Bind {
-            route: PacketType::Xdb,
-            host: h.clone(),
-            shared: false,
-            fanout: false,
+        .flat_map(|h| {
+            namespaces.iter().map(move |ns| Bind {
+                route: PacketType::Xdb,
+                host: h.clone(),
+                shared: false,
+                fanout: false,
+                ns: ns.clone(),
+            })
         })
         .collect();
 

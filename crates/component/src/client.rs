@@ -107,6 +107,23 @@ impl Component {
         self.request("bind", route, host, shared, true).await
     }
 
+    /// [`Component::bind`] of an `xdb` route for one namespace of `host` only.
+    pub async fn bind_namespace(
+        &mut self,
+        route: PacketType,
+        host: &str,
+        ns: &str,
+    ) -> anyhow::Result<()> {
+        self.next_id += 1;
+        let id = format!("b{}", self.next_id);
+        let request = bind_request("bind", &id, route, host, false, false).replacen(
+            "/>",
+            &format!(" ns='{}'/>", jrs_stream::xml::escape(ns)),
+            1,
+        );
+        self.exchange("bind", &id, &request, route, host).await
+    }
+
     pub async fn unbind(&mut self, route: PacketType, host: &str) -> anyhow::Result<()> {
         self.request("unbind", route, host, false, false).await
     }

@@ -56,6 +56,9 @@ pub struct Bind {
     /// The component takes `<fanout>` packets on this route (only `normal` routes get
     /// them): see [`Component::bind_with_fanout`].
     pub fanout: bool,
+    /// For `xdb`: only this namespace of the host (docs/protocol.md, "Storage routed by
+    /// namespace").
+    pub ns: Option<String>,
 }
 
 impl Bind {
@@ -66,6 +69,7 @@ impl Bind {
             host: String::new(),
             shared: false,
             fanout: false,
+            ns: None,
         }
     }
 
@@ -107,6 +111,8 @@ async fn try_connect(
     for b in binds {
         if b.is_notices() {
             c.subscribe_notices().await?;
+        } else if let Some(ns) = &b.ns {
+            c.bind_namespace(b.route, &b.host, ns).await?;
         } else if b.fanout {
             c.bind_with_fanout(b.route, &b.host, b.shared).await?;
         } else {
