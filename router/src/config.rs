@@ -38,7 +38,26 @@ pub struct RouterConfig {
     pub grace_max_packets: usize,
     /// Idle time after which a whitespace keepalive is sent.
     pub keepalive: Duration,
+    /// Components the router dials (`<connect>`).
+    pub connect: Vec<jrs_config::RouterLink>,
+    /// Programs the router runs as components (`<exec>`).
+    pub exec: Vec<Exec>,
     pub log: LogConfig,
+}
+
+/// `<exec name=".." command=".." secret=".." log=".."/>`: a program whose standard
+/// input and output are its component link.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Exec {
+    /// The component name it must connect as (its router-users.xml entry).
+    pub name: String,
+    /// Run with `sh -c`.
+    pub command: String,
+    /// Given to the program as `JABBERD_SECRET` (with `JABBERD_NAME`), so that it needs
+    /// no configuration of its own.
+    pub secret: Option<String>,
+    /// Where its standard error goes (appended).
+    pub log: PathBuf,
 }
 
 impl RouterConfig {
@@ -54,9 +73,27 @@ impl RouterConfig {
                 "limits",
                 "grace",
                 "keepalive",
+                "connect",
+                "exec",
                 "log",
             ],
         )?;
+        let mut connect = vec![];
+        for node in root.children("connect") {
+            // The attributes of a component's <router/>, from the other side.
+            connect.push(jrs_config::RouterLink::from_node(node)?);
+        }
+        let mut exec = vec![];
+        for node in root.children("exec") {
+            node.allow(&["name", "command", "secret", "log"], &[])?;
+            let name = node.required_attr("name")?.to_ascii_lowercase();
+            exec.push(Exec {
+                log: PathBuf::from(node.attr("log").map_or_else(|| format!("log/{name}.log"), str::to_owned)),
+                command: node.required_attr("command")?.to_owned(),
+                secret: node.attr("secret").map(str::to_owned),
+                name,
+            });
+        }
         let mut listen = vec![];
         for node in root.children("listen") {
             node.allow(&["address", "port", "tls", "unix"], &[])?;
@@ -127,6 +164,8 @@ impl RouterConfig {
         }
         Ok(RouterConfig {
             id: root.child_text("id")?.unwrap_or("router").to_owned(),
+            connect,
+            exec,
             listen,
             tls,
             users_file: PathBuf::from(users.required_attr("file")?),

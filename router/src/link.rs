@@ -34,8 +34,23 @@ enum End {
     WriterGone,
 }
 
+/// Which end of the XEP-0114 handshake the router is.
+pub enum Side {
+    /// The component connected (or a program the router runs speaks first): it sends
+    /// the stream header and the handshake, checked against router-users.xml.
+    Accepting,
+    /// The router dialed the component (`<connect>`): the router sends the header and
+    /// proves the shared secret; the component answers `<handshake/>`.
+    Dialing { name: String, secret: String },
+}
+
 /// Serves one accepted connection until it ends.
 pub async fn serve(router: Arc<Router>, io: BoxIo, peer: String) {
+    serve_link(router, io, peer, Side::Accepting).await
+}
+
+/// Serves one component link until it ends.
+pub async fn serve_link(router: Arc<Router>, io: BoxIo, peer: String, side: Side) {
     let conn = router.next_conn_id();
     let span = info_span!("link", conn, %peer, component = tracing::field::Empty);
     async move {
@@ -49,11 +64,16 @@ pub async fn serve(router: Arc<Router>, io: BoxIo, peer: String) {
         });
         let mut reader = FramedReader::new(r, router.config.limits);
 
-        let authenticated = match tokio::time::timeout(
-            router.config.handshake_timeout,
-            authenticate(&router, conn, &mut reader, &outbox),
-        )
-        .await
+        let handshake = async {
+            match &side {
+                Side::Accepting => authenticate(&router, conn, &mut reader, &outbox).await,
+                Side::Dialing { name, secret } => {
+                    authenticate_dialed(&router, conn, &mut reader, &outbox, name, secret).await
+                }
+            }
+        };
+        let authenticated = match tokio::time::timeout(router.config.handshake_timeout, handshake)
+            .await
         {
             Ok(Ok((name, trusted))) => Some((name, trusted)),
             Ok(Err(e)) if e.text == "connection closed" => {
@@ -216,6 +236,52 @@ async fn authenticate<R: AsyncRead + Unpin>(
         )
         .map_err(|e| StreamError::new(StreamErrorCondition::Conflict, e))?;
     Ok((name, user.trusted))
+}
+
+/// The handshake with the roles reversed (jabberd's `connect`): our header to the
+/// component, its header with the stream id, our digest of the id and the secret, its
+/// `<handshake/>`. The link then counts as the component `name` (its router-users.xml
+/// entry, if any, says whether it is trusted and what it may bind).
+async fn authenticate_dialed<R: AsyncRead + Unpin>(
+    router: &Router,
+    conn: ConnId,
+    reader: &mut FramedReader<R>,
+    outbox: &Arc<Outbox>,
+    name: &str,
+    secret: &str,
+) -> Result<(String, bool), StreamError> {
+    let _ = outbox.push(open_stream(NS_COMPONENT_ACCEPT, &[("to", name)]).as_bytes());
+    let frame = reader.next_frame().await;
+    let id = match frame {
+        Ok(Frame::StreamOpen(bytes)) => StreamHeader::parse(&bytes, None)?.id,
+        Ok(_) => None,
+        Err(ReadError::Stream(e)) => return Err(e),
+        Err(e) => return Err(StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string())),
+    };
+    let Some(id) = id else {
+        return Err(StreamError::new(
+            StreamErrorCondition::InvalidXml,
+            "the component's stream header has no id",
+        ));
+    };
+    let _ = outbox.push(format!("<handshake>{}</handshake>", handshake_digest(&id, secret)).as_bytes());
+    match reader.next_frame().await {
+        Ok(Frame::Element(bytes)) if Stanza::parse(bytes.clone()).is_ok_and(|s| s.name() == "handshake") => {}
+        Ok(Frame::Element(bytes)) => {
+            return Err(StreamError::new(
+                StreamErrorCondition::NotAuthorized,
+                format!("the component refused the handshake: {}", String::from_utf8_lossy(&bytes)),
+            ))
+        }
+        Ok(_) => return Err(StreamError::new(StreamErrorCondition::NotAuthorized, "no <handshake/>")),
+        Err(ReadError::Stream(e)) => return Err(e),
+        Err(e) => return Err(StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string())),
+    }
+    let trusted = router.users().find(name).is_some_and(|u| u.trusted);
+    router
+        .register(conn, name, trusted, outbox.clone(), Bytes::new())
+        .map_err(|e| StreamError::new(StreamErrorCondition::Conflict, e))?;
+    Ok((name.to_owned(), trusted))
 }
 
 /// Frames, checks and routes packets until the stream ends. Every stanza of one read is

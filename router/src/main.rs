@@ -2,6 +2,7 @@
 //! XEP-0114 component protocol. See `docs/protocol.md` and `docs/router.md`.
 
 mod config;
+mod dial;
 mod gather;
 mod link;
 mod listener;
@@ -71,6 +72,7 @@ fn main() -> std::process::ExitCode {
 async fn run(args: Args, config: RouterConfig, users: Users) -> anyhow::Result<()> {
     let router = Arc::new(Router::new(config, users));
     listener::start_all(&router).await?;
+    dial::start_all(&router);
     info!(id = %router.config.id, "router ready");
 
     // Ends grace periods: held packets past their deadline are bounced.
