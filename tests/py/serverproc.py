@@ -84,7 +84,7 @@ class Server:
     """
 
     def __init__(self, directory, register=False, auth_failures=(5, 60), timeouts=None,
-                 c2s_extra="", sm_extra="", grace_seconds=2, users_extra="",
+                 c2s_extra="", sm_extra="", grace_seconds=2, users_extra="", router_extra="",
                  upload=False, upload_extra="", muc=False, muc_extra="",
                  proxy65=False, proxy65_extra=""):
         self.dir = Path(directory)
@@ -94,6 +94,7 @@ class Server:
         self.c2s_extra = c2s_extra
         self.sm_extra = sm_extra
         self.users_extra = users_extra
+        self.router_extra = router_extra
         self.upload = upload
         self.upload_extra = upload_extra
         self.upload_port = None
@@ -128,6 +129,7 @@ class Server:
             f"  <listen address='127.0.0.1' port='{self.port}'/>\n"
             f"  <users file={quoteattr(str(users))}/>\n"
             f"  <grace seconds='{self.grace_seconds}'/>\n"
+            f"  {self.router_extra}\n"
             "  <log level='debug'/>\n"
             "</router>\n")
         (d / "xdb-file.xml").write_text(
