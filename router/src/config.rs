@@ -203,6 +203,16 @@ pub struct Allow {
 }
 
 impl ComponentUser {
+    /// The namespaces a store is limited to: `Some` when it may bind `xdb` and every
+    /// such `allow` names namespaces.
+    pub fn xdb_namespaces(&self) -> Option<Vec<&str>> {
+        let xdb: Vec<&Allow> = self.allow.iter().filter(|a| a.route == PacketType::Xdb).collect();
+        if xdb.is_empty() || xdb.iter().any(|a| a.ns.is_none()) {
+            return None;
+        }
+        Some(xdb.iter().flat_map(|a| a.ns.iter().flatten().map(String::as_str)).collect())
+    }
+
     /// Whether it may bind `route` for `host`, for the namespace `ns` (`xdb` only).
     pub fn may_bind(&self, route: PacketType, host: &str, ns: Option<&str>) -> bool {
         self.allow.iter().any(|a| {

@@ -82,7 +82,15 @@ async fn exec_loop(router: Arc<Router>, exec: Exec) {
                 let io: BoxIo = Box::new(tokio::io::join(stdout, stdin));
                 // The program speaks first, as any component that connects.
                 serve_link(router.clone(), io, format!("exec:{}", exec.name), Side::Accepting).await;
-                // The link is over: the program goes too (it may not notice by itself).
+                // The link is over: the program goes too (it may not notice by itself),
+                // with whatever it started (`sh -c` forks): its whole process group.
+                if let Some(pid) = child.id() {
+                    // SAFETY: kill(2) with a negative pid signals that process group;
+                    // the group is the child's own (process_group(0) below).
+                    unsafe {
+                        libc::kill(-(pid as i32), libc::SIGKILL);
+                    }
+                }
                 let _ = child.start_kill();
                 match child.wait().await {
                     Ok(status) => info!(%status, "program ended"),
@@ -113,7 +121,9 @@ fn spawn(exec: &Exec) -> std::io::Result<tokio::process::Child> {
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log))
         // The router's end is the program's end: no orphan keeps the name.
-        .kill_on_drop(true);
+        .kill_on_drop(true)
+        // Its own process group, so that what it starts goes with it.
+        .process_group(0);
     if let Some(secret) = &exec.secret {
         cmd.env("JABBERD_SECRET", secret);
     }

@@ -9,6 +9,9 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use jrs_stream::Stanza;
+use tracing::warn;
+
+use crate::tree::ConnId;
 
 /// How long a gathered request waits for its stores (requesters give up before).
 const EXPIRY: Duration = Duration::from_secs(120);
@@ -20,13 +23,19 @@ pub struct Gathers {
 }
 
 struct Gather {
-    remaining: usize,
+    /// The links of the stores the request was delivered to, each answering once.
+    waiting: Vec<ConnId>,
+    /// Copies held for stores in their grace period: answered by whichever link binds
+    /// the route then (or bounced by the router).
+    held: usize,
     error: Option<Bytes>,
     result: Option<Bytes>,
     /// `list`: every `<owner/>` element, once.
     owners: BTreeSet<String>,
     list: bool,
     started: Instant,
+    /// The request, to answer it with an error if the stores never all answer.
+    request: Bytes,
 }
 
 /// Whether an `xdb` packet is a request every store of its host must answer.
@@ -39,30 +48,44 @@ pub fn concerns_every_store<B: AsRef<[u8]>>(stanza: &Stanza<B>) -> bool {
 }
 
 impl Gathers {
-    /// A request sent to `stores` stores.
-    pub fn start<B: AsRef<[u8]>>(&mut self, request: &Stanza<B>, stores: usize) {
+    /// A request sent to the stores on `links` and held for `held` more. False (and
+    /// nothing remembered) when a request with the same requester and id is still
+    /// being gathered: the caller refuses it.
+    pub fn start<B: AsRef<[u8]>>(&mut self, request: &Stanza<B>, links: Vec<ConnId>, held: usize) -> bool {
         let key = (
             request.from().unwrap_or("").to_owned(),
             request.id().unwrap_or("").to_owned(),
         );
+        if self.pending.contains_key(&key) {
+            return false;
+        }
         self.pending.insert(
             key,
             Gather {
-                remaining: stores,
+                waiting: links,
+                held,
                 error: None,
                 result: None,
                 owners: BTreeSet::new(),
                 list: request.kind() == Some("list"),
                 started: Instant::now(),
+                request: Bytes::copy_from_slice(request.as_slice()),
             },
         );
+        true
     }
 
-    /// An `xdb` answer: `None` if it answers no gathered request (route it as it is);
-    /// `Some(None)` if it was taken in and others are awaited; `Some(Some(answer))`: the
-    /// one answer for the requester, to route instead.
-    pub fn answer<B: AsRef<[u8]>>(&mut self, answer: &Stanza<B>) -> Option<Option<Bytes>> {
-        if !matches!(answer.kind(), Some("result" | "error")) || self.pending.is_empty() {
+    /// An `xdb` answer that came on link `from` (`None`: made by the router, a bounce):
+    /// `None` if it answers no gathered request (route it as it is); `Some(None)` if it
+    /// was taken in (or ignored: a second answer of a store, or one from a link that was
+    /// not asked) and others are awaited; `Some(Some(answer))`: the one answer for the
+    /// requester, to route instead.
+    pub fn answer<B: AsRef<[u8]>>(
+        &mut self,
+        answer: &Stanza<B>,
+        from: Option<ConnId>,
+    ) -> Option<Option<Bytes>> {
+        if self.pending.is_empty() || !matches!(answer.kind(), Some("result" | "error")) {
             return None;
         }
         let key = (
@@ -70,7 +93,16 @@ impl Gathers {
             answer.id().unwrap_or("").to_owned(),
         );
         let g = self.pending.get_mut(&key)?;
-        g.remaining = g.remaining.saturating_sub(1);
+        match from.and_then(|c| g.waiting.iter().position(|w| *w == c)) {
+            Some(i) => {
+                g.waiting.swap_remove(i);
+            }
+            None if g.held > 0 => g.held -= 1,
+            None => {
+                warn!(id = %key.1, "storage answer from a link that was not asked, or a second one: ignored");
+                return Some(None);
+            }
+        }
         let bytes = Bytes::copy_from_slice(answer.as_slice());
         if answer.kind() == Some("error") {
             g.error.get_or_insert(bytes);
@@ -80,7 +112,7 @@ impl Gathers {
             }
             g.result.get_or_insert(bytes);
         }
-        if g.remaining > 0 {
+        if !g.waiting.is_empty() || g.held > 0 {
             return Some(None);
         }
         let g = self.pending.remove(&key)?;
@@ -94,9 +126,20 @@ impl Gathers {
         })
     }
 
-    /// Forgets requests whose stores never all answered.
-    pub fn expire(&mut self, now: Instant) {
-        self.pending.retain(|_, g| now.duration_since(g.started) < EXPIRY);
+    /// Forgets requests whose stores never all answered; returns them, for an error
+    /// answer to their requesters.
+    pub fn expire(&mut self, now: Instant) -> Vec<Bytes> {
+        let expired: Vec<(String, String)> = self
+            .pending
+            .iter()
+            .filter(|(_, g)| now.duration_since(g.started) >= EXPIRY)
+            .map(|(k, _)| k.clone())
+            .collect();
+        expired
+            .into_iter()
+            .filter_map(|k| self.pending.remove(&k))
+            .map(|g| g.request)
+            .collect()
     }
 }
 
@@ -140,17 +183,21 @@ mod tests {
         let mut g = Gathers::default();
         let req = stanza("<xdb type='list' from='admin' to='localhost' id='1'/>");
         assert!(concerns_every_store(&req));
-        g.start(&req, 2);
+        assert!(g.start(&req, vec![1, 2], 0));
+        assert!(!g.start(&req, vec![1, 2], 0), "the same requester and id again");
         let a = stanza("<xdb type='result' to='admin' from='localhost' id='1'><owner jid='a@l'/><owner jid='b@l'/></xdb>");
-        assert_eq!(g.answer(&a), Some(None));
+        assert_eq!(g.answer(&a, Some(1)), Some(None));
+        // A second answer of the same store, or one from a link not asked: ignored.
+        assert_eq!(g.answer(&a, Some(1)), Some(None));
+        assert_eq!(g.answer(&a, Some(9)), Some(None));
         let b = stanza("<xdb type='result' to='admin' from='localhost' id='1'><owner jid='b@l'/><owner jid='c@l'/></xdb>");
-        let merged = g.answer(&b).unwrap().unwrap();
+        let merged = g.answer(&b, Some(2)).unwrap().unwrap();
         assert_eq!(
             &merged[..],
             b"<xdb type='result' to='admin' from='localhost' id='1'><owner jid='a@l'/><owner jid='b@l'/><owner jid='c@l'/></xdb>"
         );
         // Not gathered (any more): routed as it is.
-        assert_eq!(g.answer(&b), None);
+        assert_eq!(g.answer(&b, Some(2)), None);
     }
 
     #[test]
@@ -159,10 +206,15 @@ mod tests {
         let req = stanza("<xdb type='delete' ns='*' from='sm' to='a@l' id='7'/>");
         assert!(concerns_every_store(&req));
         assert!(!concerns_every_store(&stanza("<xdb type='delete' ns='x' from='sm' to='a@l' id='8'/>")));
-        g.start(&req, 2);
+        // One store delivered, one held (answered later by a link or by a bounce).
+        assert!(g.start(&req, vec![3], 1));
         let err = stanza("<xdb type='error' to='sm' from='a@l' id='7'><error/></xdb>");
-        assert_eq!(g.answer(&err), Some(None));
+        assert_eq!(g.answer(&err, None), Some(None));
         let ok = stanza("<xdb type='result' to='sm' from='a@l' id='7'/>");
-        assert_eq!(g.answer(&ok), Some(Some(err.bytes().clone())));
+        assert_eq!(g.answer(&ok, Some(3)), Some(Some(err.bytes().clone())));
+        // Never answered: handed back on expiry.
+        assert!(g.start(&req, vec![3], 0));
+        assert!(g.expire(Instant::now()).is_empty());
+        assert_eq!(g.expire(Instant::now() + EXPIRY).len(), 1);
     }
 }

@@ -190,6 +190,14 @@ async fn authenticate<R: AsyncRead + Unpin>(
             format!("component streams use the namespace {NS_COMPONENT_ACCEPT}"),
         ));
     }
+    // A component the router dials proves itself on that link only: a login from
+    // anyone else under its name could replay the router's own handshake.
+    if router.config.connect.iter().any(|c| c.name.eq_ignore_ascii_case(&name)) {
+        return Err(StreamError::new(
+            StreamErrorCondition::NotAuthorized,
+            format!("'{name}' is dialed by the router (<connect>), it does not connect"),
+        ));
+    }
     let users = router.users();
     let Some(user) = users.find(&name) else {
         return Err(StreamError::new(

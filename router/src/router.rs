@@ -42,6 +42,21 @@ impl LinkInfo {
                 .is_some_and(|u| u.allow.iter().any(|a| a.route == route))
     }
 
+    /// Whether this link may send this `xdb` packet: a store bound to some namespaces
+    /// only (its `allow` entries all have `ns`) answers anything, but requests only in
+    /// those namespaces.
+    fn may_send_xdb<B: AsRef<[u8]>>(&self, stanza: &Stanza<B>, users: &Users) -> bool {
+        if matches!(stanza.kind(), Some("result" | "error")) {
+            return true;
+        }
+        match users.find(&self.name).and_then(|u| u.xdb_namespaces()) {
+            None => true,
+            Some(allowed) => stanza
+                .attr("ns")
+                .is_some_and(|ns| allowed.iter().any(|a| *a == ns)),
+        }
+    }
+
     /// Whether this link may send packets of `route` from `domain`.
     fn may_send_from(&self, route: PacketType, domain: &str, tree: &Tree) -> bool {
         if domain == &*self.name || self.bound.iter().any(|(_, h)| route_host(h) == domain) {
@@ -343,7 +358,7 @@ impl Router {
                 if *route == PacketType::Xdb {
                     // An answer to a request sent to several stores: held back until
                     // all answered, then one answer instead.
-                    match gathers.answer(stanza) {
+                    match gathers.answer(stanza, Some(conn)) {
                         Some(Some(answer)) => {
                             gathered.push(answer);
                             continue;
@@ -351,10 +366,26 @@ impl Router {
                         Some(None) => continue,
                         None => {}
                     }
-                    if gather::concerns_every_store(stanza)
-                        && plan.decide_every_store(tree, gathers, stanza, &mut bounces)
-                    {
+                    if !link.may_send_xdb(stanza, &users) {
+                        warn!(ns = stanza.attr("ns").unwrap_or_default(), "storage request outside the namespaces this component serves: refused");
+                        refused.extend(stanza.error_reply(
+                            StanzaErrorCondition::NotAllowed,
+                            "a store of some namespaces may send requests of those only",
+                        ));
                         continue;
+                    }
+                    if gather::concerns_every_store(stanza) {
+                        match plan.decide_every_store(tree, gathers, stanza, &mut bounces) {
+                            Gathered::No => {}
+                            Gathered::Yes => continue,
+                            Gathered::Busy => {
+                                refused.extend(stanza.error_reply(
+                                    StanzaErrorCondition::Conflict,
+                                    "a request with this id is still being answered",
+                                ));
+                                continue;
+                            }
+                        }
                     }
                 }
                 plan.decide(tree, *route, stanza, &mut bounces);
@@ -407,6 +438,15 @@ impl Router {
                     continue;
                 };
                 let mut st = self.state.lock().expect("router lock");
+                // A store of a gathered request that could not be reached answers too.
+                let reply = match st.gathers.answer(&reply, None) {
+                    None => reply,
+                    Some(None) => continue,
+                    Some(Some(answer)) => match Stanza::parse(answer) {
+                        Ok(a) => a,
+                        Err(_) => continue,
+                    },
+                };
                 route_locked(&mut st, route, &reply, &mut next);
             }
             bounces = next;
@@ -448,11 +488,24 @@ impl Router {
 
     /// Bounces what routes held past their grace period.
     pub fn expire_held(&self) {
-        let held = {
+        let (held, unanswered) = {
             let mut st = self.state.lock().expect("router lock");
-            st.gathers.expire(Instant::now());
-            st.tree.expire(Instant::now())
+            let unanswered = st.gathers.expire(Instant::now());
+            (st.tree.expire(Instant::now()), unanswered)
         };
+        if !unanswered.is_empty() {
+            warn!(requests = unanswered.len(), "storage requests not answered by every store: answered with an error");
+            self.bounce_all(
+                unanswered
+                    .into_iter()
+                    .map(|packet| Bounce {
+                        packet,
+                        condition: StanzaErrorCondition::ServiceUnavailable,
+                        text: "not every store answered".into(),
+                    })
+                    .collect(),
+            );
+        }
         for h in held {
             warn!(component = %h.component, packets = h.packets.len(),
                 "component did not come back within the grace period: bouncing held packets");
@@ -581,6 +634,16 @@ fn no_route(tree: &Tree, route: PacketType, host: &str, packet: Bytes, bounces: 
     });
 }
 
+/// What became of a request for every store.
+enum Gathered {
+    /// One store at most: route it as any request.
+    No,
+    /// Sent to every store; one answer will follow.
+    Yes,
+    /// The same requester and id are being gathered already.
+    Busy,
+}
+
 /// Packets to push, grouped by destination link, in order.
 #[derive(Default)]
 struct Plan<'a> {
@@ -688,7 +751,7 @@ impl<'a> Plan<'a> {
 
     /// A storage request for every store of its host (`gather`): sent to each store that
     /// holds a route for the host (its default, its namespaces, the wildcard ones), and
-    /// remembered so that the requester gets one answer. False when one store at most
+    /// remembered so that the requester gets one answer. `No` when one store at most
     /// is concerned: then it is routed as any request.
     fn decide_every_store<B: AsRef<[u8]>>(
         &mut self,
@@ -696,7 +759,7 @@ impl<'a> Plan<'a> {
         gathers: &mut Gathers,
         stanza: &'a Stanza<B>,
         bounces: &mut Vec<Bounce>,
-    ) -> bool {
+    ) -> Gathered {
         let to = stanza.to().unwrap_or("");
         let host = lower(jid_domain(to)).into_owned();
         let key = lower(jid_bare(to)).into_owned();
@@ -713,9 +776,11 @@ impl<'a> Plan<'a> {
             }
         }
         if instances.len() + held.len() <= 1 {
-            return false;
+            return Gathered::No;
         }
-        gathers.start(stanza, instances.len() + held.len());
+        if !gathers.start(stanza, instances.iter().map(|i| i.conn).collect(), held.len()) {
+            return Gathered::Busy;
+        }
         for i in &instances {
             self.add(i, stanza.as_slice(), false);
         }
@@ -724,7 +789,7 @@ impl<'a> Plan<'a> {
                 hold(h, Bytes::copy_from_slice(stanza.as_slice()), bounces);
             }
         }
-        true
+        Gathered::Yes
     }
 
     /// The routing decision for each recipient of a fan-out packet: instances that take
