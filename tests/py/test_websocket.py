@@ -239,34 +239,40 @@ def proxied(request, tmp_path):
 
 def test_forwarded_client_address_and_connections_per_address(proxied):
     """Behind a trusted proxy the client's address is the one X-Forwarded-For names
-    (c2s logs the login from it); a third connection from one address gets 503 while
-    two are open, and is let in again once one of them closed."""
+    (c2s logs the login from it, and counts its connections by it): a third WebSocket
+    of one forwarded address gets 503 while two are open, another address is not
+    affected, and one is let in again once one of the two closed."""
     url = f"http://127.0.0.1:{proxied.http_port}/xmpp-websocket"
+
+    def via(address):
+        return {"X-Forwarded-For": address}
 
     async def main():
         async with aiohttp.ClientSession() as http:
-            first = await http.ws_connect(url, protocols=("xmpp",),
-                                          headers={"X-Forwarded-For": "203.0.113.7"})
+            first = await http.ws_connect(url, protocols=("xmpp",), headers=via("203.0.113.7"))
             await WsClient(first).login("alice")
             proxied.wait_for(lambda: "authenticated peer=203.0.113.7 user=alice@localhost"
                              in proxied.log("c2s"), "the login logged from the forwarded address")
-            second = await http.ws_connect(url, protocols=("xmpp",))
-            async with aiohttp.ClientSession() as other:
-                with pytest.raises(aiohttp.WSServerHandshakeError) as e:
-                    await other.ws_connect(url, protocols=("xmpp",))
-                assert e.value.status == 503
-            await first.close()
+            b1 = await http.ws_connect(url, protocols=("xmpp",), headers=via("198.51.100.9"))
+            b2 = await http.ws_connect(url, protocols=("xmpp",), headers=via("198.51.100.9"))
+            with pytest.raises(aiohttp.WSServerHandshakeError) as e:
+                await http.ws_connect(url, protocols=("xmpp",), headers=via("198.51.100.9"))
+            assert e.value.status == 503
+            # Another client behind the same proxy is let in.
+            other = await http.ws_connect(url, protocols=("xmpp",), headers=via("192.0.2.44"))
+            await other.close()
+            await b1.close()
             # The slot frees once the server has seen the close.
             for _ in range(50):
-                async with aiohttp.ClientSession() as other:
-                    try:
-                        third = await other.ws_connect(url, protocols=("xmpp",))
-                    except aiohttp.WSServerHandshakeError:
-                        await asyncio.sleep(0.05)
-                        continue
-                    await third.close()
-                    break
+                try:
+                    b3 = await http.ws_connect(url, protocols=("xmpp",), headers=via("198.51.100.9"))
+                except aiohttp.WSServerHandshakeError:
+                    await asyncio.sleep(0.05)
+                    continue
+                await b3.close()
+                break
             else:
                 raise AssertionError("no connection let in after one closed")
-            await second.close()
+            await b2.close()
+            await first.close()
     run(main())

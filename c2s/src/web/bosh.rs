@@ -5,9 +5,12 @@
 //! the client sends arrive in `<body/>` wrappers, in `rid` order, and what c2s writes
 //! waits for the next request (or a held one) to carry it.
 //!
-//! Limits: `requests` (2) requests held at once per session (one more is overactivity),
-//! `hold` 1, `wait` at most 60 s, `inactivity` 60 s without a request ends the session,
-//! a request body at most the stanza limit plus 16 KiB.
+//! Limits: `hold` 1 (a newer request sends the held one back empty, so `requests` 2
+//! are never exceeded), `wait` at most 60 s, 60 s without a request or an answer ends
+//! the session, 64 KiB of output waiting for a request (then c2s waits, as for a TCP
+//! client that does not read), sessions counted per client address with the HTTP
+//! connections (`max-connections-per-address`), a request body at most the stanza
+//! limit plus 16 KiB, read within 10 s.
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::SocketAddr;
@@ -15,15 +18,16 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use rand::Rng;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, WriteHalf};
-use tokio::sync::oneshot;
-use tracing::{debug, info};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::sync::{oneshot, Notify};
+use tracing::{debug, info, Instrument};
 
 use jrs_stream::xml::escape;
 use jrs_stream::Stanza;
+use jrs_sx::framing::{Outgoing as ToClient, Splitter};
 use jrs_sx::Transport;
 
-use super::framing::{Splitter, ToClient};
+use super::{Admitted, PIPE_BYTES};
 use crate::conn;
 use crate::shared::Shared;
 
@@ -31,14 +35,21 @@ pub const NS_HTTPBIND: &str = "http://jabber.org/protocol/httpbind";
 const NS_XBOSH: &str = "urn:xmpp:xbosh";
 const NS_STREAMS: &str = "http://etherx.jabber.org/streams";
 
-/// Requests a session may have waiting at once (XEP-0124 `requests`): `hold` + 1.
+/// Requests a session may have waiting at once (XEP-0124 `requests`): `hold` + 1. A
+/// newer request sends the held one back (empty), so a client never holds more.
 const REQUESTS: usize = 2;
 const HOLD: usize = 1;
 const MAX_WAIT: u64 = 60;
+/// Without a request (or an answer, which the client follows with its next request)
+/// this long, the session ends.
 const INACTIVITY: Duration = Duration::from_secs(60);
 /// How many rids ahead of the next expected one a request may be (the window).
 const WINDOW: u64 = REQUESTS as u64;
-const PIPE_BYTES: usize = 64 * 1024;
+/// Rids are below 2^53 (XEP-0124 14.1).
+const MAX_RID: u64 = (1 << 53) - 1;
+/// What c2s wrote that no answer carried yet, at most: beyond, the session's pipe
+/// fills and c2s waits, as for a TCP client that does not read.
+const OUT_BYTES: usize = 64 * 1024;
 
 /// Every BOSH session of this c2s process, by sid.
 #[derive(Default)]
@@ -51,6 +62,10 @@ struct Session {
     wait: Duration,
     state: Mutex<State>,
     writer: tokio::sync::Mutex<WriteHalf<DuplexStream>>,
+    /// `out` has room again (the pump waits for it).
+    drained: Notify,
+    /// The session counts for its client's address while it lives.
+    _admitted: Admitted,
 }
 
 #[derive(Default)]
@@ -59,21 +74,32 @@ struct State {
     next_rid: u64,
     /// Request payloads that came ahead of their turn, by rid.
     early: BTreeMap<u64, Vec<u8>>,
-    /// Messages c2s wrote that no response has carried yet.
+    /// Messages c2s wrote that no response has carried yet, and their size.
     out: Vec<String>,
+    out_bytes: usize,
     /// Requests waiting for something to carry, oldest first.
     held: VecDeque<(u64, oneshot::Sender<Reply>)>,
     /// c2s ended the stream (after `out` is delivered, the session terminates).
     ended: bool,
-    last_request: Option<Instant>,
+    /// The last request, or the last answer.
+    last_activity: Option<Instant>,
     /// The answers given to the last few rids, for a client that sends one again.
     answered: VecDeque<(u64, Reply)>,
+}
+
+/// What the session makes of a request.
+enum Taken {
+    /// These bytes (possibly none) go to c2s; the request waits for an answer.
+    Payload(Vec<u8>),
+    /// A rid still held, sent again (the client lost the connection it came on): the
+    /// new request takes its place.
+    Again,
 }
 
 /// Why a request is not taken in.
 enum Refused {
     /// A rid answered before: its answer again.
-    Again(Reply),
+    Answered(Reply),
     /// The session ends with this condition.
     End(&'static str),
 }
@@ -93,7 +119,11 @@ impl Reply {
         }
     }
 
-    fn terminate(condition: &str) -> Reply {
+    fn empty() -> Reply {
+        Reply::body("", "")
+    }
+
+    pub fn terminate(condition: &str) -> Reply {
         Reply {
             status: if condition == "item-not-found" { 404 } else { 200 },
             body: format!(
@@ -101,15 +131,21 @@ impl Reply {
             ),
         }
     }
+
+    fn is_terminate(&self) -> bool {
+        self.body.contains(" type='terminate'")
+    }
 }
 
-/// Handles one request body; `secure`: the listener counts as encrypted.
+/// Handles one request body; `secure`: the listener counts as encrypted; `admit`
+/// counts a new session for the client's address (`None`: over the limit).
 pub async fn request(
     shared: &Arc<Shared>,
     sessions: &Arc<Sessions>,
     body: &[u8],
     peer: SocketAddr,
     secure: bool,
+    admit: impl FnOnce() -> Option<Admitted>,
 ) -> Reply {
     let Ok(b) = Stanza::parse_slice(body) else {
         return Reply::terminate("bad-request");
@@ -117,11 +153,14 @@ pub async fn request(
     if b.name() != "body" || b.attr("xmlns").as_deref() != Some(NS_HTTPBIND) {
         return Reply::terminate("bad-request");
     }
-    let Some(rid) = b.attr("rid").and_then(|r| r.parse::<u64>().ok()) else {
+    let Some(rid) = b.attr("rid").and_then(|r| r.parse::<u64>().ok()).filter(|r| *r <= MAX_RID) else {
         return Reply::terminate("bad-request");
     };
     match b.attr("sid") {
-        None => create(shared, sessions, &b, rid, peer, secure).await,
+        None => match admit() {
+            Some(admitted) => create(shared, sessions, &b, rid, peer, secure, admitted).await,
+            None => Reply::terminate("policy-violation"),
+        },
         Some(sid) => {
             let session = sessions.map.lock().expect("bosh lock").get(&sid).cloned();
             match session {
@@ -141,10 +180,14 @@ async fn create(
     rid: u64,
     peer: SocketAddr,
     secure: bool,
+    admitted: Admitted,
 ) -> Reply {
     let Some(to) = b.attr("to") else {
         return Reply::terminate("improper-addressing");
     };
+    if rid == MAX_RID {
+        return Reply::terminate("bad-request");
+    }
     let wait = b
         .attr("wait")
         .and_then(|w| w.parse::<u64>().ok())
@@ -161,16 +204,18 @@ async fn create(
         wait: Duration::from_secs(wait),
         state: Mutex::new(State {
             next_rid: rid + 1,
-            last_request: Some(Instant::now()),
+            last_activity: Some(Instant::now()),
             ..State::default()
         }),
         writer: tokio::sync::Mutex::new(writer),
+        drained: Notify::new(),
+        _admitted: admitted,
     });
     sessions.map.lock().expect("bosh lock").insert(sid.clone(), session.clone());
     info!(sid, "BOSH session");
-    tokio::spawn(conn::serve_transport(shared.clone(), Transport::Web(stream_end), peer, secure));
-    tokio::spawn(pump(session.clone(), sessions.clone(), reader));
-    tokio::spawn(watch_inactivity(session.clone(), sessions.clone()));
+    tokio::spawn(conn::serve_transport(shared.clone(), Transport::Web(stream_end), peer, secure).in_current_span());
+    tokio::spawn(pump(session.clone(), sessions.clone(), reader).in_current_span());
+    tokio::spawn(watch_inactivity(session.clone(), sessions.clone()).in_current_span());
     let lang = b.attr("xml:lang").unwrap_or_else(|| "en".into());
     let header = format!(
         "<?xml version='1.0'?><stream:stream xmlns='jabber:client' xmlns:stream='{NS_STREAMS}' \
@@ -199,8 +244,9 @@ impl Session {
 
     async fn request(&self, sessions: &Arc<Sessions>, b: &Stanza<&[u8]>, rid: u64) -> Reply {
         let payload = match self.take_in(b, rid) {
-            Ok(payload) => payload,
-            Err(Refused::Again(reply)) => return reply,
+            Ok(Taken::Payload(payload)) => payload,
+            Ok(Taken::Again) => vec![],
+            Err(Refused::Answered(reply)) => return reply,
             Err(Refused::End(condition)) => {
                 self.end(sessions, Reply::terminate(condition)).await;
                 return Reply::terminate(condition);
@@ -211,7 +257,7 @@ impl Session {
         }
         if b.attr("type").as_deref() == Some("terminate") {
             // XEP-0124 13: the client's own end; requests still held come back empty.
-            self.end(sessions, Reply::body("", "")).await;
+            self.end(sessions, Reply::empty()).await;
             return Reply::body(" type='terminate'", "");
         }
         let restart = b.attr("xmpp:restart").as_deref() == Some("true");
@@ -219,21 +265,24 @@ impl Session {
     }
 
     /// Takes a request's payload in: what is now in `rid` order, for c2s.
-    fn take_in(&self, b: &Stanza<&[u8]>, rid: u64) -> Result<Vec<u8>, Refused> {
+    fn take_in(&self, b: &Stanza<&[u8]>, rid: u64) -> Result<Taken, Refused> {
         let mut st = self.state.lock().expect("bosh session lock");
-        st.last_request = Some(Instant::now());
+        st.last_activity = Some(Instant::now());
         if rid < st.next_rid {
-            // Sent again (the client lost our answer): the same answer, if kept.
+            // Sent again (the client lost the connection of the first): if it is still
+            // held, the new request takes its place; if answered, the same answer.
+            if let Some(i) = st.held.iter().position(|(r, _)| *r == rid) {
+                let (_, old) = st.held.remove(i).expect("found");
+                let _ = old.send(Reply::empty());
+                return Ok(Taken::Again);
+            }
             return Err(match st.answered.iter().find(|(r, _)| *r == rid) {
-                Some((_, reply)) => Refused::Again(reply.clone()),
+                Some((_, reply)) => Refused::Answered(reply.clone()),
                 None => Refused::End("item-not-found"),
             });
         }
         if rid > st.next_rid + WINDOW {
             return Err(Refused::End("item-not-found"));
-        }
-        if st.held.len() >= REQUESTS {
-            return Err(Refused::End("policy-violation"));
         }
         let mut payload = b.inner().to_vec();
         if b.attr("xmpp:restart").as_deref() == Some("true") {
@@ -259,7 +308,7 @@ impl Session {
             ready.extend_from_slice(&p);
             st.next_rid += 1;
         }
-        Ok(ready)
+        Ok(Taken::Payload(ready))
     }
 
     /// Waits until there is something to send (with `first`, until the features
@@ -272,31 +321,32 @@ impl Session {
             // One held request at most: the older ones go back now, empty.
             while st.held.len() > HOLD {
                 let (r, old) = st.held.pop_front().expect("held");
-                let reply = Reply::body("", "");
+                let reply = Reply::empty();
                 remember(&mut st, r, &reply);
                 let _ = old.send(reply);
             }
-            if !first {
-                deliver(&mut st);
+            if deliver(&mut st) {
+                self.drained.notify_one();
             }
         }
         let wait = if first { Duration::from_secs(10) } else { self.wait };
         let reply = match tokio::time::timeout(wait, rx).await {
             Ok(Ok(reply)) => reply,
-            Ok(Err(_)) => Reply::body("", ""),
+            Ok(Err(_)) => Reply::empty(),
             Err(_) => {
                 let mut st = self.state.lock().expect("bosh session lock");
                 st.held.retain(|(r, _)| *r != rid);
-                let reply = Reply::body("", "");
+                st.last_activity = Some(Instant::now());
+                let reply = Reply::empty();
                 remember(&mut st, rid, &reply);
                 reply
             }
         };
-        if attrs.is_empty() {
+        // The session creation answer: its attributes on the body that carries the
+        // features; a stream that ended at once is answered as it ended.
+        if attrs.is_empty() || reply.is_terminate() {
             return reply;
         }
-        // The session creation answer: its attributes on the body that carries the
-        // features.
         let content = reply
             .body
             .split_once('>')
@@ -315,18 +365,21 @@ impl Session {
         for (_, tx) in st.held.drain(..) {
             let _ = tx.send(held.clone());
         }
+        self.drained.notify_one();
     }
 }
 
-/// Answers the oldest held request with everything queued, if anything is.
-fn deliver(st: &mut State) {
+/// Answers the oldest held request with everything queued, if anything is. True if
+/// the queue was emptied.
+fn deliver(st: &mut State) -> bool {
     if st.out.is_empty() && !st.ended {
-        return;
+        return false;
     }
     let Some((rid, tx)) = st.held.pop_front() else {
-        return;
+        return false;
     };
     let content: String = st.out.drain(..).collect();
+    st.out_bytes = 0;
     let reply = if st.ended {
         // XEP-0206 6: `remote-stream-error` only when the stream ended with an error,
         // which the body carries.
@@ -345,8 +398,10 @@ fn deliver(st: &mut State) {
     } else {
         Reply::body("", &content)
     };
+    st.last_activity = Some(Instant::now());
     remember(st, rid, &reply);
     let _ = tx.send(reply);
+    true
 }
 
 fn remember(st: &mut State, rid: u64, reply: &Reply) {
@@ -356,11 +411,22 @@ fn remember(st: &mut State, rid: u64, reply: &Reply) {
     }
 }
 
-/// Moves what c2s writes into the session's queue, answering a held request.
-async fn pump(session: Arc<Session>, sessions: Arc<Sessions>, mut reader: tokio::io::ReadHalf<DuplexStream>) {
+/// Moves what c2s writes into the session's queue, answering a held request; reads
+/// no more while the queue is full.
+async fn pump(session: Arc<Session>, sessions: Arc<Sessions>, mut reader: ReadHalf<DuplexStream>) {
     let mut splitter = Splitter::default();
     let mut buf = vec![0u8; 16 * 1024];
     loop {
+        loop {
+            let full = {
+                let st = session.state.lock().expect("bosh session lock");
+                st.out_bytes >= OUT_BYTES && !st.ended
+            };
+            if !full {
+                break;
+            }
+            session.drained.notified().await;
+        }
         let n = match reader.read(&mut buf).await {
             Ok(0) | Err(_) => 0,
             Ok(n) => n,
@@ -375,7 +441,10 @@ async fn pump(session: Arc<Session>, sessions: Arc<Sessions>, mut reader: tokio:
                     // The stream header has no place in BOSH: the session request's
                     // answer stands for it.
                     ToClient::Message(text) if text.starts_with("<open ") => {}
-                    ToClient::Message(text) => st.out.push(text),
+                    ToClient::Message(text) => {
+                        st.out_bytes += text.len();
+                        st.out.push(text);
+                    }
                     ToClient::Close => st.ended = true,
                 }
             }
@@ -399,7 +468,7 @@ async fn watch_inactivity(session: Arc<Session>, sessions: Arc<Sessions>) {
             if st.ended {
                 return;
             }
-            st.held.is_empty() && st.last_request.is_some_and(|t| t.elapsed() > INACTIVITY)
+            st.held.is_empty() && st.last_activity.is_some_and(|t| t.elapsed() > INACTIVITY)
         };
         if idle {
             debug!(sid = session.sid, "BOSH session inactive: ended");

@@ -5,7 +5,6 @@
 //! `framing`).
 
 mod bosh;
-mod framing;
 mod host_meta;
 mod websocket;
 
@@ -35,6 +34,11 @@ use crate::shared::Shared;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub const WEBSOCKET_PATH: &str = "/xmpp-websocket";
+/// Bytes the pipe between a web transport and its client stream holds before a writer
+/// waits.
+const PIPE_BYTES: usize = 64 * 1024;
+/// How long a request body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(10);
 pub const BOSH_PATH: &str = "/http-bind";
 
 /// Binds every web listener; each accepted connection is served on its own task.
@@ -47,6 +51,8 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
     };
     let sessions = Arc::new(bosh::Sessions::default());
     let connections = Arc::new(Connections::default());
+    // Clients behind trusted proxies, by the address the proxy forwards.
+    let forwarded = Arc::new(Connections::default());
     for l in &web.listen {
         let listener = TcpListener::bind((l.address.as_str(), l.port))
             .await
@@ -55,6 +61,7 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
         let (shared, tls, l) = (shared.clone(), tls.clone().filter(|_| l.tls), l.clone());
         let sessions = sessions.clone();
         let connections = connections.clone();
+        let forwarded = forwarded.clone();
         tokio::spawn(async move {
             loop {
                 let (tcp, peer) = match listener.accept().await {
@@ -65,7 +72,14 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
                         continue;
                     }
                 };
-                let Some(admitted) = connections.admit(peer.ip(), shared.config.web.max_connections_per_address) else {
+                // Behind a trusted proxy every client shares its address: they are counted
+                // by the address it forwards, when they upgrade or open a BOSH session.
+                let limit = if shared.config.web.trusted_proxies.contains(&peer.ip()) {
+                    usize::MAX
+                } else {
+                    shared.config.web.max_connections_per_address
+                };
+                let Some(admitted) = connections.admit(peer.ip(), limit) else {
                     debug!(%peer, "too many connections from this address: refused");
                     if tls.is_none() {
                         let _ = tcp.try_write(BUSY);
@@ -75,7 +89,13 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
                 let _ = tcp.set_nodelay(true);
                 let span = info_span!("web", %peer);
                 let admitted = Arc::new(admitted);
-                let serve = connection(shared.clone(), sessions.clone(), admitted, tcp, peer, tls.clone(), l.clone());
+                let edge = Edge {
+                    shared: shared.clone(),
+                    sessions: sessions.clone(),
+                    connections: connections.clone(),
+                    forwarded: forwarded.clone(),
+                };
+                let serve = connection(Arc::new(edge), admitted, tcp, peer, tls.clone(), l.clone());
                 tokio::spawn(serve.instrument(span));
             }
         });
@@ -83,10 +103,36 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One HTTP connection (after TLS for https): requests until it closes or upgrades.
-async fn connection(
+/// What every request of the web listeners shares.
+struct Edge {
     shared: Arc<Shared>,
     sessions: Arc<bosh::Sessions>,
+    /// Connections (and BOSH sessions) of direct clients, by their address.
+    connections: Arc<Connections>,
+    /// WebSockets and BOSH sessions of clients behind trusted proxies, counted by the
+    /// address the proxy forwards (direct clients are counted by their connections).
+    forwarded: Arc<Connections>,
+}
+
+impl Edge {
+    /// Counts one more connection or BOSH session for a client that came through a
+    /// trusted proxy (direct clients are counted by their TCP connection); `None` past
+    /// the limit.
+    fn admit_forwarded(&self, client: SocketAddr, tcp_peer: SocketAddr) -> Result<Option<Admitted>, ()> {
+        let web = &self.shared.config.web;
+        if !web.trusted_proxies.contains(&tcp_peer.ip()) {
+            return Ok(None);
+        }
+        match self.forwarded.admit(client.ip(), web.max_connections_per_address) {
+            Some(a) => Ok(Some(a)),
+            None => Err(()),
+        }
+    }
+}
+
+/// One HTTP connection (after TLS for https): requests until it closes or upgrades.
+async fn connection(
+    edge: Arc<Edge>,
     admitted: Arc<Admitted>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
@@ -94,15 +140,15 @@ async fn connection(
     listener: WebListener,
 ) {
     let service = {
-        let shared = shared.clone();
         let listener = listener.clone();
         service_fn(move |req: Request<Incoming>| {
-            let (shared, listener, sessions) = (shared.clone(), listener.clone(), sessions.clone());
+            let (edge, listener) = (edge.clone(), listener.clone());
             // The connection counts for its address until an upgraded WebSocket ends too.
             let admitted = admitted.clone();
-            let peer = client_address(&shared.config.web, peer, req.headers());
+            let client = client_address(&edge.shared.config.web, peer, req.headers());
             async move {
-                Ok::<_, Infallible>(handle(shared, sessions, admitted, req, peer, &listener).await)
+                let tcp = TcpPeer { addr: peer, admitted };
+                Ok::<_, Infallible>(handle(&edge, tcp, req, client, &listener).await)
             }
         })
     };
@@ -134,20 +180,34 @@ async fn connection(
     }
 }
 
-async fn handle(
-    shared: Arc<Shared>,
-    sessions: Arc<bosh::Sessions>,
+/// The TCP connection a request came on: its peer (perhaps a proxy) and its place in
+/// the count of its address.
+struct TcpPeer {
+    addr: SocketAddr,
     admitted: Arc<Admitted>,
+}
+
+/// One request; `peer` is the client's address (`client_address`).
+async fn handle(
+    edge: &Arc<Edge>,
+    tcp: TcpPeer,
     req: Request<Incoming>,
     peer: SocketAddr,
     listener: &WebListener,
 ) -> Response<Full<Bytes>> {
+    let shared = &edge.shared;
     let web = &shared.config.web;
     let path = req.uri().path().to_owned();
     match (req.method(), path.as_str()) {
-        (&Method::GET, WEBSOCKET_PATH) => upgrade(shared.clone(), admitted, req, peer, listener),
+        (&Method::GET, WEBSOCKET_PATH) => {
+            let forwarded = match edge.admit_forwarded(peer, tcp.addr) {
+                Ok(f) => f,
+                Err(()) => return plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n".into()),
+            };
+            upgrade(shared.clone(), (tcp.admitted, forwarded), req, peer, listener)
+        }
         (&Method::POST | &Method::OPTIONS, BOSH_PATH) => {
-            bosh_request(&shared, &sessions, req, peer, listener).await
+            bosh_request(edge, tcp.addr, req, peer, listener).await
         }
         (&Method::GET | &Method::HEAD, host_meta::XRD_PATH | host_meta::JSON_PATH) => {
             let base = web.base_url.clone().unwrap_or_else(|| {
@@ -181,7 +241,7 @@ async fn handle(
 /// is served on the upgraded connection.
 fn upgrade(
     shared: Arc<Shared>,
-    admitted: Arc<Admitted>,
+    admitted: (Arc<Admitted>, Option<Admitted>),
     mut req: Request<Incoming>,
     peer: SocketAddr,
     listener: &WebListener,
@@ -254,13 +314,14 @@ fn upgrade(
 /// A BOSH request (or its CORS preflight): the body, at most the stanza limit plus
 /// 16 KiB, to `bosh::request`; CORS headers for the pages `allowed-origins` lets in.
 async fn bosh_request(
-    shared: &Arc<Shared>,
-    sessions: &Arc<bosh::Sessions>,
+    edge: &Arc<Edge>,
+    tcp_peer: SocketAddr,
     req: Request<Incoming>,
     peer: SocketAddr,
     listener: &WebListener,
 ) -> Response<Full<Bytes>> {
     use http_body_util::BodyExt;
+    let (shared, sessions) = (&edge.shared, &edge.sessions);
     let origin = req
         .headers()
         .get(header::ORIGIN)
@@ -273,12 +334,24 @@ async fn bosh_request(
         plain(StatusCode::OK, String::new())
     } else {
         let limit = shared.config.limits.max_stanza_bytes + 16 * 1024;
-        let body = match http_body_util::Limited::new(req.into_body(), limit).collect().await {
-            Ok(b) => b.to_bytes(),
-            Err(_) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n".into()),
+        let body = http_body_util::Limited::new(req.into_body(), limit).collect();
+        let body = match tokio::time::timeout(BODY_TIMEOUT, body).await {
+            Ok(Ok(b)) => b.to_bytes(),
+            Ok(Err(_)) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n".into()),
+            Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n".into()),
         };
         let secure = listener.tls || listener.secure;
-        let reply = bosh::request(shared, sessions, &body, peer, secure).await;
+        // A new session counts for its client's address, as a connection does.
+        let admit = || {
+            let web = &shared.config.web;
+            let counted = if web.trusted_proxies.contains(&tcp_peer.ip()) {
+                &edge.forwarded
+            } else {
+                &edge.connections
+            };
+            counted.admit(peer.ip(), web.max_connections_per_address)
+        };
+        let reply = bosh::request(shared, sessions, &body, peer, secure, admit).await;
         let mut r = plain(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK), reply.body);
         r.headers_mut().insert(
             header::CONTENT_TYPE,
@@ -303,12 +376,12 @@ const BUSY: &[u8] =
 
 /// Live HTTP connections per address.
 #[derive(Default)]
-struct Connections {
+pub(super) struct Connections {
     per_address: std::sync::Mutex<std::collections::HashMap<std::net::IpAddr, usize>>,
 }
 
 /// One admitted connection: counted until dropped.
-struct Admitted {
+pub(super) struct Admitted {
     connections: Arc<Connections>,
     ip: std::net::IpAddr,
 }
@@ -347,17 +420,37 @@ fn client_address(web: &WebConfig, peer: SocketAddr, headers: &hyper::HeaderMap)
     if !web.trusted_proxies.contains(&peer.ip()) {
         return peer;
     }
-    let forwarded: Vec<std::net::IpAddr> = headers
+    let entries: Vec<&str> = headers
         .get_all("x-forwarded-for")
         .iter()
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
-        .filter_map(|a| a.trim().parse().ok())
+        .map(str::trim)
         .collect();
-    match forwarded.iter().rev().find(|a| !web.trusted_proxies.contains(a)) {
-        Some(ip) => SocketAddr::new(*ip, peer.port()),
-        None => peer,
+    // From the right: the entries our proxies added, then the client's. An entry that
+    // does not read as an address ends the walk (what is left of it is the client's
+    // own claim): the peer stands.
+    for entry in entries.iter().rev() {
+        let Some(ip) = forwarded_ip(entry) else {
+            return peer;
+        };
+        if !web.trusted_proxies.contains(&ip) {
+            return SocketAddr::new(ip, peer.port());
+        }
     }
+    peer
+}
+
+/// An address as proxies write it in `X-Forwarded-For`: `IP`, `IP:PORT`, `[IPv6]` or
+/// `[IPv6]:PORT`.
+fn forwarded_ip(entry: &str) -> Option<std::net::IpAddr> {
+    if let Ok(ip) = entry.parse() {
+        return Some(ip);
+    }
+    if let Ok(sa) = entry.parse::<SocketAddr>() {
+        return Some(sa.ip());
+    }
+    entry.strip_prefix('[')?.strip_suffix(']')?.parse().ok()
 }
 
 /// `allowed-origins`: none configured lets every origin in (non-browser clients send
@@ -395,6 +488,13 @@ mod tests {
         // From anyone else the header means nothing.
         assert_eq!(client_address(&web, other, &headers), other);
         assert_eq!(client_address(&web, proxy, &hyper::HeaderMap::new()), proxy);
+        // Proxies that add ports; an entry that does not read stops the walk.
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("x-forwarded-for", "203.0.113.7:5555, [2001:db8::1]:443".parse().unwrap());
+        assert_eq!(client_address(&web, proxy, &headers).ip().to_string(), "2001:db8::1");
+        let mut headers = hyper::HeaderMap::new();
+        headers.insert("x-forwarded-for", "198.51.100.1, junk, 10.0.0.2".parse().unwrap());
+        assert_eq!(client_address(&web, proxy, &headers), proxy);
     }
 
     #[test]

@@ -14,11 +14,14 @@
 //! - [`rate::ByteRate`]: the per-connection byte rate limit.
 //! - [`listener`]: listeners bound at start, one task per accepted connection.
 //! - [`caps`]: entity capabilities hashes (XEP-0115), the server's in its features.
+//! - [`framing`]: RFC 7395 framing (XMPP over WebSocket) translated to and from stream
+//!   bytes, for the server (c2s) and for a client (the bench).
 
 pub mod caps;
 pub mod close;
 pub mod connection;
 pub mod features;
+pub mod framing;
 pub mod listener;
 pub mod rate;
 pub mod tls;
