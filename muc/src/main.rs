@@ -25,7 +25,9 @@ use bytes::Bytes;
 use clap::Parser;
 use tracing::info;
 
-use jrs_component::service::{exit_code, load_and_init, run_component, Bind, CommonArgs};
+use jrs_component::service::{
+    exit_code, load_and_init, run_component_until_stopped, Bind, CommonArgs,
+};
 use jrs_component::{Outbox, PacketType};
 use jrs_xdb::XdbClient;
 
@@ -150,7 +152,13 @@ fn run(args: Args) -> anyhow::Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
-    runtime.block_on(run_component(link, limits, binds, |reader, outbox| {
-        link::serve(ctx.clone(), reader, outbox)
-    }))
+    let stopping = ctx.clone();
+    runtime.block_on(run_component_until_stopped(
+        link,
+        limits,
+        binds,
+        |reader, outbox| link::serve(ctx.clone(), reader, outbox),
+        // SIGTERM: occupants are told the service goes down (status 332).
+        || async move { registry::shut_down(&stopping).await },
+    ))
 }

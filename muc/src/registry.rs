@@ -31,6 +31,33 @@ pub struct Registry {
     rooms: Mutex<HashMap<String, mpsc::Sender<Stanza>>>,
 }
 
+/// The service is stopping: every loaded room tells its occupants (status 332), then
+/// the rooms are given up to 2 s to have sent it.
+pub async fn shut_down(ctx: &Arc<Ctx>) {
+    let rooms: Vec<mpsc::Sender<Stanza>> = ctx
+        .rooms
+        .rooms
+        .lock()
+        .expect("rooms lock")
+        .values()
+        .cloned()
+        .collect();
+    info!(rooms = rooms.len(), "stopping: occupants told the service goes down");
+    let notice = Stanza::parse(bytes::Bytes::from(format!("<{}/>", room::SHUTDOWN)))
+        .expect("a well-formed element");
+    for tx in &rooms {
+        let _ = tx.send(notice.clone()).await;
+    }
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+    while tokio::time::Instant::now() < deadline
+        && rooms.iter().any(|tx| tx.capacity() < tx.max_capacity())
+    {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    // What the last batches wrote is on its way out of the link.
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+}
+
 /// Queues `stanza` for the task of `room`, starting the task if the room is not loaded.
 pub fn dispatch(ctx: &Arc<Ctx>, room: BareJid, stanza: Stanza) {
     let mut rooms = ctx.rooms.rooms.lock().expect("rooms lock");

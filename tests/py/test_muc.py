@@ -516,3 +516,18 @@ def test_muc_killed_and_restarted_by_the_supervisor(request, tmp_path):
         if report is not None and report.failed:
             report.sections.append(("server logs", server.logs_text(tail_lines=200)))
         assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+
+
+def test_occupants_are_told_when_the_service_stops(server):
+    """SIGTERM to muc: each occupant's session gets its unavailable presence with status
+    110 and 332 (XEP-0045: removed because the service goes down) before muc exits."""
+    alice = connect(server, "alice")
+    try:
+        join(alice, "Alice")
+        assert owner_submit(alice).get("type") == "result"
+        server.kill("muc", signal.SIGTERM)
+        got = until(alice, lambda e: local(e) == "presence" and e.get("type") == "unavailable",
+                    "the service's shutdown presence")
+        assert sorted(codes(got[-1])) == ["110", "332"], to_xml(got[-1])
+    finally:
+        alice.close()

@@ -31,6 +31,10 @@ use crate::config::RoomLimits;
 use crate::xml::{self, Condition, Template};
 use config::RoomConfig;
 
+/// The element a room task gets when the service stops (never from the network: the
+/// link hands rooms only messages, presences and IQs).
+pub const SHUTDOWN: &str = "shutdown";
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Affiliation {
     Outcast,
@@ -430,6 +434,9 @@ impl Room {
 
     /// Handles one stanza addressed to the room or one of its occupants.
     pub fn handle(&mut self, s: &Stanza, now: f64, out: &mut Out) {
+        if s.name() == SHUTDOWN {
+            return self.shut_down(out);
+        }
         if self.destroyed {
             out.error(s, xml::ITEM_NOT_FOUND, "the room was destroyed");
             return;
@@ -452,6 +459,29 @@ impl Room {
             ("iq", None) => self.iq_room(s, &from, now, out),
             ("iq", Some(nick)) => self.iq_occupant(s, &from, &nick, now, out),
             _ => {}
+        }
+    }
+
+    /// The service is stopping (XEP-0045 status 332): every occupant is told it is
+    /// removed; the room's stored state stays for the next start.
+    fn shut_down(&mut self, out: &mut Out) {
+        let occupants = std::mem::take(&mut self.occupants);
+        for o in &occupants {
+            let mut attrs = xml::attr("from", &self.nick_jid(&o.nick));
+            attrs.push_str(" type='unavailable'");
+            let t = Template::new(
+                "presence",
+                &attrs,
+                &format!(
+                    "<x xmlns='{}'><item affiliation='{}' role='none'/><status code='110'/>\
+                     <status code='332'/></x>",
+                    xml::NS_MUC_USER,
+                    self.affiliation(&o.bare).name()
+                ),
+            );
+            for s in &o.sessions {
+                t.write(s, &mut out.buf);
+            }
         }
     }
 
