@@ -1,6 +1,7 @@
 //! jabberctl: the operator's tool. Adds, removes and lists users and sets passwords on a
 //! running server, by connecting to the router as the component `admin` and asking the
-//! storage component (see `docs/operations.md`).
+//! storage component (see `docs/operations.md`); follows the server's log records as a
+//! log sink (`jabberctl log --follow`, docs/logd.md).
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -10,7 +11,9 @@ use anyhow::{bail, Context};
 use clap::{Parser, Subcommand};
 
 use jrs_auth::{Credentials, NS_AUTH};
-use jrs_component::service::connect_and_bind;
+use jrs_component::log_record::{Filter, Level, LogRecord};
+use jrs_component::service::{connect_and_bind, Bind};
+use jrs_component::PacketType;
 use jrs_config::{Node, RouterLink};
 use jrs_stream::Limits;
 use jrs_xdb::{Op, XdbClient};
@@ -45,6 +48,25 @@ enum Command {
     },
     /// List the accounts of a domain.
     Users { domain: String },
+    /// Print the server's log records as they happen, by binding as a log sink (see
+    /// docs/logd.md) until interrupted.
+    Log {
+        /// Keep printing new records (the only mode: there is no history).
+        #[arg(long)]
+        follow: bool,
+        /// Only records at least this severe: error, warn, info, debug or trace.
+        #[arg(long, default_value = "trace")]
+        level: String,
+        /// Only records concerning this host (repeatable).
+        #[arg(long)]
+        host: Vec<String>,
+        /// Only records of this process or instance (sm, sm-2; repeatable).
+        #[arg(long)]
+        process: Vec<String>,
+        /// Only records whose message or a field contains this text.
+        #[arg(long = "match")]
+        matches: Option<String>,
+    },
 }
 
 fn main() -> std::process::ExitCode {
@@ -109,6 +131,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ => None,
     };
     jrs_component::transport::install_crypto_provider();
+    if let Command::Log {
+        follow,
+        level,
+        host,
+        process,
+        matches,
+    } = &args.command
+    {
+        if !follow {
+            bail!("jabberctl log needs --follow (records are not kept: logd writes them to files)");
+        }
+        let filter = Filter {
+            level: Level::parse(level)
+                .with_context(|| format!("--level {level}: expected error, warn, info, debug or trace"))?,
+            hosts: host.iter().map(|h| h.to_ascii_lowercase()).collect(),
+            processes: process.clone(),
+            matches: matches.clone(),
+        };
+        return follow_log(&link, filter).await;
+    }
     let component = tokio::time::timeout(
         Duration::from_secs(10),
         connect_and_bind(&link, Limits::default(), &[]),
@@ -168,8 +210,46 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             eprintln!("{found} account(s) on {domain}");
         }
+        Command::Log { .. } => unreachable!("handled before connecting"),
     }
     Ok(())
+}
+
+/// `jabberctl log --follow`: binds `log` for `*` (copies: logd and others keep theirs)
+/// and prints each record that passes the filter as one line (docs/logd.md).
+async fn follow_log(link: &RouterLink, filter: Filter) -> anyhow::Result<()> {
+    let bind = Bind {
+        route: PacketType::Log,
+        host: "*".into(),
+        shared: true,
+        fanout: false,
+        ns: None,
+    };
+    let component = tokio::time::timeout(
+        Duration::from_secs(10),
+        connect_and_bind(link, Limits::default(), &[bind]),
+    )
+    .await
+    .context("the router did not answer within 10 s: is the server running?")??;
+    let (mut reader, _writer) = component.split();
+    eprintln!("following the server's log (Ctrl-C to stop)");
+    let print = async {
+        loop {
+            let stanza = reader.next().await?;
+            if let Some(r) = LogRecord::parse(&stanza) {
+                if filter.accepts(&r) {
+                    use std::io::Write;
+                    let mut out = std::io::stdout().lock();
+                    writeln!(out, "{}", r.line())?;
+                    out.flush()?;
+                }
+            }
+        }
+    };
+    tokio::select! {
+        r = print => r,
+        _ = tokio::signal::ctrl_c() => Ok(()),
+    }
 }
 
 /// The `jid` attributes of `<owner/>` elements in a `list` answer.

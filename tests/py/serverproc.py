@@ -25,7 +25,7 @@ from xml.sax.saxutils import quoteattr
 ROOT = Path(__file__).resolve().parents[2]
 PROCESSES = ["router", "xdb-file", "sm", "c2s"]
 SECRETS = {"xdb-file": "xdb-secret", "sm": "sm-secret", "c2s": "c2s-secret", "admin": "admin-secret",
-           "muc": "muc-secret"}
+           "muc": "muc-secret", "logd": "logd-secret"}
 MUC_SERVICE = "conference.localhost"
 CONNECTED = "connected to the router"
 POLL = 0.05
@@ -81,13 +81,20 @@ class Server:
     proxy65_extra: extra elements for proxy65.xml).
     muc: also run the group chat service (muc, for conference.localhost, its rooms
     stored by xdb-file); muc_extra: extra XML elements for muc.xml.
+    storage="pg" with pg_url: the storage process (still named "xdb-file" here) is
+    xdb-pg on that PostgreSQL database (tests/py/test_storage_pg.py).
+    logd: also run the log sink (started right after the router); logd_extra: its
+    outputs (elements of logd.xml), by default <file path='log/server.log' level='info'/>.
     """
 
     def __init__(self, directory, register=False, auth_failures=(5, 60), timeouts=None,
                  c2s_extra="", sm_extra="", grace_seconds=2, users_extra="", router_extra="",
                  upload=False, upload_extra="", muc=False, muc_extra="",
-                 proxy65=False, proxy65_extra=""):
+                 proxy65=False, proxy65_extra="", storage="file", pg_url=None,
+                 logd=False, logd_extra=""):
         self.dir = Path(directory)
+        self.storage = storage
+        self.pg_url = pg_url
         self.register = register
         self.auth_failures = auth_failures
         self.timeouts = timeouts  # (idle, keepalive) seconds or None for c2s's defaults
@@ -103,6 +110,8 @@ class Server:
         self.proxy65_port = None
         self.muc = muc
         self.muc_extra = muc_extra
+        self.logd = logd
+        self.logd_extra = logd_extra
         self.grace_seconds = grace_seconds
         self.port = None  # the router's
         self.starttls_port = None
@@ -132,14 +141,25 @@ class Server:
             f"  {self.router_extra}\n"
             "  <log level='debug'/>\n"
             "</router>\n")
-        (d / "xdb-file.xml").write_text(
-            "<xdb-file>\n"
-            f"  {self.router_element('xdb-file')}\n"
-            "  <host>localhost</host>\n"
-            f"{f'  <host>{MUC_SERVICE}</host>' if self.muc else ''}\n"
-            f"  <spool dir={quoteattr(str(d / 'spool'))}/>\n"
-            "  <log level='debug'/>\n"
-            "</xdb-file>\n")
+        if self.storage == "pg":
+            (d / "xdb-file.xml").write_text(
+                "<xdb-pg>\n"
+                f"  <router address='127.0.0.1' port='{self.port}' name='xdb-pg' "
+                "secret='xdb-pg-secret' reconnect='0.05'/>\n"
+                "  <host>localhost</host>\n"
+                f"{f'  <host>{MUC_SERVICE}</host>' if self.muc else ''}\n"
+                f"  <postgresql url={quoteattr(self.pg_url)} pool-size='2'/>\n"
+                "  <log level='debug'/>\n"
+                "</xdb-pg>\n")
+        else:
+            (d / "xdb-file.xml").write_text(
+                "<xdb-file>\n"
+                f"  {self.router_element('xdb-file')}\n"
+                "  <host>localhost</host>\n"
+                f"{f'  <host>{MUC_SERVICE}</host>' if self.muc else ''}\n"
+                f"  <spool dir={quoteattr(str(d / 'spool'))}/>\n"
+                "  <log level='debug'/>\n"
+                "</xdb-file>\n")
         (d / "sm.xml").write_text(self.sm_config())
         timeouts = ""
         if self.timeouts is not None:
@@ -159,6 +179,14 @@ class Server:
                 f"  {self.proxy65_extra}\n"
                 "  <log level='debug'/>\n"
                 "</proxy65>\n")
+        if self.logd:
+            outputs = self.logd_extra or "<file path='log/server.log' level='info'/>"
+            (d / "logd.xml").write_text(
+                "<logd>\n"
+                f"  {self.router_element('logd')}\n"
+                f"  {outputs}\n"
+                "  <log level='debug'/>\n"
+                "</logd>\n")
         if self.muc:
             (d / "muc.xml").write_text(
                 "<muc>\n"
@@ -245,6 +273,8 @@ class Server:
         self._log_files[name] = open(log_path, "ab")
         env = dict(os.environ)
         env.pop("RUST_LOG", None)  # the configs' log levels apply
+        if name == "xdb-file" and self.storage == "pg":
+            binary = binary or "xdb-pg"
         self.procs[name] = subprocess.Popen(
             [str(bin_dir() / (binary or name)), "-c", str(self.dir / f"{name}.xml"), *extra],
             cwd=self.dir, stdin=subprocess.DEVNULL,
@@ -322,7 +352,8 @@ class Server:
                 self.procs = {}
 
     def _start_once(self):
-        missing = binaries_missing()
+        missing = binaries_missing() + (
+            ["logd"] if self.logd and not (bin_dir() / "logd").exists() else [])
         if missing:
             raise ServerError(f"not built in {bin_dir()}: {', '.join(missing)} "
                               "(cargo build --workspace --bins, or set JABBERD_BIN_DIR)")
@@ -341,6 +372,9 @@ class Server:
                 self.stop()
                 if attempt == 2:
                     raise
+        if self.logd:
+            # First, so that it is bound before the others log anything.
+            self._wait_connected("logd", self._start_component("logd"))
         components = ["xdb-file", "sm", "c2s"] + (["muc"] if self.muc else [])
         offsets = {name: self._start_component(name) for name in components}
         self.wait_for(lambda: accepts(self.starttls_port) and accepts(self.tls_port),

@@ -219,11 +219,18 @@ impl ComponentReader {
         if let Some(s) = self.early.pop_front() {
             return Ok(s);
         }
-        let s = next_element(&mut self.reader).await?;
-        if s.name() == "stream:error" {
-            bail!("the router closed the stream: {}", describe_error(&s));
+        loop {
+            let s = next_element(&mut self.reader).await?;
+            if s.name() == "stream:error" {
+                bail!("the router closed the stream: {}", describe_error(&s));
+            }
+            // Our own log packet bounced (the ACL): not the component's business.
+            if s.name() == "log" && s.kind() == Some("error") {
+                crate::log_route::refused(&error_condition(&s));
+                continue;
+            }
+            return Ok(s);
         }
-        Ok(s)
     }
 }
 

@@ -7,10 +7,14 @@
 //! - [`client`]: connect, handshake, bind; then read stanzas and send bytes.
 //! - [`session`]: the queued stanzas of the session protocol (c2s and sm).
 //! - [`fanout`]: one stanza for many recipients (room broadcasts).
+//! - [`logging`], [`log_route`], [`log_record`]: stderr logging, and log records sent
+//!   through the router as `log` packets.
 
 pub mod client;
 pub mod fanout;
 pub mod io;
+pub mod log_record;
+pub mod log_route;
 pub mod logging;
 pub mod protocol;
 pub mod service;

@@ -160,7 +160,11 @@ where
         loop {
             let component = connect_and_bind(&link, limits, &binds).await?;
             let (reader, writer) = component.split();
-            match serve(reader, writer.spawn()).await {
+            let outbox = writer.spawn();
+            crate::log_route::attach(&outbox, &link.name, bound_hosts(&binds));
+            let served = serve(reader, outbox).await;
+            crate::log_route::detach();
+            match served {
                 Ok(()) => warn!("router link closed; reconnecting"),
                 Err(e) => warn!("router link lost: {e:#}; reconnecting"),
             }
@@ -196,6 +200,17 @@ where
         }
     }
     Ok(())
+}
+
+/// The hosts a component may send `log` packets from: those it bound (not `*`).
+fn bound_hosts(binds: &[Bind]) -> Vec<String> {
+    let mut hosts: Vec<String> = binds
+        .iter()
+        .filter(|b| !b.is_notices() && b.ns.is_none() && b.host != "*" && !b.host.is_empty())
+        .map(|b| b.host.to_ascii_lowercase())
+        .collect();
+    hosts.dedup();
+    hosts
 }
 
 /// Builds the runtime and runs `main`, mapping errors to exit codes: 2 for configuration

@@ -94,34 +94,48 @@ impl TlsFiles {
     }
 }
 
-/// `<log level="info"/>`: the default log filter (RUST_LOG overrides it).
+/// `<log level="info" route-level="warn"/>`: the default log filter for stderr (RUST_LOG
+/// overrides it), and the level from which records are also sent to the router as `log`
+/// packets (docs/protocol.md, "Log packets"; `off` sends none).
 #[derive(Debug, Clone, PartialEq)]
 pub struct LogConfig {
     pub level: String,
+    /// error, warn, info, debug, trace or off.
+    pub route_level: String,
 }
 
 impl Default for LogConfig {
     fn default() -> Self {
         LogConfig {
             level: "info".into(),
+            route_level: "warn".into(),
         }
     }
 }
+
+const LEVELS: [&str; 5] = ["error", "warn", "info", "debug", "trace"];
 
 impl LogConfig {
     pub fn from_node(node: Option<&Node>) -> Result<LogConfig> {
         let Some(node) = node else {
             return Ok(LogConfig::default());
         };
-        node.allow(&["level"], &[])?;
+        node.allow(&["level", "route-level"], &[])?;
         let level = node.attr("level").unwrap_or("info");
-        if !["error", "warn", "info", "debug", "trace"].contains(&level) {
+        if !LEVELS.contains(&level) {
             return Err(node.error(format!(
                 "attribute 'level' = '{level}': expected error, warn, info, debug or trace"
             )));
         }
+        let route_level = node.attr("route-level").unwrap_or("warn");
+        if !LEVELS.contains(&route_level) && route_level != "off" {
+            return Err(node.error(format!(
+                "attribute 'route-level' = '{route_level}': expected error, warn, info, debug, trace or off"
+            )));
+        }
         Ok(LogConfig {
             level: level.to_owned(),
+            route_level: route_level.to_owned(),
         })
     }
 }
