@@ -109,3 +109,27 @@ def test_a_restart_of_one_store_holds_only_its_requests(server):
     server._wait_connected("xdb-file-2", offset)
     alice.close()
     result["client"].close()
+
+
+def test_a_restart_of_the_default_store_holds_only_its_requests(server):
+    """While the default store is down, logins still work at once (the credentials are
+    in the accounts store) and a vCard update waits for the default store, completing
+    when it is back."""
+    server.addusers({"alice@localhost": "alice-pw"})
+    server.kill("xdb-file")
+    alice = login(server.starttls_port, "alice", "alice-pw", resource="a")
+    result = {}
+
+    def set_vcard():
+        result["iq"] = alice.iq("set", "<vCard xmlns='vcard-temp'><FN>Alice</FN></vCard>")
+
+    t = threading.Thread(target=set_vcard)
+    t.start()
+    time.sleep(0.3)  # no event to wait for: the request reaches the router and is held
+    assert "iq" not in result, "stored without the default store"
+    offset = server.log_size("xdb-file")
+    server.spawn("xdb-file")
+    t.join(10)
+    assert result.get("iq") is not None and result["iq"].get("type") == "result"
+    server._wait_connected("xdb-file", offset)
+    alice.close()
