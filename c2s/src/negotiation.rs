@@ -435,6 +435,8 @@ impl Negotiation {
             if settings.csi {
                 bind2.push(NS_CSI.to_owned());
             }
+            // Enabled by sm's carbons module, which c2s asks on the client's behalf.
+            bind2.push(crate::sasl2::NS_CARBONS.to_owned());
             f.push(Feature::Sasl2 {
                 mechanisms: self.offered(settings),
                 inline: Sasl2Inline {
@@ -1035,6 +1037,7 @@ impl Negotiation {
                 full,
                 sm: b.sm.filter(|_| settings.stream_management),
                 inactive: b.inactive && settings.csi,
+                carbons: b.carbons,
             }
         });
         let resume = req.resume.clone().filter(|_| settings.stream_management);
@@ -1533,7 +1536,7 @@ mod tests {
         let s = settings();
         let (_, f) = over_tls2(&s);
         assert!(f.contains("<authentication xmlns='urn:xmpp:sasl:2'><mechanism>SCRAM-SHA-256-PLUS</mechanism>"), "{f}");
-        assert!(f.contains("<bind xmlns='urn:xmpp:bind:0'><inline><feature var='urn:xmpp:sm:3'/><feature var='urn:xmpp:csi:0'/></inline></bind>"));
+        assert!(f.contains("<bind xmlns='urn:xmpp:bind:0'><inline><feature var='urn:xmpp:sm:3'/><feature var='urn:xmpp:csi:0'/><feature var='urn:xmpp:carbons:2'/></inline></bind>"));
         assert!(f.contains("<sm xmlns='urn:xmpp:sm:3'/><fast xmlns='urn:xmpp:fast:0'><mechanism>HT-SHA-256-EXPR</mechanism><mechanism>HT-SHA-256-ENDP</mechanism><mechanism>HT-SHA-256-NONE</mechanism></fast>"));
         assert!(f.contains("<sasl-channel-binding xmlns='urn:xmpp:sasl-cb:0'><channel-binding type='tls-server-end-point'/><channel-binding type='tls-exporter'/></sasl-channel-binding>"));
         // Legacy SASL is still offered alongside.

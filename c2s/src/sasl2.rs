@@ -5,6 +5,9 @@
 use jrs_stream::xml::escape;
 use jrs_stream::Stanza;
 use jrs_sx::features::{NS_BIND2, NS_CSI, NS_SASL, NS_SASL2, NS_SM};
+
+/// XEP-0280 message carbons, which Bind 2 may enable inline.
+pub const NS_CARBONS: &str = "urn:xmpp:carbons:2";
 use sha2::{Digest, Sha256};
 
 use crate::fast::NS_FAST;
@@ -31,6 +34,8 @@ pub struct BindRequest {
     pub sm: Option<SmEnable>,
     /// XEP-0352: the session starts inactive.
     pub inactive: bool,
+    /// XEP-0280 carbons enabled inline (XEP-0386 4).
+    pub carbons: bool,
 }
 
 /// FAST `<fast/>`: the client authenticates with a token.
@@ -92,6 +97,7 @@ pub fn parse(e: &Stanza) -> Option<Request> {
             });
         }
         bind.inactive = b.has_child("inactive", NS_CSI);
+        bind.carbons = b.has_child("enable", NS_CARBONS);
         r.bind = Some(bind);
     }
     if let Some(res) = root.get_child("resume", NS_SM) {
@@ -146,6 +152,7 @@ pub struct Bind2 {
     pub full: String,
     pub sm: Option<SmEnable>,
     pub inactive: bool,
+    pub carbons: bool,
 }
 
 /// A SASL2 authentication that succeeded: what `<success/>` carries and what follows.

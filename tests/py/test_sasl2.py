@@ -127,6 +127,38 @@ def test_scram_plus_ssdp_bind2_inline_sm_then_inline_resume(server):
     c2.close()
 
 
+def test_bind2_enables_carbons_inline(server):
+    """Bind 2 with carbons enabled inline (XEP-0386 4): the server lists the feature,
+    the session gets copies of a chat another resource of the user receives, and the
+    enable IQ's answer (sm's, asked by c2s for the client) never reaches the client."""
+    c, features = connect(server)
+    _, auth = sasl2_mechanisms(features)
+    inline = [f.get("var") for f in auth.iter(tag(NS_BIND2, "feature"))]
+    assert "urn:xmpp:carbons:2" in inline, to_xml(auth)
+    success = plain2(c, f"<bind xmlns='{NS_BIND2}'><tag>carbons</tag>"
+                        "<enable xmlns='urn:xmpp:carbons:2'/></bind>")
+    assert local(success) == "success", to_xml(success)
+    c.expect("features")
+    c.send("<presence/>")
+    other = RawClient.connect(server.starttls_port)
+    other.open_stream()
+    other.starttls()
+    other.open_stream()
+    other.scram("alice", "alice-pw")
+    other.open_stream()
+    other.bind("phone")
+    other.send("<presence/>")
+    # A message to the other resource comes to this one as a carbon copy.
+    other.send("<message to='alice@localhost/phone' type='chat'><body>to the phone</body></message>")
+    while True:
+        e = c.next(what="the carbon copy")
+        assert not (local(e) == "iq" and (e.get("id") or "").startswith("bind2-carbons")), to_xml(e)
+        if local(e) == "message" and e.find("{urn:xmpp:carbons:2}received") is not None:
+            break
+    c.close()
+    other.close()
+
+
 def test_sasl2_without_bind2_then_legacy_bind(server):
     c, _ = connect(server)
     success = plain2(c)

@@ -159,6 +159,18 @@ async fn bind2<'a>(
     if bind.inactive {
         live.csi.inactive();
     }
+    if bind.carbons {
+        // As if the client had sent the enable IQ (XEP-0386 4); sm's answer is dropped.
+        let id = format!("bind2-carbons-{}", live.handle.sid);
+        let iq = format!(
+            "<iq type='set' id='{}' from='{}'><enable xmlns='{}'/></iq>",
+            escape(&id),
+            escape(&full),
+            crate::sasl2::NS_CARBONS
+        );
+        shared.client_stanza(&live.handle, iq.as_bytes());
+        live.own_iq = Some(id);
+    }
     let inner = format!("{failed}{}", crate::sasl2::Done::bound(&enabled));
     let success = done.success(&full, &inner, true);
     if let Err(close) = live.conn.write(success.as_bytes()).await {
@@ -272,6 +284,9 @@ pub struct Live<'a> {
     csi: Csi,
     /// Stanzas whose write failed, without stream management to keep them.
     lost: Vec<Item>,
+    /// The id of an IQ c2s sent sm on the client's behalf (Bind 2's inline carbons):
+    /// its answer is not the client's.
+    own_iq: Option<String>,
     shutdown: watch::Receiver<bool>,
     /// Counted until this is dropped, after the session was ended or handed over.
     _relay: RelayGuard,
@@ -294,6 +309,7 @@ impl<'a> Live<'a> {
             handle,
             from_sm,
             sm,
+            own_iq: None,
             lost: vec![],
         }
     }
@@ -392,7 +408,21 @@ impl<'a> Live<'a> {
     }
 
     /// Stanzas for the client: through CSI (which may hold some), then written.
-    async fn deliver(&mut self, items: Vec<Item>) -> Result<(), Close> {
+    async fn deliver(&mut self, mut items: Vec<Item>) -> Result<(), Close> {
+        if let Some(id) = self.own_iq.clone() {
+            let answer = |i: &Item| {
+                Stanza::parse(i.bytes.clone()).is_ok_and(|s| {
+                    s.name() == "iq" && s.id() == Some(id.as_str()) && matches!(s.kind(), Some("result" | "error"))
+                })
+            };
+            if let Some(pos) = items.iter().position(answer) {
+                let item = items.remove(pos);
+                if !item.bytes.windows(6).any(|w| w == b"result") {
+                    warn!(jid = %self.handle.jid, "carbons not enabled inline: sm refused");
+                }
+                self.own_iq = None;
+            }
+        }
         if !self.csi.is_inactive() {
             return self.write_items(items).await;
         }
