@@ -1,5 +1,6 @@
 //! A minimal XMPP client for the benchmarks (`loadgen`, `archivebench`): TCP or
-//! STARTTLS with rustls, SCRAM-SHA-1 with the client's salted password cached (RFC 5802
+//! STARTTLS with rustls, or a web transport ([`Transport`]: WebSocket, BOSH) bridged to
+//! the same stream bytes, SCRAM-SHA-1 with the client's salted password cached (RFC 5802
 //! section 5.1), resource binding; and bench accounts written straight to storage with
 //! the same credentials, so the client computes PBKDF2 once and measures the server,
 //! not itself.
@@ -99,6 +100,27 @@ pub struct Client {
 
 const HEADER: &str = "<?xml version='1.0'?><stream:stream to='localhost' version='1.0' xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams'>";
 
+/// How a bench client reaches c2s.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum Transport {
+    /// A client stream over TCP (plaintext or STARTTLS).
+    Tcp,
+    /// XMPP over WebSocket (RFC 7395) on c2s's http listener (`crate::websocket`).
+    Ws,
+    /// BOSH (XEP-0124, XEP-0206) on c2s's http listener (`crate::bosh`).
+    Bosh,
+}
+
+impl Transport {
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "TCP",
+            Transport::Ws => "WebSocket",
+            Transport::Bosh => "BOSH",
+        }
+    }
+}
+
 impl Client {
     /// Connects to c2s on loopback `port` (STARTTLS first when `tls` is given), logs in
     /// as `user`@[`DOMAIN`] with SCRAM-SHA-1 and binds `resource`.
@@ -111,12 +133,46 @@ impl Client {
     ) -> anyhow::Result<Client> {
         let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
         tcp.set_nodelay(true)?;
+        Client::login_on(Box::new(tcp), user, resource, keys, tls).await
+    }
+
+    /// As [`Client::login`] over `transport`: `port` is c2s's client port for TCP, its
+    /// http listener's for the web transports (which have no STARTTLS: `tls` is ignored).
+    pub async fn login_over(
+        transport: Transport,
+        port: u16,
+        user: &str,
+        resource: &str,
+        keys: &ClientKeys,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> anyhow::Result<Client> {
+        match transport {
+            Transport::Tcp => Client::login(port, user, resource, keys, tls).await,
+            Transport::Ws => {
+                let io = crate::websocket::connect(port).await?;
+                Client::login_on(io, user, resource, keys, None).await
+            }
+            Transport::Bosh => {
+                let io = crate::bosh::connect(port).await?;
+                Client::login_on(io, user, resource, keys, None).await
+            }
+        }
+    }
+
+    /// Logs in over a connected byte stream `io` (see [`Client::login`]).
+    pub async fn login_on(
+        io: BoxIo,
+        user: &str,
+        resource: &str,
+        keys: &ClientKeys,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> anyhow::Result<Client> {
         let limits = Limits {
             max_stanza_bytes: 1 << 20,
             max_depth: 64,
         };
         let mut c = Client {
-            reader: FramedReader::new(Box::new(tcp) as BoxIo, limits),
+            reader: FramedReader::new(io, limits),
         };
         c.open().await?;
         if let Some(config) = tls {

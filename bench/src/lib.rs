@@ -5,3 +5,5 @@ pub mod client;
 pub mod muc;
 pub mod pep;
 pub mod procstat;
+pub mod websocket;
+pub mod bosh;

@@ -8,6 +8,11 @@
 //!   (user + system time of every server process, from /proc);
 //! - `idle`: server memory (RSS of every server process) per idle authenticated
 //!   connection;
+//!
+//! `messages` and `idle` take `--transport tcp|ws|bosh` (`idle` only for BOSH): the
+//! clients connect over TCP, XMPP over WebSocket (RFC 7395) or BOSH (XEP-0206) on c2s's
+//! http listener (`bench::websocket`, `bench::bosh`); everything above the transport is
+//! the same client.
 //! - `hibernated`: server memory per session hibernating (XEP-0198) after its client's
 //!   connection dropped;
 //! - `pep`: a presence storm of clients announcing capabilities (XEP-0115) that want
@@ -41,7 +46,7 @@ use rand::SeedableRng;
 use tokio::sync::{mpsc, Notify};
 
 use bench::caps::{self, Software};
-use bench::client::{accounts, client_tls, store_fragments, Client, ClientKeys, DOMAIN};
+use bench::client::{accounts, client_tls, store_fragments, Client, ClientKeys, Transport, DOMAIN};
 use bench::muc;
 use bench::pep::{self, key, Cmd, Counters, Snapshot};
 use bench::procstat::{cpu_micros, per_process, server_pids};
@@ -86,14 +91,25 @@ enum Scenario {
         inflight: u64,
         #[arg(long, default_value_t = 10)]
         seconds: u64,
+        /// How the clients connect: `tcp`, `ws` (RFC 7395 on c2s's http listener).
+        #[arg(long, value_enum, default_value = "tcp")]
+        transport: Transport,
+        /// Record c2s with `perf record -g` during the measurement into
+        /// perf-messages-TRANSPORT.data in the current directory.
+        #[arg(long)]
+        profile: bool,
     },
     /// Server memory per idle authenticated connection.
     Idle {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
-        /// STARTTLS before SASL.
+        /// STARTTLS before SASL (TCP only).
         #[arg(long)]
         tls: bool,
+        /// How the clients connect: `tcp`, `ws` (WebSocket) or `bosh` (a BOSH session
+        /// left polling: one request held by c2s).
+        #[arg(long, value_enum, default_value = "tcp")]
+        transport: Transport,
     },
     /// Server memory per session hibernating (XEP-0198) after its connection dropped.
     Hibernated {
@@ -192,14 +208,18 @@ fn main() -> anyhow::Result<()> {
                     clients: 200,
                     inflight: 10,
                     seconds: 10,
+                    transport: Transport::Tcp,
+                    profile: false,
                 },
                 Scenario::Idle {
                     connections: 10_000,
                     tls: false,
+                    transport: Transport::Tcp,
                 },
                 Scenario::Idle {
                     connections: 10_000,
                     tls: true,
+                    transport: Transport::Tcp,
                 },
             ],
             one => vec![one],
@@ -230,8 +250,18 @@ fn main() -> anyhow::Result<()> {
                     clients,
                     inflight,
                     seconds,
-                } => bench.messages(clients, inflight, seconds).await,
-                Scenario::Idle { connections, tls } => bench.idle(connections, tls).await,
+                    transport,
+                    profile,
+                } => {
+                    bench
+                        .messages(clients, inflight, seconds, transport, profile)
+                        .await
+                }
+                Scenario::Idle {
+                    connections,
+                    tls,
+                    transport,
+                } => bench.idle(connections, tls, transport).await,
                 Scenario::Hibernated { sessions } => bench.hibernated(sessions).await,
                 Scenario::Pep {
                     users,
@@ -275,6 +305,8 @@ struct Setup {
 struct Bench {
     server: Server,
     port: u16,
+    /// c2s's http listener (WebSocket, BOSH).
+    web_port: u16,
     tls: Arc<rustls::ClientConfig>,
     keys: ClientKeys,
     carbons: bool,
@@ -351,8 +383,10 @@ impl Bench {
             server.spawn("muc", "muc", &["-c", "muc.xml"])?;
             server.wait_connected("muc", 0).await?;
         }
-        let (port, _) = server
-            .start_c2s("<tls required='false'/><limits max-stanza-bytes='65536' max-depth='32' rate-bytes='100000000'/><timeouts idle='3600'/>")
+        // An http listener for the web transports (`secure`: as behind a TLS proxy, so
+        // no STARTTLS is asked for), with no limit on connections from the one address.
+        let (port, _, web_port) = server
+            .start_c2s_with_http("<tls required='false'/><limits max-stanza-bytes='65536' max-depth='32' rate-bytes='100000000'/><timeouts idle='3600'/><web max-connections-per-address='1000000'/>")
             .await?;
         let keys = ClientKeys::new();
         let mut fragments = accounts(users, &keys);
@@ -384,6 +418,7 @@ impl Bench {
         Ok(Bench {
             server,
             port,
+            web_port,
             tls,
             keys,
             carbons: setup.carbons,
@@ -393,9 +428,16 @@ impl Bench {
 
     /// A client logged in as `user`/`resource`, with stream management enabled when
     /// the bench asks for it.
-    async fn client(&self, user: &str, resource: &str, tls: bool) -> anyhow::Result<Client> {
+    async fn client(
+        &self,
+        user: &str,
+        resource: &str,
+        tls: bool,
+        transport: Transport,
+    ) -> anyhow::Result<Client> {
         let tls = tls.then(|| self.tls.clone());
-        let mut c = Client::login(self.port, user, resource, &self.keys, tls).await?;
+        let port = self.port_for(transport);
+        let mut c = Client::login_over(transport, port, user, resource, &self.keys, tls).await?;
         if self.sm {
             enable_stream_management(&mut c).await?;
         }
@@ -404,6 +446,14 @@ impl Bench {
 
     fn pids(&self) -> Vec<u32> {
         server_pids(&self.server.dir)
+    }
+
+    /// The port a client of `transport` connects to.
+    fn port_for(&self, transport: Transport) -> u16 {
+        match transport {
+            Transport::Tcp => self.port,
+            Transport::Ws | Transport::Bosh => self.web_port,
+        }
     }
 
     async fn logins(&self, count: usize, concurrency: usize, tls: bool) -> anyhow::Result<()> {
@@ -463,11 +513,23 @@ impl Bench {
         Ok(())
     }
 
-    async fn messages(&self, clients: usize, inflight: u64, seconds: u64) -> anyhow::Result<()> {
+    async fn messages(
+        &self,
+        clients: usize,
+        inflight: u64,
+        seconds: u64,
+        transport: Transport,
+        profile: bool,
+    ) -> anyhow::Result<()> {
+        if transport == Transport::Bosh {
+            bail!("messages: --transport tcp or ws");
+        }
         let clients = clients & !1;
         let mut logged = vec![];
         for i in 0..clients {
-            let mut c = self.client(&format!("user{i}"), "m", false).await?;
+            let mut c = self
+                .client(&format!("user{i}"), "m", false, transport)
+                .await?;
             if self.carbons {
                 c.send(b"<iq type='set' id='carbons'><enable xmlns='urn:xmpp:carbons:2'/></iq>")
                     .await?;
@@ -477,6 +539,16 @@ impl Bench {
         }
         // Let initial presence processing settle before measuring.
         tokio::time::sleep(Duration::from_millis(500)).await;
+        let profiler = if profile {
+            Profiler::record(
+                &self.pids(),
+                "c2s",
+                &format!("perf-messages-{transport:?}.data").to_lowercase(),
+                false,
+            )
+        } else {
+            Profiler(None)
+        };
         let acked: Arc<Vec<AtomicU64>> =
             Arc::new((0..clients).map(|_| AtomicU64::new(0)).collect());
         let wake: Arc<Vec<Notify>> = Arc::new((0..clients).map(|_| Notify::new()).collect());
@@ -510,6 +582,7 @@ impl Bench {
         let delivered: u64 = acked.iter().map(|a| a.load(Ordering::Acquire)).sum();
         let elapsed = epoch.elapsed();
         let cpu = cpu_micros(&self.pids()) - cpu_before;
+        profiler.stop();
         for w in wake.iter() {
             w.notify_one();
         }
@@ -524,7 +597,8 @@ impl Bench {
             ""
         };
         println!(
-            "messages{suffix}: {clients} clients in pairs, {inflight} in flight each, {seconds} s: {delivered} of {sent} delivered, {:.0} messages/s, latency p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/message",
+            "messages over {}{suffix}: {clients} clients in pairs, {inflight} in flight each, {seconds} s: {delivered} of {sent} delivered, {:.0} messages/s, latency p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/message",
+            transport.name(),
             delivered as f64 / elapsed.as_secs_f64(),
             percentile(&mut lat, 0.50).as_secs_f64() * 1e3,
             percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
@@ -541,15 +615,29 @@ impl Bench {
         Ok(())
     }
 
-    async fn idle(&self, connections: usize, tls: bool) -> anyhow::Result<()> {
+    async fn idle(
+        &self,
+        connections: usize,
+        tls: bool,
+        transport: Transport,
+    ) -> anyhow::Result<()> {
+        if tls && transport != Transport::Tcp {
+            bail!("idle: --tls is for --transport tcp");
+        }
         let memory = Memory::now(self.pids());
-        let held = self.log_in_many(connections, "idle", self.sm, true).await?;
+        let held = self
+            .log_in_many(connections, "idle", self.sm, true, transport, tls)
+            .await?;
         // Let the server settle (initial presence, caches) before reading memory.
         tokio::time::sleep(Duration::from_secs(2)).await;
         let (before, after, by_process) = memory.growth(connections);
         println!(
             "idle ({}{}): {connections} authenticated connections with presence: server RSS {before} KiB -> {after} KiB, {:.1} KiB per connection",
-            if tls { "STARTTLS" } else { "plaintext" },
+            match (transport, tls) {
+                (Transport::Tcp, true) => "STARTTLS",
+                (Transport::Tcp, false) => "plaintext",
+                (t, _) => t.name(),
+            },
             if self.sm { ", stream management" } else { "" },
             (after.saturating_sub(before)) as f64 / connections as f64
         );
@@ -566,7 +654,8 @@ impl Bench {
         // Each batch's connections drop without a stream close once logged in (as the
         // logins go on, so that c2s reuses their memory rather than growing to hold
         // them all at once: what stays is the hibernating sessions' state).
-        self.log_in_many(sessions, "away", true, false).await?;
+        self.log_in_many(sessions, "away", true, false, Transport::Tcp, false)
+            .await?;
         // Let c2s hand the sessions over and both settle before reading memory.
         tokio::time::sleep(Duration::from_secs(3)).await;
         let (before, after, by_process) = memory.growth(sessions);
@@ -587,16 +676,26 @@ impl Bench {
         resource: &'static str,
         sm: bool,
         keep: bool,
+        transport: Transport,
+        tls: bool,
     ) -> anyhow::Result<Vec<Client>> {
         let mut clients = Vec::with_capacity(count);
         let batch = 100;
         for start in (0..count).step_by(batch) {
             let mut logins = tokio::task::JoinSet::new();
             for i in start..(start + batch).min(count) {
-                let (port, keys) = (self.port, self.keys.clone());
+                let (port, keys) = (self.port_for(transport), self.keys.clone());
+                let tls = tls.then(|| self.tls.clone());
                 logins.spawn(async move {
-                    let mut c =
-                        Client::login(port, &format!("user{i}"), resource, &keys, None).await?;
+                    let mut c = Client::login_over(
+                        transport,
+                        port,
+                        &format!("user{i}"),
+                        resource,
+                        &keys,
+                        tls,
+                    )
+                    .await?;
                     if sm {
                         enable_stream_management(&mut c).await?;
                     }
@@ -753,6 +852,35 @@ impl Profiler {
             Ok(c) => {
                 eprintln!("profiling sm (pid {sm}) during {phase} into {out}");
                 // Let perf attach before the phase starts.
+                std::thread::sleep(Duration::from_millis(500));
+                Profiler(Some(c))
+            }
+            Err(e) => {
+                eprintln!("perf did not start: {e}");
+                Profiler(None)
+            }
+        }
+    }
+
+    /// Starts `perf record` of the server process named `name` into `out` (`dwarf`:
+    /// DWARF call graphs, else frame pointers' `-g`).
+    fn record(pids: &[u32], name: &str, out: &str, dwarf: bool) -> Profiler {
+        let Some(pid) = pids.iter().copied().find(|p| {
+            std::fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == name)
+        }) else {
+            eprintln!("no {name} process to profile");
+            return Profiler(None);
+        };
+        let mut cmd = std::process::Command::new("perf");
+        cmd.args(["record", "-o", out, "-p", &pid.to_string()]);
+        if dwarf {
+            cmd.args(["-F", "499", "--call-graph", "dwarf,16384"]);
+        } else {
+            cmd.arg("-g");
+        }
+        match cmd.stdout(std::process::Stdio::null()).spawn() {
+            Ok(c) => {
+                eprintln!("profiling {name} (pid {pid}) into {out}");
                 std::thread::sleep(Duration::from_millis(500));
                 Profiler(Some(c))
             }

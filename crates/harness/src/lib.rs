@@ -272,6 +272,30 @@ impl Server {
         Ok((starttls, direct))
     }
 
+    /// As [`Server::start_c2s`], with an http listener for web clients (WebSocket at
+    /// `/xmpp-websocket`, BOSH at `/http-bind`) on a free loopback port, marked `secure`
+    /// (as behind a TLS-terminating proxy: no STARTTLS asked for). Returns (STARTTLS
+    /// port, TLS port, http port) once all three accept connections.
+    pub async fn start_c2s_with_http(&mut self, extra: &str) -> anyhow::Result<(u16, u16, u16)> {
+        let http = free_port();
+        let (starttls, direct) = self
+            .start_c2s(&format!(
+                "<listen address='127.0.0.1' port='{http}' mode='http' secure='true'/>{extra}"
+            ))
+            .await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", http)).await.is_err() {
+            if let Some(status) = self.exited("c2s") {
+                bail!("c2s exited ({status}):\n{}", self.log("c2s"));
+            }
+            if Instant::now() > deadline {
+                bail!("c2s does not listen on {http}:\n{}", self.log("c2s"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        Ok((starttls, direct, http))
+    }
+
     /// SIGKILLs a process started with [`Server::spawn`].
     pub fn kill9(&mut self, name: &str) {
         if let Some(mut child) = self.children.remove(name) {

@@ -63,13 +63,17 @@ pub fn to_stream(role: Role, message: &str) -> Result<Cow<'_, [u8]>, FramingErro
     let name_is = |name: &str| {
         text.strip_prefix('<')
             .and_then(|t| t.strip_prefix(name))
-            .is_some_and(|t| t.starts_with(|c: char| c.is_ascii_whitespace() || c == '/' || c == '>'))
+            .is_some_and(|t| {
+                t.starts_with(|c: char| c.is_ascii_whitespace() || c == '/' || c == '>')
+            })
     };
     if name_is("open") || name_is("close") {
         let e = Stanza::parse_slice(text.as_bytes())
             .map_err(|_| FramingError("unreadable framing element"))?;
         if e.attr("xmlns").as_deref() != Some(NS_FRAMING) {
-            return Err(FramingError("<open/> and <close/> must be in urn:ietf:params:xml:ns:xmpp-framing"));
+            return Err(FramingError(
+                "<open/> and <close/> must be in urn:ietf:params:xml:ns:xmpp-framing",
+            ));
         }
         if name_is("close") {
             return Ok(Cow::Borrowed(b"</stream:stream>"));
@@ -92,7 +96,9 @@ pub fn to_stream(role: Role, message: &str) -> Result<Cow<'_, [u8]>, FramingErro
         Role::Client => text.starts_with("<stream:stream"),
     };
     if header_like || text.starts_with("<?") {
-        return Err(FramingError("stream headers are not used over WebSocket (RFC 7395 3.3)"));
+        return Err(FramingError(
+            "stream headers are not used over WebSocket (RFC 7395 3.3)",
+        ));
     }
     Ok(Cow::Borrowed(text.as_bytes()))
 }
@@ -146,10 +152,15 @@ impl Splitter {
     }
 
     /// The next complete message, if the bytes so far hold one.
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Option<Outgoing> {
         loop {
             // Whitespace between elements: keepalives, which WebSocket has its own of.
-            let space = self.buf.iter().take_while(|b| b.is_ascii_whitespace()).count();
+            let space = self
+                .buf
+                .iter()
+                .take_while(|b| b.is_ascii_whitespace())
+                .count();
             self.buf.advance(space);
             if self.buf.is_empty() {
                 return None;
@@ -219,14 +230,23 @@ mod tests {
 
     #[test]
     fn client_framing_becomes_stream_bytes() {
-        let open = from_client("<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>").unwrap();
+        let open = from_client(
+            "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>",
+        )
+        .unwrap();
         assert_eq!(
             std::str::from_utf8(&open).unwrap(),
             "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
              xmlns:stream='http://etherx.jabber.org/streams' to='localhost' version='1.0'>"
         );
-        assert_eq!(&*from_client("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>").unwrap(), b"</stream:stream>");
-        assert_eq!(&*from_client(" <message xmlns='jabber:client'/>\n").unwrap(), b"<message xmlns='jabber:client'/>");
+        assert_eq!(
+            &*from_client("<close xmlns='urn:ietf:params:xml:ns:xmpp-framing'/>").unwrap(),
+            b"</stream:stream>"
+        );
+        assert_eq!(
+            &*from_client(" <message xmlns='jabber:client'/>\n").unwrap(),
+            b"<message xmlns='jabber:client'/>"
+        );
         assert!(from_client("  ").unwrap().is_empty());
     }
 
@@ -269,7 +289,9 @@ mod tests {
         );
         assert_eq!(
             s.next(),
-            Some(Outgoing::Message("<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>".into()))
+            Some(Outgoing::Message(
+                "<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>".into()
+            ))
         );
         assert_eq!(s.next(), Some(Outgoing::Close));
         assert_eq!(s.next(), None);
@@ -285,11 +307,14 @@ mod tests {
         assert_eq!(
             s.next(),
             Some(Outgoing::Message(
-                "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>".into()
+                "<open xmlns='urn:ietf:params:xml:ns:xmpp-framing' to='localhost' version='1.0'/>"
+                    .into()
             ))
         );
         assert_eq!(s.next(), None);
-        s.push(b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>biws</auth>");
+        s.push(
+            b"<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='SCRAM-SHA-1'>biws</auth>",
+        );
         assert_eq!(
             s.next(),
             Some(Outgoing::Message(
@@ -304,12 +329,19 @@ mod tests {
                 "<message xmlns='jabber:client' to='b@localhost/m' type='chat' id='1'><body>hi</body></message>".into()
             ))
         );
-        assert_eq!(s.next(), Some(Outgoing::Message("<presence xmlns='jabber:client'/>".into())));
+        assert_eq!(
+            s.next(),
+            Some(Outgoing::Message(
+                "<presence xmlns='jabber:client'/>".into()
+            ))
+        );
         assert_eq!(s.next(), None, "the iq is not complete yet");
         s.push(b"/></stream:stream>");
         assert_eq!(
             s.next(),
-            Some(Outgoing::Message("<iq xmlns='jabber:client' type='get' id='p'/>".into()))
+            Some(Outgoing::Message(
+                "<iq xmlns='jabber:client' type='get' id='p'/>".into()
+            ))
         );
         assert_eq!(s.next(), Some(Outgoing::Close));
         assert_eq!(s.next(), None);
@@ -331,7 +363,10 @@ mod tests {
         let error = stream_error("policy-violation", "too big");
         assert_eq!(&*from_server(&error).unwrap(), error.as_bytes());
         assert_eq!(
-            &*from_server("<message xmlns='jabber:client' from='a@localhost/r'><body>x</body></message>").unwrap(),
+            &*from_server(
+                "<message xmlns='jabber:client' from='a@localhost/r'><body>x</body></message>"
+            )
+            .unwrap(),
             b"<message xmlns='jabber:client' from='a@localhost/r'><body>x</body></message>"
         );
         assert_eq!(&*from_server(&close()).unwrap(), b"</stream:stream>");
