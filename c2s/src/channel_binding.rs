@@ -10,7 +10,44 @@ use sha2::{Digest, Sha256, Sha384, Sha512};
 use jrs_sx::Transport;
 
 use crate::config::Host;
-use crate::scram::ChannelBinding;
+
+pub const CB_TLS_EXPORTER: &str = "tls-exporter";
+pub const CB_TLS_SERVER_END_POINT: &str = "tls-server-end-point";
+
+/// Channel binding data of a stream, per type.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ChannelBinding {
+    /// RFC 9266, TLS 1.3 only.
+    pub exporter: Option<Vec<u8>>,
+    /// RFC 5929: the hash of our certificate.
+    pub endpoint: Option<Vec<u8>>,
+}
+
+impl ChannelBinding {
+    pub fn data(&self, kind: &str) -> Option<&[u8]> {
+        match kind {
+            CB_TLS_EXPORTER => self.exporter.as_deref(),
+            CB_TLS_SERVER_END_POINT => self.endpoint.as_deref(),
+            _ => None,
+        }
+    }
+
+    /// The types we can bind to, as XEP-0440 lists them.
+    pub fn types(&self) -> Vec<&'static str> {
+        let mut t = vec![];
+        if self.endpoint.is_some() {
+            t.push(CB_TLS_SERVER_END_POINT);
+        }
+        if self.exporter.is_some() {
+            t.push(CB_TLS_EXPORTER);
+        }
+        t
+    }
+
+    pub fn any(&self) -> bool {
+        self.exporter.is_some() || self.endpoint.is_some()
+    }
+}
 
 /// The end-point hash of each host's certificate, read once (the certificates do not
 /// change while c2s runs).

@@ -106,7 +106,7 @@ impl SessionCallback for StoredKeys {
 
 /// Channel binding data of the client's TLS connection, for the type its gs2 header
 /// names (tls-exporter or tls-server-end-point, XEP-0440).
-struct Exporter(crate::scram::ChannelBinding);
+struct Exporter(crate::channel_binding::ChannelBinding);
 
 impl ChannelBindingCallback for Exporter {
     fn get_cb_data(&self, cbname: &str) -> Option<&[u8]> {
@@ -139,7 +139,7 @@ impl ScramExchange {
     pub fn start(
         mechanism: &str,
         keys: ScramKeys,
-        exporter: crate::scram::ChannelBinding,
+        exporter: crate::channel_binding::ChannelBinding,
     ) -> Result<ScramExchange, String> {
         let channel_binding = exporter.any();
         let config: Arc<SASLConfig> = SASLConfig::builder()

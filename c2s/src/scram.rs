@@ -13,43 +13,7 @@ use jrs_auth::{ScramHash, ScramKeys};
 
 use crate::sasl::Step;
 
-pub const CB_TLS_EXPORTER: &str = "tls-exporter";
-pub const CB_TLS_SERVER_END_POINT: &str = "tls-server-end-point";
-
-/// Channel binding data of a stream, per type.
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct ChannelBinding {
-    /// RFC 9266, TLS 1.3 only.
-    pub exporter: Option<Vec<u8>>,
-    /// RFC 5929: the hash of our certificate.
-    pub endpoint: Option<Vec<u8>>,
-}
-
-impl ChannelBinding {
-    pub fn data(&self, kind: &str) -> Option<&[u8]> {
-        match kind {
-            CB_TLS_EXPORTER => self.exporter.as_deref(),
-            CB_TLS_SERVER_END_POINT => self.endpoint.as_deref(),
-            _ => None,
-        }
-    }
-
-    /// The types we can bind to, as XEP-0440 lists them.
-    pub fn types(&self) -> Vec<&'static str> {
-        let mut t = vec![];
-        if self.endpoint.is_some() {
-            t.push(CB_TLS_SERVER_END_POINT);
-        }
-        if self.exporter.is_some() {
-            t.push(CB_TLS_EXPORTER);
-        }
-        t
-    }
-
-    pub fn any(&self) -> bool {
-        self.exporter.is_some() || self.endpoint.is_some()
-    }
-}
+pub use crate::channel_binding::ChannelBinding;
 
 pub fn hash(h: ScramHash, data: &[u8]) -> Vec<u8> {
     match h {

@@ -16,6 +16,15 @@ use crate::io::{FramedReader, ReadError};
 use crate::protocol::{bind_request, handshake_digest, PacketType};
 use crate::transport::{self, BoxIo};
 
+/// Told when the router bounces one of our log packets (set by `log_route`, which
+/// stops sending them; kept as a hook so that this module does not depend on it).
+static LOG_REFUSED: std::sync::OnceLock<fn(&str)> = std::sync::OnceLock::new();
+
+/// Sets what happens when the router refuses this component's log packets.
+pub fn on_log_refused(hook: fn(&str)) {
+    let _ = LOG_REFUSED.set(hook);
+}
+
 /// The router refused a bind.
 #[derive(Debug, thiserror::Error)]
 #[error("bind of {route} for '{host}' refused: {condition}")]
@@ -226,7 +235,9 @@ impl ComponentReader {
             }
             // Our own log packet bounced (the ACL): not the component's business.
             if s.name() == "log" && s.kind() == Some("error") {
-                crate::log_route::refused(&error_condition(&s));
+                if let Some(refused) = LOG_REFUSED.get() {
+                    refused(&error_condition(&s));
+                }
                 continue;
             }
             return Ok(s);

@@ -66,6 +66,7 @@ pub fn layer(route_level: &str) -> Option<RouteLayer> {
         })
         .unwrap_or_else(|| "unknown".into());
     let (tx, rx) = mpsc::channel(QUEUE);
+    crate::client::on_log_refused(refused);
     let shared = SHARED.get_or_init(|| {
         Arc::new(Shared {
             level,

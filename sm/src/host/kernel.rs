@@ -332,8 +332,8 @@ pub trait Module: Send + Sync {
     /// `groupchat` message or an occupant's presence to a live session): if it would
     /// only pass it on, such broadcasts may reach the user's sessions without the user's
     /// task (`host::shortcut`). Asked on the user's task after each batch of events.
-    fn room_broadcasts(&self, _u: &User) -> crate::host::shortcut::Admit {
-        crate::host::shortcut::Admit::All
+    fn room_broadcasts(&self, _u: &User) -> crate::host::broadcasts::Admit {
+        crate::host::broadcasts::Admit::All
     }
 }
 
@@ -510,7 +510,7 @@ pub struct Ctx {
     /// What modules share across users.
     pub shared: Shared,
     /// Live sessions that room broadcasts may reach without their user's task.
-    pub shortcuts: Arc<crate::host::shortcut::Shortcuts>,
+    pub shortcuts: Arc<crate::host::broadcasts::Shortcuts>,
     link: Mutex<Option<Outbox>>,
 }
 

@@ -10,13 +10,15 @@
 //! - `iq` (IQ requests and replies as modules see them),
 //! - `requests` (IQs sm sends from a domain, and their answers), `shared` (state
 //!   modules share across users);
-//! - `shortcut` (room broadcasts straight to live sessions, past the user tasks),
+//! - `shortcut` (room broadcasts straight to live sessions, past the user tasks) and
+//!   `broadcasts` (its table),
 //! - `session`, `packet`, `state`, `out`, `store`, `registry`, `accounts`,
 //!   `components`, `overload`: the pieces they are made of.
 //!
 //! docs/sm.md, "Writing a module", shows how a module is written.
 
 pub mod accounts;
+pub mod broadcasts;
 pub mod components;
 pub mod ending;
 pub mod handover;

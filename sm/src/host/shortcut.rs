@@ -16,55 +16,21 @@
 //!
 //! Everyone else gets their copy as a `normal` packet through their task, as before.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::sync::Arc;
 
 use jid::Jid;
 use jrs_component::fanout::{self, Fanout, Recipient};
 use jrs_stream::children::children;
 use tracing::debug;
 
+use crate::host::broadcasts::{blocked_by, Admit, Entry, Shortcuts};
 use crate::host::kernel::{Ctx, User};
 use crate::host::registry::Pending;
 
 const NS_MUC_USER: &str = "http://jabber.org/protocol/muc#user";
 const NS_CARBONS: &str = "urn:xmpp:carbons:2";
-
-/// What a module's inbound hooks would do to a room broadcast for the user.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Admit {
-    /// Pass it unchanged.
-    All,
-    /// Stop it when it comes from these (full JIDs, bare JIDs or domains, as text:
-    /// see [`blocked_by`]).
-    AllBut(BTreeSet<String>),
-    /// The module cannot tell yet (its state is not loaded): every broadcast goes
-    /// through the user's task.
-    None,
-}
-
-/// One session that may take the shortcut.
-struct Entry {
-    c2s: Arc<str>,
-    sid: Arc<str>,
-    pending: Pending,
-    blocked: Arc<BTreeSet<String>>,
-}
-
-/// The table: full JID (as text) -> where its session is.
-#[derive(Default)]
-pub struct Shortcuts {
-    sessions: Mutex<HashMap<String, Entry>>,
-}
-
-impl Shortcuts {
-    /// The table, even after a panic elsewhere held its lock (the entries stay
-    /// consistent: each is replaced whole).
-    fn table(&self) -> MutexGuard<'_, HashMap<String, Entry>> {
-        self.sessions.lock().unwrap_or_else(PoisonError::into_inner)
-    }
-}
 
 /// What a user published last (kept in its state to see whether it changed). When
 /// the user's task ends, even by a panic, its entries go with it.
@@ -208,13 +174,4 @@ pub fn deliver<'a>(ctx: &Ctx, f: &Fanout<'a>) -> Vec<Recipient<'a>> {
         ctx.send(fanout::session_packet(&ctx.me, &c2s, recipients, stanza));
     }
     slow
-}
-
-/// Whether a blocklist (full JIDs, bare JIDs, domains as text) blocks `who`: its full
-/// JID, its bare JID or its domain is listed (XEP-0191; the blocking module's rule).
-pub fn blocked_by(list: &BTreeSet<String>, who: &Jid) -> bool {
-    !list.is_empty()
-        && (list.contains(who.as_str())
-            || list.contains(who.domain().as_str())
-            || (who.resource().is_some() && list.contains(who.to_bare().as_str())))
 }

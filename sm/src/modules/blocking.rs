@@ -82,7 +82,7 @@ impl Blocklist {
 
     /// Whether `who` is blocked: its full JID, its bare JID or its domain is listed.
     pub fn blocks(&self, who: &Jid) -> bool {
-        crate::host::shortcut::blocked_by(&self.0, who)
+        crate::host::broadcasts::blocked_by(&self.0, who)
     }
 }
 
@@ -104,7 +104,7 @@ fn blocked(u: &User, who: &Jid) -> bool {
     u.state.get::<Blocklist>().is_some_and(|b| b.blocks(who))
 }
 
-use crate::host::shortcut::Admit;
+use crate::host::broadcasts::Admit;
 
 #[async_trait::async_trait]
 impl Module for Blocking {
