@@ -143,8 +143,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             bail!("jabberctl log needs --follow (records are not kept: logd writes them to files)");
         }
         let filter = Filter {
-            level: Level::parse(level)
-                .with_context(|| format!("--level {level}: expected error, warn, info, debug or trace"))?,
+            level: Level::parse(level).with_context(|| {
+                format!("--level {level}: expected error, warn, info, debug or trace")
+            })?,
             hosts: host.iter().map(|h| h.to_ascii_lowercase()).collect(),
             processes: process.clone(),
             matches: matches.clone(),

@@ -96,7 +96,12 @@ impl WebConfig {
         }
         if let Some(w) = root.child("web")? {
             w.allow(
-                &["base-url", "allowed-origins", "trusted-proxies", "max-connections-per-address"],
+                &[
+                    "base-url",
+                    "allowed-origins",
+                    "trusted-proxies",
+                    "max-connections-per-address",
+                ],
                 &[],
             )?;
             if let Some(list) = w.attr("trusted-proxies") {
@@ -109,7 +114,10 @@ impl WebConfig {
             web.max_connections_per_address = w
                 .parse_attr("max-connections-per-address", "a number of connections")?
                 .unwrap_or(web.max_connections_per_address);
-            web.base_url = w.attr("base-url").filter(|b| !b.is_empty()).map(str::to_owned);
+            web.base_url = w
+                .attr("base-url")
+                .filter(|b| !b.is_empty())
+                .map(str::to_owned);
             if let Some(b) = &web.base_url {
                 if !b.starts_with("https://") && !b.starts_with("http://") {
                     return Err(w.error("base-url must start with https:// or http://"));
@@ -294,7 +302,9 @@ impl C2sConfig {
         if let Some(n) = root.child("fast")? {
             n.allow(&["enabled", "token-lifetime"], &[])?;
             fast.enabled = n.bool_attr("enabled", fast.enabled)?;
-            fast.token_lifetime = n.seconds_attr("token-lifetime")?.unwrap_or(fast.token_lifetime);
+            fast.token_lifetime = n
+                .seconds_attr("token-lifetime")?
+                .unwrap_or(fast.token_lifetime);
             if fast.token_lifetime < Duration::from_secs(60) {
                 return Err(n.error("token-lifetime must be at least 60 seconds"));
             }

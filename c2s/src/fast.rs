@@ -264,7 +264,10 @@ impl Record {
         let rotate = !invalidate
             && used.is_some()
             && self.client(id).is_some_and(|c| {
-                c.new.is_none() && c.current.as_ref().is_some_and(|t| t.expiry - now < lifetime / 2)
+                c.new.is_none()
+                    && c.current
+                        .as_ref()
+                        .is_some_and(|t| t.expiry - now < lifetime / 2)
             });
         let mechanism = request.or(if rotate { used } else { None })?;
         let bytes: [u8; 48] = rand::rng().random();
@@ -288,9 +291,14 @@ impl Record {
             None => {
                 if self.clients.len() >= MAX_CLIENTS {
                     let expiry = |c: &Client| {
-                        [&c.current, &c.new].iter().filter_map(|t| t.as_ref().map(|t| t.expiry)).max()
+                        [&c.current, &c.new]
+                            .iter()
+                            .filter_map(|t| t.as_ref().map(|t| t.expiry))
+                            .max()
                     };
-                    if let Some(i) = (0..self.clients.len()).min_by_key(|i| expiry(&self.clients[*i])) {
+                    if let Some(i) =
+                        (0..self.clients.len()).min_by_key(|i| expiry(&self.clients[*i]))
+                    {
                         self.clients.remove(i);
                     }
                 }
@@ -313,7 +321,8 @@ impl Record {
                 }
             }
         }
-        self.clients.retain(|c| c.current.is_some() || c.new.is_some());
+        self.clients
+            .retain(|c| c.current.is_some() || c.new.is_some());
     }
 }
 
@@ -323,50 +332,119 @@ mod tests {
 
     fn proof(token: &str, cb: &[u8]) -> Vec<u8> {
         // What a client computes: HMAC keyed with the token itself.
-        hmac(jrs_auth::ScramHash::Sha256, token.as_bytes(), &[b"Initiator".as_slice(), cb].concat())
+        hmac(
+            jrs_auth::ScramHash::Sha256,
+            token.as_bytes(),
+            &[b"Initiator".as_slice(), cb].concat(),
+        )
     }
 
     #[test]
     fn ht_sha_256_keyed_with_the_hash_equals_keyed_with_the_token() {
         let mut r = Record::default();
-        let issued = r.after_login("ua", None, false, Some(HT_NONE), "g", 1000, 0).unwrap();
+        let issued = r
+            .after_login("ua", None, false, Some(HT_NONE), "g", 1000, 0)
+            .unwrap();
         assert!(issued.token.len() > 64);
         let cb = b"";
-        let responder = r.authenticate("ua", HT_NONE, &proof(&issued.token, cb), cb, None, "g", 1).unwrap();
-        let expected = hmac(jrs_auth::ScramHash::Sha256, issued.token.as_bytes(), b"Responder");
+        let responder = r
+            .authenticate("ua", HT_NONE, &proof(&issued.token, cb), cb, None, "g", 1)
+            .unwrap();
+        let expected = hmac(
+            jrs_auth::ScramHash::Sha256,
+            issued.token.as_bytes(),
+            b"Responder",
+        );
         assert_eq!(responder, expected);
     }
 
     #[test]
     fn ht_sha_256_vector() {
         // HMAC-SHA-256 as RFC 4231 test case 2 computes it: key "Jefe".
-        let mac = hmac(jrs_auth::ScramHash::Sha256, b"Jefe", b"what do ya want for nothing?");
+        let mac = hmac(
+            jrs_auth::ScramHash::Sha256,
+            b"Jefe",
+            b"what do ya want for nothing?",
+        );
         assert_eq!(
             mac.iter().map(|b| format!("{b:02x}")).collect::<String>(),
             "5bdcc146bf60754e6a042426089575c75a003f089d2739839dec58b964ec3843"
         );
         // Initiator over channel binding data: the message is the label then the data.
         let key = "k".repeat(80);
-        let with_cb = hmac(jrs_auth::ScramHash::Sha256, key.as_bytes(), b"InitiatorCBDATA");
+        let with_cb = hmac(
+            jrs_auth::ScramHash::Sha256,
+            key.as_bytes(),
+            b"InitiatorCBDATA",
+        );
         assert_eq!(ht(&token_hash(&key), b"Initiator", b"CBDATA"), with_cb);
     }
 
     #[test]
     fn tokens_rotate_and_are_bound_to_mechanism_and_binding() {
         let mut r = Record::default();
-        let t1 = r.after_login("ua", None, false, Some(HT_EXPR), "g", 1000, 0).unwrap();
+        let t1 = r
+            .after_login("ua", None, false, Some(HT_EXPR), "g", 1000, 0)
+            .unwrap();
         // Wrong mechanism, wrong binding data, wrong user agent: refused.
-        assert_eq!(r.authenticate("ua", HT_NONE, &proof(&t1.token, b""), b"", None, "g", 1), Err(Refusal::NotAuthorized));
-        assert_eq!(r.authenticate("ua", HT_EXPR, &proof(&t1.token, b"x"), b"y", None, "g", 1), Err(Refusal::NotAuthorized));
-        assert_eq!(r.authenticate("other", HT_EXPR, &proof(&t1.token, b"x"), b"x", None, "g", 1), Err(Refusal::NotAuthorized));
-        assert!(r.authenticate("ua", HT_EXPR, &proof(&t1.token, b"x"), b"x", Some(1), "g", 1).is_ok());
+        assert_eq!(
+            r.authenticate("ua", HT_NONE, &proof(&t1.token, b""), b"", None, "g", 1),
+            Err(Refusal::NotAuthorized)
+        );
+        assert_eq!(
+            r.authenticate("ua", HT_EXPR, &proof(&t1.token, b"x"), b"y", None, "g", 1),
+            Err(Refusal::NotAuthorized)
+        );
+        assert_eq!(
+            r.authenticate(
+                "other",
+                HT_EXPR,
+                &proof(&t1.token, b"x"),
+                b"x",
+                None,
+                "g",
+                1
+            ),
+            Err(Refusal::NotAuthorized)
+        );
+        assert!(r
+            .authenticate(
+                "ua",
+                HT_EXPR,
+                &proof(&t1.token, b"x"),
+                b"x",
+                Some(1),
+                "g",
+                1
+            )
+            .is_ok());
         // Replayed count.
-        assert_eq!(r.authenticate("ua", HT_EXPR, &proof(&t1.token, b"x"), b"x", Some(1), "g", 2), Err(Refusal::NotAuthorized));
+        assert_eq!(
+            r.authenticate(
+                "ua",
+                HT_EXPR,
+                &proof(&t1.token, b"x"),
+                b"x",
+                Some(1),
+                "g",
+                2
+            ),
+            Err(Refusal::NotAuthorized)
+        );
         // Past half its life: a new token; the old one stays valid until the new is used.
-        let t2 = r.after_login("ua", Some(HT_EXPR), false, None, "g", 1000, 600).unwrap();
-        assert!(r.authenticate("ua", HT_EXPR, &proof(&t1.token, b"x"), b"x", None, "g", 601).is_ok());
-        assert!(r.authenticate("ua", HT_EXPR, &proof(&t2.token, b"x"), b"x", None, "g", 602).is_ok());
-        assert_eq!(r.authenticate("ua", HT_EXPR, &proof(&t1.token, b"x"), b"x", None, "g", 603), Err(Refusal::NotAuthorized));
+        let t2 = r
+            .after_login("ua", Some(HT_EXPR), false, None, "g", 1000, 600)
+            .unwrap();
+        assert!(r
+            .authenticate("ua", HT_EXPR, &proof(&t1.token, b"x"), b"x", None, "g", 601)
+            .is_ok());
+        assert!(r
+            .authenticate("ua", HT_EXPR, &proof(&t2.token, b"x"), b"x", None, "g", 602)
+            .is_ok());
+        assert_eq!(
+            r.authenticate("ua", HT_EXPR, &proof(&t1.token, b"x"), b"x", None, "g", 603),
+            Err(Refusal::NotAuthorized)
+        );
         // Round trip through storage.
         assert_eq!(Record::parse(r.to_xml().as_bytes()), r);
     }
@@ -374,15 +452,40 @@ mod tests {
     #[test]
     fn expiry_password_change_and_invalidation() {
         let mut r = Record::default();
-        let t = r.after_login("ua", None, false, Some(HT_NONE), "g1", 100, 0).unwrap();
-        assert_eq!(r.authenticate("ua", HT_NONE, &proof(&t.token, b""), b"", None, "g2", 1), Err(Refusal::Expired));
-        let t = r.after_login("ua", None, false, Some(HT_NONE), "g1", 100, 0).unwrap();
-        assert_eq!(r.authenticate("ua", HT_NONE, &proof(&t.token, b""), b"", None, "g1", 100), Err(Refusal::Expired));
-        let t = r.after_login("ua", None, false, Some(HT_NONE), "g1", 100, 200).unwrap();
-        assert!(r.authenticate("ua", HT_NONE, &proof(&t.token, b""), b"", None, "g1", 201).is_ok());
-        assert_eq!(r.after_login("ua", Some(HT_NONE), true, None, "g1", 100, 201), None);
+        let t = r
+            .after_login("ua", None, false, Some(HT_NONE), "g1", 100, 0)
+            .unwrap();
+        assert_eq!(
+            r.authenticate("ua", HT_NONE, &proof(&t.token, b""), b"", None, "g2", 1),
+            Err(Refusal::Expired)
+        );
+        let t = r
+            .after_login("ua", None, false, Some(HT_NONE), "g1", 100, 0)
+            .unwrap();
+        assert_eq!(
+            r.authenticate("ua", HT_NONE, &proof(&t.token, b""), b"", None, "g1", 100),
+            Err(Refusal::Expired)
+        );
+        let t = r
+            .after_login("ua", None, false, Some(HT_NONE), "g1", 100, 200)
+            .unwrap();
+        assert!(r
+            .authenticate("ua", HT_NONE, &proof(&t.token, b""), b"", None, "g1", 201)
+            .is_ok());
+        assert_eq!(
+            r.after_login("ua", Some(HT_NONE), true, None, "g1", 100, 201),
+            None
+        );
         assert!(r.clients.is_empty());
-        assert_eq!(r.authenticate("ua", HT_NONE, &proof(&t.token, b""), b"", None, "g1", 202), Err(Refusal::NotAuthorized));
-        assert!(Issued { token: "t".into(), expiry: 0 }.xml().contains("expiry='1970-01-01T00:00:00Z'"));
+        assert_eq!(
+            r.authenticate("ua", HT_NONE, &proof(&t.token, b""), b"", None, "g1", 202),
+            Err(Refusal::NotAuthorized)
+        );
+        assert!(Issued {
+            token: "t".into(),
+            expiry: 0
+        }
+        .xml()
+        .contains("expiry='1970-01-01T00:00:00Z'"));
     }
 }

@@ -312,7 +312,13 @@ impl Negotiation {
             (State::StoringFast(done), Input::FastStored(stored)) => {
                 if !stored {
                     tracing::warn!(user = %done.bare, "FAST tokens not stored");
-                    return self.failed2(settings, "temporary-auth-failure", Some("storage unavailable"), false, out);
+                    return self.failed2(
+                        settings,
+                        "temporary-auth-failure",
+                        Some("storage unavailable"),
+                        false,
+                        out,
+                    );
                 }
                 Ok(self.finish2(*done, out))
             }
@@ -420,9 +426,9 @@ impl Negotiation {
 
     fn offered(&self, settings: &Settings) -> Vec<String> {
         sasl::offered(&settings.mechanisms, self.stream.tls, self.stream.cb.any())
-        .into_iter()
-        .map(str::to_owned)
-        .collect()
+            .into_iter()
+            .map(str::to_owned)
+            .collect()
     }
 
     fn auth_features(&self, settings: &Settings) -> Vec<Feature> {
@@ -447,7 +453,9 @@ impl Negotiation {
             });
         }
         if let Some(types) = self.cb_types() {
-            f.push(Feature::SaslChannelBinding(types.iter().map(|t| t.to_string()).collect()));
+            f.push(Feature::SaslChannelBinding(
+                types.iter().map(|t| t.to_string()).collect(),
+            ));
         }
         if settings.register {
             f.push(Feature::Register);
@@ -563,7 +571,11 @@ impl Negotiation {
         // Channel binding data goes in whenever -PLUS was offered on this stream: rsasl then
         // also refuses a client that says it could bind but saw no -PLUS (a downgrade).
         let plus_offered = self.offered(settings).iter().any(|m| m.ends_with("-PLUS"));
-        let cb = if plus_offered { self.stream.cb.clone() } else { ChannelBinding::default() };
+        let cb = if plus_offered {
+            self.stream.cb.clone()
+        } else {
+            ChannelBinding::default()
+        };
         let mut exchange = match ScramExchange::start(&auth.mechanism, keys, cb) {
             Ok(exchange) => Box::new(exchange),
             Err(e) => {
@@ -891,10 +903,16 @@ impl Negotiation {
         let mechanism = p.req.mechanism.as_str();
         let initial = p.req.initial.clone().unwrap_or_default();
         if mechanism == "PLAIN" {
-            let password = sasl::parse_plain(&initial).map(|m| m.password).unwrap_or_default();
-            let ok = credentials.as_ref().is_some_and(|c| sasl::plain_matches(c, &password));
+            let password = sasl::parse_plain(&initial)
+                .map(|m| m.password)
+                .unwrap_or_default();
+            let ok = credentials
+                .as_ref()
+                .is_some_and(|c| sasl::plain_matches(c, &password));
             return match (ok, p.bare) {
-                (true, Some(bare)) => self.succeeded2(settings, p.req, bare, vec![], credentials, record, out),
+                (true, Some(bare)) => {
+                    self.succeeded2(settings, p.req, bare, vec![], credentials, record, out)
+                }
                 _ => self.failed2(settings, "not-authorized", None, true, out),
             };
         }
@@ -902,17 +920,37 @@ impl Negotiation {
             let (Some(bare), Some(c), Some(mut rec)) = (p.bare, credentials, record) else {
                 return self.failed2(settings, "not-authorized", None, true, out);
             };
-            let proof = fast::parse_initial(&initial).map(|(_, proof)| proof).unwrap_or_default();
-            let cb = fast::cb_data(mechanism, &self.stream.cb).unwrap_or_default().to_vec();
+            let proof = fast::parse_initial(&initial)
+                .map(|(_, proof)| proof)
+                .unwrap_or_default();
+            let cb = fast::cb_data(mechanism, &self.stream.cb)
+                .unwrap_or_default()
+                .to_vec();
             let id = p.req.user_agent.id.clone().unwrap_or_default();
             let count = p.req.fast.and_then(|f| f.count);
             let now = chrono::Utc::now().timestamp();
-            return match rec.authenticate(&id, mechanism, &proof, &cb, count, &fast::generation(&c), now) {
-                Ok(responder) => self.succeeded2(settings, p.req, bare, responder, Some(c), Some(rec), out),
-                Err(fast::Refusal::Expired) => {
-                    self.failed2(settings, "credentials-expired", Some("the token is no longer valid"), false, out)
+            return match rec.authenticate(
+                &id,
+                mechanism,
+                &proof,
+                &cb,
+                count,
+                &fast::generation(&c),
+                now,
+            ) {
+                Ok(responder) => {
+                    self.succeeded2(settings, p.req, bare, responder, Some(c), Some(rec), out)
                 }
-                Err(fast::Refusal::NotAuthorized) => self.failed2(settings, "not-authorized", None, true, out),
+                Err(fast::Refusal::Expired) => self.failed2(
+                    settings,
+                    "credentials-expired",
+                    Some("the token is no longer valid"),
+                    false,
+                    out,
+                ),
+                Err(fast::Refusal::NotAuthorized) => {
+                    self.failed2(settings, "not-authorized", None, true, out)
+                }
             };
         }
         let hash = sasl::scram_hash(mechanism).expect("offered SCRAM mechanism");
@@ -925,7 +963,11 @@ impl Negotiation {
         // XEP-0474: the SASL2 list and the XEP-0440 types, signed by the client's proof.
         let types = self.cb_types();
         let ssdp = scram::ssdp(hash, &offered, types.as_deref());
-        let cb = if plus_offered { self.stream.cb.clone() } else { ChannelBinding::default() };
+        let cb = if plus_offered {
+            self.stream.cb.clone()
+        } else {
+            ChannelBinding::default()
+        };
         let mut server = ScramServer::new(mechanism, keys, plus_offered, cb, Some(ssdp));
         let step = server.step(&initial);
         let c = Challenged2 {
@@ -953,12 +995,23 @@ impl Negotiation {
                 )));
                 Ok(State::Challenged2(Box::new(c)))
             }
-            Step::Success { username, additional } => match c.bare {
+            Step::Success {
+                username,
+                additional,
+            } => match c.bare {
                 Some(bare)
                     if self.bare_jid(&username).as_deref() == Some(bare.as_str())
                         && (c.scram.authzid.is_empty() || c.scram.authzid == bare) =>
                 {
-                    self.succeeded2(settings, c.req, bare, additional, c.credentials, c.record, out)
+                    self.succeeded2(
+                        settings,
+                        c.req,
+                        bare,
+                        additional,
+                        c.credentials,
+                        c.record,
+                        out,
+                    )
                 }
                 _ => self.failed2(settings, "not-authorized", None, true, out),
             },
@@ -975,7 +1028,9 @@ impl Negotiation {
     ) -> Result<State, Close> {
         match (e.name(), e.xmlns()) {
             ("response", Some(NS_SASL2)) => {}
-            ("abort", Some(NS_SASL2)) => return self.failed2(settings, "aborted", None, false, out),
+            ("abort", Some(NS_SASL2)) => {
+                return self.failed2(settings, "aborted", None, false, out)
+            }
             _ => {
                 return Err(stream_error(
                     StreamErrorCondition::NotAuthorized,
@@ -1005,9 +1060,12 @@ impl Negotiation {
     ) -> Result<State, Close> {
         let mut token = None;
         let mut store = None;
-        if let (Some(lifetime), Some(mut rec), Some(c), Some(id)) =
-            (settings.fast, record, credentials, req.user_agent.id.as_deref())
-        {
+        if let (Some(lifetime), Some(mut rec), Some(c), Some(id)) = (
+            settings.fast,
+            record,
+            credentials,
+            req.user_agent.id.as_deref(),
+        ) {
             let stored = rec.clone();
             let used = fast::is_ht(&req.mechanism).then_some(req.mechanism.as_str());
             let invalidate = req.fast.is_some_and(|f| f.invalidate);
@@ -1030,7 +1088,9 @@ impl Negotiation {
             let ua = req.user_agent.id.as_deref();
             let with_tag = sasl2::resource(&bare, b.tag.as_deref(), ua);
             let full = jid::FullJid::new(&format!("{bare}/{with_tag}"))
-                .or_else(|_| jid::FullJid::new(&format!("{bare}/{}", sasl2::resource(&bare, None, ua))))
+                .or_else(|_| {
+                    jid::FullJid::new(&format!("{bare}/{}", sasl2::resource(&bare, None, ua)))
+                })
                 .map(|j| j.to_string())
                 .unwrap_or_else(|_| format!("{bare}/{}", sasl2::resource(&bare, None, None)));
             sasl2::Bind2 {
@@ -1054,7 +1114,10 @@ impl Negotiation {
             bound.push(Feature::ClientStateIndication);
         }
         if let Some((ver, ecaps2)) = settings.caps.ver(&self.stream.domain) {
-            unbound.push(Feature::Caps { ver: ver.clone(), ecaps2: ecaps2.clone() });
+            unbound.push(Feature::Caps {
+                ver: ver.clone(),
+                ecaps2: ecaps2.clone(),
+            });
             bound.push(Feature::Caps { ver, ecaps2 });
         }
         let done = sasl2::Done {
@@ -1118,7 +1181,9 @@ impl Negotiation {
     /// An HT authcid: a user name on this domain, or a bare JID of it.
     fn authcid_jid(&self, name: &str) -> Option<String> {
         match name.split_once('@') {
-            Some((node, domain)) if domain.eq_ignore_ascii_case(&self.stream.domain) => self.bare_jid(node),
+            Some((node, domain)) if domain.eq_ignore_ascii_case(&self.stream.domain) => {
+                self.bare_jid(node)
+            }
             Some(_) => None,
             None => self.bare_jid(name),
         }
@@ -1154,7 +1219,10 @@ fn header(domain: &str, settings: &Settings) -> String {
 }
 
 fn storage_unavailable() -> Close {
-    stream_error(StreamErrorCondition::InternalServerError, "storage unavailable")
+    stream_error(
+        StreamErrorCondition::InternalServerError,
+        "storage unavailable",
+    )
 }
 
 /// XEP-0198 `<failed/>` with a stanza error condition.
@@ -1233,7 +1301,11 @@ mod tests {
 
     /// Up to the mechanisms offered over TLS.
     fn over_tls(s: &Settings) -> Negotiation {
-        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, ChannelBinding::default());
+        let mut n = Negotiation::new(
+            "192.0.2.1".parse().unwrap(),
+            false,
+            ChannelBinding::default(),
+        );
         let a = n.step(s, header_input("example.org"));
         assert!(matches!(a[0], Action::Header(_)));
         assert!(sends(&a).contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/>"));
@@ -1244,7 +1316,14 @@ mod tests {
         let a = n.step(s, el("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"));
         assert!(sends(&a).contains("<proceed"));
         assert!(matches!(a.last(), Some(Action::StartTls)));
-        assert!(n.step(s, Input::TlsStarted { cb: ChannelBinding::default() }).is_empty());
+        assert!(n
+            .step(
+                s,
+                Input::TlsStarted {
+                    cb: ChannelBinding::default()
+                }
+            )
+            .is_empty());
         assert!(n.expects_header());
         let a = n.step(s, header_input("example.org"));
         assert!(sends(&a).contains("<mechanism>PLAIN</mechanism>"));
@@ -1292,7 +1371,11 @@ mod tests {
     #[test]
     fn tls_is_required_first() {
         let s = settings();
-        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, ChannelBinding::default());
+        let mut n = Negotiation::new(
+            "192.0.2.1".parse().unwrap(),
+            false,
+            ChannelBinding::default(),
+        );
         n.step(&s, header_input("example.org"));
         let a = n.step(&s, plain("alice", "secret"));
         assert_eq!(closed(&a), Some(StreamErrorCondition::PolicyViolation));
@@ -1301,14 +1384,22 @@ mod tests {
     #[test]
     fn unknown_domain_and_old_versions_are_refused() {
         let s = settings();
-        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, ChannelBinding::default());
+        let mut n = Negotiation::new(
+            "192.0.2.1".parse().unwrap(),
+            false,
+            ChannelBinding::default(),
+        );
         let a = n.step(&s, header_input("other.org"));
         assert!(
             matches!(a[0], Action::Header(_)),
             "a stream error needs our header first"
         );
         assert_eq!(closed(&a), Some(StreamErrorCondition::HostUnknown));
-        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, ChannelBinding::default());
+        let mut n = Negotiation::new(
+            "192.0.2.1".parse().unwrap(),
+            false,
+            ChannelBinding::default(),
+        );
         let xml = "<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' to='example.org'>";
         let h = StreamHeader::parse(&Bytes::from_static(xml.as_bytes()), Some(NS_CLIENT)).unwrap();
         assert_eq!(
@@ -1479,7 +1570,11 @@ mod tests {
         let mut s = settings();
         s.register = true;
         s.require_tls = false;
-        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, ChannelBinding::default());
+        let mut n = Negotiation::new(
+            "192.0.2.1".parse().unwrap(),
+            false,
+            ChannelBinding::default(),
+        );
         let a = n.step(&s, header_input("example.org"));
         let f = sends(&a);
         assert!(f.contains("<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>"));
@@ -1523,10 +1618,14 @@ mod tests {
 
     /// Over TLS with both channel bindings, mechanisms offered.
     fn over_tls2(s: &Settings) -> (Negotiation, String) {
-        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), true, ChannelBinding {
-            exporter: Some(vec![7; 32]),
-            endpoint: Some(vec![9; 32]),
-        });
+        let mut n = Negotiation::new(
+            "192.0.2.1".parse().unwrap(),
+            true,
+            ChannelBinding {
+                exporter: Some(vec![7; 32]),
+                endpoint: Some(vec![9; 32]),
+            },
+        );
         let f = sends(&n.step(s, header_input("example.org")));
         (n, f)
     }
@@ -1535,7 +1634,12 @@ mod tests {
     fn sasl2_features_list_inline_bind_sm_fast_and_binding_types() {
         let s = settings();
         let (_, f) = over_tls2(&s);
-        assert!(f.contains("<authentication xmlns='urn:xmpp:sasl:2'><mechanism>SCRAM-SHA-256-PLUS</mechanism>"), "{f}");
+        assert!(
+            f.contains(
+                "<authentication xmlns='urn:xmpp:sasl:2'><mechanism>SCRAM-SHA-256-PLUS</mechanism>"
+            ),
+            "{f}"
+        );
         assert!(f.contains("<bind xmlns='urn:xmpp:bind:0'><inline><feature var='urn:xmpp:sm:3'/><feature var='urn:xmpp:csi:0'/><feature var='urn:xmpp:carbons:2'/></inline></bind>"));
         assert!(f.contains("<sm xmlns='urn:xmpp:sm:3'/><fast xmlns='urn:xmpp:fast:0'><mechanism>HT-SHA-256-EXPR</mechanism><mechanism>HT-SHA-256-ENDP</mechanism><mechanism>HT-SHA-256-NONE</mechanism></fast>"));
         assert!(f.contains("<sasl-channel-binding xmlns='urn:xmpp:sasl-cb:0'><channel-binding type='tls-server-end-point'/><channel-binding type='tls-exporter'/></sasl-channel-binding>"));
@@ -1544,9 +1648,17 @@ mod tests {
         // Without TLS: no FAST, no PLAIN, no channel binding.
         let mut s = settings();
         s.require_tls = false;
-        let mut n = Negotiation::new("192.0.2.1".parse().unwrap(), false, ChannelBinding::default());
+        let mut n = Negotiation::new(
+            "192.0.2.1".parse().unwrap(),
+            false,
+            ChannelBinding::default(),
+        );
         let f = sends(&n.step(&s, header_input("example.org")));
-        assert!(f.contains("<authentication") && !f.contains("<fast") && !f.contains("sasl-channel-binding"));
+        assert!(
+            f.contains("<authentication")
+                && !f.contains("<fast")
+                && !f.contains("sasl-channel-binding")
+        );
     }
 
     #[test]
@@ -1562,8 +1674,18 @@ mod tests {
         let a = n.step(&s, Input::Credentials(Ok(Some(alice()))));
         let d = done(&a).expect("done");
         let bind = d.bind.as_ref().unwrap();
-        assert!(bind.full.starts_with("alice@example.org/Test/"), "{}", bind.full);
-        assert_eq!(bind.sm, Some(sasl2::SmEnable { resume: true, max: None }));
+        assert!(
+            bind.full.starts_with("alice@example.org/Test/"),
+            "{}",
+            bind.full
+        );
+        assert_eq!(
+            bind.sm,
+            Some(sasl2::SmEnable {
+                resume: true,
+                max: None
+            })
+        );
         assert!(bind.inactive && d.token.is_none());
         let success = d.success(&bind.full, &sasl2::Done::bound("<enabled/>"), true);
         assert!(success.starts_with(&format!("<success xmlns='urn:xmpp:sasl:2'><authorization-identifier>{}</authorization-identifier><bound xmlns='urn:xmpp:bind:0'><enabled/></bound></success><stream:features>", bind.full)), "{success}");
@@ -1581,9 +1703,15 @@ mod tests {
         assert!(matches!(&a[..], [Action::LookupCredentials(_)]));
         let a = n.step(&s, Input::Credentials(Ok(Some(alice()))));
         assert!(sends(&a).contains("<failure xmlns='urn:xmpp:sasl:2'><not-authorized xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/></failure>"), "{}", sends(&a));
-        let a = n.step(&s, el("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='X-NONE'/>"));
+        let a = n.step(
+            &s,
+            el("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='X-NONE'/>"),
+        );
         assert!(sends(&a).contains("<invalid-mechanism xmlns="));
-        let a = n.step(&s, el("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='X-NONE'/>"));
+        let a = n.step(
+            &s,
+            el("<authenticate xmlns='urn:xmpp:sasl:2' mechanism='X-NONE'/>"),
+        );
         assert_eq!(closed(&a), Some(StreamErrorCondition::PolicyViolation));
     }
 
@@ -1591,12 +1719,18 @@ mod tests {
     fn scram_final(first_bare: &str, gs2: &[u8], server_first: &str) -> String {
         use jrs_auth::ScramHash;
         let attrs: Vec<&str> = server_first.split(',').collect();
-        let salt = base64::engine::general_purpose::STANDARD.decode(&attrs[1][2..]).unwrap();
+        let salt = base64::engine::general_purpose::STANDARD
+            .decode(&attrs[1][2..])
+            .unwrap();
         let keys = jrs_auth::ScramKeys::derive(ScramHash::Sha256, "secret", &salt, 4096);
         // ClientKey = ClientProof xor ClientSignature; rebuild it from the stored keys by
         // deriving the salted password the same way the client does.
         let mut salted = [0u8; 32];
-        let mut u = scram::hmac(ScramHash::Sha256, b"secret", &[salt.as_slice(), &[0, 0, 0, 1]].concat());
+        let mut u = scram::hmac(
+            ScramHash::Sha256,
+            b"secret",
+            &[salt.as_slice(), &[0, 0, 0, 1]].concat(),
+        );
         salted.copy_from_slice(&u);
         for _ in 1..4096 {
             u = scram::hmac(ScramHash::Sha256, b"secret", &u);
@@ -1622,36 +1756,88 @@ mod tests {
              <user-agent id='ua-1'/><request-token xmlns='urn:xmpp:fast:0' mechanism='HT-SHA-256-ENDP'/></authenticate>",
             b64(&[gs2.as_slice(), bare_first.as_bytes()].concat()))));
         assert!(matches!(&a[..], [Action::LookupFast(b)] if b == "alice@example.org"));
-        let a = n.step(&s, Input::Fast(Ok((Some(Credentials::from_password("secret")), vec![]))));
+        let a = n.step(
+            &s,
+            Input::Fast(Ok((Some(Credentials::from_password("secret")), vec![]))),
+        );
         let challenge = sends(&a);
-        let payload = challenge.trim_start_matches("<challenge xmlns='urn:xmpp:sasl:2'>").trim_end_matches("</challenge>");
+        let payload = challenge
+            .trim_start_matches("<challenge xmlns='urn:xmpp:sasl:2'>")
+            .trim_end_matches("</challenge>");
         let server_first = String::from_utf8(sasl::decode_payload(payload).unwrap()).unwrap();
         // XEP-0474: the hash of the list the features advertised.
-        let offered: Vec<String> = ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-1-PLUS", "SCRAM-SHA-256", "SCRAM-SHA-1", "PLAIN"].iter().map(|m| m.to_string()).collect();
+        let offered: Vec<String> = [
+            "SCRAM-SHA-256-PLUS",
+            "SCRAM-SHA-1-PLUS",
+            "SCRAM-SHA-256",
+            "SCRAM-SHA-1",
+            "PLAIN",
+        ]
+        .iter()
+        .map(|m| m.to_string())
+        .collect();
         assert!(features.contains("<mechanism>PLAIN</mechanism></mechanisms>"));
-        let h = scram::ssdp(jrs_auth::ScramHash::Sha256, &offered, Some(&["tls-server-end-point", "tls-exporter"]));
+        let h = scram::ssdp(
+            jrs_auth::ScramHash::Sha256,
+            &offered,
+            Some(&["tls-server-end-point", "tls-exporter"]),
+        );
         assert!(server_first.ends_with(&format!(",h={h}")), "{server_first}");
         // A stripped list hashes differently: the client would notice.
-        assert_ne!(h, scram::ssdp(jrs_auth::ScramHash::Sha256, &offered[2..], None));
-        let fin = scram_final(bare_first, &[gs2.as_slice(), &[9; 32]].concat(), &server_first);
-        let a = n.step(&s, el(&format!("<response xmlns='urn:xmpp:sasl:2'>{}</response>", b64(fin.as_bytes()))));
-        let Some(Action::StoreFast { bare, record }) = a.first() else { panic!("{a:?}") };
+        assert_ne!(
+            h,
+            scram::ssdp(jrs_auth::ScramHash::Sha256, &offered[2..], None)
+        );
+        let fin = scram_final(
+            bare_first,
+            &[gs2.as_slice(), &[9; 32]].concat(),
+            &server_first,
+        );
+        let a = n.step(
+            &s,
+            el(&format!(
+                "<response xmlns='urn:xmpp:sasl:2'>{}</response>",
+                b64(fin.as_bytes())
+            )),
+        );
+        let Some(Action::StoreFast { bare, record }) = a.first() else {
+            panic!("{a:?}")
+        };
         assert_eq!(bare, "alice@example.org");
         let a = n.step(&s, Input::FastStored(true));
         let d = done(&a).expect("done").clone();
-        assert!(String::from_utf8(d.additional.clone()).unwrap().starts_with("v="));
+        assert!(String::from_utf8(d.additional.clone())
+            .unwrap()
+            .starts_with("v="));
         let token_xml = d.token.clone().expect("a token");
-        let token = token_xml.split("token='").nth(1).unwrap().split('\'').next().unwrap().to_owned();
+        let token = token_xml
+            .split("token='")
+            .nth(1)
+            .unwrap()
+            .split('\'')
+            .next()
+            .unwrap()
+            .to_owned();
         // Reconnect: HT-SHA-256-ENDP in one round trip.
         let record = record.clone();
         let ht = |n: &mut Negotiation, token: &str, cb: &[u8]| {
-            let proof = scram::hmac(jrs_auth::ScramHash::Sha256, token.as_bytes(), &[b"Initiator".as_slice(), cb].concat());
+            let proof = scram::hmac(
+                jrs_auth::ScramHash::Sha256,
+                token.as_bytes(),
+                &[b"Initiator".as_slice(), cb].concat(),
+            );
             let a = n.step(&s, el(&format!(
                 "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='HT-SHA-256-ENDP'><initial-response>{}</initial-response>\
                  <user-agent id='ua-1'/><bind xmlns='urn:xmpp:bind:0'/><fast xmlns='urn:xmpp:fast:0'/></authenticate>",
                 b64(&[b"alice\0".as_slice(), &proof].concat()))));
             assert!(matches!(&a[..], [Action::LookupFast(_)]));
-            n.step(&s, Input::Fast(Ok((Some(Credentials::from_password("secret")), record.as_bytes().to_vec()))))
+            n.step(
+                &s,
+                Input::Fast(Ok((
+                    Some(Credentials::from_password("secret")),
+                    record.as_bytes().to_vec(),
+                ))),
+            )
         };
         let (mut n2, _) = over_tls2(&s);
         let a = ht(&mut n2, &token, &[9; 32]);
@@ -1660,18 +1846,35 @@ mod tests {
         // The right generation: keep the credentials the token was issued under.
         let creds = Credentials::from_password("secret");
         let mut rec = Record::parse(record.as_bytes());
-        for c in &mut rec.clients { for t in [&mut c.current, &mut c.new].into_iter().flatten() { t.generation = fast::generation(&creds); } }
+        for c in &mut rec.clients {
+            for t in [&mut c.current, &mut c.new].into_iter().flatten() {
+                t.generation = fast::generation(&creds);
+            }
+        }
         let record = rec.to_xml();
         let (mut n3, _) = over_tls2(&s);
-        let proof = scram::hmac(jrs_auth::ScramHash::Sha256, token.as_bytes(), &[b"Initiator".as_slice(), &[9u8; 32]].concat());
+        let proof = scram::hmac(
+            jrs_auth::ScramHash::Sha256,
+            token.as_bytes(),
+            &[b"Initiator".as_slice(), &[9u8; 32]].concat(),
+        );
         n3.step(&s, el(&format!(
             "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='HT-SHA-256-ENDP'><initial-response>{}</initial-response>\
              <user-agent id='ua-1'/><bind xmlns='urn:xmpp:bind:0'/><fast xmlns='urn:xmpp:fast:0'/></authenticate>",
             b64(&[b"alice\0".as_slice(), &proof].concat()))));
-        let a = n3.step(&s, Input::Fast(Ok((Some(creds.clone()), record.as_bytes().to_vec()))));
+        let a = n3.step(
+            &s,
+            Input::Fast(Ok((Some(creds.clone()), record.as_bytes().to_vec()))),
+        );
         assert!(matches!(a.first(), Some(Action::StoreFast { .. })), "{a:?}");
-        let d = done(&n3.step(&s, Input::FastStored(true))).expect("done").clone();
-        let responder = scram::hmac(jrs_auth::ScramHash::Sha256, token.as_bytes(), &[b"Responder".as_slice(), &[9u8; 32]].concat());
+        let d = done(&n3.step(&s, Input::FastStored(true)))
+            .expect("done")
+            .clone();
+        let responder = scram::hmac(
+            jrs_auth::ScramHash::Sha256,
+            token.as_bytes(),
+            &[b"Responder".as_slice(), &[9u8; 32]].concat(),
+        );
         assert_eq!(d.additional, responder);
         assert!(d.bind.is_some());
         // A wrong token is refused.
@@ -1679,7 +1882,10 @@ mod tests {
         n4.step(&s, el(&format!(
             "<authenticate xmlns='urn:xmpp:sasl:2' mechanism='HT-SHA-256-ENDP'><initial-response>{}</initial-response><user-agent id='ua-1'/></authenticate>",
             b64(b"alice\0wrongproof"))));
-        let a = n4.step(&s, Input::Fast(Ok((Some(creds), record.as_bytes().to_vec()))));
+        let a = n4.step(
+            &s,
+            Input::Fast(Ok((Some(creds), record.as_bytes().to_vec()))),
+        );
         assert!(sends(&a).contains("<not-authorized"));
     }
 
@@ -1695,7 +1901,10 @@ mod tests {
         assert_eq!(d.resume, Some(("tok".into(), 4)));
         assert!(d.bind.is_none());
         // A failed resumption without Bind 2 leaves the client to bind.
-        let a = n.step(&s, el("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"));
+        let a = n.step(
+            &s,
+            el("<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/></iq>"),
+        );
         assert!(matches!(&a[..], [Action::Done(Outcome::Bind { .. })]));
     }
 }

@@ -219,11 +219,23 @@ mod tests {
         assert_eq!(r.user_agent.device.as_deref(), Some("Phone"));
         let b = r.bind.unwrap();
         assert_eq!(b.tag.as_deref(), Some("App"));
-        assert_eq!(b.sm, Some(SmEnable { resume: true, max: Some(60) }));
+        assert_eq!(
+            b.sm,
+            Some(SmEnable {
+                resume: true,
+                max: Some(60)
+            })
+        );
         assert!(b.inactive);
         assert_eq!(r.resume, Some(("abc".into(), 3)));
         assert_eq!(r.request_token.as_deref(), Some("HT-SHA-256-NONE"));
-        assert_eq!(r.fast, Some(FastUse { count: Some(2), invalidate: true }));
+        assert_eq!(
+            r.fast,
+            Some(FastUse {
+                count: Some(2),
+                invalidate: true
+            })
+        );
     }
 
     #[test]

@@ -112,7 +112,13 @@ impl ScramServer {
                 client_first_bare,
                 server_first,
                 nonce,
-            } => self.last(input, &gs2_header, &client_first_bare, &server_first, &nonce),
+            } => self.last(
+                input,
+                &gs2_header,
+                &client_first_bare,
+                &server_first,
+                &nonce,
+            ),
             Stage::Done => None,
         };
         out.unwrap_or(Step::Failure)
@@ -216,8 +222,21 @@ mod tests {
         ScramKeys::derive(h, "pencil", &B64.decode(salt_b64).unwrap(), 4096)
     }
 
-    fn run(h: ScramHash, mech: &str, salt: &str, cfirst: &str, snonce: &str, cfinal: &str) -> (String, Step) {
-        let mut s = ScramServer::new(mech, rfc_keys(h, salt), false, ChannelBinding::default(), None);
+    fn run(
+        h: ScramHash,
+        mech: &str,
+        salt: &str,
+        cfirst: &str,
+        snonce: &str,
+        cfinal: &str,
+    ) -> (String, Step) {
+        let mut s = ScramServer::new(
+            mech,
+            rfc_keys(h, salt),
+            false,
+            ChannelBinding::default(),
+            None,
+        );
         s.server_nonce = snonce.into();
         let Step::Challenge(first) = s.step(cfirst.as_bytes()) else {
             panic!("no challenge")
@@ -235,8 +254,17 @@ mod tests {
             "3rfcNHYJY1ZVvWVs7j",
             "c=biws,r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,p=v0X8v3Bz2T0CJGbJQyF0X+HI4Ts=",
         );
-        assert_eq!(first, "r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096");
-        let Step::Success { username, additional } = last else { panic!("failed") };
+        assert_eq!(
+            first,
+            "r=fyko+d2lbbFgONRv9qkxdawL3rfcNHYJY1ZVvWVs7j,s=QSXCR+Q6sek8bf92,i=4096"
+        );
+        let Step::Success {
+            username,
+            additional,
+        } = last
+        else {
+            panic!("failed")
+        };
         assert_eq!(username, "user");
         assert_eq!(additional, b"v=rmF9pqV8S7suAoZWja4dJRkFsKQ=");
     }
@@ -252,8 +280,13 @@ mod tests {
             "c=biws,r=rOprNGfwEbeRWgbNEkqO%hvYDpWUa2RaTCAfuxFIlj)hNlF$k0,p=dHzbZapWIk4jUhN+Ute9ytag9zjfMHgsqmmiz7AndVQ=",
         );
         assert!(first.ends_with(",s=W22ZaJ0SNY7soEsUEjb6gQ==,i=4096"));
-        let Step::Success { additional, .. } = last else { panic!("failed") };
-        assert_eq!(additional, b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4=");
+        let Step::Success { additional, .. } = last else {
+            panic!("failed")
+        };
+        assert_eq!(
+            additional,
+            b"v=6rriTRBi23WpRR/wtup+mMhUZUn/dB5nLTJRsjl95G4="
+        );
     }
 
     #[test]
@@ -270,7 +303,13 @@ mod tests {
     }
 
     /// A client side, to check what the server signs.
-    pub fn client_final(keys_password: &str, h: ScramHash, cfirst_bare: &str, gs2: &[u8], server_first: &str) -> String {
+    pub fn client_final(
+        keys_password: &str,
+        h: ScramHash,
+        cfirst_bare: &str,
+        gs2: &[u8],
+        server_first: &str,
+    ) -> String {
         let attrs: Vec<&str> = server_first.split(',').collect();
         let salt = B64.decode(&attrs[1][2..]).unwrap();
         let iter: u32 = attrs[2][2..].parse().unwrap();
@@ -290,7 +329,11 @@ mod tests {
 
     fn pbkdf2_sha1(p: &str, salt: &[u8], i: u32, out: &mut [u8]) {
         // PBKDF2 by hand (RFC 5802 Hi): U1 = HMAC(P, salt || 1), Ui = HMAC(P, Ui-1).
-        let mut u = hmac(ScramHash::Sha1, p.as_bytes(), &[salt, &[0, 0, 0, 1]].concat());
+        let mut u = hmac(
+            ScramHash::Sha1,
+            p.as_bytes(),
+            &[salt, &[0, 0, 0, 1]].concat(),
+        );
         let mut acc = u.clone();
         for _ in 1..i {
             u = hmac(ScramHash::Sha1, p.as_bytes(), &u);
@@ -300,7 +343,11 @@ mod tests {
     }
 
     fn pbkdf2_sha256(p: &str, salt: &[u8], i: u32, out: &mut [u8]) {
-        let mut u = hmac(ScramHash::Sha256, p.as_bytes(), &[salt, &[0, 0, 0, 1]].concat());
+        let mut u = hmac(
+            ScramHash::Sha256,
+            p.as_bytes(),
+            &[salt, &[0, 0, 0, 1]].concat(),
+        );
         let mut acc = u.clone();
         for _ in 1..i {
             u = hmac(ScramHash::Sha256, p.as_bytes(), &u);
@@ -313,7 +360,11 @@ mod tests {
     fn ssdp_matches_the_xep_example() {
         // XEP-0474 4.3: SHA-1 of 'SCRAM-SHA-1\x1eSCRAM-SHA-1-PLUS\x1ftls-exporter\x1etls-server-end-point'.
         let mechs = vec!["SCRAM-SHA-1-PLUS".to_string(), "SCRAM-SHA-1".to_string()];
-        let h = ssdp(ScramHash::Sha1, &mechs, Some(&["tls-server-end-point", "tls-exporter"]));
+        let h = ssdp(
+            ScramHash::Sha1,
+            &mechs,
+            Some(&["tls-server-end-point", "tls-exporter"]),
+        );
         let expected = B64.encode(Sha1::digest(
             b"SCRAM-SHA-1\x1eSCRAM-SHA-1-PLUS\x1ftls-exporter\x1etls-server-end-point",
         ));
@@ -321,7 +372,10 @@ mod tests {
         assert_eq!(h, "G6k/rBLDqgOhRRaCuuatSDFkJ08=", "the XEP's example value");
         // Without XEP-0440 there is no separator.
         let plain = ssdp(ScramHash::Sha256, &mechs, None);
-        assert_eq!(plain, B64.encode(Sha256::digest(b"SCRAM-SHA-1\x1eSCRAM-SHA-1-PLUS")));
+        assert_eq!(
+            plain,
+            B64.encode(Sha256::digest(b"SCRAM-SHA-1\x1eSCRAM-SHA-1-PLUS"))
+        );
     }
 
     #[test]
@@ -331,27 +385,64 @@ mod tests {
             exporter: Some(vec![1; 32]),
             endpoint: Some(vec![2; 32]),
         };
-        for (kind, data) in [("tls-exporter", vec![1u8; 32]), ("tls-server-end-point", vec![2u8; 32])] {
-            let mut s = ScramServer::new("SCRAM-SHA-256-PLUS", keys.clone(), true, cb.clone(), Some("HASH=".into()));
+        for (kind, data) in [
+            ("tls-exporter", vec![1u8; 32]),
+            ("tls-server-end-point", vec![2u8; 32]),
+        ] {
+            let mut s = ScramServer::new(
+                "SCRAM-SHA-256-PLUS",
+                keys.clone(),
+                true,
+                cb.clone(),
+                Some("HASH=".into()),
+            );
             let gs2 = format!("p={kind},,");
             let bare = "n=alice,r=abcdef";
-            let Step::Challenge(first) = s.step(format!("{gs2}{bare}").as_bytes()) else { panic!() };
+            let Step::Challenge(first) = s.step(format!("{gs2}{bare}").as_bytes()) else {
+                panic!()
+            };
             let first = String::from_utf8(first).unwrap();
             assert!(first.ends_with(",h=HASH="), "{first}");
-            let fin = client_final("pencil", ScramHash::Sha256, bare, &[gs2.as_bytes(), &data].concat(), &first);
-            assert!(matches!(s.step(fin.as_bytes()), Step::Success { .. }), "{kind}");
+            let fin = client_final(
+                "pencil",
+                ScramHash::Sha256,
+                bare,
+                &[gs2.as_bytes(), &data].concat(),
+                &first,
+            );
+            assert!(
+                matches!(s.step(fin.as_bytes()), Step::Success { .. }),
+                "{kind}"
+            );
         }
         // A client that computed its proof over another server-first (no h) fails.
-        let mut s = ScramServer::new("SCRAM-SHA-256", keys.clone(), true, cb.clone(), Some("HASH=".into()));
-        let Step::Challenge(first) = s.step(b"n,,n=alice,r=abcdef") else { panic!() };
+        let mut s = ScramServer::new(
+            "SCRAM-SHA-256",
+            keys.clone(),
+            true,
+            cb.clone(),
+            Some("HASH=".into()),
+        );
+        let Step::Challenge(first) = s.step(b"n,,n=alice,r=abcdef") else {
+            panic!()
+        };
         let first = String::from_utf8(first).unwrap();
         let stripped = first.trim_end_matches(",h=HASH=");
-        let fin = client_final("pencil", ScramHash::Sha256, "n=alice,r=abcdef", b"n,,", stripped);
+        let fin = client_final(
+            "pencil",
+            ScramHash::Sha256,
+            "n=alice,r=abcdef",
+            b"n,,",
+            stripped,
+        );
         assert!(matches!(s.step(fin.as_bytes()), Step::Failure));
         // 'y' when -PLUS was offered is a downgrade; unknown binding types fail.
         let mut s = ScramServer::new("SCRAM-SHA-256", keys.clone(), true, cb.clone(), None);
         assert!(matches!(s.step(b"y,,n=alice,r=abc"), Step::Failure));
         let mut s = ScramServer::new("SCRAM-SHA-256-PLUS", keys, true, cb, None);
-        assert!(matches!(s.step(b"p=tls-unique,,n=alice,r=abc"), Step::Failure));
+        assert!(matches!(
+            s.step(b"p=tls-unique,,n=alice,r=abc"),
+            Step::Failure
+        ));
     }
 }

@@ -492,7 +492,13 @@ impl Shared {
             let jid = jrs_stream::xml::unescape(to).unwrap_or_default();
             let handle = SessionHandle::gone(sid, jid.into_owned());
             let undelivered = protocol::items(&[item]);
-            self.send(protocol::packet(&self.me, "end", &handle, &[], &undelivered));
+            self.send(protocol::packet(
+                &self.me,
+                "end",
+                &handle,
+                &[],
+                &undelivered,
+            ));
         }
     }
 

@@ -59,7 +59,10 @@ fn filter(node: &Node, default_level: Level) -> Result<Filter> {
             .map(|h| h.to_ascii_lowercase())
             .collect(),
         processes: list("process"),
-        matches: node.attr("match").filter(|m| !m.is_empty()).map(str::to_owned),
+        matches: node
+            .attr("match")
+            .filter(|m| !m.is_empty())
+            .map(str::to_owned),
     })
 }
 
@@ -98,7 +101,10 @@ impl LogdConfig {
             }
             files.push(FileOutput {
                 path,
-                max_bytes: f.size_attr("max-bytes")?.unwrap_or(10 * 1024 * 1024).max(1024),
+                max_bytes: f
+                    .size_attr("max-bytes")?
+                    .unwrap_or(10 * 1024 * 1024)
+                    .max(1024),
                 keep: f.parse_attr("keep", "a number of files")?.unwrap_or(5),
                 filter: filter(f, Level::Info)?,
             });
@@ -114,7 +120,9 @@ impl LogdConfig {
             }
             admins.push(AdminOutput {
                 jid,
-                per_minute: a.parse_attr("per-minute", "a number of messages")?.unwrap_or(20),
+                per_minute: a
+                    .parse_attr("per-minute", "a number of messages")?
+                    .unwrap_or(20),
                 window: Duration::from_secs(60),
                 filter: filter(a, Level::Error)?,
             });
@@ -174,7 +182,10 @@ mod tests {
         .unwrap();
         assert_eq!(c.binds, vec!["*"]);
         let f = &c.files[0];
-        assert_eq!((f.max_bytes, f.keep, f.filter.level), (1024 * 1024, 2, Level::Warn));
+        assert_eq!(
+            (f.max_bytes, f.keep, f.filter.level),
+            (1024 * 1024, 2, Level::Warn)
+        );
         assert_eq!(f.filter.hosts, vec!["localhost", "example.org"]);
         let a = &c.admins[0];
         assert_eq!((a.per_minute, a.filter.level), (20, Level::Error));
@@ -206,9 +217,13 @@ mod tests {
              <log level='debug' route-level='off'/></logd>",
         )
         .unwrap();
-        assert_eq!((c.log.level.as_str(), c.log.route_level.as_str()), ("debug", "off"));
-        let c = parse("<logd><router address='127.0.0.1' port='5347' name='logd' secret='s'/></logd>")
-            .unwrap();
+        assert_eq!(
+            (c.log.level.as_str(), c.log.route_level.as_str()),
+            ("debug", "off")
+        );
+        let c =
+            parse("<logd><router address='127.0.0.1' port='5347' name='logd' secret='s'/></logd>")
+                .unwrap();
         assert_eq!(c.log.route_level, "warn");
         let e = parse(
             "<logd><router address='127.0.0.1' port='5347' name='logd' secret='s'/>\
@@ -220,8 +235,14 @@ mod tests {
 
     #[test]
     fn host_file_names_are_safe() {
-        assert_eq!(file_for("log/{host}.log", "localhost"), PathBuf::from("log/localhost.log"));
-        assert_eq!(file_for("log/{host}.log", "../../etc"), PathBuf::from("log/_.._etc.log"));
+        assert_eq!(
+            file_for("log/{host}.log", "localhost"),
+            PathBuf::from("log/localhost.log")
+        );
+        assert_eq!(
+            file_for("log/{host}.log", "../../etc"),
+            PathBuf::from("log/_.._etc.log")
+        );
         assert_eq!(file_for("log/all.log", "x"), PathBuf::from("log/all.log"));
     }
 }

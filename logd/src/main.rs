@@ -62,9 +62,12 @@ fn run(args: Args) -> anyhow::Result<()> {
         .worker_threads(1)
         .enable_all()
         .build()?
-        .block_on(run_component(link, config.limits, binds, |reader, outbox| {
-            serve(sinks.clone(), me.clone(), reader, outbox)
-        }))
+        .block_on(run_component(
+            link,
+            config.limits,
+            binds,
+            |reader, outbox| serve(sinks.clone(), me.clone(), reader, outbox),
+        ))
 }
 
 async fn serve(

@@ -114,9 +114,10 @@ impl FileSink {
         if !self.files.contains_key(&path) && self.files.len() >= MAX_OPEN {
             self.files.clear();
         }
-        let file = self.files.entry(path.clone()).or_insert_with(|| {
-            RotatingFile::new(path, self.config.max_bytes, self.config.keep)
-        });
+        let file = self
+            .files
+            .entry(path.clone())
+            .or_insert_with(|| RotatingFile::new(path, self.config.max_bytes, self.config.keep));
         match file.write_line(&r.line()) {
             Ok(()) => file.failing = false,
             Err(e) => {

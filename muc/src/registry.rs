@@ -42,7 +42,10 @@ pub async fn shut_down(ctx: &Arc<Ctx>) {
         .values()
         .cloned()
         .collect();
-    info!(rooms = rooms.len(), "stopping: occupants told the service goes down");
+    info!(
+        rooms = rooms.len(),
+        "stopping: occupants told the service goes down"
+    );
     let notice = Stanza::parse(bytes::Bytes::from(format!("<{}/>", room::SHUTDOWN)))
         .expect("a well-formed element");
     for tx in &rooms {

@@ -288,7 +288,12 @@ impl Template {
     pub fn write_unaddressed(&self, out: &mut BytesMut) {
         let head = self.head.strip_suffix(" to='").unwrap_or(&self.head);
         out.put_slice(head.as_bytes());
-        out.put_slice(self.tail.strip_prefix('\'').unwrap_or(&self.tail).as_bytes());
+        out.put_slice(
+            self.tail
+                .strip_prefix('\'')
+                .unwrap_or(&self.tail)
+                .as_bytes(),
+        );
     }
 
     /// The stanza addressed to `to`, as a string (tests and single sends).

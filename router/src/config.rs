@@ -88,7 +88,10 @@ impl RouterConfig {
             node.allow(&["name", "command", "secret", "log"], &[])?;
             let name = node.required_attr("name")?.to_ascii_lowercase();
             exec.push(Exec {
-                log: PathBuf::from(node.attr("log").map_or_else(|| format!("log/{name}.log"), str::to_owned)),
+                log: PathBuf::from(
+                    node.attr("log")
+                        .map_or_else(|| format!("log/{name}.log"), str::to_owned),
+                ),
                 command: node.required_attr("command")?.to_owned(),
                 secret: node.attr("secret").map(str::to_owned),
                 name,
@@ -206,11 +209,19 @@ impl ComponentUser {
     /// The namespaces a store is limited to: `Some` when it may bind `xdb` and every
     /// such `allow` names namespaces.
     pub fn xdb_namespaces(&self) -> Option<Vec<&str>> {
-        let xdb: Vec<&Allow> = self.allow.iter().filter(|a| a.route == PacketType::Xdb).collect();
+        let xdb: Vec<&Allow> = self
+            .allow
+            .iter()
+            .filter(|a| a.route == PacketType::Xdb)
+            .collect();
         if xdb.is_empty() || xdb.iter().any(|a| a.ns.is_none()) {
             return None;
         }
-        Some(xdb.iter().flat_map(|a| a.ns.iter().flatten().map(String::as_str)).collect())
+        Some(
+            xdb.iter()
+                .flat_map(|a| a.ns.iter().flatten().map(String::as_str))
+                .collect(),
+        )
     }
 
     /// Whether it may bind `route` for `host`, for the namespace `ns` (`xdb` only).
@@ -299,7 +310,10 @@ mod tests {
         assert_eq!(c.users_file, PathBuf::from("etc/router-users.xml"));
         let users = Users::load(&root.join(&c.users_file)).unwrap();
         assert!(users.find("sm-2").is_some());
-        assert!(users.find("s2s").unwrap().may_bind(PacketType::Normal, "*", None));
+        assert!(users
+            .find("s2s")
+            .unwrap()
+            .may_bind(PacketType::Normal, "*", None));
         assert!(users.find("nobody").is_none());
     }
 

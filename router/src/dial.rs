@@ -81,7 +81,13 @@ async fn exec_loop(router: Arc<Router>, exec: Exec) {
                 };
                 let io: BoxIo = Box::new(tokio::io::join(stdout, stdin));
                 // The program speaks first, as any component that connects.
-                serve_link(router.clone(), io, format!("exec:{}", exec.name), Side::Accepting).await;
+                serve_link(
+                    router.clone(),
+                    io,
+                    format!("exec:{}", exec.name),
+                    Side::Accepting,
+                )
+                .await;
                 // The link is over: the program goes too (it may not notice by itself),
                 // with whatever it started (`sh -c` forks): its whole process group.
                 if let Some(pid) = child.id() {
@@ -137,8 +143,14 @@ mod tests {
     #[test]
     fn backoff_doubles_up_to_a_ceiling_and_starts_again_after_a_stable_link() {
         let first = Duration::from_millis(500);
-        assert_eq!(backoff(first, first, Duration::ZERO), Duration::from_secs(1));
-        assert_eq!(backoff(Duration::from_secs(20), first, Duration::ZERO), MAX_BACKOFF);
+        assert_eq!(
+            backoff(first, first, Duration::ZERO),
+            Duration::from_secs(1)
+        );
+        assert_eq!(
+            backoff(Duration::from_secs(20), first, Duration::ZERO),
+            MAX_BACKOFF
+        );
         assert_eq!(backoff(Duration::from_secs(20), first, STABLE), first);
     }
 }

@@ -51,7 +51,12 @@ impl Gathers {
     /// A request sent to the stores on `links` and held for `held` more. False (and
     /// nothing remembered) when a request with the same requester and id is still
     /// being gathered: the caller refuses it.
-    pub fn start<B: AsRef<[u8]>>(&mut self, request: &Stanza<B>, links: Vec<ConnId>, held: usize) -> bool {
+    pub fn start<B: AsRef<[u8]>>(
+        &mut self,
+        request: &Stanza<B>,
+        links: Vec<ConnId>,
+        held: usize,
+    ) -> bool {
         let key = (
             request.from().unwrap_or("").to_owned(),
             request.id().unwrap_or("").to_owned(),
@@ -184,7 +189,10 @@ mod tests {
         let req = stanza("<xdb type='list' from='admin' to='localhost' id='1'/>");
         assert!(concerns_every_store(&req));
         assert!(g.start(&req, vec![1, 2], 0));
-        assert!(!g.start(&req, vec![1, 2], 0), "the same requester and id again");
+        assert!(
+            !g.start(&req, vec![1, 2], 0),
+            "the same requester and id again"
+        );
         let a = stanza("<xdb type='result' to='admin' from='localhost' id='1'><owner jid='a@l'/><owner jid='b@l'/></xdb>");
         assert_eq!(g.answer(&a, Some(1)), Some(None));
         // A second answer of the same store, or one from a link not asked: ignored.
@@ -205,7 +213,9 @@ mod tests {
         let mut g = Gathers::default();
         let req = stanza("<xdb type='delete' ns='*' from='sm' to='a@l' id='7'/>");
         assert!(concerns_every_store(&req));
-        assert!(!concerns_every_store(&stanza("<xdb type='delete' ns='x' from='sm' to='a@l' id='8'/>")));
+        assert!(!concerns_every_store(&stanza(
+            "<xdb type='delete' ns='x' from='sm' to='a@l' id='8'/>"
+        )));
         // One store delivered, one held (answered later by a link or by a bounce).
         assert!(g.start(&req, vec![3], 1));
         let err = stanza("<xdb type='error' to='sm' from='a@l' id='7'><error/></xdb>");

@@ -72,33 +72,32 @@ pub async fn serve_link(router: Arc<Router>, io: BoxIo, peer: String, side: Side
                 }
             }
         };
-        let authenticated = match tokio::time::timeout(router.config.handshake_timeout, handshake)
-            .await
-        {
-            Ok(Ok((name, trusted))) => Some((name, trusted)),
-            Ok(Err(e)) if e.text == "connection closed" => {
-                debug!("closed before authenticating (a port probe?)");
-                outbox.close_with(b"");
-                None
-            }
-            Ok(Err(e)) => {
-                warn!(error = %e, "refused");
-                outbox.close_with(e.to_xml().as_bytes());
-                None
-            }
-            Err(_) => {
-                warn!("no handshake in time");
-                outbox.close_with(
-                    StreamError::new(
-                        StreamErrorCondition::ConnectionTimeout,
-                        "no handshake in time",
-                    )
-                    .to_xml()
-                    .as_bytes(),
-                );
-                None
-            }
-        };
+        let authenticated =
+            match tokio::time::timeout(router.config.handshake_timeout, handshake).await {
+                Ok(Ok((name, trusted))) => Some((name, trusted)),
+                Ok(Err(e)) if e.text == "connection closed" => {
+                    debug!("closed before authenticating (a port probe?)");
+                    outbox.close_with(b"");
+                    None
+                }
+                Ok(Err(e)) => {
+                    warn!(error = %e, "refused");
+                    outbox.close_with(e.to_xml().as_bytes());
+                    None
+                }
+                Err(_) => {
+                    warn!("no handshake in time");
+                    outbox.close_with(
+                        StreamError::new(
+                            StreamErrorCondition::ConnectionTimeout,
+                            "no handshake in time",
+                        )
+                        .to_xml()
+                        .as_bytes(),
+                    );
+                    None
+                }
+            };
         let Some((name, trusted)) = authenticated else {
             // The writer drains the header and the error, then closes.
             let _ = tokio::time::timeout(Duration::from_secs(5), &mut writer).await;
@@ -192,7 +191,12 @@ async fn authenticate<R: AsyncRead + Unpin>(
     }
     // A component the router dials proves itself on that link only: a login from
     // anyone else under its name could replay the router's own handshake.
-    if router.config.connect.iter().any(|c| c.name.eq_ignore_ascii_case(&name)) {
+    if router
+        .config
+        .connect
+        .iter()
+        .any(|c| c.name.eq_ignore_ascii_case(&name))
+    {
         return Err(StreamError::new(
             StreamErrorCondition::NotAuthorized,
             format!("'{name}' is dialed by the router (<connect>), it does not connect"),
@@ -264,7 +268,12 @@ async fn authenticate_dialed<R: AsyncRead + Unpin>(
         Ok(Frame::StreamOpen(bytes)) => StreamHeader::parse(&bytes, None)?.id,
         Ok(_) => None,
         Err(ReadError::Stream(e)) => return Err(e),
-        Err(e) => return Err(StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string())),
+        Err(e) => {
+            return Err(StreamError::new(
+                StreamErrorCondition::NotWellFormed,
+                e.to_string(),
+            ))
+        }
     };
     let Some(id) = id else {
         return Err(StreamError::new(
@@ -272,18 +281,33 @@ async fn authenticate_dialed<R: AsyncRead + Unpin>(
             "the component's stream header has no id",
         ));
     };
-    let _ = outbox.push(format!("<handshake>{}</handshake>", handshake_digest(&id, secret)).as_bytes());
+    let _ =
+        outbox.push(format!("<handshake>{}</handshake>", handshake_digest(&id, secret)).as_bytes());
     match reader.next_frame().await {
-        Ok(Frame::Element(bytes)) if Stanza::parse(bytes.clone()).is_ok_and(|s| s.name() == "handshake") => {}
+        Ok(Frame::Element(bytes))
+            if Stanza::parse(bytes.clone()).is_ok_and(|s| s.name() == "handshake") => {}
         Ok(Frame::Element(bytes)) => {
             return Err(StreamError::new(
                 StreamErrorCondition::NotAuthorized,
-                format!("the component refused the handshake: {}", String::from_utf8_lossy(&bytes)),
+                format!(
+                    "the component refused the handshake: {}",
+                    String::from_utf8_lossy(&bytes)
+                ),
             ))
         }
-        Ok(_) => return Err(StreamError::new(StreamErrorCondition::NotAuthorized, "no <handshake/>")),
+        Ok(_) => {
+            return Err(StreamError::new(
+                StreamErrorCondition::NotAuthorized,
+                "no <handshake/>",
+            ))
+        }
         Err(ReadError::Stream(e)) => return Err(e),
-        Err(e) => return Err(StreamError::new(StreamErrorCondition::NotWellFormed, e.to_string())),
+        Err(e) => {
+            return Err(StreamError::new(
+                StreamErrorCondition::NotWellFormed,
+                e.to_string(),
+            ))
+        }
     }
     let trusted = router.users().find(name).is_some_and(|u| u.trusted);
     router

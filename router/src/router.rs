@@ -327,7 +327,9 @@ impl Router {
                 if stanza.name() == fanout::ELEMENT {
                     // The stanza inside must come from the same domain as the packet.
                     let parsed = if fanout::has_other_attributes(stanza) {
-                        Err(fanout::FanoutError("only 'from' and 'to' may stand on <fanout>"))
+                        Err(fanout::FanoutError(
+                            "only 'from' and 'to' may stand on <fanout>",
+                        ))
                     } else {
                         fanout::parse(stanza.inner())
                     };
@@ -342,7 +344,10 @@ impl Router {
                             plan.decide_fanout(tree, *route, stanza, &f, &mut bounces);
                         }
                         Ok(_) => {
-                            warn!(from = stanza.from().unwrap_or(""), "fan-out stanza from another domain: refused");
+                            warn!(
+                                from = stanza.from().unwrap_or(""),
+                                "fan-out stanza from another domain: refused"
+                            );
                             refused.extend(stanza.error_reply(
                                 StanzaErrorCondition::NotAllowed,
                                 "the stanza of a fan-out packet must be from the packet's domain",
@@ -350,7 +355,10 @@ impl Router {
                         }
                         Err(e) => {
                             warn!(from = stanza.from().unwrap_or(""), error = %e, "malformed fan-out packet: refused");
-                            refused.extend(stanza.error_reply(StanzaErrorCondition::BadRequest, &e.to_string()));
+                            refused.extend(
+                                stanza
+                                    .error_reply(StanzaErrorCondition::BadRequest, &e.to_string()),
+                            );
                         }
                     }
                     continue;
@@ -367,7 +375,10 @@ impl Router {
                         None => {}
                     }
                     if !link.may_send_xdb(stanza, &users) {
-                        warn!(ns = stanza.attr("ns").unwrap_or_default(), "storage request outside the namespaces this component serves: refused");
+                        warn!(
+                            ns = stanza.attr("ns").unwrap_or_default(),
+                            "storage request outside the namespaces this component serves: refused"
+                        );
                         refused.extend(stanza.error_reply(
                             StanzaErrorCondition::NotAllowed,
                             "a store of some namespaces may send requests of those only",
@@ -494,7 +505,10 @@ impl Router {
             (st.tree.expire(Instant::now()), unanswered)
         };
         if !unanswered.is_empty() {
-            warn!(requests = unanswered.len(), "storage requests not answered by every store: answered with an error");
+            warn!(
+                requests = unanswered.len(),
+                "storage requests not answered by every store: answered with an error"
+            );
             self.bounce_all(
                 unanswered
                     .into_iter()
@@ -778,7 +792,11 @@ impl<'a> Plan<'a> {
         if instances.len() + held.len() <= 1 {
             return Gathered::No;
         }
-        if !gathers.start(stanza, instances.iter().map(|i| i.conn).collect(), held.len()) {
+        if !gathers.start(
+            stanza,
+            instances.iter().map(|i| i.conn).collect(),
+            held.len(),
+        ) {
             return Gathered::Busy;
         }
         for i in &instances {
@@ -820,7 +838,10 @@ impl<'a> Plan<'a> {
             match tree.target(route, &host, &lower(jid_bare(r.to))) {
                 Target::Deliver(instance) if instance.fanout => {
                     // Only sm names sessions; a sender's `sid` is not passed on.
-                    let r = fanout::Recipient { to: r.to, sid: None };
+                    let r = fanout::Recipient {
+                        to: r.to,
+                        sid: None,
+                    };
                     match batches.iter_mut().find(|(i, _)| i.conn == instance.conn) {
                         Some((_, rs)) => rs.push(r),
                         None => batches.push((instance.clone(), vec![r])),

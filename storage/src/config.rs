@@ -31,7 +31,14 @@ impl StorageConfig {
         root.allow(
             &[],
             &[
-                "router", "host", "namespace", "spool", "cache", "archive", "limits", "log",
+                "router",
+                "host",
+                "namespace",
+                "spool",
+                "cache",
+                "archive",
+                "limits",
+                "log",
             ],
         )?;
         let hosts: Vec<String> = root
@@ -47,7 +54,10 @@ impl StorageConfig {
             .children("namespace")
             .map(|n| n.text.trim().to_owned())
             .collect();
-        if namespaces.iter().any(|n| n.is_empty() || n.contains(char::is_whitespace) || n == "*") {
+        if namespaces
+            .iter()
+            .any(|n| n.is_empty() || n.contains(char::is_whitespace) || n == "*")
+        {
             return Err(root.error("a <namespace> is one storage namespace (no spaces, not '*')"));
         }
         let spool = root.required_child("spool")?;

@@ -412,7 +412,9 @@ impl<'a> Live<'a> {
         if let Some(id) = self.own_iq.clone() {
             let answer = |i: &Item| {
                 Stanza::parse(i.bytes.clone()).is_ok_and(|s| {
-                    s.name() == "iq" && s.id() == Some(id.as_str()) && matches!(s.kind(), Some("result" | "error"))
+                    s.name() == "iq"
+                        && s.id() == Some(id.as_str())
+                        && matches!(s.kind(), Some("result" | "error"))
                 })
             };
             if let Some(pos) = items.iter().position(answer) {

@@ -125,10 +125,12 @@ impl Reply {
 
     pub fn terminate(condition: &str) -> Reply {
         Reply {
-            status: if condition == "item-not-found" { 404 } else { 200 },
-            body: format!(
-                "<body xmlns='{NS_HTTPBIND}' type='terminate' condition='{condition}'/>"
-            ),
+            status: if condition == "item-not-found" {
+                404
+            } else {
+                200
+            },
+            body: format!("<body xmlns='{NS_HTTPBIND}' type='terminate' condition='{condition}'/>"),
         }
     }
 
@@ -153,7 +155,11 @@ pub async fn request(
     if b.name() != "body" || b.attr("xmlns").as_deref() != Some(NS_HTTPBIND) {
         return Reply::terminate("bad-request");
     }
-    let Some(rid) = b.attr("rid").and_then(|r| r.parse::<u64>().ok()).filter(|r| *r <= MAX_RID) else {
+    let Some(rid) = b
+        .attr("rid")
+        .and_then(|r| r.parse::<u64>().ok())
+        .filter(|r| *r <= MAX_RID)
+    else {
         return Reply::terminate("bad-request");
     };
     match b.attr("sid") {
@@ -195,7 +201,9 @@ async fn create(
         .min(MAX_WAIT);
     let sid: String = {
         let mut rng = rand::rng();
-        (0..16).map(|_| format!("{:x}", rng.random_range(0..16u8))).collect()
+        (0..16)
+            .map(|_| format!("{:x}", rng.random_range(0..16u8)))
+            .collect()
     };
     let (stream_end, bridge_end) = tokio::io::duplex(PIPE_BYTES);
     let (reader, writer) = tokio::io::split(bridge_end);
@@ -211,9 +219,16 @@ async fn create(
         drained: Notify::new(),
         _admitted: admitted,
     });
-    sessions.map.lock().expect("bosh lock").insert(sid.clone(), session.clone());
+    sessions
+        .map
+        .lock()
+        .expect("bosh lock")
+        .insert(sid.clone(), session.clone());
     info!(sid, "BOSH session");
-    tokio::spawn(conn::serve_transport(shared.clone(), Transport::Web(stream_end), peer, secure).in_current_span());
+    tokio::spawn(
+        conn::serve_transport(shared.clone(), Transport::Web(stream_end), peer, secure)
+            .in_current_span(),
+    );
     tokio::spawn(pump(session.clone(), sessions.clone(), reader).in_current_span());
     tokio::spawn(watch_inactivity(session.clone(), sessions.clone()).in_current_span());
     let lang = b.attr("xml:lang").unwrap_or_else(|| "en".into());
@@ -304,7 +319,9 @@ impl Session {
         let mut ready = vec![];
         loop {
             let next = st.next_rid;
-            let Some(p) = st.early.remove(&next) else { break };
+            let Some(p) = st.early.remove(&next) else {
+                break;
+            };
             ready.extend_from_slice(&p);
             st.next_rid += 1;
         }
@@ -329,7 +346,11 @@ impl Session {
                 self.drained.notify_one();
             }
         }
-        let wait = if first { Duration::from_secs(10) } else { self.wait };
+        let wait = if first {
+            Duration::from_secs(10)
+        } else {
+            self.wait
+        };
         let reply = match tokio::time::timeout(wait, rx).await {
             Ok(Ok(reply)) => reply,
             Ok(Err(_)) => Reply::empty(),
@@ -472,7 +493,9 @@ async fn watch_inactivity(session: Arc<Session>, sessions: Arc<Sessions>) {
         };
         if idle {
             debug!(sid = session.sid, "BOSH session inactive: ended");
-            session.end(&sessions, Reply::terminate("item-not-found")).await;
+            session
+                .end(&sessions, Reply::terminate("item-not-found"))
+                .await;
             return;
         }
     }

@@ -51,13 +51,20 @@ mod tests {
 
     #[test]
     fn lists_the_websocket_endpoint() {
-        assert_eq!(websocket_url("https://x.example:5281/"), "wss://x.example:5281/xmpp-websocket");
-        assert_eq!(websocket_url("http://127.0.0.1:5280"), "ws://127.0.0.1:5280/xmpp-websocket");
+        assert_eq!(
+            websocket_url("https://x.example:5281/"),
+            "wss://x.example:5281/xmpp-websocket"
+        );
+        assert_eq!(
+            websocket_url("http://127.0.0.1:5280"),
+            "ws://127.0.0.1:5280/xmpp-websocket"
+        );
         assert!(xrd("https://x.example").contains("href='wss://x.example/xmpp-websocket'"));
         let j: serde_json::Value = serde_json::from_str(&json("https://x.example")).unwrap();
         assert_eq!(j["links"][0]["rel"], "urn:xmpp:alt-connections:websocket");
         assert_eq!(j["links"][0]["href"], "wss://x.example/xmpp-websocket");
         assert_eq!(j["links"][1]["href"], "https://x.example/http-bind");
-        assert!(xrd("https://x.example").contains("rel='urn:xmpp:alt-connections:xbosh' href='https://x.example/http-bind'"));
+        assert!(xrd("https://x.example")
+            .contains("rel='urn:xmpp:alt-connections:xbosh' href='https://x.example/http-bind'"));
     }
 }

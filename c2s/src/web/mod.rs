@@ -118,12 +118,19 @@ impl Edge {
     /// Counts one more connection or BOSH session for a client that came through a
     /// trusted proxy (direct clients are counted by their TCP connection); `None` past
     /// the limit.
-    fn admit_forwarded(&self, client: SocketAddr, tcp_peer: SocketAddr) -> Result<Option<Admitted>, ()> {
+    fn admit_forwarded(
+        &self,
+        client: SocketAddr,
+        tcp_peer: SocketAddr,
+    ) -> Result<Option<Admitted>, ()> {
         let web = &self.shared.config.web;
         if !web.trusted_proxies.contains(&tcp_peer.ip()) {
             return Ok(None);
         }
-        match self.forwarded.admit(client.ip(), web.max_connections_per_address) {
+        match self
+            .forwarded
+            .admit(client.ip(), web.max_connections_per_address)
+        {
             Some(a) => Ok(Some(a)),
             None => Err(()),
         }
@@ -147,7 +154,10 @@ async fn connection(
             let admitted = admitted.clone();
             let client = client_address(&edge.shared.config.web, peer, req.headers());
             async move {
-                let tcp = TcpPeer { addr: peer, admitted };
+                let tcp = TcpPeer {
+                    addr: peer,
+                    admitted,
+                };
                 Ok::<_, Infallible>(handle(&edge, tcp, req, client, &listener).await)
             }
         })
@@ -202,9 +212,20 @@ async fn handle(
         (&Method::GET, WEBSOCKET_PATH) => {
             let forwarded = match edge.admit_forwarded(peer, tcp.addr) {
                 Ok(f) => f,
-                Err(()) => return plain(StatusCode::SERVICE_UNAVAILABLE, "too many connections\n".into()),
+                Err(()) => {
+                    return plain(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "too many connections\n".into(),
+                    )
+                }
             };
-            upgrade(shared.clone(), (tcp.admitted, forwarded), req, peer, listener)
+            upgrade(
+                shared.clone(),
+                (tcp.admitted, forwarded),
+                req,
+                peer,
+                listener,
+            )
         }
         (&Method::POST | &Method::OPTIONS, BOSH_PATH) => {
             bosh_request(edge, tcp.addr, req, peer, listener).await
@@ -227,12 +248,16 @@ async fn handle(
             let h = r.headers_mut();
             h.insert(header::CONTENT_TYPE, HeaderValue::from_static(kind));
             // XEP-0156 3.2: web clients of other origins read it.
-            h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, HeaderValue::from_static("*"));
+            h.insert(
+                header::ACCESS_CONTROL_ALLOW_ORIGIN,
+                HeaderValue::from_static("*"),
+            );
             r
         }
-        (_, WEBSOCKET_PATH | BOSH_PATH | host_meta::XRD_PATH | host_meta::JSON_PATH) => {
-            plain(StatusCode::METHOD_NOT_ALLOWED, "method not allowed\n".into())
-        }
+        (_, WEBSOCKET_PATH | BOSH_PATH | host_meta::XRD_PATH | host_meta::JSON_PATH) => plain(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method not allowed\n".into(),
+        ),
         _ => plain(StatusCode::NOT_FOUND, "not found\n".into()),
     }
 }
@@ -254,16 +279,31 @@ fn upgrade(
         })
     };
     if !has_token(header::UPGRADE, "websocket") || !has_token(header::CONNECTION, "upgrade") {
-        return plain(StatusCode::UPGRADE_REQUIRED, "a WebSocket upgrade is required\n".into());
+        return plain(
+            StatusCode::UPGRADE_REQUIRED,
+            "a WebSocket upgrade is required\n".into(),
+        );
     }
-    if headers.get(header::SEC_WEBSOCKET_VERSION).and_then(|v| v.to_str().ok()) != Some("13") {
-        let mut r = plain(StatusCode::BAD_REQUEST, "WebSocket version 13 is required\n".into());
-        r.headers_mut()
-            .insert(header::SEC_WEBSOCKET_VERSION, HeaderValue::from_static("13"));
+    if headers
+        .get(header::SEC_WEBSOCKET_VERSION)
+        .and_then(|v| v.to_str().ok())
+        != Some("13")
+    {
+        let mut r = plain(
+            StatusCode::BAD_REQUEST,
+            "WebSocket version 13 is required\n".into(),
+        );
+        r.headers_mut().insert(
+            header::SEC_WEBSOCKET_VERSION,
+            HeaderValue::from_static("13"),
+        );
         return r;
     }
     let Some(key) = headers.get(header::SEC_WEBSOCKET_KEY).cloned() else {
-        return plain(StatusCode::BAD_REQUEST, "Sec-WebSocket-Key is missing\n".into());
+        return plain(
+            StatusCode::BAD_REQUEST,
+            "Sec-WebSocket-Key is missing\n".into(),
+        );
     };
     if !has_token(header::SEC_WEBSOCKET_PROTOCOL, "xmpp") {
         return plain(
@@ -304,7 +344,10 @@ fn upgrade(
     let h = r.headers_mut();
     h.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
     h.insert(header::CONNECTION, HeaderValue::from_static("Upgrade"));
-    h.insert(header::SEC_WEBSOCKET_PROTOCOL, HeaderValue::from_static("xmpp"));
+    h.insert(
+        header::SEC_WEBSOCKET_PROTOCOL,
+        HeaderValue::from_static("xmpp"),
+    );
     if let Ok(accept) = HeaderValue::from_str(&derive_accept_key(key.as_bytes())) {
         h.insert(header::SEC_WEBSOCKET_ACCEPT, accept);
     }
@@ -337,8 +380,18 @@ async fn bosh_request(
         let body = http_body_util::Limited::new(req.into_body(), limit).collect();
         let body = match tokio::time::timeout(BODY_TIMEOUT, body).await {
             Ok(Ok(b)) => b.to_bytes(),
-            Ok(Err(_)) => return plain(StatusCode::PAYLOAD_TOO_LARGE, "request body too large\n".into()),
-            Err(_) => return plain(StatusCode::REQUEST_TIMEOUT, "request body too slow\n".into()),
+            Ok(Err(_)) => {
+                return plain(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "request body too large\n".into(),
+                )
+            }
+            Err(_) => {
+                return plain(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "request body too slow\n".into(),
+                )
+            }
         };
         let secure = listener.tls || listener.secure;
         // A new session counts for its client's address, as a connection does.
@@ -352,7 +405,10 @@ async fn bosh_request(
             counted.admit(peer.ip(), web.max_connections_per_address)
         };
         let reply = bosh::request(shared, sessions, &body, peer, secure, admit).await;
-        let mut r = plain(StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK), reply.body);
+        let mut r = plain(
+            StatusCode::from_u16(reply.status).unwrap_or(StatusCode::OK),
+            reply.body,
+        );
         r.headers_mut().insert(
             header::CONTENT_TYPE,
             HeaderValue::from_static("text/xml; charset=utf-8"),
@@ -364,9 +420,18 @@ async fn bosh_request(
         .and_then(|o| HeaderValue::from_str(&o).ok())
         .unwrap_or(HeaderValue::from_static("*"));
     h.insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, allow);
-    h.insert(header::ACCESS_CONTROL_ALLOW_METHODS, HeaderValue::from_static("POST, OPTIONS"));
-    h.insert(header::ACCESS_CONTROL_ALLOW_HEADERS, HeaderValue::from_static("Content-Type"));
-    h.insert(header::ACCESS_CONTROL_MAX_AGE, HeaderValue::from_static("86400"));
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_METHODS,
+        HeaderValue::from_static("POST, OPTIONS"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_HEADERS,
+        HeaderValue::from_static("Content-Type"),
+    );
+    h.insert(
+        header::ACCESS_CONTROL_MAX_AGE,
+        HeaderValue::from_static("86400"),
+    );
     r
 }
 
@@ -403,7 +468,11 @@ impl Connections {
 
 impl Drop for Admitted {
     fn drop(&mut self) {
-        let mut map = self.connections.per_address.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = self
+            .connections
+            .per_address
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
         if let Some(n) = map.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -458,7 +527,10 @@ fn forwarded_ip(entry: &str) -> Option<std::net::IpAddr> {
 fn origin_allowed(web: &WebConfig, origin: Option<&str>) -> bool {
     match origin {
         _ if web.allowed_origins.is_empty() => true,
-        Some(o) => web.allowed_origins.iter().any(|a| a.eq_ignore_ascii_case(o)),
+        Some(o) => web
+            .allowed_origins
+            .iter()
+            .any(|a| a.eq_ignore_ascii_case(o)),
         None => true,
     }
 }
@@ -480,20 +552,35 @@ mod tests {
             ..WebConfig::default()
         };
         let mut headers = hyper::HeaderMap::new();
-        headers.insert("x-forwarded-for", "198.51.100.1, 203.0.113.7, 10.0.0.2".parse().unwrap());
+        headers.insert(
+            "x-forwarded-for",
+            "198.51.100.1, 203.0.113.7, 10.0.0.2".parse().unwrap(),
+        );
         let proxy: SocketAddr = "127.0.0.1:4000".parse().unwrap();
         let other: SocketAddr = "192.0.2.9:4000".parse().unwrap();
         // The client is the last address the trusted proxies did not add.
-        assert_eq!(client_address(&web, proxy, &headers).ip().to_string(), "203.0.113.7");
+        assert_eq!(
+            client_address(&web, proxy, &headers).ip().to_string(),
+            "203.0.113.7"
+        );
         // From anyone else the header means nothing.
         assert_eq!(client_address(&web, other, &headers), other);
         assert_eq!(client_address(&web, proxy, &hyper::HeaderMap::new()), proxy);
         // Proxies that add ports; an entry that does not read stops the walk.
         let mut headers = hyper::HeaderMap::new();
-        headers.insert("x-forwarded-for", "203.0.113.7:5555, [2001:db8::1]:443".parse().unwrap());
-        assert_eq!(client_address(&web, proxy, &headers).ip().to_string(), "2001:db8::1");
+        headers.insert(
+            "x-forwarded-for",
+            "203.0.113.7:5555, [2001:db8::1]:443".parse().unwrap(),
+        );
+        assert_eq!(
+            client_address(&web, proxy, &headers).ip().to_string(),
+            "2001:db8::1"
+        );
         let mut headers = hyper::HeaderMap::new();
-        headers.insert("x-forwarded-for", "198.51.100.1, junk, 10.0.0.2".parse().unwrap());
+        headers.insert(
+            "x-forwarded-for",
+            "198.51.100.1, junk, 10.0.0.2".parse().unwrap(),
+        );
         assert_eq!(client_address(&web, proxy, &headers), proxy);
     }
 

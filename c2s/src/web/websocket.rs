@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf};
+use tokio::io::{
+    AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, DuplexStream, ReadHalf, WriteHalf,
+};
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
@@ -105,8 +107,10 @@ async fn to_client(mut pipe_in: ReadHalf<DuplexStream>, tx: mpsc::Sender<Message
 
 /// Writes the queued messages to the WebSocket, each within [`WRITE_TIMEOUT`]; ends
 /// with the closing handshake.
-async fn write_to_client<S>(mut ws_out: SplitSink<WebSocketStream<S>, Message>, mut rx: mpsc::Receiver<Message>)
-where
+async fn write_to_client<S>(
+    mut ws_out: SplitSink<WebSocketStream<S>, Message>,
+    mut rx: mpsc::Receiver<Message>,
+) where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     while let Some(message) = rx.recv().await {

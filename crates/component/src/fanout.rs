@@ -66,7 +66,12 @@ pub struct FanoutError(pub &'static str);
 pub fn parse(inner: &[u8]) -> Result<Fanout<'_>, FanoutError> {
     let mut recipients = vec![];
     let mut pos = skip_space(inner, 0);
-    while inner[pos..].starts_with(b"<r") && matches!(inner.get(pos + 2), Some(b' ' | b'/' | b'\t' | b'\n' | b'\r')) {
+    while inner[pos..].starts_with(b"<r")
+        && matches!(
+            inner.get(pos + 2),
+            Some(b' ' | b'/' | b'\t' | b'\n' | b'\r')
+        )
+    {
         let len = tag_len(&inner[pos..]).ok_or(FanoutError("unterminated <r/>"))?;
         let tag = &inner[pos..pos + len];
         if !tag.ends_with(b"/>") {
@@ -296,8 +301,14 @@ mod tests {
         assert_eq!(
             f.recipients,
             [
-                Recipient { to: "a@l/x", sid: None },
-                Recipient { to: "b@l/y&apos;z", sid: Some("s-1") }
+                Recipient {
+                    to: "a@l/x",
+                    sid: None
+                },
+                Recipient {
+                    to: "b@l/y&apos;z",
+                    sid: Some("s-1")
+                }
             ]
         );
         assert_eq!(f.stanza.name(), "message");
@@ -310,7 +321,10 @@ mod tests {
     #[test]
     fn addresses_empty_elements() {
         let f = parse(b"<r to='a@l/x'/><presence from='r@c/n'/>").expect("parses");
-        assert_eq!(&addressed(&f.stanza, "a@l/x")[..], b"<presence to='a@l/x' from='r@c/n'/>");
+        assert_eq!(
+            &addressed(&f.stanza, "a@l/x")[..],
+            b"<presence to='a@l/x' from='r@c/n'/>"
+        );
     }
 
     #[test]
@@ -318,20 +332,41 @@ mod tests {
         for (inner, why) in [
             (&b"<r to='a@l'/>"[..], "no stanza"),
             (b"<r to='a@l'/><message/><message/>", "more than one stanza"),
-            (b"<r to='a@l'/><message to='x@y'/>", "the stanza must not have 'to'"),
-            (b"<r to='a@l'/><fanout/>", "the stanza must be a message, presence or iq"),
+            (
+                b"<r to='a@l'/><message to='x@y'/>",
+                "the stanza must not have 'to'",
+            ),
+            (
+                b"<r to='a@l'/><fanout/>",
+                "the stanza must be a message, presence or iq",
+            ),
             (b"<r/><message/>", "<r/> without 'to'"),
             (b"<r to=''/><message/>", "<r/> with an empty 'to'"),
             (b"<r to='a'></r><message/>", "<r> must be empty"),
-            (b"<r to=\"a'b@l\"/><message/>", "a quote in <r/> must be written &apos;"),
+            (
+                b"<r to=\"a'b@l\"/><message/>",
+                "a quote in <r/> must be written &apos;",
+            ),
             (b"<message/>", "no recipient"),
-            (b"<r to='a@l'/><r to='a@l'/><message/>", "a recipient is listed twice"),
-            (b"<r to='a@l'/><message xmlns='jabber:client'/>", "the stanza must not declare a namespace"),
+            (
+                b"<r to='a@l'/><r to='a@l'/><message/>",
+                "a recipient is listed twice",
+            ),
+            (
+                b"<r to='a@l'/><message xmlns='jabber:client'/>",
+                "the stanza must not declare a namespace",
+            ),
         ] {
-            assert_eq!(parse(inner).unwrap_err(), FanoutError(why), "{}", String::from_utf8_lossy(inner));
+            assert_eq!(
+                parse(inner).unwrap_err(),
+                FanoutError(why),
+                "{}",
+                String::from_utf8_lossy(inner)
+            );
         }
         // Nested elements of the same name and CDATA do not end the stanza early.
-        let f = parse(b"<r to='a@l'/><message><message/><body><![CDATA[</message>]]></body></message>");
+        let f =
+            parse(b"<r to='a@l'/><message><message/><body><![CDATA[</message>]]></body></message>");
         assert!(f.is_ok());
     }
 
@@ -340,7 +375,16 @@ mod tests {
         let p = packet(
             "r@c",
             "l",
-            [Recipient { to: "a@l/x", sid: Some("7") }, Recipient { to: "b@l/y", sid: None }],
+            [
+                Recipient {
+                    to: "a@l/x",
+                    sid: Some("7"),
+                },
+                Recipient {
+                    to: "b@l/y",
+                    sid: None,
+                },
+            ],
             b"<message from='r@c/n'/>",
         );
         let s = Stanza::parse(p).expect("parses");
@@ -350,7 +394,15 @@ mod tests {
         assert_eq!(f.recipients.len(), 2);
         assert_eq!(f.recipients[0].sid, Some("7"));
         // A value read from `"` quotes keeps its meaning in `'` quotes.
-        let p = packet("r'@c", "l", [Recipient { to: "a@l", sid: None }], b"<message/>");
+        let p = packet(
+            "r'@c",
+            "l",
+            [Recipient {
+                to: "a@l",
+                sid: None,
+            }],
+            b"<message/>",
+        );
         let s = Stanza::parse(p).unwrap();
         assert_eq!(s.attr("from").as_deref(), Some("r'@c"));
         assert!(!has_other_attributes(&s));
@@ -369,15 +421,35 @@ mod tests {
             FanoutError("too many recipients for the stanza's size")
         );
         for (packet, other) in [
-            ("<fanout from='a' to='b'><r to='x'/><message/></fanout>", false),
-            ("<fanout from=\"a\" to='b' ><r to='x'/><message/></fanout>", false),
-            ("<fanout xmlns:e='urn:x' from='a' to='b'><r to='x'/><message/></fanout>", true),
-            ("<fanout from='a' to='b' xmlns='jabber:client'><r to='x'/><message/></fanout>", true),
+            (
+                "<fanout from='a' to='b'><r to='x'/><message/></fanout>",
+                false,
+            ),
+            (
+                "<fanout from=\"a\" to='b' ><r to='x'/><message/></fanout>",
+                false,
+            ),
+            (
+                "<fanout xmlns:e='urn:x' from='a' to='b'><r to='x'/><message/></fanout>",
+                true,
+            ),
+            (
+                "<fanout from='a' to='b' xmlns='jabber:client'><r to='x'/><message/></fanout>",
+                true,
+            ),
         ] {
             let s = Stanza::parse(bytes::Bytes::from(packet)).unwrap();
             assert_eq!(has_other_attributes(&s), other, "{packet}");
         }
-        let p = session_packet("sm", "c2s", [Recipient { to: "a@l/r", sid: Some("s1") }], b"<message/>");
+        let p = session_packet(
+            "sm",
+            "c2s",
+            [Recipient {
+                to: "a@l/r",
+                sid: Some("s1"),
+            }],
+            b"<message/>",
+        );
         assert_eq!(&p[..], b"<session type='fanout' from='sm' to='c2s'><r to='a@l/r' sid='s1'/><message/></session>");
     }
 }

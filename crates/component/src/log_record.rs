@@ -107,7 +107,8 @@ pub fn clean(s: &str, max: usize) -> String {
             out.push('…');
             break;
         }
-        let ok = matches!(c, '\t' | '\n' | '\r') || (c >= ' ' && c != '\u{FFFE}' && c != '\u{FFFF}');
+        let ok =
+            matches!(c, '\t' | '\n' | '\r') || (c >= ' ' && c != '\u{FFFE}' && c != '\u{FFFF}');
         out.push(if ok { c } else { '\u{FFFD}' });
     }
     out
@@ -298,7 +299,11 @@ fn name_attr(e: &quick_xml::events::BytesStart) -> String {
     e.attributes()
         .flatten()
         .find(|a| a.key.as_ref() == "name")
-        .and_then(|a| quick_xml::escape::unescape(&a.value).ok().map(|v| v.into_owned()))
+        .and_then(|a| {
+            quick_xml::escape::unescape(&a.value)
+                .ok()
+                .map(|v| v.into_owned())
+        })
         .unwrap_or_default()
 }
 
@@ -387,14 +392,20 @@ mod tests {
             last: r.time + Duration::from_secs(3),
         });
         let xml = r.to_xml();
-        assert!(xml.contains(" count='41' first='2023-11-14T22:13:20.123Z'"), "{xml}");
+        assert!(
+            xml.contains(" count='41' first='2023-11-14T22:13:20.123Z'"),
+            "{xml}"
+        );
         assert_eq!(parse(&xml), r);
     }
 
     #[test]
     fn old_form_parses() {
         let r = parse("<log xmlns='urn:jabberd-rs:log:0' from='sm-1' level='error'>boom</log>");
-        assert_eq!((r.level, r.process.as_str(), r.host.as_str()), (Level::Error, "sm-1", "sm-1"));
+        assert_eq!(
+            (r.level, r.process.as_str(), r.host.as_str()),
+            (Level::Error, "sm-1", "sm-1")
+        );
         assert_eq!(r.message, "boom");
     }
 

@@ -293,7 +293,8 @@ impl Visit for Fields {
         if field.name() == "message" {
             self.message = value.to_owned();
         } else {
-            self.fields.push((field.name().to_owned(), value.to_owned()));
+            self.fields
+                .push((field.name().to_owned(), value.to_owned()));
         }
     }
 
@@ -502,9 +503,15 @@ mod tests {
     fn host_from_fields() {
         let f = |pairs: &[(&str, &str)]| Fields {
             message: String::new(),
-            fields: pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            fields: pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
         };
-        assert_eq!(f(&[("domain", "Example.org")]).host().as_deref(), Some("example.org"));
+        assert_eq!(
+            f(&[("domain", "Example.org")]).host().as_deref(),
+            Some("example.org")
+        );
         assert_eq!(f(&[("jid", "a@b.org/r")]).host().as_deref(), Some("b.org"));
         assert_eq!(f(&[("jid", "nodomain")]).host(), None);
         assert_eq!(f(&[("max", "1")]).host(), None);

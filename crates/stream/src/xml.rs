@@ -79,7 +79,10 @@ mod element_len_tests {
     #[test]
     fn finds_the_end_of_the_first_element() {
         assert_eq!(element_len(b"<a/><b/>"), Some(4));
-        assert_eq!(element_len(b"<a x='>'><a></a><![CDATA[</a>]]></a> "), Some(36));
+        assert_eq!(
+            element_len(b"<a x='>'><a></a><![CDATA[</a>]]></a> "),
+            Some(36)
+        );
         assert_eq!(element_len(b"<a><b>"), None);
         assert_eq!(element_len(b"<a"), None);
     }

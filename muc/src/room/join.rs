@@ -402,7 +402,9 @@ fn payload(s: &Stanza) -> String {
 /// Whether the room's nick differs from the one the client wrote in `to` (it was
 /// normalised: XEP-0045 7.2.9, status 210).
 fn rewritten(s: &Stanza, nick: &str) -> bool {
-    let asked = s.attr("to").and_then(|to| to.split_once('/').map(|(_, r)| r.to_owned()));
+    let asked = s
+        .attr("to")
+        .and_then(|to| to.split_once('/').map(|(_, r)| r.to_owned()));
     asked.is_some_and(|asked| asked != nick)
 }
 

@@ -1308,11 +1308,16 @@ fn a_nick_normalised_by_the_room_is_announced_with_210() {
     let mut r = instant();
     // "Zoe" with a combining acute accent: the room's nick is its composed form.
     let got = join(&mut r, "bob@x/b", "Zoe\u{301}");
-    let own = got.iter().find(|e| e.attr("to") == Some("bob@x/b") && e.attr("from") == Some("room@conf.example/Zo\u{e9}"));
+    let own = got.iter().find(|e| {
+        e.attr("to") == Some("bob@x/b") && e.attr("from") == Some("room@conf.example/Zo\u{e9}")
+    });
     let own = own.expect("bob's own presence under the composed nick");
     assert!(codes(own).contains(&"210".to_owned()), "{own:?}");
     // As written: no 210.
     let got = join(&mut r, "carol@x/c", "Carol");
-    let own = got.iter().find(|e| e.attr("to") == Some("carol@x/c") && codes(e).contains(&"110".to_owned())).unwrap();
+    let own = got
+        .iter()
+        .find(|e| e.attr("to") == Some("carol@x/c") && codes(e).contains(&"110".to_owned()))
+        .unwrap();
     assert!(!codes(own).contains(&"210".to_owned()));
 }

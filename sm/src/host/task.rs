@@ -16,8 +16,8 @@ use crate::host::iq_routing;
 use crate::host::kernel::{Ctx, Flow, User};
 use crate::host::packet::Packet;
 use crate::host::registry::{Event, Pending, Receiver};
-use crate::host::shortcut;
 use crate::host::session::{self, Queued, SessionRef};
+use crate::host::shortcut;
 use crate::stanzas;
 
 /// Most events handled before the output is sent: under load one write to the router

@@ -622,7 +622,10 @@ impl Module for Push {
     /// A session notified while away clears its mark on its next delivery
     /// ([`Hook::Delivering`]): until then room broadcasts go through the user's task.
     fn room_broadcasts(&self, u: &User) -> crate::host::broadcasts::Admit {
-        if u.sessions.iter().any(|s| s.state.get::<Notified>().is_some()) {
+        if u.sessions
+            .iter()
+            .any(|s| s.state.get::<Notified>().is_some())
+        {
             crate::host::broadcasts::Admit::None
         } else {
             crate::host::broadcasts::Admit::All
