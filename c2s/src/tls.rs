@@ -27,7 +27,7 @@ pub fn load(hosts: &[Host]) -> anyhow::Result<Tls> {
         hosts,
         "clients will not trust a self-signed certificate: configure a real one for production",
     )?;
-    let starttls = rustls::ServerConfig::builder()
+    let mut starttls = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_cert_resolver(certs.resolver.clone());
     let mut direct = rustls::ServerConfig::builder()
@@ -38,6 +38,16 @@ pub fn load(hosts: &[Host]) -> anyhow::Result<Tls> {
         .with_no_client_auth()
         .with_cert_resolver(certs.resolver);
     web.alpn_protocols = vec![b"http/1.1".to_vec()];
+    // Session resumption (TLS 1.3 PSK, TLS 1.2 tickets) for reconnecting clients: a
+    // resumed handshake skips the certificate signature, most of a full handshake's CPU
+    // (docs/benchmarks.md, "FAST reconnect"). Stateless tickets, so nothing per client
+    // is kept here; keys are random per process and rotate every 6 hours (rustls'
+    // recommended ticketer), and resumption still runs an ephemeral key exchange
+    // (PSK-DHE only), so forward secrecy holds. One ticketer per configuration: a
+    // ticket from one listener kind (ALPN) is never accepted by another.
+    for config in [&mut starttls, &mut direct, &mut web] {
+        config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    }
     Ok(Tls {
         starttls: Arc::new(starttls),
         direct: Arc::new(direct),

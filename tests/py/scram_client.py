@@ -183,10 +183,11 @@ class RawClient:
 
     @classmethod
     def connect(cls, port, mode="starttls", host="127.0.0.1", source=None, alpn=True,
-                min_tls13=True, domain="localhost"):
+                min_tls13=True, domain="localhost", session=None):
         """Connects to c2s. mode 'tls' starts TLS at once (ALPN xmpp-client unless
         alpn=False). `source` binds the local address (e.g. '127.0.0.5') so tests of
-        per-address limits can use their own address."""
+        per-address limits can use their own address. `session` (from `tls_session()`
+        of an earlier connection) asks for TLS session resumption."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if source is not None:
             sock.bind((source, 0))
@@ -196,13 +197,20 @@ class RawClient:
         sock.setblocking(False)
         client = cls(sock, domain)
         if mode == "tls":
-            client._handshake(alpn=alpn, min_tls13=min_tls13)
+            client._handshake(alpn=alpn, min_tls13=min_tls13, session=session)
         elif mode != "starttls":
             raise ValueError(mode)
         return client
 
+    _contexts = {}
+
     def _context(self, alpn, min_tls13):
-        ctx = SSL.Context(SSL.TLS_CLIENT_METHOD)
+        # One context per kind, shared by every connection: a TLS session is resumed
+        # only through a context like the one that made it.
+        key = (alpn, min_tls13)
+        if key in RawClient._contexts:
+            return RawClient._contexts[key]
+        ctx = RawClient._contexts[key] = SSL.Context(SSL.TLS_CLIENT_METHOD)
         if min_tls13:
             ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
         # The server's certificate is self-signed for localhost: not verified here.
@@ -211,12 +219,14 @@ class RawClient:
             ctx.set_alpn_protos([b"xmpp-client"])
         return ctx
 
-    def _handshake(self, alpn=False, min_tls13=True):
+    def _handshake(self, alpn=False, min_tls13=True, session=None):
         """TLS through memory BIOs: the socket is read and written here, so a write
         error (the server closed after a stream error) never stops us from reading
         and decrypting what the server sent before it closed."""
         conn = SSL.Connection(self._context(alpn, min_tls13), None)
         conn.set_tlsext_host_name(self.domain.encode())
+        if session is not None:
+            conn.set_session(session)
         conn.set_connect_state()
         self.tls = conn
         deadline = time.monotonic() + TIMEOUT
@@ -229,6 +239,15 @@ class RawClient:
                 if not self._recv_raw(deadline - time.monotonic(), during_handshake=True):
                     raise StreamClosed("connection closed during the TLS handshake")
         self._flush(deadline)
+
+    def tls_session(self):
+        """The TLS session to resume on a later connection (TLS 1.3: taken from a
+        ticket the server sent after the handshake, so read something first)."""
+        return self.tls.get_session() if self.tls else None
+
+    def tls_resumed(self):
+        """Whether this connection's TLS handshake resumed an earlier session."""
+        return bool(SSL._lib.SSL_session_reused(self.tls._ssl)) if self.tls else False
 
     def tls_version(self):
         return self.tls.get_protocol_version_name() if self.tls else None
@@ -471,10 +490,10 @@ class RawClient:
             return []
         return [m.text for m in mechs.findall(tag(NS_SASL, "mechanism"))]
 
-    def starttls(self):
+    def starttls(self, session=None):
         self.send(f"<starttls xmlns='{NS_TLS}'/>")
         self.expect("proceed", NS_TLS)
-        self._handshake(alpn=False)
+        self._handshake(alpn=False, session=session)
 
     def _auth(self, mechanism, initial):
         payload = base64.b64encode(initial).decode() if initial else "="

@@ -85,14 +85,16 @@ class Server:
     xdb-pg on that PostgreSQL database (tests/py/test_storage_pg.py).
     logd: also run the log sink (started right after the router); logd_extra: its
     outputs (elements of logd.xml), by default <file path='log/server.log' level='info'/>.
+    log_level: every process's log level ('debug' for tests, 'info' as shipped).
     """
 
     def __init__(self, directory, register=False, auth_failures=(5, 60), timeouts=None,
                  c2s_extra="", sm_extra="", grace_seconds=2, users_extra="", router_extra="",
                  upload=False, upload_extra="", muc=False, muc_extra="",
                  proxy65=False, proxy65_extra="", storage="file", pg_url=None,
-                 logd=False, logd_extra=""):
+                 logd=False, logd_extra="", log_level="debug"):
         self.dir = Path(directory)
+        self.log_level = log_level  # of every process; benchmarks use the shipped 'info'
         self.storage = storage
         self.pg_url = pg_url
         self.register = register
@@ -139,7 +141,7 @@ class Server:
             f"  <users file={quoteattr(str(users))}/>\n"
             f"  <grace seconds='{self.grace_seconds}'/>\n"
             f"  {self.router_extra}\n"
-            "  <log level='debug'/>\n"
+            f"  <log level='{self.log_level}'/>\n"
             "</router>\n")
         if self.storage == "pg":
             (d / "xdb-file.xml").write_text(
@@ -149,7 +151,7 @@ class Server:
                 "  <host>localhost</host>\n"
                 f"{f'  <host>{MUC_SERVICE}</host>' if self.muc else ''}\n"
                 f"  <postgresql url={quoteattr(self.pg_url)} pool-size='2'/>\n"
-                "  <log level='debug'/>\n"
+                f"  <log level='{self.log_level}'/>\n"
                 "</xdb-pg>\n")
         else:
             (d / "xdb-file.xml").write_text(
@@ -158,7 +160,7 @@ class Server:
                 "  <host>localhost</host>\n"
                 f"{f'  <host>{MUC_SERVICE}</host>' if self.muc else ''}\n"
                 f"  <spool dir={quoteattr(str(d / 'spool'))}/>\n"
-                "  <log level='debug'/>\n"
+                f"  <log level='{self.log_level}'/>\n"
                 "</xdb-file>\n")
         (d / "sm.xml").write_text(self.sm_config())
         timeouts = ""
@@ -177,7 +179,7 @@ class Server:
                 "  <host>localhost</host>\n"
                 f"  <listen address='127.0.0.1' port='{self.proxy65_port}'/>\n"
                 f"  {self.proxy65_extra}\n"
-                "  <log level='debug'/>\n"
+                f"  <log level='{self.log_level}'/>\n"
                 "</proxy65>\n")
         if self.logd:
             outputs = self.logd_extra or "<file path='log/server.log' level='info'/>"
@@ -185,7 +187,7 @@ class Server:
                 "<logd>\n"
                 f"  {self.router_element('logd')}\n"
                 f"  {outputs}\n"
-                "  <log level='debug'/>\n"
+                f"  <log level='{self.log_level}'/>\n"
                 "</logd>\n")
         if self.muc:
             (d / "muc.xml").write_text(
@@ -193,7 +195,7 @@ class Server:
                 f"  {self.router_element('muc')}\n"
                 f"  <service>{MUC_SERVICE}</service>\n"
                 f"  {self.muc_extra}\n"
-                "  <log level='debug'/>\n"
+                f"  <log level='{self.log_level}'/>\n"
                 "</muc>\n")
 
     def upload_config(self):
@@ -210,7 +212,7 @@ class Server:
             f"  <secret file={quoteattr(str(self.dir / 'upload.secret'))}/>\n"
             f"  <spool dir={quoteattr(str(self.dir / 'upload'))}/>\n"
             f"  {self.upload_extra}\n"
-            "  <log level='debug'/>\n"
+            f"  <log level='{self.log_level}'/>\n"
             "</upload>\n")
 
     def c2s_config(self, starttls_port, tls_port, timeouts=""):
@@ -227,7 +229,7 @@ class Server:
             f"{timeouts}"
             f"  <auth-failures max='{self.auth_failures[0]}' window='{self.auth_failures[1]}'/>\n"
             f"  {self.c2s_extra}\n"
-            "  <log level='debug'/>\n"
+            f"  <log level='{self.log_level}'/>\n"
             "</c2s>\n")
 
     def start_second_c2s(self):

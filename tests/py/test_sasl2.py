@@ -212,3 +212,40 @@ def test_fast_token_invalidation_and_wrong_token(server):
     c, failure = fast_login("count='3'")
     assert local(failure) == "failure", "an invalidated token is refused"
     c.close()
+
+
+def test_fast_reconnect_resumes_tls_and_the_session_in_one_round_trip(server):
+    """How a mobile client comes back: a TLS ticket (the handshake skips the certificate),
+    the FAST token and XEP-0198 resumption inline, all in the first request."""
+    c, _ = connect(server)
+    success = plain2(c, f"<request-token xmlns='{NS_FAST}' mechanism='HT-SHA-256-NONE'/>"
+                        f"<bind xmlns='{NS_BIND2}'><tag>phone</tag>"
+                        f"<enable xmlns='{NS_SM}' resume='true'/></bind>")
+    token = success.find(tag(NS_FAST, "token")).get("token")
+    previd = success.find(f"{tag(NS_BIND2, 'bound')}/{tag(NS_SM, 'enabled')}").get("id")
+    full = success.find(tag(NS_SASL2, "authorization-identifier")).text
+    assert not c.tls_resumed()
+    tls_session = c.tls_session()
+    c.sock.close()  # vanish: the session hibernates
+
+    for count in (1, 2):
+        c2 = RawClient.connect(server.starttls_port)
+        c2.open_stream()
+        c2.starttls(session=tls_session)
+        c2.open_stream()
+        assert c2.tls_resumed(), "the server took the TLS ticket"
+        c2.send(f"<authenticate xmlns='{NS_SASL2}' mechanism='HT-SHA-256-NONE'>"
+                f"<initial-response>{b64(b'alice' + bytes([0]) + ht(token))}</initial-response>"
+                f"{UA}<resume xmlns='{NS_SM}' previd='{previd}' h='0'/>"
+                f"<fast xmlns='{NS_FAST}' count='{count}'/></authenticate>")
+        success = c2.next(what="the FAST outcome")
+        assert local(success) == "success", to_xml(success)
+        resumed = success.find(tag(NS_SM, "resumed"))
+        assert resumed is not None and resumed.get("previd") == previd, to_xml(success)
+        assert success.find(tag(NS_SASL2, "authorization-identifier")).text == full
+        iq = c2.iq("get", "<ping xmlns='urn:xmpp:ping'/>", to="localhost")
+        assert iq.get("type") == "result"
+        c2.sock.close()
+    # OpenSSL spoils a session whose connection is freed without a TLS shutdown: c is
+    # kept alive to here.
+    del c
