@@ -610,6 +610,62 @@ async fn a_component_that_stops_reading_is_cut_off() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_links_with_client_certificates() {
+    let certs = std::env::temp_dir().join(format!("jrs-mtls-{}", std::process::id()));
+    let ca = jrs_harness::TestCa::new(&certs.join("ca")).unwrap();
+    let other_ca = jrs_harness::TestCa::new(&certs.join("other-ca")).unwrap();
+    let (cert, key) = ca.issue(&certs, "router.test").unwrap();
+    let (good_cert, good_key) = ca.issue(&certs, "sm").unwrap();
+    let (bad_cert, bad_key) = other_ca.issue(&certs.join("other"), "sm").unwrap();
+    let tls_port = jrs_harness::free_port();
+    let mut server = Server::start(Options {
+        extra_users: plain_users(&["t.localhost"]),
+        extra_router: format!(
+            "<listen address='127.0.0.1' port='{tls_port}' tls='true'/><tls cert='{}' key='{}' client-ca='{}'/>",
+            cert.display(),
+            key.display(),
+            ca.ca_file.display()
+        ),
+        ..Options::default()
+    })
+    .await
+    .unwrap();
+    server.wait_listening(tls_port).await.unwrap();
+    jrs_component::transport::install_crypto_provider();
+    let base = jrs_config::RouterLink {
+        tls: true,
+        ca_file: Some(ca.ca_file.clone()),
+        server_name: Some("router.test".into()),
+        ..jrs_harness::link(tls_port, "t.localhost", "t.localhost-secret")
+    };
+    let limits = jrs_stream::Limits::default();
+    // The right secret is not enough without a certificate, or with one of another CA.
+    assert!(Component::connect(&base, limits).await.is_err());
+    let stranger = jrs_config::RouterLink {
+        client_cert: Some(jrs_config::TlsFiles {
+            cert: bad_cert,
+            key: bad_key,
+        }),
+        ..base.clone()
+    };
+    assert!(Component::connect(&stranger, limits).await.is_err());
+    let member = jrs_config::RouterLink {
+        client_cert: Some(jrs_config::TlsFiles {
+            cert: good_cert,
+            key: good_key,
+        }),
+        ..base
+    };
+    let (mut t, mut tw) = Component::connect(&member, limits).await.unwrap().split();
+    tw.send(b"<message to='t.localhost' from='x@t.localhost' id='to-myself'/>")
+        .await
+        .unwrap();
+    assert_eq!(recv(&mut t).await.id(), Some("to-myself"));
+    assert!(server.log("router").contains("TLS handshake failed"));
+    let _ = std::fs::remove_dir_all(certs);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_and_unix_socket_links() {
     let certs = std::env::temp_dir().join(format!("jrs-certs-{}", std::process::id()));
     std::fs::create_dir_all(&certs).unwrap();

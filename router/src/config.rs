@@ -26,6 +26,9 @@ pub struct RouterConfig {
     pub id: String,
     pub listen: Vec<Listen>,
     pub tls: Option<TlsFiles>,
+    /// `<tls client-ca=..>`: components on TLS listeners must present a certificate
+    /// signed by this CA (PEM), or the TLS handshake fails.
+    pub client_ca: Option<PathBuf>,
     pub users_file: PathBuf,
     pub limits: Limits,
     /// Bytes queued for one link before it counts as stuck and is disconnected.
@@ -38,6 +41,9 @@ pub struct RouterConfig {
     pub grace_max_packets: usize,
     /// Idle time after which a whitespace keepalive is sent.
     pub keepalive: Duration,
+    /// How long written data may stay unacknowledged by a component's host before its
+    /// link counts as dead (TCP_USER_TIMEOUT; docs/router.md).
+    pub link_timeout: Duration,
     /// Components the router dials (`<connect>`).
     pub connect: Vec<jrs_config::RouterLink>,
     /// Programs the router runs as components (`<exec>`).
@@ -116,7 +122,17 @@ impl RouterConfig {
         if listen.is_empty() {
             return Err(root.error("at least one <listen/> is required"));
         }
-        let tls = root.child("tls")?.map(TlsFiles::from_node).transpose()?;
+        let (tls, client_ca) = match root.child("tls")? {
+            Some(node) => {
+                node.allow(&["cert", "key", "client-ca"], &[])?;
+                let files = TlsFiles {
+                    cert: PathBuf::from(node.required_attr("cert")?),
+                    key: PathBuf::from(node.required_attr("key")?),
+                };
+                (Some(files), node.attr("client-ca").map(PathBuf::from))
+            }
+            None => (None, None),
+        };
         if tls.is_none()
             && listen
                 .iter()
@@ -160,10 +176,12 @@ impl RouterConfig {
                 .parse_attr("max-packets", "a number of packets")?
                 .unwrap_or(grace_max_packets);
         }
-        let mut keepalive = Duration::from_secs(60);
+        let (mut keepalive, mut link_timeout) =
+            (jrs_config::LINK_KEEPALIVE, jrs_config::LINK_TIMEOUT);
         if let Some(node) = root.child("keepalive")? {
-            node.allow(&["seconds"], &[])?;
+            node.allow(&["seconds", "timeout"], &[])?;
             keepalive = node.seconds_attr("seconds")?.unwrap_or(keepalive);
+            link_timeout = node.seconds_attr("timeout")?.unwrap_or(link_timeout);
         }
         Ok(RouterConfig {
             id: root.child_text("id")?.unwrap_or("router").to_owned(),
@@ -171,6 +189,7 @@ impl RouterConfig {
             exec,
             listen,
             tls,
+            client_ca,
             users_file: PathBuf::from(users.required_attr("file")?),
             limits,
             max_queue_bytes,
@@ -178,6 +197,7 @@ impl RouterConfig {
             grace,
             grace_max_packets,
             keepalive,
+            link_timeout,
             log: LogConfig::from_node(root.child("log")?)?,
         })
     }

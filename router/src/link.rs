@@ -32,6 +32,8 @@ enum End {
     Error(StreamError),
     /// The writer stopped (the link was killed as stuck, or a write failed).
     WriterGone,
+    /// Reading failed: the connection was reset or timed out.
+    Lost(std::io::Error),
 }
 
 /// Which end of the XEP-0114 handshake the router is.
@@ -124,6 +126,12 @@ pub async fn serve_link(router: Arc<Router>, io: BoxIo, peer: String, side: Side
             }
             End::WriterGone => {
                 warn!("link write side gone; disconnected");
+                vec![]
+            }
+            End::Lost(e) => {
+                // Reset by the peer, or nothing acknowledged within the link timeout (a
+                // dead host or a cut network: TCP_USER_TIMEOUT).
+                warn!(error = %e, "link lost");
                 vec![]
             }
         };
@@ -350,10 +358,7 @@ async fn read_packets<R: AsyncRead + Unpin>(
             Ok(()) => {}
             Err(ReadError::Stream(e)) => return End::Error(e),
             Err(ReadError::Closed) => return End::Closed,
-            Err(ReadError::Io(e)) => {
-                debug!(error = %e, "read failed");
-                return End::Closed;
-            }
+            Err(ReadError::Io(e)) => return End::Lost(e),
         }
     }
 }

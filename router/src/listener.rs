@@ -6,7 +6,7 @@ use anyhow::Context;
 use tokio::net::{TcpListener, UnixListener};
 use tracing::{info, warn};
 
-use jrs_component::transport::{load_certs, load_key, spawn_accept_loop};
+use jrs_component::transport::{load_certs, load_key, set_link_timeout, spawn_accept_loop};
 
 use crate::config::Listen;
 use crate::link;
@@ -17,8 +17,23 @@ use crate::router::Router;
 pub async fn start_all(router: &Arc<Router>) -> anyhow::Result<()> {
     let tls = match &router.config.tls {
         Some(files) => {
-            let config = rustls::ServerConfig::builder()
-                .with_no_client_auth()
+            let builder = rustls::ServerConfig::builder();
+            let builder = match &router.config.client_ca {
+                // Components must show a certificate from this CA: a host that knows a
+                // component's secret but has no certificate is still refused.
+                Some(ca) => {
+                    let mut roots = rustls::RootCertStore::empty();
+                    for cert in load_certs(ca)? {
+                        roots.add(cert).context("adding the client CA")?;
+                    }
+                    let verifier = rustls::server::WebPkiClientVerifier::builder(Arc::new(roots))
+                        .build()
+                        .context("the client CA")?;
+                    builder.with_client_cert_verifier(verifier)
+                }
+                None => builder.with_no_client_auth(),
+            };
+            let config = builder
                 .with_single_cert(load_certs(&files.cert)?, load_key(&files.key)?)
                 .context("loading the router's TLS certificate")?;
             Some(tokio_rustls::TlsAcceptor::from(Arc::new(config)))
@@ -39,6 +54,7 @@ pub async fn start_all(router: &Arc<Router>) -> anyhow::Result<()> {
                 let acceptor = if use_tls { tls.clone() } else { None };
                 let router = router.clone();
                 spawn_accept_loop(listener, move |socket, peer| {
+                    set_link_timeout(&socket, router.config.link_timeout);
                     let (router, acceptor) = (router.clone(), acceptor.clone());
                     async move {
                         match acceptor {

@@ -102,11 +102,21 @@ const OWN_NAME_ROUTES: [PacketType; 3] = [PacketType::Normal, PacketType::Sessio
 
 use jrs_stream::addr::{bare as jid_bare, domain as jid_domain};
 
+/// A domain or bare JID as the key the router routes and hashes by: normalised exactly
+/// as sm and c2s normalise JIDs (the `jid` crate's stringprep: nodeprep, nameprep), so
+/// `Alice@LocalHost`, `alice@localhost` and a non-NFKC form of a Unicode name all reach
+/// the same sm instance. ASCII, the usual case, only needs lowercasing (what nodeprep and
+/// nameprep do to valid ASCII); anything else that is not a valid JID is lowercased.
 fn lower(s: &str) -> std::borrow::Cow<'_, str> {
-    if s.bytes().any(|b| b.is_ascii_uppercase()) {
-        s.to_ascii_lowercase().into()
-    } else {
-        s.into()
+    if s.is_ascii() {
+        if s.bytes().any(|b| b.is_ascii_uppercase()) {
+            return s.to_ascii_lowercase().into();
+        }
+        return s.into();
+    }
+    match jid::BareJid::new(s) {
+        Ok(j) => j.to_string().into(),
+        Err(_) => s.to_lowercase().into(),
     }
 }
 
@@ -907,5 +917,22 @@ impl<'a> Plan<'a> {
                 });
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::lower;
+
+    #[test]
+    fn route_keys_are_normalised_like_jids() {
+        assert_eq!(lower("Alice@LocalHost"), "alice@localhost");
+        assert_eq!(lower("alice@localhost"), "alice@localhost");
+        // nodeprep: case folding and NFKC; nameprep for the domain.
+        assert_eq!(lower("ÄLICE@LOCALHOST"), "älice@localhost");
+        assert_eq!(lower("A\u{0308}lice@localhost"), "älice@localhost");
+        assert_eq!(lower("ﬀ@Example.ORG"), "ff@example.org");
+        assert_eq!(lower("bücher.example"), "bücher.example");
+        assert_eq!(lower("BÜCHER.example"), "bücher.example");
     }
 }

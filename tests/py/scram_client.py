@@ -577,10 +577,10 @@ class RawClient:
 
 
 def login(port, username, password, mode="starttls", mechanism="SCRAM-SHA-256",
-          resource=None, source=None, domain="localhost"):
-    """Connects, negotiates TLS and SASL, binds; returns the client (its jid set).
-    Raises AssertionError with what the server sent if a step fails."""
-    c = RawClient.connect(port, mode=mode, source=source, domain=domain)
+          resource=None, source=None, domain="localhost", host="127.0.0.1"):
+    """Connects (to host:port), negotiates TLS and SASL, binds; returns the client (its
+    jid set). Raises AssertionError with what the server sent if a step fails."""
+    c = RawClient.connect(port, mode=mode, source=source, domain=domain, host=host)
     c.open_stream()
     if mode == "starttls":
         c.starttls()

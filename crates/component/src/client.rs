@@ -48,13 +48,17 @@ pub struct Component {
     /// Stanzas that arrived while waiting for a bind answer.
     early: VecDeque<Stanza>,
     next_id: u32,
+    /// Silence after which the writer sends a whitespace keepalive.
+    keepalive: std::time::Duration,
 }
 
 impl Component {
     /// Connects, opens the stream and authenticates with the handshake.
     pub async fn connect(link: &RouterLink, limits: Limits) -> anyhow::Result<Component> {
         let io = transport::connect(link).await?;
-        Component::handshake(io, &link.name, &link.secret, limits).await
+        let mut c = Component::handshake(io, &link.name, &link.secret, limits).await?;
+        c.keepalive = link.keepalive;
+        Ok(c)
     }
 
     /// Runs the XEP-0114 opening and handshake over an already connected stream.
@@ -92,6 +96,7 @@ impl Component {
             writer,
             early: VecDeque::new(),
             next_id: 0,
+            keepalive: jrs_config::LINK_KEEPALIVE,
         })
     }
 
@@ -211,6 +216,7 @@ impl Component {
             },
             ComponentWriter {
                 writer: self.writer,
+                keepalive: self.keepalive,
             },
         )
     }
@@ -248,6 +254,7 @@ impl ComponentReader {
 /// Writes to the router.
 pub struct ComponentWriter {
     writer: WriteHalf<BoxIo>,
+    keepalive: std::time::Duration,
 }
 
 impl ComponentWriter {
@@ -263,7 +270,14 @@ impl ComponentWriter {
         tokio::spawn(async move {
             let mut batch = Vec::with_capacity(64 * 1024);
             let mut flushes = vec![];
-            while let Some(first) = rx.recv().await {
+            loop {
+                // A space after a silence, so that a dead router is noticed (the link's
+                // TCP_USER_TIMEOUT fires on unacknowledged data, not on an idle link).
+                let first = match tokio::time::timeout(self.keepalive, rx.recv()).await {
+                    Ok(Some(first)) => first,
+                    Ok(None) => break,
+                    Err(_) => Queued::Bytes(Bytes::from_static(b" ")),
+                };
                 batch.clear();
                 let mut next = Some(first);
                 while let Some(queued) = next.take() {

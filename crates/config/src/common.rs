@@ -24,9 +24,23 @@ pub struct RouterLink {
     pub ca_file: Option<PathBuf>,
     /// Name to verify in the router's certificate (default: `address`).
     pub server_name: Option<String>,
+    /// Certificate chain and key this component presents to a router that verifies
+    /// its components (`<tls client-ca=..>` in router.xml).
+    pub client_cert: Option<TlsFiles>,
     /// Delay before reconnecting after the link drops; doubles up to 10 s.
     pub reconnect: Duration,
+    /// A whitespace keepalive goes to the router after this much silence.
+    pub keepalive: Duration,
+    /// How long written data may stay unacknowledged by the router's host before the
+    /// link counts as dead (TCP_USER_TIMEOUT): a router behind a cut network is noticed
+    /// within `keepalive` + `timeout`, not after TCP's 15 minutes of retries.
+    pub timeout: Duration,
 }
+
+/// Default of `keepalive` on router links, both ways.
+pub const LINK_KEEPALIVE: Duration = Duration::from_secs(60);
+/// Default of `timeout` on router links, both ways.
+pub const LINK_TIMEOUT: Duration = Duration::from_secs(60);
 
 impl RouterLink {
     pub fn from_node(node: &Node) -> Result<RouterLink> {
@@ -40,11 +54,26 @@ impl RouterLink {
                 "tls",
                 "ca-file",
                 "server-name",
+                "cert",
+                "key",
                 "reconnect",
+                "keepalive",
+                "timeout",
             ],
             &[],
         )?;
+        let client_cert = match (node.attr("cert"), node.attr("key")) {
+            (None, None) => None,
+            (Some(cert), Some(key)) => Some(TlsFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            }),
+            _ => return Err(node.error("cert and key go together (a client certificate)")),
+        };
         let tls = node.bool_attr("tls", false)?;
+        if client_cert.is_some() && !tls {
+            return Err(node.error("cert and key need tls='true'"));
+        }
         let ca_file: Option<PathBuf> = node.attr("ca-file").map(PathBuf::from);
         if tls && ca_file.is_none() {
             return Err(
@@ -62,9 +91,12 @@ impl RouterLink {
             tls,
             ca_file,
             server_name: node.attr("server-name").map(str::to_owned),
+            client_cert,
             reconnect: node
                 .seconds_attr("reconnect")?
                 .unwrap_or(Duration::from_millis(200)),
+            keepalive: node.seconds_attr("keepalive")?.unwrap_or(LINK_KEEPALIVE),
+            timeout: node.seconds_attr("timeout")?.unwrap_or(LINK_TIMEOUT),
         })
     }
 

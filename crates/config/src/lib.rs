@@ -22,7 +22,10 @@ use quick_xml::Reader;
 
 mod common;
 pub mod service;
-pub use common::{limits_from_node, Listener, LogConfig, RouterLink, TlsFiles, TlsHost, TlsMode};
+pub use common::{
+    limits_from_node, Listener, LogConfig, RouterLink, TlsFiles, TlsHost, TlsMode, LINK_KEEPALIVE,
+    LINK_TIMEOUT,
+};
 
 /// A configuration error, printed as `FILE:LINE: <element>: message`.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -52,7 +52,10 @@ pub fn link(port: u16, name: &str, secret: &str) -> RouterLink {
         tls: false,
         ca_file: None,
         server_name: None,
+        client_cert: None,
         reconnect: Duration::from_millis(50),
+        keepalive: jrs_config::LINK_KEEPALIVE,
+        timeout: jrs_config::LINK_TIMEOUT,
     }
 }
 
@@ -362,17 +365,7 @@ impl Server {
 
     /// A component link to this router through `jrs-component`.
     pub async fn component(&self, name: &str, secret: &str) -> anyhow::Result<Component> {
-        let link = RouterLink {
-            address: "127.0.0.1".into(),
-            port: self.port,
-            unix: None,
-            name: name.into(),
-            secret: secret.into(),
-            tls: false,
-            ca_file: None,
-            server_name: None,
-            reconnect: Duration::from_millis(50),
-        };
+        let link = self::link(self.port, name, secret);
         Component::connect(
             &link,
             Limits {
