@@ -3,7 +3,6 @@
 //! SHA-256 unless the certificate is signed with SHA-384 or SHA-512).
 
 use std::collections::HashMap;
-use std::sync::{Arc, OnceLock};
 
 use sha2::{Digest, Sha256, Sha384, Sha512};
 
@@ -49,29 +48,13 @@ impl ChannelBinding {
     }
 }
 
-/// The end-point hash of each host's certificate, read once (the certificates do not
-/// change while c2s runs).
-static ENDPOINTS: OnceLock<Arc<HashMap<String, Vec<u8>>>> = OnceLock::new();
-
-fn endpoints(hosts: &[Host]) -> Arc<HashMap<String, Vec<u8>>> {
-    ENDPOINTS
-        .get_or_init(|| {
-            let mut map = HashMap::new();
-            for h in hosts {
-                match jrs_component::transport::load_certs(&h.cert) {
-                    Ok(chain) => {
-                        map.insert(h.name.clone(), end_point_hash(chain[0].as_ref()));
-                    }
-                    Err(e) => tracing::warn!(host = %h.name, "no tls-server-end-point: {e}"),
-                }
-            }
-            Arc::new(map)
-        })
-        .clone()
-}
-
 /// What a transport can bind to.
-pub fn of(transport: &Transport, hosts: &[Host]) -> ChannelBinding {
+/// `endpoints`: the end-point hash of each host's certificate as now loaded (`Tls`).
+pub fn of(
+    transport: &Transport,
+    endpoints: &HashMap<String, Vec<u8>>,
+    hosts: &[Host],
+) -> ChannelBinding {
     let Transport::TlsServer(tls) = transport else {
         return ChannelBinding::default();
     };
@@ -83,7 +66,7 @@ pub fn of(transport: &Transport, hosts: &[Host]) -> ChannelBinding {
         .or_else(|| hosts.first().map(|h| h.name.clone()));
     ChannelBinding {
         exporter: transport.exporter(),
-        endpoint: name.and_then(|n| endpoints(hosts).get(&n).cloned()),
+        endpoint: name.and_then(|n| endpoints.get(&n).cloned()),
     }
 }
 

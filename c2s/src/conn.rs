@@ -20,7 +20,7 @@ use crate::shared::Shared;
 pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: TlsMode) {
     let transport = match mode {
         TlsMode::StartTls => Transport::Plain(tcp),
-        TlsMode::Direct => match Box::pin(tls::accept(tcp, shared.tls.direct.clone())).await {
+        TlsMode::Direct => match Box::pin(tls::accept(tcp, shared.tls().direct)).await {
             Ok(t) => t,
             Err(e) => {
                 debug!(%peer, error = %e, "TLS handshake failed");
@@ -40,7 +40,11 @@ pub async fn serve_transport(
     peer: SocketAddr,
     secure: bool,
 ) {
-    let cb = crate::channel_binding::of(&transport, &shared.config.hosts);
+    let cb = crate::channel_binding::of(
+        &transport,
+        &shared.tls().endpoints,
+        &shared.config.hosts,
+    );
     let mut negotiation = Negotiation::new(peer.ip(), secure, cb);
     let mut conn = Connection::new(transport, shared.connection_settings());
     // The handshake, the closing and the session's rare paths are boxed: the task's size

@@ -40,9 +40,14 @@ pub async fn run(
                             "data after <starttls/> before <proceed/>",
                         ));
                     }
-                    conn.accept_tls(shared.tls.starttls.clone()).await?;
+                    let tls = shared.tls();
+                    conn.accept_tls(tls.starttls).await?;
                     next = Some(Input::TlsStarted {
-                        cb: crate::channel_binding::of(conn.transport(), &shared.config.hosts),
+                        cb: crate::channel_binding::of(
+                            conn.transport(),
+                            &tls.endpoints,
+                            &shared.config.hosts,
+                        ),
                     });
                 }
                 Action::Restart => conn.restart(),

@@ -23,10 +23,10 @@ mod web;
 use std::sync::Arc;
 
 use clap::Parser;
-use tracing::info;
+use tracing::{error, info};
 
 use jrs_component::service::{
-    exit_code, load_and_init, run_component_until_stopped, Bind, CommonArgs,
+    exit_code, load_and_init, on_sighup, run_component_until_stopped, Bind, CommonArgs,
 };
 use jrs_stream::Limits;
 
@@ -73,6 +73,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             max_stanza_bytes: 4 << 20,
             max_depth: 64,
         };
+        let reloading = shared.clone();
+        on_sighup(move || match reloading.reload_tls() {
+            Ok(()) => info!("SIGHUP: certificates reloaded; new connections get them"),
+            Err(e) => error!("SIGHUP: certificates not reloaded, the old ones stay: {e:#}"),
+        })?;
         let serving = shared.clone();
         run_component_until_stopped(
             link,

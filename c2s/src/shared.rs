@@ -28,7 +28,8 @@ const CLIENT_READ_SIZE: usize = 1024;
 
 pub struct Shared {
     pub config: C2sConfig,
-    pub tls: Tls,
+    /// The certificates and TLS settings new connections get (replaced on SIGHUP).
+    tls: std::sync::RwLock<Tls>,
     /// This instance's component name (`c2s`, `c2s-2`).
     pub me: String,
     pub xdb: XdbClient,
@@ -48,6 +49,19 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The TLS settings for a new connection.
+    pub fn tls(&self) -> Tls {
+        self.tls.read().expect("tls lock").clone()
+    }
+
+    /// Reads the certificates again (SIGHUP): new connections get them, open ones keep
+    /// theirs. On an error the old ones stay.
+    pub fn reload_tls(&self) -> anyhow::Result<()> {
+        let tls = crate::tls::load(&self.config.hosts)?;
+        *self.tls.write().expect("tls lock") = tls;
+        Ok(())
+    }
+
     pub fn new(config: C2sConfig, tls: Tls, me: String) -> Shared {
         Shared {
             xdb: XdbClient::new(me.clone(), Duration::from_secs(5)),
@@ -65,7 +79,7 @@ impl Shared {
                 fast: config.fast.enabled.then_some(config.fast.token_lifetime),
             },
             config,
-            tls,
+            tls: std::sync::RwLock::new(tls),
             me,
             router: Mutex::new(None),
             sessions: Mutex::new(HashMap::new()),

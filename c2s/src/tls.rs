@@ -1,10 +1,12 @@
 //! Certificates per domain (chosen by SNI), the self-signed one made on first start, and
 //! the TLS settings of both listener kinds.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use jrs_component::transport::load_host_certs;
 
+use crate::channel_binding::end_point_hash;
 use crate::config::Host;
 
 /// ALPN protocol of XMPP client connections over direct TLS (XEP-0368).
@@ -19,14 +21,22 @@ pub struct Tls {
     pub direct: Arc<rustls::ServerConfig>,
     /// For HTTPS (the web edge): the same certificates, ALPN `http/1.1`.
     pub web: Arc<rustls::ServerConfig>,
+    /// The RFC 5929 `tls-server-end-point` hash of each host's certificate.
+    pub endpoints: Arc<HashMap<String, Vec<u8>>>,
 }
 
-/// Loads every host's certificate (making self-signed ones where configured).
+/// Loads every host's certificate (making self-signed ones where configured): at start,
+/// and again on SIGHUP (new connections get the new certificates, open ones keep theirs).
 pub fn load(hosts: &[Host]) -> anyhow::Result<Tls> {
     let certs = load_host_certs(
         hosts,
         "clients will not trust a self-signed certificate: configure a real one for production",
     )?;
+    let endpoints = certs
+        .chains
+        .iter()
+        .map(|(name, (chain, _))| (name.clone(), end_point_hash(chain[0].as_ref())))
+        .collect();
     let mut starttls = rustls::ServerConfig::builder()
         .with_no_client_auth()
         .with_cert_resolver(certs.resolver.clone());
@@ -52,5 +62,6 @@ pub fn load(hosts: &[Host]) -> anyhow::Result<Tls> {
         starttls: Arc::new(starttls),
         direct: Arc::new(direct),
         web: Arc::new(web),
+        endpoints: Arc::new(endpoints),
     })
 }

@@ -27,7 +27,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: 
     let _counted = shared.stream_opened();
     let transport = match mode {
         TlsMode::StartTls => Transport::Plain(tcp),
-        TlsMode::Direct => match tls::accept(tcp, shared.tls.server_direct.clone()).await {
+        TlsMode::Direct => match tls::accept(tcp, shared.tls().server_direct.clone()).await {
             Ok(t) => t,
             Err(e) => {
                 debug!(%peer, error = %e, "TLS handshake failed");
@@ -95,7 +95,7 @@ async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming)
                             "data after <starttls/> before <proceed/>",
                         );
                     }
-                    match conn.accept_tls(shared.tls.server_starttls.clone()).await {
+                    match conn.accept_tls(shared.tls().server_starttls.clone()).await {
                         Ok(()) => {
                             debug!("TLS established");
                             let certs = conn.transport().peer_certificates();

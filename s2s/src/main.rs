@@ -22,10 +22,10 @@ mod xml;
 use std::sync::Arc;
 
 use clap::Parser;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 use jrs_component::service::{
-    exit_code, load_and_init, run_component_until_stopped, Bind, CommonArgs,
+    exit_code, load_and_init, on_sighup, run_component_until_stopped, Bind, CommonArgs,
 };
 use jrs_component::PacketType;
 use jrs_stream::Limits;
@@ -108,6 +108,11 @@ fn run(args: Args) -> anyhow::Result<()> {
             fanout: false,
             ns: None,
         }];
+        let reloading = shared.clone();
+        on_sighup(move || match reloading.reload_tls() {
+            Ok(()) => info!("SIGHUP: certificates reloaded; new streams get them"),
+            Err(e) => error!("SIGHUP: certificates not reloaded, the old ones stay: {e:#}"),
+        })?;
         let serving = shared.clone();
         run_component_until_stopped(
             link,

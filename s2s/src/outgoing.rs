@@ -517,7 +517,7 @@ async fn negotiate(
 ) -> Result<(Connection, Established), Close> {
     let client_tls = |direct| {
         shared
-            .tls
+            .tls()
             .client(local, direct)
             .ok_or_else(|| Close::Gone(format!("no certificate for {local}")))
     };

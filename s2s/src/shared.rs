@@ -22,7 +22,8 @@ const READ_SIZE: usize = 16 * 1024;
 
 pub struct Shared {
     pub config: S2sConfig,
-    pub tls: Arc<Tls>,
+    /// Certificates and TLS settings for new streams (replaced on SIGHUP).
+    tls: std::sync::RwLock<Arc<Tls>>,
     /// The rules of incoming streams.
     pub incoming: negotiation::incoming::Settings,
     pub resolver: Resolver,
@@ -48,6 +49,20 @@ impl Drop for StreamCount {
 }
 
 impl Shared {
+    /// The TLS settings for a new stream.
+    pub fn tls(&self) -> Arc<Tls> {
+        self.tls.read().expect("tls lock").clone()
+    }
+
+    /// Reads the local domains' certificates again (SIGHUP): new streams, both ways, get
+    /// them; open ones keep theirs. Remote certificates are still checked against the
+    /// CAs read at start. On an error the old certificates stay.
+    pub fn reload_tls(&self) -> anyhow::Result<()> {
+        let tls = Arc::new(Tls::load(&self.config)?);
+        *self.tls.write().expect("tls lock") = tls;
+        Ok(())
+    }
+
     pub fn new(config: S2sConfig, tls: Tls, resolver: Resolver, secret: String) -> Shared {
         let tls = Arc::new(tls);
         let verifier = tls.clone();
@@ -61,7 +76,7 @@ impl Shared {
                 verify: Box::new(move |certs, domain| verifier.verifies(certs, domain)),
             },
             config,
-            tls,
+            tls: std::sync::RwLock::new(tls),
             resolver,
             secret,
             router: Mutex::new(None),

@@ -44,11 +44,6 @@ pub const BOSH_PATH: &str = "/http-bind";
 /// Binds every web listener; each accepted connection is served on its own task.
 pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
     let web = &shared.config.web;
-    let tls = if web.listen.iter().any(|l| l.tls) {
-        Some(tokio_rustls::TlsAcceptor::from(shared.tls.web.clone()))
-    } else {
-        None
-    };
     let sessions = Arc::new(bosh::Sessions::default());
     let connections = Arc::new(Connections::default());
     // Clients behind trusted proxies, by the address the proxy forwards.
@@ -58,7 +53,7 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("listening on [{}]:{}", l.address, l.port))?;
         info!(addr = %listener.local_addr()?, https = l.tls, "listening for web clients");
-        let (shared, tls, l) = (shared.clone(), tls.clone().filter(|_| l.tls), l.clone());
+        let (shared, l) = (shared.clone(), l.clone());
         let sessions = sessions.clone();
         let connections = connections.clone();
         let forwarded = forwarded.clone();
@@ -81,7 +76,7 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
                 };
                 let Some(admitted) = connections.admit(peer.ip(), limit) else {
                     debug!(%peer, "too many connections from this address: refused");
-                    if tls.is_none() {
+                    if !l.tls {
                         let _ = tcp.try_write(BUSY);
                     }
                     continue;
@@ -95,7 +90,9 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
                     connections: connections.clone(),
                     forwarded: forwarded.clone(),
                 };
-                let serve = connection(Arc::new(edge), admitted, tcp, peer, tls.clone(), l.clone());
+                // The certificates as now loaded (SIGHUP reloads them).
+                let tls = l.tls.then(|| tokio_rustls::TlsAcceptor::from(shared.tls().web));
+                let serve = connection(Arc::new(edge), admitted, tcp, peer, tls, l.clone());
                 tokio::spawn(serve.instrument(span));
             }
         });

@@ -137,6 +137,23 @@ where
     run_component_until_stopped(link, limits, binds, serve, || async {}).await
 }
 
+/// Set by a process that handles SIGHUP itself (c2s and s2s reload their certificates),
+/// so that the loop below does not tell the operator that nothing happens.
+static RELOADS_ON_SIGHUP: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Runs `reload` on every SIGHUP, for as long as the process lives (call inside the
+/// runtime, before [`run_component_until_stopped`]).
+pub fn on_sighup<F: Fn() + Send + 'static>(reload: F) -> anyhow::Result<()> {
+    let mut hup = signal(SignalKind::hangup())?;
+    RELOADS_ON_SIGHUP.store(true, std::sync::atomic::Ordering::Relaxed);
+    tokio::spawn(async move {
+        while hup.recv().await.is_some() {
+            reload();
+        }
+    });
+    Ok(())
+}
+
 /// [`run_component`], running `stop` on SIGTERM/SIGINT before returning, with the router
 /// link still served meanwhile (a component that hands its state over on the way out).
 pub async fn run_component_until_stopped<F, Fut, S, SFut>(
@@ -175,7 +192,9 @@ where
     loop {
         tokio::select! {
             _ = hup.recv() => {
-                info!("SIGHUP: this component reads its configuration at start only; restart it to apply changes");
+                if !RELOADS_ON_SIGHUP.load(std::sync::atomic::Ordering::Relaxed) {
+                    info!("SIGHUP: this component reads its configuration at start only; restart it to apply changes");
+                }
                 continue;
             }
             r = &mut work => {
