@@ -2,10 +2,18 @@
 //! each process's stderr to its own log file), filter from the config, RUST_LOG wins;
 //! and records at or above `route-level` also to the router as `log` packets
 //! ([`crate::log_route`]), once a component's service loop attaches its link.
+//!
+//! Under systemd with stderr going to the journal (`JOURNAL_STREAM` names stderr), the
+//! lines carry no timestamp (journald adds its own) and start with the syslog priority
+//! `<3>`..`<7>` of their level, so `journalctl -p warning` works.
 
 use jrs_config::LogConfig;
+use tracing::{Event, Level, Subscriber};
 use tracing_subscriber::filter::{filter_fn, LevelFilter};
+use tracing_subscriber::fmt::format::{Format, Full, Writer};
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
 use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::registry::LookupSpan;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
@@ -17,6 +25,7 @@ pub fn init(config: &LogConfig) {
     let stderr = tracing_subscriber::fmt::layer()
         .with_writer(std::io::stderr)
         .with_ansi(false)
+        .event_format(StderrFormat::new(stderr_is_journal()))
         .with_filter(filter);
     let route = crate::log_route::layer(&config.route_level).map(|l| {
         let level = l.level();
@@ -36,4 +45,158 @@ pub fn init(config: &LogConfig) {
         .with(stderr)
         .with(route)
         .try_init();
+}
+
+/// The stderr line format: the usual one, or for the journal no time and a priority.
+struct StderrFormat {
+    journal: bool,
+    timed: Format,
+    untimed: Format<Full, ()>,
+}
+
+impl StderrFormat {
+    fn new(journal: bool) -> StderrFormat {
+        StderrFormat {
+            journal,
+            timed: Format::default(),
+            untimed: Format::default().without_time(),
+        }
+    }
+}
+
+impl<S, N> FormatEvent<S, N> for StderrFormat
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> std::fmt::Result {
+        if !self.journal {
+            return self.timed.format_event(ctx, writer, event);
+        }
+        write!(writer, "<{}>", syslog_priority(*event.metadata().level()))?;
+        self.untimed.format_event(ctx, writer, event)
+    }
+}
+
+/// sd-daemon(3) priority prefixes: err, warning, info, debug.
+fn syslog_priority(level: Level) -> u8 {
+    match level {
+        Level::ERROR => 3,
+        Level::WARN => 4,
+        Level::INFO => 6,
+        Level::DEBUG | Level::TRACE => 7,
+    }
+}
+
+/// Whether stderr is the journal stream systemd set up: `JOURNAL_STREAM` is
+/// `DEVICE:INODE` of that stream, and must match stderr itself (a child whose stderr
+/// was redirected to a file inherits the variable, not the stream).
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    use std::os::unix::fs::MetadataExt;
+    let Some(var) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Ok(fd) = std::io::stderr().as_fd().try_clone_to_owned() else {
+        return false;
+    };
+    match std::fs::File::from(fd).metadata() {
+        Ok(m) => journal_stream_is(&var.to_string_lossy(), m.dev(), m.ino()),
+        Err(_) => false,
+    }
+}
+
+fn journal_stream_is(var: &str, dev: u64, ino: u64) -> bool {
+    let mut parts = var.trim().splitn(2, ':');
+    let parsed = (
+        parts.next().and_then(|d| d.parse::<u64>().ok()),
+        parts.next().and_then(|i| i.parse::<u64>().ok()),
+    );
+    parsed == (Some(dev), Some(ino))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn priorities_follow_syslog() {
+        assert_eq!(syslog_priority(Level::ERROR), 3);
+        assert_eq!(syslog_priority(Level::WARN), 4);
+        assert_eq!(syslog_priority(Level::INFO), 6);
+        assert_eq!(syslog_priority(Level::DEBUG), 7);
+        assert_eq!(syslog_priority(Level::TRACE), 7);
+    }
+
+    #[test]
+    fn journal_stream_must_name_this_stream() {
+        assert!(journal_stream_is("8:1234", 8, 1234));
+        assert!(journal_stream_is("8:1234\n", 8, 1234));
+        assert!(!journal_stream_is("8:1235", 8, 1234));
+        assert!(!journal_stream_is("9:1234", 8, 1234));
+        assert!(!journal_stream_is("8", 8, 1234));
+        assert!(!journal_stream_is("", 8, 1234));
+        assert!(!journal_stream_is("a:b", 8, 1234));
+    }
+
+    /// Formats `events` with the stderr format and returns the lines.
+    fn lines(journal: bool, events: impl FnOnce()) -> Vec<String> {
+        let out = Arc::new(Mutex::new(Vec::<u8>::new()));
+        let sink = out.clone();
+        let layer = tracing_subscriber::fmt::layer()
+            .with_writer(move || Sink(sink.clone()))
+            .with_ansi(false)
+            .event_format(StderrFormat::new(journal));
+        let subscriber = tracing_subscriber::registry().with(layer);
+        tracing::subscriber::with_default(subscriber, events);
+        let text = String::from_utf8(out.lock().unwrap().clone()).unwrap();
+        text.lines().map(str::to_owned).collect()
+    }
+
+    struct Sink(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Sink {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn journal_lines_have_a_priority_and_no_time() {
+        let got = lines(true, || {
+            tracing::error!("broken");
+            tracing::warn!("odd");
+            tracing::info!(n = 1, "fine");
+            tracing::debug!("detail");
+        });
+        assert_eq!(got.len(), 4, "{got:?}");
+        for (line, prefix) in got.iter().zip(["<3>", "<4>", "<6>", "<7>"]) {
+            assert!(
+                line.starts_with(prefix),
+                "{line:?} should start with {prefix}"
+            );
+            assert!(!line.contains('\x1b'), "no colours: {line:?}");
+        }
+        assert!(got[0].starts_with("<3>ERROR "), "{:?}", got[0]);
+        assert!(got[2].ends_with("fine n=1"), "{:?}", got[2]);
+    }
+
+    #[test]
+    fn plain_lines_keep_their_time() {
+        let got = lines(false, || tracing::warn!("odd"));
+        assert_eq!(got.len(), 1);
+        // 2025-01-02T03:04:05.678901Z  WARN ...: starts with the year, not a priority.
+        assert!(got[0].as_bytes()[0].is_ascii_digit(), "{:?}", got[0]);
+        assert!(got[0].contains(" WARN "), "{:?}", got[0]);
+    }
 }
