@@ -130,6 +130,8 @@ pub enum Step {
 /// One SCRAM exchange in progress.
 pub struct ScramExchange {
     session: Session<LoginValidation, Exporter>,
+    /// The client-first message was taken.
+    started: bool,
 }
 
 impl ScramExchange {
@@ -153,11 +155,18 @@ impl ScramExchange {
         let session = SASLServer::<LoginValidation, Exporter>::with_cb(config, Exporter(exporter))
             .start_suggested(name)
             .map_err(|e| format!("starting {mechanism}: {e}"))?;
-        Ok(ScramExchange { session })
+        Ok(ScramExchange {
+            session,
+            started: false,
+        })
     }
 
     /// Feeds the client's data (the initial response or a `<response>`).
     pub fn step(&mut self, input: &[u8]) -> Step {
+        let first = !std::mem::replace(&mut self.started, true);
+        if !rsasl_can_parse(input, first) {
+            return Step::Failure;
+        }
         let mut out = Vec::new();
         match self.session.step(Some(input), &mut out) {
             Ok(State::Running) => Step::Challenge(out),
@@ -171,6 +180,26 @@ impl ScramExchange {
             Err(_) => Step::Failure,
         }
     }
+}
+
+/// Whether rsasl's SCRAM server can read a client message without panicking: rsasl 2.3
+/// (`mechanisms/scram/parser.rs`) slices every attribute as `attr[0..2]` (and an
+/// authzid as `authzid[2..]`) without checking its length, so an empty or one-byte
+/// attribute (`n,,n=u,r`, a trailing comma) panics there (found by fuzzing,
+/// docs/fuzzing.md; kept in fuzz/regressions/sasl). Such a message is malformed
+/// anyway (RFC 5802 7: every attribute is `x=value`), so it fails here instead.
+/// `first`: the client-first message, whose gs2 header starts with a one-letter flag.
+fn rsasl_can_parse(input: &[u8], first: bool) -> bool {
+    let mut parts = input.split(|&b| b == b',');
+    if first {
+        // gs2-header: the flag (`n`, `y` or `p=NAME`), then an authzid (`a=NAME`) or
+        // nothing.
+        parts.next();
+        if parts.next().is_some_and(|authzid| authzid.len() == 1) {
+            return false;
+        }
+    }
+    parts.all(|attribute| attribute.len() >= 2)
 }
 
 /// Keys that match no password, for exchanges with unknown users.
@@ -281,6 +310,34 @@ mod tests {
         let nonce = first.split(',').next().unwrap();
         let bad = format!("c=biws,{nonce},p={}", B64.encode([0u8; 20]));
         assert!(matches!(ex.step(bad.as_bytes()), Step::Failure));
+    }
+
+    #[test]
+    fn short_attributes_fail_before_rsasl() {
+        // Each of these panicked inside rsasl 2.3's parser.
+        let keys = ScramKeys::derive(ScramHash::Sha1, "pencil", b"salt-bytes-16...", 1);
+        for first in [
+            &b"n,,n=user,r"[..],
+            b"n,,n=user,r=abc,",
+            b"n,a,n=user,r=abc",
+            b"n,,n=user,,r=abc",
+            b"n,,",
+        ] {
+            let mut ex =
+                ScramExchange::start("SCRAM-SHA-1", keys.clone(), Default::default()).unwrap();
+            assert!(matches!(ex.step(first), Step::Failure), "{first:?}");
+        }
+        for last in [
+            &b"c=biws,r=abc,p"[..],
+            b"c=biws,r=abc,p=x,",
+            b"c,r=x,p=y",
+            b"",
+        ] {
+            let mut ex =
+                ScramExchange::start("SCRAM-SHA-1", keys.clone(), Default::default()).unwrap();
+            assert!(matches!(ex.step(b"n,,n=user,r=abc"), Step::Challenge(_)));
+            assert!(matches!(ex.step(last), Step::Failure), "{last:?}");
+        }
     }
 
     #[test]

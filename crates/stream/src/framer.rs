@@ -153,6 +153,11 @@ impl Framer {
         match self.scan_until_done(buf)? {
             Some(done) => {
                 let range = self.start..self.scan;
+                // The last step may have crossed the limit and ended the frame at once
+                // (one tag read whole from the buffer).
+                if range.len() > self.limits.max_stanza_bytes {
+                    return Err(too_large(self.limits));
+                }
                 self.start = self.scan;
                 let kind = match done {
                     Done::Header => FrameKind::StreamOpen,
@@ -491,6 +496,24 @@ mod tests {
         input.extend_from_slice(b"<message a='");
         input.extend(std::iter::repeat_n(b'a', 1000));
         assert!(frames(&input, 10, limits).is_err());
+        // So does a last tag that crosses the limit and ends the stanza in one read
+        // (found by fuzzing, docs/fuzzing.md).
+        for tail in [&b"<a></a"[..], b"<a"] {
+            let mut input = HEADER.to_vec();
+            input.extend_from_slice(tail);
+            input.extend(std::iter::repeat_n(b' ', 200));
+            input.extend_from_slice(if tail == b"<a" { b"/>" } else { b">" });
+            let e = frames(&input, input.len(), limits).unwrap_err();
+            assert_eq!(e.condition, StreamErrorCondition::PolicyViolation);
+        }
+        let limits = Limits {
+            max_stanza_bytes: 50,
+            max_depth: 10,
+        };
+        assert!(
+            frames(HEADER, HEADER.len(), limits).is_err(),
+            "the header too"
+        );
     }
 
     #[test]

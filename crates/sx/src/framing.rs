@@ -211,9 +211,13 @@ fn qualified(element: &[u8]) -> String {
     let declared = Stanza::parse_slice(element)
         .ok()
         .is_some_and(|e| e.xmlns().is_some());
-    let name_end = text[1..]
-        .find(|c: char| c.is_ascii_whitespace() || c == '/' || c == '>')
-        .map_or(text.len(), |i| i + 1);
+    // By characters: the bytes before the first `<` are not necessarily one byte each
+    // (nor UTF-8: then `text` has U+FFFD for them).
+    let name_end = text
+        .char_indices()
+        .skip(1)
+        .find(|&(_, c)| c.is_ascii_whitespace() || c == '/' || c == '>')
+        .map_or(text.len(), |(i, _)| i);
     let insert = if text.starts_with("<stream:") {
         format!(" xmlns:stream='{NS_STREAMS}'")
     } else if !declared {
@@ -295,6 +299,21 @@ mod tests {
         );
         assert_eq!(s.next(), Some(Outgoing::Close));
         assert_eq!(s.next(), None);
+    }
+
+    #[test]
+    fn odd_bytes_between_elements_do_not_panic() {
+        // Found by fuzzing (docs/fuzzing.md): text before an element starting with a
+        // multi-byte character, or with bytes that are not UTF-8.
+        for junk in [
+            &b"\xff\xff<message/>"[..],
+            "\u{e9}<message/>".as_bytes(),
+            b"x<a/>",
+        ] {
+            let mut s = Splitter::default();
+            s.push(junk);
+            assert!(matches!(s.next(), Some(Outgoing::Message(_))));
+        }
     }
 
     // The client side.

@@ -76,7 +76,10 @@ impl IdxEntry {
             id_len: u16::from_le_bytes([b[20], b[21]]),
             id_prefix: b[22..60].try_into().expect("38 bytes"),
         };
-        (entry.len as usize > RECORD_HEADER + BODY_FIXED && entry.id_len > 0).then_some(entry)
+        (entry.len as usize > RECORD_HEADER + BODY_FIXED
+            && entry.id_len > 0
+            && entry.offset.checked_add(entry.len as u64).is_some())
+        .then_some(entry)
     }
 
     fn prefix(&self) -> &[u8] {
@@ -101,6 +104,12 @@ impl IdxEntry {
             Ordering::Equal => None,
             other => Some(other),
         }
+    }
+
+    /// One past the record's last byte in the log (cannot overflow: [`IdxEntry::decode`]
+    /// refuses an entry whose record would end past `u64::MAX`).
+    pub fn end(&self) -> u64 {
+        self.offset + self.len as u64
     }
 
     /// [`jrs_xdb::archive::item_cost`] of the item, from the record's length.

@@ -634,6 +634,61 @@ fn corrupt_records_are_reported_skipped_and_kept() {
 }
 
 #[test]
+fn index_entries_that_point_past_the_log_are_skipped() {
+    // Found by fuzzing (docs/fuzzing.md): an index entry whose checksum holds but whose
+    // record would end past the end of the log (or past u64::MAX) made a query allocate
+    // the record's length (up to 4 GiB) before reading, or overflow.
+    let mut f = Fixture::new(4);
+    let a = items(1..11);
+    f.append(&a);
+    let idx = f.file(&idx_name(4));
+    let mut data = fs::read(&idx).unwrap();
+    let log_len = fs::metadata(f.file(&log_name(4))).unwrap().len();
+    let e = IdxEntry::decode(&data[64..128]).unwrap();
+    let huge = IdxEntry { len: u32::MAX, ..e };
+    data[64..128].copy_from_slice(&huge.encode());
+    let past = IdxEntry {
+        offset: log_len,
+        ..e
+    };
+    data[128..192].copy_from_slice(&past.encode());
+    fs::write(&idx, &data).unwrap();
+    let overflow = IdxEntry {
+        offset: u64::MAX - 10,
+        ..e
+    }
+    .encode();
+    assert_eq!(IdxEntry::decode(&overflow), None);
+    f.reopen();
+    let got = all(&mut f);
+    let expected: Vec<Item> = a
+        .iter()
+        .filter(|i| i.id != "000006" && i.id != "000007")
+        .cloned()
+        .collect();
+    assert_eq!(got, expected);
+    // A segment file named past the last sequence number is ignored.
+    fs::write(f.file(&idx_name(u64::MAX - 3)), &data[..64]).unwrap();
+    fs::write(f.file(&log_name(u64::MAX - 3)), b"").unwrap();
+    f.reopen();
+    assert_eq!(all(&mut f), expected);
+}
+
+#[test]
+fn a_long_gap_of_missing_segments_is_crossed_at_once() {
+    // Found by fuzzing (docs/fuzzing.md): one bit flipped in a segment file's name put
+    // the head segment 2^34 segments away, and every search walked the gap segment by
+    // segment (a worker stuck for ever).
+    let mut f = Fixture::new(4);
+    f.append(&items(1..7));
+    fs::write(f.file(&log_name(1 << 36)), b"").unwrap();
+    f.reopen();
+    assert_eq!(ids(&f.query(&page(10)).unwrap()).len(), 6);
+    assert!(f.retract("000003", &tombstone(3)).is_ok());
+    assert!(f.retract("000099", &tombstone(99)).is_err());
+}
+
+#[test]
 fn delete_removes_the_archive() {
     let mut f = Fixture::new(4);
     f.append(&items(1..10));
