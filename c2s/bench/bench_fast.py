@@ -14,8 +14,12 @@ Starts the whole server (router, xdb-file, sm, c2s) with tests/py/serverproc.py 
 loopback and prints the server CPU per login (all processes, from /proc/PID/stat) and
 the wall time per login.
 
+With `--storage pg` the storage is xdb-pg on a throwaway PostgreSQL cluster
+(tests/py/pgcluster.py, removed at the end), and the server CPU includes PostgreSQL's
+(the postmaster and its children, those that exited too).
+
     cargo build --release --workspace
-    JABBERD_BIN_DIR=target/release .venv/bin/python c2s/bench/bench_fast.py [--logins 300]
+    JABBERD_BIN_DIR=target/release .venv/bin/python c2s/bench/bench_fast.py [--logins 300] [--storage pg]
 """
 import argparse
 import base64
@@ -31,6 +35,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "py"))
 
+from pgcluster import Cluster  # noqa: E402
 from scram_client import RawClient, local, tag  # noqa: E402
 from serverproc import Server  # noqa: E402
 
@@ -125,22 +130,45 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--logins", type=int, default=300)
     ap.add_argument("--blocks", type=int, default=3)
+    ap.add_argument("--storage", choices=("file", "pg"), default="file",
+                    help="xdb-file, or xdb-pg on a throwaway PostgreSQL cluster")
     args = ap.parse_args()
+    cluster = Cluster() if args.storage == "pg" else None
+    try:
+        bench(args, cluster)
+    finally:
+        if cluster:
+            cluster.destroy()
+
+
+def bench(args, cluster):
     with tempfile.TemporaryDirectory() as d:
-        server = Server(Path(d), log_level="info")  # as shipped
+        server = Server(Path(d), log_level="info",  # as shipped
+                        storage=args.storage, pg_url=cluster.url if cluster else None)
         server.start()
         try:
             server.addusers({"alice@localhost": "alice-pw"})
             pids = [p.pid for p in server.procs.values()]
+
+            def server_cpu():
+                # PostgreSQL's processes count as the server's.
+                return cpu_seconds(pids) + (cluster.cpu_seconds() if cluster else 0.0)
+
+            def each_process():
+                each = {name: cpu_seconds([p.pid]) for name, p in server.procs.items()}
+                if cluster:
+                    each["postgres"] = cluster.cpu_seconds()
+                return each
+
             token, session, previd, _keep = token_for(server, "alice", "alice-pw")
             count = 0
             per = args.logins // args.blocks
             results = {k: [0.0, 0.0, 0] for k in KINDS}  # cpu, wall, TLS resumed
-            by_process = {k: {name: 0.0 for name in server.procs} for k in KINDS}
+            by_process = {k: {name: 0.0 for name in each_process()} for k in KINDS}
             for _ in range(args.blocks):
                 for kind in KINDS:
-                    cpu0, t0 = cpu_seconds(pids), time.monotonic()
-                    each0 = {name: cpu_seconds([p.pid]) for name, p in server.procs.items()}
+                    cpu0, t0 = server_cpu(), time.monotonic()
+                    each0 = each_process()
                     for _ in range(per):
                         if kind == "scram":
                             resumed = scram_login(server, None)
@@ -152,11 +180,12 @@ def main():
                                 server, "alice", token, count, session,
                                 previd if kind == "fast-resume" else None)
                         results[kind][2] += resumed
-                    results[kind][0] += cpu_seconds(pids) - cpu0
-                    for name, p in server.procs.items():
-                        by_process[kind][name] += cpu_seconds([p.pid]) - each0[name]
+                    results[kind][0] += server_cpu() - cpu0
+                    for name, v in each_process().items():
+                        by_process[kind][name] += v - each0[name]
                     results[kind][1] += time.monotonic() - t0
             n = per * args.blocks
+            print(f"storage: {'xdb-pg on PostgreSQL (its process is named xdb-file here)' if cluster else 'xdb-file'}")
             for kind, (cpu, wall, resumed) in results.items():
                 print(f"{kind}: {n} logins ({resumed} with TLS resumed), server CPU "
                       f"{cpu / n * 1e6:.0f} µs per login, wall {wall / n * 1e3:.2f} ms per "

@@ -3,6 +3,15 @@
 //! `archive_items` (one row per item, numbered by `seq` in append order). Queries have
 //! the semantics of `jrs_xdb::archive::select`, answered through the indexes by id, by
 //! time and by bare `with` (then `seq`): counts, then the page's rows only.
+//!
+//! An archive's items have consecutive `seq` numbers, from its oldest item's to
+//! `next_seq - 1`: appends take the next numbers, and items are only removed as a
+//! prefix (retention: times never decrease) or all together (the archive deleted). So
+//! a count without filters other than `seq` bounds is a subtraction, not a scan of up
+//! to every item ([`Span`]). In the same way the items of one bare `with` are
+//! numbered by `with_seq` (1, 2, ... in append order; a prefix of them is what
+//! retention removes), so a count filtered by a bare `with` alone is the difference of
+//! two `with_seq`s read from the with-index ([`count_with`]).
 
 use bytes::Bytes;
 use tokio_postgres::types::ToSql;
@@ -121,10 +130,11 @@ pub async fn append_items(
         let withs: Vec<&str> = new.iter().map(|i| i.with.as_str()).collect();
         let bares: Vec<&str> = new.iter().map(|i| bare(&i.with)).collect();
         let stanzas: Vec<&[u8]> = new.iter().map(|i| &i.payload[..]).collect();
+        let with_seqs = number_by_with(tx, archive, &bares).await?;
         tx.execute(
-            "INSERT INTO archive_items (archive, seq, id, time, with_full, with_bare, stanza)
-             SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::bytea[])",
-            &[&archive, &seqs, &ids, &times, &withs, &bares, &stanzas],
+            "INSERT INTO archive_items (archive, seq, id, time, with_full, with_bare, stanza, with_seq)
+             SELECT $1, * FROM UNNEST($2::bigint[], $3::text[], $4::bigint[], $5::text[], $6::text[], $7::bytea[], $8::bigint[])",
+            &[&archive, &seqs, &ids, &times, &withs, &bares, &stanzas, &with_seqs],
         )
         .await?;
         next += new.len() as i64;
@@ -136,6 +146,43 @@ pub async fn append_items(
         .await?;
     }
     retain(tx, archive, next, retention, now).await
+}
+
+/// The `with_seq` of new items whose bare `with`s are `bares`: each bare's numbers go on
+/// from its newest item's in the archive (from 1 when it has none).
+async fn number_by_with(
+    tx: &mut Tx<'_>,
+    archive: i64,
+    bares: &[&str],
+) -> Result<Vec<i64>, Refusal> {
+    let mut distinct: Vec<&str> = bares.to_vec();
+    distinct.sort_unstable();
+    distinct.dedup();
+    let rows = tx
+        .query(
+            "SELECT b, (SELECT with_seq FROM archive_items
+                        WHERE archive = $1 AND with_bare = b ORDER BY seq DESC LIMIT 1)
+             FROM UNNEST($2::text[]) AS b",
+            &[&archive, &distinct],
+        )
+        .await?;
+    let mut last: std::collections::HashMap<String, i64> = rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, String>(0),
+                r.get::<_, Option<i64>>(1).unwrap_or(0),
+            )
+        })
+        .collect();
+    Ok(bares
+        .iter()
+        .map(|b| {
+            let n = last.entry((*b).to_owned()).or_insert(0);
+            *n += 1;
+            *n
+        })
+        .collect())
 }
 
 async fn find(tx: &mut Tx<'_>, archive: i64, id: &str) -> Result<Option<i64>, Refusal> {
@@ -179,6 +226,43 @@ async fn retain(
         )
         .await?;
     }
+    Ok(())
+}
+
+/// Removes the owner's archive of `ns` (of every namespace when `None`) with its
+/// items. The archives' rows are locked first, so an append to them (from another
+/// instance) either committed before, and its items are deleted here, or waits and
+/// finds the archive gone (items have no foreign key to their archive: see the
+/// schema's second step).
+pub async fn delete(tx: &mut Tx<'_>, owner: &Owner, ns: Option<&str>) -> Result<(), Refusal> {
+    let rows = match ns {
+        Some(ns) => {
+            tx.query(
+                "SELECT archive FROM archives WHERE host = $1 AND node = $2 AND ns = $3 FOR UPDATE",
+                &[&owner.host, &owner.node, &ns],
+            )
+            .await?
+        }
+        None => {
+            tx.query(
+                "SELECT archive FROM archives WHERE host = $1 AND node = $2 FOR UPDATE",
+                &[&owner.host, &owner.node],
+            )
+            .await?
+        }
+    };
+    let archives: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    if archives.is_empty() {
+        return Ok(());
+    }
+    // Statements of their own, after the locks: they see what an append committed.
+    tx.execute(
+        "DELETE FROM archive_items WHERE archive = ANY($1)",
+        &[&archives],
+    )
+    .await?;
+    tx.execute("DELETE FROM archives WHERE archive = ANY($1)", &[&archives])
+        .await?;
     Ok(())
 }
 
@@ -247,6 +331,41 @@ impl Param {
 pub struct Filter {
     pub sql: String,
     pub params: Vec<Param>,
+    /// The `seq` bounds of the clause: from `.0` (inclusive) to `.1` (exclusive).
+    pub seqs: (Option<i64>, Option<i64>),
+    /// What the clause filters on besides `seq`, for [`count`].
+    pub kind: FilterKind,
+}
+
+/// What a [`Filter`] filters on besides `seq` bounds.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FilterKind {
+    /// Nothing: counted from the archive's [`Span`].
+    Seq,
+    /// A bare `with` alone: counted by [`count_with`].
+    Bare(String),
+    /// Anything else (a full `with`, time bounds, ids): counted by the database.
+    Other,
+}
+
+/// Where an archive's items are: `seq` from `first` (the oldest item's, `None` when
+/// there is none) to `next - 1`, every number in between (see the module's comment).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Span {
+    pub first: Option<i64>,
+    pub next: i64,
+}
+
+impl Span {
+    /// How many items a filter on `seq` only keeps.
+    pub fn count(&self, seqs: (Option<i64>, Option<i64>)) -> usize {
+        let Some(first) = self.first else {
+            return 0;
+        };
+        let lo = seqs.0.map_or(first, |l| l.max(first));
+        let hi = seqs.1.map_or(self.next, |h| h.min(self.next));
+        usize::try_from(hi.saturating_sub(lo)).unwrap_or(0)
+    }
 }
 
 impl Filter {
@@ -256,6 +375,13 @@ impl Filter {
         let mut f = Filter {
             sql: "archive = $1".into(),
             params: vec![Param::Int(archive)],
+            seqs: (lo, hi),
+            kind: match &q.with {
+                _ if q.start.is_some() || q.end.is_some() || !q.ids.is_empty() => FilterKind::Other,
+                None => FilterKind::Seq,
+                Some(w) if w.contains('/') => FilterKind::Other,
+                Some(w) => FilterKind::Bare(w.clone()),
+            },
         };
         if let Some(lo) = lo {
             f.push("seq >=", Param::Int(lo));
@@ -295,6 +421,16 @@ impl Filter {
     /// The same filter narrowed by one more condition.
     pub fn and(&self, column_op: &str, p: Param) -> Filter {
         let mut f = self.clone();
+        let (lo, hi) = f.seqs;
+        let max = |a: Option<i64>, b: i64| Some(a.map_or(b, |a| a.max(b)));
+        let min = |a: Option<i64>, b: i64| Some(a.map_or(b, |a| a.min(b)));
+        match (column_op, &p) {
+            ("seq >=", Param::Int(v)) => f.seqs.0 = max(lo, *v),
+            ("seq >", Param::Int(v)) => f.seqs.0 = max(lo, v.saturating_add(1)),
+            ("seq <", Param::Int(v)) => f.seqs.1 = min(hi, *v),
+            ("seq <=", Param::Int(v)) => f.seqs.1 = min(hi, v.saturating_add(1)),
+            _ => f.kind = FilterKind::Other,
+        }
         f.push(column_op, p);
         f
     }
@@ -302,12 +438,59 @@ impl Filter {
     pub fn args(&self) -> Vec<&(dyn ToSql + Sync)> {
         self.params.iter().map(Param::sql).collect()
     }
+
+    /// The archive the filter is on (its first parameter).
+    fn params_archive(&self) -> i64 {
+        match self.params.first() {
+            Some(Param::Int(a)) => *a,
+            _ => unreachable!("a filter starts with its archive"),
+        }
+    }
 }
 
-async fn count(tx: &mut Tx<'_>, f: &Filter) -> Result<usize, Refusal> {
+/// How many items `f` keeps: from the archive's `span` when it filters on `seq` alone,
+/// from `with_seq`s when on a bare `with` too, else counted by the database.
+async fn count(tx: &mut Tx<'_>, f: &Filter, span: Span) -> Result<usize, Refusal> {
+    match &f.kind {
+        FilterKind::Seq => return Ok(span.count(f.seqs)),
+        FilterKind::Bare(with) => return count_with(tx, f.params_archive(), with, f.seqs).await,
+        FilterKind::Other => {}
+    }
     let sql = format!("SELECT COUNT(*) FROM archive_items WHERE {}", f.sql);
     let rows = tx.query(&sql, &f.args()).await?;
     Ok(rows.first().map_or(0, |r| r.get::<_, i64>(0)) as usize)
+}
+
+/// How many items with bare `with` have `seq` within `seqs`: the difference of the
+/// `with_seq`s of the first and the last of them, two reads of the with-index.
+async fn count_with(
+    tx: &mut Tx<'_>,
+    archive: i64,
+    with: &str,
+    seqs: (Option<i64>, Option<i64>),
+) -> Result<usize, Refusal> {
+    let (lo, hi) = (seqs.0.unwrap_or(i64::MIN), seqs.1.unwrap_or(i64::MAX));
+    if lo >= hi {
+        return Ok(0);
+    }
+    let edge = |order: &str, op: &str| {
+        format!(
+            "SELECT with_seq FROM archive_items WHERE archive = $1 AND with_bare = $2 AND seq {op} $3
+             ORDER BY seq {order} LIMIT 1"
+        )
+    };
+    let first = tx
+        .query_opt(&edge("ASC", ">="), &[&archive, &with, &lo])
+        .await?;
+    let last = tx
+        .query_opt(&edge("DESC", "<"), &[&archive, &with, &hi])
+        .await?;
+    Ok(match (first, last) {
+        (Some(f), Some(l)) => {
+            usize::try_from(l.get::<_, i64>(0) - f.get::<_, i64>(0) + 1).unwrap_or(0)
+        }
+        _ => 0,
+    })
 }
 
 async fn position(tx: &mut Tx<'_>, archive: i64, id: &str) -> Result<i64, Refusal> {
@@ -322,13 +505,27 @@ pub async fn query(
     content: &[u8],
 ) -> Result<Bytes, Refusal> {
     let q = Query::parse(content)?;
-    let archive: i64 = tx
+    let (archive, next): (i64, i64) = tx
         .query_opt(
-            "SELECT archive FROM archives WHERE host = $1 AND node = $2 AND ns = $3",
+            "SELECT archive, next_seq FROM archives WHERE host = $1 AND node = $2 AND ns = $3",
             &[&owner.host, &owner.node, &ns],
         )
         .await?
-        .map_or(-1, |r| r.get(0)); // no archive: no items, every id unknown
+        .map_or((-1, 0), |r| (r.get(0), r.get(1))); // no archive: no items, every id unknown
+                                                    // The archive's first and last items: its metadata, and where its items are.
+    let bound = |order: &str| {
+        format!(
+            "SELECT seq, id, time FROM archive_items WHERE archive = $1 ORDER BY seq {order} LIMIT 1"
+        )
+    };
+    let edge = |r: &tokio_postgres::Row| (r.get::<_, String>(1), r.get::<_, i64>(2) as u64);
+    let oldest = tx.query_opt(&bound("ASC"), &[&archive]).await?;
+    let newest = tx.query_opt(&bound("DESC"), &[&archive]).await?;
+    let span = Span {
+        first: oldest.as_ref().map(|r| r.get::<_, i64>(0)),
+        next,
+    };
+    let (oldest, newest) = (oldest.as_ref().map(edge), newest.as_ref().map(edge));
     let lo = match &q.after_id {
         Some(id) => Some(position(tx, archive, id).await? + 1),
         None => None,
@@ -341,7 +538,7 @@ pub async fn query(
         position(tx, archive, id).await?;
     }
     let filter = Filter::new(archive, &q, lo, hi);
-    let total = count(tx, &filter).await?;
+    let total = count(tx, &filter, span).await?;
     let after = match &q.paging.after {
         Some(id) => Some(position(tx, archive, id).await?),
         None => None,
@@ -352,11 +549,11 @@ pub async fn query(
     };
     // The page's window among the matching items, as `select` computes it.
     let from = match after {
-        Some(p) => count(tx, &filter.and("seq <=", Param::Int(p))).await?,
+        Some(p) => count(tx, &filter.and("seq <=", Param::Int(p)), span).await?,
         None => 0,
     };
     let to = match before {
-        Some(p) => count(tx, &filter.and("seq <", Param::Int(p))).await?,
+        Some(p) => count(tx, &filter.and("seq <", Param::Int(p)), span).await?,
         None => total,
     };
     let backwards = q.paging.from_end || q.paging.before.is_some();
@@ -407,16 +604,6 @@ pub async fn query(
             (start, end) = (s, e);
         }
     }
-    let bound = |order: &str| {
-        format!(
-            "SELECT id, time FROM archive_items WHERE archive = $1 ORDER BY seq {order} LIMIT 1"
-        )
-    };
-    let edge = |r: Option<tokio_postgres::Row>| {
-        r.map(|r| (r.get::<_, String>(0), r.get::<_, i64>(1) as u64))
-    };
-    let oldest = edge(tx.query_opt(&bound("ASC"), &[&archive]).await?);
-    let newest = edge(tx.query_opt(&bound("DESC"), &[&archive]).await?);
     let page = Page {
         count: total,
         first_index: (start < end).then_some(start),
@@ -506,6 +693,44 @@ mod tests {
             "archive = $1 AND seq < $2 AND with_bare = $3 AND seq > $4"
         );
         assert_eq!(g.args().len(), 4);
+        assert_eq!(f.kind, FilterKind::Other);
+        assert_eq!(g.kind, FilterKind::Bare("bob@localhost".into()));
+        assert_eq!(
+            g.and("time <", Param::Int(3)).kind,
+            FilterKind::Other,
+            "one more condition than the bare with"
+        );
+    }
+
+    #[test]
+    fn counts_by_seq() {
+        let f = Filter::new(7, &Query::default(), Some(5), Some(20));
+        assert_eq!(f.kind, FilterKind::Seq);
+        assert_eq!(f.seqs, (Some(5), Some(20)));
+        let span = Span {
+            first: Some(10),
+            next: 30,
+        };
+        assert_eq!(span.count(f.seqs), 10); // 10..20
+        assert_eq!(span.count(f.and("seq <=", Param::Int(12)).seqs), 3); // 10..13
+        assert_eq!(span.count(f.and("seq <", Param::Int(3)).seqs), 0);
+        assert_eq!(span.count(f.and("seq >", Param::Int(18)).seqs), 1); // 19
+        assert_eq!(span.count((None, None)), 20);
+        assert_eq!(span.count((Some(40), None)), 0);
+        assert_eq!(
+            Span {
+                first: None,
+                next: 30
+            }
+            .count((None, None)),
+            0
+        );
+        assert_eq!(f.and("time >=", Param::Int(3)).kind, FilterKind::Other);
+        let ids = Query {
+            ids: vec!["a".into()],
+            ..Query::default()
+        };
+        assert_eq!(Filter::new(7, &ids, None, None).kind, FilterKind::Other);
     }
 }
 

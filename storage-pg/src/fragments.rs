@@ -71,19 +71,13 @@ pub async fn delete(tx: &mut Tx<'_>, owner: &Owner, ns: &str) -> Result<(), Refu
         for sql in [
             "DELETE FROM fragments WHERE host = $1 AND node = $2",
             "DELETE FROM list_items WHERE host = $1 AND node = $2",
-            "DELETE FROM archives WHERE host = $1 AND node = $2",
         ] {
             tx.execute(sql, &[&owner.host, &owner.node]).await?;
         }
-        return Ok(());
+        return crate::archive::delete(tx, owner, None).await;
     }
     remove(tx, owner, ns).await?;
-    tx.execute(
-        "DELETE FROM archives WHERE host = $1 AND node = $2 AND ns = $3",
-        &[&owner.host, &owner.node, &ns],
-    )
-    .await?;
-    Ok(())
+    crate::archive::delete(tx, owner, Some(ns)).await
 }
 
 /// `list`: the users of `host` with a fragment, a list or an archive, in byte order.

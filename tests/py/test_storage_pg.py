@@ -6,18 +6,13 @@ vCards, offline messages, MAM archives and account removal go through it; data
 survives a restart of xdb-pg; a database that goes away is answered with errors and
 reconnected to when it is back.
 
-Fails (does not skip) when the PostgreSQL binaries are missing:
+The cluster is tests/py/pgcluster.py's. Fails (does not skip) when the PostgreSQL
+binaries are missing:
     apt-get install postgresql
 
 Run from the repository root:  .venv/bin/python -m pytest tests/py/test_storage_pg.py -q
 """
 
-import glob
-import os
-import re
-import shutil
-import subprocess
-import tempfile
 import time
 import xml.etree.ElementTree as ET
 
@@ -25,78 +20,14 @@ import pytest
 
 pytest.importorskip("OpenSSL")
 
+from pgcluster import Cluster  # noqa: E402 (test_xep0227 imports it from here too)
 from scram_client import login, to_xml  # noqa: E402
-from serverproc import free_port, serving  # noqa: E402
+from serverproc import serving  # noqa: E402
 
 NS_MAM = "urn:xmpp:mam:2"
 NS_ROSTER = "jabber:iq:roster"
 NS_VCARD = "vcard-temp"
 USERS = {"alice": "alice-pw", "bob": "bob-pw"}
-
-
-def pg_bin_dir():
-    """The newest /usr/lib/postgresql/VERSION/bin with initdb and pg_ctl."""
-    def version(d):
-        m = re.search(r"/postgresql/(\d+)", d)
-        return int(m.group(1)) if m else 0
-    for d in sorted(glob.glob("/usr/lib/postgresql/*/bin"), key=version, reverse=True):
-        if os.access(os.path.join(d, "initdb"), os.X_OK) and os.access(os.path.join(d, "pg_ctl"), os.X_OK):
-            return d
-    pytest.fail("PostgreSQL is not installed: no /usr/lib/postgresql/*/bin/initdb "
-                "(apt-get install postgresql); this test needs it")
-
-
-class Cluster:
-    """A PostgreSQL cluster in a temporary directory, its socket there too, no TCP."""
-
-    def __init__(self):
-        self.bin = pg_bin_dir()
-        self.dir = tempfile.mkdtemp(prefix="jrs-pg-")
-        self.data = os.path.join(self.dir, "data")
-        self.port = free_port()
-        # initdb and postgres refuse to run as root: run them as nobody, who must own
-        # the directory (a pytest tmp_path is root's alone, hence a directory of its own).
-        self.prefix = []
-        if os.geteuid() == 0:
-            os.chmod(self.dir, 0o755)
-            shutil.chown(self.dir, user="nobody")
-            self.prefix = ["runuser", "-u", "nobody", "--"]
-        self.run("initdb", "-D", self.data, "-U", "postgres", "--auth=trust", "-N")
-        self.start()
-
-    def run(self, program, *args):
-        result = subprocess.run([*self.prefix, os.path.join(self.bin, program), *args],
-                                capture_output=True, text=True, timeout=120,
-                                stdin=subprocess.DEVNULL)
-        if result.returncode != 0:
-            raise AssertionError(f"{program} {' '.join(args)} failed ({result.returncode}):\n"
-                                 f"{result.stdout}{result.stderr}")
-        return result
-
-    def start(self):
-        self.run("pg_ctl", "-D", self.data, "-l", os.path.join(self.dir, "postgres.log"), "-w",
-                 "-o", f"-k {self.dir} -p {self.port} -c listen_addresses=''", "start")
-
-    def stop(self):
-        self.run("pg_ctl", "-D", self.data, "-m", "fast", "-w", "stop")
-
-    @property
-    def url(self):
-        return f"postgresql://postgres@/postgres?host={self.dir}&port={self.port}"
-
-    def log(self):
-        try:
-            with open(os.path.join(self.dir, "postgres.log"), errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-    def destroy(self):
-        try:
-            self.stop()
-        except AssertionError:
-            pass
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 @pytest.fixture

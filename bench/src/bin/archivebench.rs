@@ -1,4 +1,5 @@
-//! Message archive storage benchmark (xdb-file's `archive-*` operations).
+//! Message archive storage benchmark (the `archive-*` operations of xdb-file, or of
+//! xdb-pg with `--storage pg`).
 //!
 //! Starts a router and xdb-file (release binaries next to this one) in a temporary
 //! directory, then, over a component link through the router:
@@ -24,9 +25,18 @@
 //!    server (the client's round trip through c2s, the router and sm), are printed for
 //!    comparison.
 //!
+//! With `--storage pg` the storage is xdb-pg instead, on a throwaway PostgreSQL cluster
+//! (`jrs_harness::postgres`, PostgreSQL's default settings; removed at the end) or on the
+//! database at `--pg-url`; "xdb-file" above reads "xdb-pg", its CPU is reported with
+//! PostgreSQL's (the postmaster and its children, those that exited included; with
+//! `--pg-url`, every postmaster on this machine), the size on disk is the tables' and
+//! indexes' (`pg_total_relation_size`), and `--drop-caches` also restarts the cluster
+//! (so its shared buffers are empty too; not with `--pg-url`). A restarted xdb-pg
+//! connects to the database again at its first request: that is part of the cold time.
+//!
 //! ```text
-//! cargo build --release -p bench -p sm -p c2s -p router -p xdb-file
-//! target/release/archivebench
+//! cargo build --release -p bench -p sm -p c2s -p router -p xdb-file -p xdb-pg
+//! target/release/archivebench [--storage pg [--pg-url URL]]
 //! ```
 //! Figures go into docs/benchmarks.md by hand; tests never assert them.
 
@@ -43,6 +53,7 @@ use tokio::sync::Notify;
 use bench::client::{Client, ClientKeys};
 use bench::procstat::{cpu_micros, per_process, server_pids};
 use jrs_component::{ComponentReader, ComponentWriter};
+use jrs_harness::postgres::{cluster_cpu_micros, pg_bin_dir, psql, PgCluster};
 use jrs_harness::{Options, Server};
 use jrs_stream::{Frame, Stanza};
 use jrs_xdb::archive::{bare, items_to_xml, Item, Page, Paging, Query};
@@ -80,6 +91,143 @@ struct Args {
     /// to profile.
     #[arg(long, default_value_t = 500)]
     steady: usize,
+    /// The storage component: xdb-file, or xdb-pg (PostgreSQL).
+    #[arg(long, value_enum, default_value_t = StorageKind::File)]
+    storage: StorageKind,
+    /// With `--storage pg`: an existing database (a libpq-style URL, e.g.
+    /// `postgresql://jabberd@/jabberd?host=/var/run/postgresql`) instead of a throwaway
+    /// cluster. alice@localhost's archive there is deleted first.
+    #[arg(long)]
+    pg_url: Option<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, clap::ValueEnum)]
+enum StorageKind {
+    File,
+    Pg,
+}
+
+/// The storage component under test, and for xdb-pg its database.
+struct Store {
+    kind: StorageKind,
+    /// xdb-pg's database.
+    url: String,
+    /// The throwaway cluster (none with `--pg-url`).
+    cluster: Option<PgCluster>,
+}
+
+impl Store {
+    fn new(args: &Args) -> anyhow::Result<Store> {
+        if args.storage == StorageKind::File {
+            if args.pg_url.is_some() {
+                bail!("--pg-url goes with --storage pg");
+            }
+            return Ok(Store {
+                kind: StorageKind::File,
+                url: String::new(),
+                cluster: None,
+            });
+        }
+        let (url, cluster) = match &args.pg_url {
+            Some(url) => (url.clone(), None),
+            None => {
+                let cluster = PgCluster::new()?;
+                (cluster.url("postgres"), Some(cluster))
+            }
+        };
+        Ok(Store {
+            kind: StorageKind::Pg,
+            url,
+            cluster,
+        })
+    }
+
+    /// The storage process's name (and program).
+    fn name(&self) -> &'static str {
+        match self.kind {
+            StorageKind::File => "xdb-file",
+            StorageKind::Pg => "xdb-pg",
+        }
+    }
+
+    /// Starts (or starts again) the storage component; its pid once it is connected.
+    async fn start(&self, server: &mut Server) -> anyhow::Result<u32> {
+        let config = match self.kind {
+            StorageKind::File => format!(
+                "<xdb-file>{}<host>localhost</host><spool dir='spool'/><log level='info'/></xdb-file>",
+                server.router_element("xdb-file", "xdb-secret")
+            ),
+            // The pool of etc/xdb-pg.xml.
+            StorageKind::Pg => format!(
+                "<xdb-pg>{}<host>localhost</host><postgresql url='{}' pool-size='4'/><log level='info'/></xdb-pg>",
+                server.router_element("xdb-pg", "xdb-pg-secret"),
+                jrs_stream::xml::escape(&self.url)
+            ),
+        };
+        let name = self.name();
+        server.write(&format!("{name}.xml"), &config)?;
+        let since = server.log(name).len();
+        let pid = server.spawn(name, name, &["-c", &format!("{name}.xml")])?;
+        server.wait_connected(name, since).await?;
+        Ok(pid)
+    }
+
+    /// The postmasters whose CPU counts as the storage's: the throwaway cluster's, or
+    /// with `--pg-url` every one on this machine (none if the database is elsewhere).
+    fn postmasters(&self) -> Vec<u32> {
+        if self.kind != StorageKind::Pg {
+            return vec![];
+        }
+        if let Some(c) = &self.cluster {
+            return c.postmaster_pid().into_iter().collect();
+        }
+        let comm =
+            |pid: u32| std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
+        let ppid = |pid: u32| -> Option<u32> {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse()
+                .ok()
+        };
+        std::fs::read_dir("/proc")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+            .filter(|&pid| {
+                comm(pid).trim() == "postgres"
+                    && ppid(pid).is_none_or(|p| comm(p).trim() != "postgres")
+            })
+            .collect()
+    }
+
+    /// CPU time (µs) PostgreSQL has spent so far (0 for xdb-file).
+    fn db_cpu(&self) -> u64 {
+        self.postmasters().into_iter().map(cluster_cpu_micros).sum()
+    }
+
+    /// Before a cold measurement, with `--drop-caches`: the kernel's page cache emptied
+    /// and the throwaway cluster restarted (its shared buffers emptied).
+    fn drop_caches(&self) -> anyhow::Result<()> {
+        if let Some(c) = &self.cluster {
+            c.stop()?;
+        }
+        std::process::Command::new("sync").status()?;
+        std::fs::write("/proc/sys/vm/drop_caches", "3")
+            .context("dropping the page cache (needs root)")?;
+        if let Some(c) = &self.cluster {
+            c.start()?;
+        }
+        Ok(())
+    }
+
+    fn psql(&self, sql: &str) -> anyhow::Result<String> {
+        let bin = pg_bin_dir().unwrap_or_default();
+        psql(&bin, &self.url, sql)
+    }
 }
 
 /// What the fill wrote, to check the answers against.
@@ -196,30 +344,34 @@ fn request_ns(op: Op, ns: &str, id: &str, content: String) -> Vec<u8> {
     .into_bytes()
 }
 
-async fn start_storage(server: &mut Server) -> anyhow::Result<u32> {
-    server.write(
-        "xdb-file.xml",
-        &format!(
-            "<xdb-file>{}<host>localhost</host><spool dir='spool'/><log level='info'/></xdb-file>",
-            server.router_element("xdb-file", "xdb-secret")
-        ),
-    )?;
-    let since = server.log("xdb-file").len();
-    let pid = server.spawn("xdb-file", "xdb-file", &["-c", "xdb-file.xml"])?;
-    server.wait_connected("xdb-file", since).await?;
-    Ok(pid)
-}
-
 async fn run(args: Args) -> anyhow::Result<()> {
+    let store = Store::new(&args)?;
     let mut server = Server::start(Options {
         max_queue_bytes: 64 << 20,
         max_stanza_bytes: 1 << 20,
         ..Options::default()
     })
     .await?;
-    let pid = start_storage(&mut server).await?;
-    let (r, mut w) = server.component("admin", "admin-secret").await?.split();
+    let pid = store.start(&mut server).await?;
+    let (mut r, mut w) = server.component("admin", "admin-secret").await?.split();
     eprintln!("server up in {}", server.dir.display());
+    let storage = store.name();
+    if store.kind == StorageKind::Pg {
+        println!(
+            "storage: xdb-pg on {} ({})",
+            if store.cluster.is_some() {
+                "a throwaway cluster, default settings"
+            } else {
+                "--pg-url"
+            },
+            store
+                .psql("SELECT version()")
+                .unwrap_or_else(|e| format!("{e:#}"))
+        );
+        // An existing database may hold an archive from an earlier run.
+        w.send(&request(Op::Delete, "clear", String::new())).await?;
+        answer(&mut r, "clear").await?;
+    }
 
     // 1. Fill.
     let answered = Arc::new(AtomicU64::new(0));
@@ -233,6 +385,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let (mut payload_bytes, mut made) = (0u64, 0u64);
     let mut filled = Filled::default();
     let cpu_before = cpu_micros(&[pid]);
+    let db_cpu_before = store.db_cpu();
     let start = Instant::now();
     for n in 0..requests {
         wait_answered(&answered, &wake, (n + 1).saturating_sub(args.inflight)).await?;
@@ -262,11 +415,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
     wait_answered(&answered, &wake, requests).await?;
     let elapsed = start.elapsed();
     let cpu = cpu_micros(&[pid]) - cpu_before;
+    let db_cpu = store.db_cpu() - db_cpu_before;
     eprintln!();
     let mut r = reader.await??;
     filled.count = made;
+    let db = if store.kind == StorageKind::Pg {
+        format!(
+            " + PostgreSQL CPU {:.2} µs/item = {:.2} µs/item",
+            db_cpu as f64 / made as f64,
+            (cpu + db_cpu) as f64 / made as f64
+        )
+    } else {
+        String::new()
+    };
     println!(
-        "fill: {made} messages in {requests} archive-append requests of {} items, {} in flight: {:.1} s, {:.0} items/s, xdb-file CPU {:.2} µs/item",
+        "fill: {made} messages in {requests} archive-append requests of {} items, {} in flight: {:.1} s, {:.0} items/s, {storage} CPU {:.2} µs/item{db}",
         args.batch,
         args.inflight,
         elapsed.as_secs_f64(),
@@ -275,16 +438,35 @@ async fn run(args: Args) -> anyhow::Result<()> {
     );
 
     // 2. Size on disk.
-    let dir = server.path("spool/localhost/alice");
-    let (apparent, allocated, files) = disk_usage(&dir)?;
-    println!(
-        "disk: {} files, {:.1} MiB ({:.0} bytes/message; allocated {:.0} bytes/message); stanzas alone {:.0} bytes/message",
-        files,
-        apparent as f64 / (1 << 20) as f64,
-        apparent as f64 / made as f64,
-        allocated as f64 / made as f64,
-        payload_bytes as f64 / made as f64
-    );
+    if store.kind == StorageKind::Pg {
+        let sizes = store.psql(
+            "SELECT pg_relation_size('archive_items'), pg_indexes_size('archive_items'), \
+             pg_total_relation_size('archive_items') + pg_total_relation_size('archives')",
+        )?;
+        let sizes: Vec<f64> = sizes
+            .split('|')
+            .map(|v| v.trim().parse().unwrap_or(0.0))
+            .collect();
+        println!(
+            "disk: {:.1} MiB ({:.0} bytes/message: table {:.0}, indexes {:.0}, the rest TOAST and the archives row; WAL not counted); stanzas alone {:.0} bytes/message",
+            sizes[2] / (1 << 20) as f64,
+            sizes[2] / made as f64,
+            sizes[0] / made as f64,
+            sizes[1] / made as f64,
+            payload_bytes as f64 / made as f64
+        );
+    } else {
+        let dir = server.path("spool/localhost/alice");
+        let (apparent, allocated, files) = disk_usage(&dir)?;
+        println!(
+            "disk: {} files, {:.1} MiB ({:.0} bytes/message; allocated {:.0} bytes/message); stanzas alone {:.0} bytes/message",
+            files,
+            apparent as f64 / (1 << 20) as f64,
+            apparent as f64 / made as f64,
+            allocated as f64 / made as f64,
+            payload_bytes as f64 / made as f64
+        );
+    }
 
     // 3. Cold pages.
     let last = Query {
@@ -306,13 +488,11 @@ async fn run(args: Args) -> anyhow::Result<()> {
         let mut cold = vec![];
         let mut warm = vec![];
         for run in 0..args.runs {
-            server.kill9("xdb-file");
+            server.kill9(storage);
             if args.drop_caches {
-                std::process::Command::new("sync").status()?;
-                std::fs::write("/proc/sys/vm/drop_caches", "3")
-                    .context("dropping the page cache (needs root)")?;
+                store.drop_caches()?;
             }
-            start_storage(&mut server).await?;
+            store.start(&mut server).await?;
             let (t, page) = timed(&mut r, &mut w, &format!("c{run}"), q).await?;
             if page.items.len() != 50 {
                 bail!("{name}: {} items", page.items.len());
@@ -364,7 +544,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .await?;
         answer(&mut r, "account").await?;
         drop((r, w));
-        let result = through_client(&mut server, &args, &keys, &filled).await;
+        let result = through_client(&mut server, &store, &args, &keys, &filled).await;
         if result.is_err() {
             server.print_log_tails(20);
         }
@@ -508,22 +688,26 @@ fn element_text<'a>(xml: &'a str, name: &str) -> Option<&'a str> {
     }
 }
 
-/// Restarts sm and xdb-file (SIGKILL, then xdb-file first so sm finds storage): both
-/// cold, no user task in sm, no open archive in xdb-file.
-async fn restart_sm_and_storage(server: &mut Server, drop_caches: bool) -> anyhow::Result<()> {
+/// Restarts sm and storage (SIGKILL, then storage first so sm finds it): both cold, no
+/// user task in sm, no open archive in xdb-file (no connection to the database in
+/// xdb-pg).
+async fn restart_sm_and_storage(
+    server: &mut Server,
+    store: &Store,
+    drop_caches: bool,
+) -> anyhow::Result<()> {
     server.kill9("sm");
-    server.kill9("xdb-file");
+    server.kill9(store.name());
     if drop_caches {
-        std::process::Command::new("sync").status()?;
-        std::fs::write("/proc/sys/vm/drop_caches", "3")
-            .context("dropping the page cache (needs root)")?;
+        store.drop_caches()?;
     }
-    start_storage(server).await?;
+    store.start(server).await?;
     server.start_sm("").await
 }
 
 async fn through_client(
     server: &mut Server,
+    store: &Store,
     args: &Args,
     keys: &ClientKeys,
     filled: &Filled,
@@ -551,7 +735,7 @@ async fn through_client(
         let mut warm = vec![];
         let mut steady = None;
         for run in 0..args.runs {
-            restart_sm_and_storage(server, args.drop_caches).await?;
+            restart_sm_and_storage(server, store, args.drop_caches).await?;
             let mut client = Client::login(port, "alice", &format!("r{run}"), keys, None)
                 .await
                 .context("logging in as alice")?;
@@ -572,7 +756,8 @@ async fn through_client(
                 pings.push(t.elapsed());
             }
             if run + 1 == args.runs && args.steady > 0 {
-                steady = Some(steady_load(server, &mut client, args.steady, expected).await?);
+                steady =
+                    Some(steady_load(server, store, &mut client, args.steady, expected).await?);
             }
             client.close().await;
             if run == 0 {
@@ -582,7 +767,7 @@ async fn through_client(
                 );
             }
         }
-        println!("  cold sm and xdb-file: {}", summary(&mut cold));
+        println!("  cold sm and {}: {}", store.name(), summary(&mut cold));
         println!("  same query again (warm session): {}", summary(&mut warm));
         if let Some(line) = steady.take() {
             println!("{line}");
@@ -690,9 +875,11 @@ fn disk_usage(dir: &Path) -> anyhow::Result<(u64, u64, u64)> {
 
 /// Sends `n` queries back to back on a warm session; returns their times and the CPU
 /// time (user + system) each process spent per query: the server's (every process
-/// whose working directory is the installation) and this program's (the client).
+/// whose working directory is the installation, and PostgreSQL's for xdb-pg) and this
+/// program's (the client).
 async fn steady_load(
     server: &Server,
+    store: &Store,
     client: &mut Client,
     n: usize,
     expected: &Expected<'_>,
@@ -700,6 +887,7 @@ async fn steady_load(
     let mut pids = server_pids(&server.dir);
     pids.push(std::process::id());
     let before: Vec<u64> = pids.iter().map(|p| cpu_micros(&[*p])).collect();
+    let db_before = store.db_cpu();
     let mut times = Vec::with_capacity(n);
     for i in 0..n {
         times.push(
@@ -709,13 +897,19 @@ async fn steady_load(
         );
     }
     let after: Vec<u64> = pids.iter().map(|p| cpu_micros(&[*p])).collect();
-    let spent: u64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+    let db = store.db_cpu() - db_before;
+    let spent: u64 = after.iter().zip(&before).map(|(a, b)| a - b).sum::<u64>() + db;
     let at = |pid: u32| {
         let i = pids.iter().position(|p| *p == pid).expect("known pid");
         (after[i] - before[i]) as f64 / n as f64
     };
+    let db = if store.kind == StorageKind::Pg {
+        format!(", postgres {:.1}", db as f64 / n as f64)
+    } else {
+        String::new()
+    };
     Ok(format!(
-        "  {n} more back to back (warm session): {}; CPU {:.0} µs per query: {}",
+        "  {n} more back to back (warm session): {}; CPU {:.0} µs per query: {}{db}",
         summary(&mut times),
         spent as f64 / n as f64,
         per_process(&pids, at, "")

@@ -4,6 +4,9 @@
 //! - [`Server`]: a temporary installation (configs, spool, logs) and its processes.
 //! - [`RawComponent`]: a component link driven byte by byte, for error paths.
 //! - [`component`]: a component link through `jrs-component`, for ordinary traffic.
+//! - [`postgres`]: a throwaway PostgreSQL cluster, and xdb-pg on it.
+
+pub mod postgres;
 
 use std::collections::HashMap;
 use std::io::Read;
@@ -90,6 +93,7 @@ static NEXT_DIR: AtomicU32 = AtomicU32::new(0);
 /// Secrets of the components every test installation knows.
 pub const USERS: &[(&str, &str)] = &[
     ("xdb-file", "xdb-secret"),
+    ("xdb-pg", "xdb-pg-secret"),
     ("sm", "sm-secret"),
     ("s2s", "s2s-secret"),
     ("c2s", "c2s-secret"),
@@ -148,7 +152,9 @@ impl Server {
             .iter()
             .map(|(n, s)| {
                 let allow = match *n {
-                    "xdb-file" => "<allow type='xdb' host='any'/><allow type='xdb' host='*'/>",
+                    "xdb-file" | "xdb-pg" => {
+                        "<allow type='xdb' host='any'/><allow type='xdb' host='*'/>"
+                    }
                     "sm" => "<allow type='session' host='any'/><allow type='normal' host='any'/>",
                     "s2s" => "<allow type='normal' host='*'/>",
                     _ => "",
@@ -386,7 +392,7 @@ impl Server {
     /// Prints the last `lines` lines of every process's log to stderr (what the server
     /// said about a failure, before its directory goes).
     pub fn print_log_tails(&self, lines: usize) {
-        for name in ["router", "xdb-file", "sm", "s2s", "c2s"] {
+        for name in ["router", "xdb-file", "xdb-pg", "sm", "s2s", "c2s"] {
             let log = self.log(name);
             if !log.is_empty() {
                 let tail: Vec<&str> = log.lines().rev().take(lines).collect();
