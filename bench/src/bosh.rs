@@ -3,6 +3,12 @@
 //! as c2s's `requests='2'` allows) bridged to an in-process pipe, so that
 //! [`crate::client::Client`] reads and writes stream bytes over it as over TCP.
 //!
+//! A kept-alive connection with no request on it is closed after [`SPARE_IDLE`], as a
+//! browser's pool closes idle connections (and c2s closes them after 10 s): an idle
+//! session keeps one connection, the one its empty request is held on. (Keeping the
+//! second one too, 10 000 sessions were 20 000 sockets in the load generator and as
+//! many in c2s: the open files limit of both, 20 000 on the bench machine.)
+//!
 //! The client's stream goes through the client side of `jrs_sx::framing`: its first
 //! stream header becomes the session request, each later one a restart request
 //! (`xmpp:restart='true'`), the elements it writes the payload of the next request,
@@ -13,11 +19,13 @@
 //! of an idle BOSH client.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
 use tokio::net::TcpStream;
 use tokio::task::JoinSet;
+use tokio::time::Instant;
 
 use jrs_component::transport::BoxIo;
 use jrs_stream::Stanza;
@@ -32,6 +40,8 @@ const NS_STREAMS: &str = "http://etherx.jabber.org/streams";
 const WAIT: u64 = 60;
 /// Requests out at once (c2s answers `requests='2'`).
 const REQUESTS: usize = 2;
+/// A kept-alive connection with no request on it this long is closed.
+const SPARE_IDLE: Duration = Duration::from_secs(1);
 
 /// Starts a BOSH client for c2s's web listener on loopback `port` and returns the
 /// client's end of the stream pipe. The first HTTP connection is opened here.
@@ -125,7 +135,8 @@ enum Kind {
 async fn bridge(port: u16, first: Http, pipe: DuplexStream) {
     let (mut pipe_in, mut pipe_out) = tokio::io::split(pipe);
     let mut splitter = Splitter::new(Role::Client);
-    let mut idle = vec![first];
+    // Kept-alive connections with no request on them, and since when.
+    let mut idle = vec![(first, Instant::now())];
     let mut out: JoinSet<(u64, Kind, Option<Http>, anyhow::Result<String>)> = JoinSet::new();
     let mut rid: u64 = rand::random::<u32>() as u64;
     let mut deliver_next = rid;
@@ -192,7 +203,7 @@ async fn bridge(port: u16, first: Http, pipe: DuplexStream) {
             }
             let this = rid;
             rid += 1;
-            let http = idle.pop();
+            let http = idle.pop().map(|(h, _)| h);
             out.spawn(async move {
                 let mut http = match http {
                     Some(h) => h,
@@ -222,7 +233,13 @@ async fn bridge(port: u16, first: Http, pipe: DuplexStream) {
                 break;
             }
         }
+        let spare_since = idle.iter().map(|(_, since)| *since).min();
         tokio::select! {
+            // The connections idle for SPARE_IDLE are closed.
+            _ = tokio::time::sleep_until(spare_since.unwrap_or_else(Instant::now) + SPARE_IDLE),
+                if spare_since.is_some() => {
+                idle.retain(|(_, since)| since.elapsed() < SPARE_IDLE);
+            }
             read = pipe_in.read(&mut buf), if pipe_open && !close && !terminated => {
                 match read {
                     Ok(0) | Err(_) => {
@@ -249,12 +266,16 @@ async fn bridge(port: u16, first: Http, pipe: DuplexStream) {
                 let answer = match answer {
                     Ok(a) => a,
                     Err(e) => {
-                        eprintln!("BOSH request {this} failed: {e:#}");
+                        // (Once the client is gone, as the bench stops the server, not
+                        // worth a line.)
+                        if pipe_open {
+                            eprintln!("BOSH request {this} failed: {e:#}");
+                        }
                         return;
                     }
                 };
                 if let Some(http) = http {
-                    idle.push(http);
+                    idle.push((http, Instant::now()));
                 }
                 answers.insert(this, (kind, answer));
                 while let Some((_, answer)) = answers.remove(&deliver_next) {
