@@ -1,7 +1,13 @@
 //! jabberctl: the operator's tool. Adds, removes and lists users and sets passwords on a
 //! running server, by connecting to the router as the component `admin` and asking the
-//! storage component (see `docs/operations.md`); follows the server's log records as a
-//! log sink (`jabberctl log --follow`, docs/logd.md).
+//! storage component (see `docs/operations.md`); imports and exports accounts as
+//! XEP-0227 files (docs/migration.md); follows the server's log records as a log sink
+//! (`jabberctl log --follow`, docs/logd.md).
+
+mod control;
+mod migrate;
+mod pie;
+mod xml;
 
 use std::io::BufRead;
 use std::path::PathBuf;
@@ -48,6 +54,48 @@ enum Command {
     },
     /// List the accounts of a domain.
     Users { domain: String },
+    /// Import accounts from XEP-0227 files (Prosody's, ejabberd's or jabberctl's export).
+    ///
+    /// Reads each file (and the files it includes with XInclude) and stores each account
+    /// as the server keeps it: its credentials (a plain password, or SCRAM-SHA-1 and
+    /// SCRAM-SHA-256 keys carried over as they are), roster and pending subscription
+    /// requests, vCard, private XML, offline messages, blocklist, PEP nodes and message
+    /// archive. An account's credentials are stored last: it can log in once the rest is
+    /// in. What is not carried over is printed under each account. See
+    /// docs/migration.md.
+    Import {
+        /// The XEP-0227 files.
+        #[arg(required = true)]
+        files: Vec<PathBuf>,
+        /// Replace accounts that exist already: everything stored for them is removed,
+        /// then the file's data is stored (without it such accounts are left alone and
+        /// reported).
+        #[arg(long)]
+        replace: bool,
+        /// Only the users of this domain (repeatable; all the file's domains by default).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
+        /// Read the file and print what would be imported, without a server.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Export the accounts of one or more domains as a XEP-0227 file.
+    ///
+    /// Writes, per account, its SCRAM keys, roster and pending subscription requests,
+    /// vCard, private XML, offline messages, blocklist (as a privacy list), PEP nodes and
+    /// message archive; `jabberctl import` of the file gives the same records. See
+    /// docs/migration.md.
+    Export {
+        /// The domains whose accounts are written.
+        #[arg(required = true)]
+        domains: Vec<String>,
+        /// Write to this file (standard output by default).
+        #[arg(short = 'o', long)]
+        output: Option<PathBuf>,
+        /// Only this account (repeatable).
+        #[arg(long = "user")]
+        users: Vec<String>,
+    },
     /// Print the server's log records as they happen, by binding as a log sink (see
     /// docs/logd.md) until interrupted.
     Log {
@@ -67,6 +115,30 @@ enum Command {
         #[arg(long = "match")]
         matches: Option<String>,
     },
+    /// List who is online where: each session's JID, c2s instance, sm instance, state
+    /// (live, or hibernating under XEP-0198) and presence.
+    Sessions {
+        /// Only the sessions of this domain.
+        domain: Option<String>,
+    },
+    /// End the sessions of an account (all of them, or one resource): the clients get
+    /// the stream error <policy-violation/>. The account stays; see deluser.
+    Kick {
+        /// user@domain or user@domain/resource.
+        jid: String,
+    },
+    /// Send a message (a headline from the domain) to every available session of a
+    /// domain's users. The text is read from standard input unless given.
+    Announce {
+        domain: String,
+        /// The text.
+        #[arg(long)]
+        message: Option<String>,
+        #[arg(long)]
+        subject: Option<String>,
+    },
+    /// Online users and sessions per sm instance, and the totals.
+    Stats,
 }
 
 fn main() -> std::process::ExitCode {
@@ -120,6 +192,20 @@ fn read_password(given: Option<String>) -> anyhow::Result<String> {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
+    if let Command::Import {
+        files,
+        hosts,
+        dry_run: true,
+        ..
+    } = &args.command
+    {
+        // Needs no server, and no configuration.
+        let opts = migrate::ImportOptions {
+            replace: false,
+            hosts: hosts.clone(),
+        };
+        return migrate::import_dry_run(files, &opts).await;
+    }
     let mut link = load_link(&args.config)?;
     // An instance name, so several jabberctl runs can be connected at once.
     link.name = format!("{}-{}", link.name, std::process::id());
@@ -131,6 +217,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ => None,
     };
     jrs_component::transport::install_crypto_provider();
+    if let Some(ask) = control_question(&args.command)? {
+        return control(&link, ask).await;
+    }
     if let Command::Log {
         follow,
         level,
@@ -203,7 +292,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .request(Op::List, &domain, "", Default::default(), None)
                 .await?;
             let mut found = 0;
-            for jid in owners(&listing) {
+            for jid in migrate::owners(&listing) {
                 if !xdb.get(&jid, NS_AUTH).await?.is_empty() {
                     println!("{jid}");
                     found += 1;
@@ -211,8 +300,132 @@ async fn run(args: Args) -> anyhow::Result<()> {
             }
             eprintln!("{found} account(s) on {domain}");
         }
-        Command::Log { .. } => unreachable!("handled before connecting"),
+        Command::Import {
+            files,
+            replace,
+            hosts,
+            ..
+        } => {
+            let opts = migrate::ImportOptions { replace, hosts };
+            migrate::import(xdb, &files, &opts).await?;
+        }
+        Command::Export {
+            domains,
+            output,
+            users,
+        } => {
+            let only = users
+                .iter()
+                .map(|u| account(u))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let domains = domains
+                .iter()
+                .map(|d| {
+                    jid::BareJid::new(d)
+                        .ok()
+                        .filter(|j| j.node().is_none())
+                        .map(|j| j.to_string())
+                        .with_context(|| format!("'{d}' is not a domain"))
+                })
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let written = match &output {
+                None => {
+                    let mut out = std::io::BufWriter::new(std::io::stdout().lock());
+                    migrate::export(&xdb, &domains, &only, &mut out).await?
+                }
+                Some(path) => {
+                    // Written beside it and renamed when complete: a failed export
+                    // leaves no truncated file under the name.
+                    let mut partial = path.as_os_str().to_owned();
+                    partial.push(".partial");
+                    let partial = PathBuf::from(partial);
+                    let file = std::fs::File::create(&partial)
+                        .with_context(|| format!("{}", partial.display()))?;
+                    let mut out = std::io::BufWriter::new(file);
+                    let n = migrate::export(&xdb, &domains, &only, &mut out).await?;
+                    out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+                    std::fs::rename(&partial, path)
+                        .with_context(|| format!("{}", path.display()))?;
+                    n
+                }
+            };
+            eprintln!("{written} account(s) exported");
+        }
+        Command::Log { .. }
+        | Command::Sessions { .. }
+        | Command::Kick { .. }
+        | Command::Announce { .. }
+        | Command::Stats => unreachable!("handled before connecting"),
     }
+    Ok(())
+}
+
+/// The question `sessions`, `kick`, `announce` and `stats` ask every sm instance.
+fn control_question(command: &Command) -> anyhow::Result<Option<control::Ask>> {
+    Ok(Some(match command {
+        Command::Sessions { domain } => control::Ask::Sessions {
+            domain: domain.as_ref().map(|d| d.to_ascii_lowercase()),
+        },
+        Command::Kick { jid } => control::Ask::Kick {
+            jid: jid::Jid::new(jid)
+                .ok()
+                .filter(|j| j.node().is_some())
+                .with_context(|| format!("'{jid}' is not a user's JID"))?
+                .to_string(),
+        },
+        Command::Announce {
+            domain,
+            message,
+            subject,
+        } => {
+            let body = match message {
+                Some(m) => m.clone(),
+                None => {
+                    let mut text = String::new();
+                    std::io::Read::read_to_string(&mut std::io::stdin(), &mut text)?;
+                    text.trim_end().to_owned()
+                }
+            };
+            if body.is_empty() {
+                bail!("no message to announce");
+            }
+            control::Ask::Announce {
+                domain: domain.to_ascii_lowercase(),
+                subject: subject.clone(),
+                body,
+            }
+        }
+        Command::Stats => control::Ask::Stats,
+        _ => return Ok(None),
+    }))
+}
+
+/// Asks every sm instance (found through link notices) and prints the merged answers.
+async fn control(link: &RouterLink, ask: control::Ask) -> anyhow::Result<()> {
+    let component = tokio::time::timeout(
+        Duration::from_secs(10),
+        connect_and_bind(link, Limits::default(), &[Bind::notices()]),
+    )
+    .await
+    .context("the router did not answer within 10 s: is the server running?")??;
+    let (mut reader, writer) = component.split();
+    let outbox = writer.spawn();
+    let domain = match &ask {
+        control::Ask::Sessions { domain } => domain.clone(),
+        control::Ask::Announce { domain, .. } => Some(domain.clone()),
+        _ => None,
+    };
+    let instances =
+        control::sm_instances(&link.name, &mut reader, &outbox, domain.as_deref()).await?;
+    if instances.is_empty() {
+        bail!(
+            "no session manager is connected{}",
+            domain.map_or(String::new(), |d| format!(" for {d}"))
+        );
+    }
+    let answers = control::ask_all(&link.name, &mut reader, &outbox, &instances, &ask).await?;
+    control::print(&ask, &answers);
+    outbox.flushed().await;
     Ok(())
 }
 
@@ -251,26 +464,4 @@ async fn follow_log(link: &RouterLink, filter: Filter) -> anyhow::Result<()> {
         r = print => r,
         _ = tokio::signal::ctrl_c() => Ok(()),
     }
-}
-
-/// The `jid` attributes of `<owner/>` elements in a `list` answer.
-fn owners(listing: &[u8]) -> Vec<String> {
-    let mut reader = quick_xml::Reader::from_reader(listing);
-    let mut out = vec![];
-    while let Ok(event) = reader.read_event() {
-        match event {
-            quick_xml::events::Event::Empty(e) | quick_xml::events::Event::Start(e)
-                if e.local_name().as_ref() == "owner" =>
-            {
-                if let Some(a) = e.attributes().flatten().find(|a| a.key.as_ref() == "jid") {
-                    if let Ok(v) = quick_xml::escape::unescape(&a.value) {
-                        out.push(v.into_owned());
-                    }
-                }
-            }
-            quick_xml::events::Event::Eof => break,
-            _ => {}
-        }
-    }
-    out
 }

@@ -460,6 +460,10 @@ impl Shared {
                         StreamErrorCondition::Reset,
                         "the session manager restarted: log in again",
                     ),
+                    Some("policy-violation") => (
+                        StreamErrorCondition::PolicyViolation,
+                        "disconnected by an administrator",
+                    ),
                     _ => (
                         StreamErrorCondition::InternalServerError,
                         "the session manager ended the session",

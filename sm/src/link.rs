@@ -185,6 +185,9 @@ fn normal(ctx: &Arc<Ctx>, stanza: Stanza) {
         }
         None => return,
     };
+    if to.node().is_none() && crate::host::admin::is_for_me(ctx, to.domain().as_str(), &stanza) {
+        return crate::host::admin::request(ctx, stanza);
+    }
     if !ctx.config.serves(to.domain().as_str()) {
         if let Some(r) =
             stanza.error_reply(StanzaErrorCondition::ServiceUnavailable, "not served here")

@@ -18,6 +18,7 @@
 //! docs/sm.md, "Writing a module", shows how a module is written.
 
 pub mod accounts;
+pub mod admin;
 pub mod broadcasts;
 pub mod components;
 pub mod ending;

@@ -50,6 +50,8 @@ pub enum Event {
     C2sGone(String),
     /// Our own router link was lost: c2s dropped every session of ours.
     LinkLost,
+    /// An administrator's question (jabberctl: sessions, kick, announce).
+    Admin(crate::host::admin::Query),
     /// Work a module left for later comes due (an answer it waited for arrived):
     /// handed to that module's [`crate::host::Module::woken`].
     Wake {
@@ -122,6 +124,16 @@ pub struct Registry {
 }
 
 impl Registry {
+    /// Whether `user` has a task now (only then can it have sessions).
+    pub fn is_loaded(&self, user: &BareJid) -> bool {
+        self.tasks.lock().expect("registry lock").contains_key(user)
+    }
+
+    /// Users with a task now.
+    pub fn user_count(&self) -> usize {
+        self.tasks.lock().expect("registry lock").len()
+    }
+
     /// Hands `event` to the user's task, starting one with `spawn` (given a queue of
     /// `queue` events and its pending count) if needed. Gives the event back when the
     /// user's queue is full.
