@@ -193,6 +193,7 @@ impl C2sConfig {
                 "sasl2",
                 "fast",
                 "log",
+                "metrics",
             ],
         )?;
         let hosts = Host::all_from(&root, "")?;

@@ -29,22 +29,40 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: 
         },
     };
     let secure = transport.is_tls();
-    serve_transport(shared, transport, peer, secure).await
+    let kind = if mode == TlsMode::Direct {
+        "tls"
+    } else {
+        "tcp"
+    };
+    serve_counted(kind, shared, transport, peer, secure).await
 }
 
 /// Serves a client stream over `transport`; `secure`: it is encrypted (TLS here, or the
-/// web transport's HTTPS), so no STARTTLS is offered.
+/// web transport's HTTPS), so no STARTTLS is offered. Counted as a BOSH connection in
+/// the metrics (WebSocket calls [`serve_counted`]).
 pub async fn serve_transport(
     shared: Arc<Shared>,
     transport: Transport,
     peer: SocketAddr,
     secure: bool,
 ) {
-    let cb = crate::channel_binding::of(
-        &transport,
-        &shared.tls().endpoints,
-        &shared.config.hosts,
-    );
+    serve_counted("bosh", shared, transport, peer, secure).await
+}
+
+/// [`serve_transport`], counted in the metrics as a connection over `kind` (one of
+/// `metrics::TRANSPORTS`).
+pub async fn serve_counted(
+    kind: &'static str,
+    shared: Arc<Shared>,
+    transport: Transport,
+    peer: SocketAddr,
+    secure: bool,
+) {
+    crate::metrics::counted(kind, serve_stream(shared, transport, peer, secure)).await
+}
+
+async fn serve_stream(shared: Arc<Shared>, transport: Transport, peer: SocketAddr, secure: bool) {
+    let cb = crate::channel_binding::of(&transport, &shared.tls().endpoints, &shared.config.hosts);
     let mut negotiation = Negotiation::new(peer.ip(), secure, cb);
     let mut conn = Connection::new(transport, shared.connection_settings());
     // The handshake, the closing and the session's rare paths are boxed: the task's size

@@ -9,6 +9,7 @@ mod conn;
 mod fast;
 mod iq;
 mod login;
+mod metrics;
 mod negotiation;
 mod protocol;
 mod sasl;
@@ -51,6 +52,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     };
     jrs_component::service::raise_open_files_limit();
+    std::sync::LazyLock::force(&metrics::M);
+    std::sync::LazyLock::force(&jrs_metrics::storage::WAITED);
     let tls = tls::load(&config.hosts)?;
     let link = config.router.clone().for_instance(args.common.instance);
     let shared = Arc::new(Shared::new(config, tls, link.name.clone()));

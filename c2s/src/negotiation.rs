@@ -152,6 +152,8 @@ struct Stream {
     cb: ChannelBinding,
     /// Failed authentications on this stream.
     failures: u32,
+    /// The mechanism of the authentication under way, as a metrics label.
+    mechanism: &'static str,
 }
 
 /// Where the stream is.
@@ -232,6 +234,7 @@ impl Negotiation {
                 tls,
                 cb,
                 failures: 0,
+                mechanism: "other",
             },
             state: State::AwaitHeader(AfterHeader::Start),
         }
@@ -505,6 +508,7 @@ impl Negotiation {
         out: &mut Vec<Action>,
     ) -> Result<State, Close> {
         let mechanism = auth.attr("mechanism").unwrap_or_default();
+        self.stream.mechanism = crate::metrics::mechanism(&mechanism);
         if !self.offered(settings).contains(&mechanism) {
             return self.failed(settings, "<invalid-mechanism/>", false, out);
         }
@@ -663,6 +667,7 @@ impl Negotiation {
         )));
         // RFC 6120 6.4.6: the stream restarts after success.
         out.push(Action::Restart);
+        crate::metrics::auth(self.stream.mechanism, true);
         tracing::info!(peer = %self.stream.peer, user = %bare, "authenticated");
         State::AwaitHeader(AfterHeader::Authenticated { bare })
     }
@@ -833,6 +838,7 @@ impl Negotiation {
             return self.failed2(settings, "malformed-request", None, false, out);
         };
         let mechanism = req.mechanism.clone();
+        self.stream.mechanism = crate::metrics::mechanism(&mechanism);
         let fast_mechanisms = self.fast_mechanisms(settings);
         let ht = fast::is_ht(&mechanism);
         if !(self.offered(settings).contains(&mechanism) || fast_mechanisms.contains(&mechanism)) {
@@ -1139,6 +1145,7 @@ impl Negotiation {
     }
 
     fn finish2(&mut self, done: sasl2::Done, out: &mut Vec<Action>) -> State {
+        crate::metrics::auth(self.stream.mechanism, true);
         tracing::info!(peer = %self.stream.peer, user = %done.bare, "authenticated (SASL2)");
         let bare = done.bare.clone();
         out.push(Action::Done(Outcome::Sasl2(Box::new(done))));
@@ -1164,6 +1171,7 @@ impl Negotiation {
     }
 
     fn count_failure(&mut self, settings: &Settings) -> Result<State, Close> {
+        crate::metrics::auth(self.stream.mechanism, false);
         self.stream.failures += 1;
         if self.stream.failures >= settings.attempts {
             tracing::warn!(peer = %self.stream.peer, attempts = self.stream.failures, "too many failed authentications on one stream: closing it");

@@ -97,6 +97,7 @@ impl Shared {
             read_size: CLIENT_READ_SIZE,
             idle: self.config.idle_timeout,
             rate_bytes: self.config.rate_bytes,
+            traffic: Some(&crate::metrics::M.traffic),
         }
     }
 

@@ -76,7 +76,9 @@ impl LogdConfig {
     pub fn from_node(root: &Node) -> Result<LogdConfig> {
         root.allow(
             &[],
-            &["router", "bind", "file", "admin", "stdout", "limits", "log"],
+            &[
+                "router", "bind", "file", "admin", "stdout", "limits", "log", "metrics",
+            ],
         )?;
         let mut binds = vec![];
         for b in root.children("bind") {

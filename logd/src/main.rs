@@ -56,6 +56,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         stdout = config.stdout.len(),
         "logd starting"
     );
+    std::sync::LazyLock::force(&RECORDS);
     let sinks = Arc::new(Mutex::new(Sinks::new(&config)));
     let me: Arc<str> = link.name.clone().into();
     tokio::runtime::Builder::new_multi_thread()
@@ -69,6 +70,16 @@ fn run(args: Args) -> anyhow::Result<()> {
             |reader, outbox| serve(sinks.clone(), me.clone(), reader, outbox),
         ))
 }
+
+/// `jabberd_logd_records_total{level}`: log records received (docs/metrics.md).
+static RECORDS: std::sync::LazyLock<jrs_metrics::Labeled<jrs_metrics::Counter>> =
+    std::sync::LazyLock::new(|| {
+        jrs_metrics::counters(
+            "jabberd_logd_records",
+            "Log records received, by level.",
+            &[("level", &["error", "warn", "info", "debug", "trace"])],
+        )
+    });
 
 async fn serve(
     sinks: Arc<Mutex<Sinks>>,
@@ -84,6 +95,7 @@ async fn serve(
                 match stanza.name() {
                     "log" => match LogRecord::parse(&stanza) {
                         Some(r) => {
+                            RECORDS.by(r.level.name()).inc();
                             let messages = sinks.lock().expect("sinks").record(&r, &me, Instant::now());
                             for m in messages {
                                 outbox.send(m);

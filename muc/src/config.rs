@@ -78,7 +78,7 @@ impl MucConfig {
             &[],
             &[
                 "router", "service", "plain", "storage", "create", "rooms", "archive", "xdb",
-                "limits", "log",
+                "limits", "log", "metrics",
             ],
         )?;
         let service_node = root.required_child("service")?;

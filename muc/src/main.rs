@@ -114,6 +114,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         );
     }
     let link = config.router.clone().for_instance(args.common.instance);
+    std::sync::LazyLock::force(&jrs_metrics::storage::WAITED);
     let binds = match config.mode {
         // Shared: several instances split the rooms by the router's hashing of the
         // bare room JID.

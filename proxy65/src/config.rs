@@ -56,6 +56,7 @@ impl ProxyConfig {
                 "relay",
                 "limits",
                 "log",
+                "metrics",
             ],
         )?;
         let router_node = root.required_child("router")?;

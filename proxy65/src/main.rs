@@ -11,6 +11,32 @@ mod relay;
 mod socks;
 mod xmpp;
 
+/// Relayed streams (docs/metrics.md).
+pub struct Streams {
+    pub active: jrs_metrics::Gauge,
+    pub done: jrs_metrics::Counter,
+    pub bytes: jrs_metrics::Counter,
+}
+
+impl Streams {
+    pub fn relayed(&self, bytes: u64) {
+        self.done.inc();
+        self.bytes.inc_by(bytes);
+    }
+}
+
+pub static STREAMS: std::sync::LazyLock<Streams> = std::sync::LazyLock::new(|| Streams {
+    active: jrs_metrics::gauge("jabberd_proxy65_streams", "Streams being relayed."),
+    done: jrs_metrics::counter(
+        "jabberd_proxy65_streams_relayed",
+        "Streams relayed and closed.",
+    ),
+    bytes: jrs_metrics::counter(
+        "jabberd_proxy65_relayed_bytes",
+        "Bytes relayed (both directions) by closed streams.",
+    ),
+});
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -44,6 +70,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     };
     let link = config.router.clone().for_instance(args.common.instance);
+    std::sync::LazyLock::force(&STREAMS);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

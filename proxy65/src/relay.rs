@@ -262,7 +262,10 @@ impl Relay {
             let (addr, user) = (addr.to_owned(), user.to_owned());
             tokio::spawn(async move {
                 let started = Instant::now();
+                let active = jrs_metrics::GaugeGuard::new(&crate::STREAMS.active);
                 let (ab, ba) = pipe(a, b, &bucket, relay.limits.idle).await;
+                drop(active);
+                crate::STREAMS.relayed(ab + ba);
                 info!(stream = &addr[..8], %user, bytes = ab + ba, secs = started.elapsed().as_secs_f64(), "stream closed");
                 let mut users = relay.users.lock().expect("users lock");
                 if let Some(u) = users.get_mut(&user) {

@@ -82,6 +82,7 @@ impl RouterConfig {
                 "connect",
                 "exec",
                 "log",
+                "metrics",
             ],
         )?;
         let mut connect = vec![];

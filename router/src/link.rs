@@ -375,6 +375,7 @@ fn handle_frames(
     let mut end = None;
     for (kind, range) in frames {
         let bytes = &buf[range.clone()];
+        crate::metrics::M.bytes_in.inc_by(bytes.len() as u64);
         match kind {
             FrameKind::StreamClose => {
                 end = Some(End::Closed);
@@ -409,7 +410,10 @@ fn handle_frames(
                     router.reply_to_sender(conn, reply);
                 }
             }
-            TopLevel::Packet(route) => batch.push((route, stanza)),
+            TopLevel::Packet(route) => {
+                crate::metrics::M.packets_in.by(route.name()).inc();
+                batch.push((route, stanza))
+            }
             TopLevel::Bind | TopLevel::Unbind => {
                 // In order: what was sent before the bind is routed before it.
                 router.route_batch(conn, &batch);

@@ -6,6 +6,7 @@ mod dial;
 mod gather;
 mod link;
 mod listener;
+mod metrics;
 mod outbox;
 mod router;
 mod tree;
@@ -42,6 +43,14 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
+    // `<metrics/>`, as in every process's file (docs/metrics.md).
+    let metrics = match jrs_metrics::MetricsConfig::from_file(&args.config) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("router: {e}");
+            return std::process::ExitCode::from(2);
+        }
+    };
     let users = match Users::load(&config.users_file) {
         Ok(u) => u,
         Err(e) => {
@@ -59,7 +68,7 @@ fn main() -> std::process::ExitCode {
         .enable_all()
         .build()
         .expect("tokio runtime");
-    match runtime.block_on(run(args, config, users)) {
+    match runtime.block_on(run(args, config, users, metrics)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
@@ -69,8 +78,17 @@ fn main() -> std::process::ExitCode {
     }
 }
 
-async fn run(args: Args, config: RouterConfig, users: Users) -> anyhow::Result<()> {
+async fn run(
+    args: Args,
+    config: RouterConfig,
+    users: Users,
+    metrics: Option<jrs_metrics::MetricsConfig>,
+) -> anyhow::Result<()> {
     let router = Arc::new(Router::new(config, users));
+    metrics::register(&router);
+    if let Some(m) = &metrics {
+        jrs_metrics::http::serve(m).await?;
+    }
     listener::start_all(&router).await?;
     dial::start_all(&router);
     info!(id = %router.config.id, "router ready");

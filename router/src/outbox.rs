@@ -118,6 +118,11 @@ impl Outbox {
         self.pusher().push(packet, false)
     }
 
+    /// Bytes queued and not yet written (for the metrics).
+    pub fn queued_bytes(&self) -> usize {
+        self.inner.lock().expect("outbox lock").data.len()
+    }
+
     /// Queues the last bytes of the stream (a stream error or close tag): they are
     /// written after everything queued, then the socket is closed.
     pub fn close_with(&self, last: &[u8]) {
@@ -243,7 +248,10 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
         };
         tokio::select! {
             r = write => match r {
-                Ok(()) => outbox.commit(count),
+                Ok(()) => {
+                    crate::metrics::M.bytes_out.inc_by(buf.len() as u64);
+                    outbox.commit(count)
+                }
                 Err(_) => return io,
             },
             _ = outbox.wait_killed() => return io,

@@ -143,6 +143,29 @@ impl Router {
         self.users.read().expect("users lock").clone()
     }
 
+    /// Links per component account, for the metrics (at scrape time).
+    pub fn metrics_links(&self) -> Vec<(String, i64)> {
+        let users = self.users();
+        let st = self.state.lock().expect("router lock");
+        let mut counts: std::collections::BTreeMap<String, i64> = Default::default();
+        for link in st.links.values() {
+            let account = users.find(&link.name).map_or("other", |u| u.name.as_str());
+            *counts.entry(account.to_owned()).or_default() += 1;
+        }
+        counts.into_iter().collect()
+    }
+
+    /// Packets held per packet type, for the metrics.
+    pub fn metrics_held(&self) -> [usize; 4] {
+        self.state.lock().expect("router lock").tree.held_counts()
+    }
+
+    /// Bytes queued for every link, for the metrics.
+    pub fn metrics_queued(&self) -> usize {
+        let st = self.state.lock().expect("router lock");
+        st.links.values().map(|l| l.outbox.queued_bytes()).sum()
+    }
+
     pub fn replace_users(&self, users: Users) {
         *self.users.write().expect("users lock") = Arc::new(users);
     }
@@ -431,6 +454,7 @@ impl Router {
     fn bounce_all(&self, mut bounces: Vec<Bounce>) {
         // Bounces of bounces are impossible (errors are never answered), so this ends.
         while !bounces.is_empty() {
+            crate::metrics::M.bounced.inc_by(bounces.len() as u64);
             let mut next = vec![];
             for b in bounces {
                 let Ok(stanza) = Stanza::parse(b.packet) else {
@@ -629,6 +653,10 @@ fn route_host(key: &str) -> &str {
 fn hold(held: &mut crate::tree::Held, packet: Bytes, bounces: &mut Vec<Bounce>) {
     // Bounded by packets: each was already bounded in bytes by the stanza limit.
     if held.packets.len() < held.max_packets {
+        crate::metrics::M
+            .held
+            .by(crate::metrics::type_of(&packet))
+            .inc();
         held.packets.push_back(packet);
     } else {
         bounces.push(Bounce {
@@ -882,7 +910,12 @@ impl<'a> Plan<'a> {
             let mut overflow = None;
             for (packet, is_error) in rest.by_ref() {
                 match pusher.push(&packet, is_error) {
-                    Ok(()) => {}
+                    Ok(()) => {
+                        crate::metrics::M
+                            .packets_out
+                            .by(crate::metrics::type_of(&packet))
+                            .inc();
+                    }
                     Err(PushError::Closed(packet)) => bounces.push(Bounce {
                         packet,
                         condition: StanzaErrorCondition::ServiceUnavailable,
@@ -896,6 +929,7 @@ impl<'a> Plan<'a> {
             }
             drop(pusher);
             let Some(first) = overflow else { continue };
+            crate::metrics::M.overflows.inc();
             warn!(component = %group.name, conn = group.conn, "outbound queue full: the component is not reading; disconnecting it");
             let queued = match links.get(&group.conn) {
                 Some(link) => link.outbox.kill(),

@@ -205,6 +205,18 @@ impl Tree {
         host != "*" && self.routes[slot(route)].contains_key(host)
     }
 
+    /// Packets held now, per packet type (in [`PacketType`] order: normal, session, xdb,
+    /// log), for the metrics.
+    pub fn held_counts(&self) -> [usize; 4] {
+        self.routes.each_ref().map(|routes| {
+            routes
+                .values()
+                .filter_map(|r| r.held.as_ref())
+                .map(|h| h.packets.len())
+                .sum()
+        })
+    }
+
     /// Ends the grace period of every route whose deadline passed; returns what they held.
     pub fn expire(&mut self, now: Instant) -> Vec<Held> {
         let mut out = vec![];

@@ -58,7 +58,7 @@ impl S2sConfig {
             &[],
             &[
                 "router", "host", "listen", "tls", "dialback", "sasl", "dns", "route", "queue",
-                "timeouts", "limits", "log",
+                "timeouts", "limits", "log", "metrics",
             ],
         )?;
         // Default certificate files differ from c2s's, so the two never write the same.

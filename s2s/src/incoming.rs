@@ -35,6 +35,7 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: 
             }
         },
     };
+    let _open = jrs_metrics::GaugeGuard::new(crate::metrics::M.connections.by("in"));
     let mut stream = Incoming::new(transport.is_tls(), transport.peer_certificates());
     let mut conn = Connection::new(
         transport,
@@ -126,6 +127,7 @@ async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming)
                     Ok(())
                 }
                 Action::Route { bytes, original } => {
+                    crate::metrics::M.stanzas_in.by(original.name()).inc();
                     if shared.to_router(bytes) {
                         Ok(())
                     } else {

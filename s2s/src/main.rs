@@ -11,6 +11,7 @@
 mod config;
 mod dialback;
 mod incoming;
+mod metrics;
 mod negotiation;
 mod outgoing;
 mod resolve;
@@ -73,6 +74,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
     };
     let link = config.router.clone().for_instance(args.common.instance);
+    std::sync::LazyLock::force(&metrics::M);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -122,6 +122,14 @@ struct Out {
     authorized: HashSet<String>,
     /// Local domains whose `db:result` was sent and not answered yet.
     requested: HashSet<String>,
+    /// What [`Out::count_queued`] last added to the queued-stanzas gauge.
+    counted: i64,
+}
+
+impl Drop for Out {
+    fn drop(&mut self) {
+        crate::metrics::M.queued.dec_by(self.counted);
+    }
 }
 
 pub async fn run(
@@ -142,6 +150,7 @@ pub async fn run(
         verifies: vec![],
         authorized: HashSet::new(),
         requested: HashSet::new(),
+        counted: 0,
     };
     out.accept(first);
     let timeout = shared.config.queue_timeout;
@@ -150,6 +159,7 @@ pub async fn run(
     tokio::pin!(connecting);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let result = loop {
+        out.count_queued();
         tokio::select! {
             cmd = rx.recv() => match cmd {
                 Some(cmd) => out.accept(cmd),
@@ -249,6 +259,13 @@ impl Out {
         }
     }
 
+    /// Brings the queued-stanzas gauge up to date with this connection's queues.
+    fn count_queued(&mut self) {
+        let now = self.queued() as i64;
+        crate::metrics::M.queued.inc_by(now - self.counted);
+        self.counted = now;
+    }
+
     fn queued(&self) -> usize {
         self.queues.values().map(VecDeque::len).sum()
     }
@@ -290,6 +307,7 @@ impl Out {
         let mut tick = tokio::time::interval(Duration::from_millis(100));
         let mut idle_close = false;
         let _counted = self.shared.stream_opened();
+        let _open = jrs_metrics::GaugeGuard::new(crate::metrics::M.connections.by("out"));
         let mut shutdown = self.shared.shutdown_signal();
         let close = loop {
             if *shutdown.borrow() {
@@ -301,6 +319,7 @@ impl Out {
             if let Err(close) = self.progress(&mut link, &stream_id, dialback).await {
                 break close;
             }
+            self.count_queued();
             tokio::select! {
                 _ = shutdown.changed() => continue,
                 cmd = rx.recv() => match cmd {
@@ -419,6 +438,7 @@ impl Out {
         if !self.requested.remove(&local) {
             return Ok(());
         }
+        crate::metrics::dialback("out", valid);
         if valid {
             info!(local = %local, "authenticated with dialback");
             self.authorized.insert(local);

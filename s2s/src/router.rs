@@ -58,6 +58,7 @@ pub async fn serve(
             );
             continue;
         }
+        crate::metrics::M.stanzas_out.by(stanza.name()).inc();
         crate::outgoing::hand(
             &shared,
             &remote,

@@ -123,6 +123,7 @@ impl Shared {
             read_size: READ_SIZE,
             idle,
             rate_bytes: self.config.rate_bytes,
+            traffic: Some(&crate::metrics::M.traffic),
         }
     }
 

@@ -34,8 +34,8 @@ pub struct SmConfig {
 }
 
 /// Elements of sm.xml that are not a module's.
-const CORE: [&str; 8] = [
-    "router", "host", "modules", "sessions", "cache", "xdb", "limits", "log",
+const CORE: [&str; 9] = [
+    "router", "host", "modules", "sessions", "cache", "xdb", "limits", "log", "metrics",
 ];
 
 impl SmConfig {

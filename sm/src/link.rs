@@ -33,6 +33,7 @@ pub async fn serve(
     ctx.users.broadcast(|| Event::LinkLost);
     loop {
         let stanza = reader.next().await?;
+        crate::metrics::M.packets.by(stanza.name()).inc();
         match stanza.name() {
             "xdb" => {
                 let answered = ctx.store.xdb().is_some_and(|x| x.answer(&stanza));
@@ -72,6 +73,7 @@ fn notice(ctx: &Arc<Ctx>, stanza: &Stanza) {
 
 fn session(ctx: &Arc<Ctx>, packet: Stanza) {
     let kind = packet.kind().unwrap_or("").to_owned();
+    crate::metrics::M.sessions.by(&kind).inc();
     if kind == "error" {
         // The router could not deliver a session packet of ours; the c2s notice (or the
         // client's end) settles the session.

@@ -11,6 +11,7 @@ mod clock;
 mod config;
 mod host;
 mod link;
+mod metrics;
 mod modules;
 mod stanzas;
 mod xml;
@@ -76,6 +77,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let store = Store::Xdb(XdbClient::new(link.name.clone(), config.xdb_timeout));
     let ctx = Arc::new(Ctx::new(config, link.name.clone(), store, loaded));
     link::describe(&ctx);
+    metrics::register(&ctx);
 
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

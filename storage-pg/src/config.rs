@@ -30,7 +30,15 @@ impl PgStorageConfig {
     pub fn from_root(root: &Node) -> Result<PgStorageConfig> {
         root.allow(
             &[],
-            &["router", "host", "namespace", "postgresql", "limits", "log"],
+            &[
+                "router",
+                "host",
+                "namespace",
+                "postgresql",
+                "limits",
+                "log",
+                "metrics",
+            ],
         )?;
         let hosts: Vec<String> = root
             .children("host")

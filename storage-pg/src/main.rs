@@ -12,7 +12,7 @@ mod owner;
 
 use std::future::Future;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use clap::Parser;
@@ -21,6 +21,7 @@ use tracing::{debug, info, warn};
 
 use jrs_component::service::{exit_code, load_and_init, run_component, Bind, CommonArgs};
 use jrs_component::{Outbox, PacketType};
+use jrs_metrics::storage::SERVED;
 use jrs_stream::{Stanza, StanzaErrorCondition};
 use jrs_xdb::{Op, Refusal, Request};
 
@@ -54,6 +55,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     };
     let link = config.router.clone().for_instance(args.common.instance);
+    std::sync::LazyLock::force(&SERVED);
     let namespaces: Vec<Option<String>> = if config.namespaces.is_empty() {
         vec![None]
     } else {
@@ -124,7 +126,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     }
                     let worker = worker_for(stanza.to().unwrap_or(""), jobs.len());
                     jobs[worker]
-                        .send(Job::Request(stanza, outbox.clone()))
+                        .send(Job::Request(stanza, outbox.clone(), Instant::now()))
                         .map_err(|_| anyhow::anyhow!("a database worker stopped"))?;
                 }
             }
@@ -135,7 +137,8 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 /// What a worker does: a request of one owner, or its part of a batch.
 pub enum Job {
-    Request(Stanza, Outbox),
+    /// With when it arrived (for the metrics).
+    Request(Stanza, Outbox, Instant),
     Part(batch::Part),
 }
 
@@ -170,7 +173,7 @@ async fn worker(
             }
         }
         let unavailable = match job {
-            Job::Request(stanza, outbox) => {
+            Job::Request(stanza, outbox, start) => {
                 let result = match (&mut conn, &down) {
                     (Some(c), _) => with_timeout(serve(c, &hosts, &stanza)).await,
                     (None, Some(r)) => Err(r.clone()),
@@ -179,6 +182,8 @@ async fn worker(
                 let unavailable = result
                     .as_ref()
                     .is_err_and(|r| r.condition == StanzaErrorCondition::ServiceUnavailable);
+                let op = stanza.kind().unwrap_or("");
+                SERVED.answered(op, result.is_ok(), start);
                 outbox.send(answer(&stanza, result));
                 unavailable
             }

@@ -39,6 +39,7 @@ impl StorageConfig {
                 "archive",
                 "limits",
                 "log",
+                "metrics",
             ],
         )?;
         let hosts: Vec<String> = root

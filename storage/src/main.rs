@@ -9,12 +9,14 @@ mod spool;
 mod sync;
 
 use std::sync::mpsc;
+use std::time::Instant;
 
 use clap::Parser;
 use tracing::{debug, info, warn};
 
 use jrs_component::service::{exit_code, load_and_init, run_component, Bind, CommonArgs};
 use jrs_component::{Outbox, PacketType};
+use jrs_metrics::storage::SERVED;
 use jrs_stream::Stanza;
 use jrs_xdb::{Op, Refusal, Request};
 
@@ -39,6 +41,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     let Some(config) = load_and_init(&args.common, StorageConfig::load, |c| c.log.clone())? else {
         return Ok(());
     };
+    std::sync::LazyLock::force(&SERVED);
     // Open archive files are cached: let the cache hold what the config asks.
     if let Some(limit) = jrs_component::service::raise_open_files_limit() {
         if (limit as usize) < config.archive_open_files + 64 {
@@ -106,7 +109,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                     let answers: Vec<_> = batch
                         .iter()
                         .map(|job| match job {
-                            Job::Request(request, _) => {
+                            Job::Request(request, ..) => {
                                 Some(answer(&mut spool, &mut archives, &hosts, request))
                             }
                             Job::Part(part) => {
@@ -121,10 +124,12 @@ fn run(args: Args) -> anyhow::Result<()> {
                     }
                     for (job, reply) in batch.into_iter().zip(answers) {
                         match (job, &durable, reply) {
-                            (Job::Request(_, outbox), Ok(()), Some(reply)) => {
+                            (Job::Request(request, outbox, start), Ok(()), Some((reply, ok))) => {
                                 outbox.send(reply);
+                                SERVED.answered(request.kind().unwrap_or(""), ok, start);
                             }
-                            (Job::Request(request, outbox), Err(refusal), _) => {
+                            (Job::Request(request, outbox, start), Err(refusal), _) => {
+                                SERVED.answered(request.kind().unwrap_or(""), false, start);
                                 outbox.send(
                                     request
                                         .error_reply(refusal.condition, &refusal.text)
@@ -173,7 +178,7 @@ fn run(args: Args) -> anyhow::Result<()> {
                         continue;
                     }
                     let worker = worker_for(stanza.to().unwrap_or(""), jobs.len());
-                    jobs[worker].send(Job::Request(stanza, outbox.clone()))?;
+                    jobs[worker].send(Job::Request(stanza, outbox.clone(), Instant::now()))?;
                 }
             }
         },
@@ -182,7 +187,8 @@ fn run(args: Args) -> anyhow::Result<()> {
 
 /// What a worker thread does: a request of one owner, or its part of a batch.
 pub enum Job {
-    Request(Stanza, Outbox),
+    /// With when it arrived (for the metrics).
+    Request(Stanza, Outbox, Instant),
     Part(batch::Part),
 }
 
@@ -201,15 +207,15 @@ pub fn worker_for(owner: &str, workers: usize) -> usize {
     (hash % workers as u64) as usize
 }
 
-/// Serves one request; always returns an answer (result or error).
+/// Serves one request; always returns an answer: a result (true) or an error.
 fn answer(
     spool: &mut Spool,
     archives: &mut Archives,
     hosts: &[String],
     stanza: &Stanza,
-) -> bytes::Bytes {
+) -> (bytes::Bytes, bool) {
     match serve(spool, archives, hosts, stanza) {
-        Ok((request, content)) => request.result(&content),
+        Ok((request, content)) => (request.result(&content), true),
         Err(refusal) => {
             warn!(
                 from = stanza.from().unwrap_or(""),
@@ -218,9 +224,10 @@ fn answer(
                 "{}",
                 refusal.text
             );
-            stanza
+            let reply = stanza
                 .error_reply(refusal.condition, &refusal.text)
-                .expect("requests are never errors or results")
+                .expect("requests are never errors or results");
+            (reply, false)
         }
     }
 }

@@ -86,13 +86,15 @@ class Server:
     logd: also run the log sink (started right after the router); logd_extra: its
     outputs (elements of logd.xml), by default <file path='log/server.log' level='info'/>.
     log_level: every process's log level ('debug' for tests, 'info' as shipped).
+    metrics: every process serves /metrics (docs/metrics.md) on its own loopback port,
+    metrics_ports[NAME] (NAME as in procs: router, xdb-file, sm, c2s, ...).
     """
 
     def __init__(self, directory, register=False, auth_failures=(5, 60), timeouts=None,
                  c2s_extra="", sm_extra="", grace_seconds=2, users_extra="", router_extra="",
                  upload=False, upload_extra="", muc=False, muc_extra="",
                  proxy65=False, proxy65_extra="", storage="file", pg_url=None,
-                 logd=False, logd_extra="", log_level="debug"):
+                 logd=False, logd_extra="", log_level="debug", metrics=False):
         self.dir = Path(directory)
         self.log_level = log_level  # of every process; benchmarks use the shipped 'info'
         self.storage = storage
@@ -115,6 +117,8 @@ class Server:
         self.logd = logd
         self.logd_extra = logd_extra
         self.grace_seconds = grace_seconds
+        self.metrics = metrics
+        self.metrics_ports = {}
         self.port = None  # the router's
         self.starttls_port = None
         self.tls_port = None
@@ -197,6 +201,20 @@ class Server:
                 f"  {self.muc_extra}\n"
                 f"  <log level='{self.log_level}'/>\n"
                 "</muc>\n")
+        if self.metrics:
+            self.add_metrics_elements()
+
+    def add_metrics_elements(self):
+        """A <metrics/> element, on a port of its own, in every configuration written."""
+        for name in ["router", "xdb-file", "sm", "c2s", "upload", "proxy65", "logd", "muc"]:
+            path = self.dir / f"{name}.xml"
+            if not path.exists():
+                continue
+            port = self.metrics_ports[name] = free_port()
+            text = path.read_text().rstrip()
+            end = text.rindex("</")
+            path.write_text(f"{text[:end]}  <metrics address='127.0.0.1' port='{port}'/>\n"
+                            f"{text[end:]}\n")
 
     def upload_config(self):
         certs = self.dir / "certs"

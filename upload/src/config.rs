@@ -109,6 +109,7 @@ impl UploadConfig {
                 "connections",
                 "limits",
                 "log",
+                "metrics",
             ],
         )?;
         let router_node = root.required_child("router")?;

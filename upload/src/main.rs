@@ -13,6 +13,16 @@ mod sign;
 mod slots;
 mod store;
 
+/// `jabberd_upload_slots_total{result}`: slot requests answered (docs/metrics.md).
+pub static SLOTS: std::sync::LazyLock<jrs_metrics::Labeled<jrs_metrics::Counter>> =
+    std::sync::LazyLock::new(|| {
+        jrs_metrics::counters(
+            "jabberd_upload_slots",
+            "Upload slot requests, by result.",
+            &[("result", &["granted", "refused"])],
+        )
+    });
+
 use std::path::Path;
 use std::sync::Arc;
 
@@ -109,6 +119,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         return Ok(());
     };
     let link = config.router.clone().for_instance(args.common.instance);
+    std::sync::LazyLock::force(&SLOTS);
     let signer = sign::Signer::new(&secret(&config.secret)?);
     let tls = config
         .http

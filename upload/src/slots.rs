@@ -212,6 +212,7 @@ impl Service {
             Ok(slot) => {
                 let (put, get) = self.signer.urls(&self.config.http.base_url, &slot);
                 info!(slot = %slot.id, %user, size = slot.size, name = %slot.name, "slot granted");
+                crate::SLOTS.by("granted").inc();
                 result(&format!(
                     "<slot xmlns='{NS_UPLOAD}'><put url='{}'/><get url='{}'/></slot>",
                     escape(&put),
@@ -220,6 +221,7 @@ impl Service {
             }
             Err(refusal) => {
                 info!(%user, ?refusal, size, disk_used = self.store.used(), "slot refused");
+                crate::SLOTS.by("refused").inc();
                 match refusal {
                     Refusal::NotAllowed => stanza.error_reply(
                         StanzaErrorCondition::NotAllowed,

@@ -113,6 +113,7 @@ pub async fn bind<'a>(
         ));
     }
     info!(%peer, jid = %full, sid = %handle.sid, "session started");
+    crate::metrics::M.sessions.by("started").inc();
     Ok(Live::new(shared, conn, handle, from_sm, None))
 }
 
@@ -177,6 +178,7 @@ async fn bind2<'a>(
         return Err(live.finish(Ending::Close(close)).await);
     }
     info!(%peer, jid = %full, sid = %live.handle.sid, "session started (Bind 2)");
+    crate::metrics::M.sessions.by("started").inc();
     Ok(live)
 }
 
@@ -247,6 +249,7 @@ pub async fn resume(
         resumed = done.success(&handle.jid, &resumed, true);
     }
     info!(%peer, jid = %handle.jid, sid = %handle.sid, resent = again.len(), "session resumed");
+    crate::metrics::M.sessions.by("resumed").inc();
     let mut live = Live::new(shared, conn, handle, from_sm, Some(sm));
     let replayed = match live.conn.write(resumed.as_bytes()).await {
         Ok(()) => live.write_items(again).await,
@@ -300,6 +303,7 @@ impl<'a> Live<'a> {
         from_sm: mpsc::UnboundedReceiver<Box<ToClient>>,
         sm: Option<StreamManagement>,
     ) -> Live<'a> {
+        crate::metrics::in_session();
         Live {
             csi: Csi::new(shared.config.csi.max_held),
             shutdown: shared.shutdown_signal(),
@@ -444,6 +448,8 @@ impl<'a> Live<'a> {
         let mut burst = Vec::with_capacity(items.iter().map(|i| i.bytes.len()).sum::<usize>() + 32);
         for i in &items {
             burst.extend_from_slice(&i.bytes);
+            let kind = jrs_metrics::stanza_kind(&i.bytes);
+            crate::metrics::M.stanzas_out.by(kind).inc();
         }
         let Some(sm) = &mut self.sm else {
             let offline = items.iter().filter(|i| i.offline).count();
@@ -611,6 +617,7 @@ impl<'a> Live<'a> {
     /// A stanza from the bound client: answered here (session, bind, bad addressing) or
     /// stamped with the full JID and passed to sm.
     async fn client_stanza(&mut self, stanza: Stanza) -> Result<(), Close> {
+        crate::metrics::M.stanzas_in.by(stanza.name()).inc();
         if let Some(to) = stanza.to() {
             let valid = jrs_stream::xml::unescape(to).is_some_and(|t| jid::Jid::new(&t).is_ok());
             if !valid {
@@ -738,6 +745,7 @@ impl<'a> Live<'a> {
     /// The client is gone but may resume: ask sm to take the session, keep what it
     /// still sends until it answers `collect`, then hand everything over.
     async fn hibernate(&mut self) {
+        crate::metrics::M.sessions.by("hibernated").inc();
         self.shared.hibernate(&self.handle);
         let sent = self.sm.as_ref().map_or(0, |sm| sm.unacked());
         let counts = self.counts(sent);

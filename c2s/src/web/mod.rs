@@ -91,7 +91,9 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
                     forwarded: forwarded.clone(),
                 };
                 // The certificates as now loaded (SIGHUP reloads them).
-                let tls = l.tls.then(|| tokio_rustls::TlsAcceptor::from(shared.tls().web));
+                let tls = l
+                    .tls
+                    .then(|| tokio_rustls::TlsAcceptor::from(shared.tls().web));
                 let serve = connection(Arc::new(edge), admitted, tcp, peer, tls, l.clone());
                 tokio::spawn(serve.instrument(span));
             }

@@ -44,7 +44,8 @@ where
     S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let (stream_end, bridge_end) = tokio::io::duplex(PIPE_BYTES);
-    let client = tokio::spawn(conn::serve_transport(
+    let client = tokio::spawn(conn::serve_counted(
+        "websocket",
         shared,
         Transport::Web(stream_end),
         peer,

@@ -246,6 +246,7 @@ impl ComponentReader {
                 }
                 continue;
             }
+            jrs_metrics::link::LINK.received(s.name());
             return Ok(s);
         }
     }
@@ -322,7 +323,9 @@ pub struct Outbox(mpsc::UnboundedSender<Queued>);
 impl Outbox {
     /// Queues bytes; false when the link is gone.
     pub fn send(&self, bytes: impl Into<Bytes>) -> bool {
-        self.0.send(Queued::Bytes(bytes.into())).is_ok()
+        let bytes = bytes.into();
+        jrs_metrics::link::LINK.sent(&bytes);
+        self.0.send(Queued::Bytes(bytes)).is_ok()
     }
 
     /// Resolves once everything queued before it was written to the router (or the link

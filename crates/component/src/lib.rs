@@ -25,4 +25,6 @@ pub use client::{
     BindError, Component, ComponentReader, ComponentWriter, HandshakeRefused, Outbox,
 };
 pub use io::{FramedReader, ReadError};
+/// The metrics crate, for the crates built on this one (docs/metrics.md).
+pub use jrs_metrics as metrics;
 pub use protocol::{PacketType, TopLevel};

@@ -38,13 +38,35 @@ pub fn load_and_init<C>(
     log: impl FnOnce(&C) -> jrs_config::LogConfig,
 ) -> anyhow::Result<Option<C>> {
     let config = load(&args.config)?;
+    // `<metrics/>` alike in every file (the process's loader allows it): read here, and
+    // served by `run_component` (docs/metrics.md).
+    let metrics = jrs_metrics::MetricsConfig::from_file(&args.config)?;
     if args.check {
         println!("{}: ok", args.config.display());
         return Ok(None);
     }
+    let metrics = metrics.map(|m| m.for_instance(args.instance)).transpose()?;
+    let _ = METRICS.set(metrics);
     crate::logging::init(&log(&config));
     crate::transport::install_crypto_provider();
     Ok(Some(config))
+}
+
+/// Where this process serves `/metrics`, as [`load_and_init`] read it.
+static METRICS: std::sync::OnceLock<Option<jrs_metrics::MetricsConfig>> =
+    std::sync::OnceLock::new();
+
+/// Starts the `/metrics` listener when the configuration has `<metrics/>` (once; later
+/// calls do nothing). [`run_component`] calls it first.
+pub async fn start_metrics() -> anyhow::Result<()> {
+    static STARTED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if let Some(m) = METRICS.get().and_then(Option::as_ref) {
+        if !STARTED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+            std::sync::LazyLock::force(&jrs_metrics::link::LINK);
+            jrs_metrics::http::serve(m).await?;
+        }
+    }
+    Ok(())
 }
 
 /// One route to bind after the handshake.
@@ -169,6 +191,7 @@ where
     S: FnOnce() -> SFut,
     SFut: Future<Output = ()>,
 {
+    start_metrics().await?;
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     // The supervisor forwards SIGHUP to every process; its default action would kill us.
@@ -280,7 +303,7 @@ impl BasicConfig {
         needs_hosts: bool,
     ) -> jrs_config::Result<BasicConfig> {
         let node = jrs_config::Node::load(path, root)?;
-        node.allow(&[], &["router", "host", "limits", "log"])?;
+        node.allow(&[], &["router", "host", "limits", "log", "metrics"])?;
         let hosts: Vec<String> = node
             .children("host")
             .map(|h| h.text.to_ascii_lowercase())

@@ -33,6 +33,8 @@ pub struct Settings {
     pub idle: Duration,
     /// Bytes per second the peer may send (sustained; bursts of four seconds' worth).
     pub rate_bytes: u32,
+    /// Where the bytes read and written are counted (docs/metrics.md).
+    pub traffic: Option<&'static jrs_metrics::Traffic>,
 }
 
 pub struct Connection {
@@ -83,6 +85,9 @@ impl Connection {
         io.flush()
             .await
             .map_err(|e| Close::Gone(format!("write failed: {e}")))?;
+        if let Some(t) = self.settings.traffic {
+            t.bytes_out.inc_by(data.len() as u64);
+        }
         self.last_write = Instant::now();
         Ok(())
     }
@@ -118,6 +123,10 @@ impl Connection {
             Ok(Err(ReadError::Io(e))) => return Err(Close::Gone(format!("read failed: {e}"))),
         };
         self.last_read = Instant::now();
+        if let (Some(t), Frame::Element(b) | Frame::StreamOpen(b)) = (self.settings.traffic, &frame)
+        {
+            t.bytes_in.inc_by(b.len() as u64);
+        }
         if let Frame::Element(bytes) = &frame {
             if let Some(pause) = self.rate.take(bytes.len()) {
                 self.pause_until = Some(tokio::time::Instant::now() + pause);

@@ -226,6 +226,7 @@ impl XdbClient {
     /// once more when that is harmless: every operation but `append` (archive appends
     /// carry ids, so storage skips items it has already).
     pub async fn finish(&self, mut sent: Sent) -> Result<Bytes, XdbError> {
+        let _waited = jrs_component::metrics::storage::wait(sent.request.op.name());
         let mut retry = sent.request.op != Op::Append;
         loop {
             match tokio::time::timeout(self.timeout, &mut sent.rx).await {

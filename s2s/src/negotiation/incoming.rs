@@ -373,6 +373,7 @@ impl Incoming {
         let pair = (remote, local);
         self.pending.remove(&pair);
         let answer = xml::db_result_answer(&pair.1, &pair.0, valid);
+        crate::metrics::dialback("in", valid);
         if valid {
             info!(remote = %pair.0, local = %pair.1, "remote authenticated with dialback");
             self.authorized.insert(pair);
