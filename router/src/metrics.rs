@@ -7,9 +7,7 @@ use std::sync::{Arc, LazyLock, Weak};
 use jrs_component::{PacketType, TopLevel};
 use jrs_metrics::{Counter, Labeled};
 
-use crate::router::Router;
-
-/// Packet types, in the order of [`crate::tree::Tree::held_counts`].
+/// Packet types, in the order of the tree's held counts (`Tree::held_counts`).
 const TYPES: &[&str] = &["normal", "session", "xdb", "log"];
 
 pub struct Metrics {
@@ -76,11 +74,21 @@ pub fn type_of(packet: &[u8]) -> &'static str {
     }
 }
 
+/// What the gauges read at each scrape (the router's state; a trait so that this file
+/// does not depend on the router's).
+pub trait Observed: Send + Sync + 'static {
+    /// Links per component account.
+    fn metrics_links(&self) -> Vec<(String, i64)>;
+    /// Packets held per packet type, in the order of [`TYPES`].
+    fn metrics_held(&self) -> [usize; 4];
+    /// Bytes queued for every link.
+    fn metrics_queued(&self) -> usize;
+}
 
 /// Registers the counters and the gauges read from `router` at each scrape.
-pub fn register(router: &Arc<Router>) {
+pub fn register<R: Observed>(router: &Arc<R>) {
     LazyLock::force(&M);
-    let weak: Weak<Router> = Arc::downgrade(router);
+    let weak: Weak<R> = Arc::downgrade(router);
     let w = weak.clone();
     jrs_metrics::gauges_fn(
         "jabberd_router_links",

@@ -143,29 +143,6 @@ impl Router {
         self.users.read().expect("users lock").clone()
     }
 
-    /// Links per component account, for the metrics (at scrape time).
-    pub fn metrics_links(&self) -> Vec<(String, i64)> {
-        let users = self.users();
-        let st = self.state.lock().expect("router lock");
-        let mut counts: std::collections::BTreeMap<String, i64> = Default::default();
-        for link in st.links.values() {
-            let account = users.find(&link.name).map_or("other", |u| u.name.as_str());
-            *counts.entry(account.to_owned()).or_default() += 1;
-        }
-        counts.into_iter().collect()
-    }
-
-    /// Packets held per packet type, for the metrics.
-    pub fn metrics_held(&self) -> [usize; 4] {
-        self.state.lock().expect("router lock").tree.held_counts()
-    }
-
-    /// Bytes queued for every link, for the metrics.
-    pub fn metrics_queued(&self) -> usize {
-        let st = self.state.lock().expect("router lock");
-        st.links.values().map(|l| l.outbox.queued_bytes()).sum()
-    }
-
     pub fn replace_users(&self, users: Users) {
         *self.users.write().expect("users lock") = Arc::new(users);
     }
@@ -951,6 +928,31 @@ impl<'a> Plan<'a> {
                 });
             }
         }
+    }
+}
+
+impl crate::metrics::Observed for Router {
+    /// Links per component account, for the metrics (at scrape time).
+    fn metrics_links(&self) -> Vec<(String, i64)> {
+        let users = self.users();
+        let st = self.state.lock().expect("router lock");
+        let mut counts: std::collections::BTreeMap<String, i64> = Default::default();
+        for link in st.links.values() {
+            let account = users.find(&link.name).map_or("other", |u| u.name.as_str());
+            *counts.entry(account.to_owned()).or_default() += 1;
+        }
+        counts.into_iter().collect()
+    }
+
+    /// Packets held per packet type, for the metrics.
+    fn metrics_held(&self) -> [usize; 4] {
+        self.state.lock().expect("router lock").tree.held_counts()
+    }
+
+    /// Bytes queued for every link, for the metrics.
+    fn metrics_queued(&self) -> usize {
+        let st = self.state.lock().expect("router lock");
+        st.links.values().map(|l| l.outbox.queued_bytes()).sum()
     }
 }
 

@@ -17,10 +17,10 @@ use tokio::sync::mpsc;
 use tracing::{info, warn};
 
 use jrs_stream::xml::escape;
-use jrs_stream::{Stanza, StanzaErrorCondition, StreamErrorCondition};
+use jrs_stream::{Stanza, StanzaErrorCondition};
 
-use crate::host::ending::end_session;
-use crate::host::kernel::{Ctx, User};
+use crate::host::admin_query::Query;
+use crate::host::kernel::Ctx;
 use crate::host::registry::Event;
 use crate::host::task::dispatch;
 use crate::xml::{Element, NS_CLIENT};
@@ -38,39 +38,6 @@ fn is_admin(from: Option<&str>) -> bool {
             || f.strip_prefix("admin-")
                 .is_some_and(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
     })
-}
-
-/// What a user task is asked.
-#[derive(Debug)]
-pub enum Query {
-    /// Describe your sessions (of domain `host`, or all when None).
-    Sessions {
-        host: Option<String>,
-        reply: mpsc::UnboundedSender<Vec<SessionInfo>>,
-    },
-    /// End the sessions of this user (one resource, or all).
-    Kick {
-        resource: Option<String>,
-        reply: mpsc::UnboundedSender<usize>,
-    },
-    /// Deliver `body` (and `subject`) from `host` to your available sessions.
-    Announce {
-        host: String,
-        subject: Option<String>,
-        body: String,
-        reply: mpsc::UnboundedSender<usize>,
-    },
-}
-
-/// One session, as `sessions` lists it.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SessionInfo {
-    pub jid: String,
-    pub c2s: String,
-    /// `live`, or `hibernating` (XEP-0198: held here for its client to resume).
-    pub state: &'static str,
-    pub available: bool,
-    pub priority: i32,
 }
 
 /// Whether a packet to `to_domain` is an administration request for this instance.
@@ -293,77 +260,6 @@ fn result(iq: &Stanza, inner: &str) -> bytes::Bytes {
         attr("id", iq.id())
     )
     .into()
-}
-
-/// A user task's part of an administration request.
-pub async fn answer(u: &mut User, query: Query) {
-    match query {
-        Query::Sessions { host, reply } => {
-            if host
-                .as_deref()
-                .is_some_and(|h| h != u.jid.domain().as_str())
-            {
-                return;
-            }
-            let sessions = u
-                .sessions
-                .iter()
-                .map(|s| SessionInfo {
-                    jid: s.full.clone(),
-                    c2s: s.c2s.clone(),
-                    state: if s.is_live() { "live" } else { "hibernating" },
-                    available: s.available,
-                    priority: s.priority,
-                })
-                .collect();
-            let _ = reply.send(sessions);
-        }
-        Query::Kick { resource, reply } => {
-            let keys: Vec<_> = u
-                .sessions
-                .iter()
-                .filter(|s| {
-                    resource
-                        .as_deref()
-                        .is_none_or(|r| s.jid.resource().as_str() == r)
-                })
-                .map(|s| s.key)
-                .collect();
-            for key in &keys {
-                // The client gets <policy-violation/>; the session ends as any other
-                // (unavailable presence to contacts, its queue to offline storage).
-                end_session(u, *key, Some(StreamErrorCondition::PolicyViolation)).await;
-            }
-            let _ = reply.send(keys.len());
-        }
-        Query::Announce {
-            host,
-            subject,
-            body,
-            reply,
-        } => {
-            if u.jid.domain().as_str() != host {
-                return;
-            }
-            let keys = u.available();
-            for key in &keys {
-                let Some(s) = u.session(*key) else { continue };
-                let id = u.ctx.me.clone();
-                let subject = subject.as_deref().map_or(String::new(), |s| {
-                    format!("<subject>{}</subject>", escape(s))
-                });
-                let message = format!(
-                    "<message from='{}' to='{}' type='headline' id='announce-{}'>{subject}<body>{}</body></message>",
-                    escape(&host),
-                    escape(&s.full),
-                    escape(&id),
-                    escape(&body)
-                );
-                u.deliver(*key, message);
-            }
-            let _ = reply.send(keys.len());
-        }
-    }
 }
 
 #[cfg(test)]

@@ -19,6 +19,8 @@
 
 pub mod accounts;
 pub mod admin;
+pub mod admin_answer;
+pub mod admin_query;
 pub mod broadcasts;
 pub mod components;
 pub mod ending;

@@ -51,7 +51,7 @@ pub enum Event {
     /// Our own router link was lost: c2s dropped every session of ours.
     LinkLost,
     /// An administrator's question (jabberctl: sessions, kick, announce).
-    Admin(crate::host::admin::Query),
+    Admin(crate::host::admin_query::Query),
     /// Work a module left for later comes due (an answer it waited for arrived):
     /// handed to that module's [`crate::host::Module::woken`].
     Wake {

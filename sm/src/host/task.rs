@@ -122,7 +122,7 @@ pub async fn handle(u: &mut User, event: Event) {
                 m.woken(u, data).await;
             }
         }
-        Event::Admin(query) => crate::host::admin::answer(u, query).await,
+        Event::Admin(query) => crate::host::admin_answer::answer(u, query).await,
         Event::LinkLost => {
             // c2s reset every client of ours when it heard we disconnected.
             while let Some(key) = u.sessions.first().map(|s| s.key) {
