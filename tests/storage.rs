@@ -116,6 +116,7 @@ macro_rules! both_backends {
 both_backends!(
     set_get_append_take_delete_through_the_router,
     fragments_lists_owners_and_account_removal,
+    list_of_what_one_owner_has,
     acknowledged_writes_survive_kill_9,
     storage_down_past_the_grace_period_gives_errors,
     archive_append_and_query_through_the_router,
@@ -744,6 +745,11 @@ impl Admin {
         String::from_utf8(self.ok(req(Op::List, "localhost", "", "")).await).unwrap()
     }
 
+    /// What `owner` has stored (`list` with `ns='*'`), as answered.
+    async fn contents(&mut self, owner: &str) -> String {
+        String::from_utf8(self.ok(req(Op::List, owner, "*", "")).await).unwrap()
+    }
+
     async fn query(&mut self, owner: &str, q: &Query) -> Page {
         let content = self.ok(req(Op::ArchiveQuery, owner, MAM, q.to_xml())).await;
         Page::parse(&Bytes::from(content)).unwrap()
@@ -773,6 +779,69 @@ impl Admin {
 fn with_max_items(mut r: Request, n: usize) -> Request {
     r.max_items = Some(n);
     r
+}
+
+/// `list` with `ns='*'`: the namespaces (fragments and appended lists) and archives of
+/// one owner, a user or the host itself, each in byte order, kept up to date by every
+/// change (what `jabberctl dump` reads).
+async fn list_of_what_one_owner_has(backend: Backend) {
+    let (_server, _store, r, w) = with_storage(backend, 2.0).await;
+    let mut a = Admin::new((r, w));
+    const ALICE: &str = "alice@localhost";
+    assert_eq!(a.contents(ALICE).await, "");
+    assert_eq!(a.contents("localhost").await, "");
+
+    a.ok(req(Op::Set, "Alice@LocalHost", "vcard-temp", "<vCard/>"))
+        .await;
+    a.ok(req(Op::Set, ALICE, "jabber:iq:roster", "<query/>"))
+        .await;
+    // Names that are not file names as they are.
+    a.ok(req(Op::Set, ALICE, "urn:x:a/b c'd", "<x/>")).await;
+    // A list made by appends only, and an archive only.
+    a.ok(req(Op::Append, ALICE, "msgoffline", "<message/>"))
+        .await;
+    a.ok(req(
+        Op::ArchiveAppend,
+        ALICE,
+        MAM,
+        items_to_xml(&[chat(1, "bob@localhost/pc")]),
+    ))
+    .await;
+    // Written and removed again: not listed.
+    a.ok(req(Op::Set, ALICE, "gone", "<g/>")).await;
+    a.ok(req(Op::Set, ALICE, "gone", "")).await;
+    // The host's own data, and another user's, are apart.
+    a.ok(req(Op::Set, "localhost", "urn:x:host", "<h/>")).await;
+    a.ok(req(Op::Set, "bob@localhost", "urn:x:bob", "<b/>"))
+        .await;
+
+    assert_eq!(
+        a.contents("ALICE@localhost").await,
+        "<ns name='jabber:iq:roster'/><ns name='msgoffline'/><ns name='urn:x:a/b c&apos;d'/>\
+         <ns name='vcard-temp'/><archive ns='urn:xmpp:mam:2'/>"
+    );
+    assert_eq!(a.contents("localhost").await, "<ns name='urn:x:host'/>");
+    assert_eq!(a.contents("bob@localhost").await, "<ns name='urn:x:bob'/>");
+    // The domain's list of owners is unchanged by it.
+    assert_eq!(
+        a.list().await,
+        "<owner jid='alice@localhost'/><owner jid='bob@localhost'/>"
+    );
+
+    // take empties a list; delete removes a namespace with its archive.
+    a.ok(req(Op::Take, ALICE, "msgoffline", "")).await;
+    a.ok(req(Op::Delete, ALICE, MAM, "")).await;
+    a.ok(req(Op::Delete, ALICE, "vcard-temp", "")).await;
+    assert_eq!(
+        a.contents(ALICE).await,
+        "<ns name='jabber:iq:roster'/><ns name='urn:x:a/b c&apos;d'/>"
+    );
+    // Account removal leaves nothing to list.
+    a.ok(req(Op::Delete, ALICE, "*", "")).await;
+    assert_eq!(a.contents(ALICE).await, "");
+    assert_eq!(a.contents("localhost").await, "<ns name='urn:x:host'/>");
+    // Another domain than the store's is refused, as any request.
+    a.refused(req(Op::List, "x@example.net", "*", ""), "").await;
 }
 
 async fn fragments_lists_owners_and_account_removal(backend: Backend) {

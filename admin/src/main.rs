@@ -1,10 +1,11 @@
 //! jabberctl: the operator's tool. Adds, removes and lists users and sets passwords on a
 //! running server, by connecting to the router as the component `admin` and asking the
 //! storage component (see `docs/operations.md`); imports and exports accounts as
-//! XEP-0227 files (docs/migration.md); follows the server's log records as a log sink
-//! (`jabberctl log --follow`, docs/logd.md).
+//! XEP-0227 files, and dumps and restores whole stores (docs/migration.md); follows the
+//! server's log records as a log sink (`jabberctl log --follow`, docs/logd.md).
 
 mod control;
+mod dump;
 mod migrate;
 mod pie;
 mod xml;
@@ -24,7 +25,8 @@ use jrs_config::{Node, RouterLink};
 use jrs_stream::Limits;
 use jrs_xdb::{Op, XdbClient};
 
-/// Manage the users of a running jabberd-rs server.
+/// Manage a running jabberd-rs server: accounts, migration and copies of its storage,
+/// sessions, logs.
 #[derive(Parser, Debug)]
 #[command(name = "jabberctl", version, about)]
 struct Args {
@@ -95,6 +97,39 @@ enum Command {
         /// Only this account (repeatable).
         #[arg(long = "user")]
         users: Vec<String>,
+    },
+    /// Copy everything stored for some hosts into a dump file (to restore into another
+    /// store: xdb-file to PostgreSQL and back).
+    ///
+    /// Unlike export, nothing is left out: every stored namespace of every owner (users,
+    /// rooms, the hosts themselves), whatever module wrote it, and every archive with
+    /// all its items (ids, times, with, stanzas), as storage answers them. The file is
+    /// written under FILE.partial and renamed when complete. See docs/migration.md,
+    /// "Copying a store".
+    Dump {
+        /// The dump file to write.
+        file: PathBuf,
+        /// A host whose data is dumped (repeatable, at least one: the users' domain,
+        /// and the group chat service's, e.g. conference.localhost, for its rooms).
+        #[arg(long = "host", required = true)]
+        hosts: Vec<String>,
+    },
+    /// Store the content of a dump file (`jabberctl dump`) in the running server's
+    /// storage, whichever it is.
+    ///
+    /// Owners (users, rooms, hosts) that have data already are left alone and reported,
+    /// unless --replace. An account's credentials are stored last: it can log in once
+    /// the rest is in. See docs/migration.md, "Copying a store".
+    Restore {
+        /// The dump file.
+        file: PathBuf,
+        /// Replace owners that have data: everything stored for them is removed, then
+        /// the dump's is stored.
+        #[arg(long)]
+        replace: bool,
+        /// Only the owners of this domain (repeatable; all of the file by default).
+        #[arg(long = "host")]
+        hosts: Vec<String>,
     },
     /// Print the server's log records as they happen, by binding as a log sink (see
     /// docs/logd.md) until interrupted.
@@ -173,6 +208,15 @@ fn account(jid: &str) -> anyhow::Result<String> {
         bail!("'{jid}' has no user part: expected user@domain");
     }
     Ok(bare.to_string())
+}
+
+/// A domain, normalised.
+fn domain(d: &str) -> anyhow::Result<String> {
+    jid::BareJid::new(d)
+        .ok()
+        .filter(|j| j.node().is_none())
+        .map(|j| j.to_string())
+        .with_context(|| format!("'{d}' is not a domain"))
 }
 
 fn read_password(given: Option<String>) -> anyhow::Result<String> {
@@ -320,13 +364,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let domains = domains
                 .iter()
-                .map(|d| {
-                    jid::BareJid::new(d)
-                        .ok()
-                        .filter(|j| j.node().is_none())
-                        .map(|j| j.to_string())
-                        .with_context(|| format!("'{d}' is not a domain"))
-                })
+                .map(|d| domain(d))
                 .collect::<anyhow::Result<Vec<_>>>()?;
             let written = match &output {
                 None => {
@@ -350,6 +388,36 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 }
             };
             eprintln!("{written} account(s) exported");
+        }
+        Command::Dump { file, hosts } => {
+            let hosts = hosts
+                .iter()
+                .map(|d| domain(d))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let n = dump::dump(&xdb, &hosts, &file).await?;
+            eprintln!(
+                "{} owner(s), {} fragment(s), {} archived item(s) dumped to {}",
+                n.owners,
+                n.fragments,
+                n.items,
+                file.display()
+            );
+        }
+        Command::Restore {
+            file,
+            replace,
+            hosts,
+        } => {
+            let hosts = hosts
+                .iter()
+                .map(|d| domain(d))
+                .collect::<anyhow::Result<Vec<_>>>()?;
+            let opts = dump::RestoreOptions { replace, hosts };
+            let n = dump::restore(xdb, &file, &opts).await?;
+            eprintln!(
+                "{} owner(s), {} fragment(s), {} archived item(s) restored",
+                n.owners, n.fragments, n.items
+            );
         }
         Command::Log { .. }
         | Command::Sessions { .. }

@@ -1,8 +1,9 @@
 //! Storage requests that concern every store of a host when namespaces are routed to
 //! several stores (docs/protocol.md, "Storage routed by namespace"): `delete` with
-//! `ns='*'` (account removal) and `list` (the users with data). The router sends the
-//! request to each store and gives the requester one answer once every store answered:
-//! the first error, or the result (for `list`, the owners of all of them, each once).
+//! `ns='*'` (account removal) and `list` (the users with data, or with `ns='*'` what one
+//! owner has). The router sends the request to each store and gives the requester one
+//! answer once every store answered: the first error, or the result (for `list`, the
+//! elements of all of them, each once).
 
 use std::collections::{BTreeSet, HashMap};
 use std::time::{Duration, Instant};
@@ -113,7 +114,7 @@ impl Gathers {
             g.error.get_or_insert(bytes);
         } else {
             if g.list {
-                g.owners.extend(owner_elements(answer.inner()));
+                g.owners.extend(listed_elements(answer.inner()));
             }
             g.result.get_or_insert(bytes);
         }
@@ -148,12 +149,17 @@ impl Gathers {
     }
 }
 
-/// The `<owner .../>` elements of a `list` answer, as written.
-fn owner_elements(content: &[u8]) -> Vec<String> {
+/// The elements of a `list` answer, as written: `<owner .../>` (a domain's owners), or
+/// `<ns .../>` and `<archive .../>` (what one owner has, `ns='*'`).
+fn listed_elements(content: &[u8]) -> Vec<String> {
     let text = String::from_utf8_lossy(content);
     text.split_inclusive("/>")
         .map(str::trim)
-        .filter(|e| e.starts_with("<owner"))
+        .filter(|e| {
+            ["<owner ", "<ns ", "<archive "]
+                .iter()
+                .any(|p| e.starts_with(p))
+        })
         .map(str::to_owned)
         .collect()
 }
@@ -206,6 +212,18 @@ mod tests {
         );
         // Not gathered (any more): routed as it is.
         assert_eq!(g.answer(&b, Some(2)), None);
+
+        // What one owner has, from two stores.
+        let req = stanza("<xdb type='list' ns='*' from='admin' to='a@l' id='2'/>");
+        assert!(g.start(&req, vec![1, 2], 0));
+        let a = stanza("<xdb type='result' to='admin' from='a@l' id='2'><ns name='x'/><archive ns='urn:xmpp:mam:2'/></xdb>");
+        assert_eq!(g.answer(&a, Some(1)), Some(None));
+        let b = stanza("<xdb type='result' to='admin' from='a@l' id='2'><ns name='urn:jabberd-rs:auth:0'/></xdb>");
+        let merged = g.answer(&b, Some(2)).unwrap().unwrap();
+        assert_eq!(
+            &merged[..],
+            b"<xdb type='result' to='admin' from='a@l' id='2'><archive ns='urn:xmpp:mam:2'/><ns name='urn:jabberd-rs:auth:0'/><ns name='x'/></xdb>"
+        );
     }
 
     #[test]

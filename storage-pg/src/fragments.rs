@@ -98,6 +98,36 @@ pub async fn list(tx: &mut Tx<'_>, host: &str) -> Result<Vec<String>, Refusal> {
     Ok(users)
 }
 
+/// `list` with `ns='*'`: what one owner has stored, its namespaces (a fragment or an
+/// appended list) and its archives, in byte order.
+pub async fn contents(tx: &mut Tx<'_>, owner: &Owner) -> Result<jrs_xdb::Contents, Refusal> {
+    let names = |rows: Vec<tokio_postgres::Row>| {
+        let mut v: Vec<String> = rows.iter().map(|r| r.get::<_, String>(0)).collect();
+        v.sort();
+        v.dedup();
+        v
+    };
+    let namespaces = names(
+        tx.query(
+            "SELECT ns FROM fragments WHERE host = $1 AND node = $2
+             UNION SELECT ns FROM list_items WHERE host = $1 AND node = $2",
+            &[&owner.host, &owner.node],
+        )
+        .await?,
+    );
+    let archives = names(
+        tx.query(
+            "SELECT ns FROM archives WHERE host = $1 AND node = $2",
+            &[&owner.host, &owner.node],
+        )
+        .await?,
+    );
+    Ok(jrs_xdb::Contents {
+        namespaces,
+        archives,
+    })
+}
+
 pub fn list_to_xml(users: &[String]) -> Bytes {
     Bytes::from(
         users

@@ -263,6 +263,7 @@ async fn apply(tx: &mut Tx<'_>, owner: &Owner, request: &Request) -> Result<Byte
             empty
         }
         Op::Take => lists::take(tx, owner, ns).await?,
+        Op::List if ns == jrs_xdb::LIST_CONTENTS => fragments::contents(tx, owner).await?.to_xml(),
         Op::List => fragments::list_to_xml(&fragments::list(tx, &owner.host).await?),
         Op::ArchiveAppend => {
             archive::append(tx, owner, ns, &request.content, retention(request), now()).await?;

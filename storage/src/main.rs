@@ -1,5 +1,5 @@
 //! xdb-file: the storage component. Answers `xdb` requests (get, set, delete, append,
-//! take, list) from files under a spool directory. See `docs/protocol.md` and
+//! take, list, and the archive operations) from files under a spool directory. See `docs/protocol.md` and
 //! `docs/storage.md`.
 
 mod archive;
@@ -288,6 +288,7 @@ fn serve(
             archives.retract(spool, &dir, &request.content)?;
             bytes::Bytes::new()
         }
+        Op::List if ns == jrs_xdb::LIST_CONTENTS => spool.contents(&owner)?.to_xml(),
         Op::List => {
             let items: String = spool
                 .list(&owner.host)?

@@ -348,6 +348,50 @@ impl Spool {
     }
 }
 
+impl Spool {
+    /// What `owner` has stored (`list` with `ns='*'`): its fragment files (those
+    /// written in this batch included) and its archive directories. Hidden names
+    /// (temporary files, interrupted removals) are not data.
+    pub fn contents(&self, owner: &Owner) -> Result<jrs_xdb::Contents, Refusal> {
+        let dir = self.owner_dir(owner);
+        let mut namespaces = std::collections::BTreeSet::new();
+        let mut archives = std::collections::BTreeSet::new();
+        match fs::read_dir(&dir) {
+            Ok(entries) => {
+                for e in entries.flatten() {
+                    let name = e.file_name();
+                    let Some(name) = name.to_str() else { continue };
+                    if name.starts_with('.') {
+                        continue;
+                    }
+                    let is_dir = e.file_type().is_ok_and(|t| t.is_dir());
+                    if let Some(stem) = name.strip_suffix(".xml").filter(|_| !is_dir) {
+                        namespaces.extend(unescape_name(stem));
+                    } else if let Some(stem) = name.strip_suffix(".archive").filter(|_| is_dir) {
+                        archives.extend(unescape_name(stem));
+                    }
+                }
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(internal(format!("listing {}: {e}", dir.display()))),
+        }
+        for path in self.pending.keys() {
+            if path.parent() != Some(dir.as_path()) {
+                continue;
+            }
+            let stem = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".xml"));
+            namespaces.extend(stem.and_then(unescape_name));
+        }
+        Ok(jrs_xdb::Contents {
+            namespaces: namespaces.into_iter().collect(),
+            archives: archives.into_iter().collect(),
+        })
+    }
+}
+
 /// Whether a user directory holds data: a `.xml` file or an `.archive` directory.
 fn has_data(dir: &Path) -> bool {
     fs::read_dir(dir).is_ok_and(|entries| {
@@ -510,6 +554,20 @@ mod tests {
             s.list("localhost").unwrap(),
             vec!["alice@localhost".to_owned()]
         );
+        // What alice has: written in this batch (not yet renamed) or before.
+        s.set(&alice, "urn:x:a/b c", b"<x/>").unwrap();
+        let contents = s.contents(&alice).unwrap();
+        assert_eq!(contents.namespaces, vec!["jabber:iq:roster", "urn:x:a/b c"]);
+        assert!(contents.archives.is_empty());
+        s.commit().unwrap();
+        assert_eq!(s.contents(&alice).unwrap(), contents);
+        fs::create_dir_all(s.archive_dir(&alice, "urn:xmpp:mam:2")).unwrap();
+        assert_eq!(
+            s.contents(&alice).unwrap().archives,
+            vec!["urn:xmpp:mam:2".to_owned()]
+        );
+        let host = Owner::parse("localhost").unwrap();
+        assert!(s.contents(&host).unwrap().is_empty());
         s.delete(&alice, "*").unwrap();
         assert!(s.get(&alice, "jabber:iq:roster").unwrap().is_empty());
         assert!(s.set(&alice, "x", b"<a><b></a>").is_err());

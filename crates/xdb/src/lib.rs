@@ -37,6 +37,8 @@ pub enum Op {
     /// Return the fragment and remove it, in one durable step.
     Take,
     /// For a domain owner: the bare JIDs that have data stored, as `<owner jid='..'/>`.
+    /// With `ns='*'` ([`LIST_CONTENTS`]), for any owner (a user, or a domain for the
+    /// host's own data): what that owner has stored, as [`Contents`].
     List,
     /// Adds items to the end of the archive `ns` (see [`archive`]); `max-items` and
     /// `max-age` apply retention after it.
@@ -81,6 +83,83 @@ impl Op {
         ]
         .into_iter()
         .find(|o| o.name() == s)
+    }
+}
+
+/// The `ns` of a `list` asking for what one owner has stored ([`Contents`]) instead of
+/// a domain's owners.
+pub const LIST_CONTENTS: &str = "*";
+
+/// What one owner has stored: the answer to `list` with `ns='*'`, written
+/// `<ns name='..'/>` per namespace holding a fragment (or an appended list) and
+/// `<archive ns='..'/>` per archive, each in byte order.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Contents {
+    pub namespaces: Vec<String>,
+    pub archives: Vec<String>,
+}
+
+impl Contents {
+    pub fn to_xml(&self) -> Bytes {
+        let mut out = String::new();
+        for ns in &self.namespaces {
+            out.push_str(&format!("<ns name='{}'/>", escape(ns)));
+        }
+        for ns in &self.archives {
+            out.push_str(&format!("<archive ns='{}'/>", escape(ns)));
+        }
+        Bytes::from(out)
+    }
+
+    /// Reads an answer (elements in any order, as the router merges the answers of
+    /// several stores); the lists come out sorted, each name once.
+    pub fn parse(content: &[u8]) -> Result<Contents, Refusal> {
+        let bad = |t: String| Refusal::new(StanzaErrorCondition::BadRequest, t);
+        let mut namespaces = std::collections::BTreeSet::new();
+        let mut archives = std::collections::BTreeSet::new();
+        let mut reader = quick_xml::Reader::from_reader(content);
+        let mut depth = 0usize;
+        loop {
+            let event = reader
+                .read_event()
+                .map_err(|e| bad(format!("a contents list that is not well-formed: {e}")))?;
+            let start = match event {
+                quick_xml::events::Event::Eof => break,
+                quick_xml::events::Event::Start(s) => {
+                    depth += 1;
+                    if depth > 1 {
+                        continue;
+                    }
+                    s
+                }
+                quick_xml::events::Event::Empty(s) if depth == 0 => s,
+                quick_xml::events::Event::End(_) => {
+                    depth = depth.saturating_sub(1);
+                    continue;
+                }
+                _ => continue,
+            };
+            let (target, key) = match start.name().as_ref() {
+                "ns" => (&mut namespaces, "name"),
+                "archive" => (&mut archives, "ns"),
+                _ => continue,
+            };
+            for a in start.attributes().flatten() {
+                if a.key.as_ref() == key {
+                    let value = quick_xml::escape::unescape(&a.value)
+                        .map_err(|e| bad(format!("a bad name in a contents list: {e}")))?;
+                    target.insert(value.into_owned());
+                }
+            }
+        }
+        Ok(Contents {
+            namespaces: namespaces.into_iter().collect(),
+            archives: archives.into_iter().collect(),
+        })
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.namespaces.is_empty() && self.archives.is_empty()
     }
 }
 
@@ -214,6 +293,24 @@ mod tests {
         assert_eq!(result.kind(), Some("result"));
         assert_eq!(result.to(), Some("sm-1"));
         assert_eq!(result.inner(), b"<x/>");
+    }
+
+    #[test]
+    fn contents_round_trip() {
+        let c = Contents {
+            namespaces: vec!["a'b".into(), "jabber:iq:roster".into()],
+            archives: vec!["urn:xmpp:mam:2".into()],
+        };
+        let xml = c.to_xml();
+        assert_eq!(
+            &xml[..],
+            b"<ns name='a&apos;b'/><ns name='jabber:iq:roster'/><archive ns='urn:xmpp:mam:2'/>"
+        );
+        assert_eq!(Contents::parse(&xml).unwrap(), c);
+        // Merged answers of several stores: any order, duplicates, other elements.
+        let merged = b"<archive ns='urn:xmpp:mam:2'/><ns name='jabber:iq:roster'/><owner jid='x@y'/><ns name='a&apos;b'/><ns name='jabber:iq:roster'/>";
+        assert_eq!(Contents::parse(merged).unwrap(), c);
+        assert!(Contents::parse(b"").unwrap().is_empty());
     }
 
     #[test]
