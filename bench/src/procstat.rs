@@ -77,3 +77,38 @@ pub fn cpu_nanos(pids: &[u32]) -> u64 {
     }
     total
 }
+
+/// Context switches (voluntary + involuntary) of every thread of the processes, from
+/// /proc/PID/task/*/status: each voluntary one is a thread going to sleep (waiting for
+/// a read, a futex, epoll), so per message they count the wake-ups on its path.
+pub fn context_switches(pids: &[u32]) -> u64 {
+    let mut total = 0;
+    for pid in pids {
+        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if let Ok(s) = std::fs::read_to_string(task.path().join("status")) {
+                total += s
+                    .lines()
+                    .filter(|l| l.contains("ctxt_switches:"))
+                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+                    .sum::<u64>();
+            }
+        }
+    }
+    total
+}
+
+/// Threads of a process (from /proc/PID/status).
+pub fn threads(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Threads:"))
+                .and_then(|v| v.trim().parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -6,6 +6,11 @@
 //! - `messages`: messages per second between clients in pairs with a fixed number in
 //!   flight per client, p50/p99 delivery latency, and server CPU per delivered message
 //!   (user + system time of every server process, from /proc);
+//! - `pair`: low load (issue 14): one pair of clients, one message in flight each (as
+//!   `messages --clients 2 --inflight 1`, 20 s), with context switches per message per
+//!   process; `--one-way` (only one sends: exactly one message in flight), `--syscalls`
+//!   (system calls, futex calls and wake-ups per message per process, `perf stat` on
+//!   tracepoints), `--profile c2s,sm` (`perf record -g` of those processes);
 //! - `idle`: server memory (RSS of every server process) per idle authenticated
 //!   connection;
 //!
@@ -23,6 +28,9 @@
 //! - `muc`: group chat (`bench::muc`): a 1 000-occupant room on the muc component,
 //!   server CPU and time of one more join, and room deliveries per second with server
 //!   CPU per delivery; the same clients against Prosody's MUC in the same run.
+//!
+//! With `--unix` the component links (c2s, sm, xdb-file, muc to the router) use a Unix
+//! socket instead of TCP on loopback.
 //!
 //! With `--sm` clients enable stream management with resumption (XEP-0198) after
 //! binding, ask for an acknowledgement (`<r/>`) after every 5 stanzas they send, and
@@ -49,7 +57,7 @@ use bench::caps::{self, Software};
 use bench::client::{accounts, client_tls, store_fragments, Client, ClientKeys, Transport, DOMAIN};
 use bench::muc;
 use bench::pep::{self, key, Cmd, Counters, Snapshot};
-use bench::procstat::{cpu_micros, per_process, server_pids};
+use bench::procstat::{context_switches, cpu_micros, per_process, server_pids, threads};
 use jrs_harness::{Options, Server};
 use jrs_stream::{Frame, Stanza};
 
@@ -69,6 +77,11 @@ struct Args {
     /// acknowledgement after every 5 stanzas they send.
     #[arg(long, global = true)]
     sm: bool,
+    /// Component links (c2s, sm, xdb-file to the router) over a Unix socket
+    /// (`<listen unix=...>` in router.xml, `unix=` on each `<router/>`) instead of TCP
+    /// on loopback; the router keeps its TCP listener for the accounts' setup.
+    #[arg(long, global = true)]
+    unix: bool,
 }
 
 #[derive(Subcommand, Debug, Clone)]
@@ -98,6 +111,25 @@ enum Scenario {
         /// perf-messages-TRANSPORT.data in the current directory.
         #[arg(long)]
         profile: bool,
+    },
+    /// One pair of clients, each keeping one message in flight to the other (issue 14:
+    /// `messages --clients 2 --inflight 1`, with more detail): messages/s, latency
+    /// p50/p99, server CPU per message in all and per process, context switches per
+    /// message per process.
+    Pair {
+        #[arg(long, default_value_t = 20)]
+        seconds: u64,
+        /// Only the first client sends: exactly one message in flight at a time.
+        #[arg(long)]
+        one_way: bool,
+        /// Count system calls, futex calls and context switches of each server process
+        /// with `perf stat` (tracepoints) during the measurement.
+        #[arg(long)]
+        syscalls: bool,
+        /// Record these server processes (comma-separated names, e.g. `c2s,sm`) with
+        /// `perf record -g` during the measurement into perf-pair-NAME.data.
+        #[arg(long, value_delimiter = ',')]
+        profile: Vec<String>,
     },
     /// Server memory per idle authenticated connection.
     Idle {
@@ -191,6 +223,7 @@ fn main() -> anyhow::Result<()> {
             without: args.without.clone(),
             carbons: args.carbons,
             sm: args.sm,
+            unix: args.unix,
         };
         let scenarios = match args.scenario {
             Scenario::All => vec![
@@ -257,6 +290,12 @@ fn main() -> anyhow::Result<()> {
                         .messages(clients, inflight, seconds, transport, profile)
                         .await
                 }
+                Scenario::Pair {
+                    seconds,
+                    one_way,
+                    syscalls,
+                    profile,
+                } => bench.pair(seconds, one_way, syscalls, &profile).await,
                 Scenario::Idle {
                     connections,
                     tls,
@@ -299,6 +338,7 @@ struct Setup {
     without: Vec<String>,
     carbons: bool,
     sm: bool,
+    unix: bool,
 }
 
 /// A running server with accounts, and what a client needs to reach it.
@@ -311,6 +351,55 @@ struct Bench {
     keys: ClientKeys,
     carbons: bool,
     sm: bool,
+    unix: bool,
+}
+
+/// The router's Unix socket with `--unix`, relative to the installation.
+const UNIX_LINK: &str = "router.sock";
+
+/// The `<router/>` element of component `name`: the harness's TCP one, or with
+/// `--unix` the same over the router's Unix socket.
+fn router_link(server: &Server, setup: &Setup, name: &str, secret: &str) -> String {
+    if setup.unix {
+        format!("<router unix='{UNIX_LINK}' name='{name}' secret='{secret}' reconnect='0.05'/>")
+    } else {
+        server.router_element(name, secret)
+    }
+}
+
+/// As the harness's `start_c2s_with_http`, with c2s's router link over the Unix socket.
+/// Returns (plaintext/STARTTLS port, http port) once both accept connections.
+async fn start_c2s_unix(server: &mut Server, extra: &str) -> anyhow::Result<(u16, u16)> {
+    let (starttls, direct, http) = (
+        jrs_harness::free_port(),
+        jrs_harness::free_port(),
+        jrs_harness::free_port(),
+    );
+    let config = format!(
+        "<c2s><router unix='{UNIX_LINK}' name='c2s' secret='c2s-secret' reconnect='0.05'/>\
+         <host name='localhost' cert='certs/localhost.crt' key='certs/localhost.key' self-signed='true'/>\
+         <listen address='127.0.0.1' port='{starttls}'/><listen address='127.0.0.1' port='{direct}' mode='tls'/>\
+         <listen address='127.0.0.1' port='{http}' mode='http' secure='true'/>\
+         {extra}<log level='debug'/></c2s>"
+    );
+    server.write("c2s.xml", &config)?;
+    server.spawn("c2s", "c2s", &["-c", "c2s.xml"])?;
+    for port in [starttls, direct, http] {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_err()
+        {
+            if let Some(status) = server.exited("c2s") {
+                bail!("c2s exited ({status}):\n{}", server.log("c2s"));
+            }
+            if Instant::now() > deadline {
+                bail!("c2s does not listen on {port}:\n{}", server.log("c2s"));
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    Ok((starttls, http))
 }
 
 /// Clients that enable stream management ask for an acknowledgement this often.
@@ -321,6 +410,7 @@ impl Bench {
         let users = match scenario {
             Scenario::Logins { count, .. } => (*count).min(1000),
             Scenario::Messages { clients, .. } => *clients,
+            Scenario::Pair { .. } => 2,
             Scenario::Idle { connections, .. } => *connections,
             Scenario::Hibernated { sessions } => *sessions,
             Scenario::Pep { users, .. } => *users,
@@ -330,6 +420,11 @@ impl Bench {
         let muc = matches!(scenario, Scenario::Muc { .. });
         let mut server = Server::start(Options {
             max_queue_bytes: 64 << 20,
+            extra_router: if setup.unix {
+                format!("<listen unix='{UNIX_LINK}'/>")
+            } else {
+                String::new()
+            },
             extra_users: if muc {
                 "<component name='muc' secret='muc-secret' trusted='true'><allow type='normal' host='conference.localhost'/></component>".to_owned()
             } else {
@@ -342,7 +437,7 @@ impl Bench {
             "xdb-file.xml",
             &format!(
             "<xdb-file>{}<host>localhost</host>{}<spool dir='spool'/><log level='warn'/></xdb-file>",
-            server.router_element("xdb-file", "xdb-secret"),
+            router_link(&server, setup, "xdb-file", "xdb-secret"),
             if muc { "<host>conference.localhost</host>" } else { "" }
         ),
         )?;
@@ -363,7 +458,7 @@ impl Bench {
             "sm.xml",
             &format!(
                 "<sm>{}<host>localhost</host>{sessions}<modules defaults='true'>{modules}</modules><log level='warn'/></sm>",
-                server.router_element("sm", "sm-secret")
+                router_link(&server, setup, "sm", "sm-secret")
             ),
         )?;
         server.spawn("sm", "sm", &["-c", "sm.xml"])?;
@@ -377,7 +472,7 @@ impl Bench {
                      <rooms max-rooms='100' max-occupants='100000' default-max-users='100000' \
                      max-history='50' default-history='20' message-rate='1000000' message-burst='1000000'/>\
                      <archive enabled='{archive}'/><log level='info'/></muc>",
-                    server.router_element("muc", "muc-secret")
+                    router_link(&server, setup, "muc", "muc-secret")
                 ),
             )?;
             server.spawn("muc", "muc", &["-c", "muc.xml"])?;
@@ -385,9 +480,13 @@ impl Bench {
         }
         // An http listener for the web transports (`secure`: as behind a TLS proxy, so
         // no STARTTLS is asked for), with no limit on connections from the one address.
-        let (port, _, web_port) = server
-            .start_c2s_with_http("<tls required='false'/><limits max-stanza-bytes='65536' max-depth='32' rate-bytes='100000000'/><timeouts idle='3600'/><web max-connections-per-address='1000000'/>")
-            .await?;
+        let c2s_extra = "<tls required='false'/><limits max-stanza-bytes='65536' max-depth='32' rate-bytes='100000000'/><timeouts idle='3600'/><web max-connections-per-address='1000000'/>";
+        let (port, web_port) = if setup.unix {
+            start_c2s_unix(&mut server, c2s_extra).await?
+        } else {
+            let (port, _, web_port) = server.start_c2s_with_http(c2s_extra).await?;
+            (port, web_port)
+        };
         let keys = ClientKeys::new();
         let mut fragments = accounts(users, &keys);
         if let Scenario::Pep {
@@ -409,11 +508,12 @@ impl Bench {
         store_fragments(&server, fragments).await?;
         let tls = client_tls(&server.path("certs/localhost.crt"))?;
         eprintln!(
-            "server up in {} ({users} accounts; sm modules without {:?}; clients enable carbons: {}, stream management: {})",
+            "server up in {} ({users} accounts; sm modules without {:?}; clients enable carbons: {}, stream management: {}; component links over {})",
             server.dir.display(),
             setup.without,
             setup.carbons,
-            setup.sm
+            setup.sm,
+            if setup.unix { "a Unix socket" } else { "TCP loopback" }
         );
         Ok(Bench {
             server,
@@ -423,6 +523,7 @@ impl Bench {
             keys,
             carbons: setup.carbons,
             sm: setup.sm,
+            unix: setup.unix,
         })
     }
 
@@ -521,6 +622,48 @@ impl Bench {
         transport: Transport,
         profile: bool,
     ) -> anyhow::Result<()> {
+        self.message_load(
+            clients,
+            inflight,
+            false,
+            seconds,
+            transport,
+            profile,
+            &Detail::default(),
+        )
+        .await
+    }
+
+    /// `messages` with one pair of clients, one message in flight each (or, `one_way`,
+    /// only the first sends), with context switches per process and optionally system
+    /// call counts and profiles.
+    async fn pair(
+        &self,
+        seconds: u64,
+        one_way: bool,
+        syscalls: bool,
+        profile: &[String],
+    ) -> anyhow::Result<()> {
+        let detail = Detail {
+            switches: true,
+            syscalls,
+            profile: profile.to_vec(),
+        };
+        self.message_load(2, 1, one_way, seconds, Transport::Tcp, false, &detail)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn message_load(
+        &self,
+        clients: usize,
+        inflight: u64,
+        one_way: bool,
+        seconds: u64,
+        transport: Transport,
+        profile: bool,
+        detail: &Detail,
+    ) -> anyhow::Result<()> {
         if transport == Transport::Bosh {
             bail!("messages: --transport tcp or ws");
         }
@@ -554,12 +697,15 @@ impl Bench {
         let wake: Arc<Vec<Notify>> = Arc::new((0..clients).map(|_| Notify::new()).collect());
         let running = Arc::new(AtomicBool::new(true));
         let latencies = Arc::new(Mutex::new(Vec::new()));
-        let epoch = Instant::now();
         let pids = self.pids();
+        let tracers = detail.start(&pids);
+        let epoch = Instant::now();
         let before: Vec<u64> = pids.iter().map(|p| cpu_micros(&[*p])).collect();
+        let switches_before: Vec<u64> = pids.iter().map(|p| context_switches(&[*p])).collect();
         let cpu_before = cpu_micros(&pids);
         let mut tasks = vec![];
         for (i, client) in logged.into_iter().enumerate() {
+            let inflight = if one_way && i % 2 == 1 { 0 } else { inflight };
             let partner = i ^ 1;
             let to = format!("user{partner}@{DOMAIN}/m");
             let (acked, wake, running, latencies) = (
@@ -582,6 +728,12 @@ impl Bench {
         let delivered: u64 = acked.iter().map(|a| a.load(Ordering::Acquire)).sum();
         let elapsed = epoch.elapsed();
         let cpu = cpu_micros(&self.pids()) - cpu_before;
+        let switches: Vec<u64> = pids
+            .iter()
+            .zip(&switches_before)
+            .map(|(p, b)| context_switches(&[*p]) - b)
+            .collect();
+        let counts = tracers.stop();
         profiler.stop();
         for w in wake.iter() {
             w.notify_one();
@@ -597,8 +749,10 @@ impl Bench {
             ""
         };
         println!(
-            "messages over {}{suffix}: {clients} clients in pairs, {inflight} in flight each, {seconds} s: {delivered} of {sent} delivered, {:.0} messages/s, latency p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/message",
+            "messages over {}{suffix}{}: {clients} clients in pairs, {inflight} in flight each{}, {seconds} s: {delivered} of {sent} delivered, {:.0} messages/s, latency p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/message",
             transport.name(),
+            if self.unix { ", component links over a Unix socket" } else { "" },
+            if one_way { " (one way: only the first of each pair sends)" } else { "" },
             delivered as f64 / elapsed.as_secs_f64(),
             percentile(&mut lat, 0.50).as_secs_f64() * 1e3,
             percentile(&mut lat, 0.99).as_secs_f64() * 1e3,
@@ -612,6 +766,30 @@ impl Bench {
             "  CPU µs per message by process: {}",
             per_process(&pids, at, "")
         );
+        if detail.switches {
+            let sw = |pid: u32| {
+                let i = pids.iter().position(|p| *p == pid).expect("known pid");
+                switches[i] as f64 / delivered.max(1) as f64
+            };
+            println!(
+                "  context switches per message by process: {}",
+                per_process(&pids, sw, "")
+            );
+            println!(
+                "  threads by process: {}",
+                per_process(&pids, |p| threads(p) as f64, "")
+            );
+        }
+        for (name, events) in counts {
+            println!(
+                "  {name} per message: {}",
+                events
+                    .iter()
+                    .map(|(e, n)| format!("{e} {:.2}", *n as f64 / delivered.max(1) as f64))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
         Ok(())
     }
 
@@ -829,6 +1007,144 @@ async fn wait_idle(pids: &[u32]) {
 
 /// `perf record` of one process while it lives; stopped (SIGINT) by [`Profiler::stop`].
 struct Profiler(Option<std::process::Child>);
+
+/// What `pair` adds to a message load's report.
+#[derive(Default)]
+struct Detail {
+    /// Context switches per message per process (from /proc).
+    switches: bool,
+    /// System calls per message per process (`perf stat` on tracepoints).
+    syscalls: bool,
+    /// Processes to record with `perf record -g`.
+    profile: Vec<String>,
+}
+
+/// The tracepoints `pair --syscalls` counts in each server process.
+const SYSCALL_EVENTS: &[(&str, &str)] = &[
+    ("raw_syscalls:sys_enter", "syscalls"),
+    ("syscalls:sys_enter_futex", "futex"),
+    ("syscalls:sys_enter_epoll_wait", "epoll_wait"),
+    ("syscalls:sys_enter_read", "read"),
+    ("syscalls:sys_enter_recvfrom", "recvfrom"),
+    ("syscalls:sys_enter_write", "write"),
+    ("syscalls:sys_enter_writev", "writev"),
+    ("syscalls:sys_enter_sendto", "sendto"),
+    ("syscalls:sys_enter_sched_yield", "sched_yield"),
+    ("syscalls:sys_enter_pwrite64", "pwrite64"),
+    ("syscalls:sys_enter_syncfs", "syncfs"),
+    ("syscalls:sys_enter_fsync", "fsync"),
+    ("syscalls:sys_enter_openat", "openat"),
+    ("syscalls:sys_enter_mkdir", "mkdir"),
+    ("syscalls:sys_enter_statx", "statx"),
+    ("sched:sched_switch", "switches"),
+    ("sched:sched_wakeup", "wakeups made"),
+];
+
+/// `perf stat` and `perf record` children started for a measurement.
+struct Tracers {
+    stats: Vec<(String, String, std::process::Child)>,
+    records: Vec<std::process::Child>,
+}
+
+impl Detail {
+    fn start(&self, pids: &[u32]) -> Tracers {
+        let mut t = Tracers {
+            stats: vec![],
+            records: vec![],
+        };
+        let name_of = |p: u32| {
+            std::fs::read_to_string(format!("/proc/{p}/comm"))
+                .unwrap_or_default()
+                .trim()
+                .to_owned()
+        };
+        for &pid in pids {
+            let name = name_of(pid);
+            if self.syscalls {
+                let out = std::env::temp_dir().join(format!("loadgen-stat-{pid}.csv"));
+                let events: Vec<&str> = SYSCALL_EVENTS.iter().map(|e| e.0).collect();
+                match std::process::Command::new("perf")
+                    .args(["stat", "-x,", "-e", &events.join(","), "-o"])
+                    .arg(&out)
+                    .args(["-p", &pid.to_string()])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                {
+                    Ok(c) => t.stats.push((name.clone(), out.display().to_string(), c)),
+                    Err(e) => eprintln!("perf stat did not start: {e}"),
+                }
+            }
+            if self.profile.contains(&name) {
+                let out = format!("perf-pair-{name}.data");
+                match std::process::Command::new("perf")
+                    .args([
+                        "record",
+                        "-F",
+                        "999",
+                        "-g",
+                        "-o",
+                        &out,
+                        "-p",
+                        &pid.to_string(),
+                    ])
+                    .stdout(std::process::Stdio::null())
+                    .stderr(std::process::Stdio::null())
+                    .spawn()
+                {
+                    Ok(c) => {
+                        eprintln!("profiling {name} (pid {pid}) into {out}");
+                        t.records.push(c)
+                    }
+                    Err(e) => eprintln!("perf record did not start: {e}"),
+                }
+            }
+        }
+        if !t.stats.is_empty() || !t.records.is_empty() {
+            // Let perf attach before the measurement starts.
+            std::thread::sleep(Duration::from_millis(700));
+        }
+        t
+    }
+}
+
+impl Tracers {
+    /// Stops every perf (SIGINT, so it writes its output) and returns, per process
+    /// name, each counted event.
+    fn stop(self) -> Vec<(String, Vec<(&'static str, u64)>)> {
+        let mut children: Vec<&mut std::process::Child> = vec![];
+        let mut stats = self.stats;
+        let mut records = self.records;
+        children.extend(stats.iter_mut().map(|s| &mut s.2));
+        children.extend(records.iter_mut());
+        for c in &children {
+            // SAFETY: kill(2) on our own child's pid.
+            unsafe {
+                libc::kill(c.id() as i32, libc::SIGINT);
+            }
+        }
+        for c in children {
+            let _ = c.wait();
+        }
+        let mut out = vec![];
+        for (name, file, _) in stats {
+            let text = std::fs::read_to_string(&file).unwrap_or_default();
+            let _ = std::fs::remove_file(&file);
+            let mut events = vec![];
+            for (event, label) in SYSCALL_EVENTS {
+                let n = text
+                    .lines()
+                    .find(|l| l.split(',').nth(2) == Some(event))
+                    .and_then(|l| l.split(',').next()?.parse::<u64>().ok())
+                    .unwrap_or(0);
+                events.push((*label, n));
+            }
+            out.push((name, events));
+        }
+        out.sort_by(|a, b| a.0.cmp(&b.0));
+        out
+    }
+}
 
 impl Profiler {
     /// Starts recording sm when `phase` is the one to profile.
