@@ -57,9 +57,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     let tls = tls::load(&config.hosts)?;
     let link = config.router.clone().for_instance(args.common.instance);
     let shared = Arc::new(Shared::new(config, tls, link.name.clone()));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    // One thread by default: without cross-thread wake-ups a lone message costs about
+    // 40% less CPU, and 200 clients on two cores are no slower (docs/benchmarks.md, "Low
+    // load"). JABBERD_RUNTIME(_PROGRAM)=multi:N changes it (crates/component/src/runtime.rs).
+    let runtime = jrs_component::runtime::build("c2s", jrs_component::runtime::Shape::Current)?;
     runtime.block_on(async move {
         let serving = shared.clone();
         jrs_sx::listener::start_all(

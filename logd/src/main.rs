@@ -59,16 +59,11 @@ fn run(args: Args) -> anyhow::Result<()> {
     std::sync::LazyLock::force(&RECORDS);
     let sinks = Arc::new(Mutex::new(Sinks::new(&config)));
     let me: Arc<str> = link.name.clone().into();
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .enable_all()
-        .build()?
-        .block_on(run_component(
-            link,
-            config.limits,
-            binds,
-            |reader, outbox| serve(sinks.clone(), me.clone(), reader, outbox),
-        ))
+    jrs_component::runtime::build("logd", jrs_component::runtime::Shape::Multi(Some(1)))?.block_on(
+        run_component(link, config.limits, binds, |reader, outbox| {
+            serve(sinks.clone(), me.clone(), reader, outbox)
+        }),
+    )
 }
 
 /// `jabberd_logd_records_total{level}`: log records received (docs/metrics.md).

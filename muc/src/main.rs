@@ -149,10 +149,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         directory_started: AtomicBool::new(false),
         link: Mutex::new(None),
     });
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime =
+        jrs_component::runtime::build("muc", jrs_component::runtime::Shape::Multi(Some(2)))?;
     let stopping = ctx.clone();
     runtime.block_on(run_component_until_stopped(
         link,

@@ -71,10 +71,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let link = config.router.clone().for_instance(args.common.instance);
     std::sync::LazyLock::force(&STREAMS);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime =
+        jrs_component::runtime::build("proxy65", jrs_component::runtime::Shape::Multi(Some(2)))?;
     runtime.block_on(async move {
         let address = format!("{}:{}", config.listen_address, config.listen_port);
         let listener = tokio::net::TcpListener::bind(&address)

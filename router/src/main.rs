@@ -64,10 +64,17 @@ fn main() -> std::process::ExitCode {
     }
     jrs_component::logging::init(&config.log);
     jrs_component::transport::install_crypto_provider();
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
+    // One thread by default: without cross-thread wake-ups a lone message costs about
+    // 40% less CPU, and 200 clients on two cores are no slower (docs/benchmarks.md, "Low
+    // load"). JABBERD_RUNTIME(_PROGRAM)=multi:N changes it (crates/component/src/runtime.rs).
+    let runtime =
+        match jrs_component::runtime::build("router", jrs_component::runtime::Shape::Current) {
+            Ok(runtime) => runtime,
+            Err(e) => {
+                eprintln!("router: {e:#}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
     match runtime.block_on(run(args, config, users, metrics)) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

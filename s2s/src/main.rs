@@ -75,10 +75,8 @@ fn run(args: Args) -> anyhow::Result<()> {
     };
     let link = config.router.clone().for_instance(args.common.instance);
     std::sync::LazyLock::force(&metrics::M);
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime =
+        jrs_component::runtime::build("s2s", jrs_component::runtime::Shape::Multi(Some(2)))?;
     runtime.block_on(async move {
         let resolver = resolve::Resolver::new(&config.nameservers, config.routes.clone())?;
         let shared = Arc::new(Shared::new(config, tls, resolver, secret));

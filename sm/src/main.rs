@@ -79,10 +79,10 @@ fn run(args: Args) -> anyhow::Result<()> {
     link::describe(&ctx);
     metrics::register(&ctx);
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    // One thread by default: without cross-thread wake-ups a lone message costs about
+    // 40% less CPU, and 200 clients on two cores are no slower (docs/benchmarks.md, "Low
+    // load"). JABBERD_RUNTIME(_PROGRAM)=multi:N changes it (crates/component/src/runtime.rs).
+    let runtime = jrs_component::runtime::build("sm", jrs_component::runtime::Shape::Current)?;
     runtime.block_on(run_component(link, limits, binds, |reader, outbox| {
         link::serve(ctx.clone(), reader, outbox)
     }))

@@ -75,10 +75,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         })
         .collect();
 
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime =
+        jrs_component::runtime::build("xdb-pg", jrs_component::runtime::Shape::Multi(Some(2)))?;
     runtime.block_on(async move {
         // The schema first: bind only once requests can be served. Until then the
         // router holds them for its grace period.

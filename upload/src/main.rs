@@ -143,10 +143,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         limits: config.connections.clone(),
     });
     let service = Arc::new(slots::Service::new(config.clone(), signer, store.clone()));
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()?;
+    let runtime =
+        jrs_component::runtime::build("upload", jrs_component::runtime::Shape::Multi(Some(2)))?;
     runtime.block_on(async move {
         let address = format!("{}:{}", config.http.address, config.http.port);
         let listener = tokio::net::TcpListener::bind(&address)

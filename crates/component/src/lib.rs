@@ -17,6 +17,7 @@ pub mod log_record;
 pub mod log_route;
 pub mod logging;
 pub mod protocol;
+pub mod runtime;
 pub mod service;
 pub mod session;
 pub mod transport;

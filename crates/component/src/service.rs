@@ -348,16 +348,11 @@ pub fn run_thin(
         let link = config.router.clone().for_instance(args.instance);
         let binds = binds(&config.hosts);
         info!(name = %link.name, "{program} starting");
-        tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
-            .enable_all()
-            .build()?
-            .block_on(run_component(
-                link,
-                config.limits,
-                binds,
-                |reader, outbox| refuse_all(reader, outbox, condition, text),
-            ))
+        crate::runtime::build(program, crate::runtime::Shape::Multi(Some(1)))?.block_on(
+            run_component(link, config.limits, binds, |reader, outbox| {
+                refuse_all(reader, outbox, condition, text)
+            }),
+        )
     })();
     exit_code(result, program)
 }
