@@ -71,6 +71,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         )
         .await?;
         web::start(&shared).await?;
+        tokio::spawn(shared.clone().watch_restores());
         info!(name = %link.name, "c2s ready");
         // Packets from sm can be as large as what sm stores (rosters, vCards).
         let limits = Limits {

@@ -69,8 +69,8 @@ pub static M: LazyLock<Metrics> = LazyLock::new(|| Metrics {
     ),
     sessions: jrs_metrics::counters(
         "jabberd_c2s_sessions",
-        "Sessions started (bound), resumed here, and handed to sm to hibernate.",
-        &[("event", &["started", "resumed", "hibernated"])],
+        "Sessions started (bound), resumed here, handed to sm to hibernate, and restored at sm.",
+        &[("event", &["started", "resumed", "restored", "hibernated"])],
     ),
 });
 

@@ -2,12 +2,16 @@
 //! session, what sm's packets tell a connection, and how c2s writes its packets.
 
 use std::sync::Mutex;
+use std::time::Instant;
 
 use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot};
 
+use jrs_stream::children::children;
 use jrs_stream::xml::escape;
 use jrs_stream::{Stanza, StreamErrorCondition};
+
+pub use jrs_component::session::SessionState;
 
 /// One stanza on its way to the client (from offline storage or not).
 pub use jrs_component::session::Queued as Item;
@@ -66,6 +70,74 @@ pub struct SessionHandle {
     answer: Mutex<Option<oneshot::Sender<Answer>>>,
     /// The sm instance holding the session.
     sm: Mutex<Option<String>>,
+    /// What sm would need to rebuild the session, and whether it must.
+    kept: Mutex<Kept>,
+}
+
+/// What c2s keeps of a session for the day its sm instance loses it.
+#[derive(Debug, Default)]
+pub struct Kept {
+    /// The session as the client made it (from what it sent).
+    pub state: SessionState,
+    /// Set while sm does not have the session.
+    pub lost: Option<Lost>,
+}
+
+/// A session whose sm instance went away (or c2s's router link dropped).
+#[derive(Debug)]
+pub enum Lost {
+    /// Waiting for an sm instance: the client's `stanza` packets wait here, in order.
+    Waiting { since: Instant, held: Vec<Bytes> },
+    /// `restore` went out at `since`; sm answers `restored` (or `end`).
+    Restoring { since: Instant },
+}
+
+/// Client stanzas held per session while its sm is away; past it they are refused.
+pub const HELD_MAX: usize = 200;
+
+const NS_CARBONS: &str = "urn:xmpp:carbons:2";
+const NS_ROSTER: &str = "jabber:iq:roster";
+const NS_BLOCKING: &str = "urn:xmpp:blocking";
+
+/// Notes in `state` what a client stanza on its way to sm changes in the session as sm
+/// keeps it: broadcast presence (the stamped bytes), directed presence, carbons, and
+/// whether it asked for roster or blocklist pushes.
+pub fn track(state: &mut SessionState, stanza: &Stanza, stamped: &Bytes) {
+    match stanza.name() {
+        "presence" => {
+            let to = stanza
+                .to()
+                .and_then(|t| jrs_stream::xml::unescape(t).map(|t| t.into_owned()));
+            match (to, stanza.kind()) {
+                (None, None) => state.presence = Some(stamped.clone()),
+                (None, Some("unavailable")) => {
+                    state.presence = None;
+                    state.directed.clear();
+                }
+                (Some(to), None)
+                    if !state.directed.contains(&to)
+                        && state.directed.len() < jrs_component::session::DIRECTED_MAX =>
+                {
+                    state.directed.push(to);
+                }
+                (Some(to), Some("unavailable")) => state.directed.retain(|d| d != &to),
+                _ => {}
+            }
+        }
+        "iq" if stanza.to().is_none() => {
+            let Some(payload) = children(stanza).into_iter().next() else {
+                return;
+            };
+            match (stanza.kind(), payload.name.as_str(), payload.ns.as_str()) {
+                (Some("set"), "enable", NS_CARBONS) => state.carbons = true,
+                (Some("set"), "disable", NS_CARBONS) => state.carbons = false,
+                (Some("get"), "query", NS_ROSTER) => state.roster = true,
+                (Some("get"), "blocklist", NS_BLOCKING) => state.blocklist = true,
+                _ => {}
+            }
+        }
+        _ => {}
+    }
 }
 
 impl SessionHandle {
@@ -83,6 +155,7 @@ impl SessionHandle {
             to_client,
             answer: Mutex::new(Some(answer)),
             sm: Mutex::new(None),
+            kept: Mutex::default(),
         }
     }
 
@@ -96,6 +169,7 @@ impl SessionHandle {
             to_client: mpsc::unbounded_channel().0,
             answer: Mutex::new(None),
             sm: Mutex::new(None),
+            kept: Mutex::default(),
         }
     }
 
@@ -108,7 +182,21 @@ impl SessionHandle {
             to_client: self.to_client.clone(),
             answer: Mutex::new(None),
             sm: Mutex::new(sm.map(str::to_owned)),
+            kept: Mutex::new(Kept {
+                state: self.kept().state.clone(),
+                lost: None,
+            }),
         }
+    }
+
+    /// What c2s keeps of the session (locked).
+    pub fn kept(&self) -> std::sync::MutexGuard<'_, Kept> {
+        self.kept.lock().expect("kept lock")
+    }
+
+    /// The session's domain (the bare JID's).
+    pub fn domain(&self) -> &str {
+        self.bare.rsplit_once('@').map_or(&self.bare, |(_, d)| d)
     }
 
     /// Resolves the pending `start`/`resume`; false when none was pending.
@@ -179,4 +267,47 @@ pub fn first_element_name(content: &[u8]) -> Option<String> {
         .take_while(|c| !c.is_whitespace() && *c != '/' && *c != '>')
         .collect();
     (!name.is_empty()).then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn note(state: &mut SessionState, xml: &'static str) {
+        let stanza = Stanza::parse(Bytes::from_static(xml.as_bytes())).unwrap();
+        let stamped = stanza.with_addresses(None, Some("a@b/r"));
+        track(state, &stanza, &stamped);
+    }
+
+    #[test]
+    fn tracks_what_sm_would_lose() {
+        let mut s = SessionState::default();
+        note(
+            &mut s,
+            "<iq type='get' id='1'><query xmlns='jabber:iq:roster'/></iq>",
+        );
+        note(
+            &mut s,
+            "<iq type='set' id='2'><enable xmlns='urn:xmpp:carbons:2'/></iq>",
+        );
+        note(
+            &mut s,
+            "<iq type='get' id='3' to='x@y'><blocklist xmlns='urn:xmpp:blocking'/></iq>",
+        );
+        note(&mut s, "<presence><show>away</show></presence>");
+        note(&mut s, "<presence to='room@muc/me'/>");
+        note(&mut s, "<presence to='gw.example'/>");
+        note(&mut s, "<presence to='gw.example' type='unavailable'/>");
+        note(&mut s, "<presence to='c@d' type='subscribe'/>");
+        assert!(s.roster && s.carbons && !s.blocklist);
+        assert_eq!(s.directed, ["room@muc/me"]);
+        let p = s.presence.clone().unwrap();
+        assert!(p.windows(12).any(|w| w == b"from='a@b/r'"), "{p:?}");
+        note(
+            &mut s,
+            "<iq type='set' id='4'><disable xmlns='urn:xmpp:carbons:2'/></iq>",
+        );
+        note(&mut s, "<presence type='unavailable'/>");
+        assert!(!s.carbons && s.presence.is_none() && s.directed.is_empty());
+    }
 }

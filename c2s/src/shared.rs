@@ -2,7 +2,7 @@
 //! storage client, the router link, the table of sessions by id, and the shutdown signal.
 //! The packets of the session protocol with sm are `protocol.rs`.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -18,13 +18,19 @@ use jrs_xdb::XdbClient;
 use crate::auth_failures::AuthFailures;
 use crate::config::C2sConfig;
 use crate::negotiation;
-use crate::protocol::{self, Answer, Counts, Item, Resumption, SessionHandle, ToClient};
+use crate::protocol::{self, Answer, Counts, Item, Lost, Resumption, SessionHandle, ToClient};
 use crate::session::stream_management::AckPolicy;
 use crate::tls::Tls;
 
 /// Bytes read from a client at a time (stanzas are usually far smaller, and most clients
 /// are idle: memory per connection).
 const CLIENT_READ_SIZE: usize = 1024;
+
+/// How long a session whose sm instance went away waits for one to restore it on, and
+/// then how long sm may take to answer `restore`: past either, the client gets
+/// `<reset/>` and logs in again (docs/c2s.md, "When sm or the router restarts").
+const SM_WAIT: Duration = Duration::from_secs(60);
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub struct Shared {
     pub config: C2sConfig,
@@ -37,6 +43,9 @@ pub struct Shared {
     pub negotiation: negotiation::Settings,
     router: Mutex<Option<Outbox>>,
     sessions: Mutex<HashMap<String, Arc<SessionHandle>>>,
+    /// The hosts each connected sm instance bound a `session` route for (link notices):
+    /// where a session whose sm went away can be restored.
+    sm_hosts: Mutex<HashMap<String, HashSet<String>>>,
     /// Session ids are `{boot}-{n}`: a restarted c2s never reuses the ids of its
     /// previous run, which sm may still hold (a resumption waiting for a `park`).
     boot: String,
@@ -83,6 +92,7 @@ impl Shared {
             me,
             router: Mutex::new(None),
             sessions: Mutex::new(HashMap::new()),
+            sm_hosts: Mutex::default(),
             boot: format!("{:08x}", rand::random::<u32>()),
             next_sid: AtomicU64::new(1),
             relays: AtomicUsize::new(0),
@@ -242,6 +252,11 @@ impl Shared {
     /// Tells sm that a session taken out of the table (`known`: it was in it) ended,
     /// with what its client did not receive.
     pub fn tell_end(&self, handle: &SessionHandle, known: bool, undelivered: &[Item]) {
+        if let Some(Lost::Waiting { held, .. }) = handle.kept().lost.take() {
+            if !held.is_empty() {
+                warn!(jid = %handle.jid, held = held.len(), "session ended while its sm was away: what its client sent meanwhile is dropped");
+            }
+        }
         if known || !undelivered.is_empty() {
             let items = protocol::items(undelivered);
             self.send(protocol::packet(&self.me, "end", handle, &[], &items));
@@ -307,9 +322,20 @@ impl Shared {
         }
     }
 
-    /// The `session` packet carrying a client's stanza to sm.
+    /// The `session` packet carrying a client's stanza to sm; held while the session's
+    /// sm is away (false past [`protocol::HELD_MAX`], or while the router link is down).
     pub fn client_stanza(&self, handle: &SessionHandle, stanza: &[u8]) -> bool {
-        self.send(protocol::packet(&self.me, "stanza", handle, &[], stanza))
+        let packet = protocol::packet(&self.me, "stanza", handle, &[], stanza);
+        let mut kept = handle.kept();
+        match &mut kept.lost {
+            Some(Lost::Waiting { held, .. }) if held.len() < protocol::HELD_MAX => {
+                held.push(packet);
+                true
+            }
+            Some(Lost::Waiting { .. }) => false,
+            // Under the lock: a restore and what was held go out before this.
+            _ => self.send(packet),
+        }
     }
 
     /// Serves the router link until it drops.
@@ -323,7 +349,13 @@ impl Shared {
         let caps = &self.negotiation.caps;
         caps.ask(&outbox, &self.me, &self.negotiation.hosts);
         loop {
-            let stanza = reader.next().await?;
+            let stanza = match reader.next().await {
+                Ok(stanza) => stanza,
+                Err(e) => {
+                    self.link_lost();
+                    return Err(e);
+                }
+            };
             match TopLevel::classify(stanza.name()) {
                 _ if stanza.name() == "xdb" => {
                     self.xdb.answer(&stanza);
@@ -408,6 +440,8 @@ impl Shared {
                 }
                 // The handle now names the session's full JID.
                 let resumed = Arc::new(handle.with_jid(jid, packet.from()));
+                // What sm knows of the session, to tell it again should it lose it.
+                resumed.kept().state = protocol::SessionState::decode(packet);
                 self.sessions
                     .lock()
                     .expect("sessions lock")
@@ -427,6 +461,33 @@ impl Shared {
                 }));
             }
             Some("collect") => to_client(ToClient::Collect),
+            Some("restored") => {
+                let mut kept = handle.kept();
+                if matches!(kept.lost, Some(Lost::Restoring { .. })) {
+                    kept.lost = None;
+                    handle.set_sm(packet.from());
+                    info!(jid = %handle.jid, sm = packet.from().unwrap_or(""), "session restored");
+                    crate::metrics::M.sessions.by("restored").inc();
+                }
+            }
+            Some("error") if matches!(handle.kept().lost, Some(Lost::Waiting { .. })) => {
+                // Sent before we heard that sm went away, and bounced: the client's
+                // stanza is lost (the router held it past its grace period).
+                debug!(jid = %handle.jid, "a packet for a session waiting for its sm bounced");
+            }
+            Some("end")
+                if handle.kept().lost.is_some()
+                    && protocol::first_element_name(packet.inner()).as_deref() == Some("reset") =>
+            {
+                // The new sm did not know the session yet: what it returns was sent
+                // before we heard that its sm went away. Sent again after the restore.
+                self.send_again(&handle, protocol::queued_items(packet));
+            }
+            _ if handle.kept().lost.is_some() && matches!(packet.kind(), Some("error" | "end")) => {
+                // No sm could restore the session (or one refused): log in again.
+                info!(jid = %handle.jid, kind = packet.kind().unwrap_or(""), "session not restored: reset");
+                self.reset(&handle);
+            }
             Some("error") => {
                 // The router bounced what we sent for this session: no sm is reachable.
                 self.forget(&handle);
@@ -521,31 +582,191 @@ impl Shared {
         }
     }
 
-    /// A component disconnected: the sessions its sm instance held are gone.
+    /// Link notices: which sm instances serve which hosts; when one disconnects, the
+    /// sessions it held wait for an instance to restore them on (docs/c2s.md).
     fn notice(&self, notice: &Stanza) {
-        if notice.attr("event").as_deref() != Some("disconnected") {
-            return;
-        }
         let Some(name) = notice.attr("name") else {
             return;
         };
-        let lost: Vec<Arc<SessionHandle>> = {
-            let mut sessions = self.sessions.lock().expect("sessions lock");
-            let ids: Vec<String> = sessions
-                .values()
-                .filter(|h| h.sm().as_deref() == Some(name.as_str()))
-                .map(|h| h.sid.clone())
-                .collect();
-            ids.iter().filter_map(|id| sessions.remove(id)).collect()
-        };
-        if !lost.is_empty() {
-            info!(sm = %name, sessions = lost.len(), "session manager instance went away: closing its clients' streams");
+        let session_route = notice.attr("route").as_deref() == Some("session");
+        let host = notice.attr("host").unwrap_or_default();
+        match notice.attr("event").as_deref() {
+            Some("bound") if session_route => {
+                self.sm_hosts
+                    .lock()
+                    .expect("sm hosts lock")
+                    .entry(name)
+                    .or_default()
+                    .insert(host);
+                self.restore_waiting();
+            }
+            Some("unbound") if session_route => {
+                if let Some(hosts) = self.sm_hosts.lock().expect("sm hosts lock").get_mut(&name) {
+                    hosts.remove(&host);
+                }
+            }
+            Some("disconnected") => {
+                self.sm_hosts.lock().expect("sm hosts lock").remove(&name);
+                let lost = self.suspend(|h| h.sm().as_deref() == Some(name.as_str()));
+                if lost > 0 {
+                    info!(sm = %name, sessions = lost, "session manager instance went away: its sessions wait to be restored");
+                }
+                // Another instance may serve their users now.
+                self.restore_waiting();
+            }
+            _ => {}
         }
-        for h in lost {
-            let _ = h.to_client.send(Box::new(ToClient::End(
-                StreamErrorCondition::Reset,
-                "the session manager restarted: log in again".into(),
-            )));
+    }
+
+    /// Our router link dropped: every session's sm will have lost it (sm keeps sessions
+    /// over its own link's loss only until their c2s restores them). Restored once the
+    /// link is back and an sm instance is bound.
+    fn link_lost(&self) {
+        self.sm_hosts.lock().expect("sm hosts lock").clear();
+        // Sessions being restored too: their `restore` may be lost with the link.
+        let lost = self
+            .suspend(|h| h.sm().is_some() || matches!(h.kept().lost, Some(Lost::Restoring { .. })));
+        if lost > 0 {
+            info!(
+                sessions = lost,
+                "router link lost: sessions wait to be restored"
+            );
+        }
+    }
+
+    /// Marks the sessions `which` picks as lost by their sm; how many.
+    fn suspend(&self, which: impl Fn(&SessionHandle) -> bool) -> usize {
+        let sessions = self.sessions.lock().expect("sessions lock");
+        let mut n = 0;
+        for h in sessions.values().filter(|h| which(h)) {
+            h.set_sm(None);
+            let mut kept = h.kept();
+            if !matches!(kept.lost, Some(Lost::Waiting { .. })) {
+                kept.lost = Some(Lost::Waiting {
+                    since: std::time::Instant::now(),
+                    held: vec![],
+                });
+            }
+            n += 1;
+        }
+        n
+    }
+
+    /// Sends `restore` for every waiting session whose host an sm instance serves now,
+    /// then what its client sent meanwhile.
+    fn restore_waiting(&self) {
+        let hosts: HashSet<String> = self
+            .sm_hosts
+            .lock()
+            .expect("sm hosts lock")
+            .values()
+            .flatten()
+            .cloned()
+            .collect();
+        if hosts.is_empty() {
+            return;
+        }
+        let waiting: Vec<Arc<SessionHandle>> = self
+            .sessions
+            .lock()
+            .expect("sessions lock")
+            .values()
+            .filter(|h| hosts.contains(h.domain()))
+            .filter(|h| matches!(h.kept().lost, Some(Lost::Waiting { .. })))
+            .cloned()
+            .collect();
+        if waiting.is_empty() {
+            return;
+        }
+        info!(
+            sessions = waiting.len(),
+            "restoring sessions at the session manager"
+        );
+        for h in waiting {
+            let mut kept = h.kept();
+            let Some(Lost::Waiting { held, .. }) = kept.lost.take() else {
+                continue;
+            };
+            let (attrs, content) = kept.state.encode();
+            let attrs: Vec<(&str, &str)> = attrs.iter().map(|(n, v)| (*n, v.as_str())).collect();
+            self.send(protocol::packet(&self.me, "restore", &h, &attrs, &content));
+            for packet in held {
+                self.send(packet);
+            }
+            kept.lost = Some(Lost::Restoring {
+                since: std::time::Instant::now(),
+            });
+        }
+    }
+
+    /// Client stanzas sm returned for a session being restored: before what is held
+    /// (they were sent first), or after the `restore` that went out already.
+    fn send_again(&self, handle: &SessionHandle, items: Vec<Item>) {
+        if items.is_empty() {
+            return;
+        }
+        debug!(jid = %handle.jid, stanzas = items.len(), "returned by sm before the restore: sent again");
+        let packets = items
+            .iter()
+            .map(|i| protocol::packet(&self.me, "stanza", handle, &[], &i.bytes));
+        let mut kept = handle.kept();
+        match &mut kept.lost {
+            Some(Lost::Waiting { held, .. }) => {
+                let later = std::mem::take(held);
+                held.extend(packets);
+                held.extend(later);
+            }
+            _ => {
+                for p in packets {
+                    self.send(p);
+                }
+            }
+        }
+    }
+
+    /// Ends session `handle` with `<reset/>`: its client logs in again.
+    fn reset(&self, handle: &SessionHandle) {
+        let held = match self.forget_kept(handle) {
+            Some(Lost::Waiting { held, .. }) => held.len(),
+            _ => 0,
+        };
+        if held > 0 {
+            warn!(jid = %handle.jid, held, "stanzas held for a session that was not restored are dropped");
+        }
+        let _ = handle.to_client.send(Box::new(ToClient::End(
+            StreamErrorCondition::Reset,
+            "the session manager restarted: log in again".into(),
+        )));
+    }
+
+    /// Takes a session out of the table, with what it waited for.
+    fn forget_kept(&self, handle: &SessionHandle) -> Option<Lost> {
+        self.forget(handle);
+        handle.kept().lost.take()
+    }
+
+    /// Every second: sessions that waited too long for an sm, or for sm's answer to
+    /// `restore`, are reset (their clients log in again).
+    pub async fn watch_restores(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            let late: Vec<Arc<SessionHandle>> = self
+                .sessions
+                .lock()
+                .expect("sessions lock")
+                .values()
+                .filter(|h| match &h.kept().lost {
+                    Some(Lost::Waiting { since, .. }) => since.elapsed() > SM_WAIT,
+                    Some(Lost::Restoring { since }) => since.elapsed() > RESTORE_TIMEOUT,
+                    None => false,
+                })
+                .cloned()
+                .collect();
+            for h in late {
+                warn!(jid = %h.jid, "no session manager restored the session: reset");
+                self.reset(&h);
+            }
         }
     }
 }

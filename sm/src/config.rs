@@ -27,6 +27,9 @@ pub struct SmConfig {
     /// XEP-0198: hibernating sessions kept per user (the oldest ends first) and in all.
     pub hibernated_per_user: usize,
     pub hibernated_total: usize,
+    /// How long sessions wait for c2s to restore them after sm's router link came up
+    /// (sm restarted, or its link dropped): docs/sm.md.
+    pub restore_wait: Duration,
     /// How long to wait for storage before retrying once.
     pub xdb_timeout: Duration,
     pub limits: Limits,
@@ -118,6 +121,7 @@ impl SmConfig {
             user_queue: 10_000,
             hibernated_per_user: 5,
             hibernated_total: 10_000,
+            restore_wait: Duration::from_secs(30),
             xdb_timeout: Duration::from_secs(5),
             limits: limits_from_node(root.child("limits")?, Limits::default())?,
             log: LogConfig::from_node(root.child("log")?)?,
@@ -130,6 +134,7 @@ impl SmConfig {
                     "queue",
                     "hibernated-per-user",
                     "hibernated-total",
+                    "restore-wait",
                 ],
                 &[],
             )?;
@@ -138,6 +143,7 @@ impl SmConfig {
             c.user_queue = positive(n, "queue", c.user_queue)?;
             c.hibernated_per_user = count(n, "hibernated-per-user", c.hibernated_per_user)?;
             c.hibernated_total = count(n, "hibernated-total", c.hibernated_total)?;
+            c.restore_wait = n.seconds_attr("restore-wait")?.unwrap_or(c.restore_wait);
         }
         if let Some(n) = root.child("cache")? {
             n.allow(&["accounts", "seconds"], &[])?;

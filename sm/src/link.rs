@@ -28,8 +28,9 @@ pub async fn serve(
     ctx.set_link(outbox);
     // The router tells again what is bound when we subscribe to its notices.
     ctx.components.clear();
-    // Sessions held over a previous link are gone: c2s reset those clients when it heard
-    // we disconnected. Queued before anything read on this link.
+    // Sessions held over a previous link wait for their c2s to restore them (it does
+    // once its own link is back and ours is bound; docs/sm.md). Queued before anything
+    // read on this link.
     ctx.users.broadcast(|| Event::LinkLost);
     loop {
         let stanza = reader.next().await?;
@@ -112,6 +113,7 @@ fn session(ctx: &Arc<Ctx>, packet: Stanza) {
             None => return,
         },
         "hibernate" => Event::Hibernate(r),
+        "restore" => Event::Restore(r, jrs_component::session::SessionState::decode(&packet)),
         "park" => Event::Park(
             r,
             Park {

@@ -30,7 +30,7 @@ pub static M: LazyLock<Metrics> = LazyLock::new(|| {
         "Session packets from c2s, by kind.",
         &[(
             "event",
-            &["start", "end", "resume", "resumable", "hibernate", "park", "other"],
+            &["start", "end", "resume", "resumable", "hibernate", "park", "restore", "other"],
         )],
     ),
 }

@@ -402,13 +402,16 @@ def test_blocklist_survives_sm_restart(server):
         await alice.online()
         await alice.plugin["xep_0191"].block(["bob@localhost", "spam.example"], timeout=5)
 
+        offset = len(server.log("c2s"))
         server.kill("sm")
-        await asyncio.wait_for(alice.gone.wait(), 5)  # c2s closed alice's stream
-        await asyncio.get_running_loop().run_in_executor(None, server.restart, "sm")
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, server.restart, "sm")
+        # c2s restores alice's session at the new sm: she stays connected.
+        await loop.run_in_executor(None, lambda: server.wait_for(
+            lambda: "session restored" in server.log("c2s")[offset:], "alice's session restored"))
+        assert not alice.gone.is_set()
 
-        alice = make(clients, "alice@localhost/a")
         bob = make(clients, "bob@localhost/b")
-        await alice.online()
         await bob.online()
         assert await blocklist(alice) == {"bob@localhost", "spam.example"}
         send_message(bob, "alice@localhost", "after the restart", "r-1")

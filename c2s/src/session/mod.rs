@@ -158,6 +158,7 @@ async fn bind2<'a>(
         None => String::new(),
     };
     if bind.inactive {
+        live.handle.kept().state.inactive = true;
         live.csi.inactive();
     }
     if bind.carbons {
@@ -170,6 +171,7 @@ async fn bind2<'a>(
             crate::sasl2::NS_CARBONS
         );
         shared.client_stanza(&live.handle, iq.as_bytes());
+        live.handle.kept().state.carbons = true;
         live.own_iq = Some(id);
     }
     let inner = format!("{failed}{}", crate::sasl2::Done::bound(&enabled));
@@ -239,6 +241,7 @@ pub async fn resume(
         h,
     );
     let handle = resumption.handle;
+    handle.kept().state.token = Some(previd.clone());
     shared.delivered(&handle, confirmed);
     let mut resumed = format!(
         "<resumed xmlns='{NS_SM}' previd='{}' h='{}'/>",
@@ -518,10 +521,12 @@ impl<'a> Live<'a> {
                 return self.stream_management(&element).await
             }
             ("active", Some(NS_CSI)) if config.csi.enabled => {
+                self.handle.kept().state.inactive = false;
                 let held = self.csi.active();
                 return self.write_items(held).await;
             }
             ("inactive", Some(NS_CSI)) if config.csi.enabled => {
+                self.handle.kept().state.inactive = true;
                 self.csi.inactive();
                 return Ok(());
             }
@@ -546,6 +551,7 @@ impl<'a> Live<'a> {
         let answer = if wanted && config.resume {
             let token = new_token();
             self.shared.resumable(&self.handle, &token);
+            self.handle.kept().state.token = Some(token.clone());
             let max = max.map_or(config.hibernate.as_secs(), |m| {
                 m.min(config.hibernate.as_secs())
             });
@@ -648,6 +654,9 @@ impl<'a> Live<'a> {
         }
         // Never trust the client's from: stamp the session's full JID.
         let stamped: Bytes = stanza.with_addresses(None, Some(&self.handle.jid));
+        if matches!(stanza.name(), "presence" | "iq") {
+            crate::protocol::track(&mut self.handle.kept().state, &stanza, &stamped);
+        }
         if !self.shared.client_stanza(&self.handle, &stamped) {
             if let Some(reply) = stanza.error_reply(
                 StanzaErrorCondition::ServiceUnavailable,

@@ -19,6 +19,18 @@ pub fn reset(u: &mut User, r: &SessionRef) {
     u.send(packet);
 }
 
+/// `end` with `<reset/>` for a client stanza of a session we do not know, the stanza
+/// returned as `<queued/>`: a c2s restoring that session sends it again after the
+/// `restore` (it was on its way when we restarted); any other c2s resets the client.
+pub fn reset_returning(u: &mut User, r: &SessionRef, stanza: &Stanza) {
+    debug!(jid = %r.jid, sid = %r.sid, c2s = %r.c2s, "stanza for an unknown session: reset");
+    let item = Queued::new(stanza.bytes().clone());
+    let mut inner = format!("<reset xmlns='{}'/>", jrs_stream::NS_STREAM_ERRORS).into_bytes();
+    inner.extend(jrs_component::session::encode(&[item]));
+    let packet = session::packet(&u.ctx.me, "end", r, &inner);
+    u.send(packet);
+}
+
 /// Ends session `key`; with `tell`, sends its c2s an `end` saying why. The modules'
 /// [`hooks::session_ended`] then do the rest (unavailable presence, last activity);
 /// what a held session's client did not get is handled as [`undelivered`].

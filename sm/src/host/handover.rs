@@ -174,7 +174,21 @@ fn complete(u: &mut User, key: SessionKey, to: Resumer) {
     s.sid = to.sid;
     let r = s.reference();
     let waited = parked.since.elapsed();
-    u.send(session::resumed(&me, &r, &parked, &held.items));
+    // What the new c2s tells us again should we lose the session (`restore`).
+    let s = u.session(key).expect("found");
+    let mut state = jrs_component::session::SessionState {
+        presence: s
+            .presence
+            .as_ref()
+            .filter(|_| s.available)
+            .map(|p| bytes::Bytes::from(p.to_stanza())),
+        token: s.resume_token.clone(),
+        ..Default::default()
+    };
+    for m in u.ctx.modules.all() {
+        m.session_state(s, &mut state);
+    }
+    u.send(session::resumed(&me, &r, &parked, &held.items, &state));
     if parked.counted {
         u.ctx.parked.fetch_sub(1, Ordering::Relaxed);
     }

@@ -57,6 +57,17 @@ pub async fn session_started(u: &mut User, s: SessionKey) {
     }
 }
 
+pub async fn session_restored(
+    u: &mut User,
+    s: SessionKey,
+    state: &crate::host::kernel::SessionState,
+) {
+    let ctx = u.ctx.clone();
+    for m in ctx.modules.chain(Hook::SessionRestored) {
+        m.session_restored(u, s, state).await;
+    }
+}
+
 pub async fn session_ended(u: &mut User, s: &Session) {
     let ctx = u.ctx.clone();
     for m in ctx.modules.chain(Hook::SessionEnded) {

@@ -33,6 +33,7 @@ use crate::host::session::{Link, Queued, Session, SessionKey, SessionRef};
 use crate::host::shared::Shared;
 use crate::host::state::State;
 use crate::host::store::Store;
+pub use jrs_component::session::SessionState;
 
 /// What a handler did with a stanza: `Handled` ends the chain, `Pass` hands it on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,10 +74,13 @@ pub enum Hook {
     OfflineConfirmed,
     /// The user's data in storage changed ([`Change`]): PEP items, private XML, the vCard.
     Stored,
+    /// c2s restored a session sm had lost (it restarted): modules rebuild what they kept
+    /// about it from what c2s tells ([`SessionState`]).
+    SessionRestored,
 }
 
 impl Hook {
-    const ALL: [Hook; 14] = [
+    const ALL: [Hook; 15] = [
         Hook::Outbound,
         Hook::Inbound,
         Hook::Delivered,
@@ -91,6 +95,7 @@ impl Hook {
         Hook::Undelivered,
         Hook::OfflineConfirmed,
         Hook::Stored,
+        Hook::SessionRestored,
     ];
 
     fn index(self) -> usize {
@@ -285,6 +290,16 @@ pub trait Module: Send + Sync {
     async fn session_started(&self, _u: &mut User, _s: SessionKey) {}
 
     async fn session_ended(&self, _u: &mut User, _s: &Session) {}
+
+    /// [`Hook::SessionRestored`]: session `s` was rebuilt from what its c2s kept (sm
+    /// restarted); its presence, priority and availability are set already. No presence
+    /// is broadcast for it: its contacts never saw it leave.
+    async fn session_restored(&self, _u: &mut User, _s: SessionKey, _state: &SessionState) {}
+
+    /// Adds to `state` what the module keeps about session `s` that its c2s would tell
+    /// again in a `restore` (sent to c2s with `resumed`); the inverse of
+    /// [`Module::session_restored`].
+    fn session_state(&self, _s: &Session, _state: &mut SessionState) {}
 
     async fn initial_presence(&self, _u: &mut User, _s: SessionKey) {}
 

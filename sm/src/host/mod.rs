@@ -44,7 +44,8 @@ pub mod task;
 
 pub use self::iq::{storage_error, Iq, IqKind, Reply, Scope};
 pub use self::kernel::{
-    Change, Ctx, Declaration, Disco, Flow, Hook, Identity, Module, Modules, Stanzas, Stored, User,
+    Change, Ctx, Declaration, Disco, Flow, Hook, Identity, Module, Modules, SessionState, Stanzas,
+    Stored, User,
 };
 pub use self::packet::Packet;
 pub use self::session::{Session, SessionKey};

@@ -48,8 +48,13 @@ pub enum Event {
     Inbound(Packet),
     /// A c2s instance disconnected: its sessions are gone.
     C2sGone(String),
-    /// Our own router link was lost: c2s dropped every session of ours.
+    /// c2s tells again a session sm lost (it restarted) or kept over its own link's loss.
+    Restore(SessionRef, jrs_component::session::SessionState),
+    /// Our own router link was lost and is back: every live session waits for its c2s
+    /// to restore it.
     LinkLost,
+    /// The wait for restores after [`Event::LinkLost`] is over: sessions not restored end.
+    StaleOver,
     /// An administrator's question (jabberctl: sessions, kick, announce).
     Admin(crate::host::admin_query::Query),
     /// Work a module left for later comes due (an answer it waited for arrived):

@@ -47,6 +47,8 @@ pub struct Session {
     pub resume_token: Option<String>,
     /// Whether the client can be reached now.
     pub link: Link,
+    /// Kept over the loss of sm's own router link: ends unless its c2s restores it.
+    pub stale: bool,
 }
 
 /// Whether sm can reach a session's client.
@@ -126,6 +128,7 @@ impl Session {
             state: State::default(),
             resume_token: None,
             link: Link::Live,
+            stale: false,
         }
     }
 
@@ -176,9 +179,17 @@ pub fn offline_stanza(me: &str, s: &SessionRef, stanza: &[u8]) -> Bytes {
     jrs_stream::xml::element(&head, "session", stanza)
 }
 
-/// `resumed`: the session, its counts and queue, handed to the connection that resumed it.
-pub fn resumed(me: &str, s: &SessionRef, parked: &Parked, items: &[Queued]) -> Bytes {
-    let head = format!(
+/// `resumed`: the session, its counts, state and queue, handed to the connection that
+/// resumed it.
+pub fn resumed(
+    me: &str,
+    s: &SessionRef,
+    parked: &Parked,
+    items: &[Queued],
+    state: &jrs_component::session::SessionState,
+) -> Bytes {
+    let (attrs, content) = state.encode();
+    let mut head = format!(
         "<session type='resumed' to='{}' from='{}' jid='{}' sid='{}' h='{}' acked='{}' sent='{}'",
         escape(&s.c2s),
         escape(me),
@@ -188,7 +199,12 @@ pub fn resumed(me: &str, s: &SessionRef, parked: &Parked, items: &[Queued]) -> B
         parked.acked,
         parked.sent
     );
-    jrs_stream::xml::element(&head, "session", &jrs_component::session::encode(items))
+    for (name, value) in attrs {
+        head.push_str(&format!(" {name}='{}'", escape(&value)));
+    }
+    let mut inner = content;
+    inner.extend(jrs_component::session::encode(items));
+    jrs_stream::xml::element(&head, "session", &inner)
 }
 
 /// A refusal of a `resume` from `c2s` for session id `sid` of `bare`.

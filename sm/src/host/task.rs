@@ -9,7 +9,7 @@ use jid::{BareJid, Jid};
 use jrs_stream::{Stanza, StanzaErrorCondition, StreamErrorCondition};
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::host::ending::{end_session, reset, undelivered};
+use crate::host::ending::{end_session, reset, reset_returning, undelivered};
 use crate::host::handover;
 use crate::host::hooks;
 use crate::host::iq_routing;
@@ -123,9 +123,14 @@ pub async fn handle(u: &mut User, event: Event) {
             }
         }
         Event::Admin(query) => crate::host::admin_answer::answer(u, query).await,
-        Event::LinkLost => {
-            // c2s reset every client of ours when it heard we disconnected.
-            while let Some(key) = u.sessions.first().map(|s| s.key) {
+        Event::Restore(r, state) => {
+            let span = session_span(&r);
+            restore(u, r, state).instrument(span).await
+        }
+        Event::LinkLost => link_lost(u).await,
+        Event::StaleOver => {
+            while let Some(key) = u.sessions.iter().find(|s| s.stale).map(|s| s.key) {
+                info!("session ended: its c2s did not restore it");
                 end_session(u, key, None).await;
             }
         }
@@ -192,10 +197,117 @@ async fn end_from_c2s(u: &mut User, r: SessionRef, items: Vec<Queued>) {
     undelivered(u, &r.jid, priority, items).await;
 }
 
+/// Our router link was lost and is back. Sessions sm holds for a c2s stay (so contacts
+/// see no change) but wait for that c2s to restore them: a c2s whose link dropped with
+/// ours (the router restarted) restores every session it has; a session nobody restores
+/// within `restore-wait` ends. Sessions being handed over (XEP-0198) end: their c2s
+/// will not answer `collect` on a new router; parked ones live here and stay.
+async fn link_lost(u: &mut User) {
+    while let Some(key) = u
+        .sessions
+        .iter()
+        .find(|s| !s.is_live() && !s.is_parked())
+        .map(|s| s.key)
+    {
+        end_session(u, key, None).await;
+    }
+    let mut stale = false;
+    for s in u.sessions.iter_mut().filter(|s| s.is_live()) {
+        s.stale = true;
+        stale = true;
+    }
+    if stale {
+        debug!("router link back: sessions wait for their c2s to restore them");
+        let (ctx, user) = (u.ctx.clone(), u.jid.clone());
+        tokio::spawn(async move {
+            tokio::time::sleep(ctx.config.restore_wait).await;
+            dispatch(&ctx, &user, Event::StaleOver);
+        });
+    }
+}
+
+/// `restore`: c2s tells a session sm lost (it restarted) or kept over its own link's
+/// loss. A kept session is live again as it was; a lost one is rebuilt from `state`
+/// without a presence broadcast (contacts never saw it leave), then the modules rebuild
+/// what they kept ([`Hook::SessionRestored`]: carbons, roster pushes, directed presence,
+/// probes of the contacts, offline messages stored meanwhile). Answered `restored`, or
+/// `end` with a condition when it cannot be (c2s then resets the client).
+async fn restore(u: &mut User, r: SessionRef, state: jrs_component::session::SessionState) {
+    let me = u.ctx.me.clone();
+    if let Some(key) = u.find(&r) {
+        let s = u.session_mut(key).expect("found");
+        s.stale = false;
+        if state.token.is_some() {
+            s.resume_token = state.token.clone();
+        }
+        debug!("kept session restored");
+        u.send(session::packet(&me, "restored", &r, b""));
+        return;
+    }
+    match u.exists().await {
+        Ok(true) => {}
+        Ok(false) => {
+            info!("restore refused: no such account");
+            u.send(session::end(&me, &r, StreamErrorCondition::NotAuthorized));
+            return;
+        }
+        Err(e) => {
+            warn!("restore refused: storage is not available: {e}");
+            u.send(session::end(
+                &me,
+                &r,
+                StreamErrorCondition::InternalServerError,
+            ));
+            return;
+        }
+    }
+    if let Some(old) = u.find_resource(&r.jid) {
+        end_session(u, old, Some(StreamErrorCondition::Conflict)).await;
+    }
+    if u.sessions.len() >= u.ctx.config.sessions_max {
+        warn!("restore refused: too many sessions");
+        u.send(session::end(
+            &me,
+            &r,
+            StreamErrorCondition::ResourceConstraint,
+        ));
+        return;
+    }
+    u.removed = false;
+    u.ctx.accounts.remember(&u.bare, true);
+    let key = u.add_session(&r);
+    let presence = state
+        .presence
+        .clone()
+        .and_then(|b| Stanza::parse(b).ok())
+        .filter(|p| p.name() == "presence" && p.kind().is_none())
+        .and_then(|p| stanzas::parse(&p).ok());
+    let s = u.session_mut(key).expect("added");
+    s.resume_token = state.token.clone();
+    if let Some(mut el) = presence {
+        el.remove_attr("to");
+        el.set_attr("from", s.full.clone());
+        s.priority = el
+            .child_text("priority")
+            .and_then(|p| p.trim().parse::<i32>().ok())
+            .unwrap_or(0)
+            .clamp(-128, 127);
+        s.available = true;
+        s.presence = Some(el);
+    }
+    info!(available = s.available, c2s = %r.c2s, "session restored");
+    u.send(session::packet(&me, "restored", &r, b""));
+    u.flush();
+    hooks::session_restored(u, key, &state).await;
+}
+
 /// A stanza the client sent (outbound processing).
 async fn client_stanza(u: &mut User, r: SessionRef, stanza: Stanza) {
     let Some(key) = u.find(&r) else {
-        reset(u, &r);
+        // The stanza goes back with the reset: sent before its c2s heard that we went
+        // away (held by the router and replayed to us), it is sent again after the
+        // session's restore (docs/protocol.md, "Sessions").
+        reset_returning(u, &r, &stanza);
         return;
     };
     let full = r.jid.clone();
@@ -305,5 +417,123 @@ fn overloaded(ctx: &Ctx, user: &BareJid, event: Event) {
             ctx.send(session::refuse_start(&ctx.me, &s, ResourceConstraint, text));
         }
         other => error!("user queue full: {other:?} dropped"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use crate::host::registry::Event;
+    use crate::modules::carbons::Enabled;
+    use crate::modules::presence::Directed;
+    use crate::modules::testing::*;
+    use jrs_component::session::SessionState;
+
+    fn state(presence: Option<&'static str>) -> SessionState {
+        SessionState {
+            presence: presence.map(|p| Bytes::from_static(p.as_bytes())),
+            carbons: true,
+            roster: true,
+            directed: vec!["room@conference.example.org/alice".into()],
+            ..SessionState::default()
+        }
+    }
+
+    #[tokio::test]
+    async fn a_lost_session_is_restored_without_a_broadcast() {
+        let ctx = ctx(None, "");
+        ctx.store
+            .set("alice@localhost", "jabber:iq:roster", "<query xmlns='jabber:iq:roster' ver='1'><item jid='bob@example.com' subscription='both'/></query>")
+            .await
+            .unwrap();
+        let mut u = user(&ctx, "alice@localhost");
+        // Stored while sm had no session for alice (it restarted).
+        inbound(
+            &mut u,
+            "<message from='bob@example.com/x' to='alice@localhost' type='chat' id='m1'><body>hi</body></message>",
+        )
+        .await;
+        take(&mut u);
+        let r = reference(&u, "phone");
+        let presence = "<presence from='alice@localhost/phone'><show>away</show><priority>5</priority></presence>";
+        super::handle(&mut u, Event::Restore(r.clone(), state(Some(presence)))).await;
+        let out = take(&mut u);
+        // `restored` went out first (flushed before the hooks ran).
+        // Contacts never saw alice leave: no presence broadcast, but they are probed.
+        assert!(
+            to(&out, "", &["<presence", "to='bob@example.com'"])
+                .iter()
+                .all(|p| p.contains("type='probe'")),
+            "{out:?}"
+        );
+        assert_eq!(
+            to(&out, "", &["type='probe'", "to='bob@example.com'"]).len(),
+            1,
+            "{out:?}"
+        );
+        // What was stored meanwhile reaches the restored session.
+        assert_eq!(to(&out, "phone", &["id='m1'"]).len(), 1, "{out:?}");
+        let s = u.session(u.find(&r).unwrap()).unwrap();
+        assert!(s.available && s.priority == 5 && !s.stale);
+        assert!(s.state.get::<Enabled>().is_some());
+        assert_eq!(s.state.get::<Directed>().unwrap().0.len(), 1);
+    }
+
+    #[tokio::test]
+    async fn sessions_kept_over_a_link_loss_wait_for_their_restore() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        online(&mut u, "phone", 0).await;
+        online(&mut u, "laptop", 0).await;
+        take(&mut u);
+        super::handle(&mut u, Event::LinkLost).await;
+        assert!(u.sessions.iter().all(|s| s.stale && s.available));
+        assert!(take(&mut u).is_empty(), "nothing is broadcast");
+        // The phone's c2s restores it: the same session, live again.
+        let r = reference(&u, "phone");
+        let key = u.find(&r).unwrap();
+        super::handle(&mut u, Event::Restore(r.clone(), SessionState::default())).await;
+        assert_eq!(u.find(&r), Some(key));
+        assert!(!u.session(key).unwrap().stale);
+        let out = take(&mut u);
+        assert_eq!(to(&out, "", &["type='restored'"]).len(), 1, "{out:?}");
+        // The laptop's never does: it ends when the wait is over.
+        super::handle(&mut u, Event::StaleOver).await;
+        assert_eq!(u.sessions.len(), 1);
+        let out = take(&mut u);
+        assert_eq!(
+            to(
+                &out,
+                "phone",
+                &["type='unavailable'", "from='alice@localhost/laptop'"]
+            )
+            .len(),
+            1,
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_stanza_for_an_unknown_session_comes_back_with_the_reset() {
+        let ctx = ctx(None, "");
+        let mut u = user(&ctx, "alice@localhost");
+        send(
+            &mut u,
+            "phone",
+            "<message to='bob@example.com' id='x'><body>1</body></message>",
+        )
+        .await;
+        let out = take(&mut u);
+        assert_eq!(
+            to(
+                &out,
+                "",
+                &["type='end'", "<reset ", "<queued><message", "id='x'"]
+            )
+            .len(),
+            1,
+            "{out:?}"
+        );
     }
 }

@@ -29,7 +29,7 @@ use jrs_xdb::XdbError;
 use crate::config::{positive, SmConfig};
 use crate::host::{
     storage_error, Declaration, Disco, Flow, Hook, Iq, IqKind, Module, Packet, Reply, Scope,
-    SessionKey, User,
+    Session, SessionKey, SessionState, User,
 };
 use crate::modules::presence::Directed;
 use crate::modules::roster;
@@ -124,6 +124,17 @@ impl Module for Blocking {
             .hook(Hook::Outbound, 1000)
             .hook(Hook::Inbound, 1000)
             .hook(Hook::Routing, 0)
+            .hook(Hook::SessionRestored, 0)
+    }
+
+    fn session_state(&self, s: &Session, state: &mut SessionState) {
+        state.blocklist = s.state.get::<Requested>().is_some();
+    }
+
+    async fn session_restored(&self, u: &mut User, key: SessionKey, state: &SessionState) {
+        if let Some(s) = u.session_mut(key).filter(|_| state.blocklist) {
+            s.state.insert(Requested);
+        }
     }
 
     /// Room broadcasts skip the inbound hook only once the list is known.

@@ -17,8 +17,8 @@ use jrs_stream::StanzaErrorCondition;
 
 use crate::config::SmConfig;
 use crate::host::{
-    Declaration, Disco, Flow, Hook, Iq, IqKind, Module, Packet, Reply, Scope, SessionKey, Stanzas,
-    User,
+    Declaration, Disco, Flow, Hook, Iq, IqKind, Module, Packet, Reply, Scope, Session, SessionKey,
+    SessionState, Stanzas, User,
 };
 
 const NS_HINTS: &str = "urn:xmpp:hints";
@@ -128,6 +128,17 @@ impl Module for Carbons {
             .stanzas(Hook::Outbound, Stanzas::Message, 500)
             .stanzas(Hook::Inbound, Stanzas::Message, 300)
             .hook(Hook::Delivered, 0)
+            .hook(Hook::SessionRestored, 0)
+    }
+
+    fn session_state(&self, s: &Session, state: &mut SessionState) {
+        state.carbons = s.state.get::<Enabled>().is_some();
+    }
+
+    async fn session_restored(&self, u: &mut User, key: SessionKey, state: &SessionState) {
+        if let Some(s) = u.session_mut(key).filter(|_| state.carbons) {
+            s.state.insert(Enabled);
+        }
     }
 
     async fn iq(&self, u: &mut User, iq: &Iq) -> Reply {

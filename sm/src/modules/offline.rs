@@ -17,7 +17,9 @@ use jrs_xdb::XdbError;
 
 use crate::clock::{stamp, unix_now};
 use crate::config::{count, SmConfig};
-use crate::host::{Declaration, Disco, Flow, Hook, Module, Packet, Session, SessionKey, User};
+use crate::host::{
+    Declaration, Disco, Flow, Hook, Module, Packet, Session, SessionKey, SessionState, User,
+};
 use crate::stanzas;
 use crate::xml::{Element, NS_CLIENT};
 
@@ -64,7 +66,17 @@ impl Module for Offline {
             .hook(Hook::InitialPresence, 0)
             .hook(Hook::OfflineConfirmed, 0)
             .hook(Hook::SessionEnded, 0)
+            .hook(Hook::SessionRestored, 0)
             .feature(Disco::Server, "msgoffline")
+    }
+
+    /// What arrived while sm had no session for the user (it restarted) is stored:
+    /// an available restored session gets it now, as after initial presence.
+    async fn session_restored(&self, u: &mut User, s: SessionKey, _state: &SessionState) {
+        let ready = u.session(s).is_some_and(|s| s.available && s.priority >= 0);
+        if ready && u.state.get::<InFlight>().is_none() {
+            self.deliver(u, s).await;
+        }
     }
 
     async fn undeliverable(&self, u: &mut User, p: &Packet) -> Flow {

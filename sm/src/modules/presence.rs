@@ -11,7 +11,8 @@ use tracing::{debug, info, warn};
 
 use crate::config::SmConfig;
 use crate::host::{
-    hooks, Declaration, Flow, Hook, Module, Packet, Session, SessionKey, Stanzas, User,
+    hooks, Declaration, Flow, Hook, Module, Packet, Session, SessionKey, SessionState, Stanzas,
+    User,
 };
 use crate::modules::roster;
 use crate::stanzas;
@@ -49,6 +50,66 @@ impl Module for Presence {
             .stanzas(Hook::Outbound, Stanzas::Presence, 100)
             .stanzas(Hook::Inbound, Stanzas::Presence, 100)
             .hook(Hook::SessionEnded, 100)
+            .hook(Hook::SessionRestored, 100)
+    }
+
+    /// Directed presence as c2s remembers it; for an available session, probes of the
+    /// contacts the user is subscribed to (their answers reach the client again: what
+    /// depends on their presence is right again) and the presence of the user's other
+    /// available resources. Nothing is broadcast: contacts never saw it leave.
+    fn session_state(&self, s: &Session, state: &mut SessionState) {
+        if let Some(d) = s.state.get::<Directed>() {
+            state.directed = d.0.iter().map(|j| j.to_string()).collect();
+        }
+    }
+
+    async fn session_restored(&self, u: &mut User, key: SessionKey, state: &SessionState) {
+        let max = self.directed_max;
+        let Some(s) = u.session_mut(key) else { return };
+        let directed: Vec<Jid> = state
+            .directed
+            .iter()
+            .filter_map(|d| Jid::new(d).ok())
+            .take(max)
+            .collect();
+        if !directed.is_empty() {
+            s.state.insert(Directed(directed));
+        }
+        if !s.available {
+            return;
+        }
+        let full = s.full.clone();
+        let bare = u.bare.clone();
+        match roster::load(u).await {
+            Ok(r) => {
+                let probes: Vec<(String, String)> = r
+                    .subscriptions()
+                    .map(|c| {
+                        let probe = stanzas::presence(Some("probe"), &bare, &c.jid).to_stanza();
+                        (c.jid.clone(), probe)
+                    })
+                    .collect();
+                for (to, p) in probes {
+                    if let Ok(to) = Jid::new(&to) {
+                        u.route(&to, p);
+                    }
+                }
+            }
+            Err(e) => warn!("contacts not probed for a restored session: {e}"),
+        }
+        let others: Vec<String> = u
+            .sessions
+            .iter()
+            .filter(|o| o.available && o.key != key)
+            .filter_map(|o| o.presence.clone())
+            .map(|mut p| {
+                p.set_attr("to", full.clone());
+                p.to_stanza()
+            })
+            .collect();
+        for p in others {
+            u.deliver(key, p);
+        }
     }
 
     async fn outbound(&self, u: &mut User, from: SessionKey, p: &mut Packet) -> Flow {

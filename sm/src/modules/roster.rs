@@ -28,7 +28,10 @@ use jrs_stream::StanzaErrorCondition;
 use jrs_xdb::XdbError;
 
 use crate::config::{count, SmConfig};
-use crate::host::{storage_error, Declaration, Iq, IqKind, Module, Reply, Scope, Session, User};
+use crate::host::{
+    storage_error, Declaration, Hook, Iq, IqKind, Module, Reply, Scope, Session, SessionKey,
+    SessionState, User,
+};
 use crate::stanzas;
 use crate::xml::{Element, XmlError, NS_CLIENT};
 
@@ -358,6 +361,17 @@ impl Module for RosterModule {
         Declaration::default()
             .iq(IqKind::Get, &[Scope::Own], NS_ROSTER, "query")
             .iq(IqKind::Set, &[Scope::Own], NS_ROSTER, "query")
+            .hook(Hook::SessionRestored, 0)
+    }
+
+    fn session_state(&self, s: &Session, state: &mut SessionState) {
+        state.roster = is_interested(s);
+    }
+
+    async fn session_restored(&self, u: &mut User, key: SessionKey, state: &SessionState) {
+        if let Some(s) = u.session_mut(key).filter(|_| state.roster) {
+            s.state.insert(Interested);
+        }
     }
 
     async fn iq(&self, u: &mut User, iq: &Iq) -> Reply {

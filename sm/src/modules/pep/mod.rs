@@ -30,7 +30,7 @@ use crate::host::registry::Wake;
 use crate::host::shared::Shared;
 use crate::host::{
     hooks, storage_error, Change, Declaration, Disco, Flow, Hook, Identity, Iq, IqKind, Module,
-    Packet, Reply, Scope, SessionKey, Stanzas, Stored, User,
+    Packet, Reply, Scope, SessionKey, SessionState, Stanzas, Stored, User,
 };
 use crate::modules::caps::{self, Caps, Lookup, Resolved};
 use crate::modules::pep::node::{Config, SendLast, Submitted};
@@ -214,6 +214,7 @@ impl Module for Pep {
             .stanzas(Hook::Inbound, Stanzas::Presence, 250)
             .stanzas(Hook::Inbound, Stanzas::Message, 350)
             .hook(Hook::AccountRemoved, 0)
+            .hook(Hook::SessionRestored, 0)
             .identity(
                 Disco::Account,
                 Identity {
@@ -292,6 +293,21 @@ impl Module for Pep {
             }
             (IqKind::Set, "retract") => self.retract(u, &node, op).await,
             (_, other) => unsupported(other),
+        }
+    }
+
+    /// The restored session's capabilities, from its presence (its client has the last
+    /// items already: none are sent).
+    async fn session_restored(&self, u: &mut User, key: SessionKey, state: &SessionState) {
+        let Some(presence) = state.presence.clone() else {
+            return;
+        };
+        let Ok(stanza) = jrs_stream::Stanza::parse(presence) else {
+            return;
+        };
+        let caps = Caps::of_packet(&Packet::new(stanza, None, None));
+        if let Some(s) = u.session_mut(key) {
+            s.state.entry::<SessionCaps>().caps = caps;
         }
     }
 
