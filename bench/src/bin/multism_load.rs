@@ -78,12 +78,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
     for (i, client) in logged.into_iter().enumerate() {
         let partner = i ^ 1;
         let to = format!("user{partner}@{DOMAIN}/m");
-        let (acked, wake, running, latencies) =
-            (acked.clone(), wake.clone(), running.clone(), latencies.clone());
+        let (acked, wake, running, latencies) = (
+            acked.clone(),
+            wake.clone(),
+            running.clone(),
+            latencies.clone(),
+        );
         let inflight = args.inflight;
         tasks.push(tokio::spawn(async move {
-            pump(client, i, partner, &to, inflight, epoch, &acked, &wake, &running, &latencies)
-                .await
+            pump(
+                client, i, partner, &to, inflight, epoch, &acked, &wake, &running, &latencies,
+            )
+            .await
         }));
     }
     tokio::time::sleep(Duration::from_secs(args.seconds)).await;
@@ -134,14 +140,18 @@ fn self_cpu_micros() -> u64 {
 
 /// bench::client::store_fragments, with the router at an address of another host.
 async fn store_accounts(router: &str, users: usize, keys: &ClientKeys) -> anyhow::Result<()> {
-    let (address, port) = router.rsplit_once(':').ok_or_else(|| anyhow!("--router ADDR:PORT"))?;
+    let (address, port) = router
+        .rsplit_once(':')
+        .ok_or_else(|| anyhow!("--router ADDR:PORT"))?;
     let mut link = jrs_harness::link(port.parse()?, "admin", "admin-secret");
     link.address = address.to_owned();
     let limits = Limits {
         max_stanza_bytes: 16 << 20,
         max_depth: 64,
     };
-    let (mut reader, writer) = jrs_component::Component::connect(&link, limits).await?.split();
+    let (mut reader, writer) = jrs_component::Component::connect(&link, limits)
+        .await?
+        .split();
     let xdb = Arc::new(jrs_xdb::XdbClient::new("admin", Duration::from_secs(10)));
     xdb.set_outbox(writer.spawn());
     let answers = xdb.clone();

@@ -97,19 +97,7 @@ impl Module for Presence {
             }
             Err(e) => warn!("contacts not probed for a restored session: {e}"),
         }
-        let others: Vec<String> = u
-            .sessions
-            .iter()
-            .filter(|o| o.available && o.key != key)
-            .filter_map(|o| o.presence.clone())
-            .map(|mut p| {
-                p.set_attr("to", full.clone());
-                p.to_stanza()
-            })
-            .collect();
-        for p in others {
-            u.deliver(key, p);
-        }
+        other_resources_to(u, key, &full);
     }
 
     async fn outbound(&self, u: &mut User, from: SessionKey, p: &mut Packet) -> Flow {
@@ -256,19 +244,7 @@ async fn available(u: &mut User, key: SessionKey, p: &Packet) {
     to_own_resources(u, &el);
     if initial {
         // The presence of the user's other available resources, to the new one.
-        let others: Vec<String> = u
-            .sessions
-            .iter()
-            .filter(|o| o.available && o.key != key)
-            .filter_map(|o| o.presence.clone())
-            .map(|mut p| {
-                p.set_attr("to", full.clone());
-                p.to_stanza()
-            })
-            .collect();
-        for p in others {
-            u.deliver(key, p);
-        }
+        other_resources_to(u, key, &full);
         hooks::initial_presence(u, key).await;
     }
 }
@@ -414,6 +390,24 @@ async fn probe(u: &mut User, p: &Packet) {
 /// A `<status/>` child.
 pub fn status(text: &str) -> Element {
     Element::new("status", NS_CLIENT).with_text(text)
+}
+
+/// The presence of the user's other available resources, to session `key` (full JID
+/// `full`): a new session's, or a restored one's.
+fn other_resources_to(u: &mut User, key: SessionKey, full: &str) {
+    let others: Vec<String> = u
+        .sessions
+        .iter()
+        .filter(|o| o.available && o.key != key)
+        .filter_map(|o| o.presence.clone())
+        .map(|mut p| {
+            p.set_attr("to", full.to_owned());
+            p.to_stanza()
+        })
+        .collect();
+    for p in others {
+        u.deliver(key, p);
+    }
 }
 
 #[cfg(test)]
