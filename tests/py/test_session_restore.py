@@ -14,15 +14,13 @@ import re
 import signal
 import socket
 import time
-from xml.sax.saxutils import quoteattr
 
 import pytest
 
 pytest.importorskip("OpenSSL")
 
 from scram_client import local, login, to_xml  # noqa: E402
-from serverproc import Server, accepts, binaries_missing, bin_dir, free_port  # noqa: E402
-from test_supervised import jabberd, pids, poll  # noqa: E402
+from test_supervised import pids, poll, supervised_server  # noqa: E402
 
 USERS = {"alice": "alice-pw", "bob": "bob-pw"}
 SENDER = ("sender.localhost", "sender-secret")
@@ -31,34 +29,11 @@ NS_CARBONS = "urn:xmpp:carbons:2"
 
 @pytest.fixture
 def supervised(tmp_path):
-    if binaries_missing():
-        pytest.skip(f"binaries not built in {bin_dir()}")
     # A grace period longer than a restart: what the router holds for sm is replayed.
-    server = Server(tmp_path, grace_seconds=10,
-                    users_extra=f"<component name='{SENDER[0]}' secret='{SENDER[1]}'/>")
-    server.port, server.starttls_port, server.tls_port = free_port(), free_port(), free_port()
-    (tmp_path / "log").mkdir()
-    server.write_configs()
-    processes = "".join(
-        f"<process name='{name}' program='{name}' config={quoteattr(str(tmp_path / (name + '.xml')))}"
-        + (f" wait-for='127.0.0.1:{server.port}'" if name == "router" else "") + "/>"
-        for name in ("router", "xdb-file", "sm", "c2s"))
-    supervisor_xml = tmp_path / "supervisor.xml"
-    supervisor_xml.write_text(
-        f"<supervisor><run-dir>{tmp_path / 'run'}</run-dir><log-dir>{tmp_path / 'log'}</log-dir>"
-        f"{processes}</supervisor>")
-    started = jabberd(supervisor_xml, "start", "--daemon", "--no-build")
-    assert started.returncode == 0, started.stdout + started.stderr
-    try:
-        poll(lambda: accepts(server.starttls_port), "c2s to listen")
-        poll(lambda: "connected to the router" in server.log("sm")
-             and "connected to the router" in server.log("xdb-file"), "sm and storage to connect")
-        server.addusers({f"{u}@localhost": p for u, p in USERS.items()})
-        yield server, supervisor_xml
-    finally:
-        stopped = jabberd(supervisor_xml, "stop")
-        if stopped.returncode != 0:
-            print(stopped.stdout, stopped.stderr)
+    with supervised_server(tmp_path, USERS, grace_seconds=10,
+                           users_extra=f"<component name='{SENDER[0]}' secret='{SENDER[1]}'/>"
+                           ) as running:
+        yield running
 
 
 def wait_for(client, predicate, what, timeout=10.0):

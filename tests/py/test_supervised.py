@@ -7,6 +7,7 @@ message stored for an offline user before the kill is delivered afterwards.
 Run from the repository root:  .venv/bin/python -m pytest tests/py/test_supervised.py -q
 """
 
+import contextlib
 import os
 import re
 import signal
@@ -62,12 +63,14 @@ def next_named(client, name, predicate=lambda e: True, timeout=5.0):
             return e
 
 
-@pytest.fixture
-def supervised(tmp_path):
+@contextlib.contextmanager
+def supervised_server(tmp_path, users, **server_options):
+    """The whole server (router, xdb-file, sm, c2s) run by the supervisor, with `users`
+    ({name: password} at localhost) added: yields (Server, supervisor.xml). serverproc
+    writes the configuration of a whole installation; the supervisor runs it."""
     if binaries_missing():
         pytest.skip(f"binaries not built in {bin_dir()}")
-    # serverproc writes the configuration of a whole installation; the supervisor runs it.
-    server = Server(tmp_path)
+    server = Server(tmp_path, **server_options)
     server.port, server.starttls_port, server.tls_port = free_port(), free_port(), free_port()
     (tmp_path / "log").mkdir()
     server.write_configs()
@@ -85,12 +88,18 @@ def supervised(tmp_path):
         poll(lambda: accepts(server.starttls_port), "c2s to listen")
         poll(lambda: "connected to the router" in server.log("sm")
              and "connected to the router" in server.log("xdb-file"), "sm and storage to connect")
-        server.addusers({f"{u}@localhost": p for u, p in USERS.items()})
+        server.addusers({f"{u}@localhost": p for u, p in users.items()})
         yield server, supervisor_xml
     finally:
         stopped = jabberd(supervisor_xml, "stop")
         if stopped.returncode != 0:
             print(stopped.stdout, stopped.stderr)
+
+
+@pytest.fixture
+def supervised(tmp_path):
+    with supervised_server(tmp_path, USERS) as running:
+        yield running
 
 
 def test_sm_killed_then_restarted_by_the_supervisor(supervised):
