@@ -615,6 +615,8 @@ pub async fn query(
     Ok(page.to_bytes())
 }
 
+// The queries against the reference `jrs_xdb::archive::select` on a real database are
+// tests/storage.rs's `archive_queries_match_the_reference::pg` (a throwaway cluster).
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -731,132 +733,5 @@ mod tests {
             ..Query::default()
         };
         assert_eq!(Filter::new(7, &ids, None, None).kind, FilterKind::Other);
-    }
-}
-
-/// Queries against `jrs_xdb::archive::select` on a real database: run with
-/// `XDB_PG_TEST_URL=postgresql://postgres@/postgres?host=DIR&port=PORT cargo test -p
-/// xdb-pg -- --ignored` (tests/py/test_storage_pg.py covers the server end to end).
-#[cfg(test)]
-mod db_tests {
-    use super::*;
-    use jrs_xdb::archive::{select, Paging};
-
-    #[tokio::test]
-    #[ignore = "needs XDB_PG_TEST_URL"]
-    async fn queries_match_the_reference() {
-        let url = std::env::var("XDB_PG_TEST_URL").expect("XDB_PG_TEST_URL");
-        let config: tokio_postgres::Config = url.parse().unwrap();
-        crate::db::migrate(&config).await.unwrap();
-        let mut conn = crate::db::connect(&config).await.unwrap();
-        let owner = Owner::parse("reference@localhost").unwrap();
-        let withs = ["bob@x/a", "bob@x/b", "carol@x", ""];
-        let mut all: Vec<Item> = (0..60u64)
-            .map(|n| Item {
-                id: format!("{:016x}", 1000 + n),
-                time: 100 + n / 3,
-                with: withs[(n * 7 % 4) as usize].into(),
-                payload: Bytes::from(format!(
-                    "<message xmlns='jabber:client'><body>{n}</body></message>"
-                )),
-            })
-            .collect();
-        let mut tx = conn.begin().await.unwrap();
-        crate::fragments::delete(&mut tx, &owner, "*")
-            .await
-            .unwrap();
-        append_items(&mut tx, &owner, "mam", &all, Retention::default(), 0)
-            .await
-            .unwrap();
-        // Retried: harmless; an older unknown id: conflict.
-        append_items(&mut tx, &owner, "mam", &all[50..], Retention::default(), 0)
-            .await
-            .unwrap();
-        let mut stale = all[3].clone();
-        stale.id = "0000000000000001".into();
-        assert_eq!(
-            append_items(&mut tx, &owner, "mam", &[stale], Retention::default(), 0)
-                .await
-                .unwrap_err()
-                .condition,
-            StanzaErrorCondition::Conflict
-        );
-        trim(
-            &mut tx,
-            &owner,
-            "mam",
-            Retention {
-                max_items: Some(50),
-                max_age: None,
-            },
-            0,
-        )
-        .await
-        .unwrap();
-        all.drain(..10);
-        retract(
-            &mut tx,
-            &owner,
-            "mam",
-            &jrs_xdb::archive::retraction_to_xml(&all[5].id, b"<gone/>"),
-        )
-        .await
-        .unwrap();
-        all[5].payload = Bytes::from_static(b"<gone/>");
-        tx.commit().await.unwrap();
-        let id = |i: usize| all[i].id.clone();
-        let mut queries = vec![];
-        for with in [
-            None,
-            Some("bob@x"),
-            Some("bob@x/b"),
-            Some("carol@x"),
-            Some("nobody@x"),
-        ] {
-            for (after, before, from_end) in [
-                (None, None, false),
-                (None, None, true),
-                (Some(id(7)), None, false),
-                (None, Some(id(40)), false),
-                (Some(id(7)), Some(id(40)), false),
-                (Some(id(7)), None, true),
-            ] {
-                for max in [0, 1, 5, 250] {
-                    queries.push(Query {
-                        with: with.map(str::to_owned),
-                        start: Some(105),
-                        end: if max == 5 { Some(112) } else { None },
-                        after_id: (max == 1).then(|| id(2)),
-                        before_id: (max == 250).then(|| id(45)),
-                        ids: if max == 0 {
-                            vec![id(8), id(9), id(30)]
-                        } else {
-                            vec![]
-                        },
-                        paging: Paging {
-                            after: after.clone(),
-                            before: before.clone(),
-                            from_end,
-                            max,
-                            max_bytes: (max == 250).then_some(500),
-                        },
-                    });
-                }
-            }
-        }
-        queries.push(Query {
-            ids: vec!["missing".into()],
-            ..Default::default()
-        });
-        queries.push(Query {
-            after_id: Some(format!("{:016x}", 1000)),
-            ..Default::default()
-        });
-        for q in &queries {
-            let mut tx = conn.begin().await.unwrap();
-            let ours = query(&mut tx, &owner, "mam", q.to_xml().as_bytes()).await;
-            let reference = select(&all, q).map(|p| p.to_bytes());
-            assert_eq!(ours, reference, "{}", q.to_xml());
-        }
     }
 }
