@@ -6,4 +6,5 @@ pub mod client;
 pub mod muc;
 pub mod pep;
 pub mod procstat;
+pub mod pump;
 pub mod websocket;

@@ -22,7 +22,8 @@ use tokio::sync::Notify;
 
 use bench::client::{accounts, Client, ClientKeys, DOMAIN};
 use bench::procstat::cpu_micros;
-use jrs_stream::{Frame, Limits, Stanza};
+use bench::pump::{percentile, pump_messages};
+use jrs_stream::Limits;
 
 #[derive(Parser, Debug)]
 struct Args {
@@ -86,8 +87,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         );
         let inflight = args.inflight;
         tasks.push(tokio::spawn(async move {
-            pump(
-                client, i, partner, &to, inflight, epoch, &acked, &wake, &running, &latencies,
+            // Without stream management, as loadgen's clients by default.
+            pump_messages(
+                client, i, partner, &to, inflight, false, epoch, &acked, &wake, &running,
+                &latencies,
             )
             .await
         }));
@@ -181,60 +184,4 @@ async fn store_accounts(router: &str, users: usize, keys: &ClientKeys) -> anyhow
         p.await?.map_err(|e| anyhow!("storage: {e}"))?;
     }
     Ok(())
-}
-
-/// loadgen's `pump_messages` without stream management.
-#[allow(clippy::too_many_arguments)]
-async fn pump(
-    mut client: Client,
-    me: usize,
-    partner: usize,
-    to: &str,
-    inflight: u64,
-    epoch: Instant,
-    acked: &[AtomicU64],
-    wake: &[Notify],
-    running: &AtomicBool,
-    latencies: &Mutex<Vec<Duration>>,
-) -> anyhow::Result<u64> {
-    let mut sent = 0u64;
-    let mut local = Vec::new();
-    while running.load(Ordering::Acquire) {
-        let mut batch = Vec::new();
-        while sent - acked[me].load(Ordering::Acquire) < inflight {
-            let stamp = epoch.elapsed().as_nanos();
-            batch.extend_from_slice(
-                format!("<message to='{to}' type='chat' id='{stamp}'><body>hello {sent}</body></message>").as_bytes(),
-            );
-            sent += 1;
-        }
-        if !batch.is_empty() {
-            client.send(&batch).await?;
-        }
-        tokio::select! {
-            frame = client.reader.next_frame() => {
-                let Frame::Element(bytes) = frame? else { bail!("stream closed") };
-                let stanza = Stanza::parse(bytes)?;
-                if stanza.name() == "message" && stanza.kind() == Some("chat") {
-                    if let Some(stamp) = stanza.id().and_then(|s| s.parse::<u128>().ok()) {
-                        let now = epoch.elapsed().as_nanos();
-                        local.push(Duration::from_nanos(now.saturating_sub(stamp) as u64));
-                    }
-                    acked[partner].fetch_add(1, Ordering::AcqRel);
-                    wake[partner].notify_one();
-                }
-            }
-            _ = wake[me].notified() => {}
-        }
-    }
-    latencies.lock().unwrap().extend(local);
-    Ok(sent)
-}
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    samples.sort_unstable();
-    samples[((samples.len() - 1) as f64 * p).round() as usize]
 }

@@ -39,6 +39,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use bench::procstat::{context_switches, cpu_nanos};
+use bench::pump::percentile;
 
 #[derive(Parser, Debug)]
 #[command(about = "A chain of plain relays: the floor under the server's five hops")]
@@ -231,14 +232,6 @@ fn relay(
 
 fn free_port() -> anyhow::Result<u16> {
     Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
-}
-
-fn percentile(samples: &mut [Duration], p: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    samples.sort_unstable();
-    samples[((samples.len() - 1) as f64 * p).round() as usize]
 }
 
 /// This process's CPU time (ns), every thread.
