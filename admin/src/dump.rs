@@ -45,7 +45,7 @@ use tokio::task::JoinSet;
 use jrs_auth::NS_AUTH;
 use jrs_stream::framer::{Frame, Framer};
 use jrs_stream::{Limits, Stanza};
-use jrs_xdb::archive::{parse_items, Item, Paging, Query, Retention, MAX_PAGE};
+use jrs_xdb::archive::{parse_items, Item, Retention};
 use jrs_xdb::{Contents, Op, XdbClient, LIST_CONTENTS};
 
 use crate::xml::escape;
@@ -53,8 +53,6 @@ use crate::xml::escape;
 /// The format's name, in the root's `format` attribute.
 pub const FORMAT: &str = "urn:jabberd-rs:dump:0";
 const ROOT: &str = "jabberd-dump";
-/// Bytes of items per archive page read (as `export` reads them).
-const PAGE_BYTES: usize = 128 * 1024;
 /// Owners restored at once.
 const PARALLEL: usize = 8;
 /// Largest record read: far above any request the router lets through.
@@ -342,31 +340,12 @@ async fn dump_owner<W: Write>(
         counts.fragments += 1;
     }
     for ns in &what.archives {
-        let mut after: Option<String> = None;
-        loop {
-            let query = Query {
-                paging: Paging {
-                    after: after.clone(),
-                    max: MAX_PAGE,
-                    max_bytes: Some(PAGE_BYTES),
-                    ..Default::default()
-                },
-                ..Default::default()
-            };
-            let page = xdb
-                .archive_query(owner, ns, &query)
-                .await
-                .with_context(|| format!("{owner}: reading the archive {ns}"))?;
-            if page.items.is_empty() {
-                break;
-            }
-            w.archive(owner, ns, &page.items)?;
-            counts.items += page.items.len();
-            after = page.items.last().map(|i| i.id.clone());
-            if page.complete {
-                break;
-            }
-        }
+        crate::archive_pages::for_each_page(xdb, owner, ns, |items| {
+            w.archive(owner, ns, items)?;
+            counts.items += items.len();
+            Ok(())
+        })
+        .await?;
     }
     if let Some(data) = credentials {
         w.set(owner, NS_AUTH, &data)?;

@@ -4,6 +4,7 @@
 //! XEP-0227 files, and dumps and restores whole stores (docs/migration.md); follows the
 //! server's log records as a log sink (`jabberctl log --follow`, docs/logd.md).
 
+mod archive_pages;
 mod control;
 mod dump;
 mod migrate;

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use tokio::task::JoinSet;
 
 use jrs_auth::{Credentials, NS_AUTH};
-use jrs_xdb::archive::{Item, Paging, Query, Retention, MAX_PAGE};
+use jrs_xdb::archive::{Item, Retention};
 use jrs_xdb::{Op, XdbClient};
 
 use crate::pie::export::{self, Stored};
@@ -30,8 +30,6 @@ const PARALLEL: usize = 8;
 /// stay well under the router's 256 KiB stanza limit).
 const APPEND_ITEMS: usize = 250;
 const APPEND_BYTES: usize = 128 * 1024;
-/// Bytes of items per archive page read by export.
-const PAGE_BYTES: usize = 128 * 1024;
 
 const TWICE: &str = "the account appears more than once in the files: only the first is imported";
 
@@ -360,36 +358,19 @@ pub async fn export(
 }
 
 async fn export_archive(xdb: &XdbClient, bare: &str, out: &mut dyn Write) -> anyhow::Result<()> {
-    let mut after: Option<String> = None;
     let mut started = false;
-    loop {
-        let query = Query {
-            paging: Paging {
-                after: after.clone(),
-                max: MAX_PAGE,
-                max_bytes: Some(PAGE_BYTES),
-                ..Default::default()
-            },
-            ..Default::default()
-        };
-        let page = xdb.archive_query(bare, NS_ARCHIVE, &query).await?;
-        if page.items.is_empty() {
-            break;
-        }
+    crate::archive_pages::for_each_page(xdb, bare, NS_ARCHIVE, |items| {
         let mut buf = vec![];
         if !started {
             buf.extend_from_slice(format!("<archive xmlns='{NS_PIE_MAM}'>").as_bytes());
             started = true;
         }
-        for item in &page.items {
+        for item in items {
             export::archive_result(item, &mut buf);
         }
-        out.write_all(&buf)?;
-        after = page.items.last().map(|i| i.id.clone());
-        if page.complete {
-            break;
-        }
-    }
+        Ok(out.write_all(&buf)?)
+    })
+    .await?;
     if started {
         out.write_all(b"</archive>")?;
     }
