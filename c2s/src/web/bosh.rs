@@ -195,19 +195,12 @@ impl Request {
         let restart = b.attr("xmpp:restart").as_deref() == Some("true");
         let inner = b.inner();
         let empty = !terminate && !restart && inner.iter().all(u8::is_ascii_whitespace);
-        let mut payload = if restart {
-            format!(
-                "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
-                 xmlns:stream='{NS_STREAMS}' to='{}' version='1.0'>",
-                escape(&b.attr("to").unwrap_or_default())
-            )
-            .into_bytes()
-        } else {
-            inner.to_vec()
-        };
-        if terminate {
-            payload.extend_from_slice(b"</stream:stream>");
-        }
+        let mut payload = jrs_sx::framing::bosh_to_stream(
+            terminate,
+            restart,
+            &b.attr("to").unwrap_or_default(),
+            inner,
+        );
         if payload.is_empty() {
             payload.push(b' ');
         }

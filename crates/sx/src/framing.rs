@@ -228,6 +228,26 @@ fn qualified(element: &[u8]) -> String {
     format!("{}{insert}{}", &text[..name_end], &text[name_end..])
 }
 
+/// XEP-0206: the client stream bytes one BOSH request's `<body/>` stands for: a new
+/// stream header (to `to`) when it restarts the stream (`xmpp:restart='true'`), else its
+/// content; then the stream's end when it terminates the session (`type='terminate'`).
+pub fn bosh_to_stream(terminate: bool, restart: bool, to: &str, inner: &[u8]) -> Vec<u8> {
+    let mut payload = if restart {
+        format!(
+            "<?xml version='1.0'?><stream:stream xmlns='{NS_CLIENT}' \
+             xmlns:stream='{NS_STREAMS}' to='{}' version='1.0'>",
+            escape(to)
+        )
+        .into_bytes()
+    } else {
+        inner.to_vec()
+    };
+    if terminate {
+        payload.extend_from_slice(b"</stream:stream>");
+    }
+    payload
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -16,7 +16,6 @@
 
 use std::io::{Cursor, Read, Write};
 
-use jrs_stream::xml::escape;
 use jrs_stream::{Limits, Stanza};
 use jrs_sx::framing::{from_client, from_server, to_stream, Outgoing, Role, Splitter};
 use tungstenite::protocol::WebSocketConfig;
@@ -106,7 +105,6 @@ pub fn websocket(data: &[u8]) {
 }
 
 const NS_HTTPBIND: &str = "http://jabber.org/protocol/httpbind";
-const NS_STREAMS: &str = "http://etherx.jabber.org/streams";
 const MAX_RID: u64 = (1 << 53) - 1;
 
 pub fn bosh(data: &[u8]) {
@@ -136,19 +134,12 @@ pub fn bosh(data: &[u8]) {
     let terminate = b.attr("type").as_deref() == Some("terminate");
     let restart = b.attr("xmpp:restart").as_deref() == Some("true");
     let inner = b.inner();
-    let mut payload = if restart {
-        format!(
-            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
-             xmlns:stream='{NS_STREAMS}' to='{}' version='1.0'>",
-            escape(&b.attr("to").unwrap_or_default())
-        )
-        .into_bytes()
-    } else {
-        inner.to_vec()
-    };
-    if terminate {
-        payload.extend_from_slice(b"</stream:stream>");
-    }
+    let payload = jrs_sx::framing::bosh_to_stream(
+        terminate,
+        restart,
+        &b.attr("to").unwrap_or_default(),
+        inner,
+    );
     let mut stream = HEADER.to_vec();
     stream.extend_from_slice(&payload);
     check_frames(limits, frames(limits, &stream, stream.len()).0);
