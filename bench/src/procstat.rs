@@ -59,46 +59,38 @@ pub fn cpu_micros(pids: &[u32]) -> u64 {
 /// precise where [`cpu_micros`] counts 10 ms ticks. Threads that ended are not counted
 /// (the servers' worker threads live as long as the process).
 pub fn cpu_nanos(pids: &[u32]) -> u64 {
-    let mut total = 0;
-    for pid in pids {
-        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(s) = std::fs::read_to_string(task.path().join("schedstat")) {
-                total += s
-                    .split_whitespace()
-                    .next()
-                    .and_then(|v| v.parse::<u64>().ok())
-                    .unwrap_or(0);
-            }
-        }
-    }
-    total
+    sum_over_threads(pids, "schedstat", |s| {
+        s.split_whitespace()
+            .next()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    })
 }
 
 /// Context switches (voluntary + involuntary) of every thread of the processes, from
 /// /proc/PID/task/*/status: each voluntary one is a thread going to sleep (waiting for
 /// a read, a futex, epoll), so per message they count the wake-ups on its path.
 pub fn context_switches(pids: &[u32]) -> u64 {
-    let mut total = 0;
-    for pid in pids {
-        for task in std::fs::read_dir(format!("/proc/{pid}/task"))
-            .into_iter()
-            .flatten()
-            .flatten()
-        {
-            if let Ok(s) = std::fs::read_to_string(task.path().join("status")) {
-                total += s
-                    .lines()
-                    .filter(|l| l.contains("ctxt_switches:"))
-                    .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
-                    .sum::<u64>();
-            }
-        }
-    }
-    total
+    sum_over_threads(pids, "status", |s| {
+        s.lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum()
+    })
+}
+
+/// `read` of /proc/PID/task/*/FILE, summed over every thread of the processes.
+fn sum_over_threads(pids: &[u32], file: &str, read: impl Fn(&str) -> u64) -> u64 {
+    pids.iter()
+        .flat_map(|pid| {
+            std::fs::read_dir(format!("/proc/{pid}/task"))
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .filter_map(|task| std::fs::read_to_string(task.path().join(file)).ok())
+        .map(|s| read(&s))
+        .sum()
 }
 
 /// Threads of a process (from /proc/PID/status).
