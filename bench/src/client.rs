@@ -318,7 +318,16 @@ pub async fn store_fragments(
     server: &Server,
     fragments: Vec<(String, &'static str, String)>,
 ) -> anyhow::Result<()> {
-    let (mut reader, writer) = server.component("admin", "admin-secret").await?.split();
+    store_fragments_through(server.component("admin", "admin-secret").await?, fragments).await
+}
+
+/// [`store_fragments`] through a component link already made (as `admin`), to a router
+/// anywhere.
+pub async fn store_fragments_through(
+    link: jrs_component::Component,
+    fragments: Vec<(String, &'static str, String)>,
+) -> anyhow::Result<()> {
+    let (mut reader, writer) = link.split();
     let xdb = Arc::new(jrs_xdb::XdbClient::new("admin", Duration::from_secs(10)));
     xdb.set_outbox(writer.spawn());
     let answers = xdb.clone();

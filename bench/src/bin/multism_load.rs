@@ -16,11 +16,11 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail};
+use anyhow::anyhow;
 use clap::Parser;
 use tokio::sync::Notify;
 
-use bench::client::{accounts, Client, ClientKeys, DOMAIN};
+use bench::client::{accounts, store_fragments_through, Client, ClientKeys, DOMAIN};
 use bench::procstat::cpu_micros;
 use bench::pump::{percentile, pump_messages};
 use jrs_stream::Limits;
@@ -141,7 +141,8 @@ fn self_cpu_micros() -> u64 {
     cpu_micros(&[std::process::id()])
 }
 
-/// bench::client::store_fragments, with the router at an address of another host.
+/// The accounts, written to storage through the router at `router` (ADDR:PORT, on
+/// another host) as the `admin` component.
 async fn store_accounts(router: &str, users: usize, keys: &ClientKeys) -> anyhow::Result<()> {
     let (address, port) = router
         .rsplit_once(':')
@@ -152,36 +153,6 @@ async fn store_accounts(router: &str, users: usize, keys: &ClientKeys) -> anyhow
         max_stanza_bytes: 16 << 20,
         max_depth: 64,
     };
-    let (mut reader, writer) = jrs_component::Component::connect(&link, limits)
-        .await?
-        .split();
-    let xdb = Arc::new(jrs_xdb::XdbClient::new("admin", Duration::from_secs(10)));
-    xdb.set_outbox(writer.spawn());
-    let answers = xdb.clone();
-    tokio::spawn(async move {
-        while let Ok(s) = reader.next().await {
-            answers.answer(&s);
-        }
-    });
-    let mut pending = vec![];
-    for (n, (owner, ns, data)) in accounts(users, keys).into_iter().enumerate() {
-        if n == 0 {
-            // Storage may still be connecting: retry the first write.
-            let mut attempt = 0;
-            while let Err(e) = xdb.set(&owner, ns, data.clone()).await {
-                attempt += 1;
-                if attempt > 50 {
-                    bail!("storage: {e}");
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            continue;
-        }
-        let xdb = xdb.clone();
-        pending.push(tokio::spawn(async move { xdb.set(&owner, ns, data).await }));
-    }
-    for p in pending {
-        p.await?.map_err(|e| anyhow!("storage: {e}"))?;
-    }
-    Ok(())
+    let component = jrs_component::Component::connect(&link, limits).await?;
+    store_fragments_through(component, accounts(users, keys)).await
 }
