@@ -5,7 +5,6 @@ use std::ops::Range;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use rand::Rng;
 use tokio::io::{AsyncRead, AsyncWriteExt};
 use tracing::{debug, info, info_span, warn, Instrument};
@@ -21,7 +20,7 @@ use jrs_stream::{
 };
 
 use crate::outbox::{run_writer, Outbox};
-use crate::router::Router;
+use crate::router::{Accepted, AckLink, Router};
 use crate::tree::ConnId;
 
 /// How a link ended.
@@ -114,7 +113,7 @@ pub async fn serve_link(router: Arc<Router>, io: BoxIo, peer: String, side: Side
             _ = &mut writer => End::WriterGone,
         };
         // Unbind first: from now on packets for this component are held for its return.
-        router.unregister(conn);
+        router.unregister(conn, reader.position());
         let last: Vec<u8> = match &end {
             End::Closed => {
                 info!("component closed its stream");
@@ -246,14 +245,17 @@ async fn authenticate<R: AsyncRead + Unpin>(
             "wrong handshake",
         ));
     }
+    // An acknowledged link, if the component asks (docs/protocol.md).
+    let accepted = if handshake.attr("acks").as_deref() == Some("1") {
+        Accepted::WithAcks(AckLink {
+            stream_id: stream_id.clone(),
+            previd: handshake.attr("previd"),
+        })
+    } else {
+        Accepted::Plain
+    };
     router
-        .register(
-            conn,
-            &name,
-            user.trusted,
-            outbox.clone(),
-            Bytes::from_static(b"<handshake/>"),
-        )
+        .register(conn, &name, user.trusted, outbox.clone(), accepted)
         .map_err(|e| StreamError::new(StreamErrorCondition::Conflict, e))?;
     Ok((name, user.trusted))
 }
@@ -319,7 +321,7 @@ async fn authenticate_dialed<R: AsyncRead + Unpin>(
     }
     let trusted = router.users().find(name).is_some_and(|u| u.trusted);
     router
-        .register(conn, name, trusted, outbox.clone(), Bytes::new())
+        .register(conn, name, trusted, outbox.clone(), Accepted::Dialed)
         .map_err(|e| StreamError::new(StreamErrorCondition::Conflict, e))?;
     Ok((name.to_owned(), trusted))
 }
@@ -347,9 +349,12 @@ async fn read_packets<R: AsyncRead + Unpin>(
                 }
             }
         }
-        if let Some(end) = handle_frames(router, conn, reader.buffer(), &frames, trusted) {
+        if let Some(end) = handle_frames(router, conn, reader.buffer(), &frames, trusted, outbox) {
             return end;
         }
+        // Everything read so far is handled (routed, held or bounced): on an
+        // acknowledged link the router owes the component an ack for it.
+        outbox.handled(reader.position());
         if let Some(e) = broken {
             return End::Error(e);
         }
@@ -370,6 +375,7 @@ fn handle_frames(
     buf: &[u8],
     frames: &[(FrameKind, Range<usize>)],
     trusted: bool,
+    outbox: &Outbox,
 ) -> Option<End> {
     let mut batch: Vec<(PacketType, Stanza<&[u8]>)> = Vec::with_capacity(frames.len());
     let mut end = None;
@@ -425,6 +431,16 @@ fn handle_frames(
                 batch.clear();
                 router.subscribe_notices(conn, &stanza);
             }
+            TopLevel::Ack => match jrs_component::ack::parse_h(stanza.attr("h").as_deref()) {
+                Some(h) => outbox.acknowledged(h),
+                None => {
+                    end = Some(End::Error(StreamError::new(
+                        StreamErrorCondition::InvalidXml,
+                        "<a/> needs a number h",
+                    )));
+                    break;
+                }
+            },
             TopLevel::StreamError => {
                 warn!(error = %String::from_utf8_lossy(bytes), "component sent a stream error");
                 end = Some(End::Closed);

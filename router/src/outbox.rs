@@ -2,14 +2,20 @@
 //! drains them in batches. The queue is bounded in bytes so one component that stops
 //! reading cannot make the router grow without limit; past the bound the link is killed
 //! and its packets are bounced.
+//!
+//! On an acknowledged link (docs/protocol.md, "Acknowledged links") written packets stay
+//! queued, ahead of the unwritten ones, until the component acknowledges them; the
+//! writer also carries the router's own acks for what it read from the component.
 
 use std::collections::VecDeque;
 use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
+use jrs_component::ack::{Owed, ACK_DELAY};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
+use tokio::time::Instant;
 
 /// Why a push was refused; the packet is handed back for bouncing.
 #[derive(Debug)]
@@ -35,6 +41,33 @@ struct Inner {
     data: BytesMut,
     lens: VecDeque<u32>,
     state: State,
+    /// Set on an acknowledged link.
+    acks: Option<Acks>,
+}
+
+/// The acknowledgement state of an acknowledged link.
+#[derive(Default)]
+struct Acks {
+    /// Packets at the front of the queue already written, kept until acknowledged.
+    written: usize,
+    /// Their bytes at the front of `data`.
+    written_bytes: usize,
+    /// Where each written packet ends in our stream.
+    ends: VecDeque<u64>,
+    /// What the router owes the component.
+    owed: Owed,
+    /// Since when an ack is owed (the writer sends it alone after `ACK_DELAY`).
+    owed_since: Option<Instant>,
+}
+
+impl Inner {
+    /// Packets queued and not yet written, and their bytes.
+    fn unwritten(&self) -> (usize, usize) {
+        match &self.acks {
+            Some(a) => (a.written, a.written_bytes),
+            None => (0, 0),
+        }
+    }
 }
 
 pub struct Outbox {
@@ -97,6 +130,7 @@ impl Outbox {
                 data: BytesMut::new(),
                 lens: VecDeque::new(),
                 state: State::Open,
+                acks: None,
             }),
             wake: Notify::new(),
             killed: Notify::new(),
@@ -118,6 +152,53 @@ impl Outbox {
         self.pusher().push(packet, false)
     }
 
+    /// From now on written packets are kept until the component acknowledges them.
+    pub fn enable_acks(&self) {
+        self.inner.lock().expect("outbox lock").acks = Some(Acks::default());
+    }
+
+    /// The component acknowledged the first `h` bytes of our stream: drops the packets
+    /// they cover.
+    pub fn acknowledged(&self, h: u64) {
+        let mut inner = self.inner.lock().expect("outbox lock");
+        let Inner {
+            data, lens, acks, ..
+        } = &mut *inner;
+        let Some(acks) = acks.as_mut() else {
+            return;
+        };
+        let mut size = 0;
+        while acks.ends.front().is_some_and(|&end| end <= h) {
+            acks.ends.pop_front();
+            size += lens.pop_front().expect("a written packet") as usize;
+            acks.written -= 1;
+        }
+        if size > 0 {
+            acks.written_bytes -= size;
+            bytes::Buf::advance(data, size);
+            drop(inner);
+            self.drained.notify_waiters();
+        }
+    }
+
+    /// The link's reader handled the component's stream up to `position`: the router
+    /// owes an ack, which the writer sends with its next write or soon.
+    pub fn handled(&self, position: u64) {
+        let mut inner = self.inner.lock().expect("outbox lock");
+        let Some(acks) = inner.acks.as_mut() else {
+            return;
+        };
+        let became_owed = acks.owed.handled(position);
+        if became_owed {
+            acks.owed_since = Some(Instant::now());
+        }
+        let wake = became_owed || acks.owed.is_urgent();
+        drop(inner);
+        if wake {
+            self.wake.notify_one();
+        }
+    }
+
     /// Bytes queued and not yet written (for the metrics).
     pub fn queued_bytes(&self) -> usize {
         self.inner.lock().expect("outbox lock").data.len()
@@ -136,10 +217,14 @@ impl Outbox {
         self.wake.notify_one();
     }
 
-    /// Stops the writer at once and returns every packet not yet written.
+    /// Stops the writer at once and returns every packet not yet written (on an
+    /// acknowledged link: not yet acknowledged).
     pub fn kill(&self) -> Vec<Bytes> {
         let mut inner = self.inner.lock().expect("outbox lock");
         inner.state = State::Killed;
+        if let Some(acks) = inner.acks.as_mut() {
+            *acks = Acks::default();
+        }
         let mut data = std::mem::take(&mut inner.data).freeze();
         let rest = inner
             .lens
@@ -153,45 +238,85 @@ impl Outbox {
         rest
     }
 
-    /// Waits for packets to write and copies the first ones (up to a batch) into `buf`.
-    /// They stay queued until [`Outbox::commit`], so a link that dies mid-write still has
-    /// them for re-routing. Returns how many were copied; `None` once the queue is drained
-    /// and closing, or killed.
+    /// Waits for packets to write and copies the first ones (up to a batch) into `buf`,
+    /// then the ack the router owes, if any. The packets stay queued until
+    /// [`Outbox::commit`], so a link that dies mid-write still has them for re-routing.
+    /// Returns how many packets were copied (0 for an ack alone); `None` once the queue
+    /// is drained and closing, or killed.
     async fn next_batch(&self, buf: &mut Vec<u8>) -> Option<usize> {
         loop {
-            {
-                let inner = self.inner.lock().expect("outbox lock");
+            let ack_due_at = {
+                let mut inner = self.inner.lock().expect("outbox lock");
                 if inner.state == State::Killed {
                     return None;
                 }
-                if !inner.lens.is_empty() {
+                let (skip, skip_bytes) = inner.unwritten();
+                if inner.lens.len() > skip {
                     let (mut count, mut size) = (0, 0);
-                    for &len in &inner.lens {
+                    for &len in inner.lens.iter().skip(skip) {
                         if count > 0 && size + len as usize > BATCH_BYTES {
                             break;
                         }
                         size += len as usize;
                         count += 1;
                     }
-                    buf.extend_from_slice(&inner.data[..size]);
+                    buf.extend_from_slice(&inner.data[skip_bytes..skip_bytes + size]);
+                    take_ack(&mut inner, buf);
                     return Some(count);
                 }
                 if inner.state == State::Closing {
                     return None;
                 }
+                match inner.acks.as_mut() {
+                    Some(acks) if acks.owed.is_owed() => {
+                        let due = acks.owed_since.unwrap_or_else(Instant::now) + ACK_DELAY;
+                        if acks.owed.is_urgent() || due <= Instant::now() {
+                            take_ack(&mut inner, buf);
+                            return Some(0);
+                        }
+                        Some(due)
+                    }
+                    _ => None,
+                }
+            };
+            match ack_due_at {
+                Some(due) => {
+                    tokio::select! {
+                        _ = self.wake.notified() => {}
+                        _ = tokio::time::sleep_until(due) => {}
+                    }
+                }
+                None => self.wake.notified().await,
             }
-            self.wake.notified().await;
         }
     }
 
-    /// Drops the first `count` packets: they were written.
-    fn commit(&self, count: usize) {
+    /// The first `count` unwritten packets were written, starting at stream position
+    /// `start`: dropped, or on an acknowledged link kept until acknowledged.
+    fn commit(&self, count: usize, start: u64) {
         let mut inner = self.inner.lock().expect("outbox lock");
         if inner.state == State::Killed {
             return;
         }
-        let size: usize = inner.lens.drain(..count).map(|l| l as usize).sum();
-        bytes::Buf::advance(&mut inner.data, size);
+        let Inner {
+            data, lens, acks, ..
+        } = &mut *inner;
+        match acks.as_mut() {
+            None => {
+                let size: usize = lens.drain(..count).map(|l| l as usize).sum();
+                bytes::Buf::advance(data, size);
+            }
+            Some(acks) => {
+                let mut end = start;
+                for &len in lens.iter().skip(acks.written).take(count) {
+                    end += u64::from(len);
+                    acks.ends.push_back(end);
+                    acks.written_bytes += len as usize;
+                }
+                acks.written += count;
+                return;
+            }
+        }
         drop(inner);
         self.drained.notify_waiters();
     }
@@ -223,6 +348,16 @@ impl Outbox {
     }
 }
 
+/// Appends the ack the router owes, if any, to a batch about to be written.
+fn take_ack(inner: &mut Inner, buf: &mut Vec<u8>) {
+    if let Some(acks) = inner.acks.as_mut() {
+        if let Some(ack) = acks.owed.take() {
+            buf.extend_from_slice(ack.as_bytes());
+            acks.owed_since = None;
+        }
+    }
+}
+
 /// Drains `outbox` into `io` until the outbox is closed (everything written) or killed,
 /// or a write fails. Sends a single space after `keepalive` of silence. Gives the socket
 /// back so the caller can write a final stream error.
@@ -232,6 +367,8 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
     keepalive: Duration,
 ) -> W {
     let mut buf = Vec::with_capacity(BATCH_BYTES);
+    // Bytes of our stream written so far: where the packets of the next batch start.
+    let mut position = 0u64;
     loop {
         buf.clear();
         let count = match tokio::time::timeout(keepalive, outbox.next_batch(&mut buf)).await {
@@ -250,7 +387,8 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
             r = write => match r {
                 Ok(()) => {
                     crate::metrics::M.bytes_out.inc_by(buf.len() as u64);
-                    outbox.commit(count)
+                    outbox.commit(count, position);
+                    position += buf.len() as u64;
                 }
                 Err(_) => return io,
             },

@@ -27,6 +27,38 @@ struct LinkInfo {
     notices: bool,
     /// One of this project's own components (`trusted` in router-users.xml).
     trusted: bool,
+    /// Our stream id, on an acknowledged link: the component names it when it comes
+    /// back, to learn how much of this link the router handled.
+    ack_stream_id: Option<String>,
+    /// The component named a previous link (`previd`): it is coming back after losing
+    /// its router, so what it sends may be for components not back yet (see settling).
+    returning: bool,
+}
+
+/// How a link was authenticated, which decides what `register` answers.
+pub enum Accepted {
+    /// The router dialed the component: the component said `<handshake/>`.
+    Dialed,
+    /// A plain XEP-0114 link: answered `<handshake/>`.
+    Plain,
+    /// The component asked for an acknowledged link (`<handshake acks='1'>`).
+    WithAcks(AckLink),
+}
+
+/// What a component asks for in its `<handshake acks='1'>`.
+pub struct AckLink {
+    /// The router's stream id of this link.
+    pub stream_id: String,
+    /// The stream id of the component's previous link, if it had one.
+    pub previd: Option<String>,
+}
+
+/// What the router remembers of an acknowledged link that ended, for the component
+/// coming back (one per component name, replaced by the next).
+struct Departed {
+    stream_id: String,
+    /// Bytes of the component's stream the router had handled.
+    handled: u64,
 }
 
 impl LinkInfo {
@@ -80,6 +112,11 @@ struct State {
     gathers: Gathers,
     /// Connected component names, for conflict detection.
     names: HashMap<Arc<str>, ConnId>,
+    /// The last acknowledged link of each component name that ended.
+    departed: HashMap<Arc<str>, Departed>,
+    /// Bounces made where none could be sent (under a bind), sent by the next
+    /// `expire_held`.
+    deferred: Vec<Bounce>,
 }
 
 /// A packet that could not be delivered and must be answered with an error.
@@ -122,13 +159,17 @@ fn lower(s: &str) -> std::borrow::Cow<'_, str> {
 
 impl Router {
     pub fn new(config: RouterConfig, users: Users) -> Router {
+        let mut tree = Tree::new(config.grace, config.grace_max_packets);
+        tree.start_settling(Instant::now());
         Router {
             users: RwLock::new(Arc::new(users)),
             state: Mutex::new(State {
-                tree: Tree::new(config.grace, config.grace_max_packets),
+                tree,
                 links: HashMap::new(),
                 gathers: Gathers::default(),
                 names: HashMap::new(),
+                departed: HashMap::new(),
+                deferred: vec![],
             }),
             config,
             next_conn: AtomicU64::new(1),
@@ -148,15 +189,17 @@ impl Router {
     }
 
     /// Registers an authenticated link and binds its own name. Fails if a component of
-    /// that name is connected already. `accepted` (the `<handshake/>`) is queued first,
-    /// under the lock, so it precedes any packet held for the name.
+    /// that name is connected already. The `<handshake/>` that accepts it (for an
+    /// accepted link) is queued first, under the lock, so it precedes any packet held for
+    /// the name; on an acknowledged link it says how much of the component's previous
+    /// link the router handled, and packets written from then on are kept until acked.
     pub fn register(
         &self,
         conn: ConnId,
         name: &str,
         trusted: bool,
         outbox: Arc<Outbox>,
-        accepted: Bytes,
+        accepted: Accepted,
     ) -> Result<(), String> {
         let name: Arc<str> = name.into();
         let mut st = self.state.lock().expect("router lock");
@@ -165,7 +208,31 @@ impl Router {
                 "a component named '{name}' is already connected (link {other})"
             ));
         }
-        let _ = outbox.push(&accepted);
+        let returning = matches!(&accepted, Accepted::WithAcks(a) if a.previd.is_some());
+        let ack_stream_id = match accepted {
+            Accepted::WithAcks(AckLink { stream_id, previd }) => {
+                let handled = st
+                    .departed
+                    .get(&name)
+                    .filter(|d| previd.as_deref() == Some(d.stream_id.as_str()))
+                    .map(|d| d.handled);
+                let _ = outbox.push(
+                    match handled {
+                        Some(h) => format!("<handshake acks='1' h='{h}'/>"),
+                        None => "<handshake acks='1'/>".to_owned(),
+                    }
+                    .as_bytes(),
+                );
+                outbox.enable_acks();
+                debug!(resumed_from = ?handled, "acknowledged link");
+                Some(stream_id)
+            }
+            Accepted::Plain => {
+                let _ = outbox.push(b"<handshake/>");
+                None
+            }
+            Accepted::Dialed => None,
+        };
         st.names.insert(name.clone(), conn);
         st.links.insert(
             conn,
@@ -175,6 +242,8 @@ impl Router {
                 bound: HashSet::new(),
                 notices: false,
                 trusted,
+                ack_stream_id,
+                returning,
             },
         );
         for route in OWN_NAME_ROUTES {
@@ -304,7 +373,10 @@ impl Router {
                 ..
             } = &mut *st;
             let Some(link) = links.get(&conn) else { return };
-            let mut plan = Plan::default();
+            let mut plan = Plan {
+                settle: link.returning && tree.is_settling(),
+                ..Plan::default()
+            };
             let mut refused = vec![];
             let mut gathered = vec![];
             for (route, stanza) in packets {
@@ -476,8 +548,10 @@ impl Router {
     }
 
     /// Removes a link: unbinds everything (starting the grace period for routes it held
-    /// alone) and re-routes or bounces the packets still queued for it.
-    pub fn unregister(&self, conn: ConnId) {
+    /// alone) and re-routes or bounces the packets still queued for it (on an
+    /// acknowledged link: not acknowledged). `handled` is how much of the component's
+    /// stream the router handled, remembered for its return.
+    pub fn unregister(&self, conn: ConnId, handled: u64) {
         let mut bounces = vec![];
         {
             let mut st = self.state.lock().expect("router lock");
@@ -485,6 +559,10 @@ impl Router {
                 return;
             };
             st.names.remove(&link.name);
+            if let Some(stream_id) = link.ack_stream_id.clone() {
+                st.departed
+                    .insert(link.name.clone(), Departed { stream_id, handled });
+            }
             let now = Instant::now();
             for (route, host) in &link.bound {
                 st.tree.unbind(*route, host, conn, now);
@@ -510,11 +588,25 @@ impl Router {
 
     /// Bounces what routes held past their grace period.
     pub fn expire_held(&self) {
-        let (held, unanswered) = {
+        let (held, unanswered, settled_bounces) = {
             let mut st = self.state.lock().expect("router lock");
-            let unanswered = st.gathers.expire(Instant::now());
-            (st.tree.expire(Instant::now()), unanswered)
+            let mut settled_bounces = std::mem::take(&mut st.deferred);
+            let now = Instant::now();
+            let unanswered = st.gathers.expire(now);
+            if st.tree.is_settling() {
+                let settled = st.tree.take_settled(Some(now));
+                let still = st.tree.is_settling();
+                if !settled.is_empty() && !still {
+                    info!(
+                        packets = settled.len(),
+                        "settled after start: routing or bouncing what waited for its component"
+                    );
+                }
+                reroute_settled(&mut st, settled, still, &mut settled_bounces);
+            }
+            (st.tree.expire(now), unanswered, settled_bounces)
         };
+        self.bounce_all(settled_bounces);
         if !unanswered.is_empty() {
             warn!(
                 requests = unanswered.len(),
@@ -592,7 +684,36 @@ fn bind_locked(
         }
     }
     notify(st, &notice);
+    // Packets waiting since the router started may have a route now.
+    let settled = st.tree.take_settled(None);
+    if !settled.is_empty() {
+        let mut bounces = std::mem::take(&mut st.deferred);
+        reroute_settled(st, settled, true, &mut bounces);
+        st.deferred = bounces;
+    }
     Ok(())
+}
+
+/// Routes again packets that waited while the router settled; those still without a
+/// route wait again (`settle`) or are bounced.
+fn reroute_settled(
+    st: &mut State,
+    packets: Vec<(PacketType, Bytes)>,
+    settle: bool,
+    bounces: &mut Vec<Bounce>,
+) {
+    let State { tree, links, .. } = st;
+    for (route, packet) in packets {
+        let Ok(stanza) = Stanza::parse(packet) else {
+            continue;
+        };
+        let mut plan = Plan {
+            settle,
+            ..Plan::default()
+        };
+        plan.decide(tree, route, &stanza, bounces);
+        plan.execute(links, bounces);
+    }
 }
 
 /// Sends a link notice to every link that asked for them.
@@ -677,6 +798,8 @@ enum Gathered {
 #[derive(Default)]
 struct Plan<'a> {
     groups: Vec<Group<'a>>,
+    /// Packets without a route wait while the router settles (see [`Tree::settle`]).
+    settle: bool,
 }
 
 struct Group<'a> {
@@ -730,6 +853,25 @@ impl<'a> Plan<'a> {
         }
     }
 
+    /// A packet without a route waits while the router settles, or is bounced.
+    fn no_route(
+        &self,
+        tree: &mut Tree,
+        route: PacketType,
+        host: &str,
+        packet: Bytes,
+        bounces: &mut Vec<Bounce>,
+    ) {
+        let packet = match self.settle {
+            true => match tree.settle(route, packet) {
+                Ok(()) => return,
+                Err(packet) => packet,
+            },
+            false => packet,
+        };
+        no_route(tree, route, host, packet, bounces);
+    }
+
     /// The routing decision for one packet: a destination, the grace queue, or a bounce.
     fn decide<B: AsRef<[u8]>>(
         &mut self,
@@ -773,7 +915,7 @@ impl<'a> Plan<'a> {
             Target::Hold(held) => hold(held, Bytes::copy_from_slice(packet), bounces),
             Target::NoRoute => {
                 debug!(%route, to, "no route");
-                no_route(tree, route, &host, Bytes::copy_from_slice(packet), bounces);
+                self.no_route(tree, route, &host, Bytes::copy_from_slice(packet), bounces);
             }
         }
     }
@@ -864,7 +1006,7 @@ impl<'a> Plan<'a> {
                 }
                 Target::Deliver(instance) => self.add(instance, copy(), is_error),
                 Target::Hold(held) => hold(held, copy(), bounces),
-                Target::NoRoute => no_route(tree, route, &host, copy(), bounces),
+                Target::NoRoute => self.no_route(tree, route, &host, copy(), bounces),
             }
         }
         let (from, to) = (packet.from().unwrap_or(""), packet.to().unwrap_or(""));

@@ -81,6 +81,16 @@ pub struct Tree {
     routes: [HashMap<Box<str>, Route>; 4],
     grace: Duration,
     max_held: usize,
+    /// The first grace period after the router starts.
+    settling: Option<Settling>,
+}
+
+/// After a router restart the components come back one by one: packets that components
+/// coming back send again (or anew) for a route not bound yet wait here, for one grace
+/// period from the router's start, instead of being bounced at once.
+struct Settling {
+    until: Instant,
+    packets: VecDeque<(PacketType, Bytes)>,
 }
 
 impl Tree {
@@ -89,7 +99,50 @@ impl Tree {
             routes: Default::default(),
             grace,
             max_held,
+            settling: None,
         }
+    }
+
+    /// Starts the settling period of a router that just started (`now`): one grace
+    /// period, if there is one.
+    pub fn start_settling(&mut self, now: Instant) {
+        if !self.grace.is_zero() {
+            self.settling = Some(Settling {
+                until: now + self.grace,
+                packets: VecDeque::new(),
+            });
+        }
+    }
+
+    /// Whether packets without a route may still wait for their component.
+    pub fn is_settling(&self) -> bool {
+        self.settling.is_some()
+    }
+
+    /// Keeps a packet without a route while settling; hands it back when not settling
+    /// or when as many as a route may hold are waiting.
+    pub fn settle(&mut self, route: PacketType, packet: Bytes) -> Result<(), Bytes> {
+        match &mut self.settling {
+            Some(s) if s.packets.len() < self.max_held => {
+                s.packets.push_back((route, packet));
+                Ok(())
+            }
+            _ => Err(packet),
+        }
+    }
+
+    /// The packets waiting while settling, to route again (a route was bound); with
+    /// `now` past the settling period, it ends (what is returned then is routed, or
+    /// bounced, for good).
+    pub fn take_settled(&mut self, now: Option<Instant>) -> Vec<(PacketType, Bytes)> {
+        let Some(s) = &mut self.settling else {
+            return vec![];
+        };
+        let packets = s.packets.drain(..).collect();
+        if now.is_some_and(|now| now >= s.until) {
+            self.settling = None;
+        }
+        packets
     }
 
     /// Adds `instance` to the route. Returns the packets held for the route, which the
@@ -208,13 +261,17 @@ impl Tree {
     /// Packets held now, per packet type (in [`PacketType`] order: normal, session, xdb,
     /// log), for the metrics.
     pub fn held_counts(&self) -> [usize; 4] {
-        self.routes.each_ref().map(|routes| {
+        let mut counts = self.routes.each_ref().map(|routes| {
             routes
                 .values()
                 .filter_map(|r| r.held.as_ref())
                 .map(|h| h.packets.len())
                 .sum()
-        })
+        });
+        for (route, _) in self.settling.iter().flat_map(|s| &s.packets) {
+            counts[slot(*route)] += 1;
+        }
+        counts
     }
 
     /// Ends the grace period of every route whose deadline passed; returns what they held.

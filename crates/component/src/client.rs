@@ -2,6 +2,7 @@
 //! use to talk to the router.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use anyhow::{anyhow, bail, Context};
 use bytes::Bytes;
@@ -12,6 +13,7 @@ use jrs_config::RouterLink;
 use jrs_stream::header::{open_stream, StreamHeader};
 use jrs_stream::{Frame, Limits, Stanza, NS_COMPONENT_ACCEPT};
 
+use crate::ack::LinkAcks;
 use crate::io::{FramedReader, ReadError};
 use crate::protocol::{bind_request, handshake_digest, PacketType};
 use crate::transport::{self, BoxIo};
@@ -50,13 +52,28 @@ pub struct Component {
     next_id: u32,
     /// Silence after which the writer sends a whitespace keepalive.
     keepalive: std::time::Duration,
+    /// Bytes written so far (stream positions for acknowledgements).
+    sent: u64,
+    /// Set on an acknowledged link (docs/protocol.md, "Acknowledged links").
+    acks: Option<Arc<LinkAcks>>,
 }
 
 impl Component {
     /// Connects, opens the stream and authenticates with the handshake.
     pub async fn connect(link: &RouterLink, limits: Limits) -> anyhow::Result<Component> {
+        Component::connect_with_acks(link, limits, None).await
+    }
+
+    /// [`Component::connect`], asking for an acknowledged link when `acks` is given
+    /// (the state shared by this process's successive links).
+    pub async fn connect_with_acks(
+        link: &RouterLink,
+        limits: Limits,
+        acks: Option<Arc<LinkAcks>>,
+    ) -> anyhow::Result<Component> {
         let io = transport::connect(link).await?;
-        let mut c = Component::handshake(io, &link.name, &link.secret, limits).await?;
+        let mut c =
+            Component::handshake_with_acks(io, &link.name, &link.secret, limits, acks).await?;
         c.keepalive = link.keepalive;
         Ok(c)
     }
@@ -68,13 +85,30 @@ impl Component {
         secret: &str,
         limits: Limits,
     ) -> anyhow::Result<Component> {
-        let (r, mut writer) = tokio::io::split(io);
-        let mut reader = FramedReader::new(r, limits);
-        writer
-            .write_all(open_stream(NS_COMPONENT_ACCEPT, &[("to", name)]).as_bytes())
+        Component::handshake_with_acks(io, name, secret, limits, None).await
+    }
+
+    async fn handshake_with_acks(
+        io: BoxIo,
+        name: &str,
+        secret: &str,
+        limits: Limits,
+        acks: Option<Arc<LinkAcks>>,
+    ) -> anyhow::Result<Component> {
+        let (r, writer) = tokio::io::split(io);
+        let mut c = Component {
+            name: name.to_owned(),
+            reader: FramedReader::new(r, limits),
+            writer,
+            early: VecDeque::new(),
+            next_id: 0,
+            keepalive: jrs_config::LINK_KEEPALIVE,
+            sent: 0,
+            acks: None,
+        };
+        c.send(open_stream(NS_COMPONENT_ACCEPT, &[("to", name)]).as_bytes())
             .await?;
-        writer.flush().await?;
-        let header = match next_frame(&mut reader).await? {
+        let header = match next_frame(&mut c.reader).await? {
             Frame::StreamOpen(b) => StreamHeader::parse(&b, Some(NS_COMPONENT_ACCEPT))?,
             other => bail!("expected a stream header from the router, got {other:?}"),
         };
@@ -82,22 +116,27 @@ impl Component {
             .id
             .ok_or_else(|| anyhow!("the router sent no stream id"))?;
         let digest = handshake_digest(&id, secret);
-        writer
-            .write_all(format!("<handshake>{digest}</handshake>").as_bytes())
+        let attributes = acks
+            .as_ref()
+            .map(|a| a.handshake_attributes())
+            .unwrap_or_default();
+        c.send(format!("<handshake{attributes}>{digest}</handshake>").as_bytes())
             .await?;
-        writer.flush().await?;
-        match next_element(&mut reader).await? {
-            s if s.name() == "handshake" => {}
+        let accepted = match next_element(&mut c.reader).await? {
+            s if s.name() == "handshake" => s,
             s => return Err(HandshakeRefused(describe_error(&s)).into()),
+        };
+        if let Some(acks) = acks {
+            let agreed = accepted.attr("acks").as_deref() == Some("1");
+            let handled = crate::ack::parse_h(accepted.attr("h").as_deref());
+            acks.link_started(&id, agreed, handled);
+            if agreed {
+                c.acks = Some(acks);
+            } else {
+                tracing::warn!("the router does not acknowledge packets on this link");
+            }
         }
-        Ok(Component {
-            name: name.to_owned(),
-            reader,
-            writer,
-            early: VecDeque::new(),
-            next_id: 0,
-            keepalive: jrs_config::LINK_KEEPALIVE,
-        })
+        Ok(c)
     }
 
     /// Asks the router for one more route and waits for its answer.
@@ -179,10 +218,12 @@ impl Component {
         route: PacketType,
         host: &str,
     ) -> anyhow::Result<()> {
-        self.writer.write_all(request.as_bytes()).await?;
-        self.writer.flush().await?;
+        self.send(request.as_bytes()).await?;
         loop {
             let s = next_element(&mut self.reader).await?;
+            if take_ack(&self.acks, &s)? {
+                continue;
+            }
             if s.name() == element && s.id() == Some(id) {
                 if s.kind() == Some("result") {
                     return Ok(());
@@ -205,7 +246,13 @@ impl Component {
     pub async fn send(&mut self, bytes: &[u8]) -> anyhow::Result<()> {
         self.writer.write_all(bytes).await?;
         self.writer.flush().await?;
+        self.sent += bytes.len() as u64;
         Ok(())
+    }
+
+    /// Whether the router agreed to acknowledge this link.
+    pub fn acknowledged(&self) -> bool {
+        self.acks.is_some()
     }
 
     pub fn split(self) -> (ComponentReader, ComponentWriter) {
@@ -213,10 +260,13 @@ impl Component {
             ComponentReader {
                 reader: self.reader,
                 early: self.early,
+                acks: self.acks.clone(),
             },
             ComponentWriter {
                 writer: self.writer,
                 keepalive: self.keepalive,
+                sent: self.sent,
+                acks: self.acks,
             },
         )
     }
@@ -226,16 +276,26 @@ impl Component {
 pub struct ComponentReader {
     reader: FramedReader<ReadHalf<BoxIo>>,
     early: VecDeque<Stanza>,
+    acks: Option<Arc<LinkAcks>>,
 }
 
 impl ComponentReader {
     /// The next stanza. A stream error or close from the router ends the link with an error.
+    ///
+    /// On an acknowledged link, asking for the next stanza acknowledges those returned
+    /// before: the caller has handled them (done, or handed them to its own tasks).
     pub async fn next(&mut self) -> anyhow::Result<Stanza> {
         if let Some(s) = self.early.pop_front() {
             return Ok(s);
         }
         loop {
+            if let Some(acks) = &self.acks {
+                acks.handled(self.reader.position());
+            }
             let s = next_element(&mut self.reader).await?;
+            if take_ack(&self.acks, &s)? {
+                continue;
+            }
             if s.name() == "stream:error" {
                 bail!("the router closed the stream: {}", describe_error(&s));
             }
@@ -256,47 +316,100 @@ impl ComponentReader {
 pub struct ComponentWriter {
     writer: WriteHalf<BoxIo>,
     keepalive: std::time::Duration,
+    /// Bytes written so far on this link.
+    sent: u64,
+    acks: Option<Arc<LinkAcks>>,
 }
 
 impl ComponentWriter {
     pub async fn send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
         self.writer.write_all(bytes).await?;
-        self.writer.flush().await
+        self.writer.flush().await?;
+        self.sent += bytes.len() as u64;
+        Ok(())
     }
 
     /// Moves the writer into a task fed by a channel, so many tasks can send. Stanzas
-    /// queued together are written with one system call.
+    /// queued together are written with one system call. On an acknowledged link it
+    /// first sends again what the last link did not get acknowledged, keeps what it
+    /// writes until acknowledged, and carries our acks.
     pub fn spawn(mut self) -> Outbox {
         let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
         tokio::spawn(async move {
+            let acks = self.acks.clone();
             let mut batch = Vec::with_capacity(64 * 1024);
+            // The packets of `batch` (on an acknowledged link), with where each ends in it.
+            let mut packets: Vec<(usize, Bytes)> = vec![];
             let mut flushes = vec![];
+            if let Some(acks) = &acks {
+                for p in acks.take_resend() {
+                    batch.extend_from_slice(&p);
+                    packets.push((batch.len(), p));
+                }
+            }
             loop {
-                // A space after a silence, so that a dead router is noticed (the link's
-                // TCP_USER_TIMEOUT fires on unacknowledged data, not on an idle link).
-                let first = match tokio::time::timeout(self.keepalive, rx.recv()).await {
-                    Ok(Some(first)) => first,
-                    Ok(None) => break,
-                    Err(_) => Queued::Bytes(Bytes::from_static(b" ")),
-                };
-                batch.clear();
-                let mut next = Some(first);
-                while let Some(queued) = next.take() {
-                    match queued {
-                        Queued::Bytes(bytes) => batch.extend_from_slice(&bytes),
-                        Queued::Flush(done) => flushes.push(done),
+                if batch.is_empty() {
+                    // A space after a silence, so that a dead router is noticed (the
+                    // link's TCP_USER_TIMEOUT fires on unacknowledged data, not on an idle
+                    // link).
+                    let first = tokio::select! {
+                        r = tokio::time::timeout(self.keepalive, rx.recv()) => match r {
+                            Ok(Some(first)) => Some(first),
+                            Ok(None) => break,
+                            Err(_) => {
+                                batch.push(b' ');
+                                None
+                            }
+                        },
+                        _ = ack_due(&acks) => None,
+                    };
+                    let mut next = first;
+                    while let Some(queued) = next.take() {
+                        match queued {
+                            Queued::Bytes(bytes) => {
+                                batch.extend_from_slice(&bytes);
+                                if acks.is_some() {
+                                    packets.push((batch.len(), bytes));
+                                }
+                            }
+                            Queued::Flush(done) => flushes.push(done),
+                        }
+                        if batch.len() >= 64 * 1024 {
+                            break;
+                        }
+                        next = rx.try_recv().ok();
                     }
-                    if batch.len() >= 64 * 1024 {
-                        break;
+                }
+                if let Some(acks) = &acks {
+                    // Kept from now on, so a write that fails half way is sent again.
+                    acks.written(self.sent, &mut packets);
+                    if let Some(ack) = acks.take_ack(!batch.is_empty()) {
+                        batch.extend_from_slice(ack.as_bytes());
                     }
-                    next = rx.try_recv().ok();
                 }
                 if !batch.is_empty() && self.send(&batch).await.is_err() {
                     break;
                 }
+                batch.clear();
                 for done in flushes.drain(..) {
                     let _ = done.send(());
                 }
+            }
+            // What is still queued goes on the next link (first, after what this one did
+            // not get acknowledged). Waiters for a flush are released: the link is gone.
+            rx.close();
+            while let Ok(queued) = rx.try_recv() {
+                match queued {
+                    Queued::Bytes(bytes) => {
+                        if let Some(acks) = &acks {
+                            acks.unsent(bytes);
+                        }
+                    }
+                    Queued::Flush(done) => flushes.push(done),
+                }
+            }
+            for done in flushes.drain(..) {
+                let _ = done.send(());
             }
             let _ = self.writer.shutdown().await;
         });
@@ -336,6 +449,28 @@ impl Outbox {
             let _ = written.await;
         }
     }
+}
+
+/// Waits until our ack is due alone on an acknowledged link (never otherwise).
+async fn ack_due(acks: &Option<Arc<LinkAcks>>) {
+    match acks {
+        Some(acks) => acks.ack_due().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Handles the router's `<a h='N'/>` on an acknowledged link: true if `s` was one.
+fn take_ack(acks: &Option<Arc<LinkAcks>>, s: &Stanza) -> anyhow::Result<bool> {
+    let Some(acks) = acks else {
+        return Ok(false);
+    };
+    if s.name() != "a" {
+        return Ok(false);
+    }
+    let h = crate::ack::parse_h(s.attr("h").as_deref())
+        .ok_or_else(|| anyhow!("the router sent an <a/> without a number h"))?;
+    acks.acknowledged(h);
+    Ok(true)
 }
 
 async fn next_frame(reader: &mut FramedReader<ReadHalf<BoxIo>>) -> anyhow::Result<Frame> {

@@ -29,6 +29,10 @@ pub struct FramedReader<R> {
     buf: BytesMut,
     framer: Framer,
     read_size: usize,
+    /// Bytes of the stream dropped from the front of `buf` so far.
+    dropped: u64,
+    /// Where in the stream the last frame returned ends (see [`FramedReader::position`]).
+    last_end: u64,
 }
 
 impl<R: AsyncRead + Unpin> FramedReader<R> {
@@ -45,13 +49,20 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
             buf: BytesMut::new(),
             framer: Framer::new(limits),
             read_size,
+            dropped: 0,
+            last_end: 0,
         }
     }
 
     /// The next frame; reads from the stream only when no complete frame is buffered.
     pub async fn next_frame(&mut self) -> Result<Frame, ReadError> {
         loop {
-            if let Some(frame) = self.framer.next_frame(&mut self.buf)? {
+            let before = self.buf.len();
+            let frame = self.framer.next_frame(&mut self.buf)?;
+            self.dropped += (before - self.buf.len()) as u64;
+            if let Some(frame) = frame {
+                // The frame was split off up to its end.
+                self.last_end = self.dropped;
                 return Ok(frame);
             }
             self.buf.reserve(self.read_size);
@@ -64,7 +75,25 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
     /// Finds the next complete frame in the buffer without removing it (see
     /// [`Framer::next_range`]); the range indexes [`FramedReader::buffer`].
     pub fn next_range(&mut self) -> Result<Option<(FrameKind, Range<usize>)>, StreamError> {
-        self.framer.next_range(&self.buf)
+        let found = self.framer.next_range(&self.buf)?;
+        if let Some((_, range)) = &found {
+            self.last_end = self.dropped + range.end as u64;
+        }
+        Ok(found)
+    }
+
+    /// How many bytes of the stream precede the end of the last frame returned: what an
+    /// acknowledgement of everything read so far counts (docs/protocol.md, "Acknowledged
+    /// links"). Whitespace after that frame is counted with the next one.
+    pub fn position(&self) -> u64 {
+        self.last_end
+    }
+
+    /// Drops handled frames from the front of the buffer, counting them.
+    fn compact(&mut self) {
+        let before = self.buf.len();
+        self.framer.compact(&mut self.buf);
+        self.dropped += (before - self.buf.len()) as u64;
     }
 
     pub fn buffer(&self) -> &[u8] {
@@ -73,7 +102,7 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
 
     /// Drops the frames found so far and reads more bytes.
     pub async fn fill(&mut self) -> Result<(), ReadError> {
-        self.framer.compact(&mut self.buf);
+        self.compact();
         self.buf.reserve(self.read_size);
         if self.io.read_buf(&mut self.buf).await? == 0 {
             return Err(ReadError::Closed);
@@ -93,7 +122,7 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
     /// Starts reading a new stream on the same connection (after SASL success): bytes
     /// already buffered belong to the new stream and are kept.
     pub fn restart(&mut self) {
-        self.framer.compact(&mut self.buf);
+        self.compact();
         self.framer.reset();
     }
 

@@ -1,6 +1,7 @@
 //! The component protocol between the router and every other process (XEP-0114 plus the
 //! project's bind extension, specified in `docs/protocol.md`), and a client for it.
 //!
+//! - [`ack`]: acknowledged links (counted acks, packets kept until acknowledged).
 //! - [`protocol`]: packet types, element names, the bind extension, the handshake digest.
 //! - [`io`]: a framed reader over any async byte stream, used by the router and clients.
 //! - [`transport`]: TCP, Unix socket or TLS links to the router.
@@ -10,6 +11,7 @@
 //! - [`logging`], [`log_route`], [`log_record`]: stderr logging, and log records sent
 //!   through the router as `log` packets.
 
+pub mod ack;
 pub mod client;
 pub mod fanout;
 pub mod io;

@@ -66,6 +66,8 @@ pub enum TopLevel {
     /// A link notice from the router (`<notice event='disconnected' name='..'/>`).
     Notice,
     Handshake,
+    /// An acknowledgement on an acknowledged link (`<a h='N'/>`, see [`crate::ack`]).
+    Ack,
     StreamError,
     Unknown,
 }
@@ -82,6 +84,7 @@ impl TopLevel {
             "notices" => TopLevel::Notices,
             "notice" => TopLevel::Notice,
             "handshake" => TopLevel::Handshake,
+            "a" => TopLevel::Ack,
             "stream:error" => TopLevel::StreamError,
             _ => TopLevel::Unknown,
         }

@@ -3,6 +3,7 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::signal::unix::{signal, SignalKind};
@@ -11,6 +12,7 @@ use tracing::{error, info, warn};
 use jrs_config::RouterLink;
 use jrs_stream::Limits;
 
+use crate::ack::LinkAcks;
 use crate::client::{BindError, Component, ComponentReader, HandshakeRefused, Outbox};
 use crate::protocol::PacketType;
 
@@ -107,11 +109,22 @@ pub async fn connect_and_bind(
     limits: Limits,
     binds: &[Bind],
 ) -> anyhow::Result<Component> {
+    connect_and_bind_with_acks(link, limits, binds, None).await
+}
+
+/// [`connect_and_bind`] on an acknowledged link when `acks` is given.
+async fn connect_and_bind_with_acks(
+    link: &RouterLink,
+    limits: Limits,
+    binds: &[Bind],
+    acks: Option<&Arc<LinkAcks>>,
+) -> anyhow::Result<Component> {
     let mut delay = link.reconnect;
     loop {
-        match try_connect(link, limits, binds).await {
+        match try_connect(link, limits, binds, acks).await {
             Ok(c) => {
-                info!(name = %link.name, routes = binds.len(), "connected to the router");
+                info!(name = %link.name, routes = binds.len(), acknowledged = c.acknowledged(),
+                    "connected to the router");
                 return Ok(c);
             }
             Err(e) if e.is::<HandshakeRefused>() || e.is::<BindError>() => return Err(e),
@@ -128,8 +141,9 @@ async fn try_connect(
     link: &RouterLink,
     limits: Limits,
     binds: &[Bind],
+    acks: Option<&Arc<LinkAcks>>,
 ) -> anyhow::Result<Component> {
-    let mut c = Component::connect(link, limits).await?;
+    let mut c = Component::connect_with_acks(link, limits, acks.cloned()).await?;
     for b in binds {
         if b.is_notices() {
             c.subscribe_notices().await?;
@@ -196,9 +210,12 @@ where
     let mut int = signal(SignalKind::interrupt())?;
     // The supervisor forwards SIGHUP to every process; its default action would kill us.
     let mut hup = signal(SignalKind::hangup())?;
+    // Kept across reconnects: what one link did not get acknowledged goes on the next.
+    let acks = crate::ack::wanted().then(|| Arc::new(LinkAcks::default()));
     let work = async {
         loop {
-            let component = connect_and_bind(&link, limits, &binds).await?;
+            let component =
+                connect_and_bind_with_acks(&link, limits, &binds, acks.as_ref()).await?;
             let (reader, writer) = component.split();
             let outbox = writer.spawn();
             crate::log_route::attach(&outbox, &link.name, bound_hosts(&binds));

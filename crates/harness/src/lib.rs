@@ -305,6 +305,11 @@ impl Server {
         Ok((starttls, direct, http))
     }
 
+    /// The pid of a process started with [`Server::spawn`].
+    pub fn pid(&self, name: &str) -> Option<u32> {
+        self.children.get(name).map(Child::id)
+    }
+
     /// SIGKILLs a process started with [`Server::spawn`].
     pub fn kill9(&mut self, name: &str) {
         if let Some(mut child) = self.children.remove(name) {

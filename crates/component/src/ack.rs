@@ -1,0 +1,368 @@
+//! Acknowledged links (docs/protocol.md, "Acknowledged links"): what the router and the
+//! project's components both need to count and acknowledge what crosses a link, in the
+//! manner of XEP-0198 but counted in bytes of the stream, so that a sender never has to
+//! know where one element of a write ends and the next begins.
+//!
+//! - The component asks for it in its `<handshake acks='1'>`; the router agrees with
+//!   `<handshake acks='1'/>`. A plain XEP-0114 component never sees any of it.
+//! - Each side acknowledges `<a xmlns='urn:jabberd-rs:router:0' h='N'/>`: it has handled
+//!   the first N bytes of the other side's stream (counted from the stream's first byte).
+//!   Acks ride along with the next write, or go alone after [`ACK_DELAY`] or once
+//!   [`ACK_BYTES`] are owed.
+//! - The sender keeps each packet until an ack covers its last byte; when the link drops,
+//!   what was not acknowledged is delivered again (the router holds it for the route, the
+//!   component sends it first on its next link).
+//! - A component that reconnects names its last link (`previd`, the router's stream id)
+//!   and how much of it it handled (`h`); the router answers how much it handled of that
+//!   link (`h` on its `<handshake/>`), so neither re-sends what the other already has.
+
+use std::collections::VecDeque;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::sync::Notify;
+use tokio::time::Instant;
+
+use crate::protocol::NS_ROUTER;
+
+/// How long an ack may wait for a write to ride along with.
+pub const ACK_DELAY: Duration = Duration::from_millis(10);
+
+/// Owed past this many bytes, an ack is sent at once.
+pub const ACK_BYTES: u64 = 64 * 1024;
+
+/// Set to `off` (in the environment of the project's components) to connect without
+/// acknowledgements, as a plain XEP-0114 component does: for comparison runs.
+pub const ENV_SWITCH: &str = "JABBERD_LINK_ACKS";
+
+/// Whether this process asks for acknowledged links (unless [`ENV_SWITCH`] is `off`).
+pub fn wanted() -> bool {
+    !matches!(
+        std::env::var(ENV_SWITCH).as_deref(),
+        Ok("off" | "0" | "false" | "no")
+    )
+}
+
+/// The ack element for `h` bytes handled.
+pub fn ack_element(h: u64) -> String {
+    format!("<a xmlns='{NS_ROUTER}' h='{h}'/>")
+}
+
+/// The `h` attribute of an `<a/>` (or `<handshake/>`) element.
+pub fn parse_h(value: Option<&str>) -> Option<u64> {
+    value?.parse().ok()
+}
+
+/// What a link owes the other side: how far its stream has been handled, and how far
+/// that was acknowledged.
+#[derive(Debug, Default, Clone)]
+pub struct Owed {
+    /// Bytes of the peer's stream handled.
+    pub handled: u64,
+    /// The last `h` sent.
+    pub acked: u64,
+}
+
+impl Owed {
+    /// Records progress; true when an ack became owed (was not before).
+    pub fn handled(&mut self, position: u64) -> bool {
+        let was_owed = self.is_owed();
+        self.handled = self.handled.max(position);
+        !was_owed && self.is_owed()
+    }
+
+    pub fn is_owed(&self) -> bool {
+        self.handled > self.acked
+    }
+
+    /// Whether so much is owed that the ack should not wait.
+    pub fn is_urgent(&self) -> bool {
+        self.handled - self.acked >= ACK_BYTES
+    }
+
+    /// The ack to send now, if any is owed; it counts as sent.
+    pub fn take(&mut self) -> Option<String> {
+        self.is_owed().then(|| {
+            self.acked = self.handled;
+            ack_element(self.handled)
+        })
+    }
+}
+
+/// Packets written and not yet acknowledged, with where each ends in the stream.
+#[derive(Debug, Default)]
+pub struct Unacked {
+    packets: VecDeque<(u64, Bytes)>,
+    bytes: usize,
+}
+
+impl Unacked {
+    /// Keeps a packet that ends at stream position `end`.
+    pub fn push(&mut self, end: u64, packet: Bytes) {
+        self.bytes += packet.len();
+        self.packets.push_back((end, packet));
+    }
+
+    /// Drops every packet the peer acknowledged (it handled the first `h` bytes).
+    pub fn acknowledge(&mut self, h: u64) {
+        while let Some((end, _)) = self.packets.front() {
+            if *end > h {
+                break;
+            }
+            let (_, p) = self.packets.pop_front().expect("front exists");
+            self.bytes -= p.len();
+        }
+    }
+
+    /// Takes every packet, in order.
+    pub fn take_all(&mut self) -> Vec<Bytes> {
+        self.bytes = 0;
+        self.packets.drain(..).map(|(_, p)| p).collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.packets.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.packets.is_empty()
+    }
+
+    /// Bytes kept.
+    pub fn bytes(&self) -> usize {
+        self.bytes
+    }
+}
+
+/// The component side of acknowledged links, kept across reconnects: what one link did
+/// not get acknowledged is sent first on the next.
+#[derive(Default)]
+pub struct LinkAcks {
+    state: Mutex<LinkState>,
+    /// Wakes the writer when an ack becomes owed (or urgent).
+    owed_changed: Notify,
+}
+
+#[derive(Default)]
+struct LinkState {
+    /// The router's stream id of the current (or last) link.
+    link: Option<String>,
+    /// The current link is acknowledged (the router agreed).
+    active: bool,
+    owed: Owed,
+    owed_since: Option<Instant>,
+    /// Written on the current link, not yet acknowledged.
+    unacked: Unacked,
+    /// Not written on the last link (queued when it dropped), to send after `unacked`.
+    unsent: Vec<Bytes>,
+    /// What the next writer sends first.
+    resend: Vec<Bytes>,
+}
+
+impl LinkAcks {
+    fn state(&self) -> std::sync::MutexGuard<'_, LinkState> {
+        self.state.lock().expect("link acks lock")
+    }
+
+    /// The attributes of our `<handshake>`: asking for acks, and naming the last link
+    /// with how much of it we handled.
+    pub fn handshake_attributes(&self) -> String {
+        let st = self.state();
+        match &st.link {
+            Some(id) if st.active => format!(
+                " acks='1' previd='{}' h='{}'",
+                jrs_stream::xml::escape(id),
+                st.owed.handled
+            ),
+            _ => " acks='1'".to_owned(),
+        }
+    }
+
+    /// A new link is up (the router's stream id; its `<handshake/>` said `acks='1'` or
+    /// not, and how much of our last link it handled). What the last link did not get
+    /// acknowledged, less what the router says it handled, is to be sent again first.
+    pub fn link_started(&self, stream_id: &str, acknowledged: bool, router_handled: Option<u64>) {
+        let mut st = self.state();
+        if let Some(h) = router_handled {
+            st.unacked.acknowledge(h);
+        }
+        let mut resend = st.unacked.take_all();
+        resend.append(&mut st.unsent);
+        if !resend.is_empty() {
+            tracing::info!(
+                packets = resend.len(),
+                "sending again what the last router link did not acknowledge"
+            );
+        }
+        st.resend = resend;
+        st.link = Some(stream_id.to_owned());
+        st.active = acknowledged;
+        st.owed = Owed::default();
+        st.owed_since = None;
+    }
+
+    /// What to send first on the new link.
+    pub fn take_resend(&self) -> Vec<Bytes> {
+        std::mem::take(&mut self.state().resend)
+    }
+
+    /// Packets about to be written starting at stream position `start`, each with where
+    /// it ends in the batch: kept until acknowledged.
+    pub fn written(&self, start: u64, packets: &mut Vec<(usize, Bytes)>) {
+        let mut st = self.state();
+        for (end, p) in packets.drain(..) {
+            if st.active {
+                st.unacked.push(start + end as u64, p);
+            }
+        }
+    }
+
+    /// Packets still queued when the link dropped.
+    pub fn unsent(&self, packet: Bytes) {
+        self.state().unsent.push(packet);
+    }
+
+    /// The router acknowledged the first `h` bytes of our stream.
+    pub fn acknowledged(&self, h: u64) {
+        self.state().unacked.acknowledge(h);
+    }
+
+    /// Everything of the router's stream up to `position` is handled.
+    pub fn handled(&self, position: u64) {
+        let mut st = self.state();
+        if !st.active {
+            return;
+        }
+        let became_owed = st.owed.handled(position);
+        if became_owed {
+            st.owed_since = Some(Instant::now());
+        }
+        let wake = became_owed || st.owed.is_urgent();
+        drop(st);
+        if wake {
+            self.owed_changed.notify_one();
+        }
+    }
+
+    /// The ack to write now: with a batch (`riding`), or alone once it is due.
+    pub fn take_ack(&self, riding: bool) -> Option<String> {
+        let mut st = self.state();
+        let due = st.owed.is_urgent()
+            || st
+                .owed_since
+                .is_some_and(|since| since + ACK_DELAY <= Instant::now());
+        if !(riding || due) {
+            return None;
+        }
+        st.owed_since = None;
+        st.owed.take()
+    }
+
+    /// Waits until an ack is due alone (it never is while none is owed).
+    pub async fn ack_due(&self) {
+        loop {
+            let due = {
+                let st = self.state();
+                match st.owed_since {
+                    _ if st.owed.is_urgent() => return,
+                    Some(since) => Some(since + ACK_DELAY),
+                    None => None,
+                }
+            };
+            match due {
+                Some(at) => return tokio::time::sleep_until(at).await,
+                None => self.owed_changed.notified().await,
+            }
+        }
+    }
+
+    /// Bytes kept for acknowledgement or re-sending (for tests and metrics).
+    pub fn kept(&self) -> usize {
+        let st = self.state();
+        st.unacked.bytes()
+            + st.unsent.iter().map(Bytes::len).sum::<usize>()
+            + st.resend.iter().map(Bytes::len).sum::<usize>()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn owed_ack_is_sent_once_and_urgent_past_the_bound() {
+        let mut o = Owed::default();
+        assert!(o.take().is_none());
+        assert!(o.handled(100), "became owed");
+        assert!(!o.handled(150), "was owed already");
+        assert!(!o.is_urgent());
+        assert_eq!(
+            o.take().as_deref(),
+            Some("<a xmlns='urn:jabberd-rs:router:0' h='150'/>")
+        );
+        assert!(o.take().is_none());
+        assert!(!o.handled(120), "positions never go back");
+        assert!(o.handled(150 + ACK_BYTES));
+        assert!(o.is_urgent());
+    }
+
+    #[test]
+    fn acknowledgement_drops_whole_packets_only() {
+        let mut u = Unacked::default();
+        u.push(10, Bytes::from_static(b"0123456789"));
+        u.push(25, Bytes::from_static(b"abcdefghijklmno"));
+        u.push(30, Bytes::from_static(b"vwxyz"));
+        assert_eq!(u.bytes(), 30);
+        u.acknowledge(24);
+        assert_eq!(u.len(), 2, "a packet partly handled is kept");
+        u.acknowledge(25);
+        assert_eq!(u.len(), 1);
+        assert_eq!(u.bytes(), 5);
+        assert_eq!(u.take_all(), vec![Bytes::from_static(b"vwxyz")]);
+        assert!(u.is_empty() && u.bytes() == 0);
+    }
+
+    #[test]
+    fn a_new_link_sends_first_what_the_last_did_not_get_acknowledged() {
+        let acks = LinkAcks::default();
+        assert_eq!(acks.handshake_attributes(), " acks='1'");
+        acks.link_started("one", true, None);
+        let mut batch = vec![
+            (10, Bytes::from_static(b"0123456789")),
+            (15, Bytes::from_static(b"abcde")),
+            (20, Bytes::from_static(b"fghij")),
+        ];
+        acks.written(100, &mut batch);
+        acks.handled(42);
+        acks.unsent(Bytes::from_static(b"queued"));
+        assert_eq!(
+            acks.handshake_attributes(),
+            " acks='1' previd='one' h='42'",
+            "names the last link and how much of it was handled"
+        );
+        // The router says it handled our stream up to 112: the first packet only.
+        acks.link_started("two", true, Some(112));
+        assert_eq!(
+            acks.take_resend(),
+            vec![
+                Bytes::from_static(b"abcde"),
+                Bytes::from_static(b"fghij"),
+                Bytes::from_static(b"queued")
+            ]
+        );
+        assert_eq!(acks.kept(), 0);
+        assert!(
+            acks.take_ack(true).is_none(),
+            "nothing owed on the new link yet"
+        );
+    }
+
+    #[test]
+    fn h_parses_numbers_only() {
+        assert_eq!(parse_h(Some("42")), Some(42));
+        assert_eq!(parse_h(Some("-1")), None);
+        assert_eq!(parse_h(Some("x")), None);
+        assert_eq!(parse_h(None), None);
+    }
+}
