@@ -141,6 +141,8 @@ impl Shared {
     /// until they have told sm.
     pub async fn shut_down(&self, limit: Duration) {
         self.shutdown.send_replace(true);
+        // New clients go to another instance sharing our ports, if one runs.
+        jrs_component::transport::stop_accepting();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
             let left = self.sessions.lock().expect("sessions lock").len()

@@ -491,3 +491,31 @@ def test_sigterm_sends_system_shutdown_and_the_session_resumes_after(server):
     assert bodies([next_message(again)]) == ["while down"]
     again.close()
     bob.close()
+
+
+def test_two_instances_share_their_ports_and_one_stopping_hands_over(server):
+    """Two c2s instances of one configuration (`instances="2"`) listen on the same
+    ports; when one stops (SIGTERM, as a rolling upgrade does), it closes its listeners,
+    so its clients reconnect to the same address, reach the other, and resume."""
+    bob = login(server.starttls_port, "bob", USERS["bob"], resource="b")
+    alice = login(server.starttls_port, "alice", USERS["alice"], resource="a")
+    previd = enable(alice).get("id")
+    # The second instance, with the same file: same ports.
+    (server.dir / "c2s-2.xml").write_text((server.dir / "c2s.xml").read_text())
+    offset = server.log_size("c2s-2")
+    server.spawn("c2s-2", binary="c2s", extra=["--instance", "2"])
+    server._wait_connected("c2s-2", offset)
+    assert "Address already in use" not in server.log("c2s-2")
+    chat(bob, "alice@localhost/a", "one")
+    assert bodies([next_message(alice)]) == ["one"]
+    # bob and alice are on the first instance (it was alone when they came): it stops.
+    server.kill("c2s", signal.SIGTERM, timeout=10)
+    assert alice.wait_stream_error() == "system-shutdown", received(alice)
+    server.wait_for(lambda: "stopped listening" in server.log("c2s"), "c2s to close its listeners")
+    bob = login(server.starttls_port, "bob", USERS["bob"], resource="b2")
+    chat(bob, "alice@localhost/a", "two")
+    again = resume(server, "alice", previd, h=1)
+    assert sm(again, "resumed").get("previd") == previd, received(again)
+    assert bodies([next_message(again)]) == ["two"]
+    again.close()
+    bob.close()

@@ -21,7 +21,6 @@ use hyper::header::{self, HeaderValue};
 use hyper::service::service_fn;
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::net::TcpListener;
 use tokio_tungstenite::tungstenite::handshake::derive_accept_key;
 use tokio_tungstenite::tungstenite::protocol::Role;
 use tokio_tungstenite::WebSocketStream;
@@ -49,7 +48,7 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
     // Clients behind trusted proxies, by the address the proxy forwards.
     let forwarded = Arc::new(Connections::default());
     for l in &web.listen {
-        let listener = TcpListener::bind((l.address.as_str(), l.port))
+        let listener = jrs_component::transport::bind_shared(&l.address, l.port)
             .await
             .with_context(|| format!("listening on [{}]:{}", l.address, l.port))?;
         info!(addr = %listener.local_addr()?, https = l.tls, "listening for web clients");
@@ -59,7 +58,11 @@ pub async fn start(shared: &Arc<Shared>) -> anyhow::Result<()> {
         let forwarded = forwarded.clone();
         tokio::spawn(async move {
             loop {
-                let (tcp, peer) = match listener.accept().await {
+                let accepted = tokio::select! {
+                    a = listener.accept() => a,
+                    _ = jrs_component::transport::accepting_stopped() => break,
+                };
+                let (tcp, peer) = match accepted {
                     Ok(c) => c,
                     Err(e) => {
                         warn!(error = %e, "accept failed");

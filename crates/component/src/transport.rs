@@ -159,6 +159,50 @@ pub fn set_link_timeout(tcp: &TcpStream, timeout: std::time::Duration) {
 /// Accepts connections on `listener` for ever, spawning `serve(stream, peer)` for each
 /// (Nagle off: XMPP stanzas are small and latency matters). A failed accept (out of file
 /// descriptors, say) is logged and retried shortly, never fatal.
+/// Set once the process stops taking new connections (see [`stop_accepting`]).
+static STOP_ACCEPTING: std::sync::LazyLock<tokio::sync::watch::Sender<bool>> =
+    std::sync::LazyLock::new(|| tokio::sync::watch::channel(false).0);
+
+/// Closes every listener of the process (those of [`spawn_accept_loop`] and any loop
+/// that waits on [`accepting_stopped`]): a stopping process lets another instance
+/// sharing its ports (see [`bind_shared`]) take the new connections.
+pub fn stop_accepting() {
+    STOP_ACCEPTING.send_replace(true);
+}
+
+/// Resolves once [`stop_accepting`] was called.
+pub async fn accepting_stopped() {
+    let mut stopped = STOP_ACCEPTING.subscribe();
+    let _ = stopped.wait_for(|s| *s).await;
+}
+
+/// Binds a listening TCP socket that other instances of the same program (same user)
+/// may bind too (`SO_REUSEPORT`): the kernel spreads new connections over them, and
+/// when one instance stops, the others take them all. A port held by any other program
+/// is still refused.
+pub async fn bind_shared(address: &str, port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    let mut last = None;
+    for addr in tokio::net::lookup_host((address, port)).await? {
+        let socket = match addr {
+            std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+            std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+        };
+        socket.set_reuseaddr(true)?;
+        socket.set_reuseport(true)?;
+        match socket.bind(addr).and_then(|()| socket.listen(1024)) {
+            Ok(listener) => return Ok(listener),
+            Err(e) => last = Some(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| {
+        std::io::Error::new(
+            std::io::ErrorKind::NotFound,
+            "the address resolves to nothing",
+        )
+    }))
+}
+
+/// Accepts connections on `listener` until [`stop_accepting`], each served on a task.
 pub fn spawn_accept_loop<F, Fut>(listener: tokio::net::TcpListener, serve: F)
 where
     F: Fn(TcpStream, std::net::SocketAddr) -> Fut + Send + 'static,
@@ -166,7 +210,11 @@ where
 {
     tokio::spawn(async move {
         loop {
-            match listener.accept().await {
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = accepting_stopped() => break,
+            };
+            match accepted {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
                     tokio::spawn(serve(tcp, peer));
@@ -177,6 +225,7 @@ where
                 }
             }
         }
+        tracing::info!(addr = ?listener.local_addr().ok(), "stopped listening");
     });
 }
 

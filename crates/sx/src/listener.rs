@@ -1,15 +1,16 @@
-//! Listeners: every configured address is bound at start (a port in use stops the
-//! process with a clear error), then each accepted connection gets its own task, in a
+//! Listeners: every configured address is bound at start (a port in use by another
+//! program stops the process with a clear error; instances of one program share their
+//! ports, see `bind_shared`), then each accepted connection gets its own task, in a
 //! tracing span that names the peer.
 
 use std::future::Future;
 use std::net::SocketAddr;
 
 use anyhow::Context;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 use tracing::{info, Instrument};
 
-use jrs_component::transport::spawn_accept_loop;
+use jrs_component::transport::{bind_shared, spawn_accept_loop};
 use jrs_config::{Listener, TlsMode};
 
 /// Binds every listener in `listen`, logging each as listening for `whom`, and serves
@@ -26,7 +27,7 @@ where
     Fut: Future<Output = ()> + Send + 'static,
 {
     for l in listen {
-        let listener = TcpListener::bind((l.address.as_str(), l.port))
+        let listener = bind_shared(&l.address, l.port)
             .await
             .with_context(|| format!("listening on [{}]:{}", l.address, l.port))?;
         info!(addr = %listener.local_addr()?, mode = ?l.mode, "listening for {whom}");
