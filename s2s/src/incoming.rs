@@ -128,17 +128,19 @@ async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming)
                 }
                 Action::Route { bytes, original } => {
                     crate::metrics::M.stanzas_in.by(original.name()).inc();
-                    if shared.to_router(bytes) {
-                        Ok(())
-                    } else {
-                        match original.error_reply(
+                    if !shared.to_router(bytes) {
+                        // Held for the router link up to its bound; past it, answered
+                        // through our outgoing stream to the sender's server (the
+                        // stream it came on goes one way).
+                        warn!("router link down and its hold full: stanza bounced");
+                        if let Some(reply) = original.error_reply(
                             StanzaErrorCondition::ServiceUnavailable,
                             "the server is restarting",
                         ) {
-                            Some(reply) => conn.write(&reply).await,
-                            None => Ok(()),
+                            crate::outgoing::send_reply(&shared, reply);
                         }
                     }
+                    Ok(())
                 }
                 Action::Close(close) => Err(close),
             };

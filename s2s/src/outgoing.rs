@@ -29,6 +29,27 @@ use crate::xml::{self, Dialback, NS_SERVER};
 
 use crate::negotiation::outgoing::{Action, Established, Input, Outgoing};
 
+/// Sends an error reply we made to a remote sender through the outgoing stream to its
+/// server (never on the incoming stream it came by: server streams go one way).
+pub fn send_reply(shared: &Arc<Shared>, reply: bytes::Bytes) {
+    let Ok(stanza) = jrs_stream::Stanza::parse(reply) else {
+        return;
+    };
+    let remote = stanza.to().and_then(crate::xml::domain_of);
+    let local = stanza.from().and_then(crate::xml::domain_of);
+    if let (Some(remote), Some(local)) = (remote, local) {
+        hand(
+            shared,
+            &remote,
+            Cmd::Send {
+                local,
+                stanza,
+                since: std::time::Instant::now(),
+            },
+        );
+    }
+}
+
 /// Hands `cmd` to the outgoing connection for `remote`, starting one if there is none
 /// (or the one there is has just ended).
 pub fn hand(shared: &Arc<Shared>, remote: &str, cmd: Cmd) {

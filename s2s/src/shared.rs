@@ -10,6 +10,7 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use jrs_component::Outbox;
+use tracing::info;
 use jrs_stream::{Stanza, StanzaErrorCondition};
 
 use crate::config::S2sConfig;
@@ -29,6 +30,9 @@ pub struct Shared {
     pub resolver: Resolver,
     pub secret: String,
     router: Mutex<Option<Outbox>>,
+    /// Stanzas from remote servers that arrived while the router link was down, for
+    /// when it is back (see `to_router`).
+    held: Mutex<Held>,
     /// Remote domain -> (generation, the task's command channel); see
     /// `outgoing::hand`.
     pub outgoing: Mutex<HashMap<String, (u64, mpsc::UnboundedSender<Cmd>)>>,
@@ -38,6 +42,16 @@ pub struct Shared {
     /// Streams (both directions) still open.
     streams: Arc<AtomicUsize>,
 }
+
+/// Stanzas held for the router link, bounded in bytes.
+#[derive(Default)]
+struct Held {
+    stanzas: std::collections::VecDeque<Bytes>,
+    bytes: usize,
+}
+
+/// At most this many bytes of stanzas from remote servers wait for the router link.
+const HELD_MAX_BYTES: usize = 4 << 20;
 
 /// Counts one open stream for as long as it lives.
 pub struct StreamCount(Arc<AtomicUsize>);
@@ -80,6 +94,7 @@ impl Shared {
             resolver,
             secret,
             router: Mutex::new(None),
+            held: Mutex::new(Held::default()),
             outgoing: Mutex::new(HashMap::new()),
             next: AtomicU64::new(1),
             shutdown: watch::channel(false).0,
@@ -138,16 +153,41 @@ impl Shared {
         }
     }
 
+    /// The router link is up (`Some`) or down. When it comes back, what was held for
+    /// it goes first, in order.
     pub fn set_router(&self, outbox: Option<Outbox>) {
-        *self.router.lock().expect("router lock") = outbox;
+        let mut router = self.router.lock().expect("router lock");
+        if let Some(outbox) = &outbox {
+            let held = std::mem::take(&mut *self.held.lock().expect("held lock"));
+            if !held.stanzas.is_empty() {
+                info!(stanzas = held.stanzas.len(), "router link back: passing on what remote servers sent meanwhile");
+            }
+            for stanza in held.stanzas {
+                outbox.send(stanza);
+            }
+        }
+        *router = outbox;
     }
 
-    /// Sends bytes into the router; false while the link is down.
+    /// Passes a stanza to the router. While the link is down it is held for its return
+    /// (a remote server cannot be answered on the stream it sent on: server streams go
+    /// one way); false only when the hold is full, and then the caller must bounce it
+    /// through the outgoing stream.
     pub fn to_router(&self, bytes: impl Into<Bytes>) -> bool {
-        match &*self.router.lock().expect("router lock") {
-            Some(outbox) => outbox.send(bytes),
-            None => false,
+        let bytes = bytes.into();
+        let router = self.router.lock().expect("router lock");
+        if let Some(outbox) = &*router {
+            if outbox.send(bytes.clone()) {
+                return true;
+            }
         }
+        let mut held = self.held.lock().expect("held lock");
+        if held.bytes + bytes.len() > HELD_MAX_BYTES {
+            return false;
+        }
+        held.bytes += bytes.len();
+        held.stanzas.push_back(bytes);
+        true
     }
 
     /// Bounces a stanza from a local sender back to it (never an error or a result).
