@@ -66,6 +66,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         jrs_sx::listener::start_all(
             &shared.config.listen,
             "clients",
+            jrs_sx::listener::Ports::SharedWithInstances,
             |peer| tracing::info_span!("client", %peer),
             move |tcp, peer, mode| conn::serve(serving.clone(), tcp, peer, mode),
         )

@@ -108,12 +108,14 @@ pub async fn serve_link(router: Arc<Router>, io: BoxIo, peer: String, side: Side
         tracing::Span::current().record("component", name.as_str());
         info!(trusted, "component connected");
 
+        // How much of the component's stream was handled (acknowledged links).
+        let mut handled = reader.position();
         let end = tokio::select! {
-            end = read_packets(&router, conn, &mut reader, &outbox, trusted) => end,
+            end = read_packets(&router, conn, &mut reader, &outbox, trusted, &mut handled) => end,
             _ = &mut writer => End::WriterGone,
         };
         // Unbind first: from now on packets for this component are held for its return.
-        router.unregister(conn, reader.position());
+        router.unregister(conn, handled);
         let last: Vec<u8> = match &end {
             End::Closed => {
                 info!("component closed its stream");
@@ -334,6 +336,7 @@ async fn read_packets<R: AsyncRead + Unpin>(
     reader: &mut FramedReader<R>,
     outbox: &Outbox,
     trusted: bool,
+    handled: &mut u64,
 ) -> End {
     let mut frames = Vec::new();
     loop {
@@ -349,12 +352,16 @@ async fn read_packets<R: AsyncRead + Unpin>(
                 }
             }
         }
-        if let Some(end) = handle_frames(router, conn, reader.buffer(), &frames, trusted, outbox) {
+        let (end, done) = handle_frames(router, conn, reader.buffer(), &frames, trusted, outbox);
+        if let Some(done) = done {
+            *handled = reader.position_of(done);
+        }
+        if let Some(end) = end {
             return end;
         }
         // Everything read so far is handled (routed, held or bounced): on an
         // acknowledged link the router owes the component an ack for it.
-        outbox.handled(reader.position());
+        outbox.handled(*handled);
         if let Some(e) = broken {
             return End::Error(e);
         }
@@ -368,7 +375,9 @@ async fn read_packets<R: AsyncRead + Unpin>(
     }
 }
 
-/// Handles the frames of one read in order; returns how the stream ends, if it does.
+/// Handles the frames of one read in order; returns how the stream ends, if it does,
+/// and where in the buffer the last frame handled ends (frames after one that ends the
+/// stream are not handled).
 fn handle_frames(
     router: &Router,
     conn: ConnId,
@@ -376,9 +385,10 @@ fn handle_frames(
     frames: &[(FrameKind, Range<usize>)],
     trusted: bool,
     outbox: &Outbox,
-) -> Option<End> {
+) -> (Option<End>, Option<usize>) {
     let mut batch: Vec<(PacketType, Stanza<&[u8]>)> = Vec::with_capacity(frames.len());
     let mut end = None;
+    let mut done = None;
     for (kind, range) in frames {
         let bytes = &buf[range.clone()];
         crate::metrics::M.bytes_in.inc_by(bytes.len() as u64);
@@ -454,9 +464,10 @@ fn handle_frames(
                 break;
             }
         }
+        done = Some(range.end);
     }
     router.route_batch(conn, &batch);
-    end
+    (end, done)
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

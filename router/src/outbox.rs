@@ -52,6 +52,9 @@ struct Acks {
     written: usize,
     /// Their bytes at the front of `data`.
     written_bytes: usize,
+    /// The highest `h` the component sent (an ack may overtake the commit of what it
+    /// covers when the writer runs on another thread).
+    acked: u64,
     /// Where each written packet ends in our stream.
     ends: VecDeque<u64>,
     /// What the router owes the component.
@@ -61,8 +64,9 @@ struct Acks {
 }
 
 impl Inner {
-    /// Packets queued and not yet written, and their bytes.
-    fn unwritten(&self) -> (usize, usize) {
+    /// Packets at the front of the queue already written (kept until acknowledged),
+    /// and their bytes.
+    fn written(&self) -> (usize, usize) {
         match &self.acks {
             Some(a) => (a.written, a.written_bytes),
             None => (0, 0),
@@ -161,22 +165,9 @@ impl Outbox {
     /// they cover.
     pub fn acknowledged(&self, h: u64) {
         let mut inner = self.inner.lock().expect("outbox lock");
-        let Inner {
-            data, lens, acks, ..
-        } = &mut *inner;
-        let Some(acks) = acks.as_mut() else {
-            return;
-        };
-        let mut size = 0;
-        while acks.ends.front().is_some_and(|&end| end <= h) {
-            acks.ends.pop_front();
-            size += lens.pop_front().expect("a written packet") as usize;
-            acks.written -= 1;
-        }
-        if size > 0 {
-            acks.written_bytes -= size;
-            bytes::Buf::advance(data, size);
-            drop(inner);
+        let dropped = drop_acknowledged(&mut inner, h);
+        drop(inner);
+        if dropped {
             self.drained.notify_waiters();
         }
     }
@@ -250,7 +241,7 @@ impl Outbox {
                 if inner.state == State::Killed {
                     return None;
                 }
-                let (skip, skip_bytes) = inner.unwritten();
+                let (skip, skip_bytes) = inner.written();
                 if inner.lens.len() > skip {
                     let (mut count, mut size) = (0, 0);
                     for &len in inner.lens.iter().skip(skip) {
@@ -314,10 +305,12 @@ impl Outbox {
                     acks.written_bytes += len as usize;
                 }
                 acks.written += count;
-                return;
+                let h = acks.acked;
+                drop_acknowledged(&mut inner, h);
             }
         }
         drop(inner);
+        // Written packets leave the bound's count (see `wait_drained`).
         self.drained.notify_waiters();
     }
 
@@ -329,7 +322,10 @@ impl Outbox {
             let drained = self.drained.notified();
             {
                 let inner = self.inner.lock().expect("outbox lock");
-                if inner.data.len() <= self.max_bytes || inner.state != State::Open {
+                // Only what is not written yet: written packets waiting for an ack leave
+                // when the component's ack is read, by the very reader waiting here.
+                let unwritten = inner.data.len() - inner.written().1;
+                if unwritten <= self.max_bytes || inner.state != State::Open {
                     return;
                 }
             }
@@ -346,6 +342,27 @@ impl Outbox {
             notified.await;
         }
     }
+}
+
+/// Drops the written packets the component acknowledged (it handled the first `h` bytes
+/// of our stream); true if any went.
+fn drop_acknowledged(inner: &mut Inner, h: u64) -> bool {
+    let Inner {
+        data, lens, acks, ..
+    } = inner;
+    let Some(acks) = acks.as_mut() else {
+        return false;
+    };
+    acks.acked = acks.acked.max(h);
+    let mut size = 0;
+    while acks.ends.front().is_some_and(|&end| end <= h) {
+        acks.ends.pop_front();
+        size += lens.pop_front().expect("a written packet") as usize;
+        acks.written -= 1;
+    }
+    acks.written_bytes -= size;
+    bytes::Buf::advance(data, size);
+    size > 0
 }
 
 /// Appends the ack the router owes, if any, to a batch about to be written.

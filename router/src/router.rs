@@ -375,6 +375,7 @@ impl Router {
             let Some(link) = links.get(&conn) else { return };
             let mut plan = Plan {
                 settle: link.returning && tree.is_settling(),
+                sender: Some(conn),
                 ..Plan::default()
             };
             let mut refused = vec![];
@@ -698,17 +699,18 @@ fn bind_locked(
 /// route wait again (`settle`) or are bounced.
 fn reroute_settled(
     st: &mut State,
-    packets: Vec<(PacketType, Bytes)>,
+    packets: Vec<(PacketType, Bytes, Option<ConnId>)>,
     settle: bool,
     bounces: &mut Vec<Bounce>,
 ) {
     let State { tree, links, .. } = st;
-    for (route, packet) in packets {
+    for (route, packet, sender) in packets {
         let Ok(stanza) = Stanza::parse(packet) else {
             continue;
         };
         let mut plan = Plan {
             settle,
+            sender,
             ..Plan::default()
         };
         plan.decide(tree, route, &stanza, bounces);
@@ -800,6 +802,8 @@ struct Plan<'a> {
     groups: Vec<Group<'a>>,
     /// Packets without a route wait while the router settles (see [`Tree::settle`]).
     settle: bool,
+    /// The link the packets come from.
+    sender: Option<ConnId>,
 }
 
 struct Group<'a> {
@@ -853,6 +857,13 @@ impl<'a> Plan<'a> {
         }
     }
 
+    /// While settling, a packet of a returning component that would go back to that
+    /// very component (s2s holds `*`: a stanza from a remote server for a local domain
+    /// whose sm is not back yet) has no useful route yet: it waits like one without.
+    fn back_to_sender(&self, target: &Target<'_>) -> bool {
+        self.settle && matches!(target, Target::Deliver(i) if Some(i.conn) == self.sender)
+    }
+
     /// A packet without a route waits while the router settles, or is bounced.
     fn no_route(
         &self,
@@ -863,7 +874,7 @@ impl<'a> Plan<'a> {
         bounces: &mut Vec<Bounce>,
     ) {
         let packet = match self.settle {
-            true => match tree.settle(route, packet) {
+            true => match tree.settle(route, packet, self.sender) {
                 Ok(()) => return,
                 Err(packet) => packet,
             },
@@ -910,7 +921,12 @@ impl<'a> Plan<'a> {
                 host = routed.into();
             }
         }
-        match tree.target(route, &host, &key) {
+        let target = tree.target(route, &host, &key);
+        if self.back_to_sender(&target) {
+            self.no_route(tree, route, &host, Bytes::copy_from_slice(packet), bounces);
+            return;
+        }
+        match target {
             Target::Deliver(instance) => self.add(instance, packet, is_error),
             Target::Hold(held) => hold(held, Bytes::copy_from_slice(packet), bounces),
             Target::NoRoute => {

@@ -90,7 +90,8 @@ pub struct Tree {
 /// period from the router's start, instead of being bounced at once.
 struct Settling {
     until: Instant,
-    packets: VecDeque<(PacketType, Bytes)>,
+    /// Each with the link it came from.
+    packets: VecDeque<(PacketType, Bytes, Option<ConnId>)>,
 }
 
 impl Tree {
@@ -121,10 +122,15 @@ impl Tree {
 
     /// Keeps a packet without a route while settling; hands it back when not settling
     /// or when as many as a route may hold are waiting.
-    pub fn settle(&mut self, route: PacketType, packet: Bytes) -> Result<(), Bytes> {
+    pub fn settle(
+        &mut self,
+        route: PacketType,
+        packet: Bytes,
+        sender: Option<ConnId>,
+    ) -> Result<(), Bytes> {
         match &mut self.settling {
             Some(s) if s.packets.len() < self.max_held => {
-                s.packets.push_back((route, packet));
+                s.packets.push_back((route, packet, sender));
                 Ok(())
             }
             _ => Err(packet),
@@ -134,7 +140,10 @@ impl Tree {
     /// The packets waiting while settling, to route again (a route was bound); with
     /// `now` past the settling period, it ends (what is returned then is routed, or
     /// bounced, for good).
-    pub fn take_settled(&mut self, now: Option<Instant>) -> Vec<(PacketType, Bytes)> {
+    pub fn take_settled(
+        &mut self,
+        now: Option<Instant>,
+    ) -> Vec<(PacketType, Bytes, Option<ConnId>)> {
         let Some(s) = &mut self.settling else {
             return vec![];
         };
@@ -268,7 +277,7 @@ impl Tree {
                 .map(|h| h.packets.len())
                 .sum()
         });
-        for (route, _) in self.settling.iter().flat_map(|s| &s.packets) {
+        for (route, _, _) in self.settling.iter().flat_map(|s| &s.packets) {
             counts[slot(*route)] += 1;
         }
         counts

@@ -84,6 +84,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         jrs_sx::listener::start_all(
             &shared.config.listen,
             "remote servers",
+            jrs_sx::listener::Ports::Own,
             |peer| {
                 tracing::info_span!(
                     "in",

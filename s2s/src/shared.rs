@@ -10,8 +10,8 @@ use bytes::Bytes;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use jrs_component::Outbox;
-use tracing::info;
 use jrs_stream::{Stanza, StanzaErrorCondition};
+use tracing::info;
 
 use crate::config::S2sConfig;
 use crate::negotiation;
@@ -160,7 +160,10 @@ impl Shared {
         if let Some(outbox) = &outbox {
             let held = std::mem::take(&mut *self.held.lock().expect("held lock"));
             if !held.stanzas.is_empty() {
-                info!(stanzas = held.stanzas.len(), "router link back: passing on what remote servers sent meanwhile");
+                info!(
+                    stanzas = held.stanzas.len(),
+                    "router link back: passing on what remote servers sent meanwhile"
+                );
             }
             for stanza in held.stanzas {
                 outbox.send(stanza);

@@ -187,7 +187,10 @@ impl LinkAcks {
         if let Some(h) = router_handled {
             st.unacked.acknowledge(h);
         }
-        let mut resend = st.unacked.take_all();
+        // What an earlier attempt was to send first and did not (its binds failed), then
+        // what the last link did not get acknowledged, then what it never wrote.
+        let mut resend = std::mem::take(&mut st.resend);
+        resend.extend(st.unacked.take_all());
         resend.append(&mut st.unsent);
         if !resend.is_empty() {
             tracing::info!(
@@ -200,6 +203,11 @@ impl LinkAcks {
         st.active = acknowledged;
         st.owed = Owed::default();
         st.owed_since = None;
+    }
+
+    /// Whether the current link is acknowledged (the router agreed).
+    pub fn is_active(&self) -> bool {
+        self.state().active
     }
 
     /// What to send first on the new link.

@@ -130,11 +130,11 @@ impl Component {
             let agreed = accepted.attr("acks").as_deref() == Some("1");
             let handled = crate::ack::parse_h(accepted.attr("h").as_deref());
             acks.link_started(&id, agreed, handled);
-            if agreed {
-                c.acks = Some(acks);
-            } else {
+            if !agreed {
+                // What the last link kept is still sent first; nothing is kept from now.
                 tracing::warn!("the router does not acknowledge packets on this link");
             }
+            c.acks = Some(acks);
         }
         Ok(c)
     }
@@ -252,7 +252,7 @@ impl Component {
 
     /// Whether the router agreed to acknowledge this link.
     pub fn acknowledged(&self) -> bool {
-        self.acks.is_some()
+        self.acks.as_ref().is_some_and(|a| a.is_active())
     }
 
     pub fn split(self) -> (ComponentReader, ComponentWriter) {
@@ -333,9 +333,18 @@ impl ComponentWriter {
     /// queued together are written with one system call. On an acknowledged link it
     /// first sends again what the last link did not get acknowledged, keeps what it
     /// writes until acknowledged, and carries our acks.
-    pub fn spawn(mut self) -> Outbox {
+    pub fn spawn(self) -> Outbox {
+        self.spawn_stoppable().0
+    }
+
+    /// [`ComponentWriter::spawn`], with a handle that stops the writer task: a process
+    /// that reconnects stops the old writer first, so that what it still held is kept
+    /// for the next link (before anything the next writer sends).
+    pub fn spawn_stoppable(mut self) -> (Outbox, WriterStop) {
         let (tx, mut rx) = mpsc::unbounded_channel::<Queued>();
-        tokio::spawn(async move {
+        let stop = Arc::new(tokio::sync::Notify::new());
+        let stopped = stop.clone();
+        let task = tokio::spawn(async move {
             let acks = self.acks.clone();
             let mut batch = Vec::with_capacity(64 * 1024);
             // The packets of `batch` (on an acknowledged link), with where each ends in it.
@@ -362,6 +371,7 @@ impl ComponentWriter {
                             }
                         },
                         _ = ack_due(&acks) => None,
+                        _ = stopped.notified() => break,
                     };
                     let mut next = first;
                     while let Some(queued) = next.take() {
@@ -387,8 +397,14 @@ impl ComponentWriter {
                         batch.extend_from_slice(ack.as_bytes());
                     }
                 }
-                if !batch.is_empty() && self.send(&batch).await.is_err() {
-                    break;
+                if !batch.is_empty() {
+                    let written = tokio::select! {
+                        r = self.send(&batch) => r.is_ok(),
+                        _ = stopped.notified() => false,
+                    };
+                    if !written {
+                        break;
+                    }
                 }
                 batch.clear();
                 for done in flushes.drain(..) {
@@ -411,15 +427,31 @@ impl ComponentWriter {
             for done in flushes.drain(..) {
                 let _ = done.send(());
             }
-            let _ = self.writer.shutdown().await;
+            let _ = tokio::time::timeout(std::time::Duration::from_secs(1), self.writer.shutdown())
+                .await;
         });
-        Outbox(tx)
+        (Outbox(tx), WriterStop { stop, task })
     }
 
     /// Closes our stream politely.
     pub async fn close(mut self) {
         let _ = self.writer.write_all(b"</stream:stream>").await;
         let _ = self.writer.shutdown().await;
+    }
+}
+
+/// Stops a writer task (see [`ComponentWriter::spawn_stoppable`]).
+pub struct WriterStop {
+    stop: Arc<tokio::sync::Notify>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl WriterStop {
+    /// Stops the writer (a write in progress is abandoned: on an acknowledged link what
+    /// it carried is kept) and waits until it has put away what it held.
+    pub async fn stop(self) {
+        self.stop.notify_one();
+        let _ = self.task.await;
     }
 }
 

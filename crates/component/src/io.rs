@@ -89,6 +89,12 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
         self.last_end
     }
 
+    /// The stream position of byte `index` of [`FramedReader::buffer`] (for a frame's
+    /// range end: how much of the stream precedes the end of that frame).
+    pub fn position_of(&self, index: usize) -> u64 {
+        self.dropped + index as u64
+    }
+
     /// Drops handled frames from the front of the buffer, counting them.
     fn compact(&mut self) {
         let before = self.buf.len();

@@ -25,7 +25,7 @@ pub mod session;
 pub mod transport;
 
 pub use client::{
-    BindError, Component, ComponentReader, ComponentWriter, HandshakeRefused, Outbox,
+    BindError, Component, ComponentReader, ComponentWriter, HandshakeRefused, Outbox, WriterStop,
 };
 pub use io::{FramedReader, ReadError};
 /// The metrics crate, for the crates built on this one (docs/metrics.md).

@@ -217,10 +217,13 @@ where
             let component =
                 connect_and_bind_with_acks(&link, limits, &binds, acks.as_ref()).await?;
             let (reader, writer) = component.split();
-            let outbox = writer.spawn();
+            let (outbox, writer) = writer.spawn_stoppable();
             crate::log_route::attach(&outbox, &link.name, bound_hosts(&binds));
             let served = serve(reader, outbox).await;
             crate::log_route::detach();
+            // Before the next link: what the old writer holds is kept for it, and
+            // senders still holding the old outbox learn that it is gone.
+            writer.stop().await;
             match served {
                 Ok(()) => warn!("router link closed; reconnecting"),
                 Err(e) => warn!("router link lost: {e:#}; reconnecting"),
