@@ -136,6 +136,23 @@ impl Client {
         Client::login_on(Box::new(tcp), user, resource, keys, tls).await
     }
 
+    /// As [`Client::login`] over TLS from the first byte (c2s's direct TLS port, XEP-0368).
+    pub async fn login_direct_tls(
+        port: u16,
+        user: &str,
+        resource: &str,
+        keys: &ClientKeys,
+        tls: Arc<rustls::ClientConfig>,
+    ) -> anyhow::Result<Client> {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+        tcp.set_nodelay(true)?;
+        let name = rustls::pki_types::ServerName::try_from(DOMAIN)?;
+        let tls = tokio_rustls::TlsConnector::from(tls)
+            .connect(name, tcp)
+            .await?;
+        Client::login_on(Box::new(tls), user, resource, keys, None).await
+    }
+
     /// As [`Client::login`] over `transport`: `port` is c2s's client port for TCP, its
     /// http listener's for the web transports (which have no STARTTLS: `tls` is ignored).
     pub async fn login_over(

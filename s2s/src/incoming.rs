@@ -137,7 +137,7 @@ async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming)
                             StanzaErrorCondition::ServiceUnavailable,
                             "the server is restarting",
                         ) {
-                            crate::outgoing::send_reply(&shared, reply);
+                            crate::outgoing::send_reply(shared, reply);
                         }
                     }
                     Ok(())

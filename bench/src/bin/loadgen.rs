@@ -111,6 +111,9 @@ enum Scenario {
         /// perf-messages-TRANSPORT.data in the current directory.
         #[arg(long)]
         profile: bool,
+        /// STARTTLS before SASL (`tcp`), or direct TLS with `--tls direct`.
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "starttls")]
+        tls: Option<TlsWay>,
     },
     /// One pair of clients, each keeping one message in flight to the other (issue 14:
     /// `messages --clients 2 --inflight 1`, with more detail): messages/s, latency
@@ -130,6 +133,9 @@ enum Scenario {
         /// `perf record -g` during the measurement into perf-pair-NAME.data.
         #[arg(long, value_delimiter = ',')]
         profile: Vec<String>,
+        /// STARTTLS before SASL, or direct TLS with `--tls direct`.
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "starttls")]
+        tls: Option<TlsWay>,
     },
     /// Server memory per idle authenticated connection.
     Idle {
@@ -243,6 +249,7 @@ fn main() -> anyhow::Result<()> {
                     seconds: 10,
                     transport: Transport::Tcp,
                     profile: false,
+                    tls: None,
                 },
                 Scenario::Idle {
                     connections: 10_000,
@@ -285,9 +292,10 @@ fn main() -> anyhow::Result<()> {
                     seconds,
                     transport,
                     profile,
+                    tls,
                 } => {
                     bench
-                        .messages(clients, inflight, seconds, transport, profile)
+                        .messages(clients, inflight, seconds, transport, profile, tls)
                         .await
                 }
                 Scenario::Pair {
@@ -295,7 +303,8 @@ fn main() -> anyhow::Result<()> {
                     one_way,
                     syscalls,
                     profile,
-                } => bench.pair(seconds, one_way, syscalls, &profile).await,
+                    tls,
+                } => bench.pair(seconds, one_way, syscalls, &profile, tls).await,
                 Scenario::Idle {
                     connections,
                     tls,
@@ -347,6 +356,8 @@ struct Bench {
     port: u16,
     /// c2s's http listener (WebSocket, BOSH).
     web_port: u16,
+    /// c2s's direct TLS listener (XEP-0368).
+    direct_port: u16,
     tls: Arc<rustls::ClientConfig>,
     keys: ClientKeys,
     carbons: bool,
@@ -368,8 +379,9 @@ fn router_link(server: &Server, setup: &Setup, name: &str, secret: &str) -> Stri
 }
 
 /// As the harness's `start_c2s_with_http`, with c2s's router link over the Unix socket.
-/// Returns (plaintext/STARTTLS port, http port) once both accept connections.
-async fn start_c2s_unix(server: &mut Server, extra: &str) -> anyhow::Result<(u16, u16)> {
+/// Returns (plaintext/STARTTLS port, direct TLS port, http port) once all accept
+/// connections.
+async fn start_c2s_unix(server: &mut Server, extra: &str) -> anyhow::Result<(u16, u16, u16)> {
     let (starttls, direct, http) = (
         jrs_harness::free_port(),
         jrs_harness::free_port(),
@@ -399,7 +411,7 @@ async fn start_c2s_unix(server: &mut Server, extra: &str) -> anyhow::Result<(u16
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
-    Ok((starttls, http))
+    Ok((starttls, direct, http))
 }
 
 impl Bench {
@@ -478,11 +490,10 @@ impl Bench {
         // An http listener for the web transports (`secure`: as behind a TLS proxy, so
         // no STARTTLS is asked for), with no limit on connections from the one address.
         let c2s_extra = "<tls required='false'/><limits max-stanza-bytes='65536' max-depth='32' rate-bytes='100000000'/><timeouts idle='3600'/><web max-connections-per-address='1000000'/>";
-        let (port, web_port) = if setup.unix {
+        let (port, direct_port, web_port) = if setup.unix {
             start_c2s_unix(&mut server, c2s_extra).await?
         } else {
-            let (port, _, web_port) = server.start_c2s_with_http(c2s_extra).await?;
-            (port, web_port)
+            server.start_c2s_with_http(c2s_extra).await?
         };
         let keys = ClientKeys::new();
         let mut fragments = accounts(users, &keys);
@@ -516,6 +527,7 @@ impl Bench {
             server,
             port,
             web_port,
+            direct_port,
             tls,
             keys,
             carbons: setup.carbons,
@@ -618,6 +630,7 @@ impl Bench {
         seconds: u64,
         transport: Transport,
         profile: bool,
+        tls: Option<TlsWay>,
     ) -> anyhow::Result<()> {
         self.message_load(
             clients,
@@ -626,7 +639,10 @@ impl Bench {
             seconds,
             transport,
             profile,
-            &Detail::default(),
+            &Detail {
+                tls,
+                ..Detail::default()
+            },
         )
         .await
     }
@@ -640,11 +656,13 @@ impl Bench {
         one_way: bool,
         syscalls: bool,
         profile: &[String],
+        tls: Option<TlsWay>,
     ) -> anyhow::Result<()> {
         let detail = Detail {
             switches: true,
             syscalls,
             profile: profile.to_vec(),
+            tls,
         };
         self.message_load(2, 1, one_way, seconds, Transport::Tcp, false, &detail)
             .await
@@ -664,12 +682,32 @@ impl Bench {
         if transport == Transport::Bosh {
             bail!("messages: --transport tcp or ws");
         }
+        if detail.tls.is_some() && transport != Transport::Tcp {
+            bail!("messages: --tls is for --transport tcp");
+        }
         let clients = clients & !1;
         let mut logged = vec![];
         for i in 0..clients {
-            let mut c = self
-                .client(&format!("user{i}"), "m", false, transport)
-                .await?;
+            let mut c = match detail.tls {
+                Some(TlsWay::Direct) => {
+                    let mut c = Client::login_direct_tls(
+                        self.direct_port,
+                        &format!("user{i}"),
+                        "m",
+                        &self.keys,
+                        self.tls.clone(),
+                    )
+                    .await?;
+                    if self.sm {
+                        enable_stream_management(&mut c).await?;
+                    }
+                    c
+                }
+                way => {
+                    self.client(&format!("user{i}"), "m", way.is_some(), transport)
+                        .await?
+                }
+            };
             if self.carbons {
                 c.send(b"<iq type='set' id='carbons'><enable xmlns='urn:xmpp:carbons:2'/></iq>")
                     .await?;
@@ -746,8 +784,13 @@ impl Bench {
             ""
         };
         println!(
-            "messages over {}{suffix}{}: {clients} clients in pairs, {inflight} in flight each{}, {seconds} s: {delivered} of {sent} delivered, {:.0} messages/s, latency p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/message",
+            "messages over {}{}{suffix}{}: {clients} clients in pairs, {inflight} in flight each{}, {seconds} s: {delivered} of {sent} delivered, {:.0} messages/s, latency p50 {:.2} ms p99 {:.2} ms, server CPU {:.1} µs/message",
             transport.name(),
+            match detail.tls {
+                Some(TlsWay::StartTls) => " with STARTTLS",
+                Some(TlsWay::Direct) => " with direct TLS",
+                None => "",
+            },
             if self.unix { ", component links over a Unix socket" } else { "" },
             if one_way { " (one way: only the first of each pair sends)" } else { "" },
             delivered as f64 / elapsed.as_secs_f64(),
@@ -1008,12 +1051,24 @@ struct Profiler(Option<std::process::Child>);
 /// What `pair` adds to a message load's report.
 #[derive(Default)]
 struct Detail {
+    /// Clients use TLS.
+    tls: Option<TlsWay>,
     /// Context switches per message per process (from /proc).
     switches: bool,
     /// System calls per message per process (`perf stat` on tracepoints).
     syscalls: bool,
     /// Processes to record with `perf record -g`.
     profile: Vec<String>,
+}
+
+/// How message clients use TLS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum TlsWay {
+    /// STARTTLS on the client port before SASL.
+    #[value(name = "starttls")]
+    StartTls,
+    /// TLS from the first byte on c2s's direct TLS port (XEP-0368).
+    Direct,
 }
 
 /// The tracepoints `pair --syscalls` counts in each server process.
