@@ -313,3 +313,51 @@ async fn futures_ids(reader: &mut ComponentReader, n: usize) -> Vec<String> {
     }
     ids
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_router_restart_a_remote_stanza_waits_for_its_local_component() {
+    // s2s holds the wildcard route; after a router restart it comes back before b.
+    let mut server = start(&["b.localhost"]).await;
+    let limits = Limits::default();
+    let acks = Arc::new(LinkAcks::default());
+    let link = jrs_harness::link(server.port, "s2s", "s2s-secret");
+    let s2s = Component::connect_with_acks(&link, limits, Some(acks.clone()))
+        .await
+        .unwrap();
+    let (s2s_reader, _w) = s2s.split();
+    drain(s2s_reader);
+    server.kill9("router");
+    server
+        .spawn("router", "router", &["-c", "router.xml"])
+        .unwrap();
+    server.wait_listening(server.port).await.unwrap();
+    let mut s2s = Component::connect_with_acks(&link, limits, Some(acks.clone()))
+        .await
+        .unwrap();
+    s2s.bind(jrs_component::PacketType::Normal, "*", false)
+        .await
+        .unwrap();
+    let (mut s2s_reader, s2s_writer) = s2s.split();
+    let s2s_out = s2s_writer.spawn();
+    // From a remote server, for a local component that is not back yet: the wildcard
+    // route would take it straight back to s2s.
+    s2s_out.send(message("x@b.localhost", "someone@remote.example", "remote"));
+    jrs_harness::wait_for("the router to hold it", Duration::from_secs(5), || {
+        server.log("router").contains("no route").then_some(())
+    })
+    .await
+    .unwrap();
+    let b = server
+        .component("b.localhost", "b.localhost-secret")
+        .await
+        .unwrap();
+    let (mut b_reader, _b_writer) = b.split();
+    assert_eq!(recv(&mut b_reader).await.id(), Some("remote"));
+    // Nothing came back to s2s.
+    assert!(
+        tokio::time::timeout(Duration::from_millis(200), s2s_reader.next())
+            .await
+            .is_err(),
+        "s2s got its own stanza back"
+    );
+}

@@ -857,9 +857,11 @@ impl<'a> Plan<'a> {
         }
     }
 
-    /// While settling, a packet of a returning component that would go back to that
-    /// very component (s2s holds `*`: a stanza from a remote server for a local domain
-    /// whose sm is not back yet) has no useful route yet: it waits like one without.
+    /// While settling, a packet of a returning component that the wildcard route would
+    /// take back to that very component (s2s holds `*`: a stanza from a remote server
+    /// for a local domain whose sm is not back yet) has no useful route yet: it waits
+    /// like one without. (The caller checks that no exact route exists: sm sends
+    /// packets to its own routes all the time.)
     fn back_to_sender(&self, target: &Target<'_>) -> bool {
         self.settle && matches!(target, Target::Deliver(i) if Some(i.conn) == self.sender)
     }
@@ -921,8 +923,10 @@ impl<'a> Plan<'a> {
                 host = routed.into();
             }
         }
+        let wildcard = !tree.serves(route, &host);
         let target = tree.target(route, &host, &key);
-        if self.back_to_sender(&target) {
+        if wildcard && self.back_to_sender(&target) {
+            debug!(%route, to, "no route but back to its sender: waits while settling");
             self.no_route(tree, route, &host, Bytes::copy_from_slice(packet), bounces);
             return;
         }

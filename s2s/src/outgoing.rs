@@ -110,11 +110,19 @@ pub fn verify(
 struct Failure {
     condition: StanzaErrorCondition,
     text: String,
+    /// Every address refused the connection: the remote server may be restarting, so
+    /// connecting is tried again for a while (see [`RETRY_REFUSED_FOR`]).
+    refused: bool,
 }
+
+/// How long connecting is tried again while every address of the remote refuses it (a
+/// server restarting is back within a second or two); queued stanzas wait meanwhile.
+const RETRY_REFUSED_FOR: Duration = Duration::from_secs(5);
 
 fn not_found(text: impl Into<String>) -> Failure {
     Failure {
         condition: StanzaErrorCondition::RemoteServerNotFound,
+        refused: false,
         text: text.into(),
     }
 }
@@ -176,8 +184,14 @@ pub async fn run(
     out.accept(first);
     let timeout = shared.config.queue_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    let connecting = connect(&shared, &remote, &first_local);
-    tokio::pin!(connecting);
+    let mut connecting = Box::pin(connect_after(
+        Duration::ZERO,
+        shared.clone(),
+        remote.clone(),
+        first_local.clone(),
+    ));
+    let retry_until = tokio::time::Instant::now() + RETRY_REFUSED_FOR.min(timeout);
+    let mut backoff = Duration::from_millis(100);
     let mut tick = tokio::time::interval(Duration::from_millis(100));
     let result = loop {
         out.count_queued();
@@ -186,9 +200,22 @@ pub async fn run(
                 Some(cmd) => out.accept(cmd),
                 None => return,
             },
-            r = &mut connecting => break r,
+            r = &mut connecting => match r {
+                Err(f) if f.refused && tokio::time::Instant::now() + backoff < retry_until => {
+                    debug!(reason = %f.text, "connection refused; trying again in {backoff:?}");
+                    connecting = Box::pin(connect_after(
+                        backoff,
+                        shared.clone(),
+                        remote.clone(),
+                        first_local.clone(),
+                    ));
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                r => break r,
+            },
             _ = tick.tick() => out.expire(),
             _ = tokio::time::sleep_until(deadline) => break Err(Failure {
+                refused: false,
                 condition: StanzaErrorCondition::RemoteServerTimeout,
                 text: format!("{remote} did not answer within {} s", timeout.as_secs_f64()),
             }),
@@ -479,6 +506,17 @@ impl Out {
 }
 
 /// Resolves the remote and tries its targets in order until one negotiates a stream.
+/// [`connect`] after `delay`.
+async fn connect_after(
+    delay: Duration,
+    shared: Arc<Shared>,
+    remote: String,
+    local: String,
+) -> Result<(Connection, Established), Failure> {
+    tokio::time::sleep(delay).await;
+    connect(&shared, &remote, &local).await
+}
+
 async fn connect(
     shared: &Shared,
     remote: &str,
@@ -492,6 +530,8 @@ async fn connect(
     let mut last = format!("{remote}: no address found");
     // Whether some address accepted or ignored us without answering in time.
     let mut timed_out = false;
+    // Whether every address tried refused the connection (and some was tried).
+    let (mut refused, mut tried) = (true, false);
     for target in targets {
         let addrs = match shared.resolver.addresses(&target.host).await {
             Ok(a) => a,
@@ -512,6 +552,8 @@ async fn connect(
                 {
                     Ok(Ok(tcp)) => tcp,
                     Ok(Err(e)) => {
+                        tried = true;
+                        refused &= e.kind() == std::io::ErrorKind::ConnectionRefused;
                         last = format!("{addr}: {e}");
                         continue;
                     }
@@ -521,6 +563,7 @@ async fn connect(
                         continue;
                     }
                 };
+            refused = false;
             let _ = tcp.set_nodelay(true);
             match negotiate(shared, tcp, &target, remote, local).await {
                 Ok(e) => return Ok(e),
@@ -542,9 +585,13 @@ async fn connect(
         return Err(Failure {
             condition: StanzaErrorCondition::RemoteServerTimeout,
             text: last,
+            refused: false,
         });
     }
-    Err(not_found(last))
+    Err(Failure {
+        refused: refused && tried,
+        ..not_found(last)
+    })
 }
 
 /// Opens the stream on `tcp`: TLS (direct or STARTTLS), the certificate check, SASL
