@@ -339,6 +339,7 @@ async fn read_packets<R: AsyncRead + Unpin>(
     handled: &mut u64,
 ) -> End {
     let mut frames = Vec::new();
+    let mut ack_timer = Box::pin(tokio::time::sleep(Duration::ZERO));
     loop {
         frames.clear();
         let mut broken = None;
@@ -353,6 +354,10 @@ async fn read_packets<R: AsyncRead + Unpin>(
             }
         }
         let (end, done) = handle_frames(router, conn, reader.buffer(), &frames, trusted, outbox);
+        // Acks alone owe no ack (two idle ends would acknowledge each other's forever).
+        let packet = frames
+            .iter()
+            .any(|(_, range)| !is_ack(&reader.buffer()[range.clone()]));
         if let Some(done) = done {
             *handled = reader.position_of(done);
         }
@@ -361,12 +366,26 @@ async fn read_packets<R: AsyncRead + Unpin>(
         }
         // Everything read so far is handled (routed, held or bounced): on an
         // acknowledged link the router owes the component an ack for it.
-        outbox.handled(*handled);
+        outbox.handled(*handled, packet);
         if let Some(e) = broken {
             return End::Error(e);
         }
         outbox.wait_drained().await;
-        match reader.fill().await {
+        // Waiting for the component, send the ack owed alone if nothing to ride along
+        // with came by its deadline.
+        let filled = loop {
+            let Some(due) = outbox.ack_deadline() else {
+                break reader.fill().await;
+            };
+            if ack_timer.deadline() != due {
+                ack_timer.as_mut().reset(due);
+            }
+            tokio::select! {
+                r = reader.fill() => break r,
+                _ = ack_timer.as_mut() => outbox.ack_now(),
+            }
+        };
+        match filled {
             Ok(()) => {}
             Err(ReadError::Stream(e)) => return End::Error(e),
             Err(ReadError::Closed) => return End::Closed,
@@ -468,6 +487,11 @@ fn handle_frames(
     }
     router.route_batch(conn, &batch);
     (end, done)
+}
+
+/// Whether a frame is an ack (`<a .../>`), from its first bytes.
+fn is_ack(frame: &[u8]) -> bool {
+    frame.starts_with(b"<a ") || frame.starts_with(b"<a/")
 }
 
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

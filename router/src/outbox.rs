@@ -59,8 +59,10 @@ struct Acks {
     ends: VecDeque<u64>,
     /// What the router owes the component.
     owed: Owed,
-    /// Since when an ack is owed (the writer sends it alone after `ACK_DELAY`).
+    /// Since when an ack is owed (it goes alone after `ACK_DELAY`).
     owed_since: Option<Instant>,
+    /// The link's reader found the owed ack due: the writer sends it alone.
+    forced: bool,
 }
 
 impl Inner {
@@ -172,22 +174,43 @@ impl Outbox {
         }
     }
 
-    /// The link's reader handled the component's stream up to `position`: the router
-    /// owes an ack, which the writer sends with its next write or soon.
-    pub fn handled(&self, position: u64) {
+    /// The link's reader handled the component's stream up to `position` (with a
+    /// packet in it: `packet`; acks alone are not acknowledged): the router owes an ack, which rides along with the next write to the component; if none
+    /// comes by [`Outbox::ack_deadline`], the reader (waiting for the component anyway)
+    /// calls [`Outbox::ack_now`]. No writer is woken just for an ack.
+    pub fn handled(&self, position: u64, packet: bool) {
         let mut inner = self.inner.lock().expect("outbox lock");
         let Some(acks) = inner.acks.as_mut() else {
             return;
         };
-        let became_owed = acks.owed.handled(position);
-        if became_owed {
+        if acks.owed.handled(position, packet) {
             acks.owed_since = Some(Instant::now());
         }
-        let wake = became_owed || acks.owed.is_urgent();
+        let urgent = acks.owed.is_urgent();
         drop(inner);
-        if wake {
+        if urgent {
             self.wake.notify_one();
         }
+    }
+
+    /// When the ack owed must go alone, if one is owed and not asked for yet.
+    pub fn ack_deadline(&self) -> Option<Instant> {
+        let inner = self.inner.lock().expect("outbox lock");
+        match inner.acks.as_ref() {
+            Some(a) if !a.forced && a.owed.is_owed() => a.owed_since.map(|s| s + ACK_DELAY),
+            _ => None,
+        }
+    }
+
+    /// The ack owed is due: the writer sends it alone.
+    pub fn ack_now(&self) {
+        let mut inner = self.inner.lock().expect("outbox lock");
+        let Some(acks) = inner.acks.as_mut().filter(|a| a.owed.is_owed()) else {
+            return;
+        };
+        acks.forced = true;
+        drop(inner);
+        self.wake.notify_one();
     }
 
     /// Bytes queued and not yet written (for the metrics).
@@ -236,7 +259,7 @@ impl Outbox {
     /// is drained and closing, or killed.
     async fn next_batch(&self, buf: &mut Vec<u8>) -> Option<usize> {
         loop {
-            let ack_due_at = {
+            {
                 let mut inner = self.inner.lock().expect("outbox lock");
                 if inner.state == State::Killed {
                     return None;
@@ -258,27 +281,16 @@ impl Outbox {
                 if inner.state == State::Closing {
                     return None;
                 }
-                match inner.acks.as_mut() {
-                    Some(acks) if acks.owed.is_owed() => {
-                        let due = acks.owed_since.unwrap_or_else(Instant::now) + ACK_DELAY;
-                        if acks.owed.is_urgent() || due <= Instant::now() {
-                            take_ack(&mut inner, buf);
-                            return Some(0);
-                        }
-                        Some(due)
-                    }
-                    _ => None,
+                if inner
+                    .acks
+                    .as_ref()
+                    .is_some_and(|a| a.owed.is_owed() && (a.forced || a.owed.is_urgent()))
+                {
+                    take_ack(&mut inner, buf);
+                    return Some(0);
                 }
-            };
-            match ack_due_at {
-                Some(due) => {
-                    tokio::select! {
-                        _ = self.wake.notified() => {}
-                        _ = tokio::time::sleep_until(due) => {}
-                    }
-                }
-                None => self.wake.notified().await,
             }
+            self.wake.notified().await;
         }
     }
 
@@ -371,6 +383,7 @@ fn take_ack(inner: &mut Inner, buf: &mut Vec<u8>) {
         if let Some(ack) = acks.owed.take() {
             buf.extend_from_slice(ack.as_bytes());
             acks.owed_since = None;
+            acks.forced = false;
         }
     }
 }

@@ -55,35 +55,42 @@ pub fn parse_h(value: Option<&str>) -> Option<u64> {
 }
 
 /// What a link owes the other side: how far its stream has been handled, and how far
-/// that was acknowledged.
+/// that was acknowledged. Only packets make an ack owed: acks themselves (and
+/// whitespace) are counted in `h` but never acknowledged for their own sake, or two
+/// idle ends would acknowledge each other's acks forever.
 #[derive(Debug, Default, Clone)]
 pub struct Owed {
     /// Bytes of the peer's stream handled.
     pub handled: u64,
     /// The last `h` sent.
     pub acked: u64,
+    /// A packet was handled since the last ack.
+    due: bool,
 }
 
 impl Owed {
-    /// Records progress; true when an ack became owed (was not before).
-    pub fn handled(&mut self, position: u64) -> bool {
-        let was_owed = self.is_owed();
+    /// Records progress up to `position`, `packet` if it includes a packet; true when an
+    /// ack became owed (was not before).
+    pub fn handled(&mut self, position: u64, packet: bool) -> bool {
         self.handled = self.handled.max(position);
-        !was_owed && self.is_owed()
+        let became = packet && !self.due && self.handled > self.acked;
+        self.due |= became;
+        became
     }
 
     pub fn is_owed(&self) -> bool {
-        self.handled > self.acked
+        self.due
     }
 
     /// Whether so much is owed that the ack should not wait.
     pub fn is_urgent(&self) -> bool {
-        self.handled - self.acked >= ACK_BYTES
+        self.due && self.handled - self.acked >= ACK_BYTES
     }
 
     /// The ack to send now, if any is owed; it counts as sent.
     pub fn take(&mut self) -> Option<String> {
-        self.is_owed().then(|| {
+        self.due.then(|| {
+            self.due = false;
             self.acked = self.handled;
             ack_element(self.handled)
         })
@@ -152,6 +159,8 @@ struct LinkState {
     active: bool,
     owed: Owed,
     owed_since: Option<Instant>,
+    /// The reader found the owed ack due: the writer sends it alone.
+    forced: bool,
     /// Written on the current link, not yet acknowledged.
     unacked: Unacked,
     /// Not written on the last link (queued when it dropped), to send after `unacked`.
@@ -203,6 +212,7 @@ impl LinkAcks {
         st.active = acknowledged;
         st.owed = Owed::default();
         st.owed_since = None;
+        st.forced = false;
     }
 
     /// Whether the current link is acknowledged (the router agreed).
@@ -236,53 +246,60 @@ impl LinkAcks {
         self.state().unacked.acknowledge(h);
     }
 
-    /// Everything of the router's stream up to `position` is handled.
-    pub fn handled(&self, position: u64) {
+    /// Everything of the router's stream up to `position` is handled. The ack rides
+    /// along with the next write; the reader, which waits for the router anyway, calls
+    /// [`LinkAcks::ack_now`] if none came by [`LinkAcks::ack_deadline`] (so a lone
+    /// message wakes no writer task just for its ack).
+    pub fn handled(&self, position: u64, packet: bool) {
         let mut st = self.state();
         if !st.active {
             return;
         }
-        let became_owed = st.owed.handled(position);
-        if became_owed {
+        if st.owed.handled(position, packet) {
             st.owed_since = Some(Instant::now());
         }
-        let wake = became_owed || st.owed.is_urgent();
+        let urgent = st.owed.is_urgent();
         drop(st);
-        if wake {
+        if urgent {
             self.owed_changed.notify_one();
         }
     }
 
-    /// The ack to write now: with a batch (`riding`), or alone once it is due.
+    /// When the ack owed must go alone, if one is owed and not asked for yet.
+    pub fn ack_deadline(&self) -> Option<Instant> {
+        let st = self.state();
+        match st.owed_since {
+            Some(since) if !st.forced && st.owed.is_owed() => Some(since + ACK_DELAY),
+            _ => None,
+        }
+    }
+
+    /// The ack owed is due: the writer sends it alone.
+    pub fn ack_now(&self) {
+        let mut st = self.state();
+        if !st.owed.is_owed() {
+            return;
+        }
+        st.forced = true;
+        drop(st);
+        self.owed_changed.notify_one();
+    }
+
+    /// The ack to write now: with a batch (`riding`), or alone when it was asked for or
+    /// so much is owed that it cannot wait.
     pub fn take_ack(&self, riding: bool) -> Option<String> {
         let mut st = self.state();
-        let due = st.owed.is_urgent()
-            || st
-                .owed_since
-                .is_some_and(|since| since + ACK_DELAY <= Instant::now());
-        if !(riding || due) {
+        if !(riding || st.forced || st.owed.is_urgent()) {
             return None;
         }
         st.owed_since = None;
+        st.forced = false;
         st.owed.take()
     }
 
-    /// Waits until an ack is due alone (it never is while none is owed).
+    /// Waits until an ack should go alone (see [`LinkAcks::ack_now`]).
     pub async fn ack_due(&self) {
-        loop {
-            let due = {
-                let st = self.state();
-                match st.owed_since {
-                    _ if st.owed.is_urgent() => return,
-                    Some(since) => Some(since + ACK_DELAY),
-                    None => None,
-                }
-            };
-            match due {
-                Some(at) => return tokio::time::sleep_until(at).await,
-                None => self.owed_changed.notified().await,
-            }
-        }
+        self.owed_changed.notified().await
     }
 
     /// Bytes kept for acknowledgement or re-sending (for tests and metrics).
@@ -302,16 +319,18 @@ mod tests {
     fn owed_ack_is_sent_once_and_urgent_past_the_bound() {
         let mut o = Owed::default();
         assert!(o.take().is_none());
-        assert!(o.handled(100), "became owed");
-        assert!(!o.handled(150), "was owed already");
+        assert!(!o.handled(40, false), "an ack alone is not acknowledged");
+        assert!(o.take().is_none());
+        assert!(o.handled(100, true), "became owed");
+        assert!(!o.handled(150, true), "was owed already");
         assert!(!o.is_urgent());
         assert_eq!(
             o.take().as_deref(),
             Some("<a xmlns='urn:jabberd-rs:router:0' h='150'/>")
         );
         assert!(o.take().is_none());
-        assert!(!o.handled(120), "positions never go back");
-        assert!(o.handled(150 + ACK_BYTES));
+        assert!(!o.handled(120, true), "positions never go back");
+        assert!(o.handled(150 + ACK_BYTES, true));
         assert!(o.is_urgent());
     }
 
@@ -342,7 +361,7 @@ mod tests {
             (20, Bytes::from_static(b"fghij")),
         ];
         acks.written(100, &mut batch);
-        acks.handled(42);
+        acks.handled(42, true);
         acks.unsent(Bytes::from_static(b"queued"));
         assert_eq!(
             acks.handshake_attributes(),

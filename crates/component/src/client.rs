@@ -261,6 +261,8 @@ impl Component {
                 reader: self.reader,
                 early: self.early,
                 acks: self.acks.clone(),
+                ack_timer: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
+                returned: false,
             },
             ComponentWriter {
                 writer: self.writer,
@@ -277,6 +279,10 @@ pub struct ComponentReader {
     reader: FramedReader<ReadHalf<BoxIo>>,
     early: VecDeque<Stanza>,
     acks: Option<Arc<LinkAcks>>,
+    /// When our owed ack must go alone (reset, not re-made, for each wait).
+    ack_timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    /// A packet was returned since the last call (asking again means it is handled).
+    returned: bool,
 }
 
 impl ComponentReader {
@@ -286,13 +292,33 @@ impl ComponentReader {
     /// before: the caller has handled them (done, or handed them to its own tasks).
     pub async fn next(&mut self) -> anyhow::Result<Stanza> {
         if let Some(s) = self.early.pop_front() {
+            self.returned = true;
             return Ok(s);
         }
         loop {
-            if let Some(acks) = &self.acks {
-                acks.handled(self.reader.position());
-            }
-            let s = next_element(&mut self.reader).await?;
+            let returned = std::mem::take(&mut self.returned);
+            let deadline = self.acks.as_ref().and_then(|acks| {
+                acks.handled(self.reader.position(), returned);
+                acks.ack_deadline()
+            });
+            let s = match deadline {
+                Some(due) => {
+                    if self.ack_timer.deadline() != due {
+                        self.ack_timer.as_mut().reset(due);
+                    }
+                    tokio::select! {
+                        s = next_element(&mut self.reader) => s?,
+                        _ = self.ack_timer.as_mut() => {
+                            // Nothing to ride along with came: the ack goes alone.
+                            if let Some(acks) = &self.acks {
+                                acks.ack_now();
+                            }
+                            continue;
+                        }
+                    }
+                }
+                None => next_element(&mut self.reader).await?,
+            };
             if take_ack(&self.acks, &s)? {
                 continue;
             }
@@ -307,6 +333,7 @@ impl ComponentReader {
                 continue;
             }
             jrs_metrics::link::LINK.received(s.name());
+            self.returned = true;
             return Ok(s);
         }
     }
