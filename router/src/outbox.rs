@@ -12,7 +12,7 @@ use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
-use jrs_component::ack::{Owed, ACK_DELAY};
+use jrs_component::ack::Owed;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::Notify;
 use tokio::time::Instant;
@@ -59,10 +59,6 @@ struct Acks {
     ends: VecDeque<u64>,
     /// What the router owes the component.
     owed: Owed,
-    /// Since when an ack is owed (it goes alone after `ACK_DELAY`).
-    owed_since: Option<Instant>,
-    /// The link's reader found the owed ack due: the writer sends it alone.
-    forced: bool,
 }
 
 impl Inner {
@@ -183,10 +179,7 @@ impl Outbox {
         let Some(acks) = inner.acks.as_mut() else {
             return;
         };
-        if acks.owed.handled(position, packet) {
-            acks.owed_since = Some(Instant::now());
-        }
-        let urgent = acks.owed.is_urgent();
+        let urgent = acks.owed.handled(position, packet);
         drop(inner);
         if urgent {
             self.wake.notify_one();
@@ -196,21 +189,17 @@ impl Outbox {
     /// When the ack owed must go alone, if one is owed and not asked for yet.
     pub fn ack_deadline(&self) -> Option<Instant> {
         let inner = self.inner.lock().expect("outbox lock");
-        match inner.acks.as_ref() {
-            Some(a) if !a.forced && a.owed.is_owed() => a.owed_since.map(|s| s + ACK_DELAY),
-            _ => None,
-        }
+        inner.acks.as_ref().and_then(|a| a.owed.deadline())
     }
 
     /// The ack owed is due: the writer sends it alone.
     pub fn ack_now(&self) {
         let mut inner = self.inner.lock().expect("outbox lock");
-        let Some(acks) = inner.acks.as_mut().filter(|a| a.owed.is_owed()) else {
-            return;
-        };
-        acks.forced = true;
+        let forced = inner.acks.as_mut().is_some_and(|a| a.owed.force());
         drop(inner);
-        self.wake.notify_one();
+        if forced {
+            self.wake.notify_one();
+        }
     }
 
     /// Bytes queued and not yet written (for the metrics).
@@ -281,12 +270,8 @@ impl Outbox {
                 if inner.state == State::Closing {
                     return None;
                 }
-                if inner
-                    .acks
-                    .as_ref()
-                    .is_some_and(|a| a.owed.is_owed() && (a.forced || a.owed.is_urgent()))
-                {
-                    take_ack(&mut inner, buf);
+                if let Some(ack) = inner.acks.as_mut().and_then(|a| a.owed.take(false)) {
+                    buf.extend_from_slice(ack.as_bytes());
                     return Some(0);
                 }
             }
@@ -379,12 +364,8 @@ fn drop_acknowledged(inner: &mut Inner, h: u64) -> bool {
 
 /// Appends the ack the router owes, if any, to a batch about to be written.
 fn take_ack(inner: &mut Inner, buf: &mut Vec<u8>) {
-    if let Some(acks) = inner.acks.as_mut() {
-        if let Some(ack) = acks.owed.take() {
-            buf.extend_from_slice(ack.as_bytes());
-            acks.owed_since = None;
-            acks.forced = false;
-        }
+    if let Some(ack) = inner.acks.as_mut().and_then(|a| a.owed.take(true)) {
+        buf.extend_from_slice(ack.as_bytes());
     }
 }
 

@@ -54,46 +54,72 @@ pub fn parse_h(value: Option<&str>) -> Option<u64> {
     value?.parse().ok()
 }
 
-/// What a link owes the other side: how far its stream has been handled, and how far
-/// that was acknowledged. Only packets make an ack owed: acks themselves (and
-/// whitespace) are counted in `h` but never acknowledged for their own sake, or two
-/// idle ends would acknowledge each other's acks forever.
+/// What a link owes the other side: how far its stream has been handled, how far that
+/// was acknowledged, and when the ack must go. Only packets make an ack owed: acks
+/// themselves (and whitespace) are counted in `h` but never acknowledged for their own
+/// sake, or two idle ends would acknowledge each other's acks forever. The same rules
+/// for the router's links and the components' (see the module's text).
 #[derive(Debug, Default, Clone)]
 pub struct Owed {
     /// Bytes of the peer's stream handled.
     pub handled: u64,
     /// The last `h` sent.
     pub acked: u64,
-    /// A packet was handled since the last ack.
-    due: bool,
+    /// Since when a packet handled waits for its ack (none: nothing owed).
+    since: Option<Instant>,
+    /// The link's reader found the ack due: it goes alone.
+    forced: bool,
 }
 
 impl Owed {
-    /// Records progress up to `position`, `packet` if it includes a packet; true when an
-    /// ack became owed (was not before).
+    /// Records progress up to `position`, `packet` if it includes a packet; true when
+    /// the ack became urgent (the writer must be woken to send it now).
     pub fn handled(&mut self, position: u64, packet: bool) -> bool {
         self.handled = self.handled.max(position);
-        let became = packet && !self.due && self.handled > self.acked;
-        self.due |= became;
-        became
+        if packet && self.since.is_none() && self.handled > self.acked {
+            self.since = Some(Instant::now());
+        }
+        self.is_urgent()
     }
 
     pub fn is_owed(&self) -> bool {
-        self.due
+        self.since.is_some()
     }
 
     /// Whether so much is owed that the ack should not wait.
     pub fn is_urgent(&self) -> bool {
-        self.due && self.handled - self.acked >= ACK_BYTES
+        self.is_owed() && self.handled - self.acked >= ACK_BYTES
     }
 
-    /// The ack to send now, if any is owed; it counts as sent.
-    pub fn take(&mut self) -> Option<String> {
-        self.due.then(|| {
-            self.due = false;
-            self.acked = self.handled;
-            ack_element(self.handled)
-        })
+    /// When the ack must go alone if nothing to ride along with comes, unless that was
+    /// asked for already.
+    pub fn deadline(&self) -> Option<Instant> {
+        self.since
+            .filter(|_| !self.forced)
+            .map(|since| since + ACK_DELAY)
+    }
+
+    /// The deadline passed: the ack goes alone. False when none is owed (nothing to do).
+    pub fn force(&mut self) -> bool {
+        self.forced = self.is_owed();
+        self.forced
+    }
+
+    /// Whether the ack must be written even with nothing to ride along with.
+    pub fn goes_alone(&self) -> bool {
+        self.forced || self.is_urgent()
+    }
+
+    /// The ack to write now: with a batch (`riding`), or alone when it
+    /// [goes alone](Owed::goes_alone). It counts as sent.
+    pub fn take(&mut self, riding: bool) -> Option<String> {
+        if !self.is_owed() || !(riding || self.goes_alone()) {
+            return None;
+        }
+        self.since = None;
+        self.forced = false;
+        self.acked = self.handled;
+        Some(ack_element(self.handled))
     }
 }
 
@@ -158,9 +184,6 @@ struct LinkState {
     /// The current link is acknowledged (the router agreed).
     active: bool,
     owed: Owed,
-    owed_since: Option<Instant>,
-    /// The reader found the owed ack due: the writer sends it alone.
-    forced: bool,
     /// Written on the current link, not yet acknowledged.
     unacked: Unacked,
     /// Not written on the last link (queued when it dropped), to send after `unacked`.
@@ -211,8 +234,6 @@ impl LinkAcks {
         st.link = Some(stream_id.to_owned());
         st.active = acknowledged;
         st.owed = Owed::default();
-        st.owed_since = None;
-        st.forced = false;
     }
 
     /// Whether the current link is acknowledged (the router agreed).
@@ -255,10 +276,7 @@ impl LinkAcks {
         if !st.active {
             return;
         }
-        if st.owed.handled(position, packet) {
-            st.owed_since = Some(Instant::now());
-        }
-        let urgent = st.owed.is_urgent();
+        let urgent = st.owed.handled(position, packet);
         drop(st);
         if urgent {
             self.owed_changed.notify_one();
@@ -267,34 +285,20 @@ impl LinkAcks {
 
     /// When the ack owed must go alone, if one is owed and not asked for yet.
     pub fn ack_deadline(&self) -> Option<Instant> {
-        let st = self.state();
-        match st.owed_since {
-            Some(since) if !st.forced && st.owed.is_owed() => Some(since + ACK_DELAY),
-            _ => None,
-        }
+        self.state().owed.deadline()
     }
 
     /// The ack owed is due: the writer sends it alone.
     pub fn ack_now(&self) {
-        let mut st = self.state();
-        if !st.owed.is_owed() {
-            return;
+        if self.state().owed.force() {
+            self.owed_changed.notify_one();
         }
-        st.forced = true;
-        drop(st);
-        self.owed_changed.notify_one();
     }
 
     /// The ack to write now: with a batch (`riding`), or alone when it was asked for or
     /// so much is owed that it cannot wait.
     pub fn take_ack(&self, riding: bool) -> Option<String> {
-        let mut st = self.state();
-        if !(riding || st.forced || st.owed.is_urgent()) {
-            return None;
-        }
-        st.owed_since = None;
-        st.forced = false;
-        st.owed.take()
+        self.state().owed.take(riding)
     }
 
     /// Waits until an ack should go alone (see [`LinkAcks::ack_now`]).
@@ -318,20 +322,24 @@ mod tests {
     #[test]
     fn owed_ack_is_sent_once_and_urgent_past_the_bound() {
         let mut o = Owed::default();
-        assert!(o.take().is_none());
-        assert!(!o.handled(40, false), "an ack alone is not acknowledged");
-        assert!(o.take().is_none());
-        assert!(o.handled(100, true), "became owed");
-        assert!(!o.handled(150, true), "was owed already");
-        assert!(!o.is_urgent());
+        assert!(o.take(true).is_none());
+        assert!(!o.handled(40, false));
+        assert!(o.take(true).is_none(), "an ack alone is not acknowledged");
+        assert!(!o.handled(100, true));
+        assert!(o.is_owed() && o.deadline().is_some());
+        assert!(o.take(false).is_none(), "alone only once due");
+        assert!(o.force() && o.deadline().is_none() && o.goes_alone());
+        assert!(!o.handled(150, true));
         assert_eq!(
-            o.take().as_deref(),
+            o.take(false).as_deref(),
             Some("<a xmlns='urn:jabberd-rs:router:0' h='150'/>")
         );
-        assert!(o.take().is_none());
+        assert!(o.take(true).is_none() && !o.force());
         assert!(!o.handled(120, true), "positions never go back");
-        assert!(o.handled(150 + ACK_BYTES, true));
-        assert!(o.is_urgent());
+        assert!(o.take(true).is_none(), "nothing new");
+        assert!(o.handled(150 + ACK_BYTES, true), "urgent");
+        assert!(o.goes_alone());
+        assert!(o.take(false).is_some());
     }
 
     #[test]
