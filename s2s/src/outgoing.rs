@@ -505,7 +505,6 @@ impl Out {
     }
 }
 
-/// Resolves the remote and tries its targets in order until one negotiates a stream.
 /// [`connect`] after `delay`.
 async fn connect_after(
     delay: Duration,
@@ -513,10 +512,13 @@ async fn connect_after(
     remote: String,
     local: String,
 ) -> Result<(Connection, Established), Failure> {
-    tokio::time::sleep(delay).await;
+    if !delay.is_zero() {
+        tokio::time::sleep(delay).await;
+    }
     connect(&shared, &remote, &local).await
 }
 
+/// Resolves the remote and tries its targets in order until one negotiates a stream.
 async fn connect(
     shared: &Shared,
     remote: &str,
@@ -530,8 +532,10 @@ async fn connect(
     let mut last = format!("{remote}: no address found");
     // Whether some address accepted or ignored us without answering in time.
     let mut timed_out = false;
-    // Whether every address tried refused the connection (and some was tried).
-    let (mut refused, mut tried) = (true, false);
+    // Whether some address refused the connection and every other failed only as
+    // unreachable (an IPv6 address without a route beside a refusing IPv4 one): the
+    // remote may be restarting.
+    let (mut refused, mut other_failure) = (false, false);
     for target in targets {
         let addrs = match shared.resolver.addresses(&target.host).await {
             Ok(a) => a,
@@ -552,8 +556,12 @@ async fn connect(
                 {
                     Ok(Ok(tcp)) => tcp,
                     Ok(Err(e)) => {
-                        tried = true;
-                        refused &= e.kind() == std::io::ErrorKind::ConnectionRefused;
+                        match e.kind() {
+                            std::io::ErrorKind::ConnectionRefused => refused = true,
+                            std::io::ErrorKind::NetworkUnreachable
+                            | std::io::ErrorKind::HostUnreachable => {}
+                            _ => other_failure = true,
+                        }
                         last = format!("{addr}: {e}");
                         continue;
                     }
@@ -563,7 +571,7 @@ async fn connect(
                         continue;
                     }
                 };
-            refused = false;
+            other_failure = true;
             let _ = tcp.set_nodelay(true);
             match negotiate(shared, tcp, &target, remote, local).await {
                 Ok(e) => return Ok(e),
@@ -589,7 +597,7 @@ async fn connect(
         });
     }
     Err(Failure {
-        refused: refused && tried,
+        refused: refused && !other_failure,
         ..not_found(last)
     })
 }

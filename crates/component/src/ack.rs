@@ -173,7 +173,7 @@ impl Unacked {
 #[derive(Default)]
 pub struct LinkAcks {
     state: Mutex<LinkState>,
-    /// Wakes the writer when an ack becomes owed (or urgent).
+    /// Wakes the writer when an ack must go alone (asked for, or urgent).
     owed_changed: Notify,
 }
 

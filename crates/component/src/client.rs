@@ -256,13 +256,16 @@ impl Component {
     }
 
     pub fn split(self) -> (ComponentReader, ComponentWriter) {
+        // Answers to our binds were read and handled before the split: acknowledged like
+        // packets.
+        let handled_before = self.next_id > 0;
         (
             ComponentReader {
                 reader: self.reader,
                 early: self.early,
                 acks: self.acks.clone(),
                 ack_timer: Box::pin(tokio::time::sleep(std::time::Duration::ZERO)),
-                returned: false,
+                returned: handled_before,
             },
             ComponentWriter {
                 writer: self.writer,
@@ -289,7 +292,9 @@ impl ComponentReader {
     /// The next stanza. A stream error or close from the router ends the link with an error.
     ///
     /// On an acknowledged link, asking for the next stanza acknowledges those returned
-    /// before: the caller has handled them (done, or handed them to its own tasks).
+    /// before: the caller has handled them (done, or handed them to its own tasks). An
+    /// ack that must go alone is asked for while this waits: a caller keeps calling it
+    /// (every component's reader loop does).
     pub async fn next(&mut self) -> anyhow::Result<Stanza> {
         if let Some(s) = self.early.pop_front() {
             self.returned = true;
@@ -330,6 +335,8 @@ impl ComponentReader {
                 if let Some(refused) = LOG_REFUSED.get() {
                     refused(&error_condition(&s));
                 }
+                // Handled here: it is acknowledged like any packet.
+                self.returned = true;
                 continue;
             }
             jrs_metrics::link::LINK.received(s.name());
