@@ -63,11 +63,18 @@ pub fn link(port: u16, name: &str, secret: &str) -> RouterLink {
 }
 
 /// A port nobody listens on right now.
+/// A port free to listen on, below the kernel's ephemeral range (32768-60999 on
+/// Linux): a port the kernel hands out itself (bind to 0) may be taken, before our
+/// server binds it, as the local port of one of the test's own outgoing connections
+/// (seen: s2s "Address already in use"). As tests/py/serverproc.py does.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("free port")
+    for _ in 0..500 {
+        let port = rand::random_range(20000..32000);
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free port found in 20000-32000")
 }
 
 /// Polls `f` every 20 ms until it returns `Some`, or fails after `timeout`.
