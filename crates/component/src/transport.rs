@@ -180,9 +180,22 @@ pub async fn accepting_stopped() {
 /// may bind too (`SO_REUSEPORT`): the kernel spreads new connections over them, and
 /// when one instance stops, the others take them all. A port held by any other program
 /// is still refused.
+///
+/// Within one process a port is bound once: two listeners of one configuration on the
+/// same port are an error (`AddrInUse`), as they would be without `SO_REUSEPORT` (the
+/// kernel would otherwise spread connections over a plain and a TLS listener).
 pub async fn bind_shared(address: &str, port: u16) -> std::io::Result<tokio::net::TcpListener> {
+    static BOUND: std::sync::Mutex<Vec<std::net::SocketAddr>> = std::sync::Mutex::new(vec![]);
     let mut last = None;
     for addr in tokio::net::lookup_host((address, port)).await? {
+        if BOUND.lock().expect("bound lock").contains(&addr) {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::AddrInUse,
+                format!(
+                    "Address already in use: {addr} is bound by another listener of this process"
+                ),
+            ));
+        }
         let socket = match addr {
             std::net::SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
             std::net::SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
@@ -190,7 +203,10 @@ pub async fn bind_shared(address: &str, port: u16) -> std::io::Result<tokio::net
         socket.set_reuseaddr(true)?;
         socket.set_reuseport(true)?;
         match socket.bind(addr).and_then(|()| socket.listen(1024)) {
-            Ok(listener) => return Ok(listener),
+            Ok(listener) => {
+                BOUND.lock().expect("bound lock").push(addr);
+                return Ok(listener);
+            }
             Err(e) => last = Some(e),
         }
     }
