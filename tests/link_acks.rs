@@ -11,31 +11,17 @@ use tokio::net::TcpStream;
 
 use jrs_component::ack::LinkAcks;
 use jrs_component::{Component, ComponentReader};
-use jrs_harness::{Options, Server};
-use jrs_stream::{Limits, Stanza};
-
-fn users(names: &[&str]) -> String {
-    names
-        .iter()
-        .map(|n| format!("<component name='{n}' secret='{n}-secret'/>"))
-        .collect()
-}
+use jrs_harness::{plain_users, recv, Options, Server};
+use jrs_stream::Limits;
 
 async fn start(names: &[&str]) -> Server {
     Server::start(Options {
-        extra_users: users(names),
+        extra_users: plain_users(names),
         grace_secs: 5.0,
         ..Options::default()
     })
     .await
     .expect("router starts")
-}
-
-async fn recv(reader: &mut ComponentReader) -> Stanza {
-    tokio::time::timeout(Duration::from_secs(5), reader.next())
-        .await
-        .expect("a stanza within 5 s")
-        .expect("link up")
 }
 
 /// A component link written by hand, counting every byte each way, as the acks do.

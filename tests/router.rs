@@ -4,18 +4,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use jrs_component::{Component, ComponentReader, PacketType};
-use jrs_harness::{Options, RawComponent, Server};
+use jrs_component::{Component, PacketType};
+use jrs_harness::{plain_users, recv, Options, RawComponent, Server};
 use jrs_stream::Stanza;
 
 const STANZA_ERRORS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
-
-fn plain_users(names: &[&str]) -> String {
-    names
-        .iter()
-        .map(|n| format!("<component name='{n}' secret='{n}-secret'/>"))
-        .collect()
-}
 
 async fn start(names: &[&str]) -> Server {
     Server::start(Options {
@@ -24,13 +17,6 @@ async fn start(names: &[&str]) -> Server {
     })
     .await
     .expect("router starts")
-}
-
-async fn recv(reader: &mut ComponentReader) -> Stanza {
-    tokio::time::timeout(Duration::from_secs(5), reader.next())
-        .await
-        .expect("a stanza within 5 s")
-        .expect("link up")
 }
 
 fn condition_of(s: &Stanza) -> String {

@@ -77,6 +77,23 @@ pub fn free_port() -> u16 {
     panic!("no free port found in 20000-32000")
 }
 
+/// `router-users.xml` entries for plain (untrusted) components: each name's secret is
+/// `NAME-secret`.
+pub fn plain_users(names: &[&str]) -> String {
+    names
+        .iter()
+        .map(|n| format!("<component name='{n}' secret='{n}-secret'/>"))
+        .collect()
+}
+
+/// The next stanza on a component link, within 5 s (panics otherwise: for tests).
+pub async fn recv(reader: &mut jrs_component::ComponentReader) -> jrs_stream::Stanza {
+    tokio::time::timeout(Duration::from_secs(5), reader.next())
+        .await
+        .expect("a stanza within 5 s")
+        .expect("link up")
+}
+
 /// Polls `f` every 20 ms until it returns `Some`, or fails after `timeout`.
 pub async fn wait_for<T, F: FnMut() -> Option<T>>(
     what: &str,
