@@ -87,7 +87,14 @@ pub struct Kept {
 #[derive(Debug)]
 pub enum Lost {
     /// Waiting for an sm instance: the client's `stanza` packets wait here, in order.
-    Waiting { since: Instant, held: Vec<Bytes> },
+    /// `ending` is set once the client has gone too: what it did not receive, returned
+    /// in the `end` that follows the restore and what is held (sm must first have the
+    /// session to deliver what its client sent, and to end it).
+    Waiting {
+        since: Instant,
+        held: Vec<Bytes>,
+        ending: Option<Vec<Item>>,
+    },
     /// `restore` went out at `since`; sm answers `restored` (or `end`).
     Restoring { since: Instant },
 }
@@ -208,6 +215,11 @@ impl SessionHandle {
             }
             None => false,
         }
+    }
+
+    /// Whether the session waits for an sm instance to restore it on.
+    pub fn sm_away(&self) -> bool {
+        matches!(self.kept().lost, Some(Lost::Waiting { .. }))
     }
 
     pub fn sm(&self) -> Option<String> {

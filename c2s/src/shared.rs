@@ -246,23 +246,44 @@ impl Shared {
     /// Ends a session whose client went away, telling sm, with what the client did not
     /// receive (sm stores it offline, gives it to another session, or bounces it). Sent
     /// for a session sm ended already too when there is something to return.
-    pub fn end_session(&self, handle: &SessionHandle, undelivered: &[Item]) {
+    pub fn end_session(&self, handle: &Arc<SessionHandle>, undelivered: &[Item]) {
         let known = self.forget(handle);
         self.tell_end(handle, known, undelivered);
     }
 
     /// Tells sm that a session taken out of the table (`known`: it was in it) ended,
-    /// with what its client did not receive.
-    pub fn tell_end(&self, handle: &SessionHandle, known: bool, undelivered: &[Item]) {
-        if let Some(Lost::Waiting { held, .. }) = handle.kept().lost.take() {
-            if !held.is_empty() {
-                warn!(jid = %handle.jid, held = held.len(), "session ended while its sm was away: what its client sent meanwhile is dropped");
-            }
+    /// with what its client did not receive. A session whose sm is away ends after its
+    /// restore instead ([`Shared::end_after_restore`]).
+    pub fn tell_end(&self, handle: &Arc<SessionHandle>, known: bool, undelivered: &[Item]) {
+        if known && self.end_after_restore(handle, undelivered) {
+            return;
         }
         if known || !undelivered.is_empty() {
             let items = protocol::items(undelivered);
             self.send(protocol::packet(&self.me, "end", handle, &[], &items));
         }
+    }
+
+    /// The client of a session waiting for its sm left: the session goes back into the
+    /// table to be restored like the others, and its `end` follows the restore and what
+    /// the client sent meanwhile (which sm must deliver: the client may have had it
+    /// acknowledged). Contacts see it go then. False when the session is not waiting.
+    fn end_after_restore(&self, handle: &Arc<SessionHandle>, undelivered: &[Item]) -> bool {
+        {
+            let mut kept = handle.kept();
+            let Some(Lost::Waiting { held, ending, .. }) = &mut kept.lost else {
+                return false;
+            };
+            info!(jid = %handle.jid, held = held.len(), "session ended while its sm was away: it ends after its restore");
+            ending.get_or_insert_with(Vec::new).extend_from_slice(undelivered);
+        }
+        self.sessions
+            .lock()
+            .expect("sessions lock")
+            .insert(handle.sid.clone(), handle.clone());
+        // An sm instance may have come back meanwhile.
+        self.restore_waiting();
+        true
     }
 
     /// The client of a resumable session is gone: sm stops sending and answers
@@ -397,6 +418,15 @@ impl Shared {
                 // leaves the table before it empties its channel, so a stanza is either
                 // in the channel by then or finds no session (and goes back to sm).
                 let item = protocol::stanza_item(packet);
+                if let Some(Lost::Waiting {
+                    ending: Some(undelivered),
+                    ..
+                }) = &mut handle.kept().lost
+                {
+                    // Its client left: back to sm with the session's `end`.
+                    undelivered.push(item);
+                    return;
+                }
                 let _ = handle.to_client.send(Box::new(ToClient::Stanza(item)));
                 return;
             }
@@ -647,6 +677,7 @@ impl Shared {
                 kept.lost = Some(Lost::Waiting {
                     since: std::time::Instant::now(),
                     held: vec![],
+                    ending: None,
                 });
             }
             n += 1;
@@ -686,7 +717,7 @@ impl Shared {
         );
         for h in waiting {
             let mut kept = h.kept();
-            let Some(Lost::Waiting { held, .. }) = kept.lost.take() else {
+            let Some(Lost::Waiting { held, ending, .. }) = kept.lost.take() else {
                 continue;
             };
             let (attrs, content) = kept.state.encode();
@@ -695,9 +726,20 @@ impl Shared {
             for packet in held {
                 self.send(packet);
             }
-            kept.lost = Some(Lost::Restoring {
-                since: std::time::Instant::now(),
-            });
+            match ending {
+                Some(undelivered) => {
+                    drop(kept);
+                    self.forget(&h);
+                    let items = protocol::items(&undelivered);
+                    self.send(protocol::packet(&self.me, "end", &h, &[], &items));
+                    info!(jid = %h.jid, "session restored to end it: its client had left");
+                }
+                None => {
+                    kept.lost = Some(Lost::Restoring {
+                        since: std::time::Instant::now(),
+                    })
+                }
+            }
         }
     }
 
@@ -728,12 +770,12 @@ impl Shared {
 
     /// Ends session `handle` with `<reset/>`: its client logs in again.
     fn reset(&self, handle: &SessionHandle) {
-        let held = match self.forget_kept(handle) {
-            Some(Lost::Waiting { held, .. }) => held.len(),
-            _ => 0,
+        let (held, undelivered) = match self.forget_kept(handle) {
+            Some(Lost::Waiting { held, ending, .. }) => (held.len(), ending.map_or(0, |e| e.len())),
+            _ => (0, 0),
         };
-        if held > 0 {
-            warn!(jid = %handle.jid, held, "stanzas held for a session that was not restored are dropped");
+        if held + undelivered > 0 {
+            warn!(jid = %handle.jid, held, undelivered, "stanzas held for a session that was not restored are dropped");
         }
         let _ = handle.to_client.send(Box::new(ToClient::End(
             StreamErrorCondition::Reset,

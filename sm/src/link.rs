@@ -32,6 +32,10 @@ pub async fn serve(
     // once its own link is back and ours is bound; docs/sm.md). Queued before anything
     // read on this link.
     ctx.users.broadcast(|| Event::LinkLost);
+    // What sessions hibernating in the last run held (host/hibernation.rs).
+    if !ctx.hibernated.recovering.swap(true, std::sync::atomic::Ordering::AcqRel) {
+        tokio::spawn(crate::host::hibernation::recover(ctx.clone()));
+    }
     loop {
         let stanza = reader.next().await?;
         crate::metrics::M.packets.by(stanza.name()).inc();

@@ -336,6 +336,12 @@ impl<'a> Live<'a> {
         self.sm.as_ref().is_some_and(|sm| sm.token.is_some())
     }
 
+    /// Whether the session can wait at sm for its client: resumable, and sm has it (one
+    /// whose sm is away ends after its restore instead, `Shared::tell_end`).
+    fn can_hibernate(&self) -> bool {
+        self.resumable() && !self.handle.sm_away()
+    }
+
     async fn relay(&mut self) -> Ending {
         let keepalive = self.shared.config.keepalive;
         // A SIGTERM while sm was starting or handing over the session came before we
@@ -712,7 +718,7 @@ impl<'a> Live<'a> {
         match ending {
             // Lost, or silent past the idle timeout (a phone that vanished): the
             // session waits for its client.
-            Ending::Close(close) if self.resumable() && connection_lost(&close) => {
+            Ending::Close(close) if self.can_hibernate() && connection_lost(&close) => {
                 info!(%jid, "connection lost: the session hibernates");
                 self.hibernate().await;
                 close
@@ -737,7 +743,7 @@ impl<'a> Live<'a> {
                 )
             }
             Ending::Shutdown => {
-                if self.resumable() {
+                if self.can_hibernate() {
                     info!(%jid, "shutting down: the session hibernates");
                     self.hibernate().await;
                 } else {

@@ -50,6 +50,9 @@ pub async fn end_session(u: &mut User, key: SessionKey, tell: Option<StreamError
             if held.parked.as_ref().is_some_and(|p| p.counted) {
                 u.ctx.parked.fetch_sub(1, Ordering::Relaxed);
             }
+            if held.parked.is_some() {
+                u.hibernation.changed();
+            }
             if let Some(r) = held.resumer {
                 let refusal = session::refuse_resume(&u.ctx.me, &r.c2s, &r.sid, &u.bare);
                 u.send(refusal);

@@ -118,6 +118,8 @@ pub async fn park(
             p.counted = true;
         }
     }
+    // Its queue goes to storage too (`host::hibernation`).
+    u.hibernation.changed();
     info!(queued, timeout = ?park.timeout, "session hibernating");
     Some((key, generation, park.timeout))
 }
@@ -189,6 +191,7 @@ fn complete(u: &mut User, key: SessionKey, to: Resumer) {
         m.session_state(s, &mut state);
     }
     u.send(session::resumed(&me, &r, &parked, &held.items, &state));
+    u.hibernation.changed();
     if parked.counted {
         u.ctx.parked.fetch_sub(1, Ordering::Relaxed);
     }

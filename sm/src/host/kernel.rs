@@ -520,6 +520,8 @@ pub struct Ctx {
     pub overload: Overload,
     /// Sessions parked (hibernating) in this process.
     pub parked: AtomicUsize,
+    /// The users whose hibernating sessions have their queues in storage.
+    pub hibernated: crate::host::hibernation::Index,
     /// IQs sm sent from a served domain, waiting for their answers.
     pub requests: Requests,
     /// What modules share across users.
@@ -545,6 +547,7 @@ impl Ctx {
             started: Instant::now(),
             overload: Overload::default(),
             parked: AtomicUsize::new(0),
+            hibernated: Default::default(),
             link: Mutex::new(None),
             modules,
             store,
@@ -624,6 +627,8 @@ pub struct User {
     pub out: Out,
     /// Held sessions whose queue overflowed: ended after the current event.
     pub overflowed: Vec<SessionKey>,
+    /// What is written to storage of the hibernating sessions' queues.
+    pub hibernation: crate::host::hibernation::Written,
     next_key: SessionKey,
     next_id: u64,
 }
@@ -639,6 +644,7 @@ impl User {
             removed: false,
             out: Out::default(),
             overflowed: vec![],
+            hibernation: Default::default(),
             next_key: 0,
             next_id: 0,
         }
@@ -750,6 +756,9 @@ impl User {
                 });
             }
             Link::Held(held) => {
+                if let (Some(_), Some(token)) = (&held.parked, &s.resume_token) {
+                    self.hibernation.queued(token, &s.full, &item);
+                }
                 held.items.push(item);
                 let full = held
                     .parked

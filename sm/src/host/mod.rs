@@ -4,7 +4,8 @@
 //!   a handler works on (with its output collector `out`);
 //! - `task` (the user's task: the session protocol, the chains, the fallbacks),
 //!   `ending` (ending a session; what its client never got), `handover` (XEP-0198:
-//!   sessions held while their client is away),
+//!   sessions held while their client is away), `hibernation` (their queues kept in
+//!   storage too),
 //!   `hooks` (running a chain), `iq_routing` (the IQ table), `server` (stanzas to the
 //!   domain itself);
 //! - `iq` (IQ requests and replies as modules see them),
@@ -25,6 +26,7 @@ pub mod broadcasts;
 pub mod components;
 pub mod ending;
 pub mod handover;
+pub mod hibernation;
 pub mod hooks;
 pub mod iq;
 pub mod iq_routing;

@@ -55,6 +55,9 @@ pub enum Event {
     LinkLost,
     /// The wait for restores after [`Event::LinkLost`] is over: sessions not restored end.
     StaleOver,
+    /// The stored queues of sessions that hibernated in sm's last run (read at
+    /// start-up, `host::hibernation`).
+    HibernatedBefore(bytes::Bytes),
     /// An administrator's question (jabberctl: sessions, kick, announce).
     Admin(crate::host::admin_query::Query),
     /// Work a module left for later comes due (an answer it waited for arrived):

@@ -11,6 +11,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::host::ending::{end_session, reset, reset_returning, undelivered};
 use crate::host::handover;
+use crate::host::hibernation;
 use crate::host::hooks;
 use crate::host::iq_routing;
 use crate::host::kernel::{Ctx, Flow, User};
@@ -93,6 +94,7 @@ pub async fn handle(u: &mut User, event: Event) {
             handover::resume(u, c2s, sid, token)
         }
         Event::HibernationEnds { key, generation } => handover::wait_over(u, key, generation).await,
+        Event::HibernatedBefore(record) => hibernation::given_back(u, record).await,
         Event::Delivered(r, count) => match u.find(&r) {
             Some(key) => hooks::offline_confirmed(u, key, count).await,
             None => debug!(count, "confirmation for an ended session"),
@@ -140,6 +142,8 @@ pub async fn handle(u: &mut User, event: Event) {
         warn!("a hibernating session's queue is full: the session ends");
         end_session(u, key, None).await;
     }
+    // What the event queued for (or took from) hibernating sessions, into storage.
+    hibernation::sync(u).await;
 }
 
 fn session_span(r: &SessionRef) -> tracing::Span {
