@@ -275,7 +275,9 @@ impl Shared {
                 return false;
             };
             info!(jid = %handle.jid, held = held.len(), "session ended while its sm was away: it ends after its restore");
-            ending.get_or_insert_with(Vec::new).extend_from_slice(undelivered);
+            ending
+                .get_or_insert_with(Vec::new)
+                .extend_from_slice(undelivered);
         }
         self.sessions
             .lock()

@@ -13,6 +13,7 @@ use tracing::{debug, info, warn};
 
 use jrs_stream::{Frame, StanzaErrorCondition, StreamErrorCondition, StreamHeader};
 use jrs_sx::connection::parse;
+use jrs_sx::features::NS_SM;
 use jrs_sx::{stream_error, tls, Close, Connection, Transport};
 
 use crate::config::TlsMode;
@@ -66,6 +67,9 @@ struct Verified {
 async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming) -> Close {
     let mut shutdown = shared.shutdown_signal();
     let (verified_tx, mut verified) = mpsc::unbounded_channel::<Verified>();
+    // XEP-0198: counts whose stanzas the router has, and the last we told the remote.
+    let (safe_tx, mut safe) = mpsc::unbounded_channel::<u64>();
+    let mut acked = 0u64;
     loop {
         if *shutdown.borrow() {
             return stream_error(
@@ -84,6 +88,15 @@ async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming)
                 local: v.local,
                 valid: v.valid,
             },
+            Some(h) = safe.recv() => {
+                if h > acked {
+                    acked = h;
+                    if let Err(close) = conn.write(format!("<a xmlns='{NS_SM}' h='{h}'/>").as_bytes()).await {
+                        return close;
+                    }
+                }
+                continue;
+            }
         };
         for action in stream.step(&shared.incoming, input) {
             let done = match action {
@@ -140,6 +153,14 @@ async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming)
                             crate::outgoing::send_reply(shared, reply);
                         }
                     }
+                    Ok(())
+                }
+                Action::AckWhenSafe(h) => {
+                    let (shared, tx) = (shared.clone(), safe_tx.clone());
+                    tokio::spawn(async move {
+                        shared.router_acknowledged().await;
+                        let _ = tx.send(h);
+                    });
                     Ok(())
                 }
                 Action::Close(close) => Err(close),

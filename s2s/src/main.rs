@@ -17,6 +17,7 @@ mod outgoing;
 mod resolve;
 mod router;
 mod shared;
+mod stream_management;
 mod tls;
 mod xml;
 

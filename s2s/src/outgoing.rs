@@ -6,6 +6,8 @@
 //! the same stream). Stanzas wait in their queue meanwhile; on failure, or once they have
 //! waited `queue timeout`, they are bounced to their senders. The same stream carries
 //! `db:verify` requests for incoming streams from that remote. An idle connection closes.
+//! With XEP-0198 (`stream_management.rs`) a stream lost with stanzas the remote did not
+//! acknowledge is followed by a new connection that sends them again.
 //! Opening the stream is `negotiation/outgoing.rs`; this module drives it, then the
 //! stream.
 
@@ -25,6 +27,7 @@ use crate::config::{Target, TlsMode};
 use crate::dialback;
 use crate::resolve::Resolution;
 use crate::shared::{Cmd, Shared};
+use crate::stream_management::Acks;
 use crate::xml::{self, Dialback, NS_SERVER};
 
 use crate::negotiation::outgoing::{Action, Established, Input, Outgoing};
@@ -63,7 +66,7 @@ pub fn hand(shared: &Arc<Shared>, remote: &str, cmd: Cmd) {
                     let (tx, rx) = mpsc::unbounded_channel();
                     let generation = shared.unique();
                     map.insert(remote.to_owned(), (generation, tx.clone()));
-                    let span = info_span!("out", remote = %remote, id = tracing::field::Empty);
+                    let span = info_span!("out", remote = %remote);
                     tokio::spawn(
                         run(shared.clone(), remote.to_owned(), generation, rx).instrument(span),
                     );
@@ -153,6 +156,10 @@ struct Out {
     requested: HashSet<String>,
     /// What [`Out::count_queued`] last added to the queued-stanzas gauge.
     counted: i64,
+    /// XEP-0198 on the current stream.
+    acks: Acks<Queued>,
+    /// Stanzas the last stream lost unacknowledged (back in the queues).
+    requeued: usize,
 }
 
 impl Drop for Out {
@@ -180,76 +187,102 @@ pub async fn run(
         authorized: HashSet::new(),
         requested: HashSet::new(),
         counted: 0,
+        acks: Acks::new(false),
+        requeued: 0,
     };
     out.accept(first);
     let timeout = shared.config.queue_timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
-    let mut connecting = Box::pin(connect_after(
-        Duration::ZERO,
-        shared.clone(),
-        remote.clone(),
-        first_local.clone(),
-    ));
-    let retry_until = tokio::time::Instant::now() + RETRY_REFUSED_FOR.min(timeout);
-    let mut backoff = Duration::from_millis(100);
-    let mut tick = tokio::time::interval(Duration::from_millis(100));
-    let result = loop {
-        out.count_queued();
-        tokio::select! {
-            cmd = rx.recv() => match cmd {
-                Some(cmd) => out.accept(cmd),
-                None => return,
-            },
-            r = &mut connecting => match r {
-                Err(f) if f.refused && tokio::time::Instant::now() + backoff < retry_until => {
-                    debug!(reason = %f.text, "connection refused; trying again in {backoff:?}");
-                    connecting = Box::pin(connect_after(
-                        backoff,
-                        shared.clone(),
-                        remote.clone(),
-                        first_local.clone(),
-                    ));
-                    backoff = (backoff * 2).min(Duration::from_secs(1));
-                }
-                r => break r,
-            },
-            _ = tick.tick() => out.expire(),
-            _ = tokio::time::sleep_until(deadline) => break Err(Failure {
-                refused: false,
-                condition: StanzaErrorCondition::RemoteServerTimeout,
-                text: format!("{remote} did not answer within {} s", timeout.as_secs_f64()),
-            }),
-        }
-    };
-    let failure = match result {
-        Ok((link, established)) => {
-            tracing::Span::current().record("id", established.stream_id.as_str());
-            info!(
-                sasl = established.sasl_local.is_some(),
-                tls = link.transport().is_tls(),
-                "connected"
-            );
-            match out.serve(link, established, &mut rx).await {
-                Some(failure) => failure,
-                None => {
-                    // Closed for idleness: anything that arrived meanwhile goes to a new
-                    // connection.
-                    rx.close();
-                    while let Ok(cmd) = rx.try_recv() {
-                        let remote = out.remote.clone();
-                        hand(&shared, &remote, cmd);
+    loop {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut connecting = Box::pin(connect_after(
+            Duration::ZERO,
+            shared.clone(),
+            remote.clone(),
+            first_local.clone(),
+        ));
+        let retry_until = tokio::time::Instant::now() + RETRY_REFUSED_FOR.min(timeout);
+        let mut backoff = Duration::from_millis(100);
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        let result = loop {
+            out.count_queued();
+            tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => out.accept(cmd),
+                    None => return,
+                },
+                r = &mut connecting => match r {
+                    Err(f) if f.refused && tokio::time::Instant::now() + backoff < retry_until => {
+                        debug!(reason = %f.text, "connection refused; trying again in {backoff:?}");
+                        connecting = Box::pin(connect_after(
+                            backoff,
+                            shared.clone(),
+                            remote.clone(),
+                            first_local.clone(),
+                        ));
+                        backoff = (backoff * 2).min(Duration::from_secs(1));
                     }
-                    return;
+                    r => break r,
+                },
+                _ = tick.tick() => out.expire(),
+                _ = tokio::time::sleep_until(deadline) => break Err(Failure {
+                    refused: false,
+                    condition: StanzaErrorCondition::RemoteServerTimeout,
+                    text: format!("{remote} did not answer within {} s", timeout.as_secs_f64()),
+                }),
+            }
+        };
+        let failure = match result {
+            Ok((link, established)) => {
+                // Each stream (a lost one is followed by another) in a span of its own.
+                let span = info_span!("stream", id = %established.stream_id);
+                span.in_scope(|| {
+                    info!(
+                        sasl = established.sasl_local.is_some(),
+                        tls = link.transport().is_tls(),
+                        "connected"
+                    )
+                });
+                match out.serve(link, established, &mut rx).instrument(span).await {
+                    Some(failure) if out.requeued > 0 => {
+                        // What the remote did not acknowledge goes on a new stream (it may be
+                        // restarting: refused connections are tried again for a while).
+                        info!(reason = %failure.text, stanzas = out.requeued, "outgoing stream lost: connecting again");
+                        out.new_stream();
+                        continue;
+                    }
+                    Some(failure) => failure,
+                    None => {
+                        // Closed for idleness: anything that arrived meanwhile goes to a new
+                        // connection.
+                        rx.close();
+                        while let Ok(cmd) = rx.try_recv() {
+                            let remote = out.remote.clone();
+                            hand(&shared, &remote, cmd);
+                        }
+                        return;
+                    }
                 }
             }
-        }
-        Err(f) => f,
-    };
-    warn!(condition = failure.condition.name(), reason = %failure.text, "outgoing connection failed or ended");
-    out.give_up(&mut rx, failure);
+            Err(f) => f,
+        };
+        warn!(condition = failure.condition.name(), reason = %failure.text, "outgoing connection failed or ended");
+        out.give_up(&mut rx, failure);
+        return;
+    }
 }
 
 impl Out {
+    /// Forgets what belonged to the stream that was lost: authentications, and answers
+    /// to requests it carried (asked again on the next).
+    fn new_stream(&mut self) {
+        self.authorized.clear();
+        self.requested.clear();
+        self.requeued = 0;
+        for v in &mut self.verifies {
+            v.sent = false;
+        }
+    }
+
     /// Takes a command while there is no usable stream: queue it (bounded).
     fn accept(&mut self, cmd: Cmd) {
         match cmd {
@@ -348,7 +381,9 @@ impl Out {
             stream_id,
             sasl_local,
             dialback,
+            stream_management,
         } = established;
+        self.acks = Acks::new(stream_management);
         if let Some(local) = sasl_local {
             self.authorized.insert(local);
         }
@@ -382,7 +417,7 @@ impl Out {
                 _ = tick.tick() => {
                     self.expire();
                     let idle = link.last_activity().elapsed() >= self.shared.config.idle_timeout;
-                    if idle && self.queued() == 0 && self.verifies.is_empty() {
+                    if idle && self.queued() == 0 && self.verifies.is_empty() && self.acks.settled() {
                         info!("closing the idle connection");
                         // Stop taking commands first, so none is lost.
                         self.shared.forget_outgoing(&self.remote, self.generation);
@@ -393,6 +428,12 @@ impl Out {
             }
         };
         let reason = close.to_string();
+        // What the remote did not acknowledge goes first on the next stream.
+        let lost = std::mem::replace(&mut self.acks, Acks::new(false)).lost();
+        self.requeued = lost.len();
+        for u in lost.into_iter().rev() {
+            self.queues.entry(u.local).or_default().push_front(u.item);
+        }
         let (local, remote) = (self.first_local(), self.remote.clone());
         link.finish(&close, || xml::header(&local, &remote, None))
             .await;
@@ -419,9 +460,18 @@ impl Out {
             .collect();
         for local in locals {
             if self.authorized.contains(&local) {
-                let queue = self.queues.remove(&local).unwrap_or_default();
-                for q in queue {
-                    link.write(q.stanza.as_slice()).await?;
+                let mut queue = self.queues.remove(&local).unwrap_or_default();
+                if let Some(enable) = self.acks.before_stanzas() {
+                    link.write(enable.as_bytes()).await?;
+                }
+                while let Some(q) = queue.pop_front() {
+                    if let Err(close) = link.write(q.stanza.as_slice()).await {
+                        // Not written: kept for the next stream (or bounced).
+                        queue.push_front(q);
+                        self.queues.insert(local, queue);
+                        return Err(close);
+                    }
+                    self.acks.written(&local, q);
                 }
             } else if !self.requested.contains(&local) {
                 if !dialback {
@@ -448,6 +498,9 @@ impl Out {
                 .await?;
             v.sent = true;
         }
+        if let Some(sm) = self.acks.to_write() {
+            link.write(sm.as_bytes()).await?;
+        }
         Ok(())
     }
 
@@ -459,6 +512,9 @@ impl Out {
                 "the remote sent a stream error: {}",
                 jrs_component::client::error_condition(&element)
             )));
+        }
+        if self.acks.element(&element) {
+            return Ok(());
         }
         let Some(db) = Dialback::parse(&element) else {
             debug!(

@@ -193,6 +193,26 @@ impl Shared {
         true
     }
 
+    /// Resolves once everything passed to the router before the call is acknowledged by
+    /// it (docs/protocol.md, "Acknowledged links"): what XEP-0198 lets us tell a remote
+    /// server. Waits while the link is down (what is held goes first when it is back)
+    /// and asks again on the next link if this one drops.
+    pub async fn router_acknowledged(&self) {
+        loop {
+            let outbox = {
+                let router = self.router.lock().expect("router lock");
+                let held = !self.held.lock().expect("held lock").stanzas.is_empty();
+                router.clone().filter(|_| !held)
+            };
+            if let Some(outbox) = outbox {
+                if outbox.acknowledged().await {
+                    return;
+                }
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Bounces a stanza from a local sender back to it (never an error or a result).
     pub fn bounce(&self, stanza: &Stanza, condition: StanzaErrorCondition, text: &str) {
         if let Some(reply) = stanza.error_reply(condition, text) {

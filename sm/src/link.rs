@@ -33,7 +33,11 @@ pub async fn serve(
     // read on this link.
     ctx.users.broadcast(|| Event::LinkLost);
     // What sessions hibernating in the last run held (host/hibernation.rs).
-    if !ctx.hibernated.recovering.swap(true, std::sync::atomic::Ordering::AcqRel) {
+    if !ctx
+        .hibernated
+        .recovering
+        .swap(true, std::sync::atomic::Ordering::AcqRel)
+    {
         tokio::spawn(crate::host::hibernation::recover(ctx.clone()));
     }
     loop {

@@ -8,9 +8,10 @@ The driver is tests/py/lossrun.py (also a script: the figures in docs/benchmarks
 "Loss under SIGKILL"); it runs once for the whole module, every test reads its records.
 
 With acknowledged component links (the default; docs/protocol.md, "Acknowledged
-links") nothing may be lost when router, xdb-file, sm or c2s dies. s2s keeps one gap,
-named below: what a remote server had written into the dying s2s's socket (server to
-server streams acknowledge nothing). Duplicates made by the server (at-least-once
+links") nothing may be lost when router, xdb-file, sm or c2s dies; with XEP-0198 on
+server-to-server streams (docs/federation.md) nothing when s2s dies either: the remote
+keeps what our s2s did not acknowledge (it acknowledges only what its router link has)
+and sends it again on a new stream. Duplicates made by the server (at-least-once
 redelivery) are allowed, a few per kill. JABBERD_LINK_ACKS from the environment reaches
 the server processes (`off`: the comparison runs of docs/benchmarks.md).
 
@@ -25,14 +26,6 @@ from lossrun import KILLABLE, run_loss  # noqa: E402
 from serverproc import bin_dir, binaries_missing  # noqa: E402
 
 PAIRS, RATE = 24, 300
-
-# Where a message may still be silently lost (docs/benchmarks.md, "Loss under SIGKILL").
-MAY_LOSE = {
-    "s2s": "stanzas a remote server had written into the killed s2s's socket, and those s2s "
-           "had read from it but not yet passed on, are lost: server-to-server streams have "
-           "no acknowledgements (XEP-0198 on s2s streams is not implemented); seen as 0-1 "
-           "per kill",
-}
 
 # At-least-once: a process killed after handling a packet and before acknowledging it
 # (at most 10 ms of traffic on its links) gets it again from the router or sends it
@@ -108,10 +101,7 @@ def test_few_stanzas_delivered_twice_by_the_server(loss, process):
     assert rec["dup_unexplained"] <= MAX_SERVER_DUPLICATES * rec["sent"], describe(rec)
 
 
-@pytest.mark.parametrize("process", [
-    pytest.param(p, marks=pytest.mark.xfail(reason=MAY_LOSE[p], strict=False))
-    if p in MAY_LOSE else p
-    for p in KILLABLE])
+@pytest.mark.parametrize("process", KILLABLE)
 def test_nothing_silently_lost(loss, process):
     rec = loss[0][process]
     assert rec["lost"] == 0, describe(rec)

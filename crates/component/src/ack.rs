@@ -137,15 +137,19 @@ impl Unacked {
         self.packets.push_back((end, packet));
     }
 
-    /// Drops every packet the peer acknowledged (it handled the first `h` bytes).
-    pub fn acknowledge(&mut self, h: u64) {
+    /// Drops every packet the peer acknowledged (it handled the first `h` bytes); how
+    /// many.
+    pub fn acknowledge(&mut self, h: u64) -> u64 {
+        let mut n = 0;
         while let Some((end, _)) = self.packets.front() {
             if *end > h {
                 break;
             }
             let (_, p) = self.packets.pop_front().expect("front exists");
             self.bytes -= p.len();
+            n += 1;
         }
+        n
     }
 
     /// Takes every packet, in order.
@@ -190,6 +194,33 @@ struct LinkState {
     unsent: Vec<Bytes>,
     /// What the next writer sends first.
     resend: Vec<Bytes>,
+    /// Packets taken from the outboxes, ever (in order: the writers take them one link
+    /// after another), and how many of them the router acknowledged (or were written on
+    /// a link without acks). Packet n (from 1) is safe at the router once `retired >= n`.
+    taken: u64,
+    retired: u64,
+    /// Who waits for packets up to a count to be acknowledged ([`Outbox::acknowledged`]).
+    waiters: Vec<(u64, AckWaiter)>,
+}
+
+/// Told when everything queued before it is acknowledged.
+pub type AckWaiter = tokio::sync::oneshot::Sender<()>;
+
+impl LinkState {
+    /// `n` more packets are acknowledged: the waiters they complete are told.
+    fn retire(&mut self, n: u64) {
+        self.retired += n;
+        let retired = self.retired;
+        let mut i = 0;
+        while i < self.waiters.len() {
+            if self.waiters[i].0 <= retired {
+                let (_, w) = self.waiters.swap_remove(i);
+                let _ = w.send(());
+            } else {
+                i += 1;
+            }
+        }
+    }
 }
 
 impl LinkAcks {
@@ -217,7 +248,8 @@ impl LinkAcks {
     pub fn link_started(&self, stream_id: &str, acknowledged: bool, router_handled: Option<u64>) {
         let mut st = self.state();
         if let Some(h) = router_handled {
-            st.unacked.acknowledge(h);
+            let n = st.unacked.acknowledge(h);
+            st.retire(n);
         }
         // What an earlier attempt was to send first and did not (its binds failed), then
         // what the last link did not get acknowledged, then what it never wrote.
@@ -250,11 +282,29 @@ impl LinkAcks {
     /// it ends in the batch: kept until acknowledged.
     pub fn written(&self, start: u64, packets: &mut Vec<(usize, Bytes)>) {
         let mut st = self.state();
-        for (end, p) in packets.drain(..) {
-            if st.active {
-                st.unacked.push(start + end as u64, p);
-            }
+        if !st.active {
+            // Nothing is kept: as safe as it will ever be.
+            let n = packets.len() as u64;
+            packets.clear();
+            st.retire(n);
+            return;
         }
+        for (end, p) in packets.drain(..) {
+            st.unacked.push(start + end as u64, p);
+        }
+    }
+
+    /// A writer took `fresh` more packets from its outbox, and the waiters among them
+    /// (each after the packets taken before it, counted from this call's first): they
+    /// are told once those are acknowledged.
+    pub fn taken(&self, fresh: u64, waiters: &mut Vec<(u64, AckWaiter)>) {
+        let mut st = self.state();
+        let base = st.taken;
+        st.taken += fresh;
+        for (before, w) in waiters.drain(..) {
+            st.waiters.push((base + before, w));
+        }
+        st.retire(0);
     }
 
     /// Packets still queued when the link dropped.
@@ -264,7 +314,9 @@ impl LinkAcks {
 
     /// The router acknowledged the first `h` bytes of our stream.
     pub fn acknowledged(&self, h: u64) {
-        self.state().unacked.acknowledge(h);
+        let mut st = self.state();
+        let n = st.unacked.acknowledge(h);
+        st.retire(n);
     }
 
     /// Everything of the router's stream up to `position` is handled. The ack rides
@@ -399,5 +451,36 @@ mod tests {
         assert_eq!(parse_h(Some("-1")), None);
         assert_eq!(parse_h(Some("x")), None);
         assert_eq!(parse_h(None), None);
+    }
+
+    #[test]
+    fn waiters_are_told_once_what_came_before_them_is_acknowledged() {
+        let acks = LinkAcks::default();
+        acks.link_started("l1", true, None);
+        let (first, mut first_done) = tokio::sync::oneshot::channel();
+        let (second, mut second_done) = tokio::sync::oneshot::channel();
+        // Two packets, a waiter, a third packet, a waiter.
+        acks.taken(3, &mut vec![(2, first), (3, second)]);
+        let packet = |s: &str| Bytes::from(s.to_owned());
+        acks.written(
+            0,
+            &mut vec![(10, packet("a")), (20, packet("b")), (30, packet("c"))],
+        );
+        acks.acknowledged(10);
+        assert!(first_done.try_recv().is_err());
+        acks.acknowledged(20);
+        assert!(first_done.try_recv().is_ok());
+        assert!(second_done.try_recv().is_err());
+        // The link drops: the third packet goes on the next one, and its ack there counts.
+        acks.link_started("l2", true, None);
+        assert_eq!(acks.take_resend().len(), 1);
+        acks.written(100, &mut vec![(10, packet("c"))]);
+        assert!(second_done.try_recv().is_err());
+        acks.acknowledged(110);
+        assert!(second_done.try_recv().is_ok());
+        // Nothing outstanding: told at once.
+        let (third, mut third_done) = tokio::sync::oneshot::channel();
+        acks.taken(0, &mut vec![(0, third)]);
+        assert!(third_done.try_recv().is_ok());
     }
 }

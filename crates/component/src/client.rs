@@ -384,6 +384,9 @@ impl ComponentWriter {
             // The packets of `batch` (on an acknowledged link), with where each ends in it.
             let mut packets: Vec<(usize, Bytes)> = vec![];
             let mut flushes = vec![];
+            // Packets taken from the outbox for this batch, and who waits for their ack.
+            let mut fresh = 0u64;
+            let mut waiters: Vec<(u64, crate::ack::AckWaiter)> = vec![];
             if let Some(acks) = &acks {
                 for p in acks.take_resend() {
                     batch.extend_from_slice(&p);
@@ -412,11 +415,17 @@ impl ComponentWriter {
                         match queued {
                             Queued::Bytes(bytes) => {
                                 batch.extend_from_slice(&bytes);
+                                fresh += 1;
                                 if acks.is_some() {
                                     packets.push((batch.len(), bytes));
                                 }
                             }
                             Queued::Flush(done) => flushes.push(done),
+                            Queued::Acked(done) => match &acks {
+                                Some(_) => waiters.push((fresh, done)),
+                                // No acks on this link: written is all there is.
+                                None => flushes.push(done),
+                            },
                         }
                         if batch.len() >= 64 * 1024 {
                             break;
@@ -425,6 +434,7 @@ impl ComponentWriter {
                     }
                 }
                 if let Some(acks) = &acks {
+                    acks.taken(std::mem::take(&mut fresh), &mut waiters);
                     // Kept from now on, so a write that fails half way is sent again.
                     acks.written(self.sent, &mut packets);
                     if let Some(ack) = acks.take_ack(!batch.is_empty()) {
@@ -452,11 +462,17 @@ impl ComponentWriter {
                 match queued {
                     Queued::Bytes(bytes) => {
                         if let Some(acks) = &acks {
+                            fresh += 1;
                             acks.unsent(bytes);
                         }
                     }
                     Queued::Flush(done) => flushes.push(done),
+                    // Asked again on the next link (what it waited for goes there first).
+                    Queued::Acked(_) => {}
                 }
+            }
+            if let Some(acks) = &acks {
+                acks.taken(fresh, &mut waiters);
             }
             for done in flushes.drain(..) {
                 let _ = done.send(());
@@ -489,10 +505,12 @@ impl WriterStop {
     }
 }
 
-/// What the writer task takes: bytes, or a request to say when all before it is written.
+/// What the writer task takes: bytes, or a request to say when all before it is
+/// written, or acknowledged by the router.
 enum Queued {
     Bytes(Bytes),
     Flush(oneshot::Sender<()>),
+    Acked(oneshot::Sender<()>),
 }
 
 /// A cloneable handle that queues bytes for the router link.
@@ -505,6 +523,15 @@ impl Outbox {
         let bytes = bytes.into();
         jrs_metrics::link::LINK.sent(&bytes);
         self.0.send(Queued::Bytes(bytes)).is_ok()
+    }
+
+    /// True once everything queued before it was acknowledged by the router (on a link
+    /// without acks: written); false if this link dropped first (what was queued goes on
+    /// the next link: ask that one's outbox again). What a process that must not
+    /// acknowledge anything before the router has it waits for (s2s's XEP-0198 `<a/>`).
+    pub async fn acknowledged(&self) -> bool {
+        let (done, acked) = oneshot::channel();
+        self.0.send(Queued::Acked(done)).is_ok() && acked.await.is_ok()
     }
 
     /// Resolves once everything queued before it was written to the router (or the link

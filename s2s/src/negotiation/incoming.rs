@@ -3,6 +3,11 @@
 //! remote asks with `db:result`, we verify with its authoritative server and answer;
 //! we answer `db:verify` for keys we made), then stanzas from the domains authenticated
 //! on the stream. The driver (`incoming.rs`) does the I/O and the verifications.
+//!
+//! XEP-0198 without resumption: once authenticated the remote may `<enable/>` stream
+//! management; we count its stanzas and answer its `<r/>` with how many are safe at our
+//! router ([`Action::AckWhenSafe`]), so that it keeps and sends again on a new stream
+//! what an s2s that dies had read and not passed on.
 
 use std::collections::HashSet;
 
@@ -13,7 +18,7 @@ use tracing::{debug, info, warn};
 
 use jrs_stream::validate::validate_stanza;
 use jrs_stream::{Stanza, StreamErrorCondition, StreamHeader};
-use jrs_sx::features::{features_xml, NS_SASL, NS_TLS};
+use jrs_sx::features::{features_xml, NS_SASL, NS_SM, NS_TLS};
 use jrs_sx::{stream_error, Close, Feature};
 
 use crate::dialback;
@@ -75,6 +80,9 @@ pub enum Action {
         bytes: Bytes,
         original: Stanza,
     },
+    /// XEP-0198 `<r/>`: answer `<a h='N'/>` once the router acknowledged everything
+    /// routed before (the first N stanzas since `<enable/>` are then safe).
+    AckWhenSafe(u64),
     Close(Close),
 }
 
@@ -95,6 +103,8 @@ pub struct Incoming {
     authorized: HashSet<(String, String)>,
     /// Dialback verifications under way.
     pending: HashSet<(String, String)>,
+    /// XEP-0198: stanzas received since the remote enabled stream management.
+    received: Option<u64>,
 }
 
 impl Incoming {
@@ -111,6 +121,7 @@ impl Incoming {
             sasl_done: false,
             authorized: HashSet::new(),
             pending: HashSet::new(),
+            received: None,
         }
     }
 
@@ -221,6 +232,9 @@ impl Incoming {
         if settings.dialback && (self.tls || !settings.require_encryption) {
             features.push(Feature::Dialback);
         }
+        if self.tls || !settings.require_encryption {
+            features.push(Feature::StreamManagement);
+        }
         out.push(Action::Send(features_xml(&features)));
         Ok(())
     }
@@ -241,7 +255,23 @@ impl Incoming {
         match (element.name(), element.xmlns()) {
             ("starttls", Some(NS_TLS)) => self.starttls(out),
             ("auth", Some(NS_SASL)) => self.sasl(settings, &element, out),
-            ("message" | "presence" | "iq", _) => self.stanza(element, out),
+            ("message" | "presence" | "iq", _) => {
+                self.stanza(element, out)?;
+                if let Some(n) = &mut self.received {
+                    *n += 1;
+                }
+                Ok(())
+            }
+            ("enable", Some(NS_SM)) => {
+                self.enable(out);
+                Ok(())
+            }
+            ("r", Some(NS_SM)) if self.received.is_some() => {
+                out.push(Action::AckWhenSafe(self.received.unwrap_or(0)));
+                Ok(())
+            }
+            // We send no stanzas on an incoming stream: nothing to count.
+            ("a", Some(NS_SM)) if self.received.is_some() => Ok(()),
             ("stream:error", _) => Err(Close::Gone(format!(
                 "the remote sent a stream error: {}",
                 jrs_component::client::error_condition(&element)
@@ -250,6 +280,31 @@ impl Incoming {
                 StreamErrorCondition::UnsupportedStanzaType,
                 format!("<{other}> is not expected here"),
             )),
+        }
+    }
+
+    /// XEP-0198 `<enable/>`: once some domain is authenticated, and once; never resumable
+    /// (a new stream carries what the remote sends again).
+    fn enable(&mut self, out: &mut Vec<Action>) {
+        let refusal = if self.authorized.is_empty() {
+            Some("authenticate first")
+        } else if self.received.is_some() {
+            Some("stream management is enabled already")
+        } else {
+            None
+        };
+        match refusal {
+            Some(text) => {
+                debug!(text, "XEP-0198 enable refused");
+                out.push(Action::Send(format!(
+                    "<failed xmlns='{NS_SM}'><unexpected-request xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>"
+                )));
+            }
+            None => {
+                debug!("XEP-0198 enabled on the incoming stream");
+                self.received = Some(0);
+                out.push(Action::Send(format!("<enabled xmlns='{NS_SM}'/>")));
+            }
         }
     }
 
@@ -634,5 +689,39 @@ mod tests {
             Some(StreamErrorCondition::NotWellFormed),
             "raw U+FFFF"
         );
+    }
+
+    #[test]
+    fn stream_management_counts_stanzas_once_authenticated() {
+        let s = settings();
+        let (mut i, a) = over_tls(&s, cert("there.example"));
+        assert!(
+            sends(&a).contains("<sm xmlns='urn:xmpp:sm:3'/>"),
+            "{}",
+            sends(&a)
+        );
+        let a = i.step(&s, el("<enable xmlns='urn:xmpp:sm:3'/>"));
+        assert!(sends(&a).contains("<failed"), "not before authentication");
+        i.step(
+            &s,
+            el("<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='EXTERNAL'>=</auth>"),
+        );
+        i.step(&s, header("there.example"));
+        let a = i.step(&s, el("<enable xmlns='urn:xmpp:sm:3' resume='true'/>"));
+        assert_eq!(
+            sends(&a),
+            "<enabled xmlns='urn:xmpp:sm:3'/>",
+            "never resumable"
+        );
+        for _ in 0..2 {
+            i.step(
+                &s,
+                el("<message from='a@there.example' to='b@here.example'><body>x</body></message>"),
+            );
+        }
+        let a = i.step(&s, el("<r xmlns='urn:xmpp:sm:3'/>"));
+        assert!(matches!(&a[..], [Action::AckWhenSafe(2)]), "{a:?}");
+        let a = i.step(&s, el("<enable xmlns='urn:xmpp:sm:3'/>"));
+        assert!(sends(&a).contains("<failed"), "only once");
     }
 }

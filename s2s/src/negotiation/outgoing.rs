@@ -54,6 +54,8 @@ pub struct Established {
     pub sasl_local: Option<String>,
     /// Whether dialback may be used on this stream (policy on unverified certificates).
     pub dialback: bool,
+    /// The remote offers XEP-0198 stream management.
+    pub stream_management: bool,
 }
 
 enum State {
@@ -81,6 +83,8 @@ pub struct Outgoing {
     /// Whether the remote's certificate verified for its domain (known once TLS is up).
     cert_valid: Option<bool>,
     sasl_done: bool,
+    /// The last features offered XEP-0198.
+    stream_management: bool,
     state: State,
 }
 
@@ -100,6 +104,7 @@ impl Outgoing {
             tls,
             cert_valid: None,
             sasl_done: false,
+            stream_management: false,
             state: State::AwaitHeader,
         };
         if tls {
@@ -221,11 +226,13 @@ impl Outgoing {
                 "encryption is required and the remote does not offer STARTTLS",
             ));
         }
+        self.stream_management = offered.stream_management;
         if self.sasl_done {
             out.push(Action::Done(Established {
                 stream_id,
                 sasl_local: Some(self.local.clone()),
                 dialback: settings.dialback,
+                stream_management: self.stream_management,
             }));
             return Ok(State::Finished);
         }
@@ -260,6 +267,7 @@ impl Outgoing {
             stream_id,
             sasl_local: None,
             dialback,
+            stream_management: self.stream_management,
         }));
         Ok(State::Finished)
     }
@@ -362,13 +370,14 @@ mod tests {
         );
         assert!(matches!(&a[..], [Action::Restart, Action::Header(_)]));
         o.step(&s, header(true));
-        let a = o.step(&s, features(&[]));
+        let a = o.step(&s, features(&[Feature::StreamManagement]));
         assert_eq!(
             done(&a),
             Some(&Established {
                 stream_id: "rid".into(),
                 sasl_local: Some("here.example".into()),
-                dialback: true
+                dialback: true,
+                stream_management: true,
             })
         );
     }

@@ -271,7 +271,10 @@ pub async fn given_back(u: &mut User, record: Bytes) {
         }
     }
     let count: usize = runs.iter().map(|(_, r)| r.len()).sum();
-    info!(count, "stanzas held by sessions of the last run: undelivered");
+    info!(
+        count,
+        "stanzas held by sessions of the last run: undelivered"
+    );
     for (full, run) in runs {
         undelivered(u, &full, None, run).await;
     }
@@ -300,7 +303,11 @@ mod tests {
     async fn arrives(u: &mut crate::host::User, xml: &str) {
         let stanza = jrs_stream::Stanza::parse(Bytes::from(xml.to_owned())).unwrap();
         let to = stanza.attr("to").map(|t| jid::Jid::new(&t).unwrap());
-        handle(u, Event::Inbound(crate::host::Packet::new(stanza, to, None))).await;
+        handle(
+            u,
+            Event::Inbound(crate::host::Packet::new(stanza, to, None)),
+        )
+        .await;
     }
 
     async fn stored(ctx: &crate::host::Ctx, owner: &str, ns: &str) -> String {
@@ -394,7 +401,11 @@ mod tests {
         )
         .await;
         let out = take(&mut u);
-        assert_eq!(to(&out, "", &["type='end'", "item-not-found"]).len(), 1, "{out:?}");
+        assert_eq!(
+            to(&out, "", &["type='end'", "item-not-found"]).len(),
+            1,
+            "{out:?}"
+        );
     }
 
     #[tokio::test]
