@@ -270,8 +270,7 @@ impl Outbox {
                 if inner.state == State::Closing {
                     return None;
                 }
-                if let Some(ack) = inner.acks.as_mut().and_then(|a| a.owed.take(false)) {
-                    buf.extend_from_slice(ack.as_bytes());
+                if inner.acks.as_mut().is_some_and(|a| a.owed.take(false, buf)) {
                     return Some(0);
                 }
             }
@@ -364,8 +363,8 @@ fn drop_acknowledged(inner: &mut Inner, h: u64) -> bool {
 
 /// Appends the ack the router owes, if any, to a batch about to be written.
 fn take_ack(inner: &mut Inner, buf: &mut Vec<u8>) {
-    if let Some(ack) = inner.acks.as_mut().and_then(|a| a.owed.take(true)) {
-        buf.extend_from_slice(ack.as_bytes());
+    if let Some(a) = inner.acks.as_mut() {
+        a.owed.take(true, buf);
     }
 }
 

@@ -24,8 +24,6 @@ use bytes::Bytes;
 use tokio::sync::Notify;
 use tokio::time::Instant;
 
-use crate::protocol::NS_ROUTER;
-
 /// How long an ack may wait for a write to ride along with.
 pub const ACK_DELAY: Duration = Duration::from_millis(10);
 
@@ -46,7 +44,55 @@ pub fn wanted() -> bool {
 
 /// The ack element for `h` bytes handled.
 pub fn ack_element(h: u64) -> String {
-    format!("<a xmlns='{NS_ROUTER}' h='{h}'/>")
+    let mut buf = Vec::with_capacity(ACK_SHORT.len() + 20 + ACK_TAIL.len());
+    write_ack(&mut buf, h);
+    String::from_utf8(buf).expect("ASCII")
+}
+
+/// Appends the ack for `h` bytes handled to `buf`. Written by hand, short and without
+/// allocating: one rides with nearly every write on a busy link, and every byte of it is
+/// framed again at the other end (docs/benchmarks.md, "The cost of acknowledged links").
+pub fn write_ack(buf: &mut Vec<u8>, h: u64) {
+    buf.extend_from_slice(ACK_SHORT.as_bytes());
+    let mut digits = [0u8; 20];
+    let mut n = h;
+    let mut at = digits.len();
+    loop {
+        at -= 1;
+        digits[at] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    buf.extend_from_slice(&digits[at..]);
+    buf.extend_from_slice(ACK_TAIL.as_bytes());
+}
+
+/// How acks are written (`<a/>` in the stream's default namespace: receivers look at the
+/// name only), and how earlier versions wrote them (still read).
+const ACK_SHORT: &str = "<a h='";
+const ACK_LONG: &str = "<a xmlns='urn:jabberd-rs:router:0' h='";
+const ACK_TAIL: &str = "'/>";
+
+/// The `h` of an ack spelled exactly as [`write_ack`] writes it (or as earlier versions
+/// did), read without an XML parser (written by hand: it is most of the frames on a busy link, and the parser costs
+/// thousands of instructions per element). Anything else, an ack spelled otherwise
+/// included, is `None`: the caller parses it as usual.
+pub fn quick_ack(frame: &[u8]) -> Option<u64> {
+    let frame = frame.trim_ascii_start();
+    let value = frame
+        .strip_prefix(ACK_SHORT.as_bytes())
+        .or_else(|| frame.strip_prefix(ACK_LONG.as_bytes()))?;
+    let digits = value.strip_suffix(ACK_TAIL.as_bytes())?;
+    if digits.is_empty() || digits.len() > 19 || !digits.iter().all(u8::is_ascii_digit) {
+        return None;
+    }
+    Some(
+        digits
+            .iter()
+            .fold(0u64, |n, d| n * 10 + u64::from(d - b'0')),
+    )
 }
 
 /// The `h` attribute of an `<a/>` (or `<handshake/>`) element.
@@ -110,16 +156,17 @@ impl Owed {
         self.forced || self.is_urgent()
     }
 
-    /// The ack to write now: with a batch (`riding`), or alone when it
-    /// [goes alone](Owed::goes_alone). It counts as sent.
-    pub fn take(&mut self, riding: bool) -> Option<String> {
+    /// Appends the ack to write now to `buf`: with a batch (`riding`), or alone when it
+    /// [goes alone](Owed::goes_alone). It counts as sent. False when none goes.
+    pub fn take(&mut self, riding: bool, buf: &mut Vec<u8>) -> bool {
         if !self.is_owed() || !(riding || self.goes_alone()) {
-            return None;
+            return false;
         }
         self.since = None;
         self.forced = false;
         self.acked = self.handled;
-        Some(ack_element(self.handled))
+        write_ack(buf, self.handled);
+        true
     }
 }
 
@@ -207,6 +254,15 @@ struct LinkState {
 pub type AckWaiter = tokio::sync::oneshot::Sender<()>;
 
 impl LinkState {
+    /// See [`LinkAcks::taken`].
+    fn take(&mut self, fresh: u64, waiters: &mut Vec<(u64, AckWaiter)>) {
+        let base = self.taken;
+        self.taken += fresh;
+        for (before, w) in waiters.drain(..) {
+            self.waiters.push((base + before, w));
+        }
+    }
+
     /// `n` more packets are acknowledged: the waiters they complete are told.
     fn retire(&mut self, n: u64) {
         self.retired += n;
@@ -279,9 +335,22 @@ impl LinkAcks {
     }
 
     /// Packets about to be written starting at stream position `start`, each with where
-    /// it ends in the batch: kept until acknowledged.
-    pub fn written(&self, start: u64, packets: &mut Vec<(usize, Bytes)>) {
+    /// it ends in the batch: kept until acknowledged. `fresh` of them (and `waiters`) were
+    /// just taken from the outbox, as [`LinkAcks::taken`] says (one lock for both).
+    pub fn written(
+        &self,
+        start: u64,
+        packets: &mut Vec<(usize, Bytes)>,
+        fresh: u64,
+        waiters: &mut Vec<(u64, AckWaiter)>,
+    ) {
         let mut st = self.state();
+        let told = !waiters.is_empty();
+        st.take(fresh, waiters);
+        if told {
+            // Some may be satisfied already (nothing before them unacknowledged).
+            st.retire(0);
+        }
         if !st.active {
             // Nothing is kept: as safe as it will ever be.
             let n = packets.len() as u64;
@@ -299,11 +368,7 @@ impl LinkAcks {
     /// are told once those are acknowledged.
     pub fn taken(&self, fresh: u64, waiters: &mut Vec<(u64, AckWaiter)>) {
         let mut st = self.state();
-        let base = st.taken;
-        st.taken += fresh;
-        for (before, w) in waiters.drain(..) {
-            st.waiters.push((base + before, w));
-        }
+        st.take(fresh, waiters);
         st.retire(0);
     }
 
@@ -321,23 +386,23 @@ impl LinkAcks {
 
     /// Everything of the router's stream up to `position` is handled. The ack rides
     /// along with the next write; the reader, which waits for the router anyway, calls
-    /// [`LinkAcks::ack_now`] if none came by [`LinkAcks::ack_deadline`] (so a lone
+    /// [`LinkAcks::ack_now`] if none came by the deadline this returns (so a lone
     /// message wakes no writer task just for its ack).
-    pub fn handled(&self, position: u64, packet: bool) {
+    ///
+    /// Returns when the ack owed must go alone, if one is owed and not asked for yet
+    /// (one lock for both: the reader asks for every packet).
+    pub fn handled(&self, position: u64, packet: bool) -> Option<Instant> {
         let mut st = self.state();
         if !st.active {
-            return;
+            return None;
         }
         let urgent = st.owed.handled(position, packet);
+        let deadline = st.owed.deadline();
         drop(st);
         if urgent {
             self.owed_changed.notify_one();
         }
-    }
-
-    /// When the ack owed must go alone, if one is owed and not asked for yet.
-    pub fn ack_deadline(&self) -> Option<Instant> {
-        self.state().owed.deadline()
+        deadline
     }
 
     /// The ack owed is due: the writer sends it alone.
@@ -347,10 +412,10 @@ impl LinkAcks {
         }
     }
 
-    /// The ack to write now: with a batch (`riding`), or alone when it was asked for or
-    /// so much is owed that it cannot wait.
-    pub fn take_ack(&self, riding: bool) -> Option<String> {
-        self.state().owed.take(riding)
+    /// Appends the ack to write now to `buf`: with a batch (`riding`), or alone when it
+    /// was asked for or so much is owed that it cannot wait. False when none goes.
+    pub fn take_ack(&self, riding: bool, buf: &mut Vec<u8>) -> bool {
+        self.state().owed.take(riding, buf)
     }
 
     /// Waits until an ack should go alone (see [`LinkAcks::ack_now`]).
@@ -374,24 +439,29 @@ mod tests {
     #[test]
     fn owed_ack_is_sent_once_and_urgent_past_the_bound() {
         let mut o = Owed::default();
-        assert!(o.take(true).is_none());
+        let take = |o: &mut Owed, riding| {
+            let mut buf = vec![];
+            o.take(riding, &mut buf)
+                .then(|| String::from_utf8(buf).unwrap())
+        };
+        assert!(take(&mut o, true).is_none());
         assert!(!o.handled(40, false));
-        assert!(o.take(true).is_none(), "an ack alone is not acknowledged");
+        assert!(
+            take(&mut o, true).is_none(),
+            "an ack alone is not acknowledged"
+        );
         assert!(!o.handled(100, true));
         assert!(o.is_owed() && o.deadline().is_some());
-        assert!(o.take(false).is_none(), "alone only once due");
+        assert!(take(&mut o, false).is_none(), "alone only once due");
         assert!(o.force() && o.deadline().is_none() && o.goes_alone());
         assert!(!o.handled(150, true));
-        assert_eq!(
-            o.take(false).as_deref(),
-            Some("<a xmlns='urn:jabberd-rs:router:0' h='150'/>")
-        );
-        assert!(o.take(true).is_none() && !o.force());
+        assert_eq!(take(&mut o, false).as_deref(), Some("<a h='150'/>"));
+        assert!(take(&mut o, true).is_none() && !o.force());
         assert!(!o.handled(120, true), "positions never go back");
-        assert!(o.take(true).is_none(), "nothing new");
+        assert!(take(&mut o, true).is_none(), "nothing new");
         assert!(o.handled(150 + ACK_BYTES, true), "urgent");
         assert!(o.goes_alone());
-        assert!(o.take(false).is_some());
+        assert!(take(&mut o, false).is_some());
     }
 
     #[test]
@@ -420,7 +490,7 @@ mod tests {
             (15, Bytes::from_static(b"abcde")),
             (20, Bytes::from_static(b"fghij")),
         ];
-        acks.written(100, &mut batch);
+        acks.written(100, &mut batch, 0, &mut vec![]);
         acks.handled(42, true);
         acks.unsent(Bytes::from_static(b"queued"));
         assert_eq!(
@@ -440,7 +510,7 @@ mod tests {
         );
         assert_eq!(acks.kept(), 0);
         assert!(
-            acks.take_ack(true).is_none(),
+            !acks.take_ack(true, &mut vec![]),
             "nothing owed on the new link yet"
         );
     }
@@ -454,17 +524,41 @@ mod tests {
     }
 
     #[test]
+    fn acks_read_quickly_as_written() {
+        use crate::protocol::NS_ROUTER;
+        for h in [0, 7, 1234567, u64::MAX / 10] {
+            let a = ack_element(h);
+            assert_eq!(a, format!("<a h='{h}'/>"));
+            assert_eq!(quick_ack(a.as_bytes()), Some(h));
+            assert_eq!(quick_ack(format!(" \n{a}").as_bytes()), Some(h));
+            // As earlier versions wrote them.
+            let long = format!("<a xmlns='{NS_ROUTER}' h='{h}'/>");
+            assert_eq!(quick_ack(long.as_bytes()), Some(h));
+        }
+        for other in [
+            "<a xmlns=\"urn:jabberd-rs:router:0\" h=\"5\"/>",
+            "<a h=''/>",
+            "<a h='-1'/>",
+            "<a h='5' x='1'/>",
+            "<message/>",
+        ] {
+            assert_eq!(quick_ack(other.as_bytes()), None, "{other}");
+        }
+    }
+
+    #[test]
     fn waiters_are_told_once_what_came_before_them_is_acknowledged() {
         let acks = LinkAcks::default();
         acks.link_started("l1", true, None);
         let (first, mut first_done) = tokio::sync::oneshot::channel();
         let (second, mut second_done) = tokio::sync::oneshot::channel();
         // Two packets, a waiter, a third packet, a waiter.
-        acks.taken(3, &mut vec![(2, first), (3, second)]);
         let packet = |s: &str| Bytes::from(s.to_owned());
         acks.written(
             0,
             &mut vec![(10, packet("a")), (20, packet("b")), (30, packet("c"))],
+            3,
+            &mut vec![(2, first), (3, second)],
         );
         acks.acknowledged(10);
         assert!(first_done.try_recv().is_err());
@@ -474,7 +568,7 @@ mod tests {
         // The link drops: the third packet goes on the next one, and its ack there counts.
         acks.link_started("l2", true, None);
         assert_eq!(acks.take_resend().len(), 1);
-        acks.written(100, &mut vec![(10, packet("c"))]);
+        acks.written(100, &mut vec![(10, packet("c"))], 0, &mut vec![]);
         assert!(second_done.try_recv().is_err());
         acks.acknowledged(110);
         assert!(second_done.try_recv().is_ok());

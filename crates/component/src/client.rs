@@ -302,17 +302,17 @@ impl ComponentReader {
         }
         loop {
             let returned = std::mem::take(&mut self.returned);
-            let deadline = self.acks.as_ref().and_then(|acks| {
-                acks.handled(self.reader.position(), returned);
-                acks.ack_deadline()
-            });
+            let deadline = self
+                .acks
+                .as_ref()
+                .and_then(|acks| acks.handled(self.reader.position(), returned));
             let s = match deadline {
                 Some(due) => {
                     if self.ack_timer.deadline() != due {
                         self.ack_timer.as_mut().reset(due);
                     }
                     tokio::select! {
-                        s = next_element(&mut self.reader) => s?,
+                        s = next_packet(&mut self.reader, &self.acks) => s?,
                         _ = self.ack_timer.as_mut() => {
                             // Nothing to ride along with came: the ack goes alone.
                             if let Some(acks) = &self.acks {
@@ -322,8 +322,10 @@ impl ComponentReader {
                         }
                     }
                 }
-                None => next_element(&mut self.reader).await?,
+                None => next_packet(&mut self.reader, &self.acks).await?,
             };
+            // An ack, read by [`crate::ack::quick_ack`].
+            let Some(s) = s else { continue };
             if take_ack(&self.acks, &s)? {
                 continue;
             }
@@ -434,12 +436,15 @@ impl ComponentWriter {
                     }
                 }
                 if let Some(acks) = &acks {
-                    acks.taken(std::mem::take(&mut fresh), &mut waiters);
                     // Kept from now on, so a write that fails half way is sent again.
-                    acks.written(self.sent, &mut packets);
-                    if let Some(ack) = acks.take_ack(!batch.is_empty()) {
-                        batch.extend_from_slice(ack.as_bytes());
-                    }
+                    acks.written(
+                        self.sent,
+                        &mut packets,
+                        std::mem::take(&mut fresh),
+                        &mut waiters,
+                    );
+                    let riding = !batch.is_empty();
+                    acks.take_ack(riding, &mut batch);
                 }
                 if !batch.is_empty() {
                     let written = tokio::select! {
@@ -570,8 +575,28 @@ async fn next_frame(reader: &mut FramedReader<ReadHalf<BoxIo>>) -> anyhow::Resul
     reader.next_frame().await.context("reading from the router")
 }
 
+/// The next element from the router, `None` for an ack taken on the quick path (spelled
+/// as we write them: [`crate::ack::quick_ack`]).
+async fn next_packet(
+    reader: &mut FramedReader<ReadHalf<BoxIo>>,
+    acks: &Option<Arc<LinkAcks>>,
+) -> anyhow::Result<Option<Stanza>> {
+    let frame = reader.next_frame().await;
+    if let (Some(acks), Ok(Frame::Element(b))) = (acks, &frame) {
+        if let Some(h) = crate::ack::quick_ack(b) {
+            acks.acknowledged(h);
+            return Ok(None);
+        }
+    }
+    element_of(frame).map(Some)
+}
+
 async fn next_element(reader: &mut FramedReader<ReadHalf<BoxIo>>) -> anyhow::Result<Stanza> {
-    match reader.next_frame().await {
+    element_of(reader.next_frame().await)
+}
+
+fn element_of(frame: Result<Frame, ReadError>) -> anyhow::Result<Stanza> {
+    match frame {
         Ok(Frame::Element(b)) => Ok(Stanza::parse(b)?),
         Ok(Frame::StreamClose) => bail!("the router closed the stream"),
         Ok(Frame::StreamOpen(_)) => bail!("unexpected second stream header"),

@@ -289,6 +289,7 @@ impl Server {
             self.router_element("c2s", "c2s-secret")
         );
         self.write("c2s.xml", &config)?;
+        let since = self.log("c2s").len();
         self.spawn("c2s", "c2s", &["-c", "c2s.xml"])?;
         for port in [starttls, direct] {
             let deadline = Instant::now() + Duration::from_secs(10);
@@ -302,6 +303,9 @@ impl Server {
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         }
+        // It listens before its router link is up (a slow start, as under valgrind,
+        // shows it): a login before would find no storage.
+        self.wait_connected("c2s", since).await?;
         Ok((starttls, direct))
     }
 
