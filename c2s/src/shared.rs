@@ -255,8 +255,13 @@ impl Shared {
     /// with what its client did not receive. A session whose sm is away ends after its
     /// restore instead ([`Shared::end_after_restore`]).
     pub fn tell_end(&self, handle: &Arc<SessionHandle>, known: bool, undelivered: &[Item]) {
-        if known && self.end_after_restore(handle, undelivered) {
+        if known && !self.shutting_down() && self.end_after_restore(handle, undelivered) {
             return;
+        }
+        if let Some(Lost::Waiting { held, .. }) = handle.kept().lost.take() {
+            if !held.is_empty() {
+                warn!(jid = %handle.jid, held = held.len(), "session ended while its sm was away and c2s stops: what its client sent meanwhile is dropped");
+            }
         }
         if known || !undelivered.is_empty() {
             let items = protocol::items(undelivered);
@@ -429,12 +434,30 @@ impl Shared {
                     undelivered.push(item);
                     return;
                 }
-                let _ = handle.to_client.send(Box::new(ToClient::Stanza(item)));
-                return;
+                match handle.to_client.send(Box::new(ToClient::Stanza(item))) {
+                    Ok(()) => return,
+                    // Nobody reads that channel any more (a session ending after its
+                    // restore): back to sm as for a session we no longer have, below.
+                    Err(_) => None,
+                }
+            } else {
+                handle.cloned()
             }
-            handle.cloned()
         };
         let Some(handle) = handle else {
+            if packet.kind() == Some("end") {
+                let returned = protocol::queued_items(packet).len();
+                if returned > 0 {
+                    // sm refused or did not know a session that ended after its client
+                    // left (a restore refused): what the client sent cannot go now.
+                    warn!(
+                        sid,
+                        jid = packet.attr("jid").unwrap_or_default(),
+                        returned,
+                        "client stanzas returned for a session that ended: dropped"
+                    );
+                }
+            }
             // Only live traffic is answered: never an `end` or a bounced packet (an
             // error), which could loop between us and the router.
             if matches!(packet.kind(), Some("stanza" | "started" | "resumed")) {

@@ -67,9 +67,12 @@ struct Verified {
 async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming) -> Close {
     let mut shutdown = shared.shutdown_signal();
     let (verified_tx, mut verified) = mpsc::unbounded_channel::<Verified>();
-    // XEP-0198: counts whose stanzas the router has, and the last we told the remote.
+    // XEP-0198: counts whose stanzas the router has, and the last we told the remote;
+    // one waiter at a time, and the count a `<r/>` asked about meanwhile (waited for
+    // next: never starved by a remote asking often).
     let (safe_tx, mut safe) = mpsc::unbounded_channel::<u64>();
     let mut acked = 0u64;
+    let mut waiter = Waiter::default();
     loop {
         if *shutdown.borrow() {
             return stream_error(
@@ -89,8 +92,11 @@ async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming)
                 valid: v.valid,
             },
             Some(h) = safe.recv() => {
+                waiter.done(shared, &safe_tx);
                 if h > acked {
                     acked = h;
+                    // Counted modulo 2^32 (XEP-0198 5).
+                    let h = h & 0xffff_ffff;
                     if let Err(close) = conn.write(format!("<a xmlns='{NS_SM}' h='{h}'/>").as_bytes()).await {
                         return close;
                     }
@@ -156,11 +162,7 @@ async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming)
                     Ok(())
                 }
                 Action::AckWhenSafe(h) => {
-                    let (shared, tx) = (shared.clone(), safe_tx.clone());
-                    tokio::spawn(async move {
-                        shared.router_acknowledged().await;
-                        let _ = tx.send(h);
-                    });
+                    waiter.ask(shared, &safe_tx, h);
                     Ok(())
                 }
                 Action::Close(close) => Err(close),
@@ -168,6 +170,45 @@ async fn run(shared: &Arc<Shared>, conn: &mut Connection, stream: &mut Incoming)
             if let Err(close) = done {
                 return close;
             }
+        }
+    }
+}
+
+/// Waits until the router has what came before an XEP-0198 `<r/>`, one wait at a time
+/// (stopped with the stream), then sends the count to the stream's loop.
+#[derive(Default)]
+struct Waiter {
+    task: Option<tokio::task::JoinHandle<()>>,
+    /// Asked for while a wait was under way.
+    next: Option<u64>,
+}
+
+impl Waiter {
+    fn ask(&mut self, shared: &Arc<Shared>, tx: &mpsc::UnboundedSender<u64>, h: u64) {
+        if self.task.as_ref().is_some_and(|t| !t.is_finished()) {
+            self.next = Some(h);
+            return;
+        }
+        let (shared, tx) = (shared.clone(), tx.clone());
+        self.task = Some(tokio::spawn(async move {
+            shared.router_acknowledged().await;
+            let _ = tx.send(h);
+        }));
+    }
+
+    /// A wait ended: the next one, if a `<r/>` came meanwhile.
+    fn done(&mut self, shared: &Arc<Shared>, tx: &mpsc::UnboundedSender<u64>) {
+        self.task = None;
+        if let Some(h) = self.next.take() {
+            self.ask(shared, tx, h);
+        }
+    }
+}
+
+impl Drop for Waiter {
+    fn drop(&mut self) {
+        if let Some(task) = self.task.take() {
+            task.abort();
         }
     }
 }

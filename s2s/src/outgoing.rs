@@ -118,6 +118,9 @@ struct Failure {
     refused: bool,
 }
 
+/// New streams in a row for stanzas a remote never acknowledges before they are bounced.
+const MAX_FRUITLESS: u32 = 3;
+
 /// How long connecting is tried again while every address of the remote refuses it (a
 /// server restarting is back within a second or two); queued stanzas wait meanwhile.
 const RETRY_REFUSED_FOR: Duration = Duration::from_secs(5);
@@ -160,6 +163,10 @@ struct Out {
     acks: Acks<Queued>,
     /// Stanzas the last stream lost unacknowledged (back in the queues).
     requeued: usize,
+    /// New streams in a row after losses in which the remote acknowledged nothing: a
+    /// remote that takes the stanzas and never acknowledges them (or breaks the stream
+    /// on one of them) gets them bounced instead of sent forever.
+    fruitless: u32,
 }
 
 impl Drop for Out {
@@ -189,13 +196,16 @@ pub async fn run(
         counted: 0,
         acks: Acks::new(false),
         requeued: 0,
+        fruitless: 0,
     };
     out.accept(first);
     let timeout = shared.config.queue_timeout;
+    // Before a new stream after a loss: a moment, longer each time nothing came of it.
+    let mut pause = Duration::ZERO;
     loop {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut connecting = Box::pin(connect_after(
-            Duration::ZERO,
+            pause,
             shared.clone(),
             remote.clone(),
             first_local.clone(),
@@ -243,10 +253,15 @@ pub async fn run(
                     )
                 });
                 match out.serve(link, established, &mut rx).instrument(span).await {
-                    Some(failure) if out.requeued > 0 => {
+                    Some(failure)
+                        if out.requeued > 0
+                            && out.fruitless < MAX_FRUITLESS
+                            && !shared.shutting_down() =>
+                    {
                         // What the remote did not acknowledge goes on a new stream (it may be
                         // restarting: refused connections are tried again for a while).
                         info!(reason = %failure.text, stanzas = out.requeued, "outgoing stream lost: connecting again");
+                        pause = Duration::from_millis(100) * out.fruitless;
                         out.new_stream();
                         continue;
                     }
@@ -416,6 +431,9 @@ impl Out {
                 }
                 _ = tick.tick() => {
                     self.expire();
+                    if self.acks.stalled() {
+                        break Close::Gone("the remote does not acknowledge what it gets".into());
+                    }
                     let idle = link.last_activity().elapsed() >= self.shared.config.idle_timeout;
                     if idle && self.queued() == 0 && self.verifies.is_empty() && self.acks.settled() {
                         info!("closing the idle connection");
@@ -429,7 +447,13 @@ impl Out {
         };
         let reason = close.to_string();
         // What the remote did not acknowledge goes first on the next stream.
-        let lost = std::mem::replace(&mut self.acks, Acks::new(false)).lost();
+        let acks = std::mem::replace(&mut self.acks, Acks::new(false));
+        self.fruitless = if acks.progressed() {
+            0
+        } else {
+            self.fruitless + 1
+        };
+        let lost = acks.lost();
         self.requeued = lost.len();
         for u in lost.into_iter().rev() {
             self.queues.entry(u.local).or_default().push_front(u.item);
@@ -460,10 +484,10 @@ impl Out {
             .collect();
         for local in locals {
             if self.authorized.contains(&local) {
-                let mut queue = self.queues.remove(&local).unwrap_or_default();
                 if let Some(enable) = self.acks.before_stanzas() {
                     link.write(enable.as_bytes()).await?;
                 }
+                let mut queue = self.queues.remove(&local).unwrap_or_default();
                 while let Some(q) = queue.pop_front() {
                     if let Err(close) = link.write(q.stanza.as_slice()).await {
                         // Not written: kept for the next stream (or bounced).
@@ -498,7 +522,7 @@ impl Out {
                 .await?;
             v.sent = true;
         }
-        if let Some(sm) = self.acks.to_write() {
+        if let Some(sm) = self.acks.take_output() {
             link.write(sm.as_bytes()).await?;
         }
         Ok(())
@@ -513,7 +537,7 @@ impl Out {
                 jrs_component::client::error_condition(&element)
             )));
         }
-        if self.acks.element(&element) {
+        if self.acks.element(&element)? {
             return Ok(());
         }
         let Some(db) = Dialback::parse(&element) else {

@@ -107,6 +107,11 @@ impl Shared {
         self.shutdown.subscribe()
     }
 
+    /// Whether the process is stopping (SIGTERM).
+    pub fn shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
     /// Counts a stream until the returned guard is dropped.
     pub fn stream_opened(&self) -> StreamCount {
         self.streams.fetch_add(1, Ordering::Relaxed);

@@ -6,16 +6,18 @@
 //! passing them on then loses nothing: they go again (the remote may see one twice if it
 //! died after passing it on and before acknowledging it).
 //!
-//! Sans I/O: the driver (`outgoing.rs`) writes what [`Acks::to_write`] returns.
+//! Sans I/O: the driver (`outgoing.rs`) writes what [`Acks::take_output`] returns.
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
-use jrs_stream::Stanza;
+use jrs_stream::{Stanza, StreamErrorCondition};
 use jrs_sx::features::NS_SM;
+use jrs_sx::{stream_error, Close};
 use tracing::{debug, info, warn};
 
-/// An unanswered `<r/>` is asked again after this long.
+/// An unanswered `<r/>` is asked again after this long, and the stream given up after
+/// twice this long (a remote that takes stanzas and never acknowledges them).
 const ASK_AGAIN: Duration = Duration::from_secs(30);
 
 #[derive(Debug, Default, PartialEq, Eq, Clone, Copy)]
@@ -47,6 +49,8 @@ pub struct Acks<T> {
     asked: Option<Instant>,
     /// The remote asked (`<r/>`): we owe `<a h='0'/>` (we read no stanzas here).
     owe: bool,
+    /// The remote acknowledged something on this stream.
+    progressed: bool,
 }
 
 impl<T> Acks<T> {
@@ -57,6 +61,7 @@ impl<T> Acks<T> {
             acked: 0,
             asked: None,
             owe: false,
+            progressed: false,
         }
     }
 
@@ -87,7 +92,7 @@ impl<T> Acks<T> {
 
     /// What to write now: our owed `<a/>`, and `<r/>` while something is unacknowledged
     /// and no question is open.
-    pub fn to_write(&mut self) -> Option<String> {
+    pub fn take_output(&mut self) -> Option<String> {
         let mut out = String::new();
         if std::mem::take(&mut self.owe) {
             out.push_str(&format!("<a xmlns='{NS_SM}' h='0'/>"));
@@ -105,11 +110,21 @@ impl<T> Acks<T> {
         self.unacked.is_empty()
     }
 
-    /// An element in the XEP-0198 namespace from the remote. Returns false for anything
-    /// else (not ours to handle).
-    pub fn element(&mut self, e: &Stanza) -> bool {
+    /// Whether the remote acknowledged anything on this stream.
+    pub fn progressed(&self) -> bool {
+        self.progressed
+    }
+
+    /// Whether our question has gone unanswered so long that the stream is useless.
+    pub fn stalled(&self) -> bool {
+        self.asked.is_some_and(|t| t.elapsed() >= 2 * ASK_AGAIN)
+    }
+
+    /// An element in the XEP-0198 namespace from the remote: `Ok(false)` for anything
+    /// else (not ours to handle); an error closes the stream.
+    pub fn element(&mut self, e: &Stanza) -> Result<bool, Close> {
         if e.xmlns() != Some(NS_SM) {
-            return false;
+            return Ok(false);
         }
         match e.name() {
             "enabled" if self.state == State::Enabling => {
@@ -123,33 +138,43 @@ impl<T> Acks<T> {
                 self.asked = None;
             }
             "a" => {
-                let h = e.attr("h").and_then(|h| h.parse::<u64>().ok());
-                self.acknowledged(h);
+                let h = e.attr("h").and_then(|h| h.parse::<u32>().ok());
+                self.acknowledged(h)?;
             }
             "r" => self.owe = true,
             other => debug!(name = other, "ignoring a stream management element"),
         }
-        true
+        Ok(true)
     }
 
-    fn acknowledged(&mut self, h: Option<u64>) {
+    fn acknowledged(&mut self, h: Option<u32>) -> Result<(), Close> {
         self.asked = None;
         let Some(h) = h else {
             warn!("an <a/> without a valid 'h' ignored");
-            return;
+            return Ok(());
         };
-        // The counter wraps at 2^32 (XEP-0198 5).
-        let done = (h.wrapping_sub(self.acked) & 0xffff_ffff) as usize;
+        // Counted modulo 2^32 (XEP-0198 5): how far beyond the last `h` this one is.
+        let done = u64::from(h.wrapping_sub(self.acked as u32)) as usize;
         if done > self.unacked.len() {
-            warn!(
-                h,
-                sent = self.acked + self.unacked.len() as u64,
-                "the remote acknowledged more than we sent"
-            );
+            // Lower than the last (a stale answer) looks like almost 2^32 more.
+            if done > u32::MAX as usize / 2 {
+                debug!(h, "an <a/> older than the last ignored");
+                return Ok(());
+            }
+            return Err(stream_error(
+                StreamErrorCondition::UndefinedCondition,
+                format!(
+                    "handled-count-too-high: h='{h}' but only {} stanzas were sent",
+                    self.acked + self.unacked.len() as u64
+                ),
+            ));
         }
-        let done = done.min(self.unacked.len());
+        if done > 0 {
+            self.progressed = true;
+        }
         self.unacked.drain(..done);
-        self.acked = h;
+        self.acked += done as u64;
+        Ok(())
     }
 
     /// The stream is lost: what it did not acknowledge, in order.
@@ -186,16 +211,28 @@ mod tests {
         for i in 1..=3 {
             a.written("here", i);
         }
-        assert_eq!(a.to_write().as_deref(), Some("<r xmlns='urn:xmpp:sm:3'/>"));
-        assert!(a.to_write().is_none(), "one question at a time");
-        assert!(a.element(&el("<enabled xmlns='urn:xmpp:sm:3'/>")));
-        assert!(a.element(&el("<a xmlns='urn:xmpp:sm:3' h='2'/>")));
+        assert_eq!(
+            a.take_output().as_deref(),
+            Some("<r xmlns='urn:xmpp:sm:3'/>")
+        );
+        assert!(a.take_output().is_none(), "one question at a time");
+        assert!(a.element(&el("<enabled xmlns='urn:xmpp:sm:3'/>")).unwrap());
+        assert!(!a.progressed());
+        assert!(a.element(&el("<a xmlns='urn:xmpp:sm:3' h='2'/>")).unwrap());
+        assert!(a.progressed());
+        assert!(
+            a.element(&el("<a xmlns='urn:xmpp:sm:3' h='1'/>")).unwrap(),
+            "stale: ignored"
+        );
         assert!(!a.settled());
         a.written("there", 4);
-        assert_eq!(a.to_write().as_deref(), Some("<r xmlns='urn:xmpp:sm:3'/>"));
-        assert!(a.element(&el("<r xmlns='urn:xmpp:sm:3'/>")));
         assert_eq!(
-            a.to_write().as_deref(),
+            a.take_output().as_deref(),
+            Some("<r xmlns='urn:xmpp:sm:3'/>")
+        );
+        assert!(a.element(&el("<r xmlns='urn:xmpp:sm:3'/>")).unwrap());
+        assert_eq!(
+            a.take_output().as_deref(),
             Some("<a xmlns='urn:xmpp:sm:3' h='0'/>")
         );
         let lost: Vec<(String, i32)> = a.lost().into_iter().map(|u| (u.local, u.item)).collect();
@@ -207,21 +244,30 @@ mod tests {
         let mut a = Acks::new(true);
         a.before_stanzas();
         a.written("here", 1);
-        assert!(a.element(&el("<failed xmlns='urn:xmpp:sm:3'/>")));
-        assert!(a.settled() && a.to_write().is_none());
+        assert!(a.element(&el("<failed xmlns='urn:xmpp:sm:3'/>")).unwrap());
+        assert!(a.settled() && a.take_output().is_none());
         let mut off = Acks::new(false);
         assert!(off.before_stanzas().is_none());
         off.written("here", 1);
         assert!(off.settled());
-        assert!(!off.element(&el("<db:result xmlns:db='jabber:server:dialback'/>")));
+        assert!(!off
+            .element(&el("<db:result xmlns:db='jabber:server:dialback'/>"))
+            .unwrap());
     }
 
     #[test]
-    fn an_ack_beyond_what_was_sent_takes_everything_and_no_more() {
+    fn an_ack_beyond_what_was_sent_ends_the_stream() {
         let mut a = Acks::new(true);
         a.before_stanzas();
         a.written("here", 1);
-        a.element(&el("<a xmlns='urn:xmpp:sm:3' h='5'/>"));
-        assert!(a.settled());
+        assert!(a.element(&el("<a xmlns='urn:xmpp:sm:3' h='5'/>")).is_err());
+        // Counted modulo 2^32: past the wrap, h starts again from 0.
+        let mut w: Acks<i32> = Acks::new(true);
+        w.before_stanzas();
+        w.acked = u64::from(u32::MAX);
+        w.written("here", 1);
+        w.written("here", 2);
+        assert!(w.element(&el("<a xmlns='urn:xmpp:sm:3' h='1'/>")).unwrap());
+        assert!(w.settled());
     }
 }

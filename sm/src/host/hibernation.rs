@@ -7,12 +7,17 @@
 //! themselves do not come back: their clients' resumptions fail and they log in again,
 //! finding their messages offline.
 //!
-//! Stored per user under [`NS_HIBERNATED`]: `<queued token='T' jid='FULL'>stanza</queued>`
-//! items, appended as stanzas are queued and rewritten when a session leaves the
-//! queue (resumed or ended). Per domain, an index of the users with a record, one per sm
-//! instance (`NS_HIBERNATED:sm-2`, owner the domain), read when the instance starts.
-//! Only what a session's end would not drop is kept: messages (not errors) and IQ
-//! requests; presence and IQ answers go as RFC 6121 says.
+//! Stored per sm instance under `NS_HIBERNATED:NAME` ([`record_ns`]): for each user
+//! (owner the bare JID) `<queued token='T' jid='FULL'>stanza</queued>` items, appended as
+//! stanzas are queued and rewritten when a session leaves the queue (resumed or ended,
+//! after the packets that carry its stanzas away were sent); for each domain (owner the
+//! domain) the list of users with such a record, `<user jid='BARE'/>`, read when the
+//! instance starts. Only what a session's end would not drop is kept: messages (not
+//! errors) and IQ requests; presence and IQ answers go as RFC 6121 says.
+//!
+//! What an earlier run left is given back once per user and run: by the start-up pass,
+//! or, if the user's task writes first, by that task before its first write (so it
+//! never overwrites it).
 //!
 //! A stanza is written once it is queued, after the router link acknowledged it: an sm
 //! killed in that moment loses it, as it would lose any stanza between its link and
@@ -35,6 +40,11 @@ use crate::host::session::{Link, Queued};
 use crate::xml::{escape, Element, NS_CLIENT};
 
 pub const NS_HIBERNATED: &str = "urn:jabberd-rs:hibernated:0";
+
+/// The namespace of this instance's records (and, owner the domain, of its list).
+pub fn record_ns(me: &str) -> String {
+    format!("{NS_HIBERNATED}:{me}")
+}
 
 /// What a user's task has written of its hibernating sessions.
 #[derive(Debug, Default)]
@@ -103,41 +113,65 @@ fn record(u: &User) -> Vec<u8> {
     out
 }
 
-/// Writes what changed in the user's record during the event (nothing for a user who
-/// never hibernated).
+/// Writes what changed in the user's record since the last call (nothing for a user who
+/// never hibernated). Called by the user's task after it sent the output of its events:
+/// a record shrinks only once what it held is on its way. A write that fails is tried
+/// again with the next call (as a whole rewrite).
 pub async fn sync(u: &mut User) {
-    if u.hibernation.rewrite {
-        u.hibernation.rewrite = false;
+    if !u.hibernation.rewrite && u.hibernation.appends.is_empty() {
+        return;
+    }
+    if !u.ctx.hibernated.is_recovered(&u.jid).await {
+        // An earlier run's record must not be overwritten: given back first.
+        match u.ctx.store.get(&u.bare, &record_ns(&u.ctx.me)).await {
+            Ok(old) => given_back(u, old).await,
+            Err(e) => {
+                error!("reading the hibernated sessions' record of an earlier run failed: {e}");
+                u.hibernation.changed();
+                return;
+            }
+        }
+        u.flush();
+    }
+    let ns = record_ns(&u.ctx.me);
+    let result = if u.hibernation.rewrite {
         let data = record(u);
         if data.is_empty() {
-            if u.hibernation.stored {
-                if let Err(e) = u.ctx.store.delete(&u.bare, NS_HIBERNATED).await {
-                    error!("removing the hibernated sessions' record failed: {e}");
-                }
-                u.hibernation.stored = false;
+            if !u.hibernation.stored {
+                u.hibernation.rewrite = false;
+                return;
             }
+            u.ctx.store.delete(&u.bare, &ns).await.map(|()| false)
+        } else if listed(u).await {
+            u.ctx.store.set(&u.bare, &ns, data).await.map(|()| true)
+        } else {
             return;
         }
-        if !listed(u).await {
-            return;
-        }
-        match u.ctx.store.set(&u.bare, NS_HIBERNATED, data).await {
-            Ok(()) => u.hibernation.stored = true,
-            Err(e) => error!("writing the hibernated sessions' record failed: {e}"),
-        }
-    } else if !u.hibernation.appends.is_empty() {
+    } else {
         let data = std::mem::take(&mut u.hibernation.appends);
         if !listed(u).await {
+            u.hibernation.changed();
             return;
         }
-        match u.ctx.store.append(&u.bare, NS_HIBERNATED, data, None).await {
-            Ok(()) => u.hibernation.stored = true,
-            Err(e) => error!("writing to the hibernated sessions' record failed: {e}"),
+        u.ctx
+            .store
+            .append(&u.bare, &ns, data, None)
+            .await
+            .map(|()| true)
+    };
+    match result {
+        Ok(stored) => {
+            u.hibernation.stored = stored;
+            u.hibernation.rewrite = false;
+        }
+        Err(e) => {
+            error!("writing the hibernated sessions' record failed (tried again with the next change): {e}");
+            u.hibernation.changed();
         }
     }
 }
 
-/// Makes sure the domain's index names the user before its record is written.
+/// Makes sure the domain's list names the user before its record is written.
 async fn listed(u: &User) -> bool {
     let ctx = &u.ctx;
     match ctx.hibernated.list(ctx, &u.jid).await {
@@ -149,18 +183,17 @@ async fn listed(u: &User) -> bool {
     }
 }
 
-/// The users with a record, per sm instance and domain; each listed once per run.
+/// The users with a record, per domain (this instance's lists), and those whose record of
+/// an earlier run was given back in this one.
 #[derive(Default)]
 pub struct Index {
     /// [`recover`] was started (by the first router link).
     pub recovering: std::sync::atomic::AtomicBool,
     /// Users listed in storage by this run (or kept from the last one). A lock held
-    /// across storage writes: the index rewritten at start-up must not overtake an append.
+    /// across storage writes: the list rewritten at start-up must not overtake an append.
     listed: tokio::sync::Mutex<HashSet<BareJid>>,
-}
-
-fn index_ns(me: &str) -> String {
-    format!("{NS_HIBERNATED}:{me}")
+    /// Users whose earlier run's record was given back (or found empty) in this run.
+    recovered: tokio::sync::Mutex<HashSet<BareJid>>,
 }
 
 impl Index {
@@ -171,59 +204,86 @@ impl Index {
         }
         let item = format!("<user jid='{}'/>", escape(user.as_str()));
         ctx.store
-            .append(user.domain().as_str(), &index_ns(&ctx.me), item, None)
+            .append(user.domain().as_str(), &record_ns(&ctx.me), item, None)
             .await?;
         listed.insert(user.clone());
         Ok(())
+    }
+
+    async fn is_recovered(&self, user: &BareJid) -> bool {
+        self.recovered.lock().await.contains(user)
+    }
+
+    /// Marks `user` recovered; false if it was already.
+    async fn recover_once(&self, user: &BareJid) -> bool {
+        self.recovered.lock().await.insert(user.clone())
     }
 }
 
 /// At start-up (once the first router link is up): the users whose sessions hibernated
 /// in this instance's last run get their stored queues back
-/// ([`Event::HibernatedBefore`]); the index keeps only them and those listed since.
-/// Retried until storage answers (it may connect after sm).
+/// ([`Event::HibernatedBefore`]); each domain's list keeps only them and those listed
+/// since. Retried until storage answers (it may connect after sm), each domain on its
+/// own.
 pub async fn recover(ctx: Arc<Ctx>) {
-    let since = std::time::Instant::now();
     for host in ctx.config.hosts.clone() {
-        let mut wait = Duration::from_millis(100);
-        while let Err(e) = recover_host(&ctx, &host).await {
-            if since.elapsed() > Duration::from_secs(10) {
-                warn!(%host, "hibernated sessions of the last run not read yet: {e}");
-            } else {
-                debug!(%host, "hibernated sessions of the last run not read yet: {e}");
+        let ctx = ctx.clone();
+        tokio::spawn(async move {
+            let since = std::time::Instant::now();
+            let mut wait = Duration::from_millis(100);
+            while let Err(e) = recover_host(&ctx, &host).await {
+                if since.elapsed() > Duration::from_secs(10) {
+                    warn!(%host, "hibernated sessions of the last run not read yet: {e}");
+                } else {
+                    debug!(%host, "hibernated sessions of the last run not read yet: {e}");
+                }
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
             }
-            tokio::time::sleep(wait).await;
-            wait = (wait * 2).min(Duration::from_secs(2));
-        }
+        });
     }
 }
 
 async fn recover_host(ctx: &Arc<Ctx>, host: &str) -> Result<(), jrs_xdb::XdbError> {
-    let ns = index_ns(&ctx.me);
+    let ns = record_ns(&ctx.me);
     let index = ctx.store.get(host, &ns).await?;
+    let items = match Element::parse_fragment(&index, NS_CLIENT) {
+        Ok(items) => items,
+        Err(e) => {
+            error!(%host, "the list of users with hibernated sessions is unreadable, left as it is: {e}");
+            return Ok(());
+        }
+    };
     let mut users: Vec<BareJid> = vec![];
-    if let Ok(items) = Element::parse_fragment(&index, NS_CLIENT) {
-        for item in items {
-            let user = item.attr("jid").and_then(|j| BareJid::new(j).ok());
-            if let Some(user) = user.filter(|u| !users.contains(u)) {
-                users.push(user);
+    for item in items {
+        let user = item.attr("jid").and_then(|j| BareJid::new(j).ok());
+        if let Some(user) = user.filter(|u| !users.contains(u)) {
+            users.push(user);
+        }
+    }
+    // Those whose record could not be read stay listed, for the next start.
+    let mut kept = vec![];
+    let mut given = 0;
+    for user in users {
+        match ctx.store.get(user.as_str(), &ns).await {
+            Ok(record) if record.iter().all(u8::is_ascii_whitespace) => {}
+            Ok(record) => {
+                crate::host::task::dispatch(ctx, &user, Event::HibernatedBefore(record));
+                kept.push(user);
+                given += 1;
+            }
+            Err(e) => {
+                warn!(%user, "a hibernated sessions' record not read: left for the next start: {e}");
+                kept.push(user);
             }
         }
     }
-    let mut kept = vec![];
-    for user in users {
-        let record = ctx.store.get(user.as_str(), NS_HIBERNATED).await?;
-        if !record.iter().all(u8::is_ascii_whitespace) {
-            crate::host::task::dispatch(ctx, &user, Event::HibernatedBefore(record));
-            kept.push(user);
-        }
-    }
-    if !kept.is_empty() {
-        info!(%host, users = kept.len(), "stored queues of sessions hibernating in the last run: given back");
+    if given > 0 {
+        info!(%host, users = given, "stored queues of sessions hibernating in the last run: given back");
     }
     // Those whose records were found, and those this run listed meanwhile.
     let mut listed = ctx.hibernated.listed.lock().await;
-    listed.extend(kept.into_iter().filter(|u| u.domain().as_str() == host));
+    listed.extend(kept);
     let index: String = listed
         .iter()
         .filter(|u| u.domain().as_str() == host)
@@ -236,10 +296,14 @@ async fn recover_host(ctx: &Arc<Ctx>, host: &str) -> Result<(), jrs_xdb::XdbErro
     }
 }
 
-/// [`Event::HibernatedBefore`]: the stored queues of sessions that hibernated in an
-/// earlier run of sm (`record`, read at start-up). Their sessions are gone: what they
-/// held is undelivered, and the record is rewritten with what is held now.
+/// [`Event::HibernatedBefore`] (and a user's first write in a run): the stored queues of
+/// sessions that hibernated in an earlier run of this sm instance (`record`). Their
+/// sessions are gone: what they held is undelivered, once per user and run, and the
+/// record is rewritten with what is held now.
 pub async fn given_back(u: &mut User, record: Bytes) {
+    if !u.ctx.hibernated.recover_once(&u.jid).await {
+        return;
+    }
     let live: HashSet<String> = u
         .sessions
         .iter()
@@ -271,15 +335,19 @@ pub async fn given_back(u: &mut User, record: Bytes) {
         }
     }
     let count: usize = runs.iter().map(|(_, r)| r.len()).sum();
-    info!(
-        count,
-        "stanzas held by sessions of the last run: undelivered"
-    );
+    if count > 0 {
+        info!(
+            count,
+            "stanzas held by sessions of an earlier run: undelivered"
+        );
+    }
     for (full, run) in runs {
         undelivered(u, &full, None, run).await;
     }
-    u.hibernation.stored = true;
-    u.hibernation.changed();
+    if !record.iter().all(u8::is_ascii_whitespace) {
+        u.hibernation.stored = true;
+        u.hibernation.changed();
+    }
 }
 
 #[cfg(test)]
@@ -288,7 +356,7 @@ mod tests {
 
     use bytes::Bytes;
 
-    use super::NS_HIBERNATED;
+    use super::{record_ns, sync};
     use crate::host::registry::Event;
     use crate::host::session::{Park, Queued};
     use crate::host::task::handle;
@@ -308,6 +376,53 @@ mod tests {
             Event::Inbound(crate::host::Packet::new(stanza, to, None)),
         )
         .await;
+        sync(u).await;
+    }
+
+    /// A new run of sm over storage holding `record` for alice.
+    async fn new_run_with(record: &Bytes) -> std::sync::Arc<crate::host::Ctx> {
+        let ctx = ctx(None, "");
+        ctx.store
+            .set("alice@localhost", &record_ns("sm"), record.clone())
+            .await
+            .unwrap();
+        ctx
+    }
+
+    #[tokio::test]
+    async fn a_new_run_never_overwrites_the_last_runs_record() {
+        let ctx1 = ctx(None, "");
+        let mut u = user(&ctx1, "alice@localhost");
+        parked(&mut u, &[&chat("alice@localhost/phone", "old")]).await;
+        let record = ctx1
+            .store
+            .get("alice@localhost", &record_ns("sm"))
+            .await
+            .unwrap();
+        // The new run's task writes before the start-up pass reached alice.
+        let ctx = new_run_with(&record).await;
+        let mut u = user(&ctx, "alice@localhost");
+        parked_with(&mut u, "t2", &[&chat("alice@localhost/phone", "new")]).await;
+        // The old stanza went to alice's session of the same resource (hibernating
+        // too, so into its record), once; the new one is kept.
+        let old_once = |offline: &str, record: &str| {
+            offline.matches("'old'").count() + record.matches("'old'").count() == 1
+        };
+        let offline = stored(&ctx, "alice@localhost", NS_OFFLINE).await;
+        let record = stored(&ctx, "alice@localhost", &record_ns("sm")).await;
+        assert!(record.contains("'new'"), "{record}");
+        assert!(old_once(&offline, &record), "{offline} {record}");
+        // The start-up pass's copy of the old record comes later: nothing twice.
+        let old_record = ctx1
+            .store
+            .get("alice@localhost", &record_ns("sm"))
+            .await
+            .unwrap();
+        handle(&mut u, Event::HibernatedBefore(old_record)).await;
+        sync(&mut u).await;
+        let offline = stored(&ctx, "alice@localhost", NS_OFFLINE).await;
+        let record = stored(&ctx, "alice@localhost", &record_ns("sm")).await;
+        assert!(old_once(&offline, &record), "{offline} {record}");
     }
 
     async fn stored(ctx: &crate::host::Ctx, owner: &str, ns: &str) -> String {
@@ -316,9 +431,14 @@ mod tests {
 
     /// alice/phone resumable with token `t`, parked with `items` from c2s.
     async fn parked(u: &mut crate::host::User, items: &[&str]) {
+        parked_with(u, "t", items).await
+    }
+
+    /// alice/phone resumable with `token`, parked with `items` from c2s.
+    async fn parked_with(u: &mut crate::host::User, token: &str, items: &[&str]) {
         online(u, "phone", 0).await;
         let r = reference(u, "phone");
-        handle(u, Event::Resumable(r.clone(), "t".into())).await;
+        handle(u, Event::Resumable(r.clone(), token.into())).await;
         handle(u, Event::Hibernate(r.clone())).await;
         let park = Park {
             received: 1,
@@ -332,6 +452,7 @@ mod tests {
                 .collect(),
         };
         handle(u, Event::Park(r, park)).await;
+        sync(u).await;
         take(u);
     }
 
@@ -347,7 +468,7 @@ mod tests {
             "<presence from='bob@localhost/b' to='alice@localhost/phone'/>",
         )
         .await;
-        let record = stored(&ctx, "alice@localhost", NS_HIBERNATED).await;
+        let record = stored(&ctx, "alice@localhost", &record_ns("sm")).await;
         let (unacked, later) = (
             record.find("unacked").expect(&record),
             record.find("later").expect(&record),
@@ -355,7 +476,7 @@ mod tests {
         assert!(unacked < later, "in order: {record}");
         assert!(record.contains("token='t'") && record.contains("jid='alice@localhost/phone'"));
         assert!(!record.contains("presence"), "{record}");
-        let index = stored(&ctx, "localhost", &format!("{NS_HIBERNATED}:sm")).await;
+        let index = stored(&ctx, "localhost", &record_ns("sm")).await;
         assert_eq!(index, "<user jid='alice@localhost'/>");
         handle(
             &mut u,
@@ -366,7 +487,8 @@ mod tests {
             },
         )
         .await;
-        assert_eq!(stored(&ctx, "alice@localhost", NS_HIBERNATED).await, "");
+        sync(&mut u).await;
+        assert_eq!(stored(&ctx, "alice@localhost", &record_ns("sm")).await, "");
     }
 
     #[tokio::test]
@@ -377,19 +499,28 @@ mod tests {
         arrives(&mut u, &chat("alice@localhost", "to-bare")).await;
         let record = ctx
             .store
-            .get("alice@localhost", NS_HIBERNATED)
+            .get("alice@localhost", &record_ns("sm"))
             .await
             .unwrap();
-        // sm died: a new run's task for alice gets the record back.
+        // sm died: a new run (a new context, the record in its storage) gets the record
+        // back, once.
+        let ctx = new_run_with(&record).await;
         let mut u = user(&ctx, "alice@localhost");
+        handle(&mut u, Event::HibernatedBefore(record.clone())).await;
         handle(&mut u, Event::HibernatedBefore(record)).await;
+        sync(&mut u).await;
         let offline = stored(&ctx, "alice@localhost", NS_OFFLINE).await;
         let (unacked, bare) = (
             offline.find("unacked").expect(&offline),
             offline.find("to-bare").expect(&offline),
         );
         assert!(unacked < bare, "in order: {offline}");
-        assert_eq!(stored(&ctx, "alice@localhost", NS_HIBERNATED).await, "");
+        assert_eq!(
+            offline.matches("id='unacked'").count(),
+            1,
+            "once: {offline}"
+        );
+        assert_eq!(stored(&ctx, "alice@localhost", &record_ns("sm")).await, "");
         // The resumption of the dead session fails.
         handle(
             &mut u,
@@ -411,7 +542,7 @@ mod tests {
     #[tokio::test]
     async fn start_up_reads_the_index_and_keeps_only_users_with_records() {
         let ctx = ctx(None, "");
-        let index = format!("{NS_HIBERNATED}:sm");
+        let index = record_ns("sm");
         ctx.store
             .set(
                 "localhost",
@@ -423,7 +554,7 @@ mod tests {
         ctx.store
             .set(
                 "alice@localhost",
-                NS_HIBERNATED,
+                &record_ns("sm"),
                 format!(
                     "<queued token='old' jid='alice@localhost/phone'>{}</queued>",
                     chat("alice@localhost/phone", "kept")

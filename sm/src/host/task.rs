@@ -53,6 +53,9 @@ async fn run(mut u: User, mut rx: Receiver, pending: Pending) {
             handled += 1;
         }
         u.flush();
+        // What the events queued for (or took from) hibernating sessions, into storage:
+        // after the output, so that a record shrinks only once what it held is sent.
+        hibernation::sync(&mut u).await;
         // Sent: room broadcasts may overtake nothing now (host::shortcut).
         shortcut::publish(&mut u, &pending);
         pending.fetch_sub(handled, Ordering::AcqRel);
@@ -142,8 +145,6 @@ pub async fn handle(u: &mut User, event: Event) {
         warn!("a hibernating session's queue is full: the session ends");
         end_session(u, key, None).await;
     }
-    // What the event queued for (or took from) hibernating sessions, into storage.
-    hibernation::sync(u).await;
 }
 
 fn session_span(r: &SessionRef) -> tracing::Span {
