@@ -38,7 +38,9 @@ pub async fn serve(
         .recovering
         .swap(true, std::sync::atomic::Ordering::AcqRel)
     {
-        tokio::spawn(crate::host::hibernation::recover(ctx.clone()));
+        let give_back: crate::host::hibernation::GiveBack =
+            |ctx, user, record| dispatch(ctx, user, Event::HibernatedBefore(record));
+        tokio::spawn(crate::host::hibernation::recover(ctx.clone(), give_back));
     }
     loop {
         let stanza = reader.next().await?;

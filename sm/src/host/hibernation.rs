@@ -31,70 +31,12 @@ use bytes::Bytes;
 use jid::{BareJid, FullJid};
 use tracing::{debug, error, info, warn};
 
-use jrs_stream::Stanza;
-
 use crate::host::ending::undelivered;
+pub use crate::host::hibernated::record_ns;
+use crate::host::hibernated::{push_item, worth_keeping};
 use crate::host::kernel::{Ctx, User};
-use crate::host::registry::Event;
 use crate::host::session::{Link, Queued};
-use crate::xml::{escape, Element, NS_CLIENT};
-
-pub const NS_HIBERNATED: &str = "urn:jabberd-rs:hibernated:0";
-
-/// The namespace of this instance's records (and, owner the domain, of its list).
-pub fn record_ns(me: &str) -> String {
-    format!("{NS_HIBERNATED}:{me}")
-}
-
-/// What a user's task has written of its hibernating sessions.
-#[derive(Debug, Default)]
-pub struct Written {
-    /// The user has a record in storage (written in this run, or found from the last).
-    stored: bool,
-    /// Items queued since the last write, to append.
-    appends: Vec<u8>,
-    /// A session left the queue: the record is rewritten from what is held now.
-    rewrite: bool,
-}
-
-impl Written {
-    /// A stanza queued for parked session `token` (`full`): appended after the event.
-    pub fn queued(&mut self, token: &str, full: &str, item: &Queued) {
-        if !self.rewrite && worth_keeping(item) {
-            push_item(&mut self.appends, token, full, &item.bytes);
-        }
-    }
-
-    /// A session parked, resumed or ended: the record is written again.
-    pub fn changed(&mut self) {
-        self.rewrite = true;
-        self.appends.clear();
-    }
-}
-
-/// Whether the end of a session would do anything with `item`: messages (not errors)
-/// and IQ requests; offline messages are in storage already.
-fn worth_keeping(item: &Queued) -> bool {
-    if item.offline {
-        return false;
-    }
-    let Ok(s) = Stanza::parse(item.bytes.clone()) else {
-        return false;
-    };
-    match s.name() {
-        "message" => s.kind() != Some("error"),
-        "iq" => matches!(s.kind(), Some("get" | "set")),
-        _ => false,
-    }
-}
-
-fn push_item(out: &mut Vec<u8>, token: &str, full: &str, stanza: &[u8]) {
-    out.extend_from_slice(
-        format!("<queued token='{}' jid='{}'>", escape(token), escape(full)).as_bytes(),
-    );
-    out.extend_from_slice(stanza);
-    out.extend_from_slice(b"</queued>");
-}
+use crate::xml::{Element, NS_CLIENT};
 
 /// What the user's parked sessions hold now, as their record.
 fn record(u: &User) -> Vec<u8> {
@@ -174,7 +116,7 @@ pub async fn sync(u: &mut User) {
 /// Makes sure the domain's list names the user before its record is written.
 async fn listed(u: &User) -> bool {
     let ctx = &u.ctx;
-    match ctx.hibernated.list(ctx, &u.jid).await {
+    match ctx.hibernated.list(&ctx.store, &ctx.me, &u.jid).await {
         Ok(()) => true,
         Err(e) => {
             error!("listing the user among those with hibernated sessions failed: {e}");
@@ -183,55 +125,18 @@ async fn listed(u: &User) -> bool {
     }
 }
 
-/// The users with a record, per domain (this instance's lists), and those whose record of
-/// an earlier run was given back in this one.
-#[derive(Default)]
-pub struct Index {
-    /// [`recover`] was started (by the first router link).
-    pub recovering: std::sync::atomic::AtomicBool,
-    /// Users listed in storage by this run (or kept from the last one). A lock held
-    /// across storage writes: the list rewritten at start-up must not overtake an append.
-    listed: tokio::sync::Mutex<HashSet<BareJid>>,
-    /// Users whose earlier run's record was given back (or found empty) in this run.
-    recovered: tokio::sync::Mutex<HashSet<BareJid>>,
-}
-
-impl Index {
-    async fn list(&self, ctx: &Ctx, user: &BareJid) -> Result<(), jrs_xdb::XdbError> {
-        let mut listed = self.listed.lock().await;
-        if listed.contains(user) {
-            return Ok(());
-        }
-        let item = format!("<user jid='{}'/>", escape(user.as_str()));
-        ctx.store
-            .append(user.domain().as_str(), &record_ns(&ctx.me), item, None)
-            .await?;
-        listed.insert(user.clone());
-        Ok(())
-    }
-
-    async fn is_recovered(&self, user: &BareJid) -> bool {
-        self.recovered.lock().await.contains(user)
-    }
-
-    /// Marks `user` recovered; false if it was already.
-    async fn recover_once(&self, user: &BareJid) -> bool {
-        self.recovered.lock().await.insert(user.clone())
-    }
-}
-
 /// At start-up (once the first router link is up): the users whose sessions hibernated
 /// in this instance's last run get their stored queues back
-/// ([`Event::HibernatedBefore`]); each domain's list keeps only them and those listed
+/// ([`crate::host::registry::Event::HibernatedBefore`]); each domain's list keeps only them and those listed
 /// since. Retried until storage answers (it may connect after sm), each domain on its
 /// own.
-pub async fn recover(ctx: Arc<Ctx>) {
+pub async fn recover(ctx: Arc<Ctx>, give_back: GiveBack) {
     for host in ctx.config.hosts.clone() {
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let since = std::time::Instant::now();
             let mut wait = Duration::from_millis(100);
-            while let Err(e) = recover_host(&ctx, &host).await {
+            while let Err(e) = recover_host(&ctx, &host, give_back).await {
                 if since.elapsed() > Duration::from_secs(10) {
                     warn!(%host, "hibernated sessions of the last run not read yet: {e}");
                 } else {
@@ -244,7 +149,15 @@ pub async fn recover(ctx: Arc<Ctx>) {
     }
 }
 
-async fn recover_host(ctx: &Arc<Ctx>, host: &str) -> Result<(), jrs_xdb::XdbError> {
+/// How the start-up pass hands a user's record to the user's task (the task module's
+/// dispatch of [`crate::host::registry::Event::HibernatedBefore`]).
+pub type GiveBack = fn(&Arc<Ctx>, &BareJid, Bytes);
+
+async fn recover_host(
+    ctx: &Arc<Ctx>,
+    host: &str,
+    give_back: GiveBack,
+) -> Result<(), jrs_xdb::XdbError> {
     let ns = record_ns(&ctx.me);
     let index = ctx.store.get(host, &ns).await?;
     let items = match Element::parse_fragment(&index, NS_CLIENT) {
@@ -268,7 +181,7 @@ async fn recover_host(ctx: &Arc<Ctx>, host: &str) -> Result<(), jrs_xdb::XdbErro
         match ctx.store.get(user.as_str(), &ns).await {
             Ok(record) if record.iter().all(u8::is_ascii_whitespace) => {}
             Ok(record) => {
-                crate::host::task::dispatch(ctx, &user, Event::HibernatedBefore(record));
+                give_back(ctx, &user, record);
                 kept.push(user);
                 given += 1;
             }
@@ -282,21 +195,10 @@ async fn recover_host(ctx: &Arc<Ctx>, host: &str) -> Result<(), jrs_xdb::XdbErro
         info!(%host, users = given, "stored queues of sessions hibernating in the last run: given back");
     }
     // Those whose records were found, and those this run listed meanwhile.
-    let mut listed = ctx.hibernated.listed.lock().await;
-    listed.extend(kept);
-    let index: String = listed
-        .iter()
-        .filter(|u| u.domain().as_str() == host)
-        .map(|u| format!("<user jid='{}'/>", escape(u.as_str())))
-        .collect();
-    if index.is_empty() {
-        ctx.store.delete(host, &ns).await
-    } else {
-        ctx.store.set(host, &ns, index).await
-    }
+    ctx.hibernated.relist(&ctx.store, &ctx.me, host, kept).await
 }
 
-/// [`Event::HibernatedBefore`] (and a user's first write in a run): the stored queues of
+/// [`crate::host::registry::Event::HibernatedBefore`] (and a user's first write in a run): the stored queues of
 /// sessions that hibernated in an earlier run of this sm instance (`record`). Their
 /// sessions are gone: what they held is undelivered, once per user and run, and the
 /// record is rewritten with what is held now.
@@ -379,6 +281,24 @@ mod tests {
         sync(u).await;
     }
 
+    /// alice's record, as stored.
+    async fn record_of(ctx: &crate::host::Ctx) -> Bytes {
+        ctx.store
+            .get("alice@localhost", &record_ns("sm"))
+            .await
+            .unwrap()
+    }
+
+    /// A new connection of alice's asks for the session `token`.
+    async fn resume(u: &mut crate::host::User, token: &str) {
+        let resume = Event::Resume {
+            c2s: "c2s".into(),
+            sid: "s2".into(),
+            token: token.into(),
+        };
+        handle(u, resume).await;
+    }
+
     /// A new run of sm over storage holding `record` for alice.
     async fn new_run_with(record: &Bytes) -> std::sync::Arc<crate::host::Ctx> {
         let ctx = ctx(None, "");
@@ -394,11 +314,7 @@ mod tests {
         let ctx1 = ctx(None, "");
         let mut u = user(&ctx1, "alice@localhost");
         parked(&mut u, &[&chat("alice@localhost/phone", "old")]).await;
-        let record = ctx1
-            .store
-            .get("alice@localhost", &record_ns("sm"))
-            .await
-            .unwrap();
+        let record = record_of(&ctx1).await;
         // The new run's task writes before the start-up pass reached alice.
         let ctx = new_run_with(&record).await;
         let mut u = user(&ctx, "alice@localhost");
@@ -413,11 +329,7 @@ mod tests {
         assert!(record.contains("'new'"), "{record}");
         assert!(old_once(&offline, &record), "{offline} {record}");
         // The start-up pass's copy of the old record comes later: nothing twice.
-        let old_record = ctx1
-            .store
-            .get("alice@localhost", &record_ns("sm"))
-            .await
-            .unwrap();
+        let old_record = record_of(&ctx1).await;
         handle(&mut u, Event::HibernatedBefore(old_record)).await;
         sync(&mut u).await;
         let offline = stored(&ctx, "alice@localhost", NS_OFFLINE).await;
@@ -478,15 +390,7 @@ mod tests {
         assert!(!record.contains("presence"), "{record}");
         let index = stored(&ctx, "localhost", &record_ns("sm")).await;
         assert_eq!(index, "<user jid='alice@localhost'/>");
-        handle(
-            &mut u,
-            Event::Resume {
-                c2s: "c2s".into(),
-                sid: "s2".into(),
-                token: "t".into(),
-            },
-        )
-        .await;
+        resume(&mut u, "t").await;
         sync(&mut u).await;
         assert_eq!(stored(&ctx, "alice@localhost", &record_ns("sm")).await, "");
     }
@@ -497,11 +401,7 @@ mod tests {
         let mut u = user(&ctx, "alice@localhost");
         parked(&mut u, &[&chat("alice@localhost/phone", "unacked")]).await;
         arrives(&mut u, &chat("alice@localhost", "to-bare")).await;
-        let record = ctx
-            .store
-            .get("alice@localhost", &record_ns("sm"))
-            .await
-            .unwrap();
+        let record = record_of(&ctx).await;
         // sm died: a new run (a new context, the record in its storage) gets the record
         // back, once.
         let ctx = new_run_with(&record).await;
@@ -522,15 +422,7 @@ mod tests {
         );
         assert_eq!(stored(&ctx, "alice@localhost", &record_ns("sm")).await, "");
         // The resumption of the dead session fails.
-        handle(
-            &mut u,
-            Event::Resume {
-                c2s: "c2s".into(),
-                sid: "s2".into(),
-                token: "t".into(),
-            },
-        )
-        .await;
+        resume(&mut u, "t").await;
         let out = take(&mut u);
         assert_eq!(
             to(&out, "", &["type='end'", "item-not-found"]).len(),
@@ -562,7 +454,9 @@ mod tests {
             )
             .await
             .unwrap();
-        super::recover_host(&ctx, "localhost").await.unwrap();
+        super::recover_host(&ctx, "localhost", |_, _, _| {})
+            .await
+            .unwrap();
         assert_eq!(
             stored(&ctx, "localhost", &index).await,
             "<user jid='alice@localhost'/>"

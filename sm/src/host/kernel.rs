@@ -521,7 +521,7 @@ pub struct Ctx {
     /// Sessions parked (hibernating) in this process.
     pub parked: AtomicUsize,
     /// The users whose hibernating sessions have their queues in storage.
-    pub hibernated: crate::host::hibernation::Index,
+    pub hibernated: crate::host::hibernated::Index,
     /// IQs sm sent from a served domain, waiting for their answers.
     pub requests: Requests,
     /// What modules share across users.
@@ -628,7 +628,7 @@ pub struct User {
     /// Held sessions whose queue overflowed: ended after the current event.
     pub overflowed: Vec<SessionKey>,
     /// What is written to storage of the hibernating sessions' queues.
-    pub hibernation: crate::host::hibernation::Written,
+    pub hibernation: crate::host::hibernated::Written,
     next_key: SessionKey,
     next_id: u64,
 }

@@ -5,7 +5,7 @@
 //! - `task` (the user's task: the session protocol, the chains, the fallbacks),
 //!   `ending` (ending a session; what its client never got), `handover` (XEP-0198:
 //!   sessions held while their client is away), `hibernation` (their queues kept in
-//!   storage too),
+//!   storage too; `hibernated`: what it keeps),
 //!   `hooks` (running a chain), `iq_routing` (the IQ table), `server` (stanzas to the
 //!   domain itself);
 //! - `iq` (IQ requests and replies as modules see them),
@@ -26,6 +26,7 @@ pub mod broadcasts;
 pub mod components;
 pub mod ending;
 pub mod handover;
+pub mod hibernated;
 pub mod hibernation;
 pub mod hooks;
 pub mod iq;
