@@ -30,6 +30,13 @@ pub const ACK_DELAY: Duration = Duration::from_millis(10);
 /// Owed past this many bytes, an ack is sent at once.
 pub const ACK_BYTES: u64 = 64 * 1024;
 
+/// On a busy link an ack rides along at most this often, unless this many bytes are owed:
+/// one ack for many packets instead of one per packet (each costs both ends thousands of
+/// instructions, docs/benchmarks.md "The cost of acknowledged links"). A lone packet's
+/// ack still rides the very next write: the last one went long ago.
+const RIDE_GAP: Duration = Duration::from_millis(2);
+const RIDE_BYTES: u64 = 4096;
+
 /// Set to `off` (in the environment of the project's components) to connect without
 /// acknowledgements, as a plain XEP-0114 component does: for comparison runs.
 pub const ENV_SWITCH: &str = "JABBERD_LINK_ACKS";
@@ -115,6 +122,8 @@ pub struct Owed {
     since: Option<Instant>,
     /// The link's reader found the ack due: it goes alone.
     forced: bool,
+    /// When the last ack went.
+    last_sent: Option<Instant>,
 }
 
 impl Owed {
@@ -162,6 +171,15 @@ impl Owed {
         if !self.is_owed() || !(riding || self.goes_alone()) {
             return false;
         }
+        let now = Instant::now();
+        let recent = self
+            .last_sent
+            .is_some_and(|t| now.saturating_duration_since(t) < RIDE_GAP);
+        if recent && !self.goes_alone() && self.handled - self.acked < RIDE_BYTES {
+            // Rides a later write (or goes alone by the deadline).
+            return false;
+        }
+        self.last_sent = Some(now);
         self.since = None;
         self.forced = false;
         self.acked = self.handled;
@@ -521,6 +539,22 @@ mod tests {
         assert_eq!(parse_h(Some("-1")), None);
         assert_eq!(parse_h(Some("x")), None);
         assert_eq!(parse_h(None), None);
+    }
+
+    #[test]
+    fn on_a_busy_link_acks_ride_at_most_every_few_milliseconds() {
+        let mut o = Owed::default();
+        let mut buf = vec![];
+        o.handled(100, true);
+        assert!(o.take(true, &mut buf), "the first rides at once");
+        o.handled(200, true);
+        assert!(!o.take(true, &mut buf), "the next waits");
+        assert!(o.deadline().is_some(), "but not past the deadline");
+        o.handled(200 + RIDE_BYTES, true);
+        assert!(o.take(true, &mut buf), "unless many bytes are owed");
+        o.handled(300 + RIDE_BYTES, true);
+        o.force();
+        assert!(o.take(false, &mut buf), "or the reader found it due");
     }
 
     #[test]
