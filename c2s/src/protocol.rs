@@ -222,6 +222,17 @@ impl SessionHandle {
         matches!(self.kept().lost, Some(Lost::Waiting { .. }))
     }
 
+    /// Whether its client left while it waited: it ends after its restore.
+    pub fn ends_after_restore(&self) -> bool {
+        matches!(
+            self.kept().lost,
+            Some(Lost::Waiting {
+                ending: Some(_),
+                ..
+            })
+        )
+    }
+
     pub fn sm(&self) -> Option<String> {
         self.sm.lock().expect("sm lock").clone()
     }

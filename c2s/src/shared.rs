@@ -145,9 +145,18 @@ impl Shared {
         jrs_component::transport::stop_accepting();
         let deadline = tokio::time::Instant::now() + limit;
         loop {
-            let left = self.sessions.lock().expect("sessions lock").len()
-                + self.relays.load(Ordering::Acquire);
+            // Sessions whose client left while their sm was away wait for a restore that
+            // may never come before the stop: not waited for (what they hold is dropped).
+            let (sessions, leaving) = {
+                let sessions = self.sessions.lock().expect("sessions lock");
+                let leaving = sessions.values().filter(|h| h.ends_after_restore()).count();
+                (sessions.len() - leaving, leaving)
+            };
+            let left = sessions + self.relays.load(Ordering::Acquire);
             if left == 0 {
+                if leaving > 0 {
+                    warn!(sessions = leaving, "sessions of clients that left while their sm was away end unrestored: what they sent is dropped");
+                }
                 // The last `park`s and `end`s are queued for the router: written before
                 // the process exits, or what they carry would be lost.
                 let outbox = self.router.lock().expect("router lock").clone();

@@ -6,6 +6,9 @@ hand (tests/py/serverproc.py), so it stays away as long as the test needs.
 Run from the repository root:  .venv/bin/python -m pytest tests/py/test_sm_away.py -q
 """
 
+import signal
+import time
+
 import pytest
 
 pytest.importorskip("OpenSSL")
@@ -117,3 +120,21 @@ def test_what_a_hibernating_session_held_survives_sm_killed(request, tmp_path):
         assert bodies(got) == ["unacked", "queued-full", "queued-bare"], [to_xml(e) for e in got]
         alice.close()
         bob.close()
+
+
+def test_c2s_stops_at_once_with_a_session_waiting_to_end(request, tmp_path):
+    """A session whose client left while sm was away waits for a restore that a stopping
+    c2s does not wait for: SIGTERM ends c2s at once, saying what it dropped."""
+    with sm_server(request, tmp_path) as server:
+        alice, bob = pair(server)
+        sm_away(server)
+        offset = server.log_size("c2s")
+        chat(alice, "bob@localhost/b", "held")
+        alice.close()
+        server.wait_for(lambda: "ends after its restore" in server.log("c2s")[offset:],
+                        "c2s to keep alice's ended session for its restore")
+        bob.close()
+        started = time.monotonic()
+        server.kill("c2s", signal.SIGTERM, timeout=5.0)
+        assert time.monotonic() - started < 4.0
+        assert "end unrestored" in server.log("c2s")[offset:]
