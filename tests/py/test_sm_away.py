@@ -42,16 +42,22 @@ def pair(server, alice_sm=False):
     return alice, bob
 
 
+def leaves_while_sm_is_away(server, alice, leave):
+    """sm is killed, alice sends "held" to bob (c2s holds it for her session) and leaves
+    (`leave(alice)`) before sm is back; returns the c2s log offset from before."""
+    sm_away(server)
+    offset = server.log_size("c2s")
+    chat(alice, "bob@localhost/b", "held")
+    leave(alice)
+    server.wait_for(lambda: "ends after its restore" in server.log("c2s")[offset:],
+                    "c2s to keep alice's ended session for its restore")
+    return offset
+
+
 def test_a_client_leaving_while_sm_is_away_loses_nothing(request, tmp_path):
     with sm_server(request, tmp_path) as server:
         alice, bob = pair(server)
-        sm_away(server)
-        offset = server.log_size("c2s")
-        # Held by c2s for alice's session, then alice leaves before sm is back.
-        chat(alice, "bob@localhost/b", "held")
-        alice.close()
-        server.wait_for(lambda: "ends after its restore" in server.log("c2s")[offset:],
-                        "c2s to keep alice's ended session for its restore")
+        offset = leaves_while_sm_is_away(server, alice, lambda a: a.close())
         server.restart("sm")
         # sm gets alice's session back, delivers what she sent, then ends it.
         assert bodies([next_message(bob, timeout=10)]) == ["held"]
@@ -65,14 +71,9 @@ def test_a_resumable_client_cut_while_sm_is_away_loses_nothing(request, tmp_path
         alice, bob = pair(server, alice_sm=True)
         chat(bob, "alice@localhost/a", "unacked")
         assert bodies(messages(alice, 1)) == ["unacked"]
-        sm_away(server)
-        offset = server.log_size("c2s")
-        chat(alice, "bob@localhost/b", "held")
         # The connection drops: the session cannot hibernate at an sm that is away, so
         # it ends after its restore, returning what alice did not acknowledge.
-        cut(alice)
-        server.wait_for(lambda: "ends after its restore" in server.log("c2s")[offset:],
-                        "c2s to keep alice's session for its restore")
+        leaves_while_sm_is_away(server, alice, cut)
         server.restart("sm")
         assert bodies([next_message(bob, timeout=10)]) == ["held"]
         presence(bob, "alice@localhost/a", "unavailable", timeout=10)
@@ -127,12 +128,7 @@ def test_c2s_stops_at_once_with_a_session_waiting_to_end(request, tmp_path):
     c2s does not wait for: SIGTERM ends c2s at once, saying what it dropped."""
     with sm_server(request, tmp_path) as server:
         alice, bob = pair(server)
-        sm_away(server)
-        offset = server.log_size("c2s")
-        chat(alice, "bob@localhost/b", "held")
-        alice.close()
-        server.wait_for(lambda: "ends after its restore" in server.log("c2s")[offset:],
-                        "c2s to keep alice's ended session for its restore")
+        offset = leaves_while_sm_is_away(server, alice, lambda a: a.close())
         bob.close()
         started = time.monotonic()
         server.kill("c2s", signal.SIGTERM, timeout=5.0)
