@@ -439,7 +439,9 @@ impl Shared {
                     ..
                 }) = &mut handle.kept().lost
                 {
-                    // Its client left: back to sm with the session's `end`.
+                    // Its client left: back to sm with the session's `end` (checked
+                    // before sending: the ended relay may not have dropped its channel
+                    // yet, and nobody reads it any more).
                     undelivered.push(item);
                     return;
                 }

@@ -49,13 +49,6 @@ pub fn wanted() -> bool {
     )
 }
 
-/// The ack element for `h` bytes handled.
-pub fn ack_element(h: u64) -> String {
-    let mut buf = Vec::with_capacity(ACK_SHORT.len() + 20 + ACK_TAIL.len());
-    write_ack(&mut buf, h);
-    String::from_utf8(buf).expect("ASCII")
-}
-
 /// Appends the ack for `h` bytes handled to `buf`. Written by hand, short and without
 /// allocating: one rides with nearly every write on a busy link, and every byte of it is
 /// framed again at the other end (docs/benchmarks.md, "The cost of acknowledged links").
@@ -561,7 +554,9 @@ mod tests {
     fn acks_read_quickly_as_written() {
         use crate::protocol::NS_ROUTER;
         for h in [0, 7, 1234567, u64::MAX / 10] {
-            let a = ack_element(h);
+            let mut buf = vec![];
+            write_ack(&mut buf, h);
+            let a = String::from_utf8(buf).unwrap();
             assert_eq!(a, format!("<a h='{h}'/>"));
             assert_eq!(quick_ack(a.as_bytes()), Some(h));
             assert_eq!(quick_ack(format!(" \n{a}").as_bytes()), Some(h));
