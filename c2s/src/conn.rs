@@ -1,6 +1,7 @@
 //! One client connection: its transport, the negotiation (`login.rs`), then the session
 //! (`session/`), and the close handshake however it ends.
 
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -40,25 +41,26 @@ pub async fn serve(shared: Arc<Shared>, tcp: TcpStream, peer: SocketAddr, mode: 
 /// Serves a client stream over `transport`; `secure`: it is encrypted (TLS here, or the
 /// web transport's HTTPS), so no STARTTLS is offered. Counted as a BOSH connection in
 /// the metrics (WebSocket calls [`serve_counted`]).
-pub async fn serve_transport(
+pub fn serve_transport(
     shared: Arc<Shared>,
     transport: Transport,
     peer: SocketAddr,
     secure: bool,
-) {
-    serve_counted("bosh", shared, transport, peer, secure).await
+) -> impl Future<Output = ()> {
+    serve_counted("bosh", shared, transport, peer, secure)
 }
 
 /// [`serve_transport`], counted in the metrics as a connection over `kind` (one of
-/// `metrics::TRANSPORTS`).
-pub async fn serve_counted(
+/// `metrics::TRANSPORTS`). Not an `async fn`, like [`crate::metrics::counted`]: a layer
+/// of `async fn` around the stream's future would keep a second copy of it.
+pub fn serve_counted(
     kind: &'static str,
     shared: Arc<Shared>,
     transport: Transport,
     peer: SocketAddr,
     secure: bool,
-) {
-    crate::metrics::counted(kind, serve_stream(shared, transport, peer, secure)).await
+) -> impl Future<Output = ()> {
+    crate::metrics::counted(kind, serve_stream(shared, transport, peer, secure))
 }
 
 async fn serve_stream(shared: Arc<Shared>, transport: Transport, peer: SocketAddr, secure: bool) {

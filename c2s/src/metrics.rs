@@ -96,10 +96,16 @@ tokio::task_local! {
 }
 
 /// Runs `serve` (one client stream) counted as a connection over `transport`.
-pub async fn counted<F: std::future::Future>(transport: &'static str, serve: F) -> F::Output {
-    COUNTED
-        .scope(std::cell::RefCell::new(Connection::open(transport)), serve)
-        .await
+///
+/// A plain function returning the scoped future, not an `async fn`: an `async fn` keeps
+/// its argument `serve` and the future it awaits side by side for its whole life, which
+/// doubled the size of every connection's task (memory per idle connection,
+/// docs/benchmarks.md).
+pub fn counted<F: std::future::Future>(
+    transport: &'static str,
+    serve: F,
+) -> tokio::task::futures::TaskLocalFuture<std::cell::RefCell<Connection>, F> {
+    COUNTED.scope(std::cell::RefCell::new(Connection::open(transport)), serve)
 }
 
 /// The connection of the current task is in its session now (bound or resumed).

@@ -116,6 +116,19 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
         Ok(())
     }
 
+    /// Frees the read buffer if it holds nothing: a connection that then waits for
+    /// readability before its next read holds no buffer while idle (memory per idle
+    /// client). Returns whether it was empty.
+    pub fn release_if_empty(&mut self) -> bool {
+        if !self.buf.is_empty() {
+            return false;
+        }
+        if self.buf.capacity() > 0 {
+            self.buf = BytesMut::new();
+        }
+        true
+    }
+
     /// Whether a complete frame may already be buffered (no read needed to make progress).
     pub fn has_buffered(&self) -> bool {
         !self.buf.is_empty()

@@ -110,7 +110,7 @@ impl Connection {
             tokio::time::sleep_until(until).await;
             self.pause_until = None;
         }
-        let frame = match tokio::time::timeout(limit, self.reader.next_frame()).await {
+        let frame = match tokio::time::timeout(limit, self.read_frame()).await {
             Err(_) => {
                 return Err(stream_error(
                     StreamErrorCondition::ConnectionTimeout,
@@ -133,6 +133,16 @@ impl Connection {
             }
         }
         Ok(frame)
+    }
+
+    /// The next frame. With nothing buffered it first waits, without a buffer, for the
+    /// transport to have something: most clients are idle most of the time, and a
+    /// buffer reserved for a read that waits hours would cost each of them a kilobyte.
+    async fn read_frame(&mut self) -> Result<Frame, ReadError> {
+        if self.reader.release_if_empty() {
+            self.reader.get_mut().readable().await?;
+        }
+        self.reader.next_frame().await
     }
 
     /// The next element (not a header); the peer's stream close ends the stream.

@@ -62,6 +62,31 @@ impl Transport {
             .unwrap_or_default()
     }
 
+    /// Waits until a read would find something (bytes on the socket, or plaintext TLS
+    /// already decrypted), so that an idle connection can wait without a read buffer.
+    /// `false`: this transport cannot tell (the web pipe): read with a buffer.
+    /// Cancel-safe; may wake without data (the next read then waits).
+    pub async fn readable(&mut self) -> io::Result<bool> {
+        match self {
+            Transport::Plain(tcp) => tcp.readable().await.map(|()| true),
+            Transport::TlsServer(tls) => {
+                let (tcp, conn) = tls.get_mut();
+                if tls_has_plaintext(conn) {
+                    return Ok(true);
+                }
+                tcp.readable().await.map(|()| true)
+            }
+            Transport::TlsClient(tls) => {
+                let (tcp, conn) = tls.get_mut();
+                if tls_has_plaintext(conn) {
+                    return Ok(true);
+                }
+                tcp.readable().await.map(|()| true)
+            }
+            Transport::Web(_) | Transport::Detached => Ok(false),
+        }
+    }
+
     /// Takes the TCP stream out (for a STARTTLS upgrade), leaving `Detached`.
     pub fn take_plain(&mut self) -> Option<TcpStream> {
         match std::mem::replace(self, Transport::Detached) {
@@ -71,6 +96,16 @@ impl Transport {
                 None
             }
         }
+    }
+}
+
+/// Whether rustls holds decrypted bytes, or records it has not processed yet (which
+/// `process_new_packets` would decrypt): either way a read needs no socket data. An
+/// error is left for the read to report.
+fn tls_has_plaintext<D>(conn: &mut rustls::ConnectionCommon<D>) -> bool {
+    match conn.process_new_packets() {
+        Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
+        Err(_) => true,
     }
 }
 

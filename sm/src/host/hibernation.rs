@@ -55,12 +55,18 @@ fn record(u: &User) -> Vec<u8> {
     out
 }
 
+/// Whether [`sync`] has anything to write (the task boxes the write only then: its
+/// future is large, and a task's size is that of its largest await point).
+pub fn dirty(u: &User) -> bool {
+    u.hibernation.rewrite || !u.hibernation.appends.is_empty()
+}
+
 /// Writes what changed in the user's record since the last call (nothing for a user who
 /// never hibernated). Called by the user's task after it sent the output of its events:
 /// a record shrinks only once what it held is on its way. A write that fails is tried
 /// again with the next call (as a whole rewrite).
 pub async fn sync(u: &mut User) {
-    if !u.hibernation.rewrite && u.hibernation.appends.is_empty() {
+    if !dirty(u) {
         return;
     }
     if !u.ctx.hibernated.is_recovered(&u.jid).await {

@@ -40,27 +40,35 @@ pub fn dispatch(ctx: &Arc<Ctx>, user: &BareJid, event: Event) {
     }
 }
 
-async fn run(mut u: User, mut rx: Receiver, pending: Pending) {
-    loop {
-        let Some(event) = rx.recv().await else { break };
-        // Boxed: a task waits at `recv` most of its life, and its size is that of its
-        // largest await point, which would be this handler's.
-        Box::pin(handle(&mut u, *event)).await;
-        let mut handled = 1;
-        for _ in 1..BATCH {
-            let Ok(event) = rx.try_recv() else { break };
+/// The user's task. An `async` block, not an `async fn`: an `async fn` keeps its
+/// arguments and the locals they are moved into side by side (the `User` twice) for the
+/// task's whole life, and every user with a session has a task.
+fn run(mut u: User, mut rx: Receiver, pending: Pending) -> impl std::future::Future<Output = ()> {
+    async move {
+        loop {
+            let Some(event) = rx.recv().await else { break };
+            // Boxed: a task waits at `recv` most of its life, and its size is that of its
+            // largest await point, which would be this handler's.
             Box::pin(handle(&mut u, *event)).await;
-            handled += 1;
-        }
-        u.flush();
-        // What the events queued for (or took from) hibernating sessions, into storage:
-        // after the output, so that a record shrinks only once what it held is sent.
-        hibernation::sync(&mut u).await;
-        // Sent: room broadcasts may overtake nothing now (host::shortcut).
-        shortcut::publish(&mut u, &pending);
-        pending.fetch_sub(handled, Ordering::AcqRel);
-        if u.sessions.is_empty() && u.ctx.users.retire(&u.jid, &rx) {
-            break;
+            let mut handled = 1;
+            for _ in 1..BATCH {
+                let Ok(event) = rx.try_recv() else { break };
+                Box::pin(handle(&mut u, *event)).await;
+                handled += 1;
+            }
+            u.flush();
+            // What the events queued for (or took from) hibernating sessions, into storage:
+            // after the output, so that a record shrinks only once what it held is sent.
+            // Boxed, and only when there is something to write: see `handle` above.
+            if hibernation::dirty(&u) {
+                Box::pin(hibernation::sync(&mut u)).await;
+            }
+            // Sent: room broadcasts may overtake nothing now (host::shortcut).
+            shortcut::publish(&mut u, &pending);
+            pending.fetch_sub(handled, Ordering::AcqRel);
+            if u.sessions.is_empty() && u.ctx.users.retire(&u.jid, &rx) {
+                break;
+            }
         }
     }
 }
