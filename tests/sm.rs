@@ -1350,7 +1350,10 @@ async fn offline_messages_survive_an_sm_restart() {
         std::fs::read_dir(spool.join("localhost").join("bob"))
             .ok()?
             .flatten()
-            .any(|e| e.file_name().to_string_lossy().contains("offline"))
+            .any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                !name.starts_with('.') && name.contains("offline")
+            })
             .then_some(())
     })
     .await
