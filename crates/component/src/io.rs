@@ -129,6 +129,11 @@ impl<R: AsyncRead + Unpin> FramedReader<R> {
         true
     }
 
+    /// Bytes the read buffer holds room for (what an idle connection costs).
+    pub fn buffer_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Whether a complete frame may already be buffered (no read needed to make progress).
     pub fn has_buffered(&self) -> bool {
         !self.buf.is_empty()

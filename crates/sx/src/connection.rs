@@ -264,3 +264,96 @@ pub fn parse(bytes: Bytes) -> Result<Stanza, Close> {
     Stanza::parse(bytes)
         .map_err(|e| stream_error(StreamErrorCondition::NotWellFormed, e.to_string()))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use jrs_stream::Limits;
+    use tokio::net::{TcpListener, TcpStream};
+
+    fn settings() -> Settings {
+        Settings {
+            limits: Limits::default(),
+            read_size: 1024,
+            idle: Duration::from_secs(5),
+            rate_bytes: 1_000_000,
+            traffic: None,
+        }
+    }
+
+    /// A TLS client and the server's side of it, as c2s's `Connection`.
+    async fn tls_pair() -> (tokio_rustls::client::TlsStream<TcpStream>, Connection) {
+        let cert = rcgen::generate_simple_self_signed(vec!["example.org".into()]).unwrap();
+        let der = cert.cert.der().clone();
+        let key =
+            rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
+        let server = rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(vec![der.clone()], key)
+            .unwrap();
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(der).unwrap();
+        let client = rustls::ClientConfig::builder()
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (accepted, connected) = tokio::join!(listener.accept(), TcpStream::connect(addr));
+        let name = rustls::pki_types::ServerName::try_from("example.org").unwrap();
+        let (server, client) = tokio::join!(
+            tls::accept(accepted.unwrap().0, Arc::new(server)),
+            tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, connected.unwrap()),
+        );
+        let conn = Connection::new(server.map_err(|_| "handshake").unwrap(), settings());
+        (client.unwrap(), conn)
+    }
+
+    /// An idle TLS stream waits without a read buffer (nor does a plain one), and loses
+    /// nothing: a frame split over records and writes arrives whole, also after a wait
+    /// that was given up (a cancelled read).
+    #[tokio::test]
+    async fn an_idle_tls_stream_holds_no_read_buffer_and_loses_nothing() {
+        let (mut client, mut conn) = tls_pair().await;
+        client
+            .write_all(b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams'>")
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        assert!(matches!(
+            conn.next_frame().await.unwrap(),
+            Frame::StreamOpen(_)
+        ));
+        // Nothing comes: the read waits, and is given up, without a buffer.
+        let waited = conn.next_frame_within(Duration::from_secs(5));
+        assert!(tokio::time::timeout(Duration::from_millis(50), waited)
+            .await
+            .is_err());
+        assert_eq!(conn.reader.buffer_capacity(), 0);
+        // Half an element, then the rest in a later record.
+        client
+            .write_all(b"<message id='1'><body>hel")
+            .await
+            .unwrap();
+        client.flush().await.unwrap();
+        let next = tokio::spawn(async move {
+            let frame = conn.next_frame().await.unwrap();
+            (frame, conn)
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        client.write_all(b"lo</body></message>").await.unwrap();
+        client.write_all(b"<message id='2'/>").await.unwrap();
+        client.flush().await.unwrap();
+        let (frame, mut conn) = next.await.unwrap();
+        let Frame::Element(first) = frame else {
+            panic!("not an element")
+        };
+        assert_eq!(&first[..], b"<message id='1'><body>hello</body></message>");
+        let Frame::Element(second) = conn.next_frame().await.unwrap() else {
+            panic!("not an element")
+        };
+        assert_eq!(&second[..], b"<message id='2'/>");
+        // The peer's close is seen while waiting idle.
+        client.shutdown().await.unwrap();
+        assert!(matches!(conn.next_frame().await, Err(Close::Gone(_))));
+    }
+}

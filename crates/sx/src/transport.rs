@@ -71,17 +71,11 @@ impl Transport {
             Transport::Plain(tcp) => tcp.readable().await.map(|()| true),
             Transport::TlsServer(tls) => {
                 let (tcp, conn) = tls.get_mut();
-                if tls_has_plaintext(conn) {
-                    return Ok(true);
-                }
-                tcp.readable().await.map(|()| true)
+                tls_readable(tcp, conn).await
             }
             Transport::TlsClient(tls) => {
                 let (tcp, conn) = tls.get_mut();
-                if tls_has_plaintext(conn) {
-                    return Ok(true);
-                }
-                tcp.readable().await.map(|()| true)
+                tls_readable(tcp, conn).await
             }
             Transport::Web(_) | Transport::Detached => Ok(false),
         }
@@ -99,14 +93,21 @@ impl Transport {
     }
 }
 
-/// Whether rustls holds decrypted bytes, or records it has not processed yet (which
-/// `process_new_packets` would decrypt): either way a read needs no socket data. An
-/// error is left for the read to report.
-fn tls_has_plaintext<D>(conn: &mut rustls::ConnectionCommon<D>) -> bool {
-    match conn.process_new_packets() {
+/// [`Transport::readable`] for TLS: at once if rustls holds decrypted bytes (records it
+/// had read are decrypted first), the peer's close or an error (left for the read to
+/// report); otherwise when the socket has bytes.
+async fn tls_readable<D>(
+    tcp: &TcpStream,
+    conn: &mut rustls::ConnectionCommon<D>,
+) -> io::Result<bool> {
+    let ready = match conn.process_new_packets() {
         Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
         Err(_) => true,
+    };
+    if !ready {
+        tcp.readable().await?;
     }
+    Ok(true)
 }
 
 /// Runs `$e` with `$s` pinned to whichever stream the transport holds.

@@ -43,6 +43,7 @@ pub fn dispatch(ctx: &Arc<Ctx>, user: &BareJid, event: Event) {
 /// The user's task. An `async` block, not an `async fn`: an `async fn` keeps its
 /// arguments and the locals they are moved into side by side (the `User` twice) for the
 /// task's whole life, and every user with a session has a task.
+#[allow(clippy::manual_async_fn)] // deliberately not an `async fn`: see above
 fn run(mut u: User, mut rx: Receiver, pending: Pending) -> impl std::future::Future<Output = ()> {
     async move {
         loop {
