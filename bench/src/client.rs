@@ -131,7 +131,29 @@ impl Client {
         keys: &ClientKeys,
         tls: Option<Arc<rustls::ClientConfig>>,
     ) -> anyhow::Result<Client> {
-        let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
+        Client::login_from(None, port, user, resource, keys, tls).await
+    }
+
+    /// As [`Client::login`], from loopback address `source` when given: one address has
+    /// about 28 000 ephemeral ports towards one server port, so 100 000 connections need
+    /// several (127.0.0.0/8 is all loopback).
+    pub async fn login_from(
+        source: Option<std::net::Ipv4Addr>,
+        port: u16,
+        user: &str,
+        resource: &str,
+        keys: &ClientKeys,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    ) -> anyhow::Result<Client> {
+        let server = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        let tcp = match source {
+            None => TcpStream::connect(server).await?,
+            Some(ip) => {
+                let socket = tokio::net::TcpSocket::new_v4()?;
+                socket.bind((ip, 0).into())?;
+                socket.connect(server).await?
+            }
+        };
         tcp.set_nodelay(true)?;
         Client::login_on(Box::new(tcp), user, resource, keys, tls).await
     }

@@ -326,6 +326,10 @@ def test_persistent_room_survives_a_muc_restart(server):
         ping = "<ping xmlns='urn:xmpp:ping'/>"
         assert error_of(alice.iq("get", ping, to=f"{ROOM}/Alice")) == "not-acceptable"
         got = join(alice, "Alice", x="<history maxstanzas='2'/>")
+        # The ban's answer may come a second time: a packet muc handled but had not
+        # acknowledged when it was SIGKILLed is delivered again (at least once,
+        # docs/protocol.md "Acknowledged links"), and clients ignore a repeated result.
+        got = [e for e in got if local(e) != "iq"]
         assert codes(got[0]) == ["110", "170"], "no 201: the room existed"
         # The history comes back from the room's archive.
         assert [body_of(e) for e in got if local(e) == "message" and body_of(e)] == ["kept 1", "kept 2"]

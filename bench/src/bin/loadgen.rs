@@ -51,6 +51,7 @@ use clap::{Parser, Subcommand};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::{mpsc, Notify};
 
 use bench::caps::{self, Software};
@@ -148,6 +149,39 @@ enum Scenario {
         /// left polling: one request held by c2s).
         #[arg(long, value_enum, default_value = "tcp")]
         transport: Transport,
+        /// c2s processes sharing the client ports (SO_REUSEPORT): each holds at most its
+        /// open-file limit of connections (here 20 000, not raisable), so 100 000 need six
+        /// or more. The extra ones are started as instances 2.. (`--instance K`).
+        #[arg(long, default_value_t = 1)]
+        c2s_instances: u32,
+        /// Client processes (`loadgen hold`), each logging its share of the users in
+        /// from its own loopback address (127.0.1.K): a process's open files and an
+        /// address's ephemeral ports both stop short of 100 000. TCP only.
+        #[arg(long, default_value_t = 1)]
+        processes: usize,
+        /// Mutual contacts in each user's roster (even): then every client also sends
+        /// one presence change, and the server CPU per presence is reported (each goes
+        /// to its contacts online).
+        #[arg(long, default_value_t = 0)]
+        contacts: usize,
+    },
+    /// A client process of `idle --processes` (not run by hand): logs in users
+    /// `from`..`to` from `source`, prints `ready N`, then sends a presence change from
+    /// each client at every `presence` line on its standard input (answering `sent N`),
+    /// and logs out at the end of its input.
+    #[command(hide = true)]
+    Hold {
+        #[arg(long)]
+        port: u16,
+        /// STARTTLS, trusting this certificate.
+        #[arg(long)]
+        cert: Option<std::path::PathBuf>,
+        #[arg(long)]
+        from: usize,
+        #[arg(long)]
+        to: usize,
+        #[arg(long)]
+        source: std::net::Ipv4Addr,
     },
     /// Server memory per session hibernating (XEP-0198) after its connection dropped.
     Hibernated {
@@ -255,16 +289,33 @@ fn main() -> anyhow::Result<()> {
                     connections: 10_000,
                     tls: false,
                     transport: Transport::Tcp,
+                    c2s_instances: 1,
+                    processes: 1,
+                    contacts: 0,
                 },
                 Scenario::Idle {
                     connections: 10_000,
                     tls: true,
                     transport: Transport::Tcp,
+                    c2s_instances: 1,
+                    processes: 1,
+                    contacts: 0,
                 },
             ],
             one => vec![one],
         };
         for s in scenarios {
+            if let Scenario::Hold {
+                port,
+                cert,
+                from,
+                to,
+                source,
+            } = &s
+            {
+                hold(*port, cert.as_deref(), *from..*to, *source).await?;
+                continue;
+            }
             if let Scenario::Muc { server, .. } = &s {
                 if matches!(server.as_str(), "both" | "jabberd-rs") {
                     let bench = Bench::start(&s, &setup).await?;
@@ -279,7 +330,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 continue;
             }
-            let bench = Bench::start(&s, &setup).await?;
+            let mut bench = Bench::start(&s, &setup).await?;
             let result = match s {
                 Scenario::Logins {
                     count,
@@ -309,7 +360,17 @@ fn main() -> anyhow::Result<()> {
                     connections,
                     tls,
                     transport,
-                } => bench.idle(connections, tls, transport).await,
+                    c2s_instances,
+                    processes,
+                    contacts,
+                } => {
+                    let spread = Spread {
+                        c2s_instances,
+                        processes,
+                        contacts,
+                    };
+                    bench.idle(connections, tls, transport, spread).await
+                }
                 Scenario::Hibernated { sessions } => bench.hibernated(sessions).await,
                 Scenario::Pep {
                     users,
@@ -331,7 +392,7 @@ fn main() -> anyhow::Result<()> {
                     };
                     bench.pep(&plan).await
                 }
-                Scenario::All | Scenario::Muc { .. } => unreachable!(),
+                Scenario::All | Scenario::Muc { .. } | Scenario::Hold { .. } => unreachable!(),
             };
             if result.is_err() {
                 bench.server.print_log_tails(20);
@@ -421,6 +482,7 @@ impl Bench {
             Scenario::Messages { clients, .. } => *clients,
             Scenario::Pair { .. } => 2,
             Scenario::Idle { connections, .. } => *connections,
+            Scenario::Hold { .. } => 0,
             Scenario::Hibernated { sessions } => *sessions,
             Scenario::Pep { users, .. } => *users,
             Scenario::Muc { occupants, .. } => *occupants + 1,
@@ -497,19 +559,27 @@ impl Bench {
         };
         let keys = ClientKeys::new();
         let mut fragments = accounts(users, &keys);
-        if let Scenario::Pep {
-            users, contacts, ..
-        } = scenario
-        {
-            if *contacts % 2 == 1 || *contacts >= *users {
+        let rosters = match scenario {
+            Scenario::Pep {
+                users, contacts, ..
+            } => Some((*users, *contacts)),
+            Scenario::Idle {
+                connections,
+                contacts,
+                ..
+            } if *contacts > 0 => Some((*connections, *contacts)),
+            _ => None,
+        };
+        if let Some((users, contacts)) = rosters {
+            if contacts % 2 == 1 || contacts >= users {
                 bail!("--contacts must be even and fewer than --users");
             }
             // Rosters of mutual contacts, written to storage before sm reads them.
-            fragments.extend((0..*users).map(|i| {
+            fragments.extend((0..users).map(|i| {
                 (
                     format!("user{i}@{DOMAIN}"),
                     "jabber:iq:roster",
-                    pep::roster_fragment(i, *users, *contacts),
+                    pep::roster_fragment(i, users, contacts),
                 )
             }));
         }
@@ -834,34 +904,127 @@ impl Bench {
     }
 
     async fn idle(
-        &self,
+        &mut self,
         connections: usize,
         tls: bool,
         transport: Transport,
+        spread: Spread,
     ) -> anyhow::Result<()> {
         if tls && transport != Transport::Tcp {
             bail!("idle: --tls is for --transport tcp");
         }
-        let memory = Memory::now(self.pids());
-        let held = self
-            .log_in_many(connections, "idle", self.sm, true, transport, tls)
-            .await?;
+        if spread.processes > 1 && transport != Transport::Tcp {
+            bail!("idle: --processes is for --transport tcp");
+        }
+        for k in 2..=spread.c2s_instances {
+            let name = format!("c2s-{k}");
+            self.server.spawn(
+                &name,
+                "c2s",
+                &["-c", "c2s.xml", "--instance", &k.to_string()],
+            )?;
+            self.server.wait_connected(&name, 0).await?;
+        }
+        let pids = self.pids();
+        let memory = Memory::now(pids.clone());
+        let started = Instant::now();
+        let mut held = if spread.processes > 1 {
+            Held::Elsewhere(
+                self.hold_elsewhere(connections, tls, spread.processes)
+                    .await?,
+            )
+        } else {
+            let here = self
+                .log_in_many(connections, "idle", self.sm, true, transport, tls)
+                .await?;
+            Held::Here(here)
+        };
+        let login_time = started.elapsed();
         // Let the server settle (initial presence, caches) before reading memory.
         tokio::time::sleep(Duration::from_secs(2)).await;
+        wait_idle(&pids).await;
         let (before, after, by_process) = memory.growth(connections);
         println!(
-            "idle ({}{}): {connections} authenticated connections with presence: server RSS {before} KiB -> {after} KiB, {:.1} KiB per connection",
+            "idle ({}{}): {connections} authenticated connections with presence{}: server RSS {before} KiB -> {after} KiB, {:.1} KiB per connection (logged in in {:.1} s)",
             match (transport, tls) {
                 (Transport::Tcp, true) => "STARTTLS",
                 (Transport::Tcp, false) => "plaintext",
                 (t, _) => t.name(),
             },
             if self.sm { ", stream management" } else { "" },
-            (after.saturating_sub(before)) as f64 / connections as f64
+            if spread.contacts > 0 {
+                format!(", {} contacts each", spread.contacts)
+            } else {
+                String::new()
+            },
+            (after.saturating_sub(before)) as f64 / connections as f64,
+            login_time.as_secs_f64()
         );
         println!("  KiB per connection by process: {by_process}");
+        if spread.contacts > 0 {
+            // Every client changes its presence once: each change goes to the user's
+            // contacts online (all of them are).
+            let each: Vec<u64> = pids.iter().map(|p| cpu_micros(&[*p])).collect();
+            let total = cpu_micros(&pids);
+            let sent = held.presence_round().await?;
+            wait_idle(&pids).await;
+            let n = sent.max(1) as f64;
+            let at = |pid: u32| {
+                let i = pids.iter().position(|p| *p == pid).expect("known pid");
+                (cpu_micros(&[pid]) - each[i]) as f64 / n
+            };
+            println!(
+                "  presence changes: {sent}, each to {} contacts online: server CPU {:.1} µs per change ({})",
+                spread.contacts,
+                (cpu_micros(&pids) - total) as f64 / n,
+                per_process(&pids, at, "")
+            );
+        }
         drop(held);
         Ok(())
+    }
+
+    /// Starts `processes` client processes (`loadgen hold`) sharing users 0..`connections`
+    /// and waits until each has logged its share in.
+    async fn hold_elsewhere(
+        &self,
+        connections: usize,
+        tls: bool,
+        processes: usize,
+    ) -> anyhow::Result<Vec<Holder>> {
+        let exe = std::env::current_exe()?;
+        let mut holders = vec![];
+        for k in 0..processes {
+            let (from, to) = (
+                k * connections / processes,
+                (k + 1) * connections / processes,
+            );
+            let mut cmd = tokio::process::Command::new(&exe);
+            cmd.arg("hold")
+                .args(["--port", &self.port.to_string()])
+                .args(["--from", &from.to_string(), "--to", &to.to_string()])
+                .args(["--source", &format!("127.0.1.{}", k + 1)])
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true);
+            if tls {
+                cmd.arg("--cert")
+                    .arg(self.server.path("certs/localhost.crt"));
+            }
+            let mut child = cmd.spawn()?;
+            let stdin = child.stdin.take().expect("piped");
+            let stdout = child.stdout.take().expect("piped");
+            let lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+            holders.push(Holder {
+                _child: child,
+                stdin,
+                lines,
+            });
+        }
+        for h in &mut holders {
+            h.answer("ready").await?;
+        }
+        Ok(holders)
     }
 
     /// Logs in `sessions` clients with resumable stream management and presence, drops
@@ -1664,6 +1827,104 @@ impl Memory {
         };
         (self.total, after, per_process(&self.pids, at, ""))
     }
+}
+
+/// How `loadgen idle` spreads its connections (see its options).
+struct Spread {
+    c2s_instances: u32,
+    processes: usize,
+    contacts: usize,
+}
+
+/// The idle clients: in this process, or in client processes.
+enum Held {
+    Here(Vec<Client>),
+    Elsewhere(Vec<Holder>),
+}
+
+impl Held {
+    /// Every client sends one presence change; how many were sent.
+    async fn presence_round(&mut self) -> anyhow::Result<usize> {
+        match self {
+            Held::Here(clients) => {
+                for c in clients.iter_mut() {
+                    c.send(PRESENCE_CHANGE).await?;
+                }
+                Ok(clients.len())
+            }
+            Held::Elsewhere(holders) => {
+                for h in holders.iter_mut() {
+                    h.stdin.write_all(b"presence\n").await?;
+                }
+                let mut sent = 0;
+                for h in holders.iter_mut() {
+                    sent += h.answer("sent").await?;
+                }
+                Ok(sent)
+            }
+        }
+    }
+}
+
+const PRESENCE_CHANGE: &[u8] = b"<presence><show>away</show></presence>";
+
+/// A `loadgen hold` process: killed when dropped (its clients' connections close).
+struct Holder {
+    _child: tokio::process::Child,
+    stdin: tokio::process::ChildStdin,
+    lines: tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStdout>>,
+}
+
+impl Holder {
+    /// Waits for the process's `WORD N` line; N.
+    async fn answer(&mut self, word: &str) -> anyhow::Result<usize> {
+        let line = self.lines.next_line().await?.unwrap_or_default();
+        match line.strip_prefix(word).map(|n| n.trim().parse::<usize>()) {
+            Some(Ok(n)) => Ok(n),
+            _ => bail!("a client process answered {line:?}, not {word}"),
+        }
+    }
+}
+
+/// `loadgen hold`: see [`Scenario::Hold`].
+async fn hold(
+    port: u16,
+    cert: Option<&std::path::Path>,
+    users: std::ops::Range<usize>,
+    source: std::net::Ipv4Addr,
+) -> anyhow::Result<()> {
+    use tokio::io::AsyncBufReadExt;
+    let keys = ClientKeys::new();
+    let tls = cert.map(client_tls).transpose()?;
+    let mut clients = Vec::with_capacity(users.len());
+    let batch = 100;
+    for start in users.clone().step_by(batch) {
+        let mut logins = tokio::task::JoinSet::new();
+        for i in start..(start + batch).min(users.end) {
+            let (keys, tls) = (keys.clone(), tls.clone());
+            logins.spawn(async move {
+                let user = format!("user{i}");
+                let mut c =
+                    Client::login_from(Some(source), port, &user, "idle", &keys, tls).await?;
+                c.send(b"<presence/>").await?;
+                Ok::<_, anyhow::Error>(c)
+            });
+        }
+        while let Some(c) = logins.join_next().await {
+            clients.push(c??);
+        }
+    }
+    println!("ready {}", clients.len());
+    let mut input = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Some(line) = input.next_line().await? {
+        if line.trim() == "presence" {
+            for c in clients.iter_mut() {
+                c.send(PRESENCE_CHANGE).await?;
+            }
+            println!("sent {}", clients.len());
+        }
+    }
+    Ok(())
 }
 
 /// XEP-0198 with resumption, as mobile clients enable it after binding.
