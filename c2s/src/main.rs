@@ -34,6 +34,8 @@ use jrs_stream::Limits;
 use crate::config::C2sConfig;
 use crate::shared::Shared;
 
+jrs_component::server_allocator!();
+
 /// The jabberd-rs client connection manager.
 #[derive(Parser, Debug)]
 #[command(name = "c2s", version, about)]

@@ -19,6 +19,8 @@ use jrs_stream::StanzaErrorCondition;
 use crate::config::LogdConfig;
 use crate::sinks::Sinks;
 
+jrs_component::server_allocator!();
+
 /// The jabberd-rs log sink.
 #[derive(Parser, Debug)]
 #[command(name = "logd", version, about)]

@@ -36,6 +36,8 @@ use crate::directory::Directory;
 use crate::registry::Registry;
 use crate::store::Store;
 
+jrs_component::server_allocator!();
+
 /// The jabberd-rs group chat service.
 #[derive(Parser, Debug)]
 #[command(name = "muc", version, about)]

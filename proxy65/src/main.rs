@@ -48,6 +48,8 @@ use jrs_component::service::{exit_code, load_and_init, run_component, CommonArgs
 
 use crate::config::ProxyConfig;
 
+jrs_component::server_allocator!();
+
 /// The jabberd-rs SOCKS5 bytestream proxy (XEP-0065).
 #[derive(Parser, Debug)]
 #[command(name = "proxy65", version, about)]

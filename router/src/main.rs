@@ -22,6 +22,8 @@ use tracing::{error, info};
 use crate::config::{RouterConfig, Users};
 use crate::router::Router;
 
+jrs_component::server_allocator!();
+
 /// The jabberd-rs router: delivers packets between components.
 #[derive(Parser, Debug)]
 #[command(version, about)]

@@ -35,6 +35,8 @@ use jrs_stream::Limits;
 use crate::config::S2sConfig;
 use crate::shared::Shared;
 
+jrs_component::server_allocator!();
+
 /// The jabberd-rs server-to-server component.
 /// How long streams get to close on SIGTERM (each close is itself bounded: a write,
 /// then a short wait for the remote's close), well inside the supervisor's stop timeout.

@@ -29,6 +29,8 @@ use crate::config::SmConfig;
 use crate::host::store::Store;
 use crate::host::{Ctx, Modules};
 
+jrs_component::server_allocator!();
+
 /// The jabberd-rs session manager.
 #[derive(Parser, Debug)]
 #[command(name = "sm", version, about)]

@@ -29,6 +29,8 @@ use crate::config::PgStorageConfig;
 use crate::db::{Conn, Tx};
 use crate::owner::Owner;
 
+jrs_component::server_allocator!();
+
 /// The jabberd-rs PostgreSQL storage component.
 #[derive(Parser, Debug)]
 #[command(name = "xdb-pg", version, about)]

@@ -24,6 +24,8 @@ use crate::archive::Archives;
 use crate::config::StorageConfig;
 use crate::spool::{Owner, Spool};
 
+jrs_component::server_allocator!();
+
 /// The jabberd-rs file storage component.
 #[derive(Parser, Debug)]
 #[command(name = "xdb-file", version, about)]

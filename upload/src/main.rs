@@ -34,6 +34,8 @@ use jrs_component::service::{exit_code, load_and_init, run_component, CommonArgs
 
 use crate::config::{SecretSource, UploadConfig};
 
+jrs_component::server_allocator!();
+
 /// The jabberd-rs HTTP File Upload component (XEP-0363).
 #[derive(Parser, Debug)]
 #[command(name = "upload", version, about)]
@@ -171,6 +173,7 @@ mod tests {
     #[test]
     fn url_hosts() {
         assert_eq!(super::url_host("https://up.example:5281/x"), "up.example");
+
         assert_eq!(super::url_host("http://[::1]:5280"), "::1");
         assert_eq!(super::url_host("http://localhost"), "localhost");
     }
