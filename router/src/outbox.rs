@@ -379,15 +379,25 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
     let mut buf = Vec::with_capacity(BATCH_BYTES);
     // Bytes of our stream written so far: where the packets of the next batch start.
     let mut position = 0u64;
+    // One timer for the link's life, pushed back after every write: a `timeout` per
+    // batch put an entry into the timer wheel and took it out again for every lone
+    // packet, while moving a pending deadline later is a single store.
+    let mut silence = Box::pin(tokio::time::sleep(keepalive));
     loop {
         buf.clear();
-        let count = match tokio::time::timeout(keepalive, outbox.next_batch(&mut buf)).await {
-            Err(_) => {
+        silence
+            .as_mut()
+            .reset(tokio::time::Instant::now() + keepalive);
+        let count = tokio::select! {
+            biased;
+            batch = outbox.next_batch(&mut buf) => match batch {
+                Some(count) => count,
+                None => return io,
+            },
+            _ = silence.as_mut() => {
                 buf.push(b' ');
                 0
             }
-            Ok(Some(count)) => count,
-            Ok(None) => return io,
         };
         let write = async {
             io.write_all(&buf).await?;

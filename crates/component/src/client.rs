@@ -389,6 +389,10 @@ impl ComponentWriter {
             // Packets taken from the outbox for this batch, and who waits for their ack.
             let mut fresh = 0u64;
             let mut waiters: Vec<(u64, crate::ack::AckWaiter)> = vec![];
+            // The keepalive's timer, kept for the link's life and pushed back before each
+            // wait (moving a pending deadline later costs a store; a `timeout` per wait
+            // registered and removed a timer for every lone packet).
+            let mut silence = Box::pin(tokio::time::sleep(self.keepalive));
             if let Some(acks) = &acks {
                 for p in acks.take_resend() {
                     batch.extend_from_slice(&p);
@@ -400,15 +404,18 @@ impl ComponentWriter {
                     // A space after a silence, so that a dead router is noticed (the
                     // link's TCP_USER_TIMEOUT fires on unacknowledged data, not on an idle
                     // link).
+                    silence
+                        .as_mut()
+                        .reset(tokio::time::Instant::now() + self.keepalive);
                     let first = tokio::select! {
-                        r = tokio::time::timeout(self.keepalive, rx.recv()) => match r {
-                            Ok(Some(first)) => Some(first),
-                            Ok(None) => break,
-                            Err(_) => {
-                                batch.push(b' ');
-                                None
-                            }
+                        r = rx.recv() => match r {
+                            Some(first) => Some(first),
+                            None => break,
                         },
+                        _ = silence.as_mut() => {
+                            batch.push(b' ');
+                            None
+                        }
                         _ = ack_due(&acks) => None,
                         _ = stopped.notified() => break,
                     };
