@@ -342,6 +342,13 @@ mod tests {
             .await
             .is_err());
         assert_eq!(conn.reader.buffer_capacity(), 0);
+        // The read's own limit (the connection's one timer, pushed back at each read).
+        match conn.next_frame_within(Duration::from_millis(30)).await {
+            Err(Close::Error(e)) => {
+                assert_eq!(e.condition, StreamErrorCondition::ConnectionTimeout)
+            }
+            other => panic!("not a timeout: {other:?}"),
+        }
         // Half an element, then the rest in a later record.
         client
             .write_all(b"<message id='1'><body>hel")
