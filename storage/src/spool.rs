@@ -649,7 +649,7 @@ mod tests {
     #[test]
     fn rewrites_swap_with_an_empty_spare_and_keep_the_inode() {
         use std::os::unix::fs::MetadataExt;
-        let (mut s, _dir) = spool();
+        let (mut s, dir) = spool();
         let bob = Owner::parse("bob@localhost").unwrap();
         let file = s.file(&bob, "jabber:iq:last");
         let spare = temporary_path(&file);
@@ -691,6 +691,7 @@ mod tests {
         s.commit().unwrap();
         assert!(!file.exists() && !spare.exists());
         assert!(read_back(&mut s).is_empty());
+        fs::remove_dir_all(dir).unwrap();
     }
 
     #[test]
