@@ -1060,39 +1060,49 @@ impl Bench {
         transport: Transport,
         tls: bool,
     ) -> anyhow::Result<Vec<Client>> {
-        let mut clients = Vec::with_capacity(count);
-        let batch = 100;
-        for start in (0..count).step_by(batch) {
-            let mut logins = tokio::task::JoinSet::new();
-            for i in start..(start + batch).min(count) {
-                let (port, keys) = (self.port_for(transport), self.keys.clone());
-                let tls = tls.then(|| self.tls.clone());
-                logins.spawn(async move {
-                    let mut c = Client::login_over(
-                        transport,
-                        port,
-                        &format!("user{i}"),
-                        resource,
-                        &keys,
-                        tls,
-                    )
-                    .await?;
-                    if sm {
-                        enable_stream_management(&mut c).await?;
-                    }
-                    c.send(b"<presence/>").await?;
-                    Ok::<_, anyhow::Error>(c)
-                });
-            }
-            while let Some(c) = logins.join_next().await {
-                let c = c??;
-                if keep {
-                    clients.push(c);
+        log_in_batches(0..count, keep, |i| {
+            let (port, keys) = (self.port_for(transport), self.keys.clone());
+            let tls = tls.then(|| self.tls.clone());
+            async move {
+                let user = format!("user{i}");
+                let mut c =
+                    Client::login_over(transport, port, &user, resource, &keys, tls).await?;
+                if sm {
+                    enable_stream_management(&mut c).await?;
                 }
+                c.send(b"<presence/>").await?;
+                Ok(c)
+            }
+        })
+        .await
+    }
+}
+
+/// Logs `users` in (`login(i)` for user i), 100 at a time; returns the clients when
+/// `keep`, else drops each batch's connections once it is logged in.
+async fn log_in_batches<F>(
+    users: std::ops::Range<usize>,
+    keep: bool,
+    mut login: impl FnMut(usize) -> F,
+) -> anyhow::Result<Vec<Client>>
+where
+    F: std::future::Future<Output = anyhow::Result<Client>> + Send + 'static,
+{
+    let mut clients = Vec::with_capacity(if keep { users.len() } else { 0 });
+    let batch = 100;
+    for start in users.clone().step_by(batch) {
+        let mut logins = tokio::task::JoinSet::new();
+        for i in start..(start + batch).min(users.end) {
+            logins.spawn(login(i));
+        }
+        while let Some(c) = logins.join_next().await {
+            let c = c??;
+            if keep {
+                clients.push(c);
             }
         }
-        Ok(clients)
     }
+    Ok(clients)
 }
 
 /// What `loadgen pep` runs.
@@ -1896,24 +1906,16 @@ async fn hold(
     use tokio::io::AsyncBufReadExt;
     let keys = ClientKeys::new();
     let tls = cert.map(client_tls).transpose()?;
-    let mut clients = Vec::with_capacity(users.len());
-    let batch = 100;
-    for start in users.clone().step_by(batch) {
-        let mut logins = tokio::task::JoinSet::new();
-        for i in start..(start + batch).min(users.end) {
-            let (keys, tls) = (keys.clone(), tls.clone());
-            logins.spawn(async move {
-                let user = format!("user{i}");
-                let mut c =
-                    Client::login_from(Some(source), port, &user, "idle", &keys, tls).await?;
-                c.send(b"<presence/>").await?;
-                Ok::<_, anyhow::Error>(c)
-            });
+    let mut clients = log_in_batches(users, true, |i| {
+        let (keys, tls) = (keys.clone(), tls.clone());
+        async move {
+            let user = format!("user{i}");
+            let mut c = Client::login_from(Some(source), port, &user, "idle", &keys, tls).await?;
+            c.send(b"<presence/>").await?;
+            Ok(c)
         }
-        while let Some(c) = logins.join_next().await {
-            clients.push(c??);
-        }
-    }
+    })
+    .await?;
     println!("ready {}", clients.len());
     let mut input = tokio::io::BufReader::new(tokio::io::stdin()).lines();
     while let Some(line) = input.next_line().await? {

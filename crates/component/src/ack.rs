@@ -49,23 +49,12 @@ pub fn wanted() -> bool {
     )
 }
 
-/// Appends the ack for `h` bytes handled to `buf`. Written by hand, short and without
-/// allocating: one rides with nearly every write on a busy link, and every byte of it is
-/// framed again at the other end (docs/benchmarks.md, "The cost of acknowledged links").
+/// Appends the ack for `h` bytes handled to `buf`, without allocating: one rides with
+/// nearly every write on a busy link, and every byte of it is framed again at the other
+/// end (docs/benchmarks.md, "The cost of acknowledged links").
 pub fn write_ack(buf: &mut Vec<u8>, h: u64) {
     buf.extend_from_slice(ACK_SHORT.as_bytes());
-    let mut digits = [0u8; 20];
-    let mut n = h;
-    let mut at = digits.len();
-    loop {
-        at -= 1;
-        digits[at] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    buf.extend_from_slice(&digits[at..]);
+    buf.extend_from_slice(itoa::Buffer::new().format(h).as_bytes());
     buf.extend_from_slice(ACK_TAIL.as_bytes());
 }
 
@@ -76,9 +65,9 @@ const ACK_LONG: &str = "<a xmlns='urn:jabberd-rs:router:0' h='";
 const ACK_TAIL: &str = "'/>";
 
 /// The `h` of an ack spelled exactly as [`write_ack`] writes it (or as earlier versions
-/// did), read without an XML parser (written by hand: it is most of the frames on a busy link, and the parser costs
-/// thousands of instructions per element). Anything else, an ack spelled otherwise
-/// included, is `None`: the caller parses it as usual.
+/// did), read without an XML parser (by hand: acks are most of the frames on a busy link,
+/// and the parser costs thousands of instructions per element). Anything else, an ack
+/// spelled otherwise included, is `None`: the caller parses it as usual.
 pub fn quick_ack(frame: &[u8]) -> Option<u64> {
     let frame = frame.trim_ascii_start();
     let value = frame

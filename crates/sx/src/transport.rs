@@ -64,11 +64,11 @@ impl Transport {
 
     /// Waits until a read would find something (bytes on the socket, or plaintext TLS
     /// already decrypted), so that an idle connection can wait without a read buffer.
-    /// `false`: this transport cannot tell (the web pipe): read with a buffer.
+    /// Returns at once where it cannot tell (the web pipe: read with a buffer there).
     /// Cancel-safe; may wake without data (the next read then waits).
-    pub async fn readable(&mut self) -> io::Result<bool> {
+    pub async fn readable(&mut self) -> io::Result<()> {
         match self {
-            Transport::Plain(tcp) => tcp.readable().await.map(|()| true),
+            Transport::Plain(tcp) => tcp.readable().await,
             Transport::TlsServer(tls) => {
                 let (tcp, conn) = tls.get_mut();
                 tls_readable(tcp, conn).await
@@ -77,7 +77,7 @@ impl Transport {
                 let (tcp, conn) = tls.get_mut();
                 tls_readable(tcp, conn).await
             }
-            Transport::Web(_) | Transport::Detached => Ok(false),
+            Transport::Web(_) | Transport::Detached => Ok(()),
         }
     }
 
@@ -99,15 +99,15 @@ impl Transport {
 async fn tls_readable<D>(
     tcp: &TcpStream,
     conn: &mut rustls::ConnectionCommon<D>,
-) -> io::Result<bool> {
+) -> io::Result<()> {
     let ready = match conn.process_new_packets() {
         Ok(state) => state.plaintext_bytes_to_read() > 0 || state.peer_has_closed(),
         Err(_) => true,
     };
-    if !ready {
-        tcp.readable().await?;
+    if ready {
+        return Ok(());
     }
-    Ok(true)
+    tcp.readable().await
 }
 
 /// Runs `$e` with `$s` pinned to whichever stream the transport holds.
