@@ -40,18 +40,26 @@ def binaries_missing():
     return [p for p in PROCESSES + ["muc", "jabberctl"] if not (bin_dir() / p).exists()]
 
 
+_GIVEN_PORTS = set()
+
+
 def free_port():
     """A port free to listen on, below the kernel's ephemeral range (32768-60999 on
     Linux): a port the kernel hands out itself (bind to 0) may be taken, before our
-    server binds it, as the local port of one of the test's own outgoing connections."""
+    server binds it, as the local port of one of the test's own outgoing connections.
+    Never the same port twice in one process (two listeners of one server drew the
+    same free port once)."""
     import random
     for _ in range(200):
         port = random.randrange(20000, 32000)
+        if port in _GIVEN_PORTS:
+            continue
         with socket.socket() as s:
             try:
                 s.bind(("127.0.0.1", port))
             except OSError:
                 continue
+            _GIVEN_PORTS.add(port)
             return port
     raise RuntimeError("no free port found in 20000-32000")
 

@@ -67,10 +67,16 @@ pub fn link(port: u16, name: &str, secret: &str) -> RouterLink {
 /// Linux): a port the kernel hands out itself (bind to 0) may be taken, before our
 /// server binds it, as the local port of one of the test's own outgoing connections
 /// (seen: s2s "Address already in use"). As tests/py/serverproc.py does.
+/// A port is never handed out twice by one process: two draws could otherwise give the
+/// same free port to two listeners of one server (seen: c2s "is bound by another
+/// listener of this process").
 pub fn free_port() -> u16 {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
     for _ in 0..500 {
         let port = rand::random_range(20000..32000);
-        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        let mut given = GIVEN.lock().expect("ports lock");
+        if !given.contains(&port) && TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return port;
         }
     }
