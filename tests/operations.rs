@@ -185,6 +185,7 @@ async fn the_supervisor_restarts_a_killed_process_and_service_resumes() {
             from: "admin".into(),
             max_items: None,
             max_age: None,
+            flush: jrs_xdb::Flush::Now,
             content: Bytes::new(),
         }
         .to_xml()

@@ -119,6 +119,7 @@ async fn create_account(server: &Server, jid: &str) {
         from: "admin".into(),
         max_items: None,
         max_age: None,
+        flush: jrs_xdb::Flush::Now,
         content: Bytes::from(Credentials::from_password("secret").to_xml()),
     };
     w.send(req.to_xml().as_bytes()).await.unwrap();

@@ -164,6 +164,7 @@ impl Admin {
             from: "admin".into(),
             max_items: None,
             max_age: None,
+            flush: jrs_xdb::Flush::Now,
             content: Bytes::copy_from_slice(content.as_bytes()),
         };
         self.w.send(req.to_xml().as_bytes()).await.unwrap();

@@ -29,6 +29,7 @@ fn request(op: Op, owner: &str, ns: &str, id: &str, content: &str) -> Vec<u8> {
         from: "admin".into(),
         max_items: None,
         max_age: None,
+        flush: jrs_xdb::Flush::Now,
         content: Bytes::copy_from_slice(content.as_bytes()),
     }
     .to_xml()
@@ -118,6 +119,7 @@ both_backends!(
     fragments_lists_owners_and_account_removal,
     list_of_what_one_owner_has,
     acknowledged_writes_survive_kill_9,
+    writes_flushed_later_are_answered_at_once_and_kept,
     storage_down_past_the_grace_period_gives_errors,
     archive_append_and_query_through_the_router,
     archive_retraction_retention_and_domain_batches,
@@ -361,6 +363,161 @@ async fn acknowledged_writes_survive_kill_9(backend: Backend) {
             "write {i} lost"
         );
     }
+}
+
+/// The answer to `id`, the one request in flight. Answers to earlier ones may come
+/// again first: after a restart the router delivers again what storage had not
+/// acknowledged (at least once, docs/protocol.md).
+async fn answer_to(r: &mut ComponentReader, id: &str) -> Stanza {
+    loop {
+        let a = recv(r).await;
+        if a.id() == Some(id) {
+            return a;
+        }
+    }
+}
+
+/// `set` and `archive-append` with `flush='later'` (the last activity at logout, the
+/// archive copies of messages): answered once readable, on disk when storage stops, and
+/// within a second (xdb-file) or PostgreSQL's `wal_writer_delay` (xdb-pg) otherwise.
+/// Other types refuse it.
+async fn writes_flushed_later_are_answered_at_once_and_kept(backend: Backend) {
+    let (mut server, store, mut r, mut w) = with_storage(backend, 10.0).await;
+    let later = |ns: &str, id: &str, content: &str| {
+        let mut req = Request::parse(
+            &Stanza::parse(Bytes::from(request(
+                Op::Set,
+                "alice@localhost",
+                ns,
+                id,
+                content,
+            )))
+            .unwrap(),
+        )
+        .unwrap();
+        req.flush = jrs_xdb::Flush::Later;
+        req.to_xml()
+    };
+    // Answered, and what reads return at once.
+    w.send(later("jabber:iq:last", "s1", "<query logout='1'/>").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(answer_to(&mut r, "s1").await.kind(), Some("result"));
+    w.send(&request(
+        Op::Get,
+        "alice@localhost",
+        "jabber:iq:last",
+        "g1",
+        "",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        answer_to(&mut r, "g1").await.inner(),
+        b"<query logout='1'/>"
+    );
+
+    // An archive batch for the domain (as sm sends them) likewise: answered, and found by
+    // the next query.
+    let mut batch = BatchWriter::default();
+    let archived = [chat(1, "bob@localhost/r"), chat(2, "bob@localhost/r")];
+    for item in &archived {
+        batch.push("alice@localhost", &item.id, item.time, &item.with, |b| {
+            b.extend_from_slice(&item.payload)
+        });
+    }
+    let mut append = Request::parse(
+        &Stanza::parse(Bytes::from(request(
+            Op::ArchiveAppend,
+            "localhost",
+            MAM,
+            "b1",
+            "",
+        )))
+        .unwrap(),
+    )
+    .unwrap();
+    append.flush = jrs_xdb::Flush::Later;
+    append.content = batch.take();
+    w.send(&append.to_bytes()).await.unwrap();
+    let a = answer_to(&mut r, "b1").await;
+    assert_eq!(a.kind(), Some("result"));
+    assert!(parse_failures(&Bytes::copy_from_slice(a.inner()))
+        .unwrap()
+        .is_empty());
+    assert_eq!(whole_archive(&mut r, &mut w).await, archived);
+
+    // Stopping storage puts it on disk.
+    w.send(later("jabber:iq:last", "s2", "<query logout='2'/>").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(answer_to(&mut r, "s2").await.kind(), Some("result"));
+    let status = server
+        .terminate(store.process(), Duration::from_secs(10))
+        .await
+        .expect("storage stops on SIGTERM");
+    assert!(status.success(), "{status}");
+    if backend == Backend::File {
+        // On disk before the process ended (the router's redelivery after the restart
+        // must not be what brings it back).
+        let file = server.path("spool/localhost/alice/jabber%3Aiq%3Alast.xml");
+        assert_eq!(
+            std::fs::read(file).unwrap(),
+            b"<stored><query logout='2'/></stored>"
+        );
+    }
+    store.start(&mut server, "").await;
+    w.send(&request(
+        Op::Get,
+        "alice@localhost",
+        "jabber:iq:last",
+        "g2",
+        "",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(
+        answer_to(&mut r, "g2").await.inner(),
+        b"<query logout='2'/>"
+    );
+    assert_eq!(whole_archive(&mut r, &mut w).await, archived);
+
+    // Otherwise within a second: then it survives kill -9 (for xdb-file, the swap into
+    // place is the last step of the flush; for xdb-pg, the data is in PostgreSQL).
+    w.send(later("urn:x:other", "s3", "<v n='3'/>").as_bytes())
+        .await
+        .unwrap();
+    assert_eq!(answer_to(&mut r, "s3").await.kind(), Some("result"));
+    if backend == Backend::File {
+        let file = server.path("spool/localhost/alice/urn%3Ax%3Aother.xml");
+        jrs_harness::wait_for("the deferred write's flush", Duration::from_secs(5), || {
+            file.exists().then_some(())
+        })
+        .await
+        .unwrap();
+    }
+    server.kill9(store.process());
+    store.start(&mut server, "").await;
+    w.send(&request(
+        Op::Get,
+        "alice@localhost",
+        "urn:x:other",
+        "g3",
+        "",
+    ))
+    .await
+    .unwrap();
+    assert_eq!(answer_to(&mut r, "g3").await.inner(), b"<v n='3'/>");
+
+    // A flush later is for `set` and `archive-append` only.
+    let append = request(Op::Append, "alice@localhost", "x", "a1", "<x/>");
+    let append = String::from_utf8(append)
+        .unwrap()
+        .replacen(" id=", " flush='later' id=", 1);
+    w.send(append.as_bytes()).await.unwrap();
+    let e = answer_to(&mut r, "a1").await;
+    assert_eq!(e.kind(), Some("error"));
+    assert!(String::from_utf8_lossy(e.as_slice()).contains("bad-request"));
 }
 
 async fn storage_down_past_the_grace_period_gives_errors(backend: Backend) {
@@ -689,6 +846,7 @@ fn req(op: Op, owner: &str, ns: &str, content: impl AsRef<[u8]>) -> Request {
         from: "admin".into(),
         max_items: None,
         max_age: None,
+        flush: jrs_xdb::Flush::Now,
         content: Bytes::copy_from_slice(content.as_ref()),
     }
 }

@@ -21,7 +21,9 @@ use std::sync::Arc;
 
 use clap::Parser;
 
-use jrs_component::service::{exit_code, load_and_init, run_component, Bind, CommonArgs};
+use jrs_component::service::{
+    exit_code, load_and_init, run_component_until_stopped, Bind, CommonArgs,
+};
 use jrs_component::PacketType;
 use jrs_xdb::XdbClient;
 
@@ -85,7 +87,17 @@ fn run(args: Args) -> anyhow::Result<()> {
     // 40% less CPU, and 200 clients on two cores are no slower (docs/benchmarks.md, "Low
     // load"). JABBERD_RUNTIME(_PROGRAM)=multi:N changes it (crates/component/src/runtime.rs).
     let runtime = jrs_component::runtime::build("sm", jrs_component::runtime::Shape::Current)?;
-    runtime.block_on(run_component(link, limits, binds, |reader, outbox| {
-        link::serve(ctx.clone(), reader, outbox)
-    }))
+    let stopping = ctx.clone();
+    runtime.block_on(run_component_until_stopped(
+        link,
+        limits,
+        binds,
+        |reader, outbox| link::serve(ctx.clone(), reader, outbox),
+        // SIGTERM: what modules hold back (archive batches) goes out first.
+        || async move {
+            for m in stopping.modules.all() {
+                m.stopping(&stopping).await;
+            }
+        },
+    ))
 }

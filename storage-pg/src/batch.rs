@@ -120,6 +120,9 @@ impl Part {
                         }
                         o.check_served(hosts)?;
                         let mut tx = conn.begin().await?;
+                        if request.flush == jrs_xdb::Flush::Later {
+                            tx.flush_later().await?;
+                        }
                         crate::archive::append_items(
                             &mut tx,
                             &o,

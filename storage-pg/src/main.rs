@@ -229,7 +229,8 @@ fn answer(stanza: &Stanza, result: Result<(Request, Bytes), Refusal>) -> Bytes {
     }
 }
 
-/// Serves one request in one transaction, committed before the answer.
+/// Serves one request in one transaction, committed before the answer (durable
+/// before it, but for `flush='later'`).
 async fn serve(
     conn: &mut Conn,
     hosts: &[String],
@@ -239,6 +240,9 @@ async fn serve(
     let owner = Owner::parse(&request.owner)?;
     owner.check_served(hosts)?;
     let mut tx = conn.begin().await?;
+    if request.flush == jrs_xdb::Flush::Later {
+        tx.flush_later().await?;
+    }
     let content = apply(&mut tx, &owner, &request).await?;
     tx.commit().await?;
     debug!(op = request.op.name(), owner = %request.owner, ns = %request.ns, "done");

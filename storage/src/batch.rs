@@ -19,7 +19,8 @@ use jrs_xdb::{Refusal, Request};
 
 use crate::archive::Archives;
 use crate::spool::{Owner, Spool};
-use crate::{now, retention, worker_for, Job};
+use crate::worker::Job;
+use crate::{now, retention, worker_for};
 
 /// Whether `stanza` is a batch: an archive append addressed to a domain.
 pub fn is_batch(stanza: &Stanza) -> bool {
@@ -106,6 +107,11 @@ pub fn split(stanza: Stanza, outbox: &Outbox, jobs: &[mpsc::Sender<Job>]) -> any
 }
 
 impl Part {
+    /// When the batch's items must be on disk.
+    pub fn flush(&self) -> jrs_xdb::Flush {
+        self.batch.request.flush
+    }
+
     /// Appends each owner's items (before the worker's group commit).
     pub fn apply(&self, spool: &mut Spool, archives: &mut Archives, hosts: &[String]) {
         let request = &self.batch.request;

@@ -5,6 +5,12 @@ use std::path::{Path, PathBuf};
 use jrs_config::{limits_from_node, LogConfig, Node, Result, RouterLink};
 use jrs_stream::Limits;
 
+/// One thread by default: its batches grow while it waits for the disk, so logins and
+/// archive writes cost a third to a half less of xdb-file's CPU than spread over eight
+/// threads, which mostly woke up for one request each (docs/benchmarks.md, "One spool
+/// thread").
+const DEFAULT_WORKERS: usize = 1;
+
 #[derive(Debug, Clone)]
 pub struct StorageConfig {
     pub router: RouterLink,
@@ -65,7 +71,7 @@ impl StorageConfig {
         spool.allow(&["dir", "workers"], &[])?;
         let workers: usize = spool
             .parse_attr("workers", "a number of threads (1-256)")?
-            .unwrap_or(8);
+            .unwrap_or(DEFAULT_WORKERS);
         if !(1..=256).contains(&workers) {
             return Err(spool.error(format!(
                 "attribute 'workers' = '{workers}': expected a number of threads (1-256)"

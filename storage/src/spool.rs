@@ -58,9 +58,9 @@ pub struct Spool {
     root: PathBuf,
     /// Fragments by file path; `None` caches "no file".
     cache: LruCache<PathBuf, Option<Bytes>>,
-    /// Writes of this batch: final path -> temporary file holding the new content.
+    /// Writes not yet committed: final path -> temporary file holding the new content.
     pending: HashMap<PathBuf, PathBuf>,
-    /// Something in this batch changed the disk (a write, a removal, a new directory).
+    /// Something not yet committed changed the disk (a write, a removal, a new directory).
     dirty: bool,
     /// Shared by the worker threads: one `syncfs` for the commits of all of them.
     syncer: Arc<Syncer>,
@@ -95,25 +95,10 @@ impl Spool {
                 // Appends in place (archives): nothing to rename.
                 return Ok(());
             }
-            let mut spares = Vec::with_capacity(self.pending.len());
             for (path, tmp) in self.pending.drain() {
-                if exchange(&tmp, &path)? {
-                    spares.push(tmp);
-                }
+                exchange(&tmp, &path)?;
             }
-            self.syncer.sync(&self.root)?;
-            // The spares hold the replaced contents: emptied (not removed, that is the
-            // point), so no old data lingers on disk. Not worth failing the batch over.
-            for spare in spares {
-                if let Err(e) = File::options()
-                    .write(true)
-                    .open(&spare)
-                    .and_then(|f| f.set_len(0))
-                {
-                    error!("emptying {}: {e}", spare.display());
-                }
-            }
-            Ok(())
+            self.syncer.sync(&self.root)
         })();
         self.dirty = false;
         if let Err(e) = result {
@@ -125,6 +110,12 @@ impl Spool {
             )));
         }
         Ok(())
+    }
+
+    /// How many writes wait for the next commit (the commit's size; zero when only
+    /// removals or archives changed the disk).
+    pub fn uncommitted(&self) -> Option<usize> {
+        (self.dirty || !self.pending.is_empty()).then_some(self.pending.len())
     }
 
     /// Something outside the spool's own files (an archive) changed the disk: the
@@ -448,19 +439,32 @@ fn count_elements(fragment: &[u8]) -> usize {
 }
 
 /// Writes `data` next to `path` in a temporary file (creating directories on the way)
-/// and returns its name; [`Spool::commit`] makes it durable and renames it into place.
+/// and returns its name; [`Spool::commit`] makes it durable and swaps it into place.
 /// The temporary file usually exists already, as the spare the last write of `path` left
-/// (see [`exchange`]), and is truncated and rewritten: no new inode.
+/// (see [`exchange`]): it is overwritten in place, not truncated first, so its blocks
+/// are reused. (Emptying it freed them, which on a disk mounted with `discard` waited
+/// for the discard, and made ext4 flush the file again when it was closed: a sixth of
+/// xdb-file's CPU per login; docs/benchmarks.md.)
 fn write_temporary(path: &Path, data: &[u8]) -> io::Result<PathBuf> {
     let tmp = temporary_path(path);
-    let mut f = match File::create(&tmp) {
+    let open = || {
+        File::options()
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&tmp)
+    };
+    let mut f = match open() {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             fs::create_dir_all(path.parent().expect("spool files have a parent"))?;
-            File::create(&tmp)?
+            open()?
         }
         other => other?,
     };
     f.write_all(data)?;
+    if f.metadata()?.len() > data.len() as u64 {
+        f.set_len(data.len() as u64)?;
+    }
     Ok(tmp)
 }
 
@@ -473,13 +477,14 @@ fn temporary_path(path: &Path) -> PathBuf {
 }
 
 /// Puts `tmp` in place of `path` atomically. Where `path` exists, the two are swapped
-/// (`renameat2` with `RENAME_EXCHANGE`) and `true` returned: `tmp` then holds the old
-/// content and stays as the spare the next write of `path` reuses. Replacing by a plain
+/// (`renameat2` with `RENAME_EXCHANGE`): `tmp` then holds the old content and stays as
+/// the spare the next write of `path` overwrites (so a file's previous version stays
+/// beside it, hidden, until its next write; removing the file removes it too). Replacing by a plain
 /// rename instead made every write create an inode and delete one, and in ext4 that
 /// creation (`__ext4_new_inode`, scanning for recently deleted inodes) was two thirds of
 /// xdb-file's CPU per login (docs/benchmarks.md). Where `path` does not exist yet, or
 /// the file system cannot swap, a plain rename.
-fn exchange(tmp: &Path, path: &Path) -> io::Result<bool> {
+fn exchange(tmp: &Path, path: &Path) -> io::Result<()> {
     use std::os::unix::ffi::OsStrExt;
     let c = |p: &Path| std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(io::Error::other);
     let (from, to) = (c(tmp)?, c(path)?);
@@ -494,15 +499,12 @@ fn exchange(tmp: &Path, path: &Path) -> io::Result<bool> {
         )
     } == 0;
     if swapped {
-        return Ok(true);
+        return Ok(());
     }
     let e = io::Error::last_os_error();
     match e.raw_os_error() {
         // ENOENT: the first write of `path`; EINVAL, ENOSYS: no exchange here.
-        Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS) => {
-            fs::rename(tmp, path)?;
-            Ok(false)
-        }
+        Some(libc::ENOENT | libc::EINVAL | libc::ENOSYS) => fs::rename(tmp, path),
         _ => Err(e),
     }
 }
@@ -647,7 +649,7 @@ mod tests {
     }
 
     #[test]
-    fn rewrites_swap_with_an_empty_spare_and_keep_the_inode() {
+    fn rewrites_swap_with_the_spare_and_keep_the_inode() {
         use std::os::unix::fs::MetadataExt;
         let (mut s, dir) = spool();
         let bob = Owner::parse("bob@localhost").unwrap();
@@ -663,13 +665,22 @@ mod tests {
             s.get(&bob, "jabber:iq:last").unwrap()
         };
         assert_eq!(&read_back(&mut s)[..], b"<query seconds='1'/>");
-        for n in 2..5 {
-            let content = format!("<query seconds='{n}'/>");
+        let mut previous = "<query seconds='1'/>".to_owned();
+        // Longer and shorter contents: the spare is overwritten in place and cut.
+        for content in [
+            "<query seconds='22'/>",
+            "<query seconds='3'/>",
+            "<query seconds='4444'/>",
+        ] {
             s.set(&bob, "jabber:iq:last", content.as_bytes()).unwrap();
             s.commit().unwrap();
             assert_eq!(read_back(&mut s), content.as_bytes());
-            // The old content is not left on disk, only an empty spare.
-            assert_eq!(fs::metadata(&spare).unwrap().len(), 0);
+            // The spare holds the previous version until the next write.
+            assert_eq!(
+                fs::read(&spare).unwrap(),
+                format!("<stored>{previous}</stored>").as_bytes()
+            );
+            previous = content.to_owned();
         }
         // Later rewrites reuse the same two inodes.
         let inodes = |a: &Path, b: &Path| {

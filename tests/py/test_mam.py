@@ -13,6 +13,7 @@ Run from the repository root:  .venv/bin/python -m pytest tests/py/test_mam.py -
 """
 
 import asyncio
+import signal
 import itertools
 import xml.etree.ElementTree as ET
 from datetime import datetime, timezone
@@ -682,6 +683,29 @@ def test_archive_survives_sm_and_xdb_file_kill(server):
             for sender, recipient, body, got in talk:
                 if recipient is c:
                     assert stanza_ids(got) == {c.boundjid.bare: by_body[body]}, str(got)
+
+    run_clients(test, server.starttls_port, server.tls_port)
+
+
+def test_archive_copies_kept_when_sm_and_storage_stop(server):
+    """sm sends archive copies in batches a few milliseconds later, and storage answers
+    them before they are on disk (flush='later'): stopping sm (SIGTERM) right after a
+    message sends its batch first, and stopping xdb-file puts it on disk first."""
+    async def test(clients):
+        loop = asyncio.get_running_loop()
+        alice = make(clients, "alice@localhost/a")
+        bob = make(clients, "bob@localhost/b")
+        await alice.online()
+        await bob.online()
+        talk = await converse(alice, bob, 1)
+        server.kill("sm", signal.SIGTERM)
+        await loop.run_in_executor(None, server.restart, "sm")
+        talk += await converse(alice, bob, 1, start=1)
+        server.kill("xdb-file", signal.SIGTERM)
+        await loop.run_in_executor(None, server.restart, "xdb-file")
+        for c in (alice, bob):
+            got = [i.body for i in await everything(c)]
+            assert got == [t[2] for t in talk], got
 
     run_clients(test, server.starttls_port, server.tls_port)
 

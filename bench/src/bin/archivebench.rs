@@ -338,6 +338,7 @@ fn request_ns(op: Op, ns: &str, id: &str, content: String) -> Vec<u8> {
         from: "admin".into(),
         max_items: None,
         max_age: None,
+        flush: jrs_xdb::Flush::Now,
         content: Bytes::from(content),
     }
     .to_xml()

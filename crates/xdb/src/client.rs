@@ -92,6 +92,19 @@ impl XdbClient {
             .map(drop)
     }
 
+    /// A `set` that storage may put on disk up to a second after answering
+    /// ([`crate::Flush::Later`]): only for data whose loss in a crash harms nobody.
+    pub async fn set_later(
+        &self,
+        owner: &str,
+        ns: &str,
+        content: impl Into<Bytes>,
+    ) -> Result<(), XdbError> {
+        let mut request = self.make(Op::Set, owner, ns, content.into());
+        request.flush = crate::Flush::Later;
+        self.finish(self.send(request)?).await.map(drop)
+    }
+
     pub async fn delete(&self, owner: &str, ns: &str) -> Result<(), XdbError> {
         self.request(Op::Delete, owner, ns, Bytes::new(), None)
             .await
@@ -137,16 +150,19 @@ impl XdbClient {
 
     /// Sends an `archive-append` for a whole domain now (items naming their owners, see
     /// [`archive::BatchWriter`]); its answer lists the owners whose items failed.
+    /// `flush`: whether storage answers before the items are on disk.
     pub fn archive_append_batch(
         &self,
         domain: &str,
         ns: &str,
         items: Bytes,
         retention: archive::Retention,
+        flush: crate::Flush,
     ) -> Result<Sent, XdbError> {
         let mut request = self.make(Op::ArchiveAppend, domain, ns, items);
         request.max_items = retention.max_items.map(|n| n as usize);
         request.max_age = retention.max_age;
+        request.flush = flush;
         self.send(request)
     }
 
@@ -195,6 +211,7 @@ impl XdbClient {
             from: self.me.clone(),
             max_items: None,
             max_age: None,
+            flush: crate::Flush::Now,
             content,
         }
     }

@@ -52,6 +52,22 @@ pub enum Op {
     ArchiveRetract,
 }
 
+/// When the data of a write must be on disk (the request's `flush` attribute).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Flush {
+    /// Before the answer (the default, and the only choice but for `set` and
+    /// `archive-append`).
+    #[default]
+    Now,
+    /// `flush='later'`, on `set` and `archive-append` only: storage may answer once
+    /// reads see the write, and puts it on disk within a second, or when it stops. For
+    /// writes nothing waits for and whose loss in a crash harms little, which would
+    /// otherwise cost a disk flush each: the last activity time at logout (XEP-0012),
+    /// and the archive copy of a message that was delivered or stored offline
+    /// (XEP-0313).
+    Later,
+}
+
 impl Op {
     pub fn name(self) -> &'static str {
         match self {
@@ -174,6 +190,7 @@ pub struct Request {
     pub max_items: Option<usize>,
     /// Archive retention by age, in seconds (archive operations only).
     pub max_age: Option<u64>,
+    pub flush: Flush,
     pub content: Bytes,
 }
 
@@ -222,6 +239,12 @@ impl Request {
                     .map_err(|_| bad("max-age must be a whole number of seconds"))?,
             ),
         };
+        let flush = match stanza.attr("flush").as_deref() {
+            None | Some("now") => Flush::Now,
+            Some("later") if matches!(op, Op::Set | Op::ArchiveAppend) => Flush::Later,
+            Some("later") => return Err(bad("flush='later' is for set and archive-append only")),
+            Some(_) => return Err(bad("flush must be 'now' or 'later'")),
+        };
         Ok(Request {
             op,
             owner,
@@ -230,6 +253,7 @@ impl Request {
             from: stanza.attr("from").unwrap_or_default(),
             max_items,
             max_age,
+            flush,
             content: stanza.bytes().slice_ref(stanza.inner()),
         })
     }
@@ -254,6 +278,9 @@ impl Request {
         }
         if let Some(age) = self.max_age {
             head.push_str(&format!(" max-age='{age}'"));
+        }
+        if self.flush == Flush::Later {
+            head.push_str(" flush='later'");
         }
         jrs_stream::xml::element(&head, "xdb", &self.content)
     }
@@ -285,10 +312,20 @@ mod tests {
             from: "sm-1".into(),
             max_items: Some(100),
             max_age: None,
+            flush: Flush::Now,
             content: Bytes::from_static(b"<message to='alice@localhost'/>"),
         };
         let parsed = Request::parse(&Stanza::parse(Bytes::from(req.to_xml())).unwrap()).unwrap();
         assert_eq!(parsed, req);
+        let later = Request {
+            op: Op::Set,
+            flush: Flush::Later,
+            max_items: None,
+            ..req.clone()
+        };
+        assert!(later.to_xml().contains(" flush='later'"));
+        let parsed = Request::parse(&Stanza::parse(Bytes::from(later.to_xml())).unwrap()).unwrap();
+        assert_eq!(parsed, later);
         let result = Stanza::parse(req.result(b"<x/>")).unwrap();
         assert_eq!(result.kind(), Some("result"));
         assert_eq!(result.to(), Some("sm-1"));
@@ -328,5 +365,16 @@ mod tests {
         ))
         .unwrap();
         assert!(Request::parse(&s).is_err());
+        // A deferred flush is for `set` and `archive-append` only, and has two spellings.
+        for bad in [
+            &b"<xdb type='append' to='a@b' ns='x' id='1' flush='later'/>"[..],
+            b"<xdb type='set' to='a@b' ns='x' id='1' flush='soon'/>",
+        ] {
+            let s = Stanza::parse(Bytes::from_static(bad)).unwrap();
+            assert_eq!(
+                Request::parse(&s).unwrap_err().condition,
+                StanzaErrorCondition::BadRequest
+            );
+        }
     }
 }

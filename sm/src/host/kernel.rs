@@ -343,6 +343,10 @@ pub trait Module: Send + Sync {
     /// starts.
     fn install(&self, _shared: &mut Shared) {}
 
+    /// sm is stopping (SIGTERM): sends what the module held back to send later (the
+    /// archive writer's batch) and waits, briefly, for it to be answered.
+    async fn stopping(&self, _ctx: &Arc<Ctx>) {}
+
     /// What this module's hooks would do to a room's broadcast to the user (a
     /// `groupchat` message or an occupant's presence to a live session): if it would
     /// only pass it on, such broadcasts may reach the user's sessions without the user's

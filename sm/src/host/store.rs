@@ -41,6 +41,21 @@ impl Store {
         }
     }
 
+    /// A `set` storage may put on disk up to a second after answering
+    /// (`jrs_xdb::Flush::Later`): for bookkeeping whose loss in a crash harms nobody.
+    pub async fn set_later(
+        &self,
+        owner: &str,
+        ns: &str,
+        data: impl Into<Bytes>,
+    ) -> Result<(), XdbError> {
+        match self {
+            Store::Xdb(x) => x.set_later(owner, ns, data).await,
+            #[cfg(test)]
+            Store::Memory(_) => self.set(owner, ns, data).await,
+        }
+    }
+
     pub async fn delete(&self, owner: &str, ns: &str) -> Result<(), XdbError> {
         match self {
             Store::Xdb(x) => x.delete(owner, ns).await,

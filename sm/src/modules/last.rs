@@ -56,7 +56,11 @@ impl Module for Last {
             .hook(Hook::SessionEnded, 0)
     }
 
-    /// Records the logout time when the user's last session ended.
+    /// Records the logout time when the user's last session ended. Storage may put it
+    /// on disk up to a second later (`set_later`): a crash in that second loses the
+    /// time of one logout (the query then answers the previous one), and every logout
+    /// no longer waits for a disk flush of its own, which was most of what a login and
+    /// logout cost xdb-file (docs/benchmarks.md, "Last activity flushed later").
     async fn session_ended(&self, u: &mut User, s: &Session) {
         if !u.sessions.is_empty() || u.removed {
             return;
@@ -65,7 +69,7 @@ impl Module for Last {
         if let Some(status) = s.state.get::<LastStatus>().and_then(|l| l.0.as_deref()) {
             q = q.with_text(status);
         }
-        if let Err(e) = u.ctx.store.set(&u.bare, NS_LAST, q.to_xml()).await {
+        if let Err(e) = u.ctx.store.set_later(&u.bare, NS_LAST, q.to_xml()).await {
             warn!("last activity not stored: {e}");
         }
     }

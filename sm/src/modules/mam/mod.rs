@@ -27,7 +27,7 @@ use xmpp_parsers::ns::{MAM as NS_MAM, SID as NS_SID};
 
 use jrs_stream::StanzaErrorCondition;
 use jrs_xdb::archive::{Query, Retention};
-use jrs_xdb::XdbError;
+use jrs_xdb::{Flush, XdbError};
 
 use crate::clock::{now_micros, stamp_micros};
 use crate::config::{positive, SmConfig};
@@ -59,8 +59,25 @@ pub struct Mam {
 pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
     let (mut default, mut retention, mut page_size) =
         (DefaultPrefs::Always, Retention::default(), 50);
+    // Archive copies go to disk within a second of storage's answer, not before it:
+    // nothing waits for them (the message itself was delivered, or stored offline
+    // durably), and a disk flush per message was half of what a lone message cost the
+    // whole server (docs/benchmarks.md, "Archive copies flushed later").
+    let mut flush = Flush::Later;
     if let Some(n) = config.module_settings("mam")? {
-        n.allow(&["default", "max-messages", "max-days", "page-size"], &[])?;
+        n.allow(
+            &["default", "max-messages", "max-days", "page-size", "flush"],
+            &[],
+        )?;
+        flush = match n.attr("flush") {
+            None | Some("later") => Flush::Later,
+            Some("now") => Flush::Now,
+            Some(other) => {
+                return Err(n.error(format!(
+                    "attribute 'flush' = '{other}': expected later or now"
+                )))
+            }
+        };
         if let Some(d) = n.attr("default") {
             default = match d {
                 "always" => DefaultPrefs::Always,
@@ -85,7 +102,7 @@ pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
         default,
         retention,
         page_size,
-        writer: Arc::new(writer::Writer::new(retention)),
+        writer: Arc::new(writer::Writer::new(retention, flush)),
     }))
 }
 
@@ -163,6 +180,10 @@ impl Mam {
 impl Module for Mam {
     fn name(&self) -> &'static str {
         "mam"
+    }
+
+    async fn stopping(&self, ctx: &Arc<crate::host::Ctx>) {
+        self.writer.drain(ctx).await;
     }
 
     fn declare(&self) -> Declaration {
@@ -342,6 +363,17 @@ mod tests {
     use super::*;
     use crate::modules::offline::NS_OFFLINE;
     use crate::modules::testing::*;
+
+    #[test]
+    fn archive_flush_is_later_or_now() {
+        for ok in ["", "<mam flush='now'/>", "<mam flush='later'/>"] {
+            assert!(load_with(load_module, ok).is_ok(), "{ok}");
+        }
+        refused_settings(
+            load_module,
+            &[("<mam flush='never'/>", "expected later or now")],
+        );
+    }
 
     fn chat(n: usize) -> String {
         format!("<message from='bob@example.com/x' to='alice@localhost' type='chat' id='m{n}'><body>hello {n}</body></message>")

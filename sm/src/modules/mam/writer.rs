@@ -3,18 +3,25 @@
 //! storage request (and one answer, and two router hops) carries many messages, and a
 //! message's payload is copied once, into the batch.
 //!
-//! An item is queued by the user's task and sent when the writer next runs: right after
-//! the tasks that are ready now had their turn, so at low load at once. Storage applies
-//! each owner's requests in the order they arrive; before any archive read the module
-//! calls [`Writer::flush`], so a query sees everything archived before it.
+//! An item is queued by the user's task and sent [`WINDOW`] later with everything
+//! archived meanwhile (or at once when the batch is full), so that messages coming one
+//! at a time share batches too: nothing waits for the archive copy (storage answers
+//! before it is on disk, `flush='later'`), and a batch per message was most of what
+//! archiving a lone message cost (docs/benchmarks.md, "Archive copies flushed later").
+//! Storage applies each owner's requests in the order they arrive; before any archive
+//! read the module calls [`Writer::flush`], so a query sees everything archived before
+//! it. When sm stops, [`Writer::drain`] sends what is queued and waits for the answers.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use jid::Jid;
 use tracing::{error, warn};
 
 use jrs_xdb::archive::{parse_failures, BatchWriter, Retention};
+use jrs_xdb::Flush;
 
 use crate::host::{Ctx, Packet, User};
 use crate::xml::NS_CLIENT;
@@ -24,9 +31,19 @@ use super::ARCHIVE;
 /// Most bytes one batch takes before it is sent (about 200 chat messages).
 const BATCH_BYTES: usize = 64 * 1024;
 
+/// How long an item waits for others to share its batch.
+const WINDOW: Duration = Duration::from_millis(5);
+
+/// How long a stopping sm waits for the answers to its last batches.
+const DRAIN_AT_MOST: Duration = Duration::from_secs(2);
+
 pub struct Writer {
     retention: Retention,
+    /// Whether storage answers a batch before it is on disk (`<mam flush>`).
+    flush: Flush,
     queue: Mutex<Queue>,
+    /// Batches sent and not answered yet.
+    unanswered: Arc<AtomicUsize>,
 }
 
 #[derive(Default)]
@@ -38,10 +55,12 @@ struct Queue {
 }
 
 impl Writer {
-    pub fn new(retention: Retention) -> Writer {
+    pub fn new(retention: Retention, flush: Flush) -> Writer {
         Writer {
             retention,
+            flush,
             queue: Mutex::new(Queue::default()),
+            unanswered: Arc::default(),
         }
     }
 
@@ -90,8 +109,8 @@ impl Writer {
             q.scheduled = true;
             let (writer, ctx) = (self.clone(), u.ctx.clone());
             tokio::spawn(async move {
-                // Let the tasks that are ready now add theirs first.
-                tokio::task::yield_now().await;
+                // Let the messages of the next few milliseconds add theirs first.
+                tokio::time::sleep(WINDOW).await;
                 writer.flush(&ctx);
             });
         }
@@ -107,14 +126,34 @@ impl Writer {
         }
     }
 
+    /// Sends everything queued and waits (at most [`DRAIN_AT_MOST`]) until every batch
+    /// sent is answered: sm is stopping.
+    pub async fn drain(&self, ctx: &Arc<Ctx>) {
+        self.flush(ctx);
+        let deadline = tokio::time::Instant::now() + DRAIN_AT_MOST;
+        while self.unanswered.load(Ordering::Acquire) > 0 {
+            if tokio::time::Instant::now() >= deadline {
+                warn!(
+                    batches = self.unanswered.load(Ordering::Acquire),
+                    "stopping with archive batches unanswered"
+                );
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
     /// Sends one batch (with the queue locked) and awaits its answer in a task.
     fn send(&self, ctx: &Arc<Ctx>, domain: &str, mut batch: BatchWriter) {
         let Some(xdb) = ctx.store.xdb() else { return };
         let count = batch.len();
-        match xdb.archive_append_batch(domain, ARCHIVE, batch.take(), self.retention) {
+        match xdb.archive_append_batch(domain, ARCHIVE, batch.take(), self.retention, self.flush) {
             Ok(sent) => {
                 let ctx = ctx.clone();
+                let unanswered = self.unanswered.clone();
+                unanswered.fetch_add(1, Ordering::AcqRel);
                 tokio::spawn(async move {
+                    let _answered = Answered(unanswered);
                     let Some(xdb) = ctx.store.xdb() else { return };
                     match xdb.finish(sent).await.map(|answer| parse_failures(&answer)) {
                         Ok(Ok(failures)) => {
@@ -130,5 +169,14 @@ impl Writer {
             }
             Err(e) => error!(count, "{count} messages not archived: {e}"),
         }
+    }
+}
+
+/// Counts a batch as answered when its task ends, however it ends.
+struct Answered(Arc<AtomicUsize>);
+
+impl Drop for Answered {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
