@@ -6,9 +6,9 @@ use jrs_config::{limits_from_node, LogConfig, Node, Result, RouterLink};
 use jrs_stream::Limits;
 
 /// One thread by default: its batches grow while it waits for the disk, so logins and
-/// archive writes cost a third to a half less of xdb-file's CPU than spread over eight
-/// threads, which mostly woke up for one request each (docs/benchmarks.md, "One spool
-/// thread").
+/// archive writes cost up to half less of xdb-file's CPU than spread over eight
+/// threads, which mostly woke up for one request each (docs/benchmarks.md, "Writes
+/// nothing waits for").
 const DEFAULT_WORKERS: usize = 1;
 
 #[derive(Debug, Clone)]

@@ -60,7 +60,7 @@ impl Module for Last {
     /// on disk up to a second later (`set_later`): a crash in that second loses the
     /// time of one logout (the query then answers the previous one), and every logout
     /// no longer waits for a disk flush of its own, which was most of what a login and
-    /// logout cost xdb-file (docs/benchmarks.md, "Last activity flushed later").
+    /// logout cost xdb-file (docs/benchmarks.md, "Writes nothing waits for").
     async fn session_ended(&self, u: &mut User, s: &Session) {
         if !u.sessions.is_empty() || u.removed {
             return;

@@ -62,7 +62,7 @@ pub fn load_module(config: &SmConfig) -> jrs_config::Result<Arc<dyn Module>> {
     // Archive copies go to disk within a second of storage's answer, not before it:
     // nothing waits for them (the message itself was delivered, or stored offline
     // durably), and a disk flush per message was half of what a lone message cost the
-    // whole server (docs/benchmarks.md, "Archive copies flushed later").
+    // whole server (docs/benchmarks.md, "Writes nothing waits for").
     let mut flush = Flush::Later;
     if let Some(n) = config.module_settings("mam")? {
         n.allow(

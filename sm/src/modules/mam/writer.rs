@@ -7,7 +7,7 @@
 //! archived meanwhile (or at once when the batch is full), so that messages coming one
 //! at a time share batches too: nothing waits for the archive copy (storage answers
 //! before it is on disk, `flush='later'`), and a batch per message was most of what
-//! archiving a lone message cost (docs/benchmarks.md, "Archive copies flushed later").
+//! archiving a lone message cost (docs/benchmarks.md, "Writes nothing waits for").
 //! Storage applies each owner's requests in the order they arrive; before any archive
 //! read the module calls [`Writer::flush`], so a query sees everything archived before
 //! it. When sm stops, [`Writer::drain`] sends what is queued and waits for the answers.
