@@ -59,9 +59,12 @@ pub async fn serve_link(router: Arc<Router>, io: BoxIo, peer: String, side: Side
         let (r, w) = tokio::io::split(io);
         let outbox = Arc::new(Outbox::new(router.config.max_queue_bytes));
         let keepalive = router.config.keepalive;
+        // Not in the link's span: the writer logs nothing, and entering and leaving the
+        // span at each of its wake-ups cost the router about a twentieth of its
+        // instructions per lone packet (docs/benchmarks.md, "Writes nothing waits for").
         let mut writer = tokio::spawn({
             let outbox = outbox.clone();
-            async move { run_writer(&outbox, w, keepalive).await }.in_current_span()
+            async move { run_writer(&outbox, w, keepalive).await }
         });
         let mut reader = FramedReader::new(r, router.config.limits);
 
