@@ -377,6 +377,14 @@ async fn answer_to(r: &mut ComponentReader, id: &str) -> Stanza {
     }
 }
 
+/// alice's fragment `ns`, asked for with id `id`.
+async fn get_from(r: &mut ComponentReader, w: &mut ComponentWriter, ns: &str, id: &str) -> Stanza {
+    w.send(&request(Op::Get, "alice@localhost", ns, id, ""))
+        .await
+        .unwrap();
+    answer_to(r, id).await
+}
+
 /// `set` and `archive-append` with `flush='later'` (the last activity at logout, the
 /// archive copies of messages): answered once readable, on disk when storage stops, and
 /// within a second (xdb-file) or PostgreSQL's `wal_writer_delay` (xdb-pg) otherwise.
@@ -403,17 +411,10 @@ async fn writes_flushed_later_are_answered_at_once_and_kept(backend: Backend) {
         .await
         .unwrap();
     assert_eq!(answer_to(&mut r, "s1").await.kind(), Some("result"));
-    w.send(&request(
-        Op::Get,
-        "alice@localhost",
-        "jabber:iq:last",
-        "g1",
-        "",
-    ))
-    .await
-    .unwrap();
     assert_eq!(
-        answer_to(&mut r, "g1").await.inner(),
+        get_from(&mut r, &mut w, "jabber:iq:last", "g1")
+            .await
+            .inner(),
         b"<query logout='1'/>"
     );
 
@@ -467,17 +468,10 @@ async fn writes_flushed_later_are_answered_at_once_and_kept(backend: Backend) {
         );
     }
     store.start(&mut server, "").await;
-    w.send(&request(
-        Op::Get,
-        "alice@localhost",
-        "jabber:iq:last",
-        "g2",
-        "",
-    ))
-    .await
-    .unwrap();
     assert_eq!(
-        answer_to(&mut r, "g2").await.inner(),
+        get_from(&mut r, &mut w, "jabber:iq:last", "g2")
+            .await
+            .inner(),
         b"<query logout='2'/>"
     );
     assert_eq!(whole_archive(&mut r, &mut w).await, archived);
@@ -498,16 +492,10 @@ async fn writes_flushed_later_are_answered_at_once_and_kept(backend: Backend) {
     }
     server.kill9(store.process());
     store.start(&mut server, "").await;
-    w.send(&request(
-        Op::Get,
-        "alice@localhost",
-        "urn:x:other",
-        "g3",
-        "",
-    ))
-    .await
-    .unwrap();
-    assert_eq!(answer_to(&mut r, "g3").await.inner(), b"<v n='3'/>");
+    assert_eq!(
+        get_from(&mut r, &mut w, "urn:x:other", "g3").await.inner(),
+        b"<v n='3'/>"
+    );
 
     // A flush later is for `set` and `archive-append` only.
     let append = request(Op::Append, "alice@localhost", "x", "a1", "<x/>");
