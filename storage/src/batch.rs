@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{mpsc, Arc, Mutex};
+use std::sync::{Arc, Mutex};
 
 use tracing::warn;
 
@@ -19,7 +19,6 @@ use jrs_xdb::{Refusal, Request};
 
 use crate::archive::Archives;
 use crate::spool::{Owner, Spool};
-use crate::worker::Job;
 use crate::{now, retention, worker_for};
 
 /// Whether `stanza` is a batch: an archive append addressed to a domain.
@@ -44,8 +43,9 @@ pub struct Part {
     failed: Mutex<Vec<String>>,
 }
 
-/// Splits a batch onto the workers (or answers it at once when it is refused whole).
-pub fn split(stanza: Stanza, outbox: &Outbox, jobs: &[mpsc::Sender<Job>]) -> anyhow::Result<()> {
+/// Splits a batch among `workers` worker threads: each part with the index of its
+/// worker (none when the batch is answered at once: refused whole, or empty).
+pub fn split(stanza: Stanza, outbox: &Outbox, workers: usize) -> Vec<(usize, Part)> {
     let refuse = |r: Refusal| {
         warn!(
             from = stanza.from().unwrap_or(""),
@@ -59,14 +59,14 @@ pub fn split(stanza: Stanza, outbox: &Outbox, jobs: &[mpsc::Sender<Job>]) -> any
         Ok(r) => r,
         Err(r) => {
             refuse(r);
-            return Ok(());
+            return vec![];
         }
     };
     let items = match parse_owned_items(&request.content) {
         Ok(i) => i,
         Err(r) => {
             refuse(r);
-            return Ok(());
+            return vec![];
         }
     };
     // worker -> owner -> items, each owner's items in the order they came.
@@ -77,10 +77,10 @@ pub fn split(stanza: Stanza, outbox: &Outbox, jobs: &[mpsc::Sender<Job>]) -> any
                 StanzaErrorCondition::BadRequest,
                 "the items of an archive append for a domain name their owner",
             ));
-            return Ok(());
+            return vec![];
         };
         parts
-            .entry(worker_for(&owner, jobs.len()))
+            .entry(worker_for(&owner, workers))
             .or_default()
             .entry(owner)
             .or_default()
@@ -88,7 +88,7 @@ pub fn split(stanza: Stanza, outbox: &Outbox, jobs: &[mpsc::Sender<Job>]) -> any
     }
     if parts.is_empty() {
         outbox.send(request.result(b""));
-        return Ok(());
+        return vec![];
     }
     let batch = Arc::new(Batch {
         remaining: AtomicUsize::new(parts.len()),
@@ -96,14 +96,17 @@ pub fn split(stanza: Stanza, outbox: &Outbox, jobs: &[mpsc::Sender<Job>]) -> any
         outbox: outbox.clone(),
         request,
     });
-    for (worker, owners) in parts {
-        jobs[worker].send(Job::Part(Part {
-            batch: batch.clone(),
-            owners: owners.into_iter().collect(),
-            failed: Mutex::new(vec![]),
-        }))?;
-    }
-    Ok(())
+    parts
+        .into_iter()
+        .map(|(worker, owners)| {
+            let part = Part {
+                batch: batch.clone(),
+                owners: owners.into_iter().collect(),
+                failed: Mutex::new(vec![]),
+            };
+            (worker, part)
+        })
+        .collect()
 }
 
 impl Part {

@@ -136,7 +136,9 @@ fn run(args: Args) -> anyhow::Result<()> {
                         continue;
                     }
                     if batch::is_batch(&stanza) {
-                        batch::split(stanza, &outbox, &jobs)?;
+                        for (worker, part) in batch::split(stanza, &outbox, jobs.len()) {
+                            jobs[worker].send(worker::Job::Part(part))?;
+                        }
                         continue;
                     }
                     let worker = worker_for(stanza.to().unwrap_or(""), jobs.len());
