@@ -150,10 +150,9 @@ impl Writer {
         match xdb.archive_append_batch(domain, ARCHIVE, batch.take(), self.retention, self.flush) {
             Ok(sent) => {
                 let ctx = ctx.clone();
-                let unanswered = self.unanswered.clone();
-                unanswered.fetch_add(1, Ordering::AcqRel);
+                let answered = Answered::count(&self.unanswered);
                 tokio::spawn(async move {
-                    let _answered = Answered(unanswered);
+                    let _answered = answered;
                     let Some(xdb) = ctx.store.xdb() else { return };
                     match xdb.finish(sent).await.map(|answer| parse_failures(&answer)) {
                         Ok(Ok(failures)) => {
@@ -172,8 +171,16 @@ impl Writer {
     }
 }
 
-/// Counts a batch as answered when its task ends, however it ends.
+/// A batch counted as unanswered until this is dropped (its task ended, however it
+/// ended, or never ran).
 struct Answered(Arc<AtomicUsize>);
+
+impl Answered {
+    fn count(unanswered: &Arc<AtomicUsize>) -> Answered {
+        unanswered.fetch_add(1, Ordering::AcqRel);
+        Answered(unanswered.clone())
+    }
+}
 
 impl Drop for Answered {
     fn drop(&mut self) {
