@@ -47,6 +47,37 @@ impl Stanza<Bytes> {
         &self.bytes
     }
 
+    /// The stanza with `xml` (whole elements) added after its last child. The start tag
+    /// keeps its place, so what was read of it holds: nothing is parsed again (sm adds
+    /// a stanza id to every message it archives).
+    pub fn with_child_appended(&self, xml: &[u8]) -> Stanza {
+        let old = self.bytes.as_ref();
+        let name = &old[self.name.start as usize..self.name.end as usize];
+        let mut out = BytesMut::with_capacity(old.len() + xml.len() + name.len() + 3);
+        let mut appended = self.clone();
+        if self.empty {
+            // `<message .../>` becomes `<message ...>XML</message>`: the start tag ends
+            // where its `/` was.
+            let slash = memchr::memrchr(b'/', &old[..self.head_end as usize])
+                .expect("an empty element's start tag ends in '/>'");
+            out.extend_from_slice(&old[..slash]);
+            out.extend_from_slice(b">");
+            out.extend_from_slice(xml);
+            out.extend_from_slice(b"</");
+            out.extend_from_slice(name);
+            out.extend_from_slice(b">");
+            appended.head_end = slash as u32 + 1;
+            appended.empty = false;
+        } else {
+            let close = memchr::memrchr(b'<', old).expect("an element with content ends in a tag");
+            out.extend_from_slice(&old[..close]);
+            out.extend_from_slice(xml);
+            out.extend_from_slice(&old[close..]);
+        }
+        appended.bytes = out.freeze();
+        appended
+    }
+
     pub fn into_bytes(self) -> Bytes {
         self.bytes
     }
@@ -365,6 +396,34 @@ fn push_raw_attr(out: &mut BytesMut, key: &str, raw: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_child_appended_keeps_what_was_read_of_the_start_tag() {
+        for original in [
+            &b"<message to='a@b' from='c@d/e' type='chat' id='1' xml:lang='en'><body>hi</body></message>"[..],
+            b"<message to='a@b' id='2' foo=\"x/y\"/>",
+            b"<message to='a@b' id='3' />",
+            b"<presence/>",
+        ] {
+            let stanza = Stanza::parse(Bytes::copy_from_slice(original)).unwrap();
+            let appended = stanza.with_child_appended(b"<stanza-id xmlns='urn:xmpp:sid:0' id='9'/>");
+            let again = Stanza::parse(appended.bytes().clone()).unwrap();
+            let s = std::str::from_utf8(appended.as_slice()).unwrap();
+            assert!(s.contains("<stanza-id xmlns='urn:xmpp:sid:0' id='9'/></"), "{s}");
+            assert!(crate::validate::validate_stanza(appended.as_slice()).is_ok(), "{s}");
+            for st in [&appended, &again] {
+                assert_eq!(st.name(), stanza.name());
+                assert_eq!(st.to(), stanza.to());
+                assert_eq!(st.from(), stanza.from());
+                assert_eq!(st.kind(), stanza.kind());
+                assert_eq!(st.id(), stanza.id());
+                assert_eq!(st.attr("foo"), stanza.attr("foo"));
+                assert_eq!(st.attr("xml:lang"), stanza.attr("xml:lang"));
+                assert!(!st.is_empty_element());
+            }
+            assert_eq!(appended.inner(), again.inner());
+        }
+    }
 
     #[test]
     fn reads_addressing() {

@@ -111,23 +111,8 @@ impl Packet {
 
     /// Adds `xml` (one self-contained element) as the last child.
     pub fn push_child(&mut self, xml: &str) {
-        let old = self.stanza.as_slice();
-        let name = self.stanza.name().to_owned();
-        let mut out = BytesMut::with_capacity(old.len() + xml.len() + name.len() + 3);
-        if self.stanza.is_empty_element() {
-            // `<message .../>` becomes `<message ...>XML</message>`.
-            let slash = old.len() - 2;
-            out.extend_from_slice(&old[..slash]);
-            out.extend_from_slice(b">");
-            out.extend_from_slice(xml.as_bytes());
-            out.extend_from_slice(format!("</{name}>").as_bytes());
-        } else {
-            let close = memchr::memrchr(b'<', old).expect("an element with content ends in a tag");
-            out.extend_from_slice(&old[..close]);
-            out.extend_from_slice(xml.as_bytes());
-            out.extend_from_slice(&old[close..]);
-        }
-        self.replace(out.freeze());
+        self.stanza = self.stanza.with_child_appended(xml.as_bytes());
+        self.children = OnceLock::new();
     }
 
     fn replace(&mut self, bytes: Bytes) {
