@@ -250,17 +250,31 @@ pub fn packet(
     attrs: &[(&str, &str)],
     content: &[u8],
 ) -> Bytes {
-    let mut head = format!(
-        "<session type='{kind}' to='{}' from='{}' jid='{}' sid='{}'",
+    // In pieces, not `format!`: every stanza a client sends is wrapped so.
+    let (bare, me, jid, sid) = (
         escape(&handle.bare),
         escape(me),
         escape(&handle.jid),
-        escape(&handle.sid)
+        escape(&handle.sid),
     );
-    for (name, value) in attrs {
-        head.push_str(&format!(" {name}='{}'", escape(value)));
+    let values: Vec<_> = attrs.iter().map(|(_, v)| escape(v)).collect();
+    let mut head: Vec<&str> = vec![
+        "<session type='",
+        kind,
+        "' to='",
+        &bare,
+        "' from='",
+        &me,
+        "' jid='",
+        &jid,
+        "' sid='",
+        &sid,
+        "'",
+    ];
+    for ((name, _), value) in attrs.iter().zip(&values) {
+        head.extend([" ", name, "='", value, "'"]);
     }
-    jrs_stream::xml::element(&head, "session", content)
+    jrs_stream::xml::element_from_parts(&head, "session", content)
 }
 
 /// Stanzas as `<queued/>` elements for `park` and `end`.

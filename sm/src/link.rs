@@ -113,7 +113,8 @@ fn session(ctx: &Arc<Ctx>, packet: Stanza) {
         ));
         return;
     }
-    let user = r.jid.to_bare();
+    // `into_bare` on a copy cuts the string; `to_bare` formats it again (every packet).
+    let user = r.jid.clone().into_bare();
     let count = |name: &str| packet.attr(name).and_then(|v| v.parse::<u64>().ok());
     let event = match kind.as_str() {
         "start" => Event::Start(r),
@@ -219,7 +220,7 @@ fn normal(ctx: &Arc<Ctx>, stanza: Stanza) {
         }
         return;
     }
-    let user = to.to_bare();
+    let user = to.clone().into_bare();
     dispatch(
         ctx,
         &user,

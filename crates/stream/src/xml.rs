@@ -15,8 +15,18 @@ pub fn unescape(raw: &str) -> Option<Cow<'_, str>> {
 /// An element from its start tag without the closing `>` (`<name attr='..'`), its name
 /// and its raw content: `<name ../>` when the content is empty.
 pub fn element(head: &str, name: &str, content: &[u8]) -> bytes::Bytes {
-    let mut out = Vec::with_capacity(head.len() + content.len() + name.len() + 4);
-    out.extend_from_slice(head.as_bytes());
+    element_from_parts(&[head], name, content)
+}
+
+/// [`element`] with the start tag given in pieces (values already escaped), written
+/// with one allocation: no `format!` of the head first (sm wraps every stanza it
+/// delivers so, and the formatting was a tenth of its time under load).
+pub fn element_from_parts(head: &[&str], name: &str, content: &[u8]) -> bytes::Bytes {
+    let head_len: usize = head.iter().map(|p| p.len()).sum();
+    let mut out = Vec::with_capacity(head_len + content.len() + name.len() + 4);
+    for part in head {
+        out.extend_from_slice(part.as_bytes());
+    }
     if content.is_empty() {
         out.extend_from_slice(b"/>");
     } else {

@@ -156,27 +156,32 @@ impl Session {
 
 /// A session packet to c2s: `<session type=KIND to=C2S from=ME jid= sid=>inner</session>`.
 pub fn packet(me: &str, kind: &str, s: &SessionRef, inner: &[u8]) -> Bytes {
-    let head = format!(
-        "<session type='{kind}' to='{}' from='{}' jid='{}' sid='{}'",
-        escape(&s.c2s),
-        escape(me),
-        escape(s.jid.as_str()),
-        escape(&s.sid)
-    );
-    jrs_stream::xml::element(&head, "session", inner)
+    packet_with(me, kind, s, "", inner)
+}
+
+/// [`packet`] with `extra` attributes (` name='value'`, escaped) after the addressing.
+fn packet_with(me: &str, kind: &str, s: &SessionRef, extra: &str, inner: &[u8]) -> Bytes {
+    let head = [
+        "<session type='",
+        kind,
+        "' to='",
+        &escape(&s.c2s),
+        "' from='",
+        &escape(me),
+        "' jid='",
+        &escape(s.jid.as_str()),
+        "' sid='",
+        &escape(&s.sid),
+        "'",
+        extra,
+    ];
+    jrs_stream::xml::element_from_parts(&head, "session", inner)
 }
 
 /// `stanza` with `offline='1'`: a message from offline storage, to confirm once the
 /// client has it.
 pub fn offline_stanza(me: &str, s: &SessionRef, stanza: &[u8]) -> Bytes {
-    let head = format!(
-        "<session type='stanza' to='{}' from='{}' jid='{}' sid='{}' offline='1'",
-        escape(&s.c2s),
-        escape(me),
-        escape(s.jid.as_str()),
-        escape(&s.sid)
-    );
-    jrs_stream::xml::element(&head, "session", stanza)
+    packet_with(me, "stanza", s, " offline='1'", stanza)
 }
 
 /// `resumed`: the session, its counts, state and queue, handed to the connection that
