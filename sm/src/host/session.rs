@@ -49,6 +49,9 @@ pub struct Session {
     pub link: Link,
     /// Kept over the loss of sm's own router link: ends unless its c2s restores it.
     pub stale: bool,
+    /// The `session{resource sid}` span of its client's stanzas, made at the first one
+    /// and kept: making a span per stanza was a twentieth of sm's instructions.
+    pub span: Option<tracing::Span>,
 }
 
 /// Whether sm can reach a session's client.
@@ -129,6 +132,7 @@ impl Session {
             resume_token: None,
             link: Link::Live,
             stale: false,
+            span: None,
         }
     }
 

@@ -112,7 +112,11 @@ pub async fn handle(u: &mut User, event: Event) {
             None => debug!(count, "confirmation for an ended session"),
         },
         Event::Stanza(r, stanza) => {
-            let span = session_span(&r);
+            // Made here, inside the user's span, so that it is the parent.
+            let span = match u.find(&r).and_then(|k| u.session_mut(k)) {
+                Some(s) => s.span.get_or_insert_with(|| session_span(&r)).clone(),
+                None => session_span(&r),
+            };
             client_stanza(u, r, stanza).instrument(span).await
         }
         Event::Inbound(p) => {
