@@ -214,18 +214,7 @@ pub async fn with_timeout<T>(fut: impl Future<Output = Result<T, Refusal>>) -> R
 fn answer(stanza: &Stanza, result: Result<(Request, Bytes), Refusal>) -> Bytes {
     match result {
         Ok((request, content)) => request.result(&content),
-        Err(refusal) => {
-            warn!(
-                from = stanza.from().unwrap_or(""),
-                to = stanza.to().unwrap_or(""),
-                condition = refusal.condition.name(),
-                "{}",
-                refusal.text
-            );
-            stanza
-                .error_reply(refusal.condition, &refusal.text)
-                .expect("requests are never errors or results")
-        }
+        Err(refusal) => jrs_xdb::refused(stanza, &refusal),
     }
 }
 

@@ -8,7 +8,7 @@
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
 
-use tracing::{debug, error, warn};
+use tracing::{debug, error};
 
 use jrs_component::Outbox;
 use jrs_metrics::storage::SERVED;
@@ -152,19 +152,7 @@ fn answer(
 ) -> (bytes::Bytes, bool) {
     match serve(spool, archives, hosts, stanza) {
         Ok((request, content)) => (request.result(&content), true),
-        Err(refusal) => {
-            warn!(
-                from = stanza.from().unwrap_or(""),
-                to = stanza.to().unwrap_or(""),
-                condition = refusal.condition.name(),
-                "{}",
-                refusal.text
-            );
-            let reply = stanza
-                .error_reply(refusal.condition, &refusal.text)
-                .expect("requests are never errors or results");
-            (reply, false)
-        }
+        Err(refusal) => (jrs_xdb::refused(stanza, &refusal), false),
     }
 }
 

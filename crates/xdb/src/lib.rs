@@ -210,6 +210,21 @@ impl Refusal {
     }
 }
 
+/// The error answer to the request `stanza`, logged as a warning: how the storage
+/// components refuse a request.
+pub fn refused(stanza: &Stanza, refusal: &Refusal) -> Bytes {
+    tracing::warn!(
+        from = stanza.from().unwrap_or(""),
+        to = stanza.to().unwrap_or(""),
+        condition = refusal.condition.name(),
+        "{}",
+        refusal.text
+    );
+    stanza
+        .error_reply(refusal.condition, &refusal.text)
+        .expect("requests are never errors or results")
+}
+
 impl Request {
     pub fn parse(stanza: &Stanza) -> Result<Request, Refusal> {
         let bad = |t: &str| Refusal::new(StanzaErrorCondition::BadRequest, t);
