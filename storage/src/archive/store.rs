@@ -3,7 +3,7 @@
 //! cuts a torn tail back (see [`Archive::open`]).
 
 use std::cmp::Ordering;
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fs::{self, File};
 use std::io;
 use std::os::unix::fs::FileExt;
@@ -50,8 +50,11 @@ pub struct Archive {
     pub oldest: Option<Option<(String, u64)>>,
     /// Starts of the segments on disk.
     pub segments: BTreeSet<u64>,
-    /// With-index files whose tails were checked since the archive was opened.
-    pub with_checked: HashSet<String>,
+    /// With-index files whose tails were checked since the archive was opened, with
+    /// their lengths in entries, kept up to date by every write (`with.rs`): an append
+    /// need not ask the file system for the length (a `statx` per correspondent and
+    /// batch under load).
+    pub with_lens: HashMap<String, u64>,
     /// Corrupt things already logged (so each is logged once per opening).
     reported: HashSet<(u64, bool)>,
 }
@@ -92,7 +95,7 @@ impl Archive {
             last: None,
             oldest: None,
             segments: BTreeSet::new(),
-            with_checked: HashSet::new(),
+            with_lens: HashMap::new(),
             reported: HashSet::new(),
         };
         if !archive.exists {

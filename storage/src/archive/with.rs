@@ -91,14 +91,14 @@ impl Archive {
         let Some(file) = file else {
             return Ok(None);
         };
+        if let Some(&len) = self.with_lens.get(&name) {
+            return Ok(Some(WithFile { file, len }));
+        }
         let size = file.metadata()?.len();
         let mut w = WithFile {
             file,
             len: size / WITH_ENTRY,
         };
-        if self.with_checked.contains(&name) {
-            return Ok(Some(w));
-        }
         while w.len > 0 {
             let tail = w.read(w.len.saturating_sub(2), w.len)?;
             let (seq, hash) = *tail.last().expect("read 1 or 2");
@@ -116,7 +116,7 @@ impl Archive {
             );
             w.file.set_len(w.len * WITH_ENTRY)?;
         }
-        self.with_checked.insert(name);
+        self.with_lens.insert(name, w.len);
         Ok(Some(w))
     }
 
@@ -124,7 +124,10 @@ impl Archive {
     /// the with-index of `bare`.
     pub fn with_append(&mut self, files: &mut Files, bare: &str, entries: &[u8]) -> io::Result<()> {
         let w = self.with_file(files, bare, true)?.expect("created");
-        w.file.write_all_at(entries, w.len * WITH_ENTRY)
+        w.file.write_all_at(entries, w.len * WITH_ENTRY)?;
+        let len = w.len + entries.len() as u64 / WITH_ENTRY;
+        self.with_lens.insert(with_file_name(bare), len);
+        Ok(())
     }
 
     /// Makes sure the with-index of `bare` has item `seq` (an item whose entry was lost
@@ -142,7 +145,10 @@ impl Archive {
             return Ok(());
         }
         if k == w.len {
-            return w.file.write_all_at(&encode_with(seq, hash), k * WITH_ENTRY);
+            w.file
+                .write_all_at(&encode_with(seq, hash), k * WITH_ENTRY)?;
+            self.with_lens.insert(with_file_name(bare), k + 1);
+            return Ok(());
         }
         // In the middle (entries of later items survived): rewrite the file.
         let mut all = read_up_to(&w.file, 0, (w.len * WITH_ENTRY) as usize)?;
@@ -163,6 +169,7 @@ impl Archive {
         f.sync_data()?;
         fs::rename(&tmp, &path)?;
         files.forget(&path);
+        self.with_lens.insert(name, data.len() as u64 / WITH_ENTRY);
         Ok(())
     }
 
@@ -197,7 +204,7 @@ impl Archive {
             if dead == w.len {
                 files.forget(&path);
                 fs::remove_file(&path)?;
-                self.with_checked.remove(&name);
+                self.with_lens.remove(&name);
             } else if dead * 2 >= w.len {
                 let live = read_up_to(
                     &w.file,
@@ -210,6 +217,7 @@ impl Archive {
                 f.sync_data()?;
                 fs::rename(&tmp, &path)?;
                 files.forget(&path);
+                self.with_lens.insert(name, w.len - dead);
             }
         }
         Ok(())
