@@ -29,10 +29,26 @@ pub async fn run(
     let mut input = read(conn, negotiation).await?;
     loop {
         let mut next = None;
+        let mut out = Output::default();
         for action in negotiation.step(settings, input) {
+            let action = match action {
+                Action::Header(h) => {
+                    out.header = true;
+                    out.text.push_str(&h);
+                    continue;
+                }
+                Action::Send(s) => {
+                    out.text.push_str(&s);
+                    continue;
+                }
+                // What was said before goes out before anything else happens.
+                other => {
+                    out.flush(conn).await?;
+                    other
+                }
+            };
             match action {
-                Action::Header(h) => conn.write_header(&h).await?,
-                Action::Send(s) => conn.write(s.as_bytes()).await?,
+                Action::Header(_) | Action::Send(_) => unreachable!("gathered above"),
                 Action::StartTls => {
                     if conn.has_buffered() {
                         return Err(stream_error(
@@ -75,10 +91,35 @@ pub async fn run(
                 Action::Close(close) => return Err(close),
             }
         }
+        out.flush(conn).await?;
         input = match next {
             Some(input) => input,
             None => read(conn, negotiation).await?,
         };
+    }
+}
+
+/// What one step of the negotiation writes, gathered so that it leaves in one write:
+/// our stream header and its features were two system calls and two TCP segments, at
+/// each of the two or three headers of a login.
+#[derive(Default)]
+struct Output {
+    text: String,
+    /// It holds our stream header.
+    header: bool,
+}
+
+impl Output {
+    async fn flush(&mut self, conn: &mut Connection) -> Result<(), Close> {
+        if self.text.is_empty() {
+            return Ok(());
+        }
+        let text = std::mem::take(&mut self.text);
+        if std::mem::take(&mut self.header) {
+            conn.write_header(&text).await
+        } else {
+            conn.write(text.as_bytes()).await
+        }
     }
 }
 
