@@ -110,9 +110,9 @@ pub fn split(stanza: Stanza, outbox: &Outbox, workers: usize) -> Vec<(usize, Par
 }
 
 impl Part {
-    /// When the batch's items must be on disk.
-    pub fn flush(&self) -> jrs_xdb::Flush {
-        self.batch.request.flush
+    /// Whether the batch's items must be on disk before its answer.
+    pub fn durable_before_answer(&self) -> bool {
+        self.batch.request.durable_before_answer()
     }
 
     /// Appends each owner's items (before the worker's group commit).

@@ -13,7 +13,7 @@ use tracing::{debug, error};
 use jrs_component::Outbox;
 use jrs_metrics::storage::SERVED;
 use jrs_stream::Stanza;
-use jrs_xdb::{Flush, Op, Refusal, Request};
+use jrs_xdb::{Op, Refusal, Request};
 
 use crate::archive::Archives;
 use crate::batch;
@@ -25,23 +25,6 @@ pub enum Job {
     /// With when it arrived (for the metrics).
     Request(Stanza, Outbox, Instant),
     Part(batch::Part),
-}
-
-impl Job {
-    /// Whether what it may write has to be durable before its answer: all but reads
-    /// and `flush='later'` writes. (A read may still write, repairing an archive a
-    /// crash tore; that repair is flushed with the next commit.)
-    fn flushes_now(&self) -> bool {
-        let stanza = match self {
-            Job::Request(stanza, ..) => stanza,
-            Job::Part(part) => return part.flush() == Flush::Now,
-        };
-        match stanza.kind() {
-            Some("get" | "list" | "archive-query") => false,
-            Some("set" | "archive-append") => stanza.attr("flush").as_deref() != Some("later"),
-            _ => true,
-        }
-    }
 }
 
 /// Most requests answered by one group commit.
@@ -79,14 +62,21 @@ pub fn run(queue: Receiver<Job>, mut spool: Spool, mut archives: Archives, hosts
                 Err(_) => break,
             }
         }
+        // Whether something in the batch must be on disk before its answer
+        // (`Request::durable_before_answer`; a read may still write, repairing an archive
+        // a crash tore, and that repair is flushed with the next commit).
+        let mut flush_now = false;
         let answers: Vec<_> = batch
             .iter()
             .map(|job| match job {
                 Job::Request(request, ..) => {
-                    Some(answer(&mut spool, &mut archives, &hosts, request))
+                    let (reply, ok, durable) = answer(&mut spool, &mut archives, &hosts, request);
+                    flush_now |= durable;
+                    Some((reply, ok))
                 }
                 Job::Part(part) => {
                     part.apply(&mut spool, &mut archives, &hosts);
+                    flush_now |= part.durable_before_answer();
                     None
                 }
             })
@@ -94,7 +84,7 @@ pub fn run(queue: Receiver<Job>, mut spool: Spool, mut archives: Archives, hosts
         let uncommitted = spool.uncommitted();
         let due = deferred.is_some_and(|since| since.elapsed() >= DEFERRED_AT_MOST)
             || uncommitted.is_some_and(|n| n >= DEFERRED_WRITES_AT_MOST);
-        let durable = if batch.iter().any(Job::flushes_now) || due {
+        let durable = if flush_now || due {
             deferred = None;
             spool.commit()
         } else {
@@ -143,16 +133,23 @@ fn flush_deferred(spool: &mut Spool, archives: &mut Archives) {
     }
 }
 
-/// Serves one request; always returns an answer: a result (true) or an error.
+/// Serves one request; always returns an answer: a result (true) or an error, and
+/// whether what it wrote must be on disk before the answer goes (a request refused
+/// midway may have written some of it).
 fn answer(
     spool: &mut Spool,
     archives: &mut Archives,
     hosts: &[String],
     stanza: &Stanza,
-) -> (bytes::Bytes, bool) {
-    match serve(spool, archives, hosts, stanza) {
-        Ok((request, content)) => (request.result(&content), true),
-        Err(refusal) => (jrs_xdb::refused(stanza, &refusal), false),
+) -> (bytes::Bytes, bool, bool) {
+    let request = match Request::parse(stanza) {
+        Ok(r) => r,
+        Err(refusal) => return (jrs_xdb::refused(stanza, &refusal), false, false),
+    };
+    let durable = request.durable_before_answer();
+    match serve(spool, archives, hosts, &request) {
+        Ok(content) => (request.result(&content), true, durable),
+        Err(refusal) => (jrs_xdb::refused(stanza, &refusal), false, durable),
     }
 }
 
@@ -160,9 +157,8 @@ fn serve(
     spool: &mut Spool,
     archives: &mut Archives,
     hosts: &[String],
-    stanza: &Stanza,
-) -> Result<(Request, bytes::Bytes), Refusal> {
-    let request = Request::parse(stanza)?;
+    request: &Request,
+) -> Result<bytes::Bytes, Refusal> {
     let owner = Owner::parse(&request.owner)?;
     if !hosts.iter().any(|h| h == "*" || *h == owner.host) {
         return Err(Refusal::new(
@@ -195,7 +191,7 @@ fn serve(
         Op::Take => spool.take(&owner, ns)?,
         Op::ArchiveAppend => {
             let dir = spool.archive_dir(&owner, ns);
-            archives.append(spool, &dir, &request.content, retention(&request), now())?;
+            archives.append(spool, &dir, &request.content, retention(request), now())?;
             bytes::Bytes::new()
         }
         Op::ArchiveQuery => {
@@ -204,7 +200,7 @@ fn serve(
         }
         Op::ArchiveTrim => {
             let dir = spool.archive_dir(&owner, ns);
-            archives.trim(spool, &dir, retention(&request), now())?;
+            archives.trim(spool, &dir, retention(request), now())?;
             bytes::Bytes::new()
         }
         Op::ArchiveRetract => {
@@ -223,5 +219,5 @@ fn serve(
         }
     };
     debug!(op = request.op.name(), owner = %request.owner, ns, "done");
-    Ok((request, content))
+    Ok(content)
 }

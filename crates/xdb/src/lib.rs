@@ -273,6 +273,12 @@ impl Request {
         })
     }
 
+    /// Whether what it writes must be on disk before it is answered: every write but
+    /// one with `flush='later'`; reads write nothing.
+    pub fn durable_before_answer(&self) -> bool {
+        self.flush == Flush::Now && !matches!(self.op, Op::Get | Op::List | Op::ArchiveQuery)
+    }
+
     /// The request as sent on the wire.
     pub fn to_xml(&self) -> String {
         String::from_utf8_lossy(&self.to_bytes()).into_owned()
@@ -339,6 +345,12 @@ mod tests {
             ..req.clone()
         };
         assert!(later.to_xml().contains(" flush='later'"));
+        assert!(req.durable_before_answer() && !later.durable_before_answer());
+        let get = Request {
+            op: Op::Get,
+            ..req.clone()
+        };
+        assert!(!get.durable_before_answer());
         let parsed = Request::parse(&Stanza::parse(Bytes::from(later.to_xml())).unwrap()).unwrap();
         assert_eq!(parsed, later);
         let result = Stanza::parse(req.result(b"<x/>")).unwrap();
