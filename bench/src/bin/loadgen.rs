@@ -96,6 +96,12 @@ enum Scenario {
         /// STARTTLS before SASL.
         #[arg(long)]
         tls: bool,
+        /// Every account logs in and out twice before the measured logins (not
+        /// measured): what a reconnect storm meets, accounts used before. Without it the
+        /// first logins of each new account (1 000 of them) are measured too, which make
+        /// the account's files (its last activity record and that file's spare).
+        #[arg(long)]
+        warm: bool,
     },
     /// Messages per second between clients in pairs, latency and CPU per message.
     Messages {
@@ -271,11 +277,13 @@ fn main() -> anyhow::Result<()> {
                     count: 3000,
                     concurrency: 64,
                     tls: false,
+                    warm: false,
                 },
                 Scenario::Logins {
                     count: 3000,
                     concurrency: 64,
                     tls: true,
+                    warm: false,
                 },
                 Scenario::Messages {
                     clients: 200,
@@ -336,7 +344,17 @@ fn main() -> anyhow::Result<()> {
                     count,
                     concurrency,
                     tls,
-                } => bench.logins(count, concurrency, tls).await,
+                    warm,
+                } => {
+                    if warm {
+                        // Twice: a file's spare is made at its second write.
+                        let users = count.min(1000);
+                        bench.login_pass(2 * users, concurrency, tls).await?;
+                        // The last logout times reach the disk (flush='later').
+                        tokio::time::sleep(Duration::from_millis(1200)).await;
+                    }
+                    bench.logins(count, concurrency, tls, warm).await
+                }
                 Scenario::Messages {
                     clients,
                     inflight,
@@ -636,13 +654,50 @@ impl Bench {
         }
     }
 
-    async fn logins(&self, count: usize, concurrency: usize, tls: bool) -> anyhow::Result<()> {
-        let next = Arc::new(AtomicU64::new(0));
-        let times = Arc::new(Mutex::new(Vec::with_capacity(count)));
+    async fn logins(
+        &self,
+        count: usize,
+        concurrency: usize,
+        tls: bool,
+        warm: bool,
+    ) -> anyhow::Result<()> {
         let pids = self.pids();
         let before: Vec<u64> = pids.iter().map(|p| cpu_micros(&[*p])).collect();
         let cpu_before = cpu_micros(&pids);
         let start = Instant::now();
+        let mut times = self.login_pass(count, concurrency, tls).await?;
+        let elapsed = start.elapsed();
+        let cpu = cpu_micros(&self.pids()) - cpu_before;
+        println!(
+            "logins ({}{}): {count} SCRAM-SHA-1 logins, {concurrency} at a time: {:.0} logins/s, login time p50 {:.1} ms p99 {:.1} ms, server CPU {:.0} µs/login",
+            if tls { "STARTTLS" } else { "plaintext" },
+            if warm { ", accounts used before" } else { "" },
+            count as f64 / elapsed.as_secs_f64(),
+            percentile(&mut times, 0.50).as_secs_f64() * 1e3,
+            percentile(&mut times, 0.99).as_secs_f64() * 1e3,
+            cpu as f64 / count as f64
+        );
+        let at = |pid: u32| {
+            let i = pids.iter().position(|p| *p == pid).expect("known pid");
+            (cpu_micros(&[pid]) - before[i]) as f64 / count as f64
+        };
+        println!(
+            "  CPU µs per login by process: {}",
+            per_process(&pids, at, "")
+        );
+        Ok(())
+    }
+
+    /// `count` logins (user `i % 1000` for the i-th), `concurrency` at a time, each
+    /// closed once done; returns the login times.
+    async fn login_pass(
+        &self,
+        count: usize,
+        concurrency: usize,
+        tls: bool,
+    ) -> anyhow::Result<Vec<Duration>> {
+        let next = Arc::new(AtomicU64::new(0));
+        let times = Arc::new(Mutex::new(Vec::with_capacity(count)));
         let mut tasks = vec![];
         for _ in 0..concurrency {
             let (next, times) = (next.clone(), times.clone());
@@ -671,26 +726,8 @@ impl Bench {
         for t in tasks {
             t.await??;
         }
-        let elapsed = start.elapsed();
-        let cpu = cpu_micros(&self.pids()) - cpu_before;
-        let mut times = times.lock().unwrap().clone();
-        println!(
-            "logins ({}): {count} SCRAM-SHA-1 logins, {concurrency} at a time: {:.0} logins/s, login time p50 {:.1} ms p99 {:.1} ms, server CPU {:.0} µs/login",
-            if tls { "STARTTLS" } else { "plaintext" },
-            count as f64 / elapsed.as_secs_f64(),
-            percentile(&mut times, 0.50).as_secs_f64() * 1e3,
-            percentile(&mut times, 0.99).as_secs_f64() * 1e3,
-            cpu as f64 / count as f64
-        );
-        let at = |pid: u32| {
-            let i = pids.iter().position(|p| *p == pid).expect("known pid");
-            (cpu_micros(&[pid]) - before[i]) as f64 / count as f64
-        };
-        println!(
-            "  CPU µs per login by process: {}",
-            per_process(&pids, at, "")
-        );
-        Ok(())
+        let times = times.lock().unwrap().clone();
+        Ok(times)
     }
 
     async fn messages(

@@ -18,16 +18,37 @@ use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer};
 
 pub fn init(config: &LogConfig) {
+    let route = crate::log_route::layer(&config.route_level);
+    // The usual case (a plain `level`, no RUST_LOG, the router sent no more than stderr
+    // gets): one filter for the whole subscriber. Per-layer filters, needed otherwise,
+    // look the span up for each layer at every span entry and exit, and EnvFilter
+    // takes a lock there: a tenth of sm's CPU per message under load
+    // (docs/benchmarks.md, "Spans entered and left").
+    let rust_log = std::env::var_os("RUST_LOG").is_some();
+    if let Some((spans, events)) =
+        one_filter(&config.level, rust_log, route.as_ref().map(|r| r.level()))
+    {
+        let filter = filter_fn(move |m| {
+            if m.is_span() {
+                spans >= *m.level()
+            } else {
+                events >= *m.level()
+            }
+        })
+        .with_max_level_hint(spans.max(events));
+        let _ = tracing_subscriber::registry()
+            .with(filter)
+            .with(stderr_layer())
+            .with(route)
+            .try_init();
+        return;
+    }
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(&config.level));
     // Per-layer filters: RUST_LOG or `level` must not hide records from the router
     // layer, whose own level is `route-level`.
-    let stderr = tracing_subscriber::fmt::layer()
-        .with_writer(std::io::stderr)
-        .with_ansi(false)
-        .event_format(StderrFormat::new(stderr_is_journal()))
-        .with_filter(filter);
-    let route = crate::log_route::layer(&config.route_level).map(|l| {
+    let stderr = stderr_layer().with_filter(filter);
+    let route = route.map(|l| {
         let level = l.level();
         // Spans down to info too: their `host`/`domain`/`jid` fields name a record's host.
         let spans = LevelFilter::INFO.max(level);
@@ -45,6 +66,39 @@ pub fn init(config: &LogConfig) {
         .with(stderr)
         .with(route)
         .try_init();
+}
+
+/// Lines on stderr (see [`StderrFormat`]).
+fn stderr_layer<S>() -> impl Layer<S>
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+{
+    tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .event_format(StderrFormat::new(stderr_is_journal()))
+}
+
+/// The levels of spans and of events one filter for the whole subscriber lets
+/// through, if one serves both layers: `level` is a plain level (not directives),
+/// RUST_LOG is unset and the router layer wants no records stderr does not get (it
+/// filters those it gets itself, at `route-level`). With the router layer, spans down
+/// to info, whose `host`/`domain`/`jid` fields name a record's host (so stderr's lines
+/// name them too).
+fn one_filter(
+    level: &str,
+    rust_log: bool,
+    route: Option<LevelFilter>,
+) -> Option<(LevelFilter, LevelFilter)> {
+    if rust_log {
+        return None;
+    }
+    let level: LevelFilter = level.trim().parse().ok()?;
+    match route {
+        None => Some((level, level)),
+        Some(route) if route <= level => Some((level.max(LevelFilter::INFO), level)),
+        Some(_) => None,
+    }
 }
 
 /// The stderr line format: the usual one, or for the journal no time and a priority.
@@ -124,6 +178,22 @@ fn journal_stream_is(var: &str, dev: u64, ino: u64) -> bool {
 mod tests {
     use super::*;
     use std::sync::{Arc, Mutex};
+
+    #[test]
+    fn one_filter_serves_both_layers_only_when_it_lets_through_what_each_needs() {
+        let (info, warn, debug) = (LevelFilter::INFO, LevelFilter::WARN, LevelFilter::DEBUG);
+        assert_eq!(one_filter("info", false, Some(warn)), Some((info, info)));
+        assert_eq!(one_filter("debug", false, Some(warn)), Some((debug, debug)));
+        assert_eq!(one_filter("info", false, Some(info)), Some((info, info)));
+        assert_eq!(one_filter("warn", false, None), Some((warn, warn)));
+        // The router layer names hosts from info spans.
+        assert_eq!(one_filter("warn", false, Some(warn)), Some((info, warn)));
+        // It wants debug records stderr does not print: a filter per layer.
+        assert_eq!(one_filter("info", false, Some(debug)), None);
+        // RUST_LOG may hold directives: a filter per layer.
+        assert_eq!(one_filter("info", true, Some(warn)), None);
+        assert_eq!(one_filter("info,sm=debug", false, Some(warn)), None);
+    }
 
     #[test]
     fn priorities_follow_syslog() {

@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# Instructions per lone message in each server process for two sets of binaries (say
+# the last commit's, copied to a directory, against this build's), counted by valgrind's
+# callgrind the way bench/callgrind_pair.sh counts them: a short and a long
+# `loadgen pair` with router, xdb-file, sm and c2s under callgrind, the difference of
+# instructions divided by the difference of messages. docs/benchmarks.md, "Spans
+# entered and left".
+#
+#   bench/callgrind_ab.sh DIR_A DIR_B [loadgen pair options, e.g. --without mam]
+#
+# DIR_A and DIR_B hold router, xdb-file, sm and c2s (copies, not links to
+# target/release); loadgen is this checkout's release build. Needs valgrind. About two
+# minutes.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+a=$(realpath "$1") b=$(realpath "$2")
+shift 2
+work=$(mktemp -d /tmp/callgrind-ab-XXXXXX)
+mkdir -p "$work/out"
+for v in a b; do
+    dir=${!v}
+    mkdir -p "$work/$v"
+    # Wrappers as in callgrind_pair.sh: valgrind in the background, so the harness's
+    # SIGKILL reaches the wrapper and the measured process gets SIGTERM below.
+    for p in router xdb-file sm c2s; do
+        cat > "$work/$v/$p" <<EOS
+#!/bin/sh
+valgrind --tool=callgrind --callgrind-out-file=$work/out/\${CG_TAG}.$p.%p.out $dir/$p "\$@" &
+echo \$! >> $work/pids
+wait
+EOS
+        chmod +x "$work/$v/$p"
+    done
+    for p in "$dir"/*; do
+        [ -e "$work/$v/$(basename "$p")" ] || ln -s "$p" "$work/$v/"
+    done
+done
+
+one() { # TAG VARIANT SECONDS OPTIONS...
+    local tag=$1 variant=$2 seconds=$3
+    shift 3
+    rm -f "$work/pids"
+    JABBERD_BIN_DIR="$work/$variant" CG_TAG="$tag" \
+        target/release/loadgen pair --seconds "$seconds" "$@" 2>&1 |
+        grep "messages over TCP" | sed "s/^/$tag: /" >> "$work/runs.txt"
+    for pid in $(cat "$work/pids"); do kill -TERM "$pid" 2>/dev/null || true; done
+    for pid in $(cat "$work/pids"); do
+        while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
+    done
+}
+
+for v in a b; do
+    one "$v-short" "$v" 4 "$@"
+    one "$v-long" "$v" 12 "$@"
+done
+
+python3 - "$work" "$a" "$b" <<'PY'
+import glob, re, sys
+work, dirs = sys.argv[1], {"a": sys.argv[2], "b": sys.argv[3]}
+delivered = {}
+for line in open(f"{work}/runs.txt"):
+    m = re.match(r"(\S+): .* (\d+) of \d+ delivered", line)
+    if m:
+        delivered[m.group(1)] = int(m.group(2))
+def instructions(tag):
+    counts = {}
+    for f in glob.glob(f"{work}/out/{tag}.*.out"):
+        proc = f.split("/")[-1].split(".")[1]
+        for line in open(f):
+            if line.startswith("summary:"):
+                counts[proc] = int(line.split()[1])
+    return counts
+print("instructions per message (long run minus short run, divided by the messages between)")
+for v in "ab":
+    short, long = instructions(f"{v}-short"), instructions(f"{v}-long")
+    n = delivered[f"{v}-long"] - delivered[f"{v}-short"]
+    per = {p: (long[p] - short[p]) / n for p in sorted(long)}
+    parts = ", ".join(f"{p} {x:,.0f}" for p, x in per.items())
+    print(f"{dirs[v]}: {sum(per.values()):,.0f} ({parts}; {n} messages)")
+print(f"callgrind files: {work}/out")
+PY
