@@ -3,16 +3,22 @@
 # the last commit's, copied to a directory, against this build's), counted by valgrind's
 # callgrind the way bench/callgrind_pair.sh counts them: a short and a long
 # `loadgen pair` with router, xdb-file, sm and c2s under callgrind, the difference of
-# instructions divided by the difference of messages. docs/benchmarks.md, "Spans
-# entered and left".
+# instructions divided by the difference of messages. With `--logins`, per login
+# instead: `loadgen logins`, 2 000 and then 6 000 logins, 50 at a time. docs/benchmarks.md,
+# "Spans entered and left" and "Storage requests without formatting".
 #
-#   bench/callgrind_ab.sh DIR_A DIR_B [loadgen pair options, e.g. --without mam]
+#   bench/callgrind_ab.sh [--logins] DIR_A DIR_B [loadgen options, e.g. --without mam]
 #
 # DIR_A and DIR_B hold router, xdb-file, sm and c2s (copies, not links to
 # target/release); loadgen is this checkout's release build. Needs valgrind. About two
 # minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+logins=false
+if [ "${1:-}" = --logins ]; then
+    logins=true
+    shift
+fi
 a=$(realpath "$1") b=$(realpath "$2")
 shift 2
 work=$(mktemp -d /tmp/callgrind-ab-XXXXXX)
@@ -36,13 +42,19 @@ EOS
     done
 done
 
-one() { # TAG VARIANT SECONDS OPTIONS...
-    local tag=$1 variant=$2 seconds=$3
+one() { # TAG VARIANT SIZE OPTIONS... (SIZE: seconds of pair, or logins)
+    local tag=$1 variant=$2 size=$3
     shift 3
     rm -f "$work/pids"
-    JABBERD_BIN_DIR="$work/$variant" CG_TAG="$tag" \
-        target/release/loadgen pair --seconds "$seconds" "$@" 2>&1 |
-        grep "messages over TCP" | sed "s/^/$tag: /" >> "$work/runs.txt"
+    if $logins; then
+        JABBERD_BIN_DIR="$work/$variant" CG_TAG="$tag" \
+            target/release/loadgen "$@" logins --count "$size" --concurrency 50 >/dev/null 2>&1
+        echo "$tag: logins: $size of $size delivered" >> "$work/runs.txt"
+    else
+        JABBERD_BIN_DIR="$work/$variant" CG_TAG="$tag" \
+            target/release/loadgen pair --seconds "$size" "$@" 2>&1 |
+            grep "messages over TCP" | sed "s/^/$tag: /" >> "$work/runs.txt"
+    fi
     for pid in $(cat "$work/pids"); do kill -TERM "$pid" 2>/dev/null || true; done
     for pid in $(cat "$work/pids"); do
         while kill -0 "$pid" 2>/dev/null; do sleep 0.2; done
@@ -50,8 +62,13 @@ one() { # TAG VARIANT SECONDS OPTIONS...
 }
 
 for v in a b; do
-    one "$v-short" "$v" 4 "$@"
-    one "$v-long" "$v" 12 "$@"
+    if $logins; then
+        one "$v-short" "$v" 2000 "$@"
+        one "$v-long" "$v" 6000 "$@"
+    else
+        one "$v-short" "$v" 4 "$@"
+        one "$v-long" "$v" 12 "$@"
+    fi
 done
 
 python3 - "$work" "$a" "$b" <<'PY'
@@ -70,12 +87,12 @@ def instructions(tag):
             if line.startswith("summary:"):
                 counts[proc] = int(line.split()[1])
     return counts
-print("instructions per message (long run minus short run, divided by the messages between)")
+print("instructions per message or login (long run minus short run, divided by the messages or logins between)")
 for v in "ab":
     short, long = instructions(f"{v}-short"), instructions(f"{v}-long")
     n = delivered[f"{v}-long"] - delivered[f"{v}-short"]
     per = {p: (long[p] - short[p]) / n for p in sorted(long)}
     parts = ", ".join(f"{p} {x:,.0f}" for p, x in per.items())
-    print(f"{dirs[v]}: {sum(per.values()):,.0f} ({parts}; {n} messages)")
+    print(f"{dirs[v]}: {sum(per.values()):,.0f} ({parts}; {n} between)")
 print(f"callgrind files: {work}/out")
 PY
