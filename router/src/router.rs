@@ -917,7 +917,7 @@ impl<'a> Plan<'a> {
         let mut host = lower(jid_domain(to));
         let key = lower(jid_bare(to));
         let is_error = stanza.kind() == Some("error");
-        if route == PacketType::Xdb {
+        if route == PacketType::Xdb && tree.has_xdb_namespaces() {
             if let Some(ns) = stanza.attr("ns") {
                 let routed = tree.xdb_route(&host, &ns).into_owned();
                 host = routed.into();
