@@ -107,13 +107,21 @@ impl StreamHeader {
 
 /// Writes a stream header. `attrs` are extra `(name, value)` pairs (values are escaped).
 pub fn open_stream(default_ns: &str, attrs: &[(&str, &str)]) -> String {
-    let mut s = format!(
-        "<?xml version='1.0'?><stream:stream xmlns='{}' xmlns:stream='{}'",
-        escape(default_ns),
-        NS_STREAMS
-    );
+    // Pushed piece by piece, not `format!`ted: every login writes two or three.
+    let mut s = String::with_capacity(256);
+    for part in [
+        "<?xml version='1.0'?><stream:stream xmlns='",
+        &escape(default_ns),
+        "' xmlns:stream='",
+        NS_STREAMS,
+        "'",
+    ] {
+        s.push_str(part);
+    }
     for (k, v) in attrs {
-        s.push_str(&format!(" {}='{}'", k, escape(v)));
+        for part in [" ", k, "='", &escape(v), "'"] {
+            s.push_str(part);
+        }
     }
     s.push('>');
     s
@@ -122,6 +130,15 @@ pub fn open_stream(default_ns: &str, attrs: &[(&str, &str)]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn stream_header_written_as_before() {
+        assert_eq!(
+            open_stream("jabber:client", &[("from", "localhost"), ("id", "a'b"), ("version", "1.0")]),
+            "<?xml version='1.0'?><stream:stream xmlns='jabber:client' \
+             xmlns:stream='http://etherx.jabber.org/streams' from='localhost' id='a&apos;b' version='1.0'>"
+        );
+    }
 
     #[test]
     fn parses_component_header() {
