@@ -22,7 +22,7 @@ pub fn init(config: &LogConfig) {
     // The usual case (a plain `level`, no RUST_LOG, the router sent no more than stderr
     // gets): one filter for the whole subscriber. Per-layer filters, needed otherwise,
     // look the span up for each layer at every span entry and exit, and EnvFilter
-    // takes a lock there: a tenth of sm's CPU per message under load
+    // takes a lock there: about 6% of sm's CPU per message under load
     // (docs/benchmarks.md, "Spans entered and left").
     let rust_log = std::env::var_os("RUST_LOG").is_some();
     if let Some((spans, events)) =
@@ -104,11 +104,11 @@ fn one_filter(
 /// The stderr line format: tracing-subscriber's usual one (`Format::default()` without
 /// colours), `2026-12-01T15:40:00.123456Z  INFO span{a=1}:inner{b=2}: target: message
 /// k=v`, or for the journal a priority and no time. Written here, not by its
-/// `Format`: that one spends about 15 000 instructions on a line (the date formatted
-/// with `write!` field by field, colour wrappers around every piece even without
-/// colours), a third of what c2s's three lines per login cost it; this one writes the
-/// same bytes (`same_lines_as_tracing_subscriber`) with the date's seconds formatted
-/// once a second.
+/// `Format`, which spends about 15 000 instructions on a line (the date formatted with
+/// `write!` field by field, colour wrappers around every piece even without colours):
+/// this one writes the same bytes (`same_lines_as_tracing_subscriber`) for 4 000 to
+/// 6 500 fewer, the date's seconds formatted once a second (docs/benchmarks.md, "Log
+/// lines").
 struct StderrFormat {
     journal: bool,
 }
