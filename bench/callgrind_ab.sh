@@ -72,27 +72,13 @@ for v in a b; do
 done
 
 python3 - "$work" "$a" "$b" <<'PY'
-import glob, re, sys
+import sys
+sys.path.insert(0, "bench")
+from callgrind_counts import line, per_unit
 work, dirs = sys.argv[1], {"a": sys.argv[2], "b": sys.argv[3]}
-delivered = {}
-for line in open(f"{work}/runs.txt"):
-    m = re.match(r"(\S+): .* (\d+) of \d+ delivered", line)
-    if m:
-        delivered[m.group(1)] = int(m.group(2))
-def instructions(tag):
-    counts = {}
-    for f in glob.glob(f"{work}/out/{tag}.*.out"):
-        proc = f.split("/")[-1].split(".")[1]
-        for line in open(f):
-            if line.startswith("summary:"):
-                counts[proc] = int(line.split()[1])
-    return counts
 print("instructions per message or login (long run minus short run, divided by the messages or logins between)")
 for v in "ab":
-    short, long = instructions(f"{v}-short"), instructions(f"{v}-long")
-    n = delivered[f"{v}-long"] - delivered[f"{v}-short"]
-    per = {p: (long[p] - short[p]) / n for p in sorted(long)}
-    parts = ", ".join(f"{p} {x:,.0f}" for p, x in per.items())
-    print(f"{dirs[v]}: {sum(per.values()):,.0f} ({parts}; {n} between)")
+    per, n = per_unit(work, f"{v}-short", f"{v}-long")
+    print(f"{dirs[v]}: {line(per)}; {n} between)")
 print(f"callgrind files: {work}/out")
 PY

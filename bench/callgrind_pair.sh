@@ -58,29 +58,14 @@ for r in $(seq 1 "$runs"); do
 done
 
 python3 - "$work" "$runs" <<'EOF'
-import glob, re, sys
+import sys
+sys.path.insert(0, "bench")
+from callgrind_counts import line, per_unit
 work, runs = sys.argv[1], int(sys.argv[2])
-delivered = {}
-for line in open(f"{work}/runs.txt"):
-    m = re.match(r"(\S+): .* (\d+) of \d+ delivered", line)
-    if m:
-        delivered[m.group(1)] = int(m.group(2))
-def instructions(tag):
-    counts = {}
-    for f in glob.glob(f"{work}/out/{tag}.*.out"):
-        proc = f.split("/")[-1].split(".")[1]
-        for line in open(f):
-            if line.startswith("summary:"):
-                counts[proc] = int(line.split()[1])
-    return counts
 print("instructions per message (long run minus short run, divided by the messages between)")
 for r in range(1, runs + 1):
     for acks in ("on", "off"):
-        short, long = f"{acks}-short-{r}", f"{acks}-long-{r}"
-        a, b = instructions(short), instructions(long)
-        n = delivered[long] - delivered[short]
-        per = {p: (b[p] - a[p]) / n for p in sorted(b)}
-        parts = ", ".join(f"{p} {v:,.0f}" for p, v in per.items())
-        print(f"run {r} acks {acks:3}: {sum(per.values()):,.0f} ({parts}; {n} messages)")
+        per, n = per_unit(work, f"{acks}-short-{r}", f"{acks}-long-{r}")
+        print(f"run {r} acks {acks:3}: {line(per)}; {n} messages)")
 print(f"callgrind files: {work}/out")
 EOF

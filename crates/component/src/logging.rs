@@ -206,27 +206,12 @@ fn write_time(writer: &mut impl std::fmt::Write, now: std::time::SystemTime) -> 
     writer.write_char('Z')
 }
 
-/// `YYYY-MM-DDTHH:MM:SS` of `secs` since the Unix epoch (proleptic Gregorian, UTC):
-/// days to a civil date as in Howard Hinnant's `civil_from_days`.
+/// `YYYY-MM-DDTHH:MM:SS` of `secs` since the Unix epoch (UTC).
 fn civil_time(secs: u64, out: &mut String) {
     use std::fmt::Write as _;
-    let (days, rem) = (secs / 86_400, secs % 86_400);
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    let _ = write!(
-        out,
-        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}",
-        rem / 3_600,
-        rem % 3_600 / 60,
-        rem % 60
-    );
+    if let Some(t) = chrono::DateTime::from_timestamp(secs as i64, 0) {
+        let _ = write!(out, "{}", t.format("%Y-%m-%dT%H:%M:%S"));
+    }
 }
 
 /// sd-daemon(3) priority prefixes: err, warning, info, debug.
