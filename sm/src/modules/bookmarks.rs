@@ -19,15 +19,24 @@
 //! client's write stands. Retracting `current` or deleting the `storage:bookmarks` node
 //! is not taken as removing every bookmark.
 //!
-//! The first session of the user's task fills a form that is missing from one that
-//! exists (bookmarks stored before this module ran).
+//! A form that is missing is filled from one that exists (bookmarks stored before this
+//! module ran) when a client of the user first touches its bookmarks in a run of the
+//! user's task: an IQ naming either form (private storage, either PEP node), or an
+//! available presence whose capabilities ask for their notifications or are not known
+//! yet (PEP then sends the last items). A client that never uses bookmarks costs no
+//! reads: comparing at every session start was two of the four storage reads of a
+//! login (docs/benchmarks.md, "Bookmarks compared when used").
 
 use std::sync::Arc;
 
 use tracing::{debug, info, warn};
 
 use crate::config::SmConfig;
-use crate::host::{Change, Declaration, Disco, Hook, Module, Reply, SessionKey, Stored, User};
+use crate::host::{
+    Change, Declaration, Disco, Flow, Hook, Module, Packet, Reply, SessionKey, Stanzas, Stored,
+    User,
+};
+use crate::modules::caps::{Cache, Caps};
 use crate::modules::pep::{self, store};
 use crate::modules::private;
 use crate::xml::{Element, Node};
@@ -434,6 +443,26 @@ async fn fill_missing(u: &mut User) {
 /// The forms were compared on this task (user state).
 struct Compared;
 
+/// Whether `p`, from one of the user's clients, reads or writes bookmarks or makes PEP
+/// send them: an IQ that names either form (a false alarm costs one comparison), or an
+/// available presence with capabilities that want their notifications or are not known
+/// yet.
+fn touches_bookmarks(u: &User, p: &Packet) -> bool {
+    match p.name() {
+        "iq" => [NS_LEGACY, NS_BOOKMARKS]
+            .iter()
+            .any(|ns| memchr::memmem::find(p.bytes(), ns.as_bytes()).is_some()),
+        "presence" if p.to.is_none() && p.kind().is_none() => match Caps::of_packet(p) {
+            None => false,
+            Some(caps) => match u.ctx.shared.get::<Cache>().and_then(|c| c.known(&caps.ver)) {
+                Some(features) => features.notifies(NS_LEGACY) || features.notifies(NS_BOOKMARKS),
+                None => true,
+            },
+        },
+        _ => false,
+    }
+}
+
 #[async_trait::async_trait]
 impl Module for Bookmarks {
     fn name(&self) -> &'static str {
@@ -445,16 +474,19 @@ impl Module for Bookmarks {
             .requires("pep")
             .requires("private")
             .hook(Hook::Stored, 0)
-            .hook(Hook::SessionStarted, 0)
+            // Before PEP's (250): the forms are filled before it sends the last items.
+            .stanzas(Hook::Outbound, Stanzas::Iq, 260)
+            .stanzas(Hook::Outbound, Stanzas::Presence, 260)
             .feature(Disco::Account, "urn:xmpp:bookmarks:1#compat")
             .feature(Disco::Account, "urn:xmpp:bookmarks:1#compat-pep")
     }
 
-    async fn session_started(&self, u: &mut User, _s: SessionKey) {
-        if u.state.get::<Compared>().is_none() {
+    async fn outbound(&self, u: &mut User, _from: SessionKey, p: &mut Packet) -> Flow {
+        if u.state.get::<Compared>().is_none() && touches_bookmarks(u, p) {
             u.state.insert(Compared);
             fill_missing(u).await;
         }
+        Flow::Pass
     }
 
     async fn stored(&self, u: &mut User, change: &Change<'_>) {
@@ -731,6 +763,52 @@ mod tests {
             to(&take(&mut u), "phone", &["id='p'", "type='result'"]).len(),
             1
         );
+    }
+
+    #[tokio::test]
+    async fn the_forms_are_compared_only_for_a_client_that_uses_bookmarks() {
+        let mut u = alice("").await;
+        u.ctx
+            .store
+            .set("alice@localhost", "jabber:iq:private", format!("<query xmlns='jabber:iq:private'><storage xmlns='{NS_LEGACY}'><conference jid='old@muc.localhost' name='Old'/></storage></query>"))
+            .await
+            .unwrap();
+        // No capabilities, or known ones without the bookmarks' notifications: nothing
+        // read, nothing converted.
+        online(&mut u, "bot", 0).await;
+        let plain =
+            "<c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='plain='/>";
+        u.ctx
+            .shared
+            .get::<Cache>()
+            .unwrap()
+            .insert("plain=", vec!["urn:xmpp:ping".into()]);
+        start(&mut u, "plain").await;
+        send(&mut u, "plain", &format!("<presence>{plain}</presence>")).await;
+        send(
+            &mut u,
+            "bot",
+            "<iq type='get' id='v' to='localhost'><query xmlns='jabber:iq:version'/></iq>",
+        )
+        .await;
+        take(&mut u);
+        assert!(u.state.get::<Compared>().is_none());
+        // Its first request for either form compares them, before it is answered.
+        send(&mut u, "bot", &format!("<iq type='get' id='i'><pubsub xmlns='http://jabber.org/protocol/pubsub'><items node='{NS_BOOKMARKS}'/></pubsub></iq>")).await;
+        let out = take(&mut u);
+        assert!(u.state.get::<Compared>().is_some());
+        assert!(
+            to(&out, "bot", &["id='i'", "<item id='old@muc.localhost'>"]).len() == 1,
+            "{out:?}"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_client_whose_capabilities_are_not_known_yet_gets_the_forms_compared() {
+        let mut u = alice("").await;
+        start(&mut u, "new").await;
+        send(&mut u, "new", "<presence><c xmlns='http://jabber.org/protocol/caps' hash='sha-1' node='n' ver='unknown='/></presence>").await;
+        assert!(u.state.get::<Compared>().is_some());
     }
 
     #[tokio::test]

@@ -169,6 +169,16 @@ impl Cache {
         }
     }
 
+    /// The features behind `ver` if they are known; no query is started.
+    pub fn known(&self, ver: &str) -> Option<Arc<Features>> {
+        self.inner
+            .lock()
+            .expect("caps lock")
+            .known
+            .get(ver)
+            .cloned()
+    }
+
     /// Adds what a test knows to be true.
     #[cfg(test)]
     pub fn insert(&self, ver: &str, features: Vec<String>) {

@@ -140,7 +140,18 @@ mod tests {
         );
         assert_eq!(
             stanzas(Hook::Outbound, Stanzas::Presence),
-            ["blocking", "avatars", "pep", "subscription", "presence"]
+            [
+                "blocking",
+                "avatars",
+                "bookmarks",
+                "pep",
+                "subscription",
+                "presence"
+            ]
+        );
+        assert_eq!(
+            stanzas(Hook::Outbound, Stanzas::Iq),
+            ["blocking", "bookmarks"]
         );
         assert_eq!(stanzas(Hook::Inbound, Stanzas::Iq), ["blocking", "push"]);
         assert_eq!(
@@ -153,7 +164,7 @@ mod tests {
         );
         assert_eq!(
             names(ctx.modules.chain(Hook::SessionStarted)),
-            ["mam", "bookmarks", "push"]
+            ["mam", "push"]
         );
         assert_eq!(
             names(ctx.modules.chain(Hook::Stored)),
