@@ -745,14 +745,19 @@ mod tests {
         assert!(private_get(&mut u).await.contains("jid='c@muc.localhost'"));
     }
 
-    #[tokio::test]
-    async fn bookmarks_stored_before_are_converted_at_login() {
-        let mut u = alice("").await;
+    /// A XEP-0048 list in private storage, as if stored before the module ran.
+    async fn stored_before(u: &mut User) {
         u.ctx
             .store
             .set("alice@localhost", "jabber:iq:private", format!("<query xmlns='jabber:iq:private'><storage xmlns='{NS_LEGACY}'><conference jid='old@muc.localhost' name='Old'/></storage></query>"))
             .await
             .unwrap();
+    }
+
+    #[tokio::test]
+    async fn bookmarks_stored_before_are_converted_at_login() {
+        let mut u = alice("").await;
+        stored_before(&mut u).await;
         phone(&mut u).await;
         let native = items(&mut u, NS_BOOKMARKS).await;
         assert!(native.contains("<item id='old@muc.localhost'><conference xmlns='urn:xmpp:bookmarks:1' name='Old'/>"), "{native}");
@@ -768,11 +773,7 @@ mod tests {
     #[tokio::test]
     async fn the_forms_are_compared_only_for_a_client_that_uses_bookmarks() {
         let mut u = alice("").await;
-        u.ctx
-            .store
-            .set("alice@localhost", "jabber:iq:private", format!("<query xmlns='jabber:iq:private'><storage xmlns='{NS_LEGACY}'><conference jid='old@muc.localhost' name='Old'/></storage></query>"))
-            .await
-            .unwrap();
+        stored_before(&mut u).await;
         // No capabilities, or known ones without the bookmarks' notifications: nothing
         // read, nothing converted.
         online(&mut u, "bot", 0).await;
