@@ -1,16 +1,18 @@
 //! Last activity (XEP-0012): the server's uptime, and for an account the seconds since
 //! its last logout (to contacts subscribed to its presence).
 //!
-//! Stored under `jabber:iq:last` as `<query xmlns='jabber:iq:last' logout='UNIX-SECONDS'>
-//! status text</query>`, written when the user's last session ends.
+//! Stored under `jabber:iq:last` as `<query xmlns='jabber:iq:last' logout='UNIX-SECONDS'
+//! at='UNIX-MICROSECONDS'>status text</query>`, written when the user's last session
+//! ends (`at` tells one logout from another within a second, for push's count).
 
 use std::sync::Arc;
 
 use tracing::warn;
 
 use jrs_stream::StanzaErrorCondition;
+use jrs_xdb::XdbError;
 
-use crate::clock::unix_now;
+use crate::clock::{now_micros, unix_now};
 use crate::config::SmConfig;
 use crate::host::{
     storage_error, Declaration, Disco, Hook, Iq, IqKind, Module, Reply, Scope, Session, User,
@@ -65,7 +67,10 @@ impl Module for Last {
         if !u.sessions.is_empty() || u.removed {
             return;
         }
-        let mut q = Element::new("query", NS_LAST).with_attr("logout", unix_now().to_string());
+        let at = now_micros();
+        let mut q = Element::new("query", NS_LAST)
+            .with_attr("logout", (at / 1_000_000).to_string())
+            .with_attr("at", at.to_string());
         if let Some(status) = s.state.get::<LastStatus>().and_then(|l| l.0.as_deref()) {
             q = q.with_text(status);
         }
@@ -97,20 +102,37 @@ impl Module for Last {
     }
 }
 
+/// The user's last logout, if one is recorded: Unix seconds, the microseconds (`at`,
+/// absent in records from before it was kept: the seconds then), and the status.
+async fn stored_logout(u: &User) -> Result<Option<(u64, u64, String)>, XdbError> {
+    let stored = u.ctx.store.get(&u.bare, NS_LAST).await?;
+    Ok(Element::parse(&stored, "").ok().and_then(|q| {
+        let secs = q.attr("logout")?.parse::<u64>().ok()?;
+        let micros = q
+            .attr("at")
+            .and_then(|a| a.parse().ok())
+            .unwrap_or(secs * 1_000_000);
+        Some((secs, micros, q.text()))
+    }))
+}
+
+/// Which logout was the user's last (its time in microseconds), if one is recorded:
+/// push restarts its count when this changed since its last notification.
+pub async fn logout_time(u: &User) -> Result<Option<u64>, XdbError> {
+    Ok(stored_logout(u).await?.map(|(_, micros, _)| micros))
+}
+
 /// 0 while the user is online; else the seconds since the last logout, and its status.
 async fn last_logout(u: &mut User) -> Reply {
     if !u.available().is_empty() {
         return answer(0, None);
     }
-    let stored = match u.ctx.store.get(&u.bare, NS_LAST).await {
-        Ok(s) => s,
+    let logout = match stored_logout(u).await {
+        Ok(l) => l,
         Err(e) => return storage_error(&e),
     };
-    let logout = Element::parse(&stored, "")
-        .ok()
-        .and_then(|q| Some((q.attr("logout")?.parse::<u64>().ok()?, q.text())));
     match logout {
-        Some((at, status)) => answer(unix_now().saturating_sub(at), Some(status)),
+        Some((at, _, status)) => answer(unix_now().saturating_sub(at), Some(status)),
         None => Reply::error(
             StanzaErrorCondition::ItemNotFound,
             "no last activity recorded",

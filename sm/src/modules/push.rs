@@ -16,15 +16,18 @@
 //!   out of what goes to the app server); without it, `<push include-body>` of sm.xml
 //!   (default false: the app server, and the platform's push service behind it, never
 //!   see what people write).
-//! - **Counting**: the count starts again when the user is back: a session starts, a
-//!   message comes while a session is live, a hibernating session the last
-//!   notification was about was resumed since (it is parked again, or was handed a
+//! - **Counting**: the count starts again when the user is back: a session starts (seen
+//!   by the next notification as a logout since the last one: `logout-seen`, the `last`
+//!   module's record, so a login reads nothing here; without `last`, read and reset at
+//!   session start), a message comes while a session is live, a hibernating session the
+//!   last notification was about was resumed since (it is parked again, or was handed a
 //!   stanza while live), or a session that was live since then ends.
 //! - **Failures**: an app server that answers `<push failures>` notifications in a row
 //!   with an error loses its registration; a result resets the count. Answers come back
 //!   to the user's bare JID, recognised by the ids sm gave the notifications.
 //!
-//! Stored under `urn:xmpp:push:0` as `<push xmlns='urn:xmpp:push:0' count='N'>` with
+//! Stored under `urn:xmpp:push:0` as `<push xmlns='urn:xmpp:push:0' count='N'
+//! logout-seen='MICROSECONDS|none'>` with
 //! one `<registration jid= node= include-body= failures=>` (holding the publish-options
 //! form) per app server node; `count` is kept there because the user's task, and its
 //! memory, ends with the user's last session.
@@ -137,6 +140,10 @@ struct Record {
     registrations: Vec<Registration>,
     /// Messages notified since the user was last online.
     count: u64,
+    /// The user's last logout (`last::logout_time`) when the count was last raised:
+    /// `Some(None)` when none was recorded; `None` in records from before it was kept.
+    /// Another logout since means the user was back: the count starts again.
+    seen_logout: Option<Option<u64>>,
 }
 
 impl Record {
@@ -173,11 +180,20 @@ impl Record {
         Record {
             registrations,
             count: root.attr("count").and_then(|c| c.parse().ok()).unwrap_or(0),
+            seen_logout: root.attr("logout-seen").map(|t| t.parse().ok()),
         }
     }
 
     fn to_storage(&self) -> String {
-        let mut s = format!("<push xmlns='{NS_PUSH}' count='{}'>", self.count);
+        let mut s = format!("<push xmlns='{NS_PUSH}' count='{}'", self.count);
+        match self.seen_logout {
+            Some(Some(t)) => {
+                let _ = write!(s, " logout-seen='{t}'");
+            }
+            Some(None) => s.push_str(" logout-seen='none'"),
+            None => {}
+        }
+        s.push('>');
         for r in &self.registrations {
             let _ = write!(
                 s,
@@ -275,6 +291,30 @@ async fn reset(u: &mut User) {
     }
     if let Err(e) = save(u).await {
         warn!("push message count not reset in storage: {e}");
+    }
+}
+
+/// Whether the count restarts by the logout time the `last` module keeps, rather than
+/// by a read of the registrations at every session start (a storage read per login,
+/// for the few users with registrations; docs/benchmarks.md, "Push registrations read
+/// when needed").
+fn counts_by_logout(u: &User) -> bool {
+    u.ctx.modules.get("last").is_some()
+}
+
+/// Which logout was the user's last (`Some(None)`: none recorded), when the count
+/// restarts by it; `None` without the `last` module or when storage cannot say (the
+/// count then goes on).
+async fn last_logout(u: &User) -> Option<Option<u64>> {
+    if !counts_by_logout(u) {
+        return None;
+    }
+    match crate::modules::last::logout_time(u).await {
+        Ok(logout) => Some(logout),
+        Err(e) => {
+            warn!("last logout time unavailable, the push count goes on: {e}");
+            None
+        }
     }
 }
 
@@ -502,10 +542,18 @@ impl Push {
         if record.registrations.is_empty() {
             return;
         }
-        if back_since {
+        let logout = last_logout(u).await;
+        let record = u.state.get_mut::<Record>().expect("loaded above");
+        // The user logged out again since the last notification: back in between.
+        let logged_out_since =
+            matches!((record.seen_logout, logout), (Some(seen), Some(now)) if seen != now);
+        if back_since || logged_out_since {
             record.count = 0;
         }
         record.count += 1;
+        if logout.is_some() {
+            record.seen_logout = logout;
+        }
         let count = record.count;
         let registrations = record.registrations.clone();
         for s in &mut u.sessions {
@@ -656,9 +704,14 @@ impl Module for Push {
         Flow::Pass
     }
 
-    /// A new session is the user online: the count starts again (the record is read
-    /// here, so the other hooks find it cached while the user has sessions).
+    /// A new session is the user online: the count starts again. With the `last`
+    /// module that needs no read here: the next notification sees that the user
+    /// logged out again since the last one ([`last_logout`]); without it, the record is
+    /// read and its count reset now.
     async fn session_started(&self, u: &mut User, _s: SessionKey) {
+        if counts_by_logout(u) {
+            return;
+        }
         match load(u).await {
             Ok(_) => reset(u).await,
             Err(e) => warn!("push registrations unavailable: {e}"),
@@ -941,6 +994,70 @@ mod tests {
             !s.contains("'a'") && s.contains("'b'") && s.contains("'c'"),
             "{s}"
         );
+    }
+
+    #[tokio::test]
+    async fn a_login_reads_no_registrations_and_a_logout_restarts_the_count() {
+        let mut u = offline_alice("", &[enable("1", "plain", None)]).await;
+        inbound(&mut u, CHAT).await;
+        take(&mut u);
+        inbound(&mut u, CHAT).await;
+        let p = published(&take(&mut u));
+        assert_eq!(p[0].get("message-count"), Some("2"));
+        let stored = u.ctx.store.get(&u.bare, NS_PUSH).await.unwrap();
+        assert!(String::from_utf8_lossy(&stored).contains("logout-seen='"));
+        // A later task of the user: a login does not read the registrations...
+        u.state.remove::<super::Record>();
+        start(&mut u, "laptop").await;
+        assert!(u.state.get::<super::Record>().is_none());
+        let r = reference(&u, "laptop");
+        handle(&mut u, Event::End(r, vec![])).await;
+        take(&mut u);
+        // ...and the logout it ended with restarts the count.
+        u.state.remove::<super::Record>();
+        inbound(&mut u, CHAT).await;
+        let p = published(&take(&mut u));
+        assert_eq!(p[0].get("message-count"), Some("1"));
+        // A record from before the logouts were kept: its count goes on.
+        u.ctx
+            .store
+            .set(&u.bare, NS_PUSH, format!("<push xmlns='{NS_PUSH}' count='5'><registration jid='push.example.net' node='plain' include-body='false' failures='0'/></push>"))
+            .await
+            .unwrap();
+        u.state.remove::<super::Record>();
+        inbound(&mut u, CHAT).await;
+        let p = published(&take(&mut u));
+        assert_eq!(p[0].get("message-count"), Some("6"));
+    }
+
+    #[tokio::test]
+    async fn without_the_last_module_a_login_restarts_the_count() {
+        let modules = [
+            "roster",
+            "presence",
+            "subscription",
+            "messages",
+            "offline",
+            "push",
+        ];
+        let ctx = ctx(Some(&modules), "");
+        let mut u = user(&ctx, "alice@localhost");
+        start(&mut u, "phone").await;
+        enabled(&mut u, "phone", &[enable("1", "plain", None)]).await;
+        let r = reference(&u, "phone");
+        handle(&mut u, Event::End(r, vec![])).await;
+        inbound(&mut u, CHAT).await;
+        take(&mut u);
+        u.state.remove::<super::Record>();
+        // The login reads the record and starts the count again.
+        start(&mut u, "laptop").await;
+        assert!(u.state.get::<super::Record>().is_some());
+        let r = reference(&u, "laptop");
+        handle(&mut u, Event::End(r, vec![])).await;
+        take(&mut u);
+        inbound(&mut u, CHAT).await;
+        let p = published(&take(&mut u));
+        assert_eq!(p[0].get("message-count"), Some("1"));
     }
 
     #[tokio::test]
