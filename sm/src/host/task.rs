@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use jid::{BareJid, Jid};
 use jrs_stream::{Stanza, StanzaErrorCondition, StreamErrorCondition};
-use tracing::{debug, error, info, info_span, warn, Instrument};
+use tracing::{debug, debug_span, error, info, info_span, warn, Instrument};
 
 use crate::host::ending::{end_session, reset, reset_returning, undelivered};
 use crate::host::handover;
@@ -120,7 +120,11 @@ pub async fn handle(u: &mut User, event: Event) {
             client_stanza(u, r, stanza).instrument(span).await
         }
         Event::Inbound(p) => {
-            let span = info_span!(
+            // At debug only: a span per delivered stanza, its sender formatted for the
+            // log's line prefix, was a sixth of sm's instructions per message at the
+            // shipped `info` (docs/benchmarks.md, "A span per stanza"). Lines written
+            // meanwhile keep the user's span; those about one stanza name its sender.
+            let span = debug_span!(
                 "inbound",
                 from = p.from.as_ref().map(|j| j.as_str()).unwrap_or("")
             );

@@ -171,7 +171,9 @@ impl Offline {
         if stored + data.len() > budget {
             info!(
                 stored,
-                budget, "offline store full (bytes): message refused"
+                budget,
+                from = stanza.from().unwrap_or(""),
+                "offline store full (bytes): message refused"
             );
             u.refuse(
                 stanza,
@@ -190,7 +192,11 @@ impl Offline {
             Err(XdbError::Refused(r))
                 if r.condition == StanzaErrorCondition::ResourceConstraint =>
             {
-                info!(max, "offline store full: message refused");
+                info!(
+                    max,
+                    from = stanza.from().unwrap_or(""),
+                    "offline store full: message refused"
+                );
                 u.refuse(
                     stanza,
                     StanzaErrorCondition::ServiceUnavailable,
