@@ -121,7 +121,7 @@ pub async fn handle(u: &mut User, event: Event) {
         }
         Event::Inbound(p) => {
             // At debug only: a span per delivered stanza, its sender formatted for the
-            // log's line prefix, was a sixth of sm's instructions per message at the
+            // log's line prefix, was 6% of sm's instructions per message at the
             // shipped `info` (docs/benchmarks.md, "A span per stanza"). Lines written
             // meanwhile keep the user's span; those about one stanza name its sender.
             let span = debug_span!(
