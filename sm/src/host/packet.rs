@@ -109,10 +109,23 @@ impl Packet {
         true
     }
 
-    /// Adds `xml` (one self-contained element) as the last child.
+    /// Adds `xml` (one self-contained element) as the last child. Children already read
+    /// stay read, the new one added to them: modules after this one look at the
+    /// children again (an archived message's stanza id is added before carbons and
+    /// delivery read them), and reading them anew was a parse per message.
     pub fn push_child(&mut self, xml: &str) {
         self.stanza = self.stanza.with_child_appended(xml.as_bytes());
-        self.children = OnceLock::new();
+        // It sits right before the closing tag.
+        let end = memchr::memrchr(b'<', self.stanza.as_slice()).expect("a closing tag");
+        let added = self.children.get_mut().zip(head_of(xml));
+        match added {
+            Some((children, (name, ns))) => children.push(Child {
+                name,
+                ns,
+                span: end - xml.len()..end,
+            }),
+            None => self.children = OnceLock::new(),
+        }
     }
 
     fn replace(&mut self, bytes: Bytes) {
@@ -138,6 +151,35 @@ impl Packet {
             _ => self.stanza.with_xmlns(Some(NS_CLIENT)),
         }
     }
+}
+
+/// The name and namespace of an element this program writes (`<name xmlns='ns' ...`):
+/// unprefixed, its namespace declared in its start tag (no entities in it), or
+/// unqualified (then the content namespace, as [`jrs_stream::children`] reports it).
+/// `None` for anything else, which is then read with the other children.
+fn head_of(xml: &str) -> Option<(String, String)> {
+    let tag = xml.strip_prefix('<')?;
+    let end = tag.find(|c: char| c.is_ascii_whitespace() || c == '/' || c == '>')?;
+    let name = &tag[..end];
+    if name.is_empty() || name.contains(':') {
+        return None;
+    }
+    let head = &tag[..tag.find('>')?];
+    let ns = match head.find(" xmlns=") {
+        Some(at) => {
+            let value = &head[at + " xmlns=".len()..];
+            let quote = value.chars().next().filter(|q| *q == '\'' || *q == '"')?;
+            let value = &value[1..];
+            let value = &value[..value.find(quote)?];
+            if value.contains('&') {
+                return None;
+            }
+            value.to_owned()
+        }
+        None if !head.contains("xmlns") => NS_CLIENT.to_owned(),
+        None => return None,
+    };
+    Some((name.to_owned(), ns))
 }
 
 #[cfg(test)]
@@ -224,6 +266,27 @@ mod tests {
         assert!(p.has("stanza-id", "urn:xmpp:sid:0"));
         let mut e = packet("<message to='a@b'/>");
         e.push_child("<x xmlns='y'/>");
+        // Children read before stay read, the new one with them, as a fresh read finds.
+        for (stanza, child) in [
+            (
+                "<message to='a@b'><body>hi</body></message >",
+                "<stanza-id xmlns='urn:xmpp:sid:0' by='a@b' id='1'/>",
+            ),
+            (
+                "<presence/>",
+                "<x xmlns=\"vcard-temp:x:update\"><photo>ab</photo></x>",
+            ),
+            ("<message><b/></message>", "<thread>t</thread>"),
+            ("<message><b/></message>", "<p:x xmlns:p='urn:p'/>"),
+            ("<message><b/></message>", "<x xmlns:p='urn:p'><p:y/></x>"),
+        ] {
+            let mut p = packet(stanza);
+            p.children();
+            p.push_child(child);
+            let text = String::from_utf8(p.bytes().to_vec()).unwrap();
+            let fresh = packet(Box::leak(text.into_boxed_str()));
+            assert_eq!(p.children(), fresh.children(), "{child}");
+        }
         assert_eq!(
             &e.bytes()[..],
             b"<message to='a@b'><x xmlns='y'/></message>"
