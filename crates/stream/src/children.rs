@@ -88,6 +88,17 @@ pub fn children(stanza: &Stanza) -> Vec<Child> {
     out
 }
 
+/// The top-level child of `stanza` whose bytes are at `span` (one whole element, as
+/// [`children`] would report it): for a caller that added it and knows where.
+pub fn child_at(stanza: &Stanza, span: Range<usize>) -> Child {
+    let bytes = stanza.as_slice();
+    let head = &bytes[..stanza.inner().as_ptr() as usize - bytes.as_ptr() as usize];
+    let element = &bytes[span.clone()];
+    let tag = &element[..crate::xml::tag_len(element).unwrap_or(element.len())];
+    let (name, ns) = name_and_ns(tag, head);
+    Child { name, ns, span }
+}
+
 /// A child's local name and namespace from its start tag: declared on it (directly or
 /// for its prefix), a prefix the stanza's own tag declares, or the content namespace
 /// (`jabber:client`).

@@ -115,16 +115,13 @@ impl Packet {
     /// delivery read them), and reading them anew was a parse per message.
     pub fn push_child(&mut self, xml: &str) {
         self.stanza = self.stanza.with_child_appended(xml.as_bytes());
-        // It sits right before the closing tag.
-        let end = memchr::memrchr(b'<', self.stanza.as_slice()).expect("a closing tag");
-        let added = self.children.get_mut().zip(head_of(xml));
-        match added {
-            Some((children, (name, ns))) => children.push(Child {
-                name,
-                ns,
-                span: end - xml.len()..end,
-            }),
-            None => self.children = OnceLock::new(),
+        if let Some(children) = self.children.get_mut() {
+            // It sits right before the closing tag.
+            let end = memchr::memrchr(b'<', self.stanza.as_slice()).expect("a closing tag");
+            children.push(jrs_stream::children::child_at(
+                &self.stanza,
+                end - xml.len()..end,
+            ));
         }
     }
 
@@ -151,35 +148,6 @@ impl Packet {
             _ => self.stanza.with_xmlns(Some(NS_CLIENT)),
         }
     }
-}
-
-/// The name and namespace of an element this program writes (`<name xmlns='ns' ...`):
-/// unprefixed, its namespace declared in its start tag (no entities in it), or
-/// unqualified (then the content namespace, as [`jrs_stream::children`] reports it).
-/// `None` for anything else, which is then read with the other children.
-fn head_of(xml: &str) -> Option<(String, String)> {
-    let tag = xml.strip_prefix('<')?;
-    let end = tag.find(|c: char| c.is_ascii_whitespace() || c == '/' || c == '>')?;
-    let name = &tag[..end];
-    if name.is_empty() || name.contains(':') {
-        return None;
-    }
-    let head = &tag[..tag.find('>')?];
-    let ns = match head.find(" xmlns=") {
-        Some(at) => {
-            let value = &head[at + " xmlns=".len()..];
-            let quote = value.chars().next().filter(|q| *q == '\'' || *q == '"')?;
-            let value = &value[1..];
-            let value = &value[..value.find(quote)?];
-            if value.contains('&') {
-                return None;
-            }
-            value.to_owned()
-        }
-        None if !head.contains("xmlns") => NS_CLIENT.to_owned(),
-        None => return None,
-    };
-    Some((name.to_owned(), ns))
 }
 
 #[cfg(test)]
