@@ -5,7 +5,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot};
+use futures_channel::mpsc;
+use tokio::sync::oneshot;
 
 use jrs_stream::children::children;
 use jrs_stream::xml::escape;
@@ -58,14 +59,25 @@ pub struct Counts {
     pub sent: usize,
 }
 
+/// What a client's session is sent (by the router's reader, for sm): futures-channel's
+/// unbounded channel, not tokio's. tokio's allocates a block of 32 slots with every
+/// channel and keeps it, its state padded to cache lines: 760 bytes per idle session;
+/// this one about 100 (an allocation per queued message instead; docs/benchmarks.md,
+/// "Channels that cost nothing idle"). Boxed, so that the channel's empty node is a
+/// pointer, not a `ToClient`.
+pub type ToClientSender = mpsc::UnboundedSender<Box<ToClient>>;
+pub type ToClientReceiver = mpsc::UnboundedReceiver<Box<ToClient>>;
+
+pub fn to_client_channel() -> (ToClientSender, ToClientReceiver) {
+    mpsc::unbounded()
+}
+
 /// One client session as c2s and sm both name it.
 pub struct SessionHandle {
     pub sid: String,
     pub jid: String,
     pub bare: String,
-    /// Boxed: a channel allocates its slots 32 at a time, and an idle client should cost
-    /// 32 pointers there.
-    pub to_client: mpsc::UnboundedSender<Box<ToClient>>,
+    pub to_client: ToClientSender,
     /// Resolved by sm's answer to `start` or `resume`.
     answer: Mutex<Option<oneshot::Sender<Answer>>>,
     /// The sm instance holding the session.
@@ -152,7 +164,7 @@ impl SessionHandle {
         sid: String,
         jid: String,
         bare: String,
-        to_client: mpsc::UnboundedSender<Box<ToClient>>,
+        to_client: ToClientSender,
         answer: oneshot::Sender<Answer>,
     ) -> SessionHandle {
         SessionHandle {
@@ -173,7 +185,7 @@ impl SessionHandle {
             sid,
             jid,
             bare,
-            to_client: mpsc::unbounded_channel().0,
+            to_client: to_client_channel().0,
             answer: Mutex::new(None),
             sm: Mutex::new(None),
             kept: Mutex::default(),

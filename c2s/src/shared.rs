@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{oneshot, watch};
 use tracing::{debug, info, warn};
 
 use jrs_component::{fanout, Outbox, TopLevel};
@@ -18,7 +18,9 @@ use jrs_xdb::XdbClient;
 use crate::auth_failures::AuthFailures;
 use crate::config::C2sConfig;
 use crate::negotiation;
-use crate::protocol::{self, Answer, Counts, Item, Lost, Resumption, SessionHandle, ToClient};
+use crate::protocol::{
+    self, Answer, Counts, Item, Lost, Resumption, SessionHandle, ToClient, ToClientSender,
+};
 use crate::session::stream_management::AckPolicy;
 use crate::tls::Tls;
 
@@ -189,7 +191,7 @@ impl Shared {
         &self,
         jid: &str,
         bare: &str,
-        to_client: mpsc::UnboundedSender<Box<ToClient>>,
+        to_client: ToClientSender,
     ) -> (Arc<SessionHandle>, oneshot::Receiver<Answer>) {
         let (tx, rx) = oneshot::channel();
         let handle = Arc::new(SessionHandle::new(
@@ -211,7 +213,7 @@ impl Shared {
         &self,
         jid: &str,
         bare: &str,
-        to_client: mpsc::UnboundedSender<Box<ToClient>>,
+        to_client: ToClientSender,
     ) -> (Arc<SessionHandle>, oneshot::Receiver<Answer>) {
         let (handle, rx) = self.register(jid, bare, to_client);
         self.send(protocol::packet(&self.me, "start", &handle, &[], b""));
@@ -224,7 +226,7 @@ impl Shared {
         &self,
         bare: &str,
         token: &str,
-        to_client: mpsc::UnboundedSender<Box<ToClient>>,
+        to_client: ToClientSender,
     ) -> (Arc<SessionHandle>, oneshot::Receiver<Answer>) {
         // The full JID is sm's to tell: until then the handle names the bare JID.
         let (handle, rx) = self.register(bare, bare, to_client);
@@ -445,7 +447,10 @@ impl Shared {
                     undelivered.push(item);
                     return;
                 }
-                match handle.to_client.send(Box::new(ToClient::Stanza(item))) {
+                match handle
+                    .to_client
+                    .unbounded_send(Box::new(ToClient::Stanza(item)))
+                {
                     Ok(()) => return,
                     // Nobody reads that channel any more (a session ending after its
                     // restore): back to sm as for a session we no longer have, below.
@@ -486,7 +491,7 @@ impl Shared {
             return;
         };
         let to_client = |message: ToClient| {
-            let _ = handle.to_client.send(Box::new(message));
+            let _ = handle.to_client.unbounded_send(Box::new(message));
         };
         match packet.kind() {
             Some("started") => {
@@ -629,7 +634,9 @@ impl Shared {
                 match sessions.get(sid) {
                     // Under the table's lock, as in `sm_packet`.
                     Some(handle) => {
-                        let _ = handle.to_client.send(Box::new(ToClient::Stanza(item)));
+                        let _ = handle
+                            .to_client
+                            .unbounded_send(Box::new(ToClient::Stanza(item)));
                     }
                     None => gone.push((sid.to_owned(), r.to, item)),
                 }
@@ -813,7 +820,7 @@ impl Shared {
         if held + undelivered > 0 {
             warn!(jid = %handle.jid, held, undelivered, "stanzas held for a session that was not restored are dropped");
         }
-        let _ = handle.to_client.send(Box::new(ToClient::End(
+        let _ = handle.to_client.unbounded_send(Box::new(ToClient::End(
             StreamErrorCondition::Reset,
             "the session manager restarted: log in again".into(),
         )));

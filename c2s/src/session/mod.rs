@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use rand::Rng;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
 
 use jrs_stream::children::children;
@@ -28,7 +28,9 @@ use jrs_sx::{stream_error, Close, Connection};
 
 use crate::iq::{error_iq, result_iq};
 use crate::negotiation::sm_failed;
-use crate::protocol::{Answer, Counts, Item, SessionHandle, ToClient};
+use crate::protocol::{
+    to_client_channel, Answer, Counts, Item, SessionHandle, ToClient, ToClientReceiver,
+};
 use crate::shared::{RelayGuard, Shared};
 
 use csi::Csi;
@@ -78,7 +80,7 @@ pub async fn bind<'a>(
             "the server is stopping",
         ));
     }
-    let (to_client, from_sm) = mpsc::unbounded_channel();
+    let (to_client, from_sm) = to_client_channel();
     let (handle, started) = shared.start_session(&full, &bare, to_client);
     let reply = match tokio::time::timeout(START_TIMEOUT, started).await {
         Ok(Ok(Answer::Started)) => format!(
@@ -134,7 +136,7 @@ async fn bind2<'a>(
             "the server is stopping",
         ));
     }
-    let (to_client, from_sm) = mpsc::unbounded_channel();
+    let (to_client, from_sm) = to_client_channel();
     let (handle, started) = shared.start_session(&full, &bare, to_client);
     match tokio::time::timeout(START_TIMEOUT, started).await {
         Ok(Ok(Answer::Started)) => {}
@@ -210,7 +212,7 @@ pub async fn resume(
             "the server is stopping",
         ));
     }
-    let (to_client, from_sm) = mpsc::unbounded_channel();
+    let (to_client, from_sm) = to_client_channel();
     let (handle, answer) = shared.resume_session(&bare, &previd, to_client);
     let resumption = match tokio::time::timeout(START_TIMEOUT, answer).await {
         Ok(Ok(Answer::Resumed(r))) => r,
@@ -285,7 +287,7 @@ pub struct Live<'a> {
     shared: &'a Arc<Shared>,
     conn: &'a mut Connection,
     handle: Arc<SessionHandle>,
-    from_sm: mpsc::UnboundedReceiver<Box<ToClient>>,
+    from_sm: ToClientReceiver,
     sm: Option<StreamManagement>,
     csi: Csi,
     /// Stanzas whose write failed, without stream management to keep them.
@@ -303,7 +305,7 @@ impl<'a> Live<'a> {
         shared: &'a Arc<Shared>,
         conn: &'a mut Connection,
         handle: Arc<SessionHandle>,
-        from_sm: mpsc::UnboundedReceiver<Box<ToClient>>,
+        from_sm: ToClientReceiver,
         sm: Option<StreamManagement>,
     ) -> Live<'a> {
         crate::metrics::in_session();
@@ -372,7 +374,7 @@ impl<'a> Live<'a> {
                         return Ending::Close(close);
                     }
                 }
-                message = self.from_sm.recv() => match message.map(|m| *m) {
+                message = self.from_sm.recv() => match message.ok().map(|m| *m) {
                     Some(ToClient::Stanza(item)) => {
                         // Whatever else is queued for this client goes out in the same
                         // write: one system call for a burst, not one per stanza.
@@ -770,7 +772,7 @@ impl<'a> Live<'a> {
         let deadline = tokio::time::Instant::now() + HANDOVER_TIMEOUT;
         loop {
             match tokio::time::timeout_at(deadline, self.from_sm.recv()).await {
-                Ok(Some(message)) => match *message {
+                Ok(Ok(message)) => match *message {
                     ToClient::Stanza(item) => items.push(item),
                     ToClient::Collect => {
                         debug!(jid = %self.handle.jid, queued = items.len(), "session handed to sm");
@@ -779,7 +781,7 @@ impl<'a> Live<'a> {
                     }
                     ToClient::End(..) => break,
                 },
-                Ok(None) | Err(_) => {
+                Ok(Err(_)) | Err(_) => {
                     warn!(jid = %self.handle.jid, "sm did not take the hibernating session: ending it");
                     break;
                 }

@@ -9,8 +9,8 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
+use futures_channel::mpsc;
 use jid::BareJid;
-use tokio::sync::mpsc;
 use tracing::debug;
 
 use jrs_stream::Stanza;
@@ -87,10 +87,13 @@ impl Event {
     }
 }
 
-/// Events travel boxed: a queue allocates its slots 32 at a time, and an idle user
-/// should cost 32 pointers, not 32 events.
-pub type Sender = mpsc::Sender<Box<Event>>;
-pub type Receiver = mpsc::Receiver<Box<Event>>;
+/// A user's queue: futures-channel's unbounded channel, bounded by the registry (see
+/// `Slot::try_send`). tokio's bounded channel allocates a block of 32 slots with every
+/// channel and keeps it, its state padded to cache lines: 800 bytes per user with a
+/// session; this one about 100 (docs/benchmarks.md, "Channels that cost nothing idle").
+/// Events travel boxed, so that the channel's empty node is a pointer, not an event.
+pub type Sender = mpsc::UnboundedSender<Box<Event>>;
+pub type Receiver = mpsc::UnboundedReceiver<Box<Event>>;
 
 /// Events given to a user's task and not yet done with: counted up when one is queued,
 /// down after the task sent what it produced. At zero, nothing the task will still send
@@ -101,28 +104,32 @@ pub type Pending = Arc<AtomicUsize>;
 struct Slot {
     tx: Sender,
     pending: Pending,
+    /// How many events may be pending before stanzas are refused.
+    queue: usize,
+}
+
+/// Why an event was not queued; it comes back.
+enum Refused {
+    /// The user's queue holds `queue` events already (session control is never refused).
+    Full(Box<Event>),
+    /// The task is gone (a panic).
+    Closed(Box<Event>),
 }
 
 impl Slot {
-    fn try_send(&self, event: Box<Event>) -> Result<(), mpsc::error::TrySendError<Box<Event>>> {
+    fn try_send(&self, event: Box<Event>) -> Result<(), Refused> {
         // Counted first: the task may take the event and count it down at once.
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        let sent = self.tx.try_send(event);
-        if sent.is_err() {
+        let before = self.pending.fetch_add(1, Ordering::AcqRel);
+        // Session control must not be lost (an end frees the session, a park holds a
+        // client's stanzas): it goes past a full queue.
+        if before >= self.queue && !event.is_control() {
             self.pending.fetch_sub(1, Ordering::AcqRel);
+            return Err(Refused::Full(event));
         }
-        sent
-    }
-
-    /// Queues a session control event on a full queue: waits for room elsewhere.
-    fn send_later(&self, event: Box<Event>) {
-        self.pending.fetch_add(1, Ordering::AcqRel);
-        let (tx, pending) = (self.tx.clone(), self.pending.clone());
-        tokio::spawn(async move {
-            if tx.send(event).await.is_err() {
-                pending.fetch_sub(1, Ordering::AcqRel);
-            }
-        });
+        self.tx.unbounded_send(event).map_err(|e| {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            Refused::Closed(e.into_inner())
+        })
     }
 }
 
@@ -157,31 +164,28 @@ impl Registry {
         let event = match tasks.get(user) {
             Some(slot) => match slot.try_send(event) {
                 Ok(()) => return Ok(()),
-                // Session control must not be lost (an end frees the session, a park
-                // holds a client's stanzas): wait for room.
-                Err(mpsc::error::TrySendError::Full(e)) if e.is_control() => {
-                    slot.send_later(e);
-                    return Ok(());
-                }
-                Err(mpsc::error::TrySendError::Full(e)) => return Err(e),
+                Err(Refused::Full(e)) => return Err(e),
                 // The task died (a panic): start a new one.
-                Err(mpsc::error::TrySendError::Closed(e)) => e,
+                Err(Refused::Closed(e)) => e,
             },
             None => event,
         };
-        let (tx, rx) = mpsc::channel(queue);
+        let (tx, rx) = mpsc::unbounded();
         let slot = Slot {
             tx,
             pending: Pending::default(),
+            queue,
         };
-        slot.try_send(event).expect("a new queue has room");
+        if slot.try_send(event).is_err() {
+            unreachable!("a new queue has room and a receiver");
+        }
         let pending = slot.pending.clone();
         tasks.insert(user.clone(), slot);
         spawn(rx, pending);
         Ok(())
     }
 
-    /// Sends `event` to every user task (link notices); waits where a queue is full.
+    /// Sends `event` (session control: never refused) to every user task.
     pub fn broadcast(&self, make: impl Fn() -> Event) {
         // Copied out: a broadcast to every user must not hold up dispatch meanwhile.
         let tasks: Vec<Slot> = self
@@ -192,18 +196,19 @@ impl Registry {
             .cloned()
             .collect();
         for slot in &tasks {
-            match slot.try_send(Box::new(make())) {
-                Ok(()) | Err(mpsc::error::TrySendError::Closed(_)) => {}
-                Err(mpsc::error::TrySendError::Full(e)) => slot.send_later(e),
-            }
+            let event = Box::new(make());
+            debug_assert!(event.is_control());
+            // A task that died takes nothing; the next dispatch starts a new one.
+            let _ = slot.try_send(event);
         }
     }
 
-    /// Called by a user task with nothing left to do: removes it unless an event arrived
-    /// meanwhile (checked under the lock dispatch holds while sending). True if removed.
-    pub fn retire(&self, user: &BareJid, rx: &Receiver) -> bool {
+    /// Called by a user task with nothing left to do (its own events counted down
+    /// from `pending`): removes it unless an event arrived meanwhile (checked under the
+    /// lock dispatch holds while sending). True if removed.
+    pub fn retire(&self, user: &BareJid, pending: &Pending) -> bool {
         let mut tasks = self.tasks.lock().expect("registry lock");
-        if !rx.is_empty() {
+        if pending.load(Ordering::Acquire) != 0 {
             return false;
         }
         tasks.remove(user);

@@ -47,7 +47,7 @@ pub fn dispatch(ctx: &Arc<Ctx>, user: &BareJid, event: Event) {
 fn run(mut u: User, mut rx: Receiver, pending: Pending) -> impl std::future::Future<Output = ()> {
     async move {
         loop {
-            let Some(event) = rx.recv().await else { break };
+            let Ok(event) = rx.recv().await else { break };
             // Boxed: a task waits at `recv` most of its life, and its size is that of its
             // largest await point, which would be this handler's.
             Box::pin(handle(&mut u, *event)).await;
@@ -67,7 +67,7 @@ fn run(mut u: User, mut rx: Receiver, pending: Pending) -> impl std::future::Fut
             // Sent: room broadcasts may overtake nothing now (host::shortcut).
             shortcut::publish(&mut u, &pending);
             pending.fetch_sub(handled, Ordering::AcqRel);
-            if u.sessions.is_empty() && u.ctx.users.retire(&u.jid, &rx) {
+            if u.sessions.is_empty() && u.ctx.users.retire(&u.jid, &pending) {
                 break;
             }
         }
