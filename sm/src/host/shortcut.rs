@@ -67,20 +67,24 @@ pub fn publish(u: &mut User, pending: &Pending) {
             }
         }
     }
-    let sessions: Vec<(String, String, String)> = if admitted {
-        u.sessions
-            .iter()
-            .filter(|s| s.is_live())
-            .map(|s| (s.full.clone(), s.c2s.clone(), s.sid.clone()))
-            .collect()
-    } else {
-        vec![]
-    };
-    let shortcuts = u.ctx.shortcuts.clone();
+    // Compared in place: this runs after every batch of events, and the sessions
+    // rarely change between two.
+    let live = || u.sessions.iter().filter(|s| admitted && s.is_live());
     let published = u.state.entry::<Published>();
-    if published.sessions == sessions && published.blocked == blocked {
+    let unchanged = published.blocked == blocked
+        && published.sessions.len() == live().count()
+        && published
+            .sessions
+            .iter()
+            .zip(live())
+            .all(|((full, c2s, sid), s)| *full == s.full && *c2s == s.c2s && *sid == s.sid);
+    if unchanged {
         return;
     }
+    // Exactly as long as needed: one is kept per user with a session.
+    let mut sessions = Vec::with_capacity(live().count());
+    sessions.extend(live().map(|s| (s.full.clone(), s.c2s.clone(), s.sid.clone())));
+    let shortcuts = u.ctx.shortcuts.clone();
     let mut table = shortcuts.table();
     for (full, ..) in &published.sessions {
         table.remove(full);
