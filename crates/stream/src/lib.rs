@@ -16,6 +16,7 @@ pub mod errors;
 pub mod framer;
 pub mod header;
 pub mod limits;
+pub mod scan;
 pub mod stanza;
 pub mod validate;
 pub mod xml;

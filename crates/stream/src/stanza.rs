@@ -5,10 +5,9 @@
 use std::ops::Range;
 
 use bytes::{Bytes, BytesMut};
-use quick_xml::events::Event;
-use quick_xml::Reader;
 
 use crate::errors::StanzaErrorCondition;
+use crate::scan::find_any;
 
 /// Why a top-level element could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -109,46 +108,29 @@ impl<'a> Stanza<&'a [u8]> {
 impl<B: AsRef<[u8]>> Stanza<B> {
     fn parse_as(bytes: B) -> Result<Stanza<B>, StanzaError> {
         let slice = bytes.as_ref();
-        let base = slice.as_ptr() as usize;
-        let end = base + slice.len();
-        // quick-xml hands out names and raw values as slices of the input; spans are
-        // their offsets (checked, so a copy could never yield a bogus span).
-        let span_of = |s: &str| -> Result<Span, StanzaError> {
-            let at = s.as_ptr() as usize;
-            if at < base || at + s.len() > end {
-                return Err(StanzaError("attribute not read from the input".into()));
-            }
-            let start = (at - base) as u32;
-            Ok(start..start + s.len() as u32)
-        };
-        let mut reader = Reader::from_reader(slice);
-        let (start, empty) = match reader.read_event() {
-            Ok(Event::Start(e)) => (e, false),
-            Ok(Event::Empty(e)) => (e, true),
-            Ok(_) => return Err(StanzaError("expected an element".into())),
-            Err(e) => return Err(StanzaError(format!("bad start tag: {e}"))),
-        };
-        let head_end = reader.buffer_position() as u32;
-        let name = span_of(start.name().into_inner())?;
+        let (mut tag, name) = StartTag::new(slice)?;
         let (mut to, mut from, mut kind, mut id, mut xmlns) = (None, None, None, None, None);
         let mut others = Vec::new();
-        for attr in start.attributes().with_checks(false) {
-            let attr = attr.map_err(|e| StanzaError(format!("bad attribute: {e}")))?;
-            let slot = match attr.key.as_ref() {
-                "to" => &mut to,
-                "from" => &mut from,
-                "type" => &mut kind,
-                "id" => &mut id,
-                "xmlns" => &mut xmlns,
+        while let Some((key, value)) = tag.next_attribute()? {
+            let slot = match &slice[key.start as usize..key.end as usize] {
+                b"to" => &mut to,
+                b"from" => &mut from,
+                b"type" => &mut kind,
+                b"id" => &mut id,
+                b"xmlns" => &mut xmlns,
                 _ => {
-                    others.push((span_of(attr.key.into_inner())?, span_of(&attr.value)?));
+                    others.push((key, value));
                     continue;
                 }
             };
-            // The reader borrows from `bytes`, so the raw value is a slice of it.
-            *slot = Some(span_of(&attr.value)?);
+            *slot = Some(value);
         }
-        drop(start);
+        let (head_end, empty) = tag.end;
+        // XML text is UTF-8: checked once for the tag, so every name and value read from
+        // it is (the body is the validator's, where stanzas come in).
+        if std::str::from_utf8(&slice[..head_end as usize]).is_err() {
+            return Err(bad_tag("not UTF-8"));
+        }
         Ok(Stanza {
             bytes,
             name,
@@ -249,7 +231,9 @@ impl<B: AsRef<[u8]>> Stanza<B> {
             |out| {
                 for (key, new, raw) in [("from", from, self.from()), ("to", to, self.to())] {
                     match (new, raw) {
-                        (Some(text), _) => push_raw_attr(out, key, &crate::xml::escape(text)),
+                        (Some(text), _) => {
+                            push_raw_attr(out, key, crate::xml::escape(text).as_bytes())
+                        }
                         (None, Some(raw)) => push_raw_attr(out, key, raw),
                         (None, None) => {}
                     }
@@ -289,7 +273,7 @@ impl<B: AsRef<[u8]>> Stanza<B> {
                 }
                 out.extend_from_slice(&bytes[..start]);
                 if let Some(ns) = ns {
-                    push_raw_attr(out, "xmlns", &crate::xml::escape(ns));
+                    push_raw_attr(out, "xmlns", crate::xml::escape(ns).as_bytes());
                 }
                 out.extend_from_slice(&bytes[span.end as usize + 1..]);
             }
@@ -297,7 +281,7 @@ impl<B: AsRef<[u8]>> Stanza<B> {
                 let name_end = self.name.end as usize;
                 out.extend_from_slice(&bytes[..name_end]);
                 if let Some(ns) = ns {
-                    push_raw_attr(out, "xmlns", &crate::xml::escape(ns));
+                    push_raw_attr(out, "xmlns", crate::xml::escape(ns).as_bytes());
                 }
                 out.extend_from_slice(&bytes[name_end..]);
             }
@@ -355,13 +339,18 @@ impl<B: AsRef<[u8]>> Stanza<B> {
             BytesMut::with_capacity(self.bytes.as_ref().len() + extra.map_or(0, <[u8]>::len) + 64);
         out.extend_from_slice(b"<");
         out.extend_from_slice(name.as_bytes());
-        let mut reader = Reader::from_reader(&self.bytes.as_ref()[..self.head_end as usize]);
-        if let Ok(Event::Start(e)) | Ok(Event::Empty(e)) = reader.read_event() {
-            for attr in e.attributes().with_checks(false).flatten() {
-                if matches!(attr.key.as_ref(), "to" | "from" | "type") {
+        let bytes = self.bytes.as_ref();
+        if let Ok((mut tag, _)) = StartTag::new(bytes) {
+            while let Ok(Some((key, value))) = tag.next_attribute() {
+                let key = &bytes[key.start as usize..key.end as usize];
+                if matches!(key, b"to" | b"from" | b"type") {
                     continue;
                 }
-                push_raw_attr(&mut out, attr.key.as_ref(), &attr.value);
+                push_raw_attr(
+                    &mut out,
+                    key,
+                    &bytes[value.start as usize..value.end as usize],
+                );
             }
         }
         addressing(&mut out);
@@ -384,12 +373,108 @@ impl<B: AsRef<[u8]>> Stanza<B> {
 
 /// Appends ` key='value'` where `value` is already escaped XML attribute text. Picks the
 /// quote that does not occur in the value (escaped text contains at most one kind raw).
-fn push_raw_attr(out: &mut BytesMut, key: &str, raw: &str) {
-    let quote = if raw.contains('\'') { b'"' } else { b'\'' };
+/// A start tag read by hand: `<` name, then (space, name, `=`, quoted value)*, then `>`
+/// or `/>`. Every process reads the head of every packet this way, and quick-xml's
+/// reader, set up per packet, spent about 6 000 instructions on one start tag: a third
+/// of the router's instructions per message (docs/benchmarks.md, "Framing and start
+/// tags eight bytes at a time"). The rest of a stanza is checked by quick-xml where it
+/// comes in (`validate`).
+struct StartTag<'a> {
+    s: &'a [u8],
+    at: usize,
+    /// One past the tag's `>`, and whether it was `/>`, once read.
+    end: (u32, bool),
+}
+
+fn is_space(b: u8) -> bool {
+    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
+}
+
+fn bad_tag(why: &str) -> StanzaError {
+    StanzaError(format!("bad start tag: {why}"))
+}
+
+impl<'a> StartTag<'a> {
+    /// The tag at the start of `s` and the span of its name.
+    fn new(s: &'a [u8]) -> Result<(StartTag<'a>, Span), StanzaError> {
+        if s.first() != Some(&b'<') || matches!(s.get(1), Some(b'?' | b'!' | b'/')) {
+            return Err(StanzaError("expected an element".into()));
+        }
+        let len = s[1..]
+            .iter()
+            .position(|&b| is_space(b) || b == b'/' || b == b'>')
+            .unwrap_or(s.len() - 1);
+        if len == 0
+            || s[1..1 + len]
+                .iter()
+                .any(|b| matches!(b, b'"' | b'\'' | b'<' | b'='))
+        {
+            return Err(bad_tag("no name"));
+        }
+        let tag = StartTag {
+            s,
+            at: 1 + len,
+            end: (0, false),
+        };
+        Ok((tag, 1..1 + len as u32))
+    }
+
+    fn skip_space(&mut self) {
+        while self.s.get(self.at).is_some_and(|&b| is_space(b)) {
+            self.at += 1;
+        }
+    }
+
+    /// The next attribute's name and raw value, or `None` at the end of the tag (then
+    /// `end` is set).
+    fn next_attribute(&mut self) -> Result<Option<(Span, Span)>, StanzaError> {
+        self.skip_space();
+        match self.s.get(self.at) {
+            None => return Err(bad_tag("it does not end")),
+            Some(b'>') => {
+                self.end = (self.at as u32 + 1, false);
+                return Ok(None);
+            }
+            Some(b'/') if self.s.get(self.at + 1) == Some(&b'>') => {
+                self.end = (self.at as u32 + 2, true);
+                return Ok(None);
+            }
+            Some(b'/' | b'=' | b'"' | b'\'') => return Err(bad_tag("an attribute without a name")),
+            Some(_) => {}
+        }
+        let key = self.at;
+        while self.s.get(self.at).is_some_and(|&b| {
+            !is_space(b) && !matches!(b, b'=' | b'>' | b'/' | b'"' | b'\'' | b'<')
+        }) {
+            self.at += 1;
+        }
+        let key = key as u32..self.at as u32;
+        self.skip_space();
+        if self.s.get(self.at) != Some(&b'=') {
+            return Err(bad_tag("an attribute without a value"));
+        }
+        self.at += 1;
+        self.skip_space();
+        let quote = match self.s.get(self.at) {
+            Some(&q @ (b'"' | b'\'')) => q,
+            _ => return Err(bad_tag("an attribute value without quotes")),
+        };
+        let value = self.at + 1;
+        let Some(len) = find_any(&self.s[value..], [quote]) else {
+            return Err(bad_tag("an attribute value does not end"));
+        };
+        self.at = value + len + 1;
+        Ok(Some((key, value as u32..(value + len) as u32)))
+    }
+}
+
+fn push_raw_attr(out: &mut BytesMut, key: impl AsRef<[u8]>, raw: impl AsRef<[u8]>) {
+    let (key, raw) = (key.as_ref(), raw.as_ref());
+    let quote = if raw.contains(&b'\'') { b'"' } else { b'\'' };
     out.extend_from_slice(b" ");
-    out.extend_from_slice(key.as_bytes());
+    out.extend_from_slice(key);
     out.extend_from_slice(&[b'=', quote]);
-    out.extend_from_slice(raw.as_bytes());
+    out.extend_from_slice(raw);
     out.extend_from_slice(&[quote]);
 }
 
@@ -422,6 +507,40 @@ mod tests {
                 assert!(!st.is_empty_element());
             }
             assert_eq!(appended.inner(), again.inner());
+        }
+    }
+
+    #[test]
+    fn reads_start_tags_as_xml_writes_them() {
+        // Whitespace of every kind around `=` and between attributes, both quotes, a `>`
+        // and the other quote inside values, an empty element.
+        let s = Stanza::parse(Bytes::from_static(
+            b"<message\n\tto = \"a@b/c'd\"\r\n from='x>y' type='chat'id='1' a:b='&lt;'/>",
+        ))
+        .unwrap();
+        assert_eq!(s.name(), "message");
+        assert_eq!(s.to(), Some("a@b/c'd"));
+        assert_eq!(s.from(), Some("x>y"));
+        assert_eq!((s.kind(), s.id()), (Some("chat"), Some("1")));
+        assert_eq!(s.attr("a:b").as_deref(), Some("<"));
+        assert!(s.is_empty_element());
+        let s = Stanza::parse(Bytes::from_static(b"<iq type='get' ><ping/></iq>")).unwrap();
+        assert_eq!((s.name(), s.inner()), ("iq", &b"<ping/>"[..]));
+        for bad in [
+            &b"text"[..],
+            b"<?xml version='1.0'?>",
+            b"<!-- c -->",
+            b"</iq>",
+            b"< iq/>",
+            b"<iq type/>",
+            b"<iq type=get/>",
+            b"<iq type='get/>",
+            b"<iq type='get'",
+            b"<iq =''/>",
+            b"<i'q/>",
+            b"<iq to='\xff'/>",
+        ] {
+            assert!(Stanza::parse(Bytes::from_static(bad)).is_err(), "{bad:?}");
         }
     }
 
