@@ -2,6 +2,8 @@
 
 use std::borrow::Cow;
 
+use crate::scan::find_any;
+
 /// Escapes text for use inside an attribute value (either quote) or element content.
 pub fn escape(s: &str) -> Cow<'_, str> {
     quick_xml::escape::escape(s)
@@ -43,16 +45,14 @@ pub fn element_from_parts(head: &[&str], name: &str, content: &[u8]) -> bytes::B
 /// attribute values skipped, since `>` may stand in them), or `None` if it does not end.
 /// For input already known to be well-formed, where a full reader is not needed.
 pub fn tag_len(bytes: &[u8]) -> Option<usize> {
-    let mut quote = None;
-    for (i, &b) in bytes.iter().enumerate() {
-        match (quote, b) {
-            (None, b'\'' | b'"') => quote = Some(b),
-            (Some(q), _) if b == q => quote = None,
-            (None, b'>') => return Some(i + 1),
-            _ => {}
+    let mut at = 0;
+    loop {
+        let i = at + find_any(&bytes[at..], [b'>', b'"', b'\''])?;
+        match bytes[i] {
+            b'>' => return Some(i + 1),
+            quote => at = i + 1 + find_any(&bytes[i + 1..], [quote])? + 1,
         }
     }
-    None
 }
 
 /// The length of the element at the start of `bytes` (start tag through its end tag),
@@ -84,7 +84,19 @@ pub fn element_len(bytes: &[u8]) -> Option<usize> {
 
 #[cfg(test)]
 mod element_len_tests {
-    use super::element_len;
+    use super::{element_len, tag_len};
+
+    #[test]
+    fn finds_the_end_of_a_tag() {
+        assert_eq!(tag_len(b"<a>rest"), Some(3));
+        assert_eq!(tag_len(b"<a b='>' c=\"'>\"/>x"), Some(17));
+        assert_eq!(
+            tag_len(b"<message to='someone@example.org/resource'>"),
+            Some(43)
+        );
+        assert_eq!(tag_len(b"<a b='>"), None);
+        assert_eq!(tag_len(b"<a b"), None);
+    }
 
     #[test]
     fn finds_the_end_of_the_first_element() {
