@@ -18,6 +18,7 @@ pub mod header;
 pub mod limits;
 pub mod scan;
 pub mod stanza;
+pub mod tag;
 pub mod validate;
 pub mod xml;
 

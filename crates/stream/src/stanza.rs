@@ -7,7 +7,7 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 
 use crate::errors::StanzaErrorCondition;
-use crate::scan::find_any;
+use crate::tag::StartTag;
 
 /// Why a top-level element could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -125,11 +125,11 @@ impl<B: AsRef<[u8]>> Stanza<B> {
             };
             *slot = Some(value);
         }
-        let (head_end, empty) = tag.end;
+        let (head_end, empty) = tag.end();
         // XML text is UTF-8: checked once for the tag, so every name and value read from
         // it is (the body is the validator's, where stanzas come in).
         if std::str::from_utf8(&slice[..head_end as usize]).is_err() {
-            return Err(bad_tag("not UTF-8"));
+            return Err(StanzaError("bad start tag: not UTF-8".into()));
         }
         Ok(Stanza {
             bytes,
@@ -373,101 +373,6 @@ impl<B: AsRef<[u8]>> Stanza<B> {
 
 /// Appends ` key='value'` where `value` is already escaped XML attribute text. Picks the
 /// quote that does not occur in the value (escaped text contains at most one kind raw).
-/// A start tag read by hand: `<` name, then (space, name, `=`, quoted value)*, then `>`
-/// or `/>`. Every process reads the head of every packet this way, and quick-xml's
-/// reader, set up per packet, spent about 6 000 instructions on one start tag: a third
-/// of the router's instructions per message (docs/benchmarks.md, "Framing and start
-/// tags eight bytes at a time"). The rest of a stanza is checked by quick-xml where it
-/// comes in (`validate`).
-struct StartTag<'a> {
-    s: &'a [u8],
-    at: usize,
-    /// One past the tag's `>`, and whether it was `/>`, once read.
-    end: (u32, bool),
-}
-
-fn is_space(b: u8) -> bool {
-    matches!(b, b' ' | b'\t' | b'\r' | b'\n')
-}
-
-fn bad_tag(why: &str) -> StanzaError {
-    StanzaError(format!("bad start tag: {why}"))
-}
-
-impl<'a> StartTag<'a> {
-    /// The tag at the start of `s` and the span of its name.
-    fn new(s: &'a [u8]) -> Result<(StartTag<'a>, Span), StanzaError> {
-        if s.first() != Some(&b'<') || matches!(s.get(1), Some(b'?' | b'!' | b'/')) {
-            return Err(StanzaError("expected an element".into()));
-        }
-        let len = s[1..]
-            .iter()
-            .position(|&b| is_space(b) || b == b'/' || b == b'>')
-            .unwrap_or(s.len() - 1);
-        if len == 0
-            || s[1..1 + len]
-                .iter()
-                .any(|b| matches!(b, b'"' | b'\'' | b'<' | b'='))
-        {
-            return Err(bad_tag("no name"));
-        }
-        let tag = StartTag {
-            s,
-            at: 1 + len,
-            end: (0, false),
-        };
-        Ok((tag, 1..1 + len as u32))
-    }
-
-    fn skip_space(&mut self) {
-        while self.s.get(self.at).is_some_and(|&b| is_space(b)) {
-            self.at += 1;
-        }
-    }
-
-    /// The next attribute's name and raw value, or `None` at the end of the tag (then
-    /// `end` is set).
-    fn next_attribute(&mut self) -> Result<Option<(Span, Span)>, StanzaError> {
-        self.skip_space();
-        match self.s.get(self.at) {
-            None => return Err(bad_tag("it does not end")),
-            Some(b'>') => {
-                self.end = (self.at as u32 + 1, false);
-                return Ok(None);
-            }
-            Some(b'/') if self.s.get(self.at + 1) == Some(&b'>') => {
-                self.end = (self.at as u32 + 2, true);
-                return Ok(None);
-            }
-            Some(b'/' | b'=' | b'"' | b'\'') => return Err(bad_tag("an attribute without a name")),
-            Some(_) => {}
-        }
-        let key = self.at;
-        while self.s.get(self.at).is_some_and(|&b| {
-            !is_space(b) && !matches!(b, b'=' | b'>' | b'/' | b'"' | b'\'' | b'<')
-        }) {
-            self.at += 1;
-        }
-        let key = key as u32..self.at as u32;
-        self.skip_space();
-        if self.s.get(self.at) != Some(&b'=') {
-            return Err(bad_tag("an attribute without a value"));
-        }
-        self.at += 1;
-        self.skip_space();
-        let quote = match self.s.get(self.at) {
-            Some(&q @ (b'"' | b'\'')) => q,
-            _ => return Err(bad_tag("an attribute value without quotes")),
-        };
-        let value = self.at + 1;
-        let Some(len) = find_any(&self.s[value..], [quote]) else {
-            return Err(bad_tag("an attribute value does not end"));
-        };
-        self.at = value + len + 1;
-        Ok(Some((key, value as u32..(value + len) as u32)))
-    }
-}
-
 fn push_raw_attr(out: &mut BytesMut, key: impl AsRef<[u8]>, raw: impl AsRef<[u8]>) {
     let (key, raw) = (key.as_ref(), raw.as_ref());
     let quote = if raw.contains(&b'\'') { b'"' } else { b'\'' };

@@ -14,6 +14,7 @@ use bytes::Bytes;
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
+use jrs_stream::tag::StartTag;
 use jrs_stream::xml::escape;
 use jrs_stream::StanzaErrorCondition;
 
@@ -211,26 +212,35 @@ fn parse_framed(content: &Bytes) -> Option<Result<Vec<OwnedItem>, Refusal>> {
         if !rest.starts_with(b"<item ") {
             return None;
         }
-        let end = jrs_stream::xml::tag_len(rest)? - 1;
-        let tag = std::str::from_utf8(&rest[1..end]).ok()?;
-        let start = quick_xml::events::BytesStart::from_content(tag, "item".len());
+        let (mut tag, _) = StartTag::new(rest).ok()?;
         let (mut owner, mut id, mut time, mut with, mut len) = (None, None, None, None, None);
-        for a in start.attributes() {
-            let Ok(a) = a else {
+        loop {
+            let Ok(attr) = tag.next_attribute() else {
                 return Some(Err(bad("bad attribute in <item/>")));
             };
-            let Ok(value) = quick_xml::escape::unescape(&a.value) else {
+            let Some((key, value)) = attr else { break };
+            let key = &rest[key.start as usize..key.end as usize];
+            let Ok(value) = std::str::from_utf8(&rest[value.start as usize..value.end as usize])
+            else {
+                return Some(Err(bad("<item/> not UTF-8")));
+            };
+            let Ok(value) = quick_xml::escape::unescape(value) else {
                 return Some(Err(bad("bad attribute value in <item/>")));
             };
-            match a.key.as_ref() {
-                "owner" => owner = Some(value.into_owned()),
-                "id" => id = Some(value.into_owned()),
-                "time" => time = value.parse::<u64>().ok(),
-                "with" => with = Some(value.into_owned()),
-                "len" => len = value.parse::<usize>().ok(),
+            match key {
+                b"owner" => owner = Some(value.into_owned()),
+                b"id" => id = Some(value.into_owned()),
+                b"time" => time = value.parse::<u64>().ok(),
+                b"with" => with = Some(value.into_owned()),
+                b"len" => len = value.parse::<usize>().ok(),
                 _ => {}
             }
         }
+        let (tag_end, empty) = tag.end();
+        if empty {
+            return None;
+        }
+        let end = tag_end as usize - 1;
         let len = len?;
         let from = pos + end + 1;
         if content.len() < from + len || !content[from + len..].starts_with(b"</item>") {
@@ -883,13 +893,17 @@ mod tests {
         b.push("b@d", "2", 6, "x@y", |out| {
             out.extend_from_slice(b"<message xmlns='jabber:client'><body>&amp;</body></message>")
         });
-        assert_eq!(b.len(), 2);
+        b.push("c&'\"@d", "3<", 7, "x'\"@y", |out| out.extend_from_slice(b"<x/>"));
+        assert_eq!(b.len(), 3);
         let content = b.take();
         assert!(parse_framed(&content).is_some());
         let items = parse_owned_items(&content).unwrap();
         assert!(b.is_empty());
         assert_eq!(items[0].0.as_deref(), Some("a@d"));
         assert_eq!((items[1].1.id.as_str(), items[1].1.time), ("2", 6));
+        // Escaped in the tag, read back as written.
+        assert_eq!(items[2].0.as_deref(), Some("c&'\"@d"));
+        assert_eq!((items[2].1.id.as_str(), items[2].1.with.as_str()), ("3<", "x'\"@y"));
         assert_eq!(
             &items[1].1.payload[..],
             b"<message xmlns='jabber:client'><body>&amp;</body></message>"

@@ -118,9 +118,15 @@ impl IdxEntry {
     }
 }
 
+/// The length of an item's record.
+pub fn record_len(item: &Item) -> usize {
+    RECORD_HEADER + BODY_FIXED + item.id.len() + item.with.len() + item.payload.len()
+}
+
 /// Appends the record of item `seq` to `out`; returns its length.
 pub fn encode_record(seq: u64, item: &Item, out: &mut Vec<u8>) -> u32 {
-    let body_len = BODY_FIXED + item.id.len() + item.with.len() + item.payload.len();
+    let body_len = record_len(item) - RECORD_HEADER;
+    out.reserve(RECORD_HEADER + body_len);
     let start = out.len();
     out.extend_from_slice(&(body_len as u32).to_le_bytes());
     out.extend_from_slice(&[0; 4]);

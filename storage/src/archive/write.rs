@@ -22,7 +22,8 @@ use jrs_xdb::Refusal;
 
 use super::files::Files;
 use super::format::{
-    encode_record, encode_with, idx_name, log_name, with_hash, IdxEntry, Meta, IDX_ENTRY, META_FILE,
+    encode_record, encode_with, idx_name, log_name, record_len, with_hash, IdxEntry, Meta,
+    IDX_ENTRY, META_FILE,
 };
 use super::internal;
 use super::store::Archive;
@@ -147,8 +148,9 @@ impl Archive {
         for (b, entries) in withs {
             self.with_append(files, b, &entries)?;
         }
-        let mut log_buf = vec![];
-        let mut idx_buf = vec![];
+        // Sized once: a batch's records and entries are written from these buffers.
+        let mut log_buf = Vec::with_capacity(items.iter().map(|i| record_len(i)).sum());
+        let mut idx_buf = Vec::with_capacity(items.len() * IDX_ENTRY as usize);
         // Items in the buffers start at `chunk`.
         let mut chunk = self.next;
         for item in items {
