@@ -7,7 +7,7 @@ use std::ops::Range;
 use bytes::{Bytes, BytesMut};
 
 use crate::errors::StanzaErrorCondition;
-use crate::tag::StartTag;
+use crate::tag::{StartTag, TagError};
 
 /// Why a top-level element could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -108,10 +108,10 @@ impl<'a> Stanza<&'a [u8]> {
 impl<B: AsRef<[u8]>> Stanza<B> {
     fn parse_as(bytes: B) -> Result<Stanza<B>, StanzaError> {
         let slice = bytes.as_ref();
-        let (mut tag, name) = StartTag::new(slice)?;
+        let (mut tag, name) = StartTag::new(slice).map_err(bad_tag)?;
         let (mut to, mut from, mut kind, mut id, mut xmlns) = (None, None, None, None, None);
         let mut others = Vec::new();
-        while let Some((key, value)) = tag.next_attribute()? {
+        while let Some((key, value)) = tag.next_attribute().map_err(bad_tag)? {
             let slot = match &slice[key.start as usize..key.end as usize] {
                 b"to" => &mut to,
                 b"from" => &mut from,
@@ -373,6 +373,10 @@ impl<B: AsRef<[u8]>> Stanza<B> {
 
 /// Appends ` key='value'` where `value` is already escaped XML attribute text. Picks the
 /// quote that does not occur in the value (escaped text contains at most one kind raw).
+fn bad_tag(e: TagError) -> StanzaError {
+    StanzaError(e.to_string())
+}
+
 fn push_raw_attr(out: &mut BytesMut, key: impl AsRef<[u8]>, raw: impl AsRef<[u8]>) {
     let (key, raw) = (key.as_ref(), raw.as_ref());
     let quote = if raw.contains(&b'\'') { b'"' } else { b'\'' };

@@ -7,7 +7,6 @@
 use std::ops::Range;
 
 use crate::scan::find_any;
-use crate::stanza::StanzaError;
 
 /// A start tag read by hand: `<` name, then (space, name, `=`, quoted value)*, then `>`
 /// or `/>`; names and values as places in the input, values raw (escaped). Lenient
@@ -27,15 +26,16 @@ fn is_space(b: u8) -> bool {
     matches!(b, b' ' | b'\t' | b'\r' | b'\n')
 }
 
-fn bad_tag(why: &str) -> StanzaError {
-    StanzaError(format!("bad start tag: {why}"))
-}
+/// Why a start tag could not be read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct TagError(pub &'static str);
 
 impl<'a> StartTag<'a> {
     /// The tag at the start of `s` and the span of its name.
-    pub fn new(s: &'a [u8]) -> Result<(StartTag<'a>, Span), StanzaError> {
+    pub fn new(s: &'a [u8]) -> Result<(StartTag<'a>, Span), TagError> {
         if s.first() != Some(&b'<') || matches!(s.get(1), Some(b'?' | b'!' | b'/')) {
-            return Err(StanzaError("expected an element".into()));
+            return Err(TagError("expected an element"));
         }
         let len = s[1..]
             .iter()
@@ -46,7 +46,7 @@ impl<'a> StartTag<'a> {
                 .iter()
                 .any(|b| matches!(b, b'"' | b'\'' | b'<' | b'='))
         {
-            return Err(bad_tag("no name"));
+            return Err(TagError("bad start tag: no name"));
         }
         let tag = StartTag {
             s,
@@ -70,10 +70,10 @@ impl<'a> StartTag<'a> {
 
     /// The next attribute's name and raw value, or `None` at the end of the tag (then
     /// `end` is set).
-    pub fn next_attribute(&mut self) -> Result<Option<(Span, Span)>, StanzaError> {
+    pub fn next_attribute(&mut self) -> Result<Option<(Span, Span)>, TagError> {
         self.skip_space();
         match self.s.get(self.at) {
-            None => return Err(bad_tag("it does not end")),
+            None => return Err(TagError("bad start tag: it does not end")),
             Some(b'>') => {
                 self.end = (self.at as u32 + 1, false);
                 return Ok(None);
@@ -82,7 +82,9 @@ impl<'a> StartTag<'a> {
                 self.end = (self.at as u32 + 2, true);
                 return Ok(None);
             }
-            Some(b'/' | b'=' | b'"' | b'\'') => return Err(bad_tag("an attribute without a name")),
+            Some(b'/' | b'=' | b'"' | b'\'') => {
+                return Err(TagError("bad start tag: an attribute without a name"))
+            }
             Some(_) => {}
         }
         let key = self.at;
@@ -94,17 +96,17 @@ impl<'a> StartTag<'a> {
         let key = key as u32..self.at as u32;
         self.skip_space();
         if self.s.get(self.at) != Some(&b'=') {
-            return Err(bad_tag("an attribute without a value"));
+            return Err(TagError("bad start tag: an attribute without a value"));
         }
         self.at += 1;
         self.skip_space();
         let quote = match self.s.get(self.at) {
             Some(&q @ (b'"' | b'\'')) => q,
-            _ => return Err(bad_tag("an attribute value without quotes")),
+            _ => return Err(TagError("bad start tag: an attribute value without quotes")),
         };
         let value = self.at + 1;
         let Some(len) = find_any(&self.s[value..], [quote]) else {
-            return Err(bad_tag("an attribute value does not end"));
+            return Err(TagError("bad start tag: an attribute value does not end"));
         };
         self.at = value + len + 1;
         Ok(Some((key, value as u32..(value + len) as u32)))

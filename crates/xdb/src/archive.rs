@@ -893,7 +893,9 @@ mod tests {
         b.push("b@d", "2", 6, "x@y", |out| {
             out.extend_from_slice(b"<message xmlns='jabber:client'><body>&amp;</body></message>")
         });
-        b.push("c&'\"@d", "3<", 7, "x'\"@y", |out| out.extend_from_slice(b"<x/>"));
+        b.push("c&'\"@d", "3<", 7, "x'\"@y", |out| {
+            out.extend_from_slice(b"<x/>")
+        });
         assert_eq!(b.len(), 3);
         let content = b.take();
         assert!(parse_framed(&content).is_some());
@@ -903,7 +905,10 @@ mod tests {
         assert_eq!((items[1].1.id.as_str(), items[1].1.time), ("2", 6));
         // Escaped in the tag, read back as written.
         assert_eq!(items[2].0.as_deref(), Some("c&'\"@d"));
-        assert_eq!((items[2].1.id.as_str(), items[2].1.with.as_str()), ("3<", "x'\"@y"));
+        assert_eq!(
+            (items[2].1.id.as_str(), items[2].1.with.as_str()),
+            ("3<", "x'\"@y")
+        );
         assert_eq!(
             &items[1].1.payload[..],
             b"<message xmlns='jabber:client'><body>&amp;</body></message>"
