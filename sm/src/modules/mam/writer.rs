@@ -93,12 +93,16 @@ impl Writer {
         }
         let domain = u.jid.domain().as_str();
         let mut q = self.queue.lock().expect("writer lock");
-        let batch = q.batches.entry(domain.to_owned()).or_default();
+        // Looked up by `&str`: a copy of the domain only for its first batch.
+        if !q.batches.contains_key(domain) {
+            q.batches.insert(domain.to_owned(), BatchWriter::default());
+        }
+        let batch = q.batches.get_mut(domain).expect("inserted above");
         if batch.bytes() + p.bytes().len() + 512 > budget {
             let full = std::mem::take(batch);
             self.send(&u.ctx, domain, full);
         }
-        q.batches.entry(domain.to_owned()).or_default().push(
+        q.batches.get_mut(domain).expect("inserted above").push(
             &u.bare,
             &id,
             time,
