@@ -2,19 +2,21 @@
 //! attributes. Nothing below the top-level start tag is parsed, so a router can forward
 //! `bytes` unchanged.
 
-use std::ops::Range;
-
 use bytes::{Bytes, BytesMut};
 
 use crate::errors::StanzaErrorCondition;
-use crate::tag::{StartTag, TagError};
+use crate::tag::{Span, StartTag, TagError};
 
 /// Why a top-level element could not be read.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{0}")]
 pub struct StanzaError(pub String);
 
-type Span = Range<u32>;
+impl From<TagError> for StanzaError {
+    fn from(e: TagError) -> StanzaError {
+        StanzaError(e.to_string())
+    }
+}
 
 /// One top-level element and where its addressing lives inside its bytes. `B` is
 /// `Bytes` for an owned stanza, `&[u8]` for one still in a read buffer.
@@ -108,10 +110,10 @@ impl<'a> Stanza<&'a [u8]> {
 impl<B: AsRef<[u8]>> Stanza<B> {
     fn parse_as(bytes: B) -> Result<Stanza<B>, StanzaError> {
         let slice = bytes.as_ref();
-        let (mut tag, name) = StartTag::new(slice).map_err(bad_tag)?;
+        let (mut tag, name) = StartTag::new(slice)?;
         let (mut to, mut from, mut kind, mut id, mut xmlns) = (None, None, None, None, None);
         let mut others = Vec::new();
-        while let Some((key, value)) = tag.next_attribute().map_err(bad_tag)? {
+        while let Some((key, value)) = tag.next_attribute()? {
             let slot = match &slice[key.start as usize..key.end as usize] {
                 b"to" => &mut to,
                 b"from" => &mut from,
@@ -379,10 +381,6 @@ impl<B: AsRef<[u8]>> Stanza<B> {
 
 /// Appends ` key='value'` where `value` is already escaped XML attribute text. Picks the
 /// quote that does not occur in the value (escaped text contains at most one kind raw).
-fn bad_tag(e: TagError) -> StanzaError {
-    StanzaError(e.to_string())
-}
-
 fn push_raw_attr(out: &mut BytesMut, key: impl AsRef<[u8]>, raw: impl AsRef<[u8]>) {
     let (key, raw) = (key.as_ref(), raw.as_ref());
     let quote = if raw.contains(&b'\'') { b'"' } else { b'\'' };
