@@ -32,13 +32,16 @@ pub struct SmConfig {
     pub restore_wait: Duration,
     /// How long to wait for storage before retrying once.
     pub xdb_timeout: Duration,
+    /// `<delivery local>`: stanzas for users of a domain this instance alone serves go
+    /// straight to their tasks, not through the router (`host::local`).
+    pub local_delivery: bool,
     pub limits: Limits,
     pub log: LogConfig,
 }
 
 /// Elements of sm.xml that are not a module's.
-const CORE: [&str; 9] = [
-    "router", "host", "modules", "sessions", "cache", "xdb", "limits", "log", "metrics",
+const CORE: [&str; 10] = [
+    "router", "host", "modules", "sessions", "cache", "xdb", "delivery", "limits", "log", "metrics",
 ];
 
 impl SmConfig {
@@ -123,6 +126,7 @@ impl SmConfig {
             hibernated_total: 10_000,
             restore_wait: Duration::from_secs(30),
             xdb_timeout: Duration::from_secs(5),
+            local_delivery: true,
             limits: limits_from_node(root.child("limits")?, Limits::default())?,
             log: LogConfig::from_node(root.child("log")?)?,
         };
@@ -157,6 +161,10 @@ impl SmConfig {
                 return Err(n.error("attribute 'timeout' must be more than 0 seconds"));
             }
             c.xdb_timeout = t;
+        }
+        if let Some(n) = root.child("delivery")? {
+            n.allow(&["local"], &[])?;
+            c.local_delivery = n.bool_attr("local", c.local_delivery)?;
         }
         Ok(c)
     }
@@ -234,6 +242,24 @@ mod tests {
         )
         .unwrap();
         assert_eq!(c.modules, ["roster", "register"]);
+    }
+
+    #[test]
+    fn local_delivery_is_on_unless_turned_off() {
+        let c = parse("<sm><router name='sm' secret='s'/><host>a</host></sm>").unwrap();
+        assert!(c.local_delivery);
+        let c =
+            parse("<sm><router name='sm' secret='s'/><host>a</host><delivery local='false'/></sm>")
+                .unwrap();
+        assert!(!c.local_delivery);
+        let e =
+            parse("<sm><router name='sm' secret='s'/><host>a</host><delivery local='maybe'/></sm>")
+                .unwrap_err();
+        assert!(e.to_string().contains("local"), "{e}");
+        let e =
+            parse("<sm><router name='sm' secret='s'/><host>a</host><delivery remote='x'/></sm>")
+                .unwrap_err();
+        assert!(e.to_string().contains("remote"), "{e}");
     }
 
     #[test]

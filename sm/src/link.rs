@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use jid::{BareJid, FullJid, Jid};
+use jid::{BareJid, FullJid};
 use tracing::{debug, info, warn};
 
 use jrs_component::{ComponentReader, Outbox};
@@ -17,7 +17,7 @@ use crate::host::registry::Event;
 use crate::host::session::{self, Park, SessionRef};
 use crate::host::shortcut;
 use crate::host::task::dispatch;
-use crate::host::{server, Ctx, Packet};
+use crate::host::{inbound, Ctx};
 
 /// Serves one router link until it drops.
 pub async fn serve(
@@ -57,7 +57,7 @@ pub async fn serve(
             }
             "notice" => notice(&ctx, &stanza),
             "session" => session(&ctx, stanza),
-            "message" | "presence" | "iq" => normal(&ctx, stanza),
+            "message" | "presence" | "iq" => inbound::addressed(&ctx, stanza),
             "fanout" => fanout(&ctx, &stanza),
             other => debug!("ignoring <{other}> from the router"),
         }
@@ -71,8 +71,14 @@ fn notice(ctx: &Arc<Ctx>, stanza: &Stanza) {
     let host = stanza.attr("host").unwrap_or_default();
     let normal = stanza.attr("route").as_deref() == Some("normal");
     match stanza.attr("event").as_deref() {
-        Some("bound") if normal => ctx.components.bound(&name, &host),
-        Some("unbound") if normal => ctx.components.unbound(&name, &host),
+        Some("bound") if normal => {
+            debug!(component = %name, %host, "link notice: bound");
+            ctx.components.bound(&name, &host)
+        }
+        Some("unbound") if normal => {
+            debug!(component = %name, %host, "link notice: unbound");
+            ctx.components.unbound(&name, &host)
+        }
         Some("disconnected") => {
             debug!(component = %name, "link notice: disconnected");
             ctx.components.disconnected(&name);
@@ -187,47 +193,6 @@ fn trim(b: &[u8]) -> &[u8] {
     &b[start..end]
 }
 
-fn normal(ctx: &Arc<Ctx>, stanza: Stanza) {
-    let to = match stanza.attr("to").map(|t| Jid::new(&t)) {
-        Some(Ok(j)) => j,
-        Some(Err(e)) => {
-            if let Some(r) =
-                stanza.error_reply(StanzaErrorCondition::JidMalformed, &format!("'to': {e}"))
-            {
-                ctx.send(r);
-            }
-            return;
-        }
-        None => return,
-    };
-    if to.node().is_none() && crate::host::admin::is_for_me(ctx, to.domain().as_str(), &stanza) {
-        return crate::host::admin::request(ctx, stanza);
-    }
-    if !ctx.config.serves(to.domain().as_str()) {
-        if let Some(r) =
-            stanza.error_reply(StanzaErrorCondition::ServiceUnavailable, "not served here")
-        {
-            ctx.send(r);
-        }
-        return;
-    }
-    let from = stanza.attr("from").and_then(|f| Jid::new(&f).ok());
-    if to.node().is_none() {
-        if to.resource().is_none() {
-            server::inbound(ctx, Packet::new(stanza, Some(to), from));
-        } else if let Some(r) = stanza.error_reply(StanzaErrorCondition::ServiceUnavailable, "") {
-            ctx.send(r);
-        }
-        return;
-    }
-    let user = to.clone().into_bare();
-    dispatch(
-        ctx,
-        &user,
-        Event::Inbound(Packet::new(stanza, Some(to), from)),
-    );
-}
-
 /// A room's broadcast for several users of this instance: straight to the live sessions
 /// that may take it (`host::shortcut`), to each other recipient's task as a `normal`
 /// packet addressed to it.
@@ -242,7 +207,7 @@ fn fanout(ctx: &Arc<Ctx>, packet: &Stanza) {
     for r in shortcut::deliver(ctx, &f) {
         let copy = jrs_component::fanout::addressed(&f.stanza, r.to);
         match Stanza::parse(copy) {
-            Ok(stanza) => normal(ctx, stanza),
+            Ok(stanza) => inbound::addressed(ctx, stanza),
             Err(e) => warn!(to = r.to, "fan-out copy unreadable: {e}"),
         }
     }

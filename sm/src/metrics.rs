@@ -13,6 +13,8 @@ pub struct Metrics {
     pub packets: Labeled<Counter>,
     /// Session packets from c2s, by kind.
     pub sessions: Labeled<Counter>,
+    /// Stanzas delivered to users of this instance without the router (`host::local`).
+    pub local: Counter,
 }
 
 pub static M: LazyLock<Metrics> = LazyLock::new(|| {
@@ -32,6 +34,10 @@ pub static M: LazyLock<Metrics> = LazyLock::new(|| {
             "event",
             &["start", "end", "resume", "resumable", "hibernate", "park", "restore", "other"],
         )],
+    ),
+    local: jrs_metrics::counter(
+        "jabberd_sm_local_stanzas",
+        "Stanzas handed from one user's task to another's without the router: the recipient's domain is served by this instance alone.",
     ),
 }
 });

@@ -71,6 +71,10 @@ struct Args {
     /// `--without mam,carbons,blocking` for the server as it was before them.
     #[arg(long, global = true, value_delimiter = ',')]
     without: Vec<String>,
+    /// XML added to sm.xml as it is, e.g. `--sm-xml "<delivery local='false'/>"` to
+    /// compare a setting in one build.
+    #[arg(long, global = true, default_value = "")]
+    sm_xml: String,
     /// Clients enable message carbons (XEP-0280) after login, as mobile clients do.
     #[arg(long, global = true)]
     carbons: bool,
@@ -267,6 +271,7 @@ fn main() -> anyhow::Result<()> {
     rt.block_on(async move {
         let setup = Setup {
             without: args.without.clone(),
+            sm_xml: args.sm_xml.clone(),
             carbons: args.carbons,
             sm: args.sm,
             unix: args.unix,
@@ -424,6 +429,7 @@ fn main() -> anyhow::Result<()> {
 /// How the server and clients are set up.
 struct Setup {
     without: Vec<String>,
+    sm_xml: String,
     carbons: bool,
     sm: bool,
     unix: bool,
@@ -546,8 +552,9 @@ impl Bench {
         server.write(
             "sm.xml",
             &format!(
-                "<sm>{}<host>localhost</host>{sessions}<modules defaults='true'>{modules}</modules><log level='warn'/></sm>",
-                router_link(&server, setup, "sm", "sm-secret")
+                "<sm>{}<host>localhost</host>{sessions}<modules defaults='true'>{modules}</modules>{}<log level='warn'/></sm>",
+                router_link(&server, setup, "sm", "sm-secret"),
+                setup.sm_xml,
             ),
         )?;
         server.spawn("sm", "sm", &["-c", "sm.xml"])?;

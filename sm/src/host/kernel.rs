@@ -838,19 +838,4 @@ impl User {
             self.route(contact, p);
         }
     }
-
-    /// Sends everything produced so far to the router.
-    pub fn flush(&mut self) {
-        if self.out.is_empty() {
-            return;
-        }
-        let me = &self.ctx.me;
-        let packets: Vec<Bytes> = self
-            .out
-            .take()
-            .into_iter()
-            .map(|o| o.into_bytes(me))
-            .collect();
-        self.ctx.send_all(packets);
-    }
 }

@@ -7,7 +7,9 @@
 //!   sessions held while their client is away), `hibernation` (their queues kept in
 //!   storage too; `hibernated`: what it keeps),
 //!   `hooks` (running a chain), `iq_routing` (the IQ table), `server` (stanzas to the
-//!   domain itself);
+//!   domain itself), `inbound` (where a stanza for a user or domain goes), `flush` and
+//!   `local` (where a task's output goes: the router, or the recipient's task when this
+//!   instance alone serves its domain);
 //! - `iq` (IQ requests and replies as modules see them),
 //! - `requests` (IQs sm sends from a domain, and their answers), `shared` (state
 //!   modules share across users);
@@ -25,13 +27,16 @@ pub mod admin_query;
 pub mod broadcasts;
 pub mod components;
 pub mod ending;
+pub mod flush;
 pub mod handover;
 pub mod hibernated;
 pub mod hibernation;
 pub mod hooks;
+pub mod inbound;
 pub mod iq;
 pub mod iq_routing;
 pub mod kernel;
+pub mod local;
 pub mod out;
 pub mod overload;
 pub mod packet;

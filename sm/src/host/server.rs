@@ -22,7 +22,7 @@ pub fn inbound(ctx: &Arc<Ctx>, p: Packet) {
                 return;
             };
             let ctx = ctx.clone();
-            let span = tracing::info_span!("server", domain = %domain);
+            let span = tracing::info_span!(parent: None, "server", domain = %domain);
             // Handlers may wait for storage: not on the router link's reader.
             tokio::spawn(
                 async move {

@@ -32,7 +32,8 @@ pub fn dispatch(ctx: &Arc<Ctx>, user: &BareJid, event: Event) {
     let result = ctx
         .users
         .dispatch(user, event, ctx.config.user_queue, move |rx, pending| {
-            let span = info_span!("user", jid = %jid);
+            // A root: the caller may be another user's task (`host::local`).
+            let span = info_span!(parent: None, "user", jid = %jid);
             tokio::spawn(run(User::new(c, jid), rx, pending).instrument(span));
         });
     if let Err(e) = result {
