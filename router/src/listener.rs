@@ -7,6 +7,7 @@ use tokio::net::{TcpListener, UnixListener};
 use tracing::{info, warn};
 
 use jrs_component::transport::{load_certs, load_key, set_link_timeout, spawn_accept_loop};
+use jrs_component::unix_link::UnixLink;
 
 use crate::config::Listen;
 use crate::link;
@@ -79,13 +80,16 @@ pub async fn start_all(router: &Arc<Router>) -> anyhow::Result<()> {
                 tokio::spawn(async move {
                     loop {
                         match listener.accept().await {
-                            Ok((socket, _)) => {
-                                tokio::spawn(link::serve(
-                                    router.clone(),
-                                    Box::new(socket),
-                                    "unix".into(),
-                                ));
-                            }
+                            Ok((socket, _)) => match UnixLink::new(socket) {
+                                Ok(socket) => {
+                                    tokio::spawn(link::serve(
+                                        router.clone(),
+                                        Box::new(socket),
+                                        "unix".into(),
+                                    ));
+                                }
+                                Err(e) => warn!(error = %e, "accepted Unix socket unusable"),
+                            },
                             Err(e) => {
                                 warn!(error = %e, "accept failed");
                                 tokio::time::sleep(std::time::Duration::from_millis(50)).await;

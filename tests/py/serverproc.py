@@ -127,7 +127,9 @@ class Server:
         self.grace_seconds = grace_seconds
         self.metrics = metrics
         self.metrics_ports = {}
-        self.port = None  # the router's
+        self.port = None  # the router's TCP listener
+        # Its Unix socket, where the server's own components connect (as in etc/).
+        self.router_socket = self.dir / "router.sock"
         self.starttls_port = None
         self.tls_port = None
         self.procs = {}
@@ -135,8 +137,15 @@ class Server:
 
     # -- configuration -------------------------------------------------------------
 
+    def router_address(self, name):
+        """Where the component `name` reaches the router: the Unix socket, as the shipped
+        etc/ has it, but for jabberctl (`admin`), which uses TCP on loopback as shipped."""
+        if name == "admin":
+            return f"address='127.0.0.1' port='{self.port}'"
+        return f"unix={quoteattr(str(self.router_socket))}"
+
     def router_element(self, name):
-        return (f"<router address='127.0.0.1' port='{self.port}' name='{name}' "
+        return (f"<router {self.router_address(name)} name='{name}' "
                 f"secret='{SECRETS[name]}' reconnect='0.05'/>")
 
     def path(self, rel):
@@ -149,6 +158,7 @@ class Server:
                          .replace("</users>", f"{self.users_extra}\n</users>"))
         (d / "router.xml").write_text(
             "<router>\n"
+            f"  <listen unix={quoteattr(str(self.router_socket))}/>\n"
             f"  <listen address='127.0.0.1' port='{self.port}'/>\n"
             f"  <users file={quoteattr(str(users))}/>\n"
             f"  <grace seconds='{self.grace_seconds}'/>\n"
@@ -158,7 +168,7 @@ class Server:
         if self.storage == "pg":
             (d / "xdb-file.xml").write_text(
                 "<xdb-pg>\n"
-                f"  <router address='127.0.0.1' port='{self.port}' name='xdb-pg' "
+                f"  <router {self.router_address('xdb-pg')} name='xdb-pg' "
                 "secret='xdb-pg-secret' reconnect='0.05'/>\n"
                 "  <host>localhost</host>\n"
                 f"{f'  <host>{MUC_SERVICE}</host>' if self.muc else ''}\n"
@@ -186,7 +196,7 @@ class Server:
         if self.proxy65:
             (d / "proxy65.xml").write_text(
                 "<proxy65>\n"
-                f"  <router address='127.0.0.1' port='{self.port}' name='proxy.localhost' "
+                f"  <router {self.router_address('proxy.localhost')} name='proxy.localhost' "
                 "secret='proxy65-secret' reconnect='0.05'/>\n"
                 "  <host>localhost</host>\n"
                 f"  <listen address='127.0.0.1' port='{self.proxy65_port}'/>\n"
@@ -228,7 +238,7 @@ class Server:
         certs = self.dir / "certs"
         return (
             "<upload>\n"
-            f"  <router address='127.0.0.1' port='{self.port}' name='upload.localhost' "
+            f"  <router {self.router_address('upload.localhost')} name='upload.localhost' "
             "secret='upload-secret' reconnect='0.05'/>\n"
             "  <host>localhost</host>\n"
             f"  <http address='127.0.0.1' port='{self.upload_port}' tls='true' "

@@ -76,6 +76,9 @@ enum Flavour {
     Blocking,
     Current,
     Multi,
+    /// tokio current-thread, the socket read from registered for readability only and
+    /// the one written to written directly: no wake-up when the next relay reads.
+    Lean,
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,6 +106,15 @@ enum Stream {
     Unix(UnixStream),
 }
 
+impl std::os::fd::AsRawFd for Stream {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        match self {
+            Stream::Tcp(s) => s.as_raw_fd(),
+            Stream::Unix(s) => s.as_raw_fd(),
+        }
+    }
+}
+
 impl Stream {
     fn into_tokio(self) -> anyhow::Result<Box<dyn TokioStream>> {
         Ok(match self {
@@ -115,6 +127,24 @@ impl Stream {
                 Box::new(tokio::net::UnixStream::from_std(s)?)
             }
         })
+    }
+    fn read_ref(&self, buf: &mut [u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).read(buf),
+            Stream::Unix(s) => (&*s).read(buf),
+        }
+    }
+    fn write_ref(&self, buf: &[u8]) -> std::io::Result<usize> {
+        match self {
+            Stream::Tcp(s) => (&*s).write(buf),
+            Stream::Unix(s) => (&*s).write(buf),
+        }
+    }
+    fn set_nonblocking(&self) -> std::io::Result<()> {
+        match self {
+            Stream::Tcp(s) => s.set_nonblocking(true),
+            Stream::Unix(s) => s.set_nonblocking(true),
+        }
     }
     fn io(&mut self) -> &mut dyn ReadWrite {
         match self {
@@ -183,6 +213,41 @@ fn relay(
             }
             down.io().write_all(&buf[..n])?;
         }
+    }
+    if flavour == Flavour::Lean {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        return rt.block_on(async move {
+            up.set_nonblocking()?;
+            down.set_nonblocking()?;
+            // SAFETY: the `AsyncFd` owns the stream, whose descriptor stays open and the
+            // same for the `AsyncFd`'s life.
+            let up = unsafe {
+                tokio::io::unix::AsyncFd::register_with_interest(up, tokio::io::Interest::READABLE)
+            }?;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let mut guard = up.readable().await?;
+                let n = match guard.try_io(|fd| fd.get_ref().read_ref(&mut buf)) {
+                    Ok(r) => r?,
+                    Err(_) => continue,
+                };
+                if n == 0 {
+                    return Ok(());
+                }
+                let mut at = 0;
+                while at < n {
+                    match down.write_ref(&buf[at..n]) {
+                        Ok(w) => at += w,
+                        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                            tokio::task::yield_now().await
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
+                }
+            }
+        });
     }
     let rt = match flavour {
         Flavour::Current => tokio::runtime::Builder::new_current_thread()
@@ -289,6 +354,7 @@ fn main() -> anyhow::Result<()> {
                         Flavour::Blocking => "blocking",
                         Flavour::Current => "current",
                         Flavour::Multi => "multi",
+                        Flavour::Lean => "lean",
                     },
                     "--workers",
                     &args.workers.to_string(),
@@ -356,6 +422,7 @@ fn main() -> anyhow::Result<()> {
                 Flavour::Blocking => "blocking threads".to_owned(),
                 Flavour::Current => "tokio current-thread".to_owned(),
                 Flavour::Multi => format!("tokio multi-thread, {} workers", args.workers),
+                Flavour::Lean => "tokio current-thread, read interest only".to_owned(),
             },
             if args.split { ", reader and writer tasks" } else { "" },
             if args.unix { "Unix sockets" } else { "TCP loopback" },

@@ -4,7 +4,8 @@
 //! - [`ack`]: acknowledged links (counted acks, packets kept until acknowledged).
 //! - [`protocol`]: packet types, element names, the bind extension, the handshake digest.
 //! - [`io`]: a framed reader over any async byte stream, used by the router and clients.
-//! - [`transport`]: TCP, Unix socket or TLS links to the router.
+//! - [`transport`]: TCP, Unix socket or TLS links to the router; [`unix_link`]: the Unix
+//!   socket registered for what it reads only.
 //! - [`client`]: connect, handshake, bind; then read stanzas and send bytes.
 //! - [`session`]: the queued stanzas of the session protocol (c2s and sm).
 //! - [`fanout`]: one stanza for many recipients (room broadcasts).
@@ -23,6 +24,7 @@ pub mod runtime;
 pub mod service;
 pub mod session;
 pub mod transport;
+pub mod unix_link;
 
 pub use client::{
     BindError, Component, ComponentReader, ComponentWriter, HandshakeRefused, Outbox, WriterStop,

@@ -251,7 +251,7 @@ pub async fn connect(link: &RouterLink) -> anyhow::Result<BoxIo> {
         let s = UnixStream::connect(path)
             .await
             .with_context(|| format!("connecting to the router at {}", path.display()))?;
-        return Ok(Box::new(s));
+        return Ok(Box::new(crate::unix_link::UnixLink::new(s)?));
     }
     let tcp = TcpStream::connect((link.address.as_str(), link.port))
         .await

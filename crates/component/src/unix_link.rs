@@ -1,0 +1,143 @@
+//! A Unix stream socket for a router link, registered with the runtime for what it
+//! reads only.
+//!
+//! Why by hand: tokio's `UnixStream` registers every socket for readability and
+//! writability, edge-triggered, and Linux signals a Unix stream socket writable each time
+//! its peer reads from it (`unix_write_space`), whether or not the writer waits: so every
+//! packet that crossed a link woke the process that wrote it a second time, for nothing
+//! (TCP signals only a writer that found its buffer full). With one message in flight
+//! that doubled the link's context switches and made Unix sockets no cheaper than TCP
+//! (docs/benchmarks.md, "Unix sockets without the writer's wake-up"). Here the socket is
+//! registered for readability alone; a write goes straight to the socket, and only one
+//! that finds the buffer full registers a second descriptor of the socket for
+//! writability, which the next write that goes through drops again.
+
+use std::io::{self, Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
+
+pub struct UnixLink {
+    /// The socket, registered for readability only.
+    socket: AsyncFd<UnixStream>,
+    /// A duplicate of its descriptor registered for writability, while a write waits for
+    /// room in the socket's buffer.
+    blocked: Option<AsyncFd<OwnedFd>>,
+}
+
+impl UnixLink {
+    /// Takes a connected socket (tokio's, from `connect` or `accept`). Needs a runtime.
+    pub fn new(socket: tokio::net::UnixStream) -> io::Result<UnixLink> {
+        let socket = socket.into_std()?;
+        socket.set_nonblocking(true)?;
+        // SAFETY: the `AsyncFd` owns the `UnixStream`, which owns its descriptor: it
+        // stays open, and is the one `as_raw_fd` returns, for the `AsyncFd`'s whole life.
+        let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }?;
+        Ok(UnixLink {
+            socket,
+            blocked: None,
+        })
+    }
+
+    /// Waits until the socket may take more (a duplicate descriptor registered for
+    /// writability, made on first need and kept until a write goes through).
+    fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.blocked.is_none() {
+            let dup = self.socket.get_ref().as_fd().try_clone_to_owned()?;
+            // SAFETY: as in `new`: the `AsyncFd` owns the duplicate descriptor.
+            let fd = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }?;
+            self.blocked = Some(fd);
+        }
+        let blocked = self.blocked.as_ref().expect("registered above");
+        let mut guard = ready!(blocked.poll_write_ready(cx))?;
+        // Ready or not, the write is tried again: clear it so that the next
+        // `WouldBlock` waits for a new edge.
+        guard.clear_ready();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl AsyncRead for UnixLink {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        loop {
+            let mut guard = ready!(self.socket.poll_read_ready(cx))?;
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|s| s.get_ref().read(unfilled)) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) => return Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+impl AsyncWrite for UnixLink {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        loop {
+            match self.socket.get_ref().write(data) {
+                Ok(n) => {
+                    // Room again: no more wake-ups for writability.
+                    self.blocked = None;
+                    return Poll::Ready(Ok(n));
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    ready!(self.poll_room(cx))?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
+            }
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(self.socket.get_ref().shutdown(std::net::Shutdown::Write))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// More than the socket buffers hold, both ways at once: writes that block wait for
+    /// room and go on, reads see every byte in order, and shutdown ends the peer's read.
+    #[tokio::test(flavor = "current_thread")]
+    async fn carries_everything_through_full_buffers() {
+        let (a, b) = tokio::net::UnixStream::pair().unwrap();
+        let (mut a, mut b) = (UnixLink::new(a).unwrap(), UnixLink::new(b).unwrap());
+        let data: Vec<u8> = (0..4 * 1024 * 1024u32).map(|i| (i % 251) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            a.write_all(&sent).await.unwrap();
+            a.shutdown().await.unwrap();
+            let mut back = vec![];
+            a.read_to_end(&mut back).await.unwrap();
+            back
+        });
+        let mut got = vec![];
+        b.read_to_end(&mut got).await.unwrap();
+        assert!(got == data, "{} bytes of {}", got.len(), data.len());
+        b.write_all(b"done").await.unwrap();
+        b.shutdown().await.unwrap();
+        assert_eq!(writer.await.unwrap(), b"done");
+    }
+}
