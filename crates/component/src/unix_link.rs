@@ -13,6 +13,7 @@
 //! writability, which the next write that goes through drops again.
 
 use std::io::{self, Read, Write};
+use std::mem::MaybeUninit;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::pin::Pin;
@@ -69,14 +70,28 @@ impl AsyncRead for UnixLink {
     ) -> Poll<io::Result<()>> {
         loop {
             let mut guard = ready!(self.socket.poll_read_ready(cx))?;
-            let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|s| s.get_ref().read(unfilled)) {
-                Ok(Ok(n)) => {
+            // SAFETY: as tokio's own sockets read (`PollEvented::poll_read`): `read` only
+            // writes into the slice, and only the bytes it reports are marked filled. (A
+            // zeroed slice would cost a memset of the reader's whole spare capacity, 64 KiB
+            // on a router link, per read.)
+            let unfilled =
+                unsafe { &mut *(buf.unfilled_mut() as *mut [MaybeUninit<u8>] as *mut [u8]) };
+            let len = unfilled.len();
+            match self.socket.get_ref().read(unfilled) {
+                Ok(n) => {
+                    if 0 < n && n < len {
+                        // Less than asked for: the socket is drained, so the next read
+                        // waits for the next edge instead of asking the kernel in vain.
+                        guard.clear_ready();
+                    }
+                    // SAFETY: `read` filled these `n` bytes.
+                    unsafe { buf.assume_init(n) };
                     buf.advance(n);
                     return Poll::Ready(Ok(()));
                 }
-                Ok(Err(e)) => return Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => guard.clear_ready(),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Poll::Ready(Err(e)),
             }
         }
     }
