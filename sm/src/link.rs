@@ -15,9 +15,8 @@ use jrs_stream::{Stanza, StanzaErrorCondition};
 
 use crate::host::registry::Event;
 use crate::host::session::{self, Park, SessionRef};
-use crate::host::shortcut;
 use crate::host::task::dispatch;
-use crate::host::{inbound, Ctx};
+use crate::host::{inbound, local, shortcut, Ctx};
 
 /// Serves one router link until it drops.
 pub async fn serve(
@@ -84,8 +83,9 @@ fn notice(ctx: &Arc<Ctx>, stanza: &Stanza) {
             ctx.components.disconnected(&name);
             ctx.users.broadcast(|| Event::C2sGone(name.clone()));
         }
-        _ => {}
+        _ => return,
     }
+    local::confirm(ctx);
 }
 
 fn session(ctx: &Arc<Ctx>, packet: Stanza) {

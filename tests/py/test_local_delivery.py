@@ -37,6 +37,16 @@ def local(server):
     return value(scrape(server.metrics_ports["sm"]), "jabberd_sm_local_stanzas_total") or 0
 
 
+ALONE = "served by this instance alone"
+
+
+def settled(server, name="sm", since=0):
+    """Waits until sm `name` confirmed it serves localhost alone (after `since` bytes of
+    its log): from then on it delivers locally."""
+    server.wait_for(lambda: ALONE in server.log(name)[since:], f"{name} to deliver locally",
+                    watch=[name])
+
+
 def connect(server, user):
     c = login(server.starttls_port, user, USERS[user], resource="r")
     c.send("<presence/>")
@@ -60,6 +70,7 @@ def bodies(client, n):
 
 def test_messages_between_users_of_one_sm_do_not_cross_the_router(request, tmp_path):
     with serving(request, tmp_path, USERS, metrics=True) as server:
+        settled(server)
         alice, bob = connect(server, "alice"), connect(server, "bob")
         before_routed, before_local = routed(server), local(server)
         sent = [f"m{i}" for i in range(COUNT)]
@@ -96,6 +107,7 @@ def test_local_delivery_can_be_turned_off(request, tmp_path):
         assert bodies(bob, COUNT) == sent
         assert routed(server) - before >= COUNT
         assert local(server) == 0
+        assert ALONE not in server.log("sm")
         alice.close()
         bob.close()
 
@@ -114,6 +126,8 @@ def test_a_shared_domain_goes_through_the_router_until_one_instance_is_left(requ
         start_second_sm(server)
         server.wait_for(lambda: re.search(r"link notice: bound.*component=sm-2", server.log("sm")),
                         "sm to hear of sm-2", watch=["sm"])
+        assert "another component serves the domain now" in server.log("sm") \
+            or ALONE not in server.log("sm")
         clients = {u: connect(server, u) for u in USERS}
         before_routed, before_local = routed(server), local(server)
         ring = [("alice", "bob"), ("bob", "carol"), ("carol", "alice")]
@@ -124,14 +138,16 @@ def test_a_shared_domain_goes_through_the_router_until_one_instance_is_left(requ
         assert routed(server) - before_routed >= len(ring)
         assert local(server) == before_local, "two instances: the router chooses"
 
-        # sm-2 goes: its users' sessions are restored on sm, which now serves alone.
+        # sm-2 goes: its users' sessions are restored on sm, which serves alone again
+        # once it confirmed so through the router.
+        offset = len(server.log("sm"))
         server.kill("sm-2")
+        settled(server, since=offset)
         before_local = local(server)
         for sender, to in ring:
             chat(clients[sender], f"{to}@localhost", f"alone-{sender}")
         for sender, to in ring:
             assert bodies(clients[to], 1) == [f"alone-{sender}"]
-        server.wait_for(lambda: local(server) > before_local, "sm to deliver locally again",
-                        watch=["sm"])
+        assert local(server) - before_local >= len(ring)
         for c in clients.values():
             c.close()

@@ -62,6 +62,10 @@ def total(samples, name, **labels):
 
 
 def test_every_process_serves_metrics_that_move(server):
+    # sm delivers between its users without the router once it confirmed it serves the
+    # domain alone (sm/src/host/local.rs).
+    server.wait_for(lambda: "served by this instance alone" in server.log("sm"),
+                    "sm to deliver locally", watch=["sm"])
     a = login(server.starttls_port, "alice", USERS["alice"], resource="a")
     b = login(server.starttls_port, "bob", USERS["bob"], resource="b")
     a.send("<message to='bob@localhost/b' type='chat' id='m1'><body>hello</body></message>")

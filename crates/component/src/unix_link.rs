@@ -9,8 +9,9 @@
 //! that doubled the link's context switches and made Unix sockets no cheaper than TCP
 //! (docs/benchmarks.md, "Unix sockets without the writer's wake-up"). Here the socket is
 //! registered for readability alone; a write goes straight to the socket, and only one
-//! that finds the buffer full registers a second descriptor of the socket for
-//! writability, which the next write that goes through drops again.
+//! that finds the buffer full registers a second descriptor of the socket (made with
+//! the link, so that a process out of descriptors cannot lose its link over a full
+//! buffer) for writability, until the next write that goes through.
 
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -24,9 +25,10 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 pub struct UnixLink {
     /// The socket, registered for readability only.
     socket: AsyncFd<UnixStream>,
-    /// A duplicate of its descriptor registered for writability, while a write waits for
-    /// room in the socket's buffer.
+    /// A duplicate of its descriptor: registered for writability (`blocked`) while a
+    /// write waits for room in the socket's buffer, kept aside (`spare`) otherwise.
     blocked: Option<AsyncFd<OwnedFd>>,
+    spare: Option<OwnedFd>,
 }
 
 impl UnixLink {
@@ -36,21 +38,29 @@ impl UnixLink {
         socket.set_nonblocking(true)?;
         // SAFETY: the `AsyncFd` owns the `UnixStream`, which owns its descriptor: it
         // stays open, and is the one `as_raw_fd` returns, for the `AsyncFd`'s whole life.
+        let spare = socket.as_fd().try_clone_to_owned()?;
         let socket = unsafe { AsyncFd::register_with_interest(socket, Interest::READABLE) }?;
         Ok(UnixLink {
             socket,
             blocked: None,
+            spare: Some(spare),
         })
     }
 
-    /// Waits until the socket may take more (a duplicate descriptor registered for
-    /// writability, made on first need and kept until a write goes through).
+    /// Waits until the socket may take more (the duplicate descriptor registered for
+    /// writability until a write goes through).
     fn poll_room(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         if self.blocked.is_none() {
-            let dup = self.socket.get_ref().as_fd().try_clone_to_owned()?;
+            let dup = self.spare.take().expect("registered or spare");
             // SAFETY: as in `new`: the `AsyncFd` owns the duplicate descriptor.
-            let fd = unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) }?;
-            self.blocked = Some(fd);
+            match unsafe { AsyncFd::register_with_interest(dup, Interest::WRITABLE) } {
+                Ok(fd) => self.blocked = Some(fd),
+                Err(e) => {
+                    let (dup, cause) = e.into_parts();
+                    self.spare = Some(dup);
+                    return Poll::Ready(Err(cause));
+                }
+            }
         }
         let blocked = self.blocked.as_ref().expect("registered above");
         let mut guard = ready!(blocked.poll_write_ready(cx))?;
@@ -114,7 +124,9 @@ impl AsyncWrite for UnixLink {
             match self.socket.get_ref().write(data) {
                 Ok(n) => {
                     // Room again: no more wake-ups for writability.
-                    self.blocked = None;
+                    if let Some(blocked) = self.blocked.take() {
+                        self.spare = Some(blocked.into_inner());
+                    }
                     return Poll::Ready(Ok(n));
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => {

@@ -6,61 +6,151 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::RwLock;
 
+use tracing::info;
+
 #[derive(Default)]
 pub struct Components {
+    state: RwLock<State>,
+}
+
+#[derive(Default)]
+struct State {
     /// Domain -> names of the components that bound it for `normal` packets (a domain
     /// of sm's has one per sm instance; a component's domain usually one).
-    routes: RwLock<BTreeMap<String, BTreeSet<String>>>,
+    routes: BTreeMap<String, BTreeSet<String>>,
+    /// Counts the changes to `routes`: a confirmation (`host::local`) holds only if none
+    /// came while it was on its way.
+    epoch: u64,
+    /// Domains this instance serves alone and has confirmed so since the last change of
+    /// their holders: their stanzas are delivered without the router.
+    settled: BTreeSet<String>,
+    /// Domains it serves alone whose confirmation is under way.
+    confirming: BTreeSet<String>,
+}
+
+impl State {
+    fn alone(&self, me: &str, domain: &str) -> bool {
+        self.routes
+            .get(domain)
+            .is_some_and(|names| names.len() == 1 && names.contains(me))
+    }
+
+    /// The holders of `domain` changed: local delivery stops until confirmed again.
+    fn changed(&mut self, domain: &str) {
+        self.epoch += 1;
+        if self.settled.remove(domain) {
+            info!(%domain, "another component serves the domain now: stanzas between its users go through the router");
+        }
+    }
 }
 
 impl Components {
     pub fn bound(&self, name: &str, host: &str) {
-        let mut r = self.routes.write().expect("components lock");
-        r.entry(host.to_ascii_lowercase())
-            .or_default()
-            .insert(name.to_owned());
+        let mut st = self.state.write().expect("components lock");
+        let host = host.to_ascii_lowercase();
+        st.changed(&host);
+        st.routes.entry(host).or_default().insert(name.to_owned());
     }
 
     pub fn unbound(&self, name: &str, host: &str) {
-        let mut r = self.routes.write().expect("components lock");
+        let mut st = self.state.write().expect("components lock");
         let host = host.to_ascii_lowercase();
-        if let Some(names) = r.get_mut(&host) {
+        st.changed(&host);
+        if let Some(names) = st.routes.get_mut(&host) {
             names.remove(name);
             if names.is_empty() {
-                r.remove(&host);
+                st.routes.remove(&host);
             }
         }
     }
 
     pub fn disconnected(&self, name: &str) {
-        let mut r = self.routes.write().expect("components lock");
-        r.retain(|_, names| {
+        let mut st = self.state.write().expect("components lock");
+        let held: Vec<String> = st
+            .routes
+            .iter()
+            .filter(|(_, names)| names.contains(name))
+            .map(|(domain, _)| domain.clone())
+            .collect();
+        for domain in held {
+            st.changed(&domain);
+            let names = st.routes.get_mut(&domain).expect("listed above");
             names.remove(name);
-            !names.is_empty()
-        });
+            if names.is_empty() {
+                st.routes.remove(&domain);
+            }
+        }
     }
 
     /// Forgets everything (the link to the router dropped; the router replays what is
     /// bound when we subscribe again).
     pub fn clear(&self) {
-        self.routes.write().expect("components lock").clear();
+        let mut st = self.state.write().expect("components lock");
+        st.epoch += 1;
+        st.routes.clear();
+        st.settled.clear();
     }
 
-    /// Whether `me` is the only component the router delivers `domain`'s `normal`
-    /// packets to (`domain` in lower case, as the router's notices and `Jid` spell it):
-    /// then the router would send whatever sm routes there straight back (`host::local`).
-    pub fn alone_serves(&self, me: &str, domain: &str) -> bool {
-        let r = self.routes.read().expect("components lock");
-        r.get(domain)
-            .is_some_and(|names| names.len() == 1 && names.contains(me))
+    /// Whether stanzas for users of `domain` (in lower case, as the router's notices and
+    /// `Jid` spell it) go straight to their tasks: `me` is the only component the router
+    /// delivers the domain's `normal` packets to, and has confirmed it (`host::local`).
+    pub fn delivers_locally(&self, me: &str, domain: &str) -> bool {
+        let st = self.state.read().expect("components lock");
+        st.settled.contains(domain) && st.alone(me, domain)
+    }
+
+    /// Domains `me` serves alone that are neither confirmed nor being confirmed: the
+    /// caller confirms each (they are marked as under way).
+    pub fn to_confirm(&self, me: &str) -> Vec<String> {
+        let mut st = self.state.write().expect("components lock");
+        let due: Vec<String> = st
+            .routes
+            .keys()
+            .filter(|d| st.alone(me, d) && !st.settled.contains(*d) && !st.confirming.contains(*d))
+            .cloned()
+            .collect();
+        st.confirming.extend(due.iter().cloned());
+        due
+    }
+
+    /// The count of changes so far, to pass to [`Components::settle`].
+    pub fn epoch(&self) -> u64 {
+        self.state.read().expect("components lock").epoch
+    }
+
+    /// Whether the confirmation of `domain` should go on: `me` still serves it alone.
+    /// If not, it is no longer under way (a later change starts another).
+    pub fn still_confirming(&self, me: &str, domain: &str) -> bool {
+        let mut st = self.state.write().expect("components lock");
+        if st.alone(me, domain) {
+            return true;
+        }
+        st.confirming.remove(domain);
+        false
+    }
+
+    /// A confirmation sent at `epoch` came back: `domain` is delivered locally from now
+    /// on, unless its holders changed meanwhile (false: confirm again).
+    pub fn settle(&self, me: &str, domain: &str, epoch: u64) -> bool {
+        let mut st = self.state.write().expect("components lock");
+        if st.epoch != epoch || !st.alone(me, domain) {
+            return false;
+        }
+        st.confirming.remove(domain);
+        st.settled.insert(domain.to_owned());
+        true
     }
 
     /// Domains served by components that are subdomains of `domain` (`conference.D`,
     /// `upload.D`), sorted.
     pub fn subdomains_of(&self, domain: &str) -> Vec<String> {
         let suffix = format!(".{domain}");
-        let r = self.routes.read().expect("components lock");
-        r.keys().filter(|h| h.ends_with(&suffix)).cloned().collect()
+        let st = self.state.read().expect("components lock");
+        st.routes
+            .keys()
+            .filter(|h| h.ends_with(&suffix))
+            .cloned()
+            .collect()
     }
 }
 
@@ -85,22 +175,49 @@ mod tests {
     }
 
     #[test]
-    fn knows_when_one_instance_serves_a_domain_alone() {
+    fn delivers_locally_once_confirmed_alone() {
         let c = Components::default();
-        assert!(!c.alone_serves("sm-1", "localhost"), "nothing known yet");
+        assert!(c.to_confirm("sm-1").is_empty(), "nothing known yet");
         c.bound("sm-1", "LocalHost");
         c.bound("s2s", "*");
-        assert!(c.alone_serves("sm-1", "localhost"));
-        assert!(!c.alone_serves("sm-2", "localhost"));
-        assert!(!c.alone_serves("sm-1", "example.org"));
+        assert!(
+            !c.delivers_locally("sm-1", "localhost"),
+            "not confirmed yet"
+        );
+        assert_eq!(c.to_confirm("sm-1"), ["localhost"]);
+        assert!(c.to_confirm("sm-1").is_empty(), "under way already");
+        let epoch = c.epoch();
+        assert!(c.settle("sm-1", "localhost", epoch));
+        assert!(c.delivers_locally("sm-1", "localhost"));
+        assert!(!c.delivers_locally("sm-2", "localhost"));
+        assert!(!c.delivers_locally("sm-1", "example.org"));
+
+        // A second instance: through the router until confirmed alone again.
         c.bound("sm-2", "localhost");
-        assert!(!c.alone_serves("sm-1", "localhost"), "shared with sm-2");
+        assert!(!c.delivers_locally("sm-1", "localhost"));
+        assert!(c.to_confirm("sm-1").is_empty(), "shared");
         c.disconnected("sm-2");
-        assert!(c.alone_serves("sm-1", "localhost"));
+        assert!(
+            !c.delivers_locally("sm-1", "localhost"),
+            "needs a new confirmation"
+        );
+        assert_eq!(c.to_confirm("sm-1"), ["localhost"]);
+        let epoch = c.epoch();
+        // A change while the confirmation is on its way voids it.
+        c.bound("muc", "conference.localhost");
+        assert!(!c.settle("sm-1", "localhost", epoch));
+        assert!(c.still_confirming("sm-1", "localhost"));
+        assert!(c.settle("sm-1", "localhost", c.epoch()));
+        assert!(c.delivers_locally("sm-1", "localhost"));
+        // An unrelated domain's change leaves the settled one alone.
+        c.unbound("muc", "conference.localhost");
+        assert!(c.delivers_locally("sm-1", "localhost"));
+
         c.unbound("sm-1", "localhost");
-        assert!(!c.alone_serves("sm-1", "localhost"));
+        assert!(!c.delivers_locally("sm-1", "localhost"));
         c.bound("sm-1", "localhost");
         c.clear();
-        assert!(!c.alone_serves("sm-1", "localhost"));
+        assert!(!c.delivers_locally("sm-1", "localhost"));
+        assert!(!c.still_confirming("sm-1", "localhost"));
     }
 }
