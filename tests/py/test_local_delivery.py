@@ -57,14 +57,16 @@ def chat(sender, to, body):
     sender.send(f"<message to='{to}' type='chat' id='{body}'><body>{body}</body></message>")
 
 
-def bodies(client, n):
-    """The bodies of the next `n` chat messages `client` receives (other stanzas skipped)."""
+def bodies(client, n, skip=None):
+    """The bodies of the next `n` chat messages `client` receives (other stanzas, and
+    bodies starting with `skip`, skipped)."""
     got = []
     while len(got) < n:
         element = client.next(TIMEOUT, what=f"message {len(got) + 1} of {n}")
         body = element.find("{jabber:client}body")
         if element.tag == "{jabber:client}message" and body is not None:
-            got.append(body.text)
+            if skip is None or not body.text.startswith(skip):
+                got.append(body.text)
     return got
 
 
@@ -147,7 +149,10 @@ def test_a_shared_domain_goes_through_the_router_until_one_instance_is_left(requ
         for sender, to in ring:
             chat(clients[sender], f"{to}@localhost", f"alone-{sender}")
         for sender, to in ring:
-            assert bodies(clients[to], 1) == [f"alone-{sender}"]
+            # What the router had not seen sm-2 acknowledge goes to sm again (links
+            # deliver at least once, docs/protocol.md "Acknowledged links"): a message
+            # of the first round may come twice.
+            assert bodies(clients[to], 1, skip="shared-") == [f"alone-{sender}"]
         assert local(server) - before_local >= len(ring)
         for c in clients.values():
             c.close()
