@@ -35,6 +35,17 @@ impl State {
             .is_some_and(|names| names.len() == 1 && names.contains(me))
     }
 
+    /// `name` no longer holds `domain`.
+    fn drop_holder(&mut self, domain: &str, name: &str) {
+        self.changed(domain);
+        if let Some(names) = self.routes.get_mut(domain) {
+            names.remove(name);
+            if names.is_empty() {
+                self.routes.remove(domain);
+            }
+        }
+    }
+
     /// The holders of `domain` changed: local delivery stops until confirmed again.
     fn changed(&mut self, domain: &str) {
         self.epoch += 1;
@@ -54,14 +65,7 @@ impl Components {
 
     pub fn unbound(&self, name: &str, host: &str) {
         let mut st = self.state.write().expect("components lock");
-        let host = host.to_ascii_lowercase();
-        st.changed(&host);
-        if let Some(names) = st.routes.get_mut(&host) {
-            names.remove(name);
-            if names.is_empty() {
-                st.routes.remove(&host);
-            }
-        }
+        st.drop_holder(&host.to_ascii_lowercase(), name);
     }
 
     pub fn disconnected(&self, name: &str) {
@@ -73,12 +77,7 @@ impl Components {
             .map(|(domain, _)| domain.clone())
             .collect();
         for domain in held {
-            st.changed(&domain);
-            let names = st.routes.get_mut(&domain).expect("listed above");
-            names.remove(name);
-            if names.is_empty() {
-                st.routes.remove(&domain);
-            }
+            st.drop_holder(&domain, name);
         }
     }
 
@@ -97,6 +96,17 @@ impl Components {
     pub fn delivers_locally(&self, me: &str, domain: &str) -> bool {
         let st = self.state.read().expect("components lock");
         st.settled.contains(domain) && st.alone(me, domain)
+    }
+
+    /// Whether any domain is delivered locally: when none is, a task's packets need not
+    /// be read to find their recipients' domains.
+    pub fn delivers_any_locally(&self) -> bool {
+        !self
+            .state
+            .read()
+            .expect("components lock")
+            .settled
+            .is_empty()
     }
 
     /// Domains `me` serves alone that are neither confirmed nor being confirmed: the

@@ -29,7 +29,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
-use jrs_stream::Stanza;
+use jrs_stream::{addr, Stanza};
 
 use tracing::{info, Instrument};
 
@@ -42,7 +42,7 @@ const CONFIRM_WAIT: Duration = Duration::from_secs(5);
 /// a message, presence or IQ addressed to a user (a JID with a node) of a domain this
 /// instance alone serves.
 pub fn takes(ctx: &Ctx, packet: &Bytes) -> Option<Stanza> {
-    if !ctx.config.local_delivery || !is_stanza(packet) {
+    if !ctx.config.local_delivery || !is_stanza(packet) || !ctx.components.delivers_any_locally() {
         return None;
     }
     let stanza = Stanza::parse(packet.clone()).ok()?;
@@ -96,12 +96,9 @@ fn is_stanza(packet: &[u8]) -> bool {
     })
 }
 
-/// The domain of `to` when it names a user (`node@domain` with or without a resource):
-/// a node holds neither `@` nor `/`, so the first `/` ends the bare JID and an `@`
-/// before it ends the node.
+/// The domain of `to` when it names a user (`node@domain` with or without a resource).
 fn user_domain(to: &str) -> Option<&str> {
-    let bare = to.split_once('/').map_or(to, |(bare, _)| bare);
-    let (node, domain) = bare.split_once('@')?;
+    let (node, domain) = addr::bare(to).split_once('@')?;
     (!node.is_empty() && !domain.is_empty()).then_some(domain)
 }
 
