@@ -55,12 +55,15 @@ pub fn of(
     endpoints: &HashMap<String, Vec<u8>>,
     hosts: &[Host],
 ) -> ChannelBinding {
-    let Transport::TlsServer(tls) = transport else {
+    if !matches!(
+        transport,
+        Transport::TlsServer(_) | Transport::Tls13Server(_)
+    ) {
         return ChannelBinding::default();
-    };
+    }
     // The certificate served is the one of the name the client sent (SNI), or the first
     // host's (as the resolver does).
-    let sni = tls.get_ref().1.server_name().map(str::to_ascii_lowercase);
+    let sni = transport.server_name();
     let name = sni
         .filter(|n| hosts.iter().any(|h| &h.name == n))
         .or_else(|| hosts.first().map(|h| h.name.clone()));

@@ -17,6 +17,9 @@ pub struct C2sConfig {
     pub web: WebConfig,
     /// STARTTLS must happen before authentication.
     pub require_tls: bool,
+    /// After a TLS 1.3 handshake, c2s runs the records itself (`record-layer='compact'`,
+    /// crates/sx/src/tls_records.rs) instead of rustls (`'rustls'`).
+    pub compact_tls_records: bool,
     /// SASL mechanisms offered (when usable: PLAIN only over TLS, -PLUS only over TLS).
     pub mechanisms: Vec<String>,
     /// XEP-0077 account creation before login.
@@ -207,9 +210,19 @@ impl C2sConfig {
             return Err(root.error("at least one <listen/> is required"));
         }
         let mut require_tls = true;
+        let mut compact_tls_records = true;
         if let Some(t) = root.child("tls")? {
-            t.allow(&["required"], &[])?;
+            t.allow(&["required", "record-layer"], &[])?;
             require_tls = t.bool_attr("required", true)?;
+            compact_tls_records = match t.attr("record-layer") {
+                None | Some("compact") => true,
+                Some("rustls") => false,
+                Some(other) => {
+                    return Err(t.error(format!(
+                        "record-layer='{other}': expected 'compact' or 'rustls'"
+                    )))
+                }
+            };
         }
         let mut mechanisms: Vec<String> = ALL_MECHANISMS.iter().map(|m| m.to_string()).collect();
         if let Some(s) = root.child("sasl")? {
@@ -352,6 +365,7 @@ impl C2sConfig {
             listen,
             web,
             require_tls,
+            compact_tls_records,
             mechanisms,
             register,
             limits,

@@ -56,7 +56,7 @@ fn run(args: Args) -> anyhow::Result<()> {
     jrs_component::service::raise_open_files_limit();
     std::sync::LazyLock::force(&metrics::M);
     std::sync::LazyLock::force(&jrs_metrics::storage::WAITED);
-    let tls = tls::load(&config.hosts)?;
+    let tls = tls::load(&config.hosts, config.compact_tls_records)?;
     let link = config.router.clone().for_instance(args.common.instance);
     let shared = Arc::new(Shared::new(config, tls, link.name.clone()));
     // One thread by default: without cross-thread wake-ups a lone message costs about

@@ -68,7 +68,7 @@ impl Shared {
     /// Reads the certificates again (SIGHUP): new connections get them, open ones keep
     /// theirs. On an error the old ones stay.
     pub fn reload_tls(&self) -> anyhow::Result<()> {
-        let tls = crate::tls::load(&self.config.hosts)?;
+        let tls = crate::tls::load(&self.config.hosts, self.config.compact_tls_records)?;
         *self.tls.write().expect("tls lock") = tls;
         Ok(())
     }

@@ -27,7 +27,9 @@ pub struct Tls {
 
 /// Loads every host's certificate (making self-signed ones where configured): at start,
 /// and again on SIGHUP (new connections get the new certificates, open ones keep theirs).
-pub fn load(hosts: &[Host]) -> anyhow::Result<Tls> {
+/// `compact_records`: TLS 1.3 client connections' records are run by c2s after the
+/// handshake (`<tls record-layer>`), which needs rustls to hand the keys over.
+pub fn load(hosts: &[Host], compact_records: bool) -> anyhow::Result<Tls> {
     let certs = load_host_certs(
         hosts,
         "clients will not trust a self-signed certificate: configure a real one for production",
@@ -57,6 +59,9 @@ pub fn load(hosts: &[Host]) -> anyhow::Result<Tls> {
     // ticket from one listener kind (ALPN) is never accepted by another.
     for config in [&mut starttls, &mut direct, &mut web] {
         config.ticketer = rustls::crypto::aws_lc_rs::Ticketer::new()?;
+    }
+    for config in [&mut starttls, &mut direct] {
+        config.enable_secret_extraction = compact_records;
     }
     Ok(Tls {
         starttls: Arc::new(starttls),

@@ -178,16 +178,18 @@ class RawClient:
         self.other = []  # stanzas that came while iq() waited for its answer
         self._out = b""  # bytes for the socket not written yet
         self.write_failed = False
+        self.max_tls12 = False  # TLS 1.2 at most
 
     # connection set-up
 
     @classmethod
     def connect(cls, port, mode="starttls", host="127.0.0.1", source=None, alpn=True,
-                min_tls13=True, domain="localhost", session=None):
+                min_tls13=True, domain="localhost", session=None, max_tls12=False):
         """Connects to c2s. mode 'tls' starts TLS at once (ALPN xmpp-client unless
         alpn=False). `source` binds the local address (e.g. '127.0.0.5') so tests of
         per-address limits can use their own address. `session` (from `tls_session()`
-        of an earlier connection) asks for TLS session resumption."""
+        of an earlier connection) asks for TLS session resumption. `max_tls12`: speak
+        TLS 1.2 at most (here and at STARTTLS)."""
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         if source is not None:
             sock.bind((source, 0))
@@ -196,8 +198,10 @@ class RawClient:
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setblocking(False)
         client = cls(sock, domain)
+        client.max_tls12 = max_tls12
         if mode == "tls":
-            client._handshake(alpn=alpn, min_tls13=min_tls13, session=session)
+            client._handshake(alpn=alpn, min_tls13=min_tls13 and not max_tls12,
+                              session=session)
         elif mode != "starttls":
             raise ValueError(mode)
         return client
@@ -207,12 +211,14 @@ class RawClient:
     def _context(self, alpn, min_tls13):
         # One context per kind, shared by every connection: a TLS session is resumed
         # only through a context like the one that made it.
-        key = (alpn, min_tls13)
+        key = (alpn, min_tls13, self.max_tls12)
         if key in RawClient._contexts:
             return RawClient._contexts[key]
         ctx = RawClient._contexts[key] = SSL.Context(SSL.TLS_CLIENT_METHOD)
         if min_tls13:
             ctx.set_min_proto_version(SSL.TLS1_3_VERSION)
+        if self.max_tls12:
+            ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
         # The server's certificate is self-signed for localhost: not verified here.
         ctx.set_verify(SSL.VERIFY_NONE, lambda *args: True)
         if alpn:
@@ -493,7 +499,7 @@ class RawClient:
     def starttls(self, session=None):
         self.send(f"<starttls xmlns='{NS_TLS}'/>")
         self.expect("proceed", NS_TLS)
-        self._handshake(alpn=False, session=session)
+        self._handshake(alpn=False, min_tls13=not self.max_tls12, session=session)
 
     def _auth(self, mechanism, initial):
         payload = base64.b64encode(initial).decode() if initial else "="
@@ -577,10 +583,11 @@ class RawClient:
 
 
 def login(port, username, password, mode="starttls", mechanism="SCRAM-SHA-256",
-          resource=None, source=None, domain="localhost", host="127.0.0.1"):
+          resource=None, source=None, domain="localhost", host="127.0.0.1", max_tls12=False):
     """Connects (to host:port), negotiates TLS and SASL, binds; returns the client (its
     jid set). Raises AssertionError with what the server sent if a step fails."""
-    c = RawClient.connect(port, mode=mode, source=source, domain=domain, host=host)
+    c = RawClient.connect(port, mode=mode, source=source, domain=domain, host=host,
+                          max_tls12=max_tls12)
     c.open_stream()
     if mode == "starttls":
         c.starttls()

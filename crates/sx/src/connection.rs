@@ -226,8 +226,8 @@ impl Connection {
                 s
             }
             Close::Closed => "</stream:stream>".to_owned(),
-            Close::Gone(_) => {
-                debug!("connection dropped without closing the stream");
+            Close::Gone(why) => {
+                debug!(reason = %why, "connection dropped without closing the stream");
                 return;
             }
         };
@@ -294,16 +294,18 @@ mod tests {
         }
     }
 
-    /// A TLS client and the server's side of it, as c2s's `Connection`.
-    async fn tls_pair() -> (tokio_rustls::client::TlsStream<TcpStream>, Connection) {
+    /// A TLS client and the server's side of it, as c2s's `Connection`; `take_keys`: the
+    /// records after the handshake run by `tls_records` (c2s's default).
+    async fn tls_pair(take_keys: bool) -> (tokio_rustls::client::TlsStream<TcpStream>, Connection) {
         let cert = rcgen::generate_simple_self_signed(vec!["example.org".into()]).unwrap();
         let der = cert.cert.der().clone();
         let key =
             rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
-        let server = rustls::ServerConfig::builder()
+        let mut server = rustls::ServerConfig::builder()
             .with_no_client_auth()
             .with_single_cert(vec![der.clone()], key)
             .unwrap();
+        server.enable_secret_extraction = take_keys;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(der).unwrap();
         let client = rustls::ClientConfig::builder()
@@ -317,7 +319,9 @@ mod tests {
             tls::accept(accepted.unwrap().0, Arc::new(server)),
             tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, connected.unwrap()),
         );
-        let conn = Connection::new(server.map_err(|_| "handshake").unwrap(), settings());
+        let server = server.map_err(|_| "handshake").unwrap();
+        assert_eq!(matches!(server, Transport::Tls13Server(_)), take_keys);
+        let conn = Connection::new(server, settings());
         (client.unwrap(), conn)
     }
 
@@ -326,7 +330,13 @@ mod tests {
     /// that was given up (a cancelled read).
     #[tokio::test]
     async fn an_idle_tls_stream_holds_no_read_buffer_and_loses_nothing() {
-        let (mut client, mut conn) = tls_pair().await;
+        for take_keys in [false, true] {
+            idle_tls_stream(take_keys).await;
+        }
+    }
+
+    async fn idle_tls_stream(take_keys: bool) {
+        let (mut client, mut conn) = tls_pair(take_keys).await;
         client
             .write_all(b"<stream:stream xmlns:stream='http://etherx.jabber.org/streams'>")
             .await

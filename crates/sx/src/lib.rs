@@ -4,7 +4,9 @@
 //!
 //! - [`transport::Transport`]: the byte stream (TCP, TLS in either role; the web
 //!   transports come later) behind one `AsyncRead + AsyncWrite` type.
-//! - [`tls`]: TLS handshakes with a time limit.
+//! - [`tls`]: TLS handshakes with a time limit; [`tls_records`]: a TLS 1.3 server
+//!   connection's records after its handshake, without rustls's per-connection buffers
+//!   (the handshake read one record at a time through [`record_paced`]).
 //! - [`connection::Connection`]: framed reading with the stream limits, the idle timeout
 //!   and the byte rate; writing; STARTTLS in place; stream restarts; the close handshake.
 //! - [`close::Close`]: how a stream ends (a typed stream error, a clean close, a lost
@@ -24,7 +26,9 @@ pub mod features;
 pub mod framing;
 pub mod listener;
 pub mod rate;
+pub mod record_paced;
 pub mod tls;
+pub mod tls_records;
 pub mod transport;
 
 pub use close::{stream_error, Close};

@@ -5,21 +5,42 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
+use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::close::Close;
+use crate::record_paced::RecordPaced;
+use crate::tls_records::Tls13Stream;
 use crate::transport::Transport;
 
 /// Longest a TLS handshake may take.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-/// TLS as the server over `tcp` (direct TLS, or after `<proceed/>`).
+/// TLS as the server over `tcp` (direct TLS, or after `<proceed/>`). A configuration
+/// with `enable_secret_extraction` asks for a TLS 1.3 connection's records to be run by
+/// [`Tls13Stream`] after the handshake (rustls keeps TLS 1.2 ones).
 pub async fn accept(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> Result<Transport, Close> {
+    let take_keys = config.enable_secret_extraction;
     let acceptor = tokio_rustls::TlsAcceptor::from(config);
-    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-        Ok(Ok(tls)) => Ok(Transport::TlsServer(Box::new(tls))),
-        Ok(Err(e)) => Err(Close::Gone(format!("TLS handshake failed: {e}"))),
-        Err(_) => Err(Close::Gone("TLS handshake timed out".into())),
+    let paced = RecordPaced::new(tcp, take_keys);
+    let mut tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(paced)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(Close::Gone(format!("TLS handshake failed: {e}"))),
+        Err(_) => return Err(Close::Gone("TLS handshake timed out".into())),
+    };
+    if !take_keys || !Tls13Stream::can_take_over(tls.get_mut().1) {
+        tls.get_mut().0.stop_pacing();
+        return Ok(Transport::TlsServer(Box::new(tls)));
+    }
+    // What rustls queued last (its session tickets) goes out before the keys leave it.
+    if let Err(e) = tls.flush().await {
+        return Err(Close::Gone(format!("TLS handshake failed: {e}")));
+    }
+    let (paced, conn) = tls.into_inner();
+    let (tcp, read) = paced.into_parts();
+    match Tls13Stream::take_over(tcp, read, conn) {
+        Ok(records) => Ok(Transport::Tls13Server(Box::new(records))),
+        Err(why) => Err(Close::Gone(why)),
     }
 }
 

@@ -10,10 +10,16 @@ use rustls::pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 
+use crate::record_paced::RecordPaced;
+use crate::tls_records::Tls13Stream;
+
 pub enum Transport {
     Plain(TcpStream),
-    /// TLS where the peer connected to us (clients, incoming servers).
-    TlsServer(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    /// TLS where the peer connected to us (clients, incoming servers), run by rustls.
+    TlsServer(Box<tokio_rustls::server::TlsStream<RecordPaced>>),
+    /// TLS 1.3 where the peer connected to us, its records run by us after a handshake
+    /// run by rustls (c2s's `<tls record-layer='compact'/>`).
+    Tls13Server(Box<Tls13Stream>),
     /// TLS where we connected (outgoing servers).
     TlsClient(Box<tokio_rustls::client::TlsStream<TcpStream>>),
     /// One end of an in-process pipe whose other end a web transport serves (c2s's
@@ -29,7 +35,19 @@ fn detached() -> io::Error {
 
 impl Transport {
     pub fn is_tls(&self) -> bool {
-        matches!(self, Transport::TlsServer(_) | Transport::TlsClient(_))
+        matches!(
+            self,
+            Transport::TlsServer(_) | Transport::Tls13Server(_) | Transport::TlsClient(_)
+        )
+    }
+
+    /// The name a TLS client asked for (SNI), lowercase.
+    pub fn server_name(&self) -> Option<String> {
+        match self {
+            Transport::TlsServer(s) => s.get_ref().1.server_name().map(str::to_ascii_lowercase),
+            Transport::Tls13Server(s) => s.handshaken().server_name.as_deref().map(Into::into),
+            _ => None,
+        }
     }
 
     fn tls_common(&self) -> Option<&rustls::CommonState> {
@@ -43,8 +61,10 @@ impl Transport {
     /// The RFC 9266 `tls-exporter` channel binding data, if the stream is TLS 1.3 (the
     /// only version it is defined for, RFC 9266 section 3).
     pub fn exporter(&self) -> Option<Vec<u8>> {
-        let Transport::TlsServer(tls) = self else {
-            return None;
+        let tls = match self {
+            Transport::TlsServer(tls) => tls,
+            Transport::Tls13Server(s) => return s.handshaken().exporter.map(|e| e.to_vec()),
+            _ => return None,
         };
         let conn = tls.get_ref().1;
         if conn.protocol_version() != Some(rustls::ProtocolVersion::TLSv1_3) {
@@ -56,6 +76,9 @@ impl Transport {
 
     /// The certificate chain the peer presented, if any.
     pub fn peer_certificates(&self) -> Vec<CertificateDer<'static>> {
+        if let Transport::Tls13Server(s) = self {
+            return s.handshaken().peer_certificates.clone();
+        }
         self.tls_common()
             .and_then(|c| c.peer_certificates())
             .map(|c| c.iter().map(|c| c.clone().into_owned()).collect())
@@ -70,9 +93,13 @@ impl Transport {
         match self {
             Transport::Plain(tcp) => tcp.readable().await,
             Transport::TlsServer(tls) => {
-                let (tcp, conn) = tls.get_mut();
-                tls_readable(tcp, conn).await
+                let (paced, conn) = tls.get_mut();
+                if paced.has_buffered() {
+                    return Ok(());
+                }
+                tls_readable(paced.tcp(), conn).await
             }
+            Transport::Tls13Server(s) => s.readable().await,
             Transport::TlsClient(tls) => {
                 let (tcp, conn) = tls.get_mut();
                 tls_readable(tcp, conn).await
@@ -119,6 +146,10 @@ macro_rules! each {
                 $e
             }
             Transport::TlsServer($s) => {
+                let $s = Pin::new($s.as_mut());
+                $e
+            }
+            Transport::Tls13Server($s) => {
                 let $s = Pin::new($s.as_mut());
                 $e
             }
