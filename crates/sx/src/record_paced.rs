@@ -7,7 +7,10 @@
 //! rustls's buffers. tokio-rustls reads for as long as rustls wants data, so each read
 //! here ends at a record's end and the one after it returns `Pending` once (waking
 //! itself at once): tokio-rustls then checks whether the handshake is over before it
-//! reads on. After the handshake, [`RecordPaced::stop_pacing`] makes it a plain pass-
+//! reads on. That leans on how tokio-rustls 0.26 drives a handshake (one `read_tls` per
+//! read, the handshake's state checked after a `Pending`); tls_records.rs's tests send
+//! data in the same segment as the Finished of a full, a resumed and a retried
+//! (HelloRetryRequest) handshake, and fail if that changes. After the handshake, [`RecordPaced::stop_pacing`] makes it a plain pass-
 //! through (what it had read is served first) for the connections rustls keeps (TLS 1.2).
 
 use std::io;

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rustls::pki_types::ServerName;
-use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 use crate::close::Close;
@@ -32,10 +31,8 @@ pub async fn accept(tcp: TcpStream, config: Arc<rustls::ServerConfig>) -> Result
         tls.get_mut().0.stop_pacing();
         return Ok(Transport::TlsServer(Box::new(tls)));
     }
-    // What rustls queued last (its session tickets) goes out before the keys leave it.
-    if let Err(e) = tls.flush().await {
-        return Err(Close::Gone(format!("TLS handshake failed: {e}")));
-    }
+    // (tokio-rustls's handshake ended by writing what rustls queued last, its session
+    // tickets: `can_take_over` saw nothing left to write.)
     let (paced, conn) = tls.into_inner();
     let (tcp, read) = paced.into_parts();
     match Tls13Stream::take_over(tcp, read, conn) {

@@ -18,8 +18,9 @@
 //! What it cannot do: follow a key update (RFC 8446 4.6.3). rustls 0.23 hands over keys,
 //! not the secrets they derive from (its `KernelConnection`, which can, exists only for
 //! the unbuffered API). A client that updates its keys gets an `internal_error` alert and
-//! reconnects (with XEP-0198 its session resumes); so does a connection that has sent
-//! 2^23 records under one key (below AES-GCM's confidentiality limit).
+//! reconnects (with XEP-0198 its session resumes); a connection that has sent as many
+//! records under one key as its suite allows (2^24 for AES-GCM, where rustls would
+//! update the key) is closed the same way, with close_notify.
 //! `<tls record-layer='rustls'/>` in c2s.xml keeps rustls for the whole connection.
 
 use std::io;
@@ -168,7 +169,8 @@ impl Tls13Stream {
             tcp,
             rx,
             tx,
-            tx_limit: suite.common.confidentiality_limit.min(1 << 23),
+            // One record kept back for the alert that ends the connection there.
+            tx_limit: suite.common.confidentiality_limit.saturating_sub(1),
             raw: 0,
             plain: 0..0,
             empty_in_row: 0,
@@ -229,6 +231,10 @@ impl Tls13Stream {
 
     /// Decrypts the record at `raw` if it is all there. `Ok(false)`: more bytes needed.
     fn open_record(&mut self) -> io::Result<bool> {
+        // RFC 8446 6.1: whatever comes after close_notify is ignored.
+        if self.peer_closed {
+            return Ok(false);
+        }
         let Some(len) = self.record_len() else {
             return Ok(false);
         };
@@ -296,7 +302,16 @@ impl Tls13Stream {
                 }
             }
             ContentType::Alert => match alert {
+                // RFC 8446 6: levels are 1 (warning) and 2 (fatal).
+                Some((level, _)) if level != 1 && level != 2 => {
+                    return Err(self.fail(
+                        AlertDescription::IllegalParameter,
+                        format!("a TLS alert of level {level}"),
+                    ))
+                }
                 Some((_, 0)) => self.peer_closed = true,
+                // 6.1: user_canceled announces a close_notify; nothing to do yet.
+                Some((1, 90)) => {}
                 Some((_, desc)) => {
                     let why = format!(
                         "the peer sent the TLS alert {:?}",
@@ -334,10 +349,17 @@ impl Tls13Stream {
     /// Reads from the socket behind what is there. `Ok(0)`: the socket's end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         // Nothing before `raw` is needed any more: keep only the undecrypted rest.
-        if self.raw > 0 {
+        if self.raw == self.input.len() {
+            self.input = Vec::new();
+        } else if self.raw > 0 {
             self.input.drain(..self.raw);
-            self.raw = 0;
-            self.plain = 0..0;
+        }
+        self.raw = 0;
+        self.plain = 0..0;
+        // With nothing buffered, wait for bytes before reserving a buffer: an idle
+        // client's read waits here for hours.
+        if self.input.is_empty() {
+            ready!(self.tcp.poll_read_ready(cx))?;
         }
         let want = match self.record_len() {
             Some(len) => len - self.input.len(),
@@ -346,11 +368,24 @@ impl Tls13Stream {
         self.input.reserve(want.max(READ_SIZE));
         let len = self.input.len();
         let mut read = ReadBuf::uninit(self.input.spare_capacity_mut());
-        ready!(Pin::new(&mut self.tcp).poll_read(cx, &mut read))?;
-        let n = read.filled().len();
-        // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
-        unsafe { self.input.set_len(len + n) };
-        Poll::Ready(Ok(n))
+        // (`poll_read`, not `try_read`: it also takes a short read as "drained", so the
+        // next wait is for new bytes.)
+        match Pin::new(&mut self.tcp).poll_read(cx, &mut read) {
+            Poll::Ready(Ok(())) => {
+                let n = read.filled().len();
+                // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
+                unsafe { self.input.set_len(len + n) };
+                Poll::Ready(Ok(n))
+            }
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            // The readiness was stale: the buffer goes back while the read waits.
+            Poll::Pending => {
+                if self.input.is_empty() {
+                    self.input = Vec::new();
+                }
+                Poll::Pending
+            }
+        }
     }
 
     /// Frees the read buffer once everything in it was given out.
@@ -362,13 +397,27 @@ impl Tls13Stream {
         }
     }
 
-    /// Encrypts `data` (at most one record's worth) as one record behind the queue.
-    fn seal(&mut self, typ: ContentType, data: &[u8]) -> io::Result<()> {
+    /// Encrypts application data (at most one record's worth) as one record behind
+    /// the queue; at the keys' limit, ends the connection instead.
+    fn seal_data(&mut self, data: &[u8]) -> io::Result<()> {
         if self.tx.seq >= self.tx_limit {
-            return Err(io::Error::other(
-                "the TLS keys reached their limit of records; the client must reconnect",
-            ));
+            let why = "the TLS keys reached their limit of records (the client reconnects; \
+                       rustls would have updated them)";
+            let _ = self.seal(
+                ContentType::Alert,
+                &[1, u8::from(AlertDescription::CloseNotify)],
+            );
+            let _ = self.try_write_output();
+            self.close_sent = true;
+            self.failed = Some((io::ErrorKind::Other, why.into()));
+            return Err(io::Error::other(why));
         }
+        self.seal(ContentType::ApplicationData, data)
+    }
+
+    /// Encrypts `data` (at most one record's worth) as one record of type `typ` behind
+    /// the queue.
+    fn seal(&mut self, typ: ContentType, data: &[u8]) -> io::Result<()> {
         // RFC 8446 5.2: the outer header says application data, the real type follows
         // the data inside the encryption, the header is the additional data.
         let len = data.len() + 1 + self.tx.key.algorithm().tag_len();
@@ -394,6 +443,10 @@ impl Tls13Stream {
             self.output = sealed;
             self.written = 0;
         } else {
+            if self.written >= WRITE_QUEUE_LIMIT {
+                self.output.drain(..self.written);
+                self.written = 0;
+            }
             self.output.extend_from_slice(&sealed);
         }
         Ok(())
@@ -480,11 +533,14 @@ impl AsyncWrite for Tls13Stream {
                 .failed_error()
                 .unwrap_or_else(|| io::ErrorKind::BrokenPipe.into())));
         }
+        if data.is_empty() {
+            return Poll::Ready(Ok(0));
+        }
         if this.output.len() - this.written >= WRITE_QUEUE_LIMIT {
             ready!(this.poll_write_output(cx))?;
         }
         let n = data.len().min(MAX_PLAINTEXT);
-        this.seal(ContentType::ApplicationData, &data[..n])?;
+        this.seal_data(&data[..n])?;
         // Sent now if the socket takes it, else by the flush that follows.
         if let Poll::Ready(Err(e)) = this.poll_write_output(cx) {
             return Poll::Ready(Err(e));
@@ -662,19 +718,48 @@ mod tests {
     }
 
     /// The client's first bytes sent in the same segment as its Finished reach the
-    /// stream (the handshake read stopped at the record's end).
+    /// stream (the handshake read stopped at the record's end): after a full handshake,
+    /// a resumed one, and one the server made the client repeat (HelloRetryRequest).
     #[tokio::test]
     async fn data_right_behind_the_finished_message_is_kept() {
+        use rustls::HandshakeKind::{Full, FullWithHelloRetryRequest, Resumed};
         let configs = configs();
+        let client = Arc::new(configs.client.clone());
+        finished_then_data(&configs.server, &client, Full).await;
+        finished_then_data(&configs.server, &client, Resumed).await;
+        // A server that takes only P-256 key shares makes the client (which offers
+        // X25519 first) start again.
+        let mut provider = rustls::crypto::aws_lc_rs::default_provider();
+        provider.kx_groups = vec![rustls::crypto::aws_lc_rs::kx_group::SECP256R1];
+        let mut server = rustls::ServerConfig::builder_with_provider(Arc::new(provider))
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(configs.server.cert_resolver.clone());
+        server.enable_secret_extraction = true;
+        let mut fresh = configs.client.clone();
+        fresh.resumption = rustls::client::Resumption::disabled();
+        let fresh = Arc::new(fresh);
+        finished_then_data(&Arc::new(server), &fresh, FullWithHelloRetryRequest).await;
+    }
+
+    async fn finished_then_data(
+        server: &Arc<rustls::ServerConfig>,
+        client: &Arc<rustls::ClientConfig>,
+        kind: rustls::HandshakeKind,
+    ) {
         let (server_tcp, mut tcp) = tcp_pair().await;
-        let server = tokio::spawn(crate::tls::accept(server_tcp, configs.server.clone()));
+        let server = tokio::spawn(crate::tls::accept(server_tcp, server.clone()));
         let name = rustls::pki_types::ServerName::try_from("example.org").unwrap();
-        let mut conn =
-            rustls::ClientConnection::new(Arc::new(configs.client.clone()), name).unwrap();
+        let mut conn = rustls::ClientConnection::new(client.clone(), name).unwrap();
         send(&mut conn, &mut tcp).await;
         while conn.is_handshaking() {
             receive(&mut conn, &mut tcp).await;
+            if conn.is_handshaking() {
+                send(&mut conn, &mut tcp).await;
+            }
         }
+        assert_eq!(conn.handshake_kind(), Some(kind));
         // Finished and the stream header leave together.
         conn.writer().write_all(b"<stream:stream>").unwrap();
         send(&mut conn, &mut tcp).await;
@@ -683,7 +768,8 @@ mod tests {
         let mut got = [0u8; 15];
         server.read_exact(&mut got).await.unwrap();
         assert_eq!(&got, b"<stream:stream>");
-        // And the other way, through the client's own record layer.
+        // And the other way, through the client's own record layer (which also takes
+        // the session tickets sent before).
         server.write_all(b"<features/>").await.unwrap();
         server.flush().await.unwrap();
         let mut plain = Vec::new();
@@ -698,6 +784,27 @@ mod tests {
             }
         }
         assert_eq!(&plain, b"<features/>");
+    }
+
+    /// Nothing after the client's close_notify is read; an empty write sends nothing.
+    #[tokio::test]
+    async fn nothing_is_read_after_close_notify() {
+        let configs = configs();
+        let (mut conn, mut tcp, mut server) = manual_client(&configs).await;
+        conn.writer().write_all(b"before").unwrap();
+        conn.send_close_notify();
+        let mut out = Vec::new();
+        while conn.wants_write() {
+            conn.write_tls(&mut out).unwrap();
+        }
+        // A record made after the close (rustls will not make one: a copy of the first).
+        let first_record = out[..5 + u16::from_be_bytes([out[3], out[4]]) as usize].to_vec();
+        out.extend_from_slice(&first_record);
+        tcp.write_all(&out).await.unwrap();
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.unwrap();
+        assert_eq!(got, b"before");
+        assert_eq!(server.write(b"").await.unwrap(), 0);
     }
 
     /// Reads until the server's alert, which the client reports as its error.
