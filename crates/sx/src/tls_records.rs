@@ -2,7 +2,7 @@
 //! 5) over the TCP stream, on the keys rustls negotiated, holding no buffer while idle.
 //!
 //! Why not rustls's `ServerConnection` for the connection's whole life: it keeps about
-//! 6.5 KiB per connection however idle the connection is (a 4 KiB receive buffer that
+//! 7 KiB per connection however idle the connection is (a 4 KiB receive buffer that
 //! rustls 0.23 sizes even when empty, the handshake's last state, its queues), more than
 //! half of what an idle client costs the server (docs/benchmarks.md, issue 14, "TLS
 //! records after the handshake"). rustls's unbuffered API would let us own the buffers
@@ -33,6 +33,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::{AlertDescription, ConnectionTrafficSecrets, ContentType};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use zeroize::Zeroizing;
 
 use crate::record_paced::RECORD_HEADER;
 
@@ -59,9 +60,14 @@ pub struct Handshaken {
 
 /// The key of one direction and the sequence number of its next record.
 struct RecordKey {
-    key: LessSafeKey,
+    alg: &'static aead::Algorithm,
+    /// The key's bytes (the first `alg.key_len()`), wiped when dropped.
+    secret: Zeroizing<[u8; 32]>,
     iv: [u8; NONCE_LEN],
     seq: u64,
+    /// The key set up for use (aws-lc's AES-GCM state: about 570 bytes), dropped while
+    /// the connection idles and set up again for its next record (about 170 ns).
+    ready: Option<LessSafeKey>,
 }
 
 impl RecordKey {
@@ -74,11 +80,32 @@ impl RecordKey {
             }
             _ => return None,
         };
+        let mut secret = Zeroizing::new([0u8; 32]);
+        secret
+            .get_mut(..key.as_ref().len())?
+            .copy_from_slice(key.as_ref());
+        // Checked once here, so that setting it up again cannot fail.
+        let ready = LessSafeKey::new(UnboundKey::new(alg, key.as_ref()).ok()?);
         Some(RecordKey {
-            key: LessSafeKey::new(UnboundKey::new(alg, key.as_ref()).ok()?),
+            alg,
+            secret,
             iv: iv.as_ref().try_into().ok()?,
             seq,
+            ready: Some(ready),
         })
+    }
+
+    fn key(&mut self) -> &LessSafeKey {
+        let (alg, secret) = (self.alg, &self.secret);
+        self.ready.get_or_insert_with(|| {
+            let key = UnboundKey::new(alg, &secret[..alg.key_len()]);
+            LessSafeKey::new(key.expect("a key of its algorithm's length, checked in new"))
+        })
+    }
+
+    /// Lets the set-up key go until the next record.
+    fn rest(&mut self) {
+        self.ready = None;
     }
 
     /// RFC 8446 5.3: the sequence number, padded to the IV's length, XORed with it.
@@ -189,8 +216,13 @@ impl Tls13Stream {
     }
 
     /// Waits until a read would find something: plaintext, a whole record, the peer's
-    /// close, an error; or bytes on the socket.
+    /// close, an error; or bytes on the socket. Waiting, the connection keeps only its
+    /// keys' bytes: their set-up state goes until the next record.
     pub async fn readable(&mut self) -> io::Result<()> {
+        self.rx.rest();
+        if self.written == self.output.len() {
+            self.tx.rest();
+        }
         if !self.plain.is_empty()
             || self
                 .record_len()
@@ -262,7 +294,11 @@ impl Tls13Stream {
             .expect("a header's length");
         let nonce = self.rx.next_nonce();
         let sealed = &mut self.input[start + RECORD_HEADER..start + len];
-        let Ok(opened) = self.rx.key.open_in_place(nonce, Aad::from(header), sealed) else {
+        let Ok(opened) = self
+            .rx
+            .key()
+            .open_in_place(nonce, Aad::from(header), sealed)
+        else {
             return Err(self.fail(
                 AlertDescription::BadRecordMac,
                 "a TLS record that does not decrypt".into(),
@@ -420,7 +456,7 @@ impl Tls13Stream {
     fn seal(&mut self, typ: ContentType, data: &[u8]) -> io::Result<()> {
         // RFC 8446 5.2: the outer header says application data, the real type follows
         // the data inside the encryption, the header is the additional data.
-        let len = data.len() + 1 + self.tx.key.algorithm().tag_len();
+        let len = data.len() + 1 + self.tx.alg.tag_len();
         let header = [
             u8::from(ContentType::ApplicationData),
             3,
@@ -435,7 +471,7 @@ impl Tls13Stream {
         let nonce = self.tx.next_nonce();
         let tag = self
             .tx
-            .key
+            .key()
             .seal_in_place_separate_tag(nonce, Aad::from(header), &mut sealed[RECORD_HEADER..])
             .map_err(|_| io::Error::other("TLS encryption failed"))?;
         sealed.extend_from_slice(tag.as_ref());
@@ -573,6 +609,7 @@ impl AsyncWrite for Tls13Stream {
 mod tests {
     use std::io::{Read, Write};
     use std::sync::Arc;
+    use std::time::Duration;
 
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpListener;
@@ -671,6 +708,22 @@ mod tests {
         };
         assert_eq!(records.input.capacity(), 0, "no read buffer once drained");
         assert_eq!(records.output.capacity(), 0, "no write buffer once sent");
+        // Waiting idle, the keys' set-up state goes; the next records set it up again.
+        let waited = tokio::time::timeout(Duration::from_millis(20), server.readable()).await;
+        assert!(waited.is_err(), "nothing to read");
+        let Transport::Tls13Server(records) = &server else {
+            unreachable!()
+        };
+        assert!(records.rx.ready.is_none() && records.tx.ready.is_none());
+        server.write_all(b"again").await.unwrap();
+        server.flush().await.unwrap();
+        let mut again = [0u8; 5];
+        client.read_exact(&mut again).await.unwrap();
+        assert_eq!(&again, b"again");
+        client.write_all(b"back").await.unwrap();
+        client.flush().await.unwrap();
+        server.read_exact(&mut again[..4]).await.unwrap();
+        assert_eq!(&again[..4], b"back");
         client.shutdown().await.unwrap();
         let mut rest = Vec::new();
         assert_eq!(server.read_to_end(&mut rest).await.unwrap(), 0);
