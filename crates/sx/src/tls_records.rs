@@ -908,6 +908,31 @@ mod tests {
             .contains("InternalError"));
     }
 
+    /// Records no key made, too short, too long or unprotected end the connection with
+    /// an error saying which (and no panic).
+    #[tokio::test]
+    async fn malformed_records_are_refused() {
+        let configs = configs();
+        let cases: [(&[u8], &str); 6] = [
+            (&[23, 3, 3, 0, 0], "does not decrypt"),
+            (&[23, 3, 3, 0, 5, 1, 2, 3, 4, 5], "does not decrypt"),
+            (&[23, 3, 3, 0x41, 0x01], "a TLS record of 16641 bytes"),
+            (&[21, 3, 3, 0, 2, 1, 0], "unprotected TLS record of type 21"),
+            (&[20, 3, 3, 0, 1, 1], "unprotected TLS record of type 20"),
+            (&[99, 3, 3, 0, 1, 1], "unprotected TLS record of type 99"),
+        ];
+        for (bytes, expected) in cases {
+            let (_conn, mut tcp, mut server) = manual_client(&configs).await;
+            tcp.write_all(bytes).await.unwrap();
+            let mut b = [0u8; 16];
+            let err = server.read(&mut b).await.unwrap_err();
+            assert!(err.to_string().contains(expected), "{bytes:?}: {err}");
+            // It stays failed, and writes fail too.
+            assert!(server.read(&mut b).await.is_err());
+            assert!(server.write_all(b"x").await.is_err());
+        }
+    }
+
     /// TLS 1.2 stays with rustls, and works.
     #[tokio::test]
     async fn tls12_stays_with_rustls() {
