@@ -297,27 +297,15 @@ mod tests {
     /// A TLS client and the server's side of it, as c2s's `Connection`; `take_keys`: the
     /// records after the handshake run by `tls_records` (c2s's default).
     async fn tls_pair(take_keys: bool) -> (tokio_rustls::client::TlsStream<TcpStream>, Connection) {
-        let cert = rcgen::generate_simple_self_signed(vec!["example.org".into()]).unwrap();
-        let der = cert.cert.der().clone();
-        let key =
-            rustls::pki_types::PrivateKeyDer::try_from(cert.signing_key.serialize_der()).unwrap();
-        let mut server = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(vec![der.clone()], key)
-            .unwrap();
-        server.enable_secret_extraction = take_keys;
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(der).unwrap();
-        let client = rustls::ClientConfig::builder()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let configs = crate::tls_records::tests::configs_with(take_keys, rustls::DEFAULT_VERSIONS);
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (accepted, connected) = tokio::join!(listener.accept(), TcpStream::connect(addr));
         let name = rustls::pki_types::ServerName::try_from("example.org").unwrap();
         let (server, client) = tokio::join!(
-            tls::accept(accepted.unwrap().0, Arc::new(server)),
-            tokio_rustls::TlsConnector::from(Arc::new(client)).connect(name, connected.unwrap()),
+            tls::accept(accepted.unwrap().0, configs.server),
+            tokio_rustls::TlsConnector::from(Arc::new(configs.client))
+                .connect(name, connected.unwrap()),
         );
         let server = server.map_err(|_| "handshake").unwrap();
         assert_eq!(matches!(server, Transport::Tls13Server(_)), take_keys);

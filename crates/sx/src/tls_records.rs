@@ -606,7 +606,7 @@ impl AsyncWrite for Tls13Stream {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use std::io::{Read, Write};
     use std::sync::Arc;
     use std::time::Duration;
@@ -617,14 +617,17 @@ mod tests {
     use super::*;
     use crate::transport::Transport;
 
-    struct Configs {
-        server: Arc<rustls::ServerConfig>,
-        client: rustls::ClientConfig,
+    pub(crate) struct Configs {
+        pub server: Arc<rustls::ServerConfig>,
+        pub client: rustls::ClientConfig,
     }
 
-    /// A server configuration that hands keys over, and a client that trusts it
-    /// speaking `versions`.
-    fn configs_with(versions: &[&'static rustls::SupportedProtocolVersion]) -> Configs {
+    /// A server configuration (handing keys over if `take_keys`), and a client that
+    /// trusts it speaking `versions`.
+    pub(crate) fn configs_with(
+        take_keys: bool,
+        versions: &[&'static rustls::SupportedProtocolVersion],
+    ) -> Configs {
         let cert = rcgen::generate_simple_self_signed(vec!["example.org".into()]).unwrap();
         let der = cert.cert.der().clone();
         let key =
@@ -633,7 +636,7 @@ mod tests {
             .with_no_client_auth()
             .with_single_cert(vec![der.clone()], key)
             .unwrap();
-        server.enable_secret_extraction = true;
+        server.enable_secret_extraction = take_keys;
         let mut roots = rustls::RootCertStore::empty();
         roots.add(der).unwrap();
         let client = rustls::ClientConfig::builder_with_protocol_versions(versions)
@@ -646,7 +649,7 @@ mod tests {
     }
 
     fn configs() -> Configs {
-        configs_with(rustls::DEFAULT_VERSIONS)
+        configs_with(true, rustls::DEFAULT_VERSIONS)
     }
 
     async fn tcp_pair() -> (TcpStream, TcpStream) {
@@ -936,7 +939,8 @@ mod tests {
     /// TLS 1.2 stays with rustls, and works.
     #[tokio::test]
     async fn tls12_stays_with_rustls() {
-        let (mut client, mut server) = tokio_pair(configs_with(&[&rustls::version::TLS12])).await;
+        let (mut client, mut server) =
+            tokio_pair(configs_with(true, &[&rustls::version::TLS12])).await;
         assert!(matches!(server, Transport::TlsServer(_)));
         client.write_all(b"<stream:stream>").await.unwrap();
         client.flush().await.unwrap();
