@@ -33,6 +33,7 @@ use rustls::pki_types::CertificateDer;
 use rustls::{AlertDescription, ConnectionTrafficSecrets, ContentType};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
+use tracing::info;
 use zeroize::Zeroizing;
 
 use crate::record_paced::RECORD_HEADER;
@@ -365,12 +366,15 @@ impl Tls13Stream {
                 }
             },
             ContentType::Handshake if first == Some(KEY_UPDATE) => {
+                // Logged where operators look (the reason of a dropped connection is only
+                // in the debug log): if it is common, `record-layer='rustls'` is the cure.
+                info!("a client updated its TLS keys; closing its connection (c2s's TLS record layer cannot follow key updates, docs/c2s.md)");
                 return Err(self.fail(
                     AlertDescription::InternalError,
                     "the client updated its TLS keys, which this connection cannot follow \
                      (it should reconnect; <tls record-layer='rustls'/> keeps rustls)"
                         .into(),
-                ))
+                ));
             }
             other => {
                 return Err(self.fail(
@@ -439,6 +443,7 @@ impl Tls13Stream {
         if self.tx.seq >= self.tx_limit {
             let why = "the TLS keys reached their limit of records (the client reconnects; \
                        rustls would have updated them)";
+            info!("{why}");
             let _ = self.seal(
                 ContentType::Alert,
                 &[1, u8::from(AlertDescription::CloseNotify)],
