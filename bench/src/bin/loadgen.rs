@@ -152,9 +152,10 @@ enum Scenario {
     Idle {
         #[arg(long, default_value_t = 10_000)]
         connections: usize,
-        /// STARTTLS before SASL (TCP only).
-        #[arg(long)]
-        tls: bool,
+        /// STARTTLS before SASL (TCP only), or direct TLS with `--tls direct` (one
+        /// client process).
+        #[arg(long, value_enum, num_args = 0..=1, default_missing_value = "starttls")]
+        tls: Option<TlsWay>,
         /// How the clients connect: `tcp`, `ws` (WebSocket) or `bosh` (a BOSH session
         /// left polling: one request held by c2s).
         #[arg(long, value_enum, default_value = "tcp")]
@@ -300,7 +301,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 Scenario::Idle {
                     connections: 10_000,
-                    tls: false,
+                    tls: None,
                     transport: Transport::Tcp,
                     c2s_instances: 1,
                     processes: 1,
@@ -308,7 +309,7 @@ fn main() -> anyhow::Result<()> {
                 },
                 Scenario::Idle {
                     connections: 10_000,
-                    tls: true,
+                    tls: Some(TlsWay::StartTls),
                     transport: Transport::Tcp,
                     c2s_instances: 1,
                     processes: 1,
@@ -953,15 +954,18 @@ impl Bench {
     async fn idle(
         &mut self,
         connections: usize,
-        tls: bool,
+        tls: Option<TlsWay>,
         transport: Transport,
         spread: Spread,
     ) -> anyhow::Result<()> {
-        if tls && transport != Transport::Tcp {
+        if tls.is_some() && transport != Transport::Tcp {
             bail!("idle: --tls is for --transport tcp");
         }
         if spread.processes > 1 && transport != Transport::Tcp {
             bail!("idle: --processes is for --transport tcp");
+        }
+        if spread.processes > 1 && tls == Some(TlsWay::Direct) {
+            bail!("idle: --tls direct is for one client process");
         }
         for k in 2..=spread.c2s_instances {
             let name = format!("c2s-{k}");
@@ -977,7 +981,7 @@ impl Bench {
         let started = Instant::now();
         let mut held = if spread.processes > 1 {
             Held::Elsewhere(
-                self.hold_elsewhere(connections, tls, spread.processes)
+                self.hold_elsewhere(connections, tls.is_some(), spread.processes)
                     .await?,
             )
         } else {
@@ -994,8 +998,9 @@ impl Bench {
         println!(
             "idle ({}{}): {connections} authenticated connections with presence{}: server RSS {before} KiB -> {after} KiB, {:.1} KiB per connection (logged in in {:.1} s)",
             match (transport, tls) {
-                (Transport::Tcp, true) => "STARTTLS",
-                (Transport::Tcp, false) => "plaintext",
+                (Transport::Tcp, Some(TlsWay::StartTls)) => "STARTTLS",
+                (Transport::Tcp, Some(TlsWay::Direct)) => "direct TLS",
+                (Transport::Tcp, None) => "plaintext",
                 (t, _) => t.name(),
             },
             if self.sm { ", stream management" } else { "" },
@@ -1082,7 +1087,7 @@ impl Bench {
         // Each batch's connections drop without a stream close once logged in (as the
         // logins go on, so that c2s reuses their memory rather than growing to hold
         // them all at once: what stays is the hibernating sessions' state).
-        self.log_in_many(sessions, "away", true, false, Transport::Tcp, false)
+        self.log_in_many(sessions, "away", true, false, Transport::Tcp, None)
             .await?;
         // Let c2s hand the sessions over and both settle before reading memory.
         tokio::time::sleep(Duration::from_secs(3)).await;
@@ -1105,15 +1110,23 @@ impl Bench {
         sm: bool,
         keep: bool,
         transport: Transport,
-        tls: bool,
+        tls: Option<TlsWay>,
     ) -> anyhow::Result<Vec<Client>> {
         log_in_batches(0..count, keep, |i| {
             let (port, keys) = (self.port_for(transport), self.keys.clone());
-            let tls = tls.then(|| self.tls.clone());
+            let (direct_port, config) = (self.direct_port, self.tls.clone());
             async move {
                 let user = format!("user{i}");
-                let mut c =
-                    Client::login_over(transport, port, &user, resource, &keys, tls).await?;
+                let mut c = match tls {
+                    Some(TlsWay::Direct) => {
+                        Client::login_direct_tls(direct_port, &user, resource, &keys, config)
+                            .await?
+                    }
+                    way => {
+                        let config = way.map(|_| config);
+                        Client::login_over(transport, port, &user, resource, &keys, config).await?
+                    }
+                };
                 if sm {
                     enable_stream_management(&mut c).await?;
                 }
