@@ -29,9 +29,15 @@ pub struct RecordPaced {
     /// Bytes read from the socket; `buf[pos..]` not passed on yet.
     buf: Vec<u8>,
     pos: usize,
-    pacing: bool,
-    /// Where the bytes passed on stand: inside a header (`header_have` of its bytes
-    /// seen), or inside a record's body (`body_left` > 0).
+    /// Where the bytes passed on stand, while pacing; `None`: a plain pass-through.
+    pacing: Option<Boundaries>,
+}
+
+/// Where the bytes passed on stand in the record stream.
+#[derive(Default)]
+struct Boundaries {
+    /// Inside a header (`header_have` of its bytes seen), or inside a record's body
+    /// (`body_left` > 0).
     header: [u8; RECORD_HEADER],
     header_have: usize,
     body_left: usize,
@@ -39,46 +45,9 @@ pub struct RecordPaced {
     pause: bool,
 }
 
-impl RecordPaced {
-    /// `pacing`: pass records one at a time (for a handshake whose keys will be taken).
-    pub fn new(tcp: TcpStream, pacing: bool) -> RecordPaced {
-        RecordPaced {
-            tcp,
-            buf: Vec::new(),
-            pos: 0,
-            pacing,
-            header: [0; RECORD_HEADER],
-            header_have: 0,
-            body_left: 0,
-            pause: false,
-        }
-    }
-
-    /// Passes bytes through as they come from now on.
-    pub fn stop_pacing(&mut self) {
-        self.pacing = false;
-        self.pause = false;
-    }
-
-    /// The socket and what was read from it but not passed on (the start of the first
-    /// record after the handshake, if the peer sent it already).
-    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
-        let mut rest = self.buf;
-        rest.drain(..self.pos);
-        (self.tcp, rest)
-    }
-
-    pub fn tcp(&self) -> &TcpStream {
-        &self.tcp
-    }
-
-    /// Whether bytes read from the socket wait to be passed on.
-    pub fn has_buffered(&self) -> bool {
-        self.pos < self.buf.len()
-    }
-
-    /// How many of the `available` bytes may go out in one read without crossing a
-    /// record's end; notes what they were.
+impl Boundaries {
+    /// How many of `bytes` may go out in one read without crossing a record's end;
+    /// notes what they were.
     fn pass(&mut self, bytes: &[u8]) -> usize {
         if self.body_left > 0 {
             let n = bytes.len().min(self.body_left);
@@ -98,6 +67,40 @@ impl RecordPaced {
     }
 }
 
+impl RecordPaced {
+    /// `pacing`: pass records one at a time (for a handshake whose keys will be taken).
+    pub fn new(tcp: TcpStream, pacing: bool) -> RecordPaced {
+        RecordPaced {
+            tcp,
+            buf: Vec::new(),
+            pos: 0,
+            pacing: pacing.then(Boundaries::default),
+        }
+    }
+
+    /// Passes bytes through as they come from now on.
+    pub fn stop_pacing(&mut self) {
+        self.pacing = None;
+    }
+
+    /// The socket and what was read from it but not passed on (the start of the first
+    /// record after the handshake, if the peer sent it already).
+    pub fn into_parts(self) -> (TcpStream, Vec<u8>) {
+        let mut rest = self.buf;
+        rest.drain(..self.pos);
+        (self.tcp, rest)
+    }
+
+    pub fn tcp(&self) -> &TcpStream {
+        &self.tcp
+    }
+
+    /// Whether bytes read from the socket wait to be passed on.
+    pub fn has_buffered(&self) -> bool {
+        self.pos < self.buf.len()
+    }
+}
+
 impl AsyncRead for RecordPaced {
     fn poll_read(
         self: Pin<&mut Self>,
@@ -110,12 +113,12 @@ impl AsyncRead for RecordPaced {
                 this.buf = Vec::new();
                 this.pos = 0;
             }
-            if !this.pacing {
+            if this.pacing.is_none() {
                 return Pin::new(&mut this.tcp).poll_read(cx, out);
             }
         }
-        if this.pacing && this.pause {
-            this.pause = false;
+        if let Some(pacing) = this.pacing.as_mut().filter(|p| p.pause) {
+            pacing.pause = false;
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
@@ -131,13 +134,9 @@ impl AsyncRead for RecordPaced {
             }
         }
         let end = this.buf.len().min(this.pos + out.remaining());
-        let n = if this.pacing {
-            let (buf, pos) = (std::mem::take(&mut this.buf), this.pos);
-            let n = this.pass(&buf[pos..end]);
-            this.buf = buf;
-            n
-        } else {
-            end - this.pos
+        let n = match &mut this.pacing {
+            Some(pacing) => pacing.pass(&this.buf[this.pos..end]),
+            None => end - this.pos,
         };
         out.put_slice(&this.buf[this.pos..this.pos + n]);
         this.pos += n;

@@ -247,14 +247,12 @@ impl Tls13Stream {
             .map(|(kind, why)| io::Error::new(*kind, why.clone()))
     }
 
-    /// Ends the connection for `why`, telling the peer with a fatal alert (sent as far
-    /// as the socket takes it now).
+    /// Ends the connection for `why`, queueing a fatal alert for the peer (the read that
+    /// fails sends it as far as the socket takes it).
     fn fail(&mut self, alert: AlertDescription, why: String) -> io::Error {
         if self.failed.is_none() && !self.close_sent {
             // RFC 8446 6: alerts are encrypted like any record; level 2 is fatal.
-            if self.seal(ContentType::Alert, &[2, u8::from(alert)]).is_ok() {
-                let _ = self.try_write_output();
-            }
+            let _ = self.seal(ContentType::Alert, &[2, u8::from(alert)]);
             self.close_sent = true;
         }
         self.failed = Some((io::ErrorKind::InvalidData, why.clone()));
@@ -387,14 +385,14 @@ impl Tls13Stream {
 
     /// Reads from the socket behind what is there. `Ok(0)`: the socket's end.
     fn poll_fill(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
-        // Nothing before `raw` is needed any more: keep only the undecrypted rest.
-        if self.raw == self.input.len() {
-            self.input = Vec::new();
-        } else if self.raw > 0 {
+        // Nothing before `raw` is needed any more (all plaintext was read): keep only
+        // the undecrypted rest.
+        self.release_if_drained();
+        if self.raw > 0 {
             self.input.drain(..self.raw);
+            self.raw = 0;
+            self.plain = 0..0;
         }
-        self.raw = 0;
-        self.plain = 0..0;
         // With nothing buffered, wait for bytes before reserving a buffer: an idle
         // client's read waits here for hours.
         if self.input.is_empty() {
@@ -447,7 +445,6 @@ impl Tls13Stream {
                 ContentType::Alert,
                 &[1, u8::from(AlertDescription::CloseNotify)],
             );
-            let _ = self.try_write_output();
             self.close_sent = true;
             self.failed = Some((io::ErrorKind::Other, why.into()));
             return Err(io::Error::other(why));
@@ -505,21 +502,6 @@ impl Tls13Stream {
         self.written = 0;
         Poll::Ready(Ok(()))
     }
-
-    /// Writes what the socket takes now, without waiting.
-    fn try_write_output(&mut self) -> io::Result<()> {
-        while self.written < self.output.len() {
-            match self.tcp.try_write(&self.output[self.written..]) {
-                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
-                Ok(n) => self.written += n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
-                Err(e) => return Err(e),
-            }
-        }
-        self.output = Vec::new();
-        self.written = 0;
-        Ok(())
-    }
 }
 
 impl AsyncRead for Tls13Stream {
@@ -540,8 +522,14 @@ impl AsyncRead for Tls13Stream {
             if let Some(e) = this.failed_error() {
                 return Poll::Ready(Err(e));
             }
-            if this.open_record()? {
-                continue;
+            match this.open_record() {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => {
+                    // The alert `fail` queued goes out as far as the socket takes it.
+                    let _ = this.poll_write_output(cx);
+                    return Poll::Ready(Err(e));
+                }
             }
             if this.peer_closed {
                 return Poll::Ready(Ok(()));
@@ -580,12 +568,13 @@ impl AsyncWrite for Tls13Stream {
             ready!(this.poll_write_output(cx))?;
         }
         let n = data.len().min(MAX_PLAINTEXT);
-        this.seal_data(&data[..n])?;
-        // Sent now if the socket takes it, else by the flush that follows.
+        let sealed = this.seal_data(&data[..n]);
+        // Sent now if the socket takes it (the close_notify too, at the keys' limit),
+        // else by the flush that follows.
         if let Poll::Ready(Err(e)) = this.poll_write_output(cx) {
             return Poll::Ready(Err(e));
         }
-        Poll::Ready(Ok(n))
+        Poll::Ready(sealed.map(|()| n))
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
