@@ -711,15 +711,7 @@ pub(crate) mod tests {
             unreachable!()
         };
         assert!(records.rx.ready.is_none() && records.tx.ready.is_none());
-        server.write_all(b"again").await.unwrap();
-        server.flush().await.unwrap();
-        let mut again = [0u8; 5];
-        client.read_exact(&mut again).await.unwrap();
-        assert_eq!(&again, b"again");
-        client.write_all(b"back").await.unwrap();
-        client.flush().await.unwrap();
-        server.read_exact(&mut again[..4]).await.unwrap();
-        assert_eq!(&again[..4], b"back");
+        both_ways(&mut client, &mut server, b"back", b"again").await;
         client.shutdown().await.unwrap();
         let mut rest = Vec::new();
         assert_eq!(server.read_to_end(&mut rest).await.unwrap(), 0);
@@ -935,15 +927,25 @@ pub(crate) mod tests {
         let (mut client, mut server) =
             tokio_pair(configs_with(true, &[&rustls::version::TLS12])).await;
         assert!(matches!(server, Transport::TlsServer(_)));
-        client.write_all(b"<stream:stream>").await.unwrap();
+        both_ways(&mut client, &mut server, b"<stream:stream>", b"<features/>").await;
+    }
+
+    /// `up` from the client to the server, then `down` back.
+    async fn both_ways(
+        client: &mut tokio_rustls::client::TlsStream<TcpStream>,
+        server: &mut Transport,
+        up: &[u8],
+        down: &[u8],
+    ) {
+        client.write_all(up).await.unwrap();
         client.flush().await.unwrap();
-        let mut got = [0u8; 15];
+        let mut got = vec![0u8; up.len()];
         server.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"<stream:stream>");
-        server.write_all(b"<features/>").await.unwrap();
+        assert_eq!(got, up);
+        server.write_all(down).await.unwrap();
         server.flush().await.unwrap();
-        let mut got = [0u8; 11];
+        let mut got = vec![0u8; down.len()];
         client.read_exact(&mut got).await.unwrap();
-        assert_eq!(&got, b"<features/>");
+        assert_eq!(got, down);
     }
 }
