@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
-use jid::{BareJid, FullJid};
+use jid::BareJid;
 use tracing::{debug, info, warn};
 
 use jrs_component::{ComponentReader, Outbox};
@@ -103,7 +103,9 @@ fn session(ctx: &Arc<Ctx>, packet: Stanza) {
         // A new connection names the session by its token; its user (`to`) routed it here.
         return resume(ctx, &packet, c2s, sid);
     }
-    let jid = packet.attr("jid").and_then(|j| FullJid::new(&j).ok());
+    let jid = packet
+        .attr("jid")
+        .and_then(|j| jrs_stream::jids::parse_full(&j).ok());
     let Some(jid) = jid.filter(|_| !c2s.is_empty() && !sid.is_empty()) else {
         warn!(from = %c2s, "session packet without a valid 'jid', 'sid' or 'from' ignored");
         return;

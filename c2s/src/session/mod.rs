@@ -633,7 +633,8 @@ impl<'a> Live<'a> {
     async fn client_stanza(&mut self, stanza: Stanza) -> Result<(), Close> {
         crate::metrics::M.stanzas_in.by(stanza.name()).inc();
         if let Some(to) = stanza.to() {
-            let valid = jrs_stream::xml::unescape(to).is_some_and(|t| jid::Jid::new(&t).is_ok());
+            let valid =
+                jrs_stream::xml::unescape(to).is_some_and(|t| jrs_stream::jids::parse(&t).is_ok());
             if !valid {
                 if let Some(reply) = stanza.error_reply(
                     StanzaErrorCondition::JidMalformed,

@@ -7,6 +7,7 @@
 //!   restrictions of RFC 6120 section 11 (no comments, PIs, DTDs, undeclared entities).
 //! - [`stanza::Stanza`] reads only the top-level element's name and addressing attributes,
 //!   so routers can forward the received bytes without re-serialising them.
+//! - [`jids`] parses addresses, remembering the ones seen lately.
 //! - [`errors`] builds stream errors and stanza error replies (bounces).
 //! - [`header`] reads and writes stream headers.
 
@@ -15,6 +16,7 @@ pub mod children;
 pub mod errors;
 pub mod framer;
 pub mod header;
+pub mod jids;
 pub mod limits;
 pub mod scan;
 pub mod stanza;

@@ -6,15 +6,14 @@
 
 use std::sync::Arc;
 
-use jid::Jid;
-use jrs_stream::{Stanza, StanzaErrorCondition};
+use jrs_stream::{jids, Stanza, StanzaErrorCondition};
 
 use crate::host::registry::Event;
 use crate::host::task::dispatch;
 use crate::host::{admin, server, Ctx, Packet};
 
 pub fn addressed(ctx: &Arc<Ctx>, stanza: Stanza) {
-    let to = match stanza.attr("to").map(|t| Jid::new(&t)) {
+    let to = match stanza.attr("to").map(|t| jids::parse(&t)) {
         Some(Ok(j)) => j,
         Some(Err(e)) => {
             if let Some(r) =
@@ -37,7 +36,7 @@ pub fn addressed(ctx: &Arc<Ctx>, stanza: Stanza) {
         }
         return;
     }
-    let from = stanza.attr("from").and_then(|f| Jid::new(&f).ok());
+    let from = stanza.attr("from").and_then(|f| jids::parse(&f).ok());
     if to.node().is_none() {
         if to.resource().is_none() {
             server::inbound(ctx, Packet::new(stanza, Some(to), from));

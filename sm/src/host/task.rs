@@ -340,7 +340,7 @@ async fn client_stanza(u: &mut User, r: SessionRef, stanza: Stanza) {
     } else {
         stanza
     };
-    let to = match stanza.attr("to").map(|t| Jid::new(&t)) {
+    let to = match stanza.attr("to").map(|t| jrs_stream::jids::parse(&t)) {
         None => None,
         Some(Ok(j)) => Some(j),
         Some(Err(e)) => {
