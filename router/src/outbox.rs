@@ -403,7 +403,10 @@ pub async fn run_writer<W: AsyncWrite + Unpin>(
             io.write_all(&buf).await?;
             io.flush().await
         };
+        // The write first: the kill is looked at only while a write waits (no random
+        // draw, no waiter registered, for a write that goes at once).
         tokio::select! {
+            biased;
             r = write => match r {
                 Ok(()) => {
                     crate::metrics::M.bytes_out.inc_by(buf.len() as u64);

@@ -236,9 +236,7 @@ impl Element {
     }
 }
 
-pub fn escape(s: &str) -> std::borrow::Cow<'_, str> {
-    quick_xml::escape::escape(s)
-}
+pub use jrs_stream::xml::escape;
 
 struct Scope {
     default_ns: String,

@@ -351,19 +351,23 @@ impl<'a> Live<'a> {
         if self.shared.shutting_down() {
             return Ending::Shutdown;
         }
+        // The timer and the shutdown signal live as long as the loop: made anew each turn,
+        // each put a waiter in (and took it out of) the timer wheel and the signal's list
+        // for every stanza either way (docs/benchmarks.md, "Addresses parsed once").
+        let mut shutdown = self.shutdown.clone();
+        let shutdown = shutdown.changed();
+        tokio::pin!(shutdown);
+        let timer = tokio::time::sleep_until(self.wake_at(keepalive).into());
+        tokio::pin!(timer);
         loop {
             // One timer for the whitespace keepalive and XEP-0198's timed writes (our
             // `<r/>`, the answer to the client's): a timer per kind would cost a
-            // timer-wheel entry per loop turn.
-            let keepalive_at = self.conn.last_write() + keepalive;
-            let wake_at = match &self.sm {
-                Some(sm) => [sm.request_due(), sm.answer_due()]
-                    .into_iter()
-                    .flatten()
-                    .fold(keepalive_at, Instant::min),
-                None => keepalive_at,
-            };
-            let timer = tokio::time::sleep_until(wake_at.into());
+            // timer-wheel entry per loop turn. Moved, not made again: moving a deadline
+            // that is still ahead is a store.
+            let wake_at = self.wake_at(keepalive).into();
+            if timer.deadline() != wake_at {
+                timer.as_mut().reset(wake_at);
+            }
             tokio::select! {
                 element = self.conn.next_stanza() => {
                     let result = match element {
@@ -407,7 +411,7 @@ impl<'a> Live<'a> {
                     Some(ToClient::Collect) => return Ending::Collected,
                     None => return Ending::Ended(stream_error(StreamErrorCondition::SystemShutdown, "shutting down")),
                 },
-                _ = timer => {
+                _ = timer.as_mut() => {
                     if let Err(close) = self.answer_and_ask().await {
                         return Ending::Close(close);
                     }
@@ -417,8 +421,21 @@ impl<'a> Live<'a> {
                         }
                     }
                 }
-                _ = self.shutdown.changed() => return Ending::Shutdown,
+                _ = shutdown.as_mut() => return Ending::Shutdown,
             }
+        }
+    }
+
+    /// When the session's timer is due: the whitespace keepalive after a silence, or
+    /// XEP-0198's next timed write, whichever comes first.
+    fn wake_at(&self, keepalive: Duration) -> Instant {
+        let keepalive_at = self.conn.last_write() + keepalive;
+        match &self.sm {
+            Some(sm) => [sm.request_due(), sm.answer_due()]
+                .into_iter()
+                .flatten()
+                .fold(keepalive_at, Instant::min),
+            None => keepalive_at,
         }
     }
 

@@ -454,7 +454,10 @@ impl ComponentWriter {
                     acks.take_ack(riding, &mut batch);
                 }
                 if !batch.is_empty() {
+                    // The write first: the stop is looked at only while a write waits
+                    // (no random draw and no waiter registered for a write that goes at once).
                     let written = tokio::select! {
+                        biased;
                         r = self.send(&batch) => r.is_ok(),
                         _ = stopped.notified() => false,
                     };
