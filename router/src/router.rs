@@ -107,7 +107,8 @@ impl LinkInfo {
 
 struct State {
     tree: Tree,
-    links: HashMap<ConnId, LinkInfo>,
+    /// foldhash, as the tree's routes (a lookup for every packet).
+    links: foldhash::HashMap<ConnId, LinkInfo>,
     /// Storage requests sent to every store of a host, awaiting their answers.
     gathers: Gathers,
     /// Connected component names, for conflict detection.
@@ -165,7 +166,7 @@ impl Router {
             users: RwLock::new(Arc::new(users)),
             state: Mutex::new(State {
                 tree,
-                links: HashMap::new(),
+                links: Default::default(),
                 gathers: Gathers::default(),
                 names: HashMap::new(),
                 departed: HashMap::new(),
@@ -1042,7 +1043,7 @@ impl<'a> Plan<'a> {
     /// Pushes every group with one lock of its outbox. A link whose queue overflows is
     /// killed (its own task then unregisters it): its queue and the packets that did not
     /// fit are bounced.
-    fn execute(self, links: &HashMap<ConnId, LinkInfo>, bounces: &mut Vec<Bounce>) {
+    fn execute(self, links: &foldhash::HashMap<ConnId, LinkInfo>, bounces: &mut Vec<Bounce>) {
         for group in self.groups {
             let mut pusher = group.outbox.pusher();
             let mut rest = group.packets.into_iter();

@@ -3,7 +3,7 @@
 //!
 //! Pure data structure: no I/O, no locking. The router keeps it behind one mutex.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -77,8 +77,11 @@ pub enum Target<'a> {
 
 pub struct Tree {
     /// One map per packet type (indexed by [`slot`]), keyed by host: lookups by `&str`
-    /// need no allocation.
-    routes: [HashMap<Box<str>, Route>; 4],
+    /// need no allocation. foldhash, not SipHash: a host is hashed for every packet (a
+    /// tenth of the router's instructions per lone message went to SipHash with the
+    /// `links` map, docs/benchmarks.md "Addresses parsed once"); keys come from
+    /// authenticated components' binds, and the seed is random per process.
+    routes: [foldhash::HashMap<Box<str>, Route>; 4],
     /// How many `xdb` routes are a namespace's (`HOST NS`, `* NS`): with none, as in most
     /// installations, a storage request goes to its host's route without building and
     /// looking up the two namespace keys (4 000 instructions a request).
@@ -390,6 +393,8 @@ fn mix(mut z: u64) -> u64 {
 
 #[cfg(test)]
 mod tests {
+    use std::collections::HashMap;
+
     use super::*;
 
     fn inst(conn: ConnId, name: &str) -> Instance {
