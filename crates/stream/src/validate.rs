@@ -10,6 +10,9 @@
 //! alone lets several of these through; a relayed stanza that breaks one of them makes a
 //! strict recipient's parser reject the whole stream.
 
+use std::borrow::Cow;
+
+use quick_xml::events::attributes::Attribute;
 use quick_xml::events::Event;
 use quick_xml::Reader;
 
@@ -22,20 +25,7 @@ fn bad(text: impl Into<String>) -> StreamError {
 /// Checks that `stanza` is one well-formed, self-contained element that obeys RFC 6120's
 /// XML restrictions. Prefixes must be declared inside the stanza itself, except `xml:`.
 pub fn validate_stanza(stanza: &[u8]) -> Result<(), StreamError> {
-    let text = std::str::from_utf8(stanza).map_err(|_| bad("invalid UTF-8"))?;
-    if let Some(b) = stanza
-        .iter()
-        .find(|&&b| b < 0x20 && b != b'\t' && b != b'\n' && b != b'\r')
-    {
-        return Err(bad(format!("character 0x{b:02x} is not allowed in XML")));
-    }
-    if let Some(c) = excluded_noncharacter(stanza) {
-        return Err(bad(format!(
-            "character U+{:04X} is not allowed in XML",
-            c as u32
-        )));
-    }
-    let mut reader = Reader::from_str(text);
+    let mut reader = Reader::from_str(checked_text(stanza)?);
     let config = reader.config_mut();
     config.check_end_names = true;
     config.check_comments = true;
@@ -55,14 +45,7 @@ pub fn validate_stanza(stanza: &[u8]) -> Result<(), StreamError> {
                 let mut prefixed: Vec<(&str, &str)> = vec![];
                 for attr in e.attributes().with_checks(true) {
                     let attr = attr.map_err(|e| bad(format!("bad attribute: {e}")))?;
-                    if attr.value.contains('<') {
-                        return Err(bad("'<' in an attribute value"));
-                    }
-                    let value = quick_xml::escape::unescape(&attr.value)
-                        .map_err(|e| bad(format!("bad attribute value: {e}")))?;
-                    if attr.value.contains("&#") && !value.chars().all(is_xml_char) {
-                        return Err(bad("character reference to a character XML forbids"));
-                    }
+                    let value = attribute_value(&attr)?;
                     let key = attr.key.into_inner();
                     match key.split_once(':') {
                         None if key == "xmlns" => prefixes.declare_default(level)?,
@@ -105,36 +88,78 @@ pub fn validate_stanza(stanza: &[u8]) -> Result<(), StreamError> {
                     return expect_eof(&mut reader);
                 }
             }
-            Event::Text(ref t) => {
-                let raw: &str = t.as_ref();
-                if raw.contains("]]>") {
-                    return Err(bad("']]>' in character data"));
-                }
-            }
-            Event::CData(_) => {}
-            Event::GeneralRef(r) => {
-                let known =
-                    r.is_char_ref() || matches!(r.as_ref(), "lt" | "gt" | "amp" | "apos" | "quot");
-                if !known {
-                    return Err(StreamError::new(
-                        StreamErrorCondition::RestrictedXml,
-                        "entity references other than the predefined ones are not allowed",
-                    ));
-                }
-                if r.is_char_ref() && !matches!(r.resolve_char_ref(), Ok(Some(c)) if is_xml_char(c))
-                {
-                    return Err(bad("character reference to a character XML forbids"));
-                }
-            }
-            Event::Comment(_) | Event::PI(_) | Event::DocType(_) | Event::Decl(_) => {
-                return Err(StreamError::new(
-                    StreamErrorCondition::RestrictedXml,
-                    "comments, processing instructions and DTDs are not allowed",
-                ))
-            }
-            Event::Eof => return Err(bad("element not closed")),
+            other => check_content(&other)?,
         }
     }
+}
+
+/// `stanza` as text, if it is UTF-8 without the characters XML forbids (before any
+/// parsing: quick-xml lets them through).
+fn checked_text(stanza: &[u8]) -> Result<&str, StreamError> {
+    let text = std::str::from_utf8(stanza).map_err(|_| bad("invalid UTF-8"))?;
+    if let Some(b) = stanza
+        .iter()
+        .find(|&&b| b < 0x20 && b != b'\t' && b != b'\n' && b != b'\r')
+    {
+        return Err(bad(format!("character 0x{b:02x} is not allowed in XML")));
+    }
+    if let Some(c) = excluded_noncharacter(stanza) {
+        return Err(bad(format!(
+            "character U+{:04X} is not allowed in XML",
+            c as u32
+        )));
+    }
+    Ok(text)
+}
+
+/// An attribute's value unescaped, after the checks quick-xml leaves out: no `<`, no
+/// character reference to a character XML forbids.
+fn attribute_value<'a>(attr: &'a Attribute<'a>) -> Result<Cow<'a, str>, StreamError> {
+    if attr.value.contains('<') {
+        return Err(bad("'<' in an attribute value"));
+    }
+    let value = quick_xml::escape::unescape(&attr.value)
+        .map_err(|e| bad(format!("bad attribute value: {e}")))?;
+    if attr.value.contains("&#") && !value.chars().all(is_xml_char) {
+        return Err(bad("character reference to a character XML forbids"));
+    }
+    Ok(value)
+}
+
+/// What an event other than a tag must satisfy: no `]]>` in text, only the predefined
+/// entities and character references to allowed characters, no comment, processing
+/// instruction or DTD, and the element closed before the end.
+fn check_content(event: &Event) -> Result<(), StreamError> {
+    match event {
+        Event::Text(t) => {
+            let raw: &str = t.as_ref();
+            if raw.contains("]]>") {
+                return Err(bad("']]>' in character data"));
+            }
+        }
+        Event::GeneralRef(r) => {
+            let known =
+                r.is_char_ref() || matches!(r.as_ref(), "lt" | "gt" | "amp" | "apos" | "quot");
+            if !known {
+                return Err(StreamError::new(
+                    StreamErrorCondition::RestrictedXml,
+                    "entity references other than the predefined ones are not allowed",
+                ));
+            }
+            if r.is_char_ref() && !matches!(r.resolve_char_ref(), Ok(Some(c)) if is_xml_char(c)) {
+                return Err(bad("character reference to a character XML forbids"));
+            }
+        }
+        Event::Comment(_) | Event::PI(_) | Event::DocType(_) | Event::Decl(_) => {
+            return Err(StreamError::new(
+                StreamErrorCondition::RestrictedXml,
+                "comments, processing instructions and DTDs are not allowed",
+            ))
+        }
+        Event::Eof => return Err(bad("element not closed")),
+        Event::Start(_) | Event::Empty(_) | Event::End(_) | Event::CData(_) => {}
+    }
+    Ok(())
 }
 
 /// The namespace prefixes the open elements bind (`xmlns:p='…'`), kept the way
