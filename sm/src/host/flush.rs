@@ -30,6 +30,10 @@ impl User {
                     }
                     None => Some(bytes),
                 },
+                Output::RouteStanza(stanza) if local::takes_parsed(ctx, &stanza) => {
+                    here.push(stanza);
+                    None
+                }
                 deliver => Some(deliver.into_bytes(&ctx.me)),
             })
             .collect();

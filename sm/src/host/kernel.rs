@@ -787,6 +787,16 @@ impl User {
         self.out.push(Output::Route(stanza));
     }
 
+    /// [`User::route`] for a stanza already parsed: local delivery does not parse it again.
+    pub fn route_stanza(&mut self, to: &Jid, stanza: Stanza) {
+        for m in self.ctx.modules.chain(Hook::Routing) {
+            if m.routing(self, to, stanza.bytes()) == Flow::Handled {
+                return;
+            }
+        }
+        self.out.push(Output::RouteStanza(stanza));
+    }
+
     /// Sends a packet to the router unfiltered: answers to requests from the network,
     /// session control packets.
     pub fn send(&mut self, bytes: impl Into<Bytes>) {

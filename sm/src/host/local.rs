@@ -46,16 +46,30 @@ pub fn takes(ctx: &Ctx, packet: &Bytes) -> Option<Stanza> {
         return None;
     }
     let stanza = Stanza::parse(packet.clone()).ok()?;
-    let domain = user_domain(stanza.to()?)?;
+    delivers(ctx, &stanza).then_some(stanza)
+}
+
+/// [`takes`] for a stanza already parsed (`Output::RouteStanza`).
+pub fn takes_parsed(ctx: &Ctx, stanza: &Stanza) -> bool {
+    ctx.config.local_delivery
+        && matches!(stanza.name(), "message" | "presence" | "iq")
+        && ctx.components.delivers_any_locally()
+        && delivers(ctx, stanza)
+}
+
+/// Whether `stanza` is addressed to a user of a domain this instance alone serves.
+fn delivers(ctx: &Ctx, stanza: &Stanza) -> bool {
+    let Some(domain) = stanza.to().and_then(user_domain) else {
+        return false;
+    };
     // The router routes by the domain in lower case: so is it looked up here, or
     // `bob@LocalHost` and `bob@localhost` would take different ways to the same user.
-    let local = if domain.bytes().any(|b| b.is_ascii_uppercase()) {
+    if domain.bytes().any(|b| b.is_ascii_uppercase()) {
         ctx.components
             .delivers_locally(&ctx.me, &domain.to_ascii_lowercase())
     } else {
         ctx.components.delivers_locally(&ctx.me, domain)
-    };
-    local.then_some(stanza)
+    }
 }
 
 /// Starts confirming each domain this instance has come to serve alone (called after

@@ -3,10 +3,11 @@
 //! events, and unit tests read it.
 
 use bytes::Bytes;
+use jrs_stream::Stanza;
 
 use crate::host::session::{self, SessionRef};
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Output {
     /// A stanza for one of the user's sessions (a `session` packet to its c2s);
     /// `offline`: from offline storage, to be confirmed.
@@ -17,6 +18,9 @@ pub enum Output {
     },
     /// A packet for the router: a stanza for someone else, or a session control packet.
     Route(Bytes),
+    /// [`Output::Route`] of a stanza already parsed (one passed on as it came): local
+    /// delivery reads its recipient without parsing it again.
+    RouteStanza(Stanza),
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +53,7 @@ impl Output {
             } => session::packet(me, "stanza", &to, &stanza),
             Output::Deliver { to, stanza, .. } => session::offline_stanza(me, &to, &stanza),
             Output::Route(bytes) => bytes,
+            Output::RouteStanza(stanza) => stanza.into_bytes(),
         }
     }
 }

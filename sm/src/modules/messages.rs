@@ -48,7 +48,7 @@ impl Module for Messages {
                 let p = Packet::new(p.stanza().clone(), Some(to), p.from.clone());
                 task::inbound(u, p).await;
             }
-            Some(to) => u.route(&to, p.bytes().clone()),
+            Some(to) => u.route_stanza(&to, p.stanza().clone()),
         }
         Flow::Handled
     }

@@ -123,6 +123,10 @@ pub fn take(u: &mut User) -> Vec<(String, String)> {
                 String::from_utf8_lossy(&stanza).into_owned(),
             ),
             Output::Route(b) => (String::new(), String::from_utf8_lossy(&b).into_owned()),
+            Output::RouteStanza(s) => (
+                String::new(),
+                String::from_utf8_lossy(s.bytes()).into_owned(),
+            ),
         })
         .collect()
 }
