@@ -107,7 +107,7 @@ fn name_and_ns(tag: &[u8], stanza_head: &[u8]) -> (String, String) {
         .iter()
         .position(|b| b.is_ascii_whitespace() || *b == b'/' || *b == b'>')
         .unwrap_or(tag.len());
-    let qname = String::from_utf8_lossy(&tag[1..end]);
+    let qname = text(&tag[1..end]);
     let (prefix, local) = match qname.split_once(':') {
         Some((p, l)) => (Some(p), l),
         None => (None, qname.as_ref()),
@@ -135,6 +135,15 @@ fn name_and_ns(tag: &[u8], stanza_head: &[u8]) -> (String, String) {
     (local.to_owned(), ns)
 }
 
+/// Bytes of a stanza as text. They were checked as UTF-8 where they came in: the usual
+/// check, a word at a time for ASCII, first (`from_utf8_lossy` walks them in chunks).
+fn text(bytes: &[u8]) -> std::borrow::Cow<'_, str> {
+    match std::str::from_utf8(bytes) {
+        Ok(text) => text.into(),
+        Err(_) => String::from_utf8_lossy(bytes),
+    }
+}
+
 /// The (unescaped) value of attribute `name` among the attributes of a tag.
 fn attr_value(attrs: &[u8], name: &str) -> Option<String> {
     let mut from = 0;
@@ -158,7 +167,7 @@ fn attr_value(attrs: &[u8], name: &str) -> Option<String> {
         }
         let quote = *attrs.get(j)?;
         let close = memchr::memchr(quote, &attrs[j + 1..])?;
-        let raw = String::from_utf8_lossy(&attrs[j + 1..j + 1 + close]);
+        let raw = text(&attrs[j + 1..j + 1 + close]);
         return Some(
             quick_xml::escape::unescape(&raw)
                 .map(|v| v.into_owned())
