@@ -779,22 +779,25 @@ impl User {
     /// [`Hook::Routing`] filter drops it).
     pub fn route(&mut self, to: &Jid, stanza: impl Into<Bytes>) {
         let stanza = stanza.into();
-        for m in self.ctx.modules.chain(Hook::Routing) {
-            if m.routing(self, to, &stanza) == Flow::Handled {
-                return;
-            }
+        if self.routing_allows(to, &stanza) {
+            self.out.push(Output::Route(stanza));
         }
-        self.out.push(Output::Route(stanza));
     }
 
     /// [`User::route`] for a stanza already parsed: local delivery does not parse it again.
     pub fn route_stanza(&mut self, to: &Jid, stanza: Stanza) {
-        for m in self.ctx.modules.chain(Hook::Routing) {
-            if m.routing(self, to, stanza.bytes()) == Flow::Handled {
-                return;
-            }
+        if self.routing_allows(to, stanza.bytes()) {
+            self.out.push(Output::RouteStanza(stanza));
         }
-        self.out.push(Output::RouteStanza(stanza));
+    }
+
+    /// Whether no [`Hook::Routing`] filter drops `stanza` for `to`.
+    fn routing_allows(&self, to: &Jid, stanza: &[u8]) -> bool {
+        self.ctx
+            .modules
+            .chain(Hook::Routing)
+            .iter()
+            .all(|m| m.routing(self, to, stanza) == Flow::Pass)
     }
 
     /// Sends a packet to the router unfiltered: answers to requests from the network,
