@@ -16,8 +16,8 @@ use std::num::NonZeroUsize;
 use jid::{Error, FullJid, Jid};
 use lru::LruCache;
 
-/// Entries per thread: more than the addresses a busy second's messages name, and about
-/// 25 KiB at most.
+/// Entries per thread: more than the addresses a busy second's messages name; about
+/// 25 KiB for addresses of ordinary length, under 100 KiB with every text at [`LONGEST`].
 const ENTRIES: NonZeroUsize = NonZeroUsize::new(256).expect("not zero");
 
 /// The longest text kept: longer ones (a JID may be 3 071 bytes) are parsed each time,

@@ -42,23 +42,22 @@ const CONFIRM_WAIT: Duration = Duration::from_secs(5);
 /// a message, presence or IQ addressed to a user (a JID with a node) of a domain this
 /// instance alone serves.
 pub fn takes(ctx: &Ctx, packet: &Bytes) -> Option<Stanza> {
+    // The same first checks on the bytes, so that packets not taken are not parsed.
     if !ctx.config.local_delivery || !is_stanza(packet) || !ctx.components.delivers_any_locally() {
         return None;
     }
     let stanza = Stanza::parse(packet.clone()).ok()?;
-    delivers(ctx, &stanza).then_some(stanza)
+    takes_parsed(ctx, &stanza).then_some(stanza)
 }
 
 /// [`takes`] for a stanza already parsed (`Output::RouteStanza`).
 pub fn takes_parsed(ctx: &Ctx, stanza: &Stanza) -> bool {
-    ctx.config.local_delivery
-        && matches!(stanza.name(), "message" | "presence" | "iq")
-        && ctx.components.delivers_any_locally()
-        && delivers(ctx, stanza)
-}
-
-/// Whether `stanza` is addressed to a user of a domain this instance alone serves.
-fn delivers(ctx: &Ctx, stanza: &Stanza) -> bool {
+    if !ctx.config.local_delivery
+        || !matches!(stanza.name(), "message" | "presence" | "iq")
+        || !ctx.components.delivers_any_locally()
+    {
+        return false;
+    }
     let Some(domain) = stanza.to().and_then(user_domain) else {
         return false;
     };
